@@ -1,0 +1,404 @@
+//! Lock guards: a grant with a conservative view of its lease, optional
+//! background renewal, and release.
+//!
+//! The lease view never outlasts the server's. The server measures a lease
+//! from the grant, and the grant happened after the client sent the request
+//! that got it; so the client anchors the lease at that send time, minus a
+//! margin for clock-rate drift (1 % of the lease + 2 ms, as Redlock does).
+//! A grant that came after a long wait would leave little of that view, so
+//! the client re-anchors it with an `extend` round trip, whose send time is
+//! again a sound anchor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{Client, Error, Timed, unexpected};
+use crate::proto::{Acquire, ErrorCode, Extended, Granted, LockOp, Okay, Op, OpKind, Wait};
+
+/// How to take a lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockOptions {
+    /// The lease.
+    pub ttl: Duration,
+    /// How long to wait: `None` for as long as it takes, zero for not at
+    /// all.
+    pub wait: Option<Duration>,
+    /// Release as soon as the connection that took it closes.
+    pub ephemeral: bool,
+    /// Renew the lease in the background (every third of the lease) until
+    /// the guard is released or dropped.
+    pub auto_renew: bool,
+}
+
+impl LockOptions {
+    /// Wait as long as it takes, not ephemeral, no renewal.
+    pub fn new(ttl: Duration) -> LockOptions {
+        LockOptions {
+            ttl,
+            wait: None,
+            ephemeral: false,
+            auto_renew: false,
+        }
+    }
+
+    /// Wait at most `wait` (zero: do not wait).
+    pub fn wait(mut self, wait: Duration) -> LockOptions {
+        self.wait = Some(wait);
+        self
+    }
+
+    /// Release when the connection closes.
+    pub fn ephemeral(mut self, ephemeral: bool) -> LockOptions {
+        self.ephemeral = ephemeral;
+        self
+    }
+
+    /// Renew the lease in the background.
+    pub fn auto_renew(mut self, auto_renew: bool) -> LockOptions {
+        self.auto_renew = auto_renew;
+        self
+    }
+}
+
+/// The client's view of a lease.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// The lease is certainly still held before this instant.
+    valid_until: Instant,
+    ttl: Duration,
+    /// The server said the grant is gone, or renewal failed past the lease.
+    lost: bool,
+}
+
+/// The margin for clock-rate drift between client and server.
+fn drift(ttl: Duration) -> Duration {
+    ttl / 100 + Duration::from_millis(2)
+}
+
+fn lease_from(anchor: Instant, ttl: Duration) -> Instant {
+    anchor + ttl.saturating_sub(drift(ttl))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A held lock. Release it with [`LockGuard::unlock`]; dropping it stops
+/// renewal and releases it in the background, best effort.
+#[derive(Debug)]
+pub struct LockGuard {
+    client: Client,
+    key: String,
+    token: u64,
+    lease: Arc<watch::Sender<Lease>>,
+    renewer: Option<JoinHandle<()>>,
+    released: bool,
+}
+
+impl Client {
+    /// Takes `key`, waiting as long as it takes.
+    pub async fn lock(&self, key: &str, ttl: Duration) -> Result<LockGuard, Error> {
+        let options = LockOptions::new(ttl);
+        self.lock_with(key, options)
+            .await?
+            .ok_or_else(|| Error::Server(crate::proto::ServerError::timeout(0)))
+    }
+
+    /// Takes `key` if it is free; `None` if someone else holds it.
+    pub async fn try_lock(&self, key: &str, ttl: Duration) -> Result<Option<LockGuard>, Error> {
+        self.lock_with(key, LockOptions::new(ttl).wait(Duration::ZERO))
+            .await
+    }
+
+    /// Takes `key`, waiting at most `wait`; `None` if it was not granted in
+    /// time.
+    pub async fn lock_timeout(
+        &self,
+        key: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Option<LockGuard>, Error> {
+        self.lock_with(key, LockOptions::new(ttl).wait(wait)).await
+    }
+
+    /// Takes `key` as `options` say; `None` if it was busy or the wait ran
+    /// out.
+    pub async fn lock_with(
+        &self,
+        key: &str,
+        options: LockOptions,
+    ) -> Result<Option<LockGuard>, Error> {
+        let deadline = options.wait.map(|wait| Instant::now() + wait);
+        loop {
+            let granted = match self.request_lock(key, &options, deadline).await {
+                Ok(granted) => granted,
+                Err(e) if matches!(e.code(), Some(ErrorCode::Busy | ErrorCode::Timeout)) => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(guard) = self.anchor(key, &options, granted).await? {
+                return Ok(Some(guard));
+            }
+            // The grant ran out before it could be re-anchored: the wait
+            // was longer than the lease. Ask again, within the wait left.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn request_lock(
+        &self,
+        key: &str,
+        options: &LockOptions,
+        deadline: Option<Instant>,
+    ) -> Result<(Granted, Timed), Error> {
+        let make_op = |_| {
+            let wait = match deadline {
+                None => Wait::Forever,
+                Some(d) => Wait::from_wait_ms(Some(millis(d.saturating_duration_since(Instant::now())))),
+            };
+            Op::Lock(LockOp::Acquire(Acquire {
+                key: key.to_owned(),
+                ttl_ms: millis(options.ttl).max(1),
+                wait,
+                ephemeral: options.ephemeral,
+            }))
+        };
+        let timed = self.call_adapting(make_op).await?;
+        match timed.okay {
+            Okay::Granted(granted) => Ok((granted, timed)),
+            ref other => Err(unexpected(OpKind::Lock, other)),
+        }
+    }
+
+    /// Turns a grant into a guard with a sound lease view, or `None` if the
+    /// grant was lost before that could be done.
+    async fn anchor(
+        &self,
+        key: &str,
+        options: &LockOptions,
+        (granted, timed): (Granted, Timed),
+    ) -> Result<Option<LockGuard>, Error> {
+        let ttl = Duration::from_millis(granted.ttl_ms);
+        let mut anchor = timed.sent_at;
+        if anchor.elapsed() > ttl / 10 {
+            match self.extend_timed(key, granted.token, ttl).await {
+                Ok(sent_at) => anchor = sent_at,
+                Err(e) if e.code() == Some(ErrorCode::NotHeld) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        let lease = Lease {
+            valid_until: lease_from(anchor, ttl),
+            ttl,
+            lost: false,
+        };
+        Ok(Some(LockGuard::new(
+            self.clone(),
+            key.to_owned(),
+            granted.token,
+            lease,
+            options.auto_renew,
+        )))
+    }
+
+    /// `extend`: restarts the lease of the grant `token` of `key` at `ttl`.
+    pub async fn extend(&self, key: &str, token: u64, ttl: Duration) -> Result<(), Error> {
+        self.extend_timed(key, token, ttl).await.map(|_| ())
+    }
+
+    /// `extend`, returning when the successful attempt was sent.
+    async fn extend_timed(&self, key: &str, token: u64, ttl: Duration) -> Result<Instant, Error> {
+        let op = Op::Lock(LockOp::Extend {
+            key: key.to_owned(),
+            token,
+            ttl_ms: millis(ttl).max(1),
+        });
+        let timed = self.call_timed(op).await?;
+        match timed.okay {
+            Okay::Extended(Extended { .. }) => Ok(timed.sent_at),
+            ref other => Err(unexpected(OpKind::Extend, other)),
+        }
+    }
+
+    /// `unlock`: ends the grant `token` of `key`, from any connection.
+    ///
+    /// `not_held` means the grant had already ended (its lease ran out, or
+    /// someone unlocked it) — unless an earlier attempt of this call may
+    /// have been carried out before its connection broke, in which case it
+    /// is taken as that attempt's success.
+    pub async fn unlock(&self, key: &str, token: u64) -> Result<(), Error> {
+        let op = Op::Lock(LockOp::Release {
+            key: key.to_owned(),
+            token,
+        });
+        let mut retried = false;
+        let result = self
+            .call_adapting(|attempt| {
+                retried |= attempt > 0;
+                op.clone()
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if retried && e.code() == Some(ErrorCode::NotHeld) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl LockGuard {
+    fn new(client: Client, key: String, token: u64, lease: Lease, auto_renew: bool) -> LockGuard {
+        let lease = Arc::new(watch::Sender::new(lease));
+        let renewer = auto_renew.then(|| {
+            tokio::spawn(renew(
+                client.clone(),
+                key.clone(),
+                token,
+                Arc::clone(&lease),
+            ))
+        });
+        LockGuard {
+            client,
+            key,
+            token,
+            lease,
+            renewer,
+            released: false,
+        }
+    }
+
+    /// The lock's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The fencing token of this grant: pass it to whatever the lock
+    /// protects, which should refuse any token lower than one it has seen.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// How much longer the lock is certainly held (zero once it may not be).
+    pub fn valid_for(&self) -> Duration {
+        let lease = *self.lease.borrow();
+        if lease.lost {
+            return Duration::ZERO;
+        }
+        lease.valid_until.saturating_duration_since(Instant::now())
+    }
+
+    /// Whether the lock is certainly still held.
+    pub fn is_held(&self) -> bool {
+        !self.valid_for().is_zero()
+    }
+
+    /// Resolves once the lock may no longer be held: the lease view ran out
+    /// (renewal, if on, failed to keep it up) or the server said the grant
+    /// is gone.
+    pub async fn lost(&self) {
+        let mut changes = self.lease.subscribe();
+        loop {
+            let lease = *changes.borrow_and_update();
+            if lease.lost {
+                return;
+            }
+            tokio::select! {
+                biased;
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(lease.valid_until) => {
+                    if self.lease.borrow().valid_until <= Instant::now() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Restarts the lease at `ttl` (and renews at that period from now on).
+    pub async fn extend(&self, ttl: Duration) -> Result<(), Error> {
+        match self.client.extend_timed(&self.key, self.token, ttl).await {
+            Ok(sent_at) => {
+                self.lease.send_modify(|lease| {
+                    lease.valid_until = lease_from(sent_at, ttl);
+                    lease.ttl = ttl;
+                });
+                Ok(())
+            }
+            Err(e) => {
+                if e.code() == Some(ErrorCode::NotHeld) {
+                    self.lease.send_modify(|lease| lease.lost = true);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops renewal and releases the lock. `not_held` means the lease had
+    /// already run out: whatever the lock protected may have been touched
+    /// by the next holder.
+    pub async fn unlock(mut self) -> Result<(), Error> {
+        self.stop_renewal();
+        self.released = true;
+        self.client.unlock(&self.key, self.token).await
+    }
+
+    fn stop_renewal(&mut self) {
+        if let Some(renewer) = self.renewer.take() {
+            renewer.abort();
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.stop_renewal();
+        if self.released {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (client, key, token) = (self.client.clone(), self.key.clone(), self.token);
+            runtime.spawn(async move {
+                if let Err(error) = client.unlock(&key, token).await {
+                    tracing::debug!(%error, key, "unlock of a dropped guard failed");
+                }
+            });
+        }
+    }
+}
+
+/// Renews the lease every third of it until aborted or the grant is lost.
+async fn renew(client: Client, key: String, token: u64, lease: Arc<watch::Sender<Lease>>) {
+    loop {
+        let Lease {
+            valid_until, ttl, ..
+        } = *lease.borrow();
+        let renew_at = valid_until.checked_sub(ttl * 2 / 3).unwrap_or(valid_until);
+        tokio::time::sleep_until(renew_at).await;
+        let left = valid_until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, client.extend_timed(&key, token, ttl)).await {
+            Ok(Ok(sent_at)) => lease.send_modify(|l| {
+                l.valid_until = l.valid_until.max(lease_from(sent_at, ttl));
+            }),
+            Ok(Err(e)) if e.code() != Some(ErrorCode::NotHeld) && Instant::now() < valid_until => {
+                tracing::debug!(%e, key, "lease renewal failed; trying again");
+                tokio::time::sleep(ttl / 20).await;
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(key, token, "lock lost: the lease could not be renewed");
+                lease.send_modify(|l| l.lost = true);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The client side, shared by every transport.
+//!
+//! A transport implements two small async traits: [`Connector`] (open a
+//! connection to the server) and [`Connection`] (send one request, await
+//! its reply). Everything else lives here once, for every transport:
+//! the `hello` handshake with a client id kept across reconnects, request
+//! ids, reconnecting and retrying after a lost connection, lock guards with
+//! a conservative lease view and auto-renewal ([`lock`]), and distinct-set
+//! handles ([`set`]). The CLI, the benchmark and the simulation hold a
+//! [`Client`] and never know which transport is under it.
+//!
+//! Every operation of protocol version 1 is safe to retry for the client
+//! that sent it (SPEC sections 2 and 3): a retried `lock` returns the same
+//! token, a retried `insert` the same `first`. So after a lost connection
+//! the client retries the request on a new connection, until the retry
+//! budget ([`ClientOptions::retry_for`]) runs out.
+
+pub mod lock;
+pub mod set;
+
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::proto::{
+    ErrorCode, Inserted, LockInfo, Okay, Op, OpKind, Outcome, Request, ServerError, SetOp,
+};
+use crate::shard::hasher::KeyHasher;
+pub use lock::{LockGuard, LockOptions};
+pub use set::DistinctSet;
+
+/// How a transport failed to carry a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// No connection could be opened.
+    #[error("cannot connect to {server}: {reason}")]
+    Connect {
+        /// The server's address.
+        server: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The connection broke while the request was in flight: it may or may
+    /// not have been carried out.
+    #[error("connection lost: {0}")]
+    Lost(String),
+    /// The server sent something that is not a valid reply.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// One open connection to a server.
+#[async_trait]
+pub trait Connection: Send + Sync {
+    /// Sends `request` and waits for its reply. If the future is dropped
+    /// first, a waiting `lock` is cancelled on the server.
+    async fn call(&self, request: Request) -> Result<Outcome, TransportError>;
+
+    /// Whether the connection still works, as far as the transport knows.
+    fn is_open(&self) -> bool;
+}
+
+/// Opens connections to one server.
+#[async_trait]
+pub trait Connector: Send + Sync + 'static {
+    /// Opens a new connection.
+    async fn connect(&self) -> Result<Arc<dyn Connection>, TransportError>;
+
+    /// The server's address, for messages.
+    fn server(&self) -> String;
+}
+
+/// What a client call can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The server answered with an error.
+    #[error("server: {0}")]
+    Server(#[from] ServerError),
+    /// The request could not be carried, even after retrying.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The server's reply did not fit the request.
+    #[error("unexpected reply to {op}: {reply}")]
+    UnexpectedReply {
+        /// The op of the request.
+        op: &'static str,
+        /// The reply.
+        reply: String,
+    },
+}
+
+impl Error {
+    /// The server's error code, if the server answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Server(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+/// How a client behaves.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The client id; by default a random 128-bit hex id, kept for the life
+    /// of the client across reconnects.
+    pub client_id: Option<String>,
+    /// How long to keep retrying a request whose connection failed.
+    pub retry_for: Duration,
+    /// The first delay between retries; it doubles up to `retry_delay_max`.
+    pub retry_delay: Duration,
+    /// The longest delay between retries.
+    pub retry_delay_max: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            client_id: None,
+            retry_for: Duration::from_secs(30),
+            retry_delay: Duration::from_millis(20),
+            retry_delay_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A random 128-bit client id in hex.
+pub fn random_client_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: fall back to the clock and the process id,
+        // unique enough to tell clients apart, which is all an id must do.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = (nanos ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A deadbolt client over any transport. Cheap to clone; clones share the
+/// connection and the client id.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    connector: Box<dyn Connector>,
+    client_id: String,
+    options: ClientOptions,
+    current: Mutex<Option<Arc<dyn Connection>>>,
+    /// Held while a new connection is being opened, so that concurrent
+    /// callers share one reconnect.
+    reconnecting: tokio::sync::Mutex<()>,
+    next_request: AtomicU64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.inner.connector.server())
+            .field("client_id", &self.inner.client_id)
+            .finish()
+    }
+}
+
+/// A reply and what the client knows of when it was made.
+pub(crate) struct Timed {
+    pub okay: Okay,
+    /// When the attempt that got this reply was sent: the reply's effect
+    /// (a grant, a lease restart) happened after it.
+    pub sent_at: Instant,
+}
+
+impl Client {
+    /// Connects through `connector` and says `hello`.
+    pub async fn connect(
+        connector: impl Connector,
+        options: ClientOptions,
+    ) -> Result<Client, Error> {
+        let client_id = options.client_id.clone().unwrap_or_else(random_client_id);
+        let client = Client {
+            inner: Arc::new(ClientInner {
+                connector: Box::new(connector),
+                client_id,
+                options,
+                current: Mutex::new(None),
+                reconnecting: tokio::sync::Mutex::new(()),
+                next_request: AtomicU64::new(1),
+            }),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    /// This client's id.
+    pub fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    /// The server's address.
+    pub fn server(&self) -> String {
+        self.inner.connector.server()
+    }
+
+    fn current(&self) -> Option<Arc<dyn Connection>> {
+        let current = self.inner.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.as_ref().filter(|c| c.is_open()).cloned()
+    }
+
+    /// The open connection, opening one (and saying `hello`) if needed.
+    async fn connection(&self) -> Result<Arc<dyn Connection>, Error> {
+        if let Some(connection) = self.current() {
+            return Ok(connection);
+        }
+        let _reconnecting = self.inner.reconnecting.lock().await;
+        if let Some(connection) = self.current() {
+            return Ok(connection);
+        }
+        let connection = self.inner.connector.connect().await?;
+        let hello = Request {
+            id: self.next_request_id(),
+            op: Op::Hello {
+                client: self.inner.client_id.clone(),
+            },
+        };
+        connection.call(hello).await??;
+        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&connection));
+        Ok(connection)
+    }
+
+    fn forget(&self, broken: &Arc<dyn Connection>) {
+        let mut current = self.inner.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, broken)) {
+            *current = None;
+        }
+    }
+
+    fn next_request_id(&self) -> u64 {
+        self.inner.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends `op` and returns the server's answer, retrying on a new
+    /// connection while the connection fails and the retry budget lasts.
+    pub async fn call(&self, op: Op) -> Result<Okay, Error> {
+        self.call_timed(op).await.map(|timed| timed.okay)
+    }
+
+    /// [`Client::call`], saying when the answered attempt was sent.
+    pub(crate) async fn call_timed(&self, op: Op) -> Result<Timed, Error> {
+        self.call_adapting(|_| op.clone()).await
+    }
+
+    /// [`Client::call_timed`] with the op built anew for each attempt by
+    /// `make_op`, which gets the attempt's number (0 for the first).
+    pub(crate) async fn call_adapting(
+        &self,
+        mut make_op: impl FnMut(u32) -> Op,
+    ) -> Result<Timed, Error> {
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            let op = make_op(attempt);
+            let sent_at = Instant::now();
+            let error = match self.try_once(op).await {
+                Ok(okay) => {
+                    return Ok(Timed { okay, sent_at });
+                }
+                Err(error) => error,
+            };
+            let retryable = matches!(
+                error,
+                Error::Transport(TransportError::Lost(_) | TransportError::Connect { .. })
+            );
+            if !retryable || started.elapsed() >= self.inner.options.retry_for {
+                return Err(error);
+            }
+            tracing::debug!(%error, attempt, "retrying after a connection failure");
+            tokio::time::sleep(self.backoff(attempt)).await;
+            attempt += 1;
+        }
+    }
+
+    async fn try_once(&self, op: Op) -> Result<Okay, Error> {
+        let connection = self.connection().await?;
+        let kind = op.kind();
+        let request = Request {
+            id: self.next_request_id(),
+            op,
+        };
+        match connection.call(request).await {
+            Ok(outcome) => Ok(check_kind(kind, outcome?)?),
+            Err(error) => {
+                self.forget(&connection);
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Exponential backoff with a jitter drawn from the client id, so that a
+    /// fleet does not retry in step, yet one client's run is reproducible.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let options = &self.inner.options;
+        let base = options
+            .retry_delay
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(options.retry_delay_max);
+        let jitter = KeyHasher::with_seed(u64::from(attempt)).hash_one(&self.inner.client_id);
+        // Between half and all of `base`.
+        base / 2 + base.mul_f64((jitter % 1024) as f64 / 2048.0)
+    }
+
+    /// `ping`: a round trip to the server.
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.call(Op::Ping).await.map(|_| ())
+    }
+
+    /// `inspect`: who holds `key` and how many wait for it.
+    pub async fn inspect(&self, key: &str) -> Result<LockInfo, Error> {
+        let op = Op::Lock(crate::proto::LockOp::Inspect { key: key.to_owned() });
+        match self.call(op).await? {
+            Okay::LockInfo(info) => Ok(info),
+            other => Err(unexpected(OpKind::Inspect, &other)),
+        }
+    }
+
+    /// A handle on the distinct set `name`.
+    pub fn set(&self, name: &str) -> DistinctSet {
+        DistinctSet::new(self.clone(), name)
+    }
+
+    /// Inserts keys into `set`, one request; used by [`DistinctSet`].
+    pub(crate) async fn insert_batch(&self, set: &str, keys: Vec<String>) -> Result<Vec<Inserted>, Error> {
+        let op = Op::Set(SetOp::Insert {
+            set: set.to_owned(),
+            keys: crate::proto::Keys::Many(keys),
+        });
+        match self.call(op).await? {
+            Okay::InsertedMany(many) => Ok(many.results),
+            other => Err(unexpected(OpKind::InsertMany, &other)),
+        }
+    }
+}
+
+/// Checks that a reply has the shape its request asked for.
+fn check_kind(kind: OpKind, okay: Okay) -> Result<Okay, Error> {
+    let fits = matches!(
+        (kind, &okay),
+        (OpKind::Hello, Okay::Hello(_))
+            | (OpKind::Ping | OpKind::Cancel | OpKind::Unlock, Okay::Empty(_))
+            | (OpKind::Lock, Okay::Granted(_))
+            | (OpKind::Extend, Okay::Extended(_))
+            | (OpKind::Inspect, Okay::LockInfo(_))
+            | (OpKind::SetUp, Okay::SetUp(_))
+            | (OpKind::Insert, Okay::Inserted(_))
+            | (OpKind::InsertMany, Okay::InsertedMany(_))
+            | (OpKind::Members, Okay::Members(_))
+            | (OpKind::InspectSet, Okay::SetInfo(_))
+            | (OpKind::TearDown, Okay::TornDown(_))
+    );
+    if fits { Ok(okay) } else { Err(unexpected(kind, &okay)) }
+}
+
+pub(crate) fn unexpected(kind: OpKind, okay: &Okay) -> Error {
+    Error::UnexpectedReply {
+        op: kind.wire_name(),
+        reply: format!("{okay:?}"),
+    }
+}

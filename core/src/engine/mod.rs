@@ -1,0 +1,226 @@
+//! The actor runtime: one tokio task per shard, and the [`Engine`] handle.
+//!
+//! Each shard actor owns a [`Shard`](crate::shard::Shard) and a bounded
+//! mailbox; it sleeps until a message arrives or the shard's next deadline
+//! comes. Keys (and set names) are routed to shards by a seeded hash, so the
+//! same seed routes the same way every run. A full mailbox is answered
+//! `overloaded` at once rather than queued without bound.
+//!
+//! Transports call [`Engine::session`] once per connection and then
+//! [`Session::execute`] for each request; dropping the last clone of the
+//! session announces that the connection closed.
+//!
+//! Layout: `actor` (the shard task), [`session`] (one connection's view).
+
+mod actor;
+pub mod session;
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::limits::{Limits, ShardLimits};
+use crate::shard::hasher::KeyHasher;
+use crate::shard::{ShardConfig, ShardStats};
+use actor::ShardMsg;
+pub use session::Session;
+
+/// How to start an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Number of shard actors (at least 1).
+    pub shards: usize,
+    /// Every bound the engine enforces.
+    pub limits: Limits,
+    /// Seeds the key hash (routing and tables) and the ids given to clients
+    /// that never say `hello`. The same seed gives the same run.
+    pub seed: u64,
+    /// The token of each shard's first grant. See [`EngineConfig::with_entropy`].
+    pub first_token: u64,
+}
+
+impl EngineConfig {
+    /// A deterministic configuration: seed 0, tokens from 1, one shard per
+    /// core. Tests and the simulation start here.
+    pub fn new() -> EngineConfig {
+        EngineConfig {
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            limits: Limits::default(),
+            seed: 0,
+            first_token: 1,
+        }
+    }
+
+    /// For a real server: a random seed, and tokens that start from the wall
+    /// clock (milliseconds × 2^20), so that tokens keep rising across
+    /// restarts as long as the clock does and no shard grants more than a
+    /// million locks per millisecond on average.
+    pub fn with_entropy(mut self) -> EngineConfig {
+        let mut seed = [0u8; 8];
+        // Without OS randomness the seed stays fixed: hash tables are then
+        // predictable, which costs collision resistance, not correctness.
+        if getrandom::fill(&mut seed).is_ok() {
+            self.seed = u64::from_le_bytes(seed);
+        }
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_millis();
+        self.first_token = u64::try_from(millis << 20).unwrap_or(u64::MAX / 2);
+        self
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig::new()
+    }
+}
+
+/// The single entry point that transports call: a cheap `Clone` handle to
+/// the shard actors.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+#[derive(Debug)]
+struct EngineInner {
+    mailboxes: Box<[mpsc::Sender<ShardMsg>]>,
+    hasher: KeyHasher,
+    limits: Limits,
+    seed: u64,
+    next_conn: AtomicU64,
+    shutting_down: AtomicBool,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the shard actors on the current tokio runtime.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn start(config: EngineConfig) -> Engine {
+        let shards = config.shards.max(1);
+        let epoch = Instant::now();
+        let shard_config = ShardConfig {
+            hash_seed: config.seed,
+            first_token: config.first_token,
+            limits: ShardLimits::share_of(&config.limits, shards),
+        };
+        let mut mailboxes = Vec::with_capacity(shards);
+        let mut tasks = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let (tx, rx) = mpsc::channel(config.limits.mailbox_len.max(1));
+            mailboxes.push(tx);
+            tasks.push(tokio::spawn(actor::run(shard_config, rx, epoch)));
+        }
+        Engine {
+            inner: Arc::new(EngineInner {
+                mailboxes: mailboxes.into_boxed_slice(),
+                hasher: KeyHasher::with_seed(config.seed),
+                limits: config.limits,
+                seed: config.seed,
+                next_conn: AtomicU64::new(1),
+                shutting_down: AtomicBool::new(false),
+                tasks: std::sync::Mutex::new(tasks),
+            }),
+        }
+    }
+
+    /// The bounds this engine enforces; transports decode with them.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// A new connection's session. Until it says `hello`, its client id is
+    /// a fresh one made up by the server.
+    pub fn session(&self) -> Session {
+        let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        Session::new(self.clone(), conn, self.anonymous_client_id(conn))
+    }
+
+    /// A 128-bit id that no other connection of this engine gets, and that
+    /// cannot be guessed without the engine's seed.
+    fn anonymous_client_id(&self, conn: u64) -> String {
+        let a = KeyHasher::with_seed(self.inner.seed ^ 0x6964_2d61).hash_one(conn);
+        let b = KeyHasher::with_seed(self.inner.seed ^ 0x6964_2d62).hash_one(conn);
+        format!("anon-{a:016x}{b:016x}")
+    }
+
+    /// Which shard owns `key` (a lock key or a set name).
+    fn shard_of(&self, key: &str) -> usize {
+        let shards = self.inner.mailboxes.len() as u64;
+        (self.inner.hasher.hash_one(key) % shards) as usize
+    }
+
+    fn mailbox(&self, shard: usize) -> &mpsc::Sender<ShardMsg> {
+        &self.inner.mailboxes[shard]
+    }
+
+    fn mailboxes(&self) -> &[mpsc::Sender<ShardMsg>] {
+        &self.inner.mailboxes
+    }
+
+    /// Whether [`Engine::shutdown`] has been called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Counters and sizes summed over all shards.
+    pub async fn stats(&self) -> ShardStats {
+        let mut total = ShardStats::default();
+        for mailbox in self.mailboxes() {
+            let (tx, rx) = oneshot::channel();
+            if mailbox.send(ShardMsg::Stats { reply: tx }).await.is_err() {
+                continue;
+            }
+            if let Ok(stats) = rx.await {
+                add_stats(&mut total, &stats);
+            }
+        }
+        total
+    }
+
+    /// Stops the engine: every waiting request is answered `shutting_down`,
+    /// later requests too, and the shard actors end. Returns when they have.
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        for mailbox in self.mailboxes() {
+            // An actor that is already gone needs no telling.
+            let _ = mailbox.send(ShardMsg::Shutdown).await;
+        }
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            // A shard that panicked has nothing more to clean up.
+            let _ = task.await;
+        }
+    }
+}
+
+fn add_stats(total: &mut ShardStats, shard: &ShardStats) {
+    let (t, s) = (&mut total.locks, &shard.locks);
+    t.grants += s.grants;
+    t.releases += s.releases;
+    t.expiries += s.expiries;
+    t.disconnects += s.disconnects;
+    t.timeouts += s.timeouts;
+    t.cancellations += s.cancellations;
+    t.busy += s.busy;
+    t.abandoned += s.abandoned;
+    let (t, s) = (&mut total.sets, &shard.sets);
+    t.created += s.created;
+    t.expired += s.expired;
+    t.torn_down += s.torn_down;
+    t.inserts_new += s.inserts_new;
+    t.inserts_duplicate += s.inserts_duplicate;
+    total.held += shard.held;
+    total.waiters += shard.waiters;
+    total.set_count += shard.set_count;
+    total.members += shard.members;
+}

@@ -1,0 +1,207 @@
+//! One connection's view of the engine.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use std::collections::HashMap;
+use tokio::sync::{mpsc, oneshot};
+
+use super::Engine;
+use super::actor::ShardMsg;
+use crate::proto::{
+    HelloReply, LockOp, Okay, Op, Outcome, Reply, Request, RequestId, SERVER_NAME, ServerError,
+    Wait,
+};
+use crate::shard::{Caller, ClientId, ConnId, ShardOp};
+
+/// One connection: its client id, its identity, and its requests that may
+/// wait. Cheap to clone; when the last clone is dropped the engine is told
+/// that the connection closed, so its waiters leave their queues and its
+/// ephemeral locks are released.
+///
+/// Because every in-flight [`Session::execute`] borrows the session, that
+/// notice always reaches each shard after the connection's last request.
+#[derive(Debug, Clone)]
+pub struct Session {
+    inner: Arc<SessionInner>,
+}
+
+#[derive(Debug)]
+struct SessionInner {
+    engine: Engine,
+    conn: ConnId,
+    state: Mutex<SessionState>,
+}
+
+#[derive(Debug)]
+struct SessionState {
+    client: ClientId,
+    /// `lock` requests that may be queued, by request id: where to send a
+    /// `cancel`.
+    waiting: HashMap<RequestId, (usize, String)>,
+}
+
+impl Session {
+    pub(super) fn new(engine: Engine, conn: ConnId, client: String) -> Session {
+        Session {
+            inner: Arc::new(SessionInner {
+                engine,
+                conn,
+                state: Mutex::new(SessionState {
+                    client: Arc::from(client),
+                    waiting: HashMap::new(),
+                }),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, SessionState> {
+        // A panic while holding this lock cannot leave the state half
+        // changed (every change is one assignment or map operation).
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The client id bound to the connection.
+    pub fn client(&self) -> ClientId {
+        Arc::clone(&self.state().client)
+    }
+
+    /// The connection's identity within the engine.
+    pub fn conn(&self) -> ConnId {
+        self.inner.conn
+    }
+
+    /// Carries out one request and returns its reply. Dropping the future
+    /// before it completes cancels a waiting `lock`.
+    pub async fn execute(&self, request: Request) -> Reply {
+        let id = request.id;
+        let outcome = match request.op {
+            Op::Hello { client } => Ok(self.hello(client)),
+            Op::Ping => Ok(Okay::EMPTY),
+            Op::Cancel { target } => self.cancel(target).await,
+            Op::Lock(op) => self.call_shard(id, ShardOp::Lock(op)).await,
+            Op::Set(op) => self.call_shard(id, ShardOp::Set(op)).await,
+        };
+        Reply {
+            id: Some(id),
+            outcome,
+        }
+    }
+
+    fn hello(&self, client: String) -> Okay {
+        self.state().client = Arc::from(client.as_str());
+        Okay::Hello(HelloReply {
+            client,
+            server: SERVER_NAME.to_owned(),
+        })
+    }
+
+    async fn cancel(&self, target: RequestId) -> Outcome {
+        let found = self.state().waiting.remove(&target);
+        if let Some((shard, key)) = found {
+            let message = ShardMsg::Cancel {
+                conn: self.inner.conn,
+                request: target,
+                key,
+            };
+            // A shard that has stopped has answered its waiters already.
+            let _ = self.inner.engine.mailbox(shard).send(message).await;
+        }
+        Ok(Okay::EMPTY)
+    }
+
+    async fn call_shard(&self, id: RequestId, op: ShardOp) -> Outcome {
+        let engine = &self.inner.engine;
+        if engine.is_shutting_down() {
+            return Err(ServerError::shutting_down());
+        }
+        let routing_key = match &op {
+            ShardOp::Lock(op) => op.key(),
+            ShardOp::Set(op) => op.set(),
+        };
+        let shard = engine.shard_of(routing_key);
+        let may_wait = matches!(&op, ShardOp::Lock(LockOp::Acquire(a)) if a.wait != Wait::Never);
+        let (reply, answer) = oneshot::channel();
+        let caller = Caller {
+            client: self.client(),
+            conn: self.inner.conn,
+            request: id,
+        };
+        let _cancel_on_drop = may_wait.then(|| {
+            self.state()
+                .waiting
+                .insert(id, (shard, routing_key.to_owned()));
+            CancelOnDrop {
+                session: self,
+                id,
+                shard,
+                done: false,
+            }
+        });
+        let message = ShardMsg::Op { caller, op, reply };
+        match engine.mailbox(shard).try_send(message) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(ServerError::overloaded("shard mailbox full; retry later"));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Err(ServerError::shutting_down());
+            }
+        }
+        let outcome = answer.await.unwrap_or_else(|_| Err(ServerError::shutting_down()));
+        if let Some(mut guard) = _cancel_on_drop {
+            guard.done = true;
+        }
+        outcome
+    }
+}
+
+/// Forgets a possibly-waiting `lock` when its request ends, and cancels it
+/// in its shard if the request ended without an answer (its future was
+/// dropped: a reset QUIC stream, a closed connection).
+struct CancelOnDrop<'a> {
+    session: &'a Session,
+    id: RequestId,
+    shard: usize,
+    done: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        let found = self.session.state().waiting.remove(&self.id);
+        if self.done {
+            return;
+        }
+        if let Some((_, key)) = found {
+            let message = ShardMsg::Cancel {
+                conn: self.session.inner.conn,
+                request: self.id,
+                key,
+            };
+            // If the mailbox is full the waiter stays queued until it is
+            // reached; it is then skipped because nobody listens for it.
+            let _ = self.session.inner.engine.mailbox(self.shard).try_send(message);
+        }
+    }
+}
+
+impl Drop for SessionInner {
+    fn drop(&mut self) {
+        for mailbox in self.engine.mailboxes() {
+            match mailbox.try_send(ShardMsg::Closed { conn: self.conn }) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(message)) => {
+                    // Ephemeral locks must be released, so wait for room.
+                    send_later(mailbox.clone(), message);
+                }
+            }
+        }
+    }
+}
+
+fn send_later(mailbox: mpsc::Sender<ShardMsg>, message: ShardMsg) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let _ = mailbox.send(message).await;
+        });
+    }
+}

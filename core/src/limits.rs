@@ -1,0 +1,107 @@
+//! Every bound deadbolt enforces, in one place, each configurable.
+//!
+//! The wire-level bounds (sizes, ranges) are checked once, at decode
+//! ([`crate::proto::decode_request`]); the capacity bounds (locks, waiters,
+//! sets, members) are checked by the shard, which answers `overloaded` when
+//! one is reached. Capacity bounds are totals for the whole engine; each of
+//! the N shards enforces its `1/N` share (rounded up), so a skewed key
+//! distribution can meet a limit a little before the total is reached.
+
+/// Bounds on what a request may ask and what the server will hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message, in bytes, a transport accepts (SPEC: 1 MiB).
+    pub message_bytes_max: usize,
+    /// Longest key or set name, in bytes (SPEC: 1024).
+    pub key_bytes_max: usize,
+    /// Longest client id, in bytes (SPEC: 64).
+    pub client_id_bytes_max: usize,
+    /// Longest lease or set time to live, in milliseconds (SPEC: one day).
+    pub ttl_ms_max: u64,
+    /// Longest bounded wait, in milliseconds (SPEC: one day).
+    pub wait_ms_max: u64,
+    /// Most keys in one `insert` batch.
+    pub insert_batch_max: usize,
+    /// Largest `members` page (SPEC: 10,000).
+    pub members_page_max: u32,
+    /// Most keys with lock state (held or waited on), engine-wide.
+    pub locks_max: usize,
+    /// Most waiters queued on one key.
+    pub waiters_per_key_max: usize,
+    /// Most waiters queued, engine-wide.
+    pub waiters_max: usize,
+    /// Most distinct sets, engine-wide.
+    pub sets_max: usize,
+    /// Most members in one distinct set.
+    pub set_members_max: usize,
+    /// Most members over all distinct sets, engine-wide.
+    pub members_max: usize,
+    /// Messages queued in one shard's mailbox before requests are refused
+    /// with `overloaded`.
+    pub mailbox_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            message_bytes_max: 1 << 20,
+            key_bytes_max: 1024,
+            client_id_bytes_max: 64,
+            ttl_ms_max: 86_400_000,
+            wait_ms_max: 86_400_000,
+            insert_batch_max: 10_000,
+            members_page_max: 10_000,
+            locks_max: 10_000_000,
+            waiters_per_key_max: 10_000,
+            waiters_max: 1_000_000,
+            sets_max: 100_000,
+            set_members_max: 100_000_000,
+            members_max: 100_000_000,
+            mailbox_len: 4096,
+        }
+    }
+}
+
+/// The capacity bounds one shard enforces: its share of the engine's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLimits {
+    /// Most keys with lock state in this shard.
+    pub locks_max: usize,
+    /// Most waiters on one key.
+    pub waiters_per_key_max: usize,
+    /// Most waiters in this shard.
+    pub waiters_max: usize,
+    /// Most sets in this shard.
+    pub sets_max: usize,
+    /// Most members in one set.
+    pub set_members_max: usize,
+    /// Most members over this shard's sets.
+    pub members_max: usize,
+}
+
+impl ShardLimits {
+    /// This shard's share of `limits` when the engine runs `shards` shards.
+    pub fn share_of(limits: &Limits, shards: usize) -> ShardLimits {
+        let share = |total: usize| total.div_ceil(shards.max(1));
+        ShardLimits {
+            locks_max: share(limits.locks_max),
+            waiters_per_key_max: limits.waiters_per_key_max,
+            waiters_max: share(limits.waiters_max),
+            sets_max: share(limits.sets_max),
+            set_members_max: limits.set_members_max,
+            members_max: share(limits.members_max),
+        }
+    }
+
+    /// No capacity bound at all; for tests of the pure rules.
+    pub fn unbounded() -> ShardLimits {
+        ShardLimits {
+            locks_max: usize::MAX,
+            waiters_per_key_max: usize::MAX,
+            waiters_max: usize::MAX,
+            sets_max: usize::MAX,
+            set_members_max: usize::MAX,
+            members_max: usize::MAX,
+        }
+    }
+}

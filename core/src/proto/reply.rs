@@ -1,0 +1,150 @@
+//! Successful replies, one type per operation (SPEC sections 2 to 4).
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ServerError;
+
+/// What a request comes to: a successful reply or a server error.
+pub type Outcome = Result<Okay, ServerError>;
+
+/// A successful reply. On the wire it is the object under `"ok"`; each
+/// variant serialises as its inner type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Okay {
+    /// `hello`.
+    Hello(HelloReply),
+    /// `{}`: `ping`, `cancel`, `unlock`.
+    Empty(Empty),
+    /// `lock`.
+    Granted(Granted),
+    /// `extend`.
+    Extended(Extended),
+    /// `inspect`.
+    LockInfo(LockInfo),
+    /// `set_up`.
+    SetUp(SetUpReply),
+    /// `insert` with `key`.
+    Inserted(Inserted),
+    /// `insert` with `keys`.
+    InsertedMany(InsertedMany),
+    /// `members`.
+    Members(MembersPage),
+    /// `inspect_set`.
+    SetInfo(SetInfo),
+    /// `tear_down`.
+    TornDown(TornDown),
+}
+
+impl Okay {
+    /// The empty reply `{}`.
+    pub const EMPTY: Okay = Okay::Empty(Empty {});
+}
+
+/// The empty object `{}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Empty {}
+
+/// Reply to `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// The client id now bound to the connection.
+    pub client: String,
+    /// `deadbolt/<version>`.
+    pub server: String,
+}
+
+/// Reply to a granted `lock`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Granted {
+    /// The fencing token naming this grant.
+    pub token: u64,
+    /// The lease, measured from the grant.
+    pub ttl_ms: u64,
+}
+
+/// Reply to `extend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extended {
+    /// The new lease, measured from the extend.
+    pub ttl_ms: u64,
+}
+
+/// Reply to `inspect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// The current holder, or `None` if the key is free.
+    pub holder: Option<HolderInfo>,
+    /// How many requests wait for the key.
+    pub waiters: u64,
+}
+
+/// The holder of a lock, as `inspect` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderInfo {
+    /// The holder's client id.
+    pub client: String,
+    /// The fencing token of the grant.
+    pub token: u64,
+    /// What is left of the lease, rounded down.
+    pub remaining_ms: u64,
+}
+
+/// Reply to `set_up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetUpReply {
+    /// Whether this call created the set.
+    pub created: bool,
+    /// How many keys the set holds.
+    pub size: u64,
+}
+
+/// The result of inserting one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inserted {
+    /// The key's 1-based position in arrival order: the same for everyone.
+    pub index: u64,
+    /// Whether the caller is the client that inserted the key first.
+    pub first: bool,
+}
+
+/// Reply to `insert` with `keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InsertedMany {
+    /// One result per key, in the order of the request.
+    pub results: Vec<Inserted>,
+}
+
+/// One key of a `members` page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The key's index.
+    pub index: u64,
+    /// The key.
+    pub key: String,
+}
+
+/// Reply to `members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersPage {
+    /// Keys in index order.
+    pub members: Vec<Member>,
+    /// The `after` to pass for the next page, or `None` at the end.
+    pub next: Option<u64>,
+}
+
+/// Reply to `inspect_set`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetInfo {
+    /// How many keys the set holds.
+    pub size: u64,
+    /// What is left of its time to live, rounded down.
+    pub remaining_ms: u64,
+}
+
+/// Reply to `tear_down`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TornDown {
+    /// How many keys the set held.
+    pub size: u64,
+}

@@ -1,0 +1,246 @@
+//! Requests as the engine sees them: already decoded and validated.
+
+/// A request id: picked by the client, unique among that connection's
+/// requests still in flight; it pairs a reply with its request.
+pub type RequestId = u64;
+
+/// One request: its id and what it asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Pairs the reply with this request.
+    pub id: RequestId,
+    /// What is asked.
+    pub op: Op,
+}
+
+/// Every operation of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Bind `client` as this connection's client id.
+    Hello {
+        /// The client id, 1..=64 bytes.
+        client: String,
+    },
+    /// Answer `{}`: a liveness check.
+    Ping,
+    /// Cancel this connection's request `target` if it is still waiting.
+    Cancel {
+        /// The request id to cancel.
+        target: RequestId,
+    },
+    /// An operation on one lock key.
+    Lock(LockOp),
+    /// An operation on one distinct set.
+    Set(SetOp),
+}
+
+/// Operations on a lock (SPEC section 2). Each names one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockOp {
+    /// `lock`: take the key, waiting as `wait` says.
+    Acquire(Acquire),
+    /// `unlock`: end the grant that `token` names.
+    Release {
+        /// The lock's key.
+        key: String,
+        /// The fencing token of the grant to end.
+        token: u64,
+    },
+    /// `extend`: restart the lease of the grant that `token` names.
+    Extend {
+        /// The lock's key.
+        key: String,
+        /// The fencing token of the grant to extend.
+        token: u64,
+        /// The new lease, from now.
+        ttl_ms: u64,
+    },
+    /// `inspect`: who holds the key, and how many wait.
+    Inspect {
+        /// The lock's key.
+        key: String,
+    },
+}
+
+impl LockOp {
+    /// The key this operation is about.
+    pub fn key(&self) -> &str {
+        match self {
+            LockOp::Acquire(a) => &a.key,
+            LockOp::Release { key, .. } | LockOp::Extend { key, .. } | LockOp::Inspect { key } => {
+                key
+            }
+        }
+    }
+}
+
+/// A `lock` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquire {
+    /// The lock's key.
+    pub key: String,
+    /// The lease, from the grant.
+    pub ttl_ms: u64,
+    /// How long to wait if someone else holds it.
+    pub wait: Wait,
+    /// Release as soon as the connection that took it closes.
+    pub ephemeral: bool,
+}
+
+/// How long a `lock` waits for a key someone else holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// `wait_ms` absent: as long as it takes.
+    Forever,
+    /// `wait_ms: 0`: answer `busy` at once.
+    Never,
+    /// `wait_ms: N`: at most N milliseconds, then `timeout`.
+    UpTo(u64),
+}
+
+impl Wait {
+    /// The wait that a `wait_ms` field says.
+    pub fn from_wait_ms(wait_ms: Option<u64>) -> Wait {
+        match wait_ms {
+            None => Wait::Forever,
+            Some(0) => Wait::Never,
+            Some(ms) => Wait::UpTo(ms),
+        }
+    }
+
+    /// The `wait_ms` field that says this wait.
+    pub fn to_wait_ms(self) -> Option<u64> {
+        match self {
+            Wait::Forever => None,
+            Wait::Never => Some(0),
+            Wait::UpTo(ms) => Some(ms),
+        }
+    }
+}
+
+/// Operations on a distinct set (SPEC section 3). Each names one set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetOp {
+    /// `set_up`: create the set, or restart its time to live.
+    SetUp {
+        /// The set's name.
+        set: String,
+        /// Time to live, from now.
+        ttl_ms: u64,
+    },
+    /// `insert`: add keys, learning each one's index and whether the caller
+    /// owns it.
+    Insert {
+        /// The set's name.
+        set: String,
+        /// The key (`key`) or keys (`keys`) to insert.
+        keys: Keys,
+    },
+    /// `members`: one page of keys in index order.
+    Members {
+        /// The set's name.
+        set: String,
+        /// Start after this index (0: from the start).
+        after: u64,
+        /// At most this many keys.
+        limit: u32,
+    },
+    /// `inspect_set`: size and remaining time to live.
+    Inspect {
+        /// The set's name.
+        set: String,
+    },
+    /// `tear_down`: remove the set now.
+    TearDown {
+        /// The set's name.
+        set: String,
+    },
+}
+
+impl SetOp {
+    /// The set this operation is about.
+    pub fn set(&self) -> &str {
+        match self {
+            SetOp::SetUp { set, .. }
+            | SetOp::Insert { set, .. }
+            | SetOp::Members { set, .. }
+            | SetOp::Inspect { set }
+            | SetOp::TearDown { set } => set,
+        }
+    }
+}
+
+/// The keys of an `insert`: one (`key`, answered with one result) or a batch
+/// (`keys`, answered with a list).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Keys {
+    /// `key`.
+    One(String),
+    /// `keys`, applied in order.
+    Many(Vec<String>),
+}
+
+/// Names each operation; a client uses it to know which reply shape to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(missing_docs)] // each variant is the op of the same name
+pub enum OpKind {
+    Hello,
+    Ping,
+    Cancel,
+    Lock,
+    Unlock,
+    Extend,
+    Inspect,
+    SetUp,
+    Insert,
+    InsertMany,
+    Members,
+    InspectSet,
+    TearDown,
+}
+
+impl Op {
+    /// Which operation this is.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Op::Hello { .. } => OpKind::Hello,
+            Op::Ping => OpKind::Ping,
+            Op::Cancel { .. } => OpKind::Cancel,
+            Op::Lock(LockOp::Acquire(_)) => OpKind::Lock,
+            Op::Lock(LockOp::Release { .. }) => OpKind::Unlock,
+            Op::Lock(LockOp::Extend { .. }) => OpKind::Extend,
+            Op::Lock(LockOp::Inspect { .. }) => OpKind::Inspect,
+            Op::Set(SetOp::SetUp { .. }) => OpKind::SetUp,
+            Op::Set(SetOp::Insert {
+                keys: Keys::One(_), ..
+            }) => OpKind::Insert,
+            Op::Set(SetOp::Insert {
+                keys: Keys::Many(_),
+                ..
+            }) => OpKind::InsertMany,
+            Op::Set(SetOp::Members { .. }) => OpKind::Members,
+            Op::Set(SetOp::Inspect { .. }) => OpKind::InspectSet,
+            Op::Set(SetOp::TearDown { .. }) => OpKind::TearDown,
+        }
+    }
+}
+
+impl OpKind {
+    /// The op's wire name.
+    pub const fn wire_name(self) -> &'static str {
+        match self {
+            OpKind::Hello => "hello",
+            OpKind::Ping => "ping",
+            OpKind::Cancel => "cancel",
+            OpKind::Lock => "lock",
+            OpKind::Unlock => "unlock",
+            OpKind::Extend => "extend",
+            OpKind::Inspect => "inspect",
+            OpKind::SetUp => "set_up",
+            OpKind::Insert | OpKind::InsertMany => "insert",
+            OpKind::Members => "members",
+            OpKind::InspectSet => "inspect_set",
+            OpKind::TearDown => "tear_down",
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Distinct sets (SPEC section 3): named sets of keys, each key with the
+//! 1-based index of its first arrival and the client that owns it.
+//!
+//! A set stores its keys packed end to end in one string, with the end
+//! offset, the owner and a 4-byte hash-table slot per key; that is about 16
+//! bytes per member beyond the key itself, so a million-member set fits in
+//! a few tens of megabytes.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use super::hasher::KeyHasher;
+use hashbrown::{HashMap, HashTable};
+
+use super::ClientId;
+use super::timers::{Timer, Timers};
+use crate::limits::ShardLimits;
+use crate::proto::{
+    Inserted, InsertedMany, Keys, Member, MembersPage, Okay, Outcome, ServerError, SetInfo, SetOp,
+    SetUpReply, TornDown,
+};
+use crate::time::Tick;
+
+/// Counters of what happened to this shard's sets, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetStats {
+    /// Sets created by `set_up`.
+    pub created: u64,
+    /// Sets removed because their time to live ran out.
+    pub expired: u64,
+    /// Sets removed by `tear_down`.
+    pub torn_down: u64,
+    /// Keys inserted that were new to their set.
+    pub inserts_new: u64,
+    /// Keys inserted that were already there.
+    pub inserts_duplicate: u64,
+}
+
+/// A set's deadline: set number `set` reaches the end of its time to live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct SetDue {
+    hash: u64,
+    set: u64,
+}
+
+/// One distinct set.
+#[derive(Debug)]
+struct DistinctSet {
+    name: Box<str>,
+    /// Unique within the shard, so a timer of a torn-down set never touches
+    /// a new set of the same name.
+    id: u64,
+    deadline: Tick,
+    /// Every key, end to end, in index order.
+    packed: String,
+    /// `ends[i]` is where key `i` (0-based) ends in `packed`.
+    ends: Vec<u32>,
+    /// `owners[i]` is the slot in `clients` of key `i`'s owner.
+    owners: Vec<u32>,
+    clients: Vec<ClientId>,
+    client_slots: HashMap<ClientId, u32, KeyHasher>,
+    /// Positions of the keys, hashed by key.
+    positions: HashTable<u32>,
+}
+
+fn key_at<'a>(packed: &'a str, ends: &[u32], position: u32) -> &'a str {
+    let position = position as usize;
+    let start = if position == 0 {
+        0
+    } else {
+        ends[position - 1] as usize
+    };
+    &packed[start..ends[position] as usize]
+}
+
+impl DistinctSet {
+    fn new(name: Box<str>, id: u64, deadline: Tick, hasher: KeyHasher) -> Self {
+        DistinctSet {
+            name,
+            id,
+            deadline,
+            packed: String::new(),
+            ends: Vec::new(),
+            owners: Vec::new(),
+            clients: Vec::new(),
+            client_slots: HashMap::with_hasher(hasher),
+            positions: HashTable::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// The position of `key`, if the set has it.
+    fn find(&self, hash: u64, key: &str) -> Option<u32> {
+        let (packed, ends) = (&self.packed, &self.ends);
+        self.positions
+            .find(hash, |&p| key_at(packed, ends, p) == key)
+            .copied()
+    }
+
+    /// The owner slot of `client`, made if it has none yet.
+    fn slot_of(&mut self, client: &ClientId) -> u32 {
+        if let Some(&slot) = self.client_slots.get(client) {
+            return slot;
+        }
+        let slot = self.clients.len() as u32;
+        self.clients.push(Arc::clone(client));
+        self.client_slots.insert(Arc::clone(client), slot);
+        slot
+    }
+
+    /// Whether `client` owns the key at `position`.
+    fn is_owner(&self, position: u32, client: &ClientId) -> bool {
+        let owner = self.owners[position as usize];
+        self.client_slots.get(client) == Some(&owner)
+    }
+
+    /// Adds a key known to be new; returns its position.
+    fn push(&mut self, hasher: KeyHasher, hash: u64, key: &str, client: &ClientId) -> u32 {
+        let position = self.ends.len() as u32;
+        self.packed.push_str(key);
+        self.ends.push(self.packed.len() as u32);
+        let owner = self.slot_of(client);
+        self.owners.push(owner);
+        let (packed, ends) = (&self.packed, &self.ends);
+        self.positions.insert_unique(hash, position, |&p| {
+            hasher.hash_one(key_at(packed, ends, p))
+        });
+        position
+    }
+}
+
+/// The distinct sets of one shard.
+#[derive(Debug)]
+pub(crate) struct Sets {
+    table: HashTable<DistinctSet>,
+    hasher: KeyHasher,
+    timers: Timers<SetDue>,
+    next_set: u64,
+    /// Members over all of this shard's sets.
+    members: usize,
+    limits: ShardLimits,
+    stats: SetStats,
+}
+
+impl Sets {
+    /// No sets.
+    pub fn new(hasher: KeyHasher, limits: ShardLimits) -> Self {
+        Sets {
+            table: HashTable::new(),
+            hasher,
+            timers: Timers::default(),
+            next_set: 0,
+            members: 0,
+            limits,
+            stats: SetStats::default(),
+        }
+    }
+
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// Carries out `op` for `client` at `now`.
+    pub fn handle(&mut self, now: Tick, client: &ClientId, op: SetOp) -> Outcome {
+        let outcome = match op {
+            SetOp::SetUp { set, ttl_ms } => self.set_up(now, set, ttl_ms),
+            SetOp::Insert { set, keys } => self.insert(client, &set, keys),
+            SetOp::Members { set, after, limit } => self.members(&set, after, limit),
+            SetOp::Inspect { set } => self.inspect(now, &set),
+            SetOp::TearDown { set } => self.tear_down(&set),
+        };
+        self.compact_timers();
+        outcome
+    }
+
+    fn set_up(&mut self, now: Tick, name: String, ttl_ms: u64) -> Outcome {
+        let hash = self.hash(&name);
+        let deadline = now.plus_millis(ttl_ms);
+        if let Some(set) = self.table.find_mut(hash, |s| *s.name == *name) {
+            set.deadline = deadline;
+            let due = SetDue { hash, set: set.id };
+            let size = set.len() as u64;
+            self.timers.push(deadline, due);
+            return Ok(Okay::SetUp(SetUpReply {
+                created: false,
+                size,
+            }));
+        }
+        if self.table.len() >= self.limits.sets_max {
+            return Err(ServerError::overloaded("too many sets (sets_max reached)"));
+        }
+        let id = self.next_set;
+        self.next_set += 1;
+        let set = DistinctSet::new(name.into_boxed_str(), id, deadline, self.hasher);
+        let hasher = self.hasher;
+        self.table
+            .insert_unique(hash, set, |s| hasher.hash_one(&*s.name));
+        self.timers.push(deadline, SetDue { hash, set: id });
+        self.stats.created += 1;
+        Ok(Okay::SetUp(SetUpReply {
+            created: true,
+            size: 0,
+        }))
+    }
+
+    fn insert(&mut self, client: &ClientId, name: &str, keys: Keys) -> Outcome {
+        let hash = self.hash(name);
+        let Some(set) = self.table.find_mut(hash, |s| *s.name == *name) else {
+            return Err(ServerError::no_such_set());
+        };
+        let mut room = Room {
+            hasher: self.hasher,
+            members: &mut self.members,
+            limits: &self.limits,
+            stats: &mut self.stats,
+        };
+        match keys {
+            Keys::One(key) => room.insert(set, client, &key).map(Okay::Inserted),
+            Keys::Many(keys) => {
+                // Applied in order; if a limit stops the batch part way, the
+                // keys before it stay inserted, and a retry of the whole
+                // batch answers them exactly as before.
+                let results = keys
+                    .iter()
+                    .map(|key| room.insert(set, client, key))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Okay::InsertedMany(InsertedMany { results }))
+            }
+        }
+    }
+
+    fn members(&self, name: &str, after: u64, limit: u32) -> Outcome {
+        let set = self.find(name)?;
+        let size = set.len() as u64;
+        let start = after.min(size);
+        let end = start.saturating_add(u64::from(limit)).min(size);
+        let members = (start..end)
+            .map(|position| Member {
+                index: position + 1,
+                key: key_at(&set.packed, &set.ends, position as u32).to_owned(),
+            })
+            .collect();
+        let next = (end < size).then_some(end);
+        Ok(Okay::Members(MembersPage { members, next }))
+    }
+
+    fn inspect(&self, now: Tick, name: &str) -> Outcome {
+        let set = self.find(name)?;
+        Ok(Okay::SetInfo(SetInfo {
+            size: set.len() as u64,
+            remaining_ms: now.millis_until(set.deadline),
+        }))
+    }
+
+    fn tear_down(&mut self, name: &str) -> Outcome {
+        let hash = self.hash(name);
+        let Ok(occupied) = self.table.find_entry(hash, |s| *s.name == *name) else {
+            return Err(ServerError::no_such_set());
+        };
+        let (set, _) = occupied.remove();
+        self.members -= set.len();
+        self.stats.torn_down += 1;
+        Ok(Okay::TornDown(TornDown {
+            size: set.len() as u64,
+        }))
+    }
+
+    fn find(&self, name: &str) -> Result<&DistinctSet, ServerError> {
+        self.table
+            .find(self.hash(name), |s| *s.name == *name)
+            .ok_or_else(ServerError::no_such_set)
+    }
+
+    /// Removes every set whose time to live ended at or before `now`.
+    pub fn advance(&mut self, now: Tick) {
+        while let Some(Timer { at, due }) = self.timers.pop_due(now) {
+            let is_it = |s: &DistinctSet| s.id == due.set && s.deadline == at;
+            if let Ok(occupied) = self.table.find_entry(due.hash, is_it) {
+                let (set, _) = occupied.remove();
+                self.members -= set.len();
+                self.stats.expired += 1;
+            }
+        }
+        self.compact_timers();
+    }
+
+    fn compact_timers(&mut self) {
+        let table = &self.table;
+        let is_live = |timer: &Timer<SetDue>| {
+            table
+                .find(timer.due.hash, |s| {
+                    s.id == timer.due.set && s.deadline == timer.at
+                })
+                .is_some()
+        };
+        self.timers.compact_if_stale(table.len(), is_live);
+    }
+
+    /// The earliest deadline (possibly a stale one).
+    pub fn next_deadline(&self) -> Option<Tick> {
+        self.timers.next_at()
+    }
+
+    /// What has happened so far.
+    pub fn stats(&self) -> SetStats {
+        self.stats
+    }
+
+    /// Sets alive now.
+    pub fn count(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Members over all sets now.
+    pub fn members_total(&self) -> usize {
+        self.members
+    }
+
+    /// Checks that every set's index agrees with its keys.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut members = 0;
+        for set in &self.table {
+            members += set.len();
+            if set.positions.len() != set.len() || set.owners.len() != set.len() {
+                return Err(format!("set {:?}: index and keys disagree", set.name));
+            }
+            for position in 0..set.len() as u32 {
+                let key = key_at(&set.packed, &set.ends, position);
+                if set.find(self.hash(key), key) != Some(position) {
+                    return Err(format!("set {:?}: key {key:?} misplaced", set.name));
+                }
+            }
+        }
+        if members != self.members {
+            return Err(format!(
+                "{members} members in sets, {} counted",
+                self.members
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What an insert may change besides the set: the shard-wide member count
+/// and statistics, and the limits it checks.
+struct Room<'a> {
+    hasher: KeyHasher,
+    members: &'a mut usize,
+    limits: &'a ShardLimits,
+    stats: &'a mut SetStats,
+}
+
+impl Room<'_> {
+    fn insert(
+        &mut self,
+        set: &mut DistinctSet,
+        client: &ClientId,
+        key: &str,
+    ) -> Result<Inserted, ServerError> {
+        let hash = self.hasher.hash_one(key);
+        if let Some(position) = set.find(hash, key) {
+            self.stats.inserts_duplicate += 1;
+            return Ok(Inserted {
+                index: u64::from(position) + 1,
+                first: set.is_owner(position, client),
+            });
+        }
+        self.check_room(set, key)?;
+        let position = set.push(self.hasher, hash, key, client);
+        *self.members += 1;
+        self.stats.inserts_new += 1;
+        Ok(Inserted {
+            index: u64::from(position) + 1,
+            first: true,
+        })
+    }
+
+    fn check_room(&self, set: &DistinctSet, key: &str) -> Result<(), ServerError> {
+        // Positions and offsets are 32-bit to keep members small.
+        let set_max = self.limits.set_members_max.min(u32::MAX as usize);
+        if set.len() >= set_max {
+            return Err(ServerError::overloaded(
+                "set is full (set_members_max reached)",
+            ));
+        }
+        if set.packed.len() + key.len() > u32::MAX as usize {
+            return Err(ServerError::overloaded("set is full (4 GiB of keys)"));
+        }
+        if *self.members >= self.limits.members_max {
+            return Err(ServerError::overloaded(
+                "too many members (members_max reached)",
+            ));
+        }
+        Ok(())
+    }
+}
