@@ -290,6 +290,12 @@ impl FieldType {
     }
 }
 
+/// Just the id, skipping everything else without recursion.
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<RequestId>,
+}
+
 /// The slow path: find the id and say precisely what is wrong.
 fn diagnose(bytes: &[u8], fast_error: &serde_json::Error) -> DecodeError {
     let unreadable = |message: String| DecodeError {
@@ -298,7 +304,15 @@ fn diagnose(bytes: &[u8], fast_error: &serde_json::Error) -> DecodeError {
     };
     let value: Value = match serde_json::from_slice(bytes) {
         Ok(value) => value,
-        Err(e) => return unreadable(format!("not valid JSON: {e}")),
+        Err(e) => {
+            // Valid JSON too deep to hold as a value still has a readable id.
+            let id = serde_json::from_slice::<IdOnly>(bytes).ok().and_then(|r| r.id);
+            let message = format!("not valid JSON: {e}");
+            return DecodeError {
+                id,
+                error: ServerError::bad_request(message),
+            };
+        }
     };
     let Value::Object(fields) = value else {
         return unreadable("a request must be a JSON object".to_owned());

@@ -453,6 +453,7 @@ impl<R: Responder> Locks<R> {
             !entry.is_vacant()
         });
         debug_assert!(!self.books.conn_refs.contains_key(&conn));
+        self.compact_timers();
     }
 
     /// Applies every deadline due at or before `now`, each at its own tick.
@@ -573,6 +574,9 @@ impl<R: Responder> Locks<R> {
                 "{waiters} waiters queued, {} counted",
                 self.books.waiters
             ));
+        }
+        if !self.books.timers.is_compact(self.table.len() + waiters) {
+            return Err(format!("{} timers for {} live objects", self.books.timers.len(), self.table.len() + waiters));
         }
         if refs != self.books.conn_refs {
             return Err("connection reference counts disagree with the table".to_owned());

@@ -47,6 +47,16 @@ impl<D: Ord + Copy> Timers<D> {
         self.heap.peek().map(|Reverse(t)| t.at)
     }
 
+    /// How many timers are queued, stale ones included.
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// Whether the heap is as small as [`Timers::compact_if_stale`] keeps it.
+    pub fn is_compact(&self, live: usize) -> bool {
+        self.heap.len() <= 2 * live + 1024
+    }
+
     /// Removes and returns the earliest timer if it is due at or before
     /// `now`.
     pub fn pop_due(&mut self, now: Tick) -> Option<Timer<D>> {
@@ -63,7 +73,13 @@ impl<D: Ord + Copy> Timers<D> {
         // The slack keeps small shards from rebuilding all the time.
         if self.heap.len() > 2 * live + 1024 {
             let mut is_live = is_live;
-            self.heap.retain(|Reverse(t)| is_live(t));
+            let mut timers = std::mem::take(&mut self.heap).into_vec();
+            timers.retain(|Reverse(t)| is_live(t));
+            // A deadline set, moved and set back leaves twin entries that
+            // both look live; keep one.
+            timers.sort_unstable();
+            timers.dedup();
+            self.heap = BinaryHeap::from(timers);
         }
     }
 }

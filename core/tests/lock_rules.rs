@@ -1,0 +1,422 @@
+//! SPEC section 2, one test per rule, against the pure shard.
+
+mod support;
+
+use deadbolt_core::limits::ShardLimits;
+use deadbolt_core::proto::{ErrorCode, Granted, Okay};
+use support::{Harness, conn_of};
+
+#[test]
+fn lock_on_a_free_key_is_granted_with_a_token_and_the_requested_ttl() {
+    let mut h = Harness::new();
+    let slot = h.lock("alice", "k", 500, None);
+    match slot.ok() {
+        Okay::Granted(Granted { token, ttl_ms }) => {
+            assert!(token > 0);
+            assert_eq!(ttl_ms, 500);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.holder("k").map(|(c, _)| c), Some("alice".to_owned()));
+}
+
+#[test]
+fn wait_ms_zero_on_a_held_key_answers_busy_and_queues_nothing() {
+    let mut h = Harness::new();
+    h.lock("alice", "k", 500, None);
+    assert_eq!(h.lock("bob", "k", 500, Some(0)).code(), ErrorCode::Busy);
+    assert_eq!(h.inspect("k").waiters, 0);
+}
+
+#[test]
+fn bounded_wait_answers_timeout_exactly_at_wait_ms() {
+    let mut h = Harness::new();
+    h.lock("alice", "k", 10_000, None);
+    let bob = h.lock("bob", "k", 500, Some(200));
+    h.advance(199);
+    assert!(bob.is_pending());
+    h.advance(1);
+    assert_eq!(bob.code(), ErrorCode::Timeout);
+    assert_eq!(h.inspect("k").waiters, 0);
+}
+
+#[test]
+fn absent_wait_ms_waits_as_long_as_it_takes() {
+    let mut h = Harness::new();
+    h.lock("alice", "k", 86_400_000, None);
+    let bob = h.lock("bob", "k", 500, None);
+    h.advance(86_399_999);
+    assert!(bob.is_pending());
+    h.advance(1);
+    bob.token();
+}
+
+#[test]
+fn lease_ends_exactly_at_its_deadline_and_the_next_waiter_is_granted_then() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 300, None);
+    let bob = h.lock("bob", "k", 1000, None);
+    h.advance(299);
+    assert_eq!(h.holder("k"), Some(("alice".to_owned(), alice.token())));
+    assert!(bob.is_pending());
+    h.advance(1);
+    assert_eq!(h.holder("k"), Some(("bob".to_owned(), bob.token())));
+}
+
+#[test]
+fn lease_is_measured_from_the_grant_not_from_the_request() {
+    let mut h = Harness::new();
+    h.lock("alice", "k", 300, None);
+    h.advance(100);
+    let bob = h.lock("bob", "k", 1000, None);
+    h.advance(200); // alice's lease ends; bob granted at t=300
+    let token = bob.token();
+    h.advance(999); // t=1299: bob's lease (from 300) still runs
+    assert_eq!(h.holder("k"), Some(("bob".to_owned(), token)));
+    assert_eq!(h.inspect("k").holder.map(|h| h.remaining_ms), Some(1));
+    h.advance(1);
+    assert_eq!(h.holder("k"), None);
+}
+
+#[test]
+fn a_timer_that_fires_late_applies_each_deadline_at_its_own_tick() {
+    let mut h = Harness::new();
+    h.lock("alice", "k", 100, None);
+    let bob = h.lock("bob", "k", 100, None);
+    let carol = h.lock("carol", "k", 100, None);
+    h.advance(250); // alice ends at 100, bob holds 100..200, carol from 200
+    assert!(bob.token() < carol.token());
+    assert_eq!(h.inspect("k").holder.map(|h| h.remaining_ms), Some(50));
+}
+
+#[test]
+fn unlock_ends_the_lease_early_and_hands_the_key_on() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 10_000, None);
+    let bob = h.lock("bob", "k", 1000, None);
+    assert!(matches!(h.unlock("alice", "k", alice.token()).ok(), Okay::Empty(_)));
+    assert_eq!(h.holder("k"), Some(("bob".to_owned(), bob.token())));
+}
+
+#[test]
+fn unlock_of_the_last_holder_leaves_the_key_free() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 10_000, None);
+    h.unlock("alice", "k", alice.token()).ok();
+    assert_eq!(h.inspect("k").holder, None);
+    h.lock("bob", "k", 10, Some(0)).token();
+}
+
+#[test]
+fn extend_restarts_the_lease_at_the_new_ttl() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 100, None);
+    h.advance(90);
+    let reply = h.extend("alice", "k", alice.token(), 500).ok();
+    assert_eq!(reply, Okay::Extended(deadbolt_core::proto::Extended { ttl_ms: 500 }));
+    h.advance(499);
+    assert!(h.holder("k").is_some());
+    h.advance(1);
+    assert!(h.holder("k").is_none());
+}
+
+#[test]
+fn extend_can_shorten_the_lease() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 10_000, None);
+    h.extend("alice", "k", alice.token(), 10).ok();
+    h.advance(10);
+    assert!(h.holder("k").is_none());
+}
+
+#[test]
+fn waiters_are_granted_strictly_first_come_first_served() {
+    let mut h = Harness::new();
+    let first = h.lock("alice", "k", 10, None);
+    let waiters: Vec<_> = ["bob", "carol", "dave", "erin"]
+        .iter()
+        .map(|c| (*c, h.lock(c, "k", 10, None)))
+        .collect();
+    let mut token = first.token();
+    for (client, slot) in &waiters {
+        assert!(slot.is_pending());
+        h.unlock("x", "k", token).ok();
+        assert_eq!(h.holder("k").map(|(c, _)| c).as_deref(), Some(*client));
+        token = slot.token();
+    }
+}
+
+#[test]
+fn a_waiter_whose_connection_closes_leaves_the_queue_and_is_never_granted() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 100, None);
+    let bob = h.lock("bob", "k", 100, None);
+    let carol = h.lock("carol", "k", 100, None);
+    h.shard.close_connection(h.now(), conn_of("bob"));
+    h.check();
+    assert_eq!(h.inspect("k").waiters, 1);
+    h.unlock("alice", "k", alice.token()).ok();
+    assert!(bob.is_pending());
+    assert_eq!(h.holder("k").map(|(c, _)| c).as_deref(), Some("carol"));
+    carol.token();
+}
+
+#[test]
+fn a_cancelled_waiter_answers_cancelled_and_is_never_granted() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 100, None);
+    let bob = h.lock("bob", "k", 100, None);
+    let bob_request = h.last_request();
+    assert!(h.shard.cancel(h.now(), conn_of("bob"), bob_request, "k"));
+    h.check();
+    assert_eq!(bob.code(), ErrorCode::Cancelled);
+    h.unlock("alice", "k", alice.token()).ok();
+    assert_eq!(h.holder("k"), None);
+    assert_eq!(bob.answers(), 1);
+}
+
+#[test]
+fn cancel_of_a_request_that_is_not_waiting_changes_nothing() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 100, None);
+    let alice_request = h.last_request();
+    assert!(!h.shard.cancel(h.now(), conn_of("alice"), alice_request, "k"));
+    assert!(!h.shard.cancel(h.now(), conn_of("bob"), 12345, "k"));
+    assert_eq!(h.holder("k"), Some(("alice".to_owned(), alice.token())));
+}
+
+#[test]
+fn a_waiter_whose_requester_is_gone_is_skipped_never_granted() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 100, None);
+    let bob = h.lock("bob", "k", 100, None);
+    let carol = h.lock("carol", "k", 100, None);
+    bob.close();
+    assert_eq!(h.inspect("k").waiters, 1, "a gone waiter is not counted");
+    h.advance(100);
+    assert_eq!(h.holder("k").map(|(c, _)| c).as_deref(), Some("carol"));
+    assert!(carol.token() > alice.token());
+    assert_eq!(bob.answers(), 0);
+}
+
+#[test]
+fn a_grant_that_cannot_be_delivered_is_undone_and_passed_on() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 100, None);
+    let bob = h.lock("bob", "k", 100, None);
+    let carol = h.lock("carol", "k", 100, None);
+    bob.vanish();
+    h.unlock("alice", "k", alice.token()).ok();
+    assert_eq!(h.holder("k").map(|(c, _)| c).as_deref(), Some("carol"));
+    carol.token();
+    let gone = h.lock_with("dave", 4, "free", 100, None, false);
+    gone.vanish();
+    let gone = h.lock_with("dave", 4, "other", 100, None, false);
+    drop(gone);
+    assert!(h.holder("other").is_some(), "a delivered grant stays");
+    let vanishing = support::Slot::default();
+    vanishing.vanish();
+    let caller = deadbolt_core::shard::Caller {
+        client: "erin".into(),
+        conn: 5,
+        request: 1,
+    };
+    let op = deadbolt_core::shard::ShardOp::Lock(deadbolt_core::proto::LockOp::Acquire(
+        deadbolt_core::proto::Acquire {
+            key: "fresh".into(),
+            ttl_ms: 100,
+            wait: deadbolt_core::proto::Wait::Forever,
+            ephemeral: false,
+        },
+    ));
+    h.shard.handle(h.now(), caller, op, vanishing);
+    assert_eq!(h.holder("fresh"), None);
+}
+
+#[test]
+fn every_grant_of_a_key_has_a_greater_token_even_after_the_key_was_forgotten() {
+    let mut h = Harness::new();
+    let mut last = 0;
+    for round in 0..5 {
+        let slot = h.lock(if round % 2 == 0 { "alice" } else { "bob" }, "k", 10, None);
+        let token = slot.token();
+        assert!(token > last);
+        last = token;
+        if round % 2 == 0 {
+            h.unlock("x", "k", token).ok();
+        } else {
+            h.advance(10); // expire; the key's state is dropped
+        }
+        // Other keys' grants in between must not matter.
+        let other = h.lock("carol", "other", 1, None).token();
+        h.unlock("carol", "other", other).ok();
+    }
+}
+
+#[test]
+fn unlock_or_extend_with_another_token_is_not_held_and_changes_nothing() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 100, None);
+    let token = alice.token();
+    assert_eq!(h.unlock("alice", "k", token + 1).code(), ErrorCode::NotHeld);
+    assert_eq!(h.extend("alice", "k", token - 1, 10_000).code(), ErrorCode::NotHeld);
+    assert_eq!(h.unlock("alice", "free", token).code(), ErrorCode::NotHeld);
+    assert_eq!(h.extend("alice", "free", token, 10).code(), ErrorCode::NotHeld);
+    assert_eq!(h.inspect("k").holder.map(|h| (h.token, h.remaining_ms)), Some((token, 100)));
+    h.advance(100);
+    assert_eq!(h.unlock("alice", "k", token).code(), ErrorCode::NotHeld, "expired");
+}
+
+#[test]
+fn the_token_alone_authorises_unlock_and_extend_from_any_client_or_connection() {
+    let mut h = Harness::new();
+    let token = h.lock("alice", "k", 100, None).token();
+    h.extend("mallory", "k", token, 1000).ok();
+    h.unlock("someone-else", "k", token).ok();
+    assert_eq!(h.holder("k"), None);
+}
+
+#[test]
+fn lock_by_the_holder_returns_the_same_token_and_restarts_the_lease() {
+    let mut h = Harness::new();
+    let first = h.lock("alice", "k", 100, None).token();
+    h.advance(80);
+    // A retry after a lost reply, from a new connection.
+    let retry = h.lock_with("alice", 77, "k", 300, Some(0), false);
+    assert_eq!(retry.ok(), Okay::Granted(Granted { token: first, ttl_ms: 300 }));
+    h.advance(299);
+    assert_eq!(h.holder("k"), Some(("alice".to_owned(), first)));
+    h.advance(1);
+    assert_eq!(h.holder("k"), None);
+    // No re-entrancy counting: one unlock would have released it.
+    let again = h.lock("alice", "k", 100, None).token();
+    h.lock("alice", "k", 100, None);
+    h.unlock("alice", "k", again).ok();
+    assert_eq!(h.holder("k"), None);
+}
+
+#[test]
+fn a_queued_request_of_the_new_holder_is_answered_with_the_same_token() {
+    let mut h = Harness::new();
+    let alice = h.lock("alice", "k", 100, None);
+    let bob_first = h.lock_with("bob", 1, "k", 100, None, false);
+    let carol = h.lock("carol", "k", 100, None);
+    let bob_retry = h.lock_with("bob", 2, "k", 400, None, false);
+    h.unlock("alice", "k", alice.token()).ok();
+    assert_eq!(bob_first.token(), bob_retry.token());
+    assert!(carol.is_pending());
+    h.advance(399);
+    assert!(carol.is_pending(), "the retry restarted the lease at 400 ms");
+    h.advance(1);
+    carol.token();
+}
+
+#[test]
+fn a_held_lock_outlives_its_holders_connection_until_its_lease_ends() {
+    let mut h = Harness::new();
+    let token = h.lock("alice", "k", 100, None).token();
+    h.shard.close_connection(h.now(), conn_of("alice"));
+    assert_eq!(h.holder("k"), Some(("alice".to_owned(), token)));
+    // The reconnected worker can still extend and unlock it.
+    h.extend("alice", "k", token, 100).ok();
+    h.unlock("alice", "k", token).ok();
+}
+
+#[test]
+fn an_ephemeral_lock_is_released_when_its_connection_closes() {
+    let mut h = Harness::new();
+    let alice = h.lock_with("alice", 1, "k", 10_000, None, true);
+    h.lock_with("alice", 1, "other", 10_000, None, false).token();
+    let bob = h.lock("bob", "k", 100, None);
+    alice.token();
+    h.shard.close_connection(h.now(), 2); // another connection: nothing
+    assert!(bob.is_pending());
+    h.shard.close_connection(h.now(), 1);
+    h.check();
+    bob.token();
+    assert!(h.holder("other").is_some(), "non-ephemeral locks stay");
+}
+
+#[test]
+fn a_relock_from_a_new_connection_moves_an_ephemeral_lock_to_it() {
+    let mut h = Harness::new();
+    let token = h.lock_with("alice", 1, "k", 10_000, None, true).token();
+    h.lock_with("alice", 2, "k", 10_000, None, true);
+    h.shard.close_connection(h.now(), 1);
+    assert_eq!(h.holder("k"), Some(("alice".to_owned(), token)));
+    h.shard.close_connection(h.now(), 2);
+    assert_eq!(h.holder("k"), None);
+}
+
+#[test]
+fn inspect_reports_the_holder_its_remaining_lease_and_the_waiters() {
+    let mut h = Harness::new();
+    let token = h.lock("alice", "k", 1000, None).token();
+    h.lock("bob", "k", 1000, None);
+    h.lock("carol", "k", 1000, Some(5000));
+    h.advance(250);
+    let info = h.inspect("k");
+    let holder = info.holder.expect("held");
+    assert_eq!((holder.client.as_str(), holder.token, holder.remaining_ms), ("alice", token, 750));
+    assert_eq!(info.waiters, 2);
+    assert_eq!(h.inspect("nobody").holder, None);
+}
+
+#[test]
+fn waiters_beyond_the_per_key_limit_are_refused_as_overloaded() {
+    let mut limits = ShardLimits::unbounded();
+    limits.waiters_per_key_max = 2;
+    let mut h = Harness::with_limits(limits);
+    h.lock("alice", "k", 1000, None);
+    h.lock("bob", "k", 1000, None);
+    h.lock("carol", "k", 1000, None);
+    assert_eq!(h.lock("dave", "k", 1000, None).code(), ErrorCode::Overloaded);
+    assert_eq!(h.inspect("k").waiters, 2);
+}
+
+#[test]
+fn waiters_beyond_the_shard_limit_are_refused_as_overloaded() {
+    let mut limits = ShardLimits::unbounded();
+    limits.waiters_max = 1;
+    let mut h = Harness::with_limits(limits);
+    h.lock("alice", "a", 1000, None);
+    h.lock("alice", "b", 1000, None);
+    h.lock("bob", "a", 1000, None);
+    assert_eq!(h.lock("bob", "b", 1000, None).code(), ErrorCode::Overloaded);
+}
+
+#[test]
+fn keys_beyond_the_lock_limit_are_refused_as_overloaded() {
+    let mut limits = ShardLimits::unbounded();
+    limits.locks_max = 2;
+    let mut h = Harness::with_limits(limits);
+    h.lock("alice", "a", 1000, None).token();
+    h.lock("alice", "b", 1000, None).token();
+    assert_eq!(h.lock("alice", "c", 1000, None).code(), ErrorCode::Overloaded);
+    h.advance(1000);
+    h.lock("alice", "c", 1000, None).token();
+}
+
+#[test]
+fn shutdown_answers_every_waiter_shutting_down() {
+    let mut h = Harness::new();
+    h.lock("alice", "k", 1000, None).token();
+    let bob = h.lock("bob", "k", 1000, None);
+    h.shard.shutdown();
+    assert_eq!(bob.code(), ErrorCode::ShuttingDown);
+}
+
+#[test]
+fn stale_timers_are_compacted_away_under_many_extends() {
+    let mut h = Harness::new();
+    let token = h.lock("alice", "k", 86_400_000, None).token();
+    for _ in 0..10_000 {
+        h.extend("alice", "k", token, 86_400_000).ok();
+    }
+    // Nothing observable may change: one holder, same token, full lease.
+    assert_eq!(h.inspect("k").holder.map(|h| h.token), Some(token));
+    h.advance(86_399_999);
+    assert!(h.holder("k").is_some());
+    h.advance(1);
+    assert!(h.holder("k").is_none());
+}
