@@ -239,6 +239,14 @@ fn answer_queued_relocks<R: Responder>(
             books.stats.abandoned += 1;
             continue;
         }
+        if waiter.deadline.is_some_and(|deadline| deadline <= at) {
+            // Its wait ran out at this very tick, before the grant.
+            books.stats.timeouts += 1;
+            waiter
+                .reply
+                .respond(Err(ServerError::timeout(waiter.wait_ms)));
+            continue;
+        }
         relock(holder, &waiter.conn, waiter.ttl_ms, waiter.ephemeral, at, hash, books);
         let granted = Granted {
             token: holder.token,

@@ -23,6 +23,12 @@ pub struct Slot {
     /// Reports "open" but refuses delivery: a requester that went away
     /// between the shard's check and its answer.
     vanishing: Rc<Cell<bool>>,
+    /// When the first answer came, counted over all slots of the thread.
+    answered_as: Rc<Cell<u64>>,
+}
+
+thread_local! {
+    static ANSWERS_GIVEN: Cell<u64> = const { Cell::new(0) };
 }
 
 impl Responder for Slot {
@@ -34,6 +40,13 @@ impl Responder for Slot {
         if self.closed.get() || self.vanishing.get() {
             return false;
         }
+        if self.answers.borrow().is_empty() {
+            let n = ANSWERS_GIVEN.with(|given| {
+                given.set(given.get() + 1);
+                given.get()
+            });
+            self.answered_as.set(n);
+        }
         self.answers.borrow_mut().push(outcome);
         true
     }
@@ -44,8 +57,19 @@ impl Slot {
         self.answers.borrow().len()
     }
 
+    /// The position of this slot's first answer among all answers given on
+    /// this thread (0 if unanswered).
+    pub fn answer_order(&self) -> u64 {
+        self.answered_as.get()
+    }
+
     pub fn is_pending(&self) -> bool {
         self.answers() == 0
+    }
+
+    /// The first answer, if any, without requiring exactly one.
+    pub fn answers_now(&self) -> Outcome {
+        self.answers.borrow().first().cloned().unwrap_or_else(|| Err(deadbolt_core::proto::ServerError::internal("no answer")))
     }
 
     pub fn outcome(&self) -> Outcome {
