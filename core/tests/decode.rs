@@ -34,7 +34,13 @@ fn a_valid_lock_request_decodes_with_every_field() {
         wait: Wait::UpTo(5000),
         ephemeral: true,
     }));
-    assert_eq!(request, Request { id: 17, op: expected });
+    assert_eq!(
+        request,
+        Request {
+            id: 17,
+            op: expected
+        }
+    );
 }
 
 #[test]
@@ -56,7 +62,15 @@ fn wait_ms_absent_zero_and_positive_mean_forever_never_and_bounded() {
 
 #[test]
 fn input_that_is_not_json_gets_bad_request_with_a_null_id() {
-    for input in ["", "{", "nope", "{\"id\":1,", "[1,2", "\u{0}", "{\"id\":1}}"] {
+    for input in [
+        "",
+        "{",
+        "nope",
+        "{\"id\":1,",
+        "[1,2",
+        "\u{0}",
+        "{\"id\":1}}",
+    ] {
         assert_eq!(bad(input).0, None, "{input:?}");
     }
 }
@@ -130,7 +144,10 @@ fn a_mistyped_field_gets_bad_request_naming_it_and_carrying_the_id() {
         (r#"{"id":4,"op":"lock","key":"k","ttl_ms":"5"}"#, "ttl_ms"),
         (r#"{"id":4,"op":"lock","key":"k","ttl_ms":-5}"#, "ttl_ms"),
         (r#"{"id":4,"op":"lock","key":"k","ttl_ms":5.5}"#, "ttl_ms"),
-        (r#"{"id":4,"op":"lock","key":"k","ttl_ms":5,"ephemeral":"yes"}"#, "ephemeral"),
+        (
+            r#"{"id":4,"op":"lock","key":"k","ttl_ms":5,"ephemeral":"yes"}"#,
+            "ephemeral",
+        ),
         (r#"{"id":4,"op":"insert","set":"s","keys":"a"}"#, "keys"),
         (r#"{"id":4,"op":"insert","set":"s","keys":["a",1]}"#, "keys"),
         (r#"{"id":4,"op":"unlock","key":"k","token":true}"#, "token"),
@@ -167,10 +184,17 @@ fn out_of_bounds_values_get_bad_request_carrying_the_id() {
 #[test]
 fn bounds_at_their_limits_are_accepted() {
     let key = "k".repeat(1024);
-    decode(&format!(r#"{{"id":1,"op":"lock","key":"{key}","ttl_ms":86400000,"wait_ms":86400000}}"#)).unwrap();
+    decode(&format!(
+        r#"{{"id":1,"op":"lock","key":"{key}","ttl_ms":86400000,"wait_ms":86400000}}"#
+    ))
+    .unwrap();
     decode(r#"{"id":1,"op":"lock","key":"k","ttl_ms":1}"#).unwrap();
     decode(r#"{"id":1,"op":"members","set":"s","limit":10000}"#).unwrap();
-    decode(&format!(r#"{{"id":1,"op":"hello","client":"{}"}}"#, "c".repeat(64))).unwrap();
+    decode(&format!(
+        r#"{{"id":1,"op":"hello","client":"{}"}}"#,
+        "c".repeat(64)
+    ))
+    .unwrap();
 }
 
 #[test]
@@ -184,7 +208,12 @@ fn key_length_counts_utf8_bytes_not_characters() {
 #[test]
 fn escaped_strings_decode_and_lone_surrogates_are_refused() {
     let request = decode(r#"{"id":1,"op":"inspect","key":"a\"b\u00e9\n"}"#).unwrap();
-    assert_eq!(request.op, Op::Lock(LockOp::Inspect { key: "a\"b\u{e9}\n".into() }));
+    assert_eq!(
+        request.op,
+        Op::Lock(LockOp::Inspect {
+            key: "a\"b\u{e9}\n".into()
+        })
+    );
     bad(r#"{"id":1,"op":"inspect","key":"\ud800"}"#);
 }
 
@@ -207,24 +236,39 @@ fn deeply_nested_input_is_refused_without_overflowing_the_stack() {
     assert!(decode(&ignored).is_ok());
     // Where a value is read, it is refused, with the id.
     let mistyped = format!(r#"{{"id":1,"op":"inspect","key":{}}}"#, nest(100_000));
-    assert!(matches!(decode(&mistyped), Err((Some(1), ErrorCode::BadRequest, _))));
+    assert!(matches!(
+        decode(&mistyped),
+        Err((Some(1), ErrorCode::BadRequest, _))
+    ));
     let unclosed = "[".repeat(1_000_000);
-    assert!(matches!(decode(&unclosed), Err((None, ErrorCode::BadRequest, _))));
+    assert!(matches!(
+        decode(&unclosed),
+        Err((None, ErrorCode::BadRequest, _))
+    ));
 }
 
 #[test]
 fn a_message_over_the_size_limit_gets_too_large_without_being_parsed() {
-    let limits = Limits { message_bytes_max: 64, ..Limits::default() };
+    let limits = Limits {
+        message_bytes_max: 64,
+        ..Limits::default()
+    };
     let message = format!(r#"{{"id":1,"op":"inspect","key":"{}"}}"#, "k".repeat(100));
     let error = decode_request(message.as_bytes(), &limits).unwrap_err();
     assert_eq!((error.id, error.error.code), (None, ErrorCode::TooLarge));
     let reply = encode_reply(&error.into_reply());
-    assert!(reply.starts_with(r#"{"id":null,"err":{"code":"too_large""#), "{reply}");
+    assert!(
+        reply.starts_with(r#"{"id":null,"err":{"code":"too_large""#),
+        "{reply}"
+    );
 }
 
 #[test]
 fn a_batch_over_the_key_limit_gets_too_large_carrying_the_id() {
-    let limits = Limits { insert_batch_max: 3, ..Limits::default() };
+    let limits = Limits {
+        insert_batch_max: 3,
+        ..Limits::default()
+    };
     let message = r#"{"id":8,"op":"insert","set":"s","keys":["a","b","c","d"]}"#;
     let error = decode_request(message.as_bytes(), &limits).unwrap_err();
     assert_eq!((error.id, error.error.code), (Some(8), ErrorCode::TooLarge));
@@ -234,18 +278,36 @@ fn a_batch_over_the_key_limit_gets_too_large_carrying_the_id() {
 fn replies_encode_as_the_spec_shows() {
     let granted = Reply {
         id: Some(17),
-        outcome: Ok(Okay::Granted(deadbolt_core::proto::Granted { token: 5, ttl_ms: 30000 })),
+        outcome: Ok(Okay::Granted(deadbolt_core::proto::Granted {
+            token: 5,
+            ttl_ms: 30000,
+        })),
     };
-    assert_eq!(encode_reply(&granted), r#"{"id":17,"ok":{"token":5,"ttl_ms":30000}}"#);
-    let empty = Reply { id: Some(1), outcome: Ok(Okay::EMPTY) };
+    assert_eq!(
+        encode_reply(&granted),
+        r#"{"id":17,"ok":{"token":5,"ttl_ms":30000}}"#
+    );
+    let empty = Reply {
+        id: Some(1),
+        outcome: Ok(Okay::EMPTY),
+    };
     assert_eq!(encode_reply(&empty), r#"{"id":1,"ok":{}}"#);
-    let busy = Reply { id: Some(2), outcome: Err(ServerError::busy()) };
+    let busy = Reply {
+        id: Some(2),
+        outcome: Err(ServerError::busy()),
+    };
     assert!(encode_reply(&busy).starts_with(r#"{"id":2,"err":{"code":"busy","message":""#));
     let free = Reply {
         id: Some(3),
-        outcome: Ok(Okay::LockInfo(deadbolt_core::proto::LockInfo { holder: None, waiters: 0 })),
+        outcome: Ok(Okay::LockInfo(deadbolt_core::proto::LockInfo {
+            holder: None,
+            waiters: 0,
+        })),
     };
-    assert_eq!(encode_reply(&free), r#"{"id":3,"ok":{"holder":null,"waiters":0}}"#);
+    assert_eq!(
+        encode_reply(&free),
+        r#"{"id":3,"ok":{"holder":null,"waiters":0}}"#
+    );
 }
 
 fn arb_key() -> impl Strategy<Value = String> {
@@ -253,22 +315,41 @@ fn arb_key() -> impl Strategy<Value = String> {
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {
-    let wait = prop_oneof![Just(Wait::Forever), Just(Wait::Never), (1u64..86_400_000).prop_map(Wait::UpTo)];
+    let wait = prop_oneof![
+        Just(Wait::Forever),
+        Just(Wait::Never),
+        (1u64..86_400_000).prop_map(Wait::UpTo)
+    ];
     prop_oneof![
         "[a-f0-9]{1,64}".prop_map(|client| Op::Hello { client }),
         Just(Op::Ping),
         any::<u64>().prop_map(|target| Op::Cancel { target }),
-        (arb_key(), 1u64..=86_400_000, wait, any::<bool>()).prop_map(|(key, ttl_ms, wait, ephemeral)| {
-            Op::Lock(LockOp::Acquire(Acquire { key, ttl_ms, wait, ephemeral }))
-        }),
+        (arb_key(), 1u64..=86_400_000, wait, any::<bool>()).prop_map(
+            |(key, ttl_ms, wait, ephemeral)| {
+                Op::Lock(LockOp::Acquire(Acquire {
+                    key,
+                    ttl_ms,
+                    wait,
+                    ephemeral,
+                }))
+            }
+        ),
         (arb_key(), any::<u64>()).prop_map(|(key, token)| Op::Lock(LockOp::Release { key, token })),
         (arb_key(), any::<u64>(), 1u64..=86_400_000)
             .prop_map(|(key, token, ttl_ms)| Op::Lock(LockOp::Extend { key, token, ttl_ms })),
         arb_key().prop_map(|key| Op::Lock(LockOp::Inspect { key })),
-        (arb_key(), 1u64..=86_400_000).prop_map(|(set, ttl_ms)| Op::Set(SetOp::SetUp { set, ttl_ms })),
-        (arb_key(), arb_key()).prop_map(|(set, key)| Op::Set(SetOp::Insert { set, keys: Keys::One(key) })),
-        (arb_key(), prop::collection::vec(arb_key(), 0..5))
-            .prop_map(|(set, keys)| Op::Set(SetOp::Insert { set, keys: Keys::Many(keys) })),
+        (arb_key(), 1u64..=86_400_000)
+            .prop_map(|(set, ttl_ms)| Op::Set(SetOp::SetUp { set, ttl_ms })),
+        (arb_key(), arb_key()).prop_map(|(set, key)| Op::Set(SetOp::Insert {
+            set,
+            keys: Keys::One(key)
+        })),
+        (arb_key(), prop::collection::vec(arb_key(), 0..5)).prop_map(|(set, keys)| Op::Set(
+            SetOp::Insert {
+                set,
+                keys: Keys::Many(keys)
+            }
+        )),
         (arb_key(), any::<u64>(), 1u32..=10_000)
             .prop_map(|(set, after, limit)| Op::Set(SetOp::Members { set, after, limit })),
         arb_key().prop_map(|set| Op::Set(SetOp::Inspect { set })),

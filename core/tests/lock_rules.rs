@@ -94,7 +94,10 @@ fn unlock_ends_the_lease_early_and_hands_the_key_on() {
     let mut h = Harness::new();
     let alice = h.lock("alice", "k", 10_000, None);
     let bob = h.lock("bob", "k", 1000, None);
-    assert!(matches!(h.unlock("alice", "k", alice.token()).ok(), Okay::Empty(_)));
+    assert!(matches!(
+        h.unlock("alice", "k", alice.token()).ok(),
+        Okay::Empty(_)
+    ));
     assert_eq!(h.holder("k"), Some(("bob".to_owned(), bob.token())));
 }
 
@@ -113,7 +116,10 @@ fn extend_restarts_the_lease_at_the_new_ttl() {
     let alice = h.lock("alice", "k", 100, None);
     h.advance(90);
     let reply = h.extend("alice", "k", alice.token(), 500).ok();
-    assert_eq!(reply, Okay::Extended(deadbolt_core::proto::Extended { ttl_ms: 500 }));
+    assert_eq!(
+        reply,
+        Okay::Extended(deadbolt_core::proto::Extended { ttl_ms: 500 })
+    );
     h.advance(499);
     assert!(h.holder("k").is_some());
     h.advance(1);
@@ -180,7 +186,10 @@ fn cancel_of_a_request_that_is_not_waiting_changes_nothing() {
     let mut h = Harness::new();
     let alice = h.lock("alice", "k", 100, None);
     let alice_request = h.last_request();
-    assert!(!h.shard.cancel(h.now(), conn_of("alice"), alice_request, "k"));
+    assert!(
+        !h.shard
+            .cancel(h.now(), conn_of("alice"), alice_request, "k")
+    );
     assert!(!h.shard.cancel(h.now(), conn_of("bob"), 12345, "k"));
     assert_eq!(h.holder("k"), Some(("alice".to_owned(), alice.token())));
 }
@@ -259,12 +268,25 @@ fn unlock_or_extend_with_another_token_is_not_held_and_changes_nothing() {
     let alice = h.lock("alice", "k", 100, None);
     let token = alice.token();
     assert_eq!(h.unlock("alice", "k", token + 1).code(), ErrorCode::NotHeld);
-    assert_eq!(h.extend("alice", "k", token - 1, 10_000).code(), ErrorCode::NotHeld);
+    assert_eq!(
+        h.extend("alice", "k", token - 1, 10_000).code(),
+        ErrorCode::NotHeld
+    );
     assert_eq!(h.unlock("alice", "free", token).code(), ErrorCode::NotHeld);
-    assert_eq!(h.extend("alice", "free", token, 10).code(), ErrorCode::NotHeld);
-    assert_eq!(h.inspect("k").holder.map(|h| (h.token, h.remaining_ms)), Some((token, 100)));
+    assert_eq!(
+        h.extend("alice", "free", token, 10).code(),
+        ErrorCode::NotHeld
+    );
+    assert_eq!(
+        h.inspect("k").holder.map(|h| (h.token, h.remaining_ms)),
+        Some((token, 100))
+    );
     h.advance(100);
-    assert_eq!(h.unlock("alice", "k", token).code(), ErrorCode::NotHeld, "expired");
+    assert_eq!(
+        h.unlock("alice", "k", token).code(),
+        ErrorCode::NotHeld,
+        "expired"
+    );
 }
 
 #[test]
@@ -283,7 +305,13 @@ fn lock_by_the_holder_returns_the_same_token_and_restarts_the_lease() {
     h.advance(80);
     // A retry after a lost reply, from a new connection.
     let retry = h.lock_with("alice", 77, "k", 300, Some(0), false);
-    assert_eq!(retry.ok(), Okay::Granted(Granted { token: first, ttl_ms: 300 }));
+    assert_eq!(
+        retry.ok(),
+        Okay::Granted(Granted {
+            token: first,
+            ttl_ms: 300
+        })
+    );
     h.advance(299);
     assert_eq!(h.holder("k"), Some(("alice".to_owned(), first)));
     h.advance(1);
@@ -306,7 +334,10 @@ fn a_queued_request_of_the_new_holder_is_answered_with_the_same_token() {
     assert_eq!(bob_first.token(), bob_retry.token());
     assert!(carol.is_pending());
     h.advance(399);
-    assert!(carol.is_pending(), "the retry restarted the lease at 400 ms");
+    assert!(
+        carol.is_pending(),
+        "the retry restarted the lease at 400 ms"
+    );
     h.advance(1);
     carol.token();
 }
@@ -326,7 +357,8 @@ fn a_held_lock_outlives_its_holders_connection_until_its_lease_ends() {
 fn an_ephemeral_lock_is_released_when_its_connection_closes() {
     let mut h = Harness::new();
     let alice = h.lock_with("alice", 1, "k", 10_000, None, true);
-    h.lock_with("alice", 1, "other", 10_000, None, false).token();
+    h.lock_with("alice", 1, "other", 10_000, None, false)
+        .token();
     let bob = h.lock("bob", "k", 100, None);
     alice.token();
     h.shard.close_connection(h.now(), 2); // another connection: nothing
@@ -357,7 +389,10 @@ fn inspect_reports_the_holder_its_remaining_lease_and_the_waiters() {
     h.advance(250);
     let info = h.inspect("k");
     let holder = info.holder.expect("held");
-    assert_eq!((holder.client.as_str(), holder.token, holder.remaining_ms), ("alice", token, 750));
+    assert_eq!(
+        (holder.client.as_str(), holder.token, holder.remaining_ms),
+        ("alice", token, 750)
+    );
     assert_eq!(info.waiters, 2);
     assert_eq!(h.inspect("nobody").holder, None);
 }
@@ -370,7 +405,10 @@ fn waiters_beyond_the_per_key_limit_are_refused_as_overloaded() {
     h.lock("alice", "k", 1000, None);
     h.lock("bob", "k", 1000, None);
     h.lock("carol", "k", 1000, None);
-    assert_eq!(h.lock("dave", "k", 1000, None).code(), ErrorCode::Overloaded);
+    assert_eq!(
+        h.lock("dave", "k", 1000, None).code(),
+        ErrorCode::Overloaded
+    );
     assert_eq!(h.inspect("k").waiters, 2);
 }
 
@@ -392,7 +430,10 @@ fn keys_beyond_the_lock_limit_are_refused_as_overloaded() {
     let mut h = Harness::with_limits(limits);
     h.lock("alice", "a", 1000, None).token();
     h.lock("alice", "b", 1000, None).token();
-    assert_eq!(h.lock("alice", "c", 1000, None).code(), ErrorCode::Overloaded);
+    assert_eq!(
+        h.lock("alice", "c", 1000, None).code(),
+        ErrorCode::Overloaded
+    );
     h.advance(1000);
     h.lock("alice", "c", 1000, None).token();
 }

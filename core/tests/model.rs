@@ -42,21 +42,68 @@ const MEMBERS: &[&str] = &["w", "x", "y", "z"];
 
 #[derive(Debug, Clone)]
 enum Step {
-    Lock { client: usize, key: usize, ttl: u64, wait: Option<u64>, ephemeral: bool },
-    Unlock { client: usize, key: usize, token: TokenPick },
-    Extend { client: usize, key: usize, token: TokenPick, ttl: u64 },
-    Inspect { key: usize },
-    Cancel { client: usize, pick: usize },
-    Abandon { pick: usize },
-    CloseConnection { client: usize },
-    Advance { ms: u64 },
-    ToNextDeadline { minus_one: bool },
-    SetUp { set: usize, ttl: u64 },
-    Insert { client: usize, set: usize, key: usize },
-    InsertMany { client: usize, set: usize, keys: Vec<usize> },
-    Members { set: usize, after: u64, limit: u32 },
-    InspectSet { set: usize },
-    TearDown { set: usize },
+    Lock {
+        client: usize,
+        key: usize,
+        ttl: u64,
+        wait: Option<u64>,
+        ephemeral: bool,
+    },
+    Unlock {
+        client: usize,
+        key: usize,
+        token: TokenPick,
+    },
+    Extend {
+        client: usize,
+        key: usize,
+        token: TokenPick,
+        ttl: u64,
+    },
+    Inspect {
+        key: usize,
+    },
+    Cancel {
+        client: usize,
+        pick: usize,
+    },
+    Abandon {
+        pick: usize,
+    },
+    CloseConnection {
+        client: usize,
+    },
+    Advance {
+        ms: u64,
+    },
+    ToNextDeadline {
+        minus_one: bool,
+    },
+    SetUp {
+        set: usize,
+        ttl: u64,
+    },
+    Insert {
+        client: usize,
+        set: usize,
+        key: usize,
+    },
+    InsertMany {
+        client: usize,
+        set: usize,
+        keys: Vec<usize>,
+    },
+    Members {
+        set: usize,
+        after: u64,
+        limit: u32,
+    },
+    InspectSet {
+        set: usize,
+    },
+    TearDown {
+        set: usize,
+    },
 }
 
 /// Which token an `unlock`/`extend` names.
@@ -74,7 +121,11 @@ fn step() -> impl Strategy<Value = Step> {
     let client = 0..CLIENTS;
     let key = 0..KEYS.len();
     let set = 0..SETS.len();
-    let token = prop_oneof![Just(TokenPick::Own), Just(TokenPick::Latest), Just(TokenPick::Bogus)];
+    let token = prop_oneof![
+        Just(TokenPick::Own),
+        Just(TokenPick::Latest),
+        Just(TokenPick::Bogus)
+    ];
     let wait = prop_oneof![Just(None), Just(Some(0)), (1u64..40).prop_map(Some)];
     prop_oneof![
         6 => (client.clone(), key.clone(), 1u64..30, wait, any::<bool>())
@@ -173,8 +224,10 @@ impl Model {
 
     fn time_out_waiters(&mut self, key: usize, ms: u64) {
         let lock = self.locks.entry(key).or_default();
-        let (expired, kept): (Vec<_>, Vec<_>) =
-            lock.queue.drain(..).partition(|w| w.deadline.is_some_and(|d| d <= ms));
+        let (expired, kept): (Vec<_>, Vec<_>) = lock
+            .queue
+            .drain(..)
+            .partition(|w| w.deadline.is_some_and(|d| d <= ms));
         lock.queue = kept;
         for waiter in expired {
             self.answer(waiter.request, Err(ErrorCode::Timeout));
@@ -205,7 +258,13 @@ impl Model {
                 deadline: at + waiter.ttl,
                 ephemeral: waiter.ephemeral,
             });
-            self.answer(waiter.request, Ok(Okay::Granted(Granted { token, ttl_ms: waiter.ttl })));
+            self.answer(
+                waiter.request,
+                Ok(Okay::Granted(Granted {
+                    token,
+                    ttl_ms: waiter.ttl,
+                })),
+            );
             self.answer_queued_relocks(key, at);
             return;
         }
@@ -214,31 +273,58 @@ impl Model {
     fn answer_queued_relocks(&mut self, key: usize, at: u64) {
         let lock = self.locks.get_mut(&key).expect("held");
         let holder_client = lock.holder.as_ref().expect("held").client;
-        let (mine, others): (Vec<_>, Vec<_>) =
-            lock.queue.drain(..).partition(|w| w.client == holder_client);
+        let (mine, others): (Vec<_>, Vec<_>) = lock
+            .queue
+            .drain(..)
+            .partition(|w| w.client == holder_client);
         lock.queue = others;
         for waiter in mine {
             if self.closed[waiter.request] {
                 continue;
             }
-            let holder = self.locks.get_mut(&key).and_then(|l| l.holder.as_mut()).expect("held");
+            let holder = self
+                .locks
+                .get_mut(&key)
+                .and_then(|l| l.holder.as_mut())
+                .expect("held");
             holder.deadline = at + waiter.ttl;
             holder.conn = waiter.conn;
             holder.ephemeral = waiter.ephemeral;
             let token = holder.token;
-            self.answer(waiter.request, Ok(Okay::Granted(Granted { token, ttl_ms: waiter.ttl })));
+            self.answer(
+                waiter.request,
+                Ok(Okay::Granted(Granted {
+                    token,
+                    ttl_ms: waiter.ttl,
+                })),
+            );
         }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn lock(&mut self, request: usize, client: usize, conn: u64, key: usize, ttl: u64, wait: Option<u64>, ephemeral: bool) {
+    fn lock(
+        &mut self,
+        request: usize,
+        client: usize,
+        conn: u64,
+        key: usize,
+        ttl: u64,
+        wait: Option<u64>,
+        ephemeral: bool,
+    ) {
         let now = self.now;
         let lock = self.locks.entry(key).or_default();
         match lock.holder.as_mut() {
             None => {
                 let token = self.next_token;
                 self.next_token += 1;
-                lock.holder = Some(MHolder { client, conn, token, deadline: now + ttl, ephemeral });
+                lock.holder = Some(MHolder {
+                    client,
+                    conn,
+                    token,
+                    deadline: now + ttl,
+                    ephemeral,
+                });
                 self.answer(request, Ok(Okay::Granted(Granted { token, ttl_ms: ttl })));
             }
             Some(holder) if holder.client == client => {
@@ -273,7 +359,13 @@ impl Model {
 
     fn extend(&mut self, request: usize, key: usize, token: u64, ttl: u64) {
         let now = self.now;
-        let holder = self.locks.entry(key).or_default().holder.as_mut().filter(|h| h.token == token);
+        let holder = self
+            .locks
+            .entry(key)
+            .or_default()
+            .holder
+            .as_mut()
+            .filter(|h| h.token == token);
         match holder {
             Some(holder) => {
                 holder.deadline = now + ttl;
@@ -285,7 +377,10 @@ impl Model {
 
     fn inspect(&self, key: usize) -> LockInfo {
         let Some(lock) = self.locks.get(&key) else {
-            return LockInfo { holder: None, waiters: 0 };
+            return LockInfo {
+                holder: None,
+                waiters: 0,
+            };
         };
         LockInfo {
             holder: lock.holder.as_ref().map(|h| HolderInfo {
@@ -293,13 +388,21 @@ impl Model {
                 token: h.token,
                 remaining_ms: h.deadline - self.now,
             }),
-            waiters: lock.queue.iter().filter(|w| !self.closed[w.request]).count() as u64,
+            waiters: lock
+                .queue
+                .iter()
+                .filter(|w| !self.closed[w.request])
+                .count() as u64,
         }
     }
 
     fn cancel(&mut self, conn: u64, target: usize) {
         for lock in self.locks.values_mut() {
-            if let Some(i) = lock.queue.iter().position(|w| w.conn == conn && w.request == target) {
+            if let Some(i) = lock
+                .queue
+                .iter()
+                .position(|w| w.conn == conn && w.request == target)
+            {
                 let waiter = lock.queue.remove(i);
                 self.answer(waiter.request, Err(ErrorCode::Cancelled));
                 return;
@@ -311,7 +414,11 @@ impl Model {
         for key in 0..KEYS.len() {
             let lock = self.locks.entry(key).or_default();
             lock.queue.retain(|w| w.conn != conn);
-            if lock.holder.as_ref().is_some_and(|h| h.ephemeral && h.conn == conn) {
+            if lock
+                .holder
+                .as_ref()
+                .is_some_and(|h| h.ephemeral && h.conn == conn)
+            {
                 lock.holder = None;
                 self.grant_next(key, self.now);
             }
@@ -330,23 +437,40 @@ impl Model {
             SetOp::SetUp { set, ttl_ms } => {
                 let entry = self.sets.entry(index_of(set));
                 let created = matches!(entry, std::collections::btree_map::Entry::Vacant(_));
-                let set = entry.or_insert(MSet { deadline: 0, keys: Vec::new() });
+                let set = entry.or_insert(MSet {
+                    deadline: 0,
+                    keys: Vec::new(),
+                });
                 set.deadline = now + ttl_ms;
-                Ok(Okay::SetUp(SetUpReply { created, size: set.keys.len() as u64 }))
+                Ok(Okay::SetUp(SetUpReply {
+                    created,
+                    size: set.keys.len() as u64,
+                }))
             }
             SetOp::Insert { set, keys } => {
-                let set = self.sets.get_mut(&index_of(set)).ok_or(ErrorCode::NoSuchSet)?;
+                let set = self
+                    .sets
+                    .get_mut(&index_of(set))
+                    .ok_or(ErrorCode::NoSuchSet)?;
                 let mut insert = |key: &String| {
                     if let Some(i) = set.keys.iter().position(|(k, _)| k == key) {
-                        Inserted { index: i as u64 + 1, first: set.keys[i].1 == client }
+                        Inserted {
+                            index: i as u64 + 1,
+                            first: set.keys[i].1 == client,
+                        }
                     } else {
                         set.keys.push((key.clone(), client));
-                        Inserted { index: set.keys.len() as u64, first: true }
+                        Inserted {
+                            index: set.keys.len() as u64,
+                            first: true,
+                        }
                     }
                 };
                 Ok(match keys {
                     Keys::One(key) => Okay::Inserted(insert(key)),
-                    Keys::Many(keys) => Okay::InsertedMany(InsertedMany { results: keys.iter().map(insert).collect() }),
+                    Keys::Many(keys) => Okay::InsertedMany(InsertedMany {
+                        results: keys.iter().map(insert).collect(),
+                    }),
                 })
             }
             SetOp::Members { set, after, limit } => {
@@ -357,7 +481,10 @@ impl Model {
                     .enumerate()
                     .skip(*after as usize)
                     .take(*limit as usize)
-                    .map(|(i, (key, _))| Member { index: i as u64 + 1, key: key.clone() })
+                    .map(|(i, (key, _))| Member {
+                        index: i as u64 + 1,
+                        key: key.clone(),
+                    })
                     .collect();
                 let last = members.last().map_or(*after, |m| m.index);
                 let next = (last < set.keys.len() as u64 && !members.is_empty()).then_some(last);
@@ -365,18 +492,32 @@ impl Model {
             }
             SetOp::Inspect { set } => {
                 let set = self.sets.get(&index_of(set)).ok_or(ErrorCode::NoSuchSet)?;
-                Ok(Okay::SetInfo(SetInfo { size: set.keys.len() as u64, remaining_ms: set.deadline - now }))
+                Ok(Okay::SetInfo(SetInfo {
+                    size: set.keys.len() as u64,
+                    remaining_ms: set.deadline - now,
+                }))
             }
             SetOp::TearDown { set } => {
-                let set = self.sets.remove(&index_of(set)).ok_or(ErrorCode::NoSuchSet)?;
-                Ok(Okay::TornDown(TornDown { size: set.keys.len() as u64 }))
+                let set = self
+                    .sets
+                    .remove(&index_of(set))
+                    .ok_or(ErrorCode::NoSuchSet)?;
+                Ok(Okay::TornDown(TornDown {
+                    size: set.keys.len() as u64,
+                }))
             }
         }
     }
 
     fn next_deadline(&self) -> Option<u64> {
-        let holders = self.locks.values().filter_map(|l| l.holder.as_ref().map(|h| h.deadline));
-        let waits = self.locks.values().flat_map(|l| l.queue.iter().filter_map(|w| w.deadline));
+        let holders = self
+            .locks
+            .values()
+            .filter_map(|l| l.holder.as_ref().map(|h| h.deadline));
+        let waits = self
+            .locks
+            .values()
+            .flat_map(|l| l.queue.iter().filter_map(|w| w.deadline));
         let sets = self.sets.values().map(|s| s.deadline);
         holders.chain(waits).chain(sets).min()
     }
@@ -388,6 +529,10 @@ fn client_name(client: usize) -> String {
 
 // ---------------------------------------------------------------- the run
 
+/// A request's client, connection, lock key (for `lock`) and set and keys
+/// (for `insert`).
+type RequestInfo = (usize, u64, Option<usize>, Option<(usize, Vec<String>)>);
+
 /// Both sides, the requests so far, and what the checks remember.
 struct Run {
     shard: Shard<Slot>,
@@ -396,7 +541,7 @@ struct Run {
     /// For each request: the client, its connection, the lock key if it
     /// was a `lock` (for the FIFO check), and the set and keys if it was an
     /// `insert` (for the index check).
-    requests: Vec<(usize, u64, Option<usize>, Option<(usize, Vec<String>)>)>,
+    requests: Vec<RequestInfo>,
     conns: [u64; CLIENTS],
     /// real token → model token, and back.
     tokens: HashMap<u64, u64>,
@@ -413,8 +558,15 @@ struct Run {
 impl Run {
     fn new() -> Run {
         Run {
-            shard: Shard::new(ShardConfig { hash_seed: 1, first_token: 1_000, limits: ShardLimits::unbounded() }),
-            model: Model { next_token: 1, ..Model::default() },
+            shard: Shard::new(ShardConfig {
+                hash_seed: 1,
+                first_token: 1_000,
+                limits: ShardLimits::unbounded(),
+            }),
+            model: Model {
+                next_token: 1,
+                ..Model::default()
+            },
             slots: Vec::new(),
             requests: Vec::new(),
             conns: [100, 200, 300],
@@ -450,10 +602,15 @@ impl Run {
             }
             _ => None,
         };
-        self.requests.push((client, self.conns[client], lock_key, insert));
+        self.requests
+            .push((client, self.conns[client], lock_key, insert));
         self.model.answers.push(Vec::new());
         self.model.closed.push(false);
-        let caller = Caller { client: client_name(client).into(), conn: self.conns[client], request: request as u64 };
+        let caller = Caller {
+            client: client_name(client).into(),
+            conn: self.conns[client],
+            request: request as u64,
+        };
         self.shard.handle(self.now(), caller, op, slot);
         request
     }
@@ -473,37 +630,84 @@ impl Run {
     }
 
     fn pending(&self) -> Vec<usize> {
-        (0..self.slots.len()).filter(|&r| self.slots[r].is_pending() && !self.model.closed[r]).collect()
+        (0..self.slots.len())
+            .filter(|&r| self.slots[r].is_pending() && !self.model.closed[r])
+            .collect()
     }
 
     fn apply(&mut self, step: &Step) {
         match step.clone() {
-            Step::Lock { client, key, ttl, wait, ephemeral } => {
-                let op = LockOp::Acquire(Acquire { key: KEYS[key].into(), ttl_ms: ttl, wait: Wait::from_wait_ms(wait), ephemeral });
+            Step::Lock {
+                client,
+                key,
+                ttl,
+                wait,
+                ephemeral,
+            } => {
+                let op = LockOp::Acquire(Acquire {
+                    key: KEYS[key].into(),
+                    ttl_ms: ttl,
+                    wait: Wait::from_wait_ms(wait),
+                    ephemeral,
+                });
                 let request = self.send(client, ShardOp::Lock(op));
-                self.model.lock(request, client, self.conns[client], key, ttl, wait, ephemeral);
+                self.model.lock(
+                    request,
+                    client,
+                    self.conns[client],
+                    key,
+                    ttl,
+                    wait,
+                    ephemeral,
+                );
             }
             Step::Unlock { client, key, token } => {
                 let token = self.pick_token(client, key, token);
-                let request = self.send(client, ShardOp::Lock(LockOp::Release { key: KEYS[key].into(), token }));
+                let request = self.send(
+                    client,
+                    ShardOp::Lock(LockOp::Release {
+                        key: KEYS[key].into(),
+                        token,
+                    }),
+                );
                 self.model.unlock(request, key, self.model_token(token));
             }
-            Step::Extend { client, key, token, ttl } => {
+            Step::Extend {
+                client,
+                key,
+                token,
+                ttl,
+            } => {
                 let token = self.pick_token(client, key, token);
-                let op = LockOp::Extend { key: KEYS[key].into(), token, ttl_ms: ttl };
+                let op = LockOp::Extend {
+                    key: KEYS[key].into(),
+                    token,
+                    ttl_ms: ttl,
+                };
                 let request = self.send(client, ShardOp::Lock(op));
-                self.model.extend(request, key, self.model_token(token), ttl);
+                self.model
+                    .extend(request, key, self.model_token(token), ttl);
             }
             Step::Inspect { key } => {
-                let request = self.send(0, ShardOp::Lock(LockOp::Inspect { key: KEYS[key].into() }));
+                let request = self.send(
+                    0,
+                    ShardOp::Lock(LockOp::Inspect {
+                        key: KEYS[key].into(),
+                    }),
+                );
                 let info = self.model.inspect(key);
                 self.model.answer(request, Ok(Okay::LockInfo(info)));
             }
             Step::Cancel { client, pick } => {
-                let mine: Vec<usize> = self.pending().into_iter().filter(|&r| self.requests[r].1 == self.conns[client]).collect();
+                let mine: Vec<usize> = self
+                    .pending()
+                    .into_iter()
+                    .filter(|&r| self.requests[r].1 == self.conns[client])
+                    .collect();
                 if let Some(&target) = mine.get(pick % mine.len().max(1)) {
                     let key = self.requests[target].2.map_or("a", |k| KEYS[k]);
-                    self.shard.cancel(self.now(), self.conns[client], target as u64, key);
+                    self.shard
+                        .cancel(self.now(), self.conns[client], target as u64, key);
                     self.model.cancel(self.conns[client], target);
                 }
             }
@@ -530,28 +734,66 @@ impl Run {
             Step::Advance { ms } => self.advance_to(self.model.now + ms),
             Step::ToNextDeadline { minus_one } => {
                 if let Some(deadline) = self.model.next_deadline() {
-                    let target = if minus_one { deadline.saturating_sub(1) } else { deadline };
+                    let target = if minus_one {
+                        deadline.saturating_sub(1)
+                    } else {
+                        deadline
+                    };
                     self.advance_to(target.max(self.model.now));
                 }
             }
-            Step::SetUp { set, ttl } => self.set_op(0, SetOp::SetUp { set: SETS[set].into(), ttl_ms: ttl }),
-            Step::Insert { client, set, key } => {
-                self.set_op(client, SetOp::Insert { set: SETS[set].into(), keys: Keys::One(MEMBERS[key].into()) })
-            }
+            Step::SetUp { set, ttl } => self.set_op(
+                0,
+                SetOp::SetUp {
+                    set: SETS[set].into(),
+                    ttl_ms: ttl,
+                },
+            ),
+            Step::Insert { client, set, key } => self.set_op(
+                client,
+                SetOp::Insert {
+                    set: SETS[set].into(),
+                    keys: Keys::One(MEMBERS[key].into()),
+                },
+            ),
             Step::InsertMany { client, set, keys } => {
                 let keys = Keys::Many(keys.iter().map(|&k| MEMBERS[k].to_owned()).collect());
-                self.set_op(client, SetOp::Insert { set: SETS[set].into(), keys })
+                self.set_op(
+                    client,
+                    SetOp::Insert {
+                        set: SETS[set].into(),
+                        keys,
+                    },
+                )
             }
-            Step::Members { set, after, limit } => self.set_op(1, SetOp::Members { set: SETS[set].into(), after, limit }),
-            Step::InspectSet { set } => self.set_op(2, SetOp::Inspect { set: SETS[set].into() }),
-            Step::TearDown { set } => self.set_op(0, SetOp::TearDown { set: SETS[set].into() }),
+            Step::Members { set, after, limit } => self.set_op(
+                1,
+                SetOp::Members {
+                    set: SETS[set].into(),
+                    after,
+                    limit,
+                },
+            ),
+            Step::InspectSet { set } => self.set_op(
+                2,
+                SetOp::Inspect {
+                    set: SETS[set].into(),
+                },
+            ),
+            Step::TearDown { set } => self.set_op(
+                0,
+                SetOp::TearDown {
+                    set: SETS[set].into(),
+                },
+            ),
         }
     }
 
     fn set_op(&mut self, client: usize, op: SetOp) {
         let request = self.send(client, ShardOp::Set(op.clone()));
         self.model.set_op(request, client, &op);
-        if let Ok(Okay::SetUp(SetUpReply { created: true, .. })) = self.slots[request].answers_now() {
+        if let Ok(Okay::SetUp(SetUpReply { created: true, .. })) = self.slots[request].answers_now()
+        {
             // A new set: indexes and owners start over.
             let set = SETS.iter().position(|s| *s == op.set()).expect("known set");
             self.indexes.retain(|(s, _), _| *s != set);
@@ -586,7 +828,10 @@ impl Run {
         }
         let expected = &self.model.answers[request];
         if real != expected.len() {
-            return Err(format!("request {request}: real answered {real} times, model {}: {expected:?}", expected.len()));
+            return Err(format!(
+                "request {request}: real answered {real} times, model {}: {expected:?}",
+                expected.len()
+            ));
         }
         if real == 0 || self.seen_answers.contains(&request) {
             return Ok(());
@@ -609,7 +854,9 @@ impl Run {
             }
             (Okay::LockInfo(r), Okay::LockInfo(m)) => self.same_info(r, m),
             (Okay::Inserted(r), Okay::Inserted(m)) if r == m => self.check_inserts(request, &[*r]),
-            (Okay::InsertedMany(r), Okay::InsertedMany(m)) if r == m => self.check_inserts(request, &r.results),
+            (Okay::InsertedMany(r), Okay::InsertedMany(m)) if r == m => {
+                self.check_inserts(request, &r.results)
+            }
             (r, m) if r == m => Ok(()),
             _ => Err(format!("request {request}: real {real:?}, model {model:?}")),
         }
@@ -619,7 +866,9 @@ impl Run {
         let forward = *self.tokens.entry(real).or_insert(model);
         let back = *self.tokens_back.entry(model).or_insert(real);
         if forward != model || back != real {
-            return Err(format!("token {real} (real) does not correspond to {model} (model)"));
+            return Err(format!(
+                "token {real} (real) does not correspond to {model} (model)"
+            ));
         }
         Ok(())
     }
@@ -630,7 +879,9 @@ impl Run {
         }
         match (&real.holder, &model.holder) {
             (None, None) => Ok(()),
-            (Some(r), Some(m)) if r.client == m.client && r.remaining_ms == m.remaining_ms => self.same_token(r.token, m.token),
+            (Some(r), Some(m)) if r.client == m.client && r.remaining_ms == m.remaining_ms => {
+                self.same_token(r.token, m.token)
+            }
             _ => Err(format!("holder: real {real:?}, model {model:?}")),
         }
     }
@@ -642,15 +893,25 @@ impl Run {
         let key = key.ok_or("a grant for a request that was not a lock")?;
         if let Some(&(latest, holder)) = self.latest.get(&key) {
             if token < latest || (token == latest && holder != client) {
-                return Err(format!("key {key}: token {token} after {latest} (client {client}, holder {holder})"));
+                return Err(format!(
+                    "key {key}: token {token} after {latest} (client {client}, holder {holder})"
+                ));
             }
         }
-        let relock = self.latest.get(&key).is_some_and(|&(latest, _)| latest == token);
+        let relock = self
+            .latest
+            .get(&key)
+            .is_some_and(|&(latest, _)| latest == token);
         let earlier_still_waiting = (0..request).filter(|_| !relock).find(|&r| {
-            self.requests[r].2 == Some(key) && self.slots[r].is_pending() && !self.model.closed[r] && self.requests[r].0 != client
+            self.requests[r].2 == Some(key)
+                && self.slots[r].is_pending()
+                && !self.model.closed[r]
+                && self.requests[r].0 != client
         });
         if let Some(earlier) = earlier_still_waiting {
-            return Err(format!("FIFO: request {request} granted while earlier request {earlier} still waits on key {key}"));
+            return Err(format!(
+                "FIFO: request {request} granted while earlier request {earlier} still waits on key {key}"
+            ));
         }
         self.latest.insert(key, (token, client));
         self.own_tokens.insert((client, key), token);
@@ -662,17 +923,27 @@ impl Run {
         let (client, _, _, insert) = &self.requests[request];
         let client = *client;
         let Some((set, keys)) = insert.clone() else {
-            return Err(format!("request {request}: insert results for a request that was no insert"));
+            return Err(format!(
+                "request {request}: insert results for a request that was no insert"
+            ));
         };
         for (key, result) in keys.into_iter().zip(results) {
-            let entry = self.indexes.entry((set, key.clone())).or_insert((result.index, None));
+            let entry = self
+                .indexes
+                .entry((set, key.clone()))
+                .or_insert((result.index, None));
             if entry.0 != result.index {
-                return Err(format!("key {key}: index {} then {}", entry.0, result.index));
+                return Err(format!(
+                    "key {key}: index {} then {}",
+                    entry.0, result.index
+                ));
             }
             if result.first {
                 match entry.1 {
                     Some(owner) if owner != client => {
-                        return Err(format!("key {key}: first told to clients {owner} and {client}"));
+                        return Err(format!(
+                            "key {key}: first told to clients {owner} and {client}"
+                        ));
                     }
                     _ => entry.1 = Some(client),
                 }
@@ -691,8 +962,17 @@ impl Run {
 
 fn match_inspect(shard: &mut Shard<Slot>, now: Tick, key: &str) -> LockInfo {
     let slot = Slot::default();
-    let caller = Caller { client: "inspector".into(), conn: 9_999, request: u64::MAX };
-    shard.handle(now, caller, ShardOp::Lock(LockOp::Inspect { key: key.into() }), slot.clone());
+    let caller = Caller {
+        client: "inspector".into(),
+        conn: 9_999,
+        request: u64::MAX,
+    };
+    shard.handle(
+        now,
+        caller,
+        ShardOp::Lock(LockOp::Inspect { key: key.into() }),
+        slot.clone(),
+    );
     match slot.ok() {
         Okay::LockInfo(info) => info,
         other => panic!("inspect answered {other:?}"),
@@ -704,7 +984,10 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
     for (i, step) in steps.iter().enumerate() {
         run.apply(step);
         run.check().map_err(|broken| {
-            TestCaseError::fail(format!("after step {i} {step:?} at t={} ms: {broken}", run.model.now))
+            TestCaseError::fail(format!(
+                "after step {i} {step:?} at t={} ms: {broken}",
+                run.model.now
+            ))
         })?;
     }
     // Sets expire on both sides alike too.
@@ -727,9 +1010,27 @@ proptest! {
 #[test]
 fn the_comparison_catches_a_model_that_differs() {
     let steps = [
-        Step::Lock { client: 0, key: 0, ttl: 10, wait: None, ephemeral: false },
-        Step::Lock { client: 1, key: 0, ttl: 10, wait: None, ephemeral: false },
-        Step::Lock { client: 2, key: 0, ttl: 10, wait: None, ephemeral: false },
+        Step::Lock {
+            client: 0,
+            key: 0,
+            ttl: 10,
+            wait: None,
+            ephemeral: false,
+        },
+        Step::Lock {
+            client: 1,
+            key: 0,
+            ttl: 10,
+            wait: None,
+            ephemeral: false,
+        },
+        Step::Lock {
+            client: 2,
+            key: 0,
+            ttl: 10,
+            wait: None,
+            ephemeral: false,
+        },
     ];
     let mut run = Run::new();
     for step in &steps {
@@ -737,5 +1038,8 @@ fn the_comparison_catches_a_model_that_differs() {
     }
     run.model.locks.get_mut(&0).expect("held").queue.reverse();
     run.apply(&Step::Advance { ms: 10 });
-    assert!(run.check().is_err(), "a LIFO model must disagree with the shard");
+    assert!(
+        run.check().is_err(),
+        "a LIFO model must disagree with the shard"
+    );
 }

@@ -26,7 +26,9 @@ fn members(h: &mut Harness, set: &str, after: u64, limit: u32) -> MembersPage {
 }
 
 fn inspect_set(h: &mut Harness, set: &str) -> Result<SetInfo, ErrorCode> {
-    let op = SetOp::Inspect { set: set.to_owned() };
+    let op = SetOp::Inspect {
+        set: set.to_owned(),
+    };
     match h.set_op("reader", op).outcome() {
         Ok(Okay::SetInfo(info)) => Ok(info),
         Ok(other) => panic!("{other:?}"),
@@ -35,7 +37,15 @@ fn inspect_set(h: &mut Harness, set: &str) -> Result<SetInfo, ErrorCode> {
 }
 
 fn tear_down(h: &mut Harness, set: &str) -> Result<u64, ErrorCode> {
-    match h.set_op("reader", SetOp::TearDown { set: set.to_owned() }).outcome() {
+    match h
+        .set_op(
+            "reader",
+            SetOp::TearDown {
+                set: set.to_owned(),
+            },
+        )
+        .outcome()
+    {
         Ok(Okay::TornDown(TornDown { size })) => Ok(size),
         Ok(other) => panic!("{other:?}"),
         Err(e) => Err(e.code),
@@ -45,12 +55,28 @@ fn tear_down(h: &mut Harness, set: &str) -> Result<u64, ErrorCode> {
 #[test]
 fn set_up_creates_the_set_once_and_later_only_restarts_its_ttl() {
     let mut h = Harness::new();
-    assert_eq!(h.set_up("s", 1000), Okay::SetUp(SetUpReply { created: true, size: 0 }));
+    assert_eq!(
+        h.set_up("s", 1000),
+        Okay::SetUp(SetUpReply {
+            created: true,
+            size: 0
+        })
+    );
     h.insert("alice", "s", "a").unwrap();
     h.advance(900);
-    assert_eq!(h.set_up("s", 1000), Okay::SetUp(SetUpReply { created: false, size: 1 }));
+    assert_eq!(
+        h.set_up("s", 1000),
+        Okay::SetUp(SetUpReply {
+            created: false,
+            size: 1
+        })
+    );
     h.advance(999);
-    assert_eq!(inspect_set(&mut h, "s").map(|i| i.size), Ok(1), "ttl restarted at 900");
+    assert_eq!(
+        inspect_set(&mut h, "s").map(|i| i.size),
+        Ok(1),
+        "ttl restarted at 900"
+    );
     h.advance(1);
     assert_eq!(inspect_set(&mut h, "s"), Err(ErrorCode::NoSuchSet));
 }
@@ -67,10 +93,17 @@ fn set_up_can_shorten_the_ttl() {
 #[test]
 fn insert_into_a_set_that_does_not_exist_is_no_such_set() {
     let mut h = Harness::new();
-    assert_eq!(h.insert("alice", "nope", "a").unwrap_err().code, ErrorCode::NoSuchSet);
+    assert_eq!(
+        h.insert("alice", "nope", "a").unwrap_err().code,
+        ErrorCode::NoSuchSet
+    );
     assert_eq!(inspect_set(&mut h, "nope"), Err(ErrorCode::NoSuchSet));
     assert_eq!(tear_down(&mut h, "nope"), Err(ErrorCode::NoSuchSet));
-    let op = SetOp::Members { set: "nope".into(), after: 0, limit: 10 };
+    let op = SetOp::Members {
+        set: "nope".into(),
+        after: 0,
+        limit: 10,
+    };
     assert_eq!(h.set_op("r", op).code(), ErrorCode::NoSuchSet);
 }
 
@@ -92,8 +125,15 @@ fn first_is_true_for_the_first_inserter_on_every_retry_and_false_for_everyone_el
     assert_eq!(h.insert("alice", "s", "k").unwrap(), inserted(1, true));
     assert_eq!(h.insert("bob", "s", "k").unwrap(), inserted(1, false));
     // Alice's retry after a lost reply, from a new connection.
-    let op = SetOp::Insert { set: "s".into(), keys: Keys::One("k".into()) };
-    assert_eq!(h.send("alice", 42, deadbolt_core::shard::ShardOp::Set(op)).ok(), inserted(1, true));
+    let op = SetOp::Insert {
+        set: "s".into(),
+        keys: Keys::One("k".into()),
+    };
+    assert_eq!(
+        h.send("alice", 42, deadbolt_core::shard::ShardOp::Set(op))
+            .ok(),
+        inserted(1, true)
+    );
     assert_eq!(h.insert("bob", "s", "k").unwrap(), inserted(1, false));
 }
 
@@ -114,14 +154,37 @@ fn a_batch_is_applied_in_order_with_results_in_the_same_order() {
     h.set_up("s", 10_000);
     h.insert("bob", "s", "b").unwrap();
     let keys = Keys::Many(vec!["a".into(), "b".into(), "a".into(), "c".into()]);
-    let reply = h.set_op("alice", SetOp::Insert { set: "s".into(), keys }).ok();
+    let reply = h
+        .set_op(
+            "alice",
+            SetOp::Insert {
+                set: "s".into(),
+                keys,
+            },
+        )
+        .ok();
     let expected = vec![
-        Inserted { index: 2, first: true },
-        Inserted { index: 1, first: false },
-        Inserted { index: 2, first: true },
-        Inserted { index: 3, first: true },
+        Inserted {
+            index: 2,
+            first: true,
+        },
+        Inserted {
+            index: 1,
+            first: false,
+        },
+        Inserted {
+            index: 2,
+            first: true,
+        },
+        Inserted {
+            index: 3,
+            first: true,
+        },
     ];
-    assert_eq!(reply, Okay::InsertedMany(InsertedMany { results: expected }));
+    assert_eq!(
+        reply,
+        Okay::InsertedMany(InsertedMany { results: expected })
+    );
 }
 
 #[test]
@@ -133,7 +196,13 @@ fn members_pages_through_keys_in_index_order() {
     }
     let page = members(&mut h, "s", 0, 2);
     let expect = |pairs: &[(u64, &str)]| -> Vec<Member> {
-        pairs.iter().map(|(i, k)| Member { index: *i, key: (*k).to_owned() }).collect()
+        pairs
+            .iter()
+            .map(|(i, k)| Member {
+                index: *i,
+                key: (*k).to_owned(),
+            })
+            .collect()
     };
     assert_eq!(page.members, expect(&[(1, "e"), (2, "d")]));
     assert_eq!(page.next, Some(2));
@@ -168,9 +237,18 @@ fn a_set_is_removed_whole_when_its_ttl_runs_out() {
     h.set_up("s", 500);
     h.insert("alice", "s", "a").unwrap();
     h.advance(499);
-    assert_eq!(inspect_set(&mut h, "s"), Ok(SetInfo { size: 1, remaining_ms: 1 }));
+    assert_eq!(
+        inspect_set(&mut h, "s"),
+        Ok(SetInfo {
+            size: 1,
+            remaining_ms: 1
+        })
+    );
     h.advance(1);
-    assert_eq!(h.insert("alice", "s", "a").unwrap_err().code, ErrorCode::NoSuchSet);
+    assert_eq!(
+        h.insert("alice", "s", "a").unwrap_err().code,
+        ErrorCode::NoSuchSet
+    );
     assert_eq!(h.shard.stats().members, 0);
 }
 
@@ -191,7 +269,13 @@ fn a_set_set_up_again_after_tear_down_starts_empty_and_keeps_its_own_ttl() {
     h.set_up("s", 100);
     h.insert("alice", "s", "a").unwrap();
     tear_down(&mut h, "s").unwrap();
-    assert_eq!(h.set_up("s", 1000), Okay::SetUp(SetUpReply { created: true, size: 0 }));
+    assert_eq!(
+        h.set_up("s", 1000),
+        Okay::SetUp(SetUpReply {
+            created: true,
+            size: 0
+        })
+    );
     h.advance(100); // the old set's deadline must not touch the new one
     assert_eq!(h.insert("bob", "s", "a").unwrap(), inserted(1, true));
 }
@@ -202,7 +286,13 @@ fn inspect_set_reports_size_and_remaining_ttl() {
     h.set_up("s", 1000);
     h.insert("alice", "s", "a").unwrap();
     h.advance(300);
-    assert_eq!(inspect_set(&mut h, "s"), Ok(SetInfo { size: 1, remaining_ms: 700 }));
+    assert_eq!(
+        inspect_set(&mut h, "s"),
+        Ok(SetInfo {
+            size: 1,
+            remaining_ms: 700
+        })
+    );
 }
 
 #[test]
@@ -211,7 +301,10 @@ fn sets_beyond_the_limit_are_refused_as_overloaded() {
     limits.sets_max = 1;
     let mut h = Harness::with_limits(limits);
     h.set_up("a", 100);
-    let op = SetOp::SetUp { set: "b".into(), ttl_ms: 100 };
+    let op = SetOp::SetUp {
+        set: "b".into(),
+        ttl_ms: 100,
+    };
     assert_eq!(h.set_op("x", op).code(), ErrorCode::Overloaded);
     h.set_up("a", 100); // restarting an existing one is fine
 }
@@ -224,7 +317,10 @@ fn members_beyond_a_sets_limit_are_refused_but_duplicates_still_answer() {
     h.set_up("s", 1000);
     h.insert("alice", "s", "a").unwrap();
     h.insert("alice", "s", "b").unwrap();
-    assert_eq!(h.insert("alice", "s", "c").unwrap_err().code, ErrorCode::Overloaded);
+    assert_eq!(
+        h.insert("alice", "s", "c").unwrap_err().code,
+        ErrorCode::Overloaded
+    );
     assert_eq!(h.insert("bob", "s", "a").unwrap(), inserted(1, false));
 }
 
@@ -237,13 +333,19 @@ fn members_beyond_the_shard_limit_are_refused_and_a_batch_stops_there() {
     h.set_up("t", 1000);
     h.insert("alice", "s", "a").unwrap();
     let keys = Keys::Many(vec!["x".into(), "y".into(), "z".into()]);
-    let op = SetOp::Insert { set: "t".into(), keys: keys.clone() };
+    let op = SetOp::Insert {
+        set: "t".into(),
+        keys: keys.clone(),
+    };
     assert_eq!(h.set_op("alice", op).code(), ErrorCode::Overloaded);
     // The keys before the limit stayed, and a retry answers them the same.
     assert_eq!(h.insert("alice", "t", "x").unwrap(), inserted(1, true));
     assert_eq!(h.insert("alice", "t", "y").unwrap(), inserted(2, true));
     tear_down(&mut h, "s").unwrap();
-    let op = SetOp::Insert { set: "t".into(), keys };
+    let op = SetOp::Insert {
+        set: "t".into(),
+        keys,
+    };
     assert!(matches!(h.set_op("alice", op).ok(), Okay::InsertedMany(_)));
 }
 
@@ -252,10 +354,16 @@ fn many_members_keep_their_indexes_through_table_growth() {
     let mut h = Harness::new();
     h.set_up("s", 10_000);
     let keys: Vec<String> = (0..5000).map(|i| format!("key-{i}")).collect();
-    let op = SetOp::Insert { set: "s".into(), keys: Keys::Many(keys.clone()) };
+    let op = SetOp::Insert {
+        set: "s".into(),
+        keys: Keys::Many(keys.clone()),
+    };
     h.set_op("alice", op).ok();
     for (i, key) in keys.iter().enumerate().step_by(97) {
-        assert_eq!(h.insert("bob", "s", key).unwrap(), inserted(i as u64 + 1, false));
+        assert_eq!(
+            h.insert("bob", "s", key).unwrap(),
+            inserted(i as u64 + 1, false)
+        );
     }
     h.check();
 }

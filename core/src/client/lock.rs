@@ -161,7 +161,9 @@ impl Client {
         let make_op = |_| {
             let wait = match deadline {
                 None => Wait::Forever,
-                Some(d) => Wait::from_wait_ms(Some(millis(d.saturating_duration_since(Instant::now())))),
+                Some(d) => {
+                    Wait::from_wait_ms(Some(millis(d.saturating_duration_since(Instant::now()))))
+                }
             };
             Op::Lock(LockOp::Acquire(Acquire {
                 key: key.to_owned(),

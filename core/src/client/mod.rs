@@ -15,6 +15,7 @@
 //! the client retries the request on a new connection, until the retry
 //! budget ([`ClientOptions::retry_for`]) runs out.
 
+pub mod local;
 pub mod lock;
 pub mod set;
 
@@ -30,6 +31,7 @@ use crate::proto::{
     ErrorCode, Inserted, LockInfo, Okay, Op, OpKind, Outcome, Request, ServerError, SetOp,
 };
 use crate::shard::hasher::KeyHasher;
+pub use local::LocalConnector;
 pub use lock::{LockGuard, LockOptions};
 pub use set::DistinctSet;
 
@@ -230,7 +232,8 @@ impl Client {
             },
         };
         connection.call(hello).await??;
-        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&connection));
+        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::clone(&connection));
         Ok(connection)
     }
 
@@ -322,7 +325,9 @@ impl Client {
 
     /// `inspect`: who holds `key` and how many wait for it.
     pub async fn inspect(&self, key: &str) -> Result<LockInfo, Error> {
-        let op = Op::Lock(crate::proto::LockOp::Inspect { key: key.to_owned() });
+        let op = Op::Lock(crate::proto::LockOp::Inspect {
+            key: key.to_owned(),
+        });
         match self.call(op).await? {
             Okay::LockInfo(info) => Ok(info),
             other => Err(unexpected(OpKind::Inspect, &other)),
@@ -335,7 +340,11 @@ impl Client {
     }
 
     /// Inserts keys into `set`, one request; used by [`DistinctSet`].
-    pub(crate) async fn insert_batch(&self, set: &str, keys: Vec<String>) -> Result<Vec<Inserted>, Error> {
+    pub(crate) async fn insert_batch(
+        &self,
+        set: &str,
+        keys: Vec<String>,
+    ) -> Result<Vec<Inserted>, Error> {
         let op = Op::Set(SetOp::Insert {
             set: set.to_owned(),
             keys: crate::proto::Keys::Many(keys),
@@ -352,7 +361,10 @@ fn check_kind(kind: OpKind, okay: Okay) -> Result<Okay, Error> {
     let fits = matches!(
         (kind, &okay),
         (OpKind::Hello, Okay::Hello(_))
-            | (OpKind::Ping | OpKind::Cancel | OpKind::Unlock, Okay::Empty(_))
+            | (
+                OpKind::Ping | OpKind::Cancel | OpKind::Unlock,
+                Okay::Empty(_)
+            )
             | (OpKind::Lock, Okay::Granted(_))
             | (OpKind::Extend, Okay::Extended(_))
             | (OpKind::Inspect, Okay::LockInfo(_))
@@ -363,7 +375,11 @@ fn check_kind(kind: OpKind, okay: Okay) -> Result<Okay, Error> {
             | (OpKind::InspectSet, Okay::SetInfo(_))
             | (OpKind::TearDown, Okay::TornDown(_))
     );
-    if fits { Ok(okay) } else { Err(unexpected(kind, &okay)) }
+    if fits {
+        Ok(okay)
+    } else {
+        Err(unexpected(kind, &okay))
+    }
 }
 
 pub(crate) fn unexpected(kind: OpKind, okay: &Okay) -> Error {

@@ -45,7 +45,11 @@ impl DistinctSet {
     /// live if it exists; every worker may call it.
     pub async fn set_up(&self, ttl: Duration) -> Result<SetUpReply, Error> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        match self.client.call(self.op(|set| SetOp::SetUp { set, ttl_ms })).await? {
+        match self
+            .client
+            .call(self.op(|set| SetOp::SetUp { set, ttl_ms }))
+            .await?
+        {
             Okay::SetUp(reply) => Ok(reply),
             other => Err(unexpected(OpKind::SetUp, &other)),
         }
@@ -54,7 +58,11 @@ impl DistinctSet {
     /// Inserts `key`: its index, and whether this client owns it (`first`).
     pub async fn insert(&self, key: &str) -> Result<Inserted, Error> {
         let keys = Keys::One(key.to_owned());
-        match self.client.call(self.op(|set| SetOp::Insert { set, keys })).await? {
+        match self
+            .client
+            .call(self.op(|set| SetOp::Insert { set, keys }))
+            .await?
+        {
             Okay::Inserted(inserted) => Ok(inserted),
             other => Err(unexpected(OpKind::Insert, &other)),
         }
@@ -73,7 +81,8 @@ impl DistinctSet {
         for key in keys {
             let key = key.into();
             if !batch.is_empty()
-                && (batch.len() == INSERT_BATCH_KEYS || batch_bytes + key.len() > INSERT_BATCH_BYTES)
+                && (batch.len() == INSERT_BATCH_KEYS
+                    || batch_bytes + key.len() > INSERT_BATCH_BYTES)
             {
                 let full = std::mem::take(&mut batch);
                 results.extend(self.client.insert_batch(&self.name, full).await?);
@@ -117,7 +126,11 @@ impl DistinctSet {
 
     /// Size and remaining time to live.
     pub async fn inspect(&self) -> Result<SetInfo, Error> {
-        match self.client.call(self.op(|set| SetOp::Inspect { set })).await? {
+        match self
+            .client
+            .call(self.op(|set| SetOp::Inspect { set }))
+            .await?
+        {
             Okay::SetInfo(info) => Ok(info),
             other => Err(unexpected(OpKind::InspectSet, &other)),
         }
@@ -127,7 +140,11 @@ impl DistinctSet {
     /// was already gone (never set up, expired, or torn down — perhaps by an
     /// earlier attempt of this call whose reply was lost).
     pub async fn tear_down(&self) -> Result<Option<u64>, Error> {
-        match self.client.call(self.op(|set| SetOp::TearDown { set })).await {
+        match self
+            .client
+            .call(self.op(|set| SetOp::TearDown { set }))
+            .await
+        {
             Ok(Okay::TornDown(torn)) => Ok(Some(torn.size)),
             Ok(other) => Err(unexpected(OpKind::TearDown, &other)),
             Err(e) if e.code() == Some(ErrorCode::NoSuchSet) => Ok(None),

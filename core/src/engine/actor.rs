@@ -48,18 +48,23 @@ impl Responder for oneshot::Sender<Outcome> {
 const BATCH_MAX: usize = 256;
 
 /// Runs one shard until its mailbox closes or it is told to shut down.
-pub(crate) async fn run(config: ShardConfig, mut mailbox: mpsc::Receiver<ShardMsg>, epoch: Instant) {
+pub(crate) async fn run(
+    config: ShardConfig,
+    mut mailbox: mpsc::Receiver<ShardMsg>,
+    epoch: Instant,
+) {
     let mut shard = Shard::new(config);
     let now = || Tick::from_duration(epoch.elapsed());
     let at = |tick: Tick| epoch + Duration::from_micros(tick.0);
-    let far_future = at(Tick(u64::MAX / 4));
-    let sleep = tokio::time::sleep_until(far_future);
+    let sleep = tokio::time::sleep_until(at(Tick::ZERO));
     tokio::pin!(sleep);
     let mut armed_for = None;
     loop {
         let next = shard.next_deadline();
         if next != armed_for {
-            sleep.as_mut().reset(next.map_or(far_future, at));
+            if let Some(deadline) = next {
+                sleep.as_mut().reset(at(deadline));
+            }
             armed_for = next;
         }
         tokio::select! {
@@ -80,7 +85,7 @@ pub(crate) async fn run(config: ShardConfig, mut mailbox: mpsc::Receiver<ShardMs
                     }
                 }
             }
-            () = &mut sleep => {
+            () = &mut sleep, if armed_for.is_some() => {
                 shard.advance(now());
                 armed_for = None;
             }

@@ -195,7 +195,8 @@ impl Engine {
             // An actor that is already gone needs no telling.
             let _ = mailbox.send(ShardMsg::Shutdown).await;
         }
-        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
             // A shard that panicked has nothing more to clean up.
             let _ = task.await;

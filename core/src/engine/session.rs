@@ -65,6 +65,11 @@ impl Session {
         Arc::clone(&self.state().client)
     }
 
+    /// Whether the engine behind this session is shutting down.
+    pub fn engine_is_shutting_down(&self) -> bool {
+        self.inner.engine.is_shutting_down()
+    }
+
     /// The connection's identity within the engine.
     pub fn conn(&self) -> ConnId {
         self.inner.conn
@@ -147,7 +152,9 @@ impl Session {
                 return Err(ServerError::shutting_down());
             }
         }
-        let outcome = answer.await.unwrap_or_else(|_| Err(ServerError::shutting_down()));
+        let outcome = answer
+            .await
+            .unwrap_or_else(|_| Err(ServerError::shutting_down()));
         if let Some(mut guard) = _cancel_on_drop {
             guard.done = true;
         }
@@ -179,7 +186,12 @@ impl Drop for CancelOnDrop<'_> {
             };
             // If the mailbox is full the waiter stays queued until it is
             // reached; it is then skipped because nobody listens for it.
-            let _ = self.session.inner.engine.mailbox(self.shard).try_send(message);
+            let _ = self
+                .session
+                .inner
+                .engine
+                .mailbox(self.shard)
+                .try_send(message);
         }
     }
 }

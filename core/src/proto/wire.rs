@@ -306,7 +306,9 @@ fn diagnose(bytes: &[u8], fast_error: &serde_json::Error) -> DecodeError {
         Ok(value) => value,
         Err(e) => {
             // Valid JSON too deep to hold as a value still has a readable id.
-            let id = serde_json::from_slice::<IdOnly>(bytes).ok().and_then(|r| r.id);
+            let id = serde_json::from_slice::<IdOnly>(bytes)
+                .ok()
+                .and_then(|r| r.id);
             let message = format!("not valid JSON: {e}");
             return DecodeError {
                 id,

@@ -247,7 +247,15 @@ fn answer_queued_relocks<R: Responder>(
                 .respond(Err(ServerError::timeout(waiter.wait_ms)));
             continue;
         }
-        relock(holder, &waiter.conn, waiter.ttl_ms, waiter.ephemeral, at, hash, books);
+        relock(
+            holder,
+            &waiter.conn,
+            waiter.ttl_ms,
+            waiter.ephemeral,
+            at,
+            hash,
+            books,
+        );
         let granted = Granted {
             token: holder.token,
             ttl_ms: waiter.ttl_ms,
@@ -333,7 +341,15 @@ impl<R: Responder> Locks<R> {
                 match entry.holder.as_mut() {
                     Some(holder) if same_client(&holder.client, &caller.client) => {
                         let ttl_ms = acquire.ttl_ms;
-                        relock(holder, &caller.conn, ttl_ms, acquire.ephemeral, now, hash, books);
+                        relock(
+                            holder,
+                            &caller.conn,
+                            ttl_ms,
+                            acquire.ephemeral,
+                            now,
+                            hash,
+                            books,
+                        );
                         let token = holder.token;
                         reply.respond(Ok(Okay::Granted(Granted { token, ttl_ms })));
                     }
@@ -494,10 +510,7 @@ impl<R: Responder> Locks<R> {
 
     fn wait_ran_out(&mut self, hash: u64, waiter_id: u64, at: Tick) {
         let is_it = |w: &Waiter<R>| w.id == waiter_id;
-        let Some(entry) = self
-            .table
-            .find_mut(hash, |e| e.queue.iter().any(is_it))
-        else {
+        let Some(entry) = self.table.find_mut(hash, |e| e.queue.iter().any(is_it)) else {
             return; // granted, cancelled or gone already
         };
         let Some(position) = entry.queue.iter().position(is_it) else {
@@ -516,15 +529,19 @@ impl<R: Responder> Locks<R> {
     fn compact_timers(&mut self) {
         let live = self.table.len() + self.books.waiters;
         let table = &self.table;
-        self.books.timers.compact_if_stale(live, |timer| match timer.due {
-            LockDue::Lease { hash, token } => table
-                .find(hash, |e| e.holder.as_ref().is_some_and(|h| h.token == token))
-                .and_then(|e| e.holder.as_ref())
-                .is_some_and(|h| h.deadline == timer.at),
-            LockDue::Wait { hash, waiter } => table
-                .find(hash, |e| e.queue.iter().any(|w| w.id == waiter))
-                .is_some(),
-        });
+        self.books
+            .timers
+            .compact_if_stale(live, |timer| match timer.due {
+                LockDue::Lease { hash, token } => table
+                    .find(hash, |e| {
+                        e.holder.as_ref().is_some_and(|h| h.token == token)
+                    })
+                    .and_then(|e| e.holder.as_ref())
+                    .is_some_and(|h| h.deadline == timer.at),
+                LockDue::Wait { hash, waiter } => table
+                    .find(hash, |e| e.queue.iter().any(|w| w.id == waiter))
+                    .is_some(),
+            });
     }
 
     /// The earliest deadline this table has (possibly a stale one).
@@ -584,7 +601,11 @@ impl<R: Responder> Locks<R> {
             ));
         }
         if !self.books.timers.is_compact(self.table.len() + waiters) {
-            return Err(format!("{} timers for {} live objects", self.books.timers.len(), self.table.len() + waiters));
+            return Err(format!(
+                "{} timers for {} live objects",
+                self.books.timers.len(),
+                self.table.len() + waiters
+            ));
         }
         if refs != self.books.conn_refs {
             return Err("connection reference counts disagree with the table".to_owned());

@@ -10,9 +10,9 @@
 //! Layout: [`locks`] (SPEC section 2), [`sets`] (SPEC section 3) and the
 //! deadline heap in `timers`.
 
+pub mod hasher;
 pub mod locks;
 pub mod sets;
-pub mod hasher;
 mod timers;
 
 use std::sync::Arc;

@@ -335,7 +335,11 @@ impl Sets {
             }
         }
         if !self.timers.is_compact(self.table.len()) {
-            return Err(format!("{} timers for {} sets", self.timers.len(), self.table.len()));
+            return Err(format!(
+                "{} timers for {} sets",
+                self.timers.len(),
+                self.table.len()
+            ));
         }
         if members != self.members {
             return Err(format!(

@@ -69,12 +69,20 @@ impl Slot {
 
     /// The first answer, if any, without requiring exactly one.
     pub fn answers_now(&self) -> Outcome {
-        self.answers.borrow().first().cloned().unwrap_or_else(|| Err(deadbolt_core::proto::ServerError::internal("no answer")))
+        self.answers
+            .borrow()
+            .first()
+            .cloned()
+            .unwrap_or_else(|| Err(deadbolt_core::proto::ServerError::internal("no answer")))
     }
 
     pub fn outcome(&self) -> Outcome {
         let answers = self.answers.borrow();
-        assert_eq!(answers.len(), 1, "expected exactly one answer, got {answers:?}");
+        assert_eq!(
+            answers.len(),
+            1,
+            "expected exactly one answer, got {answers:?}"
+        );
         answers[0].clone()
     }
 
@@ -202,7 +210,9 @@ impl Harness {
     }
 
     pub fn inspect(&mut self, key: &str) -> LockInfo {
-        let op = LockOp::Inspect { key: key.to_owned() };
+        let op = LockOp::Inspect {
+            key: key.to_owned(),
+        };
         match self.send("inspector", 999, ShardOp::Lock(op)).ok() {
             Okay::LockInfo(info) => info,
             other => panic!("expected lock info, got {other:?}"),

@@ -1,0 +1,319 @@
+//! The actor runtime: sessions, routing, deadlines on tokio's clock,
+//! cancellation, connection close, back-pressure and shutdown.
+
+use std::time::Duration;
+
+use deadbolt_core::proto::{
+    Acquire, ErrorCode, Granted, Keys, LockInfo, LockOp, Okay, Op, Outcome, Request, SetOp, Wait,
+};
+use deadbolt_core::{Engine, EngineConfig, Limits, Session};
+use tokio::time::Instant;
+
+fn engine(shards: usize) -> Engine {
+    Engine::start(EngineConfig {
+        shards,
+        ..EngineConfig::new()
+    })
+}
+
+async fn call(session: &Session, id: u64, op: Op) -> Outcome {
+    let reply = session.execute(Request { id, op }).await;
+    assert_eq!(reply.id, Some(id));
+    reply.outcome
+}
+
+fn lock_op(key: &str, ttl_ms: u64, wait_ms: Option<u64>, ephemeral: bool) -> Op {
+    Op::Lock(LockOp::Acquire(Acquire {
+        key: key.into(),
+        ttl_ms,
+        wait: Wait::from_wait_ms(wait_ms),
+        ephemeral,
+    }))
+}
+
+async fn token(session: &Session, key: &str, ttl_ms: u64) -> u64 {
+    match call(session, 1, lock_op(key, ttl_ms, None, false)).await {
+        Ok(Okay::Granted(Granted { token, .. })) => token,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+async fn inspect(session: &Session, key: &str) -> LockInfo {
+    match call(session, 99, Op::Lock(LockOp::Inspect { key: key.into() })).await {
+        Ok(Okay::LockInfo(info)) => info,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn code(outcome: Outcome) -> ErrorCode {
+    outcome.expect_err("expected an error").code
+}
+
+#[tokio::test]
+async fn a_session_locks_and_unlocks_through_the_engine() {
+    let engine = engine(2);
+    let session = engine.session();
+    let token = token(&session, "k", 1000).await;
+    let unlock = Op::Lock(LockOp::Release {
+        key: "k".into(),
+        token,
+    });
+    assert_eq!(call(&session, 2, unlock).await, Ok(Okay::EMPTY));
+    assert_eq!(inspect(&session, "k").await.holder, None);
+}
+
+#[tokio::test]
+async fn ping_answers_empty() {
+    let engine = engine(1);
+    assert_eq!(call(&engine.session(), 5, Op::Ping).await, Ok(Okay::EMPTY));
+}
+
+#[tokio::test]
+async fn hello_binds_the_client_id_so_a_reconnected_client_keeps_its_lock() {
+    let engine = engine(2);
+    let first = engine.session();
+    let hello = Op::Hello {
+        client: "worker-7".into(),
+    };
+    match call(&first, 1, hello.clone()).await {
+        Ok(Okay::Hello(reply)) => {
+            assert_eq!(reply.client, "worker-7");
+            assert!(reply.server.starts_with("deadbolt/"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let granted = token(&first, "k", 10_000).await;
+    drop(first);
+    let second = engine.session();
+    call(&second, 1, hello).await.unwrap();
+    assert_eq!(token(&second, "k", 10_000).await, granted);
+    assert_eq!(
+        inspect(&second, "k").await.holder.map(|h| h.client),
+        Some("worker-7".into())
+    );
+}
+
+#[tokio::test]
+async fn sessions_without_hello_get_distinct_anonymous_ids() {
+    let engine = engine(1);
+    let (a, b) = (engine.session(), engine.session());
+    assert_ne!(a.client(), b.client());
+    assert!(a.client().starts_with("anon-") && a.client().len() == 5 + 32);
+    token(&a, "k", 10_000).await;
+    assert_eq!(
+        code(call(&b, 1, lock_op("k", 10, Some(0), false)).await),
+        ErrorCode::Busy
+    );
+}
+
+#[tokio::test]
+async fn keys_and_sets_spread_over_shards_and_each_keeps_its_rules() {
+    let engine = engine(4);
+    let session = engine.session();
+    for i in 0..200 {
+        token(&session, &format!("key-{i}"), 10_000).await;
+    }
+    for i in 0..20 {
+        let set = format!("set-{i}");
+        call(
+            &session,
+            1,
+            Op::Set(SetOp::SetUp {
+                set: set.clone(),
+                ttl_ms: 10_000,
+            }),
+        )
+        .await
+        .unwrap();
+        let insert = Op::Set(SetOp::Insert {
+            set,
+            keys: Keys::One("x".into()),
+        });
+        call(&session, 2, insert).await.unwrap();
+    }
+    let stats = engine.stats().await;
+    assert_eq!((stats.held, stats.set_count, stats.members), (200, 20, 20));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_passes_to_the_waiter_within_ten_milliseconds() {
+    let engine = engine(2);
+    let (holder, waiter) = (engine.session(), engine.session());
+    token(&holder, "k", 100).await;
+    let started = Instant::now();
+    let granted = token(&waiter, "k", 100).await;
+    let waited = started.elapsed();
+    assert!(granted > 0);
+    assert!(
+        waited >= Duration::from_millis(100),
+        "granted early, after {waited:?}"
+    );
+    assert!(
+        waited <= Duration::from_millis(110),
+        "granted late, after {waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bounded_wait_times_out_on_the_engine_clock() {
+    let engine = engine(1);
+    let (holder, waiter) = (engine.session(), engine.session());
+    token(&holder, "k", 10_000).await;
+    let started = Instant::now();
+    let outcome = call(&waiter, 1, lock_op("k", 100, Some(250), false)).await;
+    assert_eq!(code(outcome), ErrorCode::Timeout);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited <= Duration::from_millis(260),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_answers_the_waiting_request_cancelled() {
+    let engine = engine(2);
+    let (holder, waiter) = (engine.session(), engine.session());
+    token(&holder, "k", 10_000).await;
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move { call(&waiter, 41, lock_op("k", 100, None, false)).await }
+    });
+    while inspect(&holder, "k").await.waiters == 0 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        call(&waiter, 42, Op::Cancel { target: 41 }).await,
+        Ok(Okay::EMPTY)
+    );
+    assert_eq!(code(waiting.await.unwrap()), ErrorCode::Cancelled);
+    assert_eq!(inspect(&holder, "k").await.waiters, 0);
+    // Cancelling what is not waiting is harmless.
+    assert_eq!(
+        call(&waiter, 43, Op::Cancel { target: 41 }).await,
+        Ok(Okay::EMPTY)
+    );
+}
+
+#[tokio::test]
+async fn dropping_a_waiting_request_takes_it_out_of_the_queue() {
+    let engine = engine(2);
+    let (holder, waiter) = (engine.session(), engine.session());
+    let held = token(&holder, "k", 10_000).await;
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move { call(&waiter, 1, lock_op("k", 100, None, false)).await }
+    });
+    while inspect(&holder, "k").await.waiters == 0 {
+        tokio::task::yield_now().await;
+    }
+    waiting.abort();
+    let _ = waiting.await;
+    // The cancel is a message behind the abort; wait for it to land.
+    while inspect(&holder, "k").await.waiters != 0 {
+        tokio::task::yield_now().await;
+    }
+    let unlock = Op::Lock(LockOp::Release {
+        key: "k".into(),
+        token: held,
+    });
+    call(&holder, 2, unlock).await.unwrap();
+    assert_eq!(
+        inspect(&holder, "k").await.holder,
+        None,
+        "nobody was granted"
+    );
+}
+
+#[tokio::test]
+async fn dropping_the_last_session_clone_releases_ephemeral_locks_and_waiters() {
+    let engine = engine(2);
+    let (gone, other) = (engine.session(), engine.session());
+    call(&gone, 1, lock_op("eph", 10_000, None, true))
+        .await
+        .unwrap();
+    call(&gone, 2, lock_op("kept", 10_000, None, false))
+        .await
+        .unwrap();
+    let other_token = token(&other, "busy", 10_000).await;
+    let queued = tokio::spawn({
+        let gone = gone.clone();
+        async move { call(&gone, 3, lock_op("busy", 100, None, false)).await }
+    });
+    while inspect(&other, "busy").await.waiters == 0 {
+        tokio::task::yield_now().await;
+    }
+    queued.abort();
+    let _ = queued.await;
+    let clone = gone.clone();
+    drop(gone);
+    assert!(
+        inspect(&other, "eph").await.holder.is_some(),
+        "a clone keeps it open"
+    );
+    drop(clone);
+    while inspect(&other, "eph").await.holder.is_some() {
+        tokio::task::yield_now().await;
+    }
+    assert!(inspect(&other, "kept").await.holder.is_some());
+    assert_eq!(inspect(&other, "busy").await.waiters, 0);
+    call(
+        &other,
+        9,
+        Op::Lock(LockOp::Release {
+            key: "busy".into(),
+            token: other_token,
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(inspect(&other, "busy").await.holder, None);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_mailbox_answers_overloaded_at_once() {
+    let limits = Limits {
+        mailbox_len: 2,
+        ..Limits::default()
+    };
+    let engine = Engine::start(EngineConfig {
+        shards: 1,
+        limits,
+        ..EngineConfig::new()
+    });
+    let session = engine.session();
+    // On one thread the actor cannot run until we yield, so these fill its
+    // mailbox; `join_all` polls each once before anything else runs.
+    let calls = (0..10).map(|i| call(&session, i, Op::Lock(LockOp::Inspect { key: "k".into() })));
+    let outcomes = futures_util::future::join_all(calls).await;
+    let overloaded = outcomes
+        .iter()
+        .filter(|o| matches!(o, Err(e) if e.code == ErrorCode::Overloaded))
+        .count();
+    assert_eq!(overloaded, 8, "{outcomes:?}");
+    assert!(outcomes[..2].iter().all(Result::is_ok));
+}
+
+#[tokio::test]
+async fn shutdown_answers_waiters_and_later_requests_shutting_down() {
+    let engine = engine(2);
+    let (holder, waiter) = (engine.session(), engine.session());
+    token(&holder, "k", 10_000).await;
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move { call(&waiter, 1, lock_op("k", 100, None, false)).await }
+    });
+    while inspect(&holder, "k").await.waiters == 0 {
+        tokio::task::yield_now().await;
+    }
+    engine.shutdown().await;
+    assert_eq!(code(waiting.await.unwrap()), ErrorCode::ShuttingDown);
+    assert_eq!(
+        code(call(&holder, 2, lock_op("x", 10, None, false)).await),
+        ErrorCode::ShuttingDown
+    );
+    assert_eq!(
+        call(&holder, 3, Op::Ping).await,
+        Ok(Okay::EMPTY),
+        "the session still answers ping"
+    );
+}
