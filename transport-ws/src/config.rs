@@ -1,0 +1,44 @@
+//! The WebSocket frontend's limits, each configurable.
+
+use std::time::Duration;
+
+/// Limits of the WebSocket frontend. The message size limit comes from the
+/// engine's [`Limits`](deadbolt_core::Limits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsConfig {
+    /// Most connections open at once; past it, new ones get HTTP 503.
+    pub max_connections: usize,
+    /// How long a new connection may take to send its HTTP request head
+    /// (slowloris guard).
+    pub handshake_timeout: Duration,
+    /// Longest HTTP request head, in bytes.
+    pub head_bytes_max: usize,
+    /// Most requests in flight on one connection; past it, requests are
+    /// answered `overloaded`.
+    pub max_in_flight: usize,
+    /// After this much silence from the client, the server pings it.
+    pub idle_ping: Duration,
+    /// After this much silence from the client, the server closes the
+    /// connection.
+    pub idle_close: Duration,
+    /// Most bytes of replies buffered for a client that does not read; past
+    /// it the connection is closed.
+    pub write_buffer_max: usize,
+    /// How long shutdown waits for connections to close cleanly.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            head_bytes_max: 16 * 1024,
+            max_in_flight: 4096,
+            idle_ping: Duration::from_secs(20),
+            idle_close: Duration::from_secs(60),
+            write_buffer_max: 8 << 20,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Just enough HTTP/1.1 for the WebSocket port: read one request head
+//! (bounded in size and time), route it, answer plain requests, and upgrade
+//! `GET /ws`.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+/// Most headers a request head may carry.
+const HEADERS_MAX: usize = 64;
+
+/// What a connection asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// `GET /ws` with a valid WebSocket upgrade: the `Sec-WebSocket-Key`.
+    WebSocket { key: String },
+    /// `GET /healthz`.
+    Health,
+    /// Anything else, answered with this status and reason.
+    Refuse { status: u16, reason: &'static str },
+}
+
+/// Why no request head could be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HeadError {
+    /// The head is larger than allowed.
+    #[error("request head over {0} bytes")]
+    TooLarge(usize),
+    /// The connection closed before the head was complete.
+    #[error("connection closed before the request head ended")]
+    Closed,
+    /// The bytes are not HTTP.
+    #[error("malformed request head: {0}")]
+    Malformed(#[from] httparse::Error),
+    /// Reading failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// A request head and whatever bytes came after it.
+pub(crate) struct Head {
+    pub route: Route,
+    /// Bytes read past the end of the head.
+    pub rest: Vec<u8>,
+}
+
+/// Reads one request head of at most `max` bytes.
+pub(crate) async fn read_head<S>(stream: &mut S, max: usize) -> Result<Head, HeadError>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buffer = Vec::with_capacity(1024);
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+        let mut request = httparse::Request::new(&mut headers);
+        if let httparse::Status::Complete(end) = request.parse(&buffer)? {
+            let route = route(&request);
+            return Ok(Head {
+                route,
+                rest: buffer[end..].to_vec(),
+            });
+        }
+        if buffer.len() >= max {
+            return Err(HeadError::TooLarge(max));
+        }
+        let mut chunk = [0u8; 1024];
+        let room = (max - buffer.len()).min(chunk.len());
+        let n = stream.read(&mut chunk[..room]).await?;
+        if n == 0 {
+            return Err(HeadError::Closed);
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn header<'a>(request: &'a httparse::Request<'_, '_>, name: &str) -> Option<&'a str> {
+    request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+}
+
+fn has_token(value: Option<&str>, token: &str) -> bool {
+    value.is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+fn route(request: &httparse::Request<'_, '_>) -> Route {
+    let path = request.path.unwrap_or("");
+    let path = path.split('?').next().unwrap_or(path);
+    if request.method != Some("GET") {
+        return Route::Refuse {
+            status: 405,
+            reason: "Method Not Allowed",
+        };
+    }
+    match path {
+        "/ws" => upgrade(request),
+        "/healthz" => Route::Health,
+        _ => Route::Refuse {
+            status: 404,
+            reason: "Not Found",
+        },
+    }
+}
+
+fn upgrade(request: &httparse::Request<'_, '_>) -> Route {
+    let upgrade = has_token(header(request, "upgrade"), "websocket");
+    let connection = has_token(header(request, "connection"), "upgrade");
+    let version = header(request, "sec-websocket-version") == Some("13");
+    match header(request, "sec-websocket-key") {
+        Some(key) if upgrade && connection && version => Route::WebSocket {
+            key: key.trim().to_owned(),
+        },
+        _ => Route::Refuse {
+            status: 426,
+            reason: "Upgrade Required",
+        },
+    }
+}
+
+/// Writes the `101 Switching Protocols` answer to a WebSocket upgrade.
+pub(crate) async fn accept_upgrade<S>(stream: &mut S, key: &str) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.flush().await
+}
+
+/// Writes a complete plain response and leaves the connection to be closed.
+pub(crate) async fn respond<S>(
+    stream: &mut S,
+    status: u16,
+    reason: &str,
+    content_type: &str,
+    body: &[u8],
+) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.flush().await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn parse(text: &str) -> Result<Head, HeadError> {
+        read_head(&mut text.as_bytes(), 4096).await
+    }
+
+    #[tokio::test]
+    async fn a_websocket_upgrade_on_ws_is_routed_with_its_key() {
+        let head = parse(
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nrest",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            head.route,
+            Route::WebSocket {
+                key: "dGhlIHNhbXBsZSBub25jZQ==".into()
+            }
+        );
+        assert_eq!(head.rest, b"rest");
+    }
+
+    #[tokio::test]
+    async fn plain_requests_are_routed_or_refused() {
+        let health = parse("GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(health.route, Route::Health);
+        let missing = parse("GET /nope HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(matches!(missing.route, Route::Refuse { status: 404, .. }));
+        let no_upgrade = parse("GET /ws HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(matches!(
+            no_upgrade.route,
+            Route::Refuse { status: 426, .. }
+        ));
+        let post = parse("POST /ws HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(matches!(post.route, Route::Refuse { status: 405, .. }));
+    }
+
+    #[tokio::test]
+    async fn oversize_truncated_and_garbage_heads_are_errors() {
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(5000));
+        assert!(matches!(parse(&big).await, Err(HeadError::TooLarge(4096))));
+        assert!(matches!(
+            parse("GET / HTTP/1.1\r\n").await,
+            Err(HeadError::Closed)
+        ));
+        assert!(matches!(
+            parse("\u{1}\u{2}\r\n\r\n").await,
+            Err(HeadError::Malformed(_))
+        ));
+    }
+}

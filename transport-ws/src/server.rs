@@ -1,0 +1,152 @@
+//! The accept loop: one task per connection, a bound on connections, and
+//! graceful shutdown.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use deadbolt_core::Engine;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::config::WsConfig;
+use crate::connection;
+use crate::http::{self, Route};
+use crate::listener::Listener;
+
+/// Serves WebSocket clients from `listener` until `shutdown` completes.
+///
+/// Then it stops accepting, answers every request still in flight
+/// `shutting_down`, closes every connection with code 1001 and returns once
+/// they are closed (or after [`WsConfig::shutdown_grace`]).
+pub async fn serve<L: Listener>(
+    mut listener: L,
+    engine: Engine,
+    config: WsConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    let shared = Arc::new(Shared {
+        engine,
+        permits: Arc::new(Semaphore::new(config.max_connections)),
+        config,
+    });
+    let (stop, stopped) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let permit = shared.permits.clone().try_acquire_owned().ok();
+                    let task = handle(stream, peer, permit, shared.clone(), stopped.clone());
+                    connections.spawn(task);
+                }
+                Err(error) => {
+                    // Out of descriptors and the like: pause rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    // Receivers may all be gone already; then there is nobody to tell.
+    let _ = stop.send(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(shared.config.shutdown_grace, drained)
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the shutdown grace; dropping them");
+        connections.shutdown().await;
+    }
+    Ok(())
+}
+
+/// What every connection task needs.
+struct Shared {
+    engine: Engine,
+    permits: Arc<Semaphore>,
+    config: WsConfig,
+}
+
+async fn handle<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+    stopped: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = &shared.config;
+    let head = tokio::time::timeout(
+        config.handshake_timeout,
+        http::read_head(&mut stream, config.head_bytes_max),
+    )
+    .await;
+    let head = match head {
+        Ok(Ok(head)) => head,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "bad request head");
+            let _ = http::respond(
+                &mut stream,
+                400,
+                "Bad Request",
+                "text/plain",
+                b"bad request\n",
+            )
+            .await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "request head timed out");
+            return;
+        }
+    };
+    // Answers to plain requests are best effort: the peer may be gone.
+    let _ = match head.route {
+        _ if permit.is_none() => {
+            tracing::warn!(%peer, "connection limit reached; refusing");
+            let body = b"overloaded: too many connections\n";
+            http::respond(&mut stream, 503, "Service Unavailable", "text/plain", body).await
+        }
+        Route::Health => http::respond(&mut stream, 200, "OK", "text/plain", b"ok\n").await,
+        Route::Refuse { status, reason } => {
+            let body = format!("{status} {reason}\n");
+            http::respond(&mut stream, status, reason, "text/plain", body.as_bytes()).await
+        }
+        Route::WebSocket { key } => {
+            if http::accept_upgrade(&mut stream, &key).await.is_err() {
+                return;
+            }
+            let ws = WebSocketStream::from_partially_read(
+                stream,
+                head.rest,
+                Role::Server,
+                Some(ws_config(&shared)),
+            )
+            .await;
+            tracing::debug!(%peer, "websocket connected");
+            let session = shared.engine.session();
+            connection::run(ws, session, shared.engine.limits(), config, stopped).await;
+            tracing::debug!(%peer, "websocket closed");
+            Ok(())
+        }
+    };
+    drop(permit);
+}
+
+fn ws_config(shared: &Shared) -> WebSocketConfig {
+    let max = shared.engine.limits().message_bytes_max;
+    WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+        .max_write_buffer_size(shared.config.write_buffer_max)
+}
