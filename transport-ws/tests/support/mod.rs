@@ -15,6 +15,8 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
+
+pub mod proxy;
 use tokio_tungstenite::tungstenite::Message;
 
 pub struct TestServer {
