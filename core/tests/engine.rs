@@ -317,3 +317,23 @@ async fn shutdown_answers_waiters_and_later_requests_shutting_down() {
         "the session still answers ping"
     );
 }
+
+#[test]
+fn tokens_from_the_clock_rise_with_it_and_stay_exact_in_javascript() {
+    use std::time::{Duration, UNIX_EPOCH};
+    let at = |secs: u64| {
+        deadbolt_core::engine::first_token_from_clock(UNIX_EPOCH + Duration::from_secs(secs))
+    };
+    let now_ish = at(1_795_000_000); // late 2026
+    assert!(now_ish > 0);
+    assert!(
+        at(1_795_000_001) >= now_ish + 4096 * 1000,
+        "a second later starts 4096 tokens per ms higher"
+    );
+    let late = at(4_000_000_000); // 2096
+    assert!(
+        late < 1 << 53 || late > at(3_900_000_000),
+        "monotone even past 2^53"
+    );
+    assert!(at(3_900_000_000) < 1 << 53, "exact in an f64 until 2093");
+}

@@ -57,9 +57,8 @@ impl EngineConfig {
     }
 
     /// For a real server: a random seed, and tokens that start from the wall
-    /// clock (milliseconds × 2^20), so that tokens keep rising across
-    /// restarts as long as the clock does and no shard grants more than a
-    /// million locks per millisecond on average.
+    /// clock, so that tokens keep rising across restarts as long as the
+    /// clock does (see [`first_token_from_clock`]).
     pub fn with_entropy(mut self) -> EngineConfig {
         let mut seed = [0u8; 8];
         // Without OS randomness the seed stays fixed: hash tables are then
@@ -67,13 +66,30 @@ impl EngineConfig {
         if getrandom::fill(&mut seed).is_ok() {
             self.seed = u64::from_le_bytes(seed);
         }
-        let millis = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_millis();
-        self.first_token = u64::try_from(millis << 20).unwrap_or(u64::MAX / 2);
+        self.first_token = first_token_from_clock(SystemTime::now());
         self
     }
+}
+
+/// Milliseconds from the Unix epoch to 2026-01-01, deadbolt's token epoch.
+const TOKEN_EPOCH_UNIX_MS: u128 = 1_767_225_600_000;
+
+/// Grants a shard may make per millisecond, on average since it started,
+/// before its tokens could overtake those of a restart.
+const TOKENS_PER_MS: u128 = 1 << 12;
+
+/// The first token for a server started at `now`: milliseconds since
+/// 2026-01-01 times 4096. A restarted server starts above every token the
+/// previous run issued, unless a shard granted more than 4096 locks per
+/// millisecond on average. Tokens stay below 2^53 until 2095, so JavaScript
+/// numbers hold them exactly.
+pub fn first_token_from_clock(now: SystemTime) -> u64 {
+    let unix_ms = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis();
+    let since_epoch = unix_ms.saturating_sub(TOKEN_EPOCH_UNIX_MS);
+    u64::try_from(since_epoch * TOKENS_PER_MS + 1).unwrap_or(u64::MAX / 2)
 }
 
 impl Default for EngineConfig {

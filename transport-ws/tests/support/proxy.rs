@@ -28,7 +28,9 @@ impl Proxy {
             let (swallow, pumps) = (swallow.clone(), pumps.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    let Ok(upstream) = TcpStream::connect(server).await else { continue };
+                    let Ok(upstream) = TcpStream::connect(server).await else {
+                        continue;
+                    };
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = upstream.into_split();
                     let up = tokio::spawn(pump(client_read, server_write, None));
@@ -37,7 +39,12 @@ impl Proxy {
                 }
             }
         });
-        Proxy { url, swallow, pumps, accept }
+        Proxy {
+            url,
+            swallow,
+            pumps,
+            accept,
+        }
     }
 
     /// From now on, bytes from the server are dropped (or, with `false`,

@@ -1,0 +1,206 @@
+//! The command line, as clap reads it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// deadbolt: leased locks and distinct sets for fleets of unreliable workers.
+#[derive(Debug, Parser)]
+#[command(name = "deadbolt", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the server is and who we are, for the client commands.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// The server: ws://HOST:PORT/ws or quic://HOST:PORT.
+    #[arg(
+        long,
+        env = "DEADBOLT_SERVER",
+        default_value = "ws://127.0.0.1:7420/ws",
+        global = true
+    )]
+    pub server: String,
+    /// The client id (default: a random one per run). Give the same id to a
+    /// rerun of a job so that it keeps the locks and the `first` of its
+    /// earlier run.
+    #[arg(long, env = "DEADBOLT_CLIENT_ID", global = true)]
+    pub client_id: Option<String>,
+    /// How long to keep retrying a request whose connection broke.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub retry_for: Duration,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Run a command while holding a lock, renewing it, and release it
+    /// after; exits with the command's status.
+    Lock(LockArgs),
+    /// Take a lock if it is free and print its token; exit 1 if it is held.
+    TryLock(TryLockArgs),
+    /// Release the grant that TOKEN names.
+    Unlock(UnlockArgs),
+    /// Show who holds a lock and how many wait.
+    Inspect(KeyArgs),
+    /// Print only the lines of stdin that are new to the distinct set NAME
+    /// across every worker: a distributed `uniq`.
+    Distinct(DistinctArgs),
+    /// Create a distinct set, or restart its time to live.
+    SetUp(SetUpArgs),
+    /// Print the members of a distinct set, in index order.
+    Members(MembersArgs),
+    /// Remove a distinct set now.
+    TearDown(SetArgs),
+}
+
+/// `deadbolt serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address for WebSocket clients.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    pub ws: SocketAddr,
+    /// Where the server keeps its files (the QUIC certificate).
+    #[arg(long, default_value = "deadbolt-data")]
+    pub data_dir: PathBuf,
+    /// Shard actors (default: one per core).
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Most open WebSocket connections.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Most requests in flight on one connection.
+    #[arg(long, default_value_t = 4096)]
+    pub max_in_flight: usize,
+    /// Largest message, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub message_bytes_max: usize,
+    /// Longest lease or set time to live.
+    #[arg(long, default_value = "1day", value_parser = humantime::parse_duration)]
+    pub ttl_max: Duration,
+    /// Most keys with lock state.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub locks_max: usize,
+    /// Most queued waiters.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub waiters_max: usize,
+    /// Most distinct sets.
+    #[arg(long, default_value_t = 100_000)]
+    pub sets_max: usize,
+    /// Most members over all distinct sets.
+    #[arg(long, default_value_t = 100_000_000)]
+    pub members_max: usize,
+}
+
+/// `deadbolt lock`.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The lock's key.
+    pub key: String,
+    /// The lease; renewed every third of it while the command runs.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// How long to wait for the lock (default: as long as it takes).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub wait: Option<Duration>,
+    /// Release the lock as soon as this process's connection closes.
+    #[arg(long)]
+    pub ephemeral: bool,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub server: ServerArgs,
+}
+
+/// `deadbolt try-lock`.
+#[derive(Debug, Args)]
+pub struct TryLockArgs {
+    /// The lock's key.
+    pub key: String,
+    /// The lease.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub server: ServerArgs,
+}
+
+/// `deadbolt unlock`.
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    /// The lock's key.
+    pub key: String,
+    /// The fencing token of the grant to end.
+    pub token: u64,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub server: ServerArgs,
+}
+
+/// A command about one lock key.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The lock's key.
+    pub key: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub server: ServerArgs,
+}
+
+/// `deadbolt distinct`.
+#[derive(Debug, Args)]
+pub struct DistinctArgs {
+    /// The set's name.
+    pub name: String,
+    /// The set's time to live (restarted by every run).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub server: ServerArgs,
+}
+
+/// `deadbolt set-up`.
+#[derive(Debug, Args)]
+pub struct SetUpArgs {
+    /// The set's name.
+    pub name: String,
+    /// The set's time to live.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub server: ServerArgs,
+}
+
+/// `deadbolt members`.
+#[derive(Debug, Args)]
+pub struct MembersArgs {
+    /// The set's name.
+    pub name: String,
+    /// Print each key's index before it, separated by a tab.
+    #[arg(long)]
+    pub index: bool,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub server: ServerArgs,
+}
+
+/// A command about one set.
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// The set's name.
+    pub name: String,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub server: ServerArgs,
+}

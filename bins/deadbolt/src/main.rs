@@ -1,0 +1,86 @@
+//! The `deadbolt` binary: the server (`deadbolt serve`) and the
+//! command-line client (every other subcommand).
+//!
+//! Layout: `cli` (the command line), `serve` (the server), `commands`
+//! (the client commands), `connect` (server URL → client).
+//!
+//! Exit codes of the client commands: 0 done; 1 the answer was "no" (held,
+//! timed out, not held, no such set); 3 the lock was lost while the command
+//! ran; 4 any other failure, such as an unreachable server. `deadbolt lock`
+//! otherwise exits with its command's status.
+
+mod cli;
+mod commands;
+mod connect;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+/// Exit code for "the answer was no".
+const EXIT_NO: u8 = 1;
+/// Exit code for "the lock was lost while the command ran".
+const EXIT_LOST: u8 = 3;
+/// Exit code for any other failure.
+const EXIT_FAILED: u8 = 4;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Serve(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("deadbolt: cannot start the runtime: {error}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await.map(|()| 0),
+            Command::Lock(args) => commands::lock(args).await,
+            Command::TryLock(args) => commands::try_lock(args).await,
+            Command::Unlock(args) => commands::unlock(args).await,
+            Command::Inspect(args) => commands::inspect(args).await,
+            Command::Distinct(args) => commands::distinct(args).await,
+            Command::SetUp(args) => commands::set_up(args).await,
+            Command::Members(args) => commands::members(args).await,
+            Command::TearDown(args) => commands::tear_down(args).await,
+        }
+    });
+    // Background tasks (a connection's, a renewal's) must not hold the exit.
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("deadbolt: {error:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// Logs go to stderr through tracing; `RUST_LOG` filters them (default:
+/// `info` for the server, `warn` for client commands).
+fn init_logging(server: bool) {
+    let default = if server { "info" } else { "warn" };
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| default.parse().unwrap_or_default());
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    // A second initialisation cannot happen here; ignore it if it did.
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(filter)
+        .try_init();
+}

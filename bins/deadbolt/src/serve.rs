@@ -1,0 +1,83 @@
+//! `deadbolt serve`: the engine and its frontends, until Ctrl-C or SIGTERM.
+
+use anyhow::Context;
+use deadbolt_core::{Engine, EngineConfig, Limits};
+use deadbolt_transport_ws::WsConfig;
+use tokio::sync::watch;
+
+use crate::cli::ServeArgs;
+
+/// Runs the server until a shutdown signal, then stops it gracefully.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let engine = Engine::start(engine_config(&args));
+    let listener = tokio::net::TcpListener::bind(args.ws)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.ws))?;
+    let ws_addr = listener.local_addr()?;
+    let (stop, stopped) = watch::channel(false);
+    let ws_config = WsConfig {
+        max_connections: args.max_connections,
+        max_in_flight: args.max_in_flight,
+        ..WsConfig::default()
+    };
+    let ws = tokio::spawn(deadbolt_transport_ws::serve(
+        listener,
+        engine.clone(),
+        ws_config,
+        until(stopped.clone()),
+    ));
+    tracing::info!(
+        "deadbolt {} listening on ws://{ws_addr}/ws",
+        env!("CARGO_PKG_VERSION")
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    // The frontends hold receivers until they return.
+    let _ = stop.send(true);
+    ws.await.context("the WebSocket frontend panicked")??;
+    engine.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn engine_config(args: &ServeArgs) -> EngineConfig {
+    let mut config = EngineConfig::new().with_entropy();
+    if let Some(shards) = args.shards {
+        config.shards = shards.max(1);
+    }
+    let ttl_ms_max = u64::try_from(args.ttl_max.as_millis()).unwrap_or(u64::MAX);
+    config.limits = Limits {
+        message_bytes_max: args.message_bytes_max,
+        ttl_ms_max,
+        locks_max: args.locks_max,
+        waiters_max: args.waiters_max,
+        sets_max: args.sets_max,
+        members_max: args.members_max,
+        ..Limits::default()
+    };
+    config
+}
+
+/// Resolves once `stopped` turns true (or its sender is gone).
+async fn until(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch for SIGTERM; only Ctrl-C stops the server");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

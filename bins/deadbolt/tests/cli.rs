@@ -1,0 +1,330 @@
+//! The real `deadbolt` binary against a real server (also the binary).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
+
+/// `deadbolt serve` on a free port, stopped with SIGTERM when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--ws", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let url = read_url(&mut child);
+        Server {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run deadbolt")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("DEADBOLT_SERVER", &self.url)
+            .env_remove("DEADBOLT_CLIENT_ID");
+        command
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        self.child.wait().expect("wait for server")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the server's log until it says where it listens.
+fn read_url(child: &mut Child) -> String {
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("log line");
+        if let Some(at) = line.find("ws://") {
+            let url = line[at..]
+                .split_whitespace()
+                .next()
+                .expect("url")
+                .to_owned();
+            // Keep draining the log so the server never blocks on it.
+            std::thread::spawn(move || for _ in lines {});
+            return url;
+        }
+    }
+    panic!("the server exited before listening");
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn serve_runs_with_no_flags_is_ready_within_a_second_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let url = read_url(&mut child);
+    assert_eq!(url, "ws://127.0.0.1:7420/ws");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "ready in {:?}",
+        started.elapsed()
+    );
+    let ping = Command::new(BIN)
+        .args(["inspect", "k"])
+        .output()
+        .expect("inspect");
+    assert!(ping.status.success(), "{}", stderr(&ping));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("signal");
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn lock_runs_the_command_with_its_token_and_exits_with_its_status() {
+    let server = Server::start();
+    let output = server.run(&[
+        "lock",
+        "job",
+        "--ttl",
+        "5s",
+        "--",
+        "sh",
+        "-c",
+        "echo $DEADBOLT_KEY $DEADBOLT_TOKEN; exit 7",
+    ]);
+    assert_eq!(output.status.code(), Some(7), "{}", stderr(&output));
+    let printed = stdout(&output);
+    let mut words = printed.split_whitespace();
+    assert_eq!(words.next(), Some("job"));
+    assert!(
+        words.next().and_then(|t| t.parse::<u64>().ok()).is_some(),
+        "{printed}"
+    );
+    let after = server.run(&["inspect", "job"]);
+    assert!(
+        stdout(&after).contains("free"),
+        "released after: {}",
+        stdout(&after)
+    );
+}
+
+#[test]
+fn a_second_lock_waits_until_the_first_command_finishes() {
+    let server = Server::start();
+    let first = server
+        .command(&[
+            "lock",
+            "k",
+            "--ttl",
+            "10s",
+            "--",
+            "sh",
+            "-c",
+            "sleep 0.6; echo first done",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("first");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let second = server.run(&["lock", "k", "--ttl", "10s", "--", "echo", "second ran"]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(stdout(&second), "second ran\n");
+    assert!(first.wait_with_output().expect("first").status.success());
+}
+
+#[test]
+fn lock_with_a_short_wait_gives_up_with_exit_1_and_never_runs_the_command() {
+    let server = Server::start();
+    let held = server.run(&["try-lock", "k", "--ttl", "10s"]);
+    assert!(held.status.success());
+    let output = server.run(&[
+        "lock", "k", "--ttl", "1s", "--wait", "200ms", "--", "echo", "ran",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(stdout(&output), "");
+    assert!(
+        stderr(&output).contains("held by someone else"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn the_lease_is_renewed_while_the_command_runs_longer_than_it() {
+    let server = Server::start();
+    let long = server
+        .command(&["lock", "k", "--ttl", "600ms", "--", "sleep", "2"])
+        .spawn()
+        .expect("lock");
+    std::thread::sleep(Duration::from_millis(1500));
+    let busy = server.run(&["try-lock", "k", "--ttl", "1s"]);
+    assert_eq!(
+        busy.status.code(),
+        Some(1),
+        "still held past its first lease"
+    );
+    assert!(long.wait_with_output().expect("lock").status.success());
+}
+
+#[test]
+fn a_lost_lock_terminates_the_command_and_exits_3() {
+    let mut server = Server::start();
+    let started = Instant::now();
+    let locked = server
+        .command(&[
+            "lock",
+            "k",
+            "--ttl",
+            "1s",
+            "--retry-for",
+            "200ms",
+            "--",
+            "sleep",
+            "30",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("lock");
+    std::thread::sleep(Duration::from_millis(300));
+    server.stop(); // renewal can no longer reach anyone
+    let output = locked.wait_with_output().expect("lock");
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("lost the lock"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the command was terminated"
+    );
+}
+
+#[test]
+fn try_lock_inspect_and_unlock_by_token_from_another_process() {
+    let server = Server::start();
+    let taken = server.run(&["try-lock", "res", "--ttl", "30s"]);
+    assert!(taken.status.success());
+    let token = stdout(&taken).trim().to_owned();
+    let info = stdout(&server.run(&["inspect", "res"]));
+    assert!(info.contains(&format!("token {token}")), "{info}");
+    let wrong = server.run(&["unlock", "res", "1"]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(server.run(&["unlock", "res", &token]).status.success());
+    assert!(stdout(&server.run(&["inspect", "res"])).contains("free"));
+}
+
+#[test]
+fn distinct_prints_only_lines_new_across_runs_in_input_order() {
+    let server = Server::start();
+    let run = |input: &str| {
+        let mut child = server
+            .command(&["distinct", "results"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("distinct");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write");
+        let output = child.wait_with_output().expect("distinct");
+        assert!(output.status.success(), "{}", stderr(&output));
+        stdout(&output)
+    };
+    assert_eq!(run("b\na\nb\nc\n\na\n"), "b\na\nc\n");
+    assert_eq!(run("c\nd\na\ne\nd\n"), "d\ne\n");
+    let many: String = (0..5000).map(|i| format!("k{}\n", i % 3000)).collect();
+    let expected: String = (0..3000).map(|i| format!("k{i}\n")).collect();
+    assert_eq!(run(&many), expected);
+}
+
+#[test]
+fn set_up_members_and_tear_down() {
+    let server = Server::start();
+    assert!(stdout(&server.run(&["set-up", "s", "--ttl", "1m"])).contains("created"));
+    assert!(stdout(&server.run(&["set-up", "s", "--ttl", "1m"])).contains("exists"));
+    let mut child = server
+        .command(&["distinct", "s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("distinct");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"x\ny\n")
+        .expect("write");
+    assert!(child.wait().expect("distinct").success());
+    assert_eq!(
+        stdout(&server.run(&["members", "s", "--index"])),
+        "1\tx\n2\ty\n"
+    );
+    assert!(stdout(&server.run(&["tear-down", "s"])).contains("2 members"));
+    let gone = server.run(&["members", "s"]);
+    assert_eq!(gone.status.code(), Some(1));
+    assert_eq!(server.run(&["tear-down", "s"]).status.code(), Some(1));
+}
+
+#[test]
+fn an_unreachable_server_is_a_one_line_error_and_exit_4() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let output = Command::new(BIN)
+        .args(["inspect", "k", "--server", &format!("ws://{addr}/ws")])
+        .output()
+        .expect("run");
+    assert_eq!(output.status.code(), Some(4));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(
+        message.starts_with("deadbolt: cannot reach the server"),
+        "{message}"
+    );
+    assert!(!message.contains("panicked"));
+}
