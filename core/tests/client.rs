@@ -82,8 +82,7 @@ async fn a_grant_after_a_long_wait_is_re_anchored_so_the_view_covers_the_lease()
 #[tokio::test(start_paused = true)]
 async fn a_grant_that_expired_before_it_could_be_re_anchored_is_asked_for_again() {
     let (_engine, a, b) = setup().await;
-    let held = a.lock("k", Duration::from_secs(5)).await.unwrap();
-    std::mem::forget(held); // a never unlocks
+    a.lock("k", Duration::from_secs(5)).await.unwrap().detach(); // a never unlocks
     let guard = b.lock("k", Duration::from_millis(1)).await.unwrap();
     assert!(guard.token() > 0);
 }

@@ -10,12 +10,16 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "deadbolt", version, about)]
 pub struct Cli {
+    /// How client commands reach the server.
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Where the server is and who we are, for the client commands.
+/// Where the server is and who we are, for the client commands. These
+/// flags go before or after the subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// The server: ws://HOST:PORT/ws or quic://HOST:PORT.
@@ -31,6 +35,14 @@ pub struct ServerArgs {
     /// earlier run.
     #[arg(long, env = "DEADBOLT_CLIENT_ID", global = true)]
     pub client_id: Option<String>,
+    /// The certificate (or CA) to trust for quic:// servers. Default: the
+    /// certificate `deadbolt serve` generated in ./deadbolt-data, if there.
+    #[arg(long, env = "DEADBOLT_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Trust any quic:// server without checking its certificate. For
+    /// development only: anyone on the path can pose as the server.
+    #[arg(long, global = true)]
+    pub insecure: bool,
     /// How long to keep retrying a request whose connection broke.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, global = true)]
     pub retry_for: Duration,
@@ -67,6 +79,16 @@ pub struct ServeArgs {
     /// Address for WebSocket clients.
     #[arg(long, default_value = "127.0.0.1:7420")]
     pub ws: SocketAddr,
+    /// Address for QUIC clients, or `off`.
+    #[arg(long, default_value = "127.0.0.1:7421")]
+    pub quic: QuicListen,
+    /// The QUIC server's certificate chain (PEM). Default: a self-signed
+    /// certificate for localhost, generated in the data directory.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Where the server keeps its files (the QUIC certificate).
     #[arg(long, default_value = "deadbolt-data")]
     pub data_dir: PathBuf,
@@ -116,9 +138,6 @@ pub struct LockArgs {
     /// The command to run, after `--`.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub server: ServerArgs,
 }
 
 /// `deadbolt try-lock`.
@@ -129,9 +148,6 @@ pub struct TryLockArgs {
     /// The lease.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ttl: Duration,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub server: ServerArgs,
 }
 
 /// `deadbolt unlock`.
@@ -141,9 +157,6 @@ pub struct UnlockArgs {
     pub key: String,
     /// The fencing token of the grant to end.
     pub token: u64,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub server: ServerArgs,
 }
 
 /// A command about one lock key.
@@ -151,9 +164,6 @@ pub struct UnlockArgs {
 pub struct KeyArgs {
     /// The lock's key.
     pub key: String,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub server: ServerArgs,
 }
 
 /// `deadbolt distinct`.
@@ -164,9 +174,6 @@ pub struct DistinctArgs {
     /// The set's time to live (restarted by every run).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub server: ServerArgs,
 }
 
 /// `deadbolt set-up`.
@@ -177,9 +184,6 @@ pub struct SetUpArgs {
     /// The set's time to live.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ttl: Duration,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub server: ServerArgs,
 }
 
 /// `deadbolt members`.
@@ -190,9 +194,6 @@ pub struct MembersArgs {
     /// Print each key's index before it, separated by a tab.
     #[arg(long)]
     pub index: bool,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub server: ServerArgs,
 }
 
 /// A command about one set.
@@ -200,7 +201,25 @@ pub struct MembersArgs {
 pub struct SetArgs {
     /// The set's name.
     pub name: String,
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub server: ServerArgs,
+}
+
+/// `--quic ADDR` or `--quic off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuicListen {
+    /// Listen on this address.
+    On(SocketAddr),
+    /// No QUIC frontend.
+    Off,
+}
+
+impl std::str::FromStr for QuicListen {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.eq_ignore_ascii_case("off") {
+            Ok(QuicListen::Off)
+        } else {
+            text.parse().map(QuicListen::On)
+        }
+    }
 }

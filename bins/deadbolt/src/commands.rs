@@ -14,7 +14,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
 
 use crate::cli::{
-    DistinctArgs, KeyArgs, LockArgs, MembersArgs, SetArgs, SetUpArgs, TryLockArgs, UnlockArgs,
+    DistinctArgs, KeyArgs, LockArgs, MembersArgs, ServerArgs, SetArgs, SetUpArgs, TryLockArgs,
+    UnlockArgs,
 };
 use crate::connect;
 use crate::{EXIT_FAILED, EXIT_LOST, EXIT_NO};
@@ -27,8 +28,8 @@ const DISTINCT_BATCH: usize = 1000;
 const DISTINCT_LINGER: Duration = Duration::from_millis(2);
 
 /// `deadbolt lock KEY --ttl T [--wait W] [--ephemeral] -- CMD…`
-pub async fn lock(args: LockArgs) -> anyhow::Result<u8> {
-    let client = connect::client(&args.server).await?;
+pub async fn lock(server: &ServerArgs, args: LockArgs) -> anyhow::Result<u8> {
+    let client = connect::client(server).await?;
     let mut options = LockOptions::new(args.ttl)
         .ephemeral(args.ephemeral)
         .auto_renew(true);
@@ -121,13 +122,12 @@ async fn interrupted() {
 }
 
 /// `deadbolt try-lock KEY --ttl T`: prints the token.
-pub async fn try_lock(args: TryLockArgs) -> anyhow::Result<u8> {
-    let client = connect::client(&args.server).await?;
+pub async fn try_lock(server: &ServerArgs, args: TryLockArgs) -> anyhow::Result<u8> {
+    let client = connect::client(server).await?;
     match client.try_lock(&args.key, args.ttl).await? {
         Some(guard) => {
-            println!("{}", guard.token());
             // The lock stays held for its lease: that is the point.
-            std::mem::forget(guard);
+            println!("{}", guard.detach());
             Ok(0)
         }
         None => {
@@ -138,8 +138,8 @@ pub async fn try_lock(args: TryLockArgs) -> anyhow::Result<u8> {
 }
 
 /// `deadbolt unlock KEY TOKEN`.
-pub async fn unlock(args: UnlockArgs) -> anyhow::Result<u8> {
-    let client = connect::client(&args.server).await?;
+pub async fn unlock(server: &ServerArgs, args: UnlockArgs) -> anyhow::Result<u8> {
+    let client = connect::client(server).await?;
     match client.unlock(&args.key, args.token).await {
         Ok(()) => Ok(0),
         Err(e) => answer_no(
@@ -162,8 +162,8 @@ fn answer_no(error: Error, what: &str) -> anyhow::Result<u8> {
 }
 
 /// `deadbolt inspect KEY`.
-pub async fn inspect(args: KeyArgs) -> anyhow::Result<u8> {
-    let client = connect::client(&args.server).await?;
+pub async fn inspect(server: &ServerArgs, args: KeyArgs) -> anyhow::Result<u8> {
+    let client = connect::client(server).await?;
     let info = client.inspect(&args.key).await?;
     match info.holder {
         None => println!("{}: free, {} waiting", args.key, info.waiters),
@@ -176,8 +176,8 @@ pub async fn inspect(args: KeyArgs) -> anyhow::Result<u8> {
 }
 
 /// `deadbolt distinct NAME [--ttl T]`: a distributed `uniq`.
-pub async fn distinct(args: DistinctArgs) -> anyhow::Result<u8> {
-    let client = connect::client(&args.server).await?;
+pub async fn distinct(server: &ServerArgs, args: DistinctArgs) -> anyhow::Result<u8> {
+    let client = connect::client(server).await?;
     let set = client.set(&args.name);
     set.set_up(args.ttl).await?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -243,8 +243,8 @@ where
 }
 
 /// `deadbolt set-up NAME --ttl T`.
-pub async fn set_up(args: SetUpArgs) -> anyhow::Result<u8> {
-    let client = connect::client(&args.server).await?;
+pub async fn set_up(server: &ServerArgs, args: SetUpArgs) -> anyhow::Result<u8> {
+    let client = connect::client(server).await?;
     let reply = client.set(&args.name).set_up(args.ttl).await?;
     let state = if reply.created { "created" } else { "exists" };
     println!("{}: {state}, {} members", args.name, reply.size);
@@ -252,8 +252,8 @@ pub async fn set_up(args: SetUpArgs) -> anyhow::Result<u8> {
 }
 
 /// `deadbolt members NAME`.
-pub async fn members(args: MembersArgs) -> anyhow::Result<u8> {
-    let client = connect::client(&args.server).await?;
+pub async fn members(server: &ServerArgs, args: MembersArgs) -> anyhow::Result<u8> {
+    let client = connect::client(server).await?;
     let mut members = std::pin::pin!(client.set(&args.name).members());
     let mut stdout = tokio::io::stdout();
     loop {
@@ -274,8 +274,8 @@ pub async fn members(args: MembersArgs) -> anyhow::Result<u8> {
 }
 
 /// `deadbolt tear-down NAME`.
-pub async fn tear_down(args: SetArgs) -> anyhow::Result<u8> {
-    let client = connect::client(&args.server).await?;
+pub async fn tear_down(server: &ServerArgs, args: SetArgs) -> anyhow::Result<u8> {
+    let client = connect::client(server).await?;
     match client.set(&args.name).tear_down().await? {
         Some(size) => {
             println!("{}: removed, {size} members", args.name);

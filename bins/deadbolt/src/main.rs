@@ -41,16 +41,17 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let server = &cli.server;
         match cli.command {
             Command::Serve(args) => serve::run(args).await.map(|()| 0),
-            Command::Lock(args) => commands::lock(args).await,
-            Command::TryLock(args) => commands::try_lock(args).await,
-            Command::Unlock(args) => commands::unlock(args).await,
-            Command::Inspect(args) => commands::inspect(args).await,
-            Command::Distinct(args) => commands::distinct(args).await,
-            Command::SetUp(args) => commands::set_up(args).await,
-            Command::Members(args) => commands::members(args).await,
-            Command::TearDown(args) => commands::tear_down(args).await,
+            Command::Lock(args) => commands::lock(server, args).await,
+            Command::TryLock(args) => commands::try_lock(server, args).await,
+            Command::Unlock(args) => commands::unlock(server, args).await,
+            Command::Inspect(args) => commands::inspect(server, args).await,
+            Command::Distinct(args) => commands::distinct(server, args).await,
+            Command::SetUp(args) => commands::set_up(server, args).await,
+            Command::Members(args) => commands::members(server, args).await,
+            Command::TearDown(args) => commands::tear_down(server, args).await,
         }
     });
     // Background tasks (a connection's, a renewal's) must not hold the exit.

@@ -5,7 +5,12 @@ use deadbolt_core::{Engine, EngineConfig, Limits};
 use deadbolt_transport_ws::WsConfig;
 use tokio::sync::watch;
 
-use crate::cli::ServeArgs;
+use std::net::SocketAddr;
+
+use deadbolt_transport_quic::{Identity, QuicConfig};
+use tokio::task::JoinHandle;
+
+use crate::cli::{QuicListen, ServeArgs};
 
 /// Runs the server until a shutdown signal, then stops it gracefully.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -26,6 +31,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ws_config,
         until(stopped.clone()),
     ));
+    let quic = match args.quic {
+        QuicListen::On(addr) => Some(start_quic(&args, addr, &engine, stopped.clone())?),
+        QuicListen::Off => None,
+    };
     tracing::info!(
         "deadbolt {} listening on ws://{ws_addr}/ws",
         env!("CARGO_PKG_VERSION")
@@ -35,9 +44,45 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The frontends hold receivers until they return.
     let _ = stop.send(true);
     ws.await.context("the WebSocket frontend panicked")??;
+    if let Some(quic) = quic {
+        quic.await.context("the QUIC frontend panicked")?;
+    }
     engine.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the QUIC frontend on `addr`, with the certificate from the flags
+/// or one generated in the data directory.
+fn start_quic(
+    args: &ServeArgs,
+    addr: SocketAddr,
+    engine: &Engine,
+    stopped: watch::Receiver<bool>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Identity::load(cert, key)?,
+        _ => {
+            let (identity, cert) = Identity::load_or_create(&args.data_dir)?;
+            tracing::info!(
+                "QUIC certificate for localhost: {} (clients: --ca {0})",
+                cert.display()
+            );
+            identity
+        }
+    };
+    let config = QuicConfig::default();
+    let server_config = deadbolt_transport_quic::server_config(identity, &config)?;
+    let endpoint = quinn::Endpoint::server(server_config, addr)
+        .with_context(|| format!("cannot listen for QUIC on {addr}"))?;
+    let local = endpoint.local_addr()?;
+    tracing::info!("listening on quic://{local}");
+    Ok(tokio::spawn(deadbolt_transport_quic::serve(
+        endpoint,
+        engine.clone(),
+        config,
+        until(stopped),
+    )))
 }
 
 fn engine_config(args: &ServeArgs) -> EngineConfig {

@@ -20,7 +20,14 @@ impl Server {
     fn start() -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(BIN)
-            .args(["serve", "--ws", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--ws",
+                "127.0.0.1:0",
+                "--quic",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(dir.path())
             .stderr(Stdio::piped())
             .spawn()

@@ -355,6 +355,16 @@ impl LockGuard {
         self.client.unlock(&self.key, self.token).await
     }
 
+    /// Lets go of the guard without releasing the lock: renewal stops and
+    /// the lock stays held until its lease ends (or someone unlocks it with
+    /// the token, which this returns). `deadbolt try-lock` uses this to
+    /// leave a lock to another process.
+    pub fn detach(mut self) -> u64 {
+        self.stop_renewal();
+        self.released = true;
+        self.token
+    }
+
     fn stop_renewal(&mut self) {
         if let Some(renewer) = self.renewer.take() {
             renewer.abort();

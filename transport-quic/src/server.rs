@@ -1,0 +1,190 @@
+//! The QUIC accept loop and per-stream request handling.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use deadbolt_core::proto::{Reply, ServerError, decode_request, encode_reply};
+use deadbolt_core::{Engine, Limits, Session};
+use quinn::{Endpoint, Incoming, ReadToEndError, RecvStream, SendStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::QuicConfig;
+use crate::tls::{self, Identity, TlsError};
+
+/// The QUIC error code of a connection closed by a shutting-down server.
+const CLOSE_SHUTDOWN: u32 = 1;
+/// How long a `shutting_down` answer may take to be acknowledged.
+const SHUTDOWN_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The server configuration for `identity` and `config`: ALPN `deadbolt/1`,
+/// the stream, window, idle and incoming-queue limits.
+pub fn server_config(
+    identity: Identity,
+    config: &QuicConfig,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto(identity)?);
+    server
+        .transport_config(Arc::new(config.transport()))
+        .max_incoming(config.max_incoming)
+        .migration(false);
+    Ok(server)
+}
+
+/// Serves QUIC clients on `endpoint` until `shutdown` completes.
+///
+/// Then it stops accepting, answers every request still in flight
+/// `shutting_down`, closes every connection and waits (up to
+/// [`QuicConfig::shutdown_grace`]) for the peers to hear of it.
+pub async fn serve(
+    endpoint: Endpoint,
+    engine: Engine,
+    config: QuicConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let (stop, stopped) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                if let Some(incoming) = admit(incoming, connections.len(), &config) {
+                    let (engine, stopped) = (engine.clone(), stopped.clone());
+                    connections.spawn(connection(incoming, engine, stopped));
+                }
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    let _ = stop.send(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(config.shutdown_grace, drained)
+        .await
+        .is_err()
+    {
+        connections.shutdown().await;
+    }
+    endpoint.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
+    let _ = tokio::time::timeout(config.shutdown_grace, endpoint.wait_idle()).await;
+}
+
+/// Lets a connection attempt in, or turns it away: refused past the
+/// connection limit, asked to prove its address first under load.
+fn admit(incoming: Incoming, open: usize, config: &QuicConfig) -> Option<Incoming> {
+    if open >= config.max_connections {
+        tracing::warn!(peer = %incoming.remote_address(), "QUIC connection limit reached; refusing");
+        incoming.refuse();
+        return None;
+    }
+    if open >= config.retry_above && !incoming.remote_address_validated() {
+        match incoming.retry() {
+            Ok(()) => return None,
+            Err(error) => return Some(error.into_incoming()),
+        }
+    }
+    Some(incoming)
+}
+
+/// One QUIC connection: one engine session, a task per stream.
+async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Receiver<bool>) {
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(error) => {
+            tracing::debug!(%error, "QUIC handshake failed");
+            return;
+        }
+    };
+    let peer = conn.remote_address();
+    tracing::debug!(%peer, "QUIC connected");
+    let session = engine.session();
+    let mut streams = JoinSet::new();
+    let shutting_down = loop {
+        tokio::select! {
+            biased;
+            _ = stopped.changed() => break true,
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    let task = request(send, recv, session.clone(), engine.limits().clone(), stopped.clone());
+                    streams.spawn(task);
+                }
+                Err(_) => break false,
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    };
+    if shutting_down {
+        // Each stream answers `shutting_down` on its own; let them.
+        while streams.join_next().await.is_some() {}
+        conn.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
+    } else {
+        // Gone: dropping the requests cancels their waiting locks.
+        streams.shutdown().await;
+    }
+    drop(session);
+    tracing::debug!(%peer, "QUIC closed");
+}
+
+/// One stream: read one request, answer it, finish.
+async fn request(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    session: Session,
+    limits: Limits,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let bytes = match recv.read_to_end(limits.message_bytes_max).await {
+        Ok(bytes) => bytes,
+        Err(ReadToEndError::TooLong) => {
+            let too_large = ServerError::too_large(format!(
+                "message over the limit of {} bytes",
+                limits.message_bytes_max
+            ));
+            let _ = recv.stop(0u32.into());
+            answer(
+                &mut send,
+                &Reply {
+                    id: None,
+                    outcome: Err(too_large),
+                },
+            )
+            .await;
+            return;
+        }
+        // Reset by the client, or the connection went away.
+        Err(ReadToEndError::Read(_)) => return,
+    };
+    let request = match decode_request(&bytes, &limits) {
+        Ok(request) => request,
+        Err(error) => {
+            answer(&mut send, &error.into_reply()).await;
+            return;
+        }
+    };
+    let id = request.id;
+    let cancelled = send.stopped();
+    let reply = tokio::select! {
+        biased;
+        // The client stopped waiting: dropping `execute` cancels a queued lock.
+        _ = cancelled => return,
+        _ = stopped.changed() => {
+            let shutting_down = Reply { id: Some(id), outcome: Err(ServerError::shutting_down()) };
+            answer(&mut send, &shutting_down).await;
+            // Closing the connection discards unacknowledged stream data:
+            // wait (briefly) for the client to have this answer first.
+            let _ = tokio::time::timeout(SHUTDOWN_ANSWER_WAIT, send.stopped()).await;
+            return;
+        }
+        reply = session.execute(request) => reply,
+    };
+    answer(&mut send, &reply).await;
+}
+
+async fn answer(send: &mut SendStream, reply: &Reply) {
+    // The client may be gone; then there is nobody to answer.
+    if send.write_all(encode_reply(reply).as_bytes()).await.is_ok() {
+        let _ = send.finish();
+    }
+}
