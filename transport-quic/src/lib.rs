@@ -15,14 +15,17 @@
 //! - [`config`]: the frontend's limits;
 //! - [`tls`]: the one crypto provider (ring), certificates, rustls configs;
 //! - [`server`]: the accept loop and the per-stream request handling;
-//! - [`client`]: the client transport behind `deadbolt_core::client::Client`.
+//! - [`client`]: the client transport behind `deadbolt_core::client::Client`;
+//! - [`relay`]: a lossy UDP relay, to test and measure on a bad network.
 
 pub mod client;
 pub mod config;
+pub mod relay;
 pub mod server;
 pub mod tls;
 
 pub use client::{QuicConnector, client_config};
 pub use config::QuicConfig;
+pub use relay::LossyRelay;
 pub use server::{serve, server_config};
 pub use tls::{ALPN, Identity, TlsError, Trust};

@@ -1,12 +1,14 @@
 //! `deadbolt-bench`: measures deadbolt and prints markdown tables. A
 //! benchmark, not a test: it asserts nothing about speed.
 //!
-//! Without `--server` it starts the `deadbolt` binary that sits next to it
-//! (build both with `cargo build --release`) on a free port, as a separate
+//! Without `--ws`/`--quic` it starts the `deadbolt` binary that sits next to
+//! it (build both with `cargo build --release`) on free ports, as a separate
 //! process, so that server and harness do not share a runtime.
 
 mod server;
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -14,19 +16,33 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use deadbolt_core::client::{Client, ClientOptions};
-use deadbolt_core::proto::{Acquire, LockOp, Okay, Op, Wait};
+use deadbolt_core::proto::{Acquire, ErrorCode, LockOp, Okay, Op, Wait};
+use deadbolt_transport_quic::{LossyRelay, QuicConfig, QuicConnector, Trust};
 use deadbolt_transport_ws::WsConnector;
 use hdrhistogram::Histogram;
 
-/// Lock+unlock cycles against a deadbolt server.
+/// Lock+unlock cycles against a deadbolt server, over WebSocket and QUIC,
+/// and over QUIC through a lossy relay.
 #[derive(Debug, Parser)]
 struct Args {
-    /// The server to measure (default: start `deadbolt serve` on a free port).
+    /// A WebSocket server to measure (default: start one).
+    #[arg(long, requires_all = ["quic", "ca"])]
+    ws: Option<String>,
+    /// A QUIC server to measure (default: start one).
+    #[arg(long, requires_all = ["ws", "ca"])]
+    quic: Option<String>,
+    /// The QUIC server's certificate.
     #[arg(long)]
-    server: Option<String>,
-    /// Connections to run, one measurement each.
+    ca: Option<PathBuf>,
+    /// Connections to run, one measurement each per transport.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     connections: Vec<usize>,
+    /// Datagram loss, in percent, for the QUIC-through-a-relay rows.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,5")]
+    loss: Vec<f64>,
+    /// Connections for the lossy rows (each through its own relay).
+    #[arg(long, default_value_t = 4)]
+    loss_connections: usize,
     /// How long each measurement runs.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -35,11 +51,20 @@ struct Args {
     keyspace: u64,
 }
 
-/// One measurement.
-struct Row {
-    connections: usize,
-    cycles_per_second: f64,
-    latency: Histogram<u64>,
+/// Where the server is.
+struct Target {
+    ws: String,
+    quic: String,
+    trust: Trust,
+}
+
+/// How a measurement connects.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Ws,
+    Quic,
+    /// QUIC through a relay that drops this share of datagrams.
+    LossyQuic(f64),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,32 +72,62 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
-        let mut spawned = None;
-        let url = match &args.server {
-            Some(url) => url.clone(),
-            None => {
-                let server = server::Spawned::start().await?;
-                let url = server.url.clone();
-                spawned = Some(server);
-                url
-            }
-        };
-        println!(
-            "lock+unlock cycles against {url}, {} per row, keys from {}",
-            humantime::format_duration(args.duration),
-            args.keyspace
-        );
-        println!();
-        println!("| connections | cycles/s | p50 | p99 | p99.9 |");
-        println!("|---:|---:|---:|---:|---:|");
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut spawned = None;
+    let target = match (&args.ws, &args.quic, &args.ca) {
+        (Some(ws), Some(quic), Some(ca)) => Target {
+            ws: ws.clone(),
+            quic: quic.clone(),
+            trust: Trust::CaFile(ca.clone()),
+        },
+        _ => {
+            let server = server::Spawned::start().await?;
+            let target = Target {
+                ws: server.ws_url.clone(),
+                quic: server.quic_url.clone(),
+                trust: Trust::CaFile(server.ca.clone()),
+            };
+            spawned = Some(server);
+            target
+        }
+    };
+    println!(
+        "lock+unlock cycles (depth 1 per connection), {} per row, keys from {}",
+        humantime::format_duration(args.duration),
+        args.keyspace
+    );
+    println!();
+    println!("| transport | connections | cycles/s | p50 | p99 | p99.9 |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for via in [Via::Ws, Via::Quic] {
         for &connections in &args.connections {
-            let row = cycles(&url, connections, args.duration, args.keyspace).await?;
+            let row = cycles(&target, via, connections, &args).await?;
             print_row(&row);
         }
-        drop(spawned);
-        Ok(())
-    })
+    }
+    for &loss in &args.loss {
+        let row = cycles(
+            &target,
+            Via::LossyQuic(loss / 100.0),
+            args.loss_connections,
+            &args,
+        )
+        .await?;
+        print_row(&row);
+    }
+    drop(spawned);
+    Ok(())
+}
+
+/// One measurement.
+struct Row {
+    via: Via,
+    connections: usize,
+    cycles_per_second: f64,
+    latency: Histogram<u64>,
 }
 
 fn micros(us: u64) -> String {
@@ -85,8 +140,13 @@ fn micros(us: u64) -> String {
 
 fn print_row(row: &Row) {
     let l = &row.latency;
+    let via = match row.via {
+        Via::Ws => "WebSocket".to_owned(),
+        Via::Quic => "QUIC".to_owned(),
+        Via::LossyQuic(loss) => format!("QUIC, {}% loss", loss * 100.0),
+    };
     println!(
-        "| {} | {:.0} | {} | {} | {} |",
+        "| {via} | {} | {:.0} | {} | {} | {} |",
         row.connections,
         row.cycles_per_second,
         micros(l.value_at_quantile(0.5)),
@@ -104,6 +164,40 @@ fn next_key(state: &mut u64, keyspace: u64) -> String {
     format!("bench/{}", (z ^ (z >> 31)) % keyspace)
 }
 
+/// A client, and the relay it goes through if any.
+async fn connect(
+    target: &Target,
+    via: Via,
+    seed: u64,
+) -> anyhow::Result<(Client, Option<LossyRelay>)> {
+    let options = ClientOptions::default();
+    match via {
+        Via::Ws => Ok((
+            Client::connect(WsConnector::new(&target.ws)?, options).await?,
+            None,
+        )),
+        Via::Quic => {
+            let connector =
+                QuicConnector::from_url(&target.quic, &target.trust, &QuicConfig::default())
+                    .await?;
+            Ok((Client::connect(connector, options).await?, None))
+        }
+        Via::LossyQuic(loss) => {
+            let server: SocketAddr = target
+                .quic
+                .trim_start_matches("quic://")
+                .parse()
+                .context("QUIC address")?;
+            let relay = LossyRelay::start(server, loss, seed).await?;
+            let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            let config =
+                deadbolt_transport_quic::client_config(&target.trust, &QuicConfig::default())?;
+            let connector = QuicConnector::new(endpoint, config, relay.addr(), "localhost");
+            Ok((Client::connect(connector, options).await?, Some(relay)))
+        }
+    }
+}
+
 async fn one_cycle(client: &Client, key: String) -> anyhow::Result<()> {
     let lock = Op::Lock(LockOp::Acquire(Acquire {
         key: key.clone(),
@@ -114,28 +208,25 @@ async fn one_cycle(client: &Client, key: String) -> anyhow::Result<()> {
     let token = match client.call(lock).await {
         Ok(Okay::Granted(granted)) => granted.token,
         // Two connections drew the same key at once: a rare collision.
-        Err(e) if e.code() == Some(deadbolt_core::proto::ErrorCode::Busy) => return Ok(()),
+        Err(e) if e.code() == Some(ErrorCode::Busy) => return Ok(()),
         other => anyhow::bail!("lock: {other:?}"),
     };
     client.unlock(&key, token).await.context("unlock")
 }
 
-async fn cycles(
-    url: &str,
-    connections: usize,
-    duration: Duration,
-    keyspace: u64,
-) -> anyhow::Result<Row> {
+async fn cycles(target: &Target, via: Via, connections: usize, args: &Args) -> anyhow::Result<Row> {
     let mut clients = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        clients.push(Client::connect(WsConnector::new(url)?, ClientOptions::default()).await?);
+    for i in 0..connections {
+        clients.push(connect(target, via, i as u64).await?);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for (i, client) in clients.into_iter().enumerate() {
+    let keyspace = args.keyspace;
+    for (i, (client, relay)) in clients.into_iter().enumerate() {
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
+            let _relay = relay;
             let mut histogram = Histogram::<u64>::new(3).expect("histogram");
             let mut state = i as u64;
             while !stop.load(Ordering::Relaxed) {
@@ -146,7 +237,7 @@ async fn cycles(
             Ok::<_, anyhow::Error>(histogram)
         }));
     }
-    tokio::time::sleep(duration).await;
+    tokio::time::sleep(args.duration).await;
     stop.store(true, Ordering::Relaxed);
     let mut latency = Histogram::<u64>::new(3)?;
     for task in tasks {
@@ -154,6 +245,7 @@ async fn cycles(
     }
     let elapsed = started.elapsed().as_secs_f64();
     Ok(Row {
+        via,
         connections,
         cycles_per_second: latency.len() as f64 / elapsed,
         latency,

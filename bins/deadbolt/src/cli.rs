@@ -101,6 +101,26 @@ pub struct ServeArgs {
     /// Most requests in flight on one connection.
     #[arg(long, default_value_t = 4096)]
     pub max_in_flight: usize,
+    /// How long a new WebSocket connection may take to send its request head.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// A WebSocket client silent this long is pinged; silent three times
+    /// this long, it is disconnected.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub idle_ping: Duration,
+    /// Most open QUIC connections.
+    #[arg(long, default_value_t = 10_000)]
+    pub quic_max_connections: usize,
+    /// Requests (streams) in flight on one QUIC connection.
+    #[arg(long, default_value_t = 1024)]
+    pub quic_streams: u32,
+    /// A QUIC connection with no traffic for this long is closed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub quic_idle_timeout: Duration,
+    /// With more QUIC connections open than this, new clients must first
+    /// prove their address (a Retry round trip).
+    #[arg(long, default_value_t = 1_000)]
+    pub quic_retry_above: usize,
     /// Largest message, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub message_bytes_max: usize,

@@ -23,6 +23,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let ws_config = WsConfig {
         max_connections: args.max_connections,
         max_in_flight: args.max_in_flight,
+        handshake_timeout: args.handshake_timeout,
+        idle_ping: args.idle_ping,
+        idle_close: args.idle_ping * 3,
         ..WsConfig::default()
     };
     let ws = tokio::spawn(deadbolt_transport_ws::serve(
@@ -71,7 +74,13 @@ fn start_quic(
             identity
         }
     };
-    let config = QuicConfig::default();
+    let config = QuicConfig {
+        max_connections: args.quic_max_connections,
+        streams_per_connection: args.quic_streams,
+        idle_timeout: args.quic_idle_timeout,
+        retry_above: args.quic_retry_above,
+        ..QuicConfig::default()
+    };
     let server_config = deadbolt_transport_quic::server_config(identity, &config)?;
     let endpoint = quinn::Endpoint::server(server_config, addr)
         .with_context(|| format!("cannot listen for QUIC on {addr}"))?;

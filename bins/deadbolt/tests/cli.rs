@@ -13,7 +13,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 struct Server {
     child: Child,
     url: String,
-    _dir: tempfile::TempDir,
+    quic_url: String,
+    dir: tempfile::TempDir,
 }
 
 impl Server {
@@ -32,11 +33,12 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn server");
-        let url = read_url(&mut child);
+        let (url, quic_url) = read_urls(&mut child);
         Server {
             child,
             url,
-            _dir: dir,
+            quic_url: quic_url.expect("QUIC listens"),
+            dir,
         }
     }
 
@@ -66,21 +68,28 @@ impl Drop for Server {
     }
 }
 
-/// Reads the server's log until it says where it listens.
-fn read_url(child: &mut Child) -> String {
+/// Reads the server's log until it says where it listens: the WebSocket
+/// URL, and the QUIC one if it said that first.
+fn read_urls(child: &mut Child) -> (String, Option<String>) {
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
+    let mut quic = None;
     for line in lines.by_ref() {
         let line = line.expect("log line");
-        if let Some(at) = line.find("ws://") {
-            let url = line[at..]
+        let url_at = |at: usize| {
+            line[at..]
                 .split_whitespace()
                 .next()
                 .expect("url")
-                .to_owned();
+                .to_owned()
+        };
+        if let Some(at) = line.find("quic://") {
+            quic = Some(url_at(at));
+        } else if let Some(at) = line.find("ws://") {
+            let url = url_at(at);
             // Keep draining the log so the server never blocks on it.
             std::thread::spawn(move || for _ in lines {});
-            return url;
+            return (url, quic);
         }
     }
     panic!("the server exited before listening");
@@ -104,8 +113,13 @@ fn serve_runs_with_no_flags_is_ready_within_a_second_and_stops_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let url = read_url(&mut child);
+    let (url, quic) = read_urls(&mut child);
     assert_eq!(url, "ws://127.0.0.1:7420/ws");
+    assert_eq!(quic.as_deref(), Some("quic://127.0.0.1:7421"));
+    assert!(
+        dir.path().join("deadbolt-data/cert.pem").exists(),
+        "a certificate next to its data"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "ready in {:?}",
@@ -334,4 +348,47 @@ fn an_unreachable_server_is_a_one_line_error_and_exit_4() {
         "{message}"
     );
     assert!(!message.contains("panicked"));
+}
+
+#[test]
+fn every_client_command_works_over_quic_too() {
+    let server = Server::start();
+    let ca = server.dir.path().join("cert.pem");
+    let quic = |args: &[&str]| {
+        let mut all = vec![
+            "--server",
+            &server.quic_url,
+            "--ca",
+            ca.to_str().expect("path"),
+        ];
+        all.extend_from_slice(args);
+        server.run(&all)
+    };
+    let ran = quic(&[
+        "lock",
+        "q",
+        "--ttl",
+        "5s",
+        "--",
+        "sh",
+        "-c",
+        "test -n \"$DEADBOLT_TOKEN\"",
+    ]);
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    let token = stdout(&quic(&["try-lock", "q", "--ttl", "30s"]))
+        .trim()
+        .to_owned();
+    // The WebSocket side sees the lock the QUIC side took.
+    assert!(stdout(&server.run(&["inspect", "q"])).contains(&token));
+    assert!(quic(&["unlock", "q", &token]).status.success());
+    let no_ca = server.run(&["--server", &server.quic_url, "inspect", "q"]);
+    assert_eq!(no_ca.status.code(), Some(4));
+    assert!(stderr(&no_ca).contains("--ca"), "{}", stderr(&no_ca));
+    let insecure = server.run(&["--server", &server.quic_url, "--insecure", "inspect", "q"]);
+    assert!(insecure.status.success());
+    assert!(
+        stderr(&insecure).contains("WARNING"),
+        "says so loudly: {}",
+        stderr(&insecure)
+    );
 }

@@ -5,13 +5,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadbolt_core::client::{Client, ClientOptions, LockOptions};
 use deadbolt_core::proto::{ErrorCode, Inserted};
 use deadbolt_core::{Engine, EngineConfig};
-use deadbolt_transport_quic::{Identity, QuicConfig, QuicConnector, Trust};
+use deadbolt_transport_quic::{Identity, LossyRelay, QuicConfig, QuicConnector, Trust};
 use deadbolt_transport_ws::{WsConfig, WsConnector};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use serde_json::{Value, json};
@@ -706,117 +705,17 @@ async fn hand_off(from: Transport, to: Transport) {
 
 // ------------------------------------------------------------ lossy network
 
-/// A UDP relay between one client and the server that drops a share of the
-/// datagrams in each direction, chosen by a seeded generator.
-struct LossyRelay {
-    addr: SocketAddr,
-    dropped: Arc<AtomicU64>,
-    relayed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-}
-
-impl LossyRelay {
-    async fn start(server: SocketAddr, loss: f64, seed: u64) -> LossyRelay {
-        let outer = Arc::new(
-            tokio::net::UdpSocket::bind("127.0.0.1:0")
-                .await
-                .expect("bind"),
-        );
-        let inner = Arc::new(
-            tokio::net::UdpSocket::bind("127.0.0.1:0")
-                .await
-                .expect("bind"),
-        );
-        let addr = outer.local_addr().expect("addr");
-        let (dropped, relayed, stop) = (
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
-        let state = Arc::new(std::sync::Mutex::new(seed));
-        let drop_it = {
-            let state = state.clone();
-            move || {
-                let mut s = state.lock().expect("rng");
-                *s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((*s >> 11) as f64 / (1u64 << 53) as f64) < loss
-            }
-        };
-        let up = {
-            let (outer, inner, client, dropped, relayed, stop, drop_it) = (
-                outer.clone(),
-                inner.clone(),
-                client.clone(),
-                dropped.clone(),
-                relayed.clone(),
-                stop.clone(),
-                drop_it.clone(),
-            );
-            async move {
-                let mut buffer = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = outer.recv_from(&mut buffer).await else {
-                        return;
-                    };
-                    *client.lock().expect("client") = Some(from);
-                    if drop_it() {
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        relayed.fetch_add(1, Ordering::Relaxed);
-                        let _ = inner.send_to(&buffer[..n], server).await;
-                    }
-                }
-            }
-        };
-        let down = {
-            let (dropped, relayed, stop) = (dropped.clone(), relayed.clone(), stop.clone());
-            async move {
-                let mut buffer = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, _)) = inner.recv_from(&mut buffer).await else {
-                        return;
-                    };
-                    let Some(to) = *client.lock().expect("client") else {
-                        continue;
-                    };
-                    if drop_it() {
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        relayed.fetch_add(1, Ordering::Relaxed);
-                        let _ = outer.send_to(&buffer[..n], to).await;
-                    }
-                }
-            }
-        };
-        tokio::spawn(up);
-        tokio::spawn(down);
-        LossyRelay {
-            addr,
-            dropped,
-            relayed,
-            stop,
-        }
-    }
-}
-
-impl Drop for LossyRelay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_five_percent_datagram_loss_locks_and_inserts_complete_correctly() {
     let world = World::start().await;
-    let relay = LossyRelay::start(world.quic_addr, 0.05, 42).await;
+    let relay = LossyRelay::start(world.quic_addr, 0.05, 42)
+        .await
+        .expect("relay");
     let trust = Trust::CaPem(world.ca_pem.clone());
     let config = QuicConfig::default();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let client_config = deadbolt_transport_quic::client_config(&trust, &config).expect("config");
-    let connector = QuicConnector::new(endpoint, client_config, relay.addr, "localhost");
+    let connector = QuicConnector::new(endpoint, client_config, relay.addr(), "localhost");
     let lossy = Client::connect(connector, ClientOptions::default())
         .await
         .expect("connect through the relay");
@@ -850,10 +749,7 @@ async fn with_five_percent_datagram_loss_locks_and_inserts_complete_correctly() 
         }
     );
     assert_eq!(clean.inspect("k").await.expect("inspect").holder, None);
-    let (dropped, relayed) = (
-        relay.dropped.load(Ordering::Relaxed),
-        relay.relayed.load(Ordering::Relaxed),
-    );
+    let (relayed, dropped) = relay.counts();
     assert!(
         dropped > 0,
         "the relay dropped datagrams ({dropped} of {})",

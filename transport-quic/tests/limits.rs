@@ -1,0 +1,160 @@
+//! The QUIC frontend's limits and connection lifecycle: address-validation
+//! retry, the connection limit, oversize messages, and a client that goes
+//! silent until its connection idles out.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use deadbolt_core::client::{Client, ClientOptions, LockOptions};
+use deadbolt_core::{Engine, EngineConfig, Limits};
+use deadbolt_transport_quic::{Identity, LossyRelay, QuicConfig, QuicConnector, Trust};
+
+struct Server {
+    addr: SocketAddr,
+    ca: Vec<u8>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start(config: QuicConfig, limits: Limits) -> Server {
+    let engine = Engine::start(EngineConfig {
+        shards: 1,
+        limits,
+        ..EngineConfig::new()
+    });
+    let (identity, cert_pem, _) = Identity::self_signed().expect("certificate");
+    let server_config = deadbolt_transport_quic::server_config(identity, &config).expect("config");
+    let endpoint =
+        quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = endpoint.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(deadbolt_transport_quic::serve(
+        endpoint,
+        engine,
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    Server {
+        addr,
+        ca: cert_pem.into_bytes(),
+        _stop: stop,
+    }
+}
+
+fn connector(server: &Server, to: SocketAddr, config: &QuicConfig) -> QuicConnector {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let client_config =
+        deadbolt_transport_quic::client_config(&Trust::CaPem(server.ca.clone()), config)
+            .expect("client config");
+    QuicConnector::new(endpoint, client_config, to, "localhost")
+}
+
+async fn client(server: &Server) -> Result<Client, deadbolt_core::client::Error> {
+    let options = ClientOptions {
+        retry_for: Duration::ZERO,
+        ..ClientOptions::default()
+    };
+    Client::connect(
+        connector(server, server.addr, &QuicConfig::default()),
+        options,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn clients_still_connect_when_the_server_asks_them_to_prove_their_address() {
+    let config = QuicConfig {
+        retry_above: 0,
+        ..QuicConfig::default()
+    };
+    let server = start(config, Limits::default()).await;
+    let client = client(&server).await.expect("connect through a Retry");
+    client.ping().await.expect("ping");
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_are_refused() {
+    let config = QuicConfig {
+        max_connections: 1,
+        ..QuicConfig::default()
+    };
+    let server = start(config, Limits::default()).await;
+    let first = client(&server).await.expect("first");
+    let refused = client(&server).await.expect_err("second is refused");
+    assert!(refused.to_string().contains("cannot connect"), "{refused}");
+    first.ping().await.expect("the first still works");
+}
+
+#[tokio::test]
+async fn an_oversize_message_gets_too_large_and_the_connection_stays_usable() {
+    let limits = Limits {
+        message_bytes_max: 1000,
+        ..Limits::default()
+    };
+    let server = start(QuicConfig::default(), limits).await;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let config = deadbolt_transport_quic::client_config(
+        &Trust::CaPem(server.ca.clone()),
+        &QuicConfig::default(),
+    )
+    .expect("config");
+    let conn = endpoint
+        .connect_with(config, server.addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let exchange = async |text: String| {
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(text.as_bytes()).await.expect("write");
+        send.finish().expect("finish");
+        let reply = recv.read_to_end(1 << 20).await.expect("reply");
+        serde_json::from_slice::<serde_json::Value>(&reply).expect("JSON")
+    };
+    let big = format!(r#"{{"id":1,"op":"ping","pad":"{}"}}"#, "x".repeat(2000));
+    let reply = exchange(big).await;
+    assert_eq!(reply["err"]["code"], "too_large", "{reply}");
+    assert_eq!(reply["id"], serde_json::Value::Null);
+    let reply = exchange(r#"{"id":2,"op":"ping"}"#.to_owned()).await;
+    assert_eq!(reply, serde_json::json!({"id": 2, "ok": {}}));
+}
+
+#[tokio::test]
+async fn a_client_that_goes_silent_loses_its_ephemeral_locks_when_its_connection_idles_out() {
+    let config = QuicConfig {
+        idle_timeout: Duration::from_millis(800),
+        ..QuicConfig::default()
+    };
+    let server = start(config.clone(), Limits::default()).await;
+    let relay = LossyRelay::start(server.addr, 0.0, 1).await.expect("relay");
+    let options = ClientOptions {
+        retry_for: Duration::ZERO,
+        ..ClientOptions::default()
+    };
+    let silent = Client::connect(connector(&server, relay.addr(), &config), options)
+        .await
+        .expect("connect");
+    let ephemeral = LockOptions::new(Duration::from_secs(60)).ephemeral(true);
+    silent
+        .lock_with("e", ephemeral)
+        .await
+        .expect("lock")
+        .expect("granted")
+        .detach();
+    relay.set_loss(1.0); // the link dies without a word
+    let observer = client(&server).await.expect("observer");
+    let started = tokio::time::Instant::now();
+    let guard = observer
+        .lock_timeout("e", Duration::from_secs(1), Duration::from_secs(10))
+        .await
+        .expect("wait");
+    assert!(
+        guard.is_some(),
+        "released once the silent connection idled out"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(700),
+        "not before the idle timeout: {waited:?}"
+    );
+}
