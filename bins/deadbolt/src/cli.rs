@@ -52,7 +52,7 @@ pub struct ServerArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a command while holding a lock, renewing it, and release it
     /// after; exits with the command's status.
     Lock(LockArgs),

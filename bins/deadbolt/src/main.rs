@@ -43,7 +43,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let server = &cli.server;
         match cli.command {
-            Command::Serve(args) => serve::run(args).await.map(|()| 0),
+            Command::Serve(args) => serve::run(*args).await.map(|()| 0),
             Command::Lock(args) => commands::lock(server, args).await,
             Command::TryLock(args) => commands::try_lock(server, args).await,
             Command::Unlock(args) => commands::unlock(server, args).await,
