@@ -46,6 +46,15 @@ impl Default for QuicConfig {
 }
 
 impl QuicConfig {
+    /// Sets the server-side limits on `server`: transport parameters, the
+    /// incoming-connection queue, no migration.
+    pub fn apply_to_server(&self, server: &mut quinn::ServerConfig) {
+        server
+            .transport_config(std::sync::Arc::new(self.transport()))
+            .max_incoming(self.max_incoming)
+            .migration(false);
+    }
+
     /// The transport parameters both ends use.
     pub fn transport(&self) -> quinn::TransportConfig {
         let mut transport = quinn::TransportConfig::default();

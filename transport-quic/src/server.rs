@@ -1,7 +1,6 @@
 //! The QUIC accept loop and per-stream request handling.
 
 use std::future::Future;
-use std::sync::Arc;
 
 use deadbolt_core::proto::{Reply, ServerError, decode_request, encode_reply};
 use deadbolt_core::{Engine, Limits, Session};
@@ -24,10 +23,7 @@ pub fn server_config(
     config: &QuicConfig,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let mut server = quinn::ServerConfig::with_crypto(tls::server_crypto(identity)?);
-    server
-        .transport_config(Arc::new(config.transport()))
-        .max_incoming(config.max_incoming)
-        .migration(false);
+    config.apply_to_server(&mut server);
     Ok(server)
 }
 

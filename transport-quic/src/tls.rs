@@ -78,6 +78,22 @@ impl Identity {
         Ok((identity, cert_pem, key_pem))
     }
 
+    /// Reads a chain and key from PEM text.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Identity, TlsError> {
+        let pem_error = |reason: String| TlsError::Pem {
+            path: PathBuf::from("<pem>"),
+            reason,
+        };
+        let certs = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_error(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(pem_error("no certificate".to_owned()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| pem_error(e.to_string()))?;
+        Ok(Identity { certs, key })
+    }
+
     /// Loads a chain and key from PEM files.
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<Identity, TlsError> {
         let pem_error = |path: &Path, reason: String| TlsError::Pem {

@@ -10,7 +10,7 @@
 //! the connection up (failing every pending request as lost, which the
 //! client retries on a new connection) when the server stays silent.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -186,10 +186,12 @@ struct Pending {
     reply: oneshot::Sender<Result<Outcome, TransportError>>,
 }
 
-/// What the connection's caller side and its task share.
+/// What the connection's caller side and its task share. Pending requests
+/// are kept in id order, so that a broken connection fails them in the same
+/// order every run.
 #[derive(Default)]
 struct Shared {
-    pending: Mutex<HashMap<RequestId, Pending>>,
+    pending: Mutex<BTreeMap<RequestId, Pending>>,
     open: AtomicBool,
 }
 
@@ -352,7 +354,7 @@ async fn drive<S>(
     shared.open.store(false, Ordering::Release);
     let pending: Vec<Pending> = {
         let mut map = shared.pending.lock().unwrap_or_else(|p| p.into_inner());
-        map.drain().map(|(_, p)| p).collect()
+        std::mem::take(&mut *map).into_values().collect()
     };
     for p in pending {
         // The caller may have given up already.

@@ -1,7 +1,7 @@
 //! One WebSocket connection: read requests, run them concurrently, write
 //! replies as they complete.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -40,7 +40,7 @@ type ExecuteFuture = Pin<Box<dyn Future<Output = Reply> + Send>>;
 /// The requests in flight on this connection.
 struct InFlight {
     futures: FuturesUnordered<ExecuteFuture>,
-    ids: HashSet<u64>,
+    ids: BTreeSet<u64>,
     max: usize,
 }
 
@@ -57,7 +57,7 @@ pub(crate) async fn run<S>(
     let (mut sink, mut stream) = ws.split();
     let mut in_flight = InFlight {
         futures: FuturesUnordered::new(),
-        ids: HashSet::new(),
+        ids: BTreeSet::new(),
         max: config.max_in_flight,
     };
     let mut heard = Instant::now();
@@ -198,7 +198,7 @@ where
         End::Gone => return,
         End::Close(code, reason) => (code, reason),
         End::Shutdown => {
-            for id in in_flight.ids.drain() {
+            for id in std::mem::take(&mut in_flight.ids) {
                 let reply = Reply {
                     id: Some(id),
                     outcome: Err(ServerError::shutting_down()),

@@ -26,7 +26,7 @@ mod http;
 pub mod listener;
 pub mod server;
 
-pub use client::{Dialer, TcpDialer, WsConnector};
+pub use client::{Dialer, TcpDialer, WsClientConfig, WsConnector};
 pub use config::WsConfig;
 pub use listener::Listener;
 pub use server::serve;

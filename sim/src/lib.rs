@@ -1,0 +1,36 @@
+//! deadbolt-sim: the deterministic network simulation, our Jepsen.
+//!
+//! A turmoil simulation runs the real production code, unchanged: the
+//! server host runs the real `Engine` behind the real WebSocket frontend
+//! (over simulated TCP) and the real QUIC frontend (over simulated UDP);
+//! worker hosts run the real Rust client; a protected resource accepts
+//! writes fenced by token. A seed draws, through proptest, each worker's
+//! plan and a schedule of faults (partitions both and one way, link holds
+//! as process pauses, crashes with restart, connection drops, latency
+//! spikes, datagram loss for QUIC workers), which ends in a heal. The
+//! recorded history is then judged by the checker. The same seed gives the
+//! same run, byte for byte: the history's hash proves it.
+//!
+//! Layout:
+//! - [`scenario`]: what a seed draws;
+//! - [`world`]: the hosts, the fault driver, one run;
+//! - [`worker`]: the worker hosts' workloads;
+//! - [`resource`]: the protected resource;
+//! - [`history`]: the recorded history and its hash;
+//! - [`checker`]: the rules a history must keep;
+//! - [`proxy`]: planted bugs, to prove the checker catches them;
+//! - [`net`]: simulated sockets under the real transports;
+//! - [`summary`]: many seeds, and the table of what they did.
+
+pub mod checker;
+pub mod history;
+pub mod net;
+pub mod proxy;
+pub mod resource;
+pub mod scenario;
+pub mod summary;
+pub mod worker;
+pub mod world;
+
+pub use proxy::Bug;
+pub use world::{Options, Report, run};

@@ -1,0 +1,266 @@
+//! What a run does, drawn by proptest from its seed: each worker's plan and
+//! the fault schedule.
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+/// The lock keys workers contend for.
+pub const LOCK_KEYS: &[&str] = &["counter-a", "counter-b"];
+/// The distinct set workers share.
+pub const SET: &str = "results";
+/// How many distinct result keys there are; workers' inserts overlap.
+pub const RESULT_KEYS: usize = 24;
+/// Workers per run, by transport.
+pub const TRANSPORTS: [Transport; 4] = [
+    Transport::Ws,
+    Transport::Ws,
+    Transport::Quic,
+    Transport::Quic,
+];
+/// Faults start in `[FAULTS_FROM_MS, FAULTS_UNTIL_MS)`.
+pub const FAULTS_FROM_MS: u64 = 200;
+/// See [`FAULTS_FROM_MS`].
+pub const FAULTS_UNTIL_MS: u64 = 4_000;
+/// The longest fault.
+pub const FAULT_MAX_MS: u64 = 1_500;
+/// When the heal phase ends every fault: after the last one could end.
+pub const HEAL_AT_MS: u64 = FAULTS_UNTIL_MS + FAULT_MAX_MS;
+
+/// How a worker reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket over simulated TCP (sees partitions and holds).
+    Ws,
+    /// QUIC over simulated UDP (also sees datagram loss).
+    Quic,
+}
+
+/// How long a `lock` waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// As long as it takes.
+    Forever,
+    /// Not at all (try-lock).
+    Try,
+    /// At most this many milliseconds.
+    UpTo(u64),
+}
+
+/// One step of a worker's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Lock-guarded counter: lock, fenced read, hold, maybe extend, fenced
+    /// write of the value plus one, unlock.
+    Counter {
+        /// Index into [`LOCK_KEYS`].
+        key: usize,
+        /// The lease.
+        ttl_ms: u64,
+        /// How long to wait for the lock.
+        wait: Wait,
+        /// How long the critical section takes.
+        hold_ms: u64,
+        /// Whether to extend the lease in the middle of it.
+        extend: bool,
+        /// Whether the lock is ephemeral.
+        ephemeral: bool,
+    },
+    /// Distinct dedup: insert keys, process the ones this worker owns.
+    Dedup {
+        /// Indices of result keys.
+        keys: Vec<usize>,
+        /// How long processing one key takes.
+        work_ms: u64,
+    },
+}
+
+/// One worker's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerPlan {
+    /// Its transport.
+    pub transport: Transport,
+    /// Its steps, in order; a restarted worker resumes at the step it was in.
+    pub steps: Vec<Step>,
+}
+
+/// A fault.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FaultKind {
+    /// The worker's links are cut (both ways, or only one way).
+    Partition {
+        /// `None`: both ways; `Some(true)`: worker → others only;
+        /// `Some(false)`: others → worker only.
+        oneway: Option<bool>,
+    },
+    /// The worker's links hold every message until the fault ends: a
+    /// process pause, as far as everyone else can tell.
+    Pause,
+    /// The worker crashes, and restarts when the fault ends.
+    Crash,
+    /// A blip on the worker's links that loses whatever is in flight,
+    /// breaking connections mid-request.
+    DropConnections,
+    /// Messages on the worker's links take up to this long.
+    LatencySpike {
+        /// The largest latency.
+        max_ms: u64,
+    },
+    /// Datagrams between a QUIC worker and the server are lost.
+    Loss {
+        /// turmoil's per-send failure rate.
+        rate: f64,
+    },
+}
+
+impl FaultKind {
+    /// A short name, for the summary table.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FaultKind::Partition { oneway: None } => "partition",
+            FaultKind::Partition { oneway: Some(_) } => "partition one way",
+            FaultKind::Pause => "pause (hold)",
+            FaultKind::Crash => "crash + restart",
+            FaultKind::DropConnections => "connection drop",
+            FaultKind::LatencySpike { .. } => "latency spike",
+            FaultKind::Loss { .. } => "datagram loss",
+        }
+    }
+
+    /// Whether it acts on the worker's network links.
+    pub fn is_link_fault(&self) -> bool {
+        !matches!(self, FaultKind::Crash)
+    }
+}
+
+/// A fault, when it starts and how long it lasts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduledFault {
+    /// Start, in simulated milliseconds.
+    pub at_ms: u64,
+    /// Length.
+    pub duration_ms: u64,
+    /// The worker it hits.
+    pub worker: usize,
+    /// What it is.
+    pub kind: FaultKind,
+}
+
+/// Everything a run does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    /// The seed it was drawn from.
+    pub seed: u64,
+    /// One plan per worker.
+    pub workers: Vec<WorkerPlan>,
+    /// The faults, by start time.
+    pub faults: Vec<ScheduledFault>,
+}
+
+fn wait() -> impl Strategy<Value = Wait> {
+    prop_oneof![
+        3 => Just(Wait::Forever),
+        3 => Just(Wait::Try),
+        4 => (100u64..1500).prop_map(Wait::UpTo),
+    ]
+}
+
+fn step() -> BoxedStrategy<Step> {
+    let counter = (
+        0..LOCK_KEYS.len(),
+        150u64..1200,
+        wait(),
+        0u64..900,
+        prop::bool::weighted(0.3),
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(
+            |(key, ttl_ms, wait, hold_ms, extend, ephemeral)| Step::Counter {
+                key,
+                ttl_ms,
+                wait,
+                hold_ms,
+                extend,
+                ephemeral,
+            },
+        );
+    let dedup = (prop::collection::vec(0..RESULT_KEYS, 2..6), 0u64..60)
+        .prop_map(|(keys, work_ms)| Step::Dedup { keys, work_ms });
+    prop_oneof![6 => counter, 4 => dedup].boxed()
+}
+
+fn fault_kind(transport: Transport) -> BoxedStrategy<FaultKind> {
+    let common = prop_oneof![
+        3 => Just(FaultKind::Partition { oneway: None }),
+        2 => any::<bool>().prop_map(|to_others| FaultKind::Partition { oneway: Some(to_others) }),
+        3 => Just(FaultKind::Pause),
+        3 => Just(FaultKind::Crash),
+        3 => Just(FaultKind::DropConnections),
+        2 => (100u64..600).prop_map(|max_ms| FaultKind::LatencySpike { max_ms }),
+    ];
+    match transport {
+        Transport::Ws => common.boxed(),
+        Transport::Quic => {
+            prop_oneof![6 => common, 4 => (0.02f64..0.2).prop_map(|rate| FaultKind::Loss { rate })]
+                .boxed()
+        }
+    }
+}
+
+fn fault() -> impl Strategy<Value = ScheduledFault> {
+    (0..TRANSPORTS.len()).prop_flat_map(|worker| {
+        let duration = 50u64..FAULT_MAX_MS;
+        (
+            FAULTS_FROM_MS..FAULTS_UNTIL_MS,
+            duration,
+            fault_kind(TRANSPORTS[worker]),
+        )
+            .prop_map(move |(at_ms, duration_ms, kind)| {
+                // A connection drop is a blip, not an outage.
+                let duration_ms = if kind == FaultKind::DropConnections {
+                    duration_ms % 30 + 5
+                } else {
+                    duration_ms
+                };
+                ScheduledFault {
+                    at_ms,
+                    duration_ms,
+                    worker,
+                    kind,
+                }
+            })
+    })
+}
+
+fn scenario_strategy(seed: u64) -> impl Strategy<Value = Scenario> {
+    let plans: Vec<BoxedStrategy<WorkerPlan>> = TRANSPORTS
+        .iter()
+        .map(|&transport| {
+            prop::collection::vec(step(), 5..10)
+                .prop_map(move |steps| WorkerPlan { transport, steps })
+                .boxed()
+        })
+        .collect();
+    let faults = prop::collection::vec(fault(), 0..7);
+    (plans, faults).prop_map(move |(workers, mut faults)| {
+        faults.sort_by_key(|f| (f.at_ms, f.worker));
+        Scenario {
+            seed,
+            workers,
+            faults,
+        }
+    })
+}
+
+/// The scenario of `seed`: the same seed always gives the same scenario.
+pub fn scenario(seed: u64) -> Scenario {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
+    let mut runner = TestRunner::new_with_rng(Config::default(), rng);
+    match scenario_strategy(seed).new_tree(&mut runner) {
+        Ok(tree) => tree.current(),
+        // These strategies have no filters, so drawing cannot be rejected.
+        Err(reason) => unreachable!("drawing a scenario failed: {reason}"),
+    }
+}

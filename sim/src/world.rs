@@ -1,0 +1,463 @@
+//! One run: the world of hosts, the driver that injects the scenario's
+//! faults and heals them, and the report the checker makes of it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use deadbolt_core::client::{Client, ClientOptions};
+use deadbolt_core::{Engine, EngineConfig};
+use deadbolt_transport_quic::Identity;
+use deadbolt_transport_ws::{WsConfig, WsConnector};
+use futures_util::TryStreamExt;
+
+use crate::checker::{self, Violation};
+use crate::history::{self, Actor, Event, History, What};
+use crate::net::{SimDialer, SimListener, quic_config, quic_endpoint, quic_server_config};
+use crate::proxy::{self, Bug};
+use crate::resource;
+use crate::scenario::{
+    self, FaultKind, HEAL_AT_MS, LOCK_KEYS, SET, Scenario, ScheduledFault, Transport,
+};
+use crate::worker::{self, QUIC_PORT, Shared, WS_PORT};
+
+/// How long after the heal the workers have to finish their plans.
+pub const WORKLOAD_BOUND_MS: u64 = 40_000;
+/// The longest a run can last, in simulated time.
+const SIMULATION_MS: u64 = HEAL_AT_MS + WORKLOAD_BOUND_MS + 20_000;
+/// Message latency on healthy links.
+const LATENCY_MS: u64 = 20;
+
+/// How to run a seed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// A bug to plant between the WebSocket workers and the server.
+    pub bug: Option<Bug>,
+}
+
+/// What a run came to.
+#[derive(Debug)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// The scenario it ran.
+    pub scenario: Scenario,
+    /// Everything that happened.
+    pub events: Vec<Event>,
+    /// The rules it broke.
+    pub violations: Vec<Violation>,
+    /// The hash of its history: equal for equal runs.
+    pub trace_hash: u64,
+    /// Operations the workers invoked.
+    pub operations: usize,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, usize>,
+}
+
+fn worker_name(worker: usize) -> String {
+    format!("worker{worker}")
+}
+
+/// Runs `seed` and checks it.
+pub fn run(seed: u64, options: Options) -> Report {
+    let scenario = scenario::scenario(seed);
+    let history = History::default();
+    let shared = Shared {
+        history: history.clone(),
+        scenario: Arc::new(scenario.clone()),
+        progress: Arc::new(Mutex::new(vec![0; scenario.workers.len()])),
+        ca_pem: Arc::new(Vec::new()),
+        ws_host: if options.bug.is_some() {
+            "proxy"
+        } else {
+            "server"
+        },
+    };
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
+        .simulation_duration(Duration::from_millis(SIMULATION_MS))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(LATENCY_MS))
+        .udp_capacity(4096)
+        .tcp_capacity(1024)
+        .build();
+    let (identity_pem, shared) = match Identity::self_signed() {
+        Ok((_, cert, key)) => (
+            (cert.clone(), key),
+            Shared {
+                ca_pem: Arc::new(cert.into_bytes()),
+                ..shared
+            },
+        ),
+        Err(error) => return failed(seed, scenario, &history, format!("certificate: {error}")),
+    };
+    add_server(&mut sim, seed, identity_pem);
+    let resource_history = history.clone();
+    sim.host("resource", move || {
+        resource::serve(resource_history.clone())
+    });
+    if let Some(bug) = options.bug {
+        let bug_history = history.clone();
+        sim.host("proxy", move || proxy::serve(bug, bug_history.clone()));
+    }
+    for worker in 0..scenario.workers.len() {
+        let shared = shared.clone();
+        sim.host(worker_name(worker), move || {
+            worker::run(shared.clone(), worker)
+        });
+    }
+    sim.client("auditor", audit(shared.clone()));
+    let mut driver = Driver::new(&scenario, &history, options);
+    let outcome = driver.drive(&mut sim);
+    let faults = std::mem::take(&mut driver.faults);
+    drop(driver);
+    let events = history.events();
+    let finished: Vec<(usize, usize)> = {
+        let progress = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
+        scenario
+            .workers
+            .iter()
+            .zip(progress.iter())
+            .map(|(plan, &done)| (done, plan.steps.len()))
+            .collect()
+    };
+    let mut violations = checker::check(&events, HEAL_AT_MS * 1000, &finished);
+    if let Err(error) = outcome {
+        violations.push(Violation::HostFailed { error });
+    }
+    report(seed, scenario, events, violations, faults)
+}
+
+fn failed(seed: u64, scenario: Scenario, history: &History, error: String) -> Report {
+    report(
+        seed,
+        scenario,
+        history.events(),
+        vec![Violation::HostFailed { error }],
+        BTreeMap::new(),
+    )
+}
+
+fn report(
+    seed: u64,
+    scenario: Scenario,
+    events: Vec<Event>,
+    violations: Vec<Violation>,
+    faults: BTreeMap<&'static str, usize>,
+) -> Report {
+    let operations = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.what,
+                What::LockAsked { .. }
+                    | What::ReadAsked { .. }
+                    | What::WriteAsked { .. }
+                    | What::InsertAsked { .. }
+                    | What::Released { .. }
+            )
+        })
+        .count();
+    Report {
+        seed,
+        trace_hash: history::trace_hash(&events),
+        scenario,
+        events,
+        violations,
+        operations,
+        faults,
+    }
+}
+
+/// The server host: the real engine behind the real WebSocket and QUIC
+/// frontends, on simulated sockets.
+fn add_server(sim: &mut turmoil::Sim<'_>, seed: u64, (cert, key): (String, String)) {
+    sim.host("server", move || {
+        let (cert, key) = (cert.clone(), key.clone());
+        async move {
+            let engine = Engine::start(EngineConfig {
+                shards: 2,
+                seed,
+                ..EngineConfig::new()
+            });
+            let identity = Identity::from_pem(cert.as_bytes(), key.as_bytes())?;
+            let endpoint = quic_endpoint(
+                QUIC_PORT,
+                seed,
+                1,
+                Some(quic_server_config(identity, seed)?),
+            )
+            .await?;
+            tokio::spawn(deadbolt_transport_quic::serve(
+                endpoint,
+                engine.clone(),
+                quic_config(),
+                std::future::pending(),
+            ));
+            let listener = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
+            let config = WsConfig {
+                idle_ping: Duration::from_millis(300),
+                idle_close: Duration::from_millis(1200),
+                ..WsConfig::default()
+            };
+            deadbolt_transport_ws::serve(
+                SimListener(listener),
+                engine,
+                config,
+                std::future::pending(),
+            )
+            .await?;
+            Ok(())
+        }
+    });
+}
+
+/// The auditor: waits for the workers (up to the bound), then exports the
+/// set and reads the resource, straight from the server.
+async fn audit(shared: Shared) -> turmoil::Result {
+    let deadline = Duration::from_millis(HEAL_AT_MS + WORKLOAD_BOUND_MS);
+    while !shared.all_done() && turmoil::sim_elapsed().unwrap_or_default() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let record = |what| shared.history.record(Actor::Auditor, what);
+    let export = async {
+        let connector = WsConnector::with_dialer(&format!("ws://server:{WS_PORT}/ws"), SimDialer)?;
+        let client = Client::connect(connector, ClientOptions::default()).await?;
+        let members = client.set(SET).members().try_collect::<Vec<_>>().await?;
+        Ok::<_, deadbolt_core::client::Error>(
+            members.into_iter().map(|m| (m.index, m.key)).collect(),
+        )
+    };
+    match export.await {
+        Ok(members) => record(What::Members {
+            set: SET.into(),
+            members,
+        }),
+        // No set at all: nobody inserted anything.
+        Err(e) if e.code() == Some(deadbolt_core::proto::ErrorCode::NoSuchSet) => {
+            record(What::Members {
+                set: SET.into(),
+                members: Vec::new(),
+            })
+        }
+        Err(e) => record(What::AuditFailed {
+            error: e.to_string(),
+        }),
+    }
+    for key in LOCK_KEYS {
+        match resource::peek(key).await {
+            Ok(value) => record(What::FinalValue {
+                key: (*key).to_owned(),
+                value,
+            }),
+            Err(error) => record(What::AuditFailed { error }),
+        }
+    }
+    Ok(())
+}
+
+/// Applies the fault schedule as the simulation steps, then heals.
+struct Driver<'a> {
+    scenario: &'a Scenario,
+    history: &'a History,
+    options: Options,
+    next: usize,
+    /// Faults in force, with when they end.
+    active: Vec<(u64, ScheduledFault)>,
+    /// Per worker, until when a link fault holds its links.
+    links_busy_until: Vec<u64>,
+    crashed: Vec<bool>,
+    healed: bool,
+    faults: BTreeMap<&'static str, usize>,
+}
+
+impl<'a> Driver<'a> {
+    fn new(scenario: &'a Scenario, history: &'a History, options: Options) -> Self {
+        let workers = scenario.workers.len();
+        Driver {
+            scenario,
+            history,
+            options,
+            next: 0,
+            active: Vec::new(),
+            links_busy_until: vec![0; workers],
+            crashed: vec![false; workers],
+            healed: false,
+            faults: BTreeMap::new(),
+        }
+    }
+
+    fn record(&self, sim: &turmoil::Sim<'_>, what: What) {
+        self.history
+            .record_at(history::micros(sim.elapsed()), Actor::Driver, what);
+    }
+
+    /// The host a worker's server traffic goes to.
+    fn server_of(&self, worker: usize) -> &'static str {
+        match (self.options.bug, self.scenario.workers[worker].transport) {
+            (Some(_), Transport::Ws) => "proxy",
+            _ => "server",
+        }
+    }
+
+    fn drive(&mut self, sim: &mut turmoil::Sim<'_>) -> Result<(), String> {
+        loop {
+            let now_ms = u64::try_from(sim.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.end_faults(sim, now_ms);
+            self.start_faults(sim, now_ms);
+            if !self.healed && now_ms >= HEAL_AT_MS {
+                self.heal(sim);
+            }
+            match sim.step() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+    }
+
+    fn start_faults(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
+        while let Some(fault) = self
+            .scenario
+            .faults
+            .get(self.next)
+            .filter(|f| f.at_ms <= now_ms)
+        {
+            self.next += 1;
+            let fault = fault.clone();
+            let worker = fault.worker;
+            let end = fault.at_ms + fault.duration_ms;
+            // One fault at a time on a worker's links, so that ending one
+            // never undoes another; a crashed worker cannot crash again.
+            if fault.kind.is_link_fault() && self.links_busy_until[worker] > now_ms {
+                continue;
+            }
+            if fault.kind == FaultKind::Crash && self.crashed[worker] {
+                continue;
+            }
+            self.apply(sim, &fault);
+            if fault.kind.is_link_fault() {
+                self.links_busy_until[worker] = end;
+            }
+            *self.faults.entry(fault.kind.name()).or_insert(0) += 1;
+            self.record(
+                sim,
+                What::Fault {
+                    kind: fault.kind.name(),
+                    detail: format!("{fault:?}"),
+                },
+            );
+            self.active.push((end, fault));
+        }
+    }
+
+    fn end_faults(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
+        let (ending, staying): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|(end, _)| *end <= now_ms);
+        self.active = staying;
+        for (_, fault) in ending {
+            self.revert(sim, &fault);
+        }
+    }
+
+    fn links(&self, worker: usize) -> [(String, &'static str); 2] {
+        [
+            (worker_name(worker), self.server_of(worker)),
+            (worker_name(worker), "resource"),
+        ]
+    }
+
+    fn apply(&mut self, sim: &mut turmoil::Sim<'_>, fault: &ScheduledFault) {
+        let worker = fault.worker;
+        match fault.kind {
+            FaultKind::Partition { oneway: None } | FaultKind::DropConnections => {
+                for (a, b) in self.links(worker) {
+                    sim.partition(a.as_str(), b);
+                }
+            }
+            FaultKind::Partition {
+                oneway: Some(outbound),
+            } => {
+                for (a, b) in self.links(worker) {
+                    if outbound {
+                        sim.partition_oneway(a.as_str(), b)
+                    } else {
+                        sim.partition_oneway(b, a.as_str())
+                    }
+                }
+            }
+            FaultKind::Pause => {
+                for (a, b) in self.links(worker) {
+                    sim.hold(a.as_str(), b);
+                }
+            }
+            FaultKind::LatencySpike { max_ms } => {
+                for (a, b) in self.links(worker) {
+                    sim.set_link_max_message_latency(a.as_str(), b, Duration::from_millis(max_ms));
+                }
+            }
+            FaultKind::Loss { rate } => {
+                sim.set_link_fail_rate(worker_name(worker).as_str(), self.server_of(worker), rate)
+            }
+            FaultKind::Crash => {
+                sim.crash(worker_name(worker).as_str());
+                self.crashed[worker] = true;
+                self.record(sim, What::Crashed { worker });
+            }
+        }
+    }
+
+    fn revert(&mut self, sim: &mut turmoil::Sim<'_>, fault: &ScheduledFault) {
+        let worker = fault.worker;
+        match fault.kind {
+            FaultKind::Partition { .. } | FaultKind::DropConnections | FaultKind::Pause => {
+                for (a, b) in self.links(worker) {
+                    sim.release(a.as_str(), b);
+                    sim.repair(a.as_str(), b);
+                }
+            }
+            FaultKind::LatencySpike { .. } => {
+                for (a, b) in self.links(worker) {
+                    sim.set_link_max_message_latency(
+                        a.as_str(),
+                        b,
+                        Duration::from_millis(LATENCY_MS),
+                    );
+                }
+            }
+            FaultKind::Loss { .. } => {
+                let (a, b) = (worker_name(worker), self.server_of(worker));
+                sim.set_link_fail_rate(a.as_str(), b, 0.0);
+                sim.repair(a.as_str(), b);
+            }
+            FaultKind::Crash => {
+                if self.crashed[worker] {
+                    sim.bounce(worker_name(worker).as_str());
+                    self.crashed[worker] = false;
+                }
+            }
+        }
+    }
+
+    /// Ends every fault still in force and restarts every crashed worker.
+    fn heal(&mut self, sim: &mut turmoil::Sim<'_>) {
+        for (_, fault) in std::mem::take(&mut self.active) {
+            self.revert(sim, &fault);
+        }
+        for worker in 0..self.scenario.workers.len() {
+            for (a, b) in self.links(worker) {
+                sim.release(a.as_str(), b);
+                sim.repair(a.as_str(), b);
+            }
+            if self.crashed[worker] {
+                sim.bounce(worker_name(worker).as_str());
+                self.crashed[worker] = false;
+            }
+        }
+        self.healed = true;
+        self.record(sim, What::Healed);
+    }
+}
