@@ -24,6 +24,8 @@ pub struct Limits {
     pub insert_batch_max: usize,
     /// Largest `members` page (SPEC: 10,000).
     pub members_page_max: u32,
+    /// Longest top list a `stats` reply may carry.
+    pub stats_top_max: u32,
     /// Most keys with lock state (held or waited on), engine-wide.
     pub locks_max: usize,
     /// Most waiters queued on one key.
@@ -51,6 +53,7 @@ impl Default for Limits {
             wait_ms_max: 86_400_000,
             insert_batch_max: 10_000,
             members_page_max: 10_000,
+            stats_top_max: 100,
             locks_max: 10_000_000,
             waiters_per_key_max: 10_000,
             waiters_max: 1_000_000,

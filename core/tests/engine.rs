@@ -337,3 +337,97 @@ fn tokens_from_the_clock_rise_with_it_and_stay_exact_in_javascript() {
     );
     assert!(at(3_900_000_000) < 1 << 53, "exact in an f64 until 2093");
 }
+
+#[tokio::test]
+async fn stats_report_counters_connections_and_bounded_top_lists() {
+    use deadbolt_core::engine::Frontend;
+    let engine = engine(2);
+    let (a, b) = (
+        engine.session_on(Frontend::WebSocket),
+        engine.session_on(Frontend::Quic),
+    );
+    for i in 0..30 {
+        token(&a, &format!("k{i}"), 10_000).await;
+    }
+    let waiting = tokio::spawn({
+        let b = b.clone();
+        async move { call(&b, 7, lock_op("k3", 100, None, false)).await }
+    });
+    while inspect(&a, "k3").await.waiters == 0 {
+        tokio::task::yield_now().await;
+    }
+    call(
+        &a,
+        1,
+        Op::Set(SetOp::SetUp {
+            set: "big".into(),
+            ttl_ms: 60_000,
+        }),
+    )
+    .await
+    .unwrap();
+    call(
+        &a,
+        2,
+        Op::Set(SetOp::Insert {
+            set: "big".into(),
+            keys: Keys::Many(vec!["x".into(), "y".into()]),
+        }),
+    )
+    .await
+    .unwrap();
+    call(
+        &a,
+        3,
+        Op::Set(SetOp::SetUp {
+            set: "small".into(),
+            ttl_ms: 60_000,
+        }),
+    )
+    .await
+    .unwrap();
+    let stats = match call(&a, 9, Op::Stats { top: 5 }).await {
+        Ok(Okay::Stats(stats)) => *stats,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(stats.connections.get("websocket"), Some(&1));
+    assert_eq!(stats.connections.get("quic"), Some(&1));
+    assert_eq!(
+        (stats.locks.held, stats.locks.waiters, stats.locks.grants),
+        (30, 1, 30)
+    );
+    assert_eq!(stats.held.len(), 5, "bounded by top");
+    assert_eq!(stats.held[0].key, "k3", "most waited-for first");
+    assert_eq!(
+        stats
+            .contended
+            .iter()
+            .map(|h| (h.key.as_str(), h.waiters))
+            .collect::<Vec<_>>(),
+        [("k3", 1)]
+    );
+    assert_eq!(
+        stats
+            .largest_sets
+            .iter()
+            .map(|s| (s.set.as_str(), s.size))
+            .collect::<Vec<_>>(),
+        [("big", 2), ("small", 0)]
+    );
+    assert_eq!(
+        (stats.sets.count, stats.sets.members, stats.sets.inserts_new),
+        (2, 2, 2)
+    );
+    assert!(stats.server.starts_with("deadbolt/"));
+    waiting.abort();
+    drop(b);
+    let after = match call(&a, 10, Op::Stats { top: 1 }).await {
+        Ok(Okay::Stats(stats)) => *stats,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        after.connections.get("quic"),
+        Some(&0),
+        "closed sessions are not counted"
+    );
+}

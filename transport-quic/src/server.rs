@@ -2,6 +2,7 @@
 
 use std::future::Future;
 
+use deadbolt_core::engine::Frontend;
 use deadbolt_core::proto::{Reply, ServerError, decode_request, encode_reply};
 use deadbolt_core::{Engine, Limits, Session};
 use quinn::{Endpoint, Incoming, ReadToEndError, RecvStream, SendStream};
@@ -95,7 +96,7 @@ async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Rece
     };
     let peer = conn.remote_address();
     tracing::debug!(%peer, "QUIC connected");
-    let session = engine.session();
+    let session = engine.session_on(Frontend::Quic);
     let mut streams = JoinSet::new();
     let shutting_down = loop {
         tokio::select! {

@@ -10,6 +10,36 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 /// Most headers a request head may carry.
 const HEADERS_MAX: usize = 64;
 
+/// A file served as it was built into the binary.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Asset {
+    /// The paths it answers.
+    pub paths: &'static [&'static str],
+    /// Its `Content-Type`.
+    pub content_type: &'static str,
+    /// Its bytes.
+    pub body: &'static str,
+}
+
+/// The dashboard, and the browser client with its types.
+const ASSETS: &[Asset] = &[
+    Asset {
+        paths: &["/", "/index.html"],
+        content_type: "text/html; charset=utf-8",
+        body: include_str!("../web/index.html"),
+    },
+    Asset {
+        paths: &["/deadbolt.js"],
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("../web/deadbolt.js"),
+    },
+    Asset {
+        paths: &["/deadbolt.d.ts"],
+        content_type: "application/typescript; charset=utf-8",
+        body: include_str!("../web/deadbolt.d.ts"),
+    },
+];
+
 /// What a connection asked for.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Route {
@@ -17,6 +47,10 @@ pub(crate) enum Route {
     WebSocket { key: String },
     /// `GET /healthz`.
     Health,
+    /// `GET /metrics`: Prometheus text.
+    Metrics,
+    /// A static page or script built into the server.
+    Asset(&'static Asset),
     /// Anything else, answered with this status and reason.
     Refuse { status: u16, reason: &'static str },
 }
@@ -95,9 +129,13 @@ fn route(request: &httparse::Request<'_, '_>) -> Route {
             reason: "Method Not Allowed",
         };
     }
+    if let Some(asset) = ASSETS.iter().find(|a| a.paths.contains(&path)) {
+        return Route::Asset(asset);
+    }
     match path {
         "/ws" => upgrade(request),
         "/healthz" => Route::Health,
+        "/metrics" => Route::Metrics,
         _ => Route::Refuse {
             status: 404,
             reason: "Not Found",

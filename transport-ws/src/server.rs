@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use deadbolt_core::Engine;
+use deadbolt_core::engine::Frontend;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -118,6 +119,26 @@ async fn handle<S>(
             http::respond(&mut stream, 503, "Service Unavailable", "text/plain", body).await
         }
         Route::Health => http::respond(&mut stream, 200, "OK", "text/plain", b"ok\n").await,
+        Route::Asset(asset) => {
+            http::respond(
+                &mut stream,
+                200,
+                "OK",
+                asset.content_type,
+                asset.body.as_bytes(),
+            )
+            .await
+        }
+        Route::Metrics => match crate::metrics::render(&shared.engine).await {
+            Some(text) => {
+                let content_type = "text/plain; version=0.0.4; charset=utf-8";
+                http::respond(&mut stream, 200, "OK", content_type, text.as_bytes()).await
+            }
+            None => {
+                let body = b"metrics unavailable: another recorder is installed\n";
+                http::respond(&mut stream, 503, "Service Unavailable", "text/plain", body).await
+            }
+        },
         Route::Refuse { status, reason } => {
             let body = format!("{status} {reason}\n");
             http::respond(&mut stream, status, reason, "text/plain", body.as_bytes()).await
@@ -134,7 +155,7 @@ async fn handle<S>(
             )
             .await;
             tracing::debug!(%peer, "websocket connected");
-            let session = shared.engine.session();
+            let session = shared.engine.session_on(Frontend::WebSocket);
             connection::run(ws, session, shared.engine.limits(), config, stopped).await;
             tracing::debug!(%peer, "websocket closed");
             Ok(())

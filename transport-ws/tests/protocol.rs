@@ -576,3 +576,60 @@ async fn the_rust_client_and_raw_json_share_one_server() {
     assert_eq!(info["ok"]["holder"]["token"], guard.token());
     assert_eq!(info["ok"]["holder"]["client"], client.client_id());
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    answer
+}
+
+#[tokio::test]
+async fn the_port_serves_the_dashboard_the_browser_client_and_its_types() {
+    let server = TestServer::start().await;
+    let page = http_get(server.addr, "/").await;
+    assert!(
+        page.starts_with("HTTP/1.1 200 OK") && page.contains("text/html"),
+        "{page}"
+    );
+    let script = http_get(server.addr, "/deadbolt.js").await;
+    assert!(
+        script.contains("text/javascript") && script.contains("export"),
+        "{script}"
+    );
+    let types = http_get(server.addr, "/deadbolt.d.ts").await;
+    assert!(types.starts_with("HTTP/1.1 200 OK"), "{types}");
+    assert!(
+        http_get(server.addr, "/nope")
+            .await
+            .starts_with("HTTP/1.1 404")
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_counters_sizes_latencies_and_errors() {
+    let server = TestServer::start().await;
+    deadbolt_transport_ws::metrics::install();
+    let mut raw = server.raw().await;
+    raw.lock(1, "k", 10_000).await;
+    raw.send("not json").await;
+    raw.recv().await;
+    let metrics = http_get(server.addr, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
+    for name in [
+        "deadbolt_grants_total",
+        "deadbolt_locks_held",
+        "deadbolt_waiters",
+        "deadbolt_set_members",
+        "deadbolt_inserts_total",
+        "deadbolt_connections{frontend=\"websocket\"}",
+        "deadbolt_request_duration_seconds_bucket{op=\"lock\"",
+        "deadbolt_errors_total{code=\"bad_request\"}",
+    ] {
+        assert!(metrics.contains(name), "no {name} in\n{metrics}");
+    }
+}

@@ -14,6 +14,9 @@ use crate::cli::{QuicListen, ServeArgs};
 
 /// Runs the server until a shutdown signal, then stops it gracefully.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if !deadbolt_transport_ws::metrics::install() {
+        tracing::warn!("no metrics: another metrics recorder is installed");
+    }
     let engine = Engine::start(engine_config(&args));
     let listener = tokio::net::TcpListener::bind(args.ws)
         .await

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::proto::{
     ErrorCode, Inserted, LockInfo, Okay, Op, OpKind, Outcome, Request, ServerError, SetOp,
+    StatsReply,
 };
 use crate::shard::hasher::KeyHasher;
 pub use local::LocalConnector;
@@ -334,6 +335,15 @@ impl Client {
         }
     }
 
+    /// `stats`: counters, sizes and the `top` held locks, contended keys
+    /// and largest sets.
+    pub async fn stats(&self, top: u32) -> Result<StatsReply, Error> {
+        match self.call(Op::Stats { top }).await? {
+            Okay::Stats(stats) => Ok(*stats),
+            other => Err(unexpected(OpKind::Stats, &other)),
+        }
+    }
+
     /// A handle on the distinct set `name`.
     pub fn set(&self, name: &str) -> DistinctSet {
         DistinctSet::new(self.clone(), name)
@@ -374,6 +384,7 @@ fn check_kind(kind: OpKind, okay: Okay) -> Result<Okay, Error> {
             | (OpKind::Members, Okay::Members(_))
             | (OpKind::InspectSet, Okay::SetInfo(_))
             | (OpKind::TearDown, Okay::TornDown(_))
+            | (OpKind::Stats, Okay::Stats(_))
     );
     if fits {
         Ok(okay)

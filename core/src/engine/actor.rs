@@ -7,7 +7,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::proto::{Outcome, RequestId};
-use crate::shard::{Caller, ConnId, Responder, Shard, ShardConfig, ShardOp, ShardStats};
+use crate::shard::{Caller, ConnId, Responder, Shard, ShardConfig, ShardOp, ShardStats, Snapshot};
 use crate::time::Tick;
 
 /// What a shard actor is asked.
@@ -27,8 +27,11 @@ pub(crate) enum ShardMsg {
     },
     /// A connection closed.
     Closed { conn: ConnId },
-    /// Report counters.
-    Stats { reply: oneshot::Sender<ShardStats> },
+    /// Report counters, and the top `top` of each list.
+    Stats {
+        top: usize,
+        reply: oneshot::Sender<(ShardStats, Snapshot)>,
+    },
     /// Answer every waiter `shutting_down` and stop.
     Shutdown,
 }
@@ -102,9 +105,9 @@ fn apply(shard: &mut Shard<oneshot::Sender<Outcome>>, now: Tick, message: ShardM
             shard.cancel(now, conn, request, &key);
         }
         ShardMsg::Closed { conn } => shard.close_connection(now, conn),
-        ShardMsg::Stats { reply } => {
+        ShardMsg::Stats { top, reply } => {
             // The asker may have given up; nothing to do then.
-            let _ = reply.send(shard.stats());
+            let _ = reply.send((shard.stats(), shard.snapshot(now, top)));
         }
         ShardMsg::Shutdown => return false,
     }

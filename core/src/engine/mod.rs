@@ -25,8 +25,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::limits::{Limits, ShardLimits};
+use crate::proto::{LockCounters, SERVER_NAME, SetCounters, StatsReply};
+pub use crate::shard::Snapshot as ShardSnapshot;
 use crate::shard::hasher::KeyHasher;
-use crate::shard::{ShardConfig, ShardStats};
+use crate::shard::{ShardConfig, ShardStats, Snapshot};
 use actor::ShardMsg;
 pub use session::Session;
 
@@ -105,9 +107,36 @@ pub struct Engine {
     inner: Arc<EngineInner>,
 }
 
+/// Which frontend a connection came through, for connection counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Frontend {
+    /// The WebSocket frontend.
+    WebSocket,
+    /// The QUIC frontend.
+    Quic,
+    /// In-process (the local client transport, tests, benchmarks).
+    Local,
+}
+
+impl Frontend {
+    const ALL: [Frontend; 3] = [Frontend::WebSocket, Frontend::Quic, Frontend::Local];
+
+    /// Its name in `stats` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Frontend::WebSocket => "websocket",
+            Frontend::Quic => "quic",
+            Frontend::Local => "local",
+        }
+    }
+}
+
 #[derive(Debug)]
 struct EngineInner {
     mailboxes: Box<[mpsc::Sender<ShardMsg>]>,
+    started: Instant,
+    /// Open sessions per frontend, indexed like [`Frontend::ALL`].
+    connections: [AtomicU64; 3],
     hasher: KeyHasher,
     limits: Limits,
     seed: u64,
@@ -139,6 +168,8 @@ impl Engine {
         Engine {
             inner: Arc::new(EngineInner {
                 mailboxes: mailboxes.into_boxed_slice(),
+                started: epoch,
+                connections: Default::default(),
                 hasher: KeyHasher::with_seed(config.seed),
                 limits: config.limits,
                 seed: config.seed,
@@ -154,11 +185,35 @@ impl Engine {
         &self.inner.limits
     }
 
-    /// A new connection's session. Until it says `hello`, its client id is
-    /// a fresh one made up by the server.
+    /// A new in-process connection's session; see [`Engine::session_on`].
     pub fn session(&self) -> Session {
+        self.session_on(Frontend::Local)
+    }
+
+    /// A new connection's session, counted under `frontend`. Until it says
+    /// `hello`, its client id is a fresh one made up by the server.
+    pub fn session_on(&self, frontend: Frontend) -> Session {
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
-        Session::new(self.clone(), conn, self.anonymous_client_id(conn))
+        self.inner.connections[frontend as usize].fetch_add(1, Ordering::Relaxed);
+        Session::new(self.clone(), conn, self.anonymous_client_id(conn), frontend)
+    }
+
+    /// A session on `frontend` ended.
+    fn session_closed(&self, frontend: Frontend) {
+        self.inner.connections[frontend as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Open connections per frontend.
+    pub fn connections(&self) -> Vec<(Frontend, u64)> {
+        Frontend::ALL
+            .iter()
+            .map(|&f| {
+                (
+                    f,
+                    self.inner.connections[f as usize].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 
     /// A 128-bit id that no other connection of this engine gets, and that
@@ -190,17 +245,61 @@ impl Engine {
 
     /// Counters and sizes summed over all shards.
     pub async fn stats(&self) -> ShardStats {
+        self.gather(0).await.0
+    }
+
+    /// Counters, sizes and the shards' top lists merged, from every shard.
+    async fn gather(&self, top: usize) -> (ShardStats, Snapshot) {
         let mut total = ShardStats::default();
+        let mut merged = Snapshot::default();
         for mailbox in self.mailboxes() {
             let (tx, rx) = oneshot::channel();
-            if mailbox.send(ShardMsg::Stats { reply: tx }).await.is_err() {
+            if mailbox
+                .send(ShardMsg::Stats { top, reply: tx })
+                .await
+                .is_err()
+            {
                 continue;
             }
-            if let Ok(stats) = rx.await {
+            if let Ok((stats, snapshot)) = rx.await {
                 add_stats(&mut total, &stats);
+                merged.held.extend(snapshot.held);
+                merged.contended.extend(snapshot.contended);
+                merged.largest_sets.extend(snapshot.largest_sets);
             }
         }
-        total
+        (total, merged)
+    }
+
+    /// The `stats` reply: counters, sizes, connections, and the `top` held
+    /// locks, contended keys and largest sets over all shards.
+    pub async fn snapshot(&self, top: usize) -> StatsReply {
+        let (stats, mut merged) = self.gather(top).await;
+        let by_waiters = |a: &crate::proto::HeldLock, b: &crate::proto::HeldLock| {
+            b.waiters.cmp(&a.waiters).then_with(|| a.key.cmp(&b.key))
+        };
+        merged.held.sort_by(by_waiters);
+        merged.held.truncate(top);
+        merged.contended.sort_by(by_waiters);
+        merged.contended.truncate(top);
+        merged
+            .largest_sets
+            .sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.set.cmp(&b.set)));
+        merged.largest_sets.truncate(top);
+        StatsReply {
+            server: SERVER_NAME.to_owned(),
+            uptime_ms: u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            connections: self
+                .connections()
+                .into_iter()
+                .map(|(f, n)| (f.name().to_owned(), n))
+                .collect(),
+            locks: lock_counters(&stats),
+            sets: set_counters(&stats),
+            held: merged.held,
+            contended: merged.contended,
+            largest_sets: merged.largest_sets,
+        }
     }
 
     /// Stops the engine: every waiting request is answered `shutting_down`,
@@ -217,6 +316,34 @@ impl Engine {
             // A shard that panicked has nothing more to clean up.
             let _ = task.await;
         }
+    }
+}
+
+fn lock_counters(stats: &ShardStats) -> LockCounters {
+    let l = &stats.locks;
+    LockCounters {
+        held: stats.held as u64,
+        waiters: stats.waiters as u64,
+        grants: l.grants,
+        releases: l.releases,
+        expiries: l.expiries,
+        disconnects: l.disconnects,
+        timeouts: l.timeouts,
+        cancellations: l.cancellations,
+        busy: l.busy,
+    }
+}
+
+fn set_counters(stats: &ShardStats) -> SetCounters {
+    let s = &stats.sets;
+    SetCounters {
+        count: stats.set_count as u64,
+        members: stats.members as u64,
+        created: s.created,
+        expired: s.expired,
+        torn_down: s.torn_down,
+        inserts_new: s.inserts_new,
+        inserts_duplicate: s.inserts_duplicate,
     }
 }
 

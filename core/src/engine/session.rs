@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
-use super::Engine;
 use super::actor::ShardMsg;
+use super::{Engine, Frontend};
 use crate::proto::{
     HelloReply, LockOp, Okay, Op, Outcome, Reply, Request, RequestId, SERVER_NAME, ServerError,
     Wait,
@@ -28,6 +28,7 @@ pub struct Session {
 #[derive(Debug)]
 struct SessionInner {
     engine: Engine,
+    frontend: Frontend,
     conn: ConnId,
     state: Mutex<SessionState>,
 }
@@ -41,10 +42,11 @@ struct SessionState {
 }
 
 impl Session {
-    pub(super) fn new(engine: Engine, conn: ConnId, client: String) -> Session {
+    pub(super) fn new(engine: Engine, conn: ConnId, client: String, frontend: Frontend) -> Session {
         Session {
             inner: Arc::new(SessionInner {
                 engine,
+                frontend,
                 conn,
                 state: Mutex::new(SessionState {
                     client: Arc::from(client),
@@ -79,13 +81,21 @@ impl Session {
     /// before it completes cancels a waiting `lock`.
     pub async fn execute(&self, request: Request) -> Reply {
         let id = request.id;
+        let started = tokio::time::Instant::now();
+        let op = request.op.kind().wire_name();
         let outcome = match request.op {
             Op::Hello { client } => Ok(self.hello(client)),
             Op::Ping => Ok(Okay::EMPTY),
             Op::Cancel { target } => self.cancel(target).await,
+            Op::Stats { top } => {
+                let snapshot = self.inner.engine.snapshot(top as usize).await;
+                Ok(Okay::Stats(Box::new(snapshot)))
+            }
             Op::Lock(op) => self.call_shard(id, ShardOp::Lock(op)).await,
             Op::Set(op) => self.call_shard(id, ShardOp::Set(op)).await,
         };
+        metrics::histogram!("deadbolt_request_duration_seconds", "op" => op)
+            .record(started.elapsed().as_secs_f64());
         Reply {
             id: Some(id),
             outcome,
@@ -198,6 +208,7 @@ impl Drop for CancelOnDrop<'_> {
 
 impl Drop for SessionInner {
     fn drop(&mut self) {
+        self.engine.session_closed(self.frontend);
         for mailbox in self.engine.mailboxes() {
             match mailbox.try_send(ShardMsg::Closed { conn: self.conn }) {
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}

@@ -13,8 +13,9 @@ pub mod wire;
 
 pub use error::{ErrorCode, ServerError};
 pub use reply::{
-    Extended, Granted, HelloReply, HolderInfo, Inserted, InsertedMany, LockInfo, Member,
-    MembersPage, Okay, Outcome, SetInfo, SetUpReply, TornDown,
+    Extended, Granted, HeldLock, HelloReply, HolderInfo, Inserted, InsertedMany, LockCounters,
+    LockInfo, Member, MembersPage, Okay, Outcome, SetCounters, SetInfo, SetSummary, SetUpReply,
+    StatsReply, TornDown,
 };
 pub use request::{Acquire, Keys, LockOp, Op, OpKind, Request, RequestId, SetOp, Wait};
 pub use wire::{DecodeError, Reply, decode_reply, decode_request, encode_reply, encode_request};

@@ -34,6 +34,8 @@ pub enum Okay {
     SetInfo(SetInfo),
     /// `tear_down`.
     TornDown(TornDown),
+    /// `stats`.
+    Stats(Box<StatsReply>),
 }
 
 impl Okay {
@@ -147,4 +149,80 @@ pub struct SetInfo {
 pub struct TornDown {
     /// How many keys the set held.
     pub size: u64,
+}
+
+/// Reply to `stats`: a bounded snapshot of the server. Counters count
+/// since the server started, so a reader takes rates from two snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StatsReply {
+    /// `deadbolt/<version>`.
+    pub server: String,
+    /// How long the server has run.
+    pub uptime_ms: u64,
+    /// Open connections per frontend (`websocket`, `quic`, `local`).
+    pub connections: std::collections::BTreeMap<String, u64>,
+    /// Lock counters and sizes.
+    pub locks: LockCounters,
+    /// Set counters and sizes.
+    pub sets: SetCounters,
+    /// Held locks, most waited-for first (at most `top`).
+    pub held: Vec<HeldLock>,
+    /// Keys with waiters, most waiters first (at most `top`).
+    pub contended: Vec<HeldLock>,
+    /// Distinct sets, largest first (at most `top`).
+    pub largest_sets: Vec<SetSummary>,
+}
+
+/// Lock counters (since start) and sizes (now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[allow(missing_docs)] // each field is the counter of the same name
+pub struct LockCounters {
+    pub held: u64,
+    pub waiters: u64,
+    pub grants: u64,
+    pub releases: u64,
+    pub expiries: u64,
+    pub disconnects: u64,
+    pub timeouts: u64,
+    pub cancellations: u64,
+    pub busy: u64,
+}
+
+/// Set counters (since start) and sizes (now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[allow(missing_docs)] // each field is the counter of the same name
+pub struct SetCounters {
+    pub count: u64,
+    pub members: u64,
+    pub created: u64,
+    pub expired: u64,
+    pub torn_down: u64,
+    pub inserts_new: u64,
+    pub inserts_duplicate: u64,
+}
+
+/// A held lock in a `stats` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLock {
+    /// The key.
+    pub key: String,
+    /// The holder's client id.
+    pub client: String,
+    /// The grant's token.
+    pub token: u64,
+    /// What is left of the lease.
+    pub remaining_ms: u64,
+    /// How many wait for it.
+    pub waiters: u64,
+}
+
+/// A distinct set in a `stats` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetSummary {
+    /// The set's name.
+    pub set: String,
+    /// How many keys it holds.
+    pub size: u64,
+    /// What is left of its time to live.
+    pub remaining_ms: u64,
 }

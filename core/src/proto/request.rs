@@ -28,6 +28,12 @@ pub enum Op {
         /// The request id to cancel.
         target: RequestId,
     },
+    /// A bounded snapshot of the server: counters, sizes and the top
+    /// `top` held locks, contended keys and sets (for dashboards).
+    Stats {
+        /// How many entries each top list may hold.
+        top: u32,
+    },
     /// An operation on one lock key.
     Lock(LockOp),
     /// An operation on one distinct set.
@@ -187,6 +193,7 @@ pub enum OpKind {
     Hello,
     Ping,
     Cancel,
+    Stats,
     Lock,
     Unlock,
     Extend,
@@ -206,6 +213,7 @@ impl Op {
             Op::Hello { .. } => OpKind::Hello,
             Op::Ping => OpKind::Ping,
             Op::Cancel { .. } => OpKind::Cancel,
+            Op::Stats { .. } => OpKind::Stats,
             Op::Lock(LockOp::Acquire(_)) => OpKind::Lock,
             Op::Lock(LockOp::Release { .. }) => OpKind::Unlock,
             Op::Lock(LockOp::Extend { .. }) => OpKind::Extend,
@@ -232,6 +240,7 @@ impl OpKind {
             OpKind::Hello => "hello",
             OpKind::Ping => "ping",
             OpKind::Cancel => "cancel",
+            OpKind::Stats => "stats",
             OpKind::Lock => "lock",
             OpKind::Unlock => "unlock",
             OpKind::Extend => "extend",

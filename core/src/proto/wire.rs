@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use super::error::ServerError;
 use super::reply::{
     Empty, Extended, Granted, HelloReply, Inserted, InsertedMany, LockInfo, MembersPage, Okay,
-    Outcome, SetInfo, SetUpReply, TornDown,
+    Outcome, SetInfo, SetUpReply, StatsReply, TornDown,
 };
 use super::request::{Acquire, Keys, LockOp, Op, OpKind, Request, RequestId, SetOp, Wait};
 use crate::limits::Limits;
@@ -57,6 +57,7 @@ enum OpName {
     Hello,
     Ping,
     Cancel,
+    Stats,
     Lock,
     Unlock,
     Extend,
@@ -85,6 +86,7 @@ struct WireRequest {
     after: Option<u64>,
     limit: Option<u64>,
     client: Option<String>,
+    top: Option<u64>,
 }
 
 /// Decodes and validates one request message.
@@ -123,6 +125,9 @@ fn validate(w: WireRequest, limits: &Limits) -> Result<Op, ServerError> {
         OpName::Ping => Op::Ping,
         OpName::Cancel => Op::Cancel {
             target: required("target", w.target)?,
+        },
+        OpName::Stats => Op::Stats {
+            top: bounded_u32("top", w.top, 20, limits.stats_top_max)?,
         },
         OpName::Lock => Op::Lock(LockOp::Acquire(Acquire {
             key: key("key", w.key, limits)?,
@@ -196,10 +201,15 @@ fn wait_ms(value: Option<u64>, limits: &Limits) -> Result<Option<u64>, ServerErr
 }
 
 fn page_limit(value: Option<u64>, limits: &Limits) -> Result<u32, ServerError> {
-    let max = u64::from(limits.members_page_max);
-    let limit = in_range("limit", value.unwrap_or(1000.min(max)), 1, max)?;
+    bounded_u32("limit", value, 1000, limits.members_page_max)
+}
+
+/// A count in `1..=max` (default `default`, at most `max`).
+fn bounded_u32(name: &str, value: Option<u64>, default: u32, max: u32) -> Result<u32, ServerError> {
+    let max = u64::from(max);
+    let value = in_range(name, value.unwrap_or(u64::from(default).min(max)), 1, max)?;
     // In range of a u32 because the maximum is one.
-    Ok(u32::try_from(limit).unwrap_or(u32::MAX))
+    Ok(u32::try_from(value).unwrap_or(u32::MAX))
 }
 
 fn in_range(name: &str, value: u64, min: u64, max: u64) -> Result<u64, ServerError> {
@@ -257,6 +267,7 @@ const FIELD_TYPES: &[(&str, FieldType)] = &[
     ("target", FieldType::U64),
     ("after", FieldType::U64),
     ("limit", FieldType::U64),
+    ("top", FieldType::U64),
     ("ephemeral", FieldType::Bool),
 ];
 
@@ -353,8 +364,12 @@ struct WireReply<'a> {
     err: Option<&'a ServerError>,
 }
 
-/// Encodes a reply as one JSON message.
+/// Encodes a reply as one JSON message (and counts errors by code, for
+/// metrics: every transport sends every reply through here).
 pub fn encode_reply(reply: &Reply) -> String {
+    if let Err(error) = &reply.outcome {
+        metrics::counter!("deadbolt_errors_total", "code" => error.code.as_str()).increment(1);
+    }
     let wire = WireReply {
         id: reply.id,
         ok: reply.outcome.as_ref().ok(),
@@ -394,6 +409,8 @@ struct WireRequestOut<'a> {
     limit: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     client: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top: Option<u64>,
 }
 
 impl<'a> WireRequestOut<'a> {
@@ -412,6 +429,7 @@ impl<'a> WireRequestOut<'a> {
             after: None,
             limit: None,
             client: None,
+            top: None,
         }
     }
 
@@ -420,6 +438,7 @@ impl<'a> WireRequestOut<'a> {
             Op::Hello { client } => self.client = Some(client),
             Op::Ping => {}
             Op::Cancel { target } => self.target = Some(*target),
+            Op::Stats { top } => self.top = Some(u64::from(*top)),
             Op::Lock(lock) => self.fill_lock(lock),
             Op::Set(set) => self.fill_set(set),
         }
@@ -510,5 +529,6 @@ fn decode_okay(kind: OpKind, json: &str) -> Result<Okay, serde_json::Error> {
         OpKind::Members => Okay::Members(serde_json::from_str::<MembersPage>(json)?),
         OpKind::InspectSet => Okay::SetInfo(serde_json::from_str::<SetInfo>(json)?),
         OpKind::TearDown => Okay::TornDown(serde_json::from_str::<TornDown>(json)?),
+        OpKind::Stats => Okay::Stats(Box::new(serde_json::from_str::<StatsReply>(json)?)),
     })
 }

@@ -20,7 +20,7 @@ use super::timers::{Timer, Timers};
 use super::{Caller, ClientId, ConnId, Responder};
 use crate::limits::ShardLimits;
 use crate::proto::{
-    Acquire, Extended, Granted, HolderInfo, LockInfo, LockOp, Okay, Outcome, RequestId,
+    Acquire, Extended, Granted, HeldLock, HolderInfo, LockInfo, LockOp, Okay, Outcome, RequestId,
     ServerError, Wait,
 };
 use crate::time::Tick;
@@ -575,6 +575,30 @@ impl<R: Responder> Locks<R> {
         self.books.waiters
     }
 
+    /// The `top` most waited-for held locks (ties by key), and the `top`
+    /// keys with the most waiters.
+    pub fn top(&self, now: Tick, top: usize) -> (Vec<HeldLock>, Vec<HeldLock>) {
+        let describe = |e: &LockEntry<R>| {
+            e.holder.as_ref().map(|h| HeldLock {
+                key: e.key.to_string(),
+                client: h.client.to_string(),
+                token: h.token,
+                remaining_ms: now.millis_until(h.deadline),
+                waiters: e.queue.iter().filter(|w| !w.reply.is_closed()).count() as u64,
+            })
+        };
+        let held = super::top::top(self.table.iter(), top, lock_rank);
+        let contended = super::top::top(
+            self.table.iter().filter(|e| !e.queue.is_empty()),
+            top,
+            lock_rank,
+        );
+        (
+            held.into_iter().filter_map(describe).collect(),
+            contended.into_iter().filter_map(describe).collect(),
+        )
+    }
+
     /// Checks the invariants listed in the module docs.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut refs: HashMap<ConnId, u32, KeyHasher> = HashMap::with_hasher(self.hasher);
@@ -612,6 +636,11 @@ impl<R: Responder> Locks<R> {
         }
         Ok(())
     }
+}
+
+/// Ranks locks for `stats`: most waiters first, then by key.
+fn lock_rank<'a, R>(entry: &&'a LockEntry<R>) -> (usize, std::cmp::Reverse<&'a str>) {
+    (entry.queue.len(), std::cmp::Reverse(&entry.key))
 }
 
 /// Grants a free key to `caller` with a new token; `None` if the caller

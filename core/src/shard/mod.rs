@@ -14,13 +14,14 @@ pub mod hasher;
 pub mod locks;
 pub mod sets;
 mod timers;
+mod top;
 
 use std::sync::Arc;
 
 use hasher::KeyHasher;
 
 use crate::limits::ShardLimits;
-use crate::proto::{LockOp, Outcome, RequestId, SetOp};
+use crate::proto::{HeldLock, LockOp, Outcome, RequestId, SetOp, SetSummary};
 use crate::time::Tick;
 use locks::{LockStats, Locks};
 use sets::{SetStats, Sets};
@@ -91,6 +92,17 @@ pub struct ShardStats {
     pub set_count: usize,
     /// Members over all sets now.
     pub members: usize,
+}
+
+/// A shard's part of a `stats` reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Held locks, most waited-for first.
+    pub held: Vec<HeldLock>,
+    /// Keys with waiters, most waiters first.
+    pub contended: Vec<HeldLock>,
+    /// Sets, largest first.
+    pub largest_sets: Vec<SetSummary>,
 }
 
 /// The state of one shard. See the module docs.
@@ -170,6 +182,18 @@ impl<R: Responder> Shard<R> {
             waiters: self.locks.waiters(),
             set_count: self.sets.count(),
             members: self.sets.members_total(),
+        }
+    }
+
+    /// The `top` most waited-for held locks, the `top` most contended keys
+    /// and the `top` largest sets, for `stats`.
+    pub fn snapshot(&self, now: Tick, top: usize) -> Snapshot {
+        let now = now.max(self.now);
+        let (held, contended) = self.locks.top(now, top);
+        Snapshot {
+            held,
+            contended,
+            largest_sets: self.sets.top(now, top),
         }
     }
 

@@ -17,7 +17,7 @@ use super::timers::{Timer, Timers};
 use crate::limits::ShardLimits;
 use crate::proto::{
     Inserted, InsertedMany, Keys, Member, MembersPage, Okay, Outcome, ServerError, SetInfo, SetOp,
-    SetUpReply, TornDown,
+    SetSummary, SetUpReply, TornDown,
 };
 use crate::time::Tick;
 
@@ -319,6 +319,18 @@ impl Sets {
         self.members
     }
 
+    /// The `top` largest sets (ties by name).
+    pub fn top(&self, now: Tick, top: usize) -> Vec<SetSummary> {
+        super::top::top(self.table.iter(), top, set_rank)
+            .into_iter()
+            .map(|s| SetSummary {
+                set: s.name.to_string(),
+                size: s.len() as u64,
+                remaining_ms: now.millis_until(s.deadline),
+            })
+            .collect()
+    }
+
     /// Checks that every set's index agrees with its keys.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut members = 0;
@@ -349,6 +361,11 @@ impl Sets {
         }
         Ok(())
     }
+}
+
+/// Ranks sets for `stats`: largest first, then by name.
+fn set_rank<'a>(set: &&'a DistinctSet) -> (usize, std::cmp::Reverse<&'a str>) {
+    (set.len(), std::cmp::Reverse(&set.name))
 }
 
 /// What an insert may change besides the set: the shard-wide member count
