@@ -29,6 +29,9 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+/// Bytes read from the socket at a time.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
+
 /// Opens byte streams to a host and port.
 #[async_trait]
 pub trait Dialer: Send + Sync + 'static {
@@ -158,6 +161,9 @@ impl<D: Dialer> Connector for WsConnector<D> {
                 .map_err(|e| failed(e.to_string()))?;
             let max = self.config.message_bytes_max;
             let ws_config = WebSocketConfig::default()
+                // tungstenite zero-fills this much before every read: keep it
+                // small, or small messages pay for zeroing 128 KiB each.
+                .read_buffer_size(READ_BUFFER_BYTES)
                 .max_message_size(Some(max))
                 .max_frame_size(Some(max));
             let (ws, _) = tokio_tungstenite::client_async_with_config(

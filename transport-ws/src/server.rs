@@ -19,6 +19,9 @@ use crate::connection;
 use crate::http::{self, Route};
 use crate::listener::Listener;
 
+/// Bytes read from the socket at a time.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
+
 /// Serves WebSocket clients from `listener` until `shutdown` completes.
 ///
 /// Then it stops accepting, answers every request still in flight
@@ -167,6 +170,9 @@ async fn handle<S>(
 fn ws_config(shared: &Shared) -> WebSocketConfig {
     let max = shared.engine.limits().message_bytes_max;
     WebSocketConfig::default()
+        // tungstenite zero-fills this much before every read: keep it
+        // small, or small messages pay for zeroing 128 KiB each.
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
         .max_write_buffer_size(shared.config.write_buffer_max)

@@ -1,253 +1,243 @@
-//! `deadbolt-bench`: measures deadbolt and prints markdown tables. A
-//! benchmark, not a test: it asserts nothing about speed.
+//! `deadbolt-bench`: deadbolt against Redis, memcached and PostgreSQL on one
+//! machine, in one run, every system through every scenario. A benchmark,
+//! not a test: it prints tables and asserts nothing about speed.
 //!
-//! Without `--ws`/`--quic` it starts the `deadbolt` binary that sits next to
-//! it (build both with `cargo build --release`) on free ports, as a separate
-//! process, so that server and harness do not share a runtime.
+//! Each peer is started from its Debian package on loopback, one at a
+//! time, pinned to its own core, with the harness on the other(s):
+//! build first (`cargo build --release`), then run `deadbolt-bench` (full)
+//! or `deadbolt-bench --quick` (about a minute). `deadbolt-bench
+//! transports` compares deadbolt's two transports and QUIC under loss.
+//!
+//! Layout: `systems` (one module per peer, behind one trait), `scenarios`
+//! (the five measurements), `report` (tables, JSON, SVG), `procs` (server
+//! processes, CPU and memory from /proc), `transports`.
 
-mod server;
+mod procs;
+mod report;
+mod scenarios;
+mod systems;
+mod transports;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
-use clap::Parser;
-use deadbolt_core::client::{Client, ClientOptions};
-use deadbolt_core::proto::{Acquire, ErrorCode, LockOp, Okay, Op, Wait};
-use deadbolt_transport_quic::{LossyRelay, QuicConfig, QuicConnector, Trust};
-use deadbolt_transport_ws::WsConnector;
-use hdrhistogram::Histogram;
+use clap::{Parser, Subcommand};
 
-/// Lock+unlock cycles against a deadbolt server, over WebSocket and QUIC,
-/// and over QUIC through a lossy relay.
+use report::{Run, SystemRun};
+use scenarios::Size;
+use systems::System;
+use systems::deadbolt::{Deadbolt, Frontend};
+use systems::memcached::Memcached;
+use systems::postgres::Postgres;
+use systems::redis::Redis;
+
+/// deadbolt against Redis, memcached and PostgreSQL.
 #[derive(Debug, Parser)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Args {
-    /// A WebSocket server to measure (default: start one).
-    #[arg(long, requires_all = ["quic", "ca"])]
-    ws: Option<String>,
-    /// A QUIC server to measure (default: start one).
-    #[arg(long, requires_all = ["ws", "ca"])]
-    quic: Option<String>,
-    /// The QUIC server's certificate.
+    /// Something other than the comparison.
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    compare: CompareArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// deadbolt over WebSocket beside QUIC, and QUIC through datagram loss.
+    Transports(transports::Args),
+}
+
+#[derive(Debug, clap::Args)]
+struct CompareArgs {
+    /// About a minute in all, instead of the full sizes.
     #[arg(long)]
-    ca: Option<PathBuf>,
-    /// Connections to run, one measurement each per transport.
-    #[arg(long, value_delimiter = ',', default_value = "1,64")]
-    connections: Vec<usize>,
-    /// Datagram loss, in percent, for the QUIC-through-a-relay rows.
-    #[arg(long, value_delimiter = ',', default_value = "0,1,5")]
-    loss: Vec<f64>,
-    /// Connections for the lossy rows (each through its own relay).
-    #[arg(long, default_value_t = 4)]
-    loss_connections: usize,
-    /// How long each measurement runs.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    duration: Duration,
-    /// Keys are drawn from this many, so cycles rarely contend.
-    #[arg(long, default_value_t = 1_000_000)]
-    keyspace: u64,
+    quick: bool,
+    /// Only these systems: deadbolt-ws, deadbolt-quic, redis, memcached,
+    /// postgres.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Where to write the raw JSON (default: target/bench/results-<mode>.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where to write the SVG chart (default: docs/bench.svg for a full
+    /// run, target/bench/bench-quick.svg for a quick one).
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
-/// Where the server is.
-struct Target {
-    ws: String,
-    quic: String,
-    trust: Trust,
-}
-
-/// How a measurement connects.
-#[derive(Debug, Clone, Copy)]
-enum Via {
-    Ws,
-    Quic,
-    /// QUIC through a relay that drops this share of datagrams.
-    LossyQuic(f64),
-}
+const CONNECTIONS: [usize; 3] = [1, 16, 64];
+const WAITERS: [usize; 3] = [2, 8, 32];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run(args))
+    let harness_cores = procs::pin_harness();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(cores) = harness_cores {
+        runtime.worker_threads(cores);
+    }
+    let runtime = runtime.build()?;
+    match args.command {
+        Some(Command::Transports(args)) => runtime.block_on(transports::run(args)),
+        None => runtime.block_on(compare(args.compare, harness_cores)),
+    }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let mut spawned = None;
-    let target = match (&args.ws, &args.quic, &args.ca) {
-        (Some(ws), Some(quic), Some(ca)) => Target {
-            ws: ws.clone(),
-            quic: quic.clone(),
-            trust: Trust::CaFile(ca.clone()),
-        },
-        _ => {
-            let server = server::Spawned::start().await?;
-            let target = Target {
-                ws: server.ws_url.clone(),
-                quic: server.quic_url.clone(),
-                trust: Trust::CaFile(server.ca.clone()),
-            };
-            spawned = Some(server);
-            target
-        }
+/// The systems, in table order, each a way to start a fresh instance.
+fn wanted(only: &[String]) -> Vec<&'static str> {
+    let all = [
+        "deadbolt-ws",
+        "deadbolt-quic",
+        "redis",
+        "redis-1ms",
+        "memcached",
+        "postgres",
+    ];
+    all.into_iter()
+        .filter(|name| only.is_empty() || only.iter().any(|o| name.starts_with(o.as_str())))
+        .collect()
+}
+
+async fn start(name: &str) -> anyhow::Result<Box<dyn System>> {
+    let needs = match name {
+        "redis" | "redis-1ms" => Some(("redis-server", "redis-server")),
+        "memcached" => Some(("memcached", "memcached")),
+        "postgres" => Some(("runuser", "postgresql")),
+        _ => None,
     };
-    println!(
-        "lock+unlock cycles (depth 1 per connection), {} per row, keys from {}",
-        humantime::format_duration(args.duration),
-        args.keyspace
-    );
-    println!();
-    println!("| transport | connections | cycles/s | p50 | p99 | p99.9 |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for via in [Via::Ws, Via::Quic] {
-        for &connections in &args.connections {
-            let row = cycles(&target, via, connections, &args).await?;
-            print_row(&row);
+    if let Some((program, package)) = needs {
+        anyhow::ensure!(
+            procs::have(program),
+            "{program} is not installed (apt-get install {package})"
+        );
+    }
+    Ok(match name {
+        "deadbolt-ws" => Box::new(Deadbolt::start(Frontend::Ws).await?),
+        "deadbolt-quic" => Box::new(Deadbolt::start(Frontend::Quic).await?),
+        "redis" => Box::new(Redis::start(Duration::ZERO).await?),
+        "redis-1ms" => Box::new(Redis::start(Duration::from_millis(1)).await?),
+        "memcached" => Box::new(Memcached::start().await?),
+        _ => Box::new(Postgres::start().await?),
+    })
+}
+
+async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Result<()> {
+    let (mode, size) = if args.quick {
+        ("quick", Size::QUICK)
+    } else {
+        ("full", Size::FULL)
+    };
+    let placement = match harness_cores {
+        Some(cores) => format!(
+            "servers pinned to core {}, harness to the other {cores}",
+            procs::SERVER_CORE
+        ),
+        None => "one core: servers and harness share it".to_owned(),
+    };
+    let mut run = Run {
+        mode,
+        size,
+        machine: machine(),
+        placement,
+        systems: Vec::new(),
+    };
+    for name in wanted(&args.only) {
+        eprintln!("== {name}");
+        match measure(name, size).await {
+            Ok(system) => run.systems.push(system),
+            Err(error) => eprintln!("{name}: could not start: {error:#}"),
         }
     }
-    for &loss in &args.loss {
-        let row = cycles(
-            &target,
-            Via::LossyQuic(loss / 100.0),
-            args.loss_connections,
-            &args,
-        )
-        .await?;
-        print_row(&row);
-    }
-    drop(spawned);
+    println!("{}", report::tables(&run));
+    let json = args
+        .json
+        .unwrap_or_else(|| PathBuf::from(format!("target/bench/results-{mode}.json")));
+    report::write_json(&run, &json)?;
+    let svg = args.svg.unwrap_or_else(|| {
+        PathBuf::from(if args.quick {
+            "target/bench/bench-quick.svg"
+        } else {
+            "docs/bench.svg"
+        })
+    });
+    report::write_svg(&run, &svg)?;
+    eprintln!("raw results: {}; chart: {}", json.display(), svg.display());
     Ok(())
 }
 
-/// One measurement.
-struct Row {
-    via: Via,
-    connections: usize,
-    cycles_per_second: f64,
-    latency: Histogram<u64>,
-}
-
-fn micros(us: u64) -> String {
-    if us >= 10_000 {
-        format!("{:.1} ms", us as f64 / 1000.0)
-    } else {
-        format!("{us} µs")
-    }
-}
-
-fn print_row(row: &Row) {
-    let l = &row.latency;
-    let via = match row.via {
-        Via::Ws => "WebSocket".to_owned(),
-        Via::Quic => "QUIC".to_owned(),
-        Via::LossyQuic(loss) => format!("QUIC, {}% loss", loss * 100.0),
+/// Every scenario against one system: 1 to 3 on one instance, 4 and 5 each
+/// on a fresh one, so that earlier state does not blur the numbers.
+async fn measure(name: &str, size: Size) -> anyhow::Result<SystemRun> {
+    let system = start(name).await?;
+    let mut run = SystemRun {
+        name: system.name(),
+        tier: system.tier().to_owned(),
+        cycles: Vec::new(),
+        handoff: Vec::new(),
+        distinct: Vec::new(),
+        memory: None,
+        storm: None,
+        errors: Vec::new(),
     };
-    println!(
-        "| {via} | {} | {:.0} | {} | {} | {} |",
-        row.connections,
-        row.cycles_per_second,
-        micros(l.value_at_quantile(0.5)),
-        micros(l.value_at_quantile(0.99)),
-        micros(l.value_at_quantile(0.999)),
-    );
-}
-
-/// A cheap, seeded key sequence (SplitMix64), so runs are repeatable.
-fn next_key(state: &mut u64, keyspace: u64) -> String {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    format!("bench/{}", (z ^ (z >> 31)) % keyspace)
-}
-
-/// A client, and the relay it goes through if any.
-async fn connect(
-    target: &Target,
-    via: Via,
-    seed: u64,
-) -> anyhow::Result<(Client, Option<LossyRelay>)> {
-    let options = ClientOptions::default();
-    match via {
-        Via::Ws => Ok((
-            Client::connect(WsConnector::new(&target.ws)?, options).await?,
-            None,
-        )),
-        Via::Quic => {
-            let connector =
-                QuicConnector::from_url(&target.quic, &target.trust, &QuicConfig::default())
-                    .await?;
-            Ok((Client::connect(connector, options).await?, None))
-        }
-        Via::LossyQuic(loss) => {
-            let server: SocketAddr = target
-                .quic
-                .trim_start_matches("quic://")
-                .parse()
-                .context("QUIC address")?;
-            let relay = LossyRelay::start(server, loss, seed).await?;
-            let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-            let config =
-                deadbolt_transport_quic::client_config(&target.trust, &QuicConfig::default())?;
-            let connector = QuicConnector::new(endpoint, config, relay.addr(), "localhost");
-            Ok((Client::connect(connector, options).await?, Some(relay)))
-        }
-    }
-}
-
-async fn one_cycle(client: &Client, key: String) -> anyhow::Result<()> {
-    let lock = Op::Lock(LockOp::Acquire(Acquire {
-        key: key.clone(),
-        ttl_ms: 30_000,
-        wait: Wait::Never,
-        ephemeral: false,
-    }));
-    let token = match client.call(lock).await {
-        Ok(Okay::Granted(granted)) => granted.token,
-        // Two connections drew the same key at once: a rare collision.
-        Err(e) if e.code() == Some(ErrorCode::Busy) => return Ok(()),
-        other => anyhow::bail!("lock: {other:?}"),
-    };
-    client.unlock(&key, token).await.context("unlock")
-}
-
-async fn cycles(target: &Target, via: Via, connections: usize, args: &Args) -> anyhow::Result<Row> {
-    let mut clients = Vec::with_capacity(connections);
-    for i in 0..connections {
-        clients.push(connect(target, via, i as u64).await?);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    let keyspace = args.keyspace;
-    for (i, (client, relay)) in clients.into_iter().enumerate() {
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let _relay = relay;
-            let mut histogram = Histogram::<u64>::new(3).expect("histogram");
-            let mut state = i as u64;
-            while !stop.load(Ordering::Relaxed) {
-                let begun = Instant::now();
-                one_cycle(&client, next_key(&mut state, keyspace)).await?;
-                histogram.record(begun.elapsed().as_micros() as u64).ok();
+    // Polling every millisecond only changes how waiters wait.
+    let waits_only = name == "redis-1ms";
+    let mut errors = Vec::new();
+    if !waits_only {
+        for connections in CONNECTIONS {
+            match scenarios::cycles(system.as_ref(), connections, size).await {
+                Ok(row) => run.cycles.push(row),
+                Err(e) => errors.push(format!("cycles with {connections} connections: {e:#}")),
             }
-            Ok::<_, anyhow::Error>(histogram)
-        }));
+        }
     }
-    tokio::time::sleep(args.duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latency = Histogram::<u64>::new(3)?;
-    for task in tasks {
-        latency.add(task.await??)?;
+    for waiters in WAITERS {
+        match scenarios::handoff(system.as_ref(), waiters, size).await {
+            Ok(row) => run.handoff.push(row),
+            Err(e) => errors.push(format!("hand-off with {waiters} waiters: {e:#}")),
+        }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    Ok(Row {
-        via,
-        connections,
-        cycles_per_second: latency.len() as f64 / elapsed,
-        latency,
-    })
+    if !waits_only {
+        for (mode, batch, connections) in [("single", 1, 16), ("batched", 1000, 4)] {
+            match scenarios::distinct(system.as_ref(), mode, batch, connections, size).await {
+                Ok(row) => run.distinct.push(row),
+                Err(e) => errors.push(format!("distinct {mode}: {e:#}")),
+            }
+        }
+    }
+    drop(system);
+    if !waits_only {
+        let fresh = start(name).await?;
+        match scenarios::memory(fresh.as_ref(), size).await {
+            Ok(row) => run.memory = Some(row),
+            Err(e) => errors.push(format!("memory: {e:#}")),
+        }
+    }
+    let fresh = start(name).await?;
+    if fresh.has_leases() {
+        match scenarios::storm(fresh.as_ref(), size).await {
+            Ok(row) => run.storm = Some(row),
+            Err(e) => errors.push(format!("expiry storm: {e:#}")),
+        }
+    }
+    run.errors = errors;
+    Ok(run)
+}
+
+/// The CPU model, cores and memory of this machine.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|kb| kb.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!("{model}, {cores} cores (as the harness sees them), {memory_gib:.0} GiB")
 }

@@ -1,0 +1,408 @@
+//! The results: markdown tables with deadbolt's ratio to each peer, the
+//! raw JSON, and an SVG chart of scenarios 1 and 2.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::scenarios::{Cycles, Distinct, Handoff, Memory, Size, Storm};
+
+/// Everything one system did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SystemRun {
+    /// Its name.
+    pub name: String,
+    /// Its storage tier.
+    pub tier: String,
+    /// Scenario 1.
+    pub cycles: Vec<Cycles>,
+    /// Scenario 2.
+    pub handoff: Vec<Handoff>,
+    /// Scenario 3.
+    pub distinct: Vec<Distinct>,
+    /// Scenario 4.
+    pub memory: Option<Memory>,
+    /// Scenario 5 (None: no leases).
+    pub storm: Option<Storm>,
+    /// What failed, if anything.
+    pub errors: Vec<String>,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// `quick` or `full`.
+    pub mode: &'static str,
+    /// Its sizes.
+    pub size: Size,
+    /// The machine.
+    pub machine: String,
+    /// How the harness and servers were placed.
+    pub placement: String,
+    /// Every system.
+    pub systems: Vec<SystemRun>,
+}
+
+/// The reference: deadbolt over WebSocket.
+fn reference(run: &Run) -> Option<&SystemRun> {
+    run.systems.iter().find(|s| s.name.contains("WebSocket"))
+}
+
+fn ratio(ours: Option<f64>, theirs: f64) -> String {
+    match ours {
+        Some(ours) if theirs > 0.0 && ours > 0.0 => format!("{:.2}×", ours / theirs),
+        _ => "–".to_owned(),
+    }
+}
+
+fn us(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1} ms", v as f64 / 1000.0)
+    } else {
+        format!("{v} µs")
+    }
+}
+
+/// Markdown tables, one per scenario.
+pub fn tables(run: &Run) -> String {
+    let mut out = String::new();
+    let base = reference(run);
+    let _ = writeln!(
+        out,
+        "Machine: {}. {}. Mode: {}.\n",
+        run.machine, run.placement, run.mode
+    );
+    let _ = writeln!(
+        out,
+        "Tiers: {}\n",
+        run.systems
+            .iter()
+            .map(|s| format!("{}: {}", s.name, s.tier))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+
+    let _ = writeln!(
+        out,
+        "### 1. Uncontended lock+unlock cycles (random keys of 1M, depth 1)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| system | connections | cycles/s | p50 | p99 | p99.9 | server CPU µs/cycle | client CPU µs/cycle | deadbolt ÷ this (cycles/s) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for system in &run.systems {
+        for row in &system.cycles {
+            let ours = base
+                .and_then(|b| b.cycles.iter().find(|c| c.connections == row.connections))
+                .map(|c| c.cycles_per_second);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {} |",
+                system.name,
+                row.connections,
+                row.cycles_per_second,
+                us(row.p50_us),
+                us(row.p99_us),
+                us(row.p999_us),
+                row.server_cpu_us_per_cycle,
+                row.client_cpu_us_per_cycle,
+                ratio(ours, row.cycles_per_second)
+            );
+        }
+    }
+
+    let _ = writeln!(out, "\n### 2. Contended hand-off (one key, hold time 0)\n");
+    let _ = writeln!(
+        out,
+        "| system | waiters | hand-off p50 | hand-off p99 | acquisitions/s | wasted requests/acquisition | max wait | fairness (Jain) | this p50 ÷ deadbolt p50 |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for system in &run.systems {
+        for row in &system.handoff {
+            let ours = base
+                .and_then(|b| b.handoff.iter().find(|h| h.waiters == row.waiters))
+                .map(|h| h.handoff_p50_us as f64);
+            let theirs = row.handoff_p50_us as f64;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {:.0} | {:.2} | {:.1} ms | {:.3} | {} |",
+                system.name,
+                row.waiters,
+                us(row.handoff_p50_us),
+                us(row.handoff_p99_us),
+                row.acquisitions_per_second,
+                row.wasted_per_acquisition,
+                row.max_wait_ms,
+                row.fairness,
+                ours.map_or("–".to_owned(), |ours| ratio(Some(theirs), ours))
+            );
+        }
+    }
+
+    let _ = writeln!(out, "\n### 3. Distinct insert (half duplicates)\n");
+    let _ = writeln!(
+        out,
+        "| system | mode | inserts | inserts/s | classified new | correct | deadbolt ÷ this (inserts/s) |"
+    );
+    let _ = writeln!(out, "|---|---|---:|---:|---:|---|---:|");
+    for system in &run.systems {
+        for row in &system.distinct {
+            let ours = base
+                .and_then(|b| b.distinct.iter().find(|d| d.mode == row.mode))
+                .map(|d| d.inserts_per_second);
+            let correct = if row.correct {
+                "yes".to_owned()
+            } else {
+                format!("**WRONG** (expected {})", row.distinct)
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.0} | {} | {} | {} |",
+                system.name,
+                row.mode,
+                row.inserts,
+                row.inserts_per_second,
+                row.classified_new,
+                correct,
+                ratio(ours, row.inserts_per_second)
+            );
+        }
+    }
+
+    let _ = writeln!(
+        out,
+        "\n### 4. Memory per entry (server RSS growth; the system's own count where it has one)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| system | entries | bytes/held lock | bytes/set member | own count bytes/lock | own count bytes/member | this ÷ deadbolt (bytes/member) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let bytes = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.0}"));
+    let base_member = base
+        .and_then(|b| b.memory.as_ref())
+        .and_then(|m| m.per_member);
+    for system in &run.systems {
+        if let Some(m) = &system.memory {
+            let theirs = m.own_per_member.or(m.per_member);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                system.name,
+                m.entries,
+                bytes(m.per_lock),
+                bytes(m.per_member),
+                bytes(m.own_per_lock),
+                bytes(m.own_per_member),
+                theirs.map_or("–".to_owned(), |t| ratio(
+                    Some(t),
+                    base_member.unwrap_or(0.0)
+                ))
+            );
+        }
+    }
+
+    let _ = writeln!(
+        out,
+        "\n### 5. Expiry storm (every lock with the same short lease, each with a waiter)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| system | locks | lease | last lease end → all waiters granted | lag p50 | lag max | granted before the lease ended | this ÷ deadbolt (all granted) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let base_storm = base
+        .and_then(|b| b.storm.as_ref())
+        .map(|s| s.last_deadline_to_all_granted_ms);
+    for system in &run.systems {
+        match &system.storm {
+            Some(s) => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} ms | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} |",
+                    system.name,
+                    s.locks,
+                    s.lease_ms,
+                    s.last_deadline_to_all_granted_ms,
+                    s.lag_p50_ms,
+                    s.lag_max_ms,
+                    s.granted_early,
+                    ratio(
+                        Some(s.last_deadline_to_all_granted_ms),
+                        base_storm.unwrap_or(0.0)
+                    )
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "| {} | – | – | n/a (no leases) | – | – | – | – |",
+                    system.name
+                );
+            }
+        }
+    }
+    for system in run.systems.iter().filter(|s| !s.errors.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nErrors from {}: {}",
+            system.name,
+            system.errors.join("; ")
+        );
+    }
+    out
+}
+
+/// Writes the raw results as JSON.
+pub fn write_json(run: &Run, path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(run)?)?;
+    Ok(())
+}
+
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
+/// Bars for one scenario: groups (x labels) × systems.
+struct Bars<'a> {
+    title: &'a str,
+    y_label: &'a str,
+    groups: Vec<String>,
+    /// Per system: its name and one value per group (None: no bar).
+    series: Vec<(String, Vec<Option<f64>>)>,
+}
+
+fn draw_bars(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    bars: &Bars<'_>,
+) -> anyhow::Result<()> {
+    let top = bars
+        .series
+        .iter()
+        .flat_map(|(_, v)| v.iter().flatten())
+        .fold(0.0f64, |a, &b| a.max(b))
+        * 1.15;
+    let groups = bars.groups.len();
+    let width = bars.series.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(bars.title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..groups as f64, 0.0..top.max(1.0))?;
+    let labels = bars.groups.clone();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups * 2 + 1)
+        .x_label_formatter(&move |x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 {
+                labels.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(bars.y_label)
+        .draw()?;
+    for (s, (name, values)) in bars.series.iter().enumerate() {
+        let color = COLORS[s % COLORS.len()];
+        let rects = values.iter().enumerate().filter_map(|(g, v)| {
+            let x0 = g as f64 + 0.1 + 0.8 * s as f64 / width;
+            v.map(|v| Rectangle::new([(x0, 0.0), (x0 + 0.8 / width, v)], color.filled()))
+        });
+        chart
+            .draw_series(rects)?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    Ok(())
+}
+
+/// An SVG chart of scenario 1 (cycles/s) and 2 (hand-off p50).
+pub fn write_svg(run: &Run, path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let connections: Vec<usize> = reference(run)
+        .map(|b| b.cycles.iter().map(|c| c.connections).collect())
+        .unwrap_or_default();
+    let waiters: Vec<usize> = reference(run)
+        .map(|b| b.handoff.iter().map(|h| h.waiters).collect())
+        .unwrap_or_default();
+    let cycles = Bars {
+        title: "Uncontended lock+unlock cycles/s (higher is better)",
+        y_label: "cycles/s",
+        groups: connections
+            .iter()
+            .map(|c| format!("{c} connections"))
+            .collect(),
+        series: run
+            .systems
+            .iter()
+            .filter(|s| !s.cycles.is_empty())
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    connections
+                        .iter()
+                        .map(|&c| {
+                            s.cycles
+                                .iter()
+                                .find(|r| r.connections == c)
+                                .map(|r| r.cycles_per_second)
+                        })
+                        .collect(),
+                )
+            })
+            .collect(),
+    };
+    let handoff = Bars {
+        title: "Contended hand-off latency p50 in µs (lower is better)",
+        y_label: "µs",
+        groups: waiters.iter().map(|w| format!("{w} waiters")).collect(),
+        series: run
+            .systems
+            .iter()
+            .filter(|s| !s.handoff.is_empty())
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    waiters
+                        .iter()
+                        .map(|&w| {
+                            s.handoff
+                                .iter()
+                                .find(|r| r.waiters == w)
+                                .map(|r| r.handoff_p50_us as f64)
+                        })
+                        .collect(),
+                )
+            })
+            .collect(),
+    };
+    let root = SVGBackend::new(path, (1100, 900)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (upper, lower) = root.split_vertically(450);
+    draw_bars(&upper, &cycles)?;
+    draw_bars(&lower, &handoff)?;
+    root.present()?;
+    Ok(())
+}

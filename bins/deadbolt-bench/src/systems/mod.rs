@@ -1,0 +1,87 @@
+//! The systems under comparison, behind one interface: each offers leased
+//! locks (try-lock, blocking lock, unlock) and a distinct set.
+
+pub mod deadbolt;
+pub mod memcached;
+pub mod postgres;
+pub mod redis;
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use async_trait::async_trait;
+
+/// What a lock grant is known by, to release it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held(pub u64);
+
+/// One connection to a system.
+#[async_trait]
+pub trait Conn: Send {
+    /// Takes `key` if free; `None` if someone holds it.
+    async fn try_lock(&mut self, key: &str, ttl: Duration) -> anyhow::Result<Option<Held>>;
+    /// Takes `key`, waiting as long as it takes (server-side where the
+    /// system can, else by polling).
+    async fn lock(&mut self, key: &str, ttl: Duration) -> anyhow::Result<Held>;
+    /// Releases a grant.
+    async fn unlock(&mut self, key: &str, held: Held) -> anyhow::Result<()>;
+    /// Makes the set exist.
+    async fn set_up(&mut self, set: &str) -> anyhow::Result<()>;
+    /// Inserts keys into a set, in order: whether each was new.
+    async fn insert(&mut self, set: &str, keys: &[String]) -> anyhow::Result<Vec<bool>>;
+    /// Lock requests this connection has sent (polls included).
+    fn lock_requests(&self) -> u64;
+
+    /// Takes every key, each as soon as it is free (the expiry storm):
+    /// when each was granted, in the order of `keys`. By default, rounds of
+    /// try-locks every `retry`; systems that wait on the server override it.
+    async fn lock_all(
+        &mut self,
+        keys: &[String],
+        ttl: Duration,
+        retry: Duration,
+    ) -> anyhow::Result<Vec<Instant>> {
+        let mut granted: Vec<Option<Instant>> = vec![None; keys.len()];
+        while granted.iter().any(Option::is_none) {
+            for (key, slot) in keys
+                .iter()
+                .zip(granted.iter_mut())
+                .filter(|(_, g)| g.is_none())
+            {
+                if self.try_lock(key, ttl).await?.is_some() {
+                    *slot = Some(Instant::now());
+                }
+            }
+            tokio::time::sleep(retry).await;
+        }
+        Ok(granted.into_iter().flatten().collect())
+    }
+}
+
+/// A running system.
+#[async_trait]
+pub trait System: Send + Sync {
+    /// Its name in the tables.
+    fn name(&self) -> String;
+    /// How it stores data (durability tier).
+    fn tier(&self) -> &'static str;
+    /// A new connection.
+    async fn connect(&self) -> anyhow::Result<Box<dyn Conn>>;
+    /// CPU time the server has used so far.
+    fn cpu(&self) -> Duration;
+    /// The server's resident memory now.
+    fn rss(&self) -> u64;
+    /// The system's own idea of its memory use, where it has one.
+    async fn own_memory(&self) -> Option<u64> {
+        None
+    }
+    /// Whether locks have leases (expire by themselves).
+    fn has_leases(&self) -> bool {
+        true
+    }
+    /// Whether a held lock is server state that can be counted in memory.
+    fn locks_in_memory(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,206 @@
+//! Redis 7: lock = `SET key owner NX PX ttl`, unlock = compare-and-delete
+//! in Lua (EVALSHA); distinct = `SADD` (1 = new), with `EXPIRE` on the set.
+//! Waiters must poll, every `retry` (0 ms: at once).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+use tokio::time::Instant;
+
+use super::{Conn, Held, System};
+use crate::procs::{self, Server};
+
+/// Compare-and-delete: release only the grant this owner holds.
+const UNLOCK: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+/// A running `redis-server`, in-memory (no RDB, no AOF).
+pub struct Redis {
+    server: Server,
+    client: redis::Client,
+    retry: Duration,
+    owners: std::sync::atomic::AtomicU64,
+}
+
+impl Redis {
+    /// Starts `redis-server` on a free port; waiters poll every `retry`.
+    pub async fn start(retry: Duration) -> anyhow::Result<Redis> {
+        let port = procs::free_port()?;
+        let args = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ]
+        .map(String::from);
+        let server = Server::start("redis", "redis-server", &args, None)?;
+        procs::wait_for_port(port, Duration::from_secs(10)).await?;
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+        Ok(Redis {
+            server,
+            client,
+            retry,
+            owners: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+}
+
+#[async_trait]
+impl System for Redis {
+    fn name(&self) -> String {
+        format!("Redis 7 (poll {} ms)", self.retry.as_millis())
+    }
+
+    fn tier(&self) -> &'static str {
+        "in-memory (appendonly no, save \"\")"
+    }
+
+    async fn connect(&self) -> anyhow::Result<Box<dyn Conn>> {
+        let connection = self.client.get_multiplexed_async_connection().await?;
+        let owner = self
+            .owners
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Box::new(RedisConn {
+            connection,
+            script: redis::Script::new(UNLOCK),
+            owner,
+            retry: self.retry,
+            lock_requests: 0,
+            nonce: 0,
+        }))
+    }
+
+    fn cpu(&self) -> Duration {
+        self.server.cpu()
+    }
+
+    fn rss(&self) -> u64 {
+        self.server.rss()
+    }
+
+    async fn own_memory(&self) -> Option<u64> {
+        let mut connection = self.client.get_multiplexed_async_connection().await.ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut connection)
+            .await
+            .ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+struct RedisConn {
+    connection: MultiplexedConnection,
+    script: redis::Script,
+    /// This connection's owner id; with a per-grant nonce it names a grant.
+    owner: u64,
+    retry: Duration,
+    lock_requests: u64,
+    nonce: u64,
+}
+
+#[async_trait]
+impl Conn for RedisConn {
+    async fn try_lock(&mut self, key: &str, ttl: Duration) -> anyhow::Result<Option<Held>> {
+        self.lock_requests += 1;
+        self.nonce += 1;
+        let value = (self.owner << 32) | (self.nonce & 0xffff_ffff);
+        let options = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .with_expiration(redis::SetExpiry::PX(
+                u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1),
+            ));
+        let set: Option<String> = self.connection.set_options(key, value, options).await?;
+        Ok(set.map(|_| Held(value)))
+    }
+
+    async fn lock(&mut self, key: &str, ttl: Duration) -> anyhow::Result<Held> {
+        loop {
+            if let Some(held) = self.try_lock(key, ttl).await? {
+                return Ok(held);
+            }
+            if self.retry.is_zero() {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(self.retry).await;
+            }
+        }
+    }
+
+    async fn unlock(&mut self, key: &str, held: Held) -> anyhow::Result<()> {
+        let _: i64 = self
+            .script
+            .key(key)
+            .arg(held.0)
+            .invoke_async(&mut self.connection)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_up(&mut self, set: &str) -> anyhow::Result<()> {
+        // A set exists in Redis once it has a member; EXPIRE after inserts.
+        let _: i64 = self.connection.expire(set, 3600).await?;
+        Ok(())
+    }
+
+    async fn insert(&mut self, set: &str, keys: &[String]) -> anyhow::Result<Vec<bool>> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SADD").arg(set).arg(key);
+        }
+        let added: Vec<i64> = pipe
+            .query_async(&mut self.connection)
+            .await
+            .context("SADD")?;
+        Ok(added.into_iter().map(|n| n == 1).collect())
+    }
+
+    fn lock_requests(&self) -> u64 {
+        self.lock_requests
+    }
+
+    /// Rounds of pipelined `SET NX PX` over the keys still to take.
+    async fn lock_all(
+        &mut self,
+        keys: &[String],
+        ttl: Duration,
+        retry: Duration,
+    ) -> anyhow::Result<Vec<Instant>> {
+        let mut granted: Vec<Option<Instant>> = vec![None; keys.len()];
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        loop {
+            let open: Vec<usize> = (0..keys.len()).filter(|&i| granted[i].is_none()).collect();
+            if open.is_empty() {
+                return Ok(granted.into_iter().flatten().collect());
+            }
+            let mut pipe = redis::pipe();
+            for &i in &open {
+                self.lock_requests += 1;
+                pipe.cmd("SET")
+                    .arg(&keys[i])
+                    .arg(self.owner)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms);
+            }
+            let answers: Vec<Option<String>> = pipe.query_async(&mut self.connection).await?;
+            let now = Instant::now();
+            for (&i, answer) in open.iter().zip(answers) {
+                if answer.is_some() {
+                    granted[i] = Some(now);
+                }
+            }
+            tokio::time::sleep(retry).await;
+        }
+    }
+}
