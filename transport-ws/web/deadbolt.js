@@ -1,1 +1,882 @@
-export {};
+// deadbolt.js: the browser (and Node) client for the deadbolt lock and
+// de-duplication server. No dependencies; one ES module.
+//
+// It mirrors the Rust client (`deadbolt_core::client`): a client id kept for
+// the life of the client, pipelined requests matched to replies by id,
+// reconnecting and retrying after a lost connection (every operation of
+// protocol version 1 is safe to retry for the client that sent it), lock
+// handles with a conservative view of their lease and optional renewal, and
+// distinct-set handles. The wire protocol is docs/protocol.md.
+//
+//   import { connect } from "/deadbolt.js";
+//   const client = await connect();                 // in a page served by deadbolt
+//   const lock = await client.lock("job/42", { ttl: 30_000 });
+//   await lock.unlock();
+//
+// In Node 20, which has no global WebSocket, pass one in:
+//   import { WebSocket } from "ws";
+//   const client = await connect("ws://127.0.0.1:7420/ws", { WebSocket });
+
+/** Where a browser tab keeps its client id, so that a reload keeps it. */
+const CLIENT_ID_STORAGE_KEY = "deadbolt.clientId";
+/** Keys per `insert` request in `insertMany`, as the Rust client does. */
+const INSERT_BATCH_KEYS = 1000;
+/** Bytes of JSON-encoded keys per `insert` request in `insertMany`: well
+ * under the server's default message limit of 1 MiB. */
+const INSERT_BATCH_BYTES = 256 * 1024;
+/** Keys per `members` page when iterating. */
+const MEMBERS_PAGE = 1000;
+
+const DEFAULTS = Object.freeze({
+  retryFor: 30_000,
+  retryDelay: 20,
+  retryDelayMax: 1_000,
+  connectTimeout: 10_000,
+  maxMessageBytes: 1024 * 1024,
+});
+
+/**
+ * An error with the wire code of the server's answer (`busy`, `timeout`,
+ * `not_held`, `no_such_set`, `bad_request`, `overloaded`, `too_large`,
+ * `shutting_down`, ...), or one of the client's own codes:
+ * `connection_lost` (the request could not be carried, even after
+ * retrying for `retryFor`), `closed` (the client was closed), and
+ * `too_large` also for a message refused before it was sent.
+ */
+export class DeadboltError extends Error {
+  constructor(code, message, options) {
+    super(message ?? code, options);
+    this.name = "DeadboltError";
+    this.code = code;
+  }
+}
+
+/** Errors after which a request may be sent again on a new connection: the
+ * request may or may not have been carried out, and the protocol makes a
+ * retry safe either way. */
+function isRetryable(error) {
+  return error instanceof DeadboltError && error.code === "connection_lost";
+}
+
+const now = () => performance.now();
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, Math.max(0, ms));
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+function randomClientId() {
+  const bytes = new Uint8Array(16);
+  globalThis.crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** The tab's client id: kept in `sessionStorage`, which lives as long as
+ * the tab (a reload keeps it, another tab has its own). Outside a browser,
+ * or where storage is refused, a fresh random id. */
+function tabClientId() {
+  let storage;
+  try {
+    storage = globalThis.sessionStorage;
+  } catch {
+    // Storage access can throw (sandboxed frames, blocked cookies).
+  }
+  if (!storage) return randomClientId();
+  try {
+    let id = storage.getItem(CLIENT_ID_STORAGE_KEY);
+    if (!id) {
+      id = randomClientId();
+      storage.setItem(CLIENT_ID_STORAGE_KEY, id);
+    }
+    return id;
+  } catch {
+    return randomClientId();
+  }
+}
+
+/** The WebSocket URL of the server that served this page. */
+function defaultUrl() {
+  const location = globalThis.location;
+  if (!location?.host) {
+    throw new TypeError("deadbolt: connect(url) needs a URL such as ws://127.0.0.1:7420/ws");
+  }
+  return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+}
+
+/** A duration in whole milliseconds, as the wire wants it (at least `min`). */
+function millis(name, value, min) {
+  if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
+    throw new TypeError(`deadbolt: ${name} must be a number of milliseconds, got ${value}`);
+  }
+  return Math.max(min, Math.floor(value));
+}
+
+/** Bytes of a string in UTF-8, without encoding it. */
+function utf8Length(text) {
+  let bytes = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c < 0x80) bytes += 1;
+    else if (c < 0x800) bytes += 2;
+    else if (c >= 0xd800 && c < 0xdc00 && i + 1 < text.length) {
+      bytes += 4; // a surrogate pair: one 4-byte code point
+      i++;
+    } else bytes += 3;
+  }
+  return bytes;
+}
+
+/**
+ * One open WebSocket to the server. Requests are pipelined: each is sent at
+ * once and its reply found by id, in whatever order replies come.
+ */
+class Connection {
+  constructor(socket, events) {
+    this.socket = socket;
+    this.events = events;
+    this.open = true;
+    /** id → { resolve, reject } of requests awaiting their reply. */
+    this.pending = new Map();
+    /** Set when this side closes on purpose: what pending requests fail with. */
+    this.closeError = null;
+    socket.addEventListener("message", (event) => this.#onMessage(event));
+    socket.addEventListener("close", (event) => this.#onClose(event));
+    // Browsers follow every error with a close; so do Node's `ws` and undici.
+    socket.addEventListener("error", () => {});
+  }
+
+  /** Sends `{id, ...fields}`; resolves with the `ok` object or rejects with
+   * a DeadboltError. `maxBytes` is the server's message limit: a bigger
+   * message would make it close the connection (1009), so it is refused
+   * here instead of being retried in vain. */
+  request(id, fields, maxBytes) {
+    return new Promise((resolve, reject) => {
+      if (!this.open) {
+        reject(this.closeError ?? new DeadboltError("connection_lost", "the connection is closed"));
+        return;
+      }
+      const text = JSON.stringify({ id, ...fields });
+      if (text.length > maxBytes / 3 && utf8Length(text) > maxBytes) {
+        reject(new DeadboltError("too_large", `a ${fields.op} message of more than ${maxBytes} bytes`));
+        return;
+      }
+      this.pending.set(id, { resolve, reject });
+      try {
+        this.socket.send(text);
+      } catch (error) {
+        this.pending.delete(id);
+        reject(new DeadboltError("connection_lost", `cannot send: ${error?.message ?? error}`, { cause: error }));
+      }
+    });
+  }
+
+  close(error) {
+    this.closeError = error;
+    try {
+      this.socket.close(1000);
+    } catch {
+      // Already closing.
+    }
+    this.#onClose(null);
+  }
+
+  #onMessage(event) {
+    const data = typeof event.data === "string" ? event.data : String(event.data);
+    let reply;
+    try {
+      reply = JSON.parse(data);
+    } catch {
+      return; // Not ours to answer; the server only sends JSON.
+    }
+    const waiting = this.pending.get(reply?.id);
+    if (!waiting) return; // A reply to a request given up on (a cancel's, say).
+    this.pending.delete(reply.id);
+    if (reply.err) {
+      waiting.reject(new DeadboltError(reply.err.code, reply.err.message));
+    } else {
+      waiting.resolve(reply.ok ?? {});
+    }
+  }
+
+  #onClose(event) {
+    if (!this.open) return;
+    this.open = false;
+    const error =
+      this.closeError ??
+      new DeadboltError(
+        "connection_lost",
+        `connection lost${event?.code ? ` (close code ${event.code}${event.reason ? `: ${event.reason}` : ""})` : ""}`,
+      );
+    const pending = [...this.pending.values()];
+    this.pending.clear();
+    for (const { reject } of pending) reject(error);
+    this.events.onClosed(this, !this.closeError);
+  }
+}
+
+/** Opens a WebSocket and resolves once it is open. */
+function openSocket(WebSocketImpl, url, timeoutMs) {
+  return new Promise((resolve, reject) => {
+    let socket;
+    try {
+      socket = new WebSocketImpl(url);
+    } catch (error) {
+      reject(new DeadboltError("connection_lost", `cannot connect to ${url}: ${error?.message ?? error}`, { cause: error }));
+      return;
+    }
+    const onOpen = () => {
+      settle();
+      resolve(socket);
+    };
+    const onError = (event) => fail(event?.message ?? event?.error?.message ?? "connection error");
+    const onClose = (event) => fail(`closed (${event?.code})`);
+    const timer = setTimeout(() => fail(`no answer within ${timeoutMs} ms`), timeoutMs);
+    const settle = () => {
+      clearTimeout(timer);
+      socket.removeEventListener("open", onOpen);
+      socket.removeEventListener("error", onError);
+      socket.removeEventListener("close", onClose);
+    };
+    function fail(why) {
+      settle();
+      try {
+        socket.close();
+      } catch {
+        // Never opened; nothing to close.
+      }
+      reject(new DeadboltError("connection_lost", `cannot connect to ${url}: ${why}`));
+    }
+    socket.addEventListener("open", onOpen);
+    socket.addEventListener("error", onError);
+    socket.addEventListener("close", onClose);
+  });
+}
+
+/**
+ * A deadbolt client. Make one with `connect`. It is an EventTarget: it
+ * dispatches `connect` (after each successful `hello`; `detail.reconnect`
+ * is true after the first) and `disconnect` (when a connection breaks).
+ */
+export class Client extends EventTarget {
+  #WebSocket;
+  #options;
+  #current = null;
+  #connecting = null;
+  #nextId = 1;
+  #closed = false;
+  #connections = 0;
+  /** Live lock handles, so that `close` stops their timers and a broken
+   * connection marks its ephemeral locks lost. */
+  #locks = new Set();
+
+  /** @internal Use `connect`. */
+  constructor(url, options, WebSocketImpl) {
+    super();
+    this.url = url;
+    this.clientId = options.clientId ?? tabClientId();
+    /** `deadbolt/<version>` from the last `hello`. */
+    this.server = null;
+    this.#WebSocket = WebSocketImpl;
+    this.#options = options;
+  }
+
+  /** Whether a connection is open right now. */
+  get connected() {
+    return this.#current?.open === true;
+  }
+
+  /** @internal Opens the first connection; `connect` does not retry it. */
+  async start() {
+    await this.#connection();
+    return this;
+  }
+
+  /** The open connection, opening one (and saying `hello`) if needed;
+   * concurrent callers share one attempt. */
+  #connection() {
+    if (this.#closed) return Promise.reject(new DeadboltError("closed", "the client is closed"));
+    if (this.#current?.open) return Promise.resolve(this.#current);
+    this.#connecting ??= this.#open().finally(() => {
+      this.#connecting = null;
+    });
+    return this.#connecting;
+  }
+
+  async #open() {
+    const socket = await openSocket(this.#WebSocket, this.url, this.#options.connectTimeout);
+    const connection = new Connection(socket, {
+      onClosed: (closed, unexpected) => this.#onClosed(closed, unexpected),
+    });
+    if (this.#closed) {
+      connection.close(new DeadboltError("closed", "the client is closed"));
+      throw connection.closeError;
+    }
+    let hello;
+    try {
+      hello = await connection.request(this.#nextId++, { op: "hello", client: this.clientId }, this.#options.maxMessageBytes);
+    } catch (error) {
+      // A refused hello (a client id that is too long, say) leaves the
+      // socket open: it is of no use without its hello.
+      if (connection.open) connection.close(error);
+      throw error;
+    }
+    this.server = hello.server ?? null;
+    this.#current = connection;
+    const reconnect = this.#connections++ > 0;
+    this.dispatchEvent(new CustomEvent("connect", { detail: { clientId: this.clientId, server: this.server, reconnect } }));
+    return connection;
+  }
+
+  #onClosed(connection, unexpected) {
+    if (this.#current === connection) this.#current = null;
+    // An ephemeral lock ends with the connection that took it.
+    for (const lock of this.#locks) {
+      if (lock._connection === connection) lock._markLost();
+    }
+    if (unexpected && !this.#closed) this.dispatchEvent(new CustomEvent("disconnect"));
+  }
+
+  /** Jittered exponential backoff: between half and all of
+   * retryDelay·2^attempt, at most retryDelayMax, so a fleet that lost its
+   * server does not come back in step. */
+  #backoff(attempt) {
+    const { retryDelay, retryDelayMax } = this.#options;
+    const base = Math.min(retryDelay * 2 ** Math.min(attempt, 16), retryDelayMax);
+    return base / 2 + (Math.random() * base) / 2;
+  }
+
+  /**
+   * Sends the request `make(attempt)` builds, retrying it on a new
+   * connection while connections fail. `retryFor` bounds the time spent
+   * without the request in flight (reconnecting, backing off), not the
+   * time it waits on the server, so a lock that waited an hour is still
+   * retried when its connection breaks.
+   *
+   * Resolves with `{ok, sentAt, attempt, connection}`: `sentAt` is when the
+   * answered attempt was sent, which a lease view is anchored at.
+   */
+  async _exchange(make, { signal } = {}) {
+    let down = 0;
+    let failedAt = null;
+    for (let attempt = 0; ; attempt++) {
+      signal?.throwIfAborted();
+      const fields = make(attempt);
+      let connection;
+      try {
+        connection = await this.#connection();
+        if (failedAt !== null) {
+          down += now() - failedAt;
+          failedAt = null;
+        }
+        const id = this.#nextId++;
+        const sentAt = now();
+        const reply = connection.request(id, fields, this.#options.maxMessageBytes);
+        const ok = signal ? await this.#cancellable(connection, id, reply, signal) : await reply;
+        return { ok, sentAt, attempt, connection };
+      } catch (error) {
+        if (!isRetryable(error) || this.#closed) throw error;
+        const at = now();
+        if (failedAt !== null) down += at - failedAt;
+        failedAt = at;
+        if (down >= this.#options.retryFor) throw error;
+        await sleep(this.#backoff(attempt), signal);
+      }
+    }
+  }
+
+  /** Awaits `reply`; if `signal` aborts first, asks the server to cancel
+   * request `id` (which then answers `cancelled`, unless it was answered
+   * already). Either way the server's answer is what this resolves with. */
+  async #cancellable(connection, id, reply, signal) {
+    const onAbort = () => {
+      connection.request(this.#nextId++, { op: "cancel", target: id }, this.#options.maxMessageBytes).catch(() => {});
+    };
+    signal.addEventListener("abort", onAbort, { once: true });
+    try {
+      return await reply;
+    } finally {
+      signal.removeEventListener("abort", onAbort);
+    }
+  }
+
+  /**
+   * Sends any request, `{op, ...fields}`, retrying after a lost connection;
+   * resolves with the reply's `ok` object. The typed methods below are
+   * built on it.
+   */
+  async call(op, fields = {}) {
+    return (await this._exchange(() => ({ op, ...fields }))).ok;
+  }
+
+  /** `ping`: a round trip. */
+  async ping() {
+    await this.call("ping");
+  }
+
+  /** `inspect`: `{holder: {client, token, remaining_ms} | null, waiters}`. */
+  inspect(key) {
+    return this.call("inspect", { key });
+  }
+
+  /** `stats`: counters, sizes, and the `top` held locks, contended keys and
+   * largest sets (see the StatsReply type). */
+  stats(top = 20) {
+    return this.call("stats", { top });
+  }
+
+  /**
+   * Takes `key`. `ttl` is the lease in ms; `wait` how long to wait in ms
+   * (undefined: as long as it takes; 0: not at all); `ephemeral` releases
+   * the lock when this connection closes; `autoRenew` extends the lease
+   * every third of it until the handle is unlocked; `signal` (an
+   * AbortSignal) gives up a wait. Resolves with a Lock, or null when the
+   * key was busy or the wait ran out.
+   */
+  async lock(key, { ttl, wait, ephemeral = false, autoRenew = false, signal } = {}) {
+    const ttlMs = millis("ttl", ttl, 1);
+    const forever = wait === undefined || wait === null || wait === Infinity;
+    const waitMs = forever ? null : millis("wait", wait, 0);
+    const deadline = forever ? null : now() + waitMs;
+    let first = true;
+    for (;;) {
+      let granted;
+      try {
+        granted = await this._exchange((attempt) => {
+          const request = { op: "lock", key, ttl_ms: ttlMs, ephemeral };
+          // A retry (or a new request after a lost grant) waits only what
+          // is left of the wait.
+          if (deadline !== null) {
+            request.wait_ms = first && attempt === 0 ? waitMs : Math.max(0, Math.floor(deadline - now()));
+          }
+          return request;
+        }, { signal });
+        first = false;
+      } catch (error) {
+        if (signal?.aborted) throw signal.reason;
+        if (error instanceof DeadboltError && (error.code === "busy" || error.code === "timeout")) return null;
+        throw error;
+      }
+      if (signal?.aborted) {
+        // Granted while the cancel was on its way: give it back.
+        await this.unlock(key, granted.ok.token).catch(() => {});
+        throw signal.reason;
+      }
+      const lock = await this.#anchor(key, granted, { ephemeral, autoRenew });
+      if (lock) return lock;
+      // The grant ran out before it could be re-anchored (the wait was
+      // longer than the lease), or its ephemeral connection broke: ask
+      // again, within the wait that is left.
+      if (deadline !== null && now() >= deadline) return null;
+    }
+  }
+
+  /** `lock` with `wait: 0`: a Lock, or null if someone else holds `key`. */
+  tryLock(key, { ttl, ephemeral = false, autoRenew = false } = {}) {
+    return this.lock(key, { ttl, wait: 0, ephemeral, autoRenew });
+  }
+
+  /**
+   * Turns a grant into a Lock with a sound lease view, or null if the grant
+   * was lost first. The server starts the lease at the grant, after the
+   * request was sent; so the view starts at the send time. After a long
+   * wait that would leave little of it, so it is re-anchored with an
+   * `extend` round trip, whose send time is again a sound anchor.
+   */
+  async #anchor(key, { ok, sentAt, connection }, { ephemeral, autoRenew }) {
+    const ttl = ok.ttl_ms;
+    let anchor = sentAt;
+    if (now() - sentAt > ttl / 10) {
+      try {
+        anchor = await this._extendTimed(key, ok.token, ttl);
+      } catch (error) {
+        if (error instanceof DeadboltError && error.code === "not_held") return null;
+        throw error;
+      }
+    }
+    if (ephemeral && !connection.open) return null;
+    const lock = new Lock(this, key, ok.token, ttl, anchor, ephemeral ? connection : null);
+    this.#locks.add(lock);
+    if (autoRenew) lock._startRenewal();
+    return lock;
+  }
+
+  /** @internal */
+  _forget(lock) {
+    this.#locks.delete(lock);
+  }
+
+  /** `extend`, resolving with the send time of the answered attempt. */
+  async _extendTimed(key, token, ttl) {
+    const ttlMs = millis("ttl", ttl, 1);
+    const { sentAt } = await this._exchange(() => ({ op: "extend", key, token, ttl_ms: ttlMs }));
+    return sentAt;
+  }
+
+  /** `extend`: restarts the lease of grant `token` of `key` at `ttl` ms,
+   * from any connection (the token alone authorises it). */
+  async extend(key, token, ttl) {
+    await this._extendTimed(key, token, ttl);
+  }
+
+  /**
+   * `unlock`: ends grant `token` of `key`, from any connection. `not_held`
+   * means the grant had already ended, unless an earlier attempt of this
+   * call may have been carried out before its connection broke: then it
+   * is that attempt's success.
+   */
+  async unlock(key, token) {
+    let retried = false;
+    try {
+      await this._exchange((attempt) => {
+        retried ||= attempt > 0;
+        return { op: "unlock", key, token };
+      });
+    } catch (error) {
+      if (retried && error instanceof DeadboltError && error.code === "not_held") return;
+      throw error;
+    }
+  }
+
+  /** A handle on the distinct set `name`. */
+  set(name) {
+    return new DistinctSet(this, name);
+  }
+
+  /** Closes the connection and fails what is in flight with `closed`.
+   * Renewal stops; locks stay held until their lease ends, except
+   * ephemeral ones, which the server releases now. */
+  async close() {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const lock of this.#locks) lock._clientClosed();
+    this.#locks.clear();
+    const closed = new DeadboltError("closed", "the client is closed");
+    const connection = this.#current ?? (await this.#connecting?.catch(() => null));
+    connection?.close(closed);
+    this.#current = null;
+  }
+}
+
+/** The margin for clock-rate drift between client and server: 1 % of the
+ * lease + 2 ms, as Redlock does. */
+const drift = (ttl) => ttl / 100 + 2;
+const leaseFrom = (anchor, ttl) => anchor + Math.max(0, ttl - drift(ttl));
+
+/**
+ * A held lock: its key, its fencing token, and a view of its lease that
+ * never outlasts the server's.
+ */
+export class Lock {
+  #client;
+  #ttl;
+  #validUntil;
+  #lost = false;
+  #released = false;
+  #stopped = false;
+  #unlocking = null;
+  #lostListeners = new Set();
+  #resolveLost;
+  #watchTimer = null;
+  #renewTimer = null;
+  #wakeRenewal = null;
+
+  /** @internal Locks come from `client.lock` and `client.tryLock`. */
+  constructor(client, key, token, ttl, anchor, connection) {
+    this.#client = client;
+    this.key = key;
+    /** The fencing token: pass it to whatever the lock protects, which
+     * should refuse any token lower than one it has seen. */
+    this.token = token;
+    this.#ttl = ttl;
+    this.#validUntil = leaseFrom(anchor, ttl);
+    /** @internal The connection an ephemeral lock lives and dies with. */
+    this._connection = connection;
+    /** Resolves once the lock may no longer be held: its lease view ran
+     * out (renewal, if on, could not keep it up), the server said the
+     * grant is gone, or an ephemeral lock's connection broke. It does not
+     * resolve after `unlock()` or `detach()`. */
+    this.lost = new Promise((resolve) => {
+      this.#resolveLost = resolve;
+    });
+    this.#watch();
+  }
+
+  /** The lease the lock was last granted or extended with, in ms. */
+  get ttl() {
+    return this.#ttl;
+  }
+
+  /** How many more ms the lock is certainly held (0 once it may not be). */
+  validFor() {
+    if (this.#lost || this.#released) return 0;
+    return Math.max(0, this.#validUntil - now());
+  }
+
+  /** Whether the lock is certainly still held. */
+  isHeld() {
+    return this.validFor() > 0;
+  }
+
+  /** Calls `callback` once the lock is lost (see `lost`); returns a
+   * function that unregisters it. */
+  onLost(callback) {
+    if (this.#lost) {
+      queueMicrotask(callback);
+      return () => {};
+    }
+    this.#lostListeners.add(callback);
+    return () => this.#lostListeners.delete(callback);
+  }
+
+  /** Restarts the lease at `ttl` ms (and renews at that period from now
+   * on). `not_held` marks the lock lost. */
+  async extend(ttl) {
+    try {
+      const sentAt = await this.#client._extendTimed(this.key, this.token, ttl);
+      if (!this.#stopped) {
+        this.#ttl = millis("ttl", ttl, 1);
+        this.#validUntil = leaseFrom(sentAt, this.#ttl);
+        this.#watch();
+        this.#wakeRenewal?.(); // renew on the new schedule
+      }
+    } catch (error) {
+      if (error instanceof DeadboltError && error.code === "not_held") this._markLost();
+      throw error;
+    }
+  }
+
+  /** Stops renewal and releases the lock. `not_held` means the lease had
+   * already run out: whatever the lock protected may have been touched by
+   * the next holder. Calling it again returns the same promise. */
+  unlock() {
+    this._stop();
+    this.#released = true;
+    this.#unlocking ??= this.#client.unlock(this.key, this.token);
+    return this.#unlocking;
+  }
+
+  /** Lets go of the handle without releasing the lock: renewal stops and
+   * the lock stays held until its lease ends or someone unlocks it with
+   * the token, which this returns. */
+  detach() {
+    this._stop();
+    return this.token;
+  }
+
+  /** @internal Stops every timer; the handle is done. */
+  _stop() {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    clearTimeout(this.#watchTimer);
+    clearTimeout(this.#renewTimer);
+    this.#wakeRenewal?.();
+    this.#lostListeners.clear();
+    this.#client._forget(this);
+  }
+
+  /** @internal The client was closed: renewal stops, and an ephemeral
+   * lock is released by the server with the connection. */
+  _clientClosed() {
+    this._stop();
+    if (this._connection) this.#released = true;
+  }
+
+  /** @internal */
+  _markLost() {
+    if (this.#lost || this.#stopped) return;
+    this.#lost = true;
+    const listeners = [...this.#lostListeners];
+    this._stop();
+    this.#resolveLost();
+    for (const listener of listeners) {
+      try {
+        listener();
+      } catch (error) {
+        queueMicrotask(() => {
+          throw error;
+        });
+      }
+    }
+  }
+
+  /** Resolves `lost` when the lease view runs out. */
+  #watch() {
+    if (this.#stopped) return;
+    clearTimeout(this.#watchTimer);
+    this.#watchTimer = setTimeout(() => {
+      if (now() >= this.#validUntil) this._markLost();
+      else this.#watch(); // a timer may fire a little early
+    }, Math.max(0, this.#validUntil - now()) + 1);
+    // In Node, this timer alone should not keep the process alive.
+    this.#watchTimer?.unref?.();
+  }
+
+  /** Sleeps until `at` (performance.now() time); false if stopped first. */
+  #sleepUntil(at) {
+    return new Promise((resolve) => {
+      if (this.#stopped) return resolve(false);
+      this.#wakeRenewal = () => {
+        clearTimeout(this.#renewTimer);
+        this.#wakeRenewal = null;
+        resolve(!this.#stopped);
+      };
+      this.#renewTimer = setTimeout(() => this.#wakeRenewal?.(), Math.max(0, at - now()));
+    });
+  }
+
+  /** @internal Renews the lease every third of it, until stopped or lost:
+   * a failed renewal is tried again while the lease view lasts. */
+  async _startRenewal() {
+    while (!this.#stopped) {
+      const validUntil = this.#validUntil;
+      const ttl = this.#ttl;
+      if (!(await this.#sleepUntil(validUntil - (ttl * 2) / 3))) return;
+      if (this.#validUntil !== validUntil) continue; // extended meanwhile
+      const left = validUntil - now();
+      let timer;
+      const outOfTime = new Promise((resolve) => {
+        timer = setTimeout(() => resolve("out of time"), Math.max(0, left));
+      });
+      let outcome;
+      try {
+        outcome = await Promise.race([this.#client._extendTimed(this.key, this.token, ttl), outOfTime]);
+      } catch (error) {
+        outcome = error;
+      } finally {
+        clearTimeout(timer);
+      }
+      if (this.#stopped) return;
+      if (typeof outcome === "number") {
+        this.#validUntil = Math.max(this.#validUntil, leaseFrom(outcome, ttl));
+        this.#watch();
+        continue;
+      }
+      const notHeld = outcome instanceof DeadboltError && outcome.code === "not_held";
+      if (outcome !== "out of time" && !notHeld && now() < validUntil) {
+        await this.#sleepUntil(now() + ttl / 20);
+        continue;
+      }
+      this._markLost();
+      return;
+    }
+  }
+}
+
+/** A handle on one distinct set. */
+export class DistinctSet {
+  #client;
+
+  /** @internal Use `client.set(name)`. */
+  constructor(client, name) {
+    this.#client = client;
+    this.name = name;
+  }
+
+  /** Creates the set with time to live `ttl` ms, or restarts its time to
+   * live if it exists (every worker may call it): `{created, size}`. */
+  setUp(ttl) {
+    return this.#client.call("set_up", { set: this.name, ttl_ms: millis("ttl", ttl, 1) });
+  }
+
+  /** Inserts `key`: `{index, first}`. `index` is the key's 1-based position
+   * in arrival order, the same for everyone; process the key when `first`. */
+  insert(key) {
+    return this.#client.call("insert", { set: this.name, key });
+  }
+
+  /** Inserts `keys` (any iterable) in order, in batches of at most 1000
+   * keys, one request after another so that indexes follow the order;
+   * one `{index, first}` per key, in the same order. */
+  async insertMany(keys) {
+    const results = [];
+    let batch = [];
+    let batchBytes = 0;
+    const flush = async () => {
+      const reply = await this.#client.call("insert", { set: this.name, keys: batch });
+      results.push(...reply.results);
+      batch = [];
+      batchBytes = 0;
+    };
+    for (const key of keys) {
+      const bytes = utf8Length(JSON.stringify(key)) + 1;
+      if (batch.length > 0 && (batch.length === INSERT_BATCH_KEYS || batchBytes + bytes > INSERT_BATCH_BYTES)) {
+        await flush();
+      }
+      batch.push(key);
+      batchBytes += bytes;
+    }
+    if (batch.length > 0) await flush();
+    return results;
+  }
+
+  /** One page of members: at most `limit` keys after index `after`:
+   * `{members: [{index, key}], next}` (`next` is null at the end). */
+  membersPage(after = 0, limit = MEMBERS_PAGE) {
+    return this.#client.call("members", { set: this.name, after, limit });
+  }
+
+  /** Every member, `{index, key}` in index order, fetched a page at a
+   * time: `for await (const {index, key} of set.members()) ...` */
+  async *members({ after = 0, pageSize = MEMBERS_PAGE } = {}) {
+    let next = after;
+    while (next !== null && next !== undefined) {
+      const page = await this.membersPage(next, pageSize);
+      yield* page.members;
+      next = page.next;
+    }
+  }
+
+  /** `{size, remaining_ms}`; `no_such_set` if it does not exist. */
+  inspect() {
+    return this.#client.call("inspect_set", { set: this.name });
+  }
+
+  /** Removes the set now. Resolves with how many keys it held, or null if
+   * it was already gone (never set up, expired, or torn down, perhaps by an
+   * earlier attempt of this call whose reply was lost). */
+  async tearDown() {
+    try {
+      return (await this.#client.call("tear_down", { set: this.name })).size;
+    } catch (error) {
+      if (error instanceof DeadboltError && error.code === "no_such_set") return null;
+      throw error;
+    }
+  }
+}
+
+/**
+ * Connects to a deadbolt server and says `hello`. `url` defaults, in a
+ * page served by deadbolt, to that server's `/ws`. Rejects if the first
+ * connection cannot be opened; after that, the client reconnects by itself.
+ *
+ * Options: `WebSocket` (a constructor; default `globalThis.WebSocket`,
+ * which Node 20 lacks: pass `ws`'s), `clientId` (default: the tab's, kept
+ * in sessionStorage, or a random 128-bit hex id), `retryFor` (ms without a
+ * connection after which a request fails, 30 000), `retryDelay` and
+ * `retryDelayMax` (backoff, 20 and 1000 ms), `connectTimeout` (10 000 ms),
+ * `maxMessageBytes` (the server's message limit, 1 MiB).
+ */
+export async function connect(url, options = {}) {
+  const WebSocketImpl = options.WebSocket ?? globalThis.WebSocket;
+  if (typeof WebSocketImpl !== "function") {
+    throw new TypeError(
+      "deadbolt: no WebSocket here; pass one: connect(url, { WebSocket }) (in Node 20: import { WebSocket } from 'ws')",
+    );
+  }
+  const settings = { ...DEFAULTS };
+  for (const [name, value] of Object.entries(options)) {
+    if (value !== undefined) settings[name] = value;
+  }
+  const client = new Client(url ?? defaultUrl(), settings, WebSocketImpl);
+  return client.start();
+}
