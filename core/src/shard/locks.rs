@@ -87,7 +87,71 @@ struct Waiter<R> {
 struct LockEntry<R> {
     key: Box<str>,
     holder: Option<Holder>,
-    queue: VecDeque<Waiter<R>>,
+    queue: WaitQueue<R>,
+}
+
+/// A key's waiters, first come first. Most held keys have none, so the
+/// queue lives behind a pointer that is null when empty: 8 bytes per key
+/// instead of a `VecDeque`'s 32.
+#[derive(Debug)]
+struct WaitQueue<R>(Option<Box<VecDeque<Waiter<R>>>>);
+
+impl<R> Default for WaitQueue<R> {
+    fn default() -> Self {
+        WaitQueue(None)
+    }
+}
+
+impl<R> WaitQueue<R> {
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Waiter<R>> {
+        self.0.iter().flat_map(|q| q.iter())
+    }
+
+    fn push_back(&mut self, waiter: Waiter<R>) {
+        self.0.get_or_insert_with(Box::default).push_back(waiter);
+    }
+
+    fn pop_front(&mut self) -> Option<Waiter<R>> {
+        let waiter = self.0.as_mut()?.pop_front();
+        self.free_if_empty();
+        waiter
+    }
+
+    fn remove(&mut self, position: usize) -> Option<Waiter<R>> {
+        let waiter = self.0.as_mut()?.remove(position);
+        self.free_if_empty();
+        waiter
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&Waiter<R>) -> bool) {
+        if let Some(queue) = self.0.as_mut() {
+            queue.retain(keep);
+        }
+        self.free_if_empty();
+    }
+
+    fn free_if_empty(&mut self) {
+        if self.0.as_ref().is_some_and(|q| q.is_empty()) {
+            self.0 = None;
+        }
+    }
+}
+
+impl<R> IntoIterator for WaitQueue<R> {
+    type Item = Waiter<R>;
+    type IntoIter = std::iter::Flatten<std::option::IntoIter<VecDeque<Waiter<R>>>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.map(|q| *q).into_iter().flatten()
+    }
 }
 
 impl<R> LockEntry<R> {
@@ -375,7 +439,7 @@ impl<R: Responder> Locks<R> {
             let entry = LockEntry {
                 key: acquire.key.into_boxed_str(),
                 holder: Some(holder),
-                queue: VecDeque::new(),
+                queue: WaitQueue::default(),
             };
             self.table
                 .insert_unique(hash, entry, |e| hasher.hash_one(&*e.key));
@@ -613,7 +677,7 @@ impl<R: Responder> Locks<R> {
             if holder.ephemeral {
                 *refs.entry(holder.conn).or_insert(0) += 1;
             }
-            for waiter in &entry.queue {
+            for waiter in entry.queue.iter() {
                 waiters += 1;
                 *refs.entry(waiter.conn).or_insert(0) += 1;
             }
