@@ -127,3 +127,38 @@ async fn a_server_that_is_not_there_is_a_connect_error_not_a_hang() {
         .expect_err("nothing listens");
     assert!(error.to_string().contains("cannot connect"), "{error}");
 }
+
+#[tokio::test]
+async fn a_wait_longer_than_the_retry_budget_is_still_retried_after_a_cut() {
+    let server = TestServer::start().await;
+    let proxy = Proxy::start(server.addr).await;
+    let holder = server.client().await;
+    let guard = holder
+        .lock("k", Duration::from_secs(30))
+        .await
+        .expect("lock");
+    let options = ClientOptions {
+        retry_for: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let connector = WsConnector::new(&proxy.url).expect("url");
+    let waiter = Client::connect(connector, options).await.expect("connect");
+    let waiting = tokio::spawn(async move {
+        waiter
+            .lock("k", Duration::from_secs(30))
+            .await
+            .map(|g| g.token())
+    });
+    // The wait outlasts the retry budget; then its connection is cut.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    proxy.cut_all();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let held = guard.token();
+    guard.unlock().await.expect("unlock");
+    let token = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("granted in time")
+        .expect("task")
+        .expect("the lock was retried on a new connection");
+    assert!(token > held);
+}

@@ -112,7 +112,8 @@ pub struct ClientOptions {
     /// The client id; by default a random 128-bit hex id, kept for the life
     /// of the client across reconnects.
     pub client_id: Option<String>,
-    /// How long to keep retrying a request whose connection failed.
+    /// How long to keep retrying a request while no connection works
+    /// (counted from the last moment one did).
     pub retry_for: Duration,
     /// The first delay between retries; it doubles up to `retry_delay_max`.
     pub retry_delay: Duration,
@@ -266,7 +267,12 @@ impl Client {
         &self,
         mut make_op: impl FnMut(u32) -> Op,
     ) -> Result<Timed, Error> {
-        let started = Instant::now();
+        // The retry budget counts time without a working connection: it
+        // starts at the first failure, and starts again whenever a request
+        // had been carried (the connection was up until it broke), so a
+        // lock that waited a long time and then lost its connection is
+        // still retried.
+        let mut offline_since: Option<Instant> = None;
         let mut attempt = 0u32;
         loop {
             let op = make_op(attempt);
@@ -277,11 +283,19 @@ impl Client {
                 }
                 Err(error) => error,
             };
-            let retryable = matches!(
-                error,
-                Error::Transport(TransportError::Lost(_) | TransportError::Connect { .. })
-            );
-            if !retryable || started.elapsed() >= self.inner.options.retry_for {
+            let since = match &error {
+                // The request was on a connection that then failed, or the
+                // server is going away: retry on a new connection.
+                Error::Transport(TransportError::Lost(_)) => Instant::now(),
+                Error::Server(e) if e.code == ErrorCode::ShuttingDown => Instant::now(),
+                // No connection could be opened: the outage goes on.
+                Error::Transport(TransportError::Connect { .. }) => {
+                    offline_since.unwrap_or_else(Instant::now)
+                }
+                _ => return Err(error),
+            };
+            let since = *offline_since.insert(offline_since.map_or(since, |s| s.max(since)));
+            if since.elapsed() >= self.inner.options.retry_for {
                 return Err(error);
             }
             tracing::debug!(%error, attempt, "retrying after a connection failure");

@@ -94,6 +94,7 @@ struct LockEntry<R> {
 /// queue lives behind a pointer that is null when empty: 8 bytes per key
 /// instead of a `VecDeque`'s 32.
 #[derive(Debug)]
+#[allow(clippy::box_collection)] // the box is the point: see above
 struct WaitQueue<R>(Option<Box<VecDeque<Waiter<R>>>>);
 
 impl<R> Default for WaitQueue<R> {
