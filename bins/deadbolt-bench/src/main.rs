@@ -57,11 +57,15 @@ struct CompareArgs {
     /// postgres.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Print the tables and draw the chart of an earlier run's JSON,
+    /// instead of running.
+    #[arg(long)]
+    from_json: Option<PathBuf>,
     /// Where to write the raw JSON (default: target/bench/results-<mode>.json).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Where to write the SVG chart (default: docs/bench.svg for a full
-    /// run, target/bench/bench-quick.svg for a quick one).
+    /// Where to write the SVG chart (default: docs/bench.svg for a full run
+    /// of every system, else target/bench/bench.svg).
     #[arg(long)]
     svg: Option<PathBuf>,
 }
@@ -123,6 +127,17 @@ async fn start(name: &str) -> anyhow::Result<Box<dyn System>> {
 }
 
 async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Result<()> {
+    if let Some(path) = &args.from_json {
+        let run: Run = serde_json::from_slice(&std::fs::read(path)?)?;
+        println!("{}", report::tables(&run));
+        let svg = args
+            .svg
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("target/bench/bench.svg"));
+        report::write_svg(&run, &svg)?;
+        eprintln!("chart: {}", svg.display());
+        return Ok(());
+    }
     let (mode, size) = if args.quick {
         ("quick", Size::QUICK)
     } else {
@@ -136,7 +151,7 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
         None => "one core: servers and harness share it".to_owned(),
     };
     let mut run = Run {
-        mode,
+        mode: mode.to_owned(),
         size,
         machine: machine(),
         placement,
@@ -154,11 +169,13 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
         .json
         .unwrap_or_else(|| PathBuf::from(format!("target/bench/results-{mode}.json")));
     report::write_json(&run, &json)?;
+    // Only a full run of every system replaces the published chart.
+    let published = !args.quick && args.only.is_empty();
     let svg = args.svg.unwrap_or_else(|| {
-        PathBuf::from(if args.quick {
-            "target/bench/bench-quick.svg"
-        } else {
+        PathBuf::from(if published {
             "docs/bench.svg"
+        } else {
+            "target/bench/bench.svg"
         })
     });
     report::write_svg(&run, &svg)?;

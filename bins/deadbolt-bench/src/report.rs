@@ -5,12 +5,12 @@ use std::fmt::Write;
 use std::path::Path;
 
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::scenarios::{Cycles, Distinct, Handoff, Memory, Size, Storm};
 
 /// Everything one system did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SystemRun {
     /// Its name.
     pub name: String,
@@ -31,10 +31,10 @@ pub struct SystemRun {
 }
 
 /// A whole run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
     /// `quick` or `full`.
-    pub mode: &'static str,
+    pub mode: String,
     /// Its sizes.
     pub size: Size,
     /// The machine.
@@ -279,8 +279,9 @@ struct Bars<'a> {
     title: &'a str,
     y_label: &'a str,
     groups: Vec<String>,
-    /// Per system: its name and one value per group (None: no bar).
-    series: Vec<(String, Vec<Option<f64>>)>,
+    /// Per system: its name, its colour (its place in the run, the same in
+    /// every chart) and one value per group (None: no bar).
+    series: Vec<(String, usize, Vec<Option<f64>>)>,
 }
 
 fn draw_bars(
@@ -290,7 +291,7 @@ fn draw_bars(
     let top = bars
         .series
         .iter()
-        .flat_map(|(_, v)| v.iter().flatten())
+        .flat_map(|(_, _, v)| v.iter().flatten())
         .fold(0.0f64, |a, &b| a.max(b))
         * 1.15;
     let groups = bars.groups.len();
@@ -315,9 +316,11 @@ fn draw_bars(
             }
         })
         .y_desc(bars.y_label)
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(WHITE)
         .draw()?;
-    for (s, (name, values)) in bars.series.iter().enumerate() {
-        let color = COLORS[s % COLORS.len()];
+    for (s, (name, color, values)) in bars.series.iter().enumerate() {
+        let color = COLORS[color % COLORS.len()];
         let rects = values.iter().enumerate().filter_map(|(g, v)| {
             let x0 = g as f64 + 0.1 + 0.8 * s as f64 / width;
             v.map(|v| Rectangle::new([(x0, 0.0), (x0 + 0.8 / width, v)], color.filled()))
@@ -357,10 +360,12 @@ pub fn write_svg(run: &Run, path: &Path) -> anyhow::Result<()> {
         series: run
             .systems
             .iter()
-            .filter(|s| !s.cycles.is_empty())
-            .map(|s| {
+            .enumerate()
+            .filter(|(_, s)| !s.cycles.is_empty())
+            .map(|(i, s)| {
                 (
                     s.name.clone(),
+                    i,
                     connections
                         .iter()
                         .map(|&c| {
@@ -381,10 +386,12 @@ pub fn write_svg(run: &Run, path: &Path) -> anyhow::Result<()> {
         series: run
             .systems
             .iter()
-            .filter(|s| !s.handoff.is_empty())
-            .map(|s| {
+            .enumerate()
+            .filter(|(_, s)| !s.handoff.is_empty())
+            .map(|(i, s)| {
                 (
                     s.name.clone(),
+                    i,
                     waiters
                         .iter()
                         .map(|&w| {

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::systems::{Conn, System};
 
 /// How big a run is.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Size {
     /// Length of each timed measurement.
     pub seconds: f64,
@@ -75,7 +75,7 @@ async fn connect_all(system: &dyn System, n: usize) -> anyhow::Result<Vec<Box<dy
 // ---------------------------------------------------------------- 1
 
 /// Scenario 1: uncontended lock+unlock cycles.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cycles {
     /// Connections, each at depth 1.
     pub connections: usize,
@@ -149,7 +149,7 @@ pub async fn cycles(system: &dyn System, connections: usize, size: Size) -> anyh
 // ---------------------------------------------------------------- 2
 
 /// Scenario 2: one key, many waiters, hold time zero.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Handoff {
     /// Waiters (connections) contending.
     pub waiters: usize,
@@ -238,10 +238,10 @@ pub async fn handoff(system: &dyn System, waiters: usize, size: Size) -> anyhow:
 // ---------------------------------------------------------------- 3
 
 /// Scenario 3: inserts with half of them duplicates.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Distinct {
     /// `single` (one key per request) or `batched` (1000).
-    pub mode: &'static str,
+    pub mode: String,
     /// Inserts made.
     pub inserts: usize,
     /// Inserts per second.
@@ -313,7 +313,7 @@ pub async fn distinct(
     let elapsed = started.elapsed().as_secs_f64();
     let distinct = size.inserts / 2;
     Ok(Distinct {
-        mode,
+        mode: mode.to_owned(),
         inserts: size.inserts,
         inserts_per_second: size.inserts as f64 / elapsed,
         classified_new,
@@ -325,7 +325,7 @@ pub async fn distinct(
 // ---------------------------------------------------------------- 4
 
 /// Scenario 4: memory per entry.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Memory {
     /// Entries of each kind.
     pub entries: usize,
@@ -418,7 +418,7 @@ async fn fill(system: &dyn System, connections: usize, n: usize, job: Job) -> an
 // ---------------------------------------------------------------- 5
 
 /// Scenario 5: many locks with the same short lease, each with a waiter.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Storm {
     /// Locks.
     pub locks: usize,

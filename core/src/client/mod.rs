@@ -288,8 +288,12 @@ impl Client {
                 // server is going away: retry on a new connection.
                 Error::Transport(TransportError::Lost(_)) => Instant::now(),
                 Error::Server(e) if e.code == ErrorCode::ShuttingDown => Instant::now(),
-                // No connection could be opened: the outage goes on.
+                // No connection could be opened, or the server refused the
+                // work for now (having done nothing): the outage goes on.
                 Error::Transport(TransportError::Connect { .. }) => {
+                    offline_since.unwrap_or_else(Instant::now)
+                }
+                Error::Server(e) if e.code == ErrorCode::Overloaded => {
                     offline_since.unwrap_or_else(Instant::now)
                 }
                 _ => return Err(error),
