@@ -231,6 +231,29 @@ impl Books {
     }
 }
 
+/// A waiter that has just left its queue, if it can still be answered with
+/// a grant at `at`: not if nobody listens for it any more (skipped), nor if
+/// its wait ran out at this very tick (answered `timeout`).
+fn still_waiting<R: Responder>(
+    waiter: Waiter<R>,
+    at: Tick,
+    books: &mut Books,
+) -> Option<Waiter<R>> {
+    books.waiter_left(&waiter);
+    if waiter.reply.is_closed() {
+        books.stats.abandoned += 1;
+        return None;
+    }
+    if waiter.deadline.is_some_and(|deadline| deadline <= at) {
+        books.stats.timeouts += 1;
+        waiter
+            .reply
+            .respond(Err(ServerError::timeout(waiter.wait_ms)));
+        return None;
+    }
+    Some(waiter)
+}
+
 /// Gives the key to the first waiter still there, at `at`.
 ///
 /// Waiters nobody listens to any more are skipped, and so are waiters whose
@@ -239,18 +262,9 @@ impl Books {
 fn grant_next<R: Responder>(entry: &mut LockEntry<R>, hash: u64, at: Tick, books: &mut Books) {
     debug_assert!(entry.holder.is_none());
     while let Some(waiter) = entry.queue.pop_front() {
-        books.waiter_left(&waiter);
-        if waiter.reply.is_closed() {
-            books.stats.abandoned += 1;
+        let Some(waiter) = still_waiting(waiter, at, books) else {
             continue;
-        }
-        if waiter.deadline.is_some_and(|deadline| deadline <= at) {
-            books.stats.timeouts += 1;
-            waiter
-                .reply
-                .respond(Err(ServerError::timeout(waiter.wait_ms)));
-            continue;
-        }
+        };
         let holder = Holder {
             client: waiter.client,
             conn: waiter.conn,
@@ -299,19 +313,9 @@ fn answer_queued_relocks<R: Responder>(
             entry.queue.push_back(waiter);
             continue;
         }
-        books.waiter_left(&waiter);
-        if waiter.reply.is_closed() {
-            books.stats.abandoned += 1;
+        let Some(waiter) = still_waiting(waiter, at, books) else {
             continue;
-        }
-        if waiter.deadline.is_some_and(|deadline| deadline <= at) {
-            // Its wait ran out at this very tick, before the grant.
-            books.stats.timeouts += 1;
-            waiter
-                .reply
-                .respond(Err(ServerError::timeout(waiter.wait_ms)));
-            continue;
-        }
+        };
         relock(
             holder,
             &waiter.conn,

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{Conn, Held, System};
+use super::{Conn, Held, Rounds, System};
 use crate::procs::{self, Server};
 
 /// How often a waiter tries again.
@@ -164,25 +164,17 @@ impl Conn for MemcachedConn {
         ttl: Duration,
         retry: Duration,
     ) -> anyhow::Result<Vec<Instant>> {
-        let mut granted: Vec<Option<Instant>> = vec![None; keys.len()];
-        loop {
-            let open: Vec<usize> = (0..keys.len()).filter(|&i| granted[i].is_none()).collect();
-            if open.is_empty() {
-                return Ok(granted.into_iter().flatten().collect());
-            }
+        let mut rounds = Rounds::new(keys.len());
+        while let Some(open) = rounds.open() {
             self.lock_requests += open.len() as u64;
             let adds: Vec<(String, u64)> = open
                 .iter()
                 .map(|&i| (keys[i].clone(), exptime(ttl)))
                 .collect();
             let stored = self.add_all(&adds).await?;
-            let now = Instant::now();
-            for (&i, stored) in open.iter().zip(stored) {
-                if stored {
-                    granted[i] = Some(now);
-                }
-            }
+            rounds.record(&open, stored);
             tokio::time::sleep(retry).await;
         }
+        Ok(rounds.finish())
     }
 }

@@ -42,20 +42,16 @@ pub trait Conn: Send {
         ttl: Duration,
         retry: Duration,
     ) -> anyhow::Result<Vec<Instant>> {
-        let mut granted: Vec<Option<Instant>> = vec![None; keys.len()];
-        while granted.iter().any(Option::is_none) {
-            for (key, slot) in keys
-                .iter()
-                .zip(granted.iter_mut())
-                .filter(|(_, g)| g.is_none())
-            {
-                if self.try_lock(key, ttl).await?.is_some() {
-                    *slot = Some(Instant::now());
-                }
+        let mut rounds = Rounds::new(keys.len());
+        while let Some(open) = rounds.open() {
+            let mut taken = Vec::with_capacity(open.len());
+            for &i in &open {
+                taken.push(self.try_lock(&keys[i], ttl).await?.is_some());
             }
+            rounds.record(&open, taken);
             tokio::time::sleep(retry).await;
         }
-        Ok(granted.into_iter().flatten().collect())
+        Ok(rounds.finish())
     }
 }
 
@@ -83,5 +79,37 @@ pub trait System: Send + Sync {
     /// Whether a held lock is server state that can be counted in memory.
     fn locks_in_memory(&self) -> bool {
         true
+    }
+}
+
+/// The bookkeeping of taking keys in rounds: which keys are still to take,
+/// and when each was taken.
+pub struct Rounds(Vec<Option<Instant>>);
+
+impl Rounds {
+    /// None of `n` keys taken yet.
+    pub fn new(n: usize) -> Rounds {
+        Rounds(vec![None; n])
+    }
+
+    /// The indexes of the keys still to take, or `None` when all are taken.
+    pub fn open(&self) -> Option<Vec<usize>> {
+        let open: Vec<usize> = (0..self.0.len()).filter(|&i| self.0[i].is_none()).collect();
+        (!open.is_empty()).then_some(open)
+    }
+
+    /// Notes which of the `open` keys this round took.
+    pub fn record(&mut self, open: &[usize], taken: impl IntoIterator<Item = bool>) {
+        let now = Instant::now();
+        for (&i, taken) in open.iter().zip(taken) {
+            if taken {
+                self.0[i] = Some(now);
+            }
+        }
+    }
+
+    /// When each key was taken, in order.
+    pub fn finish(self) -> Vec<Instant> {
+        self.0.into_iter().flatten().collect()
     }
 }

@@ -10,7 +10,7 @@ use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 
-use super::{Conn, Held, System};
+use super::{Conn, Held, Rounds, System};
 use crate::procs::{self, Server};
 
 /// Compare-and-delete: release only the grant this owner holds.
@@ -176,13 +176,9 @@ impl Conn for RedisConn {
         ttl: Duration,
         retry: Duration,
     ) -> anyhow::Result<Vec<Instant>> {
-        let mut granted: Vec<Option<Instant>> = vec![None; keys.len()];
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        loop {
-            let open: Vec<usize> = (0..keys.len()).filter(|&i| granted[i].is_none()).collect();
-            if open.is_empty() {
-                return Ok(granted.into_iter().flatten().collect());
-            }
+        let mut rounds = Rounds::new(keys.len());
+        while let Some(open) = rounds.open() {
             let mut pipe = redis::pipe();
             for &i in &open {
                 self.lock_requests += 1;
@@ -194,13 +190,9 @@ impl Conn for RedisConn {
                     .arg(ttl_ms);
             }
             let answers: Vec<Option<String>> = pipe.query_async(&mut self.connection).await?;
-            let now = Instant::now();
-            for (&i, answer) in open.iter().zip(answers) {
-                if answer.is_some() {
-                    granted[i] = Some(now);
-                }
-            }
+            rounds.record(&open, answers.into_iter().map(|a| a.is_some()));
             tokio::time::sleep(retry).await;
         }
+        Ok(rounds.finish())
     }
 }
