@@ -3,6 +3,7 @@
 mod support;
 
 use deadbolt_core::limits::ShardLimits;
+use deadbolt_core::shard::sets::MEMBERS_PAGE_BYTES;
 use deadbolt_core::proto::{
     ErrorCode, Inserted, InsertedMany, Keys, Member, MembersPage, Okay, SetInfo, SetOp, SetUpReply,
     TornDown,
@@ -218,6 +219,30 @@ fn members_pages_through_keys_in_index_order() {
     assert_eq!((page.members.len(), page.next), (0, None));
     let page = members(&mut h, "s", 99, 2);
     assert_eq!((page.members.len(), page.next), (0, None));
+}
+
+#[test]
+fn a_members_page_stops_at_its_byte_budget_and_next_resumes_there() {
+    let mut h = Harness::new();
+    h.set_up("s", 10_000);
+    let keys: Vec<String> = (0..600).map(|i| format!("{i:04}{}", "k".repeat(1020))).collect();
+    for key in &keys {
+        h.insert("alice", "s", key).unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = members(&mut h, "s", after, 10_000);
+        let bytes: usize = page.members.iter().map(|m| m.key.len()).sum();
+        assert!(bytes <= MEMBERS_PAGE_BYTES, "page of {bytes} bytes");
+        seen.extend(page.members.into_iter().map(|m| m.key));
+        match page.next {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert!(after > 0, "600 KiB of keys must take more than one page");
+    assert_eq!(seen, keys, "every key once, in index order");
 }
 
 #[test]

@@ -21,6 +21,10 @@ use crate::proto::{
 };
 use crate::time::Tick;
 
+/// The most key bytes one `members` page carries; a page stops early (with
+/// `next` set) rather than exceed it.
+pub const MEMBERS_PAGE_BYTES: usize = 256 * 1024;
+
 /// Counters of what happened to this shard's sets, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SetStats {
@@ -237,12 +241,24 @@ impl Sets {
         let size = set.len() as u64;
         let start = after.min(size);
         let end = start.saturating_add(u64::from(limit)).min(size);
-        let members = (start..end)
-            .map(|position| Member {
-                index: position + 1,
-                key: key_at(&set.packed, &set.ends, position as u32).to_owned(),
+        // A page of 10,000 keys of 1 KiB each would be a 10 MiB reply that one
+        // slow reader could make the server hold; the byte budget keeps every
+        // page well under the message limit, and `next` resumes where it stopped.
+        let mut bytes = 0;
+        let members: Vec<Member> = (start..end)
+            .map_while(|position| {
+                let key = key_at(&set.packed, &set.ends, position as u32);
+                if bytes > 0 && bytes + key.len() > MEMBERS_PAGE_BYTES {
+                    return None;
+                }
+                bytes += key.len();
+                Some(Member {
+                    index: position + 1,
+                    key: key.to_owned(),
+                })
             })
             .collect();
+        let end = start + members.len() as u64;
         let next = (end < size).then_some(end);
         Ok(Okay::Members(MembersPage { members, next }))
     }
