@@ -172,6 +172,25 @@ async fn guard_extend_restarts_the_lease_and_the_view() {
     assert!(b.inspect("k").await.unwrap().holder.is_some());
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_explicit_extend_sets_the_period_the_renewer_keeps_from_then_on() {
+    let (_engine, a, b) = setup().await;
+    let options = LockOptions::new(Duration::from_secs(30)).auto_renew(true);
+    let guard = a.lock_with("k", options).await.unwrap().unwrap();
+    guard.extend(Duration::from_secs(1)).await.unwrap();
+    assert!(
+        guard.valid_for() <= Duration::from_secs(1),
+        "the view follows the shorter lease: {:?}",
+        guard.valid_for()
+    );
+    // Renewed every third of the new, 1 s lease: held long past it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(guard.is_held());
+    let holder = b.inspect("k").await.unwrap().holder.expect("still held");
+    assert!(holder.remaining_ms <= 1_000, "{holder:?}");
+    drop(guard);
+}
+
 #[tokio::test]
 async fn a_distinct_set_tells_first_to_one_client_and_the_same_index_to_all() {
     let (_engine, a, b) = setup().await;

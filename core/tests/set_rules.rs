@@ -3,11 +3,11 @@
 mod support;
 
 use deadbolt_core::limits::ShardLimits;
-use deadbolt_core::shard::sets::MEMBERS_PAGE_BYTES;
 use deadbolt_core::proto::{
     ErrorCode, Inserted, InsertedMany, Keys, Member, MembersPage, Okay, SetInfo, SetOp, SetUpReply,
     TornDown,
 };
+use deadbolt_core::shard::sets::MEMBERS_PAGE_BYTES;
 use support::Harness;
 
 fn inserted(index: u64, first: bool) -> Okay {
@@ -225,7 +225,9 @@ fn members_pages_through_keys_in_index_order() {
 fn a_members_page_stops_at_its_byte_budget_and_next_resumes_there() {
     let mut h = Harness::new();
     h.set_up("s", 10_000);
-    let keys: Vec<String> = (0..600).map(|i| format!("{i:04}{}", "k".repeat(1020))).collect();
+    let keys: Vec<String> = (0..600)
+        .map(|i| format!("{i:04}{}", "k".repeat(1020)))
+        .collect();
     for key in &keys {
         h.insert("alice", "s", key).unwrap();
     }

@@ -182,4 +182,8 @@ impl Connection for QuicConnection {
     fn is_open(&self) -> bool {
         self.conn.close_reason().is_none()
     }
+
+    async fn closed(&self) {
+        self.conn.closed().await;
+    }
 }

@@ -244,19 +244,25 @@ fn may_wait(op: &Op) -> bool {
 impl Connection for WsConnection {
     async fn call(&self, request: Request) -> Result<Outcome, TransportError> {
         let lost = || TransportError::Lost("the connection closed".to_owned());
-        if !self.is_open() {
-            return Err(lost());
-        }
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             kind: request.op.kind(),
             reply,
         };
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(request.id, pending);
+        {
+            // Checked under the same lock the driver holds while it closes
+            // the connection and fails what is pending: a request is either
+            // failed by the driver or refused here, never left waiting.
+            let mut map = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !self.is_open() {
+                return Err(lost());
+            }
+            map.insert(request.id, pending);
+        }
         let mut guard = CancelOnDrop {
             connection: self,
             id: request.id,
@@ -274,6 +280,12 @@ impl Connection for WsConnection {
 
     fn is_open(&self) -> bool {
         self.shared.open.load(Ordering::Acquire)
+    }
+
+    async fn closed(&self) {
+        // The driver drops its end of the queue as soon as it gives the
+        // connection up.
+        self.outbox.closed().await;
     }
 }
 
@@ -357,11 +369,13 @@ async fn drive<S>(
             }
         }
     };
-    shared.open.store(false, Ordering::Release);
     let pending: Vec<Pending> = {
         let mut map = shared.pending.lock().unwrap_or_else(|p| p.into_inner());
+        shared.open.store(false, Ordering::Release);
         std::mem::take(&mut *map).into_values().collect()
     };
+    // Wakes whoever waits for the connection to close.
+    drop(queued);
     for p in pending {
         // The caller may have given up already.
         let _ = p.reply.send(Err(TransportError::Lost(reason.to_owned())));

@@ -43,17 +43,24 @@ pub async fn lock(server: &ServerArgs, args: LockArgs) -> anyhow::Result<u8> {
         );
         return Ok(EXIT_NO);
     };
-    let mut child = tokio::process::Command::new(&args.command[0])
+    let spawned = tokio::process::Command::new(&args.command[0])
         .args(&args.command[1..])
         .env("DEADBOLT_TOKEN", guard.token().to_string())
         .env("DEADBOLT_KEY", &args.key)
-        .spawn()
-        .with_context(|| format!("cannot run {:?}", args.command[0]))?;
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            // Give the lock back now: the process is about to exit, and a
+            // dropped guard's background unlock would not outlive it.
+            release(guard).await;
+            return Err(error).with_context(|| format!("cannot run {:?}", args.command[0]));
+        }
+    };
     tokio::select! {
         status = child.wait() => {
-            let status = status.context("waiting for the command")?;
             release(guard).await;
-            Ok(exit_code(status))
+            Ok(exit_code(status.context("waiting for the command")?))
         }
         () = guard.lost() => {
             eprintln!(

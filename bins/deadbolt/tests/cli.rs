@@ -165,6 +165,24 @@ fn lock_runs_the_command_with_its_token_and_exits_with_its_status() {
 }
 
 #[test]
+fn a_command_that_cannot_start_fails_and_gives_the_lock_back() {
+    let server = Server::start();
+    let output = server.run(&["lock", "job", "--ttl", "60s", "--", "/nonexistent/command"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("cannot run"),
+        "{}",
+        stderr(&output)
+    );
+    let after = server.run(&["inspect", "job"]);
+    assert!(
+        stdout(&after).contains("free"),
+        "released at once, not after the 60 s lease: {}",
+        stdout(&after)
+    );
+}
+
+#[test]
 fn a_second_lock_waits_until_the_first_command_finishes() {
     let server = Server::start();
     let first = server

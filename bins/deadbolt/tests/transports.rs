@@ -237,6 +237,7 @@ suite!(
     dropping_a_waiting_lock_cancels_it_on_the_server,
     a_waiting_lock_does_not_block_other_requests,
     an_ephemeral_lock_is_released_when_its_client_disconnects,
+    an_ephemeral_guard_is_lost_as_soon_as_its_connection_closes,
     a_client_that_comes_back_with_its_id_keeps_its_lock_and_its_first,
     auto_renewal_keeps_a_short_lease_alive_until_unlock,
     three_hundred_concurrent_requests_on_one_connection,
@@ -436,6 +437,32 @@ async fn an_ephemeral_lock_is_released_when_its_client_disconnects(t: Transport)
             .is_some(),
         "a plain lock outlives it"
     );
+}
+
+async fn an_ephemeral_guard_is_lost_as_soon_as_its_connection_closes(t: Transport) {
+    let world = World::start().await;
+    let client = world.client(t).await;
+    let lease = Duration::from_secs(60);
+    let ephemeral = client
+        .lock_with("e", LockOptions::new(lease).ephemeral(true))
+        .await
+        .expect("lock")
+        .expect("granted");
+    let plain = client.lock("p", lease).await.expect("lock");
+    assert!(ephemeral.is_held() && plain.is_held());
+    // The server goes away (its frontends close every connection) while
+    // the engine, and so the plain lock, lives on.
+    let _ = world.stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), ephemeral.lost())
+        .await
+        .expect("the ephemeral guard notices its connection closed");
+    assert_eq!(ephemeral.valid_for(), Duration::ZERO);
+    assert!(
+        plain.is_held(),
+        "a plain lease view does not depend on the connection"
+    );
+    ephemeral.detach();
+    plain.detach();
 }
 
 async fn a_client_that_comes_back_with_its_id_keeps_its_lock_and_its_first(t: Transport) {

@@ -27,6 +27,7 @@ impl LocalConnector {
 #[derive(Debug)]
 struct LocalConnection {
     session: Session,
+    engine: Engine,
 }
 
 #[async_trait]
@@ -37,6 +38,11 @@ impl Connection for LocalConnection {
 
     fn is_open(&self) -> bool {
         !self.session.engine_is_shutting_down()
+    }
+
+    async fn closed(&self) {
+        // An in-process connection closes only with its engine.
+        self.engine.shutting_down().await;
     }
 }
 
@@ -51,6 +57,7 @@ impl Connector for LocalConnector {
         }
         Ok(Arc::new(LocalConnection {
             session: self.engine.session(),
+            engine: self.engine.clone(),
         }))
     }
 

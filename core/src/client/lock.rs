@@ -12,11 +12,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Client, Error, Timed, unexpected};
+use super::{Client, Connection, Error, Timed, unexpected};
 use crate::proto::{Acquire, ErrorCode, Extended, Granted, LockOp, Okay, Op, OpKind, Wait};
 
 /// How to take a lock.
@@ -89,14 +89,35 @@ fn millis(d: Duration) -> u64 {
 
 /// A held lock. Release it with [`LockGuard::unlock`]; dropping it stops
 /// renewal and releases it in the background, best effort.
-#[derive(Debug)]
+///
+/// An ephemeral guard keeps the connection that took the lock open, and
+/// counts the lock lost the moment that connection closes (the server
+/// releases it then), whatever the lease view says.
 pub struct LockGuard {
     client: Client,
     key: String,
     token: u64,
     lease: Arc<watch::Sender<Lease>>,
-    renewer: Option<JoinHandle<()>>,
+    /// Held around each `extend` and the lease update after it, so that
+    /// the renewer and [`LockGuard::extend`] never race: the last extend
+    /// sent is the one the lease view records.
+    extending: Arc<Mutex<()>>,
+    /// For an ephemeral lock, the connection it lives and dies with.
+    bound_to: Option<Arc<dyn Connection>>,
+    /// The renewer and the watcher of `bound_to`.
+    tasks: Vec<JoinHandle<()>>,
     released: bool,
+}
+
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("key", &self.key)
+            .field("token", &self.token)
+            .field("lease", &*self.lease.borrow())
+            .field("ephemeral", &self.bound_to.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -193,7 +214,12 @@ impl Client {
             match self.extend_timed(key, granted.token, ttl).await {
                 Ok(sent_at) => anchor = sent_at,
                 Err(e) if e.code() == Some(ErrorCode::NotHeld) => return Ok(None),
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Nobody will hold a guard for this grant: give it back
+                    // rather than leave the key taken for a whole lease.
+                    unlock_in_background(self.clone(), key.to_owned(), granted.token);
+                    return Err(e);
+                }
             }
         }
         let lease = Lease {
@@ -201,11 +227,13 @@ impl Client {
             ttl,
             lost: false,
         };
+        let bound_to = options.ephemeral.then_some(timed.connection);
         Ok(Some(LockGuard::new(
             self.clone(),
             key.to_owned(),
             granted.token,
             lease,
+            bound_to,
             options.auto_renew,
         )))
     }
@@ -256,22 +284,42 @@ impl Client {
 }
 
 impl LockGuard {
-    fn new(client: Client, key: String, token: u64, lease: Lease, auto_renew: bool) -> LockGuard {
+    fn new(
+        client: Client,
+        key: String,
+        token: u64,
+        lease: Lease,
+        bound_to: Option<Arc<dyn Connection>>,
+        auto_renew: bool,
+    ) -> LockGuard {
         let lease = Arc::new(watch::Sender::new(lease));
-        let renewer = auto_renew.then(|| {
-            tokio::spawn(renew(
-                client.clone(),
-                key.clone(),
+        let extending = Arc::new(Mutex::new(()));
+        let mut tasks = Vec::new();
+        if let Some(connection) = &bound_to {
+            let (connection, lease) = (Arc::clone(connection), Arc::clone(&lease));
+            tasks.push(tokio::spawn(async move {
+                connection.closed().await;
+                lease.send_modify(|lease| lease.lost = true);
+            }));
+        }
+        if auto_renew {
+            let renewer = Renewer {
+                client: client.clone(),
+                key: key.clone(),
                 token,
-                Arc::clone(&lease),
-            ))
-        });
+                lease: Arc::clone(&lease),
+                extending: Arc::clone(&extending),
+            };
+            tasks.push(tokio::spawn(renewer.run()));
+        }
         LockGuard {
             client,
             key,
             token,
             lease,
-            renewer,
+            extending,
+            bound_to,
+            tasks,
             released: false,
         }
     }
@@ -290,7 +338,8 @@ impl LockGuard {
     /// How much longer the lock is certainly held (zero once it may not be).
     pub fn valid_for(&self) -> Duration {
         let lease = *self.lease.borrow();
-        if lease.lost {
+        let connection_closed = self.bound_to.as_ref().is_some_and(|c| !c.is_open());
+        if lease.lost || connection_closed {
             return Duration::ZERO;
         }
         lease.valid_until.saturating_duration_since(Instant::now())
@@ -302,8 +351,8 @@ impl LockGuard {
     }
 
     /// Resolves once the lock may no longer be held: the lease view ran out
-    /// (renewal, if on, failed to keep it up) or the server said the grant
-    /// is gone.
+    /// (renewal, if on, failed to keep it up), the server said the grant is
+    /// gone, or (ephemeral) the connection that took it closed.
     pub async fn lost(&self) {
         let mut changes = self.lease.subscribe();
         loop {
@@ -329,6 +378,7 @@ impl LockGuard {
 
     /// Restarts the lease at `ttl` (and renews at that period from now on).
     pub async fn extend(&self, ttl: Duration) -> Result<(), Error> {
+        let _one_at_a_time = self.extending.lock().await;
         match self.client.extend_timed(&self.key, self.token, ttl).await {
             Ok(sent_at) => {
                 self.lease.send_modify(|lease| {
@@ -366,8 +416,8 @@ impl LockGuard {
     }
 
     fn stop_renewal(&mut self) {
-        if let Some(renewer) = self.renewer.take() {
-            renewer.abort();
+        for task in self.tasks.drain(..) {
+            task.abort();
         }
     }
 }
@@ -378,39 +428,111 @@ impl Drop for LockGuard {
         if self.released {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (client, key, token) = (self.client.clone(), self.key.clone(), self.token);
-            runtime.spawn(async move {
-                if let Err(error) = client.unlock(&key, token).await {
-                    tracing::debug!(%error, key, "unlock of a dropped guard failed");
+        unlock_in_background(self.client.clone(), self.key.clone(), self.token);
+    }
+}
+
+/// Releases a grant nobody holds a guard for, best effort: its lease ends
+/// it anyway if this fails.
+fn unlock_in_background(client: Client, key: String, token: u64) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Err(error) = client.unlock(&key, token).await {
+                tracing::debug!(%error, key, "background unlock failed");
+            }
+        });
+    }
+}
+
+/// Renews a guard's lease in the background.
+struct Renewer {
+    client: Client,
+    key: String,
+    token: u64,
+    lease: Arc<watch::Sender<Lease>>,
+    extending: Arc<Mutex<()>>,
+}
+
+/// What one renewal attempt came to.
+enum Renewal {
+    /// The lease was restarted, or moved by someone else meanwhile.
+    Renewed,
+    /// It failed but the lease still runs: try again soon.
+    TryAgain,
+    /// The grant is gone or may be.
+    Lost,
+}
+
+impl Renewer {
+    /// Renews the lease every third of it until aborted or the grant is
+    /// lost. A change to the lease (an explicit extend) restarts the count.
+    async fn run(self) {
+        let mut changes = self.lease.subscribe();
+        loop {
+            let lease = *changes.borrow_and_update();
+            if lease.lost {
+                return;
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
                 }
-            });
+                () = tokio::time::sleep_until(renew_at(&lease)) => {}
+            }
+            match self.renew_once().await {
+                Renewal::Renewed => {}
+                Renewal::TryAgain => tokio::time::sleep(lease.ttl / 20).await,
+                Renewal::Lost => {
+                    tracing::warn!(
+                        key = self.key,
+                        token = self.token,
+                        "lock lost: the lease could not be renewed"
+                    );
+                    self.lease.send_modify(|l| l.lost = true);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn renew_once(&self) -> Renewal {
+        let _one_at_a_time = self.extending.lock().await;
+        // Read again under the lock: an explicit extend may have just moved
+        // the lease.
+        let lease = *self.lease.borrow();
+        if lease.lost {
+            return Renewal::Lost;
+        }
+        if Instant::now() < renew_at(&lease) {
+            return Renewal::Renewed;
+        }
+        let Lease {
+            valid_until, ttl, ..
+        } = lease;
+        let left = valid_until.saturating_duration_since(Instant::now());
+        let extend = self.client.extend_timed(&self.key, self.token, ttl);
+        match tokio::time::timeout(left, extend).await {
+            Ok(Ok(sent_at)) => {
+                self.lease
+                    .send_modify(|l| l.valid_until = lease_from(sent_at, ttl));
+                Renewal::Renewed
+            }
+            Ok(Err(e)) if e.code() != Some(ErrorCode::NotHeld) && Instant::now() < valid_until => {
+                tracing::debug!(%e, key = self.key, "lease renewal failed; trying again");
+                Renewal::TryAgain
+            }
+            Ok(Err(_)) | Err(_) => Renewal::Lost,
         }
     }
 }
 
-/// Renews the lease every third of it until aborted or the grant is lost.
-async fn renew(client: Client, key: String, token: u64, lease: Arc<watch::Sender<Lease>>) {
-    loop {
-        let Lease {
-            valid_until, ttl, ..
-        } = *lease.borrow();
-        let renew_at = valid_until.checked_sub(ttl * 2 / 3).unwrap_or(valid_until);
-        tokio::time::sleep_until(renew_at).await;
-        let left = valid_until.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, client.extend_timed(&key, token, ttl)).await {
-            Ok(Ok(sent_at)) => lease.send_modify(|l| {
-                l.valid_until = l.valid_until.max(lease_from(sent_at, ttl));
-            }),
-            Ok(Err(e)) if e.code() != Some(ErrorCode::NotHeld) && Instant::now() < valid_until => {
-                tracing::debug!(%e, key, "lease renewal failed; trying again");
-                tokio::time::sleep(ttl / 20).await;
-            }
-            Ok(Err(_)) | Err(_) => {
-                tracing::warn!(key, token, "lock lost: the lease could not be renewed");
-                lease.send_modify(|l| l.lost = true);
-                return;
-            }
-        }
-    }
+/// When to renew: with a third of the lease gone.
+fn renew_at(lease: &Lease) -> Instant {
+    lease
+        .valid_until
+        .checked_sub(lease.ttl * 2 / 3)
+        .unwrap_or(lease.valid_until)
 }

@@ -65,6 +65,11 @@ pub trait Connection: Send + Sync {
 
     /// Whether the connection still works, as far as the transport knows.
     fn is_open(&self) -> bool;
+
+    /// Resolves once the connection has closed (at once if it has). The
+    /// server releases a connection's ephemeral locks when it closes, so an
+    /// ephemeral [`LockGuard`] watches this.
+    async fn closed(&self);
 }
 
 /// Opens connections to one server.
@@ -173,12 +178,15 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// A reply and what the client knows of when it was made.
+/// A reply and what the client knows of when and where it was made.
 pub(crate) struct Timed {
     pub okay: Okay,
     /// When the attempt that got this reply was sent: the reply's effect
     /// (a grant, a lease restart) happened after it.
     pub sent_at: Instant,
+    /// The connection that carried the answered attempt: an ephemeral grant
+    /// lives only as long as it.
+    pub connection: Arc<dyn Connection>,
 }
 
 impl Client {
@@ -278,8 +286,12 @@ impl Client {
             let op = make_op(attempt);
             let sent_at = Instant::now();
             let error = match self.try_once(op).await {
-                Ok(okay) => {
-                    return Ok(Timed { okay, sent_at });
+                Ok((okay, connection)) => {
+                    return Ok(Timed {
+                        okay,
+                        sent_at,
+                        connection,
+                    });
                 }
                 Err(error) => error,
             };
@@ -308,7 +320,7 @@ impl Client {
         }
     }
 
-    async fn try_once(&self, op: Op) -> Result<Okay, Error> {
+    async fn try_once(&self, op: Op) -> Result<(Okay, Arc<dyn Connection>), Error> {
         let connection = self.connection().await?;
         let kind = op.kind();
         let request = Request {
@@ -316,7 +328,7 @@ impl Client {
             op,
         };
         match connection.call(request).await {
-            Ok(outcome) => Ok(check_kind(kind, outcome?)?),
+            Ok(outcome) => Ok((check_kind(kind, outcome?)?, connection)),
             Err(error) => {
                 self.forget(&connection);
                 Err(error.into())

@@ -142,6 +142,8 @@ struct EngineInner {
     seed: u64,
     next_conn: AtomicU64,
     shutting_down: AtomicBool,
+    /// Turns true with `shutting_down`, for those who wait for it.
+    shut_down: tokio::sync::watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -175,6 +177,7 @@ impl Engine {
                 seed: config.seed,
                 next_conn: AtomicU64::new(1),
                 shutting_down: AtomicBool::new(false),
+                shut_down: tokio::sync::watch::Sender::new(false),
                 tasks: std::sync::Mutex::new(tasks),
             }),
         }
@@ -302,10 +305,18 @@ impl Engine {
         }
     }
 
+    /// Resolves once [`Engine::shutdown`] has been called.
+    pub async fn shutting_down(&self) {
+        let mut shut_down = self.inner.shut_down.subscribe();
+        // The sender lives as long as the engine, so this cannot fail.
+        let _ = shut_down.wait_for(|shut| *shut).await;
+    }
+
     /// Stops the engine: every waiting request is answered `shutting_down`,
     /// later requests too, and the shard actors end. Returns when they have.
     pub async fn shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::Release);
+        self.inner.shut_down.send_replace(true);
         for mailbox in self.mailboxes() {
             // An actor that is already gone needs no telling.
             let _ = mailbox.send(ShardMsg::Shutdown).await;
