@@ -431,3 +431,29 @@ async fn stats_report_counters_connections_and_bounded_top_lists() {
         "closed sessions are not counted"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn top_lists_are_shared_for_a_moment_while_counters_stay_current() {
+    use deadbolt_core::engine::TOP_LISTS_MAX_AGE;
+    let engine = engine(2);
+    let session = engine.session();
+    let first = token(&session, "first", 60_000).await;
+    let before = engine.snapshot(10).await;
+    assert_eq!(before.held.len(), 1);
+    token(&session, "second", 60_000).await;
+    let soon = engine.snapshot(5).await;
+    assert_eq!(soon.locks.held, 2, "counters are current");
+    assert_eq!(soon.held.len(), 1, "the lists gathered a moment ago");
+    let unlock = Op::Lock(LockOp::Release {
+        key: "first".into(),
+        token: first,
+    });
+    call(&session, 2, unlock).await.unwrap();
+    tokio::time::sleep(TOP_LISTS_MAX_AGE).await;
+    let later = engine.snapshot(5).await;
+    let keys: Vec<&str> = later.held.iter().map(|h| h.key.as_str()).collect();
+    assert_eq!(keys, ["second"], "gathered again once they were old");
+    let wider = engine.snapshot(50).await;
+    assert_eq!(wider.held.len(), 1, "a longer list than was gathered is gathered anew");
+    assert_eq!(engine.snapshot(0).await.held.len(), 0, "top 0: counters only");
+}

@@ -145,6 +145,23 @@ struct EngineInner {
     /// Turns true with `shutting_down`, for those who wait for it.
     shut_down: tokio::sync::watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The last top lists gathered; held while gathering, so that
+    /// concurrent `stats` calls share one scan.
+    top_lists: tokio::sync::Mutex<Option<TopLists>>,
+}
+
+/// How long top lists are reused. Gathering them scans every lock and set
+/// of every shard, which with millions of keys takes each shard away from
+/// its work for a while; a room of dashboards refreshing every second must
+/// not multiply that.
+pub const TOP_LISTS_MAX_AGE: Duration = Duration::from_millis(500);
+
+/// Top lists merged from every shard, sorted and cut to `top`.
+#[derive(Debug)]
+struct TopLists {
+    gathered: Instant,
+    top: usize,
+    lists: Snapshot,
 }
 
 impl Engine {
@@ -179,6 +196,7 @@ impl Engine {
                 shutting_down: AtomicBool::new(false),
                 shut_down: tokio::sync::watch::Sender::new(false),
                 tasks: std::sync::Mutex::new(tasks),
+                top_lists: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -275,20 +293,14 @@ impl Engine {
     }
 
     /// The `stats` reply: counters, sizes, connections, and the `top` held
-    /// locks, contended keys and largest sets over all shards.
+    /// locks, contended keys and largest sets over all shards. Counters are
+    /// always current; the lists may be up to [`TOP_LISTS_MAX_AGE`] old.
     pub async fn snapshot(&self, top: usize) -> StatsReply {
-        let (stats, mut merged) = self.gather(top).await;
-        let by_waiters = |a: &crate::proto::HeldLock, b: &crate::proto::HeldLock| {
-            b.waiters.cmp(&a.waiters).then_with(|| a.key.cmp(&b.key))
+        let (stats, merged) = if top == 0 {
+            (self.stats().await, Snapshot::default())
+        } else {
+            self.top_lists(top).await
         };
-        merged.held.sort_by(by_waiters);
-        merged.held.truncate(top);
-        merged.contended.sort_by(by_waiters);
-        merged.contended.truncate(top);
-        merged
-            .largest_sets
-            .sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.set.cmp(&b.set)));
-        merged.largest_sets.truncate(top);
         StatsReply {
             server: SERVER_NAME.to_owned(),
             uptime_ms: u64::try_from(self.inner.started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -303,6 +315,27 @@ impl Engine {
             contended: merged.contended,
             largest_sets: merged.largest_sets,
         }
+    }
+
+    /// Counters and the top lists, the lists reused if recent enough.
+    async fn top_lists(&self, top: usize) -> (ShardStats, Snapshot) {
+        let mut cached = self.inner.top_lists.lock().await;
+        if let Some(recent) = cached
+            .as_ref()
+            .filter(|c| c.top >= top && c.gathered.elapsed() < TOP_LISTS_MAX_AGE)
+        {
+            let lists = cut(recent.lists.clone(), top);
+            drop(cached);
+            return (self.stats().await, lists);
+        }
+        let (stats, merged) = self.gather(top).await;
+        let lists = cut(merged, top);
+        *cached = Some(TopLists {
+            gathered: Instant::now(),
+            top,
+            lists: lists.clone(),
+        });
+        (stats, lists)
     }
 
     /// Resolves once [`Engine::shutdown`] has been called.
@@ -328,6 +361,22 @@ impl Engine {
             let _ = task.await;
         }
     }
+}
+
+/// Sorts merged top lists and keeps the first `top` of each.
+fn cut(mut merged: Snapshot, top: usize) -> Snapshot {
+    let by_waiters = |a: &crate::proto::HeldLock, b: &crate::proto::HeldLock| {
+        b.waiters.cmp(&a.waiters).then_with(|| a.key.cmp(&b.key))
+    };
+    merged.held.sort_by(by_waiters);
+    merged.held.truncate(top);
+    merged.contended.sort_by(by_waiters);
+    merged.contended.truncate(top);
+    merged
+        .largest_sets
+        .sort_by(|a, b| b.size.cmp(&a.size).then_with(|| a.set.cmp(&b.set)));
+    merged.largest_sets.truncate(top);
+    merged
 }
 
 fn lock_counters(stats: &ShardStats) -> LockCounters {

@@ -33,6 +33,10 @@ pub(crate) fn top<S: Ord, T>(
     n: usize,
     score: impl Fn(&T) -> S,
 ) -> Vec<T> {
+    if n == 0 {
+        // Counters-only callers (metrics) must not pay for a scan.
+        return Vec::new();
+    }
     let mut kept = BinaryHeap::with_capacity(n + 1);
     for item in items {
         kept.push(Reverse(Ranked(score(&item), item)));
