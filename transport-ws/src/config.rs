@@ -19,10 +19,12 @@ pub struct WsConfig {
     /// After this much silence from the client, the server pings it.
     pub idle_ping: Duration,
     /// After this much silence from the client, the server closes the
-    /// connection.
+    /// connection; and a write the client takes no bytes of for this long
+    /// (it stopped reading) drops the connection.
     pub idle_close: Duration,
-    /// Most bytes of replies buffered for a client that does not read; past
-    /// it the connection is closed.
+    /// Most bytes of replies buffered for a client that reads slowly; past
+    /// it the connection's writes wait for the client (at most
+    /// `idle_close`), and meanwhile it reads no more requests from it.
     pub write_buffer_max: usize,
     /// How long shutdown waits for connections to close cleanly.
     pub shutdown_grace: Duration,

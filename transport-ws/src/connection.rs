@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use deadbolt_core::proto::{
     DecodeError, Reply, Request, ServerError, decode_request, encode_reply,
@@ -61,14 +62,17 @@ pub(crate) async fn run<S>(
         max: config.max_in_flight,
     };
     let mut heard = Instant::now();
-    let mut idle = tokio::time::interval(config.idle_ping / 2);
+    // `interval` panics on zero.
+    let tick = (config.idle_ping / 2).max(Duration::from_millis(1));
+    let mut idle = tokio::time::interval(tick);
     idle.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let end = loop {
         tokio::select! {
             biased;
             _ = stopped.changed() => break End::Shutdown,
             Some(reply) = in_flight.futures.next(), if !in_flight.futures.is_empty() => {
-                if send_replies(&mut sink, reply, &mut in_flight).await.is_err() {
+                in_flight.finished(&reply);
+                if send_replies(&mut sink, reply, &mut in_flight, config).await.is_err() {
                     break End::Gone;
                 }
             }
@@ -83,7 +87,7 @@ pub(crate) async fn run<S>(
                 };
                 match step {
                     Ok(Some(reply)) => {
-                        if send_replies(&mut sink, reply, &mut in_flight).await.is_err() {
+                        if send_replies(&mut sink, reply, &mut in_flight, config).await.is_err() {
                             break End::Gone;
                         }
                     }
@@ -97,14 +101,14 @@ pub(crate) async fn run<S>(
                     break End::Close(CloseCode::Away, "idle");
                 }
                 if silence >= config.idle_ping
-                    && sink.send(Message::Ping(Vec::new().into())).await.is_err()
+                    && within(config, sink.send(Message::Ping(Vec::new().into()))).await.is_err()
                 {
                     break End::Gone;
                 }
             }
         }
     };
-    say_goodbye(&mut sink, end, &mut in_flight).await;
+    say_goodbye(&mut sink, end, &mut in_flight, config).await;
 }
 
 /// Handles one incoming message; a reply to send at once, if any.
@@ -160,6 +164,30 @@ impl InFlight {
             .push(Box::pin(async move { session.execute(request).await }));
         None
     }
+
+    /// Forgets the id of a request whose reply is ready. (Refusals never
+    /// come here: a refused duplicate id must not forget the original.)
+    fn finished(&mut self, reply: &Reply) {
+        if let Some(id) = reply.id {
+            self.ids.remove(&id);
+        }
+    }
+}
+
+/// Why a write to the peer did not happen.
+struct WriteFailed;
+
+/// Runs one write to the peer, giving up after `idle_close`: a peer that
+/// takes no bytes for that long is treated as gone, so that it cannot pin
+/// its connection (and its ephemeral locks) by not reading.
+async fn within(
+    config: &WsConfig,
+    write: impl Future<Output = Result<(), WsError>>,
+) -> Result<(), WriteFailed> {
+    match tokio::time::timeout(config.idle_close, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(WriteFailed),
+    }
 }
 
 fn text(reply: &Reply) -> Message {
@@ -172,25 +200,26 @@ async fn send_replies<S>(
     sink: &mut Sink<S>,
     first: Reply,
     in_flight: &mut InFlight,
-) -> Result<(), WsError>
+    config: &WsConfig,
+) -> Result<(), WriteFailed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut reply = first;
     loop {
-        if let Some(id) = reply.id {
-            in_flight.ids.remove(&id);
-        }
-        sink.feed(text(&reply)).await?;
+        within(config, sink.feed(text(&reply))).await?;
         match in_flight.futures.next().now_or_never() {
-            Some(Some(next)) => reply = next,
+            Some(Some(next)) => {
+                in_flight.finished(&next);
+                reply = next;
+            }
             _ => break,
         }
     }
-    sink.flush().await
+    within(config, sink.flush()).await
 }
 
-async fn say_goodbye<S>(sink: &mut Sink<S>, end: End, in_flight: &mut InFlight)
+async fn say_goodbye<S>(sink: &mut Sink<S>, end: End, in_flight: &mut InFlight, config: &WsConfig)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -203,7 +232,7 @@ where
                     id: Some(id),
                     outcome: Err(ServerError::shutting_down()),
                 };
-                if sink.feed(text(&reply)).await.is_err() {
+                if within(config, sink.feed(text(&reply))).await.is_err() {
                     return;
                 }
             }
@@ -215,6 +244,6 @@ where
         reason: reason.into(),
     };
     // The peer may be gone already; closing is best effort.
-    let _ = sink.send(Message::Close(Some(frame))).await;
-    let _ = sink.close().await;
+    let _ = within(config, sink.send(Message::Close(Some(frame)))).await;
+    let _ = within(config, sink.close()).await;
 }

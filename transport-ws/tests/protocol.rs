@@ -308,6 +308,64 @@ async fn a_request_id_already_in_flight_is_refused() {
         .await;
     let reply = raw.call(json!({"id": 5, "op": "ping"})).await;
     assert_eq!(code(&reply), "bad_request");
+    let again = raw.call(json!({"id": 5, "op": "ping"})).await;
+    assert_eq!(
+        code(&again),
+        "bad_request",
+        "a refusal does not forget the original: {again}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_its_ephemeral_lock_freed() {
+    let config = WsConfig {
+        idle_ping: Duration::from_millis(500),
+        idle_close: Duration::from_secs(1),
+        ..WsConfig::default()
+    };
+    let server = TestServer::with(Limits::default(), config).await;
+    let filler = server.client().await;
+    let set = filler.set("big");
+    set.set_up(Duration::from_secs(600)).await.expect("set up");
+    let keys: Vec<String> = (0..1000)
+        .map(|i| format!("{i:04}{}", "k".repeat(996)))
+        .collect();
+    set.insert_many(keys).await.expect("insert");
+    let mut stalled = server.raw().await;
+    stalled.hello("stalled").await;
+    let reply = stalled
+        .call(json!({"id": 1, "op": "lock", "key": "e", "ttl_ms": 600_000, "ephemeral": true}))
+        .await;
+    assert!(reply["ok"]["token"].is_u64(), "{reply}");
+    // Ask for 256 KiB pages, over and over, and never read one: the
+    // socket buffers fill and the server's writes stall.
+    let asking = tokio::spawn(async move {
+        for id in 2..400u64 {
+            let page = json!({"id": id, "op": "members", "set": "big", "limit": 10_000});
+            if stalled
+                .ws
+                .send(Message::Text(page.to_string().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        stalled
+    });
+    let started = Instant::now();
+    let other = server.client().await;
+    other.ping().await.expect("others are served meanwhile");
+    let guard = other
+        .lock_timeout("e", Duration::from_secs(1), Duration::from_secs(10))
+        .await
+        .expect("lock");
+    assert!(
+        guard.is_some(),
+        "the stalled connection was dropped and its ephemeral lock freed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    asking.abort();
 }
 
 #[tokio::test]
