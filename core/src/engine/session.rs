@@ -18,8 +18,10 @@ use crate::shard::{Caller, ClientId, ConnId, ShardOp};
 /// that the connection closed, so its waiters leave their queues and its
 /// ephemeral locks are released.
 ///
-/// Because every in-flight [`Session::execute`] borrows the session, that
-/// notice always reaches each shard after the connection's last request.
+/// Because every in-flight [`Session::execute`] holds the session (by
+/// reference, or through the clone a transport moves into the request's
+/// task), that notice always reaches each shard after the connection's last
+/// request.
 #[derive(Debug, Clone)]
 pub struct Session {
     inner: Arc<SessionInner>,
@@ -87,6 +89,9 @@ impl Session {
             Op::Hello { client } => Ok(self.hello(client)),
             Op::Ping => Ok(Okay::EMPTY),
             Op::Cancel { target } => self.cancel(target).await,
+            Op::Stats { .. } if self.inner.engine.is_shutting_down() => {
+                Err(ServerError::shutting_down())
+            }
             Op::Stats { top } => {
                 let snapshot = self.inner.engine.snapshot(top as usize).await;
                 Ok(Okay::Stats(Box::new(snapshot)))
@@ -141,7 +146,7 @@ impl Session {
             conn: self.inner.conn,
             request: id,
         };
-        let _cancel_on_drop = may_wait.then(|| {
+        let mut cancel_on_drop = may_wait.then(|| {
             self.state()
                 .waiting
                 .insert(id, (shard, routing_key.to_owned()));
@@ -153,19 +158,17 @@ impl Session {
             }
         });
         let message = ShardMsg::Op { caller, op, reply };
-        match engine.mailbox(shard).try_send(message) {
-            Ok(()) => {}
+        let outcome = match engine.mailbox(shard).try_send(message) {
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| Err(ServerError::shutting_down())),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                return Err(ServerError::overloaded("shard mailbox full; retry later"));
+                Err(ServerError::overloaded("shard mailbox full; retry later"))
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                return Err(ServerError::shutting_down());
-            }
-        }
-        let outcome = answer
-            .await
-            .unwrap_or_else(|_| Err(ServerError::shutting_down()));
-        if let Some(mut guard) = _cancel_on_drop {
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(ServerError::shutting_down()),
+        };
+        // Answered (or never queued): nothing to cancel in the shard.
+        if let Some(guard) = cancel_on_drop.as_mut() {
             guard.done = true;
         }
         outcome

@@ -316,20 +316,23 @@ fn answer_queued_relocks<R: Responder>(
         let Some(waiter) = still_waiting(waiter, at, books) else {
             continue;
         };
-        relock(
-            holder,
-            &waiter.conn,
-            waiter.ttl_ms,
-            waiter.ephemeral,
-            at,
-            hash,
-            books,
-        );
         let granted = Granted {
             token: holder.token,
             ttl_ms: waiter.ttl_ms,
         };
-        waiter.reply.respond(Ok(Okay::Granted(granted)));
+        // Restart the lease only for a requester that got the answer: one
+        // that vanished meanwhile must not stretch the grant.
+        if waiter.reply.respond(Ok(Okay::Granted(granted))) {
+            relock(
+                holder,
+                &waiter.conn,
+                waiter.ttl_ms,
+                waiter.ephemeral,
+                at,
+                hash,
+                books,
+            );
+        }
     }
 }
 
