@@ -7,8 +7,9 @@
 //! [`Locks::check_invariants`]:
 //! - every entry has a holder (a free key with waiters is granted at once);
 //! - `waiters` is the number of queued waiters;
-//! - `conn_refs` counts, per connection, its queued waiters and ephemeral
-//!   holds, so closing a connection with none costs nothing.
+//! - `conn_refs` counts, per connection and key hash, its queued waiters
+//!   and ephemeral holds, so closing a connection visits only the keys it
+//!   touched (and costs nothing if none).
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -116,6 +117,13 @@ impl<R> WaitQueue<R> {
         self.0.iter().flat_map(|q| q.iter())
     }
 
+    /// Where waiter `id` is. Waiters join at the back with ever larger ids
+    /// and leave without reordering, so the queue is sorted by id and a
+    /// key with thousands of waiters is searched, not scanned.
+    fn position_of(&self, id: u64) -> Option<usize> {
+        self.0.as_ref()?.binary_search_by_key(&id, |w| w.id).ok()
+    }
+
     fn push_back(&mut self, waiter: Waiter<R>) {
         self.0.get_or_insert_with(Box::default).push_back(waiter);
     }
@@ -169,10 +177,13 @@ struct Books {
     next_token: u64,
     next_waiter: u64,
     waiters: usize,
-    conn_refs: HashMap<ConnId, u32, KeyHasher>,
+    conn_refs: HashMap<ConnId, ConnRefs, KeyHasher>,
     stats: LockStats,
     limits: ShardLimits,
 }
+
+/// How many waiters and ephemeral holds one connection has, per key hash.
+type ConnRefs = HashMap<u64, u32, KeyHasher>;
 
 /// The locks of one shard.
 #[derive(Debug)]
@@ -193,16 +204,27 @@ impl Books {
         token
     }
 
-    fn ref_conn(&mut self, conn: ConnId) {
-        *self.conn_refs.entry(conn).or_insert(0) += 1;
+    fn ref_conn(&mut self, conn: ConnId, hash: u64) {
+        let hasher = *self.conn_refs.hasher();
+        let refs = self
+            .conn_refs
+            .entry(conn)
+            .or_insert_with(|| HashMap::with_hasher(hasher));
+        *refs.entry(hash).or_insert(0) += 1;
     }
 
-    fn unref_conn(&mut self, conn: ConnId) {
-        if let Some(refs) = self.conn_refs.get_mut(&conn) {
-            *refs -= 1;
-            if *refs == 0 {
-                self.conn_refs.remove(&conn);
+    fn unref_conn(&mut self, conn: ConnId, hash: u64) {
+        let Some(refs) = self.conn_refs.get_mut(&conn) else {
+            return;
+        };
+        if let Some(count) = refs.get_mut(&hash) {
+            *count -= 1;
+            if *count == 0 {
+                refs.remove(&hash);
             }
+        }
+        if refs.is_empty() {
+            self.conn_refs.remove(&conn);
         }
     }
 
@@ -214,20 +236,20 @@ impl Books {
         };
         self.timers.push(holder.deadline, due);
         if holder.ephemeral {
-            self.ref_conn(holder.conn);
+            self.ref_conn(holder.conn, hash);
         }
     }
 
     /// Stops tracking a holder's connection.
-    fn unbind(&mut self, holder: &Holder) {
+    fn unbind(&mut self, holder: &Holder, hash: u64) {
         if holder.ephemeral {
-            self.unref_conn(holder.conn);
+            self.unref_conn(holder.conn, hash);
         }
     }
 
-    fn waiter_left<R>(&mut self, waiter: &Waiter<R>) {
+    fn waiter_left<R>(&mut self, waiter: &Waiter<R>, hash: u64) {
         self.waiters -= 1;
-        self.unref_conn(waiter.conn);
+        self.unref_conn(waiter.conn, hash);
     }
 }
 
@@ -236,10 +258,11 @@ impl Books {
 /// its wait ran out at this very tick (answered `timeout`).
 fn still_waiting<R: Responder>(
     waiter: Waiter<R>,
+    hash: u64,
     at: Tick,
     books: &mut Books,
 ) -> Option<Waiter<R>> {
-    books.waiter_left(&waiter);
+    books.waiter_left(&waiter, hash);
     if waiter.reply.is_closed() {
         books.stats.abandoned += 1;
         return None;
@@ -262,7 +285,7 @@ fn still_waiting<R: Responder>(
 fn grant_next<R: Responder>(entry: &mut LockEntry<R>, hash: u64, at: Tick, books: &mut Books) {
     debug_assert!(entry.holder.is_none());
     while let Some(waiter) = entry.queue.pop_front() {
-        let Some(waiter) = still_waiting(waiter, at, books) else {
+        let Some(waiter) = still_waiting(waiter, hash, at, books) else {
             continue;
         };
         let holder = Holder {
@@ -313,7 +336,7 @@ fn answer_queued_relocks<R: Responder>(
             entry.queue.push_back(waiter);
             continue;
         }
-        let Some(waiter) = still_waiting(waiter, at, books) else {
+        let Some(waiter) = still_waiting(waiter, hash, at, books) else {
             continue;
         };
         let granted = Granted {
@@ -347,7 +370,7 @@ fn relock(
     hash: u64,
     books: &mut Books,
 ) {
-    books.unbind(holder);
+    books.unbind(holder, hash);
     holder.conn = *conn;
     holder.ephemeral = ephemeral;
     holder.deadline = now.plus_millis(ttl_ms);
@@ -357,7 +380,7 @@ fn relock(
 /// Ends the current grant at `at` and hands the key on.
 fn end_grant<R: Responder>(entry: &mut LockEntry<R>, hash: u64, at: Tick, books: &mut Books) {
     if let Some(holder) = entry.holder.take() {
-        books.unbind(&holder);
+        books.unbind(&holder, hash);
     }
     grant_next(entry, hash, at, books);
 }
@@ -515,7 +538,7 @@ impl<R: Responder> Locks<R> {
             return false;
         };
         if let Some(waiter) = entry.queue.remove(position) {
-            self.books.waiter_left(&waiter);
+            self.books.waiter_left(&waiter, hash);
             self.books.stats.cancellations += 1;
             waiter.reply.respond(Err(ServerError::cancelled()));
         }
@@ -525,16 +548,38 @@ impl<R: Responder> Locks<R> {
     /// Forgets the waiters of a closed connection and releases its
     /// ephemeral locks, handing each key on.
     pub fn close_connection(&mut self, now: Tick, conn: ConnId) {
-        if !self.books.conn_refs.contains_key(&conn) {
+        let Some(refs) = self.books.conn_refs.get(&conn) else {
             return;
+        };
+        // Only the keys this connection waits on or holds ephemerally: a
+        // shard of millions of locks is not scanned for one closed tab.
+        let hashes: Vec<u64> = refs.keys().copied().collect();
+        for hash in hashes {
+            self.close_connection_at(now, conn, hash);
         }
+        debug_assert!(!self.books.conn_refs.contains_key(&conn));
+        self.compact_timers();
+    }
+
+    /// [`Locks::close_connection`] for the keys with hash `hash`.
+    fn close_connection_at(&mut self, now: Tick, conn: ConnId, hash: u64) {
         let hasher = self.hasher;
-        let books = &mut self.books;
-        self.table.retain(|entry| {
+        // Distinct keys may share a hash: match the full hash, not just
+        // the table's bucket, and take each involved key in turn.
+        let involved = |e: &LockEntry<R>| {
+            let holds = e
+                .holder
+                .as_ref()
+                .is_some_and(|h| h.ephemeral && h.conn == conn);
+            (holds || e.queue.iter().any(|w| w.conn == conn)) && hasher.hash_one(&*e.key) == hash
+        };
+        while let Ok(mut found) = self.table.find_entry(hash, involved) {
+            let entry = found.get_mut();
+            let books = &mut self.books;
             entry.queue.retain(|w| {
                 let stays = w.conn != conn;
                 if !stays {
-                    books.waiter_left(w);
+                    books.waiter_left(w, hash);
                 }
                 stays
             });
@@ -544,12 +589,12 @@ impl<R: Responder> Locks<R> {
                 .is_some_and(|h| h.ephemeral && h.conn == conn)
             {
                 books.stats.disconnects += 1;
-                end_grant(entry, hasher.hash_one(&*entry.key), now, books);
+                end_grant(entry, hash, now, books);
             }
-            !entry.is_vacant()
-        });
-        debug_assert!(!self.books.conn_refs.contains_key(&conn));
-        self.compact_timers();
+            if entry.is_vacant() {
+                found.remove();
+            }
+        }
     }
 
     /// Applies every deadline due at or before `now`, each at its own tick.
@@ -581,16 +626,16 @@ impl<R: Responder> Locks<R> {
     }
 
     fn wait_ran_out(&mut self, hash: u64, waiter_id: u64, at: Tick) {
-        let is_it = |w: &Waiter<R>| w.id == waiter_id;
-        let Some(entry) = self.table.find_mut(hash, |e| e.queue.iter().any(is_it)) else {
+        let waits_here = |e: &LockEntry<R>| e.queue.position_of(waiter_id).is_some();
+        let Some(entry) = self.table.find_mut(hash, waits_here) else {
             return; // granted, cancelled or gone already
         };
-        let Some(position) = entry.queue.iter().position(is_it) else {
+        let Some(position) = entry.queue.position_of(waiter_id) else {
             return;
         };
         if let Some(waiter) = entry.queue.remove(position) {
             debug_assert!(waiter.deadline == Some(at));
-            self.books.waiter_left(&waiter);
+            self.books.waiter_left(&waiter, hash);
             self.books.stats.timeouts += 1;
             waiter
                 .reply
@@ -611,7 +656,7 @@ impl<R: Responder> Locks<R> {
                     .and_then(|e| e.holder.as_ref())
                     .is_some_and(|h| h.deadline == timer.at),
                 LockDue::Wait { hash, waiter } => table
-                    .find(hash, |e| e.queue.iter().any(|w| w.id == waiter))
+                    .find(hash, |e| e.queue.position_of(waiter).is_some())
                     .is_some(),
             });
     }
@@ -673,9 +718,17 @@ impl<R: Responder> Locks<R> {
 
     /// Checks the invariants listed in the module docs.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut refs: HashMap<ConnId, u32, KeyHasher> = HashMap::with_hasher(self.hasher);
+        let mut refs: HashMap<ConnId, ConnRefs, KeyHasher> = HashMap::with_hasher(self.hasher);
+        let mut count = |conn: ConnId, hash: u64| {
+            *refs
+                .entry(conn)
+                .or_insert_with(|| HashMap::with_hasher(self.hasher))
+                .entry(hash)
+                .or_insert(0) += 1;
+        };
         let mut waiters = 0;
         for entry in &self.table {
+            let hash = self.hash(&entry.key);
             let Some(holder) = &entry.holder else {
                 return Err(format!("key {:?} has an entry but no holder", entry.key));
             };
@@ -683,11 +736,16 @@ impl<R: Responder> Locks<R> {
                 return Err(format!("key {:?} holds a token not yet issued", entry.key));
             }
             if holder.ephemeral {
-                *refs.entry(holder.conn).or_insert(0) += 1;
+                count(holder.conn, hash);
             }
+            let mut last_id = None;
             for waiter in entry.queue.iter() {
+                if last_id.is_some_and(|last| last >= waiter.id) {
+                    return Err(format!("key {:?}: waiters out of id order", entry.key));
+                }
+                last_id = Some(waiter.id);
                 waiters += 1;
-                *refs.entry(waiter.conn).or_insert(0) += 1;
+                count(waiter.conn, hash);
             }
         }
         if waiters != self.books.waiters {
@@ -783,7 +841,7 @@ fn enqueue<R: Responder>(
         books.timers.push(at, LockDue::Wait { hash, waiter: id });
     }
     books.waiters += 1;
-    books.ref_conn(caller.conn);
+    books.ref_conn(caller.conn, hash);
     entry.queue.push_back(Waiter {
         id,
         client: caller.client,
