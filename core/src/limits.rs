@@ -38,6 +38,9 @@ pub struct Limits {
     pub set_members_max: usize,
     /// Most members over all distinct sets, engine-wide.
     pub members_max: usize,
+    /// Most bytes of member keys over all distinct sets, engine-wide: with
+    /// keys of up to 1 KiB, `members_max` alone would allow 100 GiB.
+    pub member_bytes_max: usize,
     /// Messages queued in one shard's mailbox before requests are refused
     /// with `overloaded`.
     pub mailbox_len: usize,
@@ -60,6 +63,7 @@ impl Default for Limits {
             sets_max: 100_000,
             set_members_max: 100_000_000,
             members_max: 100_000_000,
+            member_bytes_max: 8 << 30,
             mailbox_len: 4096,
         }
     }
@@ -80,6 +84,8 @@ pub struct ShardLimits {
     pub set_members_max: usize,
     /// Most members over this shard's sets.
     pub members_max: usize,
+    /// Most bytes of member keys over this shard's sets.
+    pub member_bytes_max: usize,
 }
 
 impl ShardLimits {
@@ -93,6 +99,7 @@ impl ShardLimits {
             sets_max: share(limits.sets_max),
             set_members_max: limits.set_members_max,
             members_max: share(limits.members_max),
+            member_bytes_max: share(limits.member_bytes_max),
         }
     }
 
@@ -105,6 +112,7 @@ impl ShardLimits {
             sets_max: usize::MAX,
             set_members_max: usize::MAX,
             members_max: usize::MAX,
+            member_bytes_max: usize::MAX,
         }
     }
 }

@@ -377,6 +377,33 @@ fn members_beyond_the_shard_limit_are_refused_and_a_batch_stops_there() {
 }
 
 #[test]
+fn member_key_bytes_beyond_the_shard_budget_are_refused_until_a_set_goes() {
+    let mut limits = ShardLimits::unbounded();
+    limits.member_bytes_max = 10;
+    let mut h = Harness::with_limits(limits);
+    h.set_up("s", 1000);
+    h.insert("alice", "s", "12345").unwrap();
+    h.insert("alice", "s", "6789").unwrap();
+    assert_eq!(
+        h.insert("alice", "s", "ab").unwrap_err().code,
+        ErrorCode::Overloaded,
+        "11 bytes would pass the budget of 10"
+    );
+    assert_eq!(h.insert("alice", "s", "a").unwrap(), inserted(3, true));
+    assert_eq!(
+        h.insert("bob", "s", "12345").unwrap(),
+        inserted(1, false),
+        "a known key costs nothing"
+    );
+    tear_down(&mut h, "s").unwrap();
+    h.set_up("t", 1000);
+    assert_eq!(
+        h.insert("alice", "t", "0123456789").unwrap(),
+        inserted(1, true)
+    );
+}
+
+#[test]
 fn many_members_keep_their_indexes_through_table_growth() {
     let mut h = Harness::new();
     h.set_up("s", 10_000);

@@ -139,6 +139,9 @@ pub struct ServeArgs {
     /// Most members over all distinct sets.
     #[arg(long, default_value_t = 100_000_000)]
     pub members_max: usize,
+    /// Most bytes of member keys over all distinct sets.
+    #[arg(long, default_value_t = 8 << 30)]
+    pub member_bytes_max: usize,
 }
 
 /// `deadbolt lock`.

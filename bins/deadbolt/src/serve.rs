@@ -110,6 +110,7 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
         waiters_max: args.waiters_max,
         sets_max: args.sets_max,
         members_max: args.members_max,
+        member_bytes_max: args.member_bytes_max,
         ..Limits::default()
     };
     config

@@ -145,6 +145,8 @@ pub(crate) struct Sets {
     next_set: u64,
     /// Members over all of this shard's sets.
     members: usize,
+    /// Bytes of members' keys over all of this shard's sets.
+    member_bytes: usize,
     limits: ShardLimits,
     stats: SetStats,
 }
@@ -158,6 +160,7 @@ impl Sets {
             timers: Timers::default(),
             next_set: 0,
             members: 0,
+            member_bytes: 0,
             limits,
             stats: SetStats::default(),
         }
@@ -218,6 +221,7 @@ impl Sets {
         let mut room = Room {
             hasher: self.hasher,
             members: &mut self.members,
+            member_bytes: &mut self.member_bytes,
             limits: &self.limits,
             stats: &mut self.stats,
         };
@@ -278,6 +282,7 @@ impl Sets {
         };
         let (set, _) = occupied.remove();
         self.members -= set.len();
+        self.member_bytes -= set.packed.len();
         self.stats.torn_down += 1;
         Ok(Okay::TornDown(TornDown {
             size: set.len() as u64,
@@ -297,6 +302,7 @@ impl Sets {
             if let Ok(occupied) = self.table.find_entry(due.hash, is_it) {
                 let (set, _) = occupied.remove();
                 self.members -= set.len();
+                self.member_bytes -= set.packed.len();
                 self.stats.expired += 1;
             }
         }
@@ -349,9 +355,10 @@ impl Sets {
 
     /// Checks that every set's index agrees with its keys.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut members = 0;
+        let (mut members, mut bytes) = (0, 0);
         for set in &self.table {
             members += set.len();
+            bytes += set.packed.len();
             if set.positions.len() != set.len() || set.owners.len() != set.len() {
                 return Err(format!("set {:?}: index and keys disagree", set.name));
             }
@@ -367,6 +374,12 @@ impl Sets {
                 "{} timers for {} sets",
                 self.timers.len(),
                 self.table.len()
+            ));
+        }
+        if bytes != self.member_bytes {
+            return Err(format!(
+                "{bytes} bytes of members, {} counted",
+                self.member_bytes
             ));
         }
         if members != self.members {
@@ -389,6 +402,7 @@ fn set_rank<'a>(set: &&'a DistinctSet) -> (usize, std::cmp::Reverse<&'a str>) {
 struct Room<'a> {
     hasher: KeyHasher,
     members: &'a mut usize,
+    member_bytes: &'a mut usize,
     limits: &'a ShardLimits,
     stats: &'a mut SetStats,
 }
@@ -411,6 +425,7 @@ impl Room<'_> {
         self.check_room(set, key)?;
         let position = set.push(self.hasher, hash, key, client);
         *self.members += 1;
+        *self.member_bytes += key.len();
         self.stats.inserts_new += 1;
         Ok(Inserted {
             index: u64::from(position) + 1,
@@ -432,6 +447,11 @@ impl Room<'_> {
         if *self.members >= self.limits.members_max {
             return Err(ServerError::overloaded(
                 "too many members (members_max reached)",
+            ));
+        }
+        if *self.member_bytes + key.len() > self.limits.member_bytes_max {
+            return Err(ServerError::overloaded(
+                "too many bytes of members (member_bytes_max reached)",
             ));
         }
         Ok(())
