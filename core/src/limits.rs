@@ -28,6 +28,9 @@ pub struct Limits {
     pub stats_top_max: u32,
     /// Most keys with lock state (held or waited on), engine-wide.
     pub locks_max: usize,
+    /// Most bytes of those keys, engine-wide: with keys of up to 1 KiB,
+    /// `locks_max` alone would allow 10 GiB.
+    pub lock_key_bytes_max: usize,
     /// Most waiters queued on one key.
     pub waiters_per_key_max: usize,
     /// Most waiters queued, engine-wide.
@@ -58,6 +61,7 @@ impl Default for Limits {
             members_page_max: 10_000,
             stats_top_max: 100,
             locks_max: 10_000_000,
+            lock_key_bytes_max: 2 << 30,
             waiters_per_key_max: 10_000,
             waiters_max: 1_000_000,
             sets_max: 100_000,
@@ -74,6 +78,8 @@ impl Default for Limits {
 pub struct ShardLimits {
     /// Most keys with lock state in this shard.
     pub locks_max: usize,
+    /// Most bytes of those keys in this shard.
+    pub lock_key_bytes_max: usize,
     /// Most waiters on one key.
     pub waiters_per_key_max: usize,
     /// Most waiters in this shard.
@@ -94,6 +100,7 @@ impl ShardLimits {
         let share = |total: usize| total.div_ceil(shards.max(1));
         ShardLimits {
             locks_max: share(limits.locks_max),
+            lock_key_bytes_max: share(limits.lock_key_bytes_max),
             waiters_per_key_max: limits.waiters_per_key_max,
             waiters_max: share(limits.waiters_max),
             sets_max: share(limits.sets_max),
@@ -107,6 +114,7 @@ impl ShardLimits {
     pub fn unbounded() -> ShardLimits {
         ShardLimits {
             locks_max: usize::MAX,
+            lock_key_bytes_max: usize::MAX,
             waiters_per_key_max: usize::MAX,
             waiters_max: usize::MAX,
             sets_max: usize::MAX,

@@ -439,6 +439,23 @@ fn keys_beyond_the_lock_limit_are_refused_as_overloaded() {
 }
 
 #[test]
+fn key_bytes_beyond_the_lock_budget_are_refused_until_a_key_is_freed() {
+    let mut limits = ShardLimits::unbounded();
+    limits.lock_key_bytes_max = 10;
+    let mut h = Harness::with_limits(limits);
+    h.lock("alice", "12345", 1000, None).token();
+    h.lock("alice", "6789", 1000, None).token();
+    assert_eq!(
+        h.lock("alice", "ab", 1000, None).code(),
+        ErrorCode::Overloaded,
+        "11 bytes would pass the budget of 10"
+    );
+    h.lock("bob", "x", 1000, None).token();
+    h.advance(1000);
+    h.lock("alice", "0123456789", 1000, None).token();
+}
+
+#[test]
 fn shutdown_answers_every_waiter_shutting_down() {
     let mut h = Harness::new();
     h.lock("alice", "k", 1000, None).token();

@@ -130,6 +130,9 @@ pub struct ServeArgs {
     /// Most keys with lock state.
     #[arg(long, default_value_t = 10_000_000)]
     pub locks_max: usize,
+    /// Most bytes of keys with lock state.
+    #[arg(long, default_value_t = 2 << 30)]
+    pub lock_key_bytes_max: usize,
     /// Most queued waiters.
     #[arg(long, default_value_t = 1_000_000)]
     pub waiters_max: usize,

@@ -107,6 +107,7 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
         message_bytes_max: args.message_bytes_max,
         ttl_ms_max,
         locks_max: args.locks_max,
+        lock_key_bytes_max: args.lock_key_bytes_max,
         waiters_max: args.waiters_max,
         sets_max: args.sets_max,
         members_max: args.members_max,

@@ -177,6 +177,8 @@ struct Books {
     next_token: u64,
     next_waiter: u64,
     waiters: usize,
+    /// Bytes of the keys in the table.
+    key_bytes: usize,
     conn_refs: HashMap<ConnId, ConnRefs, KeyHasher>,
     stats: LockStats,
     limits: ShardLimits,
@@ -396,6 +398,7 @@ impl<R: Responder> Locks<R> {
                 next_token: first_token,
                 next_waiter: 0,
                 waiters: 0,
+                key_bytes: 0,
                 conn_refs: HashMap::with_hasher(hasher),
                 stats: LockStats::default(),
                 limits,
@@ -466,7 +469,14 @@ impl<R: Responder> Locks<R> {
             )));
             return;
         }
+        if books.key_bytes + acquire.key.len() > books.limits.lock_key_bytes_max {
+            reply.respond(Err(ServerError::overloaded(
+                "lock table full (lock_key_bytes_max reached)",
+            )));
+            return;
+        }
         if let Some(holder) = grant_fresh(hash, now, caller, &acquire, reply, books) {
+            books.key_bytes += acquire.key.len();
             let entry = LockEntry {
                 key: acquire.key.into_boxed_str(),
                 holder: Some(holder),
@@ -490,7 +500,7 @@ impl<R: Responder> Locks<R> {
         books.stats.releases += 1;
         end_grant(entry, hash, now, books);
         if entry.is_vacant() {
-            occupied.remove();
+            books.key_bytes -= occupied.remove().0.key.len();
         }
         Ok(Okay::EMPTY)
     }
@@ -592,7 +602,7 @@ impl<R: Responder> Locks<R> {
                 end_grant(entry, hash, now, books);
             }
             if entry.is_vacant() {
-                found.remove();
+                books.key_bytes -= found.remove().0.key.len();
             }
         }
     }
@@ -621,7 +631,7 @@ impl<R: Responder> Locks<R> {
         books.stats.expiries += 1;
         end_grant(entry, hash, at, books);
         if entry.is_vacant() {
-            occupied.remove();
+            books.key_bytes -= occupied.remove().0.key.len();
         }
     }
 
@@ -674,6 +684,7 @@ impl<R: Responder> Locks<R> {
             }
         }
         self.books.waiters = 0;
+        self.books.key_bytes = 0;
         self.books.conn_refs.clear();
     }
 
@@ -747,6 +758,13 @@ impl<R: Responder> Locks<R> {
                 waiters += 1;
                 count(waiter.conn, hash);
             }
+        }
+        let key_bytes: usize = self.table.iter().map(|e| e.key.len()).sum();
+        if key_bytes != self.books.key_bytes {
+            return Err(format!(
+                "{key_bytes} bytes of keys, {} counted",
+                self.books.key_bytes
+            ));
         }
         if waiters != self.books.waiters {
             return Err(format!(
