@@ -61,16 +61,21 @@ impl Default for Limits {
             members_page_max: 10_000,
             stats_top_max: 100,
             locks_max: 10_000_000,
-            lock_key_bytes_max: 2 << 30,
+            lock_key_bytes_max: gib(2),
             waiters_per_key_max: 10_000,
             waiters_max: 1_000_000,
             sets_max: 100_000,
             set_members_max: 100_000_000,
             members_max: 100_000_000,
-            member_bytes_max: 8 << 30,
+            member_bytes_max: gib(8),
             mailbox_len: 4096,
         }
     }
+}
+
+/// `n` GiB, or as much as a `usize` holds.
+pub fn gib(n: u64) -> usize {
+    usize::try_from(n << 30).unwrap_or(usize::MAX)
 }
 
 /// The capacity bounds one shard enforces: its share of the engine's.

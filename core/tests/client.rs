@@ -139,6 +139,25 @@ async fn renewal_stops_the_moment_the_guard_is_dropped() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn locking_again_right_after_dropping_a_guard_is_not_undone_by_its_late_release() {
+    let (_engine, a, b) = setup().await;
+    let dropped = a.lock("k", Duration::from_secs(10)).await.unwrap();
+    let first = dropped.token();
+    drop(dropped); // releases in the background
+    let again = a.lock("k", Duration::from_secs(10)).await.unwrap();
+    assert!(
+        again.token() > first,
+        "a new grant, not a re-lock of the old"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        b.inspect("k").await.unwrap().holder.map(|h| h.token),
+        Some(again.token()),
+        "the late release of the dropped guard left the new grant alone"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn renewal_that_finds_the_grant_gone_reports_the_lock_lost() {
     let (_engine, a, b) = setup().await;
     let options = LockOptions::new(Duration::from_secs(3)).auto_renew(true);

@@ -19,8 +19,10 @@ pub struct WsConfig {
     /// After this much silence from the client, the server pings it.
     pub idle_ping: Duration,
     /// After this much silence from the client, the server closes the
-    /// connection; and a write the client takes no bytes of for this long
-    /// (it stopped reading) drops the connection.
+    /// connection. Also the longest one write to the client may take: a
+    /// client that stopped reading, or reads so slowly that the server's
+    /// buffered replies (up to `write_buffer_max` plus a frame) cannot
+    /// drain in this time, is dropped.
     pub idle_close: Duration,
     /// Most bytes of replies buffered for a client that reads slowly; past
     /// it the connection's writes wait for the client (at most

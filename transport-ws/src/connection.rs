@@ -178,8 +178,9 @@ impl InFlight {
 struct WriteFailed;
 
 /// Runs one write to the peer, giving up after `idle_close`: a peer that
-/// takes no bytes for that long is treated as gone, so that it cannot pin
-/// its connection (and its ephemeral locks) by not reading.
+/// cannot take one write's worth of bytes in that long (it stopped
+/// reading) is treated as gone, so that it cannot pin its connection (and
+/// its ephemeral locks) by not reading.
 async fn within(
     config: &WsConfig,
     write: impl Future<Output = Result<(), WsError>>,

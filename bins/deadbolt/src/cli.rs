@@ -131,7 +131,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 10_000_000)]
     pub locks_max: usize,
     /// Most bytes of keys with lock state.
-    #[arg(long, default_value_t = 2 << 30)]
+    #[arg(long, default_value_t = deadbolt_core::limits::gib(2))]
     pub lock_key_bytes_max: usize,
     /// Most queued waiters.
     #[arg(long, default_value_t = 1_000_000)]
@@ -143,7 +143,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 100_000_000)]
     pub members_max: usize,
     /// Most bytes of member keys over all distinct sets.
-    #[arg(long, default_value_t = 8 << 30)]
+    #[arg(long, default_value_t = deadbolt_core::limits::gib(8))]
     pub member_bytes_max: usize,
 }
 

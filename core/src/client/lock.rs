@@ -9,6 +9,7 @@
 //! the client re-anchors it with an `extend` round trip, whose send time is
 //! again a sound anchor.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -154,6 +155,7 @@ impl Client {
         options: LockOptions,
     ) -> Result<Option<LockGuard>, Error> {
         let deadline = options.wait.map(|wait| Instant::now() + wait);
+        self.inner.releases.settled(key).await;
         loop {
             let granted = match self.request_lock(key, &options, deadline).await {
                 Ok(granted) => granted,
@@ -436,11 +438,78 @@ impl Drop for LockGuard {
 /// it anyway if this fails.
 fn unlock_in_background(client: Client, key: String, token: u64) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let releasing = Releasing::begin(&client, &key);
         runtime.spawn(async move {
             if let Err(error) = client.unlock(&key, token).await {
                 tracing::debug!(%error, key, "background unlock failed");
             }
+            drop(releasing);
         });
+    }
+}
+
+/// The background unlocks in flight, per key.
+///
+/// A `lock` by the client that holds the key is a re-lock and returns the
+/// same token (SPEC section 2); so if this client locked a key again while
+/// the release of a dropped guard was still on its way, that late release
+/// would end the new grant. A `lock` of the key waits for them first.
+#[derive(Debug, Default)]
+pub(crate) struct Releases {
+    pending: std::sync::Mutex<HashMap<String, watch::Sender<u32>>>,
+}
+
+impl Releases {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<u32>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn end(&self, key: &str) {
+        let mut pending = self.pending();
+        if let Some(count) = pending.get(key) {
+            count.send_modify(|n| *n -= 1);
+            if *count.borrow() == 0 {
+                pending.remove(key);
+            }
+        }
+    }
+
+    /// Resolves once no release of `key` is in flight.
+    async fn settled(&self, key: &str) {
+        let count = self.pending().get(key).map(watch::Sender::subscribe);
+        if let Some(mut count) = count {
+            // Dropped with its last release: settled either way.
+            let _ = count.wait_for(|n| *n == 0).await;
+        }
+    }
+}
+
+/// One release in flight; ends when dropped (also if its task is).
+struct Releasing {
+    client: Client,
+    key: String,
+}
+
+impl Releasing {
+    /// Counts a release of `key` by `client` in flight until dropped.
+    fn begin(client: &Client, key: &str) -> Releasing {
+        client
+            .inner
+            .releases
+            .pending()
+            .entry(key.to_owned())
+            .or_insert_with(|| watch::Sender::new(0))
+            .send_modify(|n| *n += 1);
+        Releasing {
+            client: client.clone(),
+            key: key.to_owned(),
+        }
+    }
+}
+
+impl Drop for Releasing {
+    fn drop(&mut self) {
+        self.client.inner.releases.end(&self.key);
     }
 }
 

@@ -167,6 +167,7 @@ struct ClientInner {
     /// callers share one reconnect.
     reconnecting: tokio::sync::Mutex<()>,
     next_request: AtomicU64,
+    releases: lock::Releases,
 }
 
 impl std::fmt::Debug for Client {
@@ -204,6 +205,7 @@ impl Client {
                 current: Mutex::new(None),
                 reconnecting: tokio::sync::Mutex::new(()),
                 next_request: AtomicU64::new(1),
+                releases: lock::Releases::default(),
             }),
         };
         client.connection().await?;

@@ -347,7 +347,9 @@ fn answer_queued_relocks<R: Responder>(
         };
         // Restart the lease only for a requester that got the answer: one
         // that vanished meanwhile must not stretch the grant.
-        if waiter.reply.respond(Ok(Okay::Granted(granted))) {
+        if !waiter.reply.respond(Ok(Okay::Granted(granted))) {
+            books.stats.abandoned += 1;
+        } else {
             relock(
                 holder,
                 &waiter.conn,
@@ -581,7 +583,7 @@ impl<R: Responder> Locks<R> {
                 .holder
                 .as_ref()
                 .is_some_and(|h| h.ephemeral && h.conn == conn);
-            (holds || e.queue.iter().any(|w| w.conn == conn)) && hasher.hash_one(&*e.key) == hash
+            hasher.hash_one(&*e.key) == hash && (holds || e.queue.iter().any(|w| w.conn == conn))
         };
         while let Ok(mut found) = self.table.find_entry(hash, involved) {
             let entry = found.get_mut();

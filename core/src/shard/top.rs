@@ -58,4 +58,10 @@ mod tests {
         assert!(super::top(Vec::<u8>::new(), 3, |&x| x).is_empty());
         assert!(super::top([1, 2], 0, |&x| x).is_empty());
     }
+
+    #[test]
+    fn asking_for_none_does_not_look_at_a_single_item() {
+        let untouchable = std::iter::from_fn(|| -> Option<u8> { panic!("scanned") });
+        assert!(super::top(untouchable, 0, |&x| x).is_empty());
+    }
 }
