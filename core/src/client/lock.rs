@@ -357,23 +357,9 @@ impl LockGuard {
     /// gone, or (ephemeral) the connection that took it closed.
     pub async fn lost(&self) {
         let mut changes = self.lease.subscribe();
-        loop {
-            let lease = *changes.borrow_and_update();
-            if lease.lost {
+        while let Some(lease) = next_lease(&mut changes, |lease| lease.valid_until).await {
+            if lease.valid_until <= Instant::now() {
                 return;
-            }
-            tokio::select! {
-                biased;
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-                () = tokio::time::sleep_until(lease.valid_until) => {
-                    if self.lease.borrow().valid_until <= Instant::now() {
-                        return;
-                    }
-                }
             }
         }
     }
@@ -537,20 +523,7 @@ impl Renewer {
     /// lost. A change to the lease (an explicit extend) restarts the count.
     async fn run(self) {
         let mut changes = self.lease.subscribe();
-        loop {
-            let lease = *changes.borrow_and_update();
-            if lease.lost {
-                return;
-            }
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                () = tokio::time::sleep_until(renew_at(&lease)) => {}
-            }
+        while let Some(lease) = next_lease(&mut changes, renew_at).await {
             match self.renew_once().await {
                 Renewal::Renewed => {}
                 Renewal::TryAgain => tokio::time::sleep(lease.ttl / 20).await,
@@ -594,6 +567,26 @@ impl Renewer {
                 Renewal::TryAgain
             }
             Ok(Err(_)) | Err(_) => Renewal::Lost,
+        }
+    }
+}
+
+/// Waits until the instant `at(lease)` of the current lease, starting over
+/// whenever the lease changes. Returns the lease as it is then, or `None`
+/// once it is lost (or the guard is gone).
+async fn next_lease(
+    changes: &mut watch::Receiver<Lease>,
+    at: impl Fn(&Lease) -> Instant,
+) -> Option<Lease> {
+    loop {
+        let lease = *changes.borrow_and_update();
+        if lease.lost {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            changed = changes.changed() => changed.ok()?,
+            () = tokio::time::sleep_until(at(&lease)) => return Some(*changes.borrow()),
         }
     }
 }
