@@ -461,3 +461,35 @@ async fn top_lists_are_shared_for_a_moment_while_counters_stay_current() {
         "a longer list than was gathered is gathered anew"
     );
 }
+
+#[tokio::test]
+async fn a_request_id_already_in_flight_is_refused_and_the_original_goes_on() {
+    let engine = engine(2);
+    let (holder, session) = (engine.session(), engine.session());
+    let held = token(&holder, "k", 60_000).await;
+    let waiting = tokio::spawn({
+        let session = session.clone();
+        async move { call(&session, 5, lock_op("k", 1000, None, false)).await }
+    });
+    while inspect(&holder, "k").await.waiters == 0 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            code(call(&session, 5, Op::Ping).await),
+            ErrorCode::BadRequest
+        );
+    }
+    let unlock = Op::Lock(LockOp::Release {
+        key: "k".into(),
+        token: held,
+    });
+    call(&holder, 2, unlock).await.unwrap();
+    let granted = waiting.await.unwrap();
+    assert!(matches!(granted, Ok(Okay::Granted(_))), "{granted:?}");
+    assert_eq!(
+        call(&session, 5, Op::Ping).await,
+        Ok(Okay::EMPTY),
+        "free again"
+    );
+}

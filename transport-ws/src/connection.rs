@@ -1,7 +1,7 @@
 //! One WebSocket connection: read requests, run them concurrently, write
 //! replies as they complete.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -41,7 +41,10 @@ type ExecuteFuture = Pin<Box<dyn Future<Output = Reply> + Send>>;
 /// The requests in flight on this connection.
 struct InFlight {
     futures: FuturesUnordered<ExecuteFuture>,
-    ids: BTreeSet<u64>,
+    /// How many futures carry each id, to answer them all `shutting_down`
+    /// at shutdown. (More than one only for a duplicate id, which the
+    /// engine refuses at once.)
+    ids: BTreeMap<u64, usize>,
     max: usize,
 }
 
@@ -58,7 +61,7 @@ pub(crate) async fn run<S>(
     let (mut sink, mut stream) = ws.split();
     let mut in_flight = InFlight {
         futures: FuturesUnordered::new(),
-        ids: BTreeSet::new(),
+        ids: BTreeMap::new(),
         max: config.max_in_flight,
     };
     let mut heard = Instant::now();
@@ -141,35 +144,29 @@ impl InFlight {
             Ok(request) => request,
             Err(error) => return Some(error.into_reply()),
         };
-        let refuse = |error| {
-            Some(Reply {
-                id: Some(request.id),
-                outcome: Err(error),
-            })
-        };
-        if self.ids.contains(&request.id) {
-            return refuse(ServerError::bad_request(format!(
-                "request id {} is already in flight on this connection",
-                request.id
-            )));
-        }
         if self.futures.len() >= self.max {
-            return refuse(ServerError::overloaded(
-                "too many requests in flight on this connection",
-            ));
+            return Some(Reply {
+                id: Some(request.id),
+                outcome: Err(ServerError::overloaded(
+                    "too many requests in flight on this connection",
+                )),
+            });
         }
-        self.ids.insert(request.id);
+        *self.ids.entry(request.id).or_insert(0) += 1;
         let session = session.clone();
         self.futures
             .push(Box::pin(async move { session.execute(request).await }));
         None
     }
 
-    /// Forgets the id of a request whose reply is ready. (Refusals never
-    /// come here: a refused duplicate id must not forget the original.)
+    /// Forgets one future with the id of a reply that is ready.
     fn finished(&mut self, reply: &Reply) {
-        if let Some(id) = reply.id {
-            self.ids.remove(&id);
+        let Some(id) = reply.id else { return };
+        if let Some(count) = self.ids.get_mut(&id) {
+            *count -= 1;
+            if *count == 0 {
+                self.ids.remove(&id);
+            }
         }
     }
 }
@@ -228,7 +225,7 @@ where
         End::Gone => return,
         End::Close(code, reason) => (code, reason),
         End::Shutdown => {
-            for id in std::mem::take(&mut in_flight.ids) {
+            for id in std::mem::take(&mut in_flight.ids).into_keys() {
                 let reply = Reply {
                     id: Some(id),
                     outcome: Err(ServerError::shutting_down()),

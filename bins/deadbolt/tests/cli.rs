@@ -46,6 +46,12 @@ impl Server {
         self.command(args).output().expect("run deadbolt")
     }
 
+    /// Asserts that `deadbolt inspect KEY` says the key is free.
+    fn assert_free(&self, key: &str, why: &str) {
+        let info = stdout(&self.run(&["inspect", key]));
+        assert!(info.contains("free"), "{why}: {info}");
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(BIN);
         command
@@ -156,12 +162,7 @@ fn lock_runs_the_command_with_its_token_and_exits_with_its_status() {
         words.next().and_then(|t| t.parse::<u64>().ok()).is_some(),
         "{printed}"
     );
-    let after = server.run(&["inspect", "job"]);
-    assert!(
-        stdout(&after).contains("free"),
-        "released after: {}",
-        stdout(&after)
-    );
+    server.assert_free("job", "released after the command");
 }
 
 #[test]
@@ -174,12 +175,7 @@ fn a_command_that_cannot_start_fails_and_gives_the_lock_back() {
         "{}",
         stderr(&output)
     );
-    let after = server.run(&["inspect", "job"]);
-    assert!(
-        stdout(&after).contains("free"),
-        "released at once, not after the 60 s lease: {}",
-        stdout(&after)
-    );
+    server.assert_free("job", "released at once, not after the 60 s lease");
 }
 
 #[test]
@@ -291,7 +287,7 @@ fn try_lock_inspect_and_unlock_by_token_from_another_process() {
     let wrong = server.run(&["unlock", "res", "1"]);
     assert_eq!(wrong.status.code(), Some(1));
     assert!(server.run(&["unlock", "res", &token]).status.success());
-    assert!(stdout(&server.run(&["inspect", "res"])).contains("free"));
+    server.assert_free("res", "unlocked by token");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use tokio::sync::{mpsc, oneshot};
 
 use super::actor::ShardMsg;
@@ -41,6 +41,9 @@ struct SessionState {
     /// `lock` requests that may be queued, by request id: where to send a
     /// `cancel`.
     waiting: HashMap<RequestId, (usize, String)>,
+    /// The ids of the requests being carried out (SPEC: unique among a
+    /// connection's requests in flight).
+    in_flight: HashSet<RequestId>,
 }
 
 impl Session {
@@ -53,6 +56,7 @@ impl Session {
                 state: Mutex::new(SessionState {
                     client: Arc::from(client),
                     waiting: HashMap::new(),
+                    in_flight: HashSet::new(),
                 }),
             }),
         }
@@ -81,8 +85,19 @@ impl Session {
 
     /// Carries out one request and returns its reply. Dropping the future
     /// before it completes cancels a waiting `lock`.
+    ///
+    /// A request whose id is already in flight on this connection is
+    /// refused `bad_request`; the one in flight is not disturbed.
     pub async fn execute(&self, request: Request) -> Reply {
         let id = request.id;
+        if !self.state().in_flight.insert(id) {
+            let duplicate = format!("request id {id} is already in flight on this connection");
+            return Reply {
+                id: Some(id),
+                outcome: Err(ServerError::bad_request(duplicate)),
+            };
+        }
+        let _in_flight = InFlight { session: self, id };
         let started = tokio::time::Instant::now();
         let op = request.op.kind().wire_name();
         let outcome = match request.op {
@@ -172,6 +187,18 @@ impl Session {
             guard.done = true;
         }
         outcome
+    }
+}
+
+/// Frees a request's id when it ends, answered or dropped.
+struct InFlight<'a> {
+    session: &'a Session,
+    id: RequestId,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.session.state().in_flight.remove(&self.id);
     }
 }
 
