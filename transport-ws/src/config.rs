@@ -19,10 +19,9 @@ pub struct WsConfig {
     /// After this much silence from the client, the server pings it.
     pub idle_ping: Duration,
     /// After this much silence from the client, the server closes the
-    /// connection. Also the longest one write to the client may take: a
-    /// client that stopped reading, or reads so slowly that the server's
-    /// buffered replies (up to `write_buffer_max` plus a frame) cannot
-    /// drain in this time, is dropped.
+    /// connection. Also the longest one batch of replies (those ready
+    /// together) may take to write: a client that stopped reading, or
+    /// reads so slowly that a batch cannot drain in this time, is dropped.
     pub idle_close: Duration,
     /// Most bytes of replies buffered for a client that reads slowly; past
     /// it the connection's writes wait for the client (at most

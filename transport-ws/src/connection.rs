@@ -174,10 +174,9 @@ impl InFlight {
 /// Why a write to the peer did not happen.
 struct WriteFailed;
 
-/// Runs one write to the peer, giving up after `idle_close`: a peer that
-/// cannot take one write's worth of bytes in that long (it stopped
-/// reading) is treated as gone, so that it cannot pin its connection (and
-/// its ephemeral locks) by not reading.
+/// Runs one batch of writes to the peer, giving up after `idle_close`: a
+/// peer that cannot take it in that long (it stopped reading) is treated as
+/// gone, so that it cannot pin its connection (and its ephemeral locks).
 async fn within(
     config: &WsConfig,
     write: impl Future<Output = Result<(), WsError>>,
@@ -203,18 +202,23 @@ async fn send_replies<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut reply = first;
-    loop {
-        within(config, sink.feed(text(&reply))).await?;
-        match in_flight.futures.next().now_or_never() {
-            Some(Some(next)) => {
-                in_flight.finished(&next);
-                reply = next;
+    // One deadline for the whole batch: a timer per reply would cost the
+    // hot path for nothing.
+    let write = async {
+        let mut reply = first;
+        loop {
+            sink.feed(text(&reply)).await?;
+            match in_flight.futures.next().now_or_never() {
+                Some(Some(next)) => {
+                    in_flight.finished(&next);
+                    reply = next;
+                }
+                _ => break,
             }
-            _ => break,
         }
-    }
-    within(config, sink.flush()).await
+        sink.flush().await
+    };
+    within(config, write).await
 }
 
 async fn say_goodbye<S>(sink: &mut Sink<S>, end: End, in_flight: &mut InFlight, config: &WsConfig)
