@@ -141,6 +141,8 @@ struct EngineInner {
     limits: Limits,
     seed: u64,
     next_conn: AtomicU64,
+    /// Read on every request, so a plain atomic rather than `shut_down`'s
+    /// lock.
     shutting_down: AtomicBool,
     /// Turns true with `shutting_down`, for those who wait for it.
     shut_down: tokio::sync::watch::Sender<bool>,
