@@ -92,7 +92,7 @@ fn measure(what: &str, count: u64) {
             (after - before) as f64 / (1 << 20) as f64,
             per - KEY_BYTES as f64
         );
-        assert!(stats.members as u64 == count || stats.held as u64 == count);
+        assert!(stats.sets.members == count || stats.locks.held == count);
     });
 }
 

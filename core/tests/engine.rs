@@ -132,7 +132,10 @@ async fn keys_and_sets_spread_over_shards_and_each_keeps_its_rules() {
         call(&session, 2, insert).await.unwrap();
     }
     let stats = engine.stats().await;
-    assert_eq!((stats.held, stats.set_count, stats.members), (200, 20, 20));
+    assert_eq!(
+        (stats.locks.held, stats.sets.count, stats.sets.members),
+        (200, 20, 20)
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -158,11 +158,10 @@ fn a_waiter_whose_connection_closes_leaves_the_queue_and_is_never_granted() {
     let alice = h.lock("alice", "k", 100, None);
     let bob = h.lock("bob", "k", 100, None);
     let carol = h.lock("carol", "k", 100, None);
-    h.shard.close_connection(h.now(), conn_of("bob"));
-    h.check();
+    h.close_connection(conn_of("bob"));
     assert_eq!(h.inspect("k").waiters, 1);
+    assert_eq!(bob.code(), ErrorCode::Cancelled, "answered, to nobody");
     h.unlock("alice", "k", alice.token()).ok();
-    assert!(bob.is_pending());
     assert_eq!(h.holder("k").map(|(c, _)| c).as_deref(), Some("carol"));
     carol.token();
 }
@@ -172,9 +171,7 @@ fn a_cancelled_waiter_answers_cancelled_and_is_never_granted() {
     let mut h = Harness::new();
     let alice = h.lock("alice", "k", 100, None);
     let bob = h.lock("bob", "k", 100, None);
-    let bob_request = h.last_request();
-    assert!(h.shard.cancel(h.now(), conn_of("bob"), bob_request, "k"));
-    h.check();
+    h.cancel(&bob);
     assert_eq!(bob.code(), ErrorCode::Cancelled);
     h.unlock("alice", "k", alice.token()).ok();
     assert_eq!(h.holder("k"), None);
@@ -185,13 +182,15 @@ fn a_cancelled_waiter_answers_cancelled_and_is_never_granted() {
 fn cancel_of_a_request_that_is_not_waiting_changes_nothing() {
     let mut h = Harness::new();
     let alice = h.lock("alice", "k", 100, None);
-    let alice_request = h.last_request();
-    assert!(
-        !h.shard
-            .cancel(h.now(), conn_of("alice"), alice_request, "k")
-    );
-    assert!(!h.shard.cancel(h.now(), conn_of("bob"), 12345, "k"));
+    let bob = h.lock("bob", "k", 100, Some(0));
+    let before = h.shard.digest();
+    h.cancel(&alice); // granted, not waiting
+    h.cancel(&bob); // answered busy, never queued
+    assert_eq!(h.shard.digest(), before, "the state did not change");
+    assert_eq!(alice.answers(), 1);
+    assert_eq!(bob.code(), ErrorCode::Busy);
     assert_eq!(h.holder("k"), Some(("alice".to_owned(), alice.token())));
+    assert_eq!(h.shard.counters().locks.cancellations, 0);
 }
 
 #[test]
@@ -200,12 +199,13 @@ fn a_waiter_whose_requester_is_gone_is_skipped_never_granted() {
     let alice = h.lock("alice", "k", 100, None);
     let bob = h.lock("bob", "k", 100, None);
     let carol = h.lock("carol", "k", 100, None);
-    bob.close();
-    assert_eq!(h.inspect("k").waiters, 1, "a gone waiter is not counted");
+    h.gone(&bob);
+    assert_eq!(h.inspect("k").waiters, 1, "a gone waiter leaves the queue");
+    assert_eq!(bob.code(), ErrorCode::Cancelled, "answered, to nobody");
     h.advance(100);
     assert_eq!(h.holder("k").map(|(c, _)| c).as_deref(), Some("carol"));
-    assert!(carol.token() > alice.token());
-    assert_eq!(bob.answers(), 0);
+    assert_eq!(carol.token(), alice.token() + 1);
+    assert_eq!(h.shard.counters().locks.abandoned, 1);
 }
 
 #[test]
@@ -214,32 +214,41 @@ fn a_grant_that_cannot_be_delivered_is_undone_and_passed_on() {
     let alice = h.lock("alice", "k", 100, None);
     let bob = h.lock("bob", "k", 100, None);
     let carol = h.lock("carol", "k", 100, None);
-    bob.vanish();
     h.unlock("alice", "k", alice.token()).ok();
+    let bob_token = bob.token();
+    h.gone(&bob); // the grant reached nobody
     assert_eq!(h.holder("k").map(|(c, _)| c).as_deref(), Some("carol"));
-    carol.token();
-    let gone = h.lock_with("dave", 4, "free", 100, None, false);
-    gone.vanish();
-    let gone = h.lock_with("dave", 4, "other", 100, None, false);
-    drop(gone);
-    assert!(h.holder("other").is_some(), "a delivered grant stays");
-    let vanishing = support::Slot::default();
-    vanishing.vanish();
-    let caller = deadbolt_core::shard::Caller {
-        client: "erin".into(),
-        conn: 5,
-        request: 1,
-    };
-    let op = deadbolt_core::shard::ShardOp::Lock(deadbolt_core::proto::LockOp::Acquire(
-        deadbolt_core::proto::Acquire {
-            key: "fresh".into(),
-            ttl_ms: 100,
-            wait: deadbolt_core::proto::Wait::Forever,
-            ephemeral: false,
-        },
-    ));
-    h.shard.handle(h.now(), caller, op, vanishing);
-    assert_eq!(h.holder("fresh"), None);
+    assert_eq!(carol.token(), bob_token + 1);
+    let fresh = h.lock_with("dave", 4, "free", 100, None, false);
+    fresh.token();
+    h.gone(&fresh);
+    assert_eq!(
+        h.holder("free"),
+        None,
+        "a fresh grant nobody heard of is undone"
+    );
+    assert_eq!(h.shard.counters().locks.abandoned, 2);
+}
+
+#[test]
+fn an_undelivered_answer_does_not_undo_a_grant_its_holder_knows_of() {
+    let mut h = Harness::new();
+    let first = h.lock_with("dave", 4, "k", 100, None, false);
+    let token = first.token();
+    // The same client asks again (a second task, or a retry) and that
+    // answer is lost: the first answer was heard, so the grant stands.
+    let again = h.lock_with("dave", 4, "k", 100, None, false);
+    assert_eq!(again.token(), token);
+    h.gone(&again);
+    h.gone(&first); // too late: the re-lock showed the holder knows
+    assert_eq!(h.holder("k"), Some(("dave".to_owned(), token)));
+    // An extend shows it as well.
+    let other = h.lock_with("erin", 5, "other", 100, None, false);
+    let other_token = other.token();
+    h.extend("erin", "other", other_token, 100).ok();
+    h.gone(&other);
+    assert_eq!(h.holder("other"), Some(("erin".to_owned(), other_token)));
+    assert_eq!(h.shard.counters().locks.abandoned, 0);
 }
 
 #[test]
@@ -346,7 +355,7 @@ fn a_queued_request_of_the_new_holder_is_answered_with_the_same_token() {
 fn a_held_lock_outlives_its_holders_connection_until_its_lease_ends() {
     let mut h = Harness::new();
     let token = h.lock("alice", "k", 100, None).token();
-    h.shard.close_connection(h.now(), conn_of("alice"));
+    h.close_connection(conn_of("alice"));
     assert_eq!(h.holder("k"), Some(("alice".to_owned(), token)));
     // The reconnected worker can still extend and unlock it.
     h.extend("alice", "k", token, 100).ok();
@@ -361,9 +370,9 @@ fn an_ephemeral_lock_is_released_when_its_connection_closes() {
         .token();
     let bob = h.lock("bob", "k", 100, None);
     alice.token();
-    h.shard.close_connection(h.now(), 2); // another connection: nothing
+    h.close_connection(2); // another connection: nothing
     assert!(bob.is_pending());
-    h.shard.close_connection(h.now(), 1);
+    h.close_connection(1);
     h.check();
     bob.token();
     assert!(h.holder("other").is_some(), "non-ephemeral locks stay");
@@ -374,9 +383,9 @@ fn a_relock_from_a_new_connection_moves_an_ephemeral_lock_to_it() {
     let mut h = Harness::new();
     let token = h.lock_with("alice", 1, "k", 10_000, None, true).token();
     h.lock_with("alice", 2, "k", 10_000, None, true);
-    h.shard.close_connection(h.now(), 1);
+    h.close_connection(1);
     assert_eq!(h.holder("k"), Some(("alice".to_owned(), token)));
-    h.shard.close_connection(h.now(), 2);
+    h.close_connection(2);
     assert_eq!(h.holder("k"), None);
 }
 
@@ -458,10 +467,35 @@ fn key_bytes_beyond_the_lock_budget_are_refused_until_a_key_is_freed() {
 #[test]
 fn shutdown_answers_every_waiter_shutting_down() {
     let mut h = Harness::new();
-    h.lock("alice", "k", 1000, None).token();
+    let alice = h.lock("alice", "k", 1000, None);
     let bob = h.lock("bob", "k", 1000, None);
-    h.shard.shutdown();
+    let carol = h.lock("carol", "other", 1000, None);
+    let dave = h.lock("dave", "other", 1000, Some(500));
+    h.shutdown();
     assert_eq!(bob.code(), ErrorCode::ShuttingDown);
+    assert_eq!(dave.code(), ErrorCode::ShuttingDown);
+    assert_eq!(
+        (alice.answers(), carol.answers()),
+        (1, 1),
+        "holders were answered once"
+    );
+    let locks = h.shard.counters().locks;
+    assert_eq!(
+        (locks.held, locks.waiters),
+        (0, 0),
+        "all lock state is dropped"
+    );
+    h.advance(2000);
+    assert_eq!(
+        (bob.answers(), dave.answers()),
+        (1, 1),
+        "nobody is answered twice"
+    );
+    assert_eq!(
+        h.shard.counters().locks.expiries,
+        0,
+        "no lease of a forgotten lock ends"
+    );
 }
 
 #[test]
@@ -477,4 +511,24 @@ fn stale_timers_are_compacted_away_under_many_extends() {
     assert!(h.holder("k").is_some());
     h.advance(1);
     assert!(h.holder("k").is_none());
+}
+
+#[test]
+fn a_replay_with_another_hash_seed_hands_out_the_same_tokens() {
+    let mut h = Harness::new();
+    // Twenty keys, each held ephemerally by one connection with a waiter
+    // behind it, and twenty leases ending at the same tick: the order in
+    // which keys are handed on decides their tokens, and must not depend on
+    // how a seeded hash orders them.
+    for i in 0..20 {
+        let key = format!("key-{i}");
+        h.lock_with("alice", 1, &key, 10_000, None, true).token();
+        h.lock_with("bob", 2, &key, 10_000, None, false);
+        let other = format!("other-{i}");
+        h.lock_with("carol", 3, &other, 50, None, false).token();
+        h.lock_with("dave", 4, &other, 10_000, None, false);
+    }
+    h.close_connection(1);
+    h.advance(50);
+    h.check_replay();
 }

@@ -30,10 +30,9 @@ use deadbolt_core::proto::{
     Acquire, ErrorCode, Extended, Granted, HolderInfo, Inserted, InsertedMany, Keys, LockInfo,
     LockOp, Member, MembersPage, Okay, SetInfo, SetOp, SetUpReply, TornDown, Wait,
 };
-use deadbolt_core::shard::{Caller, Shard, ShardConfig, ShardOp};
-use deadbolt_core::time::Tick;
+use deadbolt_core::shard::{ShardConfig, ShardOp};
 use proptest::prelude::*;
-use support::Slot;
+use support::{Harness, Slot};
 
 const CLIENTS: usize = 3;
 const KEYS: &[&str] = &["a", "b", "c"];
@@ -68,6 +67,10 @@ enum Step {
         pick: usize,
     },
     Abandon {
+        pick: usize,
+    },
+    /// The answer to an answered `lock` turns out undeliverable.
+    LostAnswer {
         pick: usize,
     },
     CloseConnection {
@@ -137,6 +140,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => key.clone().prop_map(|key| Step::Inspect { key }),
         1 => (client.clone(), any::<usize>()).prop_map(|(client, pick)| Step::Cancel { client, pick }),
         1 => any::<usize>().prop_map(|pick| Step::Abandon { pick }),
+        1 => any::<usize>().prop_map(|pick| Step::LostAnswer { pick }),
         1 => client.clone().prop_map(|client| Step::CloseConnection { client }),
         4 => (0u64..25).prop_map(|ms| Step::Advance { ms }),
         2 => any::<bool>().prop_map(|minus_one| Step::ToNextDeadline { minus_one }),
@@ -160,6 +164,8 @@ struct MHolder {
     token: u64,
     deadline: u64,
     ephemeral: bool,
+    /// The request whose answer is all the holder has heard of its grant.
+    granted_by: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -194,14 +200,11 @@ struct Model {
     locks: BTreeMap<usize, MLock>,
     sets: BTreeMap<usize, MSet>,
     answers: Vec<Vec<MOutcome>>,
-    closed: Vec<bool>,
 }
 
 impl Model {
     fn answer(&mut self, request: usize, outcome: MOutcome) {
-        if !self.closed[request] {
-            self.answers[request].push(outcome);
-        }
+        self.answers[request].push(outcome);
     }
 
     fn tick_to(&mut self, t: u64) {
@@ -241,9 +244,6 @@ impl Model {
                 return;
             }
             let waiter = lock.queue.remove(0);
-            if self.closed[waiter.request] {
-                continue;
-            }
             if waiter.deadline.is_some_and(|d| d <= at) {
                 self.answer(waiter.request, Err(ErrorCode::Timeout));
                 continue;
@@ -257,6 +257,7 @@ impl Model {
                 token,
                 deadline: at + waiter.ttl,
                 ephemeral: waiter.ephemeral,
+                granted_by: Some(waiter.request),
             });
             self.answer(
                 waiter.request,
@@ -279,7 +280,8 @@ impl Model {
             .partition(|w| w.client == holder_client);
         lock.queue = others;
         for waiter in mine {
-            if self.closed[waiter.request] {
+            if waiter.deadline.is_some_and(|d| d <= at) {
+                self.answer(waiter.request, Err(ErrorCode::Timeout));
                 continue;
             }
             let holder = self
@@ -290,6 +292,7 @@ impl Model {
             holder.deadline = at + waiter.ttl;
             holder.conn = waiter.conn;
             holder.ephemeral = waiter.ephemeral;
+            holder.granted_by = None;
             let token = holder.token;
             self.answer(
                 waiter.request,
@@ -324,6 +327,7 @@ impl Model {
                     token,
                     deadline: now + ttl,
                     ephemeral,
+                    granted_by: Some(request),
                 });
                 self.answer(request, Ok(Okay::Granted(Granted { token, ttl_ms: ttl })));
             }
@@ -331,6 +335,7 @@ impl Model {
                 holder.deadline = now + ttl;
                 holder.conn = conn;
                 holder.ephemeral = ephemeral;
+                holder.granted_by = None;
                 let token = holder.token;
                 self.answer(request, Ok(Okay::Granted(Granted { token, ttl_ms: ttl })));
             }
@@ -369,6 +374,7 @@ impl Model {
         match holder {
             Some(holder) => {
                 holder.deadline = now + ttl;
+                holder.granted_by = None;
                 self.answer(request, Ok(Okay::Extended(Extended { ttl_ms: ttl })));
             }
             None => self.answer(request, Err(ErrorCode::NotHeld)),
@@ -388,11 +394,7 @@ impl Model {
                 token: h.token,
                 remaining_ms: h.deadline - self.now,
             }),
-            waiters: lock
-                .queue
-                .iter()
-                .filter(|w| !self.closed[w.request])
-                .count() as u64,
+            waiters: lock.queue.len() as u64,
         }
     }
 
@@ -410,10 +412,38 @@ impl Model {
         }
     }
 
+    /// Nobody listens for `request` any more: a waiter leaves its queue
+    /// (answered `cancelled`, to nobody); a grant whose answer was all its
+    /// holder heard of it is undone.
+    fn gone(&mut self, request: usize) {
+        for key in 0..KEYS.len() {
+            let lock = self.locks.entry(key).or_default();
+            if let Some(i) = lock.queue.iter().position(|w| w.request == request) {
+                lock.queue.remove(i);
+                self.answer(request, Err(ErrorCode::Cancelled));
+                return;
+            }
+            if lock
+                .holder
+                .as_ref()
+                .is_some_and(|h| h.granted_by == Some(request))
+            {
+                lock.holder = None;
+                self.grant_next(key, self.now);
+                return;
+            }
+        }
+    }
+
     fn close_connection(&mut self, conn: u64) {
         for key in 0..KEYS.len() {
             let lock = self.locks.entry(key).or_default();
-            lock.queue.retain(|w| w.conn != conn);
+            let (gone, kept): (Vec<_>, Vec<_>) = lock.queue.drain(..).partition(|w| w.conn == conn);
+            lock.queue = kept;
+            for waiter in gone {
+                self.answer(waiter.request, Err(ErrorCode::Cancelled));
+            }
+            let lock = self.locks.entry(key).or_default();
             if lock
                 .holder
                 .as_ref()
@@ -535,7 +565,7 @@ type RequestInfo = (usize, u64, Option<usize>, Option<(usize, Vec<String>)>);
 
 /// Both sides, the requests so far, and what the checks remember.
 struct Run {
-    shard: Shard<Slot>,
+    h: Harness,
     model: Model,
     slots: Vec<Slot>,
     /// For each request: the client, its connection, the lock key if it
@@ -558,7 +588,7 @@ struct Run {
 impl Run {
     fn new() -> Run {
         Run {
-            shard: Shard::new(ShardConfig {
+            h: Harness::with_config(ShardConfig {
                 hash_seed: 1,
                 first_token: 1_000,
                 limits: ShardLimits::unbounded(),
@@ -579,14 +609,8 @@ impl Run {
         }
     }
 
-    fn now(&self) -> Tick {
-        Tick::from_millis(self.model.now)
-    }
-
     fn send(&mut self, client: usize, op: ShardOp) -> usize {
         let request = self.slots.len();
-        let slot = Slot::default();
-        self.slots.push(slot.clone());
         let lock_key = match &op {
             ShardOp::Lock(LockOp::Acquire(a)) => KEYS.iter().position(|k| *k == a.key),
             _ => None,
@@ -605,13 +629,8 @@ impl Run {
         self.requests
             .push((client, self.conns[client], lock_key, insert));
         self.model.answers.push(Vec::new());
-        self.model.closed.push(false);
-        let caller = Caller {
-            client: client_name(client).into(),
-            conn: self.conns[client],
-            request: request as u64,
-        };
-        self.shard.handle(self.now(), caller, op, slot);
+        let slot = self.h.send(&client_name(client), self.conns[client], op);
+        self.slots.push(slot);
         request
     }
 
@@ -631,7 +650,7 @@ impl Run {
 
     fn pending(&self) -> Vec<usize> {
         (0..self.slots.len())
-            .filter(|&r| self.slots[r].is_pending() && !self.model.closed[r])
+            .filter(|&r| self.slots[r].is_pending())
             .collect()
     }
 
@@ -705,29 +724,29 @@ impl Run {
                     .filter(|&r| self.requests[r].1 == self.conns[client])
                     .collect();
                 if let Some(&target) = mine.get(pick % mine.len().max(1)) {
-                    let key = self.requests[target].2.map_or("a", |k| KEYS[k]);
-                    self.shard
-                        .cancel(self.now(), self.conns[client], target as u64, key);
+                    self.h.cancel(&self.slots[target]);
                     self.model.cancel(self.conns[client], target);
                 }
             }
             Step::Abandon { pick } => {
                 let pending = self.pending();
                 if let Some(&target) = pending.get(pick % pending.len().max(1)) {
-                    self.slots[target].close();
-                    self.model.closed[target] = true;
+                    self.h.gone(&self.slots[target]);
+                    self.model.gone(target);
+                }
+            }
+            Step::LostAnswer { pick } => {
+                let granted: Vec<usize> = (0..self.slots.len())
+                    .filter(|&r| matches!(self.slots[r].answers_now(), Ok(Okay::Granted(_))))
+                    .collect();
+                if let Some(&target) = granted.get(pick % granted.len().max(1)) {
+                    self.h.gone(&self.slots[target]);
+                    self.model.gone(target);
                 }
             }
             Step::CloseConnection { client } => {
                 let conn = self.conns[client];
-                for r in 0..self.slots.len() {
-                    // The transport drops the requests of a closed connection.
-                    if self.requests[r].1 == conn && self.slots[r].is_pending() {
-                        self.slots[r].close();
-                        self.model.closed[r] = true;
-                    }
-                }
-                self.shard.close_connection(self.now(), conn);
+                self.h.close_connection(conn);
                 self.model.close_connection(conn);
                 self.conns[client] += 1;
             }
@@ -802,12 +821,13 @@ impl Run {
 
     fn advance_to(&mut self, t: u64) {
         self.model.tick_to(t);
-        self.shard.advance(self.now());
+        let ms = t.saturating_sub(self.h.now_ms);
+        self.h.advance(ms);
     }
 
     /// Compares both sides and checks the properties. Errors name what broke.
     fn check(&mut self) -> Result<(), String> {
-        self.shard.check_invariants()?;
+        self.h.shard.check_invariants()?;
         // In the order the answers were given, so that the token and FIFO
         // checks see grants as they happened.
         let mut requests: Vec<usize> = (0..self.slots.len()).collect();
@@ -905,7 +925,6 @@ impl Run {
         let earlier_still_waiting = (0..request).filter(|_| !relock).find(|&r| {
             self.requests[r].2 == Some(key)
                 && self.slots[r].is_pending()
-                && !self.model.closed[r]
                 && self.requests[r].0 != client
         });
         if let Some(earlier) = earlier_still_waiting {
@@ -953,29 +972,9 @@ impl Run {
     }
 
     fn check_key(&mut self, key: usize) -> Result<(), String> {
-        let now = self.now();
-        let real = match_inspect(&mut self.shard, now, KEYS[key]);
+        let real = self.h.inspect(KEYS[key]);
         let model = self.model.inspect(key);
         self.same_info(&real, &model)
-    }
-}
-
-fn match_inspect(shard: &mut Shard<Slot>, now: Tick, key: &str) -> LockInfo {
-    let slot = Slot::default();
-    let caller = Caller {
-        client: "inspector".into(),
-        conn: 9_999,
-        request: u64::MAX,
-    };
-    shard.handle(
-        now,
-        caller,
-        ShardOp::Lock(LockOp::Inspect { key: key.into() }),
-        slot.clone(),
-    );
-    match slot.ok() {
-        Okay::LockInfo(info) => info,
-        other => panic!("inspect answered {other:?}"),
     }
 }
 
@@ -993,6 +992,8 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
     // Sets expire on both sides alike too.
     run.advance_to(run.model.now + 100);
     run.check().map_err(TestCaseError::fail)?;
+    // The shard is a function of its commands, whatever its hash seed.
+    run.h.check_replay();
     Ok(())
 }
 

@@ -276,7 +276,7 @@ fn a_set_is_removed_whole_when_its_ttl_runs_out() {
         h.insert("alice", "s", "a").unwrap_err().code,
         ErrorCode::NoSuchSet
     );
-    assert_eq!(h.shard.stats().members, 0);
+    assert_eq!(h.shard.counters().sets.members, 0);
 }
 
 #[test]
@@ -287,7 +287,7 @@ fn tear_down_removes_the_set_and_reports_its_size() {
     h.insert("alice", "s", "b").unwrap();
     assert_eq!(tear_down(&mut h, "s"), Ok(2));
     assert_eq!(tear_down(&mut h, "s"), Err(ErrorCode::NoSuchSet));
-    assert_eq!(h.shard.stats().members, 0);
+    assert_eq!(h.shard.counters().sets.members, 0);
 }
 
 #[test]

@@ -1,13 +1,19 @@
-//! The shard actor: a task that owns one shard, reads its mailbox and wakes
-//! at the shard's next deadline.
+//! The shard actor: the driver of one [`Shard`]. It orders what arrives in
+//! its mailbox into commands stamped with the engine clock's time, applies
+//! them in batches, hands each batch to the journal, and only then releases
+//! the batch's answers. It wakes the shard at its next deadline with a
+//! [`Input::Tick`] command, so expiries are ordered inputs like any other.
 
-use std::time::Duration;
+use std::sync::Arc;
 
+use hashbrown::HashMap;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 
-use crate::proto::{Outcome, RequestId};
-use crate::shard::{Caller, ConnId, Responder, Shard, ShardConfig, ShardOp, ShardStats, Snapshot};
+use super::{Clock, Journal};
+use crate::proto::{Okay, Outcome};
+use crate::shard::hasher::KeyHasher;
+use crate::shard::{Answer, Caller, Command, ConnId, Handle, Input, Shard, ShardOp};
+use crate::shard::{Counters, Snapshot};
 use crate::time::Tick;
 
 /// What a shard actor is asked.
@@ -15,101 +21,217 @@ use crate::time::Tick;
 pub(crate) enum ShardMsg {
     /// Carry out `op` and answer on `reply`.
     Op {
+        handle: Handle,
         caller: Caller,
         op: ShardOp,
         reply: oneshot::Sender<Outcome>,
     },
-    /// Cancel a waiting `lock`.
-    Cancel {
-        conn: ConnId,
-        request: RequestId,
-        key: String,
-    },
+    /// Cancel a waiting `lock` (the `cancel` op).
+    Cancel { handle: Handle, key: String },
+    /// A request's future was dropped before its answer.
+    Gone { handle: Handle, key: String },
     /// A connection closed.
     Closed { conn: ConnId },
     /// Report counters, and the top `top` of each list.
     Stats {
         top: usize,
-        reply: oneshot::Sender<(ShardStats, Snapshot)>,
+        reply: oneshot::Sender<(Counters, Snapshot)>,
     },
+    /// Report the shard's state digest.
+    Digest { reply: oneshot::Sender<u64> },
     /// Answer every waiter `shutting_down` and stop.
     Shutdown,
 }
 
-impl Responder for oneshot::Sender<Outcome> {
-    fn is_closed(&self) -> bool {
-        oneshot::Sender::is_closed(self)
-    }
-
-    fn respond(self, outcome: Outcome) -> bool {
-        self.send(outcome).is_ok()
-    }
-}
-
-/// Most messages handled before the actor looks at its clock again; bounds
-/// how late a deadline can be applied under a flood of messages.
+/// Most messages applied as one batch before the answers go out and the
+/// clock is read again; bounds how late a deadline can be applied under a
+/// flood of messages.
 const BATCH_MAX: usize = 256;
 
+/// What one actor needs besides its mailbox.
+pub(crate) struct ActorSetup {
+    pub shard_index: usize,
+    pub shard: Shard,
+    pub clock: Clock,
+    pub journal: Option<Arc<dyn Journal>>,
+    pub check_invariants: bool,
+}
+
+/// A request waiting for its answer: where the answer goes, and for a
+/// `lock`, its key, so that an undeliverable grant can be undone.
+struct Pending {
+    reply: oneshot::Sender<Outcome>,
+    lock_key: Option<String>,
+}
+
+struct Actor {
+    index: usize,
+    shard: Shard,
+    clock: Clock,
+    journal: Option<Arc<dyn Journal>>,
+    check_invariants: bool,
+    /// Handles are the engine's own sequence, not a peer's choice, so a
+    /// fixed hash seed is safe here.
+    pending: HashMap<Handle, Pending, KeyHasher>,
+    /// The batch being applied, kept only for the journal.
+    batch: Vec<Command>,
+    answers: Vec<Answer>,
+}
+
 /// Runs one shard until its mailbox closes or it is told to shut down.
-pub(crate) async fn run(
-    config: ShardConfig,
-    mut mailbox: mpsc::Receiver<ShardMsg>,
-    epoch: Instant,
-) {
-    let mut shard = Shard::new(config);
-    let now = || Tick::from_duration(epoch.elapsed());
-    let at = |tick: Tick| epoch + Duration::from_micros(tick.0);
-    let sleep = tokio::time::sleep_until(at(Tick::ZERO));
+pub(crate) async fn run(setup: ActorSetup, mut mailbox: mpsc::Receiver<ShardMsg>) {
+    let mut actor = Actor {
+        index: setup.shard_index,
+        shard: setup.shard,
+        clock: setup.clock,
+        journal: setup.journal,
+        check_invariants: setup.check_invariants,
+        pending: HashMap::with_hasher(KeyHasher::with_seed(0)),
+        batch: Vec::new(),
+        answers: Vec::new(),
+    };
+    let sleep = tokio::time::sleep_until(actor.clock.instant_of(Tick::ZERO));
     tokio::pin!(sleep);
     let mut armed_for = None;
     loop {
-        let next = shard.next_deadline();
+        let next = actor.shard.next_deadline();
         if next != armed_for {
             if let Some(deadline) = next {
-                sleep.as_mut().reset(at(deadline));
+                sleep.as_mut().reset(actor.clock.instant_of(deadline));
             }
             armed_for = next;
         }
         tokio::select! {
-            // Messages first: a deadline is applied by `handle` anyway
-            // before any message that comes after it.
+            // Messages first: a command applies the deadlines due before
+            // it anyway.
             biased;
             message = mailbox.recv() => {
                 let Some(message) = message else { break };
-                let tick = now();
-                if !apply(&mut shard, tick, message) {
+                if !actor.take_batch(message, &mut mailbox) {
                     break;
-                }
-                for _ in 1..BATCH_MAX {
-                    let Ok(message) = mailbox.try_recv() else { break };
-                    if !apply(&mut shard, tick, message) {
-                        shard.shutdown();
-                        return;
-                    }
                 }
             }
             () = &mut sleep, if armed_for.is_some() => {
-                shard.advance(now());
+                let at = actor.clock.now();
+                actor.apply(Command { at, input: Input::Tick });
+                actor.finish_batch();
                 armed_for = None;
             }
         }
     }
-    shard.shutdown();
+    actor.shard.shutdown();
+    actor.deliver();
 }
 
-/// Applies one message; `false` means stop.
-fn apply(shard: &mut Shard<oneshot::Sender<Outcome>>, now: Tick, message: ShardMsg) -> bool {
-    match message {
-        ShardMsg::Op { caller, op, reply } => shard.handle(now, caller, op, reply),
-        ShardMsg::Cancel { conn, request, key } => {
-            shard.cancel(now, conn, request, &key);
+impl Actor {
+    /// Applies `first` and whatever else is already waiting, up to a batch;
+    /// `false` means stop.
+    fn take_batch(&mut self, first: ShardMsg, mailbox: &mut mpsc::Receiver<ShardMsg>) -> bool {
+        let at = self.clock.now();
+        let mut go_on = self.receive(at, first);
+        for _ in 1..BATCH_MAX {
+            if !go_on {
+                break;
+            }
+            let Ok(message) = mailbox.try_recv() else {
+                break;
+            };
+            go_on = self.receive(at, message);
         }
-        ShardMsg::Closed { conn } => shard.close_connection(now, conn),
-        ShardMsg::Stats { top, reply } => {
-            // The asker may have given up; nothing to do then.
-            let _ = reply.send((shard.stats(), shard.snapshot(now, top)));
-        }
-        ShardMsg::Shutdown => return false,
+        self.finish_batch();
+        go_on
     }
-    true
+
+    /// Turns one message into a command (or answers it, if it only reads
+    /// counters); `false` means stop.
+    fn receive(&mut self, at: Tick, message: ShardMsg) -> bool {
+        let input = match message {
+            ShardMsg::Op {
+                handle,
+                caller,
+                op,
+                reply,
+            } => {
+                let lock_key = match &op {
+                    ShardOp::Lock(crate::proto::LockOp::Acquire(a)) => Some(a.key.clone()),
+                    _ => None,
+                };
+                self.pending.insert(handle, Pending { reply, lock_key });
+                Input::Op { handle, caller, op }
+            }
+            ShardMsg::Cancel { handle, key } => Input::Cancel { handle, key },
+            ShardMsg::Gone { handle, key } => Input::RequesterGone { handle, key },
+            ShardMsg::Closed { conn } => Input::ConnectionClosed { conn },
+            ShardMsg::Stats { top, reply } => {
+                // The asker may have given up; nothing to do then.
+                let _ = reply.send((self.shard.counters(), self.shard.snapshot(top)));
+                return true;
+            }
+            ShardMsg::Digest { reply } => {
+                let _ = reply.send(self.shard.digest());
+                return true;
+            }
+            ShardMsg::Shutdown => return false,
+        };
+        self.apply(Command { at, input });
+        true
+    }
+
+    fn apply(&mut self, command: Command) {
+        if self.journal.is_some() {
+            self.batch.push(command.clone());
+        }
+        self.shard.apply(command);
+    }
+
+    /// Ends a batch: checks the invariants if asked, journals the batch,
+    /// then releases its answers. An answer that cannot be delivered is
+    /// reported to the shard as a command of its own, whose answers go out
+    /// in turn.
+    fn finish_batch(&mut self) {
+        loop {
+            if self.check_invariants {
+                if let Err(broken) = self.shard.check_invariants() {
+                    panic!("shard {} invariant broken: {broken}", self.index);
+                }
+            }
+            if let Some(journal) = &self.journal {
+                if !self.batch.is_empty() {
+                    journal.record(self.index, &self.batch);
+                    self.batch.clear();
+                }
+            }
+            let gone = self.deliver();
+            if gone.is_empty() {
+                return;
+            }
+            let at = self.shard.now();
+            for (handle, key) in gone {
+                self.apply(Command {
+                    at,
+                    input: Input::RequesterGone { handle, key },
+                });
+            }
+        }
+    }
+
+    /// Sends every answer to its requester. Returns the grants nobody
+    /// received, by handle and key.
+    fn deliver(&mut self) -> Vec<(Handle, String)> {
+        self.shard.drain_answers_into(&mut self.answers);
+        let mut gone = Vec::new();
+        for Answer { handle, outcome } in self.answers.drain(..) {
+            let Some(pending) = self.pending.remove(&handle) else {
+                debug_assert!(false, "answer to unknown handle {handle:?}");
+                continue;
+            };
+            let granted = matches!(outcome, Ok(Okay::Granted(_)));
+            if pending.reply.send(outcome).is_err() && granted {
+                if let Some(key) = pending.lock_key {
+                    gone.push((handle, key));
+                }
+            }
+        }
+        gone
+    }
 }

@@ -1,16 +1,19 @@
 //! The actor runtime: one tokio task per shard, and the [`Engine`] handle.
 //!
-//! Each shard actor owns a [`Shard`](crate::shard::Shard) and a bounded
-//! mailbox; it sleeps until a message arrives or the shard's next deadline
-//! comes. Keys (and set names) are routed to shards by a seeded hash, so the
-//! same seed routes the same way every run. A full mailbox is answered
-//! `overloaded` at once rather than queued without bound.
+//! Each shard actor drives one [`Shard`](crate::shard::Shard): it turns its
+//! mailbox into commands stamped by the engine's [`Clock`], applies them in
+//! batches, hands each batch to the [`Journal`] (if any), then releases the
+//! answers; it wakes the shard at its next deadline. A key (or set name) is
+//! placed on shard `stable_hash(key) % shards`, the same in every run for
+//! the same shard count. A full mailbox is answered `overloaded` at once
+//! rather than queued without bound.
 //!
 //! Transports call [`Engine::session`] once per connection and then
 //! [`Session::execute`] for each request; dropping the last clone of the
 //! session announces that the connection closed.
 //!
-//! Layout: `actor` (the shard task), [`session`] (one connection's view).
+//! Layout: `actor` (the driver of one shard), [`session`] (one
+//! connection's view).
 
 mod actor;
 pub mod session;
@@ -25,36 +28,76 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::limits::{Limits, ShardLimits};
-use crate::proto::{LockCounters, SERVER_NAME, SetCounters, StatsReply};
+use crate::proto::{SERVER_NAME, StatsReply};
 pub use crate::shard::Snapshot as ShardSnapshot;
-use crate::shard::hasher::KeyHasher;
-use crate::shard::{ShardConfig, ShardStats, Snapshot};
-use actor::ShardMsg;
+use crate::shard::hasher::{KeyHasher, stable_hash};
+use crate::shard::{Command, Counters, Handle, Shard, ShardConfig, Snapshot};
+use crate::time::Tick;
+use actor::{ActorSetup, ShardMsg};
 pub use session::Session;
 
+/// Shards when the configuration names no number. Fixed rather than one per
+/// core, because a key's shard depends on it and must not move when the
+/// server restarts on another machine.
+pub const DEFAULT_SHARDS: usize = 4;
+
+/// Where every batch of commands goes before its answers are released: the
+/// seam for a write-ahead log, a replicated log, or a simulation's trace.
+pub trait Journal: Send + Sync + 'static {
+    /// Records the commands that shard `shard` has just applied, in order.
+    /// Their answers are released when this returns.
+    fn record(&self, shard: usize, commands: &[Command]);
+}
+
 /// How to start an engine.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EngineConfig {
-    /// Number of shard actors (at least 1).
+    /// Number of shards (at least 1). Keys are placed by it, so it must not
+    /// change under existing state.
     pub shards: usize,
     /// Every bound the engine enforces.
     pub limits: Limits,
-    /// Seeds the key hash (routing and tables) and the ids given to clients
-    /// that never say `hello`. The same seed gives the same run.
+    /// Seeds the shards' hash tables and the ids given to clients that
+    /// never say `hello`. The state the shards reach does not depend on it.
     pub seed: u64,
     /// The token of each shard's first grant. See [`EngineConfig::with_entropy`].
     pub first_token: u64,
+    /// The time the engine's clock reads when it starts: zero for a fresh
+    /// engine, the last recorded time for one that continues a log.
+    pub start_at: Tick,
+    /// Receives every batch of commands before its answers go out.
+    pub journal: Option<Arc<dyn Journal>>,
+    /// Checks every shard's invariants after every batch, and panics if
+    /// one is broken: for tests and the simulation.
+    pub check_invariants: bool,
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineConfig")
+            .field("shards", &self.shards)
+            .field("limits", &self.limits)
+            .field("seed", &self.seed)
+            .field("first_token", &self.first_token)
+            .field("start_at", &self.start_at)
+            .field("journal", &self.journal.is_some())
+            .field("check_invariants", &self.check_invariants)
+            .finish()
+    }
 }
 
 impl EngineConfig {
-    /// A deterministic configuration: seed 0, tokens from 1, one shard per
-    /// core. Tests and the simulation start here.
+    /// A deterministic configuration: seed 0, tokens from 1,
+    /// [`DEFAULT_SHARDS`] shards. Tests and the simulation start here.
     pub fn new() -> EngineConfig {
         EngineConfig {
-            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            shards: DEFAULT_SHARDS,
             limits: Limits::default(),
             seed: 0,
             first_token: 1,
+            start_at: Tick::ZERO,
+            journal: None,
+            check_invariants: false,
         }
     }
 
@@ -70,6 +113,36 @@ impl EngineConfig {
         }
         self.first_token = first_token_from_clock(SystemTime::now());
         self
+    }
+}
+
+/// The engine's monotonic clock: the time every command is stamped with.
+/// It reads `start_at` when the engine starts and runs with tokio's clock
+/// (so a paused test clock or a simulation's clock drives it).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: Instant,
+    start_at: Tick,
+}
+
+impl Clock {
+    /// A clock that reads `start_at` now.
+    pub fn starting_at(start_at: Tick) -> Clock {
+        Clock {
+            epoch: Instant::now(),
+            start_at,
+        }
+    }
+
+    /// The time now.
+    pub fn now(&self) -> Tick {
+        let elapsed = Tick::from_duration(self.epoch.elapsed());
+        Tick(self.start_at.0.saturating_add(elapsed.0))
+    }
+
+    /// The instant at which the clock reads `tick` (now, if it has).
+    pub fn instant_of(&self, tick: Tick) -> Instant {
+        self.epoch + Duration::from_micros(tick.0.saturating_sub(self.start_at.0))
     }
 }
 
@@ -135,9 +208,10 @@ impl Frontend {
 struct EngineInner {
     mailboxes: Box<[mpsc::Sender<ShardMsg>]>,
     started: Instant,
+    /// The next request handle; handles are unique engine-wide.
+    next_handle: AtomicU64,
     /// Open sessions per frontend, indexed like [`Frontend::ALL`].
     connections: [AtomicU64; 3],
-    hasher: KeyHasher,
     limits: Limits,
     seed: u64,
     next_conn: AtomicU64,
@@ -173,7 +247,7 @@ impl Engine {
     /// Outside a tokio runtime.
     pub fn start(config: EngineConfig) -> Engine {
         let shards = config.shards.max(1);
-        let epoch = Instant::now();
+        let clock = Clock::starting_at(config.start_at);
         let shard_config = ShardConfig {
             hash_seed: config.seed,
             first_token: config.first_token,
@@ -181,17 +255,24 @@ impl Engine {
         };
         let mut mailboxes = Vec::with_capacity(shards);
         let mut tasks = Vec::with_capacity(shards);
-        for _ in 0..shards {
+        for shard_index in 0..shards {
             let (tx, rx) = mpsc::channel(config.limits.mailbox_len.max(1));
             mailboxes.push(tx);
-            tasks.push(tokio::spawn(actor::run(shard_config, rx, epoch)));
+            let setup = ActorSetup {
+                shard_index,
+                shard: Shard::new(shard_config),
+                clock,
+                journal: config.journal.clone(),
+                check_invariants: config.check_invariants,
+            };
+            tasks.push(tokio::spawn(actor::run(setup, rx)));
         }
         Engine {
             inner: Arc::new(EngineInner {
                 mailboxes: mailboxes.into_boxed_slice(),
-                started: epoch,
+                started: Instant::now(),
+                next_handle: AtomicU64::new(1),
                 connections: Default::default(),
-                hasher: KeyHasher::with_seed(config.seed),
                 limits: config.limits,
                 seed: config.seed,
                 next_conn: AtomicU64::new(1),
@@ -248,9 +329,13 @@ impl Engine {
     }
 
     /// Which shard owns `key` (a lock key or a set name).
-    fn shard_of(&self, key: &str) -> usize {
-        let shards = self.inner.mailboxes.len() as u64;
-        (self.inner.hasher.hash_one(key) % shards) as usize
+    pub fn shard_of(&self, key: &str) -> usize {
+        shard_of(key, self.inner.mailboxes.len())
+    }
+
+    /// A handle no other request of this engine has.
+    fn new_handle(&self) -> Handle {
+        Handle(self.inner.next_handle.fetch_add(1, Ordering::Relaxed))
     }
 
     fn mailbox(&self, shard: usize) -> &mpsc::Sender<ShardMsg> {
@@ -267,13 +352,27 @@ impl Engine {
     }
 
     /// Counters and sizes summed over all shards.
-    pub async fn stats(&self) -> ShardStats {
+    pub async fn stats(&self) -> Counters {
         self.gather(0).await.0
     }
 
+    /// Each shard's state digest, in shard order (see
+    /// [`Shard::digest`](crate::shard::Shard::digest)); a shard that has
+    /// stopped is left out.
+    pub async fn digests(&self) -> Vec<u64> {
+        let mut digests = Vec::with_capacity(self.mailboxes().len());
+        for mailbox in self.mailboxes() {
+            let (reply, digest) = oneshot::channel();
+            if mailbox.send(ShardMsg::Digest { reply }).await.is_ok() {
+                digests.extend(digest.await.ok());
+            }
+        }
+        digests
+    }
+
     /// Counters, sizes and the shards' top lists merged, from every shard.
-    async fn gather(&self, top: usize) -> (ShardStats, Snapshot) {
-        let mut total = ShardStats::default();
+    async fn gather(&self, top: usize) -> (Counters, Snapshot) {
+        let mut total = Counters::default();
         let mut merged = Snapshot::default();
         for mailbox in self.mailboxes() {
             let (tx, rx) = oneshot::channel();
@@ -284,8 +383,8 @@ impl Engine {
             {
                 continue;
             }
-            if let Ok((stats, snapshot)) = rx.await {
-                add_stats(&mut total, &stats);
+            if let Ok((counters, snapshot)) = rx.await {
+                total.merge(&counters);
                 merged.held.extend(snapshot.held);
                 merged.contended.extend(snapshot.contended);
                 merged.largest_sets.extend(snapshot.largest_sets);
@@ -311,8 +410,8 @@ impl Engine {
                 .into_iter()
                 .map(|(f, n)| (f.name().to_owned(), n))
                 .collect(),
-            locks: lock_counters(&stats),
-            sets: set_counters(&stats),
+            locks: stats.locks,
+            sets: stats.sets,
             held: merged.held,
             contended: merged.contended,
             largest_sets: merged.largest_sets,
@@ -320,7 +419,7 @@ impl Engine {
     }
 
     /// Counters and the top lists, the lists reused if recent enough.
-    async fn top_lists(&self, top: usize) -> (ShardStats, Snapshot) {
+    async fn top_lists(&self, top: usize) -> (Counters, Snapshot) {
         let mut cached = self.inner.top_lists.lock().await;
         if let Some(recent) = cached
             .as_ref()
@@ -381,52 +480,7 @@ fn cut(mut merged: Snapshot, top: usize) -> Snapshot {
     merged
 }
 
-fn lock_counters(stats: &ShardStats) -> LockCounters {
-    let l = &stats.locks;
-    LockCounters {
-        held: stats.held as u64,
-        waiters: stats.waiters as u64,
-        grants: l.grants,
-        releases: l.releases,
-        expiries: l.expiries,
-        disconnects: l.disconnects,
-        timeouts: l.timeouts,
-        cancellations: l.cancellations,
-        busy: l.busy,
-    }
-}
-
-fn set_counters(stats: &ShardStats) -> SetCounters {
-    let s = &stats.sets;
-    SetCounters {
-        count: stats.set_count as u64,
-        members: stats.members as u64,
-        created: s.created,
-        expired: s.expired,
-        torn_down: s.torn_down,
-        inserts_new: s.inserts_new,
-        inserts_duplicate: s.inserts_duplicate,
-    }
-}
-
-fn add_stats(total: &mut ShardStats, shard: &ShardStats) {
-    let (t, s) = (&mut total.locks, &shard.locks);
-    t.grants += s.grants;
-    t.releases += s.releases;
-    t.expiries += s.expiries;
-    t.disconnects += s.disconnects;
-    t.timeouts += s.timeouts;
-    t.cancellations += s.cancellations;
-    t.busy += s.busy;
-    t.abandoned += s.abandoned;
-    let (t, s) = (&mut total.sets, &shard.sets);
-    t.created += s.created;
-    t.expired += s.expired;
-    t.torn_down += s.torn_down;
-    t.inserts_new += s.inserts_new;
-    t.inserts_duplicate += s.inserts_duplicate;
-    total.held += shard.held;
-    total.waiters += shard.waiters;
-    total.set_count += shard.set_count;
-    total.members += shard.members;
+/// The shard that owns `key` among `shards`: the same in every run.
+pub fn shard_of(key: &str, shards: usize) -> usize {
+    (stable_hash(key) % shards.max(1) as u64) as usize
 }

@@ -11,7 +11,7 @@ use crate::proto::{
     HelloReply, LockOp, Okay, Op, Outcome, Reply, Request, RequestId, SERVER_NAME, ServerError,
     Wait,
 };
-use crate::shard::{Caller, ClientId, ConnId, ShardOp};
+use crate::shard::{Caller, ClientId, ConnId, Handle, ShardOp};
 
 /// One connection: its client id, its identity, and its requests that may
 /// wait. Cheap to clone; when the last clone is dropped the engine is told
@@ -40,10 +40,18 @@ struct SessionState {
     client: ClientId,
     /// `lock` requests that may be queued, by request id: where to send a
     /// `cancel`.
-    waiting: HashMap<RequestId, (usize, String)>,
+    waiting: HashMap<RequestId, Waiting>,
     /// The ids of the requests being carried out (SPEC: unique among a
     /// connection's requests in flight).
     in_flight: HashSet<RequestId>,
+}
+
+/// A `lock` request that may be queued in a shard.
+#[derive(Debug, Clone)]
+struct Waiting {
+    shard: usize,
+    handle: Handle,
+    key: String,
 }
 
 impl Session {
@@ -132,12 +140,8 @@ impl Session {
 
     async fn cancel(&self, target: RequestId) -> Outcome {
         let found = self.state().waiting.remove(&target);
-        if let Some((shard, key)) = found {
-            let message = ShardMsg::Cancel {
-                conn: self.inner.conn,
-                request: target,
-                key,
-            };
+        if let Some(Waiting { shard, handle, key }) = found {
+            let message = ShardMsg::Cancel { handle, key };
             // A shard that has stopped has answered its waiters already.
             let _ = self.inner.engine.mailbox(shard).send(message).await;
         }
@@ -149,30 +153,34 @@ impl Session {
         if engine.is_shutting_down() {
             return Err(ServerError::shutting_down());
         }
-        let routing_key = match &op {
-            ShardOp::Lock(op) => op.key(),
-            ShardOp::Set(op) => op.set(),
-        };
+        let routing_key = op.routing_key();
         let shard = engine.shard_of(routing_key);
+        let handle = engine.new_handle();
         let may_wait = matches!(&op, ShardOp::Lock(LockOp::Acquire(a)) if a.wait != Wait::Never);
         let (reply, answer) = oneshot::channel();
         let caller = Caller {
             client: self.client(),
             conn: self.inner.conn,
-            request: id,
         };
         let mut cancel_on_drop = may_wait.then(|| {
-            self.state()
-                .waiting
-                .insert(id, (shard, routing_key.to_owned()));
+            let waiting = Waiting {
+                shard,
+                handle,
+                key: routing_key.to_owned(),
+            };
+            self.state().waiting.insert(id, waiting);
             CancelOnDrop {
                 session: self,
                 id,
-                shard,
                 done: false,
             }
         });
-        let message = ShardMsg::Op { caller, op, reply };
+        let message = ShardMsg::Op {
+            handle,
+            caller,
+            op,
+            reply,
+        };
         let outcome = match engine.mailbox(shard).try_send(message) {
             Ok(()) => answer
                 .await
@@ -202,13 +210,12 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Forgets a possibly-waiting `lock` when its request ends, and cancels it
-/// in its shard if the request ended without an answer (its future was
-/// dropped: a reset QUIC stream, a closed connection).
+/// Forgets a possibly-waiting `lock` when its request ends, and tells its
+/// shard that nobody listens for it if the request ended without an answer
+/// (its future was dropped: a reset QUIC stream, a closed connection).
 struct CancelOnDrop<'a> {
     session: &'a Session,
     id: RequestId,
-    shard: usize,
     done: bool,
 }
 
@@ -218,20 +225,11 @@ impl Drop for CancelOnDrop<'_> {
         if self.done {
             return;
         }
-        if let Some((_, key)) = found {
-            let message = ShardMsg::Cancel {
-                conn: self.session.inner.conn,
-                request: self.id,
-                key,
-            };
-            // If the mailbox is full the waiter stays queued until it is
-            // reached; it is then skipped because nobody listens for it.
-            let _ = self
-                .session
-                .inner
-                .engine
-                .mailbox(self.shard)
-                .try_send(message);
+        if let Some(Waiting { shard, handle, key }) = found {
+            let mailbox = self.session.inner.engine.mailbox(shard);
+            // The notice must arrive even through a full mailbox, or the
+            // waiter would stay queued, and maybe be granted, for nobody.
+            send_surely(mailbox, ShardMsg::Gone { handle, key });
         }
     }
 }
@@ -240,21 +238,24 @@ impl Drop for SessionInner {
     fn drop(&mut self) {
         self.engine.session_closed(self.frontend);
         for mailbox in self.engine.mailboxes() {
-            match mailbox.try_send(ShardMsg::Closed { conn: self.conn }) {
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(message)) => {
-                    // Ephemeral locks must be released, so wait for room.
-                    send_later(mailbox.clone(), message);
-                }
-            }
+            // Ephemeral locks must be released, so the notice must arrive.
+            send_surely(mailbox, ShardMsg::Closed { conn: self.conn });
         }
     }
 }
 
-fn send_later(mailbox: mpsc::Sender<ShardMsg>, message: ShardMsg) {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            let _ = mailbox.send(message).await;
-        });
+/// Sends a notice that must not be refused: now if the mailbox has room,
+/// else from a task that waits for room. (A stopped shard needs no notice.)
+fn send_surely(mailbox: &mpsc::Sender<ShardMsg>, message: ShardMsg) {
+    match mailbox.try_send(message) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(message)) => {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let mailbox = mailbox.clone();
+                runtime.spawn(async move {
+                    let _ = mailbox.send(message).await;
+                });
+            }
+        }
     }
 }

@@ -186,6 +186,39 @@ pub struct LockCounters {
     pub timeouts: u64,
     pub cancellations: u64,
     pub busy: u64,
+    /// Waiters and unheard grants dropped because their requester went
+    /// away (absent from servers before it was counted).
+    #[serde(default)]
+    pub abandoned: u64,
+}
+
+impl LockCounters {
+    /// Adds another shard's counters and sizes to these.
+    pub fn merge(&mut self, other: &LockCounters) {
+        // Destructured, so that a new counter cannot be left out.
+        let LockCounters {
+            held,
+            waiters,
+            grants,
+            releases,
+            expiries,
+            disconnects,
+            timeouts,
+            cancellations,
+            busy,
+            abandoned,
+        } = other;
+        self.held += held;
+        self.waiters += waiters;
+        self.grants += grants;
+        self.releases += releases;
+        self.expiries += expiries;
+        self.disconnects += disconnects;
+        self.timeouts += timeouts;
+        self.cancellations += cancellations;
+        self.busy += busy;
+        self.abandoned += abandoned;
+    }
 }
 
 /// Set counters (since start) and sizes (now).
@@ -199,6 +232,29 @@ pub struct SetCounters {
     pub torn_down: u64,
     pub inserts_new: u64,
     pub inserts_duplicate: u64,
+}
+
+impl SetCounters {
+    /// Adds another shard's counters and sizes to these.
+    pub fn merge(&mut self, other: &SetCounters) {
+        // Destructured, so that a new counter cannot be left out.
+        let SetCounters {
+            count,
+            members,
+            created,
+            expired,
+            torn_down,
+            inserts_new,
+            inserts_duplicate,
+        } = other;
+        self.count += count;
+        self.members += members;
+        self.created += created;
+        self.expired += expired;
+        self.torn_down += torn_down;
+        self.inserts_new += inserts_new;
+        self.inserts_duplicate += inserts_duplicate;
+    }
 }
 
 /// A held lock in a `stats` reply.

@@ -1,14 +1,25 @@
-//! The shard state machine: pure, synchronous, sans-IO.
+//! The shard state machine: deterministic, synchronous, sans-IO.
 //!
 //! A [`Shard`] owns the locks, wait queues and distinct sets of the keys
-//! hashed to it. It never reads a clock (every call takes `now`), never does
-//! I/O and draws no randomness; it reports its next deadline so that its
-//! driver knows when to call [`Shard::advance`]. Replies go through a
-//! [`Responder`], which a queued `lock` keeps until it is granted, times
-//! out or is cancelled: waiters are data, not blocked tasks.
+//! placed on it. Its only input is a [`Command`]: an [`Input`] stamped with
+//! the time at which it was ordered (by the engine's actor on one node; by
+//! a log's leader later). Its outputs are [`Answer`]s to request handles,
+//! which its driver drains after each batch with [`Shard::take_answers`],
+//! and the next deadline ([`Shard::next_deadline`]), at which the driver
+//! submits [`Input::Tick`]. It never reads a clock, a channel or randomness,
+//! and never learns whether an answer was delivered: a driver that finds a
+//! requester gone says so with [`Input::RequesterGone`]. So its state is a
+//! pure function of its commands: replaying them into a fresh shard gives
+//! the same state, whatever the hash seed ([`Shard::digest`] checks it).
+//! That is what makes a write-ahead log and replication possible.
 //!
-//! Layout: [`locks`] (SPEC section 2), [`sets`] (SPEC section 3) and the
-//! deadline heap in `timers`.
+//! Waiters are data, not blocked tasks: a queued `lock` is a [`Handle`]
+//! that is answered exactly once, when it is granted, times out, is
+//! cancelled or its requester goes away.
+//!
+//! Layout: [`locks`] (SPEC section 2: the rules, beside their containers),
+//! [`sets`] (SPEC section 3), the deadline heap in `timers`, and
+//! [`hasher`] (the seeded table hash and the stable placement hash).
 
 pub mod hasher;
 pub mod locks;
@@ -18,13 +29,13 @@ mod top;
 
 use std::sync::Arc;
 
-use hasher::KeyHasher;
+use hasher::{KeyHasher, StableHasher};
 
 use crate::limits::ShardLimits;
-use crate::proto::{HeldLock, LockOp, Outcome, RequestId, SetOp, SetSummary};
+use crate::proto::{HeldLock, LockCounters, LockOp, Outcome, SetCounters, SetOp, SetSummary};
 use crate::time::Tick;
-use locks::{LockStats, Locks};
-use sets::{SetStats, Sets};
+use locks::Locks;
+use sets::Sets;
 
 /// A client id (SPEC section 1), shared by every grant and waiter of the
 /// connection that carries it.
@@ -33,16 +44,11 @@ pub type ClientId = Arc<str>;
 /// Names one connection for the life of the engine.
 pub type ConnId = u64;
 
-/// Where a reply goes.
-pub trait Responder {
-    /// Whether the requester has gone away, so that answering is pointless
-    /// (and a waiter must be skipped, never granted).
-    fn is_closed(&self) -> bool;
-
-    /// Delivers the outcome. Returns `false` if the requester was gone, in
-    /// which case a grant it carried is undone.
-    fn respond(self, outcome: Outcome) -> bool;
-}
+/// Names one request for as long as it may be answered. The driver picks
+/// it (unique among the requests it has in flight) and it travels in the
+/// command, so a replay answers the same handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Handle(pub u64);
 
 /// Who sent a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +57,6 @@ pub struct Caller {
     pub client: ClientId,
     /// The connection the request came on.
     pub conn: ConnId,
-    /// The request's id on that connection.
-    pub request: RequestId,
 }
 
 /// The operations a shard carries out.
@@ -64,11 +68,90 @@ pub enum ShardOp {
     Set(SetOp),
 }
 
+impl ShardOp {
+    /// The key (or set name) that places this operation on a shard.
+    pub fn routing_key(&self) -> &str {
+        match self {
+            ShardOp::Lock(op) => op.key(),
+            ShardOp::Set(op) => op.set(),
+        }
+    }
+
+    /// Whether it only reads: a log need not keep it, since replaying the
+    /// commands around it gives the same state without it.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            ShardOp::Lock(LockOp::Inspect { .. })
+                | ShardOp::Set(SetOp::Inspect { .. } | SetOp::Members { .. })
+        )
+    }
+}
+
+/// One input to a shard, ordered and stamped with its time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// When it was ordered. Deadlines up to this time are applied first,
+    /// each at its own tick.
+    pub at: Tick,
+    /// What happened.
+    pub input: Input,
+}
+
+/// What a shard is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// Carry out `op` for `caller`; the answer goes to `handle`.
+    Op {
+        /// Where the answer goes.
+        handle: Handle,
+        /// Who asked.
+        caller: Caller,
+        /// What was asked.
+        op: ShardOp,
+    },
+    /// The `cancel` op: the waiting `lock` `handle` on `key`, if it still
+    /// waits, is answered `cancelled`.
+    Cancel {
+        /// The waiting request.
+        handle: Handle,
+        /// Its key.
+        key: String,
+    },
+    /// Nobody listens for request `handle` on `key` any more (its future
+    /// was dropped, or its answer could not be delivered). A waiter leaves
+    /// its queue; a grant whose answer was all its holder heard of it is
+    /// undone.
+    RequesterGone {
+        /// The request.
+        handle: Handle,
+        /// Its key.
+        key: String,
+    },
+    /// Connection `conn` closed: its waiters leave their queues and its
+    /// ephemeral locks are released.
+    ConnectionClosed {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// Only time passed: apply the deadlines due by the command's time.
+    Tick,
+}
+
+/// An answer to a request handle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The request answered.
+    pub handle: Handle,
+    /// Its outcome.
+    pub outcome: Outcome,
+}
+
 /// How to build a shard.
 #[derive(Debug, Clone, Copy)]
 pub struct ShardConfig {
-    /// Seeds the shard's hash tables. Iteration order (and so the order of
-    /// some replies) depends on it: the same seed gives the same run.
+    /// Seeds the shard's hash tables against crafted collisions. The state
+    /// a shard reaches does not depend on it.
     pub hash_seed: u64,
     /// The token of the shard's first grant. Starting each run above the
     /// last run's tokens keeps tokens rising across restarts.
@@ -77,21 +160,22 @@ pub struct ShardConfig {
     pub limits: ShardLimits,
 }
 
-/// A shard's counters and current sizes.
+/// Counters since the start and sizes now, of a shard or of all shards:
+/// what `stats` and `/metrics` report.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ShardStats {
-    /// Lock counters.
-    pub locks: LockStats,
-    /// Set counters.
-    pub sets: SetStats,
-    /// Keys held now.
-    pub held: usize,
-    /// Waiters queued now.
-    pub waiters: usize,
-    /// Sets alive now.
-    pub set_count: usize,
-    /// Members over all sets now.
-    pub members: usize,
+pub struct Counters {
+    /// Lock counters and sizes.
+    pub locks: LockCounters,
+    /// Set counters and sizes.
+    pub sets: SetCounters,
+}
+
+impl Counters {
+    /// Adds another shard's counters to these.
+    pub fn merge(&mut self, other: &Counters) {
+        self.locks.merge(&other.locks);
+        self.sets.merge(&other.sets);
+    }
 }
 
 /// A shard's part of a `stats` reply.
@@ -107,60 +191,78 @@ pub struct Snapshot {
 
 /// The state of one shard. See the module docs.
 #[derive(Debug)]
-pub struct Shard<R> {
-    locks: Locks<R>,
+pub struct Shard {
+    locks: Locks,
     sets: Sets,
-    /// The latest `now` seen; time never runs backwards inside the shard.
+    /// Answers not yet taken by the driver.
+    answers: Vec<Answer>,
+    /// The latest command time seen; time never runs backwards inside the
+    /// shard.
     now: Tick,
 }
 
-impl<R: Responder> Shard<R> {
+impl Shard {
     /// An empty shard.
     pub fn new(config: ShardConfig) -> Self {
         let hasher = KeyHasher::with_seed(config.hash_seed);
         Shard {
             locks: Locks::new(hasher, config.first_token, config.limits),
             sets: Sets::new(hasher, config.limits),
+            answers: Vec::new(),
             now: Tick::ZERO,
         }
     }
 
-    /// Applies due deadlines, then carries out `op` for `caller` at `now`.
-    pub fn handle(&mut self, now: Tick, caller: Caller, op: ShardOp, reply: R) {
-        let now = self.advance(now);
-        match op {
-            ShardOp::Lock(op) => self.locks.handle(now, caller, op, reply),
-            ShardOp::Set(op) => {
-                reply.respond(self.sets.handle(now, &caller.client, op));
+    /// Applies the deadlines due by `command.at`, each at its own tick,
+    /// then the command's input. Answers wait in the shard until
+    /// [`Shard::take_answers`].
+    pub fn apply(&mut self, command: Command) {
+        let now = self.advance(command.at);
+        match command.input {
+            Input::Op {
+                handle,
+                caller,
+                op: ShardOp::Lock(op),
+            } => self.locks.handle(now, handle, caller, op),
+            Input::Op {
+                handle,
+                caller,
+                op: ShardOp::Set(op),
+            } => {
+                let outcome = self.sets.handle(now, &caller.client, op);
+                self.answers.push(Answer { handle, outcome });
             }
+            Input::Cancel { handle, key } => self.locks.cancel(now, handle, &key),
+            Input::RequesterGone { handle, key } => self.locks.requester_gone(now, handle, &key),
+            Input::ConnectionClosed { conn } => self.locks.close_connection(now, conn),
+            Input::Tick => {}
         }
+        self.answers.append(self.locks.answers());
     }
 
-    /// Cancels `conn`'s request `request`, a `lock` on `key`, if it is still
-    /// waiting: it is answered `cancelled`. Returns whether it was waiting.
-    pub fn cancel(&mut self, now: Tick, conn: ConnId, request: RequestId, key: &str) -> bool {
-        self.advance(now);
-        self.locks.cancel(conn, request, key)
-    }
-
-    /// The connection `conn` closed: its waiters leave their queues and its
-    /// ephemeral locks are released.
-    pub fn close_connection(&mut self, now: Tick, conn: ConnId) {
-        let now = self.advance(now);
-        self.locks.close_connection(now, conn);
-    }
-
-    /// Applies every deadline due at or before `now`, each at its own tick:
+    /// Applies every deadline due at or before `at`, each at its own tick:
     /// leases end and pass to the next waiter, waits time out, sets expire.
     /// Returns the shard's time, which never runs backwards.
-    pub fn advance(&mut self, now: Tick) -> Tick {
-        self.now = self.now.max(now);
+    fn advance(&mut self, at: Tick) -> Tick {
+        self.now = self.now.max(at);
         self.locks.advance(self.now);
         self.sets.advance(self.now);
         self.now
     }
 
-    /// When [`Shard::advance`] should next be called.
+    /// The answers given since the last call, in the order given.
+    pub fn take_answers(&mut self) -> Vec<Answer> {
+        std::mem::take(&mut self.answers)
+    }
+
+    /// Moves the answers given since the last call into `into`, keeping
+    /// the shard's buffer for the next batch.
+    pub fn drain_answers_into(&mut self, into: &mut Vec<Answer>) {
+        into.append(&mut self.answers);
+    }
+
+    /// When an [`Input::Tick`] should next be applied (possibly early: a
+    /// deadline that has since moved leaves a stale wake-up behind).
     pub fn next_deadline(&self) -> Option<Tick> {
         match (self.locks.next_deadline(), self.sets.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -168,33 +270,46 @@ impl<R: Responder> Shard<R> {
         }
     }
 
-    /// Answers every waiter `shutting_down` and drops all state.
+    /// The shard's time: the latest command time it has seen.
+    pub fn now(&self) -> Tick {
+        self.now
+    }
+
+    /// Answers every waiter `shutting_down` and drops all lock state. Not a
+    /// command: it ends this process's copy of the state, not the state.
     pub fn shutdown(&mut self) {
         self.locks.shutdown();
+        self.answers.append(self.locks.answers());
     }
 
     /// Counters and sizes.
-    pub fn stats(&self) -> ShardStats {
-        ShardStats {
-            locks: self.locks.stats(),
-            sets: self.sets.stats(),
-            held: self.locks.held(),
-            waiters: self.locks.waiters(),
-            set_count: self.sets.count(),
-            members: self.sets.members_total(),
+    pub fn counters(&self) -> Counters {
+        Counters {
+            locks: self.locks.counters(),
+            sets: self.sets.counters(),
         }
     }
 
     /// The `top` most waited-for held locks, the `top` most contended keys
-    /// and the `top` largest sets, for `stats`.
-    pub fn snapshot(&self, now: Tick, top: usize) -> Snapshot {
-        let now = now.max(self.now);
-        let (held, contended) = self.locks.top(now, top);
+    /// and the `top` largest sets, for `stats`, as of the shard's time.
+    pub fn snapshot(&self, top: usize) -> Snapshot {
+        let (held, contended) = self.locks.top(self.now, top);
         Snapshot {
             held,
             contended,
-            largest_sets: self.sets.top(now, top),
+            largest_sets: self.sets.top(self.now, top),
         }
+    }
+
+    /// A number that sums up the whole state (locks, waiters, sets, token
+    /// and id counters, the shard's time), the same for the same state
+    /// whatever the hash seed; for replay checks.
+    pub fn digest(&self) -> u64 {
+        let mut digest = StableHasher::default();
+        digest.u64(self.now.0);
+        self.locks.digest(&mut digest);
+        self.sets.digest(&mut digest);
+        digest.finish()
     }
 
     /// Checks the shard's internal invariants; for tests and the simulation.

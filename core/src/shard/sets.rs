@@ -13,32 +13,18 @@ use super::hasher::KeyHasher;
 use hashbrown::{HashMap, HashTable};
 
 use super::ClientId;
+use super::hasher::StableHasher;
 use super::timers::{Timer, Timers};
 use crate::limits::ShardLimits;
 use crate::proto::{
-    Inserted, InsertedMany, Keys, Member, MembersPage, Okay, Outcome, ServerError, SetInfo, SetOp,
-    SetSummary, SetUpReply, TornDown,
+    Inserted, InsertedMany, Keys, Member, MembersPage, Okay, Outcome, ServerError, SetCounters,
+    SetInfo, SetOp, SetSummary, SetUpReply, TornDown,
 };
 use crate::time::Tick;
 
 /// The most key bytes one `members` page carries; a page stops early (with
 /// `next` set) rather than exceed it.
 pub const MEMBERS_PAGE_BYTES: usize = 256 * 1024;
-
-/// Counters of what happened to this shard's sets, for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SetStats {
-    /// Sets created by `set_up`.
-    pub created: u64,
-    /// Sets removed because their time to live ran out.
-    pub expired: u64,
-    /// Sets removed by `tear_down`.
-    pub torn_down: u64,
-    /// Keys inserted that were new to their set.
-    pub inserts_new: u64,
-    /// Keys inserted that were already there.
-    pub inserts_duplicate: u64,
-}
 
 /// A set's deadline: set number `set` reaches the end of its time to live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -148,7 +134,7 @@ pub(crate) struct Sets {
     /// Bytes of members' keys over all of this shard's sets.
     member_bytes: usize,
     limits: ShardLimits,
-    stats: SetStats,
+    counters: SetCounters,
 }
 
 impl Sets {
@@ -162,7 +148,7 @@ impl Sets {
             members: 0,
             member_bytes: 0,
             limits,
-            stats: SetStats::default(),
+            counters: SetCounters::default(),
         }
     }
 
@@ -206,7 +192,7 @@ impl Sets {
         self.table
             .insert_unique(hash, set, |s| hasher.hash_one(&*s.name));
         self.timers.push(deadline, SetDue { hash, set: id });
-        self.stats.created += 1;
+        self.counters.created += 1;
         Ok(Okay::SetUp(SetUpReply {
             created: true,
             size: 0,
@@ -223,7 +209,7 @@ impl Sets {
             members: &mut self.members,
             member_bytes: &mut self.member_bytes,
             limits: &self.limits,
-            stats: &mut self.stats,
+            counters: &mut self.counters,
         };
         match keys {
             Keys::One(key) => room.insert(set, client, &key).map(Okay::Inserted),
@@ -283,7 +269,7 @@ impl Sets {
         let (set, _) = occupied.remove();
         self.members -= set.len();
         self.member_bytes -= set.packed.len();
-        self.stats.torn_down += 1;
+        self.counters.torn_down += 1;
         Ok(Okay::TornDown(TornDown {
             size: set.len() as u64,
         }))
@@ -297,13 +283,13 @@ impl Sets {
 
     /// Removes every set whose time to live ended at or before `now`.
     pub fn advance(&mut self, now: Tick) {
-        while let Some(Timer { at, due }) = self.timers.pop_due(now) {
+        while let Some(Timer { at, due, .. }) = self.timers.pop_due(now) {
             let is_it = |s: &DistinctSet| s.id == due.set && s.deadline == at;
             if let Ok(occupied) = self.table.find_entry(due.hash, is_it) {
                 let (set, _) = occupied.remove();
                 self.members -= set.len();
                 self.member_bytes -= set.packed.len();
-                self.stats.expired += 1;
+                self.counters.expired += 1;
             }
         }
         self.compact_timers();
@@ -326,19 +312,29 @@ impl Sets {
         self.timers.next_at()
     }
 
-    /// What has happened so far.
-    pub fn stats(&self) -> SetStats {
-        self.stats
+    /// Counters since the start, and sizes now.
+    pub fn counters(&self) -> SetCounters {
+        SetCounters {
+            count: self.table.len() as u64,
+            members: self.members as u64,
+            ..self.counters
+        }
     }
 
-    /// Sets alive now.
-    pub fn count(&self) -> usize {
-        self.table.len()
-    }
-
-    /// Members over all sets now.
-    pub fn members_total(&self) -> usize {
-        self.members
+    /// Sums up the state in a number that does not depend on the hash seed
+    /// (see `Locks::digest`).
+    pub fn digest(&self, into: &mut StableHasher) {
+        into.u64(self.next_set);
+        let mut sets: Vec<&DistinctSet> = self.table.iter().collect();
+        sets.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        for set in sets {
+            into.str(&set.name).u64(set.id).u64(set.deadline.0);
+            for position in 0..set.len() as u32 {
+                let owner = &set.clients[set.owners[position as usize] as usize];
+                into.str(key_at(&set.packed, &set.ends, position))
+                    .str(owner);
+            }
+        }
     }
 
     /// The `top` largest sets (ties by name).
@@ -404,7 +400,7 @@ struct Room<'a> {
     members: &'a mut usize,
     member_bytes: &'a mut usize,
     limits: &'a ShardLimits,
-    stats: &'a mut SetStats,
+    counters: &'a mut SetCounters,
 }
 
 impl Room<'_> {
@@ -416,7 +412,7 @@ impl Room<'_> {
     ) -> Result<Inserted, ServerError> {
         let hash = self.hasher.hash_one(key);
         if let Some(position) = set.find(hash, key) {
-            self.stats.inserts_duplicate += 1;
+            self.counters.inserts_duplicate += 1;
             return Ok(Inserted {
                 index: u64::from(position) + 1,
                 first: set.is_owner(position, client),
@@ -426,7 +422,7 @@ impl Room<'_> {
         let position = set.push(self.hasher, hash, key, client);
         *self.members += 1;
         *self.member_bytes += key.len();
-        self.stats.inserts_new += 1;
+        self.counters.inserts_new += 1;
         Ok(Inserted {
             index: u64::from(position) + 1,
             first: true,

@@ -6,6 +6,11 @@
 //! waiter number or a set number, plus the deadline) and drops the ones that
 //! no longer match. When stale entries outnumber live ones the heap is
 //! rebuilt, so its size stays bounded by the state it describes.
+//!
+//! Timers due at the same tick fire in the order they were set (a sequence
+//! number breaks ties), never in an order that depends on a hash seed: the
+//! order decides which waiter gets the next token, and a replay with another
+//! seed must hand out the same tokens.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -14,11 +19,12 @@ use crate::time::Tick;
 
 /// A deadline and what it is for (`D` names its object by the hash of its
 /// key, to find it, and a number unique within the shard, to be sure).
-/// Ordered by time first; ties are broken by the content, which is itself
-/// deterministic, so the order never depends on anything but the inputs.
+/// Ordered by time, then by when it was set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Timer<D> {
     pub at: Tick,
+    /// Pushes so far when this one was pushed: the tie-breaker.
+    pub seq: u64,
     pub due: D,
 }
 
@@ -26,12 +32,14 @@ pub(crate) struct Timer<D> {
 #[derive(Debug)]
 pub(crate) struct Timers<D> {
     heap: BinaryHeap<Reverse<Timer<D>>>,
+    pushed: u64,
 }
 
 impl<D: Ord> Default for Timers<D> {
     fn default() -> Self {
         Timers {
             heap: BinaryHeap::new(),
+            pushed: 0,
         }
     }
 }
@@ -39,7 +47,9 @@ impl<D: Ord> Default for Timers<D> {
 impl<D: Ord + Copy> Timers<D> {
     /// Schedules `due` at `at`.
     pub fn push(&mut self, at: Tick, due: D) {
-        self.heap.push(Reverse(Timer { at, due }));
+        let seq = self.pushed;
+        self.pushed += 1;
+        self.heap.push(Reverse(Timer { at, seq, due }));
     }
 
     /// The earliest deadline, stale or not.
@@ -76,9 +86,13 @@ impl<D: Ord + Copy> Timers<D> {
             let mut timers = std::mem::take(&mut self.heap).into_vec();
             timers.retain(|Reverse(t)| is_live(t));
             // A deadline set, moved and set back leaves twin entries that
-            // both look live; keep one.
-            timers.sort_unstable();
-            timers.dedup();
+            // both look live; keep the first set.
+            timers.sort_unstable_by(|Reverse(a), Reverse(b)| {
+                (a.at, &a.due, a.seq).cmp(&(b.at, &b.due, b.seq))
+            });
+            timers.dedup_by(|Reverse(later), Reverse(first)| {
+                later.at == first.at && later.due == first.due
+            });
             self.heap = BinaryHeap::from(timers);
         }
     }

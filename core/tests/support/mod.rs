@@ -4,6 +4,7 @@
 #![allow(dead_code, missing_docs)]
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use deadbolt_core::limits::ShardLimits;
 use deadbolt_core::proto::{
     Acquire, ErrorCode, Keys, LockInfo, LockOp, Okay, Outcome, SetOp, Wait,
 };
-use deadbolt_core::shard::{Caller, Responder, Shard, ShardConfig, ShardOp};
+use deadbolt_core::shard::{Caller, Command, Handle, Input, Shard, ShardConfig, ShardOp};
 use deadbolt_core::time::Tick;
 
 /// Where one request's answers land. Counts answers, so a test can tell a
@@ -19,27 +20,19 @@ use deadbolt_core::time::Tick;
 #[derive(Clone, Default)]
 pub struct Slot {
     answers: Rc<RefCell<Vec<Outcome>>>,
-    closed: Rc<Cell<bool>>,
-    /// Reports "open" but refuses delivery: a requester that went away
-    /// between the shard's check and its answer.
-    vanishing: Rc<Cell<bool>>,
     /// When the first answer came, counted over all slots of the thread.
     answered_as: Rc<Cell<u64>>,
+    /// The request's handle, and its key for a lock request.
+    handle: Rc<Cell<u64>>,
+    key: Rc<RefCell<Option<String>>>,
 }
 
 thread_local! {
     static ANSWERS_GIVEN: Cell<u64> = const { Cell::new(0) };
 }
 
-impl Responder for Slot {
-    fn is_closed(&self) -> bool {
-        self.closed.get()
-    }
-
-    fn respond(self, outcome: Outcome) -> bool {
-        if self.closed.get() || self.vanishing.get() {
-            return false;
-        }
+impl Slot {
+    fn deliver(&self, outcome: Outcome) {
         if self.answers.borrow().is_empty() {
             let n = ANSWERS_GIVEN.with(|given| {
                 given.set(given.get() + 1);
@@ -48,11 +41,16 @@ impl Responder for Slot {
             self.answered_as.set(n);
         }
         self.answers.borrow_mut().push(outcome);
-        true
     }
-}
 
-impl Slot {
+    pub fn handle(&self) -> Handle {
+        Handle(self.handle.get())
+    }
+
+    fn key(&self) -> String {
+        self.key.borrow().clone().expect("a lock request's slot")
+    }
+
     pub fn answers(&self) -> usize {
         self.answers.borrow().len()
     }
@@ -100,21 +98,18 @@ impl Slot {
     pub fn code(&self) -> ErrorCode {
         self.outcome().expect_err("expected an error").code
     }
-
-    /// The requester goes away (its future was dropped).
-    pub fn close(&self) {
-        self.closed.set(true);
-    }
-
-    pub fn vanish(&self) {
-        self.vanishing.set(true);
-    }
 }
 
+/// Drives one shard with commands, as its actor would, and routes its
+/// answers to slots; checks the invariants after every command.
 pub struct Harness {
-    pub shard: Shard<Slot>,
+    pub shard: Shard,
     pub now_ms: u64,
-    next_request: u64,
+    next_handle: u64,
+    slots: HashMap<Handle, Slot>,
+    /// Every command applied, in order, for replay checks.
+    pub commands: Vec<Command>,
+    config: ShardConfig,
 }
 
 impl Harness {
@@ -123,14 +118,21 @@ impl Harness {
     }
 
     pub fn with_limits(limits: ShardLimits) -> Harness {
+        Harness::with_config(ShardConfig {
+            hash_seed: 7,
+            first_token: 100,
+            limits,
+        })
+    }
+
+    pub fn with_config(config: ShardConfig) -> Harness {
         Harness {
-            shard: Shard::new(ShardConfig {
-                hash_seed: 7,
-                first_token: 100,
-                limits,
-            }),
+            shard: Shard::new(config),
             now_ms: 0,
-            next_request: 1,
+            next_handle: 1,
+            slots: HashMap::new(),
+            commands: Vec::new(),
+            config,
         }
     }
 
@@ -138,10 +140,86 @@ impl Harness {
         Tick::from_millis(self.now_ms)
     }
 
+    /// Lets `ms` pass, applying a tick at every deadline the shard asks to
+    /// be woken for on the way (as its actor would), then at the end.
     pub fn advance(&mut self, ms: u64) {
+        let end = self.now().plus_millis(ms);
+        // Every wake-up pops what is due, so each one is later than the last.
+        while let Some(at) = self.shard.next_deadline().filter(|&d| d < end) {
+            self.apply(Command {
+                at,
+                input: Input::Tick,
+            });
+        }
         self.now_ms += ms;
-        self.shard.advance(self.now());
+        self.apply(Command {
+            at: self.now(),
+            input: Input::Tick,
+        });
+    }
+
+    /// Applies a command at the current time.
+    pub fn apply_now(&mut self, input: Input) {
+        self.apply(Command {
+            at: self.now(),
+            input,
+        });
+    }
+
+    pub fn apply(&mut self, command: Command) {
+        self.commands.push(command.clone());
+        self.shard.apply(command);
+        self.route_answers();
         self.check();
+    }
+
+    /// Shuts the shard down and routes the answers it gives.
+    pub fn shutdown(&mut self) {
+        self.shard.shutdown();
+        self.route_answers();
+    }
+
+    fn route_answers(&mut self) {
+        for answer in self.shard.take_answers() {
+            let slot = self.slots.remove(&answer.handle).unwrap_or_else(|| {
+                panic!("answer to {:?}, which was answered already", answer.handle)
+            });
+            slot.deliver(answer.outcome);
+        }
+    }
+
+    /// Replays every command so far into a fresh shard whose tables use
+    /// another hash seed, and checks that it reaches the same state and
+    /// gives the same answers.
+    pub fn check_replay(&self) {
+        let mut replica = Shard::new(ShardConfig {
+            hash_seed: self.config.hash_seed ^ 0x5eed,
+            ..self.config
+        });
+        let mut answers = Vec::new();
+        let mut original = Shard::new(self.config);
+        let mut original_answers = Vec::new();
+        for command in &self.commands {
+            replica.apply(command.clone());
+            answers.extend(replica.take_answers());
+            original.apply(command.clone());
+            original_answers.extend(original.take_answers());
+        }
+        assert_eq!(
+            replica.digest(),
+            self.shard.digest(),
+            "replay reached another state"
+        );
+        assert_eq!(original.digest(), self.shard.digest());
+        let by_handle = |mut a: Vec<deadbolt_core::shard::Answer>| {
+            a.sort_by_key(|a| a.handle);
+            a
+        };
+        assert_eq!(
+            by_handle(answers),
+            by_handle(original_answers),
+            "replay answered otherwise"
+        );
     }
 
     pub fn check(&self) {
@@ -152,19 +230,36 @@ impl Harness {
 
     pub fn send(&mut self, client: &str, conn: u64, op: ShardOp) -> Slot {
         let slot = Slot::default();
+        let handle = Handle(self.next_handle);
+        self.next_handle += 1;
+        slot.handle.set(handle.0);
+        if let ShardOp::Lock(lock) = &op {
+            *slot.key.borrow_mut() = Some(lock.key().to_owned());
+        }
+        self.slots.insert(handle, slot.clone());
         let caller = Caller {
             client: Arc::from(client),
             conn,
-            request: self.next_request,
         };
-        self.next_request += 1;
-        self.shard.handle(self.now(), caller, op, slot.clone());
-        self.check();
+        self.apply_now(Input::Op { handle, caller, op });
         slot
     }
 
-    pub fn last_request(&self) -> u64 {
-        self.next_request - 1
+    /// The `cancel` op for the request of `slot`.
+    pub fn cancel(&mut self, slot: &Slot) {
+        let (handle, key) = (slot.handle(), slot.key());
+        self.apply_now(Input::Cancel { handle, key });
+    }
+
+    /// The requester of `slot` went away (its future was dropped, or its
+    /// answer could not be delivered).
+    pub fn gone(&mut self, slot: &Slot) {
+        let (handle, key) = (slot.handle(), slot.key());
+        self.apply_now(Input::RequesterGone { handle, key });
+    }
+
+    pub fn close_connection(&mut self, conn: u64) {
+        self.apply_now(Input::ConnectionClosed { conn });
     }
 
     pub fn lock_with(

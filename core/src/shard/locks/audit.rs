@@ -1,0 +1,135 @@
+//! Looking at the locks from outside the rules: the invariants, a digest
+//! of the state for replay checks, and the top lists of `stats`.
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+
+use super::conns::ConnIndex;
+use super::{LockEntry, Locks};
+use crate::proto::HeldLock;
+use crate::shard::hasher::StableHasher;
+use crate::time::Tick;
+
+impl Locks {
+    /// Checks the invariants:
+    /// - every entry has a holder, and no entry with room has waiters (a
+    ///   free place with waiters is granted at once);
+    /// - tokens were issued (below the next token) and are distinct;
+    /// - waiters are in id order, and counted right;
+    /// - key bytes are counted right, the timer heap is compact, and the
+    ///   connection index agrees with the table.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut conns = ConnIndex::new(self.hasher);
+        let mut waiters = 0;
+        for entry in &self.table {
+            check_entry(entry, self.books.next_token)?;
+            let hash = self.hasher.hash_one(&*entry.key);
+            for holder in entry.holders.iter().filter(|h| h.ephemeral) {
+                conns.add(holder.conn, hash);
+            }
+            for waiter in entry.queue.iter() {
+                waiters += 1;
+                conns.add(waiter.conn, hash);
+            }
+        }
+        let key_bytes: usize = self.table.iter().map(|e| e.key.len()).sum();
+        if key_bytes != self.books.key_bytes {
+            return Err(format!(
+                "{key_bytes} bytes of keys, {} counted",
+                self.books.key_bytes
+            ));
+        }
+        if waiters != self.books.waiters {
+            return Err(format!(
+                "{waiters} waiters queued, {} counted",
+                self.books.waiters
+            ));
+        }
+        let live = self.table.len() + waiters;
+        if !self.books.timers.is_compact(live) {
+            return Err(format!(
+                "{} timers for {live} live objects",
+                self.books.timers.len()
+            ));
+        }
+        if conns != self.books.conns {
+            return Err("connection index disagrees with the table".to_owned());
+        }
+        Ok(())
+    }
+
+    /// Sums up the state (not the counters) in a number that is the same
+    /// for the same state whatever the hash seed: two shards fed the same
+    /// commands must agree on it.
+    pub fn digest(&self, into: &mut StableHasher) {
+        into.u64(self.books.next_token).u64(self.books.next_waiter);
+        let sorted: BTreeMap<&str, &LockEntry> = self.table.iter().map(|e| (&*e.key, e)).collect();
+        for (key, entry) in sorted {
+            into.str(key);
+            for h in entry.holders.iter() {
+                into.str(&h.client).u64(h.conn).u64(h.token);
+                into.u64(h.deadline.0).u64(u64::from(h.ephemeral));
+                into.u64(h.granted_by.map_or(0, |handle| handle.0 + 1));
+            }
+            for w in entry.queue.iter() {
+                into.u64(w.id).u64(w.handle.0).str(&w.client).u64(w.conn);
+                into.u64(w.ttl_ms).u64(w.wait_ms);
+                into.u64(w.deadline.map_or(0, |d| d.0 + 1));
+                into.u64(u64::from(w.ephemeral));
+            }
+        }
+    }
+
+    /// The `top` most waited-for held locks (ties by key), and the `top`
+    /// keys with the most waiters.
+    pub fn top(&self, now: Tick, top: usize) -> (Vec<HeldLock>, Vec<HeldLock>) {
+        let describe = |e: &LockEntry| {
+            e.holders.iter().next().map(|h| HeldLock {
+                key: e.key.to_string(),
+                client: h.client.to_string(),
+                token: h.token,
+                remaining_ms: now.millis_until(h.deadline),
+                waiters: e.queue.len() as u64,
+            })
+        };
+        let held = crate::shard::top::top(self.table.iter(), top, lock_rank);
+        let contended = crate::shard::top::top(
+            self.table.iter().filter(|e| !e.queue.is_empty()),
+            top,
+            lock_rank,
+        );
+        (
+            held.into_iter().filter_map(describe).collect(),
+            contended.into_iter().filter_map(describe).collect(),
+        )
+    }
+}
+
+fn check_entry(entry: &LockEntry, next_token: u64) -> Result<(), String> {
+    let key = &entry.key;
+    if entry.holders.is_empty() {
+        return Err(format!("key {key:?} has an entry but no holder"));
+    }
+    if entry.has_room() && !entry.queue.is_empty() {
+        return Err(format!("key {key:?} has room and waiters"));
+    }
+    let mut tokens: Vec<u64> = entry.holders.iter().map(|h| h.token).collect();
+    if tokens.iter().any(|&t| t >= next_token) {
+        return Err(format!("key {key:?} holds a token not yet issued"));
+    }
+    tokens.sort_unstable();
+    tokens.dedup();
+    if tokens.len() != entry.holders.len() {
+        return Err(format!("key {key:?} has two grants with one token"));
+    }
+    let ids: Vec<u64> = entry.queue.iter().map(|w| w.id).collect();
+    if ids.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!("key {key:?}: waiters out of id order"));
+    }
+    Ok(())
+}
+
+/// Ranks locks for `stats`: most waiters first, then by key.
+fn lock_rank<'a>(entry: &&'a LockEntry) -> (usize, std::cmp::Reverse<&'a str>) {
+    (entry.queue.len(), std::cmp::Reverse(&entry.key))
+}

@@ -1,0 +1,681 @@
+//! Leased mutexes (SPEC section 2): the rules. Who is granted a key and
+//! when, what a token authorises, how leases and waits end.
+//!
+//! The containers these rules work on live beside them: [`holders`] (a
+//! key's grants, a set), [`queue`] (its waiters, first come first), and
+//! [`conns`] (which keys each connection touches); [`audit`] holds the
+//! invariants, the state digest and the `stats` top lists.
+//!
+//! A key has an entry only while it is held or waited on; a free key costs
+//! nothing, and the shard-wide token counter (not the entry) is what keeps
+//! a key's tokens rising after its entry is dropped. Every request handle
+//! is answered exactly once, through [`Books::answer`].
+
+mod audit;
+mod conns;
+mod holders;
+mod queue;
+
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+
+use super::hasher::KeyHasher;
+use super::timers::{Timer, Timers};
+use super::{Answer, Caller, ConnId, Handle};
+use crate::limits::ShardLimits;
+use crate::proto::{
+    Acquire, Extended, Granted, HolderInfo, LockCounters, LockInfo, LockOp, Okay, Outcome,
+    ServerError, Wait,
+};
+use crate::time::Tick;
+use conns::ConnIndex;
+use holders::{Holder, Holders};
+use queue::{WaitQueue, Waiter};
+
+/// How many grants a key admits at once. A mutex: one. (Semaphores will
+/// carry their own count on the entry.)
+const MUTEX_CAPACITY: usize = 1;
+
+/// A key's deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum LockDue {
+    /// The lease of the grant with `token` ends.
+    Lease { hash: u64, token: u64 },
+    /// Waiter number `waiter` has waited its `wait_ms`.
+    Wait { hash: u64, waiter: u64 },
+}
+
+/// A key with lock state.
+#[derive(Debug)]
+struct LockEntry {
+    key: Box<str>,
+    holders: Holders,
+    queue: WaitQueue,
+}
+
+impl LockEntry {
+    fn is_vacant(&self) -> bool {
+        self.holders.is_empty() && self.queue.is_empty()
+    }
+
+    fn has_room(&self) -> bool {
+        self.holders.len() < MUTEX_CAPACITY
+    }
+}
+
+/// Everything but the table: split out so that an entry borrowed from the
+/// table and this bookkeeping can be changed together.
+#[derive(Debug)]
+struct Books {
+    timers: Timers<LockDue>,
+    next_token: u64,
+    next_waiter: u64,
+    waiters: usize,
+    /// Bytes of the keys in the table.
+    key_bytes: usize,
+    conns: ConnIndex,
+    counters: LockCounters,
+    limits: ShardLimits,
+    answers: Vec<Answer>,
+}
+
+impl Books {
+    fn answer(&mut self, handle: Handle, outcome: Outcome) {
+        self.answers.push(Answer { handle, outcome });
+    }
+
+    fn take_token(&mut self) -> u64 {
+        let token = self.next_token;
+        self.next_token = self.next_token.saturating_add(1);
+        token
+    }
+
+    /// Starts tracking a holder's lease (and its connection, if ephemeral).
+    fn bind(&mut self, holder: &Holder, hash: u64) {
+        let due = LockDue::Lease {
+            hash,
+            token: holder.token,
+        };
+        self.timers.push(holder.deadline, due);
+        if holder.ephemeral {
+            self.conns.add(holder.conn, hash);
+        }
+    }
+
+    /// Stops tracking a holder's connection.
+    fn unbind(&mut self, holder: &Holder, hash: u64) {
+        if holder.ephemeral {
+            self.conns.remove(holder.conn, hash);
+        }
+    }
+
+    fn waiter_left(&mut self, waiter: &Waiter, hash: u64) {
+        self.waiters -= 1;
+        self.conns.remove(waiter.conn, hash);
+    }
+
+    /// A new grant of a free place of `hash`'s key, answered to `handle`.
+    fn grant(&mut self, handle: Handle, hash: u64, request: GrantRequest) -> Holder {
+        let holder = Holder {
+            client: request.client,
+            conn: request.conn,
+            token: self.take_token(),
+            deadline: request.at.plus_millis(request.ttl_ms),
+            ephemeral: request.ephemeral,
+            granted_by: Some(handle),
+        };
+        self.counters.grants += 1;
+        self.bind(&holder, hash);
+        let granted = Granted {
+            token: holder.token,
+            ttl_ms: request.ttl_ms,
+        };
+        self.answer(handle, Ok(Okay::Granted(granted)));
+        holder
+    }
+}
+
+/// What a grant is made of, from a fresh request or a waiter.
+struct GrantRequest {
+    client: super::ClientId,
+    conn: ConnId,
+    at: Tick,
+    ttl_ms: u64,
+    ephemeral: bool,
+}
+
+/// The locks of one shard.
+#[derive(Debug)]
+pub(crate) struct Locks {
+    table: HashTable<LockEntry>,
+    hasher: KeyHasher,
+    books: Books,
+}
+
+/// Gives free places of the key to waiters, first come first, at `at`.
+/// A waiter whose wait ran out at this very tick is answered `timeout`.
+fn grant_next(entry: &mut LockEntry, hash: u64, at: Tick, books: &mut Books) {
+    while entry.has_room() {
+        let Some(waiter) = entry.queue.pop_front() else {
+            return;
+        };
+        books.waiter_left(&waiter, hash);
+        if waiter.deadline.is_some_and(|deadline| deadline <= at) {
+            books.counters.timeouts += 1;
+            books.answer(waiter.handle, Err(ServerError::timeout(waiter.wait_ms)));
+            continue;
+        }
+        let client = waiter.client.clone();
+        let request = GrantRequest {
+            client: waiter.client,
+            conn: waiter.conn,
+            at,
+            ttl_ms: waiter.ttl_ms,
+            ephemeral: waiter.ephemeral,
+        };
+        let holder = books.grant(waiter.handle, hash, request);
+        entry.holders.insert(holder);
+        answer_queued_relocks(entry, &client, hash, at, books);
+    }
+}
+
+/// After a grant to `client`, answers its other queued requests for the
+/// same key as the re-locks they now are: same token, lease restarted.
+/// (This is how a retry that was queued before the original got its grant
+/// stops waiting behind its own lock.)
+fn answer_queued_relocks(
+    entry: &mut LockEntry,
+    client: &super::ClientId,
+    hash: u64,
+    at: Tick,
+    books: &mut Books,
+) {
+    if !entry
+        .queue
+        .iter()
+        .any(|w| holders::same_client(&w.client, client))
+    {
+        return;
+    }
+    let relocks = entry
+        .queue
+        .take_where(|w| holders::same_client(&w.client, client));
+    for waiter in relocks {
+        books.waiter_left(&waiter, hash);
+        let Some(holder) = entry.holders.by_client_mut(client) else {
+            return;
+        };
+        if waiter.deadline.is_some_and(|deadline| deadline <= at) {
+            books.counters.timeouts += 1;
+            books.answer(waiter.handle, Err(ServerError::timeout(waiter.wait_ms)));
+            continue;
+        }
+        relock(
+            holder,
+            waiter.conn,
+            waiter.ttl_ms,
+            waiter.ephemeral,
+            at,
+            hash,
+            books,
+        );
+        let granted = Granted {
+            token: holder.token,
+            ttl_ms: waiter.ttl_ms,
+        };
+        books.answer(waiter.handle, Ok(Okay::Granted(granted)));
+    }
+}
+
+/// The holder asks again (or extends): same token, lease restarted at
+/// `ttl_ms`, bound to the connection that asked. It has now shown that it
+/// knows of its grant, so an undelivered first answer no longer undoes it.
+fn relock(
+    holder: &mut Holder,
+    conn: ConnId,
+    ttl_ms: u64,
+    ephemeral: bool,
+    now: Tick,
+    hash: u64,
+    books: &mut Books,
+) {
+    books.unbind(holder, hash);
+    holder.conn = conn;
+    holder.ephemeral = ephemeral;
+    holder.deadline = now.plus_millis(ttl_ms);
+    holder.granted_by = None;
+    books.bind(holder, hash);
+}
+
+/// Ends the grant with `token` and hands the key on, at `at`.
+fn end_grant(entry: &mut LockEntry, token: u64, hash: u64, at: Tick, books: &mut Books) {
+    if let Some(holder) = entry.holders.remove_token(token) {
+        books.unbind(&holder, hash);
+    }
+    grant_next(entry, hash, at, books);
+}
+
+impl Locks {
+    /// An empty lock table whose first grant gets `first_token`.
+    pub fn new(hasher: KeyHasher, first_token: u64, limits: ShardLimits) -> Self {
+        Locks {
+            table: HashTable::new(),
+            hasher,
+            books: Books {
+                timers: Timers::default(),
+                next_token: first_token,
+                next_waiter: 0,
+                waiters: 0,
+                key_bytes: 0,
+                conns: ConnIndex::new(hasher),
+                counters: LockCounters::default(),
+                limits,
+                answers: Vec::new(),
+            },
+        }
+    }
+
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The answers given since the last call.
+    pub fn answers(&mut self) -> &mut Vec<Answer> {
+        &mut self.books.answers
+    }
+
+    /// Carries out `op` for `caller` at `now`; the answer goes to `handle`,
+    /// at once or, for a queued `lock`, when it is granted or gives up.
+    pub fn handle(&mut self, now: Tick, handle: Handle, caller: Caller, op: LockOp) {
+        let outcome = match op {
+            LockOp::Acquire(acquire) => {
+                self.acquire(now, handle, caller, acquire);
+                None
+            }
+            LockOp::Release { key, token } => Some(self.release(now, &key, token)),
+            LockOp::Extend { key, token, ttl_ms } => Some(self.extend(now, &key, token, ttl_ms)),
+            LockOp::Inspect { key } => Some(Ok(Okay::LockInfo(self.inspect(now, &key)))),
+        };
+        if let Some(outcome) = outcome {
+            self.books.answer(handle, outcome);
+        }
+        self.compact_timers();
+    }
+
+    fn acquire(&mut self, now: Tick, handle: Handle, caller: Caller, acquire: Acquire) {
+        let hash = self.hash(&acquire.key);
+        let hasher = self.hasher;
+        let books = &mut self.books;
+        let request = GrantRequest {
+            client: caller.client,
+            conn: caller.conn,
+            at: now,
+            ttl_ms: acquire.ttl_ms,
+            ephemeral: acquire.ephemeral,
+        };
+        let absent = match self.table.find_entry(hash, |e| *e.key == *acquire.key) {
+            Ok(mut occupied) => {
+                let entry = occupied.get_mut();
+                if let Some(holder) = entry.holders.by_client_mut(&request.client) {
+                    let (ttl_ms, ephemeral) = (request.ttl_ms, request.ephemeral);
+                    relock(holder, request.conn, ttl_ms, ephemeral, now, hash, books);
+                    let granted = Granted {
+                        token: holder.token,
+                        ttl_ms,
+                    };
+                    books.answer(handle, Ok(Okay::Granted(granted)));
+                } else if entry.has_room() && entry.queue.is_empty() {
+                    let holder = books.grant(handle, hash, request);
+                    entry.holders.insert(holder);
+                } else {
+                    enqueue(entry, hash, handle, request, acquire.wait, books);
+                }
+                return;
+            }
+            Err(absent) => absent,
+        };
+        if let Err(full) = check_room(absent.into_table().len(), &acquire.key, books) {
+            books.answer(handle, Err(full));
+            return;
+        }
+        books.key_bytes += acquire.key.len();
+        let mut entry = LockEntry {
+            key: acquire.key.into_boxed_str(),
+            holders: Holders::default(),
+            queue: WaitQueue::default(),
+        };
+        entry.holders.insert(books.grant(handle, hash, request));
+        self.table
+            .insert_unique(hash, entry, |e| hasher.hash_one(&*e.key));
+    }
+
+    fn release(&mut self, now: Tick, key: &str, token: u64) -> Outcome {
+        let hash = self.hash(key);
+        let books = &mut self.books;
+        let Ok(mut occupied) = self.table.find_entry(hash, |e| *e.key == *key) else {
+            return Err(ServerError::not_held());
+        };
+        let entry = occupied.get_mut();
+        if !entry.holders.has_token(token) {
+            return Err(ServerError::not_held());
+        }
+        books.counters.releases += 1;
+        end_grant(entry, token, hash, now, books);
+        if entry.is_vacant() {
+            books.key_bytes -= occupied.remove().0.key.len();
+        }
+        Ok(Okay::EMPTY)
+    }
+
+    fn extend(&mut self, now: Tick, key: &str, token: u64, ttl_ms: u64) -> Outcome {
+        let hash = self.hash(key);
+        let holder = self
+            .table
+            .find_mut(hash, |e| *e.key == *key)
+            .and_then(|e| e.holders.by_token_mut(token))
+            .ok_or_else(ServerError::not_held)?;
+        let (conn, ephemeral) = (holder.conn, holder.ephemeral);
+        relock(holder, conn, ttl_ms, ephemeral, now, hash, &mut self.books);
+        Ok(Okay::Extended(Extended { ttl_ms }))
+    }
+
+    /// Who holds `key` (the first holder, for version 1 clients), and how
+    /// many wait.
+    fn inspect(&self, now: Tick, key: &str) -> LockInfo {
+        let Some(entry) = self.table.find(self.hash(key), |e| *e.key == *key) else {
+            return LockInfo {
+                holder: None,
+                waiters: 0,
+            };
+        };
+        LockInfo {
+            holder: entry.holders.iter().next().map(|h| HolderInfo {
+                client: h.client.to_string(),
+                token: h.token,
+                remaining_ms: now.millis_until(h.deadline),
+            }),
+            waiters: entry.queue.len() as u64,
+        }
+    }
+
+    /// Answers `cancelled` to the waiting request `handle` on `key`, if it
+    /// is still queued.
+    pub fn cancel(&mut self, now: Tick, handle: Handle, key: &str) {
+        if let Some(waiter) = self.take_waiter(now, handle, key) {
+            self.books.counters.cancellations += 1;
+            let cancelled = Err(ServerError::cancelled());
+            self.books.answer(waiter.handle, cancelled);
+        }
+    }
+
+    /// Nobody listens for request `handle` on `key` any more. If it still
+    /// waits, it leaves the queue (answered `cancelled`, to nobody). If it
+    /// was granted and its answer is all the holder ever heard of the grant,
+    /// the grant is undone: nobody knows they hold it.
+    pub fn requester_gone(&mut self, now: Tick, handle: Handle, key: &str) {
+        if let Some(waiter) = self.take_waiter(now, handle, key) {
+            self.books.counters.abandoned += 1;
+            let gone = Err(ServerError::cancelled());
+            self.books.answer(waiter.handle, gone);
+            return;
+        }
+        let hash = self.hash(key);
+        let books = &mut self.books;
+        let Ok(mut occupied) = self.table.find_entry(hash, |e| *e.key == *key) else {
+            return;
+        };
+        let entry = occupied.get_mut();
+        let unheard = entry
+            .holders
+            .iter()
+            .find(|h| h.granted_by == Some(handle))
+            .map(|h| h.token);
+        if let Some(token) = unheard {
+            books.counters.abandoned += 1;
+            end_grant(entry, token, hash, now, books);
+            if entry.is_vacant() {
+                books.key_bytes -= occupied.remove().0.key.len();
+            }
+        }
+        self.compact_timers();
+    }
+
+    /// Takes the waiter answering to `handle` out of `key`'s queue.
+    fn take_waiter(&mut self, now: Tick, handle: Handle, key: &str) -> Option<Waiter> {
+        let hash = self.hash(key);
+        let books = &mut self.books;
+        let mut occupied = self.table.find_entry(hash, |e| *e.key == *key).ok()?;
+        let entry = occupied.get_mut();
+        let position = entry.queue.position_of_handle(handle)?;
+        let waiter = entry.queue.remove(position)?;
+        books.waiter_left(&waiter, hash);
+        // Not needed for a mutex (a waiter implies a holder), but whoever
+        // waited behind this one may fit now in a key of more places.
+        grant_next(entry, hash, now, books);
+        if entry.is_vacant() {
+            books.key_bytes -= occupied.remove().0.key.len();
+        }
+        Some(waiter)
+    }
+
+    /// Forgets the waiters of a closed connection (each answered
+    /// `cancelled`, to nobody) and releases its ephemeral locks, handing
+    /// each key on.
+    pub fn close_connection(&mut self, now: Tick, conn: ConnId) {
+        if !self.books.conns.touches(conn) {
+            return;
+        }
+        // Keys in order of their bytes, not of a seeded hash: the order
+        // decides which waiter gets which token, and a replay with another
+        // seed must hand out the same ones.
+        let mut keys = self.keys_touched_by(conn);
+        keys.sort_unstable();
+        for key in keys {
+            self.close_connection_on(now, conn, &key);
+        }
+        debug_assert!(!self.books.conns.touches(conn));
+        self.compact_timers();
+    }
+
+    /// The keys `conn` waits on or holds ephemerally.
+    fn keys_touched_by(&self, conn: ConnId) -> Vec<Box<str>> {
+        let mut keys = Vec::new();
+        for hash in self.books.conns.hashes_of(conn) {
+            // Distinct keys may share a hash: take every involved one.
+            let involved = self.table.iter_hash(hash).filter(|e| {
+                e.holders.iter().any(|h| h.ephemeral && h.conn == conn)
+                    || e.queue.iter().any(|w| w.conn == conn)
+            });
+            keys.extend(involved.map(|e| e.key.clone()));
+        }
+        keys
+    }
+
+    /// [`Locks::close_connection`] for one key.
+    fn close_connection_on(&mut self, now: Tick, conn: ConnId, key: &str) {
+        let hash = self.hash(key);
+        let books = &mut self.books;
+        let Ok(mut found) = self.table.find_entry(hash, |e| *e.key == *key) else {
+            return;
+        };
+        let entry = found.get_mut();
+        for waiter in entry.queue.take_where(|w| w.conn == conn) {
+            books.waiter_left(&waiter, hash);
+            books.counters.abandoned += 1;
+            books.answer(waiter.handle, Err(ServerError::cancelled()));
+        }
+        for holder in entry.holders.take_where(|h| h.ephemeral && h.conn == conn) {
+            books.unbind(&holder, hash);
+            books.counters.disconnects += 1;
+        }
+        grant_next(entry, hash, now, books);
+        if entry.is_vacant() {
+            books.key_bytes -= found.remove().0.key.len();
+        }
+    }
+
+    /// Applies every deadline due at or before `now`, each at its own tick.
+    pub fn advance(&mut self, now: Tick) {
+        while let Some(Timer { at, due, .. }) = self.books.timers.pop_due(now) {
+            match due {
+                LockDue::Lease { hash, token } => self.lease_ran_out(hash, token, at),
+                LockDue::Wait { hash, waiter } => self.wait_ran_out(hash, waiter, at),
+            }
+        }
+        self.compact_timers();
+    }
+
+    fn lease_ran_out(&mut self, hash: u64, token: u64, at: Tick) {
+        let books = &mut self.books;
+        let is_it = |e: &LockEntry| e.holders.has_token(token);
+        let Ok(mut occupied) = self.table.find_entry(hash, is_it) else {
+            return; // released or handed on already
+        };
+        let entry = occupied.get_mut();
+        if entry
+            .holders
+            .by_token_mut(token)
+            .is_some_and(|h| h.deadline != at)
+        {
+            return; // extended since
+        }
+        books.counters.expiries += 1;
+        end_grant(entry, token, hash, at, books);
+        if entry.is_vacant() {
+            books.key_bytes -= occupied.remove().0.key.len();
+        }
+    }
+
+    fn wait_ran_out(&mut self, hash: u64, waiter_id: u64, at: Tick) {
+        let waits_here = |e: &LockEntry| e.queue.position_of(waiter_id).is_some();
+        let Some(entry) = self.table.find_mut(hash, waits_here) else {
+            return; // granted, cancelled or gone already
+        };
+        let Some(position) = entry.queue.position_of(waiter_id) else {
+            return;
+        };
+        if let Some(waiter) = entry.queue.remove(position) {
+            debug_assert!(waiter.deadline == Some(at));
+            self.books.waiter_left(&waiter, hash);
+            self.books.counters.timeouts += 1;
+            let timeout = Err(ServerError::timeout(waiter.wait_ms));
+            self.books.answer(waiter.handle, timeout);
+        }
+    }
+
+    fn compact_timers(&mut self) {
+        let live = self.table.len() + self.books.waiters;
+        let table = &self.table;
+        self.books
+            .timers
+            .compact_if_stale(live, |timer| match timer.due {
+                LockDue::Lease { hash, token } => table
+                    .find(hash, |e| e.holders.has_token(token))
+                    .is_some_and(|e| {
+                        e.holders
+                            .iter()
+                            .any(|h| h.token == token && h.deadline == timer.at)
+                    }),
+                LockDue::Wait { hash, waiter } => table
+                    .find(hash, |e| e.queue.position_of(waiter).is_some())
+                    .is_some(),
+            });
+    }
+
+    /// The earliest deadline this table has (possibly a stale one).
+    pub fn next_deadline(&self) -> Option<Tick> {
+        self.books.timers.next_at()
+    }
+
+    /// Answers every waiter `shutting_down` and forgets all locks.
+    pub fn shutdown(&mut self) {
+        for entry in self.table.drain() {
+            for waiter in entry.queue {
+                let shutting_down = Err(ServerError::shutting_down());
+                self.books.answer(waiter.handle, shutting_down);
+            }
+        }
+        self.books.waiters = 0;
+        self.books.key_bytes = 0;
+        self.books.conns.clear();
+    }
+
+    /// Counters since the start, and sizes now.
+    pub fn counters(&self) -> LockCounters {
+        LockCounters {
+            held: self.held() as u64,
+            waiters: self.books.waiters as u64,
+            ..self.books.counters
+        }
+    }
+
+    /// Keys held now: every entry, since a key with room and waiters is
+    /// granted at once (an invariant [`Locks::check_invariants`] checks).
+    fn held(&self) -> usize {
+        self.table.len()
+    }
+}
+
+/// `overloaded` if a new key with lock state would pass a limit.
+fn check_room(keys: usize, key: &str, books: &Books) -> Result<(), ServerError> {
+    if keys >= books.limits.locks_max {
+        return Err(ServerError::overloaded(
+            "lock table full (locks_max reached)",
+        ));
+    }
+    if books.key_bytes + key.len() > books.limits.lock_key_bytes_max {
+        return Err(ServerError::overloaded(
+            "lock table full (lock_key_bytes_max reached)",
+        ));
+    }
+    Ok(())
+}
+
+/// Queues the request behind the holders, or answers `busy` if it would
+/// not wait, or `overloaded` if the queue is full.
+fn enqueue(
+    entry: &mut LockEntry,
+    hash: u64,
+    handle: Handle,
+    request: GrantRequest,
+    wait: Wait,
+    books: &mut Books,
+) {
+    let (wait_ms, deadline) = match wait {
+        Wait::Never => {
+            books.counters.busy += 1;
+            books.answer(handle, Err(ServerError::busy()));
+            return;
+        }
+        Wait::Forever => (0, None),
+        Wait::UpTo(ms) => (ms, Some(request.at.plus_millis(ms))),
+    };
+    if entry.queue.len() >= books.limits.waiters_per_key_max {
+        let full = "too many waiters on this key (waiters_per_key_max reached)";
+        books.answer(handle, Err(ServerError::overloaded(full)));
+        return;
+    }
+    if books.waiters >= books.limits.waiters_max {
+        let full = "too many waiters (waiters_max reached)";
+        books.answer(handle, Err(ServerError::overloaded(full)));
+        return;
+    }
+    let id = books.next_waiter;
+    books.next_waiter += 1;
+    if let Some(at) = deadline {
+        books.timers.push(at, LockDue::Wait { hash, waiter: id });
+    }
+    books.waiters += 1;
+    books.conns.add(request.conn, hash);
+    entry.queue.push_back(Waiter {
+        id,
+        handle,
+        client: request.client,
+        conn: request.conn,
+        ttl_ms: request.ttl_ms,
+        wait_ms,
+        deadline,
+        ephemeral: request.ephemeral,
+    });
+}
