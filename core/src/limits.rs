@@ -4,11 +4,14 @@
 //! ([`crate::proto::decode_request`]); the capacity bounds (locks, waiters,
 //! sets, members) are checked by the shard, which answers `overloaded` when
 //! one is reached. Capacity bounds are totals for the whole engine; each of
-//! the N shards enforces its `1/N` share (rounded up), so a skewed key
-//! distribution can meet a limit a little before the total is reached.
+//! the N shards enforces its `1/N` share (rounded up, [`Limits::share_of`]),
+//! so a skewed key distribution can meet a limit a little before the total
+//! is reached.
 
-/// Bounds on what a request may ask and what the server will hold.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Bounds on what a request may ask and what the server will hold. The
+/// engine holds the engine-wide totals; each shard holds its share
+/// ([`Limits::share_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest message, in bytes, a transport accepts (SPEC: 1 MiB).
     pub message_bytes_max: usize,
@@ -78,46 +81,27 @@ pub fn gib(n: u64) -> usize {
     usize::try_from(n << 30).unwrap_or(usize::MAX)
 }
 
-/// The capacity bounds one shard enforces: its share of the engine's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShardLimits {
-    /// Most keys with lock state in this shard.
-    pub locks_max: usize,
-    /// Most bytes of those keys in this shard.
-    pub lock_key_bytes_max: usize,
-    /// Most waiters on one key.
-    pub waiters_per_key_max: usize,
-    /// Most waiters in this shard.
-    pub waiters_max: usize,
-    /// Most sets in this shard.
-    pub sets_max: usize,
-    /// Most members in one set.
-    pub set_members_max: usize,
-    /// Most members over this shard's sets.
-    pub members_max: usize,
-    /// Most bytes of member keys over this shard's sets.
-    pub member_bytes_max: usize,
-}
-
-impl ShardLimits {
-    /// This shard's share of `limits` when the engine runs `shards` shards.
-    pub fn share_of(limits: &Limits, shards: usize) -> ShardLimits {
+impl Limits {
+    /// One shard's share of these limits when the engine runs `shards`
+    /// shards: every engine-wide capacity bound divided (rounded up); the
+    /// per-request and per-key bounds as they are.
+    pub fn share_of(&self, shards: usize) -> Limits {
         let share = |total: usize| total.div_ceil(shards.max(1));
-        ShardLimits {
-            locks_max: share(limits.locks_max),
-            lock_key_bytes_max: share(limits.lock_key_bytes_max),
-            waiters_per_key_max: limits.waiters_per_key_max,
-            waiters_max: share(limits.waiters_max),
-            sets_max: share(limits.sets_max),
-            set_members_max: limits.set_members_max,
-            members_max: share(limits.members_max),
-            member_bytes_max: share(limits.member_bytes_max),
+        Limits {
+            locks_max: share(self.locks_max),
+            lock_key_bytes_max: share(self.lock_key_bytes_max),
+            waiters_max: share(self.waiters_max),
+            sets_max: share(self.sets_max),
+            members_max: share(self.members_max),
+            member_bytes_max: share(self.member_bytes_max),
+            ..*self
         }
     }
 
-    /// No capacity bound at all; for tests of the pure rules.
-    pub fn unbounded() -> ShardLimits {
-        ShardLimits {
+    /// The default limits without any capacity bound; for tests of the
+    /// pure rules.
+    pub fn unbounded_capacity() -> Limits {
+        Limits {
             locks_max: usize::MAX,
             lock_key_bytes_max: usize::MAX,
             waiters_per_key_max: usize::MAX,
@@ -126,6 +110,7 @@ impl ShardLimits {
             set_members_max: usize::MAX,
             members_max: usize::MAX,
             member_bytes_max: usize::MAX,
+            ..Limits::default()
         }
     }
 }

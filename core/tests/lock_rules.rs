@@ -2,7 +2,7 @@
 
 mod support;
 
-use deadbolt_core::limits::ShardLimits;
+use deadbolt_core::limits::Limits;
 use deadbolt_core::proto::{ErrorCode, Granted, Okay};
 use support::{Harness, conn_of};
 
@@ -408,7 +408,7 @@ fn inspect_reports_the_holder_its_remaining_lease_and_the_waiters() {
 
 #[test]
 fn waiters_beyond_the_per_key_limit_are_refused_as_overloaded() {
-    let mut limits = ShardLimits::unbounded();
+    let mut limits = Limits::unbounded_capacity();
     limits.waiters_per_key_max = 2;
     let mut h = Harness::with_limits(limits);
     h.lock("alice", "k", 1000, None);
@@ -423,7 +423,7 @@ fn waiters_beyond_the_per_key_limit_are_refused_as_overloaded() {
 
 #[test]
 fn waiters_beyond_the_shard_limit_are_refused_as_overloaded() {
-    let mut limits = ShardLimits::unbounded();
+    let mut limits = Limits::unbounded_capacity();
     limits.waiters_max = 1;
     let mut h = Harness::with_limits(limits);
     h.lock("alice", "a", 1000, None);
@@ -434,7 +434,7 @@ fn waiters_beyond_the_shard_limit_are_refused_as_overloaded() {
 
 #[test]
 fn keys_beyond_the_lock_limit_are_refused_as_overloaded() {
-    let mut limits = ShardLimits::unbounded();
+    let mut limits = Limits::unbounded_capacity();
     limits.locks_max = 2;
     let mut h = Harness::with_limits(limits);
     h.lock("alice", "a", 1000, None).token();
@@ -449,7 +449,7 @@ fn keys_beyond_the_lock_limit_are_refused_as_overloaded() {
 
 #[test]
 fn key_bytes_beyond_the_lock_budget_are_refused_until_a_key_is_freed() {
-    let mut limits = ShardLimits::unbounded();
+    let mut limits = Limits::unbounded_capacity();
     limits.lock_key_bytes_max = 10;
     let mut h = Harness::with_limits(limits);
     h.lock("alice", "12345", 1000, None).token();

@@ -25,7 +25,7 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap};
 
-use deadbolt_core::limits::ShardLimits;
+use deadbolt_core::limits::Limits;
 use deadbolt_core::proto::{
     Acquire, ErrorCode, Extended, Granted, HolderInfo, Inserted, InsertedMany, Keys, LockInfo,
     LockOp, Member, MembersPage, Okay, SetInfo, SetOp, SetUpReply, TornDown, Wait,
@@ -591,7 +591,7 @@ impl Run {
             h: Harness::with_config(ShardConfig {
                 hash_seed: 1,
                 first_token: 1_000,
-                limits: ShardLimits::unbounded(),
+                limits: Limits::unbounded_capacity(),
             }),
             model: Model {
                 next_token: 1,

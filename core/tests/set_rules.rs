@@ -2,7 +2,7 @@
 
 mod support;
 
-use deadbolt_core::limits::ShardLimits;
+use deadbolt_core::limits::Limits;
 use deadbolt_core::proto::{
     ErrorCode, Inserted, InsertedMany, Keys, Member, MembersPage, Okay, SetInfo, SetOp, SetUpReply,
     TornDown,
@@ -324,7 +324,7 @@ fn inspect_set_reports_size_and_remaining_ttl() {
 
 #[test]
 fn sets_beyond_the_limit_are_refused_as_overloaded() {
-    let mut limits = ShardLimits::unbounded();
+    let mut limits = Limits::unbounded_capacity();
     limits.sets_max = 1;
     let mut h = Harness::with_limits(limits);
     h.set_up("a", 100);
@@ -338,7 +338,7 @@ fn sets_beyond_the_limit_are_refused_as_overloaded() {
 
 #[test]
 fn members_beyond_a_sets_limit_are_refused_but_duplicates_still_answer() {
-    let mut limits = ShardLimits::unbounded();
+    let mut limits = Limits::unbounded_capacity();
     limits.set_members_max = 2;
     let mut h = Harness::with_limits(limits);
     h.set_up("s", 1000);
@@ -353,7 +353,7 @@ fn members_beyond_a_sets_limit_are_refused_but_duplicates_still_answer() {
 
 #[test]
 fn members_beyond_the_shard_limit_are_refused_and_a_batch_stops_there() {
-    let mut limits = ShardLimits::unbounded();
+    let mut limits = Limits::unbounded_capacity();
     limits.members_max = 3;
     let mut h = Harness::with_limits(limits);
     h.set_up("s", 1000);
@@ -378,7 +378,7 @@ fn members_beyond_the_shard_limit_are_refused_and_a_batch_stops_there() {
 
 #[test]
 fn member_key_bytes_beyond_the_shard_budget_are_refused_until_a_set_goes() {
-    let mut limits = ShardLimits::unbounded();
+    let mut limits = Limits::unbounded_capacity();
     limits.member_bytes_max = 10;
     let mut h = Harness::with_limits(limits);
     h.set_up("s", 1000);

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::limits::{Limits, ShardLimits};
+use crate::limits::Limits;
 use crate::proto::{SERVER_NAME, StatsReply};
 pub use crate::shard::Snapshot as ShardSnapshot;
 use crate::shard::hasher::{KeyHasher, stable_hash};
@@ -251,7 +251,7 @@ impl Engine {
         let shard_config = ShardConfig {
             hash_seed: config.seed,
             first_token: config.first_token,
-            limits: ShardLimits::share_of(&config.limits, shards),
+            limits: config.limits.share_of(shards),
         };
         let mut mailboxes = Vec::with_capacity(shards);
         let mut tasks = Vec::with_capacity(shards);

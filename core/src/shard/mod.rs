@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use hasher::{KeyHasher, StableHasher};
 
-use crate::limits::ShardLimits;
+use crate::limits::Limits;
 use crate::proto::{HeldLock, LockCounters, LockOp, Outcome, SetCounters, SetOp, SetSummary};
 use crate::time::Tick;
 use locks::Locks;
@@ -157,7 +157,7 @@ pub struct ShardConfig {
     /// last run's tokens keeps tokens rising across restarts.
     pub first_token: u64,
     /// The capacity bounds this shard enforces.
-    pub limits: ShardLimits,
+    pub limits: Limits,
 }
 
 /// Counters since the start and sizes now, of a shard or of all shards:

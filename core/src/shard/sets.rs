@@ -15,7 +15,7 @@ use hashbrown::{HashMap, HashTable};
 use super::ClientId;
 use super::hasher::StableHasher;
 use super::timers::{Timer, Timers};
-use crate::limits::ShardLimits;
+use crate::limits::Limits;
 use crate::proto::{
     Inserted, InsertedMany, Keys, Member, MembersPage, Okay, Outcome, ServerError, SetCounters,
     SetInfo, SetOp, SetSummary, SetUpReply, TornDown,
@@ -133,13 +133,13 @@ pub(crate) struct Sets {
     members: usize,
     /// Bytes of members' keys over all of this shard's sets.
     member_bytes: usize,
-    limits: ShardLimits,
+    limits: Limits,
     counters: SetCounters,
 }
 
 impl Sets {
     /// No sets.
-    pub fn new(hasher: KeyHasher, limits: ShardLimits) -> Self {
+    pub fn new(hasher: KeyHasher, limits: Limits) -> Self {
         Sets {
             table: HashTable::new(),
             hasher,
@@ -399,7 +399,7 @@ struct Room<'a> {
     hasher: KeyHasher,
     members: &'a mut usize,
     member_bytes: &'a mut usize,
-    limits: &'a ShardLimits,
+    limits: &'a Limits,
     counters: &'a mut SetCounters,
 }
 

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use deadbolt_core::limits::ShardLimits;
+use deadbolt_core::limits::Limits;
 use deadbolt_core::proto::{
     Acquire, ErrorCode, Keys, LockInfo, LockOp, Okay, Outcome, SetOp, Wait,
 };
@@ -114,10 +114,10 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Harness {
-        Harness::with_limits(ShardLimits::unbounded())
+        Harness::with_limits(Limits::unbounded_capacity())
     }
 
-    pub fn with_limits(limits: ShardLimits) -> Harness {
+    pub fn with_limits(limits: Limits) -> Harness {
         Harness::with_config(ShardConfig {
             hash_seed: 7,
             first_token: 100,

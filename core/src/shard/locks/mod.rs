@@ -23,7 +23,7 @@ use hashbrown::HashTable;
 use super::hasher::KeyHasher;
 use super::timers::{Timer, Timers};
 use super::{Answer, Caller, ConnId, Handle};
-use crate::limits::ShardLimits;
+use crate::limits::Limits;
 use crate::proto::{
     Acquire, Extended, Granted, HolderInfo, LockCounters, LockInfo, LockOp, Okay, Outcome,
     ServerError, Wait,
@@ -76,7 +76,7 @@ struct Books {
     key_bytes: usize,
     conns: ConnIndex,
     counters: LockCounters,
-    limits: ShardLimits,
+    limits: Limits,
     answers: Vec<Answer>,
 }
 
@@ -258,7 +258,7 @@ fn end_grant(entry: &mut LockEntry, token: u64, hash: u64, at: Tick, books: &mut
 
 impl Locks {
     /// An empty lock table whose first grant gets `first_token`.
-    pub fn new(hasher: KeyHasher, first_token: u64, limits: ShardLimits) -> Self {
+    pub fn new(hasher: KeyHasher, first_token: u64, limits: Limits) -> Self {
         Locks {
             table: HashTable::new(),
             hasher,
