@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hashbrown::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Clock, Journal};
+use super::{Clock, InvariantAlarm, Journal};
 use crate::proto::{Okay, Outcome};
 use crate::shard::hasher::KeyHasher;
 use crate::shard::{Answer, Caller, Command, ConnId, Handle, Input, Shard, ShardOp};
@@ -54,7 +54,7 @@ pub(crate) struct ActorSetup {
     pub shard: Shard,
     pub clock: Clock,
     pub journal: Option<Arc<dyn Journal>>,
-    pub check_invariants: bool,
+    pub invariant_alarm: Option<InvariantAlarm>,
 }
 
 /// A request waiting for its answer: where the answer goes, and for a
@@ -69,7 +69,7 @@ struct Actor {
     shard: Shard,
     clock: Clock,
     journal: Option<Arc<dyn Journal>>,
-    check_invariants: bool,
+    invariant_alarm: Option<InvariantAlarm>,
     /// Handles are the engine's own sequence, not a peer's choice, so a
     /// fixed hash seed is safe here.
     pending: HashMap<Handle, Pending, KeyHasher>,
@@ -85,7 +85,7 @@ pub(crate) async fn run(setup: ActorSetup, mut mailbox: mpsc::Receiver<ShardMsg>
         shard: setup.shard,
         clock: setup.clock,
         journal: setup.journal,
-        check_invariants: setup.check_invariants,
+        invariant_alarm: setup.invariant_alarm,
         pending: HashMap::with_hasher(KeyHasher::with_seed(0)),
         batch: Vec::new(),
         answers: Vec::new(),
@@ -118,6 +118,9 @@ pub(crate) async fn run(setup: ActorSetup, mut mailbox: mpsc::Receiver<ShardMsg>
                 armed_for = None;
             }
         }
+    }
+    if let Some(journal) = &actor.journal {
+        journal.stopped(actor.index, actor.shard.digest());
     }
     actor.shard.shutdown();
     actor.deliver();
@@ -190,9 +193,9 @@ impl Actor {
     /// in turn.
     fn finish_batch(&mut self) {
         loop {
-            if self.check_invariants {
+            if let Some(alarm) = &self.invariant_alarm {
                 if let Err(broken) = self.shard.check_invariants() {
-                    panic!("shard {} invariant broken: {broken}", self.index);
+                    alarm(self.index, broken);
                 }
             }
             if let Some(journal) = &self.journal {
