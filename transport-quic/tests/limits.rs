@@ -51,15 +51,30 @@ fn connector(server: &Server, to: SocketAddr, config: &QuicConfig) -> QuicConnec
 }
 
 async fn client(server: &Server) -> Result<Client, deadbolt_core::client::Error> {
+    client_to(server, server.addr).await
+}
+
+/// A client of `server` that sends to `to` (the server, or a relay to it).
+async fn client_to(
+    server: &Server,
+    to: SocketAddr,
+) -> Result<Client, deadbolt_core::client::Error> {
     let options = ClientOptions {
         retry_for: Duration::ZERO,
         ..ClientOptions::default()
     };
-    Client::connect(
-        connector(server, server.addr, &QuicConfig::default()),
-        options,
-    )
-    .await
+    let connect = Client::connect(connector(server, to, &QuicConfig::default()), options);
+    tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .expect("connected or refused within 10 s")
+}
+
+/// A client connected through its own relay, which counts the Retry
+/// packets the server sends it.
+async fn client_through_relay(server: &Server) -> (Client, LossyRelay) {
+    let relay = LossyRelay::start(server.addr, 0.0, 1).await.expect("relay");
+    let client = client_to(server, relay.addr()).await.expect("connect");
+    (client, relay)
 }
 
 #[tokio::test]
@@ -69,8 +84,35 @@ async fn clients_still_connect_when_the_server_asks_them_to_prove_their_address(
         ..QuicConfig::default()
     };
     let server = start(config, Limits::default()).await;
-    let client = client(&server).await.expect("connect through a Retry");
+    let (client, relay) = client_through_relay(&server).await;
+    // Normally exactly one; an Initial that the client sent again on a slow
+    // machine (before the first Retry arrived) is answered with another.
+    let retries = relay.retries();
+    assert!(retries >= 1, "the server asked for a Retry");
     client.ping().await.expect("ping");
+    assert_eq!(relay.retries(), retries, "none once connected");
+}
+
+#[tokio::test]
+async fn a_retry_is_asked_only_with_retry_above_connections_open() {
+    let config = QuicConfig {
+        retry_above: 1,
+        ..QuicConfig::default()
+    };
+    let server = start(config, Limits::default()).await;
+    let (first, first_relay) = client_through_relay(&server).await;
+    assert_eq!(first_relay.retries(), 0, "no connection open: no Retry");
+    let (second, second_relay) = client_through_relay(&server).await;
+    // At least one (see the test above for why not exactly one).
+    let retries = second_relay.retries();
+    assert!(retries >= 1, "one connection open: a Retry");
+    first.ping().await.expect("the first works");
+    second
+        .ping()
+        .await
+        .expect("the second works, once validated");
+    assert_eq!(first_relay.retries(), 0);
+    assert_eq!(second_relay.retries(), retries, "none once connected");
 }
 
 #[tokio::test]
