@@ -49,6 +49,22 @@ fn code(outcome: Outcome) -> ErrorCode {
     outcome.expect_err("expected an error").code
 }
 
+/// What the engine says its name is: `deadbolt/<version>` (SPEC section 4).
+const SERVER: &str = concat!("deadbolt/", env!("CARGO_PKG_VERSION"));
+
+/// Asks `condition` again until it holds, so that a regression fails with
+/// `what` instead of hanging the suite.
+async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let settled = async {
+        while !condition().await {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), settled)
+        .await
+        .unwrap_or_else(|_| panic!("not within 10 s: {what}"));
+}
+
 #[tokio::test]
 async fn a_session_locks_and_unlocks_through_the_engine() {
     let engine = engine(2);
@@ -78,7 +94,7 @@ async fn hello_binds_the_client_id_so_a_reconnected_client_keeps_its_lock() {
     match call(&first, 1, hello.clone()).await {
         Ok(Okay::Hello(reply)) => {
             assert_eq!(reply.client, "worker-7");
-            assert!(reply.server.starts_with("deadbolt/"));
+            assert_eq!(reply.server, SERVER);
         }
         other => panic!("{other:?}"),
     }
@@ -98,7 +114,14 @@ async fn sessions_without_hello_get_distinct_anonymous_ids() {
     let engine = engine(1);
     let (a, b) = (engine.session(), engine.session());
     assert_ne!(a.client(), b.client());
-    assert!(a.client().starts_with("anon-") && a.client().len() == 5 + 32);
+    for id in [a.client(), b.client()] {
+        let random = id.strip_prefix("anon-").unwrap_or_else(|| panic!("{id}"));
+        assert_eq!(random.len(), 32, "128 random bits in hex: {id}");
+        assert!(
+            random.bytes().all(|b| b.is_ascii_hexdigit()),
+            "128 random bits in hex: {id}"
+        );
+    }
     token(&a, "k", 10_000).await;
     assert_eq!(
         code(call(&b, 1, lock_op("k", 10, Some(0), false)).await),
@@ -142,18 +165,29 @@ async fn keys_and_sets_spread_over_shards_and_each_keeps_its_rules() {
 async fn an_expired_lease_passes_to_the_waiter_within_ten_milliseconds() {
     let engine = engine(2);
     let (holder, waiter) = (engine.session(), engine.session());
-    token(&holder, "k", 100).await;
+    let held = token(&holder, "k", 100).await;
     let started = Instant::now();
     let granted = token(&waiter, "k", 100).await;
     let waited = started.elapsed();
-    assert!(granted > 0);
-    assert!(
-        waited >= Duration::from_millis(100),
-        "granted early, after {waited:?}"
+    // The clock is paused: it moves only when every task waits, and then
+    // straight to the next timer, here the lease's end. So the wait is
+    // exactly the lease (SPEC: within 10 ms of it, never before).
+    assert_eq!(waited, Duration::from_millis(100), "granted at {waited:?}");
+    assert!(granted > held, "a later grant, {granted}, above {held}");
+    let holder_now = inspect(&holder, "k").await.holder.expect("held");
+    assert_eq!(
+        (holder_now.client, holder_now.token),
+        (waiter.client().to_string(), granted),
+        "the waiter holds it now"
     );
-    assert!(
-        waited <= Duration::from_millis(110),
-        "granted late, after {waited:?}"
+    let stale = Op::Lock(LockOp::Release {
+        key: "k".into(),
+        token: held,
+    });
+    assert_eq!(
+        code(call(&holder, 2, stale).await),
+        ErrorCode::NotHeld,
+        "the expired grant is over"
     );
 }
 
@@ -165,11 +199,9 @@ async fn a_bounded_wait_times_out_on_the_engine_clock() {
     let started = Instant::now();
     let outcome = call(&waiter, 1, lock_op("k", 100, Some(250), false)).await;
     assert_eq!(code(outcome), ErrorCode::Timeout);
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(250) && waited <= Duration::from_millis(260),
-        "{waited:?}"
-    );
+    // The clock is paused, so it jumps straight to the wait's deadline.
+    assert_eq!(started.elapsed(), Duration::from_millis(250));
+    assert_eq!(inspect(&holder, "k").await.waiters, 0, "out of the queue");
 }
 
 #[tokio::test]
@@ -181,9 +213,10 @@ async fn cancel_answers_the_waiting_request_cancelled() {
         let waiter = waiter.clone();
         async move { call(&waiter, 41, lock_op("k", 100, None, false)).await }
     });
-    while inspect(&holder, "k").await.waiters == 0 {
-        tokio::task::yield_now().await;
-    }
+    eventually("the lock is waiting", async || {
+        inspect(&holder, "k").await.waiters > 0
+    })
+    .await;
     assert_eq!(
         call(&waiter, 42, Op::Cancel { target: 41 }).await,
         Ok(Okay::EMPTY)
@@ -206,15 +239,17 @@ async fn dropping_a_waiting_request_takes_it_out_of_the_queue() {
         let waiter = waiter.clone();
         async move { call(&waiter, 1, lock_op("k", 100, None, false)).await }
     });
-    while inspect(&holder, "k").await.waiters == 0 {
-        tokio::task::yield_now().await;
-    }
+    eventually("the lock is waiting", async || {
+        inspect(&holder, "k").await.waiters > 0
+    })
+    .await;
     waiting.abort();
     let _ = waiting.await;
     // The cancel is a message behind the abort; wait for it to land.
-    while inspect(&holder, "k").await.waiters != 0 {
-        tokio::task::yield_now().await;
-    }
+    eventually("the aborted waiter leaves the queue", async || {
+        inspect(&holder, "k").await.waiters == 0
+    })
+    .await;
     let unlock = Op::Lock(LockOp::Release {
         key: "k".into(),
         token: held,
@@ -231,6 +266,7 @@ async fn dropping_a_waiting_request_takes_it_out_of_the_queue() {
 async fn dropping_the_last_session_clone_releases_ephemeral_locks_and_waiters() {
     let engine = engine(2);
     let (gone, other) = (engine.session(), engine.session());
+    let gone_client = gone.client().to_string();
     call(&gone, 1, lock_op("eph", 10_000, None, true))
         .await
         .unwrap();
@@ -242,22 +278,26 @@ async fn dropping_the_last_session_clone_releases_ephemeral_locks_and_waiters() 
         let gone = gone.clone();
         async move { call(&gone, 3, lock_op("busy", 100, None, false)).await }
     });
-    while inspect(&other, "busy").await.waiters == 0 {
-        tokio::task::yield_now().await;
-    }
+    eventually("the lock is waiting", async || {
+        inspect(&other, "busy").await.waiters > 0
+    })
+    .await;
     queued.abort();
     let _ = queued.await;
     let clone = gone.clone();
     drop(gone);
-    assert!(
-        inspect(&other, "eph").await.holder.is_some(),
+    assert_eq!(
+        inspect(&other, "eph").await.holder.map(|h| h.client),
+        Some(gone_client.clone()),
         "a clone keeps it open"
     );
     drop(clone);
-    while inspect(&other, "eph").await.holder.is_some() {
-        tokio::task::yield_now().await;
-    }
-    assert!(inspect(&other, "kept").await.holder.is_some());
+    eventually("the ephemeral lock is released", async || {
+        inspect(&other, "eph").await.holder.is_none()
+    })
+    .await;
+    let kept = inspect(&other, "kept").await.holder.expect("kept is held");
+    assert_eq!(kept.client, gone_client, "still by the gone session");
     assert_eq!(inspect(&other, "busy").await.waiters, 0);
     call(
         &other,
@@ -305,9 +345,10 @@ async fn shutdown_answers_waiters_and_later_requests_shutting_down() {
         let waiter = waiter.clone();
         async move { call(&waiter, 1, lock_op("k", 100, None, false)).await }
     });
-    while inspect(&holder, "k").await.waiters == 0 {
-        tokio::task::yield_now().await;
-    }
+    eventually("the lock is waiting", async || {
+        inspect(&holder, "k").await.waiters > 0
+    })
+    .await;
     engine.shutdown().await;
     assert_eq!(code(waiting.await.unwrap()), ErrorCode::ShuttingDown);
     assert_eq!(
@@ -327,18 +368,27 @@ fn tokens_from_the_clock_rise_with_it_and_stay_exact_in_javascript() {
     let at = |secs: u64| {
         deadbolt_core::engine::first_token_from_clock(UNIX_EPOCH + Duration::from_secs(secs))
     };
+    // 4096 tokens per millisecond since 2026-01-01 (1_767_225_600 s), plus 1.
+    assert_eq!(at(0), 1, "before the token epoch: the first token");
+    assert_eq!(at(1_767_225_600), 1, "at the token epoch");
     let now_ish = at(1_795_000_000); // late 2026
-    assert!(now_ish > 0);
-    assert!(
-        at(1_795_000_001) >= now_ish + 4096 * 1000,
+    // (1_795_000_000_000 - 1_767_225_600_000) ms * 4096 + 1
+    assert_eq!(now_ish, 113_763_942_400_001);
+    assert_eq!(
+        at(1_795_000_001),
+        now_ish + 4096 * 1000,
         "a second later starts 4096 tokens per ms higher"
     );
+    // The last second whose tokens a JavaScript number holds exactly:
+    // 2095-09-07T15:47:35Z, as the docs say ("below 2^53 until 2095").
+    let last_exact = at(3_966_248_855);
+    assert!(last_exact < 1 << 53, "{last_exact}");
+    assert_eq!(at(3_966_248_856), last_exact + 4096 * 1000);
+    assert!(at(3_966_248_856) > 1 << 53);
+    // Past 2^53 tokens keep rising at the same rate: no wrap, no clamp.
     let late = at(4_000_000_000); // 2096
-    assert!(
-        late < 1 << 53 || late > at(3_900_000_000),
-        "monotone even past 2^53"
-    );
-    assert!(at(3_900_000_000) < 1 << 53, "exact in an f64 until 2093");
+    assert_eq!(late, 9_145_443_942_400_001);
+    assert!(late > 1 << 53);
 }
 
 #[tokio::test]
@@ -356,9 +406,10 @@ async fn stats_report_counters_connections_and_bounded_top_lists() {
         let b = b.clone();
         async move { call(&b, 7, lock_op("k3", 100, None, false)).await }
     });
-    while inspect(&a, "k3").await.waiters == 0 {
-        tokio::task::yield_now().await;
-    }
+    eventually("the lock is waiting", async || {
+        inspect(&a, "k3").await.waiters > 0
+    })
+    .await;
     call(
         &a,
         1,
@@ -421,7 +472,7 @@ async fn stats_report_counters_connections_and_bounded_top_lists() {
         (stats.sets.count, stats.sets.members, stats.sets.inserts_new),
         (2, 2, 2)
     );
-    assert!(stats.server.starts_with("deadbolt/"));
+    assert_eq!(stats.server, SERVER);
     waiting.abort();
     drop(b);
     let after = match call(&a, 10, Op::Stats { top: 1 }).await {
@@ -474,9 +525,10 @@ async fn a_request_id_already_in_flight_is_refused_and_the_original_goes_on() {
         let session = session.clone();
         async move { call(&session, 5, lock_op("k", 1000, None, false)).await }
     });
-    while inspect(&holder, "k").await.waiters == 0 {
-        tokio::task::yield_now().await;
-    }
+    eventually("the lock is waiting", async || {
+        inspect(&holder, "k").await.waiters > 0
+    })
+    .await;
     for _ in 0..2 {
         assert_eq!(
             code(call(&session, 5, Op::Ping).await),
@@ -488,8 +540,12 @@ async fn a_request_id_already_in_flight_is_refused_and_the_original_goes_on() {
         token: held,
     });
     call(&holder, 2, unlock).await.unwrap();
-    let granted = waiting.await.unwrap();
-    assert!(matches!(granted, Ok(Okay::Granted(_))), "{granted:?}");
+    match waiting.await.unwrap() {
+        Ok(Okay::Granted(Granted { token, .. })) => {
+            assert!(token > held, "a later grant, {token}, above {held}");
+        }
+        other => panic!("the original request is granted, not {other:?}"),
+    }
     assert_eq!(
         call(&session, 5, Op::Ping).await,
         Ok(Okay::EMPTY),

@@ -2,6 +2,10 @@
 //! how deadbolt behaves on a bad network. Each datagram, in each direction,
 //! is dropped with a fixed probability drawn from a seeded generator, so a
 //! run can be repeated. The integration tests and the benchmark use it.
+//!
+//! It also counts the QUIC Retry packets it passes to the client, so that a
+//! test can see whether the server asked for address validation (quinn
+//! keeps no statistic of it).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +27,8 @@ pub struct LossyRelay {
 struct Counts {
     relayed: AtomicU64,
     dropped: AtomicU64,
+    /// QUIC version 1 Retry packets relayed to the client.
+    retries: AtomicU64,
 }
 
 /// Decides, datagram by datagram, what to drop.
@@ -102,6 +108,27 @@ impl LossyRelay {
             self.counts.dropped.load(Ordering::Relaxed),
         )
     }
+
+    /// QUIC version 1 Retry packets relayed to the client so far: how often
+    /// the server asked it to prove its address before accepting it. A
+    /// Retry is counted before it is sent on, so once the client has its
+    /// connection, every Retry of that handshake is in the count.
+    pub fn retries(&self) -> u64 {
+        self.counts.retries.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether `datagram` is a QUIC version 1 Retry packet (RFC 9000, 17.2.5):
+/// a long header (form bit set), version 1, long packet type 3. A Retry has
+/// no length field, so it is never coalesced: it is the whole datagram.
+fn is_retry(datagram: &[u8]) -> bool {
+    const LONG_HEADER: u8 = 0x80;
+    const RETRY: u8 = 0x3;
+    match datagram {
+        // The first byte, then the version: 0x00000001.
+        [first, 0, 0, 0, 1, ..] => first & LONG_HEADER != 0 && (first >> 4) & 0x3 == RETRY,
+        _ => false,
+    }
 }
 
 impl Drop for LossyRelay {
@@ -147,7 +174,32 @@ async fn pump(
             continue;
         }
         counts.relayed.fetch_add(1, Ordering::Relaxed);
+        if matches!(route, Route::ToClient(_)) && is_retry(&buffer[..n]) {
+            counts.retries.fetch_add(1, Ordering::Relaxed);
+        }
         // A send that fails is one more lost datagram.
         let _ = to.send_to(&buffer[..n], destination).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_retry;
+
+    #[test]
+    fn only_a_version_1_long_header_of_type_3_is_a_retry() {
+        let retry = [0xf0, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8];
+        assert!(is_retry(&retry));
+        // The four low bits are unused in a Retry: any value will do.
+        assert!(is_retry(&[0xff, 0, 0, 0, 1, 0]));
+        let initial = [0xc3, 0, 0, 0, 1, 8];
+        assert!(!is_retry(&initial), "type 0: Initial");
+        let handshake = [0xe0, 0, 0, 0, 1, 8];
+        assert!(!is_retry(&handshake), "type 2: Handshake");
+        assert!(!is_retry(&[0x70, 0, 0, 0, 1, 8]), "short header");
+        assert!(!is_retry(&[0xf0, 0, 0, 0, 0, 8]), "version negotiation");
+        assert!(!is_retry(&[0xf0, 0x6b, 0x33, 0x43, 0xcf, 8]), "QUIC v2");
+        assert!(!is_retry(&[0xf0, 0, 0, 0]), "truncated");
+        assert!(!is_retry(&[]));
     }
 }

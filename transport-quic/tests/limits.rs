@@ -51,15 +51,34 @@ fn connector(server: &Server, to: SocketAddr, config: &QuicConfig) -> QuicConnec
 }
 
 async fn client(server: &Server) -> Result<Client, deadbolt_core::client::Error> {
+    client_to(server, server.addr, &QuicConfig::default()).await
+}
+
+/// A client of `server` that sends to `to` (the server, or a relay to it),
+/// with the transport settings of `config`.
+async fn client_to(
+    server: &Server,
+    to: SocketAddr,
+    config: &QuicConfig,
+) -> Result<Client, deadbolt_core::client::Error> {
     let options = ClientOptions {
         retry_for: Duration::ZERO,
         ..ClientOptions::default()
     };
-    Client::connect(
-        connector(server, server.addr, &QuicConfig::default()),
-        options,
-    )
-    .await
+    let connect = Client::connect(connector(server, to, config), options);
+    tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .expect("connected or refused within 10 s")
+}
+
+/// A client connected through its own relay, which counts the Retry
+/// packets the server sends it.
+async fn client_through_relay(server: &Server) -> (Client, LossyRelay) {
+    let relay = LossyRelay::start(server.addr, 0.0, 1).await.expect("relay");
+    let client = client_to(server, relay.addr(), &QuicConfig::default())
+        .await
+        .expect("connect");
+    (client, relay)
 }
 
 #[tokio::test]
@@ -69,8 +88,35 @@ async fn clients_still_connect_when_the_server_asks_them_to_prove_their_address(
         ..QuicConfig::default()
     };
     let server = start(config, Limits::default()).await;
-    let client = client(&server).await.expect("connect through a Retry");
+    let (client, relay) = client_through_relay(&server).await;
+    // Normally exactly one; an Initial that the client sent again on a slow
+    // machine (before the first Retry arrived) is answered with another.
+    let retries = relay.retries();
+    assert!(retries >= 1, "the server asked for a Retry");
     client.ping().await.expect("ping");
+    assert_eq!(relay.retries(), retries, "none once connected");
+}
+
+#[tokio::test]
+async fn a_retry_is_asked_only_with_retry_above_connections_open() {
+    let config = QuicConfig {
+        retry_above: 1,
+        ..QuicConfig::default()
+    };
+    let server = start(config, Limits::default()).await;
+    let (first, first_relay) = client_through_relay(&server).await;
+    assert_eq!(first_relay.retries(), 0, "no connection open: no Retry");
+    let (second, second_relay) = client_through_relay(&server).await;
+    // At least one (see the test above for why not exactly one).
+    let retries = second_relay.retries();
+    assert!(retries >= 1, "one connection open: a Retry");
+    first.ping().await.expect("the first works");
+    second
+        .ping()
+        .await
+        .expect("the second works, once validated");
+    assert_eq!(first_relay.retries(), 0);
+    assert_eq!(second_relay.retries(), retries, "none once connected");
 }
 
 #[tokio::test]
@@ -121,19 +167,22 @@ async fn an_oversize_message_gets_too_large_and_the_connection_stays_usable() {
 
 #[tokio::test]
 async fn a_client_that_goes_silent_loses_its_ephemeral_locks_when_its_connection_idles_out() {
+    // The idle timeout both ends agree on is the shorter of theirs, so the
+    // observer, which waits in silence, keeps its own connection alive.
     let config = QuicConfig {
         idle_timeout: Duration::from_millis(800),
+        keep_alive: Duration::from_millis(200),
         ..QuicConfig::default()
     };
     let server = start(config.clone(), Limits::default()).await;
     let relay = LossyRelay::start(server.addr, 0.0, 1).await.expect("relay");
-    let options = ClientOptions {
-        retry_for: Duration::ZERO,
-        ..ClientOptions::default()
-    };
-    let silent = Client::connect(connector(&server, relay.addr(), &config), options)
+    let silent = client_to(&server, relay.addr(), &config)
         .await
         .expect("connect");
+    // The server's idle clock restarts with each packet it gets from the
+    // silent client, the last of which comes after the lock request: so
+    // the release comes at least idle_timeout after this.
+    let started = tokio::time::Instant::now();
     let ephemeral = LockOptions::new(Duration::from_secs(60)).ephemeral(true);
     silent
         .lock_with("e", ephemeral)
@@ -142,8 +191,9 @@ async fn a_client_that_goes_silent_loses_its_ephemeral_locks_when_its_connection
         .expect("granted")
         .detach();
     relay.set_loss(1.0); // the link dies without a word
-    let observer = client(&server).await.expect("observer");
-    let started = tokio::time::Instant::now();
+    let observer = client_to(&server, server.addr, &config)
+        .await
+        .expect("observer");
     let guard = observer
         .lock_timeout("e", Duration::from_secs(1), Duration::from_secs(10))
         .await
@@ -154,7 +204,7 @@ async fn a_client_that_goes_silent_loses_its_ephemeral_locks_when_its_connection
     );
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(700),
+        waited >= config.idle_timeout,
         "not before the idle timeout: {waited:?}"
     );
 }

@@ -3,7 +3,7 @@
 //! connection (the network drops them).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 pub struct Proxy {
     pub url: String,
     swallow: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
     pumps: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -23,11 +24,13 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("ws://{}/ws", listener.local_addr().expect("addr"));
         let swallow = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let pumps = Arc::new(Mutex::new(Vec::new()));
         let accept = tokio::spawn({
-            let (swallow, pumps) = (swallow.clone(), pumps.clone());
+            let (swallow, accepted, pumps) = (swallow.clone(), accepted.clone(), pumps.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
                     let Ok(upstream) = TcpStream::connect(server).await else {
                         continue;
                     };
@@ -42,6 +45,7 @@ impl Proxy {
         Proxy {
             url,
             swallow,
+            accepted,
             pumps,
             accept,
         }
@@ -51,6 +55,11 @@ impl Proxy {
     /// relayed again).
     pub fn swallow_replies(&self, on: bool) {
         self.swallow.store(on, Ordering::SeqCst);
+    }
+
+    /// How many connections clients have opened through the proxy so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Breaks every connection open now.
