@@ -14,7 +14,9 @@ use deadbolt_transport_ws::WsConfig;
 pub struct ServerConfig {
     /// The engine: shards, limits, seed and first token.
     pub engine: EngineConfig,
-    /// The WebSocket frontend's limits.
+    /// The WebSocket frontend's limits. Its `routes` answer only the
+    /// requests the server's own [`Routes`](crate::routes::Routes) do not
+    /// (by default: `404`).
     pub ws: WsConfig,
     /// The QUIC frontend's limits. Those that are transport parameters
     /// (streams, windows, idle timeout) take effect through the

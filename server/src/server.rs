@@ -3,13 +3,16 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 
 use deadbolt_core::Engine;
-use deadbolt_transport_ws::Listener;
+use deadbolt_transport_ws::{Listener, WsConfig};
 use tokio::sync::watch;
 use tokio::task::{JoinError, JoinSet};
 
 use crate::config::{Listeners, ServerConfig};
+use crate::metrics;
+use crate::routes::Routes;
 
 /// Why the server stopped without being asked to.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +28,11 @@ pub enum Error {
 /// Runs the server on `listeners` until `shutdown` completes (its output is
 /// ignored, so `tokio::signal::ctrl_c()` will do).
 ///
-/// It starts the engine from `config.engine`, then serves WebSocket on
-/// `listeners.ws` and QUIC on `listeners.quic`, if any. On shutdown it
+/// It installs the process's Prometheus recorder (once per process; see
+/// [`metrics`](crate::metrics)), starts the engine from `config.engine`,
+/// then serves WebSocket on `listeners.ws`, with the [`Routes`] of the
+/// dashboard, browser client and metrics on the same port (other paths go
+/// to `config.ws.routes`), and QUIC on `listeners.quic`, if any. On shutdown it
 /// stops both frontends (each answers its requests in flight
 /// `shutting_down` and closes its connections, within its shutdown grace),
 /// and then shuts the engine down. If a frontend fails first, the server
@@ -41,14 +47,22 @@ pub async fn run<L: Listener>(
     listeners: Listeners<L>,
     shutdown: impl Future,
 ) -> Result<(), Error> {
+    if !metrics::install() {
+        tracing::warn!("no metrics: another metrics recorder is installed");
+    }
     let engine = Engine::start(config.engine);
+    let routes = Routes::new(engine.clone(), config.ws.routes.clone());
+    let ws_config = WsConfig {
+        routes: Arc::new(routes),
+        ..config.ws
+    };
     let (stop, stopped) = watch::channel(false);
     // A set, so that dropping `run` aborts the frontends with it.
     let mut frontends = JoinSet::new();
     frontends.spawn(serve_ws(
         listeners.ws,
         engine.clone(),
-        config.ws,
+        ws_config,
         stopped.clone(),
     ));
     if let Some(endpoint) = listeners.quic {
@@ -105,7 +119,7 @@ async fn serve_until(
 async fn serve_ws<L: Listener>(
     listener: L,
     engine: Engine,
-    config: deadbolt_transport_ws::WsConfig,
+    config: WsConfig,
     stopped: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     deadbolt_transport_ws::serve(listener, engine, config, until(stopped))

@@ -14,9 +14,6 @@ use crate::cli::{QuicListen, ServeArgs};
 
 /// Runs the server until a shutdown signal, then stops it gracefully.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    if !deadbolt_transport_ws::metrics::install() {
-        tracing::warn!("no metrics: another metrics recorder is installed");
-    }
     let shutdown = shutdown_signal();
     let config = server_config(&args);
     let listeners = bind(&args, &config.quic).await?;

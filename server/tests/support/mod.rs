@@ -118,11 +118,15 @@ pub struct Raw {
 }
 
 impl Raw {
-    pub async fn send_json(&mut self, value: Value) {
+    pub async fn send(&mut self, text: &str) {
         self.ws
-            .send(Message::Text(value.to_string().into()))
+            .send(Message::Text(text.to_owned().into()))
             .await
             .expect("send");
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.send(&value.to_string()).await;
     }
 
     /// The next frame that is not a ping or pong, within 5 s.

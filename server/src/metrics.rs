@@ -2,6 +2,10 @@
 //! Prometheus exporter. Request latencies and error counts are recorded as
 //! they happen (in `deadbolt-core`); counters and sizes are read from the
 //! engine at each scrape.
+//!
+//! The recorder is process-wide, as the `metrics` facade is: the first
+//! [`run`](crate::run) of a process installs it, and every server in the
+//! process records into it.
 
 use std::sync::OnceLock;
 
