@@ -8,6 +8,7 @@
 //! process records into it.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use deadbolt_core::Engine;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -34,6 +35,18 @@ fn handle() -> Option<&'static PrometheusHandle> {
 /// start rather than from the first scrape.
 pub fn install() -> bool {
     handle().is_some()
+}
+
+/// How often [`run`](crate::run) calls [`upkeep`].
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds the latency samples recorded since the last scrape into their
+/// histograms. The recorder keeps each sample (16 bytes) until then, so a
+/// server that nobody scrapes would grow with every request without this.
+pub fn upkeep() {
+    if let Some(handle) = handle() {
+        handle.run_upkeep();
+    }
 }
 
 /// The metrics page, or `None` if no recorder could be installed.

@@ -9,6 +9,7 @@ use deadbolt_core::Engine;
 use deadbolt_transport_ws::{Listener, WsConfig};
 use tokio::sync::watch;
 use tokio::task::{JoinError, JoinSet};
+use tokio::time::MissedTickBehavior;
 
 use crate::config::{Listeners, ServerConfig};
 use crate::metrics;
@@ -93,12 +94,15 @@ pub async fn run<L: Listener>(
     failure.map_or(Ok(()), Err)
 }
 
-/// Waits for `shutdown`, or for a frontend to fail, whichever comes first.
+/// Waits for `shutdown`, or for a frontend to fail, whichever comes first;
+/// meanwhile keeps the metrics recorder drained.
 async fn serve_until(
     shutdown: impl Future,
     frontends: &mut JoinSet<Result<(), Error>>,
 ) -> Option<Error> {
     tokio::pin!(shutdown);
+    let mut upkeep = tokio::time::interval(metrics::UPKEEP_INTERVAL);
+    upkeep.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
@@ -112,6 +116,7 @@ async fn serve_until(
                     return Some(error);
                 }
             },
+            _ = upkeep.tick() => metrics::upkeep(),
         }
     }
 }

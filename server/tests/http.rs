@@ -64,6 +64,8 @@ async fn metrics_are_prometheus_text_with_counters_sizes_latencies_and_errors() 
     assert!(granted["ok"]["token"].is_u64(), "{granted}");
     raw.send("not json").await;
     raw.recv().await;
+    // What the server does every few seconds: it must keep the samples.
+    deadbolt_server::metrics::upkeep();
     let metrics = get(server.ws_addr, "/metrics").await;
     assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
     assert!(metrics.contains("text/plain; version=0.0.4"), "{metrics}");
