@@ -30,14 +30,14 @@ pub enum Error {
 /// ignored, so `tokio::signal::ctrl_c()` will do).
 ///
 /// It installs the process's Prometheus recorder (once per process; see
-/// [`metrics`](crate::metrics)), starts the engine from `config.engine`,
-/// then serves WebSocket on `listeners.ws`, with the [`Routes`] of the
-/// dashboard, browser client and metrics on the same port (other paths go
-/// to `config.ws.routes`), and QUIC on `listeners.quic`, if any. On shutdown it
-/// stops both frontends (each answers its requests in flight
-/// `shutting_down` and closes its connections, within its shutdown grace),
-/// and then shuts the engine down. If a frontend fails first, the server
-/// stops the same way and returns the failure.
+/// [`metrics`]) and starts the engine from `config.engine`. Then it serves
+/// WebSocket on `listeners.ws`, with the [`Routes`] of the dashboard, the
+/// browser client and the metrics on the same port (a `GET` for any other
+/// path goes to `config.ws.routes`), and QUIC on `listeners.quic`, if
+/// any. On shutdown it stops both frontends (each answers its requests in
+/// flight `shutting_down` and closes its connections, within its shutdown
+/// grace), and then shuts the engine down. If a frontend fails first, the
+/// server stops the same way and returns the failure.
 ///
 /// Dropping the returned future instead ends the server at once, without
 /// the graceful part: its tasks are aborted and the engine's shards end
@@ -78,12 +78,11 @@ pub async fn run<L: Listener>(
             Ok(())
         });
     }
-    let failure = serve_until(shutdown, &mut frontends).await;
+    let mut failure = serve_until(shutdown, &mut frontends).await;
     tracing::info!("shutting down");
     // The frontends hold receivers until they return; if they are all
     // gone already, there is nobody left to tell.
     let _ = stop.send(true);
-    let mut failure = failure;
     while let Some(ended) = frontends.join_next().await {
         if let Err(error) = flatten(ended) {
             failure.get_or_insert(error);
