@@ -1,4 +1,4 @@
-// The JavaScript client (transport-ws/web/deadbolt.js) from Node, against
+// The JavaScript client (server/web/deadbolt.js) from Node, against
 // the real server: pipelining, typed errors, locks and their lease view,
 // distinct sets, and reconnecting with retries after cut connections, lost
 // replies and a server restart.

@@ -19,7 +19,7 @@ export const REPO_ROOT = path.resolve(E2E_DIR, "..");
 export const CHROMIUM = "/usr/bin/chromium";
 
 /** The client under test, loaded from the file the server embeds. */
-export const deadbolt = await import(path.join(REPO_ROOT, "transport-ws/web/deadbolt.js"));
+export const deadbolt = await import(path.join(REPO_ROOT, "server/web/deadbolt.js"));
 
 /** Node 20 has no global WebSocket: the client is given `ws`'s, which is
  * also what the injection option is for. */

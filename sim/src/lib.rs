@@ -1,15 +1,17 @@
 //! deadbolt-sim: the deterministic network simulation, our Jepsen.
 //!
 //! A turmoil simulation runs the real production code, unchanged: the
-//! server host runs the real `Engine` behind the real WebSocket frontend
-//! (over simulated TCP) and the real QUIC frontend (over simulated UDP);
-//! worker hosts run the real Rust client; a protected resource accepts
-//! writes fenced by token. A seed draws, through proptest, each worker's
-//! plan and a schedule of faults (partitions both and one way, link holds
-//! as process pauses, crashes with restart, connection drops, latency
-//! spikes, datagram loss for QUIC workers), which ends in a heal. The
-//! recorded history is then judged by the checker. The same seed gives the
-//! same run, byte for byte: the history's hash proves it.
+//! server host calls `deadbolt_server::run`, the very assembly `deadbolt
+//! serve` runs (the engine, the WebSocket frontend over simulated TCP with
+//! its HTTP routes, the QUIC frontend over simulated UDP), with only its
+//! sockets simulated; worker hosts run the real Rust client; a protected
+//! resource accepts writes fenced by token. A seed draws, through
+//! proptest, each worker's plan and a schedule of faults (partitions both
+//! and one way, link holds as process pauses, crashes with restart,
+//! connection drops, latency spikes, datagram loss for QUIC workers),
+//! which ends in a heal. The recorded history is then judged by the
+//! checker. The same seed gives the same run, byte for byte: the history's
+//! hash proves it.
 //!
 //! Layout:
 //! - [`scenario`]: what a seed draws;

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
+use deadbolt_core::EngineConfig;
 use deadbolt_core::client::{Client, ClientOptions};
-use deadbolt_core::{Engine, EngineConfig};
+use deadbolt_server::{Listeners, ServerConfig};
 use deadbolt_transport_quic::Identity;
 use deadbolt_transport_ws::{WsConfig, WsConnector};
 use futures_util::TryStreamExt;
@@ -171,47 +172,53 @@ fn report(
     }
 }
 
-/// The server host: the real engine behind the real WebSocket and QUIC
-/// frontends, on simulated sockets.
+/// The server host: `deadbolt_server::run`, the assembly `deadbolt serve`
+/// runs, on simulated sockets.
+///
+/// The host's future is `run`'s: crashing the host drops it, which ends
+/// the server as a killed process ends (no goodbye to anyone), and a
+/// bounce starts a fresh one. Its shutdown future never completes for now;
+/// a scenario that stops the server gracefully would complete it.
 fn add_server(sim: &mut turmoil::Sim<'_>, seed: u64, (cert, key): (String, String)) {
     sim.host("server", move || {
         let (cert, key) = (cert.clone(), key.clone());
         async move {
-            let engine = Engine::start(EngineConfig {
-                shards: 2,
-                seed,
-                ..EngineConfig::new()
-            });
             let identity = Identity::from_pem(cert.as_bytes(), key.as_bytes())?;
-            let endpoint = quic_endpoint(
+            let quic = quic_endpoint(
                 QUIC_PORT,
                 seed,
                 1,
                 Some(quic_server_config(identity, seed)?),
             )
             .await?;
-            tokio::spawn(deadbolt_transport_quic::serve(
-                endpoint,
-                engine.clone(),
-                quic_config(),
-                std::future::pending(),
-            ));
-            let listener = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
-            let config = WsConfig {
-                idle_ping: Duration::from_millis(300),
-                idle_close: Duration::from_millis(1200),
-                ..WsConfig::default()
+            let ws = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
+            let listeners = Listeners {
+                ws: SimListener(ws),
+                quic: Some(quic),
             };
-            deadbolt_transport_ws::serve(
-                SimListener(listener),
-                engine,
-                config,
-                std::future::pending(),
-            )
-            .await?;
+            let shutdown = std::future::pending::<()>();
+            deadbolt_server::run(server_config(seed), listeners, shutdown).await?;
             Ok(())
         }
     });
+}
+
+/// The simulated server's configuration: two shards seeded by the run, and
+/// short idle limits, so that a silent peer is noticed within the run.
+fn server_config(seed: u64) -> ServerConfig {
+    ServerConfig {
+        engine: EngineConfig {
+            shards: 2,
+            seed,
+            ..EngineConfig::new()
+        },
+        ws: WsConfig {
+            idle_ping: Duration::from_millis(300),
+            idle_close: Duration::from_millis(1200),
+            ..WsConfig::default()
+        },
+        quic: quic_config(),
+    }
 }
 
 /// The auditor: waits for the workers (up to the bound), then exports the

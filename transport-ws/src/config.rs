@@ -1,10 +1,15 @@
-//! The WebSocket frontend's limits, each configurable.
+//! The WebSocket frontend's limits, each configurable, and what else its
+//! port serves.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Limits of the WebSocket frontend. The message size limit comes from the
-/// engine's [`Limits`](deadbolt_core::Limits).
-#[derive(Debug, Clone, PartialEq, Eq)]
+use crate::routes::{HttpRoutes, NotFound};
+
+/// Limits of the WebSocket frontend, and the routes of its other HTTP
+/// requests. The message size limit comes from the engine's
+/// [`Limits`](deadbolt_core::Limits).
+#[derive(Debug, Clone)]
 pub struct WsConfig {
     /// Most connections open at once; past it, new ones get HTTP 503.
     pub max_connections: usize,
@@ -29,6 +34,9 @@ pub struct WsConfig {
     pub write_buffer_max: usize,
     /// How long shutdown waits for connections to close cleanly.
     pub shutdown_grace: Duration,
+    /// Answers every plain HTTP request, that is every request but
+    /// `/ws`; by default [`NotFound`].
+    pub routes: Arc<dyn HttpRoutes>,
 }
 
 impl Default for WsConfig {
@@ -42,6 +50,7 @@ impl Default for WsConfig {
             idle_close: Duration::from_secs(60),
             write_buffer_max: 8 << 20,
             shutdown_grace: Duration::from_secs(5),
+            routes: Arc::new(NotFound),
         }
     }
 }

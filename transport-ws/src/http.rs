@@ -1,58 +1,27 @@
 //! Just enough HTTP/1.1 for the WebSocket port: read one request head
-//! (bounded in size and time), route it, answer plain requests, and upgrade
-//! `GET /ws`.
+//! (bounded in size and time), upgrade `GET /ws`, and write the answer to
+//! any other request, which the [`HttpRoutes`](crate::routes::HttpRoutes)
+//! give.
 
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use crate::routes::{HttpRequest, HttpResponse};
+
 /// Most headers a request head may carry.
 const HEADERS_MAX: usize = 64;
-
-/// A file served as it was built into the binary.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Asset {
-    /// The paths it answers.
-    pub paths: &'static [&'static str],
-    /// Its `Content-Type`.
-    pub content_type: &'static str,
-    /// Its bytes.
-    pub body: &'static str,
-}
-
-/// The dashboard, and the browser client with its types.
-const ASSETS: &[Asset] = &[
-    Asset {
-        paths: &["/", "/index.html"],
-        content_type: "text/html; charset=utf-8",
-        body: include_str!("../web/index.html"),
-    },
-    Asset {
-        paths: &["/deadbolt.js"],
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../web/deadbolt.js"),
-    },
-    Asset {
-        paths: &["/deadbolt.d.ts"],
-        content_type: "application/typescript; charset=utf-8",
-        body: include_str!("../web/deadbolt.d.ts"),
-    },
-];
 
 /// What a connection asked for.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Route {
     /// `GET /ws` with a valid WebSocket upgrade: the `Sec-WebSocket-Key`.
     WebSocket { key: String },
-    /// `GET /healthz`.
-    Health,
-    /// `GET /metrics`: Prometheus text.
-    Metrics,
-    /// A static page or script built into the server.
-    Asset(&'static Asset),
-    /// Anything else, answered with this status and reason.
+    /// `/ws` without a valid upgrade, answered with this status and reason.
     Refuse { status: u16, reason: &'static str },
+    /// Any other path: for the [`HttpRoutes`](crate::routes::HttpRoutes).
+    Plain(HttpRequest),
 }
 
 /// Why no request head could be read.
@@ -121,26 +90,18 @@ fn has_token(value: Option<&str>, token: &str) -> bool {
 }
 
 fn route(request: &httparse::Request<'_, '_>) -> Route {
-    let path = request.path.unwrap_or("");
-    let path = path.split('?').next().unwrap_or(path);
-    if request.method != Some("GET") {
+    let method = request.method.unwrap_or("");
+    let plain = HttpRequest::new(method, request.path.unwrap_or(""));
+    if plain.path != "/ws" {
+        return Route::Plain(plain);
+    }
+    if method != "GET" {
         return Route::Refuse {
             status: 405,
             reason: "Method Not Allowed",
         };
     }
-    if let Some(asset) = ASSETS.iter().find(|a| a.paths.contains(&path)) {
-        return Route::Asset(asset);
-    }
-    match path {
-        "/ws" => upgrade(request),
-        "/healthz" => Route::Health,
-        "/metrics" => Route::Metrics,
-        _ => Route::Refuse {
-            status: 404,
-            reason: "Not Found",
-        },
-    }
+    upgrade(request)
 }
 
 fn upgrade(request: &httparse::Request<'_, '_>) -> Route {
@@ -173,16 +134,16 @@ where
 }
 
 /// Writes a complete plain response and leaves the connection to be closed.
-pub(crate) async fn respond<S>(
-    stream: &mut S,
-    status: u16,
-    reason: &str,
-    content_type: &str,
-    body: &[u8],
-) -> io::Result<()>
+pub(crate) async fn respond<S>(stream: &mut S, response: &HttpResponse) -> io::Result<()>
 where
     S: AsyncWrite + Unpin,
 {
+    let HttpResponse {
+        status,
+        reason,
+        content_type,
+        body,
+    } = response;
     let head = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
          Cache-Control: no-store\r\nConnection: close\r\n\r\n",
@@ -220,18 +181,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn plain_requests_are_routed_or_refused() {
-        let health = parse("GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
-        assert_eq!(health.route, Route::Health);
-        let missing = parse("GET /nope HTTP/1.1\r\n\r\n").await.unwrap();
-        assert!(matches!(missing.route, Route::Refuse { status: 404, .. }));
+    async fn other_paths_go_to_the_routes_and_ws_without_an_upgrade_is_refused() {
+        let health = parse("GET /healthz?full HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(
+            health.route,
+            Route::Plain(HttpRequest {
+                method: "GET".into(),
+                path: "/healthz".into(),
+                query: Some("full".into()),
+            })
+        );
+        let post_root = parse("POST / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(post_root.route, Route::Plain(HttpRequest::new("POST", "/")));
         let no_upgrade = parse("GET /ws HTTP/1.1\r\n\r\n").await.unwrap();
         assert!(matches!(
             no_upgrade.route,
             Route::Refuse { status: 426, .. }
         ));
-        let post = parse("POST /ws HTTP/1.1\r\n\r\n").await.unwrap();
-        assert!(matches!(post.route, Route::Refuse { status: 405, .. }));
+        let post_ws = parse("POST /ws HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(matches!(post_ws.route, Route::Refuse { status: 405, .. }));
     }
 
     #[tokio::test]

@@ -1,23 +1,25 @@
 //! deadbolt over WebSocket (SPEC section 4): the server frontend and the
-//! client transport.
+//! client transport. Only a transport: what else its port serves is the
+//! embedding server's choice (see [`routes`]).
 //!
-//! The server speaks HTTP/1.1 just far enough to upgrade `GET /ws` to a
-//! WebSocket and to answer `GET /` (the dashboard), `/deadbolt.js` (the
-//! browser client), `/metrics` and `/healthz`; after that every text frame is
-//! one JSON request and every reply one text frame. Requests on a
-//! connection run concurrently and are answered as they complete, so a
-//! waiting `lock` never holds up the requests behind it.
+//! The server speaks HTTP/1.1 just far enough to read one request head,
+//! upgrade `GET /ws` to a WebSocket, and hand any other request to the
+//! [`HttpRoutes`] of its [`WsConfig`] (by default: `404`). After the
+//! upgrade every text frame is one JSON request and every reply one text
+//! frame. Requests on a connection run concurrently and are answered as
+//! they complete, so a waiting `lock` never holds up the requests behind
+//! it.
 //!
 //! Everything here is generic over the byte stream: the server takes a
 //! [`Listener`] and a shutdown future, the client a [`Dialer`], so the
 //! deterministic simulation runs this exact code over simulated TCP.
 //!
 //! Layout:
-//! - [`config`]: every limit of the frontend;
+//! - [`config`]: every limit of the frontend, and its routes;
 //! - [`listener`]: where connections come from (tokio TCP here);
-//! - `http`: the HTTP request head, routing and the upgrade;
+//! - `http`: the HTTP request head, the upgrade, plain answers;
+//! - [`routes`]: the hook that answers requests other than `/ws`;
 //! - [`server`]: the accept loop, connection limit and graceful shutdown;
-//! - [`metrics`]: `GET /metrics` in Prometheus text;
 //! - `connection`: one WebSocket connection's request loop;
 //! - [`client`]: the client transport behind `deadbolt_core::client::Client`.
 
@@ -26,10 +28,11 @@ pub mod config;
 mod connection;
 mod http;
 pub mod listener;
-pub mod metrics;
+pub mod routes;
 pub mod server;
 
 pub use client::{Dialer, TcpDialer, WsClientConfig, WsConnector};
 pub use config::WsConfig;
 pub use listener::Listener;
+pub use routes::{HttpRequest, HttpResponse, HttpRoutes, NotFound};
 pub use server::serve;

@@ -1,5 +1,6 @@
 //! The accept loop: one task per connection, a bound on connections, and
-//! graceful shutdown.
+//! graceful shutdown; each connection's request head decides between the
+//! WebSocket upgrade and the [`HttpRoutes`](crate::routes::HttpRoutes).
 
 use std::future::Future;
 use std::io;
@@ -18,6 +19,7 @@ use crate::config::WsConfig;
 use crate::connection;
 use crate::http::{self, Route};
 use crate::listener::Listener;
+use crate::routes::HttpResponse;
 
 /// Bytes read from the socket at a time.
 const READ_BUFFER_BYTES: usize = 8 * 1024;
@@ -80,6 +82,8 @@ struct Shared {
     config: WsConfig,
 }
 
+/// One connection, from its request head to its close. `permit` counts
+/// it against the connection limit until it ends; `None`: over the limit.
 async fn handle<S>(
     mut stream: S,
     peer: SocketAddr,
@@ -89,82 +93,75 @@ async fn handle<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let config = &shared.config;
+    let Some(head) = read_head(&mut stream, peer, &shared.config).await else {
+        return;
+    };
+    let response = match head.route {
+        _ if permit.is_none() => {
+            tracing::warn!(%peer, "connection limit reached; refusing");
+            let body = &b"overloaded: too many connections\n"[..];
+            HttpResponse::text(503, "Service Unavailable", body)
+        }
+        Route::WebSocket { key } => {
+            websocket(stream, &key, head.rest, peer, &shared, stopped).await;
+            return;
+        }
+        Route::Plain(request) => shared.config.routes.respond(&request).await,
+        Route::Refuse { status, reason } => HttpResponse::status(status, reason),
+    };
+    // Best effort: the peer may be gone.
+    let _ = http::respond(&mut stream, &response).await;
+}
+
+/// Reads the request head within the handshake timeout; answers a bad one
+/// `400` and gives up on a slow one.
+async fn read_head<S>(stream: &mut S, peer: SocketAddr, config: &WsConfig) -> Option<http::Head>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let head = tokio::time::timeout(
         config.handshake_timeout,
-        http::read_head(&mut stream, config.head_bytes_max),
+        http::read_head(stream, config.head_bytes_max),
     )
     .await;
-    let head = match head {
-        Ok(Ok(head)) => head,
+    match head {
+        Ok(Ok(head)) => Some(head),
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "bad request head");
-            let _ = http::respond(
-                &mut stream,
-                400,
-                "Bad Request",
-                "text/plain",
-                b"bad request\n",
-            )
-            .await;
-            return;
+            let bad = HttpResponse::text(400, "Bad Request", &b"bad request\n"[..]);
+            // Best effort: the peer may be gone.
+            let _ = http::respond(stream, &bad).await;
+            None
         }
         Err(_) => {
             tracing::debug!(%peer, "request head timed out");
-            return;
+            None
         }
-    };
-    // Answers to plain requests are best effort: the peer may be gone.
-    let _ = match head.route {
-        _ if permit.is_none() => {
-            tracing::warn!(%peer, "connection limit reached; refusing");
-            let body = b"overloaded: too many connections\n";
-            http::respond(&mut stream, 503, "Service Unavailable", "text/plain", body).await
-        }
-        Route::Health => http::respond(&mut stream, 200, "OK", "text/plain", b"ok\n").await,
-        Route::Asset(asset) => {
-            http::respond(
-                &mut stream,
-                200,
-                "OK",
-                asset.content_type,
-                asset.body.as_bytes(),
-            )
-            .await
-        }
-        Route::Metrics => match crate::metrics::render(&shared.engine).await {
-            Some(text) => {
-                let content_type = "text/plain; version=0.0.4; charset=utf-8";
-                http::respond(&mut stream, 200, "OK", content_type, text.as_bytes()).await
-            }
-            None => {
-                let body = b"metrics unavailable: another recorder is installed\n";
-                http::respond(&mut stream, 503, "Service Unavailable", "text/plain", body).await
-            }
-        },
-        Route::Refuse { status, reason } => {
-            let body = format!("{status} {reason}\n");
-            http::respond(&mut stream, status, reason, "text/plain", body.as_bytes()).await
-        }
-        Route::WebSocket { key } => {
-            if http::accept_upgrade(&mut stream, &key).await.is_err() {
-                return;
-            }
-            let ws = WebSocketStream::from_partially_read(
-                stream,
-                head.rest,
-                Role::Server,
-                Some(ws_config(&shared)),
-            )
+    }
+}
+
+/// Upgrades the connection and runs it as a WebSocket until it closes.
+async fn websocket<S>(
+    mut stream: S,
+    key: &str,
+    rest: Vec<u8>,
+    peer: SocketAddr,
+    shared: &Shared,
+    stopped: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if http::accept_upgrade(&mut stream, key).await.is_err() {
+        return;
+    }
+    let ws =
+        WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(ws_config(shared)))
             .await;
-            tracing::debug!(%peer, "websocket connected");
-            let session = shared.engine.session_on(Frontend::WebSocket);
-            connection::run(ws, session, shared.engine.limits(), config, stopped).await;
-            tracing::debug!(%peer, "websocket closed");
-            Ok(())
-        }
-    };
-    drop(permit);
+    tracing::debug!(%peer, "websocket connected");
+    let session = shared.engine.session_on(Frontend::WebSocket);
+    let (limits, config) = (shared.engine.limits(), &shared.config);
+    connection::run(ws, session, limits, config, stopped).await;
+    tracing::debug!(%peer, "websocket closed");
 }
 
 fn ws_config(shared: &Shared) -> WebSocketConfig {

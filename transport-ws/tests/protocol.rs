@@ -3,10 +3,11 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadbolt_core::Limits;
-use deadbolt_transport_ws::WsConfig;
+use deadbolt_transport_ws::{HttpRequest, HttpResponse, HttpRoutes, WsConfig};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use support::{Raw, TestServer, code};
@@ -441,7 +442,7 @@ async fn connections_past_the_limit_get_http_503() {
 }
 
 #[tokio::test]
-async fn a_slow_handshake_is_dropped_and_healthz_answers() {
+async fn a_slow_handshake_is_dropped_and_other_requests_still_answer() {
     let config = WsConfig {
         handshake_timeout: Duration::from_millis(200),
         ..WsConfig::default()
@@ -459,16 +460,8 @@ async fn a_slow_handshake_is_dropped_and_healthz_answers() {
         matches!(read, Ok(Ok(0))),
         "closed without an answer: {read:?} {buffer:?}"
     );
-    let mut health = tokio::net::TcpStream::connect(server.addr)
-        .await
-        .expect("tcp");
-    health
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    let mut answer = String::new();
-    health.read_to_string(&mut answer).await.expect("read");
-    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    let answer = http_get(server.addr, "/healthz").await;
+    assert!(answer.starts_with("HTTP/1.1 404 Not Found"), "{answer}");
 }
 
 #[tokio::test]
@@ -622,48 +615,66 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     answer
 }
 
+/// Answers `/hello` and counts what it was asked, to show what reaches it.
+#[derive(Debug, Default)]
+struct Hello {
+    asked: std::sync::Mutex<Vec<HttpRequest>>,
+}
+
+#[async_trait::async_trait]
+impl HttpRoutes for Hello {
+    async fn respond(&self, request: &HttpRequest) -> HttpResponse {
+        self.asked
+            .lock()
+            .expect("not poisoned")
+            .push(request.clone());
+        match request.path.as_str() {
+            "/hello" => HttpResponse::ok("text/plain", &b"hi\n"[..]),
+            _ => HttpResponse::not_found(),
+        }
+    }
+}
+
 #[tokio::test]
-async fn the_port_serves_the_dashboard_the_browser_client_and_its_types() {
-    let server = TestServer::start().await;
-    let page = http_get(server.addr, "/").await;
+async fn requests_other_than_ws_go_to_the_routes_and_ws_is_never_one_of_them() {
+    let routes = Arc::new(Hello::default());
+    let config = WsConfig {
+        routes: routes.clone(),
+        ..WsConfig::default()
+    };
+    let server = TestServer::with(Limits::default(), config).await;
+    let hello = http_get(server.addr, "/hello?x=1").await;
+    assert!(hello.starts_with("HTTP/1.1 200 OK"), "{hello}");
     assert!(
-        page.starts_with("HTTP/1.1 200 OK") && page.contains("text/html"),
-        "{page}"
+        hello.contains("Content-Type: text/plain\r\nContent-Length: 3\r\n")
+            && hello.ends_with("\r\n\r\nhi\n"),
+        "{hello}"
     );
-    let script = http_get(server.addr, "/deadbolt.js").await;
-    assert!(
-        script.contains("text/javascript") && script.contains("export"),
-        "{script}"
-    );
-    let types = http_get(server.addr, "/deadbolt.d.ts").await;
-    assert!(types.starts_with("HTTP/1.1 200 OK"), "{types}");
-    assert!(
-        http_get(server.addr, "/nope")
-            .await
-            .starts_with("HTTP/1.1 404")
+    let nope = http_get(server.addr, "/nope").await;
+    assert!(nope.starts_with("HTTP/1.1 404 Not Found"), "{nope}");
+    let no_upgrade = http_get(server.addr, "/ws").await;
+    assert!(no_upgrade.starts_with("HTTP/1.1 426"), "{no_upgrade}");
+    let mut raw = server.raw().await;
+    let pong = raw.call(json!({"id": 1, "op": "ping"})).await;
+    assert_eq!(pong, json!({"id": 1, "ok": {}}));
+    let asked = routes.asked.lock().expect("not poisoned").clone();
+    assert_eq!(
+        asked,
+        [
+            HttpRequest::new("GET", "/hello?x=1"),
+            HttpRequest::new("GET", "/nope")
+        ]
     );
 }
 
 #[tokio::test]
-async fn metrics_are_prometheus_text_with_counters_sizes_latencies_and_errors() {
+async fn by_default_the_port_serves_nothing_but_websocket() {
     let server = TestServer::start().await;
-    deadbolt_transport_ws::metrics::install();
-    let mut raw = server.raw().await;
-    raw.lock(1, "k", 10_000).await;
-    raw.send("not json").await;
-    raw.recv().await;
-    let metrics = http_get(server.addr, "/metrics").await;
-    assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
-    for name in [
-        "deadbolt_grants_total",
-        "deadbolt_locks_held",
-        "deadbolt_waiters",
-        "deadbolt_set_members",
-        "deadbolt_inserts_total",
-        "deadbolt_connections{frontend=\"websocket\"}",
-        "deadbolt_request_duration_seconds_bucket{op=\"lock\"",
-        "deadbolt_errors_total{code=\"bad_request\"}",
-    ] {
-        assert!(metrics.contains(name), "no {name} in\n{metrics}");
+    for path in ["/", "/metrics", "/healthz", "/deadbolt.js"] {
+        let answer = http_get(server.addr, path).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 404 Not Found"),
+            "{path}: {answer}"
+        );
     }
 }

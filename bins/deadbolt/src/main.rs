@@ -1,8 +1,9 @@
 //! The `deadbolt` binary: the server (`deadbolt serve`) and the
 //! command-line client (every other subcommand).
 //!
-//! Layout: `cli` (the command line), `serve` (the server), `commands`
-//! (the client commands), `connect` (server URL → client).
+//! Layout: `cli` (the command line), `serve` (the server: flags, sockets
+//! and signals for `deadbolt_server::run`), `commands` (the client
+//! commands), `connect` (server URL → client).
 //!
 //! Exit codes of the client commands: 0 done; 1 the answer was "no" (held,
 //! timed out, not held, no such set); 3 the lock was lost while the command

@@ -1,71 +1,77 @@
-//! `deadbolt serve`: the engine and its frontends, until Ctrl-C or SIGTERM.
+//! `deadbolt serve`: flags → [`ServerConfig`] → real sockets →
+//! [`deadbolt_server::run`], until Ctrl-C or SIGTERM.
 
 use anyhow::Context;
-use deadbolt_core::{Engine, EngineConfig, Limits};
+use deadbolt_core::{EngineConfig, Limits};
+use deadbolt_server::{Listeners, ServerConfig};
+use deadbolt_transport_quic::{Identity, QuicConfig};
 use deadbolt_transport_ws::WsConfig;
-use tokio::sync::watch;
+use tokio::net::TcpListener;
 
 use std::net::SocketAddr;
-
-use deadbolt_transport_quic::{Identity, QuicConfig};
-use tokio::task::JoinHandle;
 
 use crate::cli::{QuicListen, ServeArgs};
 
 /// Runs the server until a shutdown signal, then stops it gracefully.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    if !deadbolt_transport_ws::metrics::install() {
-        tracing::warn!("no metrics: another metrics recorder is installed");
+    let shutdown = shutdown_signal();
+    let config = server_config(&args);
+    let listeners = bind(&args, &config.quic).await?;
+    deadbolt_server::run(config, listeners, shutdown).await?;
+    Ok(())
+}
+
+fn server_config(args: &ServeArgs) -> ServerConfig {
+    ServerConfig {
+        engine: engine_config(args),
+        ws: WsConfig {
+            max_connections: args.max_connections,
+            max_in_flight: args.max_in_flight,
+            handshake_timeout: args.handshake_timeout,
+            idle_ping: args.idle_ping,
+            idle_close: args.idle_ping * 3,
+            ..WsConfig::default()
+        },
+        quic: QuicConfig {
+            max_connections: args.quic_max_connections,
+            streams_per_connection: args.quic_streams,
+            idle_timeout: args.quic_idle_timeout,
+            retry_above: args.quic_retry_above,
+            ..QuicConfig::default()
+        },
     }
-    let engine = Engine::start(engine_config(&args));
-    let listener = tokio::net::TcpListener::bind(args.ws)
+}
+
+/// Binds the WebSocket port and the QUIC endpoint, and says where they
+/// listen (tests read these lines: the QUIC URL comes first).
+async fn bind(args: &ServeArgs, quic: &QuicConfig) -> anyhow::Result<Listeners<TcpListener>> {
+    let ws = TcpListener::bind(args.ws)
         .await
         .with_context(|| format!("cannot listen on {}", args.ws))?;
-    let ws_addr = listener.local_addr()?;
-    let (stop, stopped) = watch::channel(false);
-    let ws_config = WsConfig {
-        max_connections: args.max_connections,
-        max_in_flight: args.max_in_flight,
-        handshake_timeout: args.handshake_timeout,
-        idle_ping: args.idle_ping,
-        idle_close: args.idle_ping * 3,
-        ..WsConfig::default()
-    };
-    let ws = tokio::spawn(deadbolt_transport_ws::serve(
-        listener,
-        engine.clone(),
-        ws_config,
-        until(stopped.clone()),
-    ));
+    let ws_addr = ws.local_addr()?;
     let quic = match args.quic {
-        QuicListen::On(addr) => Some(start_quic(&args, addr, &engine, stopped.clone())?),
+        QuicListen::On(addr) => Some(quic_endpoint(args, addr, quic)?),
         QuicListen::Off => None,
     };
     tracing::info!(
         "deadbolt {} listening on ws://{ws_addr}/ws",
         env!("CARGO_PKG_VERSION")
     );
-    shutdown_signal().await;
-    tracing::info!("shutting down");
-    // The frontends hold receivers until they return.
-    let _ = stop.send(true);
-    ws.await.context("the WebSocket frontend panicked")??;
-    if let Some(quic) = quic {
-        quic.await.context("the QUIC frontend panicked")?;
-    }
-    engine.shutdown().await;
-    tracing::info!("stopped");
-    Ok(())
+    Ok(Listeners { ws, quic })
 }
 
-/// Starts the QUIC frontend on `addr`, with the certificate from the flags
-/// or one generated in the data directory.
-fn start_quic(
+/// The QUIC endpoint on `addr`, with the certificate from the flags or one
+/// generated in the data directory.
+///
+/// The TLS identity is chosen here rather than in `deadbolt-server`: the
+/// server takes a ready endpoint (the simulation builds its own, with a
+/// seeded token key and the simulated clock), and only the binary has a
+/// data directory and certificate flags.
+fn quic_endpoint(
     args: &ServeArgs,
     addr: SocketAddr,
-    engine: &Engine,
-    stopped: watch::Receiver<bool>,
-) -> anyhow::Result<JoinHandle<()>> {
+    config: &QuicConfig,
+) -> anyhow::Result<quinn::Endpoint> {
     let identity = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Identity::load(cert, key)?,
         _ => {
@@ -77,24 +83,11 @@ fn start_quic(
             identity
         }
     };
-    let config = QuicConfig {
-        max_connections: args.quic_max_connections,
-        streams_per_connection: args.quic_streams,
-        idle_timeout: args.quic_idle_timeout,
-        retry_above: args.quic_retry_above,
-        ..QuicConfig::default()
-    };
-    let server_config = deadbolt_transport_quic::server_config(identity, &config)?;
+    let server_config = deadbolt_transport_quic::server_config(identity, config)?;
     let endpoint = quinn::Endpoint::server(server_config, addr)
         .with_context(|| format!("cannot listen for QUIC on {addr}"))?;
-    let local = endpoint.local_addr()?;
-    tracing::info!("listening on quic://{local}");
-    Ok(tokio::spawn(deadbolt_transport_quic::serve(
-        endpoint,
-        engine.clone(),
-        config,
-        until(stopped),
-    )))
+    tracing::info!("listening on quic://{}", endpoint.local_addr()?);
+    Ok(endpoint)
 }
 
 fn engine_config(args: &ServeArgs) -> EngineConfig {
@@ -117,26 +110,36 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
     config
 }
 
-/// Resolves once `stopped` turns true (or its sender is gone).
-async fn until(mut stopped: watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|stop| *stop).await;
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed
+/// now, before the server says it listens, so that a signal sent as soon as
+/// it does is a graceful stop rather than the default death.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt());
+    let mut terminate = signal(SignalKind::terminate());
+    if let Err(error) = &terminate {
+        tracing::warn!(%error, "cannot watch for SIGTERM");
+    }
+    if let Err(error) = &interrupt {
+        tracing::warn!(%error, "cannot watch for Ctrl-C");
+    }
+    async move {
+        let interrupted = async {
+            match &mut interrupt {
+                Ok(signal) => signal.recv().await,
+                Err(_) => std::future::pending().await,
             }
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch for SIGTERM; only Ctrl-C stops the server");
-                std::future::pending::<()>().await;
+        };
+        let terminated = async {
+            match &mut terminate {
+                Ok(signal) => signal.recv().await,
+                Err(_) => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            biased;
+            _ = interrupted => {}
+            _ = terminated => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
     }
 }

@@ -1,7 +1,8 @@
-//! The browser client, the dashboard and the JavaScript client's Node
-//! tests, run by `cargo test` so that the workspace's one test command
-//! covers them: `node --test` in `e2e/`, against this crate's `deadbolt`
-//! binary, in Chromium (`/usr/bin/chromium`) through playwright-core.
+//! The browser client, the dashboard (both in `server/web/`, served by
+//! the binary) and the JavaScript client's Node tests, run by `cargo test`
+//! so that the workspace's one test command covers them: `node --test` in
+//! `e2e/`, against this crate's `deadbolt` binary, in Chromium
+//! (`/usr/bin/chromium`) through playwright-core.
 //!
 //! Nothing here is skipped: without Node or Chromium the test fails and
 //! says how to get them.

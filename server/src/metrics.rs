@@ -2,8 +2,13 @@
 //! Prometheus exporter. Request latencies and error counts are recorded as
 //! they happen (in `deadbolt-core`); counters and sizes are read from the
 //! engine at each scrape.
+//!
+//! The recorder is process-wide, as the `metrics` facade is: the first
+//! [`run`](crate::run) of a process installs it, and every server in the
+//! process records into it.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use deadbolt_core::Engine;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -30,6 +35,18 @@ fn handle() -> Option<&'static PrometheusHandle> {
 /// start rather than from the first scrape.
 pub fn install() -> bool {
     handle().is_some()
+}
+
+/// How often [`run`](crate::run) calls [`upkeep`].
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds the latency samples recorded since the last scrape into their
+/// histograms. The recorder keeps each sample (16 bytes) until then, so a
+/// server that nobody scrapes would grow with every request without this.
+pub fn upkeep() {
+    if let Some(handle) = handle() {
+        handle.run_upkeep();
+    }
 }
 
 /// The metrics page, or `None` if no recorder could be installed.

@@ -1,0 +1,88 @@
+//! The HTTP side of the WebSocket port, besides `/ws`: the dashboard
+//! (`GET /`), the browser client and its types (`/deadbolt.js`,
+//! `/deadbolt.d.ts`), `/metrics` and `/healthz`. The transport hands these
+//! requests to [`Routes`] through its [`HttpRoutes`] hook.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use deadbolt_core::Engine;
+use deadbolt_transport_ws::{HttpRequest, HttpResponse, HttpRoutes};
+
+use crate::metrics;
+
+/// A file served as it was built into the binary.
+#[derive(Debug)]
+struct Asset {
+    /// The paths it answers.
+    paths: &'static [&'static str],
+    /// Its `Content-Type`.
+    content_type: &'static str,
+    /// Its bytes.
+    body: &'static str,
+}
+
+/// The dashboard, and the browser client with its types.
+const ASSETS: &[Asset] = &[
+    Asset {
+        paths: &["/", "/index.html"],
+        content_type: "text/html; charset=utf-8",
+        body: include_str!("../web/index.html"),
+    },
+    Asset {
+        paths: &["/deadbolt.js"],
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("../web/deadbolt.js"),
+    },
+    Asset {
+        paths: &["/deadbolt.d.ts"],
+        content_type: "application/typescript; charset=utf-8",
+        body: include_str!("../web/deadbolt.d.ts"),
+    },
+];
+
+/// `Content-Type` of the metrics page: Prometheus text format 0.0.4.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// deadbolt's plain HTTP routes. Only `GET` is served (anything else gets
+/// `405`); a `GET` for a path not listed above goes to the fallback.
+#[derive(Debug)]
+pub struct Routes {
+    /// Read by `/metrics`.
+    engine: Engine,
+    /// Answers the `GET`s these routes do not know.
+    fallback: Arc<dyn HttpRoutes>,
+}
+
+impl Routes {
+    /// The routes of `engine`'s server, handing unknown paths to
+    /// `fallback` (such as [`NotFound`](deadbolt_transport_ws::NotFound)).
+    pub fn new(engine: Engine, fallback: Arc<dyn HttpRoutes>) -> Routes {
+        Routes { engine, fallback }
+    }
+}
+
+#[async_trait]
+impl HttpRoutes for Routes {
+    async fn respond(&self, request: &HttpRequest) -> HttpResponse {
+        if request.method != "GET" {
+            return HttpResponse::status(405, "Method Not Allowed");
+        }
+        let path = request.path.as_str();
+        if let Some(asset) = ASSETS.iter().find(|a| a.paths.contains(&path)) {
+            return HttpResponse::ok(asset.content_type, asset.body.as_bytes());
+        }
+        match path {
+            "/healthz" => HttpResponse::ok("text/plain", &b"ok\n"[..]),
+            "/metrics" => match metrics::render(&self.engine).await {
+                Some(text) => HttpResponse::ok(METRICS_CONTENT_TYPE, text.into_bytes()),
+                None => HttpResponse::text(
+                    503,
+                    "Service Unavailable",
+                    &b"metrics unavailable: another recorder is installed\n"[..],
+                ),
+            },
+            _ => self.fallback.respond(request).await,
+        }
+    }
+}

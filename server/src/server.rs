@@ -1,0 +1,141 @@
+//! [`run`]: start the engine, serve both frontends until the shutdown
+//! future completes, then stop the frontends and the engine in that order.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+
+use deadbolt_core::Engine;
+use deadbolt_transport_ws::{Listener, WsConfig};
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinSet};
+use tokio::time::MissedTickBehavior;
+
+use crate::config::{Listeners, ServerConfig};
+use crate::metrics;
+use crate::routes::Routes;
+
+/// Why the server stopped without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The WebSocket frontend's accept loop failed.
+    #[error("the WebSocket frontend failed")]
+    WebSocket(#[source] io::Error),
+    /// A frontend's task panicked.
+    #[error("a frontend panicked")]
+    Panicked(#[source] JoinError),
+}
+
+/// Runs the server on `listeners` until `shutdown` completes (its output is
+/// ignored, so `tokio::signal::ctrl_c()` will do).
+///
+/// It installs the process's Prometheus recorder (once per process; see
+/// [`metrics`]) and starts the engine from `config.engine`. Then it serves
+/// WebSocket on `listeners.ws`, with the [`Routes`] of the dashboard, the
+/// browser client and the metrics on the same port (a `GET` for any other
+/// path goes to `config.ws.routes`), and QUIC on `listeners.quic`, if
+/// any. On shutdown it stops both frontends (each answers its requests in
+/// flight `shutting_down` and closes its connections, within its shutdown
+/// grace), and then shuts the engine down. If a frontend fails first, the
+/// server stops the same way and returns the failure.
+///
+/// Dropping the returned future instead ends the server at once, without
+/// the graceful part: its tasks are aborted and the engine's shards end
+/// with their last handle. That is a crash, which is how the simulation can
+/// crash a server host.
+pub async fn run<L: Listener>(
+    config: ServerConfig,
+    listeners: Listeners<L>,
+    shutdown: impl Future,
+) -> Result<(), Error> {
+    if !metrics::install() {
+        tracing::warn!("no metrics: another metrics recorder is installed");
+    }
+    let engine = Engine::start(config.engine);
+    let routes = Routes::new(engine.clone(), config.ws.routes.clone());
+    let ws_config = WsConfig {
+        routes: Arc::new(routes),
+        ..config.ws
+    };
+    let (stop, stopped) = watch::channel(false);
+    // A set, so that dropping `run` aborts the frontends with it.
+    let mut frontends = JoinSet::new();
+    frontends.spawn(serve_ws(
+        listeners.ws,
+        engine.clone(),
+        ws_config,
+        stopped.clone(),
+    ));
+    if let Some(endpoint) = listeners.quic {
+        let serve = deadbolt_transport_quic::serve(
+            endpoint,
+            engine.clone(),
+            config.quic,
+            until(stopped.clone()),
+        );
+        frontends.spawn(async move {
+            serve.await;
+            Ok(())
+        });
+    }
+    let mut failure = serve_until(shutdown, &mut frontends).await;
+    tracing::info!("shutting down");
+    // The frontends hold receivers until they return; if they are all
+    // gone already, there is nobody left to tell.
+    let _ = stop.send(true);
+    while let Some(ended) = frontends.join_next().await {
+        if let Err(error) = flatten(ended) {
+            failure.get_or_insert(error);
+        }
+    }
+    engine.shutdown().await;
+    tracing::info!("stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+/// Waits for `shutdown`, or for a frontend to fail, whichever comes first;
+/// meanwhile keeps the metrics recorder drained.
+async fn serve_until(
+    shutdown: impl Future,
+    frontends: &mut JoinSet<Result<(), Error>>,
+) -> Option<Error> {
+    tokio::pin!(shutdown);
+    let mut upkeep = tokio::time::interval(metrics::UPKEEP_INTERVAL);
+    upkeep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => return None,
+            Some(ended) = frontends.join_next(), if !frontends.is_empty() => match flatten(ended) {
+                // Only QUIC ends cleanly before shutdown: its endpoint was
+                // closed by its owner. WebSocket clients are still served.
+                Ok(()) => tracing::warn!("the QUIC endpoint closed; serving WebSocket only"),
+                Err(error) => {
+                    tracing::error!(%error, "stopping the server");
+                    return Some(error);
+                }
+            },
+            _ = upkeep.tick() => metrics::upkeep(),
+        }
+    }
+}
+
+async fn serve_ws<L: Listener>(
+    listener: L,
+    engine: Engine,
+    config: WsConfig,
+    stopped: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    deadbolt_transport_ws::serve(listener, engine, config, until(stopped))
+        .await
+        .map_err(Error::WebSocket)
+}
+
+fn flatten(ended: Result<Result<(), Error>, JoinError>) -> Result<(), Error> {
+    ended.map_err(Error::Panicked)?
+}
+
+/// Resolves once `stopped` turns true (or its sender is gone).
+async fn until(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
