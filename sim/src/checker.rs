@@ -108,6 +108,13 @@ pub enum Violation {
     AuditFailed { error: String },
     /// A host failed (returned an error or panicked).
     HostFailed { error: String },
+    /// A shard's invariant was broken after a batch, inside the server.
+    InvariantBroken { shard: usize, what: String },
+    /// A shard did not stop with the server's graceful shutdown.
+    ShardNotStopped { shard: usize },
+    /// A shard's command log, replayed into a fresh shard, reached another
+    /// state than the live shard: the shard is not a function of its log.
+    ReplayDiverged { shard: usize, commands: usize },
 }
 
 impl Violation {
@@ -129,6 +136,9 @@ impl Violation {
             Violation::Unfinished { .. } => "liveness: unfinished workload",
             Violation::AuditFailed { .. } => "audit failed",
             Violation::HostFailed { .. } => "host failed",
+            Violation::InvariantBroken { .. } => "shard invariant broken",
+            Violation::ShardNotStopped { .. } => "shard did not stop",
+            Violation::ReplayDiverged { .. } => "replay diverged",
         }
     }
 }

@@ -31,6 +31,7 @@ pub mod proxy;
 pub mod resource;
 pub mod scenario;
 pub mod summary;
+pub mod trace;
 pub mod worker;
 pub mod world;
 

@@ -11,13 +11,10 @@ pub const LOCK_KEYS: &[&str] = &["counter-a", "counter-b"];
 pub const SET: &str = "results";
 /// How many distinct result keys there are; workers' inserts overlap.
 pub const RESULT_KEYS: usize = 24;
-/// Workers per run, by transport.
-pub const TRANSPORTS: [Transport; 4] = [
-    Transport::Ws,
-    Transport::Ws,
-    Transport::Quic,
-    Transport::Quic,
-];
+/// Workers per transport: each run draws 1 to this many of each.
+pub const WORKERS_PER_TRANSPORT_MAX: usize = 3;
+/// The server's shard count is drawn from 1 to this.
+pub const SHARDS_MAX: usize = 4;
 /// Faults start in `[FAULTS_FROM_MS, FAULTS_UNTIL_MS)`.
 pub const FAULTS_FROM_MS: u64 = 200;
 /// See [`FAULTS_FROM_MS`].
@@ -151,6 +148,11 @@ pub struct ScheduledFault {
 pub struct Scenario {
     /// The seed it was drawn from.
     pub seed: u64,
+    /// How many shards the server runs (keys land on other shards, and
+    /// sets share shards with locks, differently per run).
+    pub shards: usize,
+    /// The largest latency of a healthy link, in milliseconds.
+    pub latency_ms: u64,
     /// One plan per worker.
     pub workers: Vec<WorkerPlan>,
     /// The faults, by start time.
@@ -207,13 +209,13 @@ fn fault_kind(transport: Transport) -> BoxedStrategy<FaultKind> {
     }
 }
 
-fn fault() -> impl Strategy<Value = ScheduledFault> {
-    (0..TRANSPORTS.len()).prop_flat_map(|worker| {
+fn fault(transports: Vec<Transport>) -> impl Strategy<Value = ScheduledFault> {
+    (0..transports.len()).prop_flat_map(move |worker| {
         let duration = 50u64..FAULT_MAX_MS;
         (
             FAULTS_FROM_MS..FAULTS_UNTIL_MS,
             duration,
-            fault_kind(TRANSPORTS[worker]),
+            fault_kind(transports[worker]),
         )
             .prop_map(move |(at_ms, duration_ms, kind)| {
                 // A connection drop is a blip, not an outage.
@@ -232,23 +234,39 @@ fn fault() -> impl Strategy<Value = ScheduledFault> {
     })
 }
 
+/// The transports of a run's workers: 1 to [`WORKERS_PER_TRANSPORT_MAX`]
+/// of each, WebSocket workers first.
+fn transports() -> impl Strategy<Value = Vec<Transport>> {
+    let count = 1..=WORKERS_PER_TRANSPORT_MAX;
+    (count.clone(), count).prop_map(|(ws, quic)| {
+        let mut transports = vec![Transport::Ws; ws];
+        transports.extend(vec![Transport::Quic; quic]);
+        transports
+    })
+}
+
 fn scenario_strategy(seed: u64) -> impl Strategy<Value = Scenario> {
-    let plans: Vec<BoxedStrategy<WorkerPlan>> = TRANSPORTS
-        .iter()
-        .map(|&transport| {
-            prop::collection::vec(step(), 5..10)
-                .prop_map(move |steps| WorkerPlan { transport, steps })
-                .boxed()
+    let world = (transports(), 1..=SHARDS_MAX, 5u64..=40);
+    world.prop_flat_map(move |(transports, shards, latency_ms)| {
+        let plans: Vec<BoxedStrategy<WorkerPlan>> = transports
+            .iter()
+            .map(|&transport| {
+                prop::collection::vec(step(), 5..10)
+                    .prop_map(move |steps| WorkerPlan { transport, steps })
+                    .boxed()
+            })
+            .collect();
+        let faults = prop::collection::vec(fault(transports), 0..7);
+        (plans, faults).prop_map(move |(workers, mut faults)| {
+            faults.sort_by_key(|f| (f.at_ms, f.worker));
+            Scenario {
+                seed,
+                shards,
+                latency_ms,
+                workers,
+                faults,
+            }
         })
-        .collect();
-    let faults = prop::collection::vec(fault(), 0..7);
-    (plans, faults).prop_map(move |(workers, mut faults)| {
-        faults.sort_by_key(|f| (f.at_ms, f.worker));
-        Scenario {
-            seed,
-            workers,
-            faults,
-        }
     })
 }
 

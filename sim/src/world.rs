@@ -2,6 +2,7 @@
 //! faults and heals them, and the report the checker makes of it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -11,6 +12,7 @@ use deadbolt_server::{Listeners, ServerConfig};
 use deadbolt_transport_quic::Identity;
 use deadbolt_transport_ws::{WsConfig, WsConnector};
 use futures_util::TryStreamExt;
+use tokio::sync::watch;
 
 use crate::checker::{self, Violation};
 use crate::history::{self, Actor, Event, History, What};
@@ -20,14 +22,13 @@ use crate::resource;
 use crate::scenario::{
     self, FaultKind, HEAL_AT_MS, LOCK_KEYS, SET, Scenario, ScheduledFault, Transport,
 };
+use crate::trace::Trace;
 use crate::worker::{self, QUIC_PORT, Shared, WS_PORT};
 
 /// How long after the heal the workers have to finish their plans.
 pub const WORKLOAD_BOUND_MS: u64 = 40_000;
 /// The longest a run can last, in simulated time.
 const SIMULATION_MS: u64 = HEAL_AT_MS + WORKLOAD_BOUND_MS + 20_000;
-/// Message latency on healthy links.
-const LATENCY_MS: u64 = 20;
 
 /// How to run a seed.
 #[derive(Debug, Clone, Copy, Default)]
@@ -80,7 +81,7 @@ pub fn run(seed: u64, options: Options) -> Report {
         .simulation_duration(Duration::from_millis(SIMULATION_MS))
         .tick_duration(Duration::from_millis(1))
         .min_message_latency(Duration::from_millis(1))
-        .max_message_latency(Duration::from_millis(LATENCY_MS))
+        .max_message_latency(Duration::from_millis(scenario.latency_ms))
         .udp_capacity(4096)
         .tcp_capacity(1024)
         .build();
@@ -94,7 +95,8 @@ pub fn run(seed: u64, options: Options) -> Report {
         ),
         Err(error) => return failed(seed, scenario, &history, format!("certificate: {error}")),
     };
-    add_server(&mut sim, seed, identity_pem);
+    let control = ServerControl::new(seed, &scenario);
+    add_server(&mut sim, seed, identity_pem, &control);
     let resource_history = history.clone();
     sim.host("resource", move || {
         resource::serve(resource_history.clone())
@@ -109,7 +111,7 @@ pub fn run(seed: u64, options: Options) -> Report {
             worker::run(shared.clone(), worker)
         });
     }
-    sim.client("auditor", audit(shared.clone()));
+    sim.client("auditor", audit(shared.clone(), control.clone()));
     let mut driver = Driver::new(&scenario, &history, options);
     let outcome = driver.drive(&mut sim);
     let faults = std::mem::take(&mut driver.faults);
@@ -128,6 +130,7 @@ pub fn run(seed: u64, options: Options) -> Report {
     if let Err(error) = outcome {
         violations.push(Violation::HostFailed { error });
     }
+    violations.extend(control.trace.check(&control.config.engine));
     report(seed, scenario, events, violations, faults)
 }
 
@@ -179,9 +182,58 @@ fn report(
 /// the server as a killed process ends (no goodbye to anyone), and a
 /// bounce starts a fresh one. Its shutdown future never completes for now;
 /// a scenario that stops the server gracefully would complete it.
-fn add_server(sim: &mut turmoil::Sim<'_>, seed: u64, (cert, key): (String, String)) {
+/// The simulated server's configuration and the handles a run keeps on it:
+/// the trace its shards record, and the switch that shuts it down.
+#[derive(Clone)]
+struct ServerControl {
+    config: ServerConfig,
+    trace: Arc<Trace>,
+    stop: Arc<watch::Sender<bool>>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl ServerControl {
+    /// The scenario's shard count seeded by the run; invariants checked
+    /// after every batch; every batch recorded for the replay check; and
+    /// short idle limits, so that a silent peer is noticed within the run.
+    fn new(seed: u64, scenario: &Scenario) -> ServerControl {
+        let trace = Arc::new(Trace::default());
+        let config = ServerConfig {
+            engine: EngineConfig {
+                shards: scenario.shards,
+                seed,
+                journal: Some(trace.clone()),
+                invariant_alarm: Some(trace.alarm()),
+                ..EngineConfig::new()
+            },
+            ws: WsConfig {
+                idle_ping: Duration::from_millis(300),
+                idle_close: Duration::from_millis(1200),
+                ..WsConfig::default()
+            },
+            quic: quic_config(),
+        };
+        ServerControl {
+            config,
+            trace,
+            stop: Arc::new(watch::Sender::new(false)),
+            stopped: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// The server host: `deadbolt_server::run`, as `deadbolt serve` runs it, on
+/// simulated sockets, until the run's end shuts it down gracefully.
+fn add_server(
+    sim: &mut turmoil::Sim<'_>,
+    seed: u64,
+    (cert, key): (String, String),
+    control: &ServerControl,
+) {
+    let control = control.clone();
     sim.host("server", move || {
         let (cert, key) = (cert.clone(), key.clone());
+        let control = control.clone();
         async move {
             let identity = Identity::from_pem(cert.as_bytes(), key.as_bytes())?;
             let quic = quic_endpoint(
@@ -196,34 +248,20 @@ fn add_server(sim: &mut turmoil::Sim<'_>, seed: u64, (cert, key): (String, Strin
                 ws: SimListener(ws),
                 quic: Some(quic),
             };
-            let shutdown = std::future::pending::<()>();
-            deadbolt_server::run(server_config(seed), listeners, shutdown).await?;
+            let mut stop = control.stop.subscribe();
+            let shutdown = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            deadbolt_server::run(control.config.clone(), listeners, shutdown).await?;
+            control.stopped.store(true, Ordering::Release);
             Ok(())
         }
     });
 }
 
-/// The simulated server's configuration: two shards seeded by the run, and
-/// short idle limits, so that a silent peer is noticed within the run.
-fn server_config(seed: u64) -> ServerConfig {
-    ServerConfig {
-        engine: EngineConfig {
-            shards: 2,
-            seed,
-            ..EngineConfig::new()
-        },
-        ws: WsConfig {
-            idle_ping: Duration::from_millis(300),
-            idle_close: Duration::from_millis(1200),
-            ..WsConfig::default()
-        },
-        quic: quic_config(),
-    }
-}
-
 /// The auditor: waits for the workers (up to the bound), then exports the
 /// set and reads the resource, straight from the server.
-async fn audit(shared: Shared) -> turmoil::Result {
+async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
     let deadline = Duration::from_millis(HEAL_AT_MS + WORKLOAD_BOUND_MS);
     while !shared.all_done() && turmoil::sim_elapsed().unwrap_or_default() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -262,7 +300,20 @@ async fn audit(shared: Shared) -> turmoil::Result {
             Err(error) => record(What::AuditFailed { error }),
         }
     }
+    stop_server(&control).await;
     Ok(())
+}
+
+/// Shuts the server down gracefully and waits (a bounded while) until it
+/// has stopped, so that each shard reports the state it ends in.
+async fn stop_server(control: &ServerControl) {
+    control.stop.send_replace(true);
+    for _ in 0..100 {
+        if control.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Applies the fault schedule as the simulation steps, then heals.
@@ -431,7 +482,7 @@ impl<'a> Driver<'a> {
                     sim.set_link_max_message_latency(
                         a.as_str(),
                         b,
-                        Duration::from_millis(LATENCY_MS),
+                        Duration::from_millis(self.scenario.latency_ms),
                     );
                 }
             }
