@@ -30,6 +30,7 @@ pub mod net;
 pub mod proxy;
 pub mod resource;
 pub mod scenario;
+pub mod script;
 pub mod summary;
 pub mod trace;
 pub mod worker;

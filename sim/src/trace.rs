@@ -61,6 +61,11 @@ impl Trace {
         Arc::new(move |shard, what| trace.lock().broken.push((shard, what)))
     }
 
+    /// The invariants found broken so far, with their shard.
+    pub fn broken(&self) -> Vec<(usize, String)> {
+        self.lock().broken.clone()
+    }
+
     /// How many commands the shards applied in all.
     pub fn commands(&self) -> usize {
         self.lock().commands.iter().map(Vec::len).sum()

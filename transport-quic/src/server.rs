@@ -104,7 +104,7 @@ async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Rece
             _ = stopped.changed() => break true,
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    let task = request(send, recv, session.clone(), engine.limits().clone(), stopped.clone());
+                    let task = request(send, recv, session.clone(), *engine.limits(), stopped.clone());
                     streams.spawn(task);
                 }
                 Err(_) => break false,
