@@ -153,6 +153,9 @@ pub struct Scenario {
     pub shards: usize,
     /// The largest latency of a healthy link, in milliseconds.
     pub latency_ms: u64,
+    /// Whether the QUIC frontend makes every new connection prove its
+    /// address with a Retry first (the path a server under load takes).
+    pub quic_retry: bool,
     /// One plan per worker.
     pub workers: Vec<WorkerPlan>,
     /// The faults, by start time.
@@ -246,8 +249,8 @@ fn transports() -> impl Strategy<Value = Vec<Transport>> {
 }
 
 fn scenario_strategy(seed: u64) -> impl Strategy<Value = Scenario> {
-    let world = (transports(), 1..=SHARDS_MAX, 5u64..=40);
-    world.prop_flat_map(move |(transports, shards, latency_ms)| {
+    let world = (transports(), 1..=SHARDS_MAX, 5u64..=40, any::<bool>());
+    world.prop_flat_map(move |(transports, shards, latency_ms, quic_retry)| {
         let plans: Vec<BoxedStrategy<WorkerPlan>> = transports
             .iter()
             .map(|&transport| {
@@ -263,6 +266,7 @@ fn scenario_strategy(seed: u64) -> impl Strategy<Value = Scenario> {
                 seed,
                 shards,
                 latency_ms,
+                quic_retry,
                 workers,
                 faults,
             }

@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use deadbolt_core::EngineConfig;
 use deadbolt_core::client::{Client, ClientOptions};
 use deadbolt_server::{Listeners, ServerConfig};
-use deadbolt_transport_quic::Identity;
+use deadbolt_transport_quic::{Identity, QuicConfig};
 use deadbolt_transport_ws::{WsConfig, WsConnector};
 use futures_util::TryStreamExt;
 use tokio::sync::watch;
@@ -211,7 +211,10 @@ impl ServerControl {
                 idle_close: Duration::from_millis(1200),
                 ..WsConfig::default()
             },
-            quic: quic_config(),
+            quic: QuicConfig {
+                retry_above: if scenario.quic_retry { 0 } else { usize::MAX },
+                ..quic_config()
+            },
         };
         ServerControl {
             config,
