@@ -7,17 +7,21 @@
 //!   checked once so that nothing past the decoder meets bad input.
 
 pub mod error;
+mod macros;
+pub mod ops;
 pub mod reply;
 pub mod request;
+mod rules;
 pub mod wire;
 
 pub use error::{ErrorCode, ServerError};
+pub use ops::{OP_NAMES, OpKind};
 pub use reply::{
     Extended, Granted, HeldLock, HelloReply, HolderInfo, Inserted, InsertedMany, LockCounters,
     LockInfo, Member, MembersPage, Okay, Outcome, SetCounters, SetInfo, SetSummary, SetUpReply,
     StatsReply, TornDown,
 };
-pub use request::{Acquire, Keys, LockOp, Op, OpKind, Request, RequestId, SetOp, Wait};
+pub use request::{Acquire, Keys, LockOp, Op, Request, RequestId, SetOp, Wait};
 pub use wire::{DecodeError, Reply, decode_reply, decode_request, encode_reply, encode_request};
 
 /// The protocol version this crate speaks (SPEC section 4).
