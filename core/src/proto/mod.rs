@@ -17,9 +17,9 @@ pub mod wire;
 pub use error::{ErrorCode, ServerError};
 pub use ops::{OP_NAMES, OpKind};
 pub use reply::{
-    Extended, Granted, HeldLock, HelloReply, HolderInfo, Inserted, InsertedMany, LockCounters,
-    LockInfo, Member, MembersPage, Okay, Outcome, SetCounters, SetInfo, SetSummary, SetUpReply,
-    StatsReply, TornDown,
+    Empty, Extended, FromOkay, Granted, HeldLock, HelloReply, HolderInfo, Inserted, InsertedMany,
+    LockCounters, LockInfo, Member, MembersPage, Okay, Outcome, SetCounters, SetInfo, SetSummary,
+    SetUpReply, StatsReply, TornDown,
 };
 pub use request::{Acquire, Keys, LockOp, Op, Request, RequestId, SetOp, Wait};
 pub use wire::{DecodeError, Reply, decode_reply, decode_request, encode_reply, encode_request};
