@@ -41,6 +41,8 @@ wire_fields! {
     // naming any field the op does not take.
     unknown_fields: ignore;
 
+    // In this order the slow path checks the fields' types (the first
+    // mistyped one is reported) and a client writes them.
     key: String,
     keys: Vec<String>,
     set: String,
