@@ -17,8 +17,8 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Client, Connection, Error, Timed, unexpected};
-use crate::proto::{Acquire, ErrorCode, Extended, Granted, LockOp, Okay, Op, OpKind, Wait};
+use super::{Client, Connection, Error, Timed};
+use crate::proto::{Acquire, Empty, ErrorCode, Extended, Granted, LockOp, Op, Wait};
 
 /// How to take a lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,7 +180,7 @@ impl Client {
         key: &str,
         options: &LockOptions,
         deadline: Option<Instant>,
-    ) -> Result<(Granted, Timed), Error> {
+    ) -> Result<Timed<Granted>, Error> {
         let make_op = |_| {
             let wait = match deadline {
                 None => Wait::Forever,
@@ -195,11 +195,7 @@ impl Client {
                 ephemeral: options.ephemeral,
             }))
         };
-        let timed = self.call_adapting(make_op).await?;
-        match timed.okay {
-            Okay::Granted(granted) => Ok((granted, timed)),
-            ref other => Err(unexpected(OpKind::Lock, other)),
-        }
+        self.call_adapting(make_op).await
     }
 
     /// Turns a grant into a guard with a sound lease view, or `None` if the
@@ -208,8 +204,9 @@ impl Client {
         &self,
         key: &str,
         options: &LockOptions,
-        (granted, timed): (Granted, Timed),
+        timed: Timed<Granted>,
     ) -> Result<Option<LockGuard>, Error> {
+        let granted = timed.reply;
         let ttl = Duration::from_millis(granted.ttl_ms);
         let mut anchor = timed.sent_at;
         if anchor.elapsed() > ttl / 10 {
@@ -252,11 +249,8 @@ impl Client {
             token,
             ttl_ms: millis(ttl).max(1),
         });
-        let timed = self.call_timed(op).await?;
-        match timed.okay {
-            Okay::Extended(Extended { .. }) => Ok(timed.sent_at),
-            ref other => Err(unexpected(OpKind::Extend, other)),
-        }
+        let timed: Timed<Extended> = self.call_timed(op).await?;
+        Ok(timed.sent_at)
     }
 
     /// `unlock`: ends the grant `token` of `key`, from any connection.
@@ -272,7 +266,7 @@ impl Client {
         });
         let mut retried = false;
         let result = self
-            .call_adapting(|attempt| {
+            .call_adapting::<Empty>(|attempt| {
                 retried |= attempt > 0;
                 op.clone()
             })

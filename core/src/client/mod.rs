@@ -28,8 +28,8 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::proto::{
-    ErrorCode, Inserted, LockInfo, Okay, Op, OpKind, Outcome, Request, ServerError, SetOp,
-    StatsReply,
+    Empty, ErrorCode, FromOkay, Inserted, InsertedMany, LockInfo, Okay, Op, OpKind, Outcome,
+    Request, ServerError, SetOp, StatsReply,
 };
 use crate::shard::hasher::KeyHasher;
 pub use local::LocalConnector;
@@ -180,8 +180,9 @@ impl std::fmt::Debug for Client {
 }
 
 /// A reply and what the client knows of when and where it was made.
-pub(crate) struct Timed {
-    pub okay: Okay,
+pub(crate) struct Timed<T> {
+    /// The reply, of the shape its op's reply has.
+    pub reply: T,
     /// When the attempt that got this reply was sent: the reply's effect
     /// (a grant, a lease restart) happened after it.
     pub sent_at: Instant,
@@ -263,20 +264,26 @@ impl Client {
     /// Sends `op` and returns the server's answer, retrying on a new
     /// connection while the connection fails and the retry budget lasts.
     pub async fn call(&self, op: Op) -> Result<Okay, Error> {
-        self.call_timed(op).await.map(|timed| timed.okay)
+        self.request(op).await
     }
 
-    /// [`Client::call`], saying when the answered attempt was sent.
-    pub(crate) async fn call_timed(&self, op: Op) -> Result<Timed, Error> {
+    /// [`Client::call`], reading the reply as `T`: the shape of the reply
+    /// to `op`.
+    pub(crate) async fn request<T: FromOkay>(&self, op: Op) -> Result<T, Error> {
+        self.call_timed(op).await.map(|timed| timed.reply)
+    }
+
+    /// [`Client::request`], saying when the answered attempt was sent.
+    pub(crate) async fn call_timed<T: FromOkay>(&self, op: Op) -> Result<Timed<T>, Error> {
         self.call_adapting(|_| op.clone()).await
     }
 
     /// [`Client::call_timed`] with the op built anew for each attempt by
     /// `make_op`, which gets the attempt's number (0 for the first).
-    pub(crate) async fn call_adapting(
+    pub(crate) async fn call_adapting<T: FromOkay>(
         &self,
         mut make_op: impl FnMut(u32) -> Op,
-    ) -> Result<Timed, Error> {
+    ) -> Result<Timed<T>, Error> {
         // The retry budget counts time without a working connection: it
         // starts at the first failure, and starts again whenever a request
         // had been carried (the connection was up until it broke), so a
@@ -288,9 +295,9 @@ impl Client {
             let op = make_op(attempt);
             let sent_at = Instant::now();
             let error = match self.try_once(op).await {
-                Ok((okay, connection)) => {
+                Ok((reply, connection)) => {
                     return Ok(Timed {
-                        okay,
+                        reply,
                         sent_at,
                         connection,
                     });
@@ -322,7 +329,7 @@ impl Client {
         }
     }
 
-    async fn try_once(&self, op: Op) -> Result<(Okay, Arc<dyn Connection>), Error> {
+    async fn try_once<T: FromOkay>(&self, op: Op) -> Result<(T, Arc<dyn Connection>), Error> {
         let connection = self.connection().await?;
         let kind = op.kind();
         let request = Request {
@@ -330,7 +337,7 @@ impl Client {
             op,
         };
         match connection.call(request).await {
-            Ok(outcome) => Ok((check_kind(kind, outcome?)?, connection)),
+            Ok(outcome) => Ok((reply_as(kind, outcome?)?, connection)),
             Err(error) => {
                 self.forget(&connection);
                 Err(error.into())
@@ -353,7 +360,7 @@ impl Client {
 
     /// `ping`: a round trip to the server.
     pub async fn ping(&self) -> Result<(), Error> {
-        self.call(Op::Ping).await.map(|_| ())
+        self.request::<Empty>(Op::Ping).await.map(|_| ())
     }
 
     /// `inspect`: who holds `key` and how many wait for it.
@@ -361,19 +368,14 @@ impl Client {
         let op = Op::Lock(crate::proto::LockOp::Inspect {
             key: key.to_owned(),
         });
-        match self.call(op).await? {
-            Okay::LockInfo(info) => Ok(info),
-            other => Err(unexpected(OpKind::Inspect, &other)),
-        }
+        self.request(op).await
     }
 
     /// `stats`: counters, sizes and the `top` held locks, contended keys
     /// and largest sets.
     pub async fn stats(&self, top: u32) -> Result<StatsReply, Error> {
-        match self.call(Op::Stats { top }).await? {
-            Okay::Stats(stats) => Ok(*stats),
-            other => Err(unexpected(OpKind::Stats, &other)),
-        }
+        let stats: Box<StatsReply> = self.request(Op::Stats { top }).await?;
+        Ok(*stats)
     }
 
     /// A handle on the distinct set `name`.
@@ -391,41 +393,22 @@ impl Client {
             set: set.to_owned(),
             keys: crate::proto::Keys::Many(keys),
         });
-        match self.call(op).await? {
-            Okay::InsertedMany(many) => Ok(many.results),
-            other => Err(unexpected(OpKind::InsertMany, &other)),
-        }
+        let many: InsertedMany = self.request(op).await?;
+        Ok(many.results)
     }
 }
 
-/// Checks that a reply has the shape its request asked for.
-fn check_kind(kind: OpKind, okay: Okay) -> Result<Okay, Error> {
-    let fits = matches!(
-        (kind, &okay),
-        (OpKind::Hello, Okay::Hello(_))
-            | (
-                OpKind::Ping | OpKind::Cancel | OpKind::Unlock,
-                Okay::Empty(_)
-            )
-            | (OpKind::Lock, Okay::Granted(_))
-            | (OpKind::Extend, Okay::Extended(_))
-            | (OpKind::Inspect, Okay::LockInfo(_))
-            | (OpKind::SetUp, Okay::SetUp(_))
-            | (OpKind::Insert, Okay::Inserted(_))
-            | (OpKind::InsertMany, Okay::InsertedMany(_))
-            | (OpKind::Members, Okay::Members(_))
-            | (OpKind::InspectSet, Okay::SetInfo(_))
-            | (OpKind::TearDown, Okay::TornDown(_))
-            | (OpKind::Stats, Okay::Stats(_))
-    );
-    if fits {
-        Ok(okay)
-    } else {
-        Err(unexpected(kind, &okay))
+/// Checks that a reply has the shape of the reply to its request (of
+/// kind `kind`), and reads it as `T`.
+fn reply_as<T: FromOkay>(kind: OpKind, okay: Okay) -> Result<T, Error> {
+    if !kind.expects(&okay) {
+        return Err(unexpected(kind, &okay));
     }
+    // A `T` of another shape than the op's reply would be a bug here.
+    T::from_okay(okay).map_err(|other| unexpected(kind, &other))
 }
 
-pub(crate) fn unexpected(kind: OpKind, okay: &Okay) -> Error {
+fn unexpected(kind: OpKind, okay: &Okay) -> Error {
     Error::UnexpectedReply {
         op: kind.wire_name(),
         reply: format!("{okay:?}"),

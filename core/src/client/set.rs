@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use futures_util::stream::{self, Stream, StreamExt, TryStreamExt};
 
-use super::{Client, Error, unexpected};
+use super::{Client, Error};
 use crate::proto::{
-    ErrorCode, Inserted, Keys, Member, MembersPage, Okay, Op, OpKind, SetInfo, SetOp, SetUpReply,
+    ErrorCode, Inserted, Keys, Member, MembersPage, Op, SetInfo, SetOp, SetUpReply, TornDown,
 };
 
 /// Keys per `insert` request when inserting many: well under the server's
@@ -45,27 +45,15 @@ impl DistinctSet {
     /// live if it exists; every worker may call it.
     pub async fn set_up(&self, ttl: Duration) -> Result<SetUpReply, Error> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        match self
-            .client
-            .call(self.op(|set| SetOp::SetUp { set, ttl_ms }))
-            .await?
-        {
-            Okay::SetUp(reply) => Ok(reply),
-            other => Err(unexpected(OpKind::SetUp, &other)),
-        }
+        let op = self.op(|set| SetOp::SetUp { set, ttl_ms });
+        self.client.request(op).await
     }
 
     /// Inserts `key`: its index, and whether this client owns it (`first`).
     pub async fn insert(&self, key: &str) -> Result<Inserted, Error> {
         let keys = Keys::One(key.to_owned());
-        match self
-            .client
-            .call(self.op(|set| SetOp::Insert { set, keys }))
-            .await?
-        {
-            Okay::Inserted(inserted) => Ok(inserted),
-            other => Err(unexpected(OpKind::Insert, &other)),
-        }
+        let op = self.op(|set| SetOp::Insert { set, keys });
+        self.client.request(op).await
     }
 
     /// Inserts `keys` in order, in as few requests as the limits allow; one
@@ -100,10 +88,7 @@ impl DistinctSet {
     /// One page of members: at most `limit` keys after index `after`.
     pub async fn members_page(&self, after: u64, limit: u32) -> Result<MembersPage, Error> {
         let op = self.op(|set| SetOp::Members { set, after, limit });
-        match self.client.call(op).await? {
-            Okay::Members(page) => Ok(page),
-            other => Err(unexpected(OpKind::Members, &other)),
-        }
+        self.client.request(op).await
     }
 
     /// Every member in index order, fetched a page at a time.
@@ -126,27 +111,17 @@ impl DistinctSet {
 
     /// Size and remaining time to live.
     pub async fn inspect(&self) -> Result<SetInfo, Error> {
-        match self
-            .client
-            .call(self.op(|set| SetOp::Inspect { set }))
-            .await?
-        {
-            Okay::SetInfo(info) => Ok(info),
-            other => Err(unexpected(OpKind::InspectSet, &other)),
-        }
+        let op = self.op(|set| SetOp::Inspect { set });
+        self.client.request(op).await
     }
 
     /// Removes the set now. Returns how many keys it held, or `None` if it
     /// was already gone (never set up, expired, or torn down — perhaps by an
     /// earlier attempt of this call whose reply was lost).
     pub async fn tear_down(&self) -> Result<Option<u64>, Error> {
-        match self
-            .client
-            .call(self.op(|set| SetOp::TearDown { set }))
-            .await
-        {
-            Ok(Okay::TornDown(torn)) => Ok(Some(torn.size)),
-            Ok(other) => Err(unexpected(OpKind::TearDown, &other)),
+        let op = self.op(|set| SetOp::TearDown { set });
+        match self.client.request::<TornDown>(op).await {
+            Ok(torn) => Ok(Some(torn.size)),
             Err(e) if e.code() == Some(ErrorCode::NoSuchSet) => Ok(None),
             Err(e) => Err(e),
         }

@@ -43,6 +43,50 @@ impl Okay {
     pub const EMPTY: Okay = Okay::Empty(Empty {});
 }
 
+/// A reply of one shape, read out of an [`Okay`]: a client asks for the
+/// shape that the op table (`proto/ops.rs`) gives its op's reply.
+pub trait FromOkay: Sized {
+    /// The reply, or `Err(okay)` back if it has another shape.
+    fn from_okay(okay: Okay) -> Result<Self, Okay>;
+}
+
+/// Any shape.
+impl FromOkay for Okay {
+    fn from_okay(okay: Okay) -> Result<Self, Okay> {
+        Ok(okay)
+    }
+}
+
+macro_rules! from_okay {
+    ($($variant:ident($shape:ty)),* $(,)?) => {$(
+        impl FromOkay for $shape {
+            fn from_okay(okay: Okay) -> Result<Self, Okay> {
+                match okay {
+                    Okay::$variant(reply) => Ok(reply),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+
+// Each variant of `Okay` with the type it holds (the compiler checks that
+// they match).
+from_okay! {
+    Hello(HelloReply),
+    Empty(Empty),
+    Granted(Granted),
+    Extended(Extended),
+    LockInfo(LockInfo),
+    SetUp(SetUpReply),
+    Inserted(Inserted),
+    InsertedMany(InsertedMany),
+    Members(MembersPage),
+    SetInfo(SetInfo),
+    TornDown(TornDown),
+    Stats(Box<StatsReply>),
+}
+
 /// The empty object `{}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Empty {}
