@@ -2,7 +2,7 @@
 //! network, no encoding, just sessions, shard mailboxes and the state
 //! machines. Prints a table; asserts nothing.
 //!
-//! `cargo run --release -p deadbolt-core --example engine_bench -- [seconds]`
+//! `cargo run --release -p deadbolt-core --example engine_bench -- [seconds] [shards]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,15 +60,18 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
+    let shards: Option<usize> = std::env::args().nth(2).and_then(|s| s.parse().ok());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let config = EngineConfig::new();
+        let mut config = EngineConfig::new();
+        config.shards = shards.unwrap_or(config.shards);
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
         println!(
-            "engine: {} shards, {} runtime workers, {seconds} s per row",
-            config.shards, config.shards
+            "engine: {} shards, {workers} runtime workers, {seconds} s per row",
+            config.shards
         );
         let engine = Engine::start(config);
         println!("| concurrent tasks | lock+unlock pairs/s | mean pair latency |");

@@ -1,26 +1,31 @@
 //! deadbolt-core: the heart of deadbolt, a lock and de-duplication server.
 //!
-//! Every rule of the contract (`SPEC.md` sections 2, 3 and 5) lives here, so
-//! that every transport and the simulation get exactly the same behaviour.
+//! Every rule of the contract (`SPEC.md` sections 2, 3 and 5) lives in this
+//! crate and the two pure crates beneath it, so that every transport and the
+//! simulation get exactly the same behaviour. It is built in three layers:
 //!
-//! Layout:
-//! - [`proto`]: the message schema, shared by server and clients; decoding
-//!   is where every field and bound is checked.
-//! - [`shard`]: the sans-IO state machine of one key shard: leased locks
-//!   with FIFO waiters and fencing tokens, and distinct sets.
-//! - [`engine`]: the actor runtime, one task per shard, and the cheap
-//!   [`engine::Engine`] handle that transports call.
-//! - [`client`]: the client side: the transport trait that the WebSocket and
-//!   QUIC clients implement, and the transport-agnostic [`client::Client`]
-//!   with reconnects, retries, lock guards and distinct-set handles.
-//! - [`limits`] and [`time`]: bounds and the shard's notion of time.
+//! - [`proto`] (the `deadbolt-proto` crate, `core/proto/`): the message
+//!   schema, each op defined once; decoding is where every field and bound
+//!   ([`limits`]) is checked;
+//! - [`shard`] (the `deadbolt-state` crate, `core/state/`): the
+//!   deterministic state machine of one key shard, a function of its
+//!   command log: leased locks with FIFO waiters and fencing tokens, and
+//!   distinct sets; [`time`] is its notion of time. Neither crate depends
+//!   on an async runtime;
+//! - this crate, the runtime above them: the [`engine`] (one actor per
+//!   shard that orders commands, hands each batch to a journal and then
+//!   releases its answers; the cheap [`engine::Engine`] handle transports
+//!   call), and the [`client`] (the transport trait the WebSocket and QUIC
+//!   clients implement, and the transport-agnostic [`client::Client`] with
+//!   reconnects, retries, lock guards and distinct-set handles).
 
 pub mod client;
 pub mod engine;
-pub mod limits;
-pub mod proto;
-pub mod shard;
-pub mod time;
+
+pub use deadbolt_proto as proto;
+pub use deadbolt_proto::limits;
+pub use deadbolt_state as shard;
+pub use deadbolt_state::time;
 
 pub use engine::{Engine, EngineConfig, Session};
 pub use limits::Limits;

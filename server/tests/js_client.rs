@@ -33,11 +33,11 @@ fn the_browser_client_sends_exactly_the_ops_of_the_rust_definition() {
     let never_sent: Vec<_> = rust.difference(&js).collect();
     assert!(
         unknown.is_empty(),
-        "deadbolt.js sends ops that the op table (core/src/proto/ops.rs) does not define: {unknown:?}"
+        "deadbolt.js sends ops that the op table (core/proto/src/ops.rs) does not define: {unknown:?}"
     );
     assert!(
         never_sent.is_empty(),
-        "deadbolt.js never sends these ops of the op table (core/src/proto/ops.rs): {never_sent:?}"
+        "deadbolt.js never sends these ops of the op table (core/proto/src/ops.rs): {never_sent:?}"
     );
 }
 

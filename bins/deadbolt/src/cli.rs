@@ -92,9 +92,10 @@ pub struct ServeArgs {
     /// Where the server keeps its files (the QUIC certificate).
     #[arg(long, default_value = "deadbolt-data")]
     pub data_dir: PathBuf,
-    /// Shard actors (default: one per core).
-    #[arg(long)]
-    pub shards: Option<usize>,
+    /// Shard actors. A key's shard depends on this number, so it is fixed
+    /// rather than one per core.
+    #[arg(long, default_value_t = deadbolt_core::engine::DEFAULT_SHARDS)]
+    pub shards: usize,
     /// Most open WebSocket connections.
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,

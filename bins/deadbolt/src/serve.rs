@@ -92,9 +92,7 @@ fn quic_endpoint(
 
 fn engine_config(args: &ServeArgs) -> EngineConfig {
     let mut config = EngineConfig::new().with_entropy();
-    if let Some(shards) = args.shards {
-        config.shards = shards.max(1);
-    }
+    config.shards = args.shards.max(1);
     let ttl_ms_max = u64::try_from(args.ttl_max.as_millis()).unwrap_or(u64::MAX);
     config.limits = Limits {
         message_bytes_max: args.message_bytes_max,

@@ -1,7 +1,7 @@
 //! Every bound deadbolt enforces, in one place, each configurable.
 //!
 //! The wire-level bounds (sizes, ranges) are checked once, at decode
-//! ([`crate::proto::decode_request`]); the capacity bounds (locks, waiters,
+//! ([`crate::decode_request`]); the capacity bounds (locks, waiters,
 //! sets, members) are checked by the shard, which answers `overloaded` when
 //! one is reached. Capacity bounds are totals for the whole engine; each of
 //! the N shards enforces its `1/N` share (rounded up, [`Limits::share_of`]),

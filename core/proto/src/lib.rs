@@ -1,4 +1,6 @@
-//! The message schema (SPEC section 4), shared by every transport and client.
+//! deadbolt-proto: the message schema (SPEC section 4) and every bound
+//! (SPEC section 5), shared by the server, every transport and every
+//! client. Pure data and pure functions: no I/O, no clock, no runtime.
 //!
 //! # Where an op is defined
 //!
@@ -19,9 +21,9 @@
 //!   check of its shape ([`OpKind::expects`]);
 //! - metrics: [`Op::name`] and [`OpKind::wire_name`] label requests by op.
 //!
-//! The browser client, `transport-ws/web/deadbolt.js`, is written by hand;
-//! a test in `transport-ws/tests/js_client.rs` checks that it sends exactly
-//! the ops of the table.
+//! The browser client, `server/web/deadbolt.js`, is written by hand; a test
+//! in `server/tests/js_client.rs` checks that it sends exactly the ops of
+//! the table.
 //!
 //! # Layout
 //!
@@ -35,9 +37,11 @@
 //! - [`reply`]: successful replies, one type per reply shape;
 //! - [`error`]: wire error codes and the error a server sends;
 //! - [`wire`]: JSON encode and decode, where every field and bound is
-//!   checked once so that nothing past the decoder meets bad input.
+//!   checked once so that nothing past the decoder meets bad input;
+//! - [`limits`]: every bound, each configurable.
 
 pub mod error;
+pub mod limits;
 mod macros;
 pub mod ops;
 pub mod reply;

@@ -2,8 +2,8 @@
 
 use std::collections::VecDeque;
 
-use crate::shard::{ClientId, ConnId, Handle};
 use crate::time::Tick;
+use crate::{ClientId, ConnId, Handle};
 
 /// A queued `lock` request: data, not a blocked task.
 #[derive(Debug, Clone)]

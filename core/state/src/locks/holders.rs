@@ -6,8 +6,8 @@
 //! the same set with more room, not a second code path. The first holder
 //! is stored inline, because almost every held key has exactly one.
 
-use crate::shard::{ClientId, ConnId, Handle};
 use crate::time::Tick;
+use crate::{ClientId, ConnId, Handle};
 
 /// One grant of a key.
 #[derive(Debug, Clone)]

@@ -4,8 +4,8 @@
 
 use hashbrown::HashMap;
 
-use crate::shard::ConnId;
-use crate::shard::hasher::KeyHasher;
+use crate::ConnId;
+use crate::hasher::KeyHasher;
 
 /// Per connection, per key hash: how many waiters and ephemeral holds.
 #[derive(Debug, Clone, PartialEq, Eq)]

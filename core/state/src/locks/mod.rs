@@ -23,13 +23,13 @@ use hashbrown::HashTable;
 use super::hasher::KeyHasher;
 use super::timers::{Timer, Timers};
 use super::{Answer, Caller, ConnId, Handle};
-use crate::limits::Limits;
-use crate::proto::{
+use crate::time::Tick;
+use conns::ConnIndex;
+use deadbolt_proto::limits::Limits;
+use deadbolt_proto::{
     Acquire, Extended, Granted, HolderInfo, LockCounters, LockInfo, LockOp, Okay, Outcome,
     ServerError, Wait,
 };
-use crate::time::Tick;
-use conns::ConnIndex;
 use holders::{Holder, Holders};
 use queue::{WaitQueue, Waiter};
 

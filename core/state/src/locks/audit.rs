@@ -6,9 +6,9 @@ use std::hash::BuildHasher;
 
 use super::conns::ConnIndex;
 use super::{LockEntry, Locks};
-use crate::proto::HeldLock;
-use crate::shard::hasher::StableHasher;
+use crate::hasher::StableHasher;
 use crate::time::Tick;
+use deadbolt_proto::HeldLock;
 
 impl Locks {
     /// Checks the invariants:
@@ -92,8 +92,8 @@ impl Locks {
                 waiters: e.queue.len() as u64,
             })
         };
-        let held = crate::shard::top::top(self.table.iter(), top, lock_rank);
-        let contended = crate::shard::top::top(
+        let held = crate::top::top(self.table.iter(), top, lock_rank);
+        let contended = crate::top::top(
             self.table.iter().filter(|e| !e.queue.is_empty()),
             top,
             lock_rank,

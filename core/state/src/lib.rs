@@ -1,4 +1,6 @@
-//! The shard state machine: deterministic, synchronous, sans-IO.
+//! deadbolt-state: the shard state machine, deterministic, synchronous,
+//! sans-IO. This crate depends on no async runtime and reads no clock, so
+//! the compiler keeps it pure; the engine (in `deadbolt-core`) drives it.
 //!
 //! A [`Shard`] owns the locks, wait queues and distinct sets of the keys
 //! placed on it. Its only input is a [`Command`]: an [`Input`] stamped with
@@ -19,11 +21,13 @@
 //!
 //! Layout: [`locks`] (SPEC section 2: the rules, beside their containers),
 //! [`sets`] (SPEC section 3), the deadline heap in `timers`, and
-//! [`hasher`] (the seeded table hash and the stable placement hash).
+//! [`hasher`] (the seeded table hash and the stable placement hash),
+//! [`time`] (ticks, the shard's notion of time).
 
 pub mod hasher;
 pub mod locks;
 pub mod sets;
+pub mod time;
 mod timers;
 mod top;
 
@@ -31,9 +35,9 @@ use std::sync::Arc;
 
 use hasher::{KeyHasher, StableHasher};
 
-use crate::limits::Limits;
-use crate::proto::{HeldLock, LockCounters, LockOp, Outcome, SetCounters, SetOp, SetSummary};
 use crate::time::Tick;
+use deadbolt_proto::limits::Limits;
+use deadbolt_proto::{HeldLock, LockCounters, LockOp, Outcome, SetCounters, SetOp, SetSummary};
 use locks::Locks;
 use sets::Sets;
 

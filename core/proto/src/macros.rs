@@ -13,10 +13,10 @@
 /// See the module docs; used once, in `ops.rs`.
 macro_rules! wire_fields {
     (unknown_fields: ignore; $($fields:tt)*) => {
-        $crate::proto::macros::wire_fields!(@emit [] false; $($fields)*);
+        $crate::macros::wire_fields!(@emit [] false; $($fields)*);
     };
     (unknown_fields: refuse; $($fields:tt)*) => {
-        $crate::proto::macros::wire_fields!(
+        $crate::macros::wire_fields!(
             @emit [#[serde(deny_unknown_fields)]] true; $($fields)*
         );
     };
@@ -36,7 +36,7 @@ macro_rules! wire_fields {
         $($attr)*
         pub(super) struct WireRequest {
             /// The request id.
-            pub(super) id: $crate::proto::RequestId,
+            pub(super) id: $crate::RequestId,
             /// The op's name.
             pub(super) op: OpName,
             $( $(#[doc = $doc])* pub(super) $field: Option<$ty>, )*
@@ -55,27 +55,27 @@ macro_rules! wire_fields {
         #[derive(serde::Serialize)]
         pub(super) struct WireRequestOut<'a> {
             /// The request id.
-            pub(super) id: $crate::proto::RequestId,
+            pub(super) id: $crate::RequestId,
             /// The op's name.
             pub(super) op: &'static str,
             $(
                 #[serde(skip_serializing_if = "Option::is_none")]
                 pub(super) $field:
-                    Option<<$ty as $crate::proto::wire::WireType>::Out<'a>>,
+                    Option<<$ty as $crate::wire::WireType>::Out<'a>>,
             )*
         }
 
         impl WireRequestOut<'_> {
             /// A request with no fields set yet.
-            pub(super) fn new(id: $crate::proto::RequestId, op: &'static str) -> Self {
+            pub(super) fn new(id: $crate::RequestId, op: &'static str) -> Self {
                 WireRequestOut { id, op, $( $field: None, )* }
             }
         }
 
         /// The JSON type of each field, for the decoder's slow path: in
         /// this order, the first mistyped field is the one reported.
-        pub(super) const FIELD_TYPES: &[(&str, $crate::proto::wire::FieldType)] = &[
-            $( (stringify!($field), <$ty as $crate::proto::wire::WireType>::JSON), )*
+        pub(super) const FIELD_TYPES: &[(&str, $crate::wire::FieldType)] = &[
+            $( (stringify!($field), <$ty as $crate::wire::WireType>::JSON), )*
         ];
     };
 }
@@ -128,11 +128,11 @@ macro_rules! define_ops {
             }
 
             /// Whether `okay` has the shape of a reply to this op.
-            pub fn expects(self, okay: &$crate::proto::Okay) -> bool {
+            pub fn expects(self, okay: &$crate::Okay) -> bool {
                 match self {
                     $(
-                        OpKind::$kind => matches!(okay, $crate::proto::Okay::$reply(_)),
-                        $( OpKind::$alt => matches!(okay, $crate::proto::Okay::$alt_reply(_)), )?
+                        OpKind::$kind => matches!(okay, $crate::Okay::$reply(_)),
+                        $( OpKind::$alt => matches!(okay, $crate::Okay::$alt_reply(_)), )?
                     )*
                 }
             }
@@ -141,20 +141,20 @@ macro_rules! define_ops {
             pub(super) fn decode_okay(
                 self,
                 json: &str,
-            ) -> Result<$crate::proto::Okay, serde_json::Error> {
+            ) -> Result<$crate::Okay, serde_json::Error> {
                 Ok(match self {
                     $(
-                        OpKind::$kind => $crate::proto::Okay::$reply(serde_json::from_str(json)?),
+                        OpKind::$kind => $crate::Okay::$reply(serde_json::from_str(json)?),
                         $(
                             OpKind::$alt =>
-                                $crate::proto::Okay::$alt_reply(serde_json::from_str(json)?),
+                                $crate::Okay::$alt_reply(serde_json::from_str(json)?),
                         )?
                     )*
                 })
             }
         }
 
-        impl $crate::proto::Op {
+        impl $crate::Op {
             /// Which operation this is.
             #[allow(unused_variables)] // the patterns bind every field
             pub fn kind(&self) -> OpKind {
@@ -181,14 +181,14 @@ macro_rules! define_ops {
         pub(super) fn decode_op(
             w: &mut WireRequest,
             $limits: &$crate::limits::Limits,
-        ) -> Result<$crate::proto::Op, $crate::proto::ServerError> {
+        ) -> Result<$crate::Op, $crate::ServerError> {
             let op = match w.op {
                 $(
                     OpName::$kind => {
                         $(
-                            let $field = $crate::proto::rules::Rule::decode(
+                            let $field = $crate::rules::Rule::decode(
                                 $rule $(( $($targs)* ))? $({ $($sargs)* })?,
-                                $crate::proto::macros::slot!(w, $wire),
+                                $crate::macros::slot!(w, $wire),
                             )?;
                         )*
                         $($op)+
@@ -197,7 +197,7 @@ macro_rules! define_ops {
             };
             if REFUSE_UNKNOWN_FIELDS {
                 if let Some(field) = w.leftover() {
-                    return Err($crate::proto::ServerError::bad_request(format!(
+                    return Err($crate::ServerError::bad_request(format!(
                         "op `{}` takes no field `{field}`",
                         op.name()
                     )));
@@ -207,15 +207,15 @@ macro_rules! define_ops {
         }
 
         /// Writes the fields of `op` into the request that carries it.
-        pub(super) fn encode_op<'a>(op: &'a $crate::proto::Op, out: &mut WireRequestOut<'a>) {
+        pub(super) fn encode_op<'a>(op: &'a $crate::Op, out: &mut WireRequestOut<'a>) {
             match op {
                 $(
                     $($op)+ => {
                         $(
-                            $crate::proto::macros::put!(
+                            $crate::macros::put!(
                                 out,
                                 $wire,
-                                <$rule as $crate::proto::rules::Rule>::encode($field)
+                                <$rule as $crate::rules::Rule>::encode($field)
                             );
                         )*
                     }
@@ -229,13 +229,13 @@ macro_rules! define_ops {
 /// taken out of the request.
 macro_rules! slot {
     ($w:ident, $field:ident) => {
-        $crate::proto::rules::Slot {
+        $crate::rules::Slot {
             name: stringify!($field),
             value: $w.$field.take(),
         }
     };
     ($w:ident, ($($field:ident),+)) => {
-        ($( $crate::proto::macros::slot!($w, $field) ),+)
+        ($( $crate::macros::slot!($w, $field) ),+)
     };
 }
 

@@ -15,12 +15,12 @@ use hashbrown::{HashMap, HashTable};
 use super::ClientId;
 use super::hasher::StableHasher;
 use super::timers::{Timer, Timers};
-use crate::limits::Limits;
-use crate::proto::{
+use crate::time::Tick;
+use deadbolt_proto::limits::Limits;
+use deadbolt_proto::{
     Inserted, InsertedMany, Keys, Member, MembersPage, Okay, Outcome, ServerError, SetCounters,
     SetInfo, SetOp, SetSummary, SetUpReply, TornDown,
 };
-use crate::time::Tick;
 
 /// The most key bytes one `members` page carries; a page stops early (with
 /// `next` set) rather than exceed it.
