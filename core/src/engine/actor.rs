@@ -136,6 +136,13 @@ impl Actor {
             if !go_on {
                 break;
             }
+            // Without a journal nothing waits for the batch to be kept, so
+            // answers go out at once rather than behind the whole batch (a
+            // hand-off to the next waiter is not delayed by the requests
+            // queued after the unlock).
+            if self.journal.is_none() {
+                self.finish_batch();
+            }
             let Ok(message) = mailbox.try_recv() else {
                 break;
             };
