@@ -532,3 +532,22 @@ fn a_replay_with_another_hash_seed_hands_out_the_same_tokens() {
     h.advance(50);
     h.check_replay();
 }
+
+#[test]
+fn timers_of_cancelled_and_abandoned_waiters_are_compacted_away() {
+    let mut h = Harness::new();
+    h.lock("alice", "k", 86_400_000, None).token();
+    // Each waiter leaves a wait timer behind; thousands leaving by cancel
+    // or by going away must not leave the heap full of stale entries (the
+    // harness checks the invariants, timer heap size included, after every
+    // command).
+    for round in 0..3_000 {
+        let waiter = h.lock_with("bob", 2, "k", 100, Some(60_000), false);
+        if round % 2 == 0 {
+            h.cancel(&waiter);
+        } else {
+            h.gone(&waiter);
+        }
+    }
+    assert_eq!(h.inspect("k").waiters, 0);
+}

@@ -407,6 +407,7 @@ impl Locks {
             let cancelled = Err(ServerError::cancelled());
             self.books.answer(waiter.handle, cancelled);
         }
+        self.compact_timers();
     }
 
     /// Nobody listens for request `handle` on `key` any more. If it still
@@ -418,6 +419,7 @@ impl Locks {
             self.books.counters.abandoned += 1;
             let gone = Err(ServerError::cancelled());
             self.books.answer(waiter.handle, gone);
+            self.compact_timers();
             return;
         }
         let hash = self.hash(key);
