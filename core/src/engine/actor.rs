@@ -7,8 +7,9 @@
 use std::sync::Arc;
 
 use hashbrown::HashMap;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
+use super::mailbox::Inbox;
 use super::{Clock, InvariantAlarm, Journal};
 use crate::proto::{Okay, Outcome};
 use crate::shard::hasher::KeyHasher;
@@ -79,7 +80,7 @@ struct Actor {
 }
 
 /// Runs one shard until its mailbox closes or it is told to shut down.
-pub(crate) async fn run(setup: ActorSetup, mut mailbox: mpsc::Receiver<ShardMsg>) {
+pub(crate) async fn run(setup: ActorSetup, mut mailbox: Inbox) {
     let mut actor = Actor {
         index: setup.shard_index,
         shard: setup.shard,
@@ -129,7 +130,7 @@ pub(crate) async fn run(setup: ActorSetup, mut mailbox: mpsc::Receiver<ShardMsg>
 impl Actor {
     /// Applies `first` and whatever else is already waiting, up to a batch;
     /// `false` means stop.
-    fn take_batch(&mut self, first: ShardMsg, mailbox: &mut mpsc::Receiver<ShardMsg>) -> bool {
+    fn take_batch(&mut self, first: ShardMsg, mailbox: &mut Inbox) -> bool {
         let at = self.clock.now();
         let mut go_on = self.receive(at, first);
         for _ in 1..BATCH_MAX {
@@ -143,7 +144,7 @@ impl Actor {
             if self.journal.is_none() {
                 self.finish_batch();
             }
-            let Ok(message) = mailbox.try_recv() else {
+            let Some(message) = mailbox.try_recv() else {
                 break;
             };
             go_on = self.receive(at, message);

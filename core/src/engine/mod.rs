@@ -16,6 +16,7 @@
 //! connection's view).
 
 mod actor;
+mod mailbox;
 pub mod session;
 
 use std::hash::BuildHasher;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -34,6 +35,7 @@ use crate::shard::hasher::{KeyHasher, stable_hash};
 use crate::shard::{Command, Counters, Handle, Shard, ShardConfig, Snapshot};
 use crate::time::Tick;
 use actor::{ActorSetup, ShardMsg};
+use mailbox::Mailbox;
 pub use session::Session;
 
 /// Shards when the configuration names no number. Fixed rather than one per
@@ -217,7 +219,7 @@ impl Frontend {
 
 #[derive(Debug)]
 struct EngineInner {
-    mailboxes: Box<[mpsc::Sender<ShardMsg>]>,
+    mailboxes: Box<[Mailbox]>,
     started: Instant,
     /// The next request handle; handles are unique engine-wide.
     next_handle: AtomicU64,
@@ -267,7 +269,7 @@ impl Engine {
         let mut mailboxes = Vec::with_capacity(shards);
         let mut tasks = Vec::with_capacity(shards);
         for shard_index in 0..shards {
-            let (tx, rx) = mpsc::channel(config.limits.mailbox_len.max(1));
+            let (tx, rx) = mailbox::mailbox(config.limits.mailbox_len);
             mailboxes.push(tx);
             let setup = ActorSetup {
                 shard_index,
@@ -349,11 +351,11 @@ impl Engine {
         Handle(self.inner.next_handle.fetch_add(1, Ordering::Relaxed))
     }
 
-    fn mailbox(&self, shard: usize) -> &mpsc::Sender<ShardMsg> {
+    fn mailbox(&self, shard: usize) -> &Mailbox {
         &self.inner.mailboxes[shard]
     }
 
-    fn mailboxes(&self) -> &[mpsc::Sender<ShardMsg>] {
+    fn mailboxes(&self) -> &[Mailbox] {
         &self.inner.mailboxes
     }
 
@@ -374,7 +376,7 @@ impl Engine {
         let mut digests = Vec::with_capacity(self.mailboxes().len());
         for mailbox in self.mailboxes() {
             let (reply, digest) = oneshot::channel();
-            if mailbox.send(ShardMsg::Digest { reply }).await.is_ok() {
+            if mailbox.notify(ShardMsg::Digest { reply }) {
                 digests.extend(digest.await.ok());
             }
         }
@@ -387,11 +389,7 @@ impl Engine {
         let mut merged = Snapshot::default();
         for mailbox in self.mailboxes() {
             let (tx, rx) = oneshot::channel();
-            if mailbox
-                .send(ShardMsg::Stats { top, reply: tx })
-                .await
-                .is_err()
-            {
+            if !mailbox.notify(ShardMsg::Stats { top, reply: tx }) {
                 continue;
             }
             if let Ok((counters, snapshot)) = rx.await {
@@ -431,6 +429,9 @@ impl Engine {
 
     /// Counters and the top lists, the lists reused if recent enough.
     async fn top_lists(&self, top: usize) -> (Counters, Snapshot) {
+        // Always gathered at the longest length a reply may ask for, so that
+        // asking for a different `top` each time cannot bypass the cache.
+        let gathered_top = top.max(self.inner.limits.stats_top_max as usize);
         let mut cached = self.inner.top_lists.lock().await;
         if let Some(recent) = cached
             .as_ref()
@@ -440,14 +441,14 @@ impl Engine {
             drop(cached);
             return (self.stats().await, lists);
         }
-        let (stats, merged) = self.gather(top).await;
-        let lists = cut(merged, top);
+        let (stats, merged) = self.gather(gathered_top).await;
+        let lists = cut(merged, gathered_top);
         *cached = Some(TopLists {
             gathered: Instant::now(),
-            top,
+            top: gathered_top,
             lists: lists.clone(),
         });
-        (stats, lists)
+        (stats, cut(lists, top))
     }
 
     /// Resolves once [`Engine::shutdown`] has been called.
@@ -464,7 +465,7 @@ impl Engine {
         self.inner.shut_down.send_replace(true);
         for mailbox in self.mailboxes() {
             // An actor that is already gone needs no telling.
-            let _ = mailbox.send(ShardMsg::Shutdown).await;
+            mailbox.notify(ShardMsg::Shutdown);
         }
         let tasks =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));

@@ -3,9 +3,10 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::collections::{HashMap, HashSet};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::actor::ShardMsg;
+use super::mailbox::Refused;
 use super::{Engine, Frontend};
 use crate::proto::{
     HelloReply, LockOp, Okay, Op, Outcome, Reply, Request, RequestId, SERVER_NAME, ServerError,
@@ -143,7 +144,7 @@ impl Session {
         if let Some(Waiting { shard, handle, key }) = found {
             let message = ShardMsg::Cancel { handle, key };
             // A shard that has stopped has answered its waiters already.
-            let _ = self.inner.engine.mailbox(shard).send(message).await;
+            self.inner.engine.mailbox(shard).notify(message);
         }
         Ok(Okay::EMPTY)
     }
@@ -181,14 +182,12 @@ impl Session {
             op,
             reply,
         };
-        let outcome = match engine.mailbox(shard).try_send(message) {
+        let outcome = match engine.mailbox(shard).try_request(message) {
             Ok(()) => answer
                 .await
                 .unwrap_or_else(|_| Err(ServerError::shutting_down())),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                Err(ServerError::overloaded("shard mailbox full; retry later"))
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(ServerError::shutting_down()),
+            Err(Refused::Full) => Err(ServerError::overloaded("shard mailbox full; retry later")),
+            Err(Refused::Closed) => Err(ServerError::shutting_down()),
         };
         // Answered (or never queued): nothing to cancel in the shard.
         if let Some(guard) = cancel_on_drop.as_mut() {
@@ -226,10 +225,10 @@ impl Drop for CancelOnDrop<'_> {
             return;
         }
         if let Some(Waiting { shard, handle, key }) = found {
-            let mailbox = self.session.inner.engine.mailbox(shard);
-            // The notice must arrive even through a full mailbox, or the
+            // A notice is never refused, even by a full mailbox: else the
             // waiter would stay queued, and maybe be granted, for nobody.
-            send_surely(mailbox, ShardMsg::Gone { handle, key });
+            let mailbox = self.session.inner.engine.mailbox(shard);
+            mailbox.notify(ShardMsg::Gone { handle, key });
         }
     }
 }
@@ -238,24 +237,8 @@ impl Drop for SessionInner {
     fn drop(&mut self) {
         self.engine.session_closed(self.frontend);
         for mailbox in self.engine.mailboxes() {
-            // Ephemeral locks must be released, so the notice must arrive.
-            send_surely(mailbox, ShardMsg::Closed { conn: self.conn });
-        }
-    }
-}
-
-/// Sends a notice that must not be refused: now if the mailbox has room,
-/// else from a task that waits for room. (A stopped shard needs no notice.)
-fn send_surely(mailbox: &mpsc::Sender<ShardMsg>, message: ShardMsg) {
-    match mailbox.try_send(message) {
-        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-        Err(mpsc::error::TrySendError::Full(message)) => {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let mailbox = mailbox.clone();
-                runtime.spawn(async move {
-                    let _ = mailbox.send(message).await;
-                });
-            }
+            // Ephemeral locks must be released: a notice is never refused.
+            mailbox.notify(ShardMsg::Closed { conn: self.conn });
         }
     }
 }
