@@ -238,7 +238,9 @@ fn beliefs(events: &[Event]) -> BTreeMap<String, Vec<Belief>> {
                     }
                 }
             }
-            What::Released { key, .. } | What::ExtendFailed { key, .. } => {
+            What::Released { key, .. }
+            | What::ExtendFailed { key, .. }
+            | What::Lost { key, .. } => {
                 if let Some(belief) = open.remove(&(worker, key.clone())) {
                     close(&mut closed, key.clone(), belief, event.at_us);
                 }

@@ -59,6 +59,10 @@ pub enum What {
     },
     /// The worker stops believing it holds the lock (before it unlocks).
     Released { key: String, token: u64 },
+    /// The client's guard says the lock may no longer be held (its lease
+    /// view ran out, or the connection an ephemeral lock lives with
+    /// closed), while the worker was still busy with it.
+    Lost { key: String, token: u64 },
     /// The unlock request came back.
     Unlocked { key: String, token: u64, ok: bool },
     /// A fenced read of the resource.

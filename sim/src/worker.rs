@@ -200,6 +200,17 @@ impl Counter<'_> {
             token,
             valid_until_us: Self::valid_until_us(&guard),
         });
+        // The worker may be stuck in a call to the resource when its guard
+        // is lost (an ephemeral lock whose connection closed): its belief
+        // ends when the client knows, not when the worker next looks.
+        let watcher = {
+            let (lost, history, me) = (guard.lost_signal(), self.history.clone(), self.me);
+            let key = key.clone();
+            tokio::spawn(async move {
+                lost.await;
+                history.record(Actor::Worker(me), What::Lost { key, token });
+            })
+        };
         let value = self.fenced_read(&guard).await;
         tokio::time::sleep(ms(hold_ms / 2)).await;
         let mut believed = true;
@@ -224,6 +235,7 @@ impl Counter<'_> {
         if let Some(value) = value.filter(|_| believed && guard.is_held()) {
             self.fenced_write(token, value + 1).await;
         }
+        watcher.abort();
         self.record(What::Released {
             key: key.clone(),
             token,

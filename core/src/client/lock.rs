@@ -358,6 +358,20 @@ impl LockGuard {
         }
     }
 
+    /// [`LockGuard::lost`] as a future that owns what it needs, so a task
+    /// of its own can watch for the loss while the guard is busy elsewhere.
+    pub fn lost_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let lease = Arc::clone(&self.lease);
+        async move {
+            let mut changes = lease.subscribe();
+            while let Some(lease) = next_lease(&mut changes, |lease| lease.valid_until).await {
+                if lease.valid_until <= Instant::now() {
+                    return;
+                }
+            }
+        }
+    }
+
     /// Restarts the lease at `ttl` (and renews at that period from now on).
     pub async fn extend(&self, ttl: Duration) -> Result<(), Error> {
         let _one_at_a_time = self.extending.lock().await;
