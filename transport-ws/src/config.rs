@@ -20,6 +20,10 @@ pub struct WsConfig {
     /// new connection evicts the oldest of them (see `admission`), so that
     /// silent sockets cannot lock out clients that complete a request.
     pub handshakes_max: usize,
+    /// Most of those from one IP address; past it, a new connection from
+    /// that address evicts that address's oldest, so that a flood from one
+    /// address cannot evict anyone else's.
+    pub handshakes_per_address_max: usize,
     /// How long a new connection may take to send its HTTP request head
     /// (slowloris guard); shorter in effect under a flood, through
     /// `handshakes_max`.
@@ -61,6 +65,7 @@ impl Default for WsConfig {
         WsConfig {
             max_connections: 10_000,
             handshakes_max: 1024,
+            handshakes_per_address_max: 64,
             handshake_timeout: Duration::from_secs(10),
             head_bytes_max: 16 * 1024,
             max_in_flight: 4096,

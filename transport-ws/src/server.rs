@@ -42,6 +42,7 @@ pub async fn serve<L: Listener>(
         permits: Arc::new(Semaphore::new(config.max_connections)),
         handshakes: Arc::new(Handshakes::new(
             config.handshakes_max,
+            config.handshakes_per_address_max,
             config.gauges.clone(),
         )),
         config,
@@ -57,7 +58,7 @@ pub async fn serve<L: Listener>(
                 Ok((stream, peer)) => {
                     // Taken here, in order of arrival, so that eviction
                     // picks the oldest.
-                    let ticket = shared.handshakes.enter();
+                    let ticket = shared.handshakes.enter(peer.ip());
                     let task = handle(stream, peer, ticket, shared.clone(), stopped.clone());
                     connections.spawn(task);
                 }

@@ -483,6 +483,61 @@ async fn silent_sockets_past_the_handshake_bound_make_room_for_clients_that_talk
     assert!(gauges.handshakes() <= 8);
 }
 
+#[tokio::test]
+async fn a_flood_of_silent_sockets_from_one_address_evicts_only_its_own() {
+    let config = WsConfig {
+        handshakes_max: 64,
+        handshakes_per_address_max: 8,
+        ..WsConfig::default()
+    };
+    let gauges = config.gauges.clone();
+    let server = TestServer::with(Limits::default(), config).await;
+    // Two silent sockets from another loopback address.
+    let mut bystanders = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("address"))
+            .expect("bind 127.0.0.2");
+        bystanders.push(socket.connect(server.addr).await.expect("tcp"));
+    }
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        let socket = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("tcp");
+        flood.push(socket);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gauges.handshakes_evicted() < 32 {
+        assert!(
+            Instant::now() < deadline,
+            "evicted {}",
+            gauges.handshakes_evicted()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        gauges.handshakes(),
+        10,
+        "8 of the flood and both bystanders"
+    );
+    for bystander in &mut bystanders {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(100), bystander.read(&mut byte));
+        assert!(
+            read.await.is_err(),
+            "the bystander is still in its handshake"
+        );
+    }
+    let mut raw = server.raw().await;
+    assert_eq!(
+        raw.call(json!({"id": 1, "op": "ping"})).await,
+        json!({"id": 1, "ok": {}}),
+        "a client from the flooding address still gets through"
+    );
+}
+
 /// A WebSocket handshake by hand, to send frames no client library would.
 async fn handshaken(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");

@@ -104,6 +104,10 @@ pub struct ServeArgs {
     /// new connection evicts the oldest of them.
     #[arg(long, default_value_t = 1024)]
     pub handshakes_max: usize,
+    /// Most of those from one IP address (an IPv6 /64); past it, a new
+    /// connection from there evicts that address's oldest.
+    #[arg(long, default_value_t = 64)]
+    pub handshakes_per_address_max: usize,
     /// Most requests in flight on one connection.
     #[arg(long, default_value_t = 4096)]
     pub max_in_flight: usize,

@@ -27,6 +27,7 @@ fn server_config(args: &ServeArgs) -> ServerConfig {
         ws: WsConfig {
             max_connections: args.max_connections,
             handshakes_max: args.handshakes_max,
+            handshakes_per_address_max: args.handshakes_per_address_max,
             max_in_flight: args.max_in_flight,
             pending_reply_bytes_max: args.pending_reply_bytes_max,
             handshake_timeout: args.handshake_timeout,
