@@ -4,10 +4,10 @@ mod support;
 
 use deadbolt_core::limits::Limits;
 use deadbolt_core::proto::{
-    ErrorCode, Inserted, InsertedMany, Keys, Member, MembersPage, Okay, SetInfo, SetOp, SetUpReply,
-    TornDown,
+    ErrorCode, Inserted, InsertedMany, Keys, Member, MembersPage, Okay, Reply, SetInfo, SetOp,
+    SetUpReply, TornDown, encode_reply,
 };
-use deadbolt_core::shard::sets::MEMBERS_PAGE_BYTES;
+use deadbolt_core::shard::sets::{MEMBERS_PAGE_BYTES, json_escaped_len};
 use support::Harness;
 
 fn inserted(index: u64, first: bool) -> Okay {
@@ -245,6 +245,72 @@ fn a_members_page_stops_at_its_byte_budget_and_next_resumes_there() {
     }
     assert!(after > 0, "600 KiB of keys must take more than one page");
     assert_eq!(seen, keys, "every key once, in index order");
+}
+
+/// The reply that carries `page`, as the server writes it.
+fn encoded(page: MembersPage) -> String {
+    encode_reply(&Reply {
+        id: Some(u64::MAX),
+        outcome: Ok(Okay::Members(page)),
+    })
+}
+
+#[test]
+fn a_members_page_counts_keys_as_encoded_so_no_reply_passes_the_message_limit() {
+    let mut h = Harness::new();
+    h.set_up("s", 10_000);
+    // 1 KiB keys of control characters, six bytes each once escaped: by
+    // their raw length, 256 of them (1.5 MiB encoded) would fit a page.
+    let keys: Vec<String> = (0..600)
+        .map(|i| format!("{i:04}{}", "\u{1}".repeat(1020)))
+        .collect();
+    for key in &keys {
+        h.insert("alice", "s", key).unwrap();
+    }
+    let (mut seen, mut after, mut pages) = (Vec::new(), 0, 0);
+    loop {
+        let page = members(&mut h, "s", after, 10_000);
+        let escaped: usize = page.members.iter().map(|m| json_escaped_len(&m.key)).sum();
+        assert!(
+            escaped <= MEMBERS_PAGE_BYTES,
+            "page of {escaped} encoded bytes"
+        );
+        seen.extend(page.members.iter().map(|m| m.key.clone()));
+        let next = page.next;
+        let reply = encoded(page).len();
+        assert!(
+            reply <= Limits::default().message_bytes_max,
+            "a reply of {reply} bytes"
+        );
+        pages += 1;
+        match next {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert!(
+        pages >= 15,
+        "3.6 MB encoded takes 15 pages of 256 KiB, not {pages}"
+    );
+    assert_eq!(seen, keys, "every key once, in index order");
+}
+
+#[test]
+fn json_escaped_len_is_what_the_reply_encoder_writes() {
+    let page = |key: &str| MembersPage {
+        members: vec![Member {
+            index: 1,
+            key: key.to_owned(),
+        }],
+        next: None,
+    };
+    let empty = encoded(page("")).len();
+    let mut keys: Vec<String> = (0..=0x7f_u8).map(|b| char::from(b).to_string()).collect();
+    keys.extend(["é∑🔒".to_owned(), "a\"b\\c\u{1f}\u{7f}\n".to_owned()]);
+    for key in keys {
+        let written = encoded(page(&key)).len() - empty;
+        assert_eq!(json_escaped_len(&key), written, "{key:?}");
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use deadbolt_core::Engine;
+use deadbolt_transport_ws::WsGauges;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Latency buckets, in seconds: 50 µs to 30 s (a lock may wait).
@@ -50,7 +51,7 @@ pub fn upkeep() {
 }
 
 /// The metrics page, or `None` if no recorder could be installed.
-pub async fn render(engine: &Engine) -> Option<String> {
+pub async fn render(engine: &Engine, ws: &WsGauges) -> Option<String> {
     let handle = handle()?;
     let stats = engine.snapshot(0).await;
     let (locks, sets) = (&stats.locks, &stats.sets);
@@ -63,6 +64,14 @@ pub async fn render(engine: &Engine) -> Option<String> {
     for (name, value) in gauges {
         metrics::gauge!(name).set(value as f64);
     }
+    let ws_gauges = [
+        ("deadbolt_ws_pending_reply_bytes", ws.pending_reply_bytes()),
+        ("deadbolt_ws_handshakes", ws.handshakes()),
+    ];
+    for (name, value) in ws_gauges {
+        metrics::gauge!(name).set(value as f64);
+    }
+    metrics::counter!("deadbolt_ws_handshakes_evicted_total").absolute(ws.handshakes_evicted());
     for (frontend, open) in &stats.connections {
         metrics::gauge!("deadbolt_connections", "frontend" => frontend.clone()).set(*open as f64);
     }

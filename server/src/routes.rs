@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use deadbolt_core::Engine;
-use deadbolt_transport_ws::{HttpRequest, HttpResponse, HttpRoutes};
+use deadbolt_transport_ws::{HttpRequest, HttpResponse, HttpRoutes, WsGauges};
 
 use crate::metrics;
 
@@ -50,6 +50,8 @@ const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub struct Routes {
     /// Read by `/metrics`.
     engine: Engine,
+    /// The WebSocket frontend's load, also read by `/metrics`.
+    ws_gauges: WsGauges,
     /// Answers the `GET`s these routes do not know.
     fallback: Arc<dyn HttpRoutes>,
 }
@@ -58,7 +60,20 @@ impl Routes {
     /// The routes of `engine`'s server, handing unknown paths to
     /// `fallback` (such as [`NotFound`](deadbolt_transport_ws::NotFound)).
     pub fn new(engine: Engine, fallback: Arc<dyn HttpRoutes>) -> Routes {
-        Routes { engine, fallback }
+        Routes {
+            engine,
+            ws_gauges: WsGauges::default(),
+            fallback,
+        }
+    }
+
+    /// Reports the load of the WebSocket frontend that reports to
+    /// `gauges` on `/metrics`.
+    pub fn with_ws_gauges(self, gauges: WsGauges) -> Routes {
+        Routes {
+            ws_gauges: gauges,
+            ..self
+        }
     }
 }
 
@@ -74,7 +89,7 @@ impl HttpRoutes for Routes {
         }
         match path {
             "/healthz" => HttpResponse::ok("text/plain", &b"ok\n"[..]),
-            "/metrics" => match metrics::render(&self.engine).await {
+            "/metrics" => match metrics::render(&self.engine, &self.ws_gauges).await {
                 Some(text) => HttpResponse::ok(METRICS_CONTENT_TYPE, text.into_bytes()),
                 None => HttpResponse::text(
                     503,

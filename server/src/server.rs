@@ -52,7 +52,8 @@ pub async fn run<L: Listener>(
         tracing::warn!("no metrics: another metrics recorder is installed");
     }
     let engine = Engine::start(config.engine);
-    let routes = Routes::new(engine.clone(), config.ws.routes.clone());
+    let routes = Routes::new(engine.clone(), config.ws.routes.clone())
+        .with_ws_gauges(config.ws.gauges.clone());
     let ws_config = WsConfig {
         routes: Arc::new(routes),
         ..config.ws

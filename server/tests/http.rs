@@ -5,11 +5,13 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use deadbolt_transport_ws::{HttpRequest, HttpResponse, HttpRoutes};
 use serde_json::json;
 use support::{TestServer, config, get, http};
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn the_port_serves_the_dashboard_the_browser_client_and_its_types() {
@@ -76,6 +78,8 @@ async fn metrics_are_prometheus_text_with_counters_sizes_latencies_and_errors() 
         "deadbolt_set_members",
         "deadbolt_inserts_total",
         "deadbolt_connections{frontend=\"websocket\"}",
+        "deadbolt_ws_pending_reply_bytes",
+        "deadbolt_ws_handshakes_evicted_total",
         "deadbolt_request_duration_seconds_bucket{op=\"lock\"",
         "deadbolt_errors_total{code=\"bad_request\"}",
     ] {
@@ -111,14 +115,56 @@ async fn paths_the_server_does_not_serve_go_to_the_configured_routes() {
 }
 
 #[tokio::test]
-async fn past_the_connection_limit_plain_requests_get_503_too() {
+async fn past_the_connection_limit_healthz_still_answers_and_upgrades_get_503() {
     let mut config = config();
     config.ws.max_connections = 1;
     let server = TestServer::with(config).await;
     let _held = server.raw().await;
-    let refused = get(server.ws_addr, "/healthz").await;
+    let health = get(server.ws_addr, "/healthz").await;
+    assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
+    let upgrade = http(
+        server.ws_addr,
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
     assert!(
-        refused.starts_with("HTTP/1.1 503 Service Unavailable"),
-        "{refused}"
+        upgrade.starts_with("HTTP/1.1 503 Service Unavailable"),
+        "{upgrade}"
     );
+}
+
+#[tokio::test]
+async fn healthz_and_a_new_client_get_through_a_flood_of_silent_sockets() {
+    let mut config = config();
+    config.ws.handshakes_max = 16;
+    let gauges = config.ws.gauges.clone();
+    let server = TestServer::with(config).await;
+    // Four times the handshake bound, each socket silent for as long as the
+    // 10 s handshake timeout lets it.
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(TcpStream::connect(server.ws_addr).await.expect("tcp"));
+    }
+    let evicted = async {
+        while gauges.handshakes_evicted() < 48 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), evicted)
+        .await
+        .expect("the oldest silent sockets make room");
+    let health = tokio::time::timeout(Duration::from_secs(2), get(server.ws_addr, "/healthz"))
+        .await
+        .expect("answered at once, not after the silent sockets time out");
+    assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
+    let client = tokio::time::timeout(Duration::from_secs(2), server.ws_client())
+        .await
+        .expect("connects at once");
+    let guard = client
+        .lock("k", Duration::from_secs(10))
+        .await
+        .expect("lock");
+    assert!(guard.token() > 0);
+    assert!(gauges.handshakes() <= 16);
 }

@@ -1,5 +1,6 @@
 //! One WebSocket connection: read requests, run them concurrently, write
-//! replies as they complete.
+//! replies as they complete, and hold no more reply bytes than its budget
+//! ([`WsConfig::pending_reply_bytes_max`]): see [`ReplyBudget`].
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -7,7 +8,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use deadbolt_core::proto::{
-    DecodeError, Reply, Request, ServerError, decode_request, encode_reply,
+    Keys, Op, Reply, Request, ServerError, SetOp, decode_request, encode_reply,
 };
 use deadbolt_core::{Limits, Session};
 use futures_util::stream::{FuturesUnordered, SplitSink};
@@ -17,11 +18,12 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::config::WsConfig;
+use crate::gauges::WsGauges;
 
 type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
 
@@ -35,8 +37,21 @@ enum End {
     Shutdown,
 }
 
+/// A reply ready to write, and the bytes its request had reserved.
+struct Finished {
+    reply: Reply,
+    reserved: usize,
+}
+
+impl Finished {
+    /// A reply sent at once, without running a request.
+    fn now(reply: Reply) -> Finished {
+        Finished { reply, reserved: 0 }
+    }
+}
+
 /// The future of one request, boxed so that all of them share one type.
-type ExecuteFuture = Pin<Box<dyn Future<Output = Reply> + Send>>;
+type ExecuteFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
 
 /// The requests in flight on this connection.
 struct InFlight {
@@ -46,6 +61,106 @@ struct InFlight {
     /// engine refuses at once.)
     ids: BTreeMap<u64, usize>,
     max: usize,
+}
+
+/// The bytes of replies this connection holds, against its budget. A
+/// reply is counted from the moment it may exist until it is written:
+///
+/// - a request in flight whose reply may be large ([`reply_bound`]) is
+///   counted at the most its reply may take from the moment it starts,
+///   since the shard builds that reply whether or not the connection is
+///   ready to write it;
+/// - a finished reply is counted at its encoded size until the flush that
+///   writes it completes.
+///
+/// A request is started only if it fits (or if nothing is held), and the
+/// connection reads no more requests while one waits to fit or the budget
+/// is spent: so it holds at most the budget plus one reply, and a client
+/// that pipelines large requests and reads nothing is slowed to the pace
+/// at which it reads, then dropped at `idle_close` as any stalled reader.
+/// Small replies (a lock's, a ping's) reserve nothing: they are counted
+/// when finished, and `max_in_flight` bounds how many there can be.
+struct ReplyBudget {
+    max: usize,
+    reserved: usize,
+    pending: usize,
+    gauges: WsGauges,
+}
+
+impl ReplyBudget {
+    fn new(config: &WsConfig) -> ReplyBudget {
+        ReplyBudget {
+            max: config.pending_reply_bytes_max,
+            reserved: 0,
+            pending: 0,
+            gauges: config.gauges.clone(),
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.reserved + self.pending
+    }
+
+    /// Whether a request reserving `bound` may start now.
+    fn fits(&self, bound: usize) -> bool {
+        self.held() == 0 || self.held() + bound <= self.max
+    }
+
+    /// Whether to read more requests.
+    fn has_room(&self) -> bool {
+        self.held() == 0 || self.held() < self.max
+    }
+
+    fn reserve(&mut self, bound: usize) {
+        self.reserved += bound;
+        self.gauges.add_pending(bound);
+    }
+
+    /// A reply of `bytes` is ready to write in place of its reservation.
+    fn finished(&mut self, reserved: usize, bytes: usize) {
+        self.reserved -= reserved;
+        self.pending += bytes;
+        self.gauges.sub_pending(reserved);
+        self.gauges.add_pending(bytes);
+    }
+
+    /// Replies of `bytes` in all are written.
+    fn written(&mut self, bytes: usize) {
+        self.pending -= bytes;
+        self.gauges.sub_pending(bytes);
+    }
+}
+
+impl Drop for ReplyBudget {
+    fn drop(&mut self) {
+        self.gauges.sub_pending(self.held());
+    }
+}
+
+/// Per result of an insert batch: `{"index":18446744073709551615,"first":false},`.
+const INSERT_RESULT_BYTES: usize = 48;
+
+/// The most bytes the reply to `op` may take, for an op whose reply can be
+/// far larger than its request: a `members` page or a `stats` snapshot
+/// (built from the server's state, up to the message limit: the shard cuts
+/// a page by its encoded size), an insert batch (a result per key).
+/// Others answer with a few numbers and are not reserved for.
+fn reply_bound(op: &Op, message_bytes_max: usize) -> usize {
+    match op {
+        Op::Stats { .. } | Op::Set(SetOp::Members { .. }) => message_bytes_max,
+        Op::Set(SetOp::Insert {
+            keys: Keys::Many(keys),
+            ..
+        }) => (keys.len() * INSERT_RESULT_BYTES).min(message_bytes_max),
+        _ => 0,
+    }
+}
+
+/// A request read while the budget had no room for it; it starts, and
+/// reading resumes, once it fits.
+struct Parked {
+    request: Request,
+    bound: usize,
 }
 
 /// Runs the connection until it closes or the server stops.
@@ -64,38 +179,61 @@ pub(crate) async fn run<S>(
         ids: BTreeMap::new(),
         max: config.max_in_flight,
     };
+    let mut budget = ReplyBudget::new(config);
+    let mut parked: Option<Parked> = None;
     let mut heard = Instant::now();
     // `interval` panics on zero.
     let tick = (config.idle_ping / 2).max(Duration::from_millis(1));
     let mut idle = tokio::time::interval(tick);
     idle.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let end = loop {
-        tokio::select! {
-            biased;
-            _ = stopped.changed() => break End::Shutdown,
-            Some(reply) = in_flight.futures.next(), if !in_flight.futures.is_empty() => {
-                in_flight.finished(&reply);
-                if send_replies(&mut sink, reply, &mut in_flight, config).await.is_err() {
+        if let Some(waiting) = parked.take_if(|p| budget.fits(p.bound)) {
+            let refused = in_flight.start(&session, waiting, &mut budget);
+            if let Some(reply) = refused {
+                let sent = send_replies(&mut sink, reply, &mut in_flight, &mut budget, config);
+                if sent.await.is_err() {
                     break End::Gone;
                 }
             }
-            frame = stream.next() => {
+        }
+        let reading = parked.is_none() && budget.has_room();
+        tokio::select! {
+            biased;
+            _ = stopped.changed() => break End::Shutdown,
+            Some(done) = in_flight.futures.next(), if !in_flight.futures.is_empty() => {
+                in_flight.finished(&done.reply);
+                let sent = send_replies(&mut sink, done, &mut in_flight, &mut budget, config);
+                if sent.await.is_err() {
+                    break End::Gone;
+                }
+            }
+            frame = stream.next(), if reading => {
                 heard = Instant::now();
                 let step = match frame {
-                    Some(Ok(message)) => on_message(message, &session, limits, &mut in_flight),
-                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                        Err(End::Close(CloseCode::Size, "message too large"))
-                    }
-                    Some(Err(_)) | None => Err(End::Gone),
+                    Some(Ok(message)) => on_message(message, limits),
+                    Some(Err(error)) => Err(ending(error)),
+                    None => Err(End::Gone),
                 };
-                match step {
-                    Ok(Some(reply)) => {
-                        if send_replies(&mut sink, reply, &mut in_flight, config).await.is_err() {
-                            break End::Gone;
+                let reply = match step {
+                    Ok(Incoming::Request(request)) => {
+                        let bound = reply_bound(&request.op, limits.message_bytes_max);
+                        let waiting = Parked { request, bound };
+                        if budget.fits(bound) {
+                            in_flight.start(&session, waiting, &mut budget)
+                        } else {
+                            parked = Some(waiting);
+                            None
                         }
                     }
-                    Ok(None) => {}
+                    Ok(Incoming::Answer(reply)) => Some(Finished::now(reply)),
+                    Ok(Incoming::Nothing) => None,
                     Err(end) => break end,
+                };
+                if let Some(reply) = reply {
+                    let sent = send_replies(&mut sink, reply, &mut in_flight, &mut budget, config);
+                    if sent.await.is_err() {
+                        break End::Gone;
+                    }
                 }
             }
             _ = idle.tick() => {
@@ -111,51 +249,86 @@ pub(crate) async fn run<S>(
             }
         }
     };
+    if let Some(waiting) = parked {
+        // Read, never started: it is answered `shutting_down` as well.
+        *in_flight.ids.entry(waiting.request.id).or_insert(0) += 1;
+    }
     say_goodbye(&mut sink, end, &mut in_flight, config).await;
 }
 
-/// Handles one incoming message; a reply to send at once, if any.
-fn on_message(
-    message: Message,
-    session: &Session,
-    limits: &Limits,
-    in_flight: &mut InFlight,
-) -> Result<Option<Reply>, End> {
-    match message {
-        Message::Text(text) => {
-            let decoded = decode_request(text.as_bytes(), limits);
-            Ok(in_flight.start(session, decoded))
+/// How to end the connection after a read error: the RFC 6455 close code
+/// for what the peer did wrong, or nothing to say if the connection itself
+/// failed.
+fn ending(error: WsError) -> End {
+    match error {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            End::Close(CloseCode::Size, "message too large")
         }
-        Message::Binary(_) => Ok(Some(Reply {
+        WsError::Utf8(_) => End::Close(CloseCode::Invalid, "text is not valid UTF-8"),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        WsError::Protocol(violation) => {
+            tracing::debug!(%violation, "closing with 1002");
+            End::Close(CloseCode::Protocol, "protocol violation")
+        }
+        _ => End::Gone,
+    }
+}
+
+/// What one incoming message asks of the connection.
+enum Incoming {
+    /// A request to run.
+    Request(Request),
+    /// A reply to send at once (a refusal).
+    Answer(Reply),
+    /// Nothing (a ping or pong, which tungstenite answers itself).
+    Nothing,
+}
+
+/// Reads one incoming message.
+fn on_message(message: Message, limits: &Limits) -> Result<Incoming, End> {
+    match message {
+        Message::Text(text) => Ok(match decode_request(text.as_bytes(), limits) {
+            Ok(request) => Incoming::Request(request),
+            Err(error) => Incoming::Answer(error.into_reply()),
+        }),
+        Message::Binary(_) => Ok(Incoming::Answer(Reply {
             id: None,
             outcome: Err(ServerError::bad_request(
                 "binary frames are not accepted; send one JSON request per text frame",
             )),
         })),
         Message::Close(_) => Err(End::Gone),
-        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(None),
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(Incoming::Nothing),
     }
 }
 
 impl InFlight {
-    /// Starts a decoded request, or returns the reply that refuses it.
-    fn start(&mut self, session: &Session, decoded: Result<Request, DecodeError>) -> Option<Reply> {
-        let request = match decoded {
-            Ok(request) => request,
-            Err(error) => return Some(error.into_reply()),
-        };
+    /// Starts a request with its reservation, or returns the reply that
+    /// refuses it.
+    fn start(
+        &mut self,
+        session: &Session,
+        waiting: Parked,
+        budget: &mut ReplyBudget,
+    ) -> Option<Finished> {
+        let Parked { request, bound } = waiting;
         if self.futures.len() >= self.max {
-            return Some(Reply {
+            return Some(Finished::now(Reply {
                 id: Some(request.id),
                 outcome: Err(ServerError::overloaded(
                     "too many requests in flight on this connection",
                 )),
-            });
+            }));
         }
         *self.ids.entry(request.id).or_insert(0) += 1;
+        budget.reserve(bound);
         let session = session.clone();
-        self.futures
-            .push(Box::pin(async move { session.execute(request).await }));
+        self.futures.push(Box::pin(async move {
+            Finished {
+                reply: session.execute(request).await,
+                reserved: bound,
+            }
+        }));
         None
     }
 
@@ -192,33 +365,41 @@ fn text(reply: &Reply) -> Message {
 }
 
 /// Writes `first` and every other reply already complete, then flushes
-/// once: as few writes as the load allows.
+/// once: as few writes as the load allows. The replies count against the
+/// budget until the flush is done.
 async fn send_replies<S>(
     sink: &mut Sink<S>,
-    first: Reply,
+    first: Finished,
     in_flight: &mut InFlight,
+    budget: &mut ReplyBudget,
     config: &WsConfig,
 ) -> Result<(), WriteFailed>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut batch_bytes = 0;
     // One deadline for the whole batch: a timer per reply would cost the
     // hot path for nothing.
     let write = async {
-        let mut reply = first;
+        let mut done = first;
         loop {
-            sink.feed(text(&reply)).await?;
+            let message = text(&done.reply);
+            budget.finished(done.reserved, message.len());
+            batch_bytes += message.len();
+            sink.feed(message).await?;
             match in_flight.futures.next().now_or_never() {
                 Some(Some(next)) => {
-                    in_flight.finished(&next);
-                    reply = next;
+                    in_flight.finished(&next.reply);
+                    done = next;
                 }
                 _ => break,
             }
         }
         sink.flush().await
     };
-    within(config, write).await
+    let written = within(config, write).await;
+    budget.written(batch_bytes);
+    written
 }
 
 async fn say_goodbye<S>(sink: &mut Sink<S>, end: End, in_flight: &mut InFlight, config: &WsConfig)

@@ -16,16 +16,20 @@
 //!
 //! Layout:
 //! - [`config`]: every limit of the frontend, and its routes;
+//! - [`gauges`]: live figures of its load (reply bytes held, handshakes);
 //! - [`listener`]: where connections come from (tokio TCP here);
 //! - `http`: the HTTP request head, the upgrade, plain answers;
 //! - [`routes`]: the hook that answers requests other than `/ws`;
 //! - [`server`]: the accept loop, connection limit and graceful shutdown;
+//! - `admission`: the bound on connections still in their handshake;
 //! - `connection`: one WebSocket connection's request loop;
 //! - [`client`]: the client transport behind `deadbolt_core::client::Client`.
 
+mod admission;
 pub mod client;
 pub mod config;
 mod connection;
+pub mod gauges;
 mod http;
 pub mod listener;
 pub mod routes;
@@ -33,6 +37,7 @@ pub mod server;
 
 pub use client::{Dialer, TcpDialer, WsClientConfig, WsConnector};
 pub use config::WsConfig;
+pub use gauges::WsGauges;
 pub use listener::Listener;
 pub use routes::{HttpRequest, HttpResponse, HttpRoutes, NotFound};
 pub use server::serve;

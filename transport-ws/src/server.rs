@@ -1,4 +1,5 @@
-//! The accept loop: one task per connection, a bound on connections, and
+//! The accept loop: one task per connection, a bound on connections in
+//! their handshake (`admission`) and another on WebSocket connections, and
 //! graceful shutdown; each connection's request head decides between the
 //! WebSocket upgrade and the [`HttpRoutes`](crate::routes::HttpRoutes).
 
@@ -15,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+use crate::admission::{Handshakes, Ticket};
 use crate::config::WsConfig;
 use crate::connection;
 use crate::http::{self, Route};
@@ -38,6 +40,11 @@ pub async fn serve<L: Listener>(
     let shared = Arc::new(Shared {
         engine,
         permits: Arc::new(Semaphore::new(config.max_connections)),
+        handshakes: Arc::new(Handshakes::new(
+            config.handshakes_max,
+            config.handshakes_per_address_max,
+            config.gauges.clone(),
+        )),
         config,
     });
     let (stop, stopped) = watch::channel(false);
@@ -49,8 +56,10 @@ pub async fn serve<L: Listener>(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let permit = shared.permits.clone().try_acquire_owned().ok();
-                    let task = handle(stream, peer, permit, shared.clone(), stopped.clone());
+                    // Taken here, in order of arrival, so that eviction
+                    // picks the oldest.
+                    let ticket = shared.handshakes.enter(peer.ip());
+                    let task = handle(stream, peer, ticket, shared.clone(), stopped.clone());
                     connections.spawn(task);
                 }
                 Err(error) => {
@@ -78,39 +87,60 @@ pub async fn serve<L: Listener>(
 /// What every connection task needs.
 struct Shared {
     engine: Engine,
+    /// WebSocket connections: one permit each, from the upgrade on.
     permits: Arc<Semaphore>,
+    handshakes: Arc<Handshakes>,
     config: WsConfig,
 }
 
-/// One connection, from its request head to its close. `permit` counts
-/// it against the connection limit until it ends; `None`: over the limit.
+/// One connection, from its request head to its close. `ticket` holds its
+/// place among the connections in their handshake until the head is read.
 async fn handle<S>(
     mut stream: S,
     peer: SocketAddr,
-    permit: Option<OwnedSemaphorePermit>,
+    mut ticket: Ticket,
     shared: Arc<Shared>,
     stopped: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(head) = read_head(&mut stream, peer, &shared.config).await else {
-        return;
+    let head = tokio::select! {
+        head = read_head(&mut stream, peer, &shared.config) => head,
+        () = ticket.evicted() => {
+            tracing::debug!(%peer, "too many handshakes; dropping the oldest");
+            None
+        }
     };
+    drop(ticket);
+    let Some(head) = head else { return };
+    // Plain requests (`/healthz`) are answered whether or not a WebSocket
+    // slot is free: a health check must not fail because clients are many.
     let response = match head.route {
-        _ if permit.is_none() => {
-            tracing::warn!(%peer, "connection limit reached; refusing");
-            let body = &b"overloaded: too many connections\n"[..];
-            HttpResponse::text(503, "Service Unavailable", body)
-        }
-        Route::WebSocket { key } => {
-            websocket(stream, &key, head.rest, peer, &shared, stopped).await;
-            return;
-        }
+        Route::WebSocket { key } => match shared.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                websocket(stream, &key, head.rest, peer, &shared, permit, stopped).await;
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "connection limit reached; refusing");
+                let body = &b"overloaded: too many connections\n"[..];
+                HttpResponse::text(503, "Service Unavailable", body)
+            }
+        },
         Route::Plain(request) => shared.config.routes.respond(&request).await,
         Route::Refuse { status, reason } => HttpResponse::status(status, reason),
     };
-    // Best effort: the peer may be gone.
-    let _ = http::respond(&mut stream, &response).await;
+    answer(&mut stream, &response, &shared.config).await;
+}
+
+/// Writes a plain answer, best effort (the peer may be gone), and within
+/// the handshake timeout, so that a peer that reads nothing cannot keep
+/// its task.
+async fn answer<S>(stream: &mut S, response: &HttpResponse, config: &WsConfig)
+where
+    S: AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(config.handshake_timeout, http::respond(stream, response)).await;
 }
 
 /// Reads the request head within the handshake timeout; answers a bad one
@@ -129,8 +159,7 @@ where
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "bad request head");
             let bad = HttpResponse::text(400, "Bad Request", &b"bad request\n"[..]);
-            // Best effort: the peer may be gone.
-            let _ = http::respond(stream, &bad).await;
+            answer(stream, &bad, config).await;
             None
         }
         Err(_) => {
@@ -140,13 +169,15 @@ where
     }
 }
 
-/// Upgrades the connection and runs it as a WebSocket until it closes.
+/// Upgrades the connection and runs it as a WebSocket until it closes;
+/// `_permit` is its slot among the WebSocket connections until then.
 async fn websocket<S>(
     mut stream: S,
     key: &str,
     rest: Vec<u8>,
     peer: SocketAddr,
     shared: &Shared,
+    _permit: OwnedSemaphorePermit,
     stopped: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,

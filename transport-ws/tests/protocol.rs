@@ -419,13 +419,16 @@ async fn requests_past_the_in_flight_limit_are_overloaded() {
 }
 
 #[tokio::test]
-async fn connections_past_the_limit_get_http_503() {
+async fn connections_past_the_limit_get_http_503_and_plain_requests_are_still_answered() {
     let config = WsConfig {
         max_connections: 1,
+        routes: Arc::new(Hello::default()),
         ..WsConfig::default()
     };
     let server = TestServer::with(Limits::default(), config).await;
     let mut first = server.raw().await;
+    let hello = http_get(server.addr, "/hello").await;
+    assert!(hello.starts_with("HTTP/1.1 200 OK"), "{hello}");
     let refused = tokio_tungstenite::client_async(
         server.url.as_str(),
         tokio::net::TcpStream::connect(server.addr)
@@ -439,6 +442,250 @@ async fn connections_past_the_limit_get_http_503() {
         first.call(json!({"id": 1, "op": "ping"})).await,
         json!({"id": 1, "ok": {}})
     );
+}
+
+#[tokio::test]
+async fn silent_sockets_past_the_handshake_bound_make_room_for_clients_that_talk() {
+    let config = WsConfig {
+        handshakes_max: 8,
+        routes: Arc::new(Hello::default()),
+        ..WsConfig::default()
+    };
+    let gauges = config.gauges.clone();
+    let server = TestServer::with(Limits::default(), config).await;
+    let mut silent = Vec::new();
+    for _ in 0..32 {
+        let socket = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("tcp");
+        silent.push(socket);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gauges.handshakes_evicted() < 24 {
+        assert!(
+            Instant::now() < deadline,
+            "evicted {}",
+            gauges.handshakes_evicted()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(gauges.handshakes(), 8, "the bound holds");
+    // The oldest were dropped without an answer; the newest still wait.
+    let mut bytes = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(2), silent[0].read_to_end(&mut bytes)).await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?} {bytes:?}");
+    let hello = http_get(server.addr, "/hello").await;
+    assert!(hello.starts_with("HTTP/1.1 200 OK"), "{hello}");
+    let mut raw = server.raw().await;
+    let token = raw.lock(1, "k", 10_000).await;
+    assert!(token > 0);
+    assert!(gauges.handshakes() <= 8);
+}
+
+#[tokio::test]
+async fn a_flood_of_silent_sockets_from_one_address_evicts_only_its_own() {
+    let config = WsConfig {
+        handshakes_max: 64,
+        handshakes_per_address_max: 8,
+        ..WsConfig::default()
+    };
+    let gauges = config.gauges.clone();
+    let server = TestServer::with(Limits::default(), config).await;
+    // Two silent sockets from another loopback address.
+    let mut bystanders = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("address"))
+            .expect("bind 127.0.0.2");
+        bystanders.push(socket.connect(server.addr).await.expect("tcp"));
+    }
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        let socket = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("tcp");
+        flood.push(socket);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gauges.handshakes_evicted() < 32 {
+        assert!(
+            Instant::now() < deadline,
+            "evicted {}",
+            gauges.handshakes_evicted()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        gauges.handshakes(),
+        10,
+        "8 of the flood and both bystanders"
+    );
+    for bystander in &mut bystanders {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(100), bystander.read(&mut byte));
+        assert!(
+            read.await.is_err(),
+            "the bystander is still in its handshake"
+        );
+    }
+    let mut raw = server.raw().await;
+    assert_eq!(
+        raw.call(json!({"id": 1, "op": "ping"})).await,
+        json!({"id": 1, "ok": {}}),
+        "a client from the flooding address still gets through"
+    );
+}
+
+/// A WebSocket handshake by hand, to send frames no client library would.
+async fn handshaken(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .expect("upgrade request");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await.expect("upgrade answer");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    tcp
+}
+
+/// A short client frame with first byte `first` (FIN, RSV bits, opcode),
+/// masked or not.
+fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let len = u8::try_from(payload.len()).expect("short");
+    assert!(len < 126);
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut bytes = vec![first];
+    if masked {
+        bytes.push(0x80 | len);
+        bytes.extend(mask);
+        bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        bytes.push(len);
+        bytes.extend(payload);
+    }
+    bytes
+}
+
+/// The code of the close frame the server sends next (skipping any other
+/// frame), read from the raw bytes.
+async fn close_code(tcp: &mut tokio::net::TcpStream) -> u16 {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut chunk))
+            .await
+            .expect("the server answers in time");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let mut at = 0;
+    while at + 2 <= bytes.len() {
+        let (opcode, len) = (bytes[at] & 0x0f, usize::from(bytes[at + 1] & 0x7f));
+        if opcode == 0x8 {
+            return u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]);
+        }
+        at += 2 + len;
+    }
+    panic!("no close frame in {bytes:?}");
+}
+
+#[tokio::test]
+async fn protocol_violations_close_with_1002_and_invalid_utf8_with_1007() {
+    let server = TestServer::start().await;
+    let mut other = server.raw().await;
+    let cases: [(&str, Vec<u8>, u16); 7] = [
+        ("unmasked client frame", frame(0x81, b"{}", false), 1002),
+        ("RSV1 set", frame(0xc1, b"{}", true), 1002),
+        ("RSV3 set", frame(0x91, b"{}", true), 1002),
+        ("reserved data opcode", frame(0x83, b"", true), 1002),
+        ("reserved control opcode", frame(0x8b, b"", true), 1002),
+        (
+            "continuation with nothing to continue",
+            frame(0x80, b"x", true),
+            1002,
+        ),
+        (
+            "invalid UTF-8 text",
+            frame(0x81, &[b'{', 0xff, 0xfe, b'}'], true),
+            1007,
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        let mut tcp = handshaken(server.addr).await;
+        tcp.write_all(&bytes).await.expect("frame");
+        assert_eq!(close_code(&mut tcp).await, expected, "{what}");
+    }
+    assert_eq!(
+        other.call(json!({"id": 1, "op": "ping"})).await,
+        json!({"id": 1, "ok": {}}),
+        "other connections are unaffected"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_pipelines_large_requests_and_reads_nothing_holds_at_most_its_budget() {
+    let budget = 2 << 20;
+    let config = WsConfig {
+        pending_reply_bytes_max: budget,
+        idle_close: Duration::from_secs(30),
+        ..WsConfig::default()
+    };
+    let gauges = config.gauges.clone();
+    let server = TestServer::with(Limits::default(), config).await;
+    let filler = server.client().await;
+    let set = filler.set("big");
+    set.set_up(Duration::from_secs(600)).await.expect("set up");
+    let keys: Vec<String> = (0..1000)
+        .map(|i| format!("{i:04}{}", "k".repeat(996)))
+        .collect();
+    set.insert_many(keys).await.expect("insert");
+    // 500 pages of 256 KiB asked for, 128 MB of replies, none read.
+    let mut flood = server.raw().await;
+    for id in 1..=500u64 {
+        let page = json!({"id": id, "op": "members", "set": "big", "limit": 10_000});
+        flood
+            .ws
+            .feed(Message::Text(page.to_string().into()))
+            .await
+            .expect("send");
+    }
+    flood.ws.flush().await.expect("flush");
+    let canary = server.client().await;
+    let started = Instant::now();
+    for round in 0..20 {
+        let guard = canary
+            .lock(&format!("canary/{round}"), Duration::from_secs(10))
+            .await
+            .expect("the canary is served");
+        guard.unlock().await.expect("unlock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let (held, peak) = (
+        gauges.pending_reply_bytes(),
+        gauges.pending_reply_bytes_peak(),
+    );
+    assert!(
+        held > 0,
+        "the flood's replies wait for it to read ({held} bytes held)"
+    );
+    let one_reply = Limits::default().message_bytes_max;
+    assert!(
+        peak <= budget + one_reply,
+        "held at most the budget plus one reply: peak {peak} bytes"
+    );
+    drop(flood);
 }
 
 #[tokio::test]

@@ -96,12 +96,26 @@ pub struct ServeArgs {
     /// rather than one per core.
     #[arg(long, default_value_t = deadbolt_core::engine::DEFAULT_SHARDS)]
     pub shards: usize,
-    /// Most open WebSocket connections.
+    /// Most open WebSocket connections (plain HTTP requests such as
+    /// /healthz take no slot).
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Most connections still sending their HTTP request head; past it, a
+    /// new connection evicts the oldest of them.
+    #[arg(long, default_value_t = 1024)]
+    pub handshakes_max: usize,
+    /// Most of those from one IP address (an IPv6 /64); past it, a new
+    /// connection from there evicts that address's oldest.
+    #[arg(long, default_value_t = 64)]
+    pub handshakes_per_address_max: usize,
     /// Most requests in flight on one connection.
     #[arg(long, default_value_t = 4096)]
     pub max_in_flight: usize,
+    /// Most bytes of replies one WebSocket connection may hold (finished
+    /// and unwritten, or reserved for large replies in the making); past
+    /// it the server reads no more requests from that connection.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub pending_reply_bytes_max: usize,
     /// How long a new WebSocket connection may take to send its request head.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,

@@ -26,7 +26,10 @@ fn server_config(args: &ServeArgs) -> ServerConfig {
         engine: engine_config(args),
         ws: WsConfig {
             max_connections: args.max_connections,
+            handshakes_max: args.handshakes_max,
+            handshakes_per_address_max: args.handshakes_per_address_max,
             max_in_flight: args.max_in_flight,
+            pending_reply_bytes_max: args.pending_reply_bytes_max,
             handshake_timeout: args.handshake_timeout,
             idle_ping: args.idle_ping,
             idle_close: args.idle_ping * 3,

@@ -22,9 +22,27 @@ use deadbolt_proto::{
     SetInfo, SetOp, SetSummary, SetUpReply, TornDown,
 };
 
-/// The most key bytes one `members` page carries; a page stops early (with
-/// `next` set) rather than exceed it.
+/// The most key bytes one `members` page carries, counted as the reply
+/// encodes them ([`json_escaped_len`]); a page stops early (with `next`
+/// set) rather than exceed it.
 pub const MEMBERS_PAGE_BYTES: usize = 256 * 1024;
+
+/// The bytes `key` takes inside a JSON string once escaped, as the reply
+/// encoder (serde_json) writes it: `"`, `\` and the control characters
+/// with a short escape (`\n`) take two bytes, the other control
+/// characters six (`\u001f`), every other byte one. A key of control
+/// characters is six times its length on the wire, so the page cut counts
+/// this rather than the raw length, or a page of 1 KiB keys could be a
+/// 1.5 MiB reply, over the message limit.
+pub fn json_escaped_len(key: &str) -> usize {
+    key.bytes()
+        .map(|byte| match byte {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0x00..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
 
 /// A set's deadline: set number `set` reaches the end of its time to live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -232,16 +250,18 @@ impl Sets {
         let start = after.min(size);
         let end = start.saturating_add(u64::from(limit)).min(size);
         // A page of 10,000 keys of 1 KiB each would be a 10 MiB reply that one
-        // slow reader could make the server hold; the byte budget keeps every
-        // page well under the message limit, and `next` resumes where it stopped.
+        // slow reader could make the server hold; the byte budget, counted as
+        // the keys are encoded, keeps every page well under the message
+        // limit, and `next` resumes where it stopped.
         let mut bytes = 0;
         let members: Vec<Member> = (start..end)
             .map_while(|position| {
                 let key = key_at(&set.packed, &set.ends, position as u32);
-                if bytes > 0 && bytes + key.len() > MEMBERS_PAGE_BYTES {
+                let encoded = json_escaped_len(key);
+                if bytes > 0 && bytes + encoded > MEMBERS_PAGE_BYTES {
                     return None;
                 }
-                bytes += key.len();
+                bytes += encoded;
                 Some(Member {
                     index: position + 1,
                     key: key.to_owned(),
