@@ -59,6 +59,9 @@ pub enum What {
     },
     /// The worker stops believing it holds the lock (before it unlocks).
     Released { key: String, token: u64 },
+    /// The worker let go of an ephemeral lock by closing its connection,
+    /// without an unlock; it stops believing it holds it.
+    Abandoned { key: String, token: u64 },
     /// The unlock request came back.
     Unlocked { key: String, token: u64, ok: bool },
     /// A fenced read of the resource.

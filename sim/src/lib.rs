@@ -20,7 +20,10 @@
 //! - [`resource`]: the protected resource;
 //! - [`history`]: the recorded history and its hash;
 //! - [`checker`]: the rules a history must keep;
-//! - [`proxy`]: planted bugs, to prove the checker catches them;
+//! - [`server_checker`]: the rules the server's own order and timing must
+//!   keep, judged from its command log;
+//! - [`proxy`]: planted bugs (a corrupting proxy, and the state machine's
+//!   own under the `planted-bugs` feature), to prove the checkers catch them;
 //! - [`net`]: simulated sockets under the real transports;
 //! - [`summary`]: many seeds, and the table of what they did.
 
@@ -31,6 +34,7 @@ pub mod proxy;
 pub mod resource;
 pub mod scenario;
 pub mod script;
+pub mod server_checker;
 pub mod summary;
 pub mod trace;
 pub mod worker;
