@@ -455,3 +455,92 @@ fn holds(views: &BTreeMap<String, KeyView>, key: &str, token: u64) -> bool {
         .get(key)
         .is_some_and(|v| v.holders.iter().any(|h| h.token == token))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use deadbolt_core::Limits;
+    use deadbolt_core::proto::Acquire;
+    use deadbolt_core::shard::Caller;
+    use deadbolt_core::shard::planted::{self, PlantedBug};
+
+    use super::*;
+
+    fn config() -> ShardConfig {
+        ShardConfig {
+            hash_seed: 7,
+            first_token: 1,
+            limits: Limits::default(),
+        }
+    }
+
+    fn at_ms(ms: u64, input: Input) -> Command {
+        Command {
+            at: Tick::from_millis(ms),
+            input,
+        }
+    }
+
+    /// Client `n`, on connection `n`, asks for "k" with request handle `n`.
+    fn lock(ms: u64, n: u64, ttl_ms: u64) -> Command {
+        let caller = Caller {
+            client: Arc::from(format!("c{n}")),
+            conn: n,
+        };
+        let op = ShardOp::Lock(LockOp::Acquire(Acquire {
+            key: "k".into(),
+            ttl_ms,
+            wait: Wait::Forever,
+            ephemeral: false,
+        }));
+        at_ms(
+            ms,
+            Input::Op {
+                handle: Handle(n),
+                caller,
+                op,
+            },
+        )
+    }
+
+    fn kinds(log: &[Command]) -> Vec<&'static str> {
+        check(0, log, config())
+            .iter()
+            .map(Violation::kind)
+            .collect()
+    }
+
+    #[test]
+    fn waiters_granted_in_order_and_on_time_keep_every_rule() {
+        // Client 1 holds for 100 ms; 2 and 3 wait; the shard wakes at each
+        // deadline.
+        let log = [
+            lock(0, 1, 100),
+            lock(1, 2, 100),
+            lock(2, 3, 100),
+            at_ms(100, Input::Tick),
+            at_ms(200, Input::Tick),
+            at_ms(300, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn a_hand_off_late_after_the_deadline_is_caught() {
+        let log = [lock(0, 1, 100), lock(1, 2, 100), at_ms(150, Input::Tick)];
+        assert_eq!(kinds(&log), ["server: late hand-off"]);
+    }
+
+    #[test]
+    fn a_waiter_granted_out_of_turn_is_caught() {
+        let _planted = planted::plant(Some(PlantedBug::GrantOutOfOrder));
+        let log = [
+            lock(0, 1, 100),
+            lock(1, 2, 100),
+            lock(2, 3, 100),
+            at_ms(100, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), ["server: queue jumped"]);
+    }
+}
