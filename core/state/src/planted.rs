@@ -124,3 +124,35 @@ pub(crate) fn active(bug: PlantedBug) -> bool {
 pub(crate) const fn active(_: PlantedBug) -> bool {
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(not(feature = "planted-bugs"))]
+    #[test]
+    fn without_the_feature_no_bug_can_be_planted() {
+        assert!(plant(Some(PlantedBug::DeafWakeup)).is_none());
+        assert!(!active(PlantedBug::DeafWakeup));
+        assert!(plant(None).is_some(), "planting nothing always works");
+    }
+
+    #[cfg(feature = "planted-bugs")]
+    #[test]
+    fn a_bug_is_planted_on_this_thread_until_its_guard_drops() {
+        let planted = plant(Some(PlantedBug::DeafWakeup));
+        assert!(active(PlantedBug::DeafWakeup));
+        let elsewhere = std::thread::spawn(|| active(PlantedBug::DeafWakeup)).join();
+        assert_eq!(elsewhere.ok(), Some(false), "other threads are not touched");
+        drop(planted);
+        assert!(!active(PlantedBug::DeafWakeup));
+    }
+
+    #[test]
+    fn names_are_distinct() {
+        let mut names: Vec<_> = PlantedBug::ALL.iter().map(|b| b.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), PlantedBug::ALL.len());
+    }
+}
