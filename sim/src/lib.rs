@@ -17,6 +17,8 @@
 //! - [`scenario`]: what a seed draws;
 //! - [`world`]: the hosts, the fault driver, one run;
 //! - [`worker`]: the worker hosts' workloads;
+//! - [`raw`]: a worker that speaks the protocol itself and trusts the
+//!   server's `ttl_ms`;
 //! - [`resource`]: the protected resource;
 //! - [`history`]: the recorded history and its hash;
 //! - [`checker`]: the rules a history must keep;
@@ -31,6 +33,7 @@ pub mod checker;
 pub mod history;
 pub mod net;
 pub mod proxy;
+pub mod raw;
 pub mod resource;
 pub mod scenario;
 pub mod script;

@@ -35,6 +35,8 @@ pub enum Transport {
     Ws,
     /// QUIC over simulated UDP (also sees datagram loss).
     Quic,
+    /// Raw JSON over WebSocket, without the Rust client ([`crate::raw`]).
+    Raw,
 }
 
 /// How long a `lock` waits.
@@ -251,7 +253,7 @@ fn fault_kind(transport: Transport) -> BoxedStrategy<FaultKind> {
         2 => (100u64..600).prop_map(|max_ms| FaultKind::LatencySpike { max_ms }),
     ];
     match transport {
-        Transport::Ws => common.boxed(),
+        Transport::Ws | Transport::Raw => common.boxed(),
         Transport::Quic => {
             prop_oneof![6 => common, 4 => (0.02f64..0.2).prop_map(|rate| FaultKind::Loss { rate })]
                 .boxed()
@@ -285,12 +287,14 @@ fn fault(transports: Vec<Transport>) -> impl Strategy<Value = ScheduledFault> {
 }
 
 /// The transports of a run's workers: 1 to [`WORKERS_PER_TRANSPORT_MAX`]
-/// of each, WebSocket workers first.
+/// Rust-client workers over each transport, WebSocket workers first, then
+/// none or one raw-protocol worker.
 fn transports() -> impl Strategy<Value = Vec<Transport>> {
     let count = 1..=WORKERS_PER_TRANSPORT_MAX;
-    (count.clone(), count).prop_map(|(ws, quic)| {
+    (count.clone(), count, 0..=1usize).prop_map(|(ws, quic, raw)| {
         let mut transports = vec![Transport::Ws; ws];
         transports.extend(vec![Transport::Quic; quic]);
+        transports.extend(vec![Transport::Raw; raw]);
         transports
     })
 }

@@ -61,6 +61,9 @@ pub fn result_key(index: usize) -> String {
 
 /// Runs worker `me` until its plan is done.
 pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
+    if shared.scenario.workers[me].transport == Transport::Raw {
+        return crate::raw::run(shared, me).await;
+    }
     let record = |what| shared.history.record(Actor::Worker(me), what);
     record(What::Started);
     let client = connect(&shared, me, format!("worker-{me}"), 10).await;
@@ -133,7 +136,7 @@ async fn connect(shared: &Shared, me: usize, client_id: String, quic_host: u8) -
     };
     loop {
         let connected = match shared.scenario.workers[me].transport {
-            Transport::Ws => {
+            Transport::Ws | Transport::Raw => {
                 let url = format!("ws://{}:{WS_PORT}/ws", shared.ws_host);
                 let config = WsClientConfig {
                     connect_timeout: ms(1000),
