@@ -13,6 +13,9 @@
 //!    its owner and by nobody else.
 //! 4. Liveness: after the heal, every operation completes within
 //!    [`OPERATION_BOUND_US`], and every worker finishes its plan.
+//!
+//! The server's own order, timing and liveness are judged from its command
+//! log by [`crate::server_checker`]; its violations are listed here too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -115,6 +118,76 @@ pub enum Violation {
     /// A shard's command log, replayed into a fresh shard, reached another
     /// state than the live shard: the shard is not a function of its log.
     ReplayDiverged { shard: usize, commands: usize },
+    /// Server side (times in µs of the engine's clock, handles the
+    /// engine's): on `key` of `shard`, request `granted` got a new grant
+    /// at `at_us` while request `skipped`, which asked earlier, still
+    /// waited.
+    QueueJumped {
+        shard: usize,
+        key: String,
+        granted: u64,
+        skipped: u64,
+        at_us: u64,
+    },
+    /// Server side: the lease of grant `token` of `key` ran out at
+    /// `deadline_us` while someone waited, but the shard handed the key on
+    /// only in a command at `at_us`, more than 10 ms later.
+    LateHandOff {
+        shard: usize,
+        key: String,
+        token: u64,
+        deadline_us: u64,
+        at_us: u64,
+    },
+    /// Server side: the lease of grant `token` of `key` ends at
+    /// `deadline_us`, not at `expected_us` (its grant, last re-lock or
+    /// extend plus its `ttl_ms`; `u64::MAX` for a grant never answered),
+    /// or it is still held after its deadline.
+    LeaseLength {
+        shard: usize,
+        key: String,
+        token: u64,
+        deadline_us: u64,
+        expected_us: u64,
+    },
+    /// Server side: grant `token` of `key` ended at `at_us`, before its
+    /// lease's end at `expected_us`, with no unlock, requester gone or
+    /// connection close to end it.
+    LeaseEndedEarly {
+        shard: usize,
+        key: String,
+        token: u64,
+        expected_us: u64,
+        at_us: u64,
+    },
+    /// Server side: request `handle` on `key` was answered `timeout` at
+    /// `at_us`, before its wait ran out at `due_us` or more than 10 ms
+    /// after (`due_us` is `u64::MAX` for a request without a wait limit).
+    TimeoutOffTime {
+        shard: usize,
+        key: String,
+        handle: u64,
+        due_us: u64,
+        at_us: u64,
+    },
+    /// Server side: request `handle` on `key` was answered `cancelled` at
+    /// `at_us` by a command that was no cancel, requester gone or close of
+    /// its connection.
+    UndeservedCancel {
+        shard: usize,
+        key: String,
+        handle: u64,
+        at_us: u64,
+    },
+    /// Server side: the ephemeral grant `token` of `key` was still held
+    /// after its connection `conn` closed at `at_us`.
+    EphemeralKept {
+        shard: usize,
+        key: String,
+        token: u64,
+        conn: u64,
+        at_us: u64,
+    },
 }
 
 impl Violation {
@@ -139,6 +212,13 @@ impl Violation {
             Violation::InvariantBroken { .. } => "shard invariant broken",
             Violation::ShardNotStopped { .. } => "shard did not stop",
             Violation::ReplayDiverged { .. } => "replay diverged",
+            Violation::QueueJumped { .. } => "server: queue jumped",
+            Violation::LateHandOff { .. } => "server: late hand-off",
+            Violation::LeaseLength { .. } => "server: lease length",
+            Violation::LeaseEndedEarly { .. } => "server: lease ended early",
+            Violation::TimeoutOffTime { .. } => "server: timeout off time",
+            Violation::UndeservedCancel { .. } => "server: undeserved cancel",
+            Violation::EphemeralKept { .. } => "server: ephemeral kept",
         }
     }
 }
@@ -240,7 +320,8 @@ fn beliefs(events: &[Event]) -> BTreeMap<String, Vec<Belief>> {
             }
             What::Released { key, .. }
             | What::ExtendFailed { key, .. }
-            | What::Lost { key, .. } => {
+            | What::Lost { key, .. }
+            | What::Abandoned { key, .. } => {
                 if let Some(belief) = open.remove(&(worker, key.clone())) {
                     close(&mut closed, key.clone(), belief, event.at_us);
                 }

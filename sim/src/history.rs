@@ -63,6 +63,9 @@ pub enum What {
     /// view ran out, or the connection an ephemeral lock lives with
     /// closed), while the worker was still busy with it.
     Lost { key: String, token: u64 },
+    /// The worker let go of an ephemeral lock by closing its connection,
+    /// without an unlock; it stops believing it holds it.
+    Abandoned { key: String, token: u64 },
     /// The unlock request came back.
     Unlocked { key: String, token: u64, ok: bool },
     /// A fenced read of the resource.

@@ -17,10 +17,15 @@
 //! - [`scenario`]: what a seed draws;
 //! - [`world`]: the hosts, the fault driver, one run;
 //! - [`worker`]: the worker hosts' workloads;
+//! - [`raw`]: a worker that speaks the protocol itself and trusts the
+//!   server's `ttl_ms`;
 //! - [`resource`]: the protected resource;
 //! - [`history`]: the recorded history and its hash;
 //! - [`checker`]: the rules a history must keep;
-//! - [`proxy`]: planted bugs, to prove the checker catches them;
+//! - [`server_checker`]: the rules the server's own order and timing must
+//!   keep, judged from its command log;
+//! - [`proxy`]: planted bugs (a corrupting proxy, and the state machine's
+//!   own under the `planted-bugs` feature), to prove the checkers catch them;
 //! - [`net`]: simulated sockets under the real transports;
 //! - [`summary`]: many seeds, and the table of what they did.
 
@@ -28,9 +33,11 @@ pub mod checker;
 pub mod history;
 pub mod net;
 pub mod proxy;
+pub mod raw;
 pub mod resource;
 pub mod scenario;
 pub mod script;
+pub mod server_checker;
 pub mod summary;
 pub mod trace;
 pub mod worker;

@@ -27,14 +27,23 @@ struct Args {
     /// Print the seed's whole history.
     #[arg(long)]
     trace: bool,
-    /// Plant a bug: double-grant, lower-token, double-first, stretch-lease,
-    /// drop-insert.
+    /// Plant a bug: in the proxy double-grant, lower-token, double-first,
+    /// stretch-lease, drop-insert; in the state machine (build with
+    /// `--features planted-bugs`) grant-out-of-order, lease-from-request,
+    /// deaf-wakeup, relock-keeps-lease, early-timeout,
+    /// ephemeral-outlives-connection.
     #[arg(long, value_parser = parse_bug)]
     bug: Option<Bug>,
 }
 
 fn parse_bug(name: &str) -> Result<Bug, String> {
-    Bug::from_name(name).ok_or_else(|| format!("unknown bug {name:?}"))
+    let bug = Bug::from_name(name).ok_or_else(|| format!("unknown bug {name:?}"))?;
+    if bug.planted().is_some() && !deadbolt_core::shard::planted::COMPILED_IN {
+        return Err(format!(
+            "{name} is a bug of the state machine: run with `--features planted-bugs`"
+        ));
+    }
+    Ok(bug)
 }
 
 fn main() -> ExitCode {

@@ -1,7 +1,9 @@
 //! Planted bugs: a corrupting proxy between the WebSocket workers and the
-//! server. Nothing in the production code changes; the proxy lies to the
-//! workers the way a broken server would, so that a test can show the
-//! checker catches each kind of lie.
+//! server, and the state machine's own planted bugs. For the proxy's,
+//! nothing in the production code changes: the proxy lies to the workers
+//! the way a broken server would. The state machine's are small mistakes
+//! in the rules themselves (`deadbolt_state::planted`), compiled only with
+//! the `planted-bugs` feature. A test shows the checkers catch each.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -9,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
+
+use deadbolt_core::shard::planted::PlantedBug;
 
 use crate::history::{Actor, History, What};
 use crate::worker::WS_PORT;
@@ -27,16 +31,24 @@ pub enum Bug {
     StretchLease,
     /// Acknowledges an insert without passing it on: it is lost.
     DropInsert,
+    /// A bug in the state machine itself (no proxy).
+    Server(PlantedBug),
 }
 
 impl Bug {
-    /// Every planted bug.
-    pub const ALL: [Bug; 5] = [
+    /// Every planted bug: the proxy's, then the state machine's.
+    pub const ALL: [Bug; 11] = [
         Bug::DoubleGrant,
         Bug::LowerToken,
         Bug::DoubleFirst,
         Bug::StretchLease,
         Bug::DropInsert,
+        Bug::Server(PlantedBug::ALL[0]),
+        Bug::Server(PlantedBug::ALL[1]),
+        Bug::Server(PlantedBug::ALL[2]),
+        Bug::Server(PlantedBug::ALL[3]),
+        Bug::Server(PlantedBug::ALL[4]),
+        Bug::Server(PlantedBug::ALL[5]),
     ];
 
     /// Its name on the command line.
@@ -47,12 +59,26 @@ impl Bug {
             Bug::DoubleFirst => "double-first",
             Bug::StretchLease => "stretch-lease",
             Bug::DropInsert => "drop-insert",
+            Bug::Server(bug) => bug.name(),
         }
     }
 
     /// The bug named `name`.
     pub fn from_name(name: &str) -> Option<Bug> {
         Bug::ALL.into_iter().find(|b| b.name() == name)
+    }
+
+    /// The state machine's bug, if this is one.
+    pub fn planted(self) -> Option<PlantedBug> {
+        match self {
+            Bug::Server(bug) => Some(bug),
+            _ => None,
+        }
+    }
+
+    /// Whether the proxy plants it (so WebSocket workers go through it).
+    pub fn needs_proxy(self) -> bool {
+        self.planted().is_none()
     }
 }
 
@@ -74,6 +100,7 @@ impl Memory {
         match bug {
             Bug::DoubleGrant | Bug::DropInsert => self.chances % 2 == 0,
             Bug::LowerToken | Bug::DoubleFirst | Bug::StretchLease => true,
+            Bug::Server(_) => false,
         }
     }
 }

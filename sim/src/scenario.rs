@@ -5,12 +5,16 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
-/// The lock keys workers contend for.
-pub const LOCK_KEYS: &[&str] = &["counter-a", "counter-b"];
+/// The lock keys workers contend for: each run uses the first 1 to all of
+/// them (one key makes long wait queues, four spread the load).
+pub const LOCK_KEYS: &[&str] = &["counter-a", "counter-b", "counter-c", "counter-d"];
 /// The distinct set workers share.
 pub const SET: &str = "results";
 /// How many distinct result keys there are; workers' inserts overlap.
 pub const RESULT_KEYS: usize = 24;
+/// The set's time to live when a run does not draw a short one: longer
+/// than any run.
+pub const SET_TTL_LONG_MS: u64 = 600_000;
 /// Workers per transport: each run draws 1 to this many of each.
 pub const WORKERS_PER_TRANSPORT_MAX: usize = 3;
 /// The server's shard count is drawn from 1 to this.
@@ -31,6 +35,8 @@ pub enum Transport {
     Ws,
     /// QUIC over simulated UDP (also sees datagram loss).
     Quic,
+    /// Raw JSON over WebSocket, without the Rust client ([`crate::raw`]).
+    Raw,
 }
 
 /// How long a `lock` waits.
@@ -62,6 +68,21 @@ pub enum Step {
         extend: bool,
         /// Whether the lock is ephemeral.
         ephemeral: bool,
+        /// Whether to ask for the lock again once granted, as a client
+        /// whose reply was lost retries (a re-lock: same token, lease
+        /// restarted).
+        relock: bool,
+        /// Whether to give up waiting after this long (dropping the
+        /// request, which cancels it on the server).
+        cancel_after_ms: Option<u64>,
+    },
+    /// An ephemeral lock taken on a connection of its own, which is then
+    /// closed without an unlock: the server must free the key at once.
+    Abandon {
+        /// Index into [`LOCK_KEYS`].
+        key: usize,
+        /// The lease.
+        ttl_ms: u64,
     },
     /// Distinct dedup: insert keys, process the ones this worker owns.
     Dedup {
@@ -69,6 +90,9 @@ pub enum Step {
         keys: Vec<usize>,
         /// How long processing one key takes.
         work_ms: u64,
+        /// Whether to insert the keys again once answered, as a client
+        /// whose reply was lost retries: every answer must be the same.
+        retry: bool,
     },
 }
 
@@ -156,6 +180,13 @@ pub struct Scenario {
     /// Whether the QUIC frontend makes every new connection prove its
     /// address with a Retry first (the path a server under load takes).
     pub quic_retry: bool,
+    /// How many of [`LOCK_KEYS`] the workers use.
+    pub lock_keys: usize,
+    /// The set's time to live, which every `set_up` restarts (short ones
+    /// are kept alive by a renewer beside the workers).
+    pub set_ttl_ms: u64,
+    /// The page size of the final export, if not the default.
+    pub page_limit: Option<u32>,
     /// One plan per worker.
     pub workers: Vec<WorkerPlan>,
     /// The faults, by start time.
@@ -170,28 +201,46 @@ fn wait() -> impl Strategy<Value = Wait> {
     ]
 }
 
-fn step() -> BoxedStrategy<Step> {
+fn step(lock_keys: usize) -> BoxedStrategy<Step> {
+    let cancel = prop_oneof![5 => Just(None), 1 => (50u64..600).prop_map(Some)];
     let counter = (
-        0..LOCK_KEYS.len(),
+        0..lock_keys,
         150u64..1200,
         wait(),
         0u64..900,
         prop::bool::weighted(0.3),
         prop::bool::weighted(0.2),
+        prop::bool::weighted(0.25),
+        cancel,
     )
         .prop_map(
-            |(key, ttl_ms, wait, hold_ms, extend, ephemeral)| Step::Counter {
-                key,
-                ttl_ms,
-                wait,
-                hold_ms,
-                extend,
-                ephemeral,
+            |(key, ttl_ms, wait, hold_ms, extend, ephemeral, relock, cancel_after_ms)| {
+                Step::Counter {
+                    key,
+                    ttl_ms,
+                    wait,
+                    hold_ms,
+                    extend,
+                    ephemeral,
+                    relock,
+                    // Only a request that waits can be cancelled waiting.
+                    cancel_after_ms: cancel_after_ms.filter(|_| wait != Wait::Try),
+                }
             },
         );
-    let dedup = (prop::collection::vec(0..RESULT_KEYS, 2..6), 0u64..60)
-        .prop_map(|(keys, work_ms)| Step::Dedup { keys, work_ms });
-    prop_oneof![6 => counter, 4 => dedup].boxed()
+    let dedup = (
+        prop::collection::vec(0..RESULT_KEYS, 2..6),
+        0u64..60,
+        prop::bool::weighted(0.3),
+    )
+        .prop_map(|(keys, work_ms, retry)| Step::Dedup {
+            keys,
+            work_ms,
+            retry,
+        });
+    let abandon =
+        (0..lock_keys, 150u64..1200).prop_map(|(key, ttl_ms)| Step::Abandon { key, ttl_ms });
+    prop_oneof![6 => counter, 4 => dedup, 1 => abandon].boxed()
 }
 
 fn fault_kind(transport: Transport) -> BoxedStrategy<FaultKind> {
@@ -204,7 +253,7 @@ fn fault_kind(transport: Transport) -> BoxedStrategy<FaultKind> {
         2 => (100u64..600).prop_map(|max_ms| FaultKind::LatencySpike { max_ms }),
     ];
     match transport {
-        Transport::Ws => common.boxed(),
+        Transport::Ws | Transport::Raw => common.boxed(),
         Transport::Quic => {
             prop_oneof![6 => common, 4 => (0.02f64..0.2).prop_map(|rate| FaultKind::Loss { rate })]
                 .boxed()
@@ -238,40 +287,62 @@ fn fault(transports: Vec<Transport>) -> impl Strategy<Value = ScheduledFault> {
 }
 
 /// The transports of a run's workers: 1 to [`WORKERS_PER_TRANSPORT_MAX`]
-/// of each, WebSocket workers first.
+/// Rust-client workers over each transport, WebSocket workers first, then
+/// none or one raw-protocol worker.
 fn transports() -> impl Strategy<Value = Vec<Transport>> {
     let count = 1..=WORKERS_PER_TRANSPORT_MAX;
-    (count.clone(), count).prop_map(|(ws, quic)| {
+    (count.clone(), count, 0..=1usize).prop_map(|(ws, quic, raw)| {
         let mut transports = vec![Transport::Ws; ws];
         transports.extend(vec![Transport::Quic; quic]);
+        transports.extend(vec![Transport::Raw; raw]);
         transports
     })
 }
 
+/// The workload's shape: lock keys, the set's time to live, the export's
+/// page size.
+fn workload() -> impl Strategy<Value = (usize, u64, Option<u32>)> {
+    let set_ttl = prop_oneof![1 => Just(SET_TTL_LONG_MS), 1 => 1_500u64..6_000];
+    let page = prop_oneof![1 => Just(None), 1 => (1u32..=5).prop_map(Some)];
+    (1..=LOCK_KEYS.len(), set_ttl, page)
+}
+
 fn scenario_strategy(seed: u64) -> impl Strategy<Value = Scenario> {
-    let world = (transports(), 1..=SHARDS_MAX, 5u64..=40, any::<bool>());
-    world.prop_flat_map(move |(transports, shards, latency_ms, quic_retry)| {
-        let plans: Vec<BoxedStrategy<WorkerPlan>> = transports
-            .iter()
-            .map(|&transport| {
-                prop::collection::vec(step(), 5..10)
-                    .prop_map(move |steps| WorkerPlan { transport, steps })
-                    .boxed()
+    let world = (
+        transports(),
+        1..=SHARDS_MAX,
+        5u64..=40,
+        any::<bool>(),
+        workload(),
+    );
+    world.prop_flat_map(
+        move |(transports, shards, latency_ms, quic_retry, workload)| {
+            let (lock_keys, set_ttl_ms, page_limit) = workload;
+            let plans: Vec<BoxedStrategy<WorkerPlan>> = transports
+                .iter()
+                .map(|&transport| {
+                    prop::collection::vec(step(lock_keys), 5..10)
+                        .prop_map(move |steps| WorkerPlan { transport, steps })
+                        .boxed()
+                })
+                .collect();
+            let faults = prop::collection::vec(fault(transports), 0..7);
+            (plans, faults).prop_map(move |(workers, mut faults)| {
+                faults.sort_by_key(|f| (f.at_ms, f.worker));
+                Scenario {
+                    seed,
+                    shards,
+                    latency_ms,
+                    quic_retry,
+                    lock_keys,
+                    set_ttl_ms,
+                    page_limit,
+                    workers,
+                    faults,
+                }
             })
-            .collect();
-        let faults = prop::collection::vec(fault(transports), 0..7);
-        (plans, faults).prop_map(move |(workers, mut faults)| {
-            faults.sort_by_key(|f| (f.at_ms, f.worker));
-            Scenario {
-                seed,
-                shards,
-                latency_ms,
-                quic_retry,
-                workers,
-                faults,
-            }
-        })
-    })
+        },
+    )
 }
 
 /// The scenario of `seed`: the same seed always gives the same scenario.

@@ -29,6 +29,9 @@ pub fn world(seed: u64) -> turmoil::Sim<'static> {
         .build()
 }
 
+/// The scripted server's shard count.
+pub const SCRIPT_SHARDS: usize = 2;
+
 /// Adds the server host: `deadbolt_server::run` with WebSocket only, the
 /// shards' invariants checked into `trace`, and short idle limits so that
 /// a dead peer is noticed within about a second.
@@ -37,7 +40,7 @@ pub fn add_server(sim: &mut turmoil::Sim<'_>, trace: &Arc<Trace>) {
     sim.host(SERVER, move || {
         let config = ServerConfig {
             engine: EngineConfig {
-                shards: 2,
+                shards: SCRIPT_SHARDS,
                 journal: Some(trace.clone()),
                 invariant_alarm: Some(trace.alarm()),
                 ..EngineConfig::new()

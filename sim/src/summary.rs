@@ -9,10 +9,14 @@ use crate::world::Report;
 /// The command line that replays `seed` (with `bug` planted) and prints its
 /// readable trace.
 pub fn replay_command(seed: u64, bug: Option<Bug>) -> String {
+    let features = match bug {
+        Some(bug) if bug.planted().is_some() => " --features planted-bugs",
+        _ => "",
+    };
     let bug = bug
         .map(|b| format!(" --bug {}", b.name()))
         .unwrap_or_default();
-    format!("cargo run --release -p deadbolt-sim -- --seed {seed}{bug} --trace")
+    format!("cargo run --release -p deadbolt-sim{features} -- --seed {seed}{bug} --trace")
 }
 
 /// Totals over runs.

@@ -13,6 +13,7 @@ use deadbolt_core::shard::{Command, Shard, ShardConfig};
 use deadbolt_core::{EngineConfig, Limits};
 
 use crate::checker::Violation;
+use crate::server_checker;
 
 /// What the simulated server's shards recorded.
 #[derive(Debug, Default)]
@@ -101,6 +102,24 @@ impl Trace {
                     commands: log.len(),
                 });
             }
+        }
+        violations
+    }
+}
+
+impl Trace {
+    /// Checks the server-side rules ([`server_checker`]) over every
+    /// shard's log, replayed into a shard built as the live one was.
+    pub fn check_server(&self, config: &EngineConfig) -> Vec<Violation> {
+        let recorded = self.lock();
+        let shard_config = ShardConfig {
+            hash_seed: config.seed,
+            first_token: config.first_token,
+            limits: config.limits.share_of(config.shards),
+        };
+        let mut violations = Vec::new();
+        for (shard, log) in recorded.commands.iter().enumerate() {
+            violations.extend(server_checker::check(shard, log, shard_config));
         }
         violations
     }

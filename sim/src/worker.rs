@@ -1,6 +1,7 @@
 //! A worker host: the real Rust client running a plan of lock-guarded
-//! counter steps and distinct dedup steps, recording everything it does
-//! and believes. A crashed worker restarts at the step it was in, with the
+//! counter steps (some with a re-lock, some cancelled while waiting),
+//! distinct dedup steps (some retried) and abandoned ephemeral locks,
+//! recording everything it does and believes. A crashed worker restarts at the step it was in, with the
 //! same client id, as a queue consumer whose message is redelivered would.
 
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadbolt_core::client::{Client, ClientOptions, Error, LockGuard, LockOptions};
+use deadbolt_core::proto::{Acquire, LockOp, Op, Wait as WaitFor};
 use deadbolt_transport_quic::QuicConnector;
 use deadbolt_transport_ws::{WsClientConfig, WsConnector};
 
@@ -59,9 +61,12 @@ pub fn result_key(index: usize) -> String {
 
 /// Runs worker `me` until its plan is done.
 pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
+    if shared.scenario.workers[me].transport == Transport::Raw {
+        return crate::raw::run(shared, me).await;
+    }
     let record = |what| shared.history.record(Actor::Worker(me), what);
     record(What::Started);
-    let client = connect(&shared, me).await;
+    let client = connect(&shared, me, format!("worker-{me}"), 10).await;
     loop {
         let at = shared.progress.lock().unwrap_or_else(|p| p.into_inner())[me];
         let Some(step) = shared.scenario.workers[me].steps.get(at) else {
@@ -75,6 +80,8 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                 hold_ms,
                 extend,
                 ephemeral,
+                relock,
+                cancel_after_ms,
             } => {
                 let counter = Counter {
                     client: &client,
@@ -82,12 +89,33 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                     me,
                     key: LOCK_KEYS[*key],
                 };
-                counter
-                    .run(*ttl_ms, *wait, *hold_ms, *extend, *ephemeral)
-                    .await;
+                let plan = CounterPlan {
+                    ttl_ms: *ttl_ms,
+                    wait: *wait,
+                    hold_ms: *hold_ms,
+                    extend: *extend,
+                    ephemeral: *ephemeral,
+                    relock: *relock,
+                    cancel_after_ms: *cancel_after_ms,
+                };
+                counter.run(plan).await;
             }
-            Step::Dedup { keys, work_ms } => {
-                dedup(&client, &shared.history, me, keys, *work_ms).await
+            Step::Dedup {
+                keys,
+                work_ms,
+                retry,
+            } => {
+                let set_ttl = ms(shared.scenario.set_ttl_ms);
+                let plan = DedupPlan {
+                    keys,
+                    work_ms: *work_ms,
+                    retry: *retry,
+                    set_ttl,
+                };
+                dedup(&client, &shared.history, me, plan).await
+            }
+            Step::Abandon { key, ttl_ms } => {
+                abandon(&shared, me, at, LOCK_KEYS[*key], *ttl_ms).await;
             }
         }
         shared.progress.lock().unwrap_or_else(|p| p.into_inner())[me] = at + 1;
@@ -96,17 +124,19 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
     Ok(())
 }
 
-/// Connects, retrying until the server answers.
-async fn connect(shared: &Shared, me: usize) -> Client {
+/// Connects worker `me` as `client_id`, retrying until the server answers.
+/// A QUIC endpoint's connection ids are drawn from `quic_host + me`, so
+/// each endpoint of a worker needs a `quic_host` of its own.
+async fn connect(shared: &Shared, me: usize, client_id: String, quic_host: u8) -> Client {
     let options = ClientOptions {
-        client_id: Some(format!("worker-{me}")),
+        client_id: Some(client_id),
         retry_for: Duration::from_secs(3),
         retry_delay: ms(50),
         retry_delay_max: ms(500),
     };
     loop {
         let connected = match shared.scenario.workers[me].transport {
-            Transport::Ws => {
+            Transport::Ws | Transport::Raw => {
                 let url = format!("ws://{}:{WS_PORT}/ws", shared.ws_host);
                 let config = WsClientConfig {
                     connect_timeout: ms(1000),
@@ -121,7 +151,7 @@ async fn connect(shared: &Shared, me: usize) -> Client {
                     Err(e) => Err(e.into()),
                 }
             }
-            Transport::Quic => connect_quic(shared, me, options.clone()).await,
+            Transport::Quic => connect_quic(shared, me, quic_host, options.clone()).await,
         };
         match connected {
             Ok(client) => return client,
@@ -130,14 +160,19 @@ async fn connect(shared: &Shared, me: usize) -> Client {
     }
 }
 
-async fn connect_quic(shared: &Shared, me: usize, options: ClientOptions) -> Result<Client, Error> {
+async fn connect_quic(
+    shared: &Shared,
+    me: usize,
+    quic_host: u8,
+    options: ClientOptions,
+) -> Result<Client, Error> {
     let lost = |e: String| {
         Error::Transport(deadbolt_core::client::TransportError::Connect {
             server: "server".into(),
             reason: e,
         })
     };
-    let host = 10 + me as u8;
+    let host = quic_host + me as u8;
     let endpoint = quic_endpoint(0, shared.scenario.seed, host, None)
         .await
         .map_err(|e| lost(e.to_string()))?;
@@ -167,7 +202,16 @@ impl Counter<'_> {
         now_us() + micros(guard.valid_for())
     }
 
-    async fn run(&self, ttl_ms: u64, wait: Wait, hold_ms: u64, extend: bool, ephemeral: bool) {
+    async fn run(&self, plan: CounterPlan) {
+        let CounterPlan {
+            ttl_ms,
+            wait,
+            hold_ms,
+            extend,
+            ephemeral,
+            relock,
+            cancel_after_ms,
+        } = plan;
         let key = self.key.to_owned();
         let wait_ms = match wait {
             Wait::Forever => None,
@@ -184,7 +228,16 @@ impl Counter<'_> {
         if let Some(wait_ms) = wait_ms {
             options = options.wait(ms(wait_ms));
         }
-        let guard = match self.client.lock_with(self.key, options).await {
+        let locking = self.client.lock_with(self.key, options);
+        let locked = match cancel_after_ms {
+            // Dropping the request cancels it on the server.
+            Some(after) => match tokio::time::timeout(ms(after), locking).await {
+                Ok(locked) => locked,
+                Err(_) => return self.record(What::NotGranted { key }),
+            },
+            None => locking.await,
+        };
+        let guard = match locked {
             Ok(Some(guard)) => guard,
             Ok(None) => return self.record(What::NotGranted { key }),
             Err(e) => {
@@ -212,6 +265,9 @@ impl Counter<'_> {
             })
         };
         let value = self.fenced_read(&guard).await;
+        if relock {
+            self.relock(ttl_ms, ephemeral).await;
+        }
         tokio::time::sleep(ms(hold_ms / 2)).await;
         let mut believed = true;
         if extend {
@@ -242,6 +298,21 @@ impl Counter<'_> {
         });
         let ok = guard.unlock().await.is_ok();
         self.record(What::Unlocked { key, token, ok });
+    }
+
+    /// Asks for the held lock again, as a retry after a lost reply would:
+    /// the server answers the same token and restarts the lease (the
+    /// guard's own, shorter view of the lease stays what the worker
+    /// believes). If the lease has run out meanwhile, this may be a new
+    /// grant nobody uses; it runs out in its turn.
+    async fn relock(&self, ttl_ms: u64, ephemeral: bool) {
+        let op = Op::Lock(LockOp::Acquire(Acquire {
+            key: self.key.to_owned(),
+            ttl_ms,
+            wait: WaitFor::Never,
+            ephemeral,
+        }));
+        let _ = self.client.call(op).await;
     }
 
     async fn fenced_read(&self, guard: &LockGuard) -> Option<u64> {
@@ -290,20 +361,70 @@ impl Counter<'_> {
     }
 }
 
-/// One dedup step: insert the keys (retrying until the server answers) and
+/// What a counter step does.
+#[derive(Debug, Clone, Copy)]
+struct CounterPlan {
+    ttl_ms: u64,
+    wait: Wait,
+    hold_ms: u64,
+    extend: bool,
+    ephemeral: bool,
+    relock: bool,
+    cancel_after_ms: Option<u64>,
+}
+
+/// What a dedup step does.
+struct DedupPlan<'a> {
+    keys: &'a [usize],
+    work_ms: u64,
+    retry: bool,
+    set_ttl: Duration,
+}
+
+/// One dedup step: insert the keys (retrying until the server answers),
+/// maybe insert them again (a retry whose first reply was lost), and
 /// process every key this worker owns.
-async fn dedup(client: &Client, history: &History, me: usize, keys: &[usize], work_ms: u64) {
+async fn dedup(client: &Client, history: &History, me: usize, plan: DedupPlan<'_>) {
+    let record = |what| history.record(Actor::Worker(me), what);
+    let names: Vec<String> = plan.keys.iter().map(|&k| result_key(k)).collect();
+    let results = insert(client, history, me, &names, plan.set_ttl).await;
+    if plan.retry {
+        // The checker compares both answers: same index, and `first` only
+        // ever to one worker.
+        insert(client, history, me, &names, plan.set_ttl).await;
+    }
+    for (key, result) in names.iter().zip(&results) {
+        if result.first {
+            // Processing takes time: a crash here leaves the key to the
+            // restarted worker.
+            tokio::time::sleep(ms(plan.work_ms)).await;
+            record(What::Processed {
+                set: SET.into(),
+                key: key.clone(),
+            });
+        }
+    }
+}
+
+/// Sets the set up (restarting its time to live) and inserts `names`,
+/// retrying until the server answers; records and returns the answers.
+async fn insert(
+    client: &Client,
+    history: &History,
+    me: usize,
+    names: &[String],
+    set_ttl: Duration,
+) -> Vec<deadbolt_core::proto::Inserted> {
     let record = |what| history.record(Actor::Worker(me), what);
     let set = client.set(SET);
-    let names: Vec<String> = keys.iter().map(|&k| result_key(k)).collect();
     let results = loop {
         record(What::InsertAsked {
             set: SET.into(),
-            keys: names.clone(),
+            keys: names.to_vec(),
         });
         let attempt = async {
-            set.set_up(Duration::from_secs(600)).await?;
-            set.insert_many(names.clone()).await
+            set.set_up(set_ttl).await?;
+            set.insert_many(names.to_vec()).await
         };
         match attempt.await {
             Ok(results) => break results,
@@ -324,15 +445,48 @@ async fn dedup(client: &Client, history: &History, me: usize, keys: &[usize], wo
             first: result.first,
         });
     }
-    for (key, result) in names.iter().zip(&results) {
-        if result.first {
-            // Processing takes time: a crash here leaves the key to the
-            // restarted worker.
-            tokio::time::sleep(ms(work_ms)).await;
-            record(What::Processed {
-                set: SET.into(),
-                key: key.clone(),
+    results
+}
+
+/// Takes an ephemeral lock on a connection of its own (a client id of
+/// this step's own, so no other step's request is a re-lock of it), then
+/// closes the connection without an unlock: the server must free the key
+/// when the close arrives. The worker stops believing it holds the key
+/// before it closes.
+async fn abandon(shared: &Shared, me: usize, step: usize, key: &str, ttl_ms: u64) {
+    let record = |what| shared.history.record(Actor::Worker(me), what);
+    let wait_ms = 2_000;
+    record(What::LockAsked {
+        key: key.to_owned(),
+        ttl_ms,
+        wait_ms: Some(wait_ms),
+        ephemeral: true,
+    });
+    let client = connect(shared, me, format!("worker-{me}-abandon-{step}"), 100).await;
+    let options = LockOptions::new(ms(ttl_ms))
+        .wait(ms(wait_ms))
+        .ephemeral(true);
+    match client.lock_with(key, options).await {
+        Ok(Some(guard)) => {
+            let token = guard.token();
+            record(What::Granted {
+                key: key.to_owned(),
+                token,
+                valid_until_us: Counter::valid_until_us(&guard),
             });
+            record(What::Abandoned {
+                key: key.to_owned(),
+                token,
+            });
+            guard.detach();
+            drop(client);
         }
+        Ok(None) => record(What::NotGranted {
+            key: key.to_owned(),
+        }),
+        Err(e) => record(What::LockFailed {
+            key: key.to_owned(),
+            error: e.to_string(),
+        }),
     }
 }

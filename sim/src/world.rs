@@ -8,6 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use deadbolt_core::EngineConfig;
 use deadbolt_core::client::{Client, ClientOptions};
+use deadbolt_core::shard::planted;
 use deadbolt_server::{Listeners, ServerConfig};
 use deadbolt_transport_quic::{Identity, QuicConfig};
 use deadbolt_transport_ws::{WsConfig, WsConnector};
@@ -33,7 +34,8 @@ const SIMULATION_MS: u64 = HEAL_AT_MS + WORKLOAD_BOUND_MS + 20_000;
 /// How to run a seed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
-    /// A bug to plant between the WebSocket workers and the server.
+    /// A bug to plant: in a proxy between the WebSocket workers and the
+    /// server, or in the server's state machine.
     pub bug: Option<Bug>,
 }
 
@@ -64,16 +66,19 @@ fn worker_name(worker: usize) -> String {
 pub fn run(seed: u64, options: Options) -> Report {
     let scenario = scenario::scenario(seed);
     let history = History::default();
+    let proxied = options.bug.is_some_and(Bug::needs_proxy);
+    // The whole run (the server's shards, and the replays that check
+    // them) is on this thread, so the state machine's bug is planted here.
+    let Some(_planted) = planted::plant(options.bug.and_then(Bug::planted)) else {
+        let error = "the state machine's planted bugs need `--features planted-bugs`".to_owned();
+        return failed(seed, scenario, &history, error);
+    };
     let shared = Shared {
         history: history.clone(),
         scenario: Arc::new(scenario.clone()),
         progress: Arc::new(Mutex::new(vec![0; scenario.workers.len()])),
         ca_pem: Arc::new(Vec::new()),
-        ws_host: if options.bug.is_some() {
-            "proxy"
-        } else {
-            "server"
-        },
+        ws_host: if proxied { "proxy" } else { "server" },
     };
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
@@ -101,7 +106,7 @@ pub fn run(seed: u64, options: Options) -> Report {
     sim.host("resource", move || {
         resource::serve(resource_history.clone())
     });
-    if let Some(bug) = options.bug {
+    if let Some(bug) = options.bug.filter(|bug| bug.needs_proxy()) {
         let bug_history = history.clone();
         sim.host("proxy", move || proxy::serve(bug, bug_history.clone()));
     }
@@ -131,6 +136,7 @@ pub fn run(seed: u64, options: Options) -> Report {
         violations.push(Violation::HostFailed { error });
     }
     violations.extend(control.trace.check(&control.config.engine));
+    violations.extend(control.trace.check_server(&control.config.engine));
     report(seed, scenario, events, violations, faults)
 }
 
@@ -262,23 +268,18 @@ fn add_server(
     });
 }
 
-/// The auditor: waits for the workers (up to the bound), then exports the
-/// set and reads the resource, straight from the server.
+/// The auditor: keeps a short-lived set alive, waits for the workers (up
+/// to the bound), then exports the set (a page of the drawn size at a
+/// time) and reads the resource, straight from the server.
 async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
+    let renewer = (shared.scenario.set_ttl_ms < scenario::SET_TTL_LONG_MS)
+        .then(|| tokio::spawn(renew_set(shared.scenario.set_ttl_ms)));
     let deadline = Duration::from_millis(HEAL_AT_MS + WORKLOAD_BOUND_MS);
     while !shared.all_done() && turmoil::sim_elapsed().unwrap_or_default() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let record = |what| shared.history.record(Actor::Auditor, what);
-    let export = async {
-        let connector = WsConnector::with_dialer(&format!("ws://server:{WS_PORT}/ws"), SimDialer)?;
-        let client = Client::connect(connector, ClientOptions::default()).await?;
-        let members = client.set(SET).members().try_collect::<Vec<_>>().await?;
-        Ok::<_, deadbolt_core::client::Error>(
-            members.into_iter().map(|m| (m.index, m.key)).collect(),
-        )
-    };
-    match export.await {
+    match export(shared.scenario.page_limit).await {
         Ok(members) => record(What::Members {
             set: SET.into(),
             members,
@@ -294,7 +295,10 @@ async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
             error: e.to_string(),
         }),
     }
-    for key in LOCK_KEYS {
+    if let Some(renewer) = renewer {
+        renewer.abort();
+    }
+    for key in &LOCK_KEYS[..shared.scenario.lock_keys] {
         match resource::peek(key).await {
             Ok(value) => record(What::FinalValue {
                 key: (*key).to_owned(),
@@ -305,6 +309,50 @@ async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
     }
     stop_server(&control).await;
     Ok(())
+}
+
+/// A client of the auditor's, straight to the server.
+async fn auditor_client() -> Result<Client, deadbolt_core::client::Error> {
+    let connector = WsConnector::with_dialer(&format!("ws://server:{WS_PORT}/ws"), SimDialer)?;
+    Client::connect(connector, ClientOptions::default()).await
+}
+
+/// Every member of the set, in index order, a page of `page_limit` (or
+/// the default) at a time.
+async fn export(
+    page_limit: Option<u32>,
+) -> Result<Vec<(u64, String)>, deadbolt_core::client::Error> {
+    let client = auditor_client().await?;
+    let set = client.set(SET);
+    let Some(limit) = page_limit else {
+        let members = set.members().try_collect::<Vec<_>>().await?;
+        return Ok(members.into_iter().map(|m| (m.index, m.key)).collect());
+    };
+    let mut members = Vec::new();
+    let mut after = Some(0);
+    while let Some(from) = after {
+        let page = set.members_page(from, limit).await?;
+        members.extend(page.members.into_iter().map(|m| (m.index, m.key)));
+        after = page.next;
+    }
+    Ok(members)
+}
+
+/// Restarts the set's short time to live with `set_up` four times per
+/// lifetime, from a host no fault touches, until aborted: the workers'
+/// own `set_up`s renew it too, but a faulty worker may not in time.
+async fn renew_set(ttl_ms: u64) {
+    let client = loop {
+        if let Ok(client) = auditor_client().await {
+            break client;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let set = client.set(SET);
+    loop {
+        let _ = set.set_up(Duration::from_millis(ttl_ms)).await;
+        tokio::time::sleep(Duration::from_millis(ttl_ms / 4)).await;
+    }
 }
 
 /// Shuts the server down gracefully and waits (a bounded while) until it
@@ -357,8 +405,9 @@ impl<'a> Driver<'a> {
 
     /// The host a worker's server traffic goes to.
     fn server_of(&self, worker: usize) -> &'static str {
-        match (self.options.bug, self.scenario.workers[worker].transport) {
-            (Some(_), Transport::Ws) => "proxy",
+        let proxied = self.options.bug.is_some_and(Bug::needs_proxy);
+        match (proxied, self.scenario.workers[worker].transport) {
+            (true, Transport::Ws) => "proxy",
             _ => "server",
         }
     }

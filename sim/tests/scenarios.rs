@@ -5,18 +5,30 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use deadbolt_core::EngineConfig;
 use deadbolt_core::client::LockOptions;
 use deadbolt_core::proto::{ErrorCode, Inserted, Keys, Okay, Op, SetOp};
-use deadbolt_sim::script::{Log, SERVER, add_server, connect, step_until, world};
+use deadbolt_sim::script::{Log, SCRIPT_SHARDS, SERVER, add_server, connect, step_until, world};
 use deadbolt_sim::trace::Trace;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-/// Asserts that no shard invariant broke during the script.
+/// Asserts that no shard invariant broke during the script, and that the
+/// server kept its own order and timing rules (`server_checker`).
 fn assert_invariants_kept(trace: &Trace, log: &Log) {
     assert_eq!(trace.broken(), Vec::new(), "log:\n{}", log.dump());
+    let engine = EngineConfig {
+        shards: SCRIPT_SHARDS,
+        ..EngineConfig::new()
+    };
+    assert_eq!(
+        trace.check_server(&engine),
+        Vec::new(),
+        "log:\n{}",
+        log.dump()
+    );
 }
 
 #[test]

@@ -22,10 +22,13 @@
 //! Layout: [`locks`] (SPEC section 2: the rules, beside their containers),
 //! [`sets`] (SPEC section 3), the deadline heap in `timers`, and
 //! [`hasher`] (the seeded table hash and the stable placement hash),
-//! [`time`] (ticks, the shard's notion of time).
+//! [`time`] (ticks, the shard's notion of time), and [`planted`] (bugs
+//! the simulation plants to prove its checker, compiled only with the
+//! `planted-bugs` feature).
 
 pub mod hasher;
 pub mod locks;
+pub mod planted;
 pub mod sets;
 pub mod time;
 mod timers;
@@ -38,7 +41,8 @@ use hasher::{KeyHasher, StableHasher};
 use crate::time::Tick;
 use deadbolt_proto::limits::Limits;
 use deadbolt_proto::{HeldLock, LockCounters, LockOp, Outcome, SetCounters, SetOp, SetSummary};
-use locks::Locks;
+use locks::{KeyView, Locks};
+use planted::PlantedBug;
 use sets::Sets;
 
 /// A client id (SPEC section 1), shared by every grant and waiter of the
@@ -268,6 +272,9 @@ impl Shard {
     /// When an [`Input::Tick`] should next be applied (possibly early: a
     /// deadline that has since moved leaves a stale wake-up behind).
     pub fn next_deadline(&self) -> Option<Tick> {
+        if planted::active(PlantedBug::DeafWakeup) && self.sets.next_deadline().is_some() {
+            return self.sets.next_deadline();
+        }
         match (self.locks.next_deadline(), self.sets.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -314,6 +321,14 @@ impl Shard {
         self.locks.digest(&mut digest);
         self.sets.digest(&mut digest);
         digest.finish()
+    }
+
+    /// Every key with lock state, in key order, as a checker outside the
+    /// rules sees it (holders with their deadlines, waiters in queue
+    /// order). Read-only, and a full scan: for tests and the simulation,
+    /// which replays a log and compares the views around each command.
+    pub fn lock_views(&self) -> Vec<KeyView> {
+        self.locks.views()
     }
 
     /// Checks the shard's internal invariants; for tests and the simulation.

@@ -22,7 +22,8 @@ use hashbrown::HashTable;
 
 use super::hasher::KeyHasher;
 use super::timers::{Timer, Timers};
-use super::{Answer, Caller, ConnId, Handle};
+use super::{Answer, Caller, ClientId, ConnId, Handle};
+use crate::planted::{self, PlantedBug};
 use crate::time::Tick;
 use conns::ConnIndex;
 use deadbolt_proto::limits::Limits;
@@ -36,6 +37,43 @@ use queue::{WaitQueue, Waiter};
 /// How many grants a key admits at once. A mutex: one. (Semaphores will
 /// carry their own count on the entry.)
 const MUTEX_CAPACITY: usize = 1;
+
+/// One key's lock state as a checker outside the rules sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyView {
+    /// The key.
+    pub key: String,
+    /// Its grants.
+    pub holders: Vec<HolderView>,
+    /// Its waiters, first come first.
+    pub waiters: Vec<WaiterView>,
+}
+
+/// One grant of a key, seen from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderView {
+    /// The holder's client id.
+    pub client: ClientId,
+    /// The connection that took (or last re-took) it.
+    pub conn: ConnId,
+    /// Its fencing token.
+    pub token: u64,
+    /// When its lease ends.
+    pub deadline: Tick,
+    /// Whether it ends with its connection.
+    pub ephemeral: bool,
+}
+
+/// One queued `lock` request, seen from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaiterView {
+    /// Where its answer goes.
+    pub handle: Handle,
+    /// The connection it came on.
+    pub conn: ConnId,
+    /// When its wait runs out, if it has a limit.
+    pub deadline: Option<Tick>,
+}
 
 /// A key's deadlines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -157,7 +195,12 @@ pub(crate) struct Locks {
 /// A waiter whose wait ran out at this very tick is answered `timeout`.
 fn grant_next(entry: &mut LockEntry, hash: u64, at: Tick, books: &mut Books) {
     while entry.has_room() {
-        let Some(waiter) = entry.queue.pop_front() else {
+        let next = if planted::active(PlantedBug::GrantOutOfOrder) {
+            entry.queue.pop_back()
+        } else {
+            entry.queue.pop_front()
+        };
+        let Some(waiter) = next else {
             return;
         };
         books.waiter_left(&waiter, hash);
@@ -167,16 +210,30 @@ fn grant_next(entry: &mut LockEntry, hash: u64, at: Tick, books: &mut Books) {
             continue;
         }
         let client = waiter.client.clone();
+        let lease_from = lease_start(&waiter, at);
         let request = GrantRequest {
             client: waiter.client,
             conn: waiter.conn,
-            at,
+            at: lease_from,
             ttl_ms: waiter.ttl_ms,
             ephemeral: waiter.ephemeral,
         };
         let holder = books.grant(waiter.handle, hash, request);
         entry.holders.insert(holder);
         answer_queued_relocks(entry, &client, hash, at, books);
+    }
+}
+
+/// When a waiter's lease starts: at its grant (but see
+/// [`PlantedBug::LeaseFromRequest`]).
+fn lease_start(waiter: &Waiter, granted_at: Tick) -> Tick {
+    match waiter.deadline {
+        Some(deadline) if planted::active(PlantedBug::LeaseFromRequest) => Tick(
+            deadline
+                .0
+                .saturating_sub(waiter.wait_ms.saturating_mul(1000)),
+        ),
+        _ => granted_at,
     }
 }
 
@@ -319,7 +376,12 @@ impl Locks {
                 let entry = occupied.get_mut();
                 if let Some(holder) = entry.holders.by_client_mut(&request.client) {
                     let (ttl_ms, ephemeral) = (request.ttl_ms, request.ephemeral);
+                    let kept = holder.deadline;
                     relock(holder, request.conn, ttl_ms, ephemeral, now, hash, books);
+                    if planted::active(PlantedBug::RelockKeepsLease) {
+                        // The timer at the kept deadline is still queued.
+                        holder.deadline = kept;
+                    }
                     let granted = Granted {
                         token: holder.token,
                         ttl_ms,
@@ -507,9 +569,13 @@ impl Locks {
             books.counters.abandoned += 1;
             books.answer(waiter.handle, Err(ServerError::cancelled()));
         }
-        for holder in entry.holders.take_where(|h| h.ephemeral && h.conn == conn) {
+        for mut holder in entry.holders.take_where(|h| h.ephemeral && h.conn == conn) {
             books.unbind(&holder, hash);
             books.counters.disconnects += 1;
+            if planted::active(PlantedBug::EphemeralOutlivesConnection) {
+                holder.ephemeral = false;
+                entry.holders.insert(holder);
+            }
         }
         grant_next(entry, hash, now, books);
         if entry.is_vacant() {
@@ -603,6 +669,39 @@ impl Locks {
         self.books.conns.clear();
     }
 
+    /// Every key with lock state, in key order: see [`KeyView`].
+    pub fn views(&self) -> Vec<KeyView> {
+        let mut views: Vec<KeyView> = self
+            .table
+            .iter()
+            .map(|entry| KeyView {
+                key: entry.key.to_string(),
+                holders: entry
+                    .holders
+                    .iter()
+                    .map(|h| HolderView {
+                        client: h.client.clone(),
+                        conn: h.conn,
+                        token: h.token,
+                        deadline: h.deadline,
+                        ephemeral: h.ephemeral,
+                    })
+                    .collect(),
+                waiters: entry
+                    .queue
+                    .iter()
+                    .map(|w| WaiterView {
+                        handle: w.handle,
+                        conn: w.conn,
+                        deadline: w.deadline,
+                    })
+                    .collect(),
+            })
+            .collect();
+        views.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        views
+    }
+
     /// Counters since the start, and sizes now.
     pub fn counters(&self) -> LockCounters {
         LockCounters {
@@ -651,6 +750,9 @@ fn enqueue(
             return;
         }
         Wait::Forever => (0, None),
+        Wait::UpTo(ms) if planted::active(PlantedBug::EarlyTimeout) => {
+            (ms, Some(request.at.plus_millis(ms / 2)))
+        }
         Wait::UpTo(ms) => (ms, Some(request.at.plus_millis(ms))),
     };
     if entry.queue.len() >= books.limits.waiters_per_key_max {

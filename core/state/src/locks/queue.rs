@@ -64,6 +64,13 @@ impl WaitQueue {
         waiter
     }
 
+    /// The newest waiter: only for [`crate::planted::PlantedBug::GrantOutOfOrder`].
+    pub fn pop_back(&mut self) -> Option<Waiter> {
+        let waiter = self.0.as_mut()?.pop_back();
+        self.free_if_empty();
+        waiter
+    }
+
     pub fn remove(&mut self, position: usize) -> Option<Waiter> {
         let waiter = self.0.as_mut()?.remove(position);
         self.free_if_empty();

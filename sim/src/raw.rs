@@ -1,0 +1,270 @@
+//! A raw-protocol worker: speaks the JSON protocol over the simulated
+//! WebSocket itself, without the Rust client, and trusts the server's
+//! `ttl_ms` with no margin of its own: it believes it holds a lock from
+//! the reply until the time it sent the request plus the granted `ttl_ms`
+//! (the grant came after the send, so that is all the contract promises),
+//! and a re-lock answered with the same token moves that end to the
+//! re-lock's send plus its `ttl_ms`. The Rust client re-anchors leases
+//! with extends of its own, which hides lease arithmetic errors on the
+//! server; this worker does not. Its request ids start at 1 on every
+//! connection, as the Rust client's do, so ids collide across
+//! connections (they are unique per connection only).
+//!
+//! It runs its plan's counter steps as try-locks (a waited grant leaves a
+//! send-time view with nothing in it) with an optional re-lock, and skips
+//! the other steps.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::history::{Actor, What, now_us};
+use crate::resource::{self, Answer};
+use crate::scenario::{LOCK_KEYS, Step};
+use crate::worker::{Shared, WS_PORT};
+
+/// How long a request may go unanswered before the connection is taken
+/// for broken.
+const REPLY_TIMEOUT: Duration = Duration::from_millis(1_500);
+
+type Socket = tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>;
+
+/// One connection, with its own request ids.
+struct Connection {
+    socket: Socket,
+    next_id: u64,
+}
+
+impl Connection {
+    async fn open(client: &str) -> Result<Connection, String> {
+        let connecting = turmoil::net::TcpStream::connect(("server", WS_PORT));
+        let stream = tokio::time::timeout(REPLY_TIMEOUT, connecting)
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let (socket, _) =
+            tokio_tungstenite::client_async(format!("ws://server:{WS_PORT}/ws"), stream)
+                .await
+                .map_err(|e| e.to_string())?;
+        let mut connection = Connection { socket, next_id: 1 };
+        connection
+            .call(json!({"op": "hello", "client": client}))
+            .await?;
+        Ok(connection)
+    }
+
+    /// Sends `request` with the next id and waits for its reply (`ok` or
+    /// `err`), within [`REPLY_TIMEOUT`].
+    async fn call(&mut self, mut request: Value) -> Result<Value, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        request["id"] = json!(id);
+        self.socket
+            .send(Message::Text(request.to_string().into()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
+            while let Some(message) = self.socket.next().await {
+                let Ok(Message::Text(text)) = message else {
+                    continue;
+                };
+                let reply: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                if reply["id"] == json!(id) {
+                    return Ok(reply);
+                }
+            }
+            Err("connection closed".to_owned())
+        });
+        reply.await.map_err(|_| "no reply".to_owned())?
+    }
+}
+
+/// Runs raw worker `me` until its plan is done.
+pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
+    let record = |what| shared.history.record(Actor::Worker(me), what);
+    record(What::Started);
+    let client = format!("raw-{me}");
+    let mut connection: Option<Connection> = None;
+    loop {
+        let at = shared.progress.lock().unwrap_or_else(|p| p.into_inner())[me];
+        let Some(step) = shared.scenario.workers[me].steps.get(at) else {
+            break;
+        };
+        if let Step::Counter {
+            key,
+            ttl_ms,
+            hold_ms,
+            relock,
+            ..
+        } = step
+        {
+            let open = match connection.take() {
+                Some(open) => Ok(open),
+                None => Connection::open(&client).await,
+            };
+            match open {
+                Ok(mut open) => {
+                    let counter = RawCounter {
+                        shared: &shared,
+                        me,
+                        key: LOCK_KEYS[*key],
+                        ttl_ms: *ttl_ms,
+                    };
+                    if counter.run(&mut open, *hold_ms, *relock).await {
+                        connection = Some(open);
+                    }
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
+        shared.progress.lock().unwrap_or_else(|p| p.into_inner())[me] = at + 1;
+    }
+    record(What::Done);
+    Ok(())
+}
+
+/// One try-lock-guarded counter step.
+struct RawCounter<'a> {
+    shared: &'a Shared,
+    me: usize,
+    key: &'static str,
+    ttl_ms: u64,
+}
+
+impl RawCounter<'_> {
+    fn record(&self, what: What) {
+        self.shared.history.record(Actor::Worker(self.me), what);
+    }
+
+    /// `lock` with `wait_ms: 0`: the token and the end of the lease as
+    /// the reply lets the worker know it, or why not.
+    async fn try_lock(&self, connection: &mut Connection) -> Result<Option<(u64, u64)>, String> {
+        let sent_us = now_us();
+        let request = json!({"op": "lock", "key": self.key, "ttl_ms": self.ttl_ms, "wait_ms": 0});
+        let reply = connection.call(request).await?;
+        let ok = &reply["ok"];
+        match (ok["token"].as_u64(), ok["ttl_ms"].as_u64()) {
+            (Some(token), Some(ttl_ms)) => Ok(Some((token, sent_us + ttl_ms * 1000))),
+            _ if reply["err"]["code"] == json!("busy") => Ok(None),
+            _ => Err(reply.to_string()),
+        }
+    }
+
+    /// Returns whether the connection is still good.
+    async fn run(&self, connection: &mut Connection, hold_ms: u64, relock: bool) -> bool {
+        let key = self.key.to_owned();
+        self.record(What::LockAsked {
+            key: key.clone(),
+            ttl_ms: self.ttl_ms,
+            wait_ms: Some(0),
+            ephemeral: false,
+        });
+        let (token, mut valid_until_us) = match self.try_lock(connection).await {
+            Ok(Some(granted)) => granted,
+            Ok(None) => {
+                self.record(What::NotGranted { key });
+                return true;
+            }
+            Err(error) => {
+                self.record(What::LockFailed { key, error });
+                return false;
+            }
+        };
+        self.record(What::Granted {
+            key: key.clone(),
+            token,
+            valid_until_us,
+        });
+        let value = self.fenced_read(token, valid_until_us).await;
+        let mut good = true;
+        if relock {
+            match self.try_lock(connection).await {
+                Ok(Some((again, until))) if again == token => {
+                    valid_until_us = until;
+                    self.record(What::Extended {
+                        key: key.clone(),
+                        token,
+                        valid_until_us,
+                    });
+                }
+                // Not ours any more (or never answered): stop believing.
+                Ok(_) => valid_until_us = 0,
+                Err(_) => {
+                    valid_until_us = 0;
+                    good = false;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+        if let Some(value) = value.filter(|_| now_us() < valid_until_us) {
+            self.fenced_write(token, value + 1).await;
+        }
+        self.record(What::Released {
+            key: key.clone(),
+            token,
+        });
+        if !good {
+            self.record(What::Unlocked {
+                key,
+                token,
+                ok: false,
+            });
+            return false;
+        }
+        let unlock = json!({"op": "unlock", "key": self.key, "token": token});
+        let reply = connection.call(unlock).await;
+        let ok = reply.as_ref().is_ok_and(|r| r.get("ok").is_some());
+        self.record(What::Unlocked { key, token, ok });
+        reply.is_ok()
+    }
+
+    async fn fenced_read(&self, token: u64, valid_until_us: u64) -> Option<u64> {
+        if now_us() >= valid_until_us {
+            return None;
+        }
+        let key = self.key.to_owned();
+        self.record(What::ReadAsked {
+            key: key.clone(),
+            token,
+        });
+        match resource::read(self.key, token).await {
+            Ok(Answer::Yes(value)) => {
+                self.record(What::Read { key, value });
+                Some(value)
+            }
+            Ok(Answer::Refused) => {
+                self.record(What::ResourceFailed {
+                    key,
+                    error: "read refused: a newer token exists".into(),
+                });
+                None
+            }
+            Err(error) => {
+                self.record(What::ResourceFailed { key, error });
+                None
+            }
+        }
+    }
+
+    async fn fenced_write(&self, token: u64, value: u64) {
+        let key = self.key.to_owned();
+        self.record(What::WriteAsked {
+            key: key.clone(),
+            token,
+            value,
+        });
+        match resource::write(self.key, token, value).await {
+            Ok(answer) => self.record(What::Written {
+                key,
+                token,
+                accepted: answer != Answer::Refused,
+            }),
+            Err(error) => self.record(What::ResourceFailed { key, error }),
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! The server's side of the history: rules over what each shard did, when.
+//!
+//! A shard is a deterministic function of its command log, so replaying the
+//! log that the simulated server recorded ([`crate::trace`]) into a fresh
+//! shard shows every answer the live shard gave, in the command (and at the
+//! command time) it gave it, and the shard's lock state between any two
+//! commands ([`Shard::lock_views`]). The workers' view hides much of this:
+//! the Rust client counts a lease from its own send and re-anchors after a
+//! long wait, which absorbs lease arithmetic errors on the server. These
+//! rules judge the server directly, knowing the contract and not the code:
+//!
+//! 1. First come, first served: a new grant of a key goes to the request
+//!    that has waited longest (by the order of the commands that asked),
+//!    never past an earlier request still waiting. (A re-lock answered to
+//!    the holder's own client names the holder's token: not a grant.)
+//! 2. Hand-off on time: a lease that runs out while someone waits on its
+//!    key is handed on by a command stamped within [`HAND_OFF_BOUND_US`] of
+//!    its deadline (the shard must wake up for it).
+//! 3. Lease lengths: every live grant's lease ends exactly `ttl_ms` after
+//!    its grant, its last re-lock or its last extend (a waiter granted when
+//!    a lease runs out is granted at that lease's deadline), and no lease
+//!    ends before that without an unlock, its requester gone, or (for an
+//!    ephemeral lock) its connection closed.
+//! 4. `timeout` is answered at or after the request's `wait_ms`, and within
+//!    [`HAND_OFF_BOUND_US`] after it.
+//! 5. `cancelled` is answered only to a request that a `cancel`, a
+//!    "requester gone" or its connection's close named.
+//! 6. An ephemeral lock ends with the command that closes its connection.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use deadbolt_core::proto::{ErrorCode, LockOp, Okay, Wait};
+use deadbolt_core::shard::locks::{HolderView, KeyView};
+use deadbolt_core::shard::{Answer, Command, ConnId, Handle, Input, Shard, ShardConfig, ShardOp};
+use deadbolt_core::time::Tick;
+
+use crate::checker::Violation;
+
+/// The contract's bound on a hand-off after a lease's end (SPEC section
+/// 2), used for wait limits too.
+pub const HAND_OFF_BOUND_US: u64 = 10_000;
+
+/// A `lock` request not answered yet.
+#[derive(Debug)]
+struct Request {
+    key: String,
+    conn: ConnId,
+    asked: Tick,
+    wait: Wait,
+    ephemeral: bool,
+}
+
+/// A grant, from its answer on.
+#[derive(Debug)]
+struct Grant {
+    key: String,
+    /// The connection it was granted on, and whether it ends with it.
+    conn: ConnId,
+    ephemeral: bool,
+    /// The request whose answer made it.
+    handle: Handle,
+    /// When its lease should end.
+    expected: Tick,
+}
+
+/// What a command said that can end a grant or a wait.
+#[derive(Debug, Default)]
+struct Enders {
+    cancelled: Option<Handle>,
+    gone: Option<Handle>,
+    closed: Option<ConnId>,
+    /// Tokens unlocked by this command (answered `{}`).
+    released: BTreeSet<u64>,
+}
+
+/// The checker's memory of one shard, carried from command to command.
+struct ShardHistory {
+    shard: usize,
+    requests: BTreeMap<Handle, Request>,
+    /// Per key, the requests queued, in the order they asked.
+    queued: BTreeMap<String, Vec<Handle>>,
+    grants: BTreeMap<u64, Grant>,
+    violations: Vec<Violation>,
+}
+
+/// Replays `log` (shard `shard`'s commands, in order) into a fresh shard
+/// built with `config`, and checks the rules above over what it does.
+pub fn check(shard: usize, log: &[Command], config: ShardConfig) -> Vec<Violation> {
+    let mut replica = Shard::new(config);
+    let mut history = ShardHistory {
+        shard,
+        requests: BTreeMap::new(),
+        queued: BTreeMap::new(),
+        grants: BTreeMap::new(),
+        violations: Vec::new(),
+    };
+    let mut before = views_by_key(replica.lock_views());
+    for command in log {
+        replica.apply(command.clone());
+        let now = replica.now();
+        let answers = replica.take_answers();
+        let after = views_by_key(replica.lock_views());
+        history.command(command, now, &answers, &before, &after);
+        before = after;
+    }
+    history.violations
+}
+
+fn views_by_key(views: Vec<KeyView>) -> BTreeMap<String, KeyView> {
+    views.into_iter().map(|v| (v.key.clone(), v)).collect()
+}
+
+fn us(tick: Tick) -> u64 {
+    tick.0
+}
+
+impl ShardHistory {
+    /// Judges one command: `answers` are what it answered, `before` and
+    /// `after` the lock state around it, `now` the shard's time after it.
+    fn command(
+        &mut self,
+        command: &Command,
+        now: Tick,
+        answers: &[Answer],
+        before: &BTreeMap<String, KeyView>,
+        after: &BTreeMap<String, KeyView>,
+    ) {
+        let (asked, enders) = self.read_input(&command.input, now);
+        // Per key, when its place was freed for a waiter: at the deadline
+        // of a lease that ran out during this command, else now.
+        let mut freed_at: BTreeMap<String, Tick> = BTreeMap::new();
+        for (key, view) in before {
+            let ran_out = view
+                .holders
+                .iter()
+                .filter(|h| h.deadline <= now && !holds(after, key, h.token))
+                .map(|h| h.deadline)
+                .min();
+            if let Some(deadline) = ran_out {
+                freed_at.insert(key.clone(), deadline);
+            }
+        }
+        let mut step = Step {
+            input: &command.input,
+            asked,
+            now,
+            enders,
+            freed_at,
+            granted_now: BTreeMap::new(),
+        };
+        for answer in answers {
+            self.answer(answer, &mut step, after);
+        }
+        if let Some(request) = asked.and_then(|handle| self.requests.get(&handle)) {
+            let key = request.key.clone();
+            self.queued.entry(key).or_default().extend(asked);
+        }
+        self.holders(&step, before, after);
+    }
+
+    /// Remembers a `lock` request, and what the command may end. Returns
+    /// the handle of the `lock` it asks, if it asks one.
+    fn read_input(&mut self, input: &Input, now: Tick) -> (Option<Handle>, Enders) {
+        let mut enders = Enders::default();
+        let mut asked = None;
+        match input {
+            Input::Op {
+                handle,
+                caller,
+                op: ShardOp::Lock(LockOp::Acquire(acquire)),
+            } => {
+                self.requests.insert(
+                    *handle,
+                    Request {
+                        key: acquire.key.clone(),
+                        conn: caller.conn,
+                        asked: now,
+                        wait: acquire.wait,
+                        ephemeral: acquire.ephemeral,
+                    },
+                );
+                asked = Some(*handle);
+            }
+            Input::Cancel { handle, .. } => enders.cancelled = Some(*handle),
+            Input::RequesterGone { handle, .. } => enders.gone = Some(*handle),
+            Input::ConnectionClosed { conn } => enders.closed = Some(*conn),
+            Input::Op { .. } | Input::Tick => {}
+        }
+        (asked, enders)
+    }
+
+    /// Judges one answer of the command.
+    fn answer(&mut self, answer: &Answer, step: &mut Step<'_>, after: &BTreeMap<String, KeyView>) {
+        let Some(request) = self.requests.remove(&answer.handle) else {
+            self.token_op_answered(answer, step);
+            return;
+        };
+        let new_grant = matches!(&answer.outcome,
+            Ok(Okay::Granted(g)) if !self.grants.contains_key(&g.token));
+        if new_grant {
+            self.first_come_first_served(answer.handle, &request, step.now);
+        }
+        if let Some(queue) = self.queued.get_mut(&request.key) {
+            queue.retain(|&h| h != answer.handle);
+        }
+        match &answer.outcome {
+            Ok(Okay::Granted(granted)) => {
+                let re_lock = self.grants.contains_key(&granted.token);
+                if re_lock {
+                    // Restarted at the tick the holder's grant was made in
+                    // this command (a queued re-lock answered with it), or now.
+                    let at = step.granted_now.get(&granted.token).copied();
+                    let at = at.unwrap_or(step.now);
+                    if let Some(grant) = self.grants.get_mut(&granted.token) {
+                        grant.expected = at.plus_millis(granted.ttl_ms);
+                    }
+                    return;
+                }
+                let at = if step.asked == Some(answer.handle) {
+                    step.now
+                } else {
+                    step.freed_at.get(&request.key).copied().unwrap_or(step.now)
+                };
+                let expected = at.plus_millis(granted.ttl_ms);
+                // If a later grant of the key comes in this command, this
+                // one ended first: by running out (its place freed at its
+                // lease's end), or by what the command itself did (now).
+                let ran_out = !holds(after, &request.key, granted.token) && expected <= step.now;
+                let next_at = if ran_out { expected } else { step.now };
+                step.freed_at.insert(request.key.clone(), next_at);
+                step.granted_now.insert(granted.token, at);
+                self.grants.insert(
+                    granted.token,
+                    Grant {
+                        key: request.key.clone(),
+                        conn: request.conn,
+                        ephemeral: request.ephemeral,
+                        handle: answer.handle,
+                        expected,
+                    },
+                );
+            }
+            Err(error) if error.code == ErrorCode::Timeout => {
+                self.timeout(answer.handle, &request, step.now);
+            }
+            Err(error) if error.code == ErrorCode::Cancelled => {
+                let deserved = step.enders.cancelled == Some(answer.handle)
+                    || step.enders.gone == Some(answer.handle)
+                    || step.enders.closed == Some(request.conn);
+                if !deserved {
+                    self.violations.push(Violation::UndeservedCancel {
+                        shard: self.shard,
+                        key: request.key,
+                        handle: answer.handle.0,
+                        at_us: us(step.now),
+                    });
+                }
+            }
+            Ok(_) | Err(_) => {}
+        }
+    }
+
+    /// An answer to `unlock` or `extend`: what it ends or restarts.
+    fn token_op_answered(&mut self, answer: &Answer, step: &mut Step<'_>) {
+        let Input::Op {
+            handle,
+            op: ShardOp::Lock(op),
+            ..
+        } = step.input
+        else {
+            return;
+        };
+        if *handle != answer.handle {
+            return;
+        }
+        match (op, &answer.outcome) {
+            (LockOp::Release { token, .. }, Ok(_)) => {
+                step.enders.released.insert(*token);
+            }
+            (LockOp::Extend { token, .. }, Ok(Okay::Extended(extended))) => {
+                if let Some(grant) = self.grants.get_mut(token) {
+                    grant.expected = step.now.plus_millis(extended.ttl_ms);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A new grant to `handle` must not pass a request that asked earlier
+    /// and still waits.
+    fn first_come_first_served(&mut self, handle: Handle, request: &Request, now: Tick) {
+        let Some(queue) = self.queued.get(&request.key) else {
+            return;
+        };
+        let earlier = queue.iter().take_while(|&&h| h != handle).next();
+        if let Some(&skipped) = earlier {
+            self.violations.push(Violation::QueueJumped {
+                shard: self.shard,
+                key: request.key.clone(),
+                granted: handle.0,
+                skipped: skipped.0,
+                at_us: us(now),
+            });
+        }
+    }
+
+    /// `timeout` is deserved once the wait ran out, and due soon after.
+    fn timeout(&mut self, handle: Handle, request: &Request, now: Tick) {
+        let Wait::UpTo(wait_ms) = request.wait else {
+            self.violations.push(Violation::TimeoutOffTime {
+                shard: self.shard,
+                key: request.key.clone(),
+                handle: handle.0,
+                due_us: u64::MAX,
+                at_us: us(now),
+            });
+            return;
+        };
+        let due = request.asked.plus_millis(wait_ms);
+        if now < due || now.0 > due.0.saturating_add(HAND_OFF_BOUND_US) {
+            self.violations.push(Violation::TimeoutOffTime {
+                shard: self.shard,
+                key: request.key.clone(),
+                handle: handle.0,
+                due_us: us(due),
+                at_us: us(now),
+            });
+        }
+    }
+
+    /// Judges how the holders of each key changed over the command.
+    fn holders(
+        &mut self,
+        step: &Step<'_>,
+        before: &BTreeMap<String, KeyView>,
+        after: &BTreeMap<String, KeyView>,
+    ) {
+        for (key, view) in before {
+            for holder in &view.holders {
+                if holds(after, key, holder.token) {
+                    self.still_held(key, holder, step);
+                } else {
+                    self.ended(key, holder, view, step);
+                }
+            }
+        }
+        // Grants made in this command that did not outlive it.
+        for &token in step.granted_now.keys() {
+            let Some(grant) = self.grants.get(&token) else {
+                continue;
+            };
+            let held = holds(after, &grant.key, token);
+            let undone = step.enders.gone == Some(grant.handle)
+                || (grant.ephemeral && step.enders.closed == Some(grant.conn));
+            if !held && grant.expected > step.now && !undone {
+                self.violations.push(Violation::LeaseEndedEarly {
+                    shard: self.shard,
+                    key: grant.key.clone(),
+                    token,
+                    expected_us: us(grant.expected),
+                    at_us: us(step.now),
+                });
+            }
+        }
+        for (key, view) in after {
+            for holder in &view.holders {
+                self.lease_length(key, holder, step.now);
+            }
+        }
+    }
+
+    /// A holder from before the command that is still there: an
+    /// ephemeral one must not outlive its connection's close.
+    fn still_held(&mut self, key: &str, holder: &HolderView, step: &Step<'_>) {
+        if holder.ephemeral && step.enders.closed == Some(holder.conn) {
+            self.violations.push(Violation::EphemeralKept {
+                shard: self.shard,
+                key: key.to_owned(),
+                token: holder.token,
+                conn: holder.conn,
+                at_us: us(step.now),
+            });
+        }
+    }
+
+    /// A holder from before the command that is gone: it ran out (and was
+    /// handed on in time), or something ended it.
+    fn ended(&mut self, key: &str, holder: &HolderView, view: &KeyView, step: &Step<'_>) {
+        if holder.deadline <= step.now {
+            let someone_waited = view
+                .waiters
+                .iter()
+                .any(|w| w.deadline.is_none_or(|d| d > holder.deadline));
+            let late = step.now.0 > holder.deadline.0.saturating_add(HAND_OFF_BOUND_US);
+            if someone_waited && late {
+                self.violations.push(Violation::LateHandOff {
+                    shard: self.shard,
+                    key: key.to_owned(),
+                    token: holder.token,
+                    deadline_us: us(holder.deadline),
+                    at_us: us(step.now),
+                });
+            }
+            return;
+        }
+        let enders = &step.enders;
+        let granted_by = self.grants.get(&holder.token).map(|g| g.handle);
+        let ended_by_command = enders.released.contains(&holder.token)
+            || (holder.ephemeral && enders.closed == Some(holder.conn))
+            || (granted_by.is_some() && enders.gone == granted_by);
+        if !ended_by_command {
+            self.violations.push(Violation::LeaseEndedEarly {
+                shard: self.shard,
+                key: key.to_owned(),
+                token: holder.token,
+                expected_us: us(holder.deadline),
+                at_us: us(step.now),
+            });
+        }
+    }
+
+    /// A live holder's lease ends `ttl_ms` after its grant, re-lock or
+    /// extend, and not before now.
+    fn lease_length(&mut self, key: &str, holder: &HolderView, now: Tick) {
+        let expected = self.grants.get(&holder.token).map(|g| g.expected);
+        if expected != Some(holder.deadline) || holder.deadline <= now {
+            self.violations.push(Violation::LeaseLength {
+                shard: self.shard,
+                key: key.to_owned(),
+                token: holder.token,
+                deadline_us: us(holder.deadline),
+                expected_us: expected.map_or(u64::MAX, us),
+            });
+        }
+    }
+}
+
+/// One command being judged.
+struct Step<'a> {
+    input: &'a Input,
+    /// The `lock` this command asks, if any.
+    asked: Option<Handle>,
+    /// The shard's time after it.
+    now: Tick,
+    enders: Enders,
+    /// Per key, when its place was freed for the next waiter.
+    freed_at: BTreeMap<String, Tick>,
+    /// Tokens granted in this command, with the tick of their grant.
+    granted_now: BTreeMap<u64, Tick>,
+}
+
+/// Whether `key` is held with `token` in `views`.
+fn holds(views: &BTreeMap<String, KeyView>, key: &str, token: u64) -> bool {
+    views
+        .get(key)
+        .is_some_and(|v| v.holders.iter().any(|h| h.token == token))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use deadbolt_core::Limits;
+    use deadbolt_core::proto::Acquire;
+    use deadbolt_core::shard::Caller;
+    use deadbolt_core::shard::planted::{self, PlantedBug};
+
+    use super::*;
+
+    fn config() -> ShardConfig {
+        ShardConfig {
+            hash_seed: 7,
+            first_token: 1,
+            limits: Limits::default(),
+        }
+    }
+
+    fn at_ms(ms: u64, input: Input) -> Command {
+        Command {
+            at: Tick::from_millis(ms),
+            input,
+        }
+    }
+
+    /// Client `n`, on connection `n`, asks for "k" with request handle `n`.
+    fn lock(ms: u64, n: u64, ttl_ms: u64) -> Command {
+        let caller = Caller {
+            client: Arc::from(format!("c{n}")),
+            conn: n,
+        };
+        let op = ShardOp::Lock(LockOp::Acquire(Acquire {
+            key: "k".into(),
+            ttl_ms,
+            wait: Wait::Forever,
+            ephemeral: false,
+        }));
+        at_ms(
+            ms,
+            Input::Op {
+                handle: Handle(n),
+                caller,
+                op,
+            },
+        )
+    }
+
+    fn kinds(log: &[Command]) -> Vec<&'static str> {
+        check(0, log, config())
+            .iter()
+            .map(Violation::kind)
+            .collect()
+    }
+
+    #[test]
+    fn waiters_granted_in_order_and_on_time_keep_every_rule() {
+        // Client 1 holds for 100 ms; 2 and 3 wait; the shard wakes at each
+        // deadline.
+        let log = [
+            lock(0, 1, 100),
+            lock(1, 2, 100),
+            lock(2, 3, 100),
+            at_ms(100, Input::Tick),
+            at_ms(200, Input::Tick),
+            at_ms(300, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn a_hand_off_late_after_the_deadline_is_caught() {
+        let log = [lock(0, 1, 100), lock(1, 2, 100), at_ms(150, Input::Tick)];
+        assert_eq!(kinds(&log), ["server: late hand-off"]);
+    }
+
+    #[test]
+    fn a_waiter_granted_out_of_turn_is_caught() {
+        let _planted = planted::plant(Some(PlantedBug::GrantOutOfOrder));
+        let log = [
+            lock(0, 1, 100),
+            lock(1, 2, 100),
+            lock(2, 3, 100),
+            at_ms(100, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), ["server: queue jumped"]);
+    }
+}
