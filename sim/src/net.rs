@@ -220,6 +220,32 @@ pub fn endpoint_config(seed: u64, host: u8) -> quinn::EndpointConfig {
     config
 }
 
+/// The simulated server's WebSocket limits: short idle limits, so that a
+/// silent peer is noticed within the run.
+pub fn ws_config() -> deadbolt_transport_ws::WsConfig {
+    deadbolt_transport_ws::WsConfig {
+        idle_ping: Duration::from_millis(300),
+        idle_close: Duration::from_millis(1200),
+        ..deadbolt_transport_ws::WsConfig::default()
+    }
+}
+
+/// The simulated server's engine: `shards` shards whose every batch goes to
+/// `trace`, with invariants checked after each.
+pub fn engine_config(
+    shards: usize,
+    seed: u64,
+    trace: &Arc<crate::trace::Trace>,
+) -> deadbolt_core::EngineConfig {
+    deadbolt_core::EngineConfig {
+        shards,
+        seed,
+        journal: Some(trace.clone()),
+        invariant_alarm: Some(trace.alarm()),
+        ..deadbolt_core::EngineConfig::new()
+    }
+}
+
 /// The QUIC limits of the simulation: short timeouts, so that a silent peer
 /// is noticed within the run.
 pub fn quic_config() -> QuicConfig {

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::history::{Actor, What, now_us};
-use crate::resource::{self, Answer};
+use crate::resource;
 use crate::scenario::{LOCK_KEYS, Step};
 use crate::worker::{Shared, WS_PORT};
 
@@ -227,44 +227,10 @@ impl RawCounter<'_> {
         if now_us() >= valid_until_us {
             return None;
         }
-        let key = self.key.to_owned();
-        self.record(What::ReadAsked {
-            key: key.clone(),
-            token,
-        });
-        match resource::read(self.key, token).await {
-            Ok(Answer::Yes(value)) => {
-                self.record(What::Read { key, value });
-                Some(value)
-            }
-            Ok(Answer::Refused) => {
-                self.record(What::ResourceFailed {
-                    key,
-                    error: "read refused: a newer token exists".into(),
-                });
-                None
-            }
-            Err(error) => {
-                self.record(What::ResourceFailed { key, error });
-                None
-            }
-        }
+        resource::recorded_read(&self.shared.history, self.me, self.key, token).await
     }
 
     async fn fenced_write(&self, token: u64, value: u64) {
-        let key = self.key.to_owned();
-        self.record(What::WriteAsked {
-            key: key.clone(),
-            token,
-            value,
-        });
-        match resource::write(self.key, token, value).await {
-            Ok(answer) => self.record(What::Written {
-                key,
-                token,
-                accepted: answer != Answer::Refused,
-            }),
-            Err(error) => self.record(What::ResourceFailed { key, error }),
-        }
+        resource::recorded_write(&self.shared.history, self.me, self.key, token, value).await;
     }
 }

@@ -136,6 +136,54 @@ pub async fn write(key: &str, token: u64, value: u64) -> Result<Answer, String> 
     parse(&call(format!("W {key} {token} {value}")).await?)
 }
 
+/// A worker's fenced read of `key` with `token`, recorded in its history
+/// (asked, then read or failed): the value, if the resource let it read.
+pub async fn recorded_read(history: &History, worker: usize, key: &str, token: u64) -> Option<u64> {
+    let record = |what| history.record(Actor::Worker(worker), what);
+    record(What::ReadAsked {
+        key: key.to_owned(),
+        token,
+    });
+    let key = key.to_owned();
+    match read(&key, token).await {
+        Ok(Answer::Yes(value)) => {
+            record(What::Read { key, value });
+            Some(value)
+        }
+        Ok(Answer::Refused) => {
+            record(What::ResourceFailed {
+                key,
+                error: "read refused: a newer token exists".into(),
+            });
+            None
+        }
+        Err(error) => {
+            record(What::ResourceFailed { key, error });
+            None
+        }
+    }
+}
+
+/// A worker's fenced write of `value` to `key` with `token`, recorded in its
+/// history (asked, then written or failed).
+pub async fn recorded_write(history: &History, worker: usize, key: &str, token: u64, value: u64) {
+    let record = |what| history.record(Actor::Worker(worker), what);
+    let key = key.to_owned();
+    record(What::WriteAsked {
+        key: key.clone(),
+        token,
+        value,
+    });
+    match write(&key, token, value).await {
+        Ok(answer) => record(What::Written {
+            key,
+            token,
+            accepted: answer != Answer::Refused,
+        }),
+        Err(error) => record(What::ResourceFailed { key, error }),
+    }
+}
+
 /// The current value, unfenced, for the auditor.
 pub async fn peek(key: &str) -> Result<u64, String> {
     let answer = call(format!("P {key}")).await?;

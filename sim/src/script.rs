@@ -6,12 +6,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadbolt_core::EngineConfig;
 use deadbolt_core::client::{Client, ClientOptions, Error};
 use deadbolt_server::{Listeners, ServerConfig};
-use deadbolt_transport_ws::{WsClientConfig, WsConfig, WsConnector};
+use deadbolt_transport_ws::{WsClientConfig, WsConnector};
 
-use crate::net::{SimDialer, SimListener};
+use crate::net::{SimDialer, SimListener, engine_config, ws_config};
 use crate::trace::Trace;
 use crate::worker::WS_PORT;
 
@@ -39,17 +38,8 @@ pub fn add_server(sim: &mut turmoil::Sim<'_>, trace: &Arc<Trace>) {
     let trace = Arc::clone(trace);
     sim.host(SERVER, move || {
         let config = ServerConfig {
-            engine: EngineConfig {
-                shards: SCRIPT_SHARDS,
-                journal: Some(trace.clone()),
-                invariant_alarm: Some(trace.alarm()),
-                ..EngineConfig::new()
-            },
-            ws: WsConfig {
-                idle_ping: Duration::from_millis(300),
-                idle_close: Duration::from_millis(1200),
-                ..WsConfig::default()
-            },
+            engine: engine_config(SCRIPT_SHARDS, 0, &trace),
+            ws: ws_config(),
             ..ServerConfig::default()
         };
         async move {

@@ -15,7 +15,7 @@ use deadbolt_transport_ws::{WsClientConfig, WsConnector};
 
 use crate::history::{Actor, History, What, micros, now_us};
 use crate::net::{SimDialer, quic_client_config, quic_endpoint};
-use crate::resource::{self, Answer};
+use crate::resource;
 use crate::scenario::{LOCK_KEYS, SET, Scenario, Step, Transport, Wait};
 
 /// The WebSocket port of the server (and of the planted-bug proxy).
@@ -319,45 +319,11 @@ impl Counter<'_> {
         if !guard.is_held() {
             return None;
         }
-        let (key, token) = (self.key.to_owned(), guard.token());
-        self.record(What::ReadAsked {
-            key: key.clone(),
-            token,
-        });
-        match resource::read(self.key, token).await {
-            Ok(Answer::Yes(value)) => {
-                self.record(What::Read { key, value });
-                Some(value)
-            }
-            Ok(Answer::Refused) => {
-                self.record(What::ResourceFailed {
-                    key,
-                    error: "read refused: a newer token exists".into(),
-                });
-                None
-            }
-            Err(error) => {
-                self.record(What::ResourceFailed { key, error });
-                None
-            }
-        }
+        resource::recorded_read(self.history, self.me, self.key, guard.token()).await
     }
 
     async fn fenced_write(&self, token: u64, value: u64) {
-        let key = self.key.to_owned();
-        self.record(What::WriteAsked {
-            key: key.clone(),
-            token,
-            value,
-        });
-        match resource::write(self.key, token, value).await {
-            Ok(answer) => self.record(What::Written {
-                key,
-                token,
-                accepted: answer != Answer::Refused,
-            }),
-            Err(error) => self.record(What::ResourceFailed { key, error }),
-        }
+        resource::recorded_write(self.history, self.me, self.key, token, value).await;
     }
 }
 

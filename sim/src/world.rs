@@ -6,18 +6,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use deadbolt_core::EngineConfig;
 use deadbolt_core::client::{Client, ClientOptions};
 use deadbolt_core::shard::planted;
 use deadbolt_server::{Listeners, ServerConfig};
 use deadbolt_transport_quic::{Identity, QuicConfig};
-use deadbolt_transport_ws::{WsConfig, WsConnector};
+use deadbolt_transport_ws::WsConnector;
 use futures_util::TryStreamExt;
 use tokio::sync::watch;
 
 use crate::checker::{self, Violation};
 use crate::history::{self, Actor, Event, History, What};
-use crate::net::{SimDialer, SimListener, quic_config, quic_endpoint, quic_server_config};
+use crate::net::{
+    SimDialer, SimListener, engine_config, quic_config, quic_endpoint, quic_server_config,
+    ws_config,
+};
 use crate::proxy::{self, Bug};
 use crate::resource;
 use crate::scenario::{
@@ -205,18 +207,8 @@ impl ServerControl {
     fn new(seed: u64, scenario: &Scenario) -> ServerControl {
         let trace = Arc::new(Trace::default());
         let config = ServerConfig {
-            engine: EngineConfig {
-                shards: scenario.shards,
-                seed,
-                journal: Some(trace.clone()),
-                invariant_alarm: Some(trace.alarm()),
-                ..EngineConfig::new()
-            },
-            ws: WsConfig {
-                idle_ping: Duration::from_millis(300),
-                idle_close: Duration::from_millis(1200),
-                ..WsConfig::default()
-            },
+            engine: engine_config(scenario.shards, seed, &trace),
+            ws: ws_config(),
             quic: QuicConfig {
                 retry_above: if scenario.quic_retry { 0 } else { usize::MAX },
                 ..quic_config()
