@@ -337,6 +337,36 @@ async fn a_full_mailbox_answers_overloaded_at_once() {
 }
 
 #[tokio::test]
+async fn request_ids_are_per_connection_so_a_cancel_touches_only_its_own() {
+    let engine = engine(2);
+    let (holder, a, b) = (engine.session(), engine.session(), engine.session());
+    let held = token(&holder, "k", 60_000).await;
+    // Both connections wait on the key under the same request id, 7.
+    let spawn_wait = |session: &Session| {
+        let session = session.clone();
+        tokio::spawn(async move { call(&session, 7, lock_op("k", 1_000, None, false)).await })
+    };
+    let (waiting_a, waiting_b) = (spawn_wait(&a), spawn_wait(&b));
+    eventually("both wait", async || {
+        inspect(&holder, "k").await.waiters == 2
+    })
+    .await;
+    // `a` cancels its request 7: only `a`'s waiter leaves the queue.
+    call(&a, 8, Op::Cancel { target: 7 }).await.unwrap();
+    assert_eq!(code(waiting_a.await.unwrap()), ErrorCode::Cancelled);
+    assert_eq!(inspect(&holder, "k").await.waiters, 1);
+    let unlock = Op::Lock(LockOp::Release {
+        key: "k".into(),
+        token: held,
+    });
+    call(&holder, 2, unlock).await.unwrap();
+    match waiting_b.await.unwrap() {
+        Ok(Okay::Granted(Granted { token, .. })) => assert!(token > held),
+        other => panic!("b's request 7 was not granted: {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn a_mass_disconnect_fills_no_mailbox_and_still_frees_ephemeral_locks() {
     let limits = Limits {
         mailbox_len: 2,
