@@ -38,16 +38,23 @@ struct Connection {
 }
 
 impl Connection {
+    /// Connects, upgrades and says `hello`, all within [`REPLY_TIMEOUT`]:
+    /// an upgrade whose answer is lost to a partition must not hang the
+    /// worker for good.
     async fn open(client: &str) -> Result<Connection, String> {
-        let connecting = turmoil::net::TcpStream::connect(("server", WS_PORT));
-        let stream = tokio::time::timeout(REPLY_TIMEOUT, connecting)
-            .await
-            .map_err(|_| "connect timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let (socket, _) =
-            tokio_tungstenite::client_async(format!("ws://server:{WS_PORT}/ws"), stream)
+        let connecting = async {
+            let stream = turmoil::net::TcpStream::connect(("server", WS_PORT))
                 .await
                 .map_err(|e| e.to_string())?;
+            let url = format!("ws://server:{WS_PORT}/ws");
+            let (socket, _) = tokio_tungstenite::client_async(url, stream)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(socket)
+        };
+        let socket = tokio::time::timeout(REPLY_TIMEOUT, connecting)
+            .await
+            .map_err(|_| "connect timed out".to_owned())??;
         let mut connection = Connection { socket, next_id: 1 };
         connection
             .call(json!({"op": "hello", "client": client}))
@@ -61,9 +68,10 @@ impl Connection {
         let id = self.next_id;
         self.next_id += 1;
         request["id"] = json!(id);
-        self.socket
-            .send(Message::Text(request.to_string().into()))
+        let sending = self.socket.send(Message::Text(request.to_string().into()));
+        tokio::time::timeout(REPLY_TIMEOUT, sending)
             .await
+            .map_err(|_| "send timed out".to_owned())?
             .map_err(|e| e.to_string())?;
         let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
             while let Some(message) = self.socket.next().await {
