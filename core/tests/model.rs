@@ -911,12 +911,12 @@ impl Run {
     fn check_grant(&mut self, request: usize, token: u64) -> Result<(), String> {
         let (client, _, key, _) = self.requests[request];
         let key = key.ok_or("a grant for a request that was not a lock")?;
-        if let Some(&(latest, holder)) = self.latest.get(&key) {
-            if token < latest || (token == latest && holder != client) {
-                return Err(format!(
-                    "key {key}: token {token} after {latest} (client {client}, holder {holder})"
-                ));
-            }
+        if let Some(&(latest, holder)) = self.latest.get(&key)
+            && (token < latest || (token == latest && holder != client))
+        {
+            return Err(format!(
+                "key {key}: token {token} after {latest} (client {client}, holder {holder})"
+            ));
         }
         let relock = self
             .latest

@@ -311,11 +311,9 @@ fn beliefs(events: &[Event]) -> BTreeMap<String, Vec<Belief>> {
                     if let Some(belief) = open.get_mut(&id) {
                         belief.until_us = *valid_until_us;
                     }
-                } else if !extends_nothing {
-                    if let Some(previous) = open.insert(id, fresh) {
-                        let end = previous.until_us;
-                        close(&mut closed, key.clone(), previous, end);
-                    }
+                } else if !extends_nothing && let Some(previous) = open.insert(id, fresh) {
+                    let end = previous.until_us;
+                    close(&mut closed, key.clone(), previous, end);
                 }
             }
             What::Released { key, .. }
@@ -552,10 +550,10 @@ fn liveness(events: &[Event], heal_us: u64, violations: &mut Vec<Violation>) {
             }
             continue;
         };
-        if ends_operation(&event.what) {
-            if let Some((op, since)) = open.remove(&worker) {
-                stuck(worker, op, since, Some(event.at_us));
-            }
+        if ends_operation(&event.what)
+            && let Some((op, since)) = open.remove(&worker)
+        {
+            stuck(worker, op, since, Some(event.at_us));
         }
         if let Some(op) = operation(&event.what) {
             open.insert(worker, (op, event.at_us));

@@ -98,7 +98,7 @@ impl Memory {
     fn lie_now(&mut self, bug: Bug) -> bool {
         self.chances += 1;
         match bug {
-            Bug::DoubleGrant | Bug::DropInsert => self.chances % 2 == 0,
+            Bug::DoubleGrant | Bug::DropInsert => self.chances.is_multiple_of(2),
             Bug::LowerToken | Bug::DoubleFirst | Bug::StretchLease => true,
             Bug::Server(_) => false,
         }

@@ -8,17 +8,57 @@ use deadbolt_transport_quic::{Identity, QuicConfig};
 use deadbolt_transport_ws::WsConfig;
 use tokio::net::TcpListener;
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::path::Path;
 
 use crate::cli::{QuicListen, ServeArgs};
 
 /// Runs the server until a shutdown signal, then stops it gracefully.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Held until the server has stopped; the OS lets go of it if the
+    // process dies, however it dies.
+    let _data_dir = lock_data_dir(&args.data_dir)?;
     let shutdown = shutdown_signal();
     let config = server_config(&args);
     let listeners = bind(&args, &config.quic).await?;
     deadbolt_server::run(config, listeners, shutdown).await?;
     Ok(())
+}
+
+/// Takes the data directory for this server alone (SPEC section 8: two
+/// servers never share one), creating it if needed: an exclusive lock on
+/// its `LOCK` file, which also names the process that holds it.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    let path = dir.join("LOCK");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if let Err(error) = file.try_lock() {
+        let mut holder = String::new();
+        // Only for the message; an unreadable file says nothing more.
+        let _ = file.read_to_string(&mut holder);
+        let holder = holder.trim();
+        let by = if holder.is_empty() {
+            String::new()
+        } else {
+            format!(" (by process {holder})")
+        };
+        anyhow::bail!(
+            "the data directory {} is in use by another deadbolt server{by}: {error}; \
+             stop that server, or give this one another --data-dir",
+            dir.display()
+        );
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 fn server_config(args: &ServeArgs) -> ServerConfig {

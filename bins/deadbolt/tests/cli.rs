@@ -142,6 +142,32 @@ fn serve_runs_with_no_flags_is_ready_within_a_second_and_stops_on_sigterm() {
 }
 
 #[test]
+fn a_second_server_on_the_same_data_directory_is_refused_with_a_clear_message() {
+    let server = Server::start();
+    let second = Command::new(BIN)
+        .args([
+            "serve",
+            "--ws",
+            "127.0.0.1:0",
+            "--quic",
+            "off",
+            "--data-dir",
+        ])
+        .arg(server.dir.path())
+        .output()
+        .expect("run a second server");
+    assert!(!second.status.success(), "the second server must not start");
+    let message = stderr(&second);
+    assert!(
+        message.contains("is in use by another deadbolt server")
+            && message.contains(&format!("by process {}", server.child.id())),
+        "{message}"
+    );
+    // The first one still serves.
+    server.assert_free("k", "the first server still answers");
+}
+
+#[test]
 fn lock_runs_the_command_with_its_token_and_exits_with_its_status() {
     let server = Server::start();
     let output = server.run(&[

@@ -201,16 +201,16 @@ impl Actor {
     /// in turn.
     fn finish_batch(&mut self) {
         loop {
-            if let Some(alarm) = &self.invariant_alarm {
-                if let Err(broken) = self.shard.check_invariants() {
-                    alarm(self.index, broken);
-                }
+            if let Some(alarm) = &self.invariant_alarm
+                && let Err(broken) = self.shard.check_invariants()
+            {
+                alarm(self.index, broken);
             }
-            if let Some(journal) = &self.journal {
-                if !self.batch.is_empty() {
-                    journal.record(self.index, &self.batch);
-                    self.batch.clear();
-                }
+            if let Some(journal) = &self.journal
+                && !self.batch.is_empty()
+            {
+                journal.record(self.index, &self.batch);
+                self.batch.clear();
             }
             let gone = self.deliver();
             if gone.is_empty() {
@@ -237,10 +237,11 @@ impl Actor {
                 continue;
             };
             let granted = matches!(outcome, Ok(Okay::Granted(_)));
-            if pending.reply.send(outcome).is_err() && granted {
-                if let Some(key) = pending.lock_key {
-                    gone.push((handle, key));
-                }
+            if pending.reply.send(outcome).is_err()
+                && granted
+                && let Some(key) = pending.lock_key
+            {
+                gone.push((handle, key));
             }
         }
         gone
