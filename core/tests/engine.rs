@@ -16,6 +16,18 @@ fn engine(shards: usize) -> Engine {
     })
 }
 
+/// One shard whose mailbox admits `mailbox_len` waiting requests.
+fn one_shard_with_mailbox(mailbox_len: usize) -> Engine {
+    Engine::start(EngineConfig {
+        shards: 1,
+        limits: Limits {
+            mailbox_len,
+            ..Limits::default()
+        },
+        ..EngineConfig::new()
+    })
+}
+
 async fn call(session: &Session, id: u64, op: Op) -> Outcome {
     let reply = session.execute(Request { id, op }).await;
     assert_eq!(reply.id, Some(id));
@@ -314,15 +326,7 @@ async fn dropping_the_last_session_clone_releases_ephemeral_locks_and_waiters() 
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_full_mailbox_answers_overloaded_at_once() {
-    let limits = Limits {
-        mailbox_len: 2,
-        ..Limits::default()
-    };
-    let engine = Engine::start(EngineConfig {
-        shards: 1,
-        limits,
-        ..EngineConfig::new()
-    });
+    let engine = one_shard_with_mailbox(2);
     let session = engine.session();
     // On one thread the actor cannot run until we yield, so these fill its
     // mailbox; `join_all` polls each once before anything else runs.
@@ -368,15 +372,7 @@ async fn request_ids_are_per_connection_so_a_cancel_touches_only_its_own() {
 
 #[tokio::test]
 async fn a_mass_disconnect_fills_no_mailbox_and_still_frees_ephemeral_locks() {
-    let limits = Limits {
-        mailbox_len: 2,
-        ..Limits::default()
-    };
-    let engine = Engine::start(EngineConfig {
-        shards: 1,
-        limits,
-        ..EngineConfig::new()
-    });
+    let engine = one_shard_with_mailbox(2);
     let holder = engine.session();
     match call(&holder, 1, lock_op("eph", 60_000, None, true)).await {
         Ok(Okay::Granted(_)) => {}

@@ -7,9 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use deadbolt_core::proto::{
-    Keys, Op, Reply, Request, ServerError, SetOp, decode_request, encode_reply,
-};
+use deadbolt_core::proto::{Reply, Request, ServerError, decode_request, encode_reply};
 use deadbolt_core::{Limits, Session};
 use futures_util::stream::{FuturesUnordered, SplitSink};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -66,7 +64,7 @@ struct InFlight {
 /// The bytes of replies this connection holds, against its budget. A
 /// reply is counted from the moment it may exist until it is written:
 ///
-/// - a request in flight whose reply may be large ([`reply_bound`]) is
+/// - a request in flight whose reply may be large ([`Op::reply_bytes_bound`](deadbolt_core::proto::Op::reply_bytes_bound)) is
 ///   counted at the most its reply may take from the moment it starts,
 ///   since the shard builds that reply whether or not the connection is
 ///   ready to write it;
@@ -137,25 +135,6 @@ impl Drop for ReplyBudget {
     }
 }
 
-/// Per result of an insert batch: `{"index":18446744073709551615,"first":false},`.
-const INSERT_RESULT_BYTES: usize = 48;
-
-/// The most bytes the reply to `op` may take, for an op whose reply can be
-/// far larger than its request: a `members` page or a `stats` snapshot
-/// (built from the server's state, up to the message limit: the shard cuts
-/// a page by its encoded size), an insert batch (a result per key).
-/// Others answer with a few numbers and are not reserved for.
-fn reply_bound(op: &Op, message_bytes_max: usize) -> usize {
-    match op {
-        Op::Stats { .. } | Op::Set(SetOp::Members { .. }) => message_bytes_max,
-        Op::Set(SetOp::Insert {
-            keys: Keys::Many(keys),
-            ..
-        }) => (keys.len() * INSERT_RESULT_BYTES).min(message_bytes_max),
-        _ => 0,
-    }
-}
-
 /// A request read while the budget had no room for it; it starts, and
 /// reading resumes, once it fits.
 struct Parked {
@@ -216,7 +195,7 @@ pub(crate) async fn run<S>(
                 };
                 let reply = match step {
                     Ok(Incoming::Request(request)) => {
-                        let bound = reply_bound(&request.op, limits.message_bytes_max);
+                        let bound = request.op.reply_bytes_bound(limits.message_bytes_max);
                         let waiting = Parked { request, bound };
                         if budget.fits(bound) {
                             in_flight.start(&session, waiting, &mut budget)

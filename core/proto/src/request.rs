@@ -68,6 +68,31 @@ pub enum LockOp {
     },
 }
 
+/// Per result of an insert batch: `{"index":18446744073709551615,"first":false},`.
+const INSERT_RESULT_BYTES: usize = 48;
+
+impl Op {
+    /// The most bytes the reply to this op may take, for an op whose reply
+    /// can be far larger than its request: a `members` page or a `stats`
+    /// snapshot (built from the server's state, up to the message limit; the
+    /// shard cuts a page by its encoded size), an insert batch (a result per
+    /// key). Others answer with a few numbers: 0. A transport reserves this
+    /// much of a connection's reply budget before the request starts.
+    pub fn reply_bytes_bound(&self, message_bytes_max: usize) -> usize {
+        match self {
+            Op::Stats { .. } | Op::Set(SetOp::Members { .. }) => message_bytes_max,
+            Op::Set(SetOp::Insert {
+                keys: Keys::Many(keys),
+                ..
+            }) => keys
+                .len()
+                .saturating_mul(INSERT_RESULT_BYTES)
+                .min(message_bytes_max),
+            _ => 0,
+        }
+    }
+}
+
 impl LockOp {
     /// The key this operation is about.
     pub fn key(&self) -> &str {
