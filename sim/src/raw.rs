@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::history::{Actor, What, now_us};
 use crate::resource;
-use crate::scenario::{LOCK_KEYS, Step};
+use crate::scenario::{CounterStep, LOCK_KEYS, Step};
 use crate::worker::{Shared, WS_PORT};
 
 /// How long a request may go unanswered before the connection is taken
@@ -100,13 +100,13 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
         let Some(step) = shared.scenario.workers[me].steps.get(at) else {
             break;
         };
-        if let Step::Counter {
+        if let Step::Counter(CounterStep {
             key,
             ttl_ms,
             hold_ms,
             relock,
             ..
-        } = step
+        }) = step
         {
             let open = match connection.take() {
                 Some(open) => Ok(open),

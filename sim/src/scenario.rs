@@ -50,32 +50,36 @@ pub enum Wait {
     UpTo(u64),
 }
 
+/// A counter step of a worker's plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterStep {
+    /// Index into [`LOCK_KEYS`].
+    pub key: usize,
+    /// The lease.
+    pub ttl_ms: u64,
+    /// How long to wait for the lock.
+    pub wait: Wait,
+    /// How long the critical section takes.
+    pub hold_ms: u64,
+    /// Whether to extend the lease in the middle of it.
+    pub extend: bool,
+    /// Whether the lock is ephemeral.
+    pub ephemeral: bool,
+    /// Whether to ask for the lock again once granted, as a client
+    /// whose reply was lost retries (a re-lock: same token, lease
+    /// restarted).
+    pub relock: bool,
+    /// Whether to give up waiting after this long (dropping the
+    /// request, which cancels it on the server).
+    pub cancel_after_ms: Option<u64>,
+}
+
 /// One step of a worker's plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Lock-guarded counter: lock, fenced read, hold, maybe extend, fenced
     /// write of the value plus one, unlock.
-    Counter {
-        /// Index into [`LOCK_KEYS`].
-        key: usize,
-        /// The lease.
-        ttl_ms: u64,
-        /// How long to wait for the lock.
-        wait: Wait,
-        /// How long the critical section takes.
-        hold_ms: u64,
-        /// Whether to extend the lease in the middle of it.
-        extend: bool,
-        /// Whether the lock is ephemeral.
-        ephemeral: bool,
-        /// Whether to ask for the lock again once granted, as a client
-        /// whose reply was lost retries (a re-lock: same token, lease
-        /// restarted).
-        relock: bool,
-        /// Whether to give up waiting after this long (dropping the
-        /// request, which cancels it on the server).
-        cancel_after_ms: Option<u64>,
-    },
+    Counter(CounterStep),
     /// An ephemeral lock taken on a connection of its own, which is then
     /// closed without an unlock: the server must free the key at once.
     Abandon {
@@ -215,7 +219,7 @@ fn step(lock_keys: usize) -> BoxedStrategy<Step> {
     )
         .prop_map(
             |(key, ttl_ms, wait, hold_ms, extend, ephemeral, relock, cancel_after_ms)| {
-                Step::Counter {
+                Step::Counter(CounterStep {
                     key,
                     ttl_ms,
                     wait,
@@ -225,7 +229,7 @@ fn step(lock_keys: usize) -> BoxedStrategy<Step> {
                     relock,
                     // Only a request that waits can be cancelled waiting.
                     cancel_after_ms: cancel_after_ms.filter(|_| wait != Wait::Try),
-                }
+                })
             },
         );
     let dedup = (

@@ -16,7 +16,7 @@ use deadbolt_transport_ws::{WsClientConfig, WsConnector};
 use crate::history::{Actor, History, What, micros, now_us};
 use crate::net::{SimDialer, quic_client_config, quic_endpoint};
 use crate::resource;
-use crate::scenario::{LOCK_KEYS, SET, Scenario, Step, Transport, Wait};
+use crate::scenario::{CounterStep, LOCK_KEYS, SET, Scenario, Step, Transport, Wait};
 
 /// The WebSocket port of the server (and of the planted-bug proxy).
 pub const WS_PORT: u16 = 7420;
@@ -73,32 +73,14 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
             break;
         };
         match step {
-            Step::Counter {
-                key,
-                ttl_ms,
-                wait,
-                hold_ms,
-                extend,
-                ephemeral,
-                relock,
-                cancel_after_ms,
-            } => {
+            Step::Counter(plan) => {
                 let counter = Counter {
                     client: &client,
                     history: &shared.history,
                     me,
-                    key: LOCK_KEYS[*key],
+                    key: LOCK_KEYS[plan.key],
                 };
-                let plan = CounterPlan {
-                    ttl_ms: *ttl_ms,
-                    wait: *wait,
-                    hold_ms: *hold_ms,
-                    extend: *extend,
-                    ephemeral: *ephemeral,
-                    relock: *relock,
-                    cancel_after_ms: *cancel_after_ms,
-                };
-                counter.run(plan).await;
+                counter.run(*plan).await;
             }
             Step::Dedup {
                 keys,
@@ -202,8 +184,9 @@ impl Counter<'_> {
         now_us() + micros(guard.valid_for())
     }
 
-    async fn run(&self, plan: CounterPlan) {
-        let CounterPlan {
+    async fn run(&self, plan: CounterStep) {
+        let CounterStep {
+            key: _,
             ttl_ms,
             wait,
             hold_ms,
@@ -325,18 +308,6 @@ impl Counter<'_> {
     async fn fenced_write(&self, token: u64, value: u64) {
         resource::recorded_write(self.history, self.me, self.key, token, value).await;
     }
-}
-
-/// What a counter step does.
-#[derive(Debug, Clone, Copy)]
-struct CounterPlan {
-    ttl_ms: u64,
-    wait: Wait,
-    hold_ms: u64,
-    extend: bool,
-    ephemeral: bool,
-    relock: bool,
-    cancel_after_ms: Option<u64>,
 }
 
 /// What a dedup step does.
