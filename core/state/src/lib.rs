@@ -84,16 +84,6 @@ impl ShardOp {
             ShardOp::Set(op) => op.set(),
         }
     }
-
-    /// Whether it only reads: a log need not keep it, since replaying the
-    /// commands around it gives the same state without it.
-    pub fn is_read_only(&self) -> bool {
-        matches!(
-            self,
-            ShardOp::Lock(LockOp::Inspect { .. })
-                | ShardOp::Set(SetOp::Inspect { .. } | SetOp::Members { .. })
-        )
-    }
 }
 
 /// One input to a shard, ordered and stamped with its time.
