@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadbolt_core::engine::{InvariantAlarm, Journal};
-use deadbolt_core::proto::{Acquire, Keys, LockOp, Op, Request, SetOp, Wait};
+use deadbolt_core::proto::{Acquire, Keys, LockOp, Op, Request, ServerError, SetOp, Wait};
 use deadbolt_core::shard::{Command, Input, Shard, ShardConfig};
 use deadbolt_core::{Engine, EngineConfig, Session};
 
@@ -20,13 +20,15 @@ struct Recorder {
     stopped: Mutex<Vec<Option<u64>>>,
 }
 
+#[async_trait::async_trait]
 impl Journal for Recorder {
-    fn record(&self, shard: usize, commands: &[Command]) {
+    async fn append(&self, shard: usize, commands: &[Command]) -> Result<(), ServerError> {
         let mut all = self.commands.lock().expect("recorder");
         if all.len() <= shard {
             all.resize_with(shard + 1, Vec::new);
         }
         all[shard].extend_from_slice(commands);
+        Ok(())
     }
 
     fn stopped(&self, shard: usize, digest: u64) {

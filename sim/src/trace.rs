@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use deadbolt_core::engine::{InvariantAlarm, Journal};
+use deadbolt_core::proto::ServerError;
 use deadbolt_core::shard::{Command, Shard, ShardConfig};
 use deadbolt_core::{EngineConfig, Limits};
 
@@ -31,11 +32,13 @@ struct Recorded {
     broken: Vec<(usize, String)>,
 }
 
+#[async_trait::async_trait]
 impl Journal for Trace {
-    fn record(&self, shard: usize, commands: &[Command]) {
+    async fn append(&self, shard: usize, commands: &[Command]) -> Result<(), ServerError> {
         let mut recorded = self.lock();
         grow(&mut recorded.commands, shard);
         recorded.commands[shard].extend_from_slice(commands);
+        Ok(())
     }
 
     fn stopped(&self, shard: usize, digest: u64) {

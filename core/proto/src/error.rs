@@ -31,6 +31,9 @@ pub enum ErrorCode {
     Unauthorized,
     /// The server is shutting down.
     ShuttingDown,
+    /// The server cannot keep a change right now (its disk is full or
+    /// failing; later, no quorum). Nothing changed; retry later.
+    Unavailable,
     /// A bug on the server's side.
     Internal,
 }
@@ -49,6 +52,7 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -131,6 +135,11 @@ impl ServerError {
     /// `shutting_down`.
     pub fn shutting_down() -> ServerError {
         ServerError::new(ErrorCode::ShuttingDown, "the server is shutting down")
+    }
+
+    /// `unavailable` with `message` saying what cannot be done now.
+    pub fn unavailable(message: impl Into<Cow<'static, str>>) -> ServerError {
+        ServerError::new(ErrorCode::Unavailable, message)
     }
 
     /// `internal` with `message`.

@@ -1,8 +1,12 @@
 //! The shard actor: the driver of one [`Shard`]. It orders what arrives in
-//! its mailbox into commands stamped with the engine clock's time, applies
-//! them in batches, hands each batch to the journal, and only then releases
-//! the batch's answers. It wakes the shard at its next deadline with a
-//! [`Input::Tick`] command, so expiries are ordered inputs like any other.
+//! its mailbox into commands stamped with the engine clock's time and wakes
+//! the shard at its next deadline with an [`Input::Tick`] command, so
+//! expiries are ordered inputs like any other.
+//!
+//! Without a journal it applies each command at once and answers at once.
+//! With one it logs first: a batch of stamped commands goes to the journal,
+//! and only once the journal has kept it does the shard apply it and
+//! release its answers (a refused batch changes nothing).
 
 use std::sync::Arc;
 
@@ -11,6 +15,7 @@ use tokio::sync::oneshot;
 
 use super::mailbox::Inbox;
 use super::{Clock, InvariantAlarm, Journal};
+use crate::proto::ServerError;
 use crate::proto::{Okay, Outcome};
 use crate::shard::hasher::KeyHasher;
 use crate::shard::{Answer, Caller, Command, ConnId, Handle, Input, Shard, ShardOp};
@@ -44,9 +49,9 @@ pub(crate) enum ShardMsg {
     Shutdown,
 }
 
-/// Most messages applied as one batch before the answers go out and the
+/// Most messages taken as one batch before the answers go out and the
 /// clock is read again; bounds how late a deadline can be applied under a
-/// flood of messages.
+/// flood of messages (and, with a journal, the size of one log append).
 const BATCH_MAX: usize = 256;
 
 /// What one actor needs besides its mailbox.
@@ -67,6 +72,12 @@ struct Pending {
 
 struct Actor {
     index: usize,
+    /// Notices that a journal refused, to be logged again with the next
+    /// batch: a closed connection or a gone requester must not be lost.
+    retry: Vec<Input>,
+    /// After the journal refused a batch, the time before which a deadline
+    /// does not wake the shard (a full disk must not spin it).
+    quiet_until: Option<tokio::time::Instant>,
     shard: Shard,
     clock: Clock,
     journal: Option<Arc<dyn Journal>>,
@@ -74,15 +85,25 @@ struct Actor {
     /// Handles are the engine's own sequence, not a peer's choice, so a
     /// fixed hash seed is safe here.
     pending: HashMap<Handle, Pending, KeyHasher>,
-    /// The batch being applied, kept only for the journal.
+    /// With a journal, the commands stamped but not yet kept and applied.
     batch: Vec<Command>,
     answers: Vec<Answer>,
 }
 
+/// How long a shard whose journal refused a batch lets its deadlines wait
+/// before trying again.
+const RETRY_AFTER_REFUSAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Runs one shard until its mailbox closes or it is told to shut down.
 pub(crate) async fn run(setup: ActorSetup, mut mailbox: Inbox) {
+    let attention = setup
+        .journal
+        .as_ref()
+        .and_then(|j| j.attention(setup.shard_index));
     let mut actor = Actor {
         index: setup.shard_index,
+        retry: Vec::new(),
+        quiet_until: None,
         shard: setup.shard,
         clock: setup.clock,
         journal: setup.journal,
@@ -98,26 +119,29 @@ pub(crate) async fn run(setup: ActorSetup, mut mailbox: Inbox) {
         let next = actor.shard.next_deadline();
         if next != armed_for {
             if let Some(deadline) = next {
-                sleep.as_mut().reset(actor.clock.instant_of(deadline));
+                sleep.as_mut().reset(actor.wake_at(deadline));
             }
             armed_for = next;
         }
-        tokio::select! {
+        let go_on = tokio::select! {
             // Messages first: a command applies the deadlines due before
             // it anyway.
             biased;
-            message = mailbox.recv() => {
-                let Some(message) = message else { break };
-                if !actor.take_batch(message, &mut mailbox) {
-                    break;
-                }
-            }
+            message = mailbox.recv() => match message {
+                Some(message) => actor.take_batch(message, &mut mailbox),
+                None => false,
+            },
             () = &mut sleep, if armed_for.is_some() => {
                 let at = actor.clock.now();
-                actor.apply(Command { at, input: Input::Tick });
-                actor.finish_batch();
+                actor.stamp(Command { at, input: Input::Tick });
                 armed_for = None;
+                true
             }
+            () = wait_for(attention.as_deref()) => true,
+        };
+        actor.finish_batch().await;
+        if !go_on {
+            break;
         }
     }
     if let Some(journal) = &actor.journal {
@@ -127,8 +151,23 @@ pub(crate) async fn run(setup: ActorSetup, mut mailbox: Inbox) {
     actor.deliver();
 }
 
+/// Resolves when `notify` is notified; never, without one.
+async fn wait_for(notify: Option<&tokio::sync::Notify>) {
+    match notify {
+        Some(notify) => notify.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Actor {
-    /// Applies `first` and whatever else is already waiting, up to a batch;
+    /// When to wake for `deadline`: then, unless the journal asked for
+    /// quiet.
+    fn wake_at(&self, deadline: Tick) -> tokio::time::Instant {
+        let at = self.clock.instant_of(deadline);
+        self.quiet_until.map_or(at, |quiet| at.max(quiet))
+    }
+
+    /// Takes `first` and whatever else is already waiting, up to a batch;
     /// `false` means stop.
     fn take_batch(&mut self, first: ShardMsg, mailbox: &mut Inbox) -> bool {
         let at = self.clock.now();
@@ -142,14 +181,13 @@ impl Actor {
             // hand-off to the next waiter is not delayed by the requests
             // queued after the unlock).
             if self.journal.is_none() {
-                self.finish_batch();
+                self.release_unjournaled();
             }
             let Some(message) = mailbox.try_recv() else {
                 break;
             };
             go_on = self.receive(at, message);
         }
-        self.finish_batch();
         go_on
     }
 
@@ -184,46 +222,113 @@ impl Actor {
             }
             ShardMsg::Shutdown => return false,
         };
-        self.apply(Command { at, input });
+        self.stamp(Command { at, input });
         true
     }
 
-    fn apply(&mut self, command: Command) {
+    /// Orders a command: applied at once without a journal, kept for the
+    /// next append with one.
+    fn stamp(&mut self, command: Command) {
         if self.journal.is_some() {
-            self.batch.push(command.clone());
+            self.batch.push(command);
+        } else {
+            self.shard.apply(command);
         }
-        self.shard.apply(command);
     }
 
-    /// Ends a batch: checks the invariants if asked, journals the batch,
-    /// then releases its answers. An answer that cannot be delivered is
-    /// reported to the shard as a command of its own, whose answers go out
-    /// in turn.
-    fn finish_batch(&mut self) {
+    /// Ends a batch: with a journal, keeps the batch and then applies it;
+    /// either way, checks the invariants if asked and releases the answers.
+    /// An answer that cannot be delivered is reported to the shard as a
+    /// command of its own, whose answers go out in turn.
+    async fn finish_batch(&mut self) {
+        let Some(journal) = self.journal.clone() else {
+            self.release_unjournaled();
+            return;
+        };
         loop {
-            if let Some(alarm) = &self.invariant_alarm
-                && let Err(broken) = self.shard.check_invariants()
-            {
-                alarm(self.index, broken);
+            self.restamp_retries();
+            if !self.batch.is_empty() {
+                let batch = std::mem::take(&mut self.batch);
+                if let Err(error) = journal.append(self.index, &batch).await {
+                    self.refuse(batch, error);
+                    return;
+                }
+                self.quiet_until = None;
+                for command in batch {
+                    self.shard.apply(command);
+                }
             }
-            if let Some(journal) = &self.journal
-                && !self.batch.is_empty()
-            {
-                journal.record(self.index, &self.batch);
-                self.batch.clear();
-            }
+            self.check_invariants();
+            journal.applied(self.index, &self.shard).await;
             let gone = self.deliver();
             if gone.is_empty() {
                 return;
             }
-            let at = self.shard.now();
-            for (handle, key) in gone {
-                self.apply(Command {
-                    at,
-                    input: Input::RequesterGone { handle, key },
-                });
+            self.stamp_gone(gone);
+        }
+    }
+
+    /// Without a journal: checks the invariants if asked, then releases the
+    /// answers, and reports undeliverable grants until none is left.
+    fn release_unjournaled(&mut self) {
+        loop {
+            self.check_invariants();
+            let gone = self.deliver();
+            if gone.is_empty() {
+                return;
+            }
+            self.stamp_gone(gone);
+        }
+    }
+
+    fn check_invariants(&self) {
+        if let Some(alarm) = &self.invariant_alarm
+            && let Err(broken) = self.shard.check_invariants()
+        {
+            alarm(self.index, broken);
+        }
+    }
+
+    /// Reports grants nobody received as commands of their own.
+    fn stamp_gone(&mut self, gone: Vec<(Handle, String)>) {
+        let at = self.shard.now().max(self.clock.now());
+        for (handle, key) in gone {
+            self.stamp(Command {
+                at,
+                input: Input::RequesterGone { handle, key },
+            });
+        }
+    }
+
+    /// The journal kept nothing of `batch`: its requests are answered
+    /// `error`, its notices wait for the next batch, and its ticks are
+    /// dropped (the next command applies the deadlines anyway).
+    fn refuse(&mut self, batch: Vec<Command>, error: ServerError) {
+        for command in batch {
+            match command.input {
+                Input::Op { handle, .. } => {
+                    if let Some(pending) = self.pending.remove(&handle) {
+                        // Nobody changed anything for a requester who left.
+                        let _ = pending.reply.send(Err(error.clone()));
+                    }
+                }
+                Input::Tick => {}
+                notice => self.retry.push(notice),
             }
         }
+        self.quiet_until = Some(tokio::time::Instant::now() + RETRY_AFTER_REFUSAL);
+    }
+
+    /// Puts the notices a journal refused before the new batch, stamped
+    /// now.
+    fn restamp_retries(&mut self) {
+        if self.retry.is_empty() {
+            return;
+        }
+        let at = self.clock.now();
+        let notices = self.retry.drain(..).map(|input| Command { at, input });
+        let fresh = std::mem::take(&mut self.batch);
+        self.batch = notices.chain(fresh).collect();
     }
 
     /// Sends every answer to its requester. Returns the grants nobody

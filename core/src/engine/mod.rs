@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::limits::Limits;
-use crate::proto::{SERVER_NAME, StatsReply};
+use crate::proto::{SERVER_NAME, ServerError, StatsReply};
 pub use crate::shard::Snapshot as ShardSnapshot;
 use crate::shard::hasher::{KeyHasher, stable_hash};
 use crate::shard::{Command, Counters, Handle, Shard, ShardConfig, Snapshot};
@@ -43,12 +43,37 @@ pub use session::Session;
 /// server restarts on another machine.
 pub const DEFAULT_SHARDS: usize = 4;
 
-/// Where every batch of commands goes before its answers are released: the
-/// seam for a write-ahead log, a replicated log, or a simulation's trace.
+/// Where every batch of commands goes before a shard applies it: the seam
+/// for a write-ahead log, a replicated log, or a simulation's trace.
+///
+/// With a journal, a shard logs first and applies after: it stamps a batch
+/// of commands, hands it to [`Journal::append`], and only once that returns
+/// applies the commands and releases their answers. So a refused batch
+/// (a full disk) changes nothing, and everything a client heard of is in
+/// the journal.
+#[async_trait::async_trait]
 pub trait Journal: Send + Sync + 'static {
-    /// Records the commands that shard `shard` has just applied, in order.
-    /// Their answers are released when this returns.
-    fn record(&self, shard: usize, commands: &[Command]);
+    /// Keeps `commands`, the next batch of shard `shard`, in order. `Ok`
+    /// means they are kept as the journal promises (written; synced if its
+    /// policy says so). `Err` means none of them was kept: the shard answers
+    /// the batch's requests with that error and applies nothing.
+    async fn append(&self, shard: usize, commands: &[Command]) -> Result<(), ServerError>;
+
+    /// Shard `shard` applied its last batch (or was woken by
+    /// [`Journal::attention`]) and is about to release the answers: the
+    /// moment to take a snapshot of `state` or to reserve fencing tokens
+    /// ahead of the ones it hands out.
+    async fn applied(&self, shard: usize, state: &Shard) {
+        let _ = (shard, state);
+    }
+
+    /// Notified when the journal wants shard `shard` to call
+    /// [`Journal::applied`] without waiting for traffic (a snapshot of an
+    /// idle shard).
+    fn attention(&self, shard: usize) -> Option<Arc<tokio::sync::Notify>> {
+        let _ = shard;
+        None
+    }
 
     /// Shard `shard` stopped, with the state that `digest` sums up (taken
     /// before shutting down drops its locks), so that a replay of what was
@@ -111,6 +136,15 @@ impl EngineConfig {
             start_at: Tick::ZERO,
             journal: None,
             invariant_alarm: None,
+        }
+    }
+
+    /// The configuration of each of its shards.
+    pub fn shard_config(&self) -> ShardConfig {
+        ShardConfig {
+            hash_seed: self.seed,
+            first_token: self.first_token,
+            limits: self.limits.share_of(self.shards.max(1)),
         }
     }
 
@@ -254,26 +288,34 @@ struct TopLists {
 }
 
 impl Engine {
-    /// Starts the shard actors on the current tokio runtime.
+    /// Starts the shard actors on the current tokio runtime, each with an
+    /// empty shard.
     ///
     /// # Panics
     /// Outside a tokio runtime.
     pub fn start(config: EngineConfig) -> Engine {
         let shards = config.shards.max(1);
+        let shard_config = config.shard_config();
+        let fresh = (0..shards).map(|_| Shard::new(shard_config)).collect();
+        Engine::start_with(config, fresh)
+    }
+
+    /// Starts the shard actors on the current tokio runtime with `shards`,
+    /// shard `i` at index `i` (a recovered state, say). Their number wins
+    /// over `config.shards`.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn start_with(config: EngineConfig, shards: Vec<Shard>) -> Engine {
         let clock = Clock::starting_at(config.start_at);
-        let shard_config = ShardConfig {
-            hash_seed: config.seed,
-            first_token: config.first_token,
-            limits: config.limits.share_of(shards),
-        };
-        let mut mailboxes = Vec::with_capacity(shards);
-        let mut tasks = Vec::with_capacity(shards);
-        for shard_index in 0..shards {
+        let mut mailboxes = Vec::with_capacity(shards.len());
+        let mut tasks = Vec::with_capacity(shards.len());
+        for (shard_index, shard) in shards.into_iter().enumerate() {
             let (tx, rx) = mailbox::mailbox(config.limits.mailbox_len);
             mailboxes.push(tx);
             let setup = ActorSetup {
                 shard_index,
-                shard: Shard::new(shard_config),
+                shard,
                 clock,
                 journal: config.journal.clone(),
                 invariant_alarm: config.invariant_alarm.clone(),
