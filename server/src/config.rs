@@ -1,7 +1,10 @@
 //! What [`run`](crate::run) is given: the configuration of every part, and
 //! the sockets, which the caller binds.
 
+use std::sync::Arc;
+
 use deadbolt_core::EngineConfig;
+use deadbolt_storage::{Disk, StoreConfig};
 use deadbolt_transport_quic::QuicConfig;
 use deadbolt_transport_ws::WsConfig;
 
@@ -10,7 +13,7 @@ use deadbolt_transport_ws::WsConfig;
 /// The default is deterministic (the engine's seed 0, tokens from 1), as
 /// tests and the simulation want; a real server starts from
 /// [`EngineConfig::with_entropy`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ServerConfig {
     /// The engine: shards, limits, seed and first token.
     pub engine: EngineConfig,
@@ -24,6 +27,34 @@ pub struct ServerConfig {
     /// ([`QuicConfig::apply_to_server`]); the rest (connection limit,
     /// Retry threshold, shutdown grace) through this field.
     pub quic: QuicConfig,
+    /// Where acknowledged changes are kept, or `None` to keep nothing (the
+    /// `--in-memory` server: everything dies with the process).
+    pub storage: Option<Durable>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("engine", &self.engine)
+            .field("ws", &self.ws)
+            .field("quic", &self.quic)
+            .field("storage", &self.storage.as_ref().map(|d| &d.store))
+            .finish()
+    }
+}
+
+/// A durable server's storage (SPEC section 8).
+#[derive(Clone)]
+pub struct Durable {
+    /// The disk: the real one, or the simulation's.
+    pub disk: Arc<dyn Disk>,
+    /// The data directory and the sync policy.
+    pub store: StoreConfig,
+    /// Whether the log writer gets a thread of its own (a real server: its
+    /// file calls block) or is a task of the server's runtime (the
+    /// simulation, whose disk never blocks and whose runs must not depend
+    /// on a thread's timing).
+    pub writer_thread: bool,
 }
 
 /// The sockets the server serves on, bound by the caller: real ones in the

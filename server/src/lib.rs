@@ -29,6 +29,6 @@ pub mod metrics;
 pub mod routes;
 pub mod server;
 
-pub use config::{Listeners, ServerConfig};
+pub use config::{Durable, Listeners, ServerConfig};
 pub use routes::Routes;
 pub use server::{Error, run};

@@ -5,13 +5,14 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
-use deadbolt_core::Engine;
+use deadbolt_core::{Engine, EngineConfig};
+use deadbolt_storage::{LogWriter, RecoveryReport, StoreConfig};
 use deadbolt_transport_ws::{Listener, WsConfig};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::MissedTickBehavior;
 
-use crate::config::{Listeners, ServerConfig};
+use crate::config::{Durable, Listeners, ServerConfig};
 use crate::metrics;
 use crate::routes::Routes;
 
@@ -24,6 +25,9 @@ pub enum Error {
     /// A frontend's task panicked.
     #[error("a frontend panicked")]
     Panicked(#[source] JoinError),
+    /// The data directory cannot be used.
+    #[error("cannot use the data directory")]
+    Storage(#[from] deadbolt_storage::StorageError),
 }
 
 /// Runs the server on `listeners` until `shutdown` completes (its output is
@@ -51,7 +55,7 @@ pub async fn run<L: Listener>(
     if !metrics::install() {
         tracing::warn!("no metrics: another metrics recorder is installed");
     }
-    let engine = Engine::start(config.engine);
+    let (engine, log_writer) = start_engine(config.engine, config.storage)?;
     let routes = Routes::new(engine.clone(), config.ws.routes.clone())
         .with_ws_gauges(config.ws.gauges.clone());
     let ws_config = WsConfig {
@@ -90,8 +94,75 @@ pub async fn run<L: Listener>(
         }
     }
     engine.shutdown().await;
+    drop(engine);
+    if let Some(log_writer) = log_writer {
+        // It ends once the shards, the last holders of the store, are gone.
+        let _ = log_writer.await;
+    }
     tracing::info!("stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// Starts the engine: empty, or recovered from `storage` and journaling
+/// into it. Returns the log writer's end, to wait for after the engine.
+fn start_engine(
+    mut engine: EngineConfig,
+    storage: Option<Durable>,
+) -> Result<(Engine, Option<oneshot::Receiver<()>>), Error> {
+    let Some(durable) = storage else {
+        return Ok((Engine::start(engine), None));
+    };
+    let opened = deadbolt_storage::open(durable.disk, durable.store.clone(), &engine)?;
+    report_recovery(&durable.store, &opened.report);
+    engine.start_at = opened.start_at;
+    engine.journal = Some(opened.store);
+    let ended = spawn_writer(opened.writer, durable.writer_thread);
+    Ok((Engine::start_with(engine, opened.shards), Some(ended)))
+}
+
+/// Runs the log writer on its own thread or as a task; the receiver hears
+/// when it has ended.
+fn spawn_writer(writer: LogWriter, own_thread: bool) -> oneshot::Receiver<()> {
+    let (ended, on_end) = oneshot::channel();
+    let run = async move {
+        writer.run().await;
+        let _ = ended.send(());
+    };
+    if !own_thread {
+        tokio::spawn(run);
+        return on_end;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("deadbolt-log".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(run),
+                Err(error) => tracing::error!("cannot start the log writer: {error}"),
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!("cannot start the log writer's thread: {error}");
+    }
+    on_end
+}
+
+fn report_recovery(store: &StoreConfig, report: &RecoveryReport) {
+    tracing::info!(
+        data_dir = %store.dir.display(),
+        snapshots = report.snapshots,
+        records = report.records,
+        fsync = ?store.fsync,
+        "recovered the data directory"
+    );
+    if let Some((path, offset, bytes)) = &report.torn_tail {
+        tracing::warn!(
+            "the log ended in a torn record (a write cut short by a crash): cut {bytes}              bytes off {} at byte {offset}",
+            path.display()
+        );
+    }
 }
 
 /// Waits for `shutdown`, or for a frontend to fail, whichever comes first;

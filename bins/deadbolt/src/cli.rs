@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use deadbolt_storage::Fsync;
 use clap::{Args, Parser, Subcommand};
 
 /// deadbolt: leased locks and distinct sets for fleets of unreliable workers.
@@ -89,9 +90,20 @@ pub struct ServeArgs {
     /// The private key of `--tls-cert` (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Where the server keeps its files (the QUIC certificate).
+    /// Where the server keeps its files: the write-ahead log and snapshots
+    /// of every acknowledged change, and the QUIC certificate. Locked: one
+    /// server per directory.
     #[arg(long, default_value = "deadbolt-data")]
     pub data_dir: PathBuf,
+    /// When the log is synced to disk: `always` (before any reply that
+    /// depends on a change; survives a power cut) or `every=DURATION`, e.g.
+    /// `every=10ms` (replies once written: survives the process dying, but a
+    /// power cut may lose the last DURATION of acknowledged changes).
+    #[arg(long, default_value = "always", value_parser = parse_fsync, conflicts_with = "in_memory")]
+    pub fsync: Fsync,
+    /// Keep nothing on disk: every lock and set dies with the process.
+    #[arg(long)]
+    pub in_memory: bool,
     /// Shard actors. A key's shard depends on this number, so it is fixed
     /// rather than one per core.
     #[arg(long, default_value_t = deadbolt_core::engine::DEFAULT_SHARDS)]
@@ -263,4 +275,19 @@ impl std::str::FromStr for QuicListen {
             text.parse().map(QuicListen::On)
         }
     }
+}
+
+/// Parses `--fsync`: `always` or `every=DURATION`.
+fn parse_fsync(value: &str) -> Result<Fsync, String> {
+    if value == "always" {
+        return Ok(Fsync::Always);
+    }
+    let interval = value
+        .strip_prefix("every=")
+        .ok_or_else(|| format!("expected `always` or `every=DURATION`, got `{value}`"))?;
+    let interval = humantime::parse_duration(interval).map_err(|e| format!("{interval}: {e}"))?;
+    if interval.is_zero() {
+        return Err("every=0 would sync nothing; use `always`".into());
+    }
+    Ok(Fsync::Every(interval))
 }

@@ -3,7 +3,8 @@
 
 use anyhow::Context;
 use deadbolt_core::{EngineConfig, Limits};
-use deadbolt_server::{Listeners, ServerConfig};
+use deadbolt_server::{Durable, Listeners, ServerConfig};
+use deadbolt_storage::{StdDisk, StoreConfig};
 use deadbolt_transport_quic::{Identity, QuicConfig};
 use deadbolt_transport_ws::WsConfig;
 use tokio::net::TcpListener;
@@ -11,6 +12,7 @@ use tokio::net::TcpListener;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::cli::{QuicListen, ServeArgs};
 
@@ -75,6 +77,7 @@ fn server_config(args: &ServeArgs) -> ServerConfig {
             idle_close: args.idle_ping * 3,
             ..WsConfig::default()
         },
+        storage: storage(args),
         quic: QuicConfig {
             max_connections: args.quic_max_connections,
             streams_per_connection: args.quic_streams,
@@ -131,6 +134,20 @@ fn quic_endpoint(
         .with_context(|| format!("cannot listen for QUIC on {addr}"))?;
     tracing::info!("listening on quic://{}", endpoint.local_addr()?);
     Ok(endpoint)
+}
+
+/// The data directory's log, unless `--in-memory`.
+fn storage(args: &ServeArgs) -> Option<Durable> {
+    if args.in_memory {
+        return None;
+    }
+    let mut store = StoreConfig::new(&args.data_dir);
+    store.fsync = args.fsync;
+    Some(Durable {
+        disk: Arc::new(StdDisk),
+        store,
+        writer_thread: true,
+    })
 }
 
 fn engine_config(args: &ServeArgs) -> EngineConfig {

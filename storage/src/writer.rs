@@ -1,0 +1,444 @@
+//! The log writer: one task that owns the log's files. Shards send it
+//! their batches; it appends everything that is waiting as one write,
+//! syncs once for all of it (group commit), and only then lets the shards
+//! apply and answer. It also writes snapshots and, once every shard has
+//! one newer than a segment, deletes the segment.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use deadbolt_core::proto::ServerError;
+use deadbolt_core::shard::ShardImage;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::codec::{self, Record};
+use crate::disk::{AppendFile, Disk};
+use crate::recover::{Segment, segment_name};
+use crate::snapshot::{self, SnapshotHeader};
+use crate::{Fsync, Shared, StorageError, StoreConfig, frame};
+
+/// Most requests written as one group.
+const GROUP_MAX: usize = 1024;
+
+/// What the writer is asked.
+pub(crate) enum Request {
+    /// Append shard `shard`'s encoded commands; answer once kept.
+    Batch {
+        shard: u32,
+        commands: Vec<u8>,
+        done: oneshot::Sender<Result<(), ServerError>>,
+    },
+    /// Keep a token reservation, synced whatever the policy; answer once
+    /// kept.
+    Reserve {
+        shard: u32,
+        upto: u64,
+        done: oneshot::Sender<Result<(), ServerError>>,
+    },
+    /// Write shard `shard`'s snapshot.
+    Snapshot {
+        shard: u32,
+        image: Box<ShardImage>,
+        token_reserved: u64,
+    },
+}
+
+/// A snapshot round: every shard is asked for a snapshot; once all have
+/// written one, the segments before `first_kept` are deleted.
+struct Round {
+    first_kept: u64,
+    done: Vec<bool>,
+}
+
+/// The log writer's state. Run it with [`LogWriter::run`].
+pub struct LogWriter {
+    disk: Arc<dyn Disk>,
+    config: StoreConfig,
+    shared: Arc<Shared>,
+    requests: mpsc::UnboundedReceiver<Request>,
+    file: Box<dyn AppendFile>,
+    /// Bytes in the current segment, all of them intact records.
+    file_len: u64,
+    segments: Vec<Segment>,
+    next_lsn: u64,
+    /// When written but unsynced records must be synced (`Fsync::Every`).
+    sync_due: Option<Instant>,
+    /// Log bytes written since the last snapshot round began.
+    bytes_since_round: u64,
+    /// Bytes of the last complete set of snapshots.
+    snapshot_bytes: Vec<u64>,
+    round: Option<Round>,
+    /// Why the log can no longer be trusted, once it cannot.
+    failed: Option<String>,
+}
+
+impl LogWriter {
+    pub(crate) fn new(
+        disk: Arc<dyn Disk>,
+        config: StoreConfig,
+        shared: Arc<Shared>,
+        requests: mpsc::UnboundedReceiver<Request>,
+        segments: Vec<Segment>,
+        next_lsn: u64,
+        log_bytes: u64,
+    ) -> Result<LogWriter, StorageError> {
+        let wal = config.dir.join("wal");
+        let (segments, path) = match segments.last() {
+            Some(last) => (segments.clone(), last.path.clone()),
+            None => {
+                let path = wal.join(segment_name(next_lsn));
+                let first = Segment {
+                    first_lsn: next_lsn,
+                    path: path.clone(),
+                };
+                (vec![first], path)
+            }
+        };
+        let file = disk.open_append(&path).map_err(|e| io_error(&path, e))?;
+        disk.sync_dir(&wal).map_err(|e| io_error(&wal, e))?;
+        let file_len = disk.read(&path).map_err(|e| io_error(&path, e))?.len() as u64;
+        let shards = shared.attention.len();
+        Ok(LogWriter {
+            disk,
+            config,
+            shared,
+            requests,
+            file,
+            file_len,
+            bytes_since_round: log_bytes,
+            segments,
+            next_lsn,
+            sync_due: None,
+            snapshot_bytes: vec![0; shards],
+            round: None,
+            failed: None,
+        })
+    }
+
+    /// Cuts the current segment to `len` (a torn tail) and syncs it.
+    pub(crate) fn cut_to(&mut self, len: u64) -> Result<(), StorageError> {
+        let path = self.current_path();
+        self.file.truncate(len).map_err(|e| io_error(&path, e))?;
+        self.file.sync().map_err(|e| io_error(&path, e))?;
+        self.file_len = len;
+        Ok(())
+    }
+
+    /// Appends `records` and syncs them, before the server serves anyone.
+    pub(crate) fn write_now(&mut self, records: &[Record]) -> Result<(), StorageError> {
+        let mut bytes = Vec::new();
+        let mut payloads = Vec::new();
+        for record in records {
+            let payload = codec::encode(self.next_lsn, record);
+            frame::put(&mut bytes, &payload);
+            payloads.push(payload);
+            self.next_lsn += 1;
+        }
+        let path = self.current_path();
+        self.file.append(&bytes).map_err(|e| io_error(&path, e))?;
+        self.file.sync().map_err(|e| io_error(&path, e))?;
+        self.file_len += bytes.len() as u64;
+        self.observe(&payloads);
+        Ok(())
+    }
+
+    /// Shows the records just kept to the observer, if there is one.
+    fn observe(&self, payloads: &[Vec<u8>]) {
+        let Some(observer) = &self.config.observer else {
+            return;
+        };
+        for payload in payloads {
+            match codec::decode(payload) {
+                Ok((lsn, record)) => observer(lsn, &record),
+                Err(error) => tracing::error!("a record just written does not decode: {error}"),
+            }
+        }
+    }
+
+    /// Serves requests until every sender is gone, then syncs what is left.
+    pub async fn run(mut self) {
+        loop {
+            let sync_due = self.sync_due;
+            let first = tokio::select! {
+                request = self.requests.recv() => request,
+                () = sleep_until(sync_due) => {
+                    self.sync_unsynced();
+                    continue;
+                }
+            };
+            let Some(first) = first else { break };
+            let mut group = vec![first];
+            while group.len() < GROUP_MAX {
+                match self.requests.try_recv() {
+                    Ok(request) => group.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit(group);
+        }
+        self.sync_unsynced();
+    }
+
+    /// Writes a group: its records in one append and at most one sync,
+    /// then its snapshots.
+    fn commit(&mut self, group: Vec<Request>) {
+        let mut bytes = Vec::new();
+        let mut observed = Vec::new();
+        let mut waiting = Vec::new();
+        let mut snapshots = Vec::new();
+        let mut must_sync = self.config.fsync == Fsync::Always;
+        let first_lsn = self.next_lsn;
+        for request in group {
+            match request {
+                Request::Batch { shard, commands, done } => {
+                    let payload = codec::encode_batch(self.next_lsn, shard, &commands);
+                    frame::put(&mut bytes, &payload);
+                    if self.config.observer.is_some() {
+                        observed.push(payload);
+                    }
+                    self.next_lsn += 1;
+                    waiting.push(done);
+                }
+                Request::Reserve { shard, upto, done } => {
+                    let record = Record::Reserve { shard, upto };
+                    let payload = codec::encode(self.next_lsn, &record);
+                    frame::put(&mut bytes, &payload);
+                    if self.config.observer.is_some() {
+                        observed.push(payload);
+                    }
+                    self.next_lsn += 1;
+                    must_sync = true;
+                    waiting.push(done);
+                }
+                Request::Snapshot { shard, image, token_reserved } => {
+                    snapshots.push((shard, image, token_reserved));
+                }
+            }
+        }
+        let outcome = if bytes.is_empty() {
+            Ok(())
+        } else {
+            self.append(&bytes, must_sync)
+        };
+        if outcome.is_err() {
+            self.next_lsn = first_lsn;
+        } else {
+            self.observe(&observed);
+        }
+        for done in waiting {
+            // A shard that stopped waiting has nothing to be told.
+            let _ = done.send(outcome.clone());
+        }
+        for (shard, image, token_reserved) in snapshots {
+            self.write_snapshot(shard, &image, token_reserved);
+        }
+        self.maybe_rotate();
+    }
+
+    /// Appends `bytes` (whole records) and syncs if asked or due. On
+    /// failure the segment is cut back to what it was, so nothing of the
+    /// group stays: the shards answer `unavailable` and change nothing.
+    fn append(&mut self, bytes: &[u8], must_sync: bool) -> Result<(), ServerError> {
+        if let Some(why) = &self.failed {
+            return Err(ServerError::unavailable(why.clone()));
+        }
+        let written = self.file.append(bytes).and_then(|()| {
+            if must_sync {
+                self.file.sync()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(error) = written {
+            return Err(self.undo_append(error));
+        }
+        self.file_len += bytes.len() as u64;
+        self.bytes_since_round += bytes.len() as u64;
+        if must_sync {
+            self.sync_due = None;
+        } else if let Fsync::Every(interval) = self.config.fsync {
+            self.sync_due.get_or_insert_with(|| Instant::now() + interval);
+        }
+        Ok(())
+    }
+
+    /// Cuts off a failed append and says why it failed. If even that
+    /// fails, the log is no longer trusted and every later append fails.
+    fn undo_append(&mut self, error: std::io::Error) -> ServerError {
+        let why = if error.raw_os_error() == Some(28) {
+            format!("the disk is full ({error}); nothing was changed")
+        } else {
+            format!("cannot write the log ({error}); nothing was changed")
+        };
+        tracing::error!(path = %self.current_path().display(), "{why}");
+        let cut = self
+            .file
+            .truncate(self.file_len)
+            .and_then(|()| self.file.sync());
+        if let Err(cut_error) = cut {
+            let failed = format!(
+                "the log could not be cut back after a failed write ({cut_error}); \
+                 restart the server to recover from what is on disk"
+            );
+            tracing::error!("{failed}");
+            self.failed = Some(failed);
+        }
+        ServerError::unavailable(why)
+    }
+
+    /// `Fsync::Every`: syncs what was written since the last sync.
+    fn sync_unsynced(&mut self) {
+        if self.sync_due.take().is_none() || self.failed.is_some() {
+            return;
+        }
+        if let Err(error) = self.file.sync() {
+            // After a failed sync the page cache cannot be trusted either.
+            let failed = format!("syncing the log failed ({error}); restart the server");
+            tracing::error!("{failed}");
+            self.failed = Some(failed);
+        }
+    }
+
+    fn current_path(&self) -> PathBuf {
+        self.segments
+            .last()
+            .map(|s| s.path.clone())
+            .unwrap_or_default()
+    }
+
+    /// Starts a new segment when the current one is full, or when a
+    /// snapshot round begins (so that the round can delete every segment
+    /// before it).
+    fn maybe_rotate(&mut self) {
+        let round_due = self.round.is_none()
+            && self.bytes_since_round >= self.round_threshold()
+            && self.failed.is_none();
+        if !round_due && self.file_len < self.config.segment_bytes {
+            return;
+        }
+        if let Err(error) = self.rotate() {
+            tracing::error!("cannot start a new log segment: {error}");
+            return;
+        }
+        if round_due {
+            self.start_round();
+        }
+    }
+
+    /// Log bytes after which a snapshot round begins: enough that the log
+    /// stays within a small factor of the state.
+    fn round_threshold(&self) -> u64 {
+        let snapshots: u64 = self.snapshot_bytes.iter().sum();
+        self.config.snapshot_after_bytes.max(snapshots)
+    }
+
+    fn rotate(&mut self) -> Result<(), StorageError> {
+        let old = self.current_path();
+        self.file.sync().map_err(|e| io_error(&old, e))?;
+        self.sync_due = None;
+        let wal = self.config.dir.join("wal");
+        let path = wal.join(segment_name(self.next_lsn));
+        self.file = self.disk.open_append(&path).map_err(|e| io_error(&path, e))?;
+        self.disk.sync_dir(&wal).map_err(|e| io_error(&wal, e))?;
+        self.segments.push(Segment {
+            first_lsn: self.next_lsn,
+            path,
+        });
+        self.file_len = 0;
+        Ok(())
+    }
+
+    fn start_round(&mut self) {
+        let shards = self.shared.attention.len();
+        self.round = Some(Round {
+            first_kept: self.next_lsn,
+            done: vec![false; shards],
+        });
+        self.bytes_since_round = 0;
+        for (wanted, attention) in self.shared.snapshot_wanted.iter().zip(&self.shared.attention) {
+            wanted.store(true, Ordering::Release);
+            attention.notify_one();
+        }
+    }
+
+    /// Writes shard `shard`'s snapshot, covering its records so far; ends
+    /// the round once every shard has one.
+    fn write_snapshot(&mut self, shard: u32, image: &ShardImage, token_reserved: u64) {
+        let header = SnapshotHeader {
+            shard,
+            shards: self.shared.attention.len() as u32,
+            covers_below: self.next_lsn,
+            token_reserved,
+            limits: self.config.limits,
+        };
+        match self.put_snapshot(&header, image) {
+            Ok(bytes) => {
+                self.snapshot_bytes[shard as usize] = bytes;
+                if let Some(round) = &mut self.round {
+                    round.done[shard as usize] = true;
+                }
+                self.end_round_if_done();
+            }
+            Err(error) => {
+                tracing::error!(shard, "cannot write a snapshot: {error}");
+                // Asked again at the next round.
+                self.round = None;
+            }
+        }
+    }
+
+    fn put_snapshot(&self, header: &SnapshotHeader, image: &ShardImage) -> Result<u64, StorageError> {
+        let dir = self.config.dir.join("snapshots");
+        let name = snapshot::file_name(header.shard as usize);
+        let path = dir.join(&name);
+        let tmp = dir.join(format!("{name}.tmp"));
+        let bytes = snapshot::encode(header, image).map_err(|e| StorageError::Corrupt {
+            path: path.clone(),
+            offset: 0,
+            why: e.0,
+        })?;
+        self.disk.write_synced(&tmp, &bytes).map_err(|e| io_error(&tmp, e))?;
+        self.disk.rename(&tmp, &path).map_err(|e| io_error(&path, e))?;
+        self.disk.sync_dir(&dir).map_err(|e| io_error(&dir, e))?;
+        Ok(bytes.len() as u64)
+    }
+
+    /// Deletes the segments every shard's snapshot now covers.
+    fn end_round_if_done(&mut self) {
+        let Some(round) = &self.round else { return };
+        if !round.done.iter().all(|&done| done) {
+            return;
+        }
+        let first_kept = round.first_kept;
+        self.round = None;
+        let (old, kept): (Vec<Segment>, Vec<Segment>) = std::mem::take(&mut self.segments)
+            .into_iter()
+            .partition(|s| s.first_lsn < first_kept);
+        self.segments = kept;
+        for segment in old {
+            if let Err(error) = self.disk.remove(&segment.path) {
+                tracing::warn!(path = %segment.path.display(), "cannot delete a log segment: {error}");
+            }
+        }
+        let wal = self.config.dir.join("wal");
+        if let Err(error) = self.disk.sync_dir(&wal) {
+            tracing::warn!("cannot sync {}: {error}", wal.display());
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn io_error(path: &std::path::Path, source: std::io::Error) -> StorageError {
+    StorageError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
