@@ -185,7 +185,7 @@ fn count_kinds(logs: &[Vec<Command>]) -> [usize; 4] {
             Input::RequesterGone { .. } => 1,
             Input::ConnectionClosed { .. } => 2,
             Input::Tick => 3,
-            Input::Cancel { .. } => continue,
+            Input::Cancel { .. } | Input::Restart { .. } => continue,
         };
         kinds[kind] += 1;
     }

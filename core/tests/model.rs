@@ -1,9 +1,9 @@
 //! The shard against a small, obviously correct reference model.
 //!
 //! Random sequences of operations from several clients, connection closes,
-//! requesters that go away, cancels and time steps (including steps that
-//! land exactly on a deadline or one millisecond before it) drive both the
-//! real [`Shard`] and the model below. The model steps time one millisecond
+//! requesters that go away, cancels, process restarts and time steps
+//! (including steps that land exactly on a deadline or one millisecond
+//! before it) drive both the real [`Shard`] and the model below. The model steps time one millisecond
 //! at a time and keeps everything in plain vectors; it is slow and simple on
 //! purpose. After every step the test compares every answer and every key's
 //! state, and checks the contract's properties on the real shard's answers
@@ -16,6 +16,10 @@
 //! - leases ending exactly at their deadline;
 //! - `index` the same for everyone and `first` for one client only;
 //! - nothing answered twice.
+//!
+//! The same runs check snapshots: the shard restored from an image taken
+//! at a random point, under another hash seed, must carry on exactly as
+//! the original does (same answers in the same order, same state).
 //!
 //! Tokens are compared through a mapping (real token ↔ model token), since
 //! when two keys are granted at the same tick the two sides may number them
@@ -30,7 +34,7 @@ use deadbolt_core::proto::{
     Acquire, ErrorCode, Extended, Granted, HolderInfo, Inserted, InsertedMany, Keys, LockInfo,
     LockOp, Member, MembersPage, Okay, SetInfo, SetOp, SetUpReply, TornDown, Wait,
 };
-use deadbolt_core::shard::{ShardConfig, ShardOp};
+use deadbolt_core::shard::{Input, ShardConfig, ShardOp};
 use proptest::prelude::*;
 use support::{Harness, Slot};
 
@@ -75,6 +79,12 @@ enum Step {
     },
     CloseConnection {
         client: usize,
+    },
+    /// The process restarts: `Input::Restart` with a token floor around
+    /// the shard's next token (below it or above), and every connection
+    /// new.
+    Restart {
+        raise: u64,
     },
     Advance {
         ms: u64,
@@ -142,6 +152,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(|pick| Step::Abandon { pick }),
         1 => any::<usize>().prop_map(|pick| Step::LostAnswer { pick }),
         1 => client.clone().prop_map(|client| Step::CloseConnection { client }),
+        1 => (0u64..20).prop_map(|raise| Step::Restart { raise }),
         4 => (0u64..25).prop_map(|ms| Step::Advance { ms }),
         2 => any::<bool>().prop_map(|minus_one| Step::ToNextDeadline { minus_one }),
         2 => (set.clone(), 1u64..80).prop_map(|(set, ttl)| Step::SetUp { set, ttl }),
@@ -455,6 +466,22 @@ impl Model {
         }
     }
 
+    /// Waiters are dropped unanswered, ephemeral holders released (with
+    /// nobody left to hand the key on to), and every grant's request
+    /// forgotten. The token floor does not show here: tokens are compared
+    /// through a mapping, which only the order per key constrains.
+    fn restart(&mut self) {
+        for lock in self.locks.values_mut() {
+            lock.queue.clear();
+            if lock.holder.as_ref().is_some_and(|h| h.ephemeral) {
+                lock.holder = None;
+            }
+            if let Some(holder) = lock.holder.as_mut() {
+                holder.granted_by = None;
+            }
+        }
+    }
+
     fn set_op(&mut self, request: usize, client: usize, op: &SetOp) {
         let outcome = self.set_outcome(client, op);
         self.answer(request, outcome);
@@ -583,6 +610,8 @@ struct Run {
     /// Per set and key, the index everyone was told, and who was told first.
     indexes: HashMap<(usize, String), (u64, Option<usize>)>,
     seen_answers: Vec<usize>,
+    /// Requests whose waiter a restart dropped: never to be answered.
+    dropped: Vec<usize>,
 }
 
 impl Run {
@@ -606,6 +635,7 @@ impl Run {
             latest: HashMap::new(),
             indexes: HashMap::new(),
             seen_answers: Vec::new(),
+            dropped: Vec::new(),
         }
     }
 
@@ -750,6 +780,7 @@ impl Run {
                 self.model.close_connection(conn);
                 self.conns[client] += 1;
             }
+            Step::Restart { raise } => self.restart(raise),
             Step::Advance { ms } => self.advance_to(self.model.now + ms),
             Step::ToNextDeadline { minus_one } => {
                 if let Some(deadline) = self.model.next_deadline() {
@@ -805,6 +836,20 @@ impl Run {
                     set: SETS[set].into(),
                 },
             ),
+        }
+    }
+
+    fn restart(&mut self, raise: u64) {
+        let before = self.h.shard.next_token();
+        let token_floor = (before + raise).saturating_sub(10);
+        let queued = self.model.locks.values().flat_map(|l| &l.queue);
+        self.dropped.extend(queued.map(|w| w.request));
+        self.h.apply_now(Input::Restart { token_floor });
+        self.model.restart();
+        assert_eq!(self.h.shard.next_token(), before.max(token_floor));
+        // Every connection died with the old process.
+        for conn in &mut self.conns {
+            *conn += 1;
         }
     }
 
@@ -925,6 +970,7 @@ impl Run {
         let earlier_still_waiting = (0..request).filter(|_| !relock).find(|&r| {
             self.requests[r].2 == Some(key)
                 && self.slots[r].is_pending()
+                && !self.dropped.contains(&r)
                 && self.requests[r].0 != client
         });
         if let Some(earlier) = earlier_still_waiting {
@@ -1003,6 +1049,24 @@ proptest! {
     #[test]
     fn the_shard_behaves_like_the_reference_model(steps in prop::collection::vec(step(), 1..80)) {
         run(&steps)?;
+    }
+
+    #[test]
+    fn a_shard_restored_from_its_image_carries_on_alike(
+        steps in prop::collection::vec(step(), 1..80),
+        split in any::<prop::sample::Index>(),
+        restore_seed in any::<u64>(),
+    ) {
+        let mut run = Run::new();
+        for step in &steps {
+            run.apply(step);
+        }
+        // Sets expire and waits run out after the split too.
+        run.advance_to(run.model.now + 100);
+        let split = split.index(run.h.commands.len() + 1);
+        run.h.check_restore(split, restore_seed).map_err(|broken| {
+            TestCaseError::fail(format!("restored after {split} commands: {broken}"))
+        })?;
     }
 }
 

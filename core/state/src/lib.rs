@@ -19,14 +19,22 @@
 //! that is answered exactly once, when it is granted, times out, is
 //! cancelled or its requester goes away.
 //!
+//! Durability rests on the same property: a storage layer logs commands,
+//! now and then writes a snapshot of the whole state ([`Shard::image`], a
+//! [`image::ShardImage`] that does not depend on the hash seed) and
+//! recovers with [`Shard::from_image`] and the log's tail, then applies
+//! [`Input::Restart`], which ends what did not survive the old process.
+//!
 //! Layout: [`locks`] (SPEC section 2: the rules, beside their containers),
-//! [`sets`] (SPEC section 3), the deadline heap in `timers`, and
+//! [`sets`] (SPEC section 3), the deadline heap in `timers`, [`image`]
+//! (snapshots: the image types, taking and restoring one), and
 //! [`hasher`] (the seeded table hash and the stable placement hash),
 //! [`time`] (ticks, the shard's notion of time), and [`planted`] (bugs
 //! the simulation plants to prove its checker, compiled only with the
 //! `planted-bugs` feature).
 
 pub mod hasher;
+pub mod image;
 pub mod locks;
 pub mod planted;
 pub mod sets;
@@ -55,7 +63,10 @@ pub type ConnId = u64;
 /// Names one request for as long as it may be answered. The driver picks
 /// it (unique among the requests it has in flight) and it travels in the
 /// command, so a replay answers the same handles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct Handle(pub u64);
 
 /// Who sent a request.
@@ -134,6 +145,34 @@ pub enum Input {
     },
     /// Only time passed: apply the deadlines due by the command's time.
     Tick,
+    /// The process restarted, and this shard was recovered (from a
+    /// snapshot and the log): applied once, before anything else the new
+    /// process does. What lived only in the old process ends, unanswered
+    /// (SPEC section 8: ephemeral locks and waiters do not survive a
+    /// restart):
+    /// - every waiter leaves its queue without an answer: its requester
+    ///   died with the old process, and the new driver has no handle for
+    ///   it;
+    /// - every ephemeral lock is released (its connection is gone); the
+    ///   others keep their tokens and deadlines;
+    /// - every grant forgets the request that made it, so that an
+    ///   undelivered answer no longer undoes it: handles restart with the
+    ///   process;
+    /// - the next token becomes at least `token_floor`.
+    ///
+    /// Deadlines due by the command's time are applied first, as for every
+    /// command; the restart itself gives no answers. Stamped with the
+    /// recovered shard's own time ([`Shard::now`]), it finds nothing due:
+    /// stamped later, a lease that ends first could hand its key to a
+    /// waiter of the old process, a grant nobody hears of that then lasts
+    /// its lease.
+    Restart {
+        /// The lowest token the new process may grant: above every token
+        /// the old one may have granted (the storage reserves token ranges
+        /// durably), so that tokens never repeat or go down across a
+        /// restart, even when the log's tail was lost.
+        token_floor: u64,
+    },
 }
 
 /// An answer to a request handle.
@@ -152,7 +191,8 @@ pub struct ShardConfig {
     /// a shard reaches does not depend on it.
     pub hash_seed: u64,
     /// The token of the shard's first grant. Starting each run above the
-    /// last run's tokens keeps tokens rising across restarts.
+    /// last run's tokens keeps tokens rising across restarts. Ignored by
+    /// [`Shard::from_image`]: the image has its next token.
     pub first_token: u64,
     /// The capacity bounds this shard enforces.
     pub limits: Limits,
@@ -233,6 +273,7 @@ impl Shard {
             Input::Cancel { handle, key } => self.locks.cancel(now, handle, &key),
             Input::RequesterGone { handle, key } => self.locks.requester_gone(now, handle, &key),
             Input::ConnectionClosed { conn } => self.locks.close_connection(now, conn),
+            Input::Restart { token_floor } => self.locks.restart(token_floor),
             Input::Tick => {}
         }
         self.answers.append(self.locks.answers());
@@ -274,6 +315,12 @@ impl Shard {
     /// The shard's time: the latest command time it has seen.
     pub fn now(&self) -> Tick {
         self.now
+    }
+
+    /// The token the next grant gets: what a storage layer reserves token
+    /// ranges above (see [`Input::Restart`]).
+    pub fn next_token(&self) -> u64 {
+        self.locks.next_token()
     }
 
     /// Answers every waiter `shutting_down` and drops all lock state. Not a

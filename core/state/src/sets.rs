@@ -5,6 +5,10 @@
 //! offset, the owner and a 4-byte hash-table slot per key; that is about 16
 //! bytes per member beyond the key itself, so a million-member set fits in
 //! a few tens of megabytes.
+//!
+//! The sets' part of a snapshot is in `image`.
+
+mod image;
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -369,10 +373,19 @@ impl Sets {
             .collect()
     }
 
-    /// Checks that every set's index agrees with its keys.
+    /// Checks that every set's index agrees with its keys, and that every
+    /// set has a live timer (or it would never expire).
     pub fn check_invariants(&self) -> Result<(), String> {
         let (mut members, mut bytes) = (0, 0);
+        let timers = self.timers.index();
         for set in &self.table {
+            let due = SetDue {
+                hash: self.hash(&set.name),
+                set: set.id,
+            };
+            if timers.live_seq(due, set.deadline).is_none() {
+                return Err(format!("set {:?} has no timer", set.name));
+            }
             members += set.len();
             bytes += set.packed.len();
             if set.positions.len() != set.len() || set.owners.len() != set.len() {

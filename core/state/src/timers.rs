@@ -10,11 +10,14 @@
 //! Timers due at the same tick fire in the order they were set (a sequence
 //! number breaks ties), never in an order that depends on a hash seed: the
 //! order decides which waiter gets the next token, and a replay with another
-//! seed must hand out the same tokens.
+//! seed must hand out the same tokens. So a snapshot keeps each live
+//! timer's number ([`ImageSeqs`]), and a restore sets them again as they
+//! were ([`Timers::restore`]).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use crate::image::Deadline;
 use crate::time::Tick;
 
 /// A deadline and what it is for (`D` names its object by the hash of its
@@ -62,6 +65,31 @@ impl<D: Ord + Copy> Timers<D> {
         self.heap.len()
     }
 
+    /// How many timers were ever pushed: the next one's sequence number.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
+    /// A heap of `timers`, the next push numbered `pushed`. The caller
+    /// has checked that the sequence numbers are distinct and below
+    /// `pushed`, so that ties never fall through to `due`, whose hash
+    /// depends on the seed.
+    pub fn restore(timers: Vec<Timer<D>>, pushed: u64) -> Self {
+        let heap = timers.into_iter().map(Reverse).collect::<Vec<_>>();
+        Timers {
+            heap: BinaryHeap::from(heap),
+            pushed,
+        }
+    }
+
+    /// The queued timers, indexed by what they are for (a scan and a sort:
+    /// for snapshots and invariant checks, not for the rules).
+    pub fn index(&self) -> TimerIndex<D> {
+        let mut timers: Vec<Timer<D>> = self.heap.iter().map(|Reverse(t)| *t).collect();
+        timers.sort_unstable_by(|a, b| (&a.due, a.at, a.seq).cmp(&(&b.due, b.at, b.seq)));
+        TimerIndex(timers)
+    }
+
     /// Whether the heap is as small as [`Timers::compact_if_stale`] keeps it.
     pub fn is_compact(&self, live: usize) -> bool {
         self.heap.len() <= 2 * live + 1024
@@ -95,5 +123,53 @@ impl<D: Ord + Copy> Timers<D> {
             });
             self.heap = BinaryHeap::from(timers);
         }
+    }
+}
+
+/// Queued timers sorted by what they are for, then time, then sequence.
+pub(crate) struct TimerIndex<D>(Vec<Timer<D>>);
+
+impl<D: Ord + Copy> TimerIndex<D> {
+    /// The sequence number of the timer that will act for `due` at `at`:
+    /// the first set, since a twin set later finds its object gone.
+    pub fn live_seq(&self, due: D, at: Tick) -> Option<u64> {
+        let first = self.0.partition_point(|t| (&t.due, t.at) < (&due, at));
+        let timer = self.0.get(first)?;
+        (timer.due == due && timer.at == at).then_some(timer.seq)
+    }
+}
+
+/// The deadlines of a snapshot: each object's deadline with the sequence
+/// number of its live timer.
+pub(crate) struct ImageSeqs<D> {
+    index: TimerIndex<D>,
+    pushed: u64,
+}
+
+impl<D: Ord + Copy> ImageSeqs<D> {
+    pub fn new(timers: &Timers<D>) -> Self {
+        ImageSeqs {
+            index: timers.index(),
+            pushed: timers.pushed(),
+        }
+    }
+
+    /// `at`, with the number of the timer that acts for `due` then. A
+    /// deadline without one breaks an invariant (`check_invariants` says
+    /// so); it gets a fresh number, as if its timer were set now, so that
+    /// the image still restores to a shard that honours the deadline.
+    pub fn deadline(&mut self, due: D, at: Tick) -> Deadline {
+        let live = self.index.live_seq(due, at);
+        debug_assert!(live.is_some(), "a deadline without a live timer");
+        let seq = live.unwrap_or_else(|| {
+            self.pushed += 1;
+            self.pushed - 1
+        });
+        Deadline { at, seq }
+    }
+
+    /// The timers pushed, counting the fresh numbers given.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
     }
 }

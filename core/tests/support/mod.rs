@@ -12,6 +12,7 @@ use deadbolt_core::limits::Limits;
 use deadbolt_core::proto::{
     Acquire, ErrorCode, Keys, LockInfo, LockOp, Okay, Outcome, SetOp, Wait,
 };
+use deadbolt_core::shard::image::ShardImage;
 use deadbolt_core::shard::{Caller, Command, Handle, Input, Shard, ShardConfig, ShardOp};
 use deadbolt_core::time::Tick;
 
@@ -220,6 +221,49 @@ impl Harness {
             by_handle(original_answers),
             "replay answered otherwise"
         );
+    }
+
+    /// Replays the first `split` commands into a fresh shard, takes its
+    /// image through JSON and restores it under `restore_seed` (and another
+    /// first token, which a restore ignores); then feeds the rest of the
+    /// commands to both. The restored shard must give the same answers, in
+    /// the same order, and reach the same state after every command.
+    pub fn check_restore(&self, split: usize, restore_seed: u64) -> Result<(), String> {
+        let (before, after) = self.commands.split_at(split);
+        let mut original = Shard::new(self.config);
+        for command in before {
+            original.apply(command.clone());
+            original.take_answers();
+        }
+        let image = original.image();
+        let json = serde_json::to_string(&image).map_err(|e| e.to_string())?;
+        let read: ShardImage = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+        let config = ShardConfig {
+            hash_seed: restore_seed,
+            first_token: self.config.first_token + 12_345,
+            ..self.config
+        };
+        let mut restored = Shard::from_image(config, read).map_err(|e| e.to_string())?;
+        if restored.image() != image {
+            return Err("the restored shard's image differs".to_owned());
+        }
+        for (i, command) in after.iter().enumerate() {
+            original.apply(command.clone());
+            restored.apply(command.clone());
+            let (expected, got) = (original.take_answers(), restored.take_answers());
+            let at = format!("command {} {command:?}", split + i);
+            if got != expected {
+                return Err(format!("{at}: answered {got:?}, not {expected:?}"));
+            }
+            if restored.digest() != original.digest() {
+                return Err(format!("{at}: another state"));
+            }
+            if restored.counters() != original.counters() {
+                return Err(format!("{at}: other counters"));
+            }
+            restored.check_invariants()?;
+        }
+        Ok(())
     }
 
     pub fn check(&self) {

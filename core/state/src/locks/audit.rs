@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 
 use super::conns::ConnIndex;
-use super::{LockEntry, Locks};
+use super::{LockDue, LockEntry, Locks};
 use crate::hasher::StableHasher;
 use crate::time::Tick;
+use crate::timers::TimerIndex;
 use deadbolt_proto::HeldLock;
 
 impl Locks {
@@ -17,13 +18,17 @@ impl Locks {
     /// - tokens were issued (below the next token) and are distinct;
     /// - waiters are in id order, and counted right;
     /// - key bytes are counted right, the timer heap is compact, and the
-    ///   connection index agrees with the table.
+    ///   connection index agrees with the table;
+    /// - every lease and bounded wait has a live timer (one that will act
+    ///   when it fires), or it would never end.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut conns = ConnIndex::new(self.hasher);
         let mut waiters = 0;
+        let timers = self.books.timers.index();
         for entry in &self.table {
             check_entry(entry, self.books.next_token)?;
             let hash = self.hasher.hash_one(&*entry.key);
+            check_timers(entry, hash, &timers)?;
             for holder in entry.holders.iter().filter(|h| h.ephemeral) {
                 conns.add(holder.conn, hash);
             }
@@ -125,6 +130,34 @@ fn check_entry(entry: &LockEntry, next_token: u64) -> Result<(), String> {
     let ids: Vec<u64> = entry.queue.iter().map(|w| w.id).collect();
     if ids.windows(2).any(|w| w[0] >= w[1]) {
         return Err(format!("key {key:?}: waiters out of id order"));
+    }
+    Ok(())
+}
+
+/// Whether each deadline of `entry` has its timer.
+fn check_timers(entry: &LockEntry, hash: u64, timers: &TimerIndex<LockDue>) -> Result<(), String> {
+    for holder in entry.holders.iter() {
+        let token = holder.token;
+        if timers
+            .live_seq(LockDue::Lease { hash, token }, holder.deadline)
+            .is_none()
+        {
+            return Err(format!("key {:?}: lease {token} has no timer", entry.key));
+        }
+    }
+    for waiter in entry.queue.iter() {
+        let due = LockDue::Wait {
+            hash,
+            waiter: waiter.id,
+        };
+        if let Some(at) = waiter.deadline
+            && timers.live_seq(due, at).is_none()
+        {
+            return Err(format!(
+                "key {:?}: waiter {} has no timer",
+                entry.key, waiter.id
+            ));
+        }
     }
     Ok(())
 }

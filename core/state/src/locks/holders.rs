@@ -103,6 +103,14 @@ impl Holders {
         next
     }
 
+    /// Forgets the requests that made the grants: their handles died with
+    /// the process that gave them.
+    pub fn forget_requests(&mut self) {
+        for holder in self.iter_mut() {
+            holder.granted_by = None;
+        }
+    }
+
     /// Takes out every grant for which `take` says yes.
     pub fn take_where(&mut self, mut take: impl FnMut(&Holder) -> bool) -> Vec<Holder> {
         let mut taken = Vec::new();

@@ -4,7 +4,8 @@
 //! The containers these rules work on live beside them: [`holders`] (a
 //! key's grants, a set), [`queue`] (its waiters, first come first), and
 //! [`conns`] (which keys each connection touches); [`audit`] holds the
-//! invariants, the state digest and the `stats` top lists.
+//! invariants, the state digest and the `stats` top lists, and `image`
+//! the locks' part of a snapshot.
 //!
 //! A key has an entry only while it is held or waited on; a free key costs
 //! nothing, and the shard-wide token counter (not the entry) is what keeps
@@ -14,6 +15,7 @@
 mod audit;
 mod conns;
 mod holders;
+mod image;
 mod queue;
 
 use std::hash::BuildHasher;
@@ -654,6 +656,39 @@ impl Locks {
     /// The earliest deadline this table has (possibly a stale one).
     pub fn next_deadline(&self) -> Option<Tick> {
         self.books.timers.next_at()
+    }
+
+    /// The process restarted (see [`crate::Input::Restart`]): waiters are
+    /// dropped unanswered, ephemeral grants released, every grant's
+    /// `granted_by` forgotten, and the next token raised to `token_floor`.
+    /// Nobody waits any more, so no key is handed on and nothing is
+    /// answered.
+    pub fn restart(&mut self, token_floor: u64) {
+        let books = &mut self.books;
+        self.table.retain(|entry| {
+            // Counted as if each requester and connection had gone, which
+            // they have, with the old process.
+            books.counters.abandoned += entry.queue.len() as u64;
+            entry.queue = WaitQueue::default();
+            let released = entry.holders.take_where(|h| h.ephemeral);
+            books.counters.disconnects += released.len() as u64;
+            entry.holders.forget_requests();
+            let vacant = entry.is_vacant();
+            if vacant {
+                books.key_bytes -= entry.key.len();
+            }
+            !vacant
+        });
+        books.waiters = 0;
+        // It indexed only waiters and ephemeral grants, and none are left.
+        books.conns.clear();
+        books.next_token = books.next_token.max(token_floor);
+        self.compact_timers();
+    }
+
+    /// The token the next grant gets.
+    pub fn next_token(&self) -> u64 {
+        self.books.next_token
     }
 
     /// Answers every waiter `shutting_down` and forgets all locks.

@@ -1,0 +1,258 @@
+//! The locks' part of a shard image: taken from the table, and the table
+//! rebuilt from it (see `crate::image` for what an image holds and why).
+
+use std::hash::BuildHasher;
+
+use hashbrown::hash_table::Entry;
+
+use super::holders::{Holder, Holders};
+use super::queue::{WaitQueue, Waiter};
+use super::{LockDue, LockEntry, Locks, MUTEX_CAPACITY};
+use crate::hasher::KeyHasher;
+use crate::image::{
+    HolderImage, ImageError, Interner, KeyImage, LocksImage, WaiterImage, check_distinct,
+    check_issued,
+};
+use crate::time::Tick;
+use crate::timers::{ImageSeqs, Timer, Timers};
+use deadbolt_proto::LockCounters;
+use deadbolt_proto::limits::Limits;
+
+impl Locks {
+    /// The locks' part of a shard image, keys in byte order.
+    pub fn image(&self) -> LocksImage {
+        let mut seqs = ImageSeqs::new(&self.books.timers);
+        let mut keys: Vec<KeyImage> = self
+            .table
+            .iter()
+            .map(|entry| key_image(entry, self.hasher.hash_one(&*entry.key), &mut seqs))
+            .collect();
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        LocksImage {
+            next_token: self.books.next_token,
+            next_waiter: self.books.next_waiter,
+            timers_pushed: seqs.pushed(),
+            counters: self.counters(),
+            keys,
+        }
+    }
+
+    /// The lock table `image` describes, or why it describes none.
+    pub fn from_image(
+        hasher: KeyHasher,
+        limits: Limits,
+        image: LocksImage,
+        clients: &mut Interner,
+    ) -> Result<Locks, ImageError> {
+        let mut locks = Locks::new(hasher, image.next_token, limits);
+        locks
+            .table
+            .reserve(image.keys.len(), |e| hasher.hash_one(&*e.key));
+        locks.books.next_waiter = image.next_waiter;
+        locks.books.counters = LockCounters {
+            // Sizes, not counters: `counters()` reads them off the tables.
+            held: 0,
+            waiters: 0,
+            ..image.counters
+        };
+        let mut numbers = Numbers::new(image.timers_pushed);
+        for key in image.keys {
+            locks.restore_key(key, clients, &mut numbers)?;
+        }
+        locks.books.timers = numbers.into_timers()?;
+        Ok(locks)
+    }
+
+    /// Rebuilds one key's entry, with its holders' and waiters' timers and
+    /// connections.
+    fn restore_key(
+        &mut self,
+        image: KeyImage,
+        clients: &mut Interner,
+        numbers: &mut Numbers,
+    ) -> Result<(), ImageError> {
+        check_shape(&image)?;
+        let hash = self.hasher.hash_one(&*image.key);
+        let mut entry = LockEntry {
+            key: image.key.into_boxed_str(),
+            holders: Holders::default(),
+            queue: WaitQueue::default(),
+        };
+        for holder in image.holders {
+            let holder = self.restore_holder(holder, hash, clients, numbers)?;
+            entry.holders.insert(holder);
+        }
+        for waiter in image.waiters {
+            let waiter = self.restore_waiter(waiter, hash, clients, numbers)?;
+            entry.queue.push_back(waiter);
+        }
+        let hasher = self.hasher;
+        let key = &entry.key;
+        match self
+            .table
+            .entry(hash, |e| e.key == *key, |e| hasher.hash_one(&*e.key))
+        {
+            Entry::Occupied(_) => Err(ImageError::Duplicate {
+                what: "keys",
+                name: format!("{key:?}"),
+            }),
+            Entry::Vacant(vacant) => {
+                self.books.key_bytes += key.len();
+                vacant.insert(entry);
+                Ok(())
+            }
+        }
+    }
+
+    fn restore_holder(
+        &mut self,
+        image: HolderImage,
+        hash: u64,
+        clients: &mut Interner,
+        numbers: &mut Numbers,
+    ) -> Result<Holder, ImageError> {
+        check_issued("token", image.token, self.books.next_token)?;
+        numbers.tokens.push(image.token);
+        let due = LockDue::Lease {
+            hash,
+            token: image.token,
+        };
+        numbers.timer(image.deadline.at, image.deadline.seq, due)?;
+        if image.ephemeral {
+            self.books.conns.add(image.conn, hash);
+        }
+        Ok(Holder {
+            client: clients.intern(image.client),
+            conn: image.conn,
+            token: image.token,
+            deadline: image.deadline.at,
+            ephemeral: image.ephemeral,
+            granted_by: image.granted_by,
+        })
+    }
+
+    fn restore_waiter(
+        &mut self,
+        image: WaiterImage,
+        hash: u64,
+        clients: &mut Interner,
+        numbers: &mut Numbers,
+    ) -> Result<Waiter, ImageError> {
+        check_issued("waiter", image.id, self.books.next_waiter)?;
+        numbers.waiters.push(image.id);
+        if let Some(deadline) = image.deadline {
+            let due = LockDue::Wait {
+                hash,
+                waiter: image.id,
+            };
+            numbers.timer(deadline.at, deadline.seq, due)?;
+        }
+        self.books.waiters += 1;
+        self.books.conns.add(image.conn, hash);
+        Ok(Waiter {
+            id: image.id,
+            handle: image.handle,
+            client: clients.intern(image.client),
+            conn: image.conn,
+            ttl_ms: image.ttl_ms,
+            wait_ms: image.wait_ms,
+            deadline: image.deadline.map(|d| d.at),
+            ephemeral: image.ephemeral,
+        })
+    }
+}
+
+/// One key of the image, its deadlines numbered by their live timers.
+fn key_image(entry: &LockEntry, hash: u64, seqs: &mut ImageSeqs<LockDue>) -> KeyImage {
+    let holders = entry.holders.iter().map(|h| HolderImage {
+        client: h.client.to_string(),
+        conn: h.conn,
+        token: h.token,
+        deadline: seqs.deadline(
+            LockDue::Lease {
+                hash,
+                token: h.token,
+            },
+            h.deadline,
+        ),
+        ephemeral: h.ephemeral,
+        granted_by: h.granted_by,
+    });
+    let holders = holders.collect();
+    let waiters = entry.queue.iter().map(|w| WaiterImage {
+        id: w.id,
+        handle: w.handle,
+        client: w.client.to_string(),
+        conn: w.conn,
+        ttl_ms: w.ttl_ms,
+        wait_ms: w.wait_ms,
+        deadline: w
+            .deadline
+            .map(|at| seqs.deadline(LockDue::Wait { hash, waiter: w.id }, at)),
+        ephemeral: w.ephemeral,
+    });
+    KeyImage {
+        key: entry.key.to_string(),
+        holders,
+        waiters: waiters.collect(),
+    }
+}
+
+/// What the rules assume of every entry: a holder, no more than the key
+/// admits, waiters in the order they came.
+fn check_shape(image: &KeyImage) -> Result<(), ImageError> {
+    if image.holders.is_empty() {
+        return Err(ImageError::NoHolder {
+            key: image.key.clone(),
+        });
+    }
+    if image.holders.len() > MUTEX_CAPACITY {
+        return Err(ImageError::TooManyHolders {
+            key: image.key.clone(),
+            holders: image.holders.len(),
+        });
+    }
+    if image.waiters.windows(2).any(|w| w[0].id >= w[1].id) {
+        return Err(ImageError::WaitersOutOfOrder {
+            key: image.key.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The numbers a restore has seen, which must be unique shard-wide: a
+/// lease timer finds its grant by token, a wait timer its waiter by number,
+/// and timers at one tick fire in the order of theirs.
+struct Numbers {
+    tokens: Vec<u64>,
+    waiters: Vec<u64>,
+    timers: Vec<Timer<LockDue>>,
+    timers_pushed: u64,
+}
+
+impl Numbers {
+    fn new(timers_pushed: u64) -> Self {
+        Numbers {
+            tokens: Vec::new(),
+            waiters: Vec::new(),
+            timers: Vec::new(),
+            timers_pushed,
+        }
+    }
+
+    /// Queues the timer of a deadline.
+    fn timer(&mut self, at: Tick, seq: u64, due: LockDue) -> Result<(), ImageError> {
+        check_issued("lock timer", seq, self.timers_pushed)?;
+        self.timers.push(Timer { at, seq, due });
+        Ok(())
+    }
+
+    /// The timer heap, once every number has proved unique.
+    fn into_timers(mut self) -> Result<Timers<LockDue>, ImageError> {
+        check_distinct("tokens", &mut self.tokens)?;
+        check_distinct("waiters", &mut self.waiters)?;
+        let mut seqs: Vec<u64> = self.timers.iter().map(|t| t.seq).collect();
+        check_distinct("lock timers", &mut seqs)?;
+        Ok(Timers::restore(self.timers, self.timers_pushed))
+    }
+}
