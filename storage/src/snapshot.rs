@@ -5,7 +5,7 @@
 //! snapshot plus the records after it.
 
 use deadbolt_core::limits::Limits;
-use deadbolt_core::shard::ShardImage;
+use deadbolt_core::shard::image::ShardImage;
 
 use crate::codec::{CodecError, Reader, put_limits, put_u64};
 use crate::frame;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use deadbolt_core::proto::ServerError;
-use deadbolt_core::shard::ShardImage;
+use deadbolt_core::shard::image::ShardImage;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 

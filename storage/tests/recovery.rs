@@ -16,7 +16,7 @@ use deadbolt_core::proto::{
 };
 use deadbolt_core::{Engine, EngineConfig, Session};
 use deadbolt_storage::{
-    AppendFile, Disk, Fsync, RecoveryReport, StdDisk, StorageError, StoreConfig, open,
+    AppendFile, Disk, RecoveryReport, StdDisk, StorageError, StoreConfig, open,
 };
 use tokio::task::JoinHandle;
 
@@ -67,8 +67,12 @@ impl Server {
     }
 }
 
+/// Request ids are unique per connection; unique per test process will do.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 async fn call(session: &Session, op: Op) -> Outcome {
-    session.execute(Request { id: 1, op }).await.outcome
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    session.execute(Request { id, op }).await.outcome
 }
 
 fn lock(key: &str, ttl_ms: u64, wait_ms: Option<u64>, ephemeral: bool) -> Op {

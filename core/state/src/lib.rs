@@ -312,6 +312,14 @@ impl Shard {
         }
     }
 
+    /// From now on, enforces `limits` (this shard's share). A replay sets
+    /// the limits each run of the server had, so that it refuses exactly
+    /// what that run refused.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.locks.set_limits(limits);
+        self.sets.set_limits(limits);
+    }
+
     /// The shard's time: the latest command time it has seen.
     pub fn now(&self) -> Tick {
         self.now

@@ -161,6 +161,11 @@ pub(crate) struct Sets {
 
 impl Sets {
     /// No sets.
+    /// Enforces `limits` from now on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     pub fn new(hasher: KeyHasher, limits: Limits) -> Self {
         Sets {
             table: HashTable::new(),

@@ -316,6 +316,11 @@ fn end_grant(entry: &mut LockEntry, token: u64, hash: u64, at: Tick, books: &mut
 }
 
 impl Locks {
+    /// Enforces `limits` from now on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.books.limits = limits;
+    }
+
     /// An empty lock table whose first grant gets `first_token`.
     pub fn new(hasher: KeyHasher, first_token: u64, limits: Limits) -> Self {
         Locks {
