@@ -53,6 +53,14 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A failing test must not leave its server behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Reads the log until the server says where it listens; keeps draining it.
 fn read_url(child: &mut Child) -> String {
     let stderr = child.stderr.take().expect("stderr");
@@ -92,13 +100,14 @@ async fn work(url: String, worker: usize, life: usize, seen: Arc<Mutex<Acknowled
     for round in 0.. {
         let keys: Vec<String> = (0..8).map(|i| format!("r-{life}-{worker}-{round}-{i}")).collect();
         let Ok(results) = set.insert_many(keys.iter()).await else { return };
-        let mut seen_now = seen.lock().expect("seen");
-        for (key, result) in keys.into_iter().zip(results) {
-            seen_now.indices.insert(key, result.index);
+        {
+            let mut seen_now = seen.lock().expect("seen");
+            for (key, result) in keys.into_iter().zip(results) {
+                seen_now.indices.insert(key, result.index);
+            }
         }
-        drop(seen_now);
         let options = LockOptions::new(Duration::from_millis(300)).wait(Duration::from_secs(2));
-        let Ok(guard) = client.lock_with(&lock_key, options).await else { return };
+        let Ok(Some(guard)) = client.lock_with(&lock_key, options).await else { return };
         record_token(&seen, &lock_key, guard.token());
         if guard.unlock().await.is_err() {
             return;
@@ -139,7 +148,11 @@ async fn check(url: &str, life: usize, seen: &Mutex<Acknowledged>) {
             assert!(holder.token >= largest, "life {life}: {key} is held by an older token");
         }
         let options = LockOptions::new(Duration::from_millis(100)).wait(Duration::from_secs(5));
-        let guard = checker.lock_with(&key, options).await.expect("lock after restart");
+        let guard = checker
+            .lock_with(&key, options)
+            .await
+            .expect("lock after restart")
+            .expect("granted within the wait");
         assert!(guard.token() > largest, "life {life}: token {} after {largest}", guard.token());
         record_token(seen, &key, guard.token());
         guard.unlock().await.expect("unlock");
