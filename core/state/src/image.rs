@@ -13,9 +13,10 @@
 //! one that will act when it fires; the shard also queues stale ones (for
 //! leases extended or ended, waiters gone, sets torn down), which are
 //! no-ops when they fire and are left out. Each object with a deadline has
-//! exactly one live timer (twins, set at the same time for the same
-//! object, are no-ops after the first), so the image keeps it on the
-//! object, where a timer that names nothing cannot be written.
+//! one live timer (a deadline moved and moved back leaves twins, and the
+//! later twin finds its object gone, so the first is the one that acts),
+//! so the image keeps its number on the object, where a timer that names
+//! nothing cannot be written.
 //!
 //! A corrupt image is an [`ImageError`], never a panic.
 
