@@ -5,15 +5,22 @@
 //! Each peer is started from its Debian package on loopback, one at a
 //! time, pinned to its own core, with the harness on the other(s):
 //! build first (`cargo build --release`), then run `deadbolt-bench` (full)
-//! or `deadbolt-bench --quick` (about a minute). `deadbolt-bench
-//! transports` compares deadbolt's two transports and QUIC under loss.
+//! or `deadbolt-bench --quick` (about a minute). Every system runs in
+//! memory unless `--durability durable` (or `all`) asks for the rows that
+//! write to disk: deadbolt `--fsync always` and `every=10ms`, Redis
+//! `appendfsync always` and `everysec`, PostgreSQL with synchronous commit.
+//! `deadbolt-bench transports` compares deadbolt's two transports and QUIC
+//! under loss; `deadbolt-bench restart` measures a durable deadbolt's
+//! restart time and data directory size.
 //!
-//! Layout: `systems` (one module per peer, behind one trait), `scenarios`
-//! (the five measurements), `report` (tables, JSON, SVG), `procs` (server
-//! processes, CPU and memory from /proc), `transports`.
+//! Layout: `systems` (one module per peer, behind one trait, each started
+//! with a `Durability`), `scenarios` (the five measurements), `report`
+//! (tables, JSON, SVG), `procs` (server processes, CPU and memory from
+//! /proc), `transports`, `restart`.
 
 mod procs;
 mod report;
+mod restart;
 mod scenarios;
 mod systems;
 mod transports;
@@ -25,11 +32,11 @@ use clap::{Parser, Subcommand};
 
 use report::{Run, SystemRun};
 use scenarios::Size;
-use systems::System;
-use systems::deadbolt::{Deadbolt, Frontend};
+use systems::deadbolt::{Deadbolt, Frontend, NoDurability};
 use systems::memcached::Memcached;
 use systems::postgres::Postgres;
 use systems::redis::Redis;
+use systems::{Durability, System};
 
 /// deadbolt against Redis, memcached and PostgreSQL.
 #[derive(Debug, Parser)]
@@ -46,6 +53,9 @@ struct Args {
 enum Command {
     /// deadbolt over WebSocket beside QUIC, and QUIC through datagram loss.
     Transports(transports::Args),
+    /// A durable deadbolt: restart time with 1M set members (after SIGTERM
+    /// and after SIGKILL) and its data directory's size.
+    Restart(restart::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -57,6 +67,12 @@ struct CompareArgs {
     /// postgres.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Which rows by durability: in memory (as published), the durable
+    /// ones (deadbolt-ws --fsync always and every=10ms, redis with
+    /// appendfsync always and everysec, postgres with synchronous commit),
+    /// or all.
+    #[arg(long, value_enum, default_value_t = Rows::Memory)]
+    durability: Rows,
     /// Print the tables and draw the chart of an earlier run's JSON,
     /// instead of running.
     #[arg(long)]
@@ -65,9 +81,91 @@ struct CompareArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Where to write the SVG chart (default: docs/bench.svg for a full run
-    /// of every system, else target/bench/bench.svg).
+    /// of every system in memory, else target/bench/bench.svg).
     #[arg(long)]
     svg: Option<PathBuf>,
+}
+
+/// Which rows `--durability` picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Rows {
+    /// Every system in memory.
+    Memory,
+    /// The systems that write to disk before, or soon after, they reply.
+    Durable,
+    /// Both.
+    All,
+}
+
+/// One row of the comparison: a system (its name for `--only`) and what
+/// its acknowledgement promises.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    system: &'static str,
+    durability: Durability,
+}
+
+/// Every row, in table order: in memory, then fsync before each reply, then
+/// fsync on a timer. Durable deadbolt is measured over WebSocket only: the
+/// log is behind the engine, the same for both frontends.
+const ROWS: [Row; 11] = [
+    Row::new("deadbolt-ws", Durability::Memory),
+    Row::new("deadbolt-quic", Durability::Memory),
+    Row::new("redis", Durability::Memory),
+    Row::new("redis-1ms", Durability::Memory),
+    Row::new("memcached", Durability::Memory),
+    Row::new("postgres", Durability::Memory),
+    Row::new("deadbolt-ws", Durability::Always),
+    Row::new("redis", Durability::Always),
+    Row::new("postgres", Durability::Always),
+    Row::new("deadbolt-ws", Durability::Periodic { every_ms: 10 }),
+    Row::new("redis", Durability::Periodic { every_ms: 1000 }),
+];
+
+/// The measurements, to say which a row runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Cycles,
+    Handoff,
+    Distinct,
+    Memory,
+    Storm,
+}
+
+impl Row {
+    const fn new(system: &'static str, durability: Durability) -> Row {
+        Row { system, durability }
+    }
+
+    /// Whether this row runs `scenario`.
+    fn runs(self, scenario: Scenario) -> bool {
+        let durable = self.durability != Durability::Memory;
+        match self.system {
+            // Polling every millisecond only changes how waiters wait.
+            "redis-1ms" => matches!(scenario, Scenario::Handoff | Scenario::Storm),
+            // Advisory locks are never logged: durability changes the set
+            // only, and the lock rows would repeat the in-memory ones.
+            "postgres" if durable => scenario == Scenario::Distinct,
+            // Durability does not change resident memory; `restart`
+            // measures the disk.
+            _ => !(durable && scenario == Scenario::Memory),
+        }
+    }
+
+    /// Whether `rows` picks this row.
+    fn picked(self, rows: Rows) -> bool {
+        match rows {
+            Rows::Memory => self.durability == Durability::Memory,
+            Rows::Durable => self.durability != Durability::Memory,
+            Rows::All => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Row {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.system, self.durability)
+    }
 }
 
 const CONNECTIONS: [usize; 3] = [1, 16, 64];
@@ -84,27 +182,21 @@ fn main() -> anyhow::Result<()> {
     let runtime = runtime.build()?;
     match args.command {
         Some(Command::Transports(args)) => runtime.block_on(transports::run(args)),
+        Some(Command::Restart(args)) => runtime.block_on(restart::run(args)),
         None => runtime.block_on(compare(args.compare, harness_cores)),
     }
 }
 
-/// The systems, in table order, each a way to start a fresh instance.
-fn wanted(only: &[String]) -> Vec<&'static str> {
-    let all = [
-        "deadbolt-ws",
-        "deadbolt-quic",
-        "redis",
-        "redis-1ms",
-        "memcached",
-        "postgres",
-    ];
-    all.into_iter()
-        .filter(|name| only.is_empty() || only.iter().any(|o| name.starts_with(o.as_str())))
+/// The rows to run, in table order, each a way to start a fresh instance.
+fn wanted(only: &[String], rows: Rows) -> Vec<Row> {
+    ROWS.into_iter()
+        .filter(|row| row.picked(rows))
+        .filter(|row| only.is_empty() || only.iter().any(|o| row.system.starts_with(o.as_str())))
         .collect()
 }
 
-async fn start(name: &str) -> anyhow::Result<Box<dyn System>> {
-    let needs = match name {
+async fn start(row: Row) -> anyhow::Result<Box<dyn System>> {
+    let needs = match row.system {
         "redis" | "redis-1ms" => Some(("redis-server", "redis-server")),
         "memcached" => Some(("memcached", "memcached")),
         "postgres" => Some(("runuser", "postgresql")),
@@ -116,13 +208,15 @@ async fn start(name: &str) -> anyhow::Result<Box<dyn System>> {
             "{program} is not installed (apt-get install {package})"
         );
     }
-    Ok(match name {
-        "deadbolt-ws" => Box::new(Deadbolt::start(Frontend::Ws).await?),
-        "deadbolt-quic" => Box::new(Deadbolt::start(Frontend::Quic).await?),
-        "redis" => Box::new(Redis::start(Duration::ZERO).await?),
-        "redis-1ms" => Box::new(Redis::start(Duration::from_millis(1)).await?),
+    let durability = row.durability;
+    Ok(match row.system {
+        "deadbolt-ws" => Box::new(Deadbolt::start(Frontend::Ws, durability).await?),
+        "deadbolt-quic" => Box::new(Deadbolt::start(Frontend::Quic, durability).await?),
+        "redis" => Box::new(Redis::start(Duration::ZERO, durability).await?),
+        "redis-1ms" => Box::new(Redis::start(Duration::from_millis(1), durability).await?),
+        // memcached keeps nothing: it has no durable row.
         "memcached" => Box::new(Memcached::start().await?),
-        _ => Box::new(Postgres::start().await?),
+        _ => Box::new(Postgres::start(durability).await?),
     })
 }
 
@@ -157,11 +251,12 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
         placement,
         systems: Vec::new(),
     };
-    for name in wanted(&args.only) {
-        eprintln!("== {name}");
-        match measure(name, size).await {
+    for row in wanted(&args.only, args.durability) {
+        eprintln!("== {row}");
+        match measure(row, size).await {
             Ok(system) => run.systems.push(system),
-            Err(error) => eprintln!("{name}: could not start: {error:#}"),
+            Err(error) if error.is::<NoDurability>() => eprintln!("{row}: skipped: {error}"),
+            Err(error) => eprintln!("{row}: could not start: {error:#}"),
         }
     }
     println!("{}", report::tables(&run));
@@ -169,8 +264,9 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
         .json
         .unwrap_or_else(|| PathBuf::from(format!("target/bench/results-{mode}.json")));
     report::write_json(&run, &json)?;
-    // Only a full run of every system replaces the published chart.
-    let published = !args.quick && args.only.is_empty();
+    // Only a full run of every system in memory replaces the published
+    // chart.
+    let published = !args.quick && args.only.is_empty() && args.durability == Rows::Memory;
     let svg = args.svg.unwrap_or_else(|| {
         PathBuf::from(if published {
             "docs/bench.svg"
@@ -183,13 +279,14 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
     Ok(())
 }
 
-/// Every scenario against one system: 1 to 3 on one instance, 4 and 5 each
-/// on a fresh one, so that earlier state does not blur the numbers.
-async fn measure(name: &str, size: Size) -> anyhow::Result<SystemRun> {
-    let system = start(name).await?;
+/// The scenarios a row runs: 1 to 3 on one instance, 4 and 5 each on a
+/// fresh one, so that earlier state does not blur the numbers.
+async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
+    let system = start(row).await?;
     let mut run = SystemRun {
         name: system.name(),
-        tier: system.tier().to_owned(),
+        tier: system.tier(),
+        durability: row.durability,
         cycles: Vec::new(),
         handoff: Vec::new(),
         distinct: Vec::new(),
@@ -197,44 +294,46 @@ async fn measure(name: &str, size: Size) -> anyhow::Result<SystemRun> {
         storm: None,
         errors: Vec::new(),
     };
-    // Polling every millisecond only changes how waiters wait.
-    let waits_only = name == "redis-1ms";
     let mut errors = Vec::new();
-    if !waits_only {
+    if row.runs(Scenario::Cycles) {
         for connections in CONNECTIONS {
             match scenarios::cycles(system.as_ref(), connections, size).await {
-                Ok(row) => run.cycles.push(row),
+                Ok(measured) => run.cycles.push(measured),
                 Err(e) => errors.push(format!("cycles with {connections} connections: {e:#}")),
             }
         }
     }
-    for waiters in WAITERS {
-        match scenarios::handoff(system.as_ref(), waiters, size).await {
-            Ok(row) => run.handoff.push(row),
-            Err(e) => errors.push(format!("hand-off with {waiters} waiters: {e:#}")),
+    if row.runs(Scenario::Handoff) {
+        for waiters in WAITERS {
+            match scenarios::handoff(system.as_ref(), waiters, size).await {
+                Ok(measured) => run.handoff.push(measured),
+                Err(e) => errors.push(format!("hand-off with {waiters} waiters: {e:#}")),
+            }
         }
     }
-    if !waits_only {
+    if row.runs(Scenario::Distinct) {
         for (mode, batch, connections) in [("single", 1, 16), ("batched", 1000, 4)] {
             match scenarios::distinct(system.as_ref(), mode, batch, connections, size).await {
-                Ok(row) => run.distinct.push(row),
+                Ok(measured) => run.distinct.push(measured),
                 Err(e) => errors.push(format!("distinct {mode}: {e:#}")),
             }
         }
     }
     drop(system);
-    if !waits_only {
-        let fresh = start(name).await?;
+    if row.runs(Scenario::Memory) {
+        let fresh = start(row).await?;
         match scenarios::memory(fresh.as_ref(), size).await {
-            Ok(row) => run.memory = Some(row),
+            Ok(measured) => run.memory = Some(measured),
             Err(e) => errors.push(format!("memory: {e:#}")),
         }
     }
-    let fresh = start(name).await?;
-    if fresh.has_leases() {
-        match scenarios::storm(fresh.as_ref(), size).await {
-            Ok(row) => run.storm = Some(row),
-            Err(e) => errors.push(format!("expiry storm: {e:#}")),
+    if row.runs(Scenario::Storm) {
+        let fresh = start(row).await?;
+        if fresh.has_leases() {
+            match scenarios::storm(fresh.as_ref(), size).await {
+                Ok(measured) => run.storm = Some(measured),
+                Err(e) => errors.push(format!("expiry storm: {e:#}")),
+            }
         }
     }
     run.errors = errors;
@@ -257,4 +356,48 @@ fn machine() -> String {
         .and_then(|kb| kb.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
     format!("{model}, {cores} cores (as the harness sees them), {memory_gib:.0} GiB")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(rows: &[Row]) -> Vec<String> {
+        rows.iter().map(Row::to_string).collect()
+    }
+
+    #[test]
+    fn the_default_run_is_every_system_in_memory() {
+        let rows = wanted(&[], Rows::Memory);
+        assert_eq!(
+            names(&rows),
+            [
+                "deadbolt-ws (memory)",
+                "deadbolt-quic (memory)",
+                "redis (memory)",
+                "redis-1ms (memory)",
+                "memcached (memory)",
+                "postgres (memory)",
+            ]
+        );
+    }
+
+    #[test]
+    fn durable_rows_are_asked_for_and_filtered_by_only() {
+        let only = ["redis".to_owned(), "postgres".to_owned()];
+        assert_eq!(
+            names(&wanted(&only, Rows::Durable)),
+            ["redis (always)", "postgres (always)", "redis (every=1s)"]
+        );
+        assert_eq!(wanted(&[], Rows::All).len(), ROWS.len());
+    }
+
+    #[test]
+    fn durable_postgres_runs_only_the_set() {
+        let durable = Row::new("postgres", Durability::Always);
+        assert!(durable.runs(Scenario::Distinct));
+        assert!(!durable.runs(Scenario::Cycles));
+        assert!(Row::new("postgres", Durability::Memory).runs(Scenario::Cycles));
+        assert!(!Row::new("redis", Durability::Always).runs(Scenario::Memory));
+    }
 }

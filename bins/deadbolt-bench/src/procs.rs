@@ -1,12 +1,14 @@
 //! Server processes under test: starting them pinned to their own core,
-//! waiting until they listen, and reading their CPU time and memory from
-//! `/proc`.
+//! waiting until they listen, stopping them by a signal, and reading their
+//! CPU time and memory from `/proc` and their files' size.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 /// The core the servers run on; the harness takes the other(s).
@@ -34,6 +36,9 @@ pub struct Server {
     pub pid: u32,
     /// Its scratch directory, removed when dropped.
     pub dir: PathBuf,
+    /// Whether it has exited and been reaped: its pid may then belong to
+    /// someone else, so drop must not signal it.
+    exited: bool,
 }
 
 impl Server {
@@ -62,7 +67,34 @@ impl Server {
             .spawn()
             .with_context(|| format!("starting {program}"))?;
         let pid = child.id().context("server pid")?;
-        Ok(Server { child, pid, dir })
+        Ok(Server {
+            child,
+            pid,
+            dir,
+            exited: false,
+        })
+    }
+
+    /// Sends the server `signal` and waits for it to exit, at most
+    /// `within`: how long it took. `taskset` execs the server, so the
+    /// signal reaches it (not a wrapper) where no `user` was given.
+    pub async fn stop(mut self, signal: Signal, within: Duration) -> anyhow::Result<Duration> {
+        let sent = tokio::time::Instant::now();
+        nix::sys::signal::kill(Pid::from_raw(self.pid as i32), signal)
+            .with_context(|| format!("sending {signal} to {}", self.pid))?;
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .with_context(|| format!("the server did not exit within {within:?} of {signal}"))??;
+        self.exited = true;
+        let took = sent.elapsed();
+        // SIGTERM asks for a clean stop; a kill ends it whatever it says.
+        if signal == Signal::SIGTERM {
+            anyhow::ensure!(
+                status.success(),
+                "the server exited with {status} on {signal}"
+            );
+        }
+        Ok(took)
     }
 
     /// The server's stderr, to read its readiness line.
@@ -86,11 +118,10 @@ impl Drop for Server {
         // kill_on_drop takes the process; children of a wrapper go with
         // its process group on SIGKILL of the leader only if they share it,
         // so kill the whole tree explicitly.
-        for pid in tree(self.pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        if !self.exited {
+            for pid in tree(self.pid) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -104,6 +135,43 @@ pub fn scratch(name: &str) -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
     Ok(dir)
+}
+
+/// The sum of the sizes of the files under `dir` (what `du
+/// --apparent-size --bytes` counts, without the directories themselves).
+pub fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            bytes += dir_bytes(&entry.path())?;
+        } else if kind.is_file() {
+            bytes += entry.metadata()?.len();
+        }
+    }
+    Ok(bytes)
+}
+
+/// A scratch directory (see [`scratch`]), removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// A fresh scratch directory for `name`.
+    pub fn new(name: &str) -> anyhow::Result<Scratch> {
+        Ok(Scratch(scratch(name)?))
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A free TCP port on loopback (bound and released; good enough here).

@@ -1,5 +1,5 @@
-//! The results: markdown tables with deadbolt's ratio to each peer, the
-//! raw JSON, and an SVG chart of scenarios 1 and 2.
+//! The results: markdown tables with deadbolt's ratio to each peer at the
+//! same durability, the raw JSON, and an SVG chart of scenarios 1 and 2.
 
 use std::fmt::Write;
 use std::path::Path;
@@ -8,6 +8,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::scenarios::{Cycles, Distinct, Handoff, Memory, Size, Storm};
+use crate::systems::Durability;
 
 /// Everything one system did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -16,6 +17,10 @@ pub struct SystemRun {
     pub name: String,
     /// Its storage tier.
     pub tier: String,
+    /// What its acknowledgements promise (runs from before durable rows
+    /// were all in memory).
+    #[serde(default)]
+    pub durability: Durability,
     /// Scenario 1.
     pub cycles: Vec<Cycles>,
     /// Scenario 2.
@@ -45,9 +50,13 @@ pub struct Run {
     pub systems: Vec<SystemRun>,
 }
 
-/// The reference: deadbolt over WebSocket.
-fn reference(run: &Run) -> Option<&SystemRun> {
-    run.systems.iter().find(|s| s.name.contains("WebSocket"))
+/// The reference for a row at `durability`: deadbolt over WebSocket making
+/// the same kind of promise (a durable peer is compared with durable
+/// deadbolt, never with deadbolt in memory).
+fn reference(run: &Run, durability: Durability) -> Option<&SystemRun> {
+    run.systems
+        .iter()
+        .find(|s| s.name.contains("WebSocket") && s.durability.same_promise(durability))
 }
 
 fn ratio(ours: Option<f64>, theirs: f64) -> String {
@@ -68,7 +77,6 @@ fn us(v: u64) -> String {
 /// Markdown tables, one per scenario.
 pub fn tables(run: &Run) -> String {
     let mut out = String::new();
-    let base = reference(run);
     let _ = writeln!(
         out,
         "Machine: {}. {}. Mode: {}.\n",
@@ -83,6 +91,18 @@ pub fn tables(run: &Run) -> String {
             .collect::<Vec<_>>()
             .join("; ")
     );
+    if run
+        .systems
+        .iter()
+        .any(|s| s.durability != Durability::Memory)
+    {
+        let _ = writeln!(
+            out,
+            "Ratios compare each row with deadbolt over WebSocket at the same durability \
+             (in memory; fsync before each reply; fsync on a timer, whatever its interval); \
+             – where that row is missing.\n"
+        );
+    }
 
     let _ = writeln!(
         out,
@@ -94,6 +114,7 @@ pub fn tables(run: &Run) -> String {
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for system in &run.systems {
+        let base = reference(run, system.durability);
         for row in &system.cycles {
             let ours = base
                 .and_then(|b| b.cycles.iter().find(|c| c.connections == row.connections))
@@ -121,6 +142,7 @@ pub fn tables(run: &Run) -> String {
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for system in &run.systems {
+        let base = reference(run, system.durability);
         for row in &system.handoff {
             let ours = base
                 .and_then(|b| b.handoff.iter().find(|h| h.waiters == row.waiters))
@@ -149,6 +171,7 @@ pub fn tables(run: &Run) -> String {
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|---|---:|");
     for system in &run.systems {
+        let base = reference(run, system.durability);
         for row in &system.distinct {
             let ours = base
                 .and_then(|b| b.distinct.iter().find(|d| d.mode == row.mode))
@@ -176,16 +199,27 @@ pub fn tables(run: &Run) -> String {
         out,
         "\n### 4. Memory per entry (server RSS growth; the system's own count where it has one)\n"
     );
+    if run
+        .systems
+        .iter()
+        .any(|s| s.durability != Durability::Memory)
+    {
+        let _ = writeln!(
+            out,
+            "Durable rows skip this: durability does not change resident memory \
+             (`deadbolt-bench restart` measures the disk).\n"
+        );
+    }
     let _ = writeln!(
         out,
         "| system | entries | bytes/held lock | bytes/set member | own count bytes/lock | own count bytes/member | this ÷ deadbolt (bytes/member) |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     let bytes = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.0}"));
-    let base_member = base
-        .and_then(|b| b.memory.as_ref())
-        .and_then(|m| m.per_member);
     for system in &run.systems {
+        let base_member = reference(run, system.durability)
+            .and_then(|b| b.memory.as_ref())
+            .and_then(|m| m.per_member);
         if let Some(m) = &system.memory {
             let theirs = m.own_per_member.or(m.per_member);
             let _ = writeln!(
@@ -214,10 +248,10 @@ pub fn tables(run: &Run) -> String {
         "| system | locks | lease | last lease end → all waiters granted | lag p50 | lag max | granted before the lease ended | this ÷ deadbolt (all granted) |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
-    let base_storm = base
-        .and_then(|b| b.storm.as_ref())
-        .map(|s| s.last_deadline_to_all_granted_ms);
     for system in &run.systems {
+        let base_storm = reference(run, system.durability)
+            .and_then(|b| b.storm.as_ref())
+            .map(|s| s.last_deadline_to_all_granted_ms);
         match &system.storm {
             Some(s) => {
                 let _ = writeln!(
@@ -265,13 +299,18 @@ pub fn write_json(run: &Run, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-const COLORS: [RGBColor; 6] = [
+/// One colour per row of a run with every row (Tableau 10, then repeating).
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// Bars for one scenario: groups (x labels) × systems.
@@ -344,12 +383,22 @@ pub fn write_svg(run: &Run, path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let connections: Vec<usize> = reference(run)
-        .map(|b| b.cycles.iter().map(|c| c.connections).collect())
-        .unwrap_or_default();
-    let waiters: Vec<usize> = reference(run)
-        .map(|b| b.handoff.iter().map(|h| h.waiters).collect())
-        .unwrap_or_default();
+    // Every connection and waiter count any system ran, in order (a run
+    // without deadbolt in memory still has groups).
+    let connections: Vec<usize> = run
+        .systems
+        .iter()
+        .flat_map(|s| s.cycles.iter().map(|c| c.connections))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let waiters: Vec<usize> = run
+        .systems
+        .iter()
+        .flat_map(|s| s.handoff.iter().map(|h| h.waiters))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let cycles = Bars {
         title: "Uncontended lock+unlock cycles/s (higher is better)",
         y_label: "cycles/s",

@@ -14,6 +14,7 @@ use deadbolt_transport_quic::{LossyRelay, QuicConfig, QuicConnector, Trust};
 use deadbolt_transport_ws::WsConnector;
 use hdrhistogram::Histogram;
 
+use crate::systems::Durability;
 use crate::systems::deadbolt::{Deadbolt, Frontend};
 
 /// Lock+unlock cycles against a deadbolt server, over WebSocket and QUIC,
@@ -72,7 +73,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             trust: Trust::CaFile(ca.clone()),
         },
         _ => {
-            let server = Deadbolt::start(Frontend::Ws).await?;
+            let server = Deadbolt::start(Frontend::Ws, Durability::Memory).await?;
             let (ws, quic, ca) = server.urls();
             let target = Target {
                 ws,

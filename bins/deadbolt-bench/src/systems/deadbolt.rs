@@ -1,7 +1,9 @@
 //! deadbolt itself, over WebSocket or QUIC: the `deadbolt` binary next to
-//! this one, started pinned to the server core.
+//! this one, started pinned to the server core, in memory or with its
+//! write-ahead log (`--fsync always`, `--fsync every=10ms`).
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -10,10 +12,11 @@ use deadbolt_core::client::{Client, ClientOptions};
 use deadbolt_core::proto::{Acquire, ErrorCode, Keys, LockOp, Okay, Op, SetOp, Wait};
 use deadbolt_transport_quic::{QuicConfig, QuicConnector, Trust};
 use deadbolt_transport_ws::WsConnector;
+use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
-use super::{Conn, Held, System};
+use super::{Conn, Durability, Held, System};
 use crate::procs::Server;
 
 /// Which frontend the harness uses.
@@ -25,39 +28,85 @@ pub enum Frontend {
     Quic,
 }
 
+/// The server has no durability flags (`--fsync`, `--in-memory`): it was
+/// built before the write-ahead log.
+#[derive(Debug)]
+pub struct NoDurability;
+
+impl fmt::Display for NoDurability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "server does not support --data-dir durability \
+             (`deadbolt serve --help` has no --fsync)",
+        )
+    }
+}
+
+impl std::error::Error for NoDurability {}
+
 /// A running deadbolt server.
 pub struct Deadbolt {
     server: Server,
     frontend: Frontend,
+    durability: Durability,
     ws_url: String,
     quic_url: String,
     ca: PathBuf,
+    /// When the process was spawned, and when it said it listened: a
+    /// restart's recovery lies between them.
+    spawned_at: Instant,
+    listening_at: Instant,
 }
 
 impl Deadbolt {
-    /// Starts `deadbolt serve` on free ports.
-    pub async fn start(frontend: Frontend) -> anyhow::Result<Deadbolt> {
+    /// Starts `deadbolt serve` on free ports with a fresh data directory
+    /// (in its scratch directory, removed with it).
+    pub async fn start(frontend: Frontend, durability: Durability) -> anyhow::Result<Deadbolt> {
+        Deadbolt::launch(frontend, durability, None).await
+    }
+
+    /// Starts `deadbolt serve` on free ports on the data directory `dir`,
+    /// which outlives it: to restart a server on its data.
+    pub async fn start_on(
+        frontend: Frontend,
+        durability: Durability,
+        dir: &Path,
+    ) -> anyhow::Result<Deadbolt> {
+        Deadbolt::launch(frontend, durability, Some(dir)).await
+    }
+
+    async fn launch(
+        frontend: Frontend,
+        durability: Durability,
+        dir: Option<&Path>,
+    ) -> anyhow::Result<Deadbolt> {
         let bin = std::env::current_exe()?.with_file_name("deadbolt");
         anyhow::ensure!(
             bin.exists(),
             "no server binary at {}; run `cargo build --release` first",
             bin.display()
         );
-        let args = [
-            "serve",
-            "--ws",
-            "127.0.0.1:0",
-            "--quic",
-            "127.0.0.1:0",
-            "--data-dir",
-            "data",
-        ]
-        .map(String::from);
+        let flags = ServeFlags::probe(&bin).await?;
+        let data_dir = dir.map_or_else(|| PathBuf::from("data"), Path::to_path_buf);
+        let mut args = vec![
+            "serve".to_owned(),
+            "--ws".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--quic".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--data-dir".to_owned(),
+            data_dir.to_string_lossy().into_owned(),
+        ];
+        args.extend(flags.durability_args(durability)?);
+        let spawned_at = Instant::now();
         let mut server = Server::start("deadbolt", &bin.to_string_lossy(), &args, None)?;
-        let ca = server.dir.join("data/cert.pem");
+        // A relative data directory is in the server's scratch directory.
+        let ca = server.dir.join(&data_dir).join("cert.pem");
         let stderr = server.stderr().context("server stderr")?;
         let mut lines = BufReader::new(stderr).lines();
         let mut quic_url = None;
+        // The last lines before a failure, to say why it failed.
+        let mut said = Vec::new();
         while let Some(line) = lines.next_line().await? {
             let url = |scheme: &str| {
                 line.find(scheme).map(|at| {
@@ -71,45 +120,39 @@ impl Deadbolt {
             if let Some(url) = url("quic://") {
                 quic_url = Some(url);
             } else if let Some(ws_url) = url("ws://") {
+                let listening_at = Instant::now();
                 // Drain the log so the server never blocks writing it.
                 tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
                 let quic_url = quic_url.context("the server did not start QUIC")?;
                 return Ok(Deadbolt {
                     server,
                     frontend,
+                    durability,
                     ws_url,
                     quic_url,
                     ca,
+                    spawned_at,
+                    listening_at,
                 });
+            } else if said.len() < 20 {
+                said.push(line);
             }
         }
-        bail!("the deadbolt server exited before it listened")
+        bail!(
+            "the deadbolt server exited before it listened: {}",
+            said.join(" / ")
+        )
     }
-}
 
-impl Deadbolt {
     /// Its WebSocket URL, QUIC URL and certificate.
     pub fn urls(&self) -> (String, String, PathBuf) {
         (self.ws_url.clone(), self.quic_url.clone(), self.ca.clone())
     }
-}
 
-#[async_trait]
-impl System for Deadbolt {
-    fn name(&self) -> String {
-        match self.frontend {
-            Frontend::Ws => "deadbolt (WebSocket)".to_owned(),
-            Frontend::Quic => "deadbolt (QUIC)".to_owned(),
-        }
-    }
-
-    fn tier(&self) -> &'static str {
-        "in-memory"
-    }
-
-    async fn connect(&self) -> anyhow::Result<Box<dyn Conn>> {
+    /// A client of this server over its frontend.
+    pub async fn client(&self) -> anyhow::Result<Client> {
         let options = ClientOptions::default();
-        let client = match self.frontend {
+        Ok(match self.frontend {
             Frontend::Ws => Client::connect(WsConnector::new(&self.ws_url)?, options).await?,
             Frontend::Quic => {
                 let trust = Trust::CaFile(self.ca.clone());
@@ -117,9 +160,83 @@ impl System for Deadbolt {
                     QuicConnector::from_url(&self.quic_url, &trust, &QuicConfig::default()).await?;
                 Client::connect(connector, options).await?
             }
+        })
+    }
+
+    /// When the process was spawned.
+    pub fn spawned_at(&self) -> Instant {
+        self.spawned_at
+    }
+
+    /// When it said it listened (its WebSocket URL on stderr).
+    pub fn listening_at(&self) -> Instant {
+        self.listening_at
+    }
+
+    /// Sends the server `signal` and waits for it to exit (at most
+    /// `within`): how long it took.
+    pub async fn stop(self, signal: Signal, within: Duration) -> anyhow::Result<Duration> {
+        self.server.stop(signal, within).await
+    }
+}
+
+/// Which durability flags this `deadbolt serve` takes, read from its
+/// `--help`: the harness also runs against servers from before them.
+struct ServeFlags {
+    fsync: bool,
+    in_memory: bool,
+}
+
+impl ServeFlags {
+    async fn probe(bin: &Path) -> anyhow::Result<ServeFlags> {
+        let help = tokio::process::Command::new(bin)
+            .args(["serve", "--help"])
+            .output()
+            .await
+            .context("running deadbolt serve --help")?;
+        anyhow::ensure!(help.status.success(), "deadbolt serve --help failed");
+        let help = String::from_utf8_lossy(&help.stdout);
+        Ok(ServeFlags {
+            fsync: help.contains("--fsync"),
+            in_memory: help.contains("--in-memory"),
+        })
+    }
+
+    /// The flags that ask for `durability`. A server without durability
+    /// keeps nothing anyway, so in memory needs no flag there.
+    fn durability_args(&self, durability: Durability) -> Result<Vec<String>, NoDurability> {
+        match durability {
+            Durability::Memory if self.in_memory => Ok(vec!["--in-memory".to_owned()]),
+            Durability::Memory => Ok(Vec::new()),
+            _ if !self.fsync => Err(NoDurability),
+            durable => Ok(vec!["--fsync".to_owned(), durable.to_string()]),
+        }
+    }
+}
+
+#[async_trait]
+impl System for Deadbolt {
+    fn name(&self) -> String {
+        let frontend = match self.frontend {
+            Frontend::Ws => "WebSocket",
+            Frontend::Quic => "QUIC",
         };
+        match self.durability {
+            Durability::Memory => format!("deadbolt ({frontend})"),
+            durable => format!("deadbolt ({frontend}, --fsync {durable})"),
+        }
+    }
+
+    fn tier(&self) -> String {
+        match self.durability {
+            Durability::Memory => "in-memory".to_owned(),
+            durable => format!("write-ahead log, --fsync {durable} (group commit)"),
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Box<dyn Conn>> {
         Ok(Box::new(DeadboltConn {
-            client,
+            client: self.client().await?,
             lock_requests: 0,
         }))
     }

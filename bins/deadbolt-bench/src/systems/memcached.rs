@@ -54,8 +54,8 @@ impl System for Memcached {
         "memcached 1.6 (poll 1 ms)".to_owned()
     }
 
-    fn tier(&self) -> &'static str {
-        "in-memory"
+    fn tier(&self) -> String {
+        "in-memory".to_owned()
     }
 
     async fn connect(&self) -> anyhow::Result<Box<dyn Conn>> {

@@ -1,16 +1,86 @@
 //! The systems under comparison, behind one interface: each offers leased
-//! locks (try-lock, blocking lock, unlock) and a distinct set.
+//! locks (try-lock, blocking lock, unlock) and a distinct set, and each is
+//! started with a [`Durability`]: what an acknowledgement promises.
 
 pub mod deadbolt;
 pub mod memcached;
 pub mod postgres;
 pub mod redis;
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use async_trait::async_trait;
+
+/// What a system's acknowledgement of a change promises: a parameter of
+/// every system, which maps it to its own settings (deadbolt `--fsync`,
+/// Redis `appendfsync`, PostgreSQL `synchronous_commit`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Nothing reaches the disk: a restart loses everything.
+    #[default]
+    Memory,
+    /// On stable storage before the reply (fsync per commit, shared by the
+    /// commits that arrive together).
+    Always,
+    /// Written before the reply, fsynced every `every_ms`: a power cut may
+    /// lose the last interval's acknowledged changes.
+    Periodic {
+        /// The fsync interval.
+        every_ms: u64,
+    },
+}
+
+impl Durability {
+    /// Whether two settings make the same kind of promise (so that their
+    /// rows are compared): a periodic fsync matches any other interval.
+    pub fn same_promise(self, other: Durability) -> bool {
+        std::mem::discriminant(&self) == std::mem::discriminant(&other)
+    }
+}
+
+/// As `deadbolt serve` spells it: `memory` (`--in-memory`), `always`,
+/// `every=10ms`.
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Durability::Memory => f.write_str("memory"),
+            Durability::Always => f.write_str("always"),
+            Durability::Periodic { every_ms } => write!(
+                f,
+                "every={}",
+                humantime::format_duration(Duration::from_millis(every_ms))
+            ),
+        }
+    }
+}
+
+impl FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Durability, String> {
+        match s {
+            "memory" | "in-memory" => Ok(Durability::Memory),
+            "always" => Ok(Durability::Always),
+            _ => {
+                let every = s
+                    .strip_prefix("every=")
+                    .ok_or_else(|| format!("{s:?}: expected memory, always or every=DURATION"))?;
+                let every = humantime::parse_duration(every).map_err(|e| format!("{s:?}: {e}"))?;
+                let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+                if every_ms == 0 {
+                    return Err(format!("{s:?}: the interval must be at least 1 ms"));
+                }
+                Ok(Durability::Periodic { every_ms })
+            }
+        }
+    }
+}
 
 /// What a lock grant is known by, to release it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +130,8 @@ pub trait Conn: Send {
 pub trait System: Send + Sync {
     /// Its name in the tables.
     fn name(&self) -> String;
-    /// How it stores data (durability tier).
-    fn tier(&self) -> &'static str;
+    /// How it stores data (durability tier), in its own settings.
+    fn tier(&self) -> String;
     /// A new connection.
     async fn connect(&self) -> anyhow::Result<Box<dyn Conn>>;
     /// CPU time the server has used so far.
@@ -111,5 +181,34 @@ impl Rounds {
     /// When each key was taken, in order.
     pub fn finish(self) -> Vec<Instant> {
         self.0.into_iter().flatten().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durability_reads_and_prints_as_deadbolt_serve_spells_it() {
+        for (text, durability) in [
+            ("memory", Durability::Memory),
+            ("always", Durability::Always),
+            ("every=10ms", Durability::Periodic { every_ms: 10 }),
+            ("every=1s", Durability::Periodic { every_ms: 1000 }),
+        ] {
+            assert_eq!(text.parse::<Durability>(), Ok(durability));
+            assert_eq!(durability.to_string(), text);
+        }
+        for bad in ["", "sometimes", "every=", "every=0ms", "every=soon"] {
+            assert!(bad.parse::<Durability>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_same_kind_of_promise_is_compared() {
+        let every = |every_ms| Durability::Periodic { every_ms };
+        assert!(every(10).same_promise(every(1000)));
+        assert!(!Durability::Always.same_promise(every(10)));
+        assert!(!Durability::Memory.same_promise(Durability::Always));
     }
 }

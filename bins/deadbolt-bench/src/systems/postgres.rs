@@ -1,8 +1,10 @@
 //! PostgreSQL: advisory locks (`pg_try_advisory_lock`, blocking
 //! `pg_advisory_lock` with server-side push wake-up, `pg_advisory_unlock`)
-//! and an UNLOGGED table for the distinct set (`INSERT … ON CONFLICT DO
-//! NOTHING RETURNING`). Advisory locks have no lease: they last until
-//! unlocked or until the session ends.
+//! and a table for the distinct set (`INSERT … ON CONFLICT DO NOTHING
+//! RETURNING`): UNLOGGED with fsync off in memory, logged with synchronous
+//! commit when durable. Advisory locks have no lease: they last until
+//! unlocked or until the session ends, and are never logged, so durability
+//! changes only the set.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
@@ -12,8 +14,8 @@ use anyhow::Context;
 use async_trait::async_trait;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::{Conn, Held, System};
-use crate::procs::{self, Server};
+use super::{Conn, Durability, Held, System};
+use crate::procs::{self, Scratch, Server};
 
 /// Where Debian keeps the server binaries.
 fn pg_bin(name: &str) -> anyhow::Result<String> {
@@ -31,26 +33,32 @@ fn pg_bin(name: &str) -> anyhow::Result<String> {
     Ok(bin.to_string_lossy().into_owned())
 }
 
-/// A running `postgres`, with durability off (fsync, synchronous_commit and
-/// full_page_writes off; the set's table UNLOGGED).
+/// A running `postgres`: with durability off (fsync, synchronous_commit
+/// and full_page_writes off; the set's table UNLOGGED), or on (all three
+/// on; the table logged).
 pub struct Postgres {
     server: Server,
     port: u16,
-    /// The cluster's files, removed when dropped.
-    data: std::path::PathBuf,
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.data);
-    }
+    durability: Durability,
+    /// The cluster's files, removed when dropped (after the server, which
+    /// is declared first).
+    _data: Scratch,
 }
 
 impl Postgres {
     /// Initialises a cluster in a scratch directory and starts it.
-    pub async fn start() -> anyhow::Result<Postgres> {
+    pub async fn start(durability: Durability) -> anyhow::Result<Postgres> {
+        let switch = match durability {
+            Durability::Memory => "off",
+            Durability::Always => "on",
+            Durability::Periodic { .. } => {
+                anyhow::bail!("PostgreSQL is measured in memory or with synchronous commit")
+            }
+        };
         let port = procs::free_port()?;
-        let dir = procs::scratch("postgres-data")?;
+        // Removed however the start ends.
+        let scratch = Scratch::new("postgres-data")?;
+        let dir = scratch.path();
         let data = dir.join("data");
         let status = tokio::process::Command::new("runuser")
             .args([
@@ -76,11 +84,11 @@ impl Postgres {
             "-c",
             "listen_addresses=127.0.0.1",
             "-c",
-            "fsync=off",
+            &format!("fsync={switch}"),
             "-c",
-            "synchronous_commit=off",
+            &format!("synchronous_commit={switch}"),
             "-c",
-            "full_page_writes=off",
+            &format!("full_page_writes={switch}"),
             "-c",
             "max_connections=300",
             "-c",
@@ -96,7 +104,8 @@ impl Postgres {
         let postgres = Postgres {
             server,
             port,
-            data: dir,
+            durability,
+            _data: scratch,
         };
         // Listening is not ready: wait until a session starts.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -130,11 +139,19 @@ impl Postgres {
 #[async_trait]
 impl System for Postgres {
     fn name(&self) -> String {
-        "PostgreSQL 15 (advisory locks)".to_owned()
+        match self.durability {
+            Durability::Memory => "PostgreSQL 15 (advisory locks)".to_owned(),
+            _ => "PostgreSQL 15 (synchronous_commit=on, logged table)".to_owned(),
+        }
     }
 
-    fn tier(&self) -> &'static str {
-        "fsync=off, synchronous_commit=off, UNLOGGED table"
+    fn tier(&self) -> String {
+        match self.durability {
+            Durability::Memory => "fsync=off, synchronous_commit=off, UNLOGGED table".to_owned(),
+            _ => "fsync=on, synchronous_commit=on, full_page_writes=on, logged table \
+                  (advisory locks are never logged)"
+                .to_owned(),
+        }
     }
 
     async fn connect(&self) -> anyhow::Result<Box<dyn Conn>> {
@@ -147,6 +164,7 @@ impl System for Postgres {
         Ok(Box::new(PostgresConn {
             client,
             statements,
+            logged: self.durability != Durability::Memory,
             insert: None,
             lock_requests: 0,
         }))
@@ -187,6 +205,8 @@ struct Statements {
 struct PostgresConn {
     client: Client,
     statements: Statements,
+    /// Whether the set's table is written to the WAL.
+    logged: bool,
     insert: Option<Statement>,
     lock_requests: u64,
 }
@@ -225,8 +245,15 @@ impl Conn for PostgresConn {
     }
 
     async fn set_up(&mut self, _set: &str) -> anyhow::Result<()> {
+        let table = if self.logged {
+            "TABLE"
+        } else {
+            "UNLOGGED TABLE"
+        };
         self.client
-            .batch_execute("CREATE UNLOGGED TABLE IF NOT EXISTS members (set text, key text, PRIMARY KEY (set, key))")
+            .batch_execute(&format!(
+                "CREATE {table} IF NOT EXISTS members (set text, key text, PRIMARY KEY (set, key))"
+            ))
             .await?;
         Ok(())
     }

@@ -1,46 +1,49 @@
 //! Redis 7: lock = `SET key owner NX PX ttl`, unlock = compare-and-delete
 //! in Lua (EVALSHA); distinct = `SADD` (1 = new), with `EXPIRE` on the set.
-//! Waiters must poll, every `retry` (0 ms: at once).
+//! Waiters must poll, every `retry` (0 ms: at once). In memory, or durable
+//! through the append-only file (`appendfsync always` or `everysec`).
 
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use async_trait::async_trait;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 
-use super::{Conn, Held, Rounds, System};
+use super::{Conn, Durability, Held, Rounds, System};
 use crate::procs::{self, Server};
 
 /// Compare-and-delete: release only the grant this owner holds.
 const UNLOCK: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
-/// A running `redis-server`, in-memory (no RDB, no AOF).
+/// A running `redis-server`: in memory (no RDB, no AOF), or with an
+/// append-only file in its scratch directory (still no RDB).
 pub struct Redis {
     server: Server,
     client: redis::Client,
     retry: Duration,
+    durability: Durability,
     owners: std::sync::atomic::AtomicU64,
 }
 
 impl Redis {
     /// Starts `redis-server` on a free port; waiters poll every `retry`.
-    pub async fn start(retry: Duration) -> anyhow::Result<Redis> {
+    pub async fn start(retry: Duration, durability: Durability) -> anyhow::Result<Redis> {
         let port = procs::free_port()?;
-        let args = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ]
-        .map(String::from);
+        let mut args = vec![
+            "--port".to_owned(),
+            port.to_string(),
+            "--bind".to_owned(),
+            "127.0.0.1".to_owned(),
+            "--save".to_owned(),
+            String::new(),
+            "--daemonize".to_owned(),
+            "no".to_owned(),
+        ];
+        args.extend(aof_args(durability)?.into_iter().map(str::to_owned));
+        // The AOF goes to `dir`, which defaults to the working directory:
+        // the server's scratch directory, removed with it.
         let server = Server::start("redis", "redis-server", &args, None)?;
         procs::wait_for_port(port, Duration::from_secs(10)).await?;
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
@@ -48,19 +51,46 @@ impl Redis {
             server,
             client,
             retry,
+            durability,
             owners: std::sync::atomic::AtomicU64::new(1),
         })
     }
 }
 
+/// The append-only file settings for `durability`. Redis fsyncs its AOF on
+/// every write (before replying) or once a second, nothing in between.
+fn aof_args(durability: Durability) -> anyhow::Result<Vec<&'static str>> {
+    Ok(match durability {
+        Durability::Memory => vec!["--appendonly", "no"],
+        Durability::Always => vec!["--appendonly", "yes", "--appendfsync", "always"],
+        Durability::Periodic { every_ms: 1000 } => {
+            vec!["--appendonly", "yes", "--appendfsync", "everysec"]
+        }
+        Durability::Periodic { .. } => bail!("Redis fsyncs its AOF always or every second"),
+    })
+}
+
 #[async_trait]
 impl System for Redis {
     fn name(&self) -> String {
-        format!("Redis 7 (poll {} ms)", self.retry.as_millis())
+        let poll = self.retry.as_millis();
+        match self.durability {
+            Durability::Memory => format!("Redis 7 (poll {poll} ms)"),
+            Durability::Always => format!("Redis 7 (poll {poll} ms, appendfsync always)"),
+            Durability::Periodic { .. } => {
+                format!("Redis 7 (poll {poll} ms, appendfsync everysec)")
+            }
+        }
     }
 
-    fn tier(&self) -> &'static str {
-        "in-memory (appendonly no, save \"\")"
+    fn tier(&self) -> String {
+        match self.durability {
+            Durability::Memory => "in-memory (appendonly no, save \"\")".to_owned(),
+            Durability::Always => "appendonly yes, appendfsync always, save \"\"".to_owned(),
+            Durability::Periodic { .. } => {
+                "appendonly yes, appendfsync everysec, save \"\"".to_owned()
+            }
+        }
     }
 
     async fn connect(&self) -> anyhow::Result<Box<dyn Conn>> {
