@@ -213,6 +213,7 @@ impl ServerControl {
                 retry_above: if scenario.quic_retry { 0 } else { usize::MAX },
                 ..quic_config()
             },
+            storage: None,
         };
         ServerControl {
             config,

@@ -383,18 +383,37 @@ mod tests {
             keys: Keys::Many(vec!["a".to_owned(), "é".to_owned()]),
         };
         let inputs = vec![
-            Input::Op { handle: Handle(1), caller: caller(3), op: ShardOp::Lock(lock) },
-            Input::Op { handle: Handle(u64::MAX), caller: caller(4), op: ShardOp::Set(insert) },
-            Input::Cancel { handle: Handle(1), key: "job/\"42\"\n".to_owned() },
-            Input::RequesterGone { handle: Handle(9), key: "k".to_owned() },
+            Input::Op {
+                handle: Handle(1),
+                caller: caller(3),
+                op: ShardOp::Lock(lock),
+            },
+            Input::Op {
+                handle: Handle(u64::MAX),
+                caller: caller(4),
+                op: ShardOp::Set(insert),
+            },
+            Input::Cancel {
+                handle: Handle(1),
+                key: "job/\"42\"\n".to_owned(),
+            },
+            Input::RequesterGone {
+                handle: Handle(9),
+                key: "k".to_owned(),
+            },
             Input::ConnectionClosed { conn: 3 },
             Input::Tick,
-            Input::Restart { token_floor: 1 << 40 },
+            Input::Restart {
+                token_floor: 1 << 40,
+            },
         ];
         inputs
             .into_iter()
             .enumerate()
-            .map(|(i, input)| Command { at: Tick(1_000_000 * i as u64), input })
+            .map(|(i, input)| Command {
+                at: Tick(1_000_000 * i as u64),
+                input,
+            })
             .collect()
     }
 
@@ -402,21 +421,39 @@ mod tests {
     fn every_record_reads_back_as_written() {
         let commands = every_kind_of_command();
         let records = [
-            Record::Run { shards: 4, limits: Limits::default() },
-            Record::Batch { shard: 3, commands: commands.clone() },
-            Record::Reserve { shard: 2, upto: 65_536 },
+            Record::Run {
+                shards: 4,
+                limits: Limits::default(),
+            },
+            Record::Batch {
+                shard: 3,
+                commands: commands.clone(),
+            },
+            Record::Reserve {
+                shard: 2,
+                upto: 65_536,
+            },
         ];
         for (lsn, record) in records.into_iter().enumerate() {
             let lsn = lsn as u64 + 300;
             assert_eq!(decode(&encode(lsn, &record)), Ok((lsn, record)));
         }
         let batch = encode_batch(7, 3, &encode_commands(&commands));
-        assert_eq!(decode(&batch), Ok((7, Record::Batch { shard: 3, commands })));
+        assert_eq!(
+            decode(&batch),
+            Ok((7, Record::Batch { shard: 3, commands }))
+        );
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let good = encode(1, &Record::Batch { shard: 0, commands: every_kind_of_command() });
+        let good = encode(
+            1,
+            &Record::Batch {
+                shard: 0,
+                commands: every_kind_of_command(),
+            },
+        );
         for cut in 0..good.len() {
             assert!(decode(&good[..cut]).is_err(), "cut at {cut}");
         }

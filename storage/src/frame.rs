@@ -110,7 +110,12 @@ mod tests {
         assert_eq!(scan(&garbled).1, End::Torn { offset: second });
         let mut zeros = two_records();
         zeros.extend_from_slice(&[0; 64]);
-        assert_eq!(scan(&zeros).1, End::Torn { offset: bytes.len() });
+        assert_eq!(
+            scan(&zeros).1,
+            End::Torn {
+                offset: bytes.len()
+            }
+        );
     }
 
     #[test]

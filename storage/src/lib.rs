@@ -197,7 +197,11 @@ pub fn open(
     let shared = Arc::new(Shared {
         snapshot_wanted: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         attention: (0..shards).map(|_| Arc::new(Notify::new())).collect(),
-        token_reserved: recovered.token_reserved.iter().map(|&t| AtomicU64::new(t)).collect(),
+        token_reserved: recovered
+            .token_reserved
+            .iter()
+            .map(|&t| AtomicU64::new(t))
+            .collect(),
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let mut writer = LogWriter::new(
@@ -212,7 +216,12 @@ pub fn open(
     if let Some((_, offset, _)) = &recovered.report.torn_tail {
         writer.cut_to(*offset)?;
     }
-    writer.write_now(&start_records(engine, &recovered.shards, recovered.start_at, &shared))?;
+    writer.write_now(&start_records(
+        engine,
+        &recovered.shards,
+        recovered.start_at,
+        &shared,
+    ))?;
     Ok(Opened {
         store: Arc::new(Store {
             requests: tx,
@@ -228,7 +237,12 @@ pub fn open(
 /// The records that begin a run: the run's shard count and limits, then
 /// each shard's restart (already applied to the recovered shards), so that
 /// a later recovery replays exactly what this run starts from.
-fn start_records(engine: &EngineConfig, shards: &[Shard], at: Tick, shared: &Shared) -> Vec<Record> {
+fn start_records(
+    engine: &EngineConfig,
+    shards: &[Shard],
+    at: Tick,
+    shared: &Shared,
+) -> Vec<Record> {
     let mut records = vec![recover::run_record(engine)];
     for (shard, reserved) in (0..shards.len()).zip(&shared.token_reserved) {
         let token_floor = reserved.load(Ordering::Relaxed);
@@ -245,10 +259,11 @@ fn start_records(engine: &EngineConfig, shards: &[Shard], at: Tick, shared: &Sha
 
 fn make_dirs(disk: &dyn Disk, dir: &Path) -> Result<(), StorageError> {
     for sub in [dir.join("wal"), dir.join("snapshots")] {
-        disk.create_dir_all(&sub).map_err(|source| StorageError::Io {
-            path: sub.clone(),
-            source,
-        })?;
+        disk.create_dir_all(&sub)
+            .map_err(|source| StorageError::Io {
+                path: sub.clone(),
+                source,
+            })?;
     }
     disk.sync_dir(dir).map_err(|source| StorageError::Io {
         path: dir.to_owned(),

@@ -72,7 +72,12 @@ pub(crate) fn recover(
         ..RecoveryReport::default()
     };
     let segments = list_segments(disk, &dir.join("wal"))?;
-    let mut next_lsn = replaying.iter().map(|r| r.covers_below).max().unwrap_or(1).max(1);
+    let mut next_lsn = replaying
+        .iter()
+        .map(|r| r.covers_below)
+        .max()
+        .unwrap_or(1)
+        .max(1);
     if let Some(first) = segments.first() {
         next_lsn = first.first_lsn;
         check_nothing_missing(&replaying, first)?;
@@ -80,14 +85,18 @@ pub(crate) fn recover(
     let mut log_bytes = 0;
     for (position, segment) in segments.iter().enumerate() {
         let is_last = position + 1 == segments.len();
-        let bytes = disk.read(&segment.path).map_err(|e| io_error(&segment.path, e))?;
+        let bytes = disk
+            .read(&segment.path)
+            .map_err(|e| io_error(&segment.path, e))?;
         log_bytes += bytes.len() as u64;
         let (records, end) = frame::scan(&bytes);
         for (offset, payload) in records {
             let corrupt = |why: String| corrupt(&segment.path, offset, why);
             let (lsn, record) = codec::decode(payload).map_err(|e| corrupt(e.0))?;
             if lsn != next_lsn {
-                return Err(corrupt(format!("record {lsn} where {next_lsn} was expected")));
+                return Err(corrupt(format!(
+                    "record {lsn} where {next_lsn} was expected"
+                )));
             }
             next_lsn += 1;
             report.records += u64::from(replay(&mut replaying, lsn, record, shards)?);
@@ -116,7 +125,10 @@ fn replay(
     shards: usize,
 ) -> Result<bool, StorageError> {
     match record {
-        Record::Run { shards: ran, limits } => {
+        Record::Run {
+            shards: ran,
+            limits,
+        } => {
             check_shards(ran as usize, shards)?;
             for r in replaying.iter_mut().filter(|r| lsn >= r.covers_below) {
                 r.shard.set_limits(limits.share_of(shards));
@@ -237,10 +249,12 @@ fn load_snapshots(
         };
         let shard = Shard::from_image(config, image)
             .map_err(|e| corrupt(&path, 0, format!("inconsistent snapshot: {e}")))?;
-        let slot = replaying.get_mut(index).ok_or(StorageError::ShardsChanged {
-            found: index + 1,
-            configured: shards,
-        })?;
+        let slot = replaying
+            .get_mut(index)
+            .ok_or(StorageError::ShardsChanged {
+                found: index + 1,
+                configured: shards,
+            })?;
         *slot = Replaying {
             shard,
             covers_below: header.covers_below,
@@ -275,7 +289,10 @@ fn check_nothing_missing(replaying: &[Replaying], first: &Segment) -> Result<(),
     if first.first_lsn <= 1 {
         return Ok(());
     }
-    match replaying.iter().position(|r| r.covers_below < first.first_lsn) {
+    match replaying
+        .iter()
+        .position(|r| r.covers_below < first.first_lsn)
+    {
         None => Ok(()),
         Some(shard) => Err(corrupt(
             &first.path,

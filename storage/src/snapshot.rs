@@ -35,7 +35,10 @@ pub fn file_name(shard: usize) -> String {
 
 /// The shard a snapshot file name names, if it names one.
 pub fn shard_of_file(name: &str) -> Option<usize> {
-    name.strip_prefix("shard-")?.strip_suffix(".snap")?.parse().ok()
+    name.strip_prefix("shard-")?
+        .strip_suffix(".snap")?
+        .parse()
+        .ok()
 }
 
 /// A snapshot's file content.
@@ -66,7 +69,9 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, ShardImage), CodecError> 
     let mut reader = Reader(payload);
     let version = reader.u64()?;
     if version != VERSION {
-        return Err(CodecError(format!("snapshot format {version}, expected {VERSION}")));
+        return Err(CodecError(format!(
+            "snapshot format {version}, expected {VERSION}"
+        )));
     }
     let small = |n: u64| u32::try_from(n).map_err(|_| CodecError("number too large".into()));
     let header = SnapshotHeader {
@@ -76,7 +81,7 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, ShardImage), CodecError> 
         token_reserved: reader.u64()?,
         limits: reader.limits()?,
     };
-    let image = postcard::from_bytes(reader.0)
-        .map_err(|e| CodecError(format!("snapshot image: {e}")))?;
+    let image =
+        postcard::from_bytes(reader.0).map_err(|e| CodecError(format!("snapshot image: {e}")))?;
     Ok((header, image))
 }

@@ -192,7 +192,11 @@ impl LogWriter {
         let first_lsn = self.next_lsn;
         for request in group {
             match request {
-                Request::Batch { shard, commands, done } => {
+                Request::Batch {
+                    shard,
+                    commands,
+                    done,
+                } => {
                     let payload = codec::encode_batch(self.next_lsn, shard, &commands);
                     frame::put(&mut bytes, &payload);
                     if self.config.observer.is_some() {
@@ -212,7 +216,11 @@ impl LogWriter {
                     must_sync = true;
                     waiting.push(done);
                 }
-                Request::Snapshot { shard, image, token_reserved } => {
+                Request::Snapshot {
+                    shard,
+                    image,
+                    token_reserved,
+                } => {
                     snapshots.push((shard, image, token_reserved));
                 }
             }
@@ -244,13 +252,10 @@ impl LogWriter {
         if let Some(why) = &self.failed {
             return Err(ServerError::unavailable(why.clone()));
         }
-        let written = self.file.append(bytes).and_then(|()| {
-            if must_sync {
-                self.file.sync()
-            } else {
-                Ok(())
-            }
-        });
+        let written = self
+            .file
+            .append(bytes)
+            .and_then(|()| if must_sync { self.file.sync() } else { Ok(()) });
         if let Err(error) = written {
             return Err(self.undo_append(error));
         }
@@ -259,7 +264,8 @@ impl LogWriter {
         if must_sync {
             self.sync_due = None;
         } else if let Fsync::Every(interval) = self.config.fsync {
-            self.sync_due.get_or_insert_with(|| Instant::now() + interval);
+            self.sync_due
+                .get_or_insert_with(|| Instant::now() + interval);
         }
         Ok(())
     }
@@ -340,7 +346,10 @@ impl LogWriter {
         self.sync_due = None;
         let wal = self.config.dir.join("wal");
         let path = wal.join(segment_name(self.next_lsn));
-        self.file = self.disk.open_append(&path).map_err(|e| io_error(&path, e))?;
+        self.file = self
+            .disk
+            .open_append(&path)
+            .map_err(|e| io_error(&path, e))?;
         self.disk.sync_dir(&wal).map_err(|e| io_error(&wal, e))?;
         self.segments.push(Segment {
             first_lsn: self.next_lsn,
@@ -357,7 +366,12 @@ impl LogWriter {
             done: vec![false; shards],
         });
         self.bytes_since_round = 0;
-        for (wanted, attention) in self.shared.snapshot_wanted.iter().zip(&self.shared.attention) {
+        for (wanted, attention) in self
+            .shared
+            .snapshot_wanted
+            .iter()
+            .zip(&self.shared.attention)
+        {
             wanted.store(true, Ordering::Release);
             attention.notify_one();
         }
@@ -389,7 +403,11 @@ impl LogWriter {
         }
     }
 
-    fn put_snapshot(&self, header: &SnapshotHeader, image: &ShardImage) -> Result<u64, StorageError> {
+    fn put_snapshot(
+        &self,
+        header: &SnapshotHeader,
+        image: &ShardImage,
+    ) -> Result<u64, StorageError> {
         let dir = self.config.dir.join("snapshots");
         let name = snapshot::file_name(header.shard as usize);
         let path = dir.join(&name);
@@ -399,8 +417,12 @@ impl LogWriter {
             offset: 0,
             why: e.0,
         })?;
-        self.disk.write_synced(&tmp, &bytes).map_err(|e| io_error(&tmp, e))?;
-        self.disk.rename(&tmp, &path).map_err(|e| io_error(&path, e))?;
+        self.disk
+            .write_synced(&tmp, &bytes)
+            .map_err(|e| io_error(&tmp, e))?;
+        self.disk
+            .rename(&tmp, &path)
+            .map_err(|e| io_error(&path, e))?;
         self.disk.sync_dir(&dir).map_err(|e| io_error(&dir, e))?;
         Ok(bytes.len() as u64)
     }

@@ -33,7 +33,10 @@ fn engine_config() -> EngineConfig {
     }
 }
 
-fn start_on(disk: Arc<dyn Disk>, config: StoreConfig) -> Result<(Server, RecoveryReport), StorageError> {
+fn start_on(
+    disk: Arc<dyn Disk>,
+    config: StoreConfig,
+) -> Result<(Server, RecoveryReport), StorageError> {
     let mut engine = engine_config();
     let opened = open(disk, config, &engine)?;
     engine.start_at = opened.start_at;
@@ -92,7 +95,9 @@ fn token_of(outcome: Outcome) -> u64 {
 }
 
 fn inspect(key: &str) -> Op {
-    Op::Lock(LockOp::Inspect { key: key.to_owned() })
+    Op::Lock(LockOp::Inspect {
+        key: key.to_owned(),
+    })
 }
 
 fn lock_info(outcome: Outcome) -> LockInfo {
@@ -127,7 +132,11 @@ fn set_up(set: &str) -> Op {
 async fn acknowledged_changes_survive_a_restart_and_the_rest_does_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, report) = start(dir.path());
-    assert_eq!(report, RecoveryReport::default(), "a new directory is empty");
+    assert_eq!(
+        report,
+        RecoveryReport::default(),
+        "a new directory is empty"
+    );
     let alice = server.client("alice").await;
     let bob = server.client("bob").await;
     assert!(call(&alice, set_up("results")).await.is_ok());
@@ -153,7 +162,10 @@ async fn acknowledged_changes_survive_a_restart_and_the_rest_does_not() {
     let indices: Vec<u64> = again.iter().map(|r| r.index).collect();
     assert_eq!(indices, [3, 2, 1, 4, 5], "every index is kept");
     assert_eq!(first.iter().map(|r| r.index).collect::<Vec<_>>(), [1, 2, 3]);
-    assert!(again[..4].iter().all(|r| !r.first), "the first inserters are kept");
+    assert!(
+        again[..4].iter().all(|r| !r.first),
+        "the first inserters are kept"
+    );
     let alice = server.client("alice").await;
     let mine = inserted(call(&alice, insert("results", &["r1"])).await);
     assert!(mine[0].first, "alice still owns r1");
@@ -161,11 +173,22 @@ async fn acknowledged_changes_survive_a_restart_and_the_rest_does_not() {
     let job = lock_info(call(&carol, inspect("job")).await);
     let holder = job.holder.expect("the held lock survived");
     assert_eq!((holder.client.as_str(), holder.token), ("alice", held));
-    assert!(holder.remaining_ms > 55_000, "the lease continues: {holder:?}");
+    assert!(
+        holder.remaining_ms > 55_000,
+        "the lease continues: {holder:?}"
+    );
     assert_eq!(job.waiters, 0, "waiters do not survive");
-    assert!(lock_info(call(&carol, inspect("tab")).await).holder.is_none(), "ephemeral locks do not survive");
+    assert!(
+        lock_info(call(&carol, inspect("tab")).await)
+            .holder
+            .is_none(),
+        "ephemeral locks do not survive"
+    );
     let fresh = token_of(call(&carol, lock("tab", 1_000, None, false)).await);
-    assert!(fresh > ephemeral && fresh > held, "tokens rise across the restart: {fresh}");
+    assert!(
+        fresh > ephemeral && fresh > held,
+        "tokens rise across the restart: {fresh}"
+    );
     assert_eq!(
         token_of(call(&alice, lock("job", 60_000, Some(0), false)).await),
         held,
@@ -180,7 +203,10 @@ async fn a_torn_tail_is_cut_and_reported() {
     let (server, _) = start(dir.path());
     let alice = server.client("alice").await;
     assert!(call(&alice, set_up("s")).await.is_ok());
-    assert_eq!(inserted(call(&alice, insert("s", &["a"])).await)[0].index, 1);
+    assert_eq!(
+        inserted(call(&alice, insert("s", &["a"])).await)[0].index,
+        1
+    );
     drop(alice);
     server.stop().await;
     let segment = only_segment(dir.path());
@@ -191,11 +217,17 @@ async fn a_torn_tail_is_cut_and_reported() {
     let (server, report) = start(dir.path());
     assert_eq!(report.torn_tail, Some((segment.clone(), intact, 9)));
     let alice = server.client("alice").await;
-    assert_eq!(inserted(call(&alice, insert("s", &["a", "b"])).await)[1].index, 2);
+    assert_eq!(
+        inserted(call(&alice, insert("s", &["a", "b"])).await)[1].index,
+        2
+    );
     drop(alice);
     server.stop().await;
     let (server, report) = start(dir.path());
-    assert_eq!(report.torn_tail, None, "the cut was kept and the log goes on");
+    assert_eq!(
+        report.torn_tail, None,
+        "the cut was kept and the log goes on"
+    );
     server.stop().await;
 }
 
@@ -256,8 +288,12 @@ async fn snapshots_compact_the_log_and_recovery_uses_them() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(alice);
     server.stop().await;
-    let segments = std::fs::read_dir(dir.path().join("wal")).expect("wal").count();
-    let snapshots = std::fs::read_dir(dir.path().join("snapshots")).expect("snaps").count();
+    let segments = std::fs::read_dir(dir.path().join("wal"))
+        .expect("wal")
+        .count();
+    let snapshots = std::fs::read_dir(dir.path().join("snapshots"))
+        .expect("snaps")
+        .count();
     assert_eq!(snapshots, 3, "every shard wrote a snapshot");
     assert!(segments <= 3, "old segments were deleted: {segments} left");
 
@@ -267,7 +303,12 @@ async fn snapshots_compact_the_log_and_recovery_uses_them() {
     let keys: Vec<String> = (0..200).map(|i| format!("key-{i}")).collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     let results = inserted(call(&bob, insert("s", &keys)).await);
-    assert!(results.iter().enumerate().all(|(i, r)| r.index == i as u64 + 1 && !r.first));
+    assert!(
+        results
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.index == i as u64 + 1 && !r.first)
+    );
     drop(bob);
     server.stop().await;
 }
@@ -279,15 +320,26 @@ async fn a_full_disk_answers_unavailable_and_changes_nothing() {
     let (server, _) = start_on(disk.clone(), StoreConfig::new(dir.path())).expect("opens");
     let alice = server.client("alice").await;
     assert!(call(&alice, set_up("s")).await.is_ok());
-    assert_eq!(inserted(call(&alice, insert("s", &["a"])).await)[0].index, 1);
+    assert_eq!(
+        inserted(call(&alice, insert("s", &["a"])).await)[0].index,
+        1
+    );
     disk.fill();
     let refused = call(&alice, insert("s", &["b"])).await;
-    assert_eq!(refused.as_ref().map_err(|e| e.code), Err(ErrorCode::Unavailable), "{refused:?}");
+    assert_eq!(
+        refused.as_ref().map_err(|e| e.code),
+        Err(ErrorCode::Unavailable),
+        "{refused:?}"
+    );
     let refused = call(&alice, lock("job", 10_000, None, false)).await;
     assert_eq!(refused.map_err(|e| e.code), Err(ErrorCode::Unavailable));
     disk.make_room();
     let results = inserted(call(&alice, insert("s", &["b", "a"])).await);
-    assert_eq!((results[0].index, results[1].index), (2, 1), "the refused insert changed nothing");
+    assert_eq!(
+        (results[0].index, results[1].index),
+        (2, 1),
+        "the refused insert changed nothing"
+    );
     let token = token_of(call(&alice, lock("job", 10_000, None, false)).await);
     drop(alice);
     server.stop().await;
@@ -296,7 +348,10 @@ async fn a_full_disk_answers_unavailable_and_changes_nothing() {
     assert_eq!(report.torn_tail, None, "the failed writes were cut back");
     let bob = server.client("bob").await;
     let results = inserted(call(&bob, insert("s", &["a", "b", "c"])).await);
-    assert_eq!(results.iter().map(|r| r.index).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(
+        results.iter().map(|r| r.index).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
     let job = lock_info(call(&bob, inspect("job")).await);
     assert_eq!(job.holder.map(|h| h.token), Some(token));
     drop(bob);
@@ -386,6 +441,9 @@ fn only_segment(dir: &Path) -> std::path::PathBuf {
 
 fn append_raw(path: &Path, bytes: &[u8]) {
     use std::io::Write;
-    let mut file = std::fs::OpenOptions::new().append(true).open(path).expect("open");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .expect("open");
     file.write_all(bytes).expect("append");
 }

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use deadbolt_storage::Fsync;
 use clap::{Args, Parser, Subcommand};
+use deadbolt_storage::Fsync;
 
 /// deadbolt: leased locks and distinct sets for fleets of unreliable workers.
 #[derive(Debug, Parser)]

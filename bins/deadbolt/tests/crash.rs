@@ -38,7 +38,14 @@ struct Server {
 impl Server {
     fn start(dir: &std::path::Path) -> Server {
         let mut child = Command::new(BIN)
-            .args(["serve", "--ws", "127.0.0.1:0", "--quic", "off", "--data-dir"])
+            .args([
+                "serve",
+                "--ws",
+                "127.0.0.1:0",
+                "--quic",
+                "off",
+                "--data-dir",
+            ])
             .arg(dir)
             .stderr(Stdio::piped())
             .spawn()
@@ -68,7 +75,11 @@ fn read_url(child: &mut Child) -> String {
     for line in lines.by_ref() {
         let line = line.expect("log line");
         if let Some(at) = line.find("ws://") {
-            let url = line[at..].split_whitespace().next().expect("url").to_owned();
+            let url = line[at..]
+                .split_whitespace()
+                .next()
+                .expect("url")
+                .to_owned();
             std::thread::spawn(move || for _ in lines {});
             return url;
         }
@@ -90,16 +101,20 @@ async fn connect(url: &str, client_id: &str) -> Client {
 /// Inserts batches of fresh results and takes and releases its lock until
 /// the server dies, recording everything acknowledged.
 async fn work(url: String, worker: usize, life: usize, seen: Arc<Mutex<Acknowledged>>) {
-    let Ok(client) = tokio::time::timeout(Duration::from_secs(5), connect(&url, &format!("w{worker}")))
-        .await
+    let Ok(client) =
+        tokio::time::timeout(Duration::from_secs(5), connect(&url, &format!("w{worker}"))).await
     else {
         return;
     };
     let set = client.set(SET);
     let lock_key = format!("job-{worker}");
     for round in 0.. {
-        let keys: Vec<String> = (0..8).map(|i| format!("r-{life}-{worker}-{round}-{i}")).collect();
-        let Ok(results) = set.insert_many(keys.iter()).await else { return };
+        let keys: Vec<String> = (0..8)
+            .map(|i| format!("r-{life}-{worker}-{round}-{i}"))
+            .collect();
+        let Ok(results) = set.insert_many(keys.iter()).await else {
+            return;
+        };
         {
             let mut seen_now = seen.lock().expect("seen");
             for (key, result) in keys.into_iter().zip(results) {
@@ -107,7 +122,9 @@ async fn work(url: String, worker: usize, life: usize, seen: Arc<Mutex<Acknowled
             }
         }
         let options = LockOptions::new(Duration::from_millis(300)).wait(Duration::from_secs(2));
-        let Ok(Some(guard)) = client.lock_with(&lock_key, options).await else { return };
+        let Ok(Some(guard)) = client.lock_with(&lock_key, options).await else {
+            return;
+        };
         record_token(&seen, &lock_key, guard.token());
         if guard.unlock().await.is_err() {
             return;
@@ -133,10 +150,16 @@ async fn check(url: &str, life: usize, seen: &Mutex<Acknowledged>) {
         all
     };
     for chunk in promised.chunks(1000) {
-        let results = set.insert_many(chunk.iter().map(|(k, _)| k)).await.expect("insert");
+        let results = set
+            .insert_many(chunk.iter().map(|(k, _)| k))
+            .await
+            .expect("insert");
         for ((key, index), result) in chunk.iter().zip(results) {
             assert_eq!(result.index, *index, "life {life}: {key} changed its index");
-            assert!(!result.first, "life {life}: {key} was lost and inserted anew");
+            assert!(
+                !result.first,
+                "life {life}: {key} was lost and inserted anew"
+            );
         }
     }
     let tokens: Vec<(String, u64)> = {
@@ -145,7 +168,10 @@ async fn check(url: &str, life: usize, seen: &Mutex<Acknowledged>) {
     };
     for (key, largest) in tokens {
         if let Some(holder) = checker.inspect(&key).await.expect("inspect").holder {
-            assert!(holder.token >= largest, "life {life}: {key} is held by an older token");
+            assert!(
+                holder.token >= largest,
+                "life {life}: {key} is held by an older token"
+            );
         }
         let options = LockOptions::new(Duration::from_millis(100)).wait(Duration::from_secs(5));
         let guard = checker
@@ -153,7 +179,11 @@ async fn check(url: &str, life: usize, seen: &Mutex<Acknowledged>) {
             .await
             .expect("lock after restart")
             .expect("granted within the wait");
-        assert!(guard.token() > largest, "life {life}: token {} after {largest}", guard.token());
+        assert!(
+            guard.token() > largest,
+            "life {life}: token {} after {largest}",
+            guard.token()
+        );
         record_token(seen, &key, guard.token());
         guard.unlock().await.expect("unlock");
     }
@@ -188,6 +218,9 @@ fn every_acknowledged_change_survives_twenty_sigkills() {
     let server = Server::start(dir.path());
     runtime.block_on(check(&server.url, KILLS, &seen));
     let promised = seen.lock().expect("seen").indices.len();
-    assert!(promised > 1000, "the workload made enough inserts to mean something: {promised}");
+    assert!(
+        promised > 1000,
+        "the workload made enough inserts to mean something: {promised}"
+    );
     server.kill();
 }
