@@ -8,8 +8,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadbolt_core::engine::{InvariantAlarm, Journal};
-use deadbolt_core::proto::{Acquire, Keys, LockOp, Op, Request, ServerError, SetOp, Wait};
+use deadbolt_core::engine::{Append, InvariantAlarm, Journal};
+use deadbolt_core::proto::{Acquire, Keys, LockOp, Op, Request, SetOp, Wait};
 use deadbolt_core::shard::{Command, Input, Shard, ShardConfig};
 use deadbolt_core::{Engine, EngineConfig, Session};
 
@@ -22,13 +22,13 @@ struct Recorder {
 
 #[async_trait::async_trait]
 impl Journal for Recorder {
-    async fn append(&self, shard: usize, commands: &[Command]) -> Result<(), ServerError> {
+    fn append(&self, shard: usize, _number: u64, commands: &[Command]) -> Append {
         let mut all = self.commands.lock().expect("recorder");
         if all.len() <= shard {
             all.resize_with(shard + 1, Vec::new);
         }
         all[shard].extend_from_slice(commands);
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn stopped(&self, shard: usize, digest: u64) {

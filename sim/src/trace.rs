@@ -8,8 +8,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use deadbolt_core::engine::{InvariantAlarm, Journal};
-use deadbolt_core::proto::ServerError;
+use deadbolt_core::engine::{Append, InvariantAlarm, Journal};
 use deadbolt_core::shard::{Command, Shard, ShardConfig};
 use deadbolt_core::{EngineConfig, Limits};
 
@@ -34,11 +33,11 @@ struct Recorded {
 
 #[async_trait::async_trait]
 impl Journal for Trace {
-    async fn append(&self, shard: usize, commands: &[Command]) -> Result<(), ServerError> {
+    fn append(&self, shard: usize, _number: u64, commands: &[Command]) -> Append {
         let mut recorded = self.lock();
         grow(&mut recorded.commands, shard);
         recorded.commands[shard].extend_from_slice(commands);
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn stopped(&self, shard: usize, digest: u64) {

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadbolt_core::EngineConfig;
-use deadbolt_core::engine::Journal;
+use deadbolt_core::engine::{Append, Journal};
 use deadbolt_core::limits::Limits;
 use deadbolt_core::proto::ServerError;
 use deadbolt_core::shard::{Command, Input, Shard};
@@ -307,13 +307,15 @@ impl Store {
         }
     }
 
-    /// Sends shard `shard`'s snapshot to the writer if one is wanted.
-    fn snapshot_if_wanted(&self, shard: usize, state: &Shard) {
+    /// Sends shard `shard`'s snapshot to the writer if one is wanted;
+    /// `state` holds its kept batches up to number `settled`.
+    fn snapshot_if_wanted(&self, shard: usize, state: &Shard, settled: u64) {
         if !self.shared.snapshot_wanted[shard].swap(false, Ordering::AcqRel) {
             return;
         }
         let request = Request::Snapshot {
             shard: shard as u32,
+            settled,
             image: Box::new(state.image()),
             token_reserved: self.shared.token_reserved[shard].load(Ordering::Acquire),
         };
@@ -324,20 +326,27 @@ impl Store {
 
 #[async_trait::async_trait]
 impl Journal for Store {
-    async fn append(&self, shard: usize, commands: &[Command]) -> Result<(), ServerError> {
-        let commands = codec::encode_commands(commands);
-        let shard = shard as u32;
-        self.ask(|done| Request::Batch {
-            shard,
-            commands,
+    fn append(&self, shard: usize, number: u64, commands: &[Command]) -> Append {
+        let (done, answer) = oneshot::channel();
+        let request = Request::Batch {
+            shard: shard as u32,
+            number,
+            commands: codec::encode_commands(commands),
             done,
+        };
+        let sent = self.requests.send(request).is_ok();
+        Box::pin(async move {
+            let stopped = || ServerError::unavailable("the log writer has stopped");
+            if !sent {
+                return Err(stopped());
+            }
+            answer.await.map_err(|_| stopped())?
         })
-        .await
     }
 
-    async fn applied(&self, shard: usize, state: &Shard) {
+    async fn applied(&self, shard: usize, state: &Shard, settled: u64) {
         self.reserve_tokens(shard, state).await;
-        self.snapshot_if_wanted(shard, state);
+        self.snapshot_if_wanted(shard, state, settled);
     }
 
     fn attention(&self, shard: usize) -> Option<Arc<Notify>> {

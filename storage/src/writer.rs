@@ -4,6 +4,7 @@
 //! apply and answer. It also writes snapshots and, once every shard has
 //! one newer than a segment, deletes the segment.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,9 +25,11 @@ const GROUP_MAX: usize = 1024;
 
 /// What the writer is asked.
 pub(crate) enum Request {
-    /// Append shard `shard`'s encoded commands; answer once kept.
+    /// Append shard `shard`'s encoded commands, its batch number `number`;
+    /// answer once kept.
     Batch {
         shard: u32,
+        number: u64,
         commands: Vec<u8>,
         done: oneshot::Sender<Result<(), ServerError>>,
     },
@@ -37,19 +40,24 @@ pub(crate) enum Request {
         upto: u64,
         done: oneshot::Sender<Result<(), ServerError>>,
     },
-    /// Write shard `shard`'s snapshot.
+    /// Write shard `shard`'s snapshot, which holds its kept batches up to
+    /// number `settled`.
     Snapshot {
         shard: u32,
+        settled: u64,
         image: Box<ShardImage>,
         token_reserved: u64,
     },
 }
 
 /// A snapshot round: every shard is asked for a snapshot; once all have
-/// written one, the segments before `first_kept` are deleted.
+/// written one, the segments whose every record the snapshots hold are
+/// deleted.
 struct Round {
-    first_kept: u64,
-    done: Vec<bool>,
+    /// Per shard, once its snapshot is written: the first record of it the
+    /// snapshot does not hold (a batch in flight when it was taken may be
+    /// older than the round).
+    covers_below: Vec<Option<u64>>,
 }
 
 /// The log writer's state. Run it with [`LogWriter::run`].
@@ -72,7 +80,15 @@ pub struct LogWriter {
     round: Option<Round>,
     /// Why the log can no longer be trusted, once it cannot.
     failed: Option<String>,
+    /// Per shard, the record numbers of its latest kept batches, by batch
+    /// number: a snapshot says which batches it holds, and batches handed
+    /// over after those (in flight when it was taken) must stay in the log.
+    recent: Vec<VecDeque<(u64, u64)>>,
 }
+
+/// Kept batches remembered per shard: more than a shard can have in
+/// flight, so that a snapshot always finds the batches it does not hold.
+const RECENT_BATCHES: usize = 16;
 
 impl LogWriter {
     pub(crate) fn new(
@@ -114,6 +130,7 @@ impl LogWriter {
             snapshot_bytes: vec![0; shards],
             round: None,
             failed: None,
+            recent: vec![VecDeque::new(); shards],
         })
     }
 
@@ -188,15 +205,18 @@ impl LogWriter {
         let mut observed = Vec::new();
         let mut waiting = Vec::new();
         let mut snapshots = Vec::new();
+        let mut numbered = Vec::new();
         let mut must_sync = self.config.fsync == Fsync::Always;
         let first_lsn = self.next_lsn;
         for request in group {
             match request {
                 Request::Batch {
                     shard,
+                    number,
                     commands,
                     done,
                 } => {
+                    numbered.push((shard, number, self.next_lsn));
                     let payload = codec::encode_batch(self.next_lsn, shard, &commands);
                     frame::put(&mut bytes, &payload);
                     if self.config.observer.is_some() {
@@ -218,10 +238,11 @@ impl LogWriter {
                 }
                 Request::Snapshot {
                     shard,
+                    settled,
                     image,
                     token_reserved,
                 } => {
-                    snapshots.push((shard, image, token_reserved));
+                    snapshots.push((shard, settled, image, token_reserved));
                 }
             }
         }
@@ -234,15 +255,38 @@ impl LogWriter {
             self.next_lsn = first_lsn;
         } else {
             self.observe(&observed);
+            self.remember(numbered);
         }
         for done in waiting {
             // A shard that stopped waiting has nothing to be told.
             let _ = done.send(outcome.clone());
         }
-        for (shard, image, token_reserved) in snapshots {
-            self.write_snapshot(shard, &image, token_reserved);
+        for (shard, settled, image, token_reserved) in snapshots {
+            let covers_below = self.first_unsettled(shard, settled);
+            self.write_snapshot(shard, covers_below, &image, token_reserved);
         }
         self.maybe_rotate();
+    }
+
+    /// Remembers which record holds each kept batch.
+    fn remember(&mut self, numbered: Vec<(u32, u64, u64)>) {
+        for (shard, number, lsn) in numbered {
+            let recent = &mut self.recent[shard as usize];
+            if recent.len() == RECENT_BATCHES {
+                recent.pop_front();
+            }
+            recent.push_back((number, lsn));
+        }
+    }
+
+    /// The first record of shard `shard` that a snapshot holding its
+    /// batches up to `settled` does not hold: its oldest kept batch after
+    /// `settled`, or the next record if there is none.
+    fn first_unsettled(&self, shard: u32, settled: u64) -> u64 {
+        self.recent[shard as usize]
+            .iter()
+            .find(|(number, _)| *number > settled)
+            .map_or(self.next_lsn, |(_, lsn)| *lsn)
     }
 
     /// Appends `bytes` (whole records) and syncs if asked or due. On
@@ -362,8 +406,7 @@ impl LogWriter {
     fn start_round(&mut self) {
         let shards = self.shared.attention.len();
         self.round = Some(Round {
-            first_kept: self.next_lsn,
-            done: vec![false; shards],
+            covers_below: vec![None; shards],
         });
         self.bytes_since_round = 0;
         for (wanted, attention) in self
@@ -377,13 +420,19 @@ impl LogWriter {
         }
     }
 
-    /// Writes shard `shard`'s snapshot, covering its records so far; ends
-    /// the round once every shard has one.
-    fn write_snapshot(&mut self, shard: u32, image: &ShardImage, token_reserved: u64) {
+    /// Writes shard `shard`'s snapshot, which holds its records below
+    /// `covers_below`; ends the round once every shard has one.
+    fn write_snapshot(
+        &mut self,
+        shard: u32,
+        covers_below: u64,
+        image: &ShardImage,
+        token_reserved: u64,
+    ) {
         let header = SnapshotHeader {
             shard,
             shards: self.shared.attention.len() as u32,
-            covers_below: self.next_lsn,
+            covers_below,
             token_reserved,
             limits: self.config.limits,
         };
@@ -391,7 +440,7 @@ impl LogWriter {
             Ok(bytes) => {
                 self.snapshot_bytes[shard as usize] = bytes;
                 if let Some(round) = &mut self.round {
-                    round.done[shard as usize] = true;
+                    round.covers_below[shard as usize] = Some(covers_below);
                 }
                 self.end_round_if_done();
             }
@@ -430,15 +479,19 @@ impl LogWriter {
     /// Deletes the segments every shard's snapshot now covers.
     fn end_round_if_done(&mut self) {
         let Some(round) = &self.round else { return };
-        if !round.done.iter().all(|&done| done) {
+        // `None` (a shard still to write its snapshot) is the least.
+        let Some(held_below) = round.covers_below.iter().copied().min().flatten() else {
             return;
-        }
-        let first_kept = round.first_kept;
+        };
         self.round = None;
-        let (old, kept): (Vec<Segment>, Vec<Segment>) = std::mem::take(&mut self.segments)
-            .into_iter()
-            .partition(|s| s.first_lsn < first_kept);
-        self.segments = kept;
+        // A segment goes only if the one after it starts at or below what
+        // every snapshot holds: then every record in it is held.
+        let next_starts: Vec<u64> = self.segments.iter().skip(1).map(|s| s.first_lsn).collect();
+        let deletable = next_starts
+            .iter()
+            .take_while(|&&next| next <= held_below)
+            .count();
+        let old: Vec<Segment> = self.segments.drain(..deletable).collect();
         for segment in old {
             if let Err(error) = self.disk.remove(&segment.path) {
                 tracing::warn!(path = %segment.path.display(), "cannot delete a log segment: {error}");

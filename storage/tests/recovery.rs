@@ -313,6 +313,55 @@ async fn snapshots_compact_the_log_and_recovery_uses_them() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_taken_under_load_keep_every_acknowledged_insert() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = StoreConfig::new(dir.path());
+    config.snapshot_after_bytes = 8 << 10;
+    config.segment_bytes = 4 << 10;
+    let (server, _) = start_on(Arc::new(StdDisk), config.clone()).expect("opens");
+    let setup = server.client("setup").await;
+    for set in ["a", "b", "c", "d"] {
+        assert!(call(&setup, set_up(set)).await.is_ok());
+    }
+    // Sixteen clients insert at once, so each shard has batches in flight
+    // while it takes its snapshots.
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let session = server.client(&format!("w{worker}")).await;
+        tasks.push(tokio::spawn(async move {
+            let mut kept = Vec::new();
+            for round in 0..60 {
+                let set = ["a", "b", "c", "d"][(worker + round) % 4];
+                let key = format!("{worker}-{round}");
+                let results = inserted(call(&session, insert(set, &[&key])).await);
+                kept.push((set, key, results[0].index));
+            }
+            kept
+        }));
+    }
+    let mut kept = Vec::new();
+    for task in tasks {
+        kept.extend(task.await.expect("worker"));
+    }
+    drop(setup);
+    server.stop().await;
+
+    let (server, report) = start_on(Arc::new(StdDisk), config).expect("opens");
+    assert_eq!(report.snapshots, 3, "{report:?}");
+    let checker = server.client("checker").await;
+    for (set, key, index) in kept {
+        let again = inserted(call(&checker, insert(set, &[&key])).await);
+        assert_eq!(
+            (again[0].index, again[0].first),
+            (index, false),
+            "{set}/{key}"
+        );
+    }
+    drop(checker);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_full_disk_answers_unavailable_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");

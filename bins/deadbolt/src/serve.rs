@@ -143,6 +143,7 @@ fn storage(args: &ServeArgs) -> Option<Durable> {
     }
     let mut store = StoreConfig::new(&args.data_dir);
     store.fsync = args.fsync;
+
     Some(Durable {
         disk: Arc::new(StdDisk),
         store,

@@ -8,13 +8,15 @@
 //! and only once the journal has kept it does the shard apply it and
 //! release its answers (a refused batch changes nothing).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use hashbrown::HashMap;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::mailbox::Inbox;
-use super::{Clock, InvariantAlarm, Journal};
+use super::{Append, Clock, InvariantAlarm, Journal};
 use crate::proto::ServerError;
 use crate::proto::{Okay, Outcome};
 use crate::shard::hasher::KeyHasher;
@@ -70,14 +72,31 @@ struct Pending {
     lock_key: Option<String>,
 }
 
+/// A batch handed to the journal and not yet applied.
+struct InFlight {
+    /// Its number among the shard's batches (1, 2, 3… in the order handed
+    /// over).
+    number: u64,
+    commands: Vec<Command>,
+    kept: Append,
+}
+
+/// Batches a shard may have in the journal's hands at once. More than one,
+/// so that the batch gathered while one is being synced is already waiting
+/// for the next sync (that is what makes group commit pay), and few, so
+/// that a slow disk turns into a full mailbox (`overloaded`) rather than
+/// memory.
+const IN_FLIGHT_MAX: usize = 4;
+
 struct Actor {
     index: usize,
     /// Notices that a journal refused, to be logged again with the next
     /// batch: a closed connection or a gone requester must not be lost.
     retry: Vec<Input>,
-    /// After the journal refused a batch, the time before which a deadline
-    /// does not wake the shard (a full disk must not spin it).
-    quiet_until: Option<tokio::time::Instant>,
+    /// After the journal refused a batch, the time before which the shard
+    /// does not wake for a deadline or a retry (a full disk must not spin
+    /// it).
+    quiet_until: Option<Instant>,
     shard: Shard,
     clock: Clock,
     journal: Option<Arc<dyn Journal>>,
@@ -85,13 +104,19 @@ struct Actor {
     /// Handles are the engine's own sequence, not a peer's choice, so a
     /// fixed hash seed is safe here.
     pending: HashMap<Handle, Pending, KeyHasher>,
-    /// With a journal, the commands stamped but not yet kept and applied.
+    /// With a journal, the commands stamped but not yet handed to it.
     batch: Vec<Command>,
+    /// With a journal, the batches it has, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// The number the next batch handed to the journal gets.
+    next_batch: u64,
+    /// Every batch up to this number has been applied or refused.
+    settled: u64,
     answers: Vec<Answer>,
 }
 
-/// How long a shard whose journal refused a batch lets its deadlines wait
-/// before trying again.
+/// How long a shard whose journal refused a batch waits before it tries
+/// again.
 const RETRY_AFTER_REFUSAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs one shard until its mailbox closes or it is told to shut down.
@@ -110,24 +135,32 @@ pub(crate) async fn run(setup: ActorSetup, mut mailbox: Inbox) {
         invariant_alarm: setup.invariant_alarm,
         pending: HashMap::with_hasher(KeyHasher::with_seed(0)),
         batch: Vec::new(),
+        in_flight: VecDeque::new(),
+        next_batch: 1,
+        settled: 0,
         answers: Vec::new(),
     };
-    let sleep = tokio::time::sleep_until(actor.clock.instant_of(Tick::ZERO));
+    let sleep = tokio::time::sleep_until(Instant::now());
     tokio::pin!(sleep);
     let mut armed_for = None;
     loop {
-        let next = actor.shard.next_deadline();
-        if next != armed_for {
-            if let Some(deadline) = next {
-                sleep.as_mut().reset(actor.wake_at(deadline));
+        let wake = actor.wake();
+        if wake != armed_for {
+            if let Some(at) = wake {
+                sleep.as_mut().reset(at);
             }
-            armed_for = next;
+            armed_for = wake;
         }
+        let room = actor.in_flight.len() < IN_FLIGHT_MAX;
         let go_on = tokio::select! {
-            // Messages first: a command applies the deadlines due before
-            // it anyway.
+            // Kept batches first (their answers wait), then messages: a
+            // command applies the deadlines due before it anyway.
             biased;
-            message = mailbox.recv() => match message {
+            kept = oldest(&mut actor.in_flight) => {
+                actor.settle(kept).await;
+                true
+            }
+            message = mailbox.recv(), if room => match message {
                 Some(message) => actor.take_batch(message, &mut mailbox),
                 None => false,
             },
@@ -137,18 +170,31 @@ pub(crate) async fn run(setup: ActorSetup, mut mailbox: Inbox) {
                 armed_for = None;
                 true
             }
-            () = wait_for(attention.as_deref()) => true,
+            () = wait_for(attention.as_deref()) => {
+                actor.tend().await;
+                true
+            }
         };
-        actor.finish_batch().await;
+        actor.hand_over_or_release();
         if !go_on {
             break;
         }
     }
+    actor.drain().await;
     if let Some(journal) = &actor.journal {
         journal.stopped(actor.index, actor.shard.digest());
     }
     actor.shard.shutdown();
     actor.deliver();
+}
+
+/// Resolves with the oldest batch's outcome once the journal has kept or
+/// refused it; never, while there is none.
+async fn oldest(in_flight: &mut VecDeque<InFlight>) -> Result<(), ServerError> {
+    match in_flight.front_mut() {
+        Some(oldest) => (&mut oldest.kept).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when `notify` is notified; never, without one.
@@ -160,11 +206,16 @@ async fn wait_for(notify: Option<&tokio::sync::Notify>) {
 }
 
 impl Actor {
-    /// When to wake for `deadline`: then, unless the journal asked for
-    /// quiet.
-    fn wake_at(&self, deadline: Tick) -> tokio::time::Instant {
-        let at = self.clock.instant_of(deadline);
-        self.quiet_until.map_or(at, |quiet| at.max(quiet))
+    /// When the shard must wake on its own: at its next deadline, or to
+    /// retry refused notices; not before a refusal's quiet time is over.
+    fn wake(&self) -> Option<Instant> {
+        let deadline = self.shard.next_deadline().map(|d| self.clock.instant_of(d));
+        let retry = (!self.retry.is_empty()).then(|| self.quiet_until.unwrap_or_else(Instant::now));
+        let wake = match (deadline, retry) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(self.quiet_until.map_or(wake, |quiet| wake.max(quiet)))
     }
 
     /// Takes `first` and whatever else is already waiting, up to a batch;
@@ -236,35 +287,76 @@ impl Actor {
         }
     }
 
-    /// Ends a batch: with a journal, keeps the batch and then applies it;
-    /// either way, checks the invariants if asked and releases the answers.
-    /// An answer that cannot be delivered is reported to the shard as a
-    /// command of its own, whose answers go out in turn.
-    async fn finish_batch(&mut self) {
+    /// After each turn: without a journal, releases the answers; with one,
+    /// hands the stamped batch (and any refused notices) over, if it has
+    /// room for another batch.
+    fn hand_over_or_release(&mut self) {
         let Some(journal) = self.journal.clone() else {
             self.release_unjournaled();
             return;
         };
-        loop {
-            self.restamp_retries();
-            if !self.batch.is_empty() {
-                let batch = std::mem::take(&mut self.batch);
-                if let Err(error) = journal.append(self.index, &batch).await {
-                    self.refuse(batch, error);
-                    return;
-                }
+        if self.in_flight.len() >= IN_FLIGHT_MAX {
+            return;
+        }
+        self.restamp_retries();
+        if self.batch.is_empty() {
+            return;
+        }
+        let commands = std::mem::take(&mut self.batch);
+        let number = self.next_batch;
+        self.next_batch += 1;
+        let kept = journal.append(self.index, number, &commands);
+        self.in_flight.push_back(InFlight {
+            number,
+            commands,
+            kept,
+        });
+    }
+
+    /// The oldest batch was kept (apply it and release its answers) or
+    /// refused (answer its requests with the error).
+    async fn settle(&mut self, kept: Result<(), ServerError>) {
+        let Some(batch) = self.in_flight.pop_front() else {
+            return;
+        };
+        self.settled = batch.number;
+        match kept {
+            Ok(()) => {
                 self.quiet_until = None;
-                for command in batch {
+                for command in batch.commands {
                     self.shard.apply(command);
                 }
+                self.check_invariants();
+                self.tend().await;
             }
-            self.check_invariants();
-            journal.applied(self.index, &self.shard).await;
-            let gone = self.deliver();
-            if gone.is_empty() {
+            Err(error) => self.refuse(batch.commands, error),
+        }
+    }
+
+    /// Lets the journal look at the state (token reservations, snapshots),
+    /// then releases the answers; undeliverable grants become commands of
+    /// the next batch.
+    async fn tend(&mut self) {
+        if let Some(journal) = self.journal.clone() {
+            journal.applied(self.index, &self.shard, self.settled).await;
+        }
+        let gone = self.deliver();
+        self.stamp_gone(gone);
+    }
+
+    /// At shutdown: hands over what is stamped and waits until the journal
+    /// has kept or refused every batch, applying them in order.
+    async fn drain(&mut self) {
+        if self.journal.is_none() {
+            return;
+        }
+        loop {
+            self.hand_over_or_release();
+            let Some(oldest) = self.in_flight.front_mut() else {
                 return;
-            }
-            self.stamp_gone(gone);
+            };
+            let kept = (&mut oldest.kept).await;
+            self.settle(kept).await;
         }
     }
 
@@ -289,7 +381,8 @@ impl Actor {
         }
     }
 
-    /// Reports grants nobody received as commands of their own.
+    /// Reports grants nobody received as commands of their own (with a
+    /// journal, they go into the next batch).
     fn stamp_gone(&mut self, gone: Vec<(Handle, String)>) {
         let at = self.shard.now().max(self.clock.now());
         for (handle, key) in gone {
@@ -316,7 +409,7 @@ impl Actor {
                 notice => self.retry.push(notice),
             }
         }
-        self.quiet_until = Some(tokio::time::Instant::now() + RETRY_AFTER_REFUSAL);
+        self.quiet_until = Some(Instant::now() + RETRY_AFTER_REFUSAL);
     }
 
     /// Puts the notices a journal refused before the new batch, stamped

@@ -47,24 +47,30 @@ pub const DEFAULT_SHARDS: usize = 4;
 /// for a write-ahead log, a replicated log, or a simulation's trace.
 ///
 /// With a journal, a shard logs first and applies after: it stamps a batch
-/// of commands, hands it to [`Journal::append`], and only once that returns
-/// applies the commands and releases their answers. So a refused batch
-/// (a full disk) changes nothing, and everything a client heard of is in
-/// the journal.
+/// of commands, hands it to [`Journal::append`], and only once the journal
+/// has kept it does it apply the commands and release their answers. So a
+/// refused batch (a full disk) changes nothing, and everything a client
+/// heard of is in the journal. A shard may hand over a few batches before
+/// the first is kept (while one is being synced, the next gathers); it
+/// applies them in the order it handed them over.
 #[async_trait::async_trait]
 pub trait Journal: Send + Sync + 'static {
-    /// Keeps `commands`, the next batch of shard `shard`, in order. `Ok`
-    /// means they are kept as the journal promises (written; synced if its
-    /// policy says so). `Err` means none of them was kept: the shard answers
-    /// the batch's requests with that error and applies nothing.
-    async fn append(&self, shard: usize, commands: &[Command]) -> Result<(), ServerError>;
+    /// Starts keeping `commands`, batch number `number` (1, 2, 3… per
+    /// shard, in the order handed over) of shard `shard`, and returns at
+    /// once. The future resolves `Ok` once they are kept as the journal
+    /// promises (written; synced if its policy says so), or `Err` if none
+    /// of them was kept: the shard then answers the batch's requests with
+    /// that error and applies nothing. A shard's batches must be kept in
+    /// the order they were handed over.
+    fn append(&self, shard: usize, number: u64, commands: &[Command]) -> Append;
 
-    /// Shard `shard` applied its last batch (or was woken by
-    /// [`Journal::attention`]) and is about to release the answers: the
-    /// moment to take a snapshot of `state` or to reserve fencing tokens
-    /// ahead of the ones it hands out.
-    async fn applied(&self, shard: usize, state: &Shard) {
-        let _ = (shard, state);
+    /// Shard `shard` has applied (or had refused) every batch up to number
+    /// `settled`, and is about to release the answers (or was woken by
+    /// [`Journal::attention`]): the moment to take a snapshot of `state`
+    /// (which holds exactly the kept batches up to `settled`) or to
+    /// reserve fencing tokens ahead of the ones it hands out.
+    async fn applied(&self, shard: usize, state: &Shard, settled: u64) {
+        let _ = (shard, state, settled);
     }
 
     /// Notified when the journal wants shard `shard` to call
@@ -82,6 +88,10 @@ pub trait Journal: Send + Sync + 'static {
         let _ = (shard, digest);
     }
 }
+
+/// A batch being kept by a [`Journal`]: resolves once it is kept (`Ok`) or
+/// refused (`Err`, with the error its requests are answered).
+pub type Append = std::pin::Pin<Box<dyn Future<Output = Result<(), ServerError>> + Send>>;
 
 /// Told when a shard's invariant is found broken: the shard and what broke.
 pub type InvariantAlarm = Arc<dyn Fn(usize, String) + Send + Sync>;
