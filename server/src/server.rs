@@ -112,7 +112,9 @@ fn start_engine(
     let Some(durable) = storage else {
         return Ok((Engine::start(engine), None));
     };
-    let opened = deadbolt_storage::open(durable.disk, durable.store.clone(), &engine)?;
+    let mut store = durable.store.clone();
+    store.yield_to_shards = durable.writer_thread;
+    let opened = deadbolt_storage::open(durable.disk, store, &engine)?;
     report_recovery(&durable.store, &opened.report);
     engine.start_at = opened.start_at;
     engine.journal = Some(opened.store);

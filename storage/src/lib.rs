@@ -76,6 +76,11 @@ pub struct StoreConfig {
     /// The engine-wide limits (recorded so a replay refuses what the
     /// server refused). Filled in by [`open`].
     pub limits: Limits,
+    /// Whether the writer, on a thread of its own, yields its thread to
+    /// the shards before each sync while they keep adding batches (bigger
+    /// groups, fewer syncs). Off in the simulation, where the writer is a
+    /// task and a thread's scheduling must not matter.
+    pub yield_to_shards: bool,
     /// Told of every record once it is kept, in log order: the
     /// simulation's trace, which must hold exactly what the log holds.
     pub observer: Option<RecordObserver>,
@@ -106,6 +111,7 @@ impl StoreConfig {
             segment_bytes: 64 << 20,
             snapshot_after_bytes: 64 << 20,
             limits: Limits::default(),
+            yield_to_shards: false,
             observer: None,
         }
     }

@@ -120,7 +120,7 @@ struct Actor {
 const RETRY_AFTER_REFUSAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs one shard until its mailbox closes or it is told to shut down.
-pub(crate) async fn run(setup: ActorSetup, mut mailbox: Inbox) {
+pub(crate) async fn run(setup: ActorSetup, mailbox: Inbox) {
     let attention = setup
         .journal
         .as_ref()
@@ -140,52 +140,104 @@ pub(crate) async fn run(setup: ActorSetup, mut mailbox: Inbox) {
         settled: 0,
         answers: Vec::new(),
     };
-    let sleep = tokio::time::sleep_until(Instant::now());
-    tokio::pin!(sleep);
-    let mut armed_for = None;
-    loop {
-        let wake = actor.wake();
-        if wake != armed_for {
-            if let Some(at) = wake {
-                sleep.as_mut().reset(at);
-            }
-            armed_for = wake;
-        }
-        let room = actor.in_flight.len() < IN_FLIGHT_MAX;
-        let go_on = tokio::select! {
-            // Kept batches first (their answers wait), then messages: a
-            // command applies the deadlines due before it anyway.
-            biased;
-            kept = oldest(&mut actor.in_flight) => {
-                actor.settle(kept).await;
-                true
-            }
-            message = mailbox.recv(), if room => match message {
-                Some(message) => actor.take_batch(message, &mut mailbox),
-                None => false,
-            },
-            () = &mut sleep, if armed_for.is_some() => {
-                let at = actor.clock.now();
-                actor.stamp(Command { at, input: Input::Tick });
-                armed_for = None;
-                true
-            }
-            () = wait_for(attention.as_deref()) => {
-                actor.tend().await;
-                true
-            }
-        };
-        actor.hand_over_or_release();
-        if !go_on {
-            break;
-        }
+    if actor.journal.is_none() {
+        actor.run_in_memory(mailbox).await;
+    } else {
+        actor.run_journaled(mailbox, attention).await;
     }
-    actor.drain().await;
     if let Some(journal) = &actor.journal {
         journal.stopped(actor.index, actor.shard.digest());
     }
     actor.shard.shutdown();
     actor.deliver();
+}
+
+impl Actor {
+    /// Without a journal: each command is applied as it is taken and
+    /// answered at once.
+    async fn run_in_memory(&mut self, mut mailbox: Inbox) {
+        let sleep = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(sleep);
+        let mut armed_for = None;
+        loop {
+            let next = self.shard.next_deadline();
+            if next != armed_for {
+                if let Some(deadline) = next {
+                    sleep.as_mut().reset(self.clock.instant_of(deadline));
+                }
+                armed_for = next;
+            }
+            let go_on = tokio::select! {
+                // Messages first: a command applies the deadlines due
+                // before it anyway.
+                biased;
+                message = mailbox.recv() => match message {
+                    Some(message) => self.take_batch(message, &mut mailbox),
+                    None => false,
+                },
+                () = &mut sleep, if armed_for.is_some() => {
+                    let at = self.clock.now();
+                    self.stamp(Command { at, input: Input::Tick });
+                    armed_for = None;
+                    true
+                }
+            };
+            self.release_unjournaled();
+            if !go_on {
+                return;
+            }
+        }
+    }
+
+    /// With a journal: batches are handed over, kept, then applied.
+    async fn run_journaled(
+        &mut self,
+        mut mailbox: Inbox,
+        attention: Option<Arc<tokio::sync::Notify>>,
+    ) {
+        let actor = self;
+        let sleep = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(sleep);
+        let mut armed_for = None;
+        loop {
+            let wake = actor.wake();
+            if wake != armed_for {
+                if let Some(at) = wake {
+                    sleep.as_mut().reset(at);
+                }
+                armed_for = wake;
+            }
+            let room = actor.in_flight.len() < IN_FLIGHT_MAX;
+            let go_on = tokio::select! {
+                // Kept batches first (their answers wait), then messages: a
+                // command applies the deadlines due before it anyway.
+                biased;
+                kept = oldest(&mut actor.in_flight) => {
+                    actor.settle(kept).await;
+                    true
+                }
+                message = mailbox.recv(), if room => match message {
+                    Some(message) => actor.take_batch(message, &mut mailbox),
+                    None => false,
+                },
+                () = &mut sleep, if armed_for.is_some() => {
+                    let at = actor.clock.now();
+                    actor.stamp(Command { at, input: Input::Tick });
+                    armed_for = None;
+                    true
+                }
+                () = wait_for(attention.as_deref()) => {
+                    actor.tend().await;
+                    true
+                }
+            };
+            actor.hand_over_or_release();
+            if !go_on {
+                break;
+            }
+        }
+        actor.drain().await;
+    }
 }
 
 /// Resolves with the oldest batch's outcome once the journal has kept or
