@@ -15,6 +15,7 @@ export type ServerErrorCode =
   | "overloaded"
   | "unauthorized"
   | "shutting_down"
+  | "unavailable"
   | "internal";
 
 /**

@@ -38,7 +38,7 @@ const DEFAULTS = Object.freeze({
 /**
  * An error with the wire code of the server's answer (`busy`, `timeout`,
  * `not_held`, `no_such_set`, `bad_request`, `overloaded`, `too_large`,
- * `shutting_down`, ...), or one of the client's own codes:
+ * `shutting_down`, `unavailable`, ...), or one of the client's own codes:
  * `connection_lost` (the request could not be carried, even after
  * retrying for `retryFor`), `closed` (the client was closed), and
  * `too_large` also for a message refused before it was sent.
