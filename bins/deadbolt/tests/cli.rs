@@ -310,7 +310,8 @@ fn try_lock_inspect_and_unlock_by_token_from_another_process() {
     let token = stdout(&taken).trim().to_owned();
     let info = stdout(&server.run(&["inspect", "res"]));
     assert!(info.contains(&format!("token {token}")), "{info}");
-    let wrong = server.run(&["unlock", "res", "1"]);
+    let other: u64 = token.parse::<u64>().expect("a token") + 1;
+    let wrong = server.run(&["unlock", "res", &other.to_string()]);
     assert_eq!(wrong.status.code(), Some(1));
     assert!(server.run(&["unlock", "res", &token]).status.success());
     server.assert_free("res", "unlocked by token");
