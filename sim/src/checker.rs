@@ -116,8 +116,24 @@ pub enum Violation {
     /// A shard did not stop with the server's graceful shutdown.
     ShardNotStopped { shard: usize },
     /// A shard's command log, replayed into a fresh shard, reached another
-    /// state than the live shard: the shard is not a function of its log.
+    /// state than the live shard: the shard is not a function of its log,
+    /// or the server recovered from its data directory another state than
+    /// its log says.
     ReplayDiverged { shard: usize, commands: usize },
+    /// The log kept record `lsn` where record `expected` was due: the
+    /// server went on after a restart as if records it had kept (and
+    /// acknowledged) were never written, or kept records nobody observed.
+    LogRenumbered { expected: u64, lsn: u64 },
+    /// The server refused to start on its data directory for another
+    /// reason than a full disk (a damaged log or snapshot).
+    ServerRefusedToStart { error: String },
+    /// Server side: a restart of `shard` kept what does not survive one
+    /// (SPEC section 8): on `key`, `what` (a waiter, or an ephemeral grant).
+    RestartKept {
+        shard: usize,
+        key: String,
+        what: String,
+    },
     /// Server side (times in µs of the engine's clock, handles the
     /// engine's): on `key` of `shard`, request `granted` got a new grant
     /// at `at_us` while request `skipped`, which asked earlier, still
@@ -212,6 +228,9 @@ impl Violation {
             Violation::InvariantBroken { .. } => "shard invariant broken",
             Violation::ShardNotStopped { .. } => "shard did not stop",
             Violation::ReplayDiverged { .. } => "replay diverged",
+            Violation::LogRenumbered { .. } => "log renumbered",
+            Violation::ServerRefusedToStart { .. } => "server refused to start",
+            Violation::RestartKept { .. } => "server: restart kept waiter or ephemeral",
             Violation::QueueJumped { .. } => "server: queue jumped",
             Violation::LateHandOff { .. } => "server: late hand-off",
             Violation::LeaseLength { .. } => "server: lease length",
@@ -243,10 +262,17 @@ pub fn check(events: &[Event], heal_us: u64, finished: &[(usize, usize)]) -> Vec
         }
     }
     for event in events {
-        if let What::AuditFailed { error } = &event.what {
-            violations.push(Violation::AuditFailed {
+        match &event.what {
+            What::AuditFailed { error } => violations.push(Violation::AuditFailed {
                 error: error.clone(),
-            });
+            }),
+            What::ServerStartFailed {
+                error,
+                disk_full: false,
+            } => violations.push(Violation::ServerRefusedToStart {
+                error: error.clone(),
+            }),
+            _ => {}
         }
     }
     violations

@@ -30,6 +30,7 @@
 //! - [`summary`]: many seeds, and the table of what they did.
 
 pub mod checker;
+pub mod disk;
 pub mod history;
 pub mod net;
 pub mod proxy;

@@ -26,6 +26,17 @@
 //! 5. `cancelled` is answered only to a request that a `cancel`, a
 //!    "requester gone" or its connection's close named.
 //! 6. An ephemeral lock ends with the command that closes its connection.
+//! 7. A restart (SPEC section 8) ends every waiter, unanswered, and every
+//!    ephemeral grant; every other grant survives it with its token and
+//!    its deadline (its lease goes on with the time it had left). Handles
+//!    and connection ids start again with the new process, so nothing of
+//!    the old one's requests is carried past it.
+//!
+//! The timing rules (2 and 4) allow what the server cannot help: the
+//! deadlines a restart applies (the shard's clock goes on from the last
+//! time its log reached, across the downtime), and those a shard applies
+//! in its first command after its log refused a batch (a full disk: the
+//! shard cannot log the tick that would have applied them in time).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -57,8 +68,8 @@ struct Grant {
     /// The connection it was granted on, and whether it ends with it.
     conn: ConnId,
     ephemeral: bool,
-    /// The request whose answer made it.
-    handle: Handle,
+    /// The request whose answer made it, until a restart forgets it.
+    handle: Option<Handle>,
     /// When its lease should end.
     expected: Tick,
 }
@@ -71,6 +82,8 @@ struct Enders {
     closed: Option<ConnId>,
     /// Tokens unlocked by this command (answered `{}`).
     released: BTreeSet<u64>,
+    /// The command is a restart: it ends waiters and ephemeral grants.
+    restart: bool,
 }
 
 /// The checker's memory of one shard, carried from command to command.
@@ -84,8 +97,15 @@ struct ShardHistory {
 }
 
 /// Replays `log` (shard `shard`'s commands, in order) into a fresh shard
-/// built with `config`, and checks the rules above over what it does.
-pub fn check(shard: usize, log: &[Command], config: ShardConfig) -> Vec<Violation> {
+/// built with `config`, and checks the rules above over what it does;
+/// `late_ok` holds the positions in `log` of the commands that may apply
+/// deadlines late (the first after a refused batch).
+pub fn check(
+    shard: usize,
+    log: &[Command],
+    config: ShardConfig,
+    late_ok: &BTreeSet<usize>,
+) -> Vec<Violation> {
     let mut replica = Shard::new(config);
     let mut history = ShardHistory {
         shard,
@@ -95,12 +115,13 @@ pub fn check(shard: usize, log: &[Command], config: ShardConfig) -> Vec<Violatio
         violations: Vec::new(),
     };
     let mut before = views_by_key(replica.lock_views());
-    for command in log {
+    for (position, command) in log.iter().enumerate() {
         replica.apply(command.clone());
         let now = replica.now();
         let answers = replica.take_answers();
         let after = views_by_key(replica.lock_views());
-        history.command(command, now, &answers, &before, &after);
+        let late_ok = late_ok.contains(&position) || matches!(command.input, Input::Restart { .. });
+        history.command(command, now, &answers, (&before, &after), late_ok);
         before = after;
     }
     history.violations
@@ -116,14 +137,15 @@ fn us(tick: Tick) -> u64 {
 
 impl ShardHistory {
     /// Judges one command: `answers` are what it answered, `before` and
-    /// `after` the lock state around it, `now` the shard's time after it.
+    /// `after` the lock state around it, `now` the shard's time after it;
+    /// `late_ok` if it may apply deadlines late.
     fn command(
         &mut self,
         command: &Command,
         now: Tick,
         answers: &[Answer],
-        before: &BTreeMap<String, KeyView>,
-        after: &BTreeMap<String, KeyView>,
+        (before, after): (&BTreeMap<String, KeyView>, &BTreeMap<String, KeyView>),
+        late_ok: bool,
     ) {
         let (asked, enders) = self.read_input(&command.input, now);
         // Per key, when its place was freed for a waiter: at the deadline
@@ -145,6 +167,7 @@ impl ShardHistory {
             asked,
             now,
             enders,
+            late_ok,
             freed_at,
             granted_now: BTreeMap::new(),
         };
@@ -156,6 +179,35 @@ impl ShardHistory {
             self.queued.entry(key).or_default().extend(asked);
         }
         self.holders(&step, before, after);
+        if step.enders.restart {
+            self.restarted(after, now);
+        }
+    }
+
+    /// After a restart: nothing of the old process's waiters and
+    /// ephemeral grants is left, and its requests are forgotten (their
+    /// handles are reused by the new process).
+    fn restarted(&mut self, after: &BTreeMap<String, KeyView>, now: Tick) {
+        for (key, view) in after {
+            let kept = view
+                .waiters
+                .iter()
+                .map(|w| format!("waiter {:?}", w.handle));
+            let ephemeral = view.holders.iter().filter(|h| h.ephemeral);
+            let kept = kept.chain(ephemeral.map(|h| format!("ephemeral grant {}", h.token)));
+            for what in kept {
+                self.violations.push(Violation::RestartKept {
+                    shard: self.shard,
+                    key: key.clone(),
+                    what: format!("{what} at {} us", us(now)),
+                });
+            }
+        }
+        self.requests.clear();
+        self.queued.clear();
+        for grant in self.grants.values_mut() {
+            grant.handle = None;
+        }
     }
 
     /// Remembers a `lock` request, and what the command may end. Returns
@@ -185,10 +237,7 @@ impl ShardHistory {
             Input::RequesterGone { handle, .. } => enders.gone = Some(*handle),
             Input::ConnectionClosed { conn } => enders.closed = Some(*conn),
             Input::Op { .. } | Input::Tick => {}
-            // The simulated servers do not restart yet, so no log holds
-            // one; judging one will mean ending every waiter and
-            // ephemeral grant here.
-            Input::Restart { .. } => {}
+            Input::Restart { .. } => enders.restart = true,
         }
         (asked, enders)
     }
@@ -239,13 +288,13 @@ impl ShardHistory {
                         key: request.key.clone(),
                         conn: request.conn,
                         ephemeral: request.ephemeral,
-                        handle: answer.handle,
+                        handle: Some(answer.handle),
                         expected,
                     },
                 );
             }
             Err(error) if error.code == ErrorCode::Timeout => {
-                self.timeout(answer.handle, &request, step.now);
+                self.timeout(answer.handle, &request, step.now, step.late_ok);
             }
             Err(error) if error.code == ErrorCode::Cancelled => {
                 let deserved = step.enders.cancelled == Some(answer.handle)
@@ -308,8 +357,9 @@ impl ShardHistory {
         }
     }
 
-    /// `timeout` is deserved once the wait ran out, and due soon after.
-    fn timeout(&mut self, handle: Handle, request: &Request, now: Tick) {
+    /// `timeout` is deserved once the wait ran out, and due soon after
+    /// (unless the command may be late).
+    fn timeout(&mut self, handle: Handle, request: &Request, now: Tick, late_ok: bool) {
         let Wait::UpTo(wait_ms) = request.wait else {
             self.violations.push(Violation::TimeoutOffTime {
                 shard: self.shard,
@@ -321,7 +371,8 @@ impl ShardHistory {
             return;
         };
         let due = request.asked.plus_millis(wait_ms);
-        if now < due || now.0 > due.0.saturating_add(HAND_OFF_BOUND_US) {
+        let late = now.0 > due.0.saturating_add(HAND_OFF_BOUND_US) && !late_ok;
+        if now < due || late {
             self.violations.push(Violation::TimeoutOffTime {
                 shard: self.shard,
                 key: request.key.clone(),
@@ -354,8 +405,9 @@ impl ShardHistory {
                 continue;
             };
             let held = holds(after, &grant.key, token);
-            let undone = step.enders.gone == Some(grant.handle)
-                || (grant.ephemeral && step.enders.closed == Some(grant.conn));
+            let undone = (grant.handle.is_some() && step.enders.gone == grant.handle)
+                || (grant.ephemeral && step.enders.closed == Some(grant.conn))
+                || (grant.ephemeral && step.enders.restart);
             if !held && grant.expected > step.now && !undone {
                 self.violations.push(Violation::LeaseEndedEarly {
                     shard: self.shard,
@@ -396,7 +448,7 @@ impl ShardHistory {
                 .iter()
                 .any(|w| w.deadline.is_none_or(|d| d > holder.deadline));
             let late = step.now.0 > holder.deadline.0.saturating_add(HAND_OFF_BOUND_US);
-            if someone_waited && late {
+            if someone_waited && late && !step.late_ok {
                 self.violations.push(Violation::LateHandOff {
                     shard: self.shard,
                     key: key.to_owned(),
@@ -408,9 +460,10 @@ impl ShardHistory {
             return;
         }
         let enders = &step.enders;
-        let granted_by = self.grants.get(&holder.token).map(|g| g.handle);
+        let granted_by = self.grants.get(&holder.token).and_then(|g| g.handle);
         let ended_by_command = enders.released.contains(&holder.token)
             || (holder.ephemeral && enders.closed == Some(holder.conn))
+            || (holder.ephemeral && enders.restart)
             || (granted_by.is_some() && enders.gone == granted_by);
         if !ended_by_command {
             self.violations.push(Violation::LeaseEndedEarly {
@@ -447,6 +500,9 @@ struct Step<'a> {
     /// The shard's time after it.
     now: Tick,
     enders: Enders,
+    /// Whether it may apply deadlines late (a restart, or the first
+    /// command after a refused batch).
+    late_ok: bool,
     /// Per key, when its place was freed for the next waiter.
     freed_at: BTreeMap<String, Tick>,
     /// Tokens granted in this command, with the tick of their grant.
@@ -509,7 +565,7 @@ mod tests {
     }
 
     fn kinds(log: &[Command]) -> Vec<&'static str> {
-        check(0, log, config())
+        check(0, log, config(), &BTreeSet::new())
             .iter()
             .map(Violation::kind)
             .collect()

@@ -1,22 +1,30 @@
-//! The simulated server's command log, seen from inside: every batch each
-//! shard applied (the engine's [`Journal`]), the digest each shard reported
-//! when it stopped, and any invariant found broken after a batch. After the
-//! run, each shard's log is replayed into a fresh shard with another hash
-//! seed; it must reach the digest the live shard reported, or the shard is
-//! not the deterministic state machine a write-ahead log or a replicated
-//! log needs.
+//! The simulated server's command log, seen from inside: every record its
+//! write-ahead log kept (the store's observer, called once a record is
+//! synced, in log order, across every crash and restart of the server), the
+//! digest each shard reported when the server last stopped gracefully, and
+//! any invariant found broken after a batch.
+//!
+//! After the run, each shard's commands (the `Restart` commands each start
+//! of the server logged included) are replayed into a fresh shard with
+//! another hash seed; it must reach the digest the live shard reported.
+//! The live shards were rebuilt from snapshots and log tails at each
+//! restart, so this checks the log, the snapshots and recovery together:
+//! what the server ended with is exactly what its log says. The records'
+//! numbers must also run on without a gap or a repeat across restarts: a
+//! number seen twice means records kept (and acknowledged) were lost.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use deadbolt_core::engine::{InvariantAlarm, Journal};
-use deadbolt_core::proto::ServerError;
+use deadbolt_core::EngineConfig;
+use deadbolt_core::engine::InvariantAlarm;
 use deadbolt_core::shard::{Command, Shard, ShardConfig};
-use deadbolt_core::{EngineConfig, Limits};
+use deadbolt_storage::{Record, RecordObserver, StoppedObserver};
 
 use crate::checker::Violation;
 use crate::server_checker;
 
-/// What the simulated server's shards recorded.
+/// What the simulated server's log kept and its shards reported.
 #[derive(Debug, Default)]
 pub struct Trace {
     inner: Mutex<Recorded>,
@@ -24,28 +32,20 @@ pub struct Trace {
 
 #[derive(Debug, Default)]
 struct Recorded {
-    /// Per shard, every command applied, in order.
+    /// Per shard, every command its log kept, in order.
     commands: Vec<Vec<Command>>,
+    /// Per shard, the positions in `commands` of the first command kept
+    /// after the log refused a batch (the disk was full): it may apply
+    /// deadlines late.
+    after_refusal: Vec<BTreeSet<usize>>,
+    /// The number of the last record seen.
+    last_lsn: u64,
+    /// Where the record numbers first did not run on, if they did not.
+    misnumbered: Option<(u64, u64)>,
     /// Per shard, the digest reported when it stopped.
     stopped: Vec<Option<u64>>,
     /// Invariants found broken, with the shard.
     broken: Vec<(usize, String)>,
-}
-
-#[async_trait::async_trait]
-impl Journal for Trace {
-    async fn append(&self, shard: usize, commands: &[Command]) -> Result<(), ServerError> {
-        let mut recorded = self.lock();
-        grow(&mut recorded.commands, shard);
-        recorded.commands[shard].extend_from_slice(commands);
-        Ok(())
-    }
-
-    fn stopped(&self, shard: usize, digest: u64) {
-        let mut recorded = self.lock();
-        grow(&mut recorded.stopped, shard);
-        recorded.stopped[shard] = Some(digest);
-    }
 }
 
 fn grow<T: Default>(per_shard: &mut Vec<T>, shard: usize) {
@@ -59,10 +59,60 @@ impl Trace {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The store's observer: records every record the log keeps.
+    pub fn observer(self: &Arc<Self>) -> RecordObserver {
+        let trace = Arc::clone(self);
+        Arc::new(move |lsn, record| trace.kept(lsn, record))
+    }
+
+    /// The store's stop callback: records each shard's final digest.
+    pub fn on_stopped(self: &Arc<Self>) -> StoppedObserver {
+        let trace = Arc::clone(self);
+        Arc::new(move |shard, digest| {
+            let mut recorded = trace.lock();
+            grow(&mut recorded.stopped, shard);
+            recorded.stopped[shard] = Some(digest);
+        })
+    }
+
     /// An alarm that records broken invariants here.
     pub fn alarm(self: &Arc<Self>) -> InvariantAlarm {
         let trace = Arc::clone(self);
         Arc::new(move |shard, what| trace.lock().broken.push((shard, what)))
+    }
+
+    /// Record `lsn` was kept. Only batches carry commands; a run's limits
+    /// are the engine's own in the simulation, and token reservations are
+    /// in the `Restart` commands that use them.
+    fn kept(&self, lsn: u64, record: &Record) {
+        let mut recorded = self.lock();
+        if lsn != recorded.last_lsn + 1 && recorded.misnumbered.is_none() {
+            recorded.misnumbered = Some((recorded.last_lsn + 1, lsn));
+        }
+        recorded.last_lsn = lsn;
+        match record {
+            Record::Run { shards, .. } => {
+                grow(&mut recorded.commands, (*shards as usize).saturating_sub(1));
+            }
+            Record::Batch { shard, commands } => {
+                let shard = *shard as usize;
+                grow(&mut recorded.commands, shard);
+                recorded.commands[shard].extend_from_slice(commands);
+            }
+            Record::Reserve { .. } => {}
+        }
+    }
+
+    /// The log refused a write (the disk is full): every shard's next kept
+    /// command may apply its deadlines late.
+    pub fn refused(&self) {
+        let recorded = &mut *self.lock();
+        recorded
+            .after_refusal
+            .resize_with(recorded.commands.len(), BTreeSet::new);
+        for (late_ok, log) in recorded.after_refusal.iter_mut().zip(&recorded.commands) {
+            late_ok.insert(log.len());
+        }
     }
 
     /// The invariants found broken so far, with their shard.
@@ -70,14 +120,14 @@ impl Trace {
         self.lock().broken.clone()
     }
 
-    /// How many commands the shards applied in all.
+    /// How many commands the log kept in all.
     pub fn commands(&self) -> usize {
         self.lock().commands.iter().map(Vec::len).sum()
     }
 
-    /// Checks what was recorded: no invariant broken, every shard stopped
-    /// (the server shut down gracefully), and every shard's log replays to
-    /// the state it stopped in.
+    /// Checks what was recorded: no invariant broken, record numbers that
+    /// run on, every shard stopped (the server shut down gracefully), and
+    /// every shard's log replays to the state it stopped in.
     pub fn check(&self, config: &EngineConfig) -> Vec<Violation> {
         let recorded = self.lock();
         let mut violations: Vec<Violation> = recorded
@@ -88,18 +138,16 @@ impl Trace {
                 what: what.clone(),
             })
             .collect();
+        if let Some((expected, lsn)) = recorded.misnumbered {
+            violations.push(Violation::LogRenumbered { expected, lsn });
+        }
         for shard in 0..config.shards {
             let Some(Some(digest)) = recorded.stopped.get(shard).copied() else {
                 violations.push(Violation::ShardNotStopped { shard });
                 continue;
             };
             let log = recorded.commands.get(shard).map_or(&[][..], Vec::as_slice);
-            let replayed = replay(
-                log,
-                config.first_token,
-                config.limits.share_of(config.shards),
-            );
-            if replayed != digest {
+            if replay(log, config) != digest {
                 violations.push(Violation::ReplayDiverged {
                     shard,
                     commands: log.len(),
@@ -108,33 +156,38 @@ impl Trace {
         }
         violations
     }
-}
 
-impl Trace {
     /// Checks the server-side rules ([`server_checker`]) over every
     /// shard's log, replayed into a shard built as the live one was.
     pub fn check_server(&self, config: &EngineConfig) -> Vec<Violation> {
         let recorded = self.lock();
-        let shard_config = ShardConfig {
-            hash_seed: config.seed,
-            first_token: config.first_token,
-            limits: config.limits.share_of(config.shards),
-        };
         let mut violations = Vec::new();
+        let none = BTreeSet::new();
         for (shard, log) in recorded.commands.iter().enumerate() {
-            violations.extend(server_checker::check(shard, log, shard_config));
+            let late_ok = recorded.after_refusal.get(shard).unwrap_or(&none);
+            let config = shard_config(config);
+            violations.extend(server_checker::check(shard, log, config, late_ok));
         }
         violations
     }
 }
 
+/// A fresh shard of `config`'s engine, as recovery builds one when there
+/// is no snapshot.
+fn shard_config(config: &EngineConfig) -> ShardConfig {
+    ShardConfig {
+        hash_seed: config.seed,
+        first_token: 1,
+        limits: config.limits.share_of(config.shards.max(1)),
+    }
+}
+
 /// The digest a fresh shard reaches from `log`, with a hash seed the live
 /// shard did not have.
-fn replay(log: &[Command], first_token: u64, limits: Limits) -> u64 {
+fn replay(log: &[Command], config: &EngineConfig) -> u64 {
     let mut shard = Shard::new(ShardConfig {
         hash_seed: 0x7265_706c_6179,
-        first_token,
-        limits,
+        ..shard_config(config)
     });
     for command in log {
         shard.apply(command.clone());

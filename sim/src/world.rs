@@ -15,6 +15,7 @@ use futures_util::TryStreamExt;
 use tokio::sync::watch;
 
 use crate::checker::{self, Violation};
+use crate::disk::{self, DiskControl, DiskStats};
 use crate::history::{self, Actor, Event, History, What};
 use crate::net::{
     SimDialer, SimListener, engine_config, quic_config, quic_endpoint, quic_server_config,
@@ -23,15 +24,20 @@ use crate::net::{
 use crate::proxy::{self, Bug};
 use crate::resource;
 use crate::scenario::{
-    self, FaultKind, HEAL_AT_MS, LOCK_KEYS, SET, Scenario, ScheduledFault, Transport,
+    self, FaultKind, LOCK_KEYS, SET, Scenario, ScheduledFault, ServerFault, ServerFaultKind,
+    Transport,
 };
 use crate::trace::Trace;
 use crate::worker::{self, QUIC_PORT, Shared, WS_PORT};
 
 /// How long after the heal the workers have to finish their plans.
 pub const WORKLOAD_BOUND_MS: u64 = 40_000;
-/// The longest a run can last, in simulated time.
-const SIMULATION_MS: u64 = HEAL_AT_MS + WORKLOAD_BOUND_MS + 20_000;
+/// How long after the heal bound a run may last, in simulated time (the
+/// audit and the graceful shutdown).
+const WIND_DOWN_MS: u64 = 20_000;
+/// How long a server that could not start on a full disk waits before it
+/// tries again, as a supervisor restarting it would.
+const START_RETRY_MS: u64 = 250;
 
 /// How to run a seed.
 #[derive(Debug, Clone, Copy, Default)]
@@ -58,6 +64,11 @@ pub struct Report {
     pub operations: usize,
     /// Faults injected, by kind.
     pub faults: BTreeMap<&'static str, usize>,
+    /// What the server's disk did.
+    pub disk: DiskStats,
+    /// Requests the server refused `unavailable` (its disk was full), as
+    /// the workers heard them.
+    pub refusals: usize,
 }
 
 fn worker_name(worker: usize) -> String {
@@ -75,6 +86,12 @@ pub fn run(seed: u64, options: Options) -> Report {
         let error = "the state machine's planted bugs need `--features planted-bugs`".to_owned();
         return failed(seed, scenario, &history, error);
     };
+    let Some(_planted_storage) =
+        deadbolt_storage::planted::plant(options.bug.and_then(Bug::storage))
+    else {
+        let error = "the storage's planted bugs need `--features planted-bugs`".to_owned();
+        return failed(seed, scenario, &history, error);
+    };
     let shared = Shared {
         history: history.clone(),
         scenario: Arc::new(scenario.clone()),
@@ -82,16 +99,7 @@ pub fn run(seed: u64, options: Options) -> Report {
         ca_pem: Arc::new(Vec::new()),
         ws_host: if proxied { "proxy" } else { "server" },
     };
-    let mut sim = turmoil::Builder::new()
-        .rng_seed(seed)
-        .epoch(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
-        .simulation_duration(Duration::from_millis(SIMULATION_MS))
-        .tick_duration(Duration::from_millis(1))
-        .min_message_latency(Duration::from_millis(1))
-        .max_message_latency(Duration::from_millis(scenario.latency_ms))
-        .udp_capacity(4096)
-        .tcp_capacity(1024)
-        .build();
+    let mut sim = builder(seed, &scenario).build();
     let (identity_pem, shared) = match Identity::self_signed() {
         Ok((_, cert, key)) => (
             (cert.clone(), key),
@@ -102,7 +110,7 @@ pub fn run(seed: u64, options: Options) -> Report {
         ),
         Err(error) => return failed(seed, scenario, &history, format!("certificate: {error}")),
     };
-    let control = ServerControl::new(seed, &scenario);
+    let control = ServerControl::new(seed, &scenario, &history);
     add_server(&mut sim, seed, identity_pem, &control);
     let resource_history = history.clone();
     sim.host("resource", move || {
@@ -119,7 +127,7 @@ pub fn run(seed: u64, options: Options) -> Report {
         });
     }
     sim.client("auditor", audit(shared.clone(), control.clone()));
-    let mut driver = Driver::new(&scenario, &history, options);
+    let mut driver = Driver::new(&scenario, &history, options, &control.disk);
     let outcome = driver.drive(&mut sim);
     let faults = std::mem::take(&mut driver.faults);
     drop(driver);
@@ -133,13 +141,39 @@ pub fn run(seed: u64, options: Options) -> Report {
             .map(|(plan, &done)| (done, plan.steps.len()))
             .collect()
     };
-    let mut violations = checker::check(&events, HEAL_AT_MS * 1000, &finished);
+    let heal_us = scenario.heal_at_ms() * 1000;
+    let mut violations = checker::check(&events, heal_us, &finished);
     if let Err(error) = outcome {
         violations.push(Violation::HostFailed { error });
     }
     violations.extend(control.trace.check(&control.config.engine));
     violations.extend(control.trace.check_server(&control.config.engine));
-    report(seed, scenario, events, violations, faults)
+    let mut report = report(seed, scenario, events, violations, faults);
+    report.disk = control.disk.stats();
+    report
+}
+
+/// The world of `scenario`: its links, and its server's disk (torn writes
+/// and capacity as drawn).
+fn builder(seed: u64, scenario: &Scenario) -> turmoil::Builder {
+    let simulation_ms = scenario.heal_at_ms() + WORKLOAD_BOUND_MS + WIND_DOWN_MS;
+    let mut builder = turmoil::Builder::new();
+    builder
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
+        .simulation_duration(Duration::from_millis(simulation_ms))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(scenario.latency_ms))
+        .udp_capacity(4096)
+        .tcp_capacity(1024);
+    if let Some(block) = scenario.disk.block_bytes {
+        builder.fs().block_size(block);
+    }
+    if let Some(capacity) = scenario.disk.capacity_bytes {
+        builder.fs().capacity(capacity);
+    }
+    builder
 }
 
 fn failed(seed: u64, scenario: Scenario, history: &History, error: String) -> Report {
@@ -159,6 +193,7 @@ fn report(
     violations: Vec<Violation>,
     faults: BTreeMap<&'static str, usize>,
 ) -> Report {
+    let refusals = events.iter().filter(|e| refused(&e.what)).count();
     let operations = events
         .iter()
         .filter(|e| {
@@ -180,32 +215,49 @@ fn report(
         violations,
         operations,
         faults,
+        disk: DiskStats::default(),
+        refusals,
     }
 }
 
-/// The server host: `deadbolt_server::run`, the assembly `deadbolt serve`
-/// runs, on simulated sockets.
-///
-/// The host's future is `run`'s: crashing the host drops it, which ends
-/// the server as a killed process ends (no goodbye to anyone), and a
-/// bounce starts a fresh one. Its shutdown future never completes for now;
-/// a scenario that stops the server gracefully would complete it.
-/// The simulated server's configuration and the handles a run keeps on it:
-/// the trace its shards record, and the switch that shuts it down.
+/// Whether `what` is a request the server refused `unavailable`.
+fn refused(what: &What) -> bool {
+    let error = match what {
+        What::LockFailed { error, .. }
+        | What::ExtendFailed { error, .. }
+        | What::InsertFailed { error, .. } => error,
+        _ => return false,
+    };
+    error.contains("unavailable")
+}
+
+/// The simulated server's configuration and the handles a run keeps on
+/// it: the trace its log feeds, its disk, the history its starts go to,
+/// and the switch that shuts it down.
 #[derive(Clone)]
 struct ServerControl {
     config: ServerConfig,
     trace: Arc<Trace>,
+    disk: Arc<DiskControl>,
+    history: History,
     stop: Arc<watch::Sender<bool>>,
     stopped: Arc<AtomicBool>,
 }
 
 impl ServerControl {
     /// The scenario's shard count seeded by the run; invariants checked
-    /// after every batch; every batch recorded for the replay check; and
+    /// after every batch; a data directory on the simulated disk as the
+    /// scenario draws it, whose every kept record goes to the trace; and
     /// short idle limits, so that a silent peer is noticed within the run.
-    fn new(seed: u64, scenario: &Scenario) -> ServerControl {
+    fn new(seed: u64, scenario: &Scenario, history: &History) -> ServerControl {
         let trace = Arc::new(Trace::default());
+        let disk = DiskControl::new(scenario.disk.capacity_bytes, &trace);
+        let storage = disk::storage(
+            &disk,
+            &trace,
+            scenario.disk.segment_bytes,
+            scenario.disk.snapshot_after_bytes,
+        );
         let config = ServerConfig {
             engine: engine_config(scenario.shards, seed, &trace),
             ws: ws_config(),
@@ -213,11 +265,13 @@ impl ServerControl {
                 retry_above: if scenario.quic_retry { 0 } else { usize::MAX },
                 ..quic_config()
             },
-            storage: None,
+            storage: Some(storage),
         };
         ServerControl {
             config,
             trace,
+            disk,
+            history: history.clone(),
             stop: Arc::new(watch::Sender::new(false)),
             stopped: Arc::new(AtomicBool::new(false)),
         }
@@ -225,7 +279,15 @@ impl ServerControl {
 }
 
 /// The server host: `deadbolt_server::run`, as `deadbolt serve` runs it, on
-/// simulated sockets, until the run's end shuts it down gracefully.
+/// simulated sockets and the simulated disk, until the run's end shuts it
+/// down gracefully.
+///
+/// The host's future is `run`'s: crashing the host drops it, which ends
+/// the server as a killed process ends (no goodbye to anyone, unsynced
+/// writes lost), and a bounce starts a fresh one on the same disk, which
+/// recovers the data directory. A server that cannot start because its
+/// disk is full tries again a while later, as a supervisor would restart
+/// it; any other refusal to start ends the host with the error.
 fn add_server(
     sim: &mut turmoil::Sim<'_>,
     seed: u64,
@@ -237,28 +299,60 @@ fn add_server(
         let (cert, key) = (cert.clone(), key.clone());
         let control = control.clone();
         async move {
-            let identity = Identity::from_pem(cert.as_bytes(), key.as_bytes())?;
-            let quic = quic_endpoint(
-                QUIC_PORT,
-                seed,
-                1,
-                Some(quic_server_config(identity, seed)?),
-            )
-            .await?;
-            let ws = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
-            let listeners = Listeners {
-                ws: SimListener(ws),
-                quic: Some(quic),
-            };
-            let mut stop = control.stop.subscribe();
-            let shutdown = async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            };
-            deadbolt_server::run(control.config.clone(), listeners, shutdown).await?;
+            while !serve(&control, seed, &cert, &key).await? {
+                tokio::time::sleep(Duration::from_millis(START_RETRY_MS)).await;
+            }
             control.stopped.store(true, Ordering::Release);
             Ok(())
         }
     });
+}
+
+/// Serves until the run's end shuts the server down (`true`), or until it
+/// could not start because its disk is full (`false`).
+async fn serve(control: &ServerControl, seed: u64, cert: &str, key: &str) -> turmoil::Result<bool> {
+    let identity = Identity::from_pem(cert.as_bytes(), key.as_bytes())?;
+    let quic = quic_endpoint(
+        QUIC_PORT,
+        seed,
+        1,
+        Some(quic_server_config(identity, seed)?),
+    )
+    .await?;
+    let ws = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
+    let listeners = Listeners {
+        ws: SimListener(ws),
+        quic: Some(quic),
+    };
+    let mut stop = control.stop.subscribe();
+    let shutdown = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    match deadbolt_server::run(control.config.clone(), listeners, shutdown).await {
+        Ok(()) => Ok(true),
+        Err(deadbolt_server::Error::Storage(error)) => {
+            let disk_full = is_disk_full(&error);
+            control.history.record(
+                Actor::Server,
+                What::ServerStartFailed {
+                    error: error.to_string(),
+                    disk_full,
+                },
+            );
+            if disk_full {
+                Ok(false)
+            } else {
+                Err(error.into())
+            }
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Whether the storage failed because the disk is full.
+fn is_disk_full(error: &deadbolt_storage::StorageError) -> bool {
+    const ENOSPC: i32 = 28;
+    matches!(error, deadbolt_storage::StorageError::Io { source, .. } if source.raw_os_error() == Some(ENOSPC))
 }
 
 /// The auditor: keeps a short-lived set alive, waits for the workers (up
@@ -267,8 +361,11 @@ fn add_server(
 async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
     let renewer = (shared.scenario.set_ttl_ms < scenario::SET_TTL_LONG_MS)
         .then(|| tokio::spawn(renew_set(shared.scenario.set_ttl_ms)));
-    let deadline = Duration::from_millis(HEAL_AT_MS + WORKLOAD_BOUND_MS);
-    while !shared.all_done() && turmoil::sim_elapsed().unwrap_or_default() < deadline {
+    let heal = Duration::from_millis(shared.scenario.heal_at_ms());
+    let deadline = heal + Duration::from_millis(WORKLOAD_BOUND_MS);
+    let elapsed = || turmoil::sim_elapsed().unwrap_or_default();
+    // The server may be down until the heal, even once the workers are done.
+    while (!shared.all_done() || elapsed() <= heal) && elapsed() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let record = |what| shared.history.record(Actor::Auditor, what);
@@ -304,18 +401,36 @@ async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
     Ok(())
 }
 
-/// A client of the auditor's, straight to the server.
-async fn auditor_client() -> Result<Client, deadbolt_core::client::Error> {
-    let connector = WsConnector::with_dialer(&format!("ws://server:{WS_PORT}/ws"), SimDialer)?;
-    Client::connect(connector, ClientOptions::default()).await
+/// A client of the auditor's, straight to the server, which it tries for
+/// a while: a server restarted at the heal may still be starting (waiting
+/// for its disk). Its id is `client_id`, not a random one: the client's
+/// retry delays are drawn from its id, and the run must repeat exactly.
+async fn auditor_client(client_id: &str) -> Result<Client, deadbolt_core::client::Error> {
+    let url = format!("ws://server:{WS_PORT}/ws");
+    let mut attempts = 0;
+    loop {
+        let connector = WsConnector::with_dialer(&url, SimDialer)?;
+        let options = ClientOptions {
+            client_id: Some(client_id.to_owned()),
+            ..ClientOptions::default()
+        };
+        match Client::connect(connector, options).await {
+            Err(_) if attempts < AUDITOR_CONNECT_ATTEMPTS => attempts += 1,
+            connected => return connected,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
+
+/// How many times the auditor tries to connect, 100 ms apart.
+const AUDITOR_CONNECT_ATTEMPTS: u32 = 50;
 
 /// Every member of the set, in index order, a page of `page_limit` (or
 /// the default) at a time.
 async fn export(
     page_limit: Option<u32>,
 ) -> Result<Vec<(u64, String)>, deadbolt_core::client::Error> {
-    let client = auditor_client().await?;
+    let client = auditor_client("auditor-export").await?;
     let set = client.set(SET);
     let Some(limit) = page_limit else {
         let members = set.members().try_collect::<Vec<_>>().await?;
@@ -336,7 +451,7 @@ async fn export(
 /// own `set_up`s renew it too, but a faulty worker may not in time.
 async fn renew_set(ttl_ms: u64) {
     let client = loop {
-        if let Ok(client) = auditor_client().await {
+        if let Ok(client) = auditor_client("auditor-renewer").await {
             break client;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -365,27 +480,40 @@ struct Driver<'a> {
     scenario: &'a Scenario,
     history: &'a History,
     options: Options,
+    disk: &'a DiskControl,
     next: usize,
     /// Faults in force, with when they end.
     active: Vec<(u64, ScheduledFault)>,
     /// Per worker, until when a link fault holds its links.
     links_busy_until: Vec<u64>,
     crashed: Vec<bool>,
+    /// The next of the server's faults to start.
+    next_server: usize,
+    /// The server's faults in force.
+    server_active: Vec<ServerFault>,
     healed: bool,
     faults: BTreeMap<&'static str, usize>,
 }
 
 impl<'a> Driver<'a> {
-    fn new(scenario: &'a Scenario, history: &'a History, options: Options) -> Self {
+    fn new(
+        scenario: &'a Scenario,
+        history: &'a History,
+        options: Options,
+        disk: &'a DiskControl,
+    ) -> Self {
         let workers = scenario.workers.len();
         Driver {
             scenario,
             history,
             options,
+            disk,
             next: 0,
             active: Vec::new(),
             links_busy_until: vec![0; workers],
             crashed: vec![false; workers],
+            next_server: 0,
+            server_active: Vec::new(),
             healed: false,
             faults: BTreeMap::new(),
         }
@@ -410,7 +538,9 @@ impl<'a> Driver<'a> {
             let now_ms = u64::try_from(sim.elapsed().as_millis()).unwrap_or(u64::MAX);
             self.end_faults(sim, now_ms);
             self.start_faults(sim, now_ms);
-            if !self.healed && now_ms >= HEAL_AT_MS {
+            self.end_server_faults(sim, now_ms);
+            self.start_server_faults(sim, now_ms);
+            if !self.healed && now_ms >= self.scenario.heal_at_ms() {
                 self.heal(sim);
             }
             match sim.step() {
@@ -466,6 +596,63 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// Crashes `host` as a power cut does: nothing it was sending when it
+    /// died leaves it (no FIN, no reset), so its peers notice by silence.
+    ///
+    /// This also keeps the run repeatable. Dropping a host's tasks closes
+    /// their sockets in an order that depends on the process's tokio task
+    /// ids (the scheduler's task list is sharded by id), and every goodbye
+    /// sent on a healthy link draws a latency from the simulation's random
+    /// numbers: a seed would then run differently after other seeds in the
+    /// same process. So the links from `host` to `peers` that an active
+    /// fault does not already cut are cut one way for the crash, and
+    /// mended right after it.
+    fn power_cut(&self, sim: &mut turmoil::Sim<'_>, host: &str, peers: &[String]) {
+        let cut: Vec<&String> = peers.iter().filter(|p| !self.cut(host, p)).collect();
+        for peer in &cut {
+            sim.partition_oneway(host, peer.as_str());
+        }
+        sim.crash(host);
+        for peer in &cut {
+            sim.repair_oneway(host, peer.as_str());
+        }
+    }
+
+    /// Whether an active fault already drops (or holds) what `from` sends
+    /// to `to`.
+    fn cut(&self, from: &str, to: &str) -> bool {
+        self.active.iter().any(|(_, fault)| {
+            let worker = worker_name(fault.worker);
+            let on_link = self
+                .links(fault.worker)
+                .iter()
+                .any(|(a, b)| (a == from && *b == to) || (a == to && *b == from));
+            let from_worker = worker == from;
+            on_link
+                && match fault.kind {
+                    FaultKind::Partition { oneway: None }
+                    | FaultKind::DropConnections
+                    | FaultKind::Pause => true,
+                    FaultKind::Partition {
+                        oneway: Some(outbound),
+                    } => outbound == from_worker,
+                    FaultKind::LatencySpike { .. } | FaultKind::Loss { .. } | FaultKind::Crash => {
+                        false
+                    }
+                }
+        })
+    }
+
+    /// Every host the server may be talking to.
+    fn server_peers(&self) -> Vec<String> {
+        let mut peers: Vec<String> = (0..self.scenario.workers.len()).map(worker_name).collect();
+        peers.push("auditor".to_owned());
+        if self.options.bug.is_some_and(Bug::needs_proxy) {
+            peers.push("proxy".to_owned());
+        }
+        peers
+    }
+
     fn links(&self, worker: usize) -> [(String, &'static str); 2] {
         [
             (worker_name(worker), self.server_of(worker)),
@@ -506,7 +693,8 @@ impl<'a> Driver<'a> {
                 sim.set_link_fail_rate(worker_name(worker).as_str(), self.server_of(worker), rate)
             }
             FaultKind::Crash => {
-                sim.crash(worker_name(worker).as_str());
+                let peers = self.links(worker).map(|(_, peer)| peer.to_owned());
+                self.power_cut(sim, &worker_name(worker), &peers);
                 self.crashed[worker] = true;
                 self.record(sim, What::Crashed { worker });
             }
@@ -545,8 +733,57 @@ impl<'a> Driver<'a> {
         }
     }
 
+    fn start_server_faults(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
+        while let Some(&fault) = self
+            .scenario
+            .server_faults
+            .get(self.next_server)
+            .filter(|f| f.at_ms <= now_ms)
+        {
+            self.next_server += 1;
+            match fault.kind {
+                ServerFaultKind::Crash => {
+                    self.power_cut(sim, "server", &self.server_peers());
+                    self.record(sim, What::ServerCrashed);
+                }
+                ServerFaultKind::DiskFull => {
+                    self.disk.fill(true);
+                    self.record(sim, What::DiskFull { full: true });
+                }
+            }
+            *self.faults.entry(fault.kind.name()).or_insert(0) += 1;
+            self.server_active.push(fault);
+        }
+    }
+
+    fn end_server_faults(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
+        let (ending, staying): (Vec<_>, Vec<_>) = std::mem::take(&mut self.server_active)
+            .into_iter()
+            .partition(|f| f.at_ms + f.duration_ms <= now_ms);
+        self.server_active = staying;
+        for fault in ending {
+            self.revert_server(sim, fault);
+        }
+    }
+
+    fn revert_server(&mut self, sim: &mut turmoil::Sim<'_>, fault: ServerFault) {
+        match fault.kind {
+            ServerFaultKind::Crash => {
+                sim.bounce("server");
+                self.record(sim, What::ServerRestarted);
+            }
+            ServerFaultKind::DiskFull => {
+                self.disk.fill(false);
+                self.record(sim, What::DiskFull { full: false });
+            }
+        }
+    }
+
     /// Ends every fault still in force and restarts every crashed worker.
     fn heal(&mut self, sim: &mut turmoil::Sim<'_>) {
+        for fault in std::mem::take(&mut self.server_active) {
+            self.revert_server(sim, fault);
+        }
         for (_, fault) in std::mem::take(&mut self.active) {
             self.revert(sim, &fault);
         }

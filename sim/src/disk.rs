@@ -1,0 +1,291 @@
+//! The server's simulated disk: [`deadbolt_storage::Disk`] on turmoil's
+//! per-host file system (`turmoil::fs`, the `unstable-fs` feature), so the
+//! storage code the binary runs is tried against a disk that loses what was
+//! not synced when the host crashes, tears the last writes into blocks
+//! ([`turmoil::FsConfig::block_size`]) and has a capacity.
+//!
+//! A full disk is a fault of the schedule, not a property of the whole run:
+//! while [`DiskControl::fill`] is on, the disk writes a ballast file (another
+//! tenant's data, synced) that takes all of its capacity, and once it is off
+//! the ballast is deleted again. So a run sees `ENOSPC` for a while, and the
+//! server must answer `unavailable` and change nothing, then serve again.
+//! The ballast is written and deleted by the server host itself, on its next
+//! disk call, so the run stays on the simulation's one thread and order.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use deadbolt_server::Durable;
+use deadbolt_storage::{AppendFile, Disk, Fsync, StoreConfig};
+use turmoil::fs::shim::std::fs;
+
+use crate::trace::Trace;
+
+/// The simulated server's data directory.
+pub const DATA_DIR: &str = "/data";
+
+/// The simulated server's storage: the data directory on a [`SimDisk`]
+/// controlled by `control`, synced before every acknowledgement, with its
+/// segments closed beyond `segment_bytes` and snapshots taken after
+/// `snapshot_after_bytes` of log; every record it keeps and every shard's
+/// final digest go to `trace`. The log writer is a task of the server's
+/// runtime, so that the run does not depend on a thread's timing.
+pub fn storage(
+    control: &Arc<DiskControl>,
+    trace: &Arc<Trace>,
+    segment_bytes: u64,
+    snapshot_after_bytes: u64,
+) -> Durable {
+    Durable {
+        disk: Arc::new(SimDisk::new(Arc::clone(control))),
+        store: StoreConfig {
+            fsync: Fsync::Always,
+            segment_bytes,
+            snapshot_after_bytes,
+            observer: Some(trace.observer()),
+            on_stopped: Some(trace.on_stopped()),
+            ..StoreConfig::new(DATA_DIR)
+        },
+        writer_thread: false,
+    }
+}
+
+/// The ballast that fills the disk (outside the data directory).
+const BALLAST: &str = "/ballast";
+/// The smallest piece the ballast is written in: it leaves less room than
+/// this, which no log record fits in.
+const BALLAST_PIECE_MIN: u64 = 16;
+/// `ENOSPC`, as the real disk reports it: turmoil says "No space left on
+/// device" without an OS error code, and the log tells a full disk by it.
+const ENOSPC: i32 = 28;
+
+/// What the disk did, for the summary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskStats {
+    /// Appends refused because the disk was full.
+    pub full_refusals: usize,
+    /// Snapshots renamed into place.
+    pub snapshots: usize,
+    /// Log segments deleted (compacted away by snapshots).
+    pub segments_deleted: usize,
+    /// Torn log tails cut off by a recovery.
+    pub torn_tails_cut: usize,
+    /// Times the disk filled up (a ballast written).
+    pub fills: usize,
+    /// Bytes appended to the log.
+    pub log_bytes: u64,
+}
+
+/// The run's handle on the disk: the switch that fills it and what it did.
+#[derive(Debug)]
+pub struct DiskControl {
+    fill: AtomicBool,
+    capacity_bytes: Option<u64>,
+    stats: Mutex<DiskStats>,
+    /// Told when a log append is refused, so that the server checker
+    /// knows which commands came late for want of disk.
+    trace: Arc<Trace>,
+}
+
+impl DiskControl {
+    /// A disk of `capacity_bytes` (or unlimited: it can then not be
+    /// filled), whose refused appends are noted in `trace`.
+    pub fn new(capacity_bytes: Option<u64>, trace: &Arc<Trace>) -> Arc<DiskControl> {
+        Arc::new(DiskControl {
+            fill: AtomicBool::new(false),
+            capacity_bytes,
+            stats: Mutex::new(DiskStats::default()),
+            trace: Arc::clone(trace),
+        })
+    }
+
+    /// Fills the disk (`true`) or frees it again, at the server's next
+    /// disk call.
+    pub fn fill(&self, full: bool) {
+        self.fill.store(full, Ordering::Release);
+    }
+
+    /// What the disk did so far.
+    pub fn stats(&self) -> DiskStats {
+        *self.lock_stats()
+    }
+
+    fn lock_stats(&self) -> MutexGuard<'_, DiskStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, what: impl FnOnce(&mut DiskStats)) {
+        what(&mut self.lock_stats());
+    }
+}
+
+/// [`Disk`] on the simulated file system of the host that calls it.
+#[derive(Debug, Clone)]
+pub struct SimDisk {
+    control: Arc<DiskControl>,
+}
+
+impl SimDisk {
+    /// A disk controlled by `control`.
+    pub fn new(control: Arc<DiskControl>) -> SimDisk {
+        SimDisk { control }
+    }
+
+    /// Writes or deletes the ballast, as the fill switch says.
+    fn settle(&self) -> io::Result<()> {
+        let want = self.control.fill.load(Ordering::Acquire);
+        let have = fs::exists(BALLAST);
+        match (want, have, self.control.capacity_bytes) {
+            (true, false, Some(capacity)) => {
+                fill_up(capacity)?;
+                self.control.count(|s| s.fills += 1);
+                Ok(())
+            }
+            (false, true, _) => {
+                fs::remove_file(BALLAST)?;
+                fs::sync_dir("/")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writes a synced ballast that leaves less than [`BALLAST_PIECE_MIN`]
+/// bytes of `capacity` free, in pieces that halve until none fits. Each
+/// piece is synced before the next is tried: turmoil counts every unsynced
+/// write to a file as growing it from its synced length, so unsynced
+/// pieces would seem to take more room than they do.
+fn fill_up(capacity: u64) -> io::Result<()> {
+    let mut ballast = fs::File::create(BALLAST)?;
+    ballast.sync_all()?;
+    let mut piece = capacity;
+    while piece >= BALLAST_PIECE_MIN {
+        let bytes = vec![0xBA; usize::try_from(piece).unwrap_or(usize::MAX)];
+        match ballast.write_all(&bytes) {
+            Ok(()) => ballast.sync_all()?,
+            Err(_) => piece /= 2,
+        }
+    }
+    fs::sync_dir("/")
+}
+
+/// turmoil's "no space" as the `ENOSPC` a real disk gives.
+fn os_error(error: io::Error) -> io::Error {
+    if error.to_string().contains("No space left") {
+        io::Error::from_raw_os_error(ENOSPC)
+    } else {
+        error
+    }
+}
+
+fn is_full(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(ENOSPC)
+}
+
+impl Disk for SimDisk {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.settle()?;
+        fs::create_dir_all(dir)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.settle()?;
+        let mut names = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        // turmoil lists in creation order; a real directory in any order.
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        self.settle()?;
+        fs::read(path)
+    }
+
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        self.settle()?;
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)?;
+        Ok(Box::new(SimAppendFile {
+            disk: self.clone(),
+            path: path.to_owned(),
+            file,
+        }))
+    }
+
+    fn write_synced(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        self.settle()?;
+        let mut file = fs::File::create(path)?;
+        file.write_all(bytes).map_err(os_error)?;
+        file.sync_all()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.settle()?;
+        fs::rename(from, to)?;
+        if to.extension().is_some_and(|e| e == "snap") {
+            self.control.count(|s| s.snapshots += 1);
+        }
+        Ok(())
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.settle()?;
+        fs::remove_file(path)?;
+        if path.extension().is_some_and(|e| e == "log") {
+            self.control.count(|s| s.segments_deleted += 1);
+        }
+        Ok(())
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.settle()?;
+        fs::sync_dir(dir)
+    }
+}
+
+/// A simulated file opened for appending.
+struct SimAppendFile {
+    disk: SimDisk,
+    path: PathBuf,
+    file: fs::File,
+}
+
+impl AppendFile for SimAppendFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.disk.settle()?;
+        let written = self.file.write_all(bytes).map_err(os_error);
+        if written.as_ref().is_err_and(is_full) {
+            self.disk.control.count(|s| s.full_refusals += 1);
+        }
+        match written {
+            Ok(()) => self
+                .disk
+                .control
+                .count(|s| s.log_bytes += bytes.len() as u64),
+            Err(_) => self.disk.control.trace.refused(),
+        }
+        written
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.disk.settle()?;
+        self.file.sync_data()
+    }
+
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.disk.settle()?;
+        // Cutting bytes that are there is a torn tail's cut; cutting
+        // nothing is a refused append's undo (turmoil writes all or none).
+        if fs::metadata(&self.path)?.len() > len {
+            self.disk.control.count(|s| s.torn_tails_cut += 1);
+        }
+        self.file.set_len(len)
+    }
+}
