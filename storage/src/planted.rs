@@ -25,17 +25,27 @@ pub enum StorageBug {
     /// scan of the tail would: the change acknowledged last before a crash
     /// is forgotten.
     ForgetLastBatch,
+    /// A snapshot is taken to cover every record written in the group it
+    /// arrived in, even the batches its shard sent after taking it (the
+    /// log writer's bug the simulation's work found: a recovery from the
+    /// snapshot skips those batches).
+    SnapshotCoversGroup,
 }
 
 impl StorageBug {
     /// Every planted bug of the storage.
-    pub const ALL: [StorageBug; 2] = [StorageBug::AckBeforeSync, StorageBug::ForgetLastBatch];
+    pub const ALL: [StorageBug; 3] = [
+        StorageBug::AckBeforeSync,
+        StorageBug::ForgetLastBatch,
+        StorageBug::SnapshotCoversGroup,
+    ];
 
     /// Its name on the simulation's command line.
     pub fn name(self) -> &'static str {
         match self {
             StorageBug::AckBeforeSync => "ack-before-sync",
             StorageBug::ForgetLastBatch => "forget-last-batch",
+            StorageBug::SnapshotCoversGroup => "snapshot-covers-group",
         }
     }
 }

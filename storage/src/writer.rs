@@ -1,8 +1,9 @@
 //! The log writer: one task that owns the log's files. Shards send it
 //! their batches; it appends everything that is waiting as one write,
 //! syncs once for all of it (group commit), and only then lets the shards
-//! apply and answer. It also writes snapshots and, once every shard has
-//! one newer than a segment, deletes the segment.
+//! apply and answer. What arrives while a sync is under way is the next
+//! group. It also writes snapshots and, once every shard has one newer
+//! than a segment, deletes the segment.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,6 +45,19 @@ pub(crate) enum Request {
         image: Box<ShardImage>,
         token_reserved: u64,
     },
+}
+
+/// A group written, with what is left to do once its sync is over.
+struct Written {
+    /// Whether the group was synced.
+    synced: bool,
+    /// What the group's batches are answered.
+    outcome: Result<(), ServerError>,
+    /// Who waits for that answer.
+    waiting: Vec<oneshot::Sender<Result<(), ServerError>>>,
+    /// Snapshots to write: shard, image, token reservation, and the
+    /// records of the shard they cover (those numbered below).
+    snapshots: Vec<(u32, Box<ShardImage>, u64, u64)>,
 }
 
 /// A snapshot round: every shard is asked for a snapshot; once all have
@@ -177,14 +191,20 @@ impl LogWriter {
                     Err(_) => break,
                 }
             }
-            self.commit(group);
+            let written = self.write_group(group);
+            if written.synced
+                && let Some(latency) = self.disk.sync_latency()
+            {
+                tokio::time::sleep(latency).await;
+            }
+            self.finish_group(written);
         }
         self.sync_unsynced();
     }
 
-    /// Writes a group: its records in one append and at most one sync,
-    /// then its snapshots.
-    fn commit(&mut self, group: Vec<Request>) {
+    /// Writes a group's records in one append and at most one sync; what
+    /// is left to do once the sync is over is returned.
+    fn write_group(&mut self, group: Vec<Request>) -> Written {
         let mut bytes = Vec::new();
         let mut observed = Vec::new();
         let mut waiting = Vec::new();
@@ -223,7 +243,16 @@ impl LogWriter {
                     image,
                     token_reserved,
                 } => {
-                    snapshots.push((shard, image, token_reserved));
+                    // The image holds the records its shard had applied
+                    // when it was taken: those before this request, not
+                    // the shard's next batch, which may follow it in this
+                    // very group.
+                    let covers_below = if planted::active(StorageBug::SnapshotCoversGroup) {
+                        u64::MAX
+                    } else {
+                        self.next_lsn
+                    };
+                    snapshots.push((shard, image, token_reserved, covers_below));
                 }
             }
         }
@@ -237,12 +266,24 @@ impl LogWriter {
         } else {
             self.observe(&observed);
         }
-        for done in waiting {
-            // A shard that stopped waiting has nothing to be told.
-            let _ = done.send(outcome.clone());
+        Written {
+            synced: must_sync && !bytes.is_empty() && outcome.is_ok(),
+            outcome,
+            waiting,
+            snapshots,
         }
-        for (shard, image, token_reserved) in snapshots {
-            self.write_snapshot(shard, &image, token_reserved);
+    }
+
+    /// Ends a group: answers its batches, then writes its snapshots.
+    fn finish_group(&mut self, written: Written) {
+        for done in written.waiting {
+            // A shard that stopped waiting has nothing to be told.
+            let _ = done.send(written.outcome.clone());
+        }
+        for (shard, image, token_reserved, covers_below) in written.snapshots {
+            // A refused group kept none of its records.
+            let covers_below = covers_below.min(self.next_lsn);
+            self.write_snapshot(shard, &image, token_reserved, covers_below);
         }
         self.maybe_rotate();
     }
@@ -379,13 +420,19 @@ impl LogWriter {
         }
     }
 
-    /// Writes shard `shard`'s snapshot, covering its records so far; ends
-    /// the round once every shard has one.
-    fn write_snapshot(&mut self, shard: u32, image: &ShardImage, token_reserved: u64) {
+    /// Writes shard `shard`'s snapshot, covering its records numbered
+    /// below `covers_below`; ends the round once every shard has one.
+    fn write_snapshot(
+        &mut self,
+        shard: u32,
+        image: &ShardImage,
+        token_reserved: u64,
+        covers_below: u64,
+    ) {
         let header = SnapshotHeader {
             shard,
             shards: self.shared.attention.len() as u32,
-            covers_below: self.next_lsn,
+            covers_below,
             token_reserved,
             limits: self.config.limits,
         };
