@@ -120,6 +120,15 @@ pub enum Violation {
     /// or the server recovered from its data directory another state than
     /// its log says.
     ReplayDiverged { shard: usize, commands: usize },
+    /// A snapshot of `shard` (`usize::MAX`: unreadable) said it covers the
+    /// shard's records numbered below `covers_below`, but its state is not
+    /// what they replay to: a recovery from it would lose or repeat
+    /// changes.
+    SnapshotDiverged {
+        shard: usize,
+        covers_below: u64,
+        why: String,
+    },
     /// The log kept record `lsn` where record `expected` was due: the
     /// server went on after a restart as if records it had kept (and
     /// acknowledged) were never written, or kept records nobody observed.
@@ -229,6 +238,7 @@ impl Violation {
             Violation::ShardNotStopped { .. } => "shard did not stop",
             Violation::ReplayDiverged { .. } => "replay diverged",
             Violation::LogRenumbered { .. } => "log renumbered",
+            Violation::SnapshotDiverged { .. } => "snapshot diverged",
             Violation::ServerRefusedToStart { .. } => "server refused to start",
             Violation::RestartKept { .. } => "server: restart kept waiter or ephemeral",
             Violation::QueueJumped { .. } => "server: queue jumped",

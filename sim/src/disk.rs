@@ -4,6 +4,11 @@
 //! not synced when the host crashes, tears the last writes into blocks
 //! ([`turmoil::FsConfig::block_size`]) and has a capacity.
 //!
+//! Its calls return at once, but a sync of the log takes a while of the
+//! simulation's time ([`Disk::sync_latency`], drawn per seed): the batches
+//! that arrive meanwhile are the log writer's next group, as behind a real
+//! disk, so a group can hold a shard's snapshot and its next batch.
+//!
 //! A full disk is a fault of the schedule, not a property of the whole run:
 //! while [`DiskControl::fill`] is on, the disk writes a ballast file (another
 //! tenant's data, synced) that takes all of its capacity, and once it is off
@@ -16,6 +21,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use deadbolt_server::Durable;
 use deadbolt_storage::{AppendFile, Disk, Fsync, StoreConfig};
@@ -83,6 +89,8 @@ pub struct DiskStats {
 pub struct DiskControl {
     fill: AtomicBool,
     capacity_bytes: Option<u64>,
+    /// How long a sync of the log takes.
+    sync_latency: Option<Duration>,
     stats: Mutex<DiskStats>,
     /// Told when a log append is refused, so that the server checker
     /// knows which commands came late for want of disk.
@@ -91,11 +99,17 @@ pub struct DiskControl {
 
 impl DiskControl {
     /// A disk of `capacity_bytes` (or unlimited: it can then not be
-    /// filled), whose refused appends are noted in `trace`.
-    pub fn new(capacity_bytes: Option<u64>, trace: &Arc<Trace>) -> Arc<DiskControl> {
+    /// filled) whose log syncs take `sync_latency` (or no time), and whose
+    /// refused appends are noted in `trace`.
+    pub fn new(
+        capacity_bytes: Option<u64>,
+        sync_latency: Option<Duration>,
+        trace: &Arc<Trace>,
+    ) -> Arc<DiskControl> {
         Arc::new(DiskControl {
             fill: AtomicBool::new(false),
             capacity_bytes,
+            sync_latency,
             stats: Mutex::new(DiskStats::default()),
             trace: Arc::clone(trace),
         })
@@ -221,6 +235,9 @@ impl Disk for SimDisk {
 
     fn write_synced(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         self.settle()?;
+        // The writer writes nothing else this way: a snapshot, beside its
+        // place.
+        self.control.trace.snapshot_written(bytes);
         let mut file = fs::File::create(path)?;
         file.write_all(bytes).map_err(os_error)?;
         file.sync_all()
@@ -247,6 +264,10 @@ impl Disk for SimDisk {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.settle()?;
         fs::sync_dir(dir)
+    }
+
+    fn sync_latency(&self) -> Option<Duration> {
+        self.control.sync_latency
     }
 }
 

@@ -32,7 +32,8 @@ struct Args {
     /// `--features planted-bugs`) grant-out-of-order, lease-from-request,
     /// deaf-wakeup, relock-keeps-lease, early-timeout,
     /// ephemeral-outlives-connection, restart-keeps-ephemeral; in the storage
-    /// (the same feature) ack-before-sync, forget-last-batch.
+    /// (the same feature) ack-before-sync, forget-last-batch,
+    /// snapshot-covers-group.
     #[arg(long, value_parser = parse_bug)]
     bug: Option<Bug>,
 }

@@ -42,7 +42,7 @@ pub enum Bug {
 impl Bug {
     /// Every planted bug: the proxy's, then the state machine's, then the
     /// storage's.
-    pub const ALL: [Bug; 14] = [
+    pub const ALL: [Bug; 15] = [
         Bug::DoubleGrant,
         Bug::LowerToken,
         Bug::DoubleFirst,
@@ -57,6 +57,7 @@ impl Bug {
         Bug::Server(PlantedBug::ALL[6]),
         Bug::Storage(StorageBug::ALL[0]),
         Bug::Storage(StorageBug::ALL[1]),
+        Bug::Storage(StorageBug::ALL[2]),
     ];
 
     /// Its name on the command line.

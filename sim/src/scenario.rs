@@ -39,13 +39,16 @@ pub const HEAL_AT_MS: u64 = FAULTS_UNTIL_MS + FAULT_MAX_MS;
 /// survive a restart, and its holder can only learn that from its
 /// connection: a server back sooner could grant the key to another client
 /// while the holder still believes it holds it.
-pub const SERVER_DOWN_MIN_MS: u64 = 2_000;
+pub const SERVER_DOWN_MIN_MS: u64 = 1_600;
 /// The longest a crashed server stays down.
-pub const SERVER_DOWN_MAX_MS: u64 = 3_500;
+pub const SERVER_DOWN_MAX_MS: u64 = 2_500;
 /// The server runs at least this long between two crashes.
 pub const SERVER_UP_MIN_MS: u64 = 200;
 /// Most server crashes in a run.
 pub const SERVER_CRASHES_MAX: usize = 3;
+/// The slowest sync of the log, in milliseconds (a quarter of the runs
+/// sync in no time).
+pub const SYNC_LATENCY_MAX_MS: u64 = 10;
 /// The longest the disk stays full: short enough that a short-lived set,
 /// whose renewals the full disk refuses, outlives it.
 pub const DISK_FULL_MAX_MS: u64 = 700;
@@ -237,6 +240,8 @@ pub struct DiskPlan {
     pub segment_bytes: u64,
     /// Log bytes after which every shard takes a snapshot.
     pub snapshot_after_bytes: u64,
+    /// How long a sync of the log takes, in milliseconds (0: no time).
+    pub sync_latency_ms: u64,
 }
 
 /// Everything a run does.
@@ -274,10 +279,16 @@ impl Scenario {
     /// When every fault has ended and the heal phase begins: the server
     /// is up and every worker's links are whole.
     pub fn heal_at_ms(&self) -> u64 {
+        self.server_faults_end_ms().max(HEAL_AT_MS)
+    }
+
+    /// When the server's last fault ends (0 if it has none).
+    pub fn server_faults_end_ms(&self) -> u64 {
         self.server_faults
             .iter()
             .map(|f| f.at_ms + f.duration_ms)
-            .fold(HEAL_AT_MS, u64::max)
+            .max()
+            .unwrap_or(0)
     }
 
     /// How many times the server crashes.
@@ -406,23 +417,26 @@ fn workload() -> impl Strategy<Value = (usize, u64, Option<u32>)> {
     (1..=LOCK_KEYS.len(), set_ttl, page)
 }
 
-/// Small segments and snapshot thresholds in half the runs (a run logs
-/// about 8 KiB), so that snapshots are taken and segments deleted several
-/// times within a run; the defaults' 64 MiB in the other half; torn writes
-/// of 512 B or 4 KiB blocks, or none.
+/// Small segments and snapshot thresholds in three runs of four (a run
+/// logs about 8 KiB), so that snapshots are taken and segments deleted
+/// several times within a run; the defaults' 64 MiB in the others; torn writes
+/// of 512 B or 4 KiB blocks, or none; a sync of up to
+/// [`SYNC_LATENCY_MAX_MS`].
 fn disk(fills: bool) -> impl Strategy<Value = DiskPlan> {
     let block = prop_oneof![1 => Just(None), 1 => Just(Some(512)), 1 => Just(Some(4096))];
     let small = (1u64..=8, 1u64..=4).prop_map(|(s, n)| (s << 10, n << 10));
-    let thresholds = prop_oneof![1 => small, 1 => Just((64 << 20, 64 << 20))];
+    let thresholds = prop_oneof![3 => small, 1 => Just((64 << 20, 64 << 20))];
     let capacity = (1u64..=8).prop_map(move |mib| fills.then_some(mib << 20));
-    (block, thresholds, capacity).prop_map(|(block_bytes, (segment, snapshot), capacity)| {
-        DiskPlan {
+    let latency = prop_oneof![1 => Just(0), 3 => 1u64..=SYNC_LATENCY_MAX_MS];
+    (block, thresholds, capacity, latency).prop_map(
+        |(block_bytes, (segment, snapshot), capacity, sync_latency_ms)| DiskPlan {
             block_bytes,
             capacity_bytes: capacity,
             segment_bytes: segment,
             snapshot_after_bytes: snapshot,
-        }
-    })
+            sync_latency_ms,
+        },
+    )
 }
 
 /// None, or one to [`SERVER_CRASHES_MAX`] crashes of the server at random

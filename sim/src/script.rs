@@ -42,7 +42,7 @@ const SEGMENT_BYTES: u64 = 16 << 10;
 /// about a second.
 pub fn add_server(sim: &mut turmoil::Sim<'_>, trace: &Arc<Trace>) {
     let trace = Arc::clone(trace);
-    let disk = DiskControl::new(None, &trace);
+    let disk = DiskControl::new(None, None, &trace);
     sim.host(SERVER, move || {
         let config = ServerConfig {
             engine: engine_config(SCRIPT_SHARDS, 0, &trace),

@@ -36,9 +36,14 @@
 //! deadlines a restart applies (the shard's clock goes on from the last
 //! time its log reached, across the downtime), and those a shard applies
 //! in its first command after its log refused a batch (a full disk: the
-//! shard cannot log the tick that would have applied them in time).
+//! shard cannot log the tick that would have applied them in time). A
+//! shard waits for its log before it stamps its next command, so with a
+//! disk whose syncs take a while, the bound of rules 2 and 4 grows by two
+//! syncs ([`Timing::for_sync_latency`]): the batch in flight when the
+//! deadline came, and the group ahead of it in the log writer.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use deadbolt_core::proto::{ErrorCode, LockOp, Okay, Wait};
 use deadbolt_core::shard::locks::{HolderView, KeyView};
@@ -50,6 +55,28 @@ use crate::checker::Violation;
 /// The contract's bound on a hand-off after a lease's end (SPEC section
 /// 2), used for wait limits too.
 pub const HAND_OFF_BOUND_US: u64 = 10_000;
+
+/// How late a shard may apply a deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing<'a> {
+    /// After the deadline, at most this long.
+    pub bound_us: u64,
+    /// The positions in the log of the commands that may apply deadlines
+    /// later still (the first after a refused batch).
+    pub late_ok: &'a BTreeSet<usize>,
+}
+
+impl<'a> Timing<'a> {
+    /// The bound for a server whose log syncs take `sync_latency`, with
+    /// the commands at `late_ok` excused.
+    pub fn for_sync_latency(sync_latency: Duration, late_ok: &'a BTreeSet<usize>) -> Timing<'a> {
+        let sync_us = u64::try_from(sync_latency.as_micros()).unwrap_or(u64::MAX);
+        Timing {
+            bound_us: HAND_OFF_BOUND_US.saturating_add(sync_us.saturating_mul(2)),
+            late_ok,
+        }
+    }
+}
 
 /// A `lock` request not answered yet.
 #[derive(Debug)]
@@ -93,18 +120,19 @@ struct ShardHistory {
     /// Per key, the requests queued, in the order they asked.
     queued: BTreeMap<String, Vec<Handle>>,
     grants: BTreeMap<u64, Grant>,
+    /// How late after a deadline a command may apply it.
+    bound_us: u64,
     violations: Vec<Violation>,
 }
 
 /// Replays `log` (shard `shard`'s commands, in order) into a fresh shard
-/// built with `config`, and checks the rules above over what it does;
-/// `late_ok` holds the positions in `log` of the commands that may apply
-/// deadlines late (the first after a refused batch).
+/// built with `config`, and checks the rules above over what it does, with
+/// the deadlines' lateness bounded by `timing`.
 pub fn check(
     shard: usize,
     log: &[Command],
     config: ShardConfig,
-    late_ok: &BTreeSet<usize>,
+    timing: Timing<'_>,
 ) -> Vec<Violation> {
     let mut replica = Shard::new(config);
     let mut history = ShardHistory {
@@ -112,6 +140,7 @@ pub fn check(
         requests: BTreeMap::new(),
         queued: BTreeMap::new(),
         grants: BTreeMap::new(),
+        bound_us: timing.bound_us,
         violations: Vec::new(),
     };
     let mut before = views_by_key(replica.lock_views());
@@ -120,7 +149,8 @@ pub fn check(
         let now = replica.now();
         let answers = replica.take_answers();
         let after = views_by_key(replica.lock_views());
-        let late_ok = late_ok.contains(&position) || matches!(command.input, Input::Restart { .. });
+        let late_ok =
+            timing.late_ok.contains(&position) || matches!(command.input, Input::Restart { .. });
         history.command(command, now, &answers, (&before, &after), late_ok);
         before = after;
     }
@@ -371,7 +401,7 @@ impl ShardHistory {
             return;
         };
         let due = request.asked.plus_millis(wait_ms);
-        let late = now.0 > due.0.saturating_add(HAND_OFF_BOUND_US) && !late_ok;
+        let late = now.0 > due.0.saturating_add(self.bound_us) && !late_ok;
         if now < due || late {
             self.violations.push(Violation::TimeoutOffTime {
                 shard: self.shard,
@@ -447,7 +477,7 @@ impl ShardHistory {
                 .waiters
                 .iter()
                 .any(|w| w.deadline.is_none_or(|d| d > holder.deadline));
-            let late = step.now.0 > holder.deadline.0.saturating_add(HAND_OFF_BOUND_US);
+            let late = step.now.0 > holder.deadline.0.saturating_add(self.bound_us);
             if someone_waited && late && !step.late_ok {
                 self.violations.push(Violation::LateHandOff {
                     shard: self.shard,
@@ -565,10 +595,16 @@ mod tests {
     }
 
     fn kinds(log: &[Command]) -> Vec<&'static str> {
-        check(0, log, config(), &BTreeSet::new())
-            .iter()
-            .map(Violation::kind)
-            .collect()
+        let none = BTreeSet::new();
+        check(
+            0,
+            log,
+            config(),
+            Timing::for_sync_latency(Duration::ZERO, &none),
+        )
+        .iter()
+        .map(Violation::kind)
+        .collect()
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::proxy::Bug;
+use crate::scenario::ServerFaultKind;
 use crate::world::Report;
 
 /// The command line that replays `seed` (with `bug` planted) and prints its
@@ -63,7 +64,8 @@ impl StorageTotals {
             line.0 += usize::from(n > 0);
             line.1 += n;
         };
-        count(&mut self.crashes, report.scenario.server_crashes());
+        let crashes = report.faults.get(ServerFaultKind::Crash.name());
+        count(&mut self.crashes, crashes.copied().unwrap_or(0));
         count(&mut self.refusals, report.refusals);
         count(&mut self.full_refusals, report.disk.full_refusals);
         count(&mut self.snapshots, report.disk.snapshots);

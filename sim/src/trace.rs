@@ -12,28 +12,39 @@
 //! what the server ended with is exactly what its log says. The records'
 //! numbers must also run on without a gap or a repeat across restarts: a
 //! number seen twice means records kept (and acknowledged) were lost.
+//! And every snapshot the log writer wrote must hold exactly the state of
+//! its shard's commands below the record it says it covers, whether or not
+//! a crash ever made a recovery start from it.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use deadbolt_core::EngineConfig;
 use deadbolt_core::engine::InvariantAlarm;
 use deadbolt_core::shard::{Command, Shard, ShardConfig};
-use deadbolt_storage::{Record, RecordObserver, StoppedObserver};
+use deadbolt_storage::{Record, RecordObserver, StoppedObserver, snapshot};
 
 use crate::checker::Violation;
-use crate::server_checker;
+use crate::server_checker::{self, Timing};
 
 /// What the simulated server's log kept and its shards reported.
 #[derive(Debug, Default)]
 pub struct Trace {
     inner: Mutex<Recorded>,
+    /// How long a sync of the server's log takes (it makes deadlines late).
+    sync_latency: Duration,
 }
 
 #[derive(Debug, Default)]
 struct Recorded {
     /// Per shard, every command its log kept, in order.
     commands: Vec<Vec<Command>>,
+    /// Per shard, each of its batch records: its number, and how many of
+    /// the shard's commands the log held once it was kept.
+    batches: Vec<Vec<(u64, usize)>>,
+    /// Every snapshot file the log writer wrote, as written.
+    snapshots: Vec<Vec<u8>>,
     /// Per shard, the positions in `commands` of the first command kept
     /// after the log refused a batch (the disk was full): it may apply
     /// deadlines late.
@@ -55,6 +66,14 @@ fn grow<T: Default>(per_shard: &mut Vec<T>, shard: usize) {
 }
 
 impl Trace {
+    /// The trace of a server whose log syncs take `sync_latency`.
+    pub fn with_sync_latency(sync_latency: Duration) -> Trace {
+        Trace {
+            sync_latency,
+            ..Trace::default()
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Recorded> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -97,10 +116,18 @@ impl Trace {
             Record::Batch { shard, commands } => {
                 let shard = *shard as usize;
                 grow(&mut recorded.commands, shard);
+                grow(&mut recorded.batches, shard);
                 recorded.commands[shard].extend_from_slice(commands);
+                let end = recorded.commands[shard].len();
+                recorded.batches[shard].push((lsn, end));
             }
             Record::Reserve { .. } => {}
         }
+    }
+
+    /// The log writer wrote a snapshot file with `bytes`.
+    pub fn snapshot_written(&self, bytes: &[u8]) {
+        self.lock().snapshots.push(bytes.to_vec());
     }
 
     /// The log refused a write (the disk is full): every shard's next kept
@@ -141,6 +168,9 @@ impl Trace {
         if let Some((expected, lsn)) = recorded.misnumbered {
             violations.push(Violation::LogRenumbered { expected, lsn });
         }
+        for bytes in &recorded.snapshots {
+            violations.extend(recorded.check_snapshot(bytes, config));
+        }
         for shard in 0..config.shards {
             let Some(Some(digest)) = recorded.stopped.get(shard).copied() else {
                 violations.push(Violation::ShardNotStopped { shard });
@@ -165,10 +195,55 @@ impl Trace {
         let none = BTreeSet::new();
         for (shard, log) in recorded.commands.iter().enumerate() {
             let late_ok = recorded.after_refusal.get(shard).unwrap_or(&none);
+            let timing = Timing::for_sync_latency(self.sync_latency, late_ok);
             let config = shard_config(config);
-            violations.extend(server_checker::check(shard, log, config, late_ok));
+            violations.extend(server_checker::check(shard, log, config, timing));
         }
         violations
+    }
+}
+
+impl Recorded {
+    /// A snapshot must hold exactly the state its shard's commands below
+    /// the record it covers to replay to: recovery starts from it and
+    /// replays only the records after.
+    fn check_snapshot(&self, bytes: &[u8], config: &EngineConfig) -> Option<Violation> {
+        let unreadable = |why: String| Violation::SnapshotDiverged {
+            shard: usize::MAX,
+            covers_below: 0,
+            why,
+        };
+        let (header, image) = match snapshot::decode(bytes) {
+            Ok(decoded) => decoded,
+            Err(error) => return Some(unreadable(error.to_string())),
+        };
+        let shard = header.shard as usize;
+        let shard_config = ShardConfig {
+            limits: header.limits.share_of(config.shards.max(1)),
+            ..shard_config(config)
+        };
+        let restored = match Shard::from_image(shard_config, image) {
+            Ok(restored) => restored.digest(),
+            Err(error) => return Some(unreadable(error.to_string())),
+        };
+        let covered = self
+            .batches
+            .get(shard)
+            .and_then(|b| {
+                b.iter()
+                    .take_while(|(lsn, _)| *lsn < header.covers_below)
+                    .last()
+            })
+            .map_or(0, |&(_, end)| end);
+        let log = self.commands.get(shard).map_or(&[][..], Vec::as_slice);
+        let replayed = replay(&log[..covered], config);
+        (replayed != restored).then(|| Violation::SnapshotDiverged {
+            shard,
+            covers_below: header.covers_below,
+            why: format!(
+                "its state is not the state of the shard's first {covered} logged commands"
+            ),
+        })
     }
 }
 

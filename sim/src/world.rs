@@ -127,7 +127,7 @@ pub fn run(seed: u64, options: Options) -> Report {
         });
     }
     sim.client("auditor", audit(shared.clone(), control.clone()));
-    let mut driver = Driver::new(&scenario, &history, options, &control.disk);
+    let mut driver = Driver::new(&scenario, &history, options, &control);
     let outcome = driver.drive(&mut sim);
     let faults = std::mem::take(&mut driver.faults);
     drop(driver);
@@ -250,8 +250,10 @@ impl ServerControl {
     /// scenario draws it, whose every kept record goes to the trace; and
     /// short idle limits, so that a silent peer is noticed within the run.
     fn new(seed: u64, scenario: &Scenario, history: &History) -> ServerControl {
-        let trace = Arc::new(Trace::default());
-        let disk = DiskControl::new(scenario.disk.capacity_bytes, &trace);
+        let latency = Duration::from_millis(scenario.disk.sync_latency_ms);
+        let trace = Arc::new(Trace::with_sync_latency(latency));
+        let latency = (!latency.is_zero()).then_some(latency);
+        let disk = DiskControl::new(scenario.disk.capacity_bytes, latency, &trace);
         let storage = disk::storage(
             &disk,
             &trace,
@@ -361,11 +363,12 @@ fn is_disk_full(error: &deadbolt_storage::StorageError) -> bool {
 async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
     let renewer = (shared.scenario.set_ttl_ms < scenario::SET_TTL_LONG_MS)
         .then(|| tokio::spawn(renew_set(shared.scenario.set_ttl_ms)));
-    let heal = Duration::from_millis(shared.scenario.heal_at_ms());
-    let deadline = heal + Duration::from_millis(WORKLOAD_BOUND_MS);
+    let deadline = Duration::from_millis(shared.scenario.heal_at_ms() + WORKLOAD_BOUND_MS);
+    // The workers may be done before the server's last crash or full disk.
+    let server_faults_end = Duration::from_millis(shared.scenario.server_faults_end_ms());
     let elapsed = || turmoil::sim_elapsed().unwrap_or_default();
-    // The server may be down until the heal, even once the workers are done.
-    while (!shared.all_done() || elapsed() <= heal) && elapsed() < deadline {
+    let busy = || !shared.all_done() || elapsed() < server_faults_end;
+    while busy() && elapsed() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let record = |what| shared.history.record(Actor::Auditor, what);
@@ -480,7 +483,7 @@ struct Driver<'a> {
     scenario: &'a Scenario,
     history: &'a History,
     options: Options,
-    disk: &'a DiskControl,
+    server: &'a ServerControl,
     next: usize,
     /// Faults in force, with when they end.
     active: Vec<(u64, ScheduledFault)>,
@@ -500,14 +503,14 @@ impl<'a> Driver<'a> {
         scenario: &'a Scenario,
         history: &'a History,
         options: Options,
-        disk: &'a DiskControl,
+        server: &'a ServerControl,
     ) -> Self {
         let workers = scenario.workers.len();
         Driver {
             scenario,
             history,
             options,
-            disk,
+            server,
             next: 0,
             active: Vec::new(),
             links_busy_until: vec![0; workers],
@@ -747,7 +750,7 @@ impl<'a> Driver<'a> {
                     self.record(sim, What::ServerCrashed);
                 }
                 ServerFaultKind::DiskFull => {
-                    self.disk.fill(true);
+                    self.server.disk.fill(true);
                     self.record(sim, What::DiskFull { full: true });
                 }
             }
@@ -773,7 +776,7 @@ impl<'a> Driver<'a> {
                 self.record(sim, What::ServerRestarted);
             }
             ServerFaultKind::DiskFull => {
-                self.disk.fill(false);
+                self.server.disk.fill(false);
                 self.record(sim, What::DiskFull { full: false });
             }
         }

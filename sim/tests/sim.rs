@@ -223,7 +223,16 @@ fn a_recovery_that_forgets_the_last_batch_is_caught() {
 }
 
 #[test]
+fn a_snapshot_that_covers_batches_it_does_not_hold_is_caught() {
+    // The log writer's bug this simulation found: it is caught whenever a
+    // snapshot is written, before any crash makes a recovery use it.
+    let mut kinds = LOST_ACKNOWLEDGEMENT.to_vec();
+    kinds.extend(["snapshot diverged", "replay diverged"]);
+    caught_within(Bug::Storage(StorageBug::SnapshotCoversGroup), &kinds);
+}
+
+#[test]
 fn every_planted_bug_has_a_test() {
     // The tests above, one per bug: a new bug needs its own.
-    assert_eq!(Bug::ALL.len(), 14);
+    assert_eq!(Bug::ALL.len(), 15);
 }
