@@ -30,11 +30,12 @@ pub trait Disk: Send + Sync + 'static {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 
     /// How long a sync of the log takes, for a disk whose calls return at
-    /// once (the simulation's): the log writer then waits that long, on
-    /// its runtime's clock, before it answers the batches it synced, so
-    /// that the batches sent meanwhile form the next group, as they do
-    /// behind a real sync. `None` (a real disk): a sync takes the time it
-    /// blocks for.
+    /// once (the simulation's): the log writer then writes a group, waits
+    /// that long on its runtime's clock, and only then syncs it and
+    /// answers, so that the batches sent meanwhile form the next group and
+    /// a crash meanwhile finds the group written but not synced, as behind
+    /// a real sync. `None` (a real disk): a sync takes the time it blocks
+    /// for.
     fn sync_latency(&self) -> Option<Duration> {
         None
     }

@@ -49,10 +49,12 @@ pub(crate) enum Request {
 
 /// A group written, with what is left to do once its sync is over.
 struct Written {
-    /// Whether the group was synced.
-    synced: bool,
+    /// Whether the group is yet to be synced.
+    sync_later: bool,
     /// What the group's batches are answered.
     outcome: Result<(), ServerError>,
+    /// The payloads of its records, for the observer.
+    observed: Vec<Vec<u8>>,
     /// Who waits for that answer.
     waiting: Vec<oneshot::Sender<Result<(), ServerError>>>,
     /// Snapshots to write: shard, image, token reservation, and the
@@ -191,19 +193,21 @@ impl LogWriter {
                     Err(_) => break,
                 }
             }
-            let written = self.write_group(group);
-            if written.synced
-                && let Some(latency) = self.disk.sync_latency()
-            {
-                tokio::time::sleep(latency).await;
+            let mut written = self.write_group(group);
+            if written.sync_later {
+                if let Some(latency) = self.disk.sync_latency() {
+                    tokio::time::sleep(latency).await;
+                }
+                self.sync_group(&mut written);
             }
             self.finish_group(written);
         }
         self.sync_unsynced();
     }
 
-    /// Writes a group's records in one append and at most one sync; what
-    /// is left to do once the sync is over is returned.
+    /// Writes a group's records in one append and at most one sync (left
+    /// to [`LogWriter::sync_group`] on a disk whose syncs take a while);
+    /// what is left to do is returned.
     fn write_group(&mut self, group: Vec<Request>) -> Written {
         let mut bytes = Vec::new();
         let mut observed = Vec::new();
@@ -256,26 +260,45 @@ impl LogWriter {
                 }
             }
         }
+        // On a disk whose syncs take a while, the sync is what the power
+        // may fail during: it is done once that while has passed.
+        let slow = self.disk.sync_latency().is_some();
         let outcome = if bytes.is_empty() {
             Ok(())
         } else {
-            self.append(&bytes, must_sync)
+            self.append(&bytes, must_sync && !slow)
         };
         if outcome.is_err() {
             self.next_lsn = first_lsn;
-        } else {
-            self.observe(&observed);
         }
         Written {
-            synced: must_sync && !bytes.is_empty() && outcome.is_ok(),
+            sync_later: must_sync && slow && !bytes.is_empty() && outcome.is_ok(),
             outcome,
+            observed,
             waiting,
             snapshots,
         }
     }
 
-    /// Ends a group: answers its batches, then writes its snapshots.
+    /// Syncs a group written by [`LogWriter::write_group`]. A failed sync
+    /// leaves the log untrusted (its pages may be lost or not): the group
+    /// is refused, and so is everything after, until a restart recovers
+    /// from what is on disk.
+    fn sync_group(&mut self, written: &mut Written) {
+        if let Err(error) = self.file.sync() {
+            let failed = format!("syncing the log failed ({error}); restart the server");
+            tracing::error!("{failed}");
+            written.outcome = Err(ServerError::unavailable(failed.clone()));
+            self.failed = Some(failed);
+        }
+    }
+
+    /// Ends a group: shows its records to the observer once they are
+    /// kept, answers its batches, then writes its snapshots.
     fn finish_group(&mut self, written: Written) {
+        if written.outcome.is_ok() {
+            self.observe(&written.observed);
+        }
         for done in written.waiting {
             // A shard that stopped waiting has nothing to be told.
             let _ = done.send(written.outcome.clone());
