@@ -88,6 +88,8 @@ pub struct DiskStats {
 #[derive(Debug)]
 pub struct DiskControl {
     fill: AtomicBool,
+    /// The log has been written since its last sync.
+    unsynced: AtomicBool,
     capacity_bytes: Option<u64>,
     /// How long a sync of the log takes.
     sync_latency: Option<Duration>,
@@ -108,6 +110,7 @@ impl DiskControl {
     ) -> Arc<DiskControl> {
         Arc::new(DiskControl {
             fill: AtomicBool::new(false),
+            unsynced: AtomicBool::new(false),
             capacity_bytes,
             sync_latency,
             stats: Mutex::new(DiskStats::default()),
@@ -119,6 +122,17 @@ impl DiskControl {
     /// disk call.
     pub fn fill(&self, full: bool) {
         self.fill.store(full, Ordering::Release);
+    }
+
+    /// Whether the log has been written since its last sync: a crash now
+    /// finds a write that may tear.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced.load(Ordering::Acquire)
+    }
+
+    /// Forgets the unsynced write (lost, or torn, by a crash).
+    pub fn crashed(&self) {
+        self.unsynced.store(false, Ordering::Release);
     }
 
     /// What the disk did so far.
@@ -286,10 +300,12 @@ impl AppendFile for SimAppendFile {
             self.disk.control.count(|s| s.full_refusals += 1);
         }
         match written {
-            Ok(()) => self
-                .disk
-                .control
-                .count(|s| s.log_bytes += bytes.len() as u64),
+            Ok(()) => {
+                self.disk
+                    .control
+                    .count(|s| s.log_bytes += bytes.len() as u64);
+                self.disk.control.unsynced.store(true, Ordering::Release);
+            }
             Err(_) => self.disk.control.trace.refused(),
         }
         written
@@ -297,7 +313,9 @@ impl AppendFile for SimAppendFile {
 
     fn sync(&mut self) -> io::Result<()> {
         self.disk.settle()?;
-        self.file.sync_data()
+        self.file.sync_data()?;
+        self.disk.control.unsynced.store(false, Ordering::Release);
+        Ok(())
     }
 
     fn truncate(&mut self, len: u64) -> io::Result<()> {

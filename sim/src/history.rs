@@ -107,8 +107,9 @@ pub enum What {
     Processed { set: String, key: String },
     /// The driver crashed and restarted worker `worker`.
     Crashed { worker: usize },
-    /// The driver crashed the server host (a power cut).
-    ServerCrashed,
+    /// The driver crashed the server host (a power cut), in the middle of
+    /// a sync of its log or not.
+    ServerCrashed { mid_sync: bool },
     /// The driver restarted the server host.
     ServerRestarted,
     /// The server could not start on its data directory (it is restarted

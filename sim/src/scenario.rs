@@ -42,6 +42,9 @@ pub const HEAL_AT_MS: u64 = FAULTS_UNTIL_MS + FAULT_MAX_MS;
 pub const SERVER_DOWN_MIN_MS: u64 = 1_600;
 /// The longest a crashed server stays down.
 pub const SERVER_DOWN_MAX_MS: u64 = 2_500;
+/// How long a crash meant for the middle of a sync waits for one before
+/// it comes anyway.
+pub const MID_SYNC_WAIT_MAX_MS: u64 = 300;
 /// The server runs at least this long between two crashes.
 pub const SERVER_UP_MIN_MS: u64 = 200;
 /// Most server crashes in a run.
@@ -201,7 +204,12 @@ pub struct ScheduledFault {
 pub enum ServerFaultKind {
     /// The host crashes (a power cut: what was not synced is lost, the
     /// last writes may be torn) and restarts when the fault ends.
-    Crash,
+    Crash {
+        /// Whether the crash waits (up to [`MID_SYNC_WAIT_MAX_MS`]) for a
+        /// moment when the log has written a group and not yet synced it:
+        /// the worst moment, which tears the group's write.
+        mid_sync: bool,
+    },
     /// The disk is full until the fault ends.
     DiskFull,
 }
@@ -210,21 +218,36 @@ impl ServerFaultKind {
     /// A short name, for the summary table.
     pub fn name(&self) -> &'static str {
         match self {
-            ServerFaultKind::Crash => "server crash + restart",
+            ServerFaultKind::Crash { .. } => SERVER_CRASH,
             ServerFaultKind::DiskFull => "disk full",
         }
     }
 }
 
+/// The summary's name of a server crash.
+pub const SERVER_CRASH: &str = "server crash + restart";
+
 /// A fault of the server host, when it starts and how long it lasts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerFault {
-    /// Start, in simulated milliseconds.
+    /// Start, in simulated milliseconds (for a crash in the middle of a
+    /// sync, when it begins to wait for one).
     pub at_ms: u64,
-    /// Length.
+    /// Length (for a crash, from the moment it comes).
     pub duration_ms: u64,
     /// What it is.
     pub kind: ServerFaultKind,
+}
+
+impl ServerFault {
+    /// When the fault has ended at the latest.
+    pub fn end_ms(&self) -> u64 {
+        let waits = match self.kind {
+            ServerFaultKind::Crash { mid_sync: true } => MID_SYNC_WAIT_MAX_MS,
+            _ => 0,
+        };
+        self.at_ms + waits + self.duration_ms
+    }
 }
 
 /// The server's disk and how its data directory is kept.
@@ -286,7 +309,7 @@ impl Scenario {
     pub fn server_faults_end_ms(&self) -> u64 {
         self.server_faults
             .iter()
-            .map(|f| f.at_ms + f.duration_ms)
+            .map(ServerFault::end_ms)
             .max()
             .unwrap_or(0)
     }
@@ -295,7 +318,7 @@ impl Scenario {
     pub fn server_crashes(&self) -> usize {
         self.server_faults
             .iter()
-            .filter(|f| f.kind == ServerFaultKind::Crash)
+            .filter(|f| matches!(f.kind, ServerFaultKind::Crash { .. }))
             .count()
     }
 }
@@ -423,7 +446,13 @@ fn workload() -> impl Strategy<Value = (usize, u64, Option<u32>)> {
 /// of 512 B or 4 KiB blocks, or none; a sync of up to
 /// [`SYNC_LATENCY_MAX_MS`].
 fn disk(fills: bool) -> impl Strategy<Value = DiskPlan> {
-    let block = prop_oneof![1 => Just(None), 1 => Just(Some(512)), 1 => Just(Some(4096))];
+    let block = prop_oneof![
+        2 => Just(None),
+        1 => Just(Some(32)),
+        1 => Just(Some(128)),
+        1 => Just(Some(512)),
+        1 => Just(Some(4096)),
+    ];
     let small = (1u64..=8, 1u64..=4).prop_map(|(s, n)| (s << 10, n << 10));
     let thresholds = prop_oneof![3 => small, 1 => Just((64 << 20, 64 << 20))];
     let capacity = (1u64..=8).prop_map(move |mib| fills.then_some(mib << 20));
@@ -446,6 +475,7 @@ fn server_crashes() -> impl Strategy<Value = Vec<ServerFault>> {
     let crash = (
         FAULTS_FROM_MS..FAULTS_UNTIL_MS,
         SERVER_DOWN_MIN_MS..SERVER_DOWN_MAX_MS,
+        any::<bool>(),
     );
     let crashes = prop::collection::vec(crash, 1..=SERVER_CRASHES_MAX);
     prop_oneof![1 => Just(Vec::new()), 1 => crashes].prop_map(|mut crashes| {
@@ -453,14 +483,14 @@ fn server_crashes() -> impl Strategy<Value = Vec<ServerFault>> {
         let mut up_from = 0;
         crashes
             .into_iter()
-            .map(|(at_ms, duration_ms)| {
-                let at_ms = at_ms.max(up_from);
-                up_from = at_ms + duration_ms + SERVER_UP_MIN_MS;
-                ServerFault {
-                    at_ms,
+            .map(|(at_ms, duration_ms, mid_sync)| {
+                let crash = ServerFault {
+                    at_ms: at_ms.max(up_from),
                     duration_ms,
-                    kind: ServerFaultKind::Crash,
-                }
+                    kind: ServerFaultKind::Crash { mid_sync },
+                };
+                up_from = crash.end_ms() + SERVER_UP_MIN_MS;
+                crash
             })
             .collect()
     })

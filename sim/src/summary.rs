@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use crate::history::What;
 use crate::proxy::Bug;
-use crate::scenario::ServerFaultKind;
+use crate::scenario::SERVER_CRASH;
 use crate::world::Report;
 
 /// The command line that replays `seed` (with `bug` planted) and prints its
@@ -43,6 +44,8 @@ pub struct Summary {
 pub struct StorageTotals {
     /// Server crashes (each followed by a recovery).
     pub crashes: (usize, usize),
+    /// Of which in the middle of a sync of the log.
+    pub crashes_mid_sync: (usize, usize),
     /// Requests refused `unavailable` because the disk was full, as the
     /// workers heard them.
     pub refusals: (usize, usize),
@@ -54,6 +57,8 @@ pub struct StorageTotals {
     pub segments_deleted: (usize, usize),
     /// Torn log tails cut off by a recovery.
     pub torn_tails_cut: (usize, usize),
+    /// Records a recovery found whole though never acknowledged.
+    pub unacknowledged_kept: (usize, usize),
     /// KiB appended to the log.
     pub log_kib: (usize, usize),
 }
@@ -64,13 +69,20 @@ impl StorageTotals {
             line.0 += usize::from(n > 0);
             line.1 += n;
         };
-        let crashes = report.faults.get(ServerFaultKind::Crash.name());
+        let crashes = report.faults.get(SERVER_CRASH);
         count(&mut self.crashes, crashes.copied().unwrap_or(0));
+        let mid_sync = report
+            .events
+            .iter()
+            .filter(|e| matches!(e.what, What::ServerCrashed { mid_sync: true }))
+            .count();
+        count(&mut self.crashes_mid_sync, mid_sync);
         count(&mut self.refusals, report.refusals);
         count(&mut self.full_refusals, report.disk.full_refusals);
         count(&mut self.snapshots, report.disk.snapshots);
         count(&mut self.segments_deleted, report.disk.segments_deleted);
         count(&mut self.torn_tails_cut, report.disk.torn_tails_cut);
+        count(&mut self.unacknowledged_kept, report.unacknowledged_kept);
         count(&mut self.log_kib, (report.disk.log_bytes >> 10) as usize);
     }
 
@@ -78,11 +90,16 @@ impl StorageTotals {
         let _ = writeln!(out, "\n| storage | seeds | count |\n|---|---:|---:|");
         let lines = [
             ("server crashes (recovered)", self.crashes),
+            (
+                "... of which in the middle of a sync",
+                self.crashes_mid_sync,
+            ),
             ("requests refused `unavailable`", self.refusals),
             ("log appends refused (disk full)", self.full_refusals),
             ("snapshots written", self.snapshots),
             ("log segments deleted", self.segments_deleted),
             ("torn log tails cut", self.torn_tails_cut),
+            ("unacknowledged records recovered", self.unacknowledged_kept),
             ("KiB of log written", self.log_kib),
         ];
         for (what, (seeds, count)) in lines {

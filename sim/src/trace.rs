@@ -17,13 +17,14 @@
 //! a crash ever made a recovery start from it.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use deadbolt_core::EngineConfig;
 use deadbolt_core::engine::InvariantAlarm;
 use deadbolt_core::shard::{Command, Shard, ShardConfig};
-use deadbolt_storage::{Record, RecordObserver, StoppedObserver, snapshot};
+use deadbolt_storage::{Disk, Record, RecordObserver, StoppedObserver, codec, frame, snapshot};
 
 use crate::checker::Violation;
 use crate::server_checker::{self, Timing};
@@ -45,6 +46,9 @@ struct Recorded {
     batches: Vec<Vec<(u64, usize)>>,
     /// Every snapshot file the log writer wrote, as written.
     snapshots: Vec<Vec<u8>>,
+    /// Records found in the log at a restart that nobody was told of:
+    /// written as the power failed, before their sync was over.
+    unobserved: usize,
     /// Per shard, the positions in `commands` of the first command kept
     /// after the log refused a batch (the disk was full): it may apply
     /// deadlines late.
@@ -123,6 +127,38 @@ impl Trace {
             }
             Record::Reserve { .. } => {}
         }
+    }
+
+    /// Before the server starts on `dir` of `disk`: takes in the records
+    /// its log holds that were never observed. A crash in the middle of a
+    /// sync may leave a group of records written whole though nobody was
+    /// told (nor answered), and the recovery replays them: the trace must
+    /// hold what the log holds.
+    pub fn catch_up(&self, disk: &dyn Disk, dir: &Path) {
+        let wal = dir.join("wal");
+        // Nothing to catch up with before the first start.
+        let Ok(names) = disk.list(&wal) else { return };
+        for name in names.iter().filter(|n| n.ends_with(".log")) {
+            let Ok(bytes) = disk.read(&wal.join(name)) else {
+                continue;
+            };
+            // The intact records, as recovery reads them; it cuts the rest.
+            for (_, payload) in frame::scan(&bytes).0 {
+                let Ok((lsn, record)) = codec::decode(payload) else {
+                    break;
+                };
+                if lsn > self.lock().last_lsn {
+                    self.kept(lsn, &record);
+                    self.lock().unobserved += 1;
+                }
+            }
+        }
+    }
+
+    /// How many records the log kept that nobody was told of (written as
+    /// the power failed).
+    pub fn unobserved(&self) -> usize {
+        self.lock().unobserved
     }
 
     /// The log writer wrote a snapshot file with `bytes`.

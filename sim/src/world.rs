@@ -24,8 +24,8 @@ use crate::net::{
 use crate::proxy::{self, Bug};
 use crate::resource;
 use crate::scenario::{
-    self, FaultKind, LOCK_KEYS, SET, Scenario, ScheduledFault, ServerFault, ServerFaultKind,
-    Transport,
+    self, FaultKind, LOCK_KEYS, MID_SYNC_WAIT_MAX_MS, SET, Scenario, ScheduledFault, ServerFault,
+    ServerFaultKind, Transport,
 };
 use crate::trace::Trace;
 use crate::worker::{self, QUIC_PORT, Shared, WS_PORT};
@@ -69,6 +69,9 @@ pub struct Report {
     /// Requests the server refused `unavailable` (its disk was full), as
     /// the workers heard them.
     pub refusals: usize,
+    /// Log records a recovery found whole though they were never
+    /// acknowledged (written as the power failed).
+    pub unacknowledged_kept: usize,
 }
 
 fn worker_name(worker: usize) -> String {
@@ -150,6 +153,7 @@ pub fn run(seed: u64, options: Options) -> Report {
     violations.extend(control.trace.check_server(&control.config.engine));
     let mut report = report(seed, scenario, events, violations, faults);
     report.disk = control.disk.stats();
+    report.unacknowledged_kept = control.trace.unobserved();
     report
 }
 
@@ -217,6 +221,7 @@ fn report(
         faults,
         disk: DiskStats::default(),
         refusals,
+        unacknowledged_kept: 0,
     }
 }
 
@@ -326,6 +331,9 @@ async fn serve(control: &ServerControl, seed: u64, cert: &str, key: &str) -> tur
         ws: SimListener(ws),
         quic: Some(quic),
     };
+    if let Some(storage) = &control.config.storage {
+        control.trace.catch_up(&*storage.disk, &storage.store.dir);
+    }
     let mut stop = control.stop.subscribe();
     let shutdown = async move {
         let _ = stop.wait_for(|stop| *stop).await;
@@ -492,8 +500,11 @@ struct Driver<'a> {
     crashed: Vec<bool>,
     /// The next of the server's faults to start.
     next_server: usize,
-    /// The server's faults in force.
-    server_active: Vec<ServerFault>,
+    /// The server's faults in force, with when they end.
+    server_active: Vec<(u64, ServerFault)>,
+    /// A crash waiting for the middle of a sync, with when it stops
+    /// waiting.
+    crash_armed: Option<(u64, ServerFault)>,
     healed: bool,
     faults: BTreeMap<&'static str, usize>,
 }
@@ -517,6 +528,7 @@ impl<'a> Driver<'a> {
             crashed: vec![false; workers],
             next_server: 0,
             server_active: Vec::new(),
+            crash_armed: None,
             healed: false,
             faults: BTreeMap::new(),
         }
@@ -745,33 +757,48 @@ impl<'a> Driver<'a> {
         {
             self.next_server += 1;
             match fault.kind {
-                ServerFaultKind::Crash => {
-                    self.power_cut(sim, "server", &self.server_peers());
-                    self.record(sim, What::ServerCrashed);
+                ServerFaultKind::Crash { mid_sync: true } => {
+                    self.crash_armed = Some((now_ms + MID_SYNC_WAIT_MAX_MS, fault));
                 }
+                ServerFaultKind::Crash { mid_sync: false } => self.crash_server(sim, now_ms, fault),
                 ServerFaultKind::DiskFull => {
                     self.server.disk.fill(true);
                     self.record(sim, What::DiskFull { full: true });
+                    self.server_active
+                        .push((fault.at_ms + fault.duration_ms, fault));
+                    *self.faults.entry(fault.kind.name()).or_insert(0) += 1;
                 }
             }
-            *self.faults.entry(fault.kind.name()).or_insert(0) += 1;
-            self.server_active.push(fault);
         }
+        let due = |&(until, _): &(u64, ServerFault)| self.server.disk.unsynced() || now_ms >= until;
+        if let Some((_, fault)) = self.crash_armed.take_if(|armed| due(armed)) {
+            self.crash_server(sim, now_ms, fault);
+        }
+    }
+
+    /// Crashes the server now, until `fault`'s length has passed.
+    fn crash_server(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64, fault: ServerFault) {
+        let mid_sync = self.server.disk.unsynced();
+        self.power_cut(sim, "server", &self.server_peers());
+        self.server.disk.crashed();
+        self.record(sim, What::ServerCrashed { mid_sync });
+        self.server_active.push((now_ms + fault.duration_ms, fault));
+        *self.faults.entry(fault.kind.name()).or_insert(0) += 1;
     }
 
     fn end_server_faults(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
         let (ending, staying): (Vec<_>, Vec<_>) = std::mem::take(&mut self.server_active)
             .into_iter()
-            .partition(|f| f.at_ms + f.duration_ms <= now_ms);
+            .partition(|(end, _)| *end <= now_ms);
         self.server_active = staying;
-        for fault in ending {
+        for (_, fault) in ending {
             self.revert_server(sim, fault);
         }
     }
 
     fn revert_server(&mut self, sim: &mut turmoil::Sim<'_>, fault: ServerFault) {
         match fault.kind {
-            ServerFaultKind::Crash => {
+            ServerFaultKind::Crash { .. } => {
                 sim.bounce("server");
                 self.record(sim, What::ServerRestarted);
             }
@@ -784,7 +811,7 @@ impl<'a> Driver<'a> {
 
     /// Ends every fault still in force and restarts every crashed worker.
     fn heal(&mut self, sim: &mut turmoil::Sim<'_>) {
-        for fault in std::mem::take(&mut self.server_active) {
+        for (_, fault) in std::mem::take(&mut self.server_active) {
             self.revert_server(sim, fault);
         }
         for (_, fault) in std::mem::take(&mut self.active) {
