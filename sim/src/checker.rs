@@ -815,6 +815,46 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_refuses_its_data_directory_is_caught_but_a_full_disk_is_waited_out() {
+        let failed = |disk_full| {
+            at(
+                5,
+                Actor::Server,
+                What::ServerStartFailed {
+                    error: "no".into(),
+                    disk_full,
+                },
+            )
+        };
+        assert!(kinds(&[failed(true)]).is_empty());
+        assert_eq!(kinds(&[failed(false)]), ["server refused to start"]);
+    }
+
+    #[test]
+    fn a_held_lock_outlives_a_server_crash_and_its_token_still_rises() {
+        // Worker 0 holds across the crash; worker 1 is granted only after
+        // worker 0's view ends, with a higher token.
+        let crash = at(50, Actor::Driver, What::ServerCrashed { mid_sync: true });
+        let restart = at(60, Actor::Driver, What::ServerRestarted);
+        let events = [
+            granted(0, 0, 5, 100),
+            crash.clone(),
+            restart.clone(),
+            released(90, 0, 5),
+            granted(120, 1, 65_537, 300),
+        ];
+        assert!(kinds(&events).is_empty(), "{:?}", kinds(&events));
+        let reused = [
+            granted(0, 0, 5, 100),
+            crash,
+            restart,
+            released(90, 0, 5),
+            granted(120, 1, 5, 300),
+        ];
+        assert!(kinds(&reused).contains(&"token order"));
+    }
+
+    #[test]
     fn an_operation_that_never_completes_after_the_heal_is_stuck() {
         let asked = at(
             10,

@@ -328,3 +328,73 @@ impl AppendFile for SimAppendFile {
         self.file.set_len(len)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAPACITY: u64 = 64 << 10;
+
+    fn disk(capacity: Option<u64>) -> (Arc<DiskControl>, SimDisk) {
+        let control = DiskControl::new(capacity, None, &Arc::new(Trace::default()));
+        let disk = SimDisk::new(Arc::clone(&control));
+        (control, disk)
+    }
+
+    #[test]
+    fn a_full_disk_refuses_appends_with_enospc_until_it_is_freed() -> turmoil::Result {
+        let mut builder = turmoil::Builder::new();
+        builder.fs().capacity(CAPACITY);
+        let mut sim = builder.build();
+        sim.client("server", async {
+            let (control, disk) = disk(Some(CAPACITY));
+            disk.create_dir_all(Path::new("/data/wal"))?;
+            let mut log = disk.open_append(Path::new("/data/wal/1.log"))?;
+            log.append(&[1; 100])?;
+            log.sync()?;
+            control.fill(true);
+            let refused = log.append(&[2; 100]).expect_err("the disk is full");
+            assert_eq!(refused.raw_os_error(), Some(ENOSPC));
+            control.fill(false);
+            log.append(&[3; 100])?;
+            let stats = control.stats();
+            assert_eq!((stats.fills, stats.full_refusals), (1, 1));
+            assert_eq!(disk.read(Path::new("/data/wal/1.log"))?.len(), 200);
+            Ok(())
+        });
+        sim.run()
+    }
+
+    #[test]
+    fn a_crash_keeps_what_was_synced_and_loses_what_was_not() -> turmoil::Result {
+        let mut sim = turmoil::Builder::new().build();
+        let (control, disk) = disk(None);
+        let found = Arc::new(Mutex::new(None));
+        let (host_disk, host_found) = (disk.clone(), Arc::clone(&found));
+        sim.host("server", move || {
+            let (disk, found) = (host_disk.clone(), Arc::clone(&host_found));
+            async move {
+                let path = Path::new("/data/1.log");
+                if let Ok(bytes) = disk.read(path) {
+                    *found.lock().expect("found") = Some(bytes.len());
+                    return Ok(());
+                }
+                disk.create_dir_all(Path::new("/data"))?;
+                let mut log = disk.open_append(path)?;
+                disk.sync_dir(Path::new("/data"))?;
+                log.append(&[1; 10])?;
+                log.sync()?;
+                log.append(&[2; 10])?;
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+        sim.step()?;
+        assert!(control.unsynced(), "the second write is not synced");
+        sim.crash("server");
+        sim.bounce("server");
+        sim.step()?;
+        assert_eq!(*found.lock().expect("found"), Some(10));
+        Ok(())
+    }
+}

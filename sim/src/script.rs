@@ -65,6 +65,15 @@ pub fn add_server(sim: &mut turmoil::Sim<'_>, trace: &Arc<Trace>) {
 /// A client of the server, over simulated TCP, that notices a silent
 /// server within about a second and retries for up to 20 s.
 pub async fn connect() -> Result<Client, Error> {
+    connect_with(None).await
+}
+
+/// [`connect`] as client `client_id`.
+pub async fn connect_as(client_id: &str) -> Result<Client, Error> {
+    connect_with(Some(client_id.to_owned())).await
+}
+
+async fn connect_with(client_id: Option<String>) -> Result<Client, Error> {
     let config = WsClientConfig {
         connect_timeout: Duration::from_millis(1000),
         ping_interval: Duration::from_millis(250),
@@ -74,6 +83,7 @@ pub async fn connect() -> Result<Client, Error> {
     let url = format!("ws://{SERVER}:{WS_PORT}/ws");
     let connector = WsConnector::with_dialer(&url, SimDialer)?.config(config);
     let options = ClientOptions {
+        client_id,
         retry_for: Duration::from_secs(20),
         retry_delay: Duration::from_millis(50),
         retry_delay_max: Duration::from_millis(500),

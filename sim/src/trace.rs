@@ -307,3 +307,152 @@ fn replay(log: &[Command], config: &EngineConfig) -> u64 {
     }
     shard.digest()
 }
+
+#[cfg(test)]
+mod tests {
+    use deadbolt_core::Limits;
+    use deadbolt_core::proto::{Keys, SetOp};
+    use deadbolt_core::shard::{Caller, Handle, Input, ShardOp};
+    use deadbolt_core::time::Tick;
+    use deadbolt_storage::snapshot::SnapshotHeader;
+
+    use super::*;
+
+    fn engine() -> EngineConfig {
+        EngineConfig {
+            shards: 1,
+            ..EngineConfig::new()
+        }
+    }
+
+    /// Request `n`, at `n` ms, a set op by one client.
+    fn set_op(n: u64, op: SetOp) -> Command {
+        let caller = Caller {
+            client: Arc::from("c"),
+            conn: 1,
+        };
+        Command {
+            at: Tick::from_millis(n),
+            input: Input::Op {
+                handle: Handle(n),
+                caller,
+                op: ShardOp::Set(op),
+            },
+        }
+    }
+
+    fn insert(n: u64, key: &str) -> Command {
+        let keys = Keys::One(key.into());
+        set_op(
+            n,
+            SetOp::Insert {
+                set: "s".into(),
+                keys,
+            },
+        )
+    }
+
+    /// A log of one shard: the run, then a set and two inserts, each its
+    /// own batch (records 1 to 4).
+    fn log() -> Vec<(u64, Record)> {
+        let run = Record::Run {
+            shards: 1,
+            limits: Limits::default(),
+        };
+        let set_up = set_op(
+            1,
+            SetOp::SetUp {
+                set: "s".into(),
+                ttl_ms: 60_000,
+            },
+        );
+        let batches = [set_up, insert(2, "a"), insert(3, "b")]
+            .into_iter()
+            .map(|command| Record::Batch {
+                shard: 0,
+                commands: vec![command],
+            });
+        std::iter::once(run)
+            .chain(batches)
+            .zip(1..)
+            .map(|(r, n)| (n, r))
+            .collect()
+    }
+
+    /// The digest, and the snapshot covering the records below
+    /// `covers_below`, of a shard that applied the first `applied`
+    /// commands of [`log`].
+    fn shard_after(applied: usize, covers_below: u64) -> (u64, Vec<u8>) {
+        let mut shard = Shard::new(shard_config(&engine()));
+        let commands = log().into_iter().filter_map(|(_, record)| match record {
+            Record::Batch { commands, .. } => Some(commands),
+            _ => None,
+        });
+        for command in commands.flatten().take(applied) {
+            shard.apply(command);
+        }
+        let header = SnapshotHeader {
+            shard: 0,
+            shards: 1,
+            covers_below,
+            token_reserved: 1,
+            limits: Limits::default(),
+        };
+        let bytes = snapshot::encode(&header, &shard.image()).expect("encodes");
+        (shard.digest(), bytes)
+    }
+
+    fn kinds(trace: &Trace) -> Vec<&'static str> {
+        trace.check(&engine()).iter().map(Violation::kind).collect()
+    }
+
+    #[test]
+    fn a_log_that_replays_to_the_final_state_keeps_every_rule() {
+        let trace = Arc::new(Trace::default());
+        let observe = trace.observer();
+        for (lsn, record) in log() {
+            observe(lsn, &record);
+        }
+        let (digest, snapshot) = shard_after(2, 4);
+        trace.snapshot_written(&snapshot);
+        (trace.on_stopped())(0, shard_after(3, 5).0);
+        assert_ne!(digest, shard_after(3, 5).0);
+        assert!(kinds(&trace).is_empty(), "{:?}", kinds(&trace));
+    }
+
+    #[test]
+    fn record_numbers_that_repeat_are_caught() {
+        let trace = Arc::new(Trace::default());
+        let observe = trace.observer();
+        for (lsn, record) in log() {
+            // The last record again, as a log that lost it would write it.
+            observe(lsn.min(3), &record);
+        }
+        (trace.on_stopped())(0, shard_after(3, 5).0);
+        assert_eq!(kinds(&trace), ["log renumbered"]);
+    }
+
+    #[test]
+    fn a_snapshot_that_says_it_covers_a_batch_it_does_not_hold_is_caught() {
+        let trace = Arc::new(Trace::default());
+        let observe = trace.observer();
+        for (lsn, record) in log() {
+            observe(lsn, &record);
+        }
+        // It holds two commands (records 2 and 3), and says it covers 4.
+        trace.snapshot_written(&shard_after(2, 5).1);
+        (trace.on_stopped())(0, shard_after(3, 5).0);
+        assert_eq!(kinds(&trace), ["snapshot diverged"]);
+    }
+
+    #[test]
+    fn a_shard_that_ends_elsewhere_than_its_log_is_caught() {
+        let trace = Arc::new(Trace::default());
+        let observe = trace.observer();
+        for (lsn, record) in log() {
+            observe(lsn, &record);
+        }
+        (trace.on_stopped())(0, shard_after(2, 4).0);
+        assert_eq!(kinds(&trace), ["replay diverged"]);
+    }
+}
