@@ -14,8 +14,17 @@
 //! 4. Liveness: after the heal, every operation completes within
 //!    [`OPERATION_BOUND_US`], and every worker finishes its plan.
 //!
+//! The rules hold over the whole history, across crashes and restarts of
+//! the server: a held lock survives a server crash (its holder's view goes
+//! on), so does every acknowledged insert (a later insert of the key by
+//! anyone is told the same index, and never `first` again but by its
+//! owner), and a token granted after a restart is above every token
+//! before it. A server that refuses to start on its data directory (but
+//! for a full disk, which it waits out) breaks a rule too.
+//!
 //! The server's own order, timing and liveness are judged from its command
-//! log by [`crate::server_checker`]; its violations are listed here too.
+//! log by [`crate::server_checker`], and its log against its state by
+//! [`crate::trace`]; their violations are listed here too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

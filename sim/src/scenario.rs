@@ -1,5 +1,6 @@
-//! What a run does, drawn by proptest from its seed: each worker's plan and
-//! the fault schedule.
+//! What a run does, drawn by proptest from its seed: each worker's plan,
+//! the fault schedule of the workers' links and processes, and the
+//! server's disk with the server's own faults (crashes, a full disk).
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
