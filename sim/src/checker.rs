@@ -14,8 +14,17 @@
 //! 4. Liveness: after the heal, every operation completes within
 //!    [`OPERATION_BOUND_US`], and every worker finishes its plan.
 //!
+//! The rules hold over the whole history, across crashes and restarts of
+//! the server: a held lock survives a server crash (its holder's view goes
+//! on), so does every acknowledged insert (a later insert of the key by
+//! anyone is told the same index, and never `first` again but by its
+//! owner), and a token granted after a restart is above every token
+//! before it. A server that refuses to start on its data directory (but
+//! for a full disk, which it waits out) breaks a rule too.
+//!
 //! The server's own order, timing and liveness are judged from its command
-//! log by [`crate::server_checker`]; its violations are listed here too.
+//! log by [`crate::server_checker`], and its log against its state by
+//! [`crate::trace`]; their violations are listed here too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -116,8 +125,33 @@ pub enum Violation {
     /// A shard did not stop with the server's graceful shutdown.
     ShardNotStopped { shard: usize },
     /// A shard's command log, replayed into a fresh shard, reached another
-    /// state than the live shard: the shard is not a function of its log.
+    /// state than the live shard: the shard is not a function of its log,
+    /// or the server recovered from its data directory another state than
+    /// its log says.
     ReplayDiverged { shard: usize, commands: usize },
+    /// A snapshot of `shard` (`usize::MAX`: unreadable) said it covers the
+    /// shard's records numbered below `covers_below`, but its state is not
+    /// what they replay to: a recovery from it would lose or repeat
+    /// changes.
+    SnapshotDiverged {
+        shard: usize,
+        covers_below: u64,
+        why: String,
+    },
+    /// The log kept record `lsn` where record `expected` was due: the
+    /// server went on after a restart as if records it had kept (and
+    /// acknowledged) were never written, or kept records nobody observed.
+    LogRenumbered { expected: u64, lsn: u64 },
+    /// The server refused to start on its data directory for another
+    /// reason than a full disk (a damaged log or snapshot).
+    ServerRefusedToStart { error: String },
+    /// Server side: a restart of `shard` kept what does not survive one
+    /// (SPEC section 8): on `key`, `what` (a waiter, or an ephemeral grant).
+    RestartKept {
+        shard: usize,
+        key: String,
+        what: String,
+    },
     /// Server side (times in µs of the engine's clock, handles the
     /// engine's): on `key` of `shard`, request `granted` got a new grant
     /// at `at_us` while request `skipped`, which asked earlier, still
@@ -212,6 +246,10 @@ impl Violation {
             Violation::InvariantBroken { .. } => "shard invariant broken",
             Violation::ShardNotStopped { .. } => "shard did not stop",
             Violation::ReplayDiverged { .. } => "replay diverged",
+            Violation::LogRenumbered { .. } => "log renumbered",
+            Violation::SnapshotDiverged { .. } => "snapshot diverged",
+            Violation::ServerRefusedToStart { .. } => "server refused to start",
+            Violation::RestartKept { .. } => "server: restart kept waiter or ephemeral",
             Violation::QueueJumped { .. } => "server: queue jumped",
             Violation::LateHandOff { .. } => "server: late hand-off",
             Violation::LeaseLength { .. } => "server: lease length",
@@ -243,10 +281,17 @@ pub fn check(events: &[Event], heal_us: u64, finished: &[(usize, usize)]) -> Vec
         }
     }
     for event in events {
-        if let What::AuditFailed { error } = &event.what {
-            violations.push(Violation::AuditFailed {
+        match &event.what {
+            What::AuditFailed { error } => violations.push(Violation::AuditFailed {
                 error: error.clone(),
-            });
+            }),
+            What::ServerStartFailed {
+                error,
+                disk_full: false,
+            } => violations.push(Violation::ServerRefusedToStart {
+                error: error.clone(),
+            }),
+            _ => {}
         }
     }
     violations
@@ -776,6 +821,46 @@ mod tests {
             export(&[(1, "a")]),
         ];
         assert!(kinds(&split).contains(&"index mismatch"));
+    }
+
+    #[test]
+    fn a_server_that_refuses_its_data_directory_is_caught_but_a_full_disk_is_waited_out() {
+        let failed = |disk_full| {
+            at(
+                5,
+                Actor::Server,
+                What::ServerStartFailed {
+                    error: "no".into(),
+                    disk_full,
+                },
+            )
+        };
+        assert!(kinds(&[failed(true)]).is_empty());
+        assert_eq!(kinds(&[failed(false)]), ["server refused to start"]);
+    }
+
+    #[test]
+    fn a_held_lock_outlives_a_server_crash_and_its_token_still_rises() {
+        // Worker 0 holds across the crash; worker 1 is granted only after
+        // worker 0's view ends, with a higher token.
+        let crash = at(50, Actor::Driver, What::ServerCrashed { mid_sync: true });
+        let restart = at(60, Actor::Driver, What::ServerRestarted);
+        let events = [
+            granted(0, 0, 5, 100),
+            crash.clone(),
+            restart.clone(),
+            released(90, 0, 5),
+            granted(120, 1, 65_537, 300),
+        ];
+        assert!(kinds(&events).is_empty(), "{:?}", kinds(&events));
+        let reused = [
+            granted(0, 0, 5, 100),
+            crash,
+            restart,
+            released(90, 0, 5),
+            granted(120, 1, 5, 300),
+        ];
+        assert!(kinds(&reused).contains(&"token order"));
     }
 
     #[test]

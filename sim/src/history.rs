@@ -15,6 +15,8 @@ pub enum Actor {
     Resource,
     /// The simulation driver (faults, crashes).
     Driver,
+    /// The server host (its starts).
+    Server,
     /// The auditor that exports the final state.
     Auditor,
 }
@@ -105,6 +107,16 @@ pub enum What {
     Processed { set: String, key: String },
     /// The driver crashed and restarted worker `worker`.
     Crashed { worker: usize },
+    /// The driver crashed the server host (a power cut), in the middle of
+    /// a sync of its log or not.
+    ServerCrashed { mid_sync: bool },
+    /// The driver restarted the server host.
+    ServerRestarted,
+    /// The server could not start on its data directory (it is restarted
+    /// a while later, as a supervisor would).
+    ServerStartFailed { error: String, disk_full: bool },
+    /// The server's disk filled up (`full`) or was freed again.
+    DiskFull { full: bool },
     /// The driver injected a fault.
     Fault { kind: &'static str, detail: String },
     /// The driver ended every fault.
@@ -137,6 +149,7 @@ impl fmt::Display for Event {
             Actor::Worker(n) => format!("worker{n}"),
             Actor::Resource => "resource".to_owned(),
             Actor::Driver => "driver".to_owned(),
+            Actor::Server => "server".to_owned(),
             Actor::Auditor => "auditor".to_owned(),
         };
         write!(

@@ -3,33 +3,46 @@
 //! A turmoil simulation runs the real production code, unchanged: the
 //! server host calls `deadbolt_server::run`, the very assembly `deadbolt
 //! serve` runs (the engine, the WebSocket frontend over simulated TCP with
-//! its HTTP routes, the QUIC frontend over simulated UDP), with only its
-//! sockets simulated; worker hosts run the real Rust client; a protected
+//! its HTTP routes, the QUIC frontend over simulated UDP, the write-ahead
+//! log and its snapshots on a data directory), with only its sockets and
+//! its disk simulated; worker hosts run the real Rust client; a protected
 //! resource accepts writes fenced by token. A seed draws, through
-//! proptest, each worker's plan and a schedule of faults (partitions both
-//! and one way, link holds as process pauses, crashes with restart,
-//! connection drops, latency spikes, datagram loss for QUIC workers),
-//! which ends in a heal. The recorded history is then judged by the
-//! checker. The same seed gives the same run, byte for byte: the history's
-//! hash proves it.
+//! proptest, each worker's plan, the server's disk (torn-write blocks, sync
+//! latency, snapshot thresholds) and a schedule of faults (partitions both
+//! and one way, link holds as process pauses, worker crashes with restart,
+//! connection drops, latency spikes, datagram loss for QUIC workers;
+//! server crashes as power cuts, some in the middle of a sync, with
+//! recovery; a full disk), which ends in a heal. The recorded history is
+//! then judged by the checker, and the server's log by the trace's and the
+//! server checker's rules. The same seed gives the same run, byte for
+//! byte: the history's hash proves it.
 //!
 //! Layout:
 //! - [`scenario`]: what a seed draws;
-//! - [`world`]: the hosts, the fault driver, one run;
+//! - [`world`]: the hosts and one run;
+//! - `driver`: the fault driver, which applies the schedule and heals;
+//! - [`disk`]: the server's simulated disk (turmoil's file system), which
+//!   the schedule fills up;
 //! - [`worker`]: the worker hosts' workloads;
 //! - [`raw`]: a worker that speaks the protocol itself and trusts the
 //!   server's `ttl_ms`;
 //! - [`resource`]: the protected resource;
 //! - [`history`]: the recorded history and its hash;
 //! - [`checker`]: the rules a history must keep;
+//! - [`trace`]: the server's log as its store kept it, across restarts,
+//!   checked against the state the server ends in and every snapshot;
 //! - [`server_checker`]: the rules the server's own order and timing must
 //!   keep, judged from its command log;
 //! - [`proxy`]: planted bugs (a corrupting proxy, and the state machine's
-//!   own under the `planted-bugs` feature), to prove the checkers catch them;
+//!   and the storage's own under the `planted-bugs` feature), to prove the
+//!   checkers catch them;
+//! - [`script`]: the world of the scripted scenarios;
 //! - [`net`]: simulated sockets under the real transports;
 //! - [`summary`]: many seeds, and the table of what they did.
 
 pub mod checker;
+pub mod disk;
+mod driver;
 pub mod history;
 pub mod net;
 pub mod proxy;

@@ -31,16 +31,24 @@ struct Args {
     /// stretch-lease, drop-insert; in the state machine (build with
     /// `--features planted-bugs`) grant-out-of-order, lease-from-request,
     /// deaf-wakeup, relock-keeps-lease, early-timeout,
-    /// ephemeral-outlives-connection.
+    /// ephemeral-outlives-connection, restart-keeps-ephemeral; in the storage
+    /// (the same feature) ack-before-sync, forget-last-batch,
+    /// snapshot-covers-group.
     #[arg(long, value_parser = parse_bug)]
     bug: Option<Bug>,
 }
 
 fn parse_bug(name: &str) -> Result<Bug, String> {
     let bug = Bug::from_name(name).ok_or_else(|| format!("unknown bug {name:?}"))?;
-    if bug.planted().is_some() && !deadbolt_core::shard::planted::COMPILED_IN {
+    let compiled_in = match (bug.planted(), bug.storage()) {
+        (Some(_), _) => deadbolt_core::shard::planted::COMPILED_IN,
+        (_, Some(_)) => deadbolt_storage::planted::COMPILED_IN,
+        (None, None) => true,
+    };
+    if !compiled_in {
         return Err(format!(
-            "{name} is a bug of the state machine: run with `--features planted-bugs`"
+            "{name} is a bug of the state machine or the storage: run with \
+             `--features planted-bugs`"
         ));
     }
     Ok(bug)
@@ -93,6 +101,17 @@ fn replay(seed: u64, options: Options, trace: bool) -> ExitCode {
         report.operations, report.trace_hash
     );
     println!("faults: {:?}", report.faults);
+    let transports: Vec<_> = report
+        .scenario
+        .workers
+        .iter()
+        .map(|w| w.transport)
+        .collect();
+    println!(
+        "workers: {transports:?}; shards: {}; disk: {:?}",
+        report.scenario.shards, report.scenario.disk
+    );
+    println!("server faults: {:?}", report.scenario.server_faults);
     if report.violations.is_empty() {
         println!("no violations");
         return ExitCode::SUCCESS;

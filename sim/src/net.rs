@@ -230,8 +230,9 @@ pub fn ws_config() -> deadbolt_transport_ws::WsConfig {
     }
 }
 
-/// The simulated server's engine: `shards` shards whose every batch goes to
-/// `trace`, with invariants checked after each.
+/// The simulated server's engine: `shards` shards with invariants checked
+/// after each batch, broken ones reported to `trace`. Its journal is the
+/// store `deadbolt_server::run` opens on the simulated disk.
 pub fn engine_config(
     shards: usize,
     seed: u64,
@@ -240,7 +241,6 @@ pub fn engine_config(
     deadbolt_core::EngineConfig {
         shards,
         seed,
-        journal: Some(trace.clone()),
         invariant_alarm: Some(trace.alarm()),
         ..deadbolt_core::EngineConfig::new()
     }

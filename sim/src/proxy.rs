@@ -1,8 +1,9 @@
 //! Planted bugs: a corrupting proxy between the WebSocket workers and the
-//! server, and the state machine's own planted bugs. For the proxy's,
-//! nothing in the production code changes: the proxy lies to the workers
-//! the way a broken server would. The state machine's are small mistakes
-//! in the rules themselves (`deadbolt_state::planted`), compiled only with
+//! server, and the state machine's and the storage's own planted bugs. For
+//! the proxy's, nothing in the production code changes: the proxy lies to
+//! the workers the way a broken server would. The others are small
+//! mistakes in the rules themselves (`deadbolt_state::planted`) or in the
+//! log and its recovery (`deadbolt_storage::planted`), compiled only with
 //! the `planted-bugs` feature. A test shows the checkers catch each.
 
 use std::collections::BTreeMap;
@@ -13,6 +14,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use deadbolt_core::shard::planted::PlantedBug;
+use deadbolt_storage::StorageBug;
 
 use crate::history::{Actor, History, What};
 use crate::worker::WS_PORT;
@@ -33,11 +35,14 @@ pub enum Bug {
     DropInsert,
     /// A bug in the state machine itself (no proxy).
     Server(PlantedBug),
+    /// A bug in the storage: the log or its recovery (no proxy).
+    Storage(StorageBug),
 }
 
 impl Bug {
-    /// Every planted bug: the proxy's, then the state machine's.
-    pub const ALL: [Bug; 11] = [
+    /// Every planted bug: the proxy's, then the state machine's, then the
+    /// storage's.
+    pub const ALL: [Bug; 15] = [
         Bug::DoubleGrant,
         Bug::LowerToken,
         Bug::DoubleFirst,
@@ -49,6 +54,10 @@ impl Bug {
         Bug::Server(PlantedBug::ALL[3]),
         Bug::Server(PlantedBug::ALL[4]),
         Bug::Server(PlantedBug::ALL[5]),
+        Bug::Server(PlantedBug::ALL[6]),
+        Bug::Storage(StorageBug::ALL[0]),
+        Bug::Storage(StorageBug::ALL[1]),
+        Bug::Storage(StorageBug::ALL[2]),
     ];
 
     /// Its name on the command line.
@@ -60,6 +69,7 @@ impl Bug {
             Bug::StretchLease => "stretch-lease",
             Bug::DropInsert => "drop-insert",
             Bug::Server(bug) => bug.name(),
+            Bug::Storage(bug) => bug.name(),
         }
     }
 
@@ -76,9 +86,22 @@ impl Bug {
         }
     }
 
+    /// The storage's bug, if this is one.
+    pub fn storage(self) -> Option<StorageBug> {
+        match self {
+            Bug::Storage(bug) => Some(bug),
+            _ => None,
+        }
+    }
+
+    /// Whether it is compiled in only with the `planted-bugs` feature.
+    pub fn needs_feature(self) -> bool {
+        self.planted().is_some() || self.storage().is_some()
+    }
+
     /// Whether the proxy plants it (so WebSocket workers go through it).
     pub fn needs_proxy(self) -> bool {
-        self.planted().is_none()
+        !self.needs_feature()
     }
 }
 
@@ -100,7 +123,7 @@ impl Memory {
         match bug {
             Bug::DoubleGrant | Bug::DropInsert => self.chances.is_multiple_of(2),
             Bug::LowerToken | Bug::DoubleFirst | Bug::StretchLease => true,
-            Bug::Server(_) => false,
+            Bug::Server(_) | Bug::Storage(_) => false,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! What a run does, drawn by proptest from its seed: each worker's plan and
-//! the fault schedule.
+//! What a run does, drawn by proptest from its seed: each worker's plan,
+//! the fault schedule of the workers' links and processes, and the
+//! server's disk with the server's own faults (crashes, a full disk).
 
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -15,6 +16,11 @@ pub const RESULT_KEYS: usize = 24;
 /// The set's time to live when a run does not draw a short one: longer
 /// than any run.
 pub const SET_TTL_LONG_MS: u64 = 600_000;
+/// A short set time to live is drawn from this up to
+/// [`SET_TTL_SHORT_MAX_MS`].
+pub const SET_TTL_SHORT_MIN_MS: u64 = 1_500;
+/// See [`SET_TTL_SHORT_MIN_MS`].
+pub const SET_TTL_SHORT_MAX_MS: u64 = 6_000;
 /// Workers per transport: each run draws 1 to this many of each.
 pub const WORKERS_PER_TRANSPORT_MAX: usize = 3;
 /// The server's shard count is drawn from 1 to this.
@@ -25,8 +31,31 @@ pub const FAULTS_FROM_MS: u64 = 200;
 pub const FAULTS_UNTIL_MS: u64 = 4_000;
 /// The longest fault.
 pub const FAULT_MAX_MS: u64 = 1_500;
-/// When the heal phase ends every fault: after the last one could end.
+/// When the heal phase ends every fault: after the last one could end
+/// (later in a run whose server crashes end later: [`Scenario::heal_at_ms`]).
 pub const HEAL_AT_MS: u64 = FAULTS_UNTIL_MS + FAULT_MAX_MS;
+/// The shortest time a crashed server stays down: longer than any client
+/// takes to notice that its connection died (1 s of silence for
+/// WebSocket, a 1.5 s idle timeout for QUIC). An ephemeral lock does not
+/// survive a restart, and its holder can only learn that from its
+/// connection: a server back sooner could grant the key to another client
+/// while the holder still believes it holds it.
+pub const SERVER_DOWN_MIN_MS: u64 = 1_600;
+/// The longest a crashed server stays down.
+pub const SERVER_DOWN_MAX_MS: u64 = 2_200;
+/// How long a crash meant for the middle of a sync waits for one before
+/// it comes anyway.
+pub const MID_SYNC_WAIT_MAX_MS: u64 = 300;
+/// The server runs at least this long between two crashes.
+pub const SERVER_UP_MIN_MS: u64 = 200;
+/// Most server crashes in a run.
+pub const SERVER_CRASHES_MAX: usize = 3;
+/// The slowest sync of the log, in milliseconds (a quarter of the runs
+/// sync in no time).
+pub const SYNC_LATENCY_MAX_MS: u64 = 10;
+/// The longest the disk stays full: short enough that a short-lived set,
+/// whose renewals the full disk refuses, outlives it.
+pub const DISK_FULL_MAX_MS: u64 = 700;
 
 /// How a worker reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +200,74 @@ pub struct ScheduledFault {
     pub kind: FaultKind,
 }
 
+/// A fault of the server host itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerFaultKind {
+    /// The host crashes (a power cut: what was not synced is lost, the
+    /// last writes may be torn) and restarts when the fault ends.
+    Crash {
+        /// Whether the crash waits (up to [`MID_SYNC_WAIT_MAX_MS`]) for a
+        /// moment when the log has written a group and not yet synced it:
+        /// the worst moment, which tears the group's write.
+        mid_sync: bool,
+    },
+    /// The disk is full until the fault ends.
+    DiskFull,
+}
+
+impl ServerFaultKind {
+    /// A short name, for the summary table.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ServerFaultKind::Crash { .. } => SERVER_CRASH,
+            ServerFaultKind::DiskFull => "disk full",
+        }
+    }
+}
+
+/// The summary's name of a server crash.
+pub const SERVER_CRASH: &str = "server crash + restart";
+
+/// A fault of the server host, when it starts and how long it lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerFault {
+    /// Start, in simulated milliseconds (for a crash in the middle of a
+    /// sync, when it begins to wait for one).
+    pub at_ms: u64,
+    /// Length (for a crash, from the moment it comes).
+    pub duration_ms: u64,
+    /// What it is.
+    pub kind: ServerFaultKind,
+}
+
+impl ServerFault {
+    /// When the fault has ended at the latest.
+    pub fn end_ms(&self) -> u64 {
+        let waits = match self.kind {
+            ServerFaultKind::Crash { mid_sync: true } => MID_SYNC_WAIT_MAX_MS,
+            _ => 0,
+        };
+        self.at_ms + waits + self.duration_ms
+    }
+}
+
+/// The server's disk and how its data directory is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskPlan {
+    /// turmoil's block size for torn writes (what was not synced at a
+    /// crash survives as a random number of whole blocks), or `None`:
+    /// unsynced writes are lost whole.
+    pub block_bytes: Option<u64>,
+    /// The disk's capacity, in runs whose schedule fills it.
+    pub capacity_bytes: Option<u64>,
+    /// A log segment is closed beyond this many bytes.
+    pub segment_bytes: u64,
+    /// Log bytes after which every shard takes a snapshot.
+    pub snapshot_after_bytes: u64,
+    /// How long a sync of the log takes, in milliseconds (0: no time).
+    pub sync_latency_ms: u64,
+}
+
 /// Everything a run does.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scenario {
@@ -195,6 +292,36 @@ pub struct Scenario {
     pub workers: Vec<WorkerPlan>,
     /// The faults, by start time.
     pub faults: Vec<ScheduledFault>,
+    /// The server's disk.
+    pub disk: DiskPlan,
+    /// The faults of the server host, by start time (crashes never
+    /// overlap; a full disk may come while the server is down).
+    pub server_faults: Vec<ServerFault>,
+}
+
+impl Scenario {
+    /// When every fault has ended and the heal phase begins: the server
+    /// is up and every worker's links are whole.
+    pub fn heal_at_ms(&self) -> u64 {
+        self.server_faults_end_ms().max(HEAL_AT_MS)
+    }
+
+    /// When the server's last fault ends (0 if it has none).
+    pub fn server_faults_end_ms(&self) -> u64 {
+        self.server_faults
+            .iter()
+            .map(ServerFault::end_ms)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// How many times the server crashes.
+    pub fn server_crashes(&self) -> usize {
+        self.server_faults
+            .iter()
+            .filter(|f| matches!(f.kind, ServerFaultKind::Crash { .. }))
+            .count()
+    }
 }
 
 fn wait() -> impl Strategy<Value = Wait> {
@@ -306,9 +433,113 @@ fn transports() -> impl Strategy<Value = Vec<Transport>> {
 /// The workload's shape: lock keys, the set's time to live, the export's
 /// page size.
 fn workload() -> impl Strategy<Value = (usize, u64, Option<u32>)> {
-    let set_ttl = prop_oneof![1 => Just(SET_TTL_LONG_MS), 1 => 1_500u64..6_000];
+    let set_ttl = prop_oneof![
+        1 => Just(SET_TTL_LONG_MS),
+        1 => SET_TTL_SHORT_MIN_MS..SET_TTL_SHORT_MAX_MS,
+    ];
     let page = prop_oneof![1 => Just(None), 1 => (1u32..=5).prop_map(Some)];
     (1..=LOCK_KEYS.len(), set_ttl, page)
+}
+
+/// Small segments and snapshot thresholds in three runs of four (a run
+/// logs about 8 KiB), so that snapshots are taken and segments deleted
+/// several times within a run; the defaults' 64 MiB in the others; torn writes
+/// of 512 B or 4 KiB blocks, or none; a sync of up to
+/// [`SYNC_LATENCY_MAX_MS`].
+fn disk(fills: bool) -> impl Strategy<Value = DiskPlan> {
+    let block = prop_oneof![
+        2 => Just(None),
+        1 => Just(Some(32)),
+        1 => Just(Some(128)),
+        1 => Just(Some(512)),
+        1 => Just(Some(4096)),
+    ];
+    let small = (1u64..=8, 1u64..=4).prop_map(|(s, n)| (s << 10, n << 10));
+    let thresholds = prop_oneof![3 => small, 1 => Just((64 << 20, 64 << 20))];
+    let capacity = (1u64..=8).prop_map(move |mib| fills.then_some(mib << 20));
+    let latency = prop_oneof![1 => Just(0), 3 => 1u64..=SYNC_LATENCY_MAX_MS];
+    (block, thresholds, capacity, latency).prop_map(
+        |(block_bytes, (segment, snapshot), capacity, sync_latency_ms)| DiskPlan {
+            block_bytes,
+            capacity_bytes: capacity,
+            segment_bytes: segment,
+            snapshot_after_bytes: snapshot,
+            sync_latency_ms,
+        },
+    )
+}
+
+/// None, or one to [`SERVER_CRASHES_MAX`] crashes of the server at random
+/// moments, each down for a random while; a later crash waits until the
+/// server has been up for a while.
+fn server_crashes() -> impl Strategy<Value = Vec<ServerFault>> {
+    let crash = (
+        FAULTS_FROM_MS..FAULTS_UNTIL_MS,
+        SERVER_DOWN_MIN_MS..SERVER_DOWN_MAX_MS,
+        any::<bool>(),
+    );
+    // One crash most often, three least (each makes the run seconds longer).
+    let crashes = prop_oneof![
+        3 => prop::collection::vec(crash.clone(), 1),
+        2 => prop::collection::vec(crash.clone(), 2),
+        1 => prop::collection::vec(crash, SERVER_CRASHES_MAX),
+    ];
+    prop_oneof![1 => Just(Vec::new()), 1 => crashes].prop_map(|mut crashes| {
+        crashes.sort_unstable();
+        let mut up_from = 0;
+        crashes
+            .into_iter()
+            .map(|(at_ms, duration_ms, mid_sync)| {
+                let crash = ServerFault {
+                    at_ms: at_ms.max(up_from),
+                    duration_ms,
+                    kind: ServerFaultKind::Crash { mid_sync },
+                };
+                up_from = crash.end_ms() + SERVER_UP_MIN_MS;
+                crash
+            })
+            .collect()
+    })
+}
+
+/// One or two times the disk fills up, each time for at most
+/// [`DISK_FULL_MAX_MS`] and at most half the set's time to live (whose
+/// renewals it refuses), the second a whole time to live after the first.
+fn disk_fills(set_ttl_ms: u64) -> impl Strategy<Value = Vec<ServerFault>> {
+    let longest = DISK_FULL_MAX_MS.min(set_ttl_ms / 2);
+    let fill = (FAULTS_FROM_MS..FAULTS_UNTIL_MS, 50..longest);
+    prop::collection::vec(fill, 1..=2).prop_map(move |mut fills| {
+        fills.sort_unstable();
+        let mut free_from = 0;
+        fills
+            .into_iter()
+            .map(|(at_ms, duration_ms)| {
+                let at_ms = at_ms.max(free_from);
+                free_from = at_ms + duration_ms + set_ttl_ms.min(SET_TTL_SHORT_MAX_MS);
+                ServerFault {
+                    at_ms,
+                    duration_ms,
+                    kind: ServerFaultKind::DiskFull,
+                }
+            })
+            .collect()
+    })
+}
+
+/// The server's disk and its faults: a quarter of the runs fill the disk.
+fn server(set_ttl_ms: u64) -> impl Strategy<Value = (DiskPlan, Vec<ServerFault>)> {
+    prop::bool::weighted(0.25).prop_flat_map(move |fills| {
+        let fills_at = if fills {
+            disk_fills(set_ttl_ms).boxed()
+        } else {
+            Just(Vec::new()).boxed()
+        };
+        (disk(fills), server_crashes(), fills_at).prop_map(|(disk, crashes, fills)| {
+            let mut faults = [crashes, fills].concat();
+            faults.sort_by_key(|f| (f.at_ms, f.kind.name()));
+            (disk, faults)
+        })
+    })
 }
 
 fn scenario_strategy(seed: u64) -> impl Strategy<Value = Scenario> {
@@ -331,8 +562,9 @@ fn scenario_strategy(seed: u64) -> impl Strategy<Value = Scenario> {
                 })
                 .collect();
             let faults = prop::collection::vec(fault(transports), 0..7);
-            (plans, faults).prop_map(move |(workers, mut faults)| {
+            (plans, faults, server(set_ttl_ms)).prop_map(move |(workers, mut faults, server)| {
                 faults.sort_by_key(|f| (f.at_ms, f.worker));
+                let (disk, server_faults) = server;
                 Scenario {
                     seed,
                     shards,
@@ -343,6 +575,8 @@ fn scenario_strategy(seed: u64) -> impl Strategy<Value = Scenario> {
                     page_limit,
                     workers,
                     faults,
+                    disk,
+                    server_faults,
                 }
             })
         },

@@ -10,6 +10,7 @@ use deadbolt_core::client::{Client, ClientOptions, Error};
 use deadbolt_server::{Listeners, ServerConfig};
 use deadbolt_transport_ws::{WsClientConfig, WsConnector};
 
+use crate::disk::{DiskControl, storage};
 use crate::net::{SimDialer, SimListener, engine_config, ws_config};
 use crate::trace::Trace;
 use crate::worker::WS_PORT;
@@ -30,16 +31,23 @@ pub fn world(seed: u64) -> turmoil::Sim<'static> {
 
 /// The scripted server's shard count.
 pub const SCRIPT_SHARDS: usize = 2;
+/// The scripted server's log segments and snapshot threshold: small, so
+/// that scripts snapshot too.
+const SEGMENT_BYTES: u64 = 16 << 10;
 
-/// Adds the server host: `deadbolt_server::run` with WebSocket only, the
-/// shards' invariants checked into `trace`, and short idle limits so that
-/// a dead peer is noticed within about a second.
+/// Adds the server host: `deadbolt_server::run` with WebSocket only, on a
+/// data directory of the simulated disk (so a script may crash and bounce
+/// it), the shards' invariants checked and the log's records kept in
+/// `trace`, and short idle limits so that a dead peer is noticed within
+/// about a second.
 pub fn add_server(sim: &mut turmoil::Sim<'_>, trace: &Arc<Trace>) {
     let trace = Arc::clone(trace);
+    let disk = DiskControl::new(None, None, &trace);
     sim.host(SERVER, move || {
         let config = ServerConfig {
             engine: engine_config(SCRIPT_SHARDS, 0, &trace),
             ws: ws_config(),
+            storage: Some(storage(&disk, &trace, SEGMENT_BYTES, SEGMENT_BYTES)),
             ..ServerConfig::default()
         };
         async move {
@@ -57,6 +65,15 @@ pub fn add_server(sim: &mut turmoil::Sim<'_>, trace: &Arc<Trace>) {
 /// A client of the server, over simulated TCP, that notices a silent
 /// server within about a second and retries for up to 20 s.
 pub async fn connect() -> Result<Client, Error> {
+    connect_with(None).await
+}
+
+/// [`connect`] as client `client_id`.
+pub async fn connect_as(client_id: &str) -> Result<Client, Error> {
+    connect_with(Some(client_id.to_owned())).await
+}
+
+async fn connect_with(client_id: Option<String>) -> Result<Client, Error> {
     let config = WsClientConfig {
         connect_timeout: Duration::from_millis(1000),
         ping_interval: Duration::from_millis(250),
@@ -66,10 +83,10 @@ pub async fn connect() -> Result<Client, Error> {
     let url = format!("ws://{SERVER}:{WS_PORT}/ws");
     let connector = WsConnector::with_dialer(&url, SimDialer)?.config(config);
     let options = ClientOptions {
+        client_id,
         retry_for: Duration::from_secs(20),
         retry_delay: Duration::from_millis(50),
         retry_delay_max: Duration::from_millis(500),
-        ..ClientOptions::default()
     };
     Client::connect(connector, options).await
 }

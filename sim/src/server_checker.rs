@@ -26,8 +26,24 @@
 //! 5. `cancelled` is answered only to a request that a `cancel`, a
 //!    "requester gone" or its connection's close named.
 //! 6. An ephemeral lock ends with the command that closes its connection.
+//! 7. A restart (SPEC section 8) ends every waiter, unanswered, and every
+//!    ephemeral grant; every other grant survives it with its token and
+//!    its deadline (its lease goes on with the time it had left). Handles
+//!    and connection ids start again with the new process, so nothing of
+//!    the old one's requests is carried past it.
+//!
+//! The timing rules (2 and 4) allow what the server cannot help: the
+//! deadlines a restart applies (the shard's clock goes on from the last
+//! time its log reached, across the downtime), and those a shard applies
+//! in its first command after its log refused a batch (a full disk: the
+//! shard cannot log the tick that would have applied them in time). A
+//! shard waits for its log before it stamps its next command, so with a
+//! disk whose syncs take a while, the bound of rules 2 and 4 grows by two
+//! syncs ([`Timing::for_sync_latency`]): the batch in flight when the
+//! deadline came, and the group ahead of it in the log writer.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use deadbolt_core::proto::{ErrorCode, LockOp, Okay, Wait};
 use deadbolt_core::shard::locks::{HolderView, KeyView};
@@ -39,6 +55,28 @@ use crate::checker::Violation;
 /// The contract's bound on a hand-off after a lease's end (SPEC section
 /// 2), used for wait limits too.
 pub const HAND_OFF_BOUND_US: u64 = 10_000;
+
+/// How late a shard may apply a deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing<'a> {
+    /// After the deadline, at most this long.
+    pub bound_us: u64,
+    /// The positions in the log of the commands that may apply deadlines
+    /// later still (the first after a refused batch).
+    pub late_ok: &'a BTreeSet<usize>,
+}
+
+impl<'a> Timing<'a> {
+    /// The bound for a server whose log syncs take `sync_latency`, with
+    /// the commands at `late_ok` excused.
+    pub fn for_sync_latency(sync_latency: Duration, late_ok: &'a BTreeSet<usize>) -> Timing<'a> {
+        let sync_us = u64::try_from(sync_latency.as_micros()).unwrap_or(u64::MAX);
+        Timing {
+            bound_us: HAND_OFF_BOUND_US.saturating_add(sync_us.saturating_mul(2)),
+            late_ok,
+        }
+    }
+}
 
 /// A `lock` request not answered yet.
 #[derive(Debug)]
@@ -57,8 +95,8 @@ struct Grant {
     /// The connection it was granted on, and whether it ends with it.
     conn: ConnId,
     ephemeral: bool,
-    /// The request whose answer made it.
-    handle: Handle,
+    /// The request whose answer made it, until a restart forgets it.
+    handle: Option<Handle>,
     /// When its lease should end.
     expected: Tick,
 }
@@ -71,6 +109,8 @@ struct Enders {
     closed: Option<ConnId>,
     /// Tokens unlocked by this command (answered `{}`).
     released: BTreeSet<u64>,
+    /// The command is a restart: it ends waiters and ephemeral grants.
+    restart: bool,
 }
 
 /// The checker's memory of one shard, carried from command to command.
@@ -80,27 +120,38 @@ struct ShardHistory {
     /// Per key, the requests queued, in the order they asked.
     queued: BTreeMap<String, Vec<Handle>>,
     grants: BTreeMap<u64, Grant>,
+    /// How late after a deadline a command may apply it.
+    bound_us: u64,
     violations: Vec<Violation>,
 }
 
 /// Replays `log` (shard `shard`'s commands, in order) into a fresh shard
-/// built with `config`, and checks the rules above over what it does.
-pub fn check(shard: usize, log: &[Command], config: ShardConfig) -> Vec<Violation> {
+/// built with `config`, and checks the rules above over what it does, with
+/// the deadlines' lateness bounded by `timing`.
+pub fn check(
+    shard: usize,
+    log: &[Command],
+    config: ShardConfig,
+    timing: Timing<'_>,
+) -> Vec<Violation> {
     let mut replica = Shard::new(config);
     let mut history = ShardHistory {
         shard,
         requests: BTreeMap::new(),
         queued: BTreeMap::new(),
         grants: BTreeMap::new(),
+        bound_us: timing.bound_us,
         violations: Vec::new(),
     };
     let mut before = views_by_key(replica.lock_views());
-    for command in log {
+    for (position, command) in log.iter().enumerate() {
         replica.apply(command.clone());
         let now = replica.now();
         let answers = replica.take_answers();
         let after = views_by_key(replica.lock_views());
-        history.command(command, now, &answers, &before, &after);
+        let late_ok =
+            timing.late_ok.contains(&position) || matches!(command.input, Input::Restart { .. });
+        history.command(command, now, &answers, (&before, &after), late_ok);
         before = after;
     }
     history.violations
@@ -116,14 +167,15 @@ fn us(tick: Tick) -> u64 {
 
 impl ShardHistory {
     /// Judges one command: `answers` are what it answered, `before` and
-    /// `after` the lock state around it, `now` the shard's time after it.
+    /// `after` the lock state around it, `now` the shard's time after it;
+    /// `late_ok` if it may apply deadlines late.
     fn command(
         &mut self,
         command: &Command,
         now: Tick,
         answers: &[Answer],
-        before: &BTreeMap<String, KeyView>,
-        after: &BTreeMap<String, KeyView>,
+        (before, after): (&BTreeMap<String, KeyView>, &BTreeMap<String, KeyView>),
+        late_ok: bool,
     ) {
         let (asked, enders) = self.read_input(&command.input, now);
         // Per key, when its place was freed for a waiter: at the deadline
@@ -145,6 +197,7 @@ impl ShardHistory {
             asked,
             now,
             enders,
+            late_ok,
             freed_at,
             granted_now: BTreeMap::new(),
         };
@@ -156,6 +209,35 @@ impl ShardHistory {
             self.queued.entry(key).or_default().extend(asked);
         }
         self.holders(&step, before, after);
+        if step.enders.restart {
+            self.restarted(after, now);
+        }
+    }
+
+    /// After a restart: nothing of the old process's waiters and
+    /// ephemeral grants is left, and its requests are forgotten (their
+    /// handles are reused by the new process).
+    fn restarted(&mut self, after: &BTreeMap<String, KeyView>, now: Tick) {
+        for (key, view) in after {
+            let kept = view
+                .waiters
+                .iter()
+                .map(|w| format!("waiter {:?}", w.handle));
+            let ephemeral = view.holders.iter().filter(|h| h.ephemeral);
+            let kept = kept.chain(ephemeral.map(|h| format!("ephemeral grant {}", h.token)));
+            for what in kept {
+                self.violations.push(Violation::RestartKept {
+                    shard: self.shard,
+                    key: key.clone(),
+                    what: format!("{what} at {} us", us(now)),
+                });
+            }
+        }
+        self.requests.clear();
+        self.queued.clear();
+        for grant in self.grants.values_mut() {
+            grant.handle = None;
+        }
     }
 
     /// Remembers a `lock` request, and what the command may end. Returns
@@ -185,10 +267,7 @@ impl ShardHistory {
             Input::RequesterGone { handle, .. } => enders.gone = Some(*handle),
             Input::ConnectionClosed { conn } => enders.closed = Some(*conn),
             Input::Op { .. } | Input::Tick => {}
-            // The simulated servers do not restart yet, so no log holds
-            // one; judging one will mean ending every waiter and
-            // ephemeral grant here.
-            Input::Restart { .. } => {}
+            Input::Restart { .. } => enders.restart = true,
         }
         (asked, enders)
     }
@@ -239,13 +318,13 @@ impl ShardHistory {
                         key: request.key.clone(),
                         conn: request.conn,
                         ephemeral: request.ephemeral,
-                        handle: answer.handle,
+                        handle: Some(answer.handle),
                         expected,
                     },
                 );
             }
             Err(error) if error.code == ErrorCode::Timeout => {
-                self.timeout(answer.handle, &request, step.now);
+                self.timeout(answer.handle, &request, step.now, step.late_ok);
             }
             Err(error) if error.code == ErrorCode::Cancelled => {
                 let deserved = step.enders.cancelled == Some(answer.handle)
@@ -308,8 +387,9 @@ impl ShardHistory {
         }
     }
 
-    /// `timeout` is deserved once the wait ran out, and due soon after.
-    fn timeout(&mut self, handle: Handle, request: &Request, now: Tick) {
+    /// `timeout` is deserved once the wait ran out, and due soon after
+    /// (unless the command may be late).
+    fn timeout(&mut self, handle: Handle, request: &Request, now: Tick, late_ok: bool) {
         let Wait::UpTo(wait_ms) = request.wait else {
             self.violations.push(Violation::TimeoutOffTime {
                 shard: self.shard,
@@ -321,7 +401,8 @@ impl ShardHistory {
             return;
         };
         let due = request.asked.plus_millis(wait_ms);
-        if now < due || now.0 > due.0.saturating_add(HAND_OFF_BOUND_US) {
+        let late = now.0 > due.0.saturating_add(self.bound_us) && !late_ok;
+        if now < due || late {
             self.violations.push(Violation::TimeoutOffTime {
                 shard: self.shard,
                 key: request.key.clone(),
@@ -354,8 +435,9 @@ impl ShardHistory {
                 continue;
             };
             let held = holds(after, &grant.key, token);
-            let undone = step.enders.gone == Some(grant.handle)
-                || (grant.ephemeral && step.enders.closed == Some(grant.conn));
+            let undone = (grant.handle.is_some() && step.enders.gone == grant.handle)
+                || (grant.ephemeral && step.enders.closed == Some(grant.conn))
+                || (grant.ephemeral && step.enders.restart);
             if !held && grant.expected > step.now && !undone {
                 self.violations.push(Violation::LeaseEndedEarly {
                     shard: self.shard,
@@ -395,8 +477,8 @@ impl ShardHistory {
                 .waiters
                 .iter()
                 .any(|w| w.deadline.is_none_or(|d| d > holder.deadline));
-            let late = step.now.0 > holder.deadline.0.saturating_add(HAND_OFF_BOUND_US);
-            if someone_waited && late {
+            let late = step.now.0 > holder.deadline.0.saturating_add(self.bound_us);
+            if someone_waited && late && !step.late_ok {
                 self.violations.push(Violation::LateHandOff {
                     shard: self.shard,
                     key: key.to_owned(),
@@ -408,9 +490,10 @@ impl ShardHistory {
             return;
         }
         let enders = &step.enders;
-        let granted_by = self.grants.get(&holder.token).map(|g| g.handle);
+        let granted_by = self.grants.get(&holder.token).and_then(|g| g.handle);
         let ended_by_command = enders.released.contains(&holder.token)
             || (holder.ephemeral && enders.closed == Some(holder.conn))
+            || (holder.ephemeral && enders.restart)
             || (granted_by.is_some() && enders.gone == granted_by);
         if !ended_by_command {
             self.violations.push(Violation::LeaseEndedEarly {
@@ -447,6 +530,9 @@ struct Step<'a> {
     /// The shard's time after it.
     now: Tick,
     enders: Enders,
+    /// Whether it may apply deadlines late (a restart, or the first
+    /// command after a refused batch).
+    late_ok: bool,
     /// Per key, when its place was freed for the next waiter.
     freed_at: BTreeMap<String, Tick>,
     /// Tokens granted in this command, with the tick of their grant.
@@ -508,11 +594,80 @@ mod tests {
         )
     }
 
+    /// Like [`lock`], ephemeral, on key `key`.
+    fn lock_ephemeral(ms: u64, n: u64, key: &str, ttl_ms: u64) -> Command {
+        let mut command = lock(ms, n, ttl_ms);
+        if let Input::Op {
+            op: ShardOp::Lock(LockOp::Acquire(acquire)),
+            ..
+        } = &mut command.input
+        {
+            acquire.key = key.into();
+            acquire.ephemeral = true;
+        }
+        command
+    }
+
+    fn restart(ms: u64) -> Command {
+        at_ms(ms, Input::Restart { token_floor: 1 })
+    }
+
     fn kinds(log: &[Command]) -> Vec<&'static str> {
-        check(0, log, config())
+        kinds_excusing(log, &BTreeSet::new())
+    }
+
+    /// The kinds of violation of `log`, whose commands at `late_ok` may
+    /// apply deadlines late.
+    fn kinds_excusing(log: &[Command], late_ok: &BTreeSet<usize>) -> Vec<&'static str> {
+        let timing = Timing::for_sync_latency(Duration::ZERO, late_ok);
+        check(0, log, config(), timing)
             .iter()
             .map(Violation::kind)
             .collect()
+    }
+
+    #[test]
+    fn a_restart_ends_waiters_and_ephemeral_grants_and_keeps_the_rest() {
+        // Client 1 holds "k" for 500 ms, 2 waits for it, 3 holds "e"
+        // ephemerally; the server restarts at 100 ms. The waiter and the
+        // ephemeral grant are gone, unanswered; the lease of 1 runs on and
+        // ends at 500 ms with nobody to hand the key to; a new request,
+        // whose handle 2 the new process reuses, is served in its turn.
+        let log = [
+            lock(0, 1, 500),
+            lock(1, 2, 100),
+            lock_ephemeral(2, 3, "e", 500),
+            restart(100),
+            lock(200, 2, 100),
+            at_ms(500, Input::Tick),
+            at_ms(600, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn a_restart_does_not_make_a_hand_off_late() {
+        // The lease of 1 ran out at 100 ms, before the process died; the
+        // restarted shard's clock goes on from 130 ms, and the restart
+        // applies it: late, as the server could not help.
+        let log = [lock(0, 1, 100), lock(1, 2, 100), restart(130)];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn the_first_command_after_a_refused_batch_may_hand_off_late() {
+        let log = [lock(0, 1, 100), lock(1, 2, 100), at_ms(150, Input::Tick)];
+        assert_eq!(
+            kinds_excusing(&log, &BTreeSet::from([2])),
+            Vec::<&str>::new()
+        );
+    }
+
+    #[test]
+    fn a_restart_that_keeps_an_ephemeral_lock_is_caught() {
+        let _planted = planted::plant(Some(PlantedBug::RestartKeepsEphemeral));
+        let log = [lock_ephemeral(0, 1, "e", 500), restart(100)];
+        assert_eq!(kinds(&log), ["server: restart kept waiter or ephemeral"]);
     }
 
     #[test]

@@ -3,14 +3,16 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use crate::history::What;
 use crate::proxy::Bug;
+use crate::scenario::SERVER_CRASH;
 use crate::world::Report;
 
 /// The command line that replays `seed` (with `bug` planted) and prints its
 /// readable trace.
 pub fn replay_command(seed: u64, bug: Option<Bug>) -> String {
     let features = match bug {
-        Some(bug) if bug.planted().is_some() => " --features planted-bugs",
+        Some(bug) if bug.needs_feature() => " --features planted-bugs",
         _ => "",
     };
     let bug = bug
@@ -32,6 +34,78 @@ pub struct Summary {
     pub violations: BTreeMap<&'static str, usize>,
     /// Seeds with at least one violation, with their first violation.
     pub failing: Vec<(u64, String)>,
+    /// The server's storage, over all seeds.
+    pub storage: StorageTotals,
+}
+
+/// What the server's storage went through, over many seeds: per line, the
+/// seeds in which it happened and how often in all.
+#[derive(Debug, Default)]
+pub struct StorageTotals {
+    /// Server crashes (each followed by a recovery).
+    pub crashes: (usize, usize),
+    /// Of which in the middle of a sync of the log.
+    pub crashes_mid_sync: (usize, usize),
+    /// Requests refused `unavailable` because the disk was full, as the
+    /// workers heard them.
+    pub refusals: (usize, usize),
+    /// Log appends the full disk refused.
+    pub full_refusals: (usize, usize),
+    /// Snapshots written.
+    pub snapshots: (usize, usize),
+    /// Log segments deleted after snapshots.
+    pub segments_deleted: (usize, usize),
+    /// Torn log tails cut off by a recovery.
+    pub torn_tails_cut: (usize, usize),
+    /// Records a recovery found whole though never acknowledged.
+    pub unacknowledged_kept: (usize, usize),
+    /// KiB appended to the log.
+    pub log_kib: (usize, usize),
+}
+
+impl StorageTotals {
+    fn add(&mut self, report: &Report) {
+        let count = |line: &mut (usize, usize), n: usize| {
+            line.0 += usize::from(n > 0);
+            line.1 += n;
+        };
+        let crashes = report.faults.get(SERVER_CRASH);
+        count(&mut self.crashes, crashes.copied().unwrap_or(0));
+        let mid_sync = report
+            .events
+            .iter()
+            .filter(|e| matches!(e.what, What::ServerCrashed { mid_sync: true }))
+            .count();
+        count(&mut self.crashes_mid_sync, mid_sync);
+        count(&mut self.refusals, report.refusals);
+        count(&mut self.full_refusals, report.disk.full_refusals);
+        count(&mut self.snapshots, report.disk.snapshots);
+        count(&mut self.segments_deleted, report.disk.segments_deleted);
+        count(&mut self.torn_tails_cut, report.disk.torn_tails_cut);
+        count(&mut self.unacknowledged_kept, report.unacknowledged_kept);
+        count(&mut self.log_kib, (report.disk.log_bytes >> 10) as usize);
+    }
+
+    fn table(&self, out: &mut String) {
+        let _ = writeln!(out, "\n| storage | seeds | count |\n|---|---:|---:|");
+        let lines = [
+            ("server crashes (recovered)", self.crashes),
+            (
+                "... of which in the middle of a sync",
+                self.crashes_mid_sync,
+            ),
+            ("requests refused `unavailable`", self.refusals),
+            ("log appends refused (disk full)", self.full_refusals),
+            ("snapshots written", self.snapshots),
+            ("log segments deleted", self.segments_deleted),
+            ("torn log tails cut", self.torn_tails_cut),
+            ("unacknowledged records recovered", self.unacknowledged_kept),
+            ("KiB of log written", self.log_kib),
+        ];
+        for (what, (seeds, count)) in lines {
+            let _ = writeln!(out, "| {what} | {seeds} | {count} |");
+        }
+    }
 }
 
 impl Summary {
@@ -48,6 +122,7 @@ impl Summary {
         if let Some(first) = report.violations.first() {
             self.failing.push((report.seed, format!("{first:?}")));
         }
+        self.storage.add(report);
     }
 
     /// The summary as markdown tables.
@@ -66,6 +141,7 @@ impl Summary {
         for (kind, count) in &self.faults {
             let _ = writeln!(out, "| {kind} | {count} |");
         }
+        self.storage.table(&mut out);
         let _ = writeln!(out, "\n| violation | count |\n|---|---:|");
         if self.violations.is_empty() {
             let _ = writeln!(out, "| (none) | 0 |");

@@ -3,6 +3,10 @@
 //! distinct dedup steps (some retried) and abandoned ephemeral locks,
 //! recording everything it does and believes. A crashed worker restarts at the step it was in, with the
 //! same client id, as a queue consumer whose message is redelivered would.
+//! A request the server refuses (`unavailable`: its disk is full) changed
+//! nothing: a counter step that is refused its lock ends, an insert is
+//! asked again. A request in flight when the server crashes is retried by
+//! the client on a new connection, with the same client id.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,7 @@
-//! One run: the world of hosts, the driver that injects the scenario's
-//! faults and heals them, and the report the checker makes of it.
+//! One run: the world of hosts (the server, durable on its simulated
+//! disk; the workers; the resource; the auditor), driven through the
+//! scenario's faults by the driver, and the report the checkers make of
+//! it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +17,8 @@ use futures_util::TryStreamExt;
 use tokio::sync::watch;
 
 use crate::checker::{self, Violation};
+use crate::disk::{self, DiskControl, DiskStats};
+use crate::driver::Driver;
 use crate::history::{self, Actor, Event, History, What};
 use crate::net::{
     SimDialer, SimListener, engine_config, quic_config, quic_endpoint, quic_server_config,
@@ -22,16 +26,18 @@ use crate::net::{
 };
 use crate::proxy::{self, Bug};
 use crate::resource;
-use crate::scenario::{
-    self, FaultKind, HEAL_AT_MS, LOCK_KEYS, SET, Scenario, ScheduledFault, Transport,
-};
+use crate::scenario::{self, LOCK_KEYS, SET, Scenario};
 use crate::trace::Trace;
 use crate::worker::{self, QUIC_PORT, Shared, WS_PORT};
 
 /// How long after the heal the workers have to finish their plans.
 pub const WORKLOAD_BOUND_MS: u64 = 40_000;
-/// The longest a run can last, in simulated time.
-const SIMULATION_MS: u64 = HEAL_AT_MS + WORKLOAD_BOUND_MS + 20_000;
+/// How long after the heal bound a run may last, in simulated time (the
+/// audit and the graceful shutdown).
+const WIND_DOWN_MS: u64 = 20_000;
+/// How long a server that could not start on a full disk waits before it
+/// tries again, as a supervisor restarting it would.
+const START_RETRY_MS: u64 = 250;
 
 /// How to run a seed.
 #[derive(Debug, Clone, Copy, Default)]
@@ -58,9 +64,18 @@ pub struct Report {
     pub operations: usize,
     /// Faults injected, by kind.
     pub faults: BTreeMap<&'static str, usize>,
+    /// What the server's disk did.
+    pub disk: DiskStats,
+    /// Requests the server refused `unavailable` (its disk was full), as
+    /// the workers heard them.
+    pub refusals: usize,
+    /// Log records a recovery found whole though they were never
+    /// acknowledged (written as the power failed).
+    pub unacknowledged_kept: usize,
 }
 
-fn worker_name(worker: usize) -> String {
+/// The host name of worker `worker`.
+pub(crate) fn worker_name(worker: usize) -> String {
     format!("worker{worker}")
 }
 
@@ -75,6 +90,12 @@ pub fn run(seed: u64, options: Options) -> Report {
         let error = "the state machine's planted bugs need `--features planted-bugs`".to_owned();
         return failed(seed, scenario, &history, error);
     };
+    let Some(_planted_storage) =
+        deadbolt_storage::planted::plant(options.bug.and_then(Bug::storage))
+    else {
+        let error = "the storage's planted bugs need `--features planted-bugs`".to_owned();
+        return failed(seed, scenario, &history, error);
+    };
     let shared = Shared {
         history: history.clone(),
         scenario: Arc::new(scenario.clone()),
@@ -82,16 +103,7 @@ pub fn run(seed: u64, options: Options) -> Report {
         ca_pem: Arc::new(Vec::new()),
         ws_host: if proxied { "proxy" } else { "server" },
     };
-    let mut sim = turmoil::Builder::new()
-        .rng_seed(seed)
-        .epoch(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
-        .simulation_duration(Duration::from_millis(SIMULATION_MS))
-        .tick_duration(Duration::from_millis(1))
-        .min_message_latency(Duration::from_millis(1))
-        .max_message_latency(Duration::from_millis(scenario.latency_ms))
-        .udp_capacity(4096)
-        .tcp_capacity(1024)
-        .build();
+    let mut sim = builder(seed, &scenario).build();
     let (identity_pem, shared) = match Identity::self_signed() {
         Ok((_, cert, key)) => (
             (cert.clone(), key),
@@ -102,7 +114,7 @@ pub fn run(seed: u64, options: Options) -> Report {
         ),
         Err(error) => return failed(seed, scenario, &history, format!("certificate: {error}")),
     };
-    let control = ServerControl::new(seed, &scenario);
+    let control = ServerControl::new(seed, &scenario, &history);
     add_server(&mut sim, seed, identity_pem, &control);
     let resource_history = history.clone();
     sim.host("resource", move || {
@@ -119,7 +131,7 @@ pub fn run(seed: u64, options: Options) -> Report {
         });
     }
     sim.client("auditor", audit(shared.clone(), control.clone()));
-    let mut driver = Driver::new(&scenario, &history, options);
+    let mut driver = Driver::new(&scenario, &history, options, &control);
     let outcome = driver.drive(&mut sim);
     let faults = std::mem::take(&mut driver.faults);
     drop(driver);
@@ -133,13 +145,40 @@ pub fn run(seed: u64, options: Options) -> Report {
             .map(|(plan, &done)| (done, plan.steps.len()))
             .collect()
     };
-    let mut violations = checker::check(&events, HEAL_AT_MS * 1000, &finished);
+    let heal_us = scenario.heal_at_ms() * 1000;
+    let mut violations = checker::check(&events, heal_us, &finished);
     if let Err(error) = outcome {
         violations.push(Violation::HostFailed { error });
     }
     violations.extend(control.trace.check(&control.config.engine));
     violations.extend(control.trace.check_server(&control.config.engine));
-    report(seed, scenario, events, violations, faults)
+    let mut report = report(seed, scenario, events, violations, faults);
+    report.disk = control.disk.stats();
+    report.unacknowledged_kept = control.trace.unobserved();
+    report
+}
+
+/// The world of `scenario`: its links, and its server's disk (torn writes
+/// and capacity as drawn).
+fn builder(seed: u64, scenario: &Scenario) -> turmoil::Builder {
+    let simulation_ms = scenario.heal_at_ms() + WORKLOAD_BOUND_MS + WIND_DOWN_MS;
+    let mut builder = turmoil::Builder::new();
+    builder
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(1_800_000_000))
+        .simulation_duration(Duration::from_millis(simulation_ms))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(scenario.latency_ms))
+        .udp_capacity(4096)
+        .tcp_capacity(1024);
+    if let Some(block) = scenario.disk.block_bytes {
+        builder.fs().block_size(block);
+    }
+    if let Some(capacity) = scenario.disk.capacity_bytes {
+        builder.fs().capacity(capacity);
+    }
+    builder
 }
 
 fn failed(seed: u64, scenario: Scenario, history: &History, error: String) -> Report {
@@ -159,6 +198,7 @@ fn report(
     violations: Vec<Violation>,
     faults: BTreeMap<&'static str, usize>,
 ) -> Report {
+    let refusals = events.iter().filter(|e| refused(&e.what)).count();
     let operations = events
         .iter()
         .filter(|e| {
@@ -180,32 +220,53 @@ fn report(
         violations,
         operations,
         faults,
+        disk: DiskStats::default(),
+        refusals,
+        unacknowledged_kept: 0,
     }
 }
 
-/// The server host: `deadbolt_server::run`, the assembly `deadbolt serve`
-/// runs, on simulated sockets.
-///
-/// The host's future is `run`'s: crashing the host drops it, which ends
-/// the server as a killed process ends (no goodbye to anyone), and a
-/// bounce starts a fresh one. Its shutdown future never completes for now;
-/// a scenario that stops the server gracefully would complete it.
-/// The simulated server's configuration and the handles a run keeps on it:
-/// the trace its shards record, and the switch that shuts it down.
+/// Whether `what` is a request the server refused `unavailable`.
+fn refused(what: &What) -> bool {
+    let error = match what {
+        What::LockFailed { error, .. }
+        | What::ExtendFailed { error, .. }
+        | What::InsertFailed { error, .. } => error,
+        _ => return false,
+    };
+    error.contains("unavailable")
+}
+
+/// The simulated server's configuration and the handles a run keeps on
+/// it: the trace its log feeds, its disk, the history its starts go to,
+/// and the switch that shuts it down.
 #[derive(Clone)]
-struct ServerControl {
+pub(crate) struct ServerControl {
     config: ServerConfig,
     trace: Arc<Trace>,
+    /// The server's disk, which the driver fills.
+    pub(crate) disk: Arc<DiskControl>,
+    history: History,
     stop: Arc<watch::Sender<bool>>,
     stopped: Arc<AtomicBool>,
 }
 
 impl ServerControl {
     /// The scenario's shard count seeded by the run; invariants checked
-    /// after every batch; every batch recorded for the replay check; and
+    /// after every batch; a data directory on the simulated disk as the
+    /// scenario draws it, whose every kept record goes to the trace; and
     /// short idle limits, so that a silent peer is noticed within the run.
-    fn new(seed: u64, scenario: &Scenario) -> ServerControl {
-        let trace = Arc::new(Trace::default());
+    fn new(seed: u64, scenario: &Scenario, history: &History) -> ServerControl {
+        let latency = Duration::from_millis(scenario.disk.sync_latency_ms);
+        let trace = Arc::new(Trace::with_sync_latency(latency));
+        let latency = (!latency.is_zero()).then_some(latency);
+        let disk = DiskControl::new(scenario.disk.capacity_bytes, latency, &trace);
+        let storage = disk::storage(
+            &disk,
+            &trace,
+            scenario.disk.segment_bytes,
+            scenario.disk.snapshot_after_bytes,
+        );
         let config = ServerConfig {
             engine: engine_config(scenario.shards, seed, &trace),
             ws: ws_config(),
@@ -213,11 +274,13 @@ impl ServerControl {
                 retry_above: if scenario.quic_retry { 0 } else { usize::MAX },
                 ..quic_config()
             },
-            storage: None,
+            storage: Some(storage),
         };
         ServerControl {
             config,
             trace,
+            disk,
+            history: history.clone(),
             stop: Arc::new(watch::Sender::new(false)),
             stopped: Arc::new(AtomicBool::new(false)),
         }
@@ -225,7 +288,15 @@ impl ServerControl {
 }
 
 /// The server host: `deadbolt_server::run`, as `deadbolt serve` runs it, on
-/// simulated sockets, until the run's end shuts it down gracefully.
+/// simulated sockets and the simulated disk, until the run's end shuts it
+/// down gracefully.
+///
+/// The host's future is `run`'s: crashing the host drops it, which ends
+/// the server as a killed process ends (no goodbye to anyone, unsynced
+/// writes lost), and a bounce starts a fresh one on the same disk, which
+/// recovers the data directory. A server that cannot start because its
+/// disk is full tries again a while later, as a supervisor would restart
+/// it; any other refusal to start ends the host with the error.
 fn add_server(
     sim: &mut turmoil::Sim<'_>,
     seed: u64,
@@ -237,28 +308,57 @@ fn add_server(
         let (cert, key) = (cert.clone(), key.clone());
         let control = control.clone();
         async move {
-            let identity = Identity::from_pem(cert.as_bytes(), key.as_bytes())?;
-            let quic = quic_endpoint(
-                QUIC_PORT,
-                seed,
-                1,
-                Some(quic_server_config(identity, seed)?),
-            )
-            .await?;
-            let ws = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
-            let listeners = Listeners {
-                ws: SimListener(ws),
-                quic: Some(quic),
-            };
-            let mut stop = control.stop.subscribe();
-            let shutdown = async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            };
-            deadbolt_server::run(control.config.clone(), listeners, shutdown).await?;
+            while !serve(&control, seed, &cert, &key).await? {
+                tokio::time::sleep(Duration::from_millis(START_RETRY_MS)).await;
+            }
             control.stopped.store(true, Ordering::Release);
             Ok(())
         }
     });
+}
+
+/// Serves until the run's end shuts the server down (`true`), or until it
+/// could not start because its disk is full (`false`).
+async fn serve(control: &ServerControl, seed: u64, cert: &str, key: &str) -> turmoil::Result<bool> {
+    let identity = Identity::from_pem(cert.as_bytes(), key.as_bytes())?;
+    let quic = quic_endpoint(
+        QUIC_PORT,
+        seed,
+        1,
+        Some(quic_server_config(identity, seed)?),
+    )
+    .await?;
+    let ws = turmoil::net::TcpListener::bind(("0.0.0.0", WS_PORT)).await?;
+    let listeners = Listeners {
+        ws: SimListener(ws),
+        quic: Some(quic),
+    };
+    if let Some(storage) = &control.config.storage {
+        control.trace.catch_up(&*storage.disk, &storage.store.dir);
+    }
+    let mut stop = control.stop.subscribe();
+    let shutdown = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    match deadbolt_server::run(control.config.clone(), listeners, shutdown).await {
+        Ok(()) => Ok(true),
+        Err(deadbolt_server::Error::Storage(error)) => {
+            let disk_full = disk::is_full(&error);
+            control.history.record(
+                Actor::Server,
+                What::ServerStartFailed {
+                    error: error.to_string(),
+                    disk_full,
+                },
+            );
+            if disk_full {
+                Ok(false)
+            } else {
+                Err(error.into())
+            }
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// The auditor: keeps a short-lived set alive, waits for the workers (up
@@ -267,8 +367,12 @@ fn add_server(
 async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
     let renewer = (shared.scenario.set_ttl_ms < scenario::SET_TTL_LONG_MS)
         .then(|| tokio::spawn(renew_set(shared.scenario.set_ttl_ms)));
-    let deadline = Duration::from_millis(HEAL_AT_MS + WORKLOAD_BOUND_MS);
-    while !shared.all_done() && turmoil::sim_elapsed().unwrap_or_default() < deadline {
+    let deadline = Duration::from_millis(shared.scenario.heal_at_ms() + WORKLOAD_BOUND_MS);
+    // The workers may be done before the server's last crash or full disk.
+    let server_faults_end = Duration::from_millis(shared.scenario.server_faults_end_ms());
+    let elapsed = || turmoil::sim_elapsed().unwrap_or_default();
+    let busy = || !shared.all_done() || elapsed() < server_faults_end;
+    while busy() && elapsed() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let record = |what| shared.history.record(Actor::Auditor, what);
@@ -304,18 +408,36 @@ async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
     Ok(())
 }
 
-/// A client of the auditor's, straight to the server.
-async fn auditor_client() -> Result<Client, deadbolt_core::client::Error> {
-    let connector = WsConnector::with_dialer(&format!("ws://server:{WS_PORT}/ws"), SimDialer)?;
-    Client::connect(connector, ClientOptions::default()).await
+/// A client of the auditor's, straight to the server, which it tries for
+/// a while: a server restarted at the heal may still be starting (waiting
+/// for its disk). Its id is `client_id`, not a random one: the client's
+/// retry delays are drawn from its id, and the run must repeat exactly.
+async fn auditor_client(client_id: &str) -> Result<Client, deadbolt_core::client::Error> {
+    let url = format!("ws://server:{WS_PORT}/ws");
+    let mut attempts = 0;
+    loop {
+        let connector = WsConnector::with_dialer(&url, SimDialer)?;
+        let options = ClientOptions {
+            client_id: Some(client_id.to_owned()),
+            ..ClientOptions::default()
+        };
+        match Client::connect(connector, options).await {
+            Err(_) if attempts < AUDITOR_CONNECT_ATTEMPTS => attempts += 1,
+            connected => return connected,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
+
+/// How many times the auditor tries to connect, 100 ms apart.
+const AUDITOR_CONNECT_ATTEMPTS: u32 = 50;
 
 /// Every member of the set, in index order, a page of `page_limit` (or
 /// the default) at a time.
 async fn export(
     page_limit: Option<u32>,
 ) -> Result<Vec<(u64, String)>, deadbolt_core::client::Error> {
-    let client = auditor_client().await?;
+    let client = auditor_client("auditor-export").await?;
     let set = client.set(SET);
     let Some(limit) = page_limit else {
         let members = set.members().try_collect::<Vec<_>>().await?;
@@ -336,7 +458,7 @@ async fn export(
 /// own `set_up`s renew it too, but a faulty worker may not in time.
 async fn renew_set(ttl_ms: u64) {
     let client = loop {
-        if let Ok(client) = auditor_client().await {
+        if let Ok(client) = auditor_client("auditor-renewer").await {
             break client;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -357,210 +479,5 @@ async fn stop_server(control: &ServerControl) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Applies the fault schedule as the simulation steps, then heals.
-struct Driver<'a> {
-    scenario: &'a Scenario,
-    history: &'a History,
-    options: Options,
-    next: usize,
-    /// Faults in force, with when they end.
-    active: Vec<(u64, ScheduledFault)>,
-    /// Per worker, until when a link fault holds its links.
-    links_busy_until: Vec<u64>,
-    crashed: Vec<bool>,
-    healed: bool,
-    faults: BTreeMap<&'static str, usize>,
-}
-
-impl<'a> Driver<'a> {
-    fn new(scenario: &'a Scenario, history: &'a History, options: Options) -> Self {
-        let workers = scenario.workers.len();
-        Driver {
-            scenario,
-            history,
-            options,
-            next: 0,
-            active: Vec::new(),
-            links_busy_until: vec![0; workers],
-            crashed: vec![false; workers],
-            healed: false,
-            faults: BTreeMap::new(),
-        }
-    }
-
-    fn record(&self, sim: &turmoil::Sim<'_>, what: What) {
-        self.history
-            .record_at(history::micros(sim.elapsed()), Actor::Driver, what);
-    }
-
-    /// The host a worker's server traffic goes to.
-    fn server_of(&self, worker: usize) -> &'static str {
-        let proxied = self.options.bug.is_some_and(Bug::needs_proxy);
-        match (proxied, self.scenario.workers[worker].transport) {
-            (true, Transport::Ws) => "proxy",
-            _ => "server",
-        }
-    }
-
-    fn drive(&mut self, sim: &mut turmoil::Sim<'_>) -> Result<(), String> {
-        loop {
-            let now_ms = u64::try_from(sim.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.end_faults(sim, now_ms);
-            self.start_faults(sim, now_ms);
-            if !self.healed && now_ms >= HEAL_AT_MS {
-                self.heal(sim);
-            }
-            match sim.step() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(error) => return Err(error.to_string()),
-            }
-        }
-    }
-
-    fn start_faults(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
-        while let Some(fault) = self
-            .scenario
-            .faults
-            .get(self.next)
-            .filter(|f| f.at_ms <= now_ms)
-        {
-            self.next += 1;
-            let fault = fault.clone();
-            let worker = fault.worker;
-            let end = fault.at_ms + fault.duration_ms;
-            // One fault at a time on a worker's links, so that ending one
-            // never undoes another; a crashed worker cannot crash again.
-            if fault.kind.is_link_fault() && self.links_busy_until[worker] > now_ms {
-                continue;
-            }
-            if fault.kind == FaultKind::Crash && self.crashed[worker] {
-                continue;
-            }
-            self.apply(sim, &fault);
-            if fault.kind.is_link_fault() {
-                self.links_busy_until[worker] = end;
-            }
-            *self.faults.entry(fault.kind.name()).or_insert(0) += 1;
-            self.record(
-                sim,
-                What::Fault {
-                    kind: fault.kind.name(),
-                    detail: format!("{fault:?}"),
-                },
-            );
-            self.active.push((end, fault));
-        }
-    }
-
-    fn end_faults(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
-        let (ending, staying): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
-            .into_iter()
-            .partition(|(end, _)| *end <= now_ms);
-        self.active = staying;
-        for (_, fault) in ending {
-            self.revert(sim, &fault);
-        }
-    }
-
-    fn links(&self, worker: usize) -> [(String, &'static str); 2] {
-        [
-            (worker_name(worker), self.server_of(worker)),
-            (worker_name(worker), "resource"),
-        ]
-    }
-
-    fn apply(&mut self, sim: &mut turmoil::Sim<'_>, fault: &ScheduledFault) {
-        let worker = fault.worker;
-        match fault.kind {
-            FaultKind::Partition { oneway: None } | FaultKind::DropConnections => {
-                for (a, b) in self.links(worker) {
-                    sim.partition(a.as_str(), b);
-                }
-            }
-            FaultKind::Partition {
-                oneway: Some(outbound),
-            } => {
-                for (a, b) in self.links(worker) {
-                    if outbound {
-                        sim.partition_oneway(a.as_str(), b)
-                    } else {
-                        sim.partition_oneway(b, a.as_str())
-                    }
-                }
-            }
-            FaultKind::Pause => {
-                for (a, b) in self.links(worker) {
-                    sim.hold(a.as_str(), b);
-                }
-            }
-            FaultKind::LatencySpike { max_ms } => {
-                for (a, b) in self.links(worker) {
-                    sim.set_link_max_message_latency(a.as_str(), b, Duration::from_millis(max_ms));
-                }
-            }
-            FaultKind::Loss { rate } => {
-                sim.set_link_fail_rate(worker_name(worker).as_str(), self.server_of(worker), rate)
-            }
-            FaultKind::Crash => {
-                sim.crash(worker_name(worker).as_str());
-                self.crashed[worker] = true;
-                self.record(sim, What::Crashed { worker });
-            }
-        }
-    }
-
-    fn revert(&mut self, sim: &mut turmoil::Sim<'_>, fault: &ScheduledFault) {
-        let worker = fault.worker;
-        match fault.kind {
-            FaultKind::Partition { .. } | FaultKind::DropConnections | FaultKind::Pause => {
-                for (a, b) in self.links(worker) {
-                    sim.release(a.as_str(), b);
-                    sim.repair(a.as_str(), b);
-                }
-            }
-            FaultKind::LatencySpike { .. } => {
-                for (a, b) in self.links(worker) {
-                    sim.set_link_max_message_latency(
-                        a.as_str(),
-                        b,
-                        Duration::from_millis(self.scenario.latency_ms),
-                    );
-                }
-            }
-            FaultKind::Loss { .. } => {
-                let (a, b) = (worker_name(worker), self.server_of(worker));
-                sim.set_link_fail_rate(a.as_str(), b, 0.0);
-                sim.repair(a.as_str(), b);
-            }
-            FaultKind::Crash => {
-                if self.crashed[worker] {
-                    sim.bounce(worker_name(worker).as_str());
-                    self.crashed[worker] = false;
-                }
-            }
-        }
-    }
-
-    /// Ends every fault still in force and restarts every crashed worker.
-    fn heal(&mut self, sim: &mut turmoil::Sim<'_>) {
-        for (_, fault) in std::mem::take(&mut self.active) {
-            self.revert(sim, &fault);
-        }
-        for worker in 0..self.scenario.workers.len() {
-            for (a, b) in self.links(worker) {
-                sim.release(a.as_str(), b);
-                sim.repair(a.as_str(), b);
-            }
-            if self.crashed[worker] {
-                sim.bounce(worker_name(worker).as_str());
-                self.crashed[worker] = false;
-            }
-        }
-        self.healed = true;
-        self.record(sim, What::Healed);
     }
 }

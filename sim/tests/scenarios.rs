@@ -8,7 +8,9 @@ use std::time::Duration;
 use deadbolt_core::EngineConfig;
 use deadbolt_core::client::LockOptions;
 use deadbolt_core::proto::{ErrorCode, Inserted, Keys, Okay, Op, SetOp};
-use deadbolt_sim::script::{Log, SCRIPT_SHARDS, SERVER, add_server, connect, step_until, world};
+use deadbolt_sim::script::{
+    Log, SCRIPT_SHARDS, SERVER, add_server, connect, connect_as, step_until, world,
+};
 use deadbolt_sim::trace::Trace;
 
 fn ms(n: u64) -> Duration {
@@ -206,6 +208,102 @@ fn a_retried_insert_whose_reply_was_lost_keeps_first_and_its_index() -> turmoil:
         "a's retry is still first, index 1"
     );
     assert!(log.when("b answered") < log.when("a answered"));
+    assert_invariants_kept(&trace, &log);
+    Ok(())
+}
+
+#[test]
+fn a_server_crash_keeps_a_held_lock_with_its_lease_and_an_insert_and_drops_waiters_and_ephemeral_locks()
+-> turmoil::Result {
+    let mut sim = world(4);
+    let trace = Arc::new(Trace::default());
+    add_server(&mut sim, &trace);
+    let log = Log::default();
+    let token = Arc::new(Mutex::new(0u64));
+
+    let (holder_log, holder_token) = (log.clone(), token.clone());
+    sim.client("holder", async move {
+        let client = connect_as("holder").await?;
+        let granted = client.lock("k", ms(4_000)).await?.detach();
+        *holder_token.lock().expect("token") = granted;
+        holder_log.note("holder granted");
+        client.set("results").set_up(ms(60_000)).await?;
+        let inserted = client.set("results").insert("r1").await?;
+        assert_eq!((inserted.index, inserted.first), (1, true));
+        let ephemeral = LockOptions::new(ms(60_000)).ephemeral(true);
+        let _kept = client.lock_with("e", ephemeral).await?.expect("free");
+        holder_log.note("holder ready");
+        tokio::time::sleep(ms(3_000)).await;
+        // After the restart: the grant is still this holder's.
+        client.unlock("k", granted).await?;
+        holder_log.note("holder unlocked");
+        Ok(())
+    });
+    let waiter_log = log.clone();
+    sim.client("waiter", async move {
+        tokio::time::sleep(ms(200)).await;
+        let client = connect_as("waiter").await?;
+        waiter_log.note("waiter asks");
+        // Its request dies with the server; the client asks again.
+        let guard = client.lock("k", ms(1_000)).await?;
+        waiter_log.note("waiter granted");
+        guard.unlock().await?;
+        Ok(())
+    });
+    let info = Arc::new(Mutex::new(None));
+    let (late_log, late_info) = (log.clone(), info.clone());
+    sim.client("late", async move {
+        tokio::time::sleep(ms(2_800)).await;
+        let client = connect_as("late").await?;
+        let holder = client.inspect("k").await?.holder;
+        *late_info.lock().expect("info") = holder;
+        let ephemeral_free = client.try_lock("e", ms(1_000)).await?.is_some();
+        let inserted = client.set("results").insert("r1").await?;
+        late_log.note(format!(
+            "late: e free {ephemeral_free}, r1 index {} first {}",
+            inserted.index, inserted.first
+        ));
+        Ok(())
+    });
+
+    assert!(step_until(&mut sim, 5_000, || log
+        .when("holder ready")
+        .is_some()
+        && log.when("waiter asks").is_some())?);
+    step_until(&mut sim, 600, || false)?;
+    let crashed = sim.elapsed().as_millis() as u64;
+    sim.crash(SERVER);
+    step_until(&mut sim, crashed + 2_000, || false)?;
+    sim.bounce(SERVER);
+    sim.run()?;
+
+    let granted = log.when("holder granted").expect("noted");
+    let holder = info.lock().expect("info").clone();
+    let holder = holder.unwrap_or_else(|| panic!("k is held after the restart\n{}", log.dump()));
+    assert_eq!(holder.client, "holder");
+    assert_eq!(holder.token, *token.lock().expect("token"));
+    // The lease went on with the time it had left: the 2 s the server was
+    // down did not shorten it (they may lengthen it: the clock goes on
+    // from the last time the log reached, before the crash), and it ran
+    // again once the server was back.
+    let left_at_crash = 4_000 - (crashed - granted);
+    let run_since_restart = 2_800 - (crashed + 2_000);
+    assert!(
+        holder.remaining_ms + run_since_restart + 50 >= left_at_crash
+            && holder.remaining_ms <= 4_000 - run_since_restart,
+        "{} ms left after the restart, {left_at_crash} at the crash\n{}",
+        holder.remaining_ms,
+        log.dump()
+    );
+    assert!(
+        log.when("late: e free true, r1 index 1 first false")
+            .is_some(),
+        "the ephemeral lock died with its connection; the insert kept its index and owner\n{}",
+        log.dump()
+    );
+    let unlocked = log.when("holder unlocked").expect("the holder unlocked");
+    let waited = log.when("waiter granted").expect("the waiter asked again");
+    assert!(waited >= unlocked, "{}", log.dump());
     assert_invariants_kept(&trace, &log);
     Ok(())
 }

@@ -4,6 +4,7 @@
 use deadbolt_core::shard::planted::PlantedBug;
 use deadbolt_sim::summary::{Summary, replay_command};
 use deadbolt_sim::{Bug, Options, Report, run};
+use deadbolt_storage::StorageBug;
 
 /// Seeds per `cargo test` (at least 200), or `DEADBOLT_SIM_SEEDS`.
 fn seed_count() -> u64 {
@@ -187,7 +188,51 @@ fn an_ephemeral_lock_that_outlives_its_connection_is_caught() {
 }
 
 #[test]
+fn a_restart_that_keeps_ephemeral_locks_is_caught() {
+    caught_within(
+        Bug::Server(PlantedBug::RestartKeepsEphemeral),
+        &["server: restart kept waiter or ephemeral"],
+    );
+}
+
+/// What a lost acknowledged change looks like from outside: an insert
+/// missing from the export, or told to a second worker as new (another
+/// index, a second `first`), or a grant whose token comes again.
+const LOST_ACKNOWLEDGEMENT: &[&str] = &[
+    "acked insert lost",
+    "index mismatch",
+    "double first",
+    "token order",
+    "mutual exclusion",
+];
+
+#[test]
+fn an_acknowledgement_before_the_sync_is_caught() {
+    caught_within(
+        Bug::Storage(StorageBug::AckBeforeSync),
+        LOST_ACKNOWLEDGEMENT,
+    );
+}
+
+#[test]
+fn a_recovery_that_forgets_the_last_batch_is_caught() {
+    let mut kinds = LOST_ACKNOWLEDGEMENT.to_vec();
+    // The state recovered is not the state the log replays to.
+    kinds.push("replay diverged");
+    caught_within(Bug::Storage(StorageBug::ForgetLastBatch), &kinds);
+}
+
+#[test]
+fn a_snapshot_that_covers_batches_it_does_not_hold_is_caught() {
+    // The log writer's bug this simulation found: it is caught whenever a
+    // snapshot is written, before any crash makes a recovery use it.
+    let mut kinds = LOST_ACKNOWLEDGEMENT.to_vec();
+    kinds.extend(["snapshot diverged", "replay diverged"]);
+    caught_within(Bug::Storage(StorageBug::SnapshotCoversGroup), &kinds);
+}
+
+#[test]
 fn every_planted_bug_has_a_test() {
     // The tests above, one per bug: a new bug needs its own.
-    assert_eq!(Bug::ALL.len(), 11);
+    assert_eq!(Bug::ALL.len(), 15);
 }

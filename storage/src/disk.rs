@@ -7,6 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
+use std::time::Duration;
 
 /// The file operations the store needs. Every call is synchronous: the log
 /// writer runs on its own thread (or, in the simulation, its own task).
@@ -27,6 +28,17 @@ pub trait Disk: Send + Sync + 'static {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Makes `dir`'s entries (files created, renamed, removed) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+
+    /// How long a sync of the log takes, for a disk whose calls return at
+    /// once (the simulation's): the log writer then writes a group, waits
+    /// that long on its runtime's clock, and only then syncs it and
+    /// answers, so that the batches sent meanwhile form the next group and
+    /// a crash meanwhile finds the group written but not synced, as behind
+    /// a real sync. `None` (a real disk): a sync takes the time it blocks
+    /// for.
+    fn sync_latency(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A file written only at its end.

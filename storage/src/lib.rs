@@ -15,11 +15,14 @@
 //! Layout of a data directory: `wal/<first record>.log` (segments of
 //! checksummed records, [`frame`]; their content, [`codec`]),
 //! `snapshots/shard-N.snap` ([`snapshot`]). Layout of the crate: [`disk`],
-//! [`frame`], [`codec`], [`snapshot`], `recover`, `writer`.
+//! [`frame`], [`codec`], [`snapshot`], `recover`, `writer`, and
+//! [`planted`] (bugs the simulation plants to prove its checker, compiled
+//! only with the `planted-bugs` feature).
 
 pub mod codec;
 pub mod disk;
 pub mod frame;
+pub mod planted;
 mod recover;
 pub mod snapshot;
 mod writer;
@@ -38,6 +41,7 @@ use deadbolt_core::time::Tick;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use disk::{AppendFile, Disk, StdDisk};
+pub use planted::StorageBug;
 pub use recover::RecoveryReport;
 pub use writer::LogWriter;
 
@@ -84,10 +88,17 @@ pub struct StoreConfig {
     /// Told of every record once it is kept, in log order: the
     /// simulation's trace, which must hold exactly what the log holds.
     pub observer: Option<RecordObserver>,
+    /// Told of each shard's state digest when the shard stops (a graceful
+    /// shutdown): the simulation replays the records it observed and
+    /// compares.
+    pub on_stopped: Option<StoppedObserver>,
 }
 
 /// Sees each record the log keeps, with its number.
 pub type RecordObserver = Arc<dyn Fn(u64, &Record) + Send + Sync>;
+
+/// Sees a shard stop: the shard and the digest of the state it stopped in.
+pub type StoppedObserver = Arc<dyn Fn(usize, u64) + Send + Sync>;
 
 impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,6 +108,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("segment_bytes", &self.segment_bytes)
             .field("snapshot_after_bytes", &self.snapshot_after_bytes)
             .field("observer", &self.observer.is_some())
+            .field("on_stopped", &self.on_stopped.is_some())
             .finish()
     }
 }
@@ -113,6 +125,7 @@ impl StoreConfig {
             limits: Limits::default(),
             yield_to_shards: false,
             observer: None,
+            on_stopped: None,
         }
     }
 }
@@ -172,6 +185,7 @@ pub(crate) struct Shared {
 pub struct Store {
     requests: mpsc::UnboundedSender<Request>,
     shared: Arc<Shared>,
+    on_stopped: Option<StoppedObserver>,
 }
 
 /// A recovered data directory, ready to serve.
@@ -197,6 +211,7 @@ pub fn open(
     engine: &EngineConfig,
 ) -> Result<Opened, StorageError> {
     config.limits = engine.limits;
+    let on_stopped = config.on_stopped.clone();
     make_dirs(&*disk, &config.dir)?;
     let recovered = recover::recover(&*disk, &config.dir, engine)?;
     let shards = recovered.shards.len();
@@ -232,6 +247,7 @@ pub fn open(
         store: Arc::new(Store {
             requests: tx,
             shared,
+            on_stopped,
         }),
         writer,
         shards: recovered.shards,
@@ -357,5 +373,11 @@ impl Journal for Store {
 
     fn attention(&self, shard: usize) -> Option<Arc<Notify>> {
         self.shared.attention.get(shard).cloned()
+    }
+
+    fn stopped(&self, shard: usize, digest: u64) {
+        if let Some(on_stopped) = &self.on_stopped {
+            on_stopped(shard, digest);
+        }
     }
 }

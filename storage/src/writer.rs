@@ -1,8 +1,9 @@
 //! The log writer: one task that owns the log's files. Shards send it
 //! their batches; it appends everything that is waiting as one write,
 //! syncs once for all of it (group commit), and only then lets the shards
-//! apply and answer. It also writes snapshots and, once every shard has
-//! one newer than a segment, deletes the segment.
+//! apply and answer. What arrives while a sync is under way is the next
+//! group. It also writes snapshots and, once every shard has one newer
+//! than a segment, deletes the segment.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::codec::{self, Record};
 use crate::disk::{AppendFile, Disk};
+use crate::planted::{self, StorageBug};
 use crate::recover::{Segment, segment_name};
 use crate::snapshot::{self, SnapshotHeader};
 use crate::{Fsync, Shared, StorageError, StoreConfig, frame};
@@ -25,6 +27,10 @@ const GROUP_MAX: usize = 1024;
 
 /// Most times the writer yields its thread to let a group grow.
 const GATHER_YIELDS: usize = 4;
+
+/// Kept batches remembered per shard: more than a shard can have in
+/// flight, so that a snapshot always finds the batches it does not hold.
+const RECENT_BATCHES: usize = 16;
 
 /// What the writer is asked.
 pub(crate) enum Request {
@@ -53,6 +59,23 @@ pub(crate) enum Request {
     },
 }
 
+/// A group written, with what is left to do once its sync is over.
+struct Written {
+    /// Whether the group is yet to be synced.
+    sync_later: bool,
+    /// What the group's batches are answered.
+    outcome: Result<(), ServerError>,
+    /// The payloads of its records, for the observer.
+    observed: Vec<Vec<u8>>,
+    /// Who waits for that answer.
+    waiting: Vec<oneshot::Sender<Result<(), ServerError>>>,
+    /// Its batches: shard, batch number, record number.
+    numbered: Vec<(u32, u64, u64)>,
+    /// Snapshots to write: shard, image, token reservation, and the
+    /// records of the shard they cover (those numbered below).
+    snapshots: Vec<(u32, Box<ShardImage>, u64, u64)>,
+}
+
 /// A snapshot round: every shard is asked for a snapshot; once all have
 /// written one, the segments whose every record the snapshots hold are
 /// deleted.
@@ -61,6 +84,15 @@ struct Round {
     /// snapshot does not hold (a batch in flight when it was taken may be
     /// older than the round).
     covers_below: Vec<Option<u64>>,
+}
+
+/// Counts for the writer's last log line: how well group commit grouped.
+#[derive(Debug, Default)]
+struct Tally {
+    groups: u64,
+    records: u64,
+    syncs: u64,
+    bytes: u64,
 }
 
 /// The log writer's state. Run it with [`LogWriter::run`].
@@ -81,28 +113,15 @@ pub struct LogWriter {
     /// Bytes of the last complete set of snapshots.
     snapshot_bytes: Vec<u64>,
     round: Option<Round>,
-    /// Why the log can no longer be trusted, once it cannot.
-    failed: Option<String>,
     /// Per shard, the record numbers of its latest kept batches, by batch
     /// number: a snapshot says which batches it holds, and batches handed
-    /// over after those (in flight when it was taken) must stay in the log.
+    /// over before it but not yet applied must stay in the log.
     recent: Vec<VecDeque<(u64, u64)>>,
     /// What the writer has done, for its log line at the end.
     tally: Tally,
+    /// Why the log can no longer be trusted, once it cannot.
+    failed: Option<String>,
 }
-
-/// Counts for the writer's last log line: how well group commit grouped.
-#[derive(Debug, Default)]
-struct Tally {
-    groups: u64,
-    records: u64,
-    syncs: u64,
-    bytes: u64,
-}
-
-/// Kept batches remembered per shard: more than a shard can have in
-/// flight, so that a snapshot always finds the batches it does not hold.
-const RECENT_BATCHES: usize = 16;
 
 impl LogWriter {
     pub(crate) fn new(
@@ -143,9 +162,9 @@ impl LogWriter {
             sync_due: None,
             snapshot_bytes: vec![0; shards],
             round: None,
-            failed: None,
             recent: vec![VecDeque::new(); shards],
             tally: Tally::default(),
+            failed: None,
         })
     }
 
@@ -203,7 +222,14 @@ impl LogWriter {
             let Some(first) = first else { break };
             let mut group = vec![first];
             self.gather(&mut group);
-            self.commit(group);
+            let mut written = self.write_group(group);
+            if written.sync_later {
+                if let Some(latency) = self.disk.sync_latency() {
+                    tokio::time::sleep(latency).await;
+                }
+                self.sync_group(&mut written);
+            }
+            self.finish_group(written);
         }
         self.sync_unsynced();
         let Tally {
@@ -244,15 +270,17 @@ impl LogWriter {
         }
     }
 
-    /// Writes a group: its records in one append and at most one sync,
-    /// then its snapshots.
-    fn commit(&mut self, group: Vec<Request>) {
+    /// Writes a group's records in one append and at most one sync (left
+    /// to [`LogWriter::sync_group`] on a disk whose syncs take a while);
+    /// what is left to do is returned.
+    fn write_group(&mut self, group: Vec<Request>) -> Written {
         let mut bytes = Vec::new();
         let mut observed = Vec::new();
         let mut waiting = Vec::new();
         let mut snapshots = Vec::new();
         let mut numbered = Vec::new();
-        let mut must_sync = self.config.fsync == Fsync::Always;
+        let mut must_sync =
+            self.config.fsync == Fsync::Always && !planted::active(StorageBug::AckBeforeSync);
         let first_lsn = self.next_lsn;
         for request in group {
             match request {
@@ -288,31 +316,55 @@ impl LogWriter {
                     image,
                     token_reserved,
                 } => {
-                    snapshots.push((shard, settled, image, token_reserved));
+                    // The image holds the batches its shard had applied
+                    // when it was taken: not those it handed over before
+                    // but had not applied yet (in flight), nor its next
+                    // ones, which may follow this request in this very
+                    // group.
+                    let covers_below = if planted::active(StorageBug::SnapshotCoversGroup) {
+                        u64::MAX
+                    } else {
+                        self.first_unsettled(shard, settled, &numbered)
+                    };
+                    snapshots.push((shard, image, token_reserved, covers_below));
                 }
             }
         }
+        // On a disk whose syncs take a while, the sync is what the power
+        // may fail during: it is done once that while has passed.
+        let slow = self.disk.sync_latency().is_some();
         let outcome = if bytes.is_empty() {
             Ok(())
         } else {
-            self.append(&bytes, must_sync)
+            self.append(&bytes, must_sync && !slow)
         };
         if outcome.is_err() {
             self.next_lsn = first_lsn;
-        } else {
-            self.tally.records += waiting.len() as u64;
-            self.observe(&observed);
-            self.remember(numbered);
         }
-        for done in waiting {
-            // A shard that stopped waiting has nothing to be told.
-            let _ = done.send(outcome.clone());
+        Written {
+            sync_later: must_sync && slow && !bytes.is_empty() && outcome.is_ok(),
+            outcome,
+            observed,
+            waiting,
+            numbered,
+            snapshots,
         }
-        for (shard, settled, image, token_reserved) in snapshots {
-            let covers_below = self.first_unsettled(shard, settled);
-            self.write_snapshot(shard, covers_below, &image, token_reserved);
-        }
-        self.maybe_rotate();
+    }
+
+    /// The first record of shard `shard` that a snapshot holding its
+    /// batches up to `settled` does not hold: its oldest kept batch after
+    /// `settled` (among those remembered and those of the group so far,
+    /// `numbered`), or the next record if there is none.
+    fn first_unsettled(&self, shard: u32, settled: u64, numbered: &[(u32, u64, u64)]) -> u64 {
+        let remembered = self.recent[shard as usize].iter().copied();
+        let this_group = numbered
+            .iter()
+            .filter(|(s, _, _)| *s == shard)
+            .map(|&(_, number, lsn)| (number, lsn));
+        remembered
+            .chain(this_group)
+            .find(|(number, _)| *number > settled)
+            .map_or(self.next_lsn, |(_, lsn)| lsn)
     }
 
     /// Remembers which record holds each kept batch.
@@ -326,14 +378,37 @@ impl LogWriter {
         }
     }
 
-    /// The first record of shard `shard` that a snapshot holding its
-    /// batches up to `settled` does not hold: its oldest kept batch after
-    /// `settled`, or the next record if there is none.
-    fn first_unsettled(&self, shard: u32, settled: u64) -> u64 {
-        self.recent[shard as usize]
-            .iter()
-            .find(|(number, _)| *number > settled)
-            .map_or(self.next_lsn, |(_, lsn)| *lsn)
+    /// Syncs a group written by [`LogWriter::write_group`]. A failed sync
+    /// leaves the log untrusted (its pages may be lost or not): the group
+    /// is refused, and so is everything after, until a restart recovers
+    /// from what is on disk.
+    fn sync_group(&mut self, written: &mut Written) {
+        if let Err(error) = self.file.sync() {
+            let failed = format!("syncing the log failed ({error}); restart the server");
+            tracing::error!("{failed}");
+            written.outcome = Err(ServerError::unavailable(failed.clone()));
+            self.failed = Some(failed);
+        }
+    }
+
+    /// Ends a group: shows its records to the observer once they are
+    /// kept, answers its batches, then writes its snapshots.
+    fn finish_group(&mut self, written: Written) {
+        if written.outcome.is_ok() {
+            self.tally.records += written.waiting.len() as u64;
+            self.observe(&written.observed);
+            self.remember(written.numbered);
+        }
+        for done in written.waiting {
+            // A shard that stopped waiting has nothing to be told.
+            let _ = done.send(written.outcome.clone());
+        }
+        for (shard, image, token_reserved, covers_below) in written.snapshots {
+            // A refused group kept none of its records.
+            let covers_below = covers_below.min(self.next_lsn);
+            self.write_snapshot(shard, &image, token_reserved, covers_below);
+        }
+        self.maybe_rotate();
     }
 
     /// Appends `bytes` (whole records) and syncs if asked or due. On
@@ -470,14 +545,14 @@ impl LogWriter {
         }
     }
 
-    /// Writes shard `shard`'s snapshot, which holds its records below
-    /// `covers_below`; ends the round once every shard has one.
+    /// Writes shard `shard`'s snapshot, covering its records numbered
+    /// below `covers_below`; ends the round once every shard has one.
     fn write_snapshot(
         &mut self,
         shard: u32,
-        covers_below: u64,
         image: &ShardImage,
         token_reserved: u64,
+        covers_below: u64,
     ) {
         let header = SnapshotHeader {
             shard,

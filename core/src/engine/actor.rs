@@ -110,6 +110,9 @@ struct Actor {
     in_flight: VecDeque<InFlight>,
     /// The number the next batch handed to the journal gets.
     next_batch: u64,
+    /// The latest time stamped on a command not yet refused: a deadline up
+    /// to it is applied once that command is, so it needs no wake-up.
+    stamped_through: Tick,
     /// Every batch up to this number has been applied or refused.
     settled: u64,
     answers: Vec<Answer>,
@@ -137,6 +140,7 @@ pub(crate) async fn run(setup: ActorSetup, mailbox: Inbox) {
         batch: Vec::new(),
         in_flight: VecDeque::new(),
         next_batch: 1,
+        stamped_through: Tick::ZERO,
         settled: 0,
         answers: Vec::new(),
     };
@@ -200,14 +204,16 @@ impl Actor {
         tokio::pin!(sleep);
         let mut armed_for = None;
         loop {
-            let wake = actor.wake();
+            let room = actor.in_flight.len() < IN_FLIGHT_MAX;
+            // With no room for another batch, a tick could not be handed
+            // over: the next kept batch wakes the shard instead.
+            let wake = if room { actor.wake() } else { None };
             if wake != armed_for {
                 if let Some(at) = wake {
                     sleep.as_mut().reset(at);
                 }
                 armed_for = wake;
             }
-            let room = actor.in_flight.len() < IN_FLIGHT_MAX;
             let go_on = tokio::select! {
                 // Kept batches first (their answers wait), then messages: a
                 // command applies the deadlines due before it anyway.
@@ -221,8 +227,7 @@ impl Actor {
                     None => false,
                 },
                 () = &mut sleep, if armed_for.is_some() => {
-                    let at = actor.clock.now();
-                    actor.stamp(Command { at, input: Input::Tick });
+                    actor.stamp_tick();
                     armed_for = None;
                     true
                 }
@@ -261,7 +266,11 @@ impl Actor {
     /// When the shard must wake on its own: at its next deadline, or to
     /// retry refused notices; not before a refusal's quiet time is over.
     fn wake(&self) -> Option<Instant> {
-        let deadline = self.shard.next_deadline().map(|d| self.clock.instant_of(d));
+        let deadline = self
+            .shard
+            .next_deadline()
+            .filter(|&d| d > self.stamped_through)
+            .map(|d| self.clock.instant_of(d));
         let retry = (!self.retry.is_empty()).then(|| self.quiet_until.unwrap_or_else(Instant::now));
         let wake = match (deadline, retry) {
             (Some(a), Some(b)) => a.min(b),
@@ -333,6 +342,7 @@ impl Actor {
     /// next append with one.
     fn stamp(&mut self, command: Command) {
         if self.journal.is_some() {
+            self.stamped_through = self.stamped_through.max(command.at);
             self.batch.push(command);
         } else {
             self.shard.apply(command);
@@ -433,6 +443,23 @@ impl Actor {
         }
     }
 
+    /// Stamps a tick for the deadlines due now; a tick already last in the
+    /// batch is moved to now instead, so waiting for room never piles
+    /// ticks up.
+    fn stamp_tick(&mut self) {
+        let at = self.clock.now();
+        match self.batch.last_mut() {
+            Some(last) if last.input == Input::Tick => {
+                last.at = at;
+                self.stamped_through = self.stamped_through.max(at);
+            }
+            _ => self.stamp(Command {
+                at,
+                input: Input::Tick,
+            }),
+        }
+    }
+
     /// Reports grants nobody received as commands of their own (with a
     /// journal, they go into the next batch).
     fn stamp_gone(&mut self, gone: Vec<(Handle, String)>) {
@@ -462,12 +489,18 @@ impl Actor {
             }
         }
         self.quiet_until = Some(Instant::now() + RETRY_AFTER_REFUSAL);
+        // Its ticks were not applied: the deadlines they covered need a
+        // wake-up again.
+        self.stamped_through = self.shard.now();
     }
 
     /// Puts the notices a journal refused before the new batch, stamped
     /// now.
     fn restamp_retries(&mut self) {
-        if self.retry.is_empty() {
+        // Not before the quiet time after a refusal: retrying at once
+        // against a full disk would spin.
+        let quiet = self.quiet_until.is_some_and(|q| Instant::now() < q);
+        if self.retry.is_empty() || quiet {
             return;
         }
         let at = self.clock.now();

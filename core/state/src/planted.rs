@@ -32,17 +32,23 @@ pub enum PlantedBug {
     /// A closed connection's ephemeral locks are kept (as ordinary ones)
     /// until their leases run out.
     EphemeralOutlivesConnection,
+    /// A restart keeps the ephemeral locks (whose connections died with
+    /// the old process) as if their connections were still open: they
+    /// last until their leases run out, or until a new connection that
+    /// happens to reuse the old one's number closes.
+    RestartKeepsEphemeral,
 }
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 6] = [
+    pub const ALL: [PlantedBug; 7] = [
         PlantedBug::GrantOutOfOrder,
         PlantedBug::LeaseFromRequest,
         PlantedBug::DeafWakeup,
         PlantedBug::RelockKeepsLease,
         PlantedBug::EarlyTimeout,
         PlantedBug::EphemeralOutlivesConnection,
+        PlantedBug::RestartKeepsEphemeral,
     ];
 
     /// Its name on the simulation's command line.
@@ -54,6 +60,7 @@ impl PlantedBug {
             PlantedBug::RelockKeepsLease => "relock-keeps-lease",
             PlantedBug::EarlyTimeout => "early-timeout",
             PlantedBug::EphemeralOutlivesConnection => "ephemeral-outlives-connection",
+            PlantedBug::RestartKeepsEphemeral => "restart-keeps-ephemeral",
         }
     }
 }

@@ -670,12 +670,13 @@ impl Locks {
     /// answered.
     pub fn restart(&mut self, token_floor: u64) {
         let books = &mut self.books;
+        let keep_ephemeral = planted::active(PlantedBug::RestartKeepsEphemeral);
         self.table.retain(|entry| {
             // Counted as if each requester and connection had gone, which
             // they have, with the old process.
             books.counters.abandoned += entry.queue.len() as u64;
             entry.queue = WaitQueue::default();
-            let released = entry.holders.take_where(|h| h.ephemeral);
+            let released = entry.holders.take_where(|h| h.ephemeral && !keep_ephemeral);
             books.counters.disconnects += released.len() as u64;
             entry.holders.forget_requests();
             let vacant = entry.is_vacant();
@@ -685,8 +686,17 @@ impl Locks {
             !vacant
         });
         books.waiters = 0;
-        // It indexed only waiters and ephemeral grants, and none are left.
+        // It indexed only waiters and ephemeral grants, and none are left
+        // (but for the planted bug's grants, which keep their entries).
         books.conns.clear();
+        if keep_ephemeral {
+            for entry in &self.table {
+                let hash = self.hasher.hash_one(&*entry.key);
+                for holder in entry.holders.iter().filter(|h| h.ephemeral) {
+                    books.conns.add(holder.conn, hash);
+                }
+            }
+        }
         books.next_token = books.next_token.max(token_floor);
         self.compact_timers();
     }
