@@ -81,12 +81,14 @@ struct InFlight {
     kept: Append,
 }
 
-/// Batches a shard may have in the journal's hands at once. More than one,
-/// so that the batch gathered while one is being synced is already waiting
-/// for the next sync (that is what makes group commit pay), and few, so
-/// that a slow disk turns into a full mailbox (`overloaded`) rather than
-/// memory.
-const IN_FLIGHT_MAX: usize = 4;
+/// Batches a shard may have in the journal's hands at once. One: the next
+/// batch gathers in the mailbox while one is being kept, and groups form
+/// across shards. The driver supports more (batches are numbered, and a
+/// snapshot says which it holds), but with four the simulation found a
+/// lost acknowledged insert after three server crashes (seed 6363 of
+/// 10,000, not yet explained), and four measured no faster on this
+/// machine; so one, until that seed is understood.
+const IN_FLIGHT_MAX: usize = 1;
 
 struct Actor {
     index: usize,
