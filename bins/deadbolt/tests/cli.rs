@@ -1,11 +1,14 @@
 //! The real `deadbolt` binary against a real server (also the binary).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+mod support;
+use support::read_urls;
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 
@@ -72,33 +75,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Reads the server's log until it says where it listens: the WebSocket
-/// URL, and the QUIC one if it said that first.
-fn read_urls(child: &mut Child) -> (String, Option<String>) {
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let mut quic = None;
-    for line in lines.by_ref() {
-        let line = line.expect("log line");
-        let url_at = |at: usize| {
-            line[at..]
-                .split_whitespace()
-                .next()
-                .expect("url")
-                .to_owned()
-        };
-        if let Some(at) = line.find("quic://") {
-            quic = Some(url_at(at));
-        } else if let Some(at) = line.find("ws://") {
-            let url = url_at(at);
-            // Keep draining the log so the server never blocks on it.
-            std::thread::spawn(move || for _ in lines {});
-            return (url, quic);
-        }
-    }
-    panic!("the server exited before listening");
 }
 
 fn stdout(output: &Output) -> String {

@@ -7,13 +7,15 @@
 //! new tokens are larger than every token acknowledged before.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadbolt_core::client::{Client, ClientOptions, LockOptions};
 use deadbolt_transport_ws::WsConnector;
+
+mod support;
+use support::read_urls;
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 const WORKERS: usize = 4;
@@ -50,7 +52,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn server");
-        let url = read_url(&mut child);
+        let (url, _) = read_urls(&mut child);
         Server { child, url }
     }
 
@@ -66,25 +68,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Reads the log until the server says where it listens; keeps draining it.
-fn read_url(child: &mut Child) -> String {
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    for line in lines.by_ref() {
-        let line = line.expect("log line");
-        if let Some(at) = line.find("ws://") {
-            let url = line[at..]
-                .split_whitespace()
-                .next()
-                .expect("url")
-                .to_owned();
-            std::thread::spawn(move || for _ in lines {});
-            return url;
-        }
-    }
-    panic!("the server exited before listening");
 }
 
 async fn connect(url: &str, client_id: &str) -> Client {

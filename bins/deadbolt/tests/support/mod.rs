@@ -1,0 +1,31 @@
+//! What the tests of the `deadbolt` binary share.
+
+use std::io::{BufRead, BufReader};
+use std::process::Child;
+
+/// Reads the server's log until it says where it listens: the WebSocket
+/// URL, and the QUIC one if it said that first.
+pub fn read_urls(child: &mut Child) -> (String, Option<String>) {
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let mut quic = None;
+    for line in lines.by_ref() {
+        let line = line.expect("log line");
+        let url_at = |at: usize| {
+            line[at..]
+                .split_whitespace()
+                .next()
+                .expect("url")
+                .to_owned()
+        };
+        if let Some(at) = line.find("quic://") {
+            quic = Some(url_at(at));
+        } else if let Some(at) = line.find("ws://") {
+            let url = url_at(at);
+            // Keep draining the log so the server never blocks on it.
+            std::thread::spawn(move || for _ in lines {});
+            return (url, quic);
+        }
+    }
+    panic!("the server exited before listening");
+}
