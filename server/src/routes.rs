@@ -46,7 +46,6 @@ const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// deadbolt's plain HTTP routes. Only `GET` is served (anything else gets
 /// `405`); a `GET` for a path not listed above goes to the fallback.
-#[derive(Debug)]
 pub struct Routes {
     /// Read by `/metrics`.
     engine: Engine,
@@ -54,6 +53,16 @@ pub struct Routes {
     ws_gauges: WsGauges,
     /// Answers the `GET`s these routes do not know.
     fallback: Arc<dyn HttpRoutes>,
+    /// A cluster node's Raft, read by `/cluster`.
+    cluster: Option<deadbolt_replication::types::Raft>,
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routes")
+            .field("cluster", &self.cluster.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Routes {
@@ -64,6 +73,28 @@ impl Routes {
             engine,
             ws_gauges: WsGauges::default(),
             fallback,
+            cluster: None,
+        }
+    }
+
+    /// Answers `GET /cluster` with this node's view of its cluster (SPEC
+    /// section 9, `deadbolt cluster status`).
+    pub fn with_cluster(self, raft: deadbolt_replication::types::Raft) -> Routes {
+        Routes {
+            cluster: Some(raft),
+            ..self
+        }
+    }
+
+    fn cluster_status(&self) -> HttpResponse {
+        let Some(raft) = &self.cluster else {
+            let body = &b"not a cluster: this server runs alone\n"[..];
+            return HttpResponse::text(404, "Not Found", body);
+        };
+        let status = deadbolt_replication::ClusterStatus::of(&raft.metrics().borrow());
+        match serde_json::to_vec_pretty(&status) {
+            Ok(json) => HttpResponse::ok("application/json", json),
+            Err(_) => HttpResponse::status(500, "Internal Server Error"),
         }
     }
 
@@ -89,6 +120,7 @@ impl HttpRoutes for Routes {
         }
         match path {
             "/healthz" => HttpResponse::ok("text/plain", &b"ok\n"[..]),
+            "/cluster" => self.cluster_status(),
             "/metrics" => match metrics::render(&self.engine, &self.ws_gauges).await {
                 Some(text) => HttpResponse::ok(METRICS_CONTENT_TYPE, text.into_bytes()),
                 None => HttpResponse::text(

@@ -368,7 +368,9 @@ impl Engine {
         let mut mailboxes = Vec::with_capacity(shards.len());
         let mut tasks = Vec::with_capacity(shards.len());
         let (mut replicas, forwarding) = match replicated {
-            Some((actors, forwarding)) => (actors.into_iter().map(Some).collect(), Some(forwarding)),
+            Some((actors, forwarding)) => {
+                (actors.into_iter().map(Some).collect(), Some(forwarding))
+            }
             None => (Vec::new(), None),
         };
         for (shard_index, shard) in shards.into_iter().enumerate() {

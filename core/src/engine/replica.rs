@@ -194,22 +194,16 @@ impl ReplicaHandle {
 
     /// Every shard's image at this point of the log (after every batch
     /// delivered so far, before any delivered later): asked now, awaited
-    /// later. `None` if the engine has stopped.
-    pub fn images(&self) -> impl Future<Output = Option<Vec<ShardImage>>> + Send + 'static {
-        let asked: Vec<_> = (0..self.inner.shards.len())
+    /// later with [`ImagesAsked::wait`].
+    pub fn images(&self) -> ImagesAsked {
+        let asked = (0..self.inner.shards.len())
             .map(|shard| {
                 let (reply, image) = tokio::sync::oneshot::channel();
                 self.send(shard, ReplicaMsg::Image { reply });
                 image
             })
             .collect();
-        async move {
-            let mut images = Vec::with_capacity(asked.len());
-            for image in asked {
-                images.push(image.await.ok()?);
-            }
-            Some(images)
-        }
+        ImagesAsked(asked)
     }
 
     /// Replaces every shard's state with `shards` (an installed snapshot),
@@ -273,6 +267,21 @@ impl ReplicaHandle {
             .last_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Shard images asked for by [`ReplicaHandle::images`].
+#[derive(Debug)]
+pub struct ImagesAsked(Vec<tokio::sync::oneshot::Receiver<ShardImage>>);
+
+impl ImagesAsked {
+    /// The images, in shard order; `None` if the engine has stopped.
+    pub async fn wait(self) -> Option<Vec<ShardImage>> {
+        let mut images = Vec::with_capacity(self.0.len());
+        for image in self.0 {
+            images.push(image.await.ok()?);
+        }
+        Some(images)
     }
 }
 

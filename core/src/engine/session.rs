@@ -172,7 +172,10 @@ impl Session {
 
     /// The link to the current leader, opened (as this session's client)
     /// if there is none, it broke, or the leader changed.
-    async fn leader_link(&self, forwarding: &Forwarding) -> Result<Arc<dyn Connection>, ServerError> {
+    async fn leader_link(
+        &self,
+        forwarding: &Forwarding,
+    ) -> Result<Arc<dyn Connection>, ServerError> {
         let leader = forwarding.forwarder.leader();
         let mut link = self.inner.leader_link.lock().await;
         if let Some((node, connection)) = link.as_ref()

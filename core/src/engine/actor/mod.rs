@@ -548,7 +548,9 @@ impl Actor {
                 continue;
             };
             let granted = matches!(outcome, Ok(Okay::Granted(_)));
-            let delivered = pending.reply.is_some_and(|reply| reply.send(outcome).is_ok());
+            let delivered = pending
+                .reply
+                .is_some_and(|reply| reply.send(outcome).is_ok());
             if !delivered
                 && granted
                 && let Some(key) = pending.lock_key

@@ -213,7 +213,14 @@ impl Actor {
             self.shard.apply(command);
         }
         self.check_invariants();
-        let own = self.replication().and_then(|r| r.leading) == Some(origin);
+        let leading = self.replication().and_then(|r| r.leading);
+        // A new leader's clock may start behind commands of the old term it
+        // had not applied yet; its own stamps must never lag the shard's
+        // time, or a deadline would look due forever.
+        if leading.is_some() && self.shard.now() > self.clock.now() {
+            self.clock = super::Clock::starting_at(self.shard.now());
+        }
+        let own = leading == Some(origin);
         if !own {
             self.shard.drain_answers_into(&mut self.answers);
             self.answers.clear();
