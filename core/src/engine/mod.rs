@@ -17,6 +17,7 @@
 
 mod actor;
 mod mailbox;
+pub mod planted;
 pub mod replica;
 pub mod session;
 

@@ -73,7 +73,7 @@ pub(crate) struct ActorSetup {
 
 /// A request waiting for its answer: where the answer goes, and for a
 /// `lock`, its key, so that an undeliverable grant can be undone.
-struct Pending {
+pub(super) struct Pending {
     /// Taken when the request was answered before its batch was applied
     /// (a replicated shard gave up waiting for a commit): a grant to it is
     /// then undeliverable.

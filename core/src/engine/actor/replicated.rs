@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::{Actor, ShardMsg};
 use crate::engine::mailbox::Inbox;
+use crate::engine::planted::{self, ReplicaBug};
 use crate::engine::replica::{ActorReplica, Consensus, Origin, Proposal, Proposed, ReplicaMsg};
 use crate::proto::ServerError;
 use crate::shard::{Command, Handle, Input};
@@ -139,6 +140,26 @@ impl Actor {
     /// retry), notices concern the leader's state, not this node's.
     pub(super) fn receive_following(&mut self, message: ShardMsg) -> bool {
         match message {
+            ShardMsg::Op {
+                handle,
+                caller,
+                op,
+                reply,
+            } if planted::active(ReplicaBug::FollowerGrantsLocally) => {
+                let reply = Some(reply);
+                self.pending.insert(
+                    handle,
+                    super::Pending {
+                        reply,
+                        lock_key: None,
+                    },
+                );
+                let at = self.clock.now();
+                let input = Input::Op { handle, caller, op };
+                self.shard.apply(Command { at, input });
+                self.deliver();
+                true
+            }
             ShardMsg::Op { reply, .. } => {
                 let _ = reply.send(Err(not_leader()));
                 true
@@ -209,11 +230,16 @@ impl Actor {
     /// its current term have requesters here; anyone else's answers went
     /// (or will never go) to their own node.
     fn apply_committed(&mut self, origin: Origin, number: u64, commands: Vec<Command>) {
+        let leading = self.replication().and_then(|r| r.leading);
+        if leading == Some(origin) && planted::active(ReplicaBug::AckBeforeCommit) {
+            // Applied when proposed (the bug).
+            self.proposals_mut().retain(|p| p.number > number);
+            return;
+        }
         for command in commands {
             self.shard.apply(command);
         }
         self.check_invariants();
-        let leading = self.replication().and_then(|r| r.leading);
         // A new leader's clock may start behind commands of the old term it
         // had not applied yet; its own stamps must never lag the shard's
         // time, or a deadline would look due forever.
@@ -290,6 +316,7 @@ impl Actor {
             .collect();
         let number = replication.next_number;
         replication.next_number += 1;
+        let early = planted::active(ReplicaBug::AckBeforeCommit).then(|| commands.clone());
         let outcome = replication.consensus.propose(Proposal {
             shard,
             origin,
@@ -302,6 +329,13 @@ impl Actor {
             since: Instant::now(),
             outcome: Some(outcome),
         });
+        if let Some(commands) = early {
+            for command in commands {
+                self.shard.apply(command);
+            }
+            let gone = self.deliver();
+            self.stamp_gone(gone);
+        }
     }
 
     /// The consensus library gave up on proposal `number`: its requests
