@@ -222,6 +222,20 @@ pub enum Violation {
         conn: u64,
         at_us: u64,
     },
+    /// Cluster ([`crate::lease`]): grant `token` of `key` was still
+    /// running when a request sent at `alive_at_us` found it, though its
+    /// lease ends by `ends_by_us` (its last grant, re-lock or extend
+    /// answered, plus `ttl_ms`) plus `allowance_us` (the election gaps
+    /// since) and a few milliseconds.
+    LeaseOutlived {
+        key: String,
+        token: u64,
+        ends_by_us: u64,
+        allowance_us: u64,
+        alive_at_us: u64,
+    },
+    /// Cluster: no node ever said it leads.
+    NoLeader,
 }
 
 impl Violation {
@@ -257,6 +271,8 @@ impl Violation {
             Violation::TimeoutOffTime { .. } => "server: timeout off time",
             Violation::UndeservedCancel { .. } => "server: undeserved cancel",
             Violation::EphemeralKept { .. } => "server: ephemeral kept",
+            Violation::LeaseOutlived { .. } => "lease outlived its ttl",
+            Violation::NoLeader => "no leader",
         }
     }
 }

@@ -199,6 +199,15 @@ fn fill_up(capacity: u64) -> io::Result<()> {
     fs::sync_dir("/")
 }
 
+/// Wipes `dir` off the calling host's disk and syncs its parent, as a
+/// lost disk replaced by an empty one: the node comes back with nothing.
+pub fn wipe(dir: &str) -> io::Result<()> {
+    if fs::exists(dir) {
+        fs::remove_dir_all(dir)?;
+    }
+    fs::sync_dir("/")
+}
+
 /// turmoil's "no space" as the `ENOSPC` a real disk gives.
 fn os_error(error: io::Error) -> io::Error {
     if error.to_string().contains("No space left") {

@@ -1,27 +1,34 @@
 //! The fault driver: applies a scenario's schedule as the simulation
 //! steps (the workers' link faults and crashes, the server's crashes and
-//! full disk), then heals everything at the heal time.
+//! full disk, or in a cluster the nodes' faults through
+//! [`NodeDriver`]), then heals everything at the heal time.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::cluster::driver::NodeDriver;
+use crate::cluster::node_names;
 use crate::history::{self, Actor, History, What};
 use crate::proxy::Bug;
 use crate::scenario::{
     FaultKind, MID_SYNC_WAIT_MAX_MS, Scenario, ScheduledFault, ServerFault, ServerFaultKind,
     Transport,
 };
-use crate::world::{Options, ServerControl, worker_name};
+use crate::world::{Options, ServerControl, Servers, worker_name};
 
 /// Applies the fault schedule as the simulation steps, then heals.
 pub(crate) struct Driver<'a> {
     scenario: &'a Scenario,
     history: &'a History,
     options: Options,
-    server: &'a ServerControl,
+    /// The single server, or `None` in a cluster.
+    server: Option<&'a ServerControl>,
+    /// The cluster's nodes' faults, in a cluster.
+    nodes: Option<NodeDriver<'a>>,
     next: usize,
-    /// Faults in force, with when they end.
-    active: Vec<(u64, ScheduledFault)>,
+    /// Faults in force, with when they end and whether they cut the
+    /// worker off from every node of a cluster (not only its first).
+    active: Vec<(u64, ScheduledFault, bool)>,
     /// Per worker, until when a link fault holds its links.
     links_busy_until: Vec<u64>,
     crashed: Vec<bool>,
@@ -34,24 +41,29 @@ pub(crate) struct Driver<'a> {
     crash_armed: Option<(u64, ServerFault)>,
     healed: bool,
     /// Faults injected, by kind.
-    pub(crate) faults: BTreeMap<&'static str, usize>,
+    faults: BTreeMap<&'static str, usize>,
 }
 
 impl<'a> Driver<'a> {
     /// A driver of `scenario`'s faults, recording them in `history`, with
-    /// `options`' planted bug, on the server `server`.
+    /// `options`' planted bug, on the single server or the cluster.
     pub(crate) fn new(
         scenario: &'a Scenario,
         history: &'a History,
         options: Options,
-        server: &'a ServerControl,
+        servers: &'a Servers,
     ) -> Self {
         let workers = scenario.workers.len();
+        let (server, nodes) = match servers {
+            Servers::Single(server) => (Some(server), None),
+            Servers::Cluster(cluster) => (None, Some(NodeDriver::new(cluster, workers, history))),
+        };
         Driver {
             scenario,
             history,
             options,
             server,
+            nodes,
             next: 0,
             active: Vec::new(),
             links_busy_until: vec![0; workers],
@@ -69,13 +81,35 @@ impl<'a> Driver<'a> {
             .record_at(history::micros(sim.elapsed()), Actor::Driver, what);
     }
 
-    /// The host a worker's server traffic goes to.
-    fn server_of(&self, worker: usize) -> &'static str {
+    /// The host a worker's server traffic goes to first: the server, the
+    /// proxy, or in a cluster its first node.
+    fn server_of(&self, worker: usize) -> String {
+        if self.nodes.is_some() {
+            let nodes = node_names();
+            return nodes[worker % nodes.len()].clone();
+        }
         let proxied = self.options.bug.is_some_and(Bug::needs_proxy);
         match (proxied, self.scenario.workers[worker].transport) {
-            (true, Transport::Ws) => "proxy",
-            _ => "server",
+            (true, Transport::Ws) => "proxy".to_owned(),
+            _ => "server".to_owned(),
         }
+    }
+
+    /// Every host `worker` may send server traffic to, as a fault sees it:
+    /// its first server, or every node of a cluster if `whole`.
+    fn servers_of(&self, worker: usize, whole: bool) -> Vec<String> {
+        match self.nodes {
+            Some(_) if whole => node_names(),
+            _ => vec![self.server_of(worker)],
+        }
+    }
+
+    /// Whether the worker fault started as the `index`-th of the schedule
+    /// cuts its worker off from every node of a cluster.
+    fn whole_cluster(&self, index: usize) -> bool {
+        let plan = self.nodes.as_ref().map(NodeDriver::plan);
+        plan.and_then(|p| p.whole_cluster.get(index).copied())
+            .unwrap_or(false)
     }
 
     /// Steps `sim` to its end, applying the schedule; why a host failed,
@@ -87,6 +121,7 @@ impl<'a> Driver<'a> {
             self.start_faults(sim, now_ms);
             self.end_server_faults(sim, now_ms);
             self.start_server_faults(sim, now_ms);
+            self.step_nodes(sim, now_ms);
             if !self.healed && now_ms >= self.scenario.heal_at_ms() {
                 self.heal(sim);
             }
@@ -105,6 +140,7 @@ impl<'a> Driver<'a> {
             .get(self.next)
             .filter(|f| f.at_ms <= now_ms)
         {
+            let whole = self.whole_cluster(self.next);
             self.next += 1;
             let fault = fault.clone();
             let worker = fault.worker;
@@ -117,7 +153,7 @@ impl<'a> Driver<'a> {
             if fault.kind == FaultKind::Crash && self.crashed[worker] {
                 continue;
             }
-            self.apply(sim, &fault);
+            self.apply(sim, &fault, whole);
             if fault.kind.is_link_fault() {
                 self.links_busy_until[worker] = end;
             }
@@ -129,49 +165,34 @@ impl<'a> Driver<'a> {
                     detail: format!("{fault:?}"),
                 },
             );
-            self.active.push((end, fault));
+            self.active.push((end, fault, whole));
         }
     }
 
     fn end_faults(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
         let (ending, staying): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
             .into_iter()
-            .partition(|(end, _)| *end <= now_ms);
+            .partition(|(end, _, _)| *end <= now_ms);
         self.active = staying;
-        for (_, fault) in ending {
-            self.revert(sim, &fault);
-        }
-    }
-
-    /// Crashes `host` as a power cut does: nothing it was sending when it
-    /// died leaves it (no FIN, no reset), so its peers notice by silence.
-    ///
-    /// This also keeps the run repeatable. Dropping a host's tasks closes
-    /// their sockets in an order that depends on the process's tokio task
-    /// ids (the scheduler's task list is sharded by id), and every goodbye
-    /// sent on a healthy link draws a latency from the simulation's random
-    /// numbers: a seed would then run differently after other seeds in the
-    /// same process. So the links from `host` to `peers` that an active
-    /// fault does not already cut are cut one way for the crash, and
-    /// mended right after it.
-    fn power_cut(&self, sim: &mut turmoil::Sim<'_>, host: &str, peers: &[String]) {
-        let cut: Vec<&String> = peers.iter().filter(|p| !self.cut(host, p)).collect();
-        for peer in &cut {
-            sim.partition_oneway(host, peer.as_str());
-        }
-        sim.crash(host);
-        for peer in &cut {
-            sim.repair_oneway(host, peer.as_str());
+        for (_, fault, whole) in ending {
+            self.revert(sim, &fault, whole);
         }
     }
 
     /// Whether an active fault already drops (or holds) what `from` sends
     /// to `to`.
     fn cut(&self, from: &str, to: &str) -> bool {
-        self.active.iter().any(|(_, fault)| {
+        let by_nodes = self.nodes.as_ref().is_some_and(|n| n.cuts(from, to));
+        by_nodes || self.cut_by_workers(from, to)
+    }
+
+    /// Whether an active fault of a worker drops (or holds) what `from`
+    /// sends to `to`.
+    fn cut_by_workers(&self, from: &str, to: &str) -> bool {
+        self.active.iter().any(|(_, fault, whole)| {
             let worker = worker_name(fault.worker);
             let on_link = self
-                .links(fault.worker)
+                .links(fault.worker, *whole)
                 .iter()
                 .any(|(a, b)| (a == from && *b == to) || (a == to && *b == from));
             let from_worker = worker == from;
@@ -200,76 +221,90 @@ impl<'a> Driver<'a> {
         peers
     }
 
-    fn links(&self, worker: usize) -> [(String, &'static str); 2] {
-        [
-            (worker_name(worker), self.server_of(worker)),
-            (worker_name(worker), "resource"),
-        ]
+    /// The links a fault of `worker` acts on: to its server (or servers,
+    /// see [`Driver::servers_of`]) and to the resource.
+    fn links(&self, worker: usize, whole: bool) -> Vec<(String, String)> {
+        let mut links: Vec<(String, String)> = self
+            .servers_of(worker, whole)
+            .into_iter()
+            .map(|server| (worker_name(worker), server))
+            .collect();
+        links.push((worker_name(worker), "resource".to_owned()));
+        links
     }
 
-    fn apply(&mut self, sim: &mut turmoil::Sim<'_>, fault: &ScheduledFault) {
+    fn apply(&mut self, sim: &mut turmoil::Sim<'_>, fault: &ScheduledFault, whole: bool) {
         let worker = fault.worker;
+        let links = self.links(worker, whole);
         match fault.kind {
             FaultKind::Partition { oneway: None } | FaultKind::DropConnections => {
-                for (a, b) in self.links(worker) {
-                    sim.partition(a.as_str(), b);
+                for (a, b) in links {
+                    sim.partition(a.as_str(), b.as_str());
                 }
             }
             FaultKind::Partition {
                 oneway: Some(outbound),
             } => {
-                for (a, b) in self.links(worker) {
+                for (a, b) in links {
                     if outbound {
-                        sim.partition_oneway(a.as_str(), b)
+                        sim.partition_oneway(a.as_str(), b.as_str())
                     } else {
-                        sim.partition_oneway(b, a.as_str())
+                        sim.partition_oneway(b.as_str(), a.as_str())
                     }
                 }
             }
             FaultKind::Pause => {
-                for (a, b) in self.links(worker) {
-                    sim.hold(a.as_str(), b);
+                for (a, b) in links {
+                    sim.hold(a.as_str(), b.as_str());
                 }
             }
             FaultKind::LatencySpike { max_ms } => {
-                for (a, b) in self.links(worker) {
-                    sim.set_link_max_message_latency(a.as_str(), b, Duration::from_millis(max_ms));
+                for (a, b) in links {
+                    let max = Duration::from_millis(max_ms);
+                    sim.set_link_max_message_latency(a.as_str(), b.as_str(), max);
                 }
             }
             FaultKind::Loss { rate } => {
-                sim.set_link_fail_rate(worker_name(worker).as_str(), self.server_of(worker), rate)
+                for server in self.servers_of(worker, whole) {
+                    sim.set_link_fail_rate(worker_name(worker).as_str(), server.as_str(), rate)
+                }
             }
             FaultKind::Crash => {
-                let peers = self.links(worker).map(|(_, peer)| peer.to_owned());
-                self.power_cut(sim, &worker_name(worker), &peers);
+                // Every host it may be talking to.
+                let peers: Vec<String> = self
+                    .links(worker, true)
+                    .into_iter()
+                    .map(|(_, peer)| peer)
+                    .collect();
+                power_cut(sim, &worker_name(worker), &peers, |a, b| self.cut(a, b));
                 self.crashed[worker] = true;
                 self.record(sim, What::Crashed { worker });
             }
         }
     }
 
-    fn revert(&mut self, sim: &mut turmoil::Sim<'_>, fault: &ScheduledFault) {
+    fn revert(&mut self, sim: &mut turmoil::Sim<'_>, fault: &ScheduledFault, whole: bool) {
         let worker = fault.worker;
+        let links = self.links(worker, whole);
         match fault.kind {
             FaultKind::Partition { .. } | FaultKind::DropConnections | FaultKind::Pause => {
-                for (a, b) in self.links(worker) {
-                    sim.release(a.as_str(), b);
-                    sim.repair(a.as_str(), b);
+                for (a, b) in links {
+                    sim.release(a.as_str(), b.as_str());
+                    sim.repair(a.as_str(), b.as_str());
                 }
             }
             FaultKind::LatencySpike { .. } => {
-                for (a, b) in self.links(worker) {
-                    sim.set_link_max_message_latency(
-                        a.as_str(),
-                        b,
-                        Duration::from_millis(self.scenario.latency_ms),
-                    );
+                let healthy = Duration::from_millis(self.scenario.latency_ms);
+                for (a, b) in links {
+                    sim.set_link_max_message_latency(a.as_str(), b.as_str(), healthy);
                 }
             }
             FaultKind::Loss { .. } => {
-                let (a, b) = (worker_name(worker), self.server_of(worker));
-                sim.set_link_fail_rate(a.as_str(), b, 0.0);
-                sim.repair(a.as_str(), b);
+                for server in self.servers_of(worker, whole) {
+                    let (a, b) = (worker_name(worker), server);
+                    sim.set_link_fail_rate(a.as_str(), b.as_str(), 0.0);
+                    sim.repair(a.as_str(), b.as_str());
+                }
             }
             FaultKind::Crash => {
                 if self.crashed[worker] {
@@ -280,7 +315,19 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// Steps the cluster's node faults, if this is a cluster.
+    fn step_nodes(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
+        let Some(mut nodes) = self.nodes.take() else {
+            return;
+        };
+        nodes.step(sim, now_ms, &|a, b| self.cut_by_workers(a, b));
+        self.nodes = Some(nodes);
+    }
+
     fn start_server_faults(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
+        let Some(server) = self.server else {
+            return;
+        };
         while let Some(&fault) = self
             .scenario
             .server_faults
@@ -292,9 +339,11 @@ impl<'a> Driver<'a> {
                 ServerFaultKind::Crash { mid_sync: true } => {
                     self.crash_armed = Some((now_ms + MID_SYNC_WAIT_MAX_MS, fault));
                 }
-                ServerFaultKind::Crash { mid_sync: false } => self.crash_server(sim, now_ms, fault),
+                ServerFaultKind::Crash { mid_sync: false } => {
+                    self.crash_server(sim, server, now_ms, fault)
+                }
                 ServerFaultKind::DiskFull => {
-                    self.server.disk.fill(true);
+                    server.disk.fill(true);
                     self.record(sim, What::DiskFull { full: true });
                     self.server_active
                         .push((fault.at_ms + fault.duration_ms, fault));
@@ -302,17 +351,23 @@ impl<'a> Driver<'a> {
                 }
             }
         }
-        let due = |&(until, _): &(u64, ServerFault)| self.server.disk.unsynced() || now_ms >= until;
+        let due = |&(until, _): &(u64, ServerFault)| server.disk.unsynced() || now_ms >= until;
         if let Some((_, fault)) = self.crash_armed.take_if(|armed| due(armed)) {
-            self.crash_server(sim, now_ms, fault);
+            self.crash_server(sim, server, now_ms, fault);
         }
     }
 
     /// Crashes the server now, until `fault`'s length has passed.
-    fn crash_server(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64, fault: ServerFault) {
-        let mid_sync = self.server.disk.unsynced();
-        self.power_cut(sim, "server", &self.server_peers());
-        self.server.disk.crashed();
+    fn crash_server(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        server: &ServerControl,
+        now_ms: u64,
+        fault: ServerFault,
+    ) {
+        let mid_sync = server.disk.unsynced();
+        power_cut(sim, "server", &self.server_peers(), |a, b| self.cut(a, b));
+        server.disk.crashed();
         self.record(sim, What::ServerCrashed { mid_sync });
         self.server_active.push((now_ms + fault.duration_ms, fault));
         *self.faults.entry(fault.kind.name()).or_insert(0) += 1;
@@ -335,24 +390,30 @@ impl<'a> Driver<'a> {
                 self.record(sim, What::ServerRestarted);
             }
             ServerFaultKind::DiskFull => {
-                self.server.disk.fill(false);
+                if let Some(server) = self.server {
+                    server.disk.fill(false);
+                }
                 self.record(sim, What::DiskFull { full: false });
             }
         }
     }
 
-    /// Ends every fault still in force and restarts every crashed worker.
+    /// Ends every fault still in force and restarts every crashed worker
+    /// (and node).
     fn heal(&mut self, sim: &mut turmoil::Sim<'_>) {
         for (_, fault) in std::mem::take(&mut self.server_active) {
             self.revert_server(sim, fault);
         }
-        for (_, fault) in std::mem::take(&mut self.active) {
-            self.revert(sim, &fault);
+        if let Some(nodes) = self.nodes.as_mut() {
+            nodes.heal(sim);
+        }
+        for (_, fault, whole) in std::mem::take(&mut self.active) {
+            self.revert(sim, &fault, whole);
         }
         for worker in 0..self.scenario.workers.len() {
-            for (a, b) in self.links(worker) {
-                sim.release(a.as_str(), b);
-                sim.repair(a.as_str(), b);
+            for (a, b) in self.links(worker, true) {
+                sim.release(a.as_str(), b.as_str());
+                sim.repair(a.as_str(), b.as_str());
             }
             if self.crashed[worker] {
                 sim.bounce(worker_name(worker).as_str());
@@ -361,5 +422,42 @@ impl<'a> Driver<'a> {
         }
         self.healed = true;
         self.record(sim, What::Healed);
+    }
+
+    /// Faults injected, by kind: the workers' and the server's, and the
+    /// nodes'.
+    pub(crate) fn take_faults(&mut self) -> BTreeMap<&'static str, usize> {
+        let mut faults = std::mem::take(&mut self.faults);
+        if let Some(nodes) = self.nodes.as_mut() {
+            faults.extend(std::mem::take(&mut nodes.faults));
+        }
+        faults
+    }
+}
+
+/// Crashes `host` as a power cut does: nothing it was sending when it
+/// died leaves it (no FIN, no reset), so its peers notice by silence.
+///
+/// This also keeps the run repeatable. Dropping a host's tasks closes
+/// their sockets in an order that depends on the process's tokio task
+/// ids (the scheduler's task list is sharded by id), and every goodbye
+/// sent on a healthy link draws a latency from the simulation's random
+/// numbers: a seed would then run differently after other seeds in the
+/// same process. So the links from `host` to `peers` that an active
+/// fault does not already cut (`cut`) are cut one way for the crash, and
+/// mended right after it.
+pub(crate) fn power_cut(
+    sim: &mut turmoil::Sim<'_>,
+    host: &str,
+    peers: &[String],
+    cut: impl Fn(&str, &str) -> bool,
+) {
+    let healthy: Vec<&String> = peers.iter().filter(|p| !cut(host, p)).collect();
+    for peer in &healthy {
+        sim.partition_oneway(host, peer.as_str());
+    }
+    sim.crash(host);
+    for peer in &healthy {
+        sim.repair_oneway(host, peer.as_str());
     }
 }

@@ -3,6 +3,7 @@
 //! checker judges it; its hash proves a run repeats exactly.
 
 use std::fmt;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ pub enum Actor {
     Driver,
     /// The server host (its starts).
     Server,
+    /// A node of the cluster (its starts, and when it leads).
+    Node(u64),
     /// The auditor that exports the final state.
     Auditor,
 }
@@ -112,6 +115,32 @@ pub enum What {
     ServerCrashed { mid_sync: bool },
     /// The driver restarted the server host.
     ServerRestarted,
+    /// The driver crashed node `node` of the cluster (a power cut), in the
+    /// middle of a sync of its disk or not, losing its disk or not.
+    NodeCrashed {
+        node: u64,
+        mid_sync: bool,
+        disk_lost: bool,
+    },
+    /// The driver restarted node `node`.
+    NodeRestarted { node: u64 },
+    /// The node started to lead, in `term`: its shards stamp, propose and
+    /// answer from now on.
+    Leading { term: u64 },
+    /// The node stopped leading.
+    NotLeading,
+    /// A server answered one attempt of a worker's request `ok`, as the
+    /// worker's connection heard it (in a cluster, before the client makes
+    /// anything of it): `op` on `key` (a lock key, or a set) with the
+    /// grant's `token` and the lease's `ttl_ms` where they apply, for the
+    /// attempt sent at `sent_us`.
+    Answered {
+        op: &'static str,
+        key: String,
+        token: Option<u64>,
+        ttl_ms: Option<u64>,
+        sent_us: u64,
+    },
     /// The server could not start on its data directory (it is restarted
     /// a while later, as a supervisor would).
     ServerStartFailed { error: String, disk_full: bool },
@@ -150,6 +179,7 @@ impl fmt::Display for Event {
             Actor::Resource => "resource".to_owned(),
             Actor::Driver => "driver".to_owned(),
             Actor::Server => "server".to_owned(),
+            Actor::Node(n) => format!("node{n}"),
             Actor::Auditor => "auditor".to_owned(),
         };
         write!(
@@ -164,7 +194,13 @@ impl fmt::Display for Event {
 /// The history, shared by every host of a run (they all run on one thread,
 /// one after another, so the order of events is the order of the run).
 #[derive(Debug, Clone, Default)]
-pub struct History(Arc<Mutex<Vec<Event>>>);
+pub struct History {
+    events: Arc<Mutex<Vec<Event>>>,
+    /// Whether every event is also printed as it is recorded: the trace of
+    /// a run that panics (openraft asserts, for one) ends with what led to
+    /// it.
+    echo: bool,
+}
 
 /// Simulated time now, inside a host.
 pub fn now_us() -> u64 {
@@ -177,6 +213,14 @@ pub fn micros(d: Duration) -> u64 {
 }
 
 impl History {
+    /// A history that prints every event as it is recorded.
+    pub fn echoing() -> History {
+        History {
+            echo: true,
+            ..History::default()
+        }
+    }
+
     /// Records `what` by `actor` now (inside a host).
     pub fn record(&self, actor: Actor, what: What) {
         self.record_at(now_us(), actor, what);
@@ -184,15 +228,24 @@ impl History {
 
     /// Records `what` by `actor` at `at_us`.
     pub fn record_at(&self, at_us: u64, actor: Actor, what: What) {
-        self.0
+        let event = Event { at_us, actor, what };
+        if self.echo {
+            // Flushed at once: a panic may abort the process next.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{event}").and_then(|()| out.flush());
+        }
+        self.events
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Event { at_us, actor, what });
+            .push(event);
     }
 
     /// Every event so far.
     pub fn events(&self) -> Vec<Event> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

@@ -41,9 +41,11 @@
 //! - [`summary`]: many seeds, and the table of what they did.
 
 pub mod checker;
+pub mod cluster;
 pub mod disk;
 mod driver;
 pub mod history;
+pub mod lease;
 pub mod net;
 pub mod proxy;
 pub mod raw;
@@ -52,6 +54,7 @@ pub mod scenario;
 pub mod script;
 pub mod server_checker;
 pub mod summary;
+pub mod tap;
 pub mod trace;
 pub mod worker;
 pub mod world;

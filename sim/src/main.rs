@@ -4,6 +4,7 @@
 //!   seeds, operations, faults by kind, violations by kind (the default
 //!   count comes from `DEADBOLT_SIM_SEEDS`, else 100);
 //! - `deadbolt-sim --seed 17 --trace` replays one seed with a readable trace;
+//! - `--cluster` runs three nodes of a cluster instead of the single server;
 //! - `--bug NAME` plants a bug and reports how many seeds caught it.
 
 use std::process::ExitCode;
@@ -33,22 +34,32 @@ struct Args {
     /// deaf-wakeup, relock-keeps-lease, early-timeout,
     /// ephemeral-outlives-connection, restart-keeps-ephemeral; in the storage
     /// (the same feature) ack-before-sync, forget-last-batch,
-    /// snapshot-covers-group.
+    /// snapshot-covers-group; in a cluster's replication (the same feature,
+    /// with `--cluster`) follower-grants-locally, ack-before-commit.
     #[arg(long, value_parser = parse_bug)]
     bug: Option<Bug>,
+    /// Run a cluster of three nodes instead of the single server.
+    #[arg(long)]
+    cluster: bool,
+    /// With `--cluster`: let the schedule lose a node's disk (its data
+    /// directory wiped before it restarts). Off by default until the nodes
+    /// refuse a peer whose identity changed.
+    #[arg(long, requires = "cluster")]
+    disk_loss: bool,
 }
 
 fn parse_bug(name: &str) -> Result<Bug, String> {
     let bug = Bug::from_name(name).ok_or_else(|| format!("unknown bug {name:?}"))?;
-    let compiled_in = match (bug.planted(), bug.storage()) {
-        (Some(_), _) => deadbolt_core::shard::planted::COMPILED_IN,
-        (_, Some(_)) => deadbolt_storage::planted::COMPILED_IN,
-        (None, None) => true,
+    let compiled_in = match (bug.planted(), bug.storage(), bug.replica()) {
+        (Some(_), _, _) => deadbolt_core::shard::planted::COMPILED_IN,
+        (_, Some(_), _) => deadbolt_storage::planted::COMPILED_IN,
+        (_, _, Some(_)) => deadbolt_core::engine::planted::COMPILED_IN,
+        (None, None, None) => true,
     };
     if !compiled_in {
         return Err(format!(
-            "{name} is a bug of the state machine or the storage: run with \
-             `--features planted-bugs`"
+            "{name} is a bug of the state machine, the storage or the replication: \
+             run with `--features planted-bugs`"
         ));
     }
     Ok(bug)
@@ -56,7 +67,14 @@ fn parse_bug(name: &str) -> Result<Bug, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let options = Options { bug: args.bug };
+    let options = Options {
+        bug: args.bug,
+        cluster: args.cluster,
+        disk_loss: args.disk_loss,
+        // A replayed seed's trace is printed as it happens, so that a run
+        // that panics still shows what led to it.
+        echo: args.trace && args.seed.is_some(),
+    };
     if let Some(seed) = args.seed {
         return replay(seed, options, args.trace);
     }
@@ -67,7 +85,13 @@ fn main() -> ExitCode {
             eprintln!(
                 "seed {seed}: {:?}\n  replay: {}",
                 report.violations[0],
-                replay_command(seed, None)
+                replay_command(
+                    seed,
+                    Options {
+                        bug: None,
+                        ..options
+                    }
+                )
             );
         }
         summary.add(&report);
@@ -91,9 +115,6 @@ fn main() -> ExitCode {
 fn replay(seed: u64, options: Options, trace: bool) -> ExitCode {
     let report = run(seed, options);
     if trace {
-        for event in &report.events {
-            println!("{event}");
-        }
         println!();
     }
     println!(
@@ -108,10 +129,16 @@ fn replay(seed: u64, options: Options, trace: bool) -> ExitCode {
         .map(|w| w.transport)
         .collect();
     println!(
-        "workers: {transports:?}; shards: {}; disk: {:?}",
-        report.scenario.shards, report.scenario.disk
+        "workers: {transports:?}; shards: {}; set ttl: {} ms; disk: {:?}",
+        report.scenario.shards, report.scenario.set_ttl_ms, report.scenario.disk
     );
-    println!("server faults: {:?}", report.scenario.server_faults);
+    match &report.scenario.cluster {
+        Some(plan) => println!(
+            "node faults: {:?}; snapshot every {} entries",
+            plan.faults, plan.snapshot_every
+        ),
+        None => println!("server faults: {:?}", report.scenario.server_faults),
+    }
     if report.violations.is_empty() {
         println!("no violations");
         return ExitCode::SUCCESS;
@@ -119,5 +146,6 @@ fn replay(seed: u64, options: Options, trace: bool) -> ExitCode {
     for violation in &report.violations {
         println!("VIOLATION {}: {violation:?}", violation.kind());
     }
+    println!("replay: {}", replay_command(seed, options));
     ExitCode::FAILURE
 }

@@ -1,10 +1,13 @@
 //! Planted bugs: a corrupting proxy between the WebSocket workers and the
-//! server, and the state machine's and the storage's own planted bugs. For
-//! the proxy's, nothing in the production code changes: the proxy lies to
-//! the workers the way a broken server would. The others are small
-//! mistakes in the rules themselves (`deadbolt_state::planted`) or in the
-//! log and its recovery (`deadbolt_storage::planted`), compiled only with
-//! the `planted-bugs` feature. A test shows the checkers catch each.
+//! server, and the state machine's, the storage's and the replication's
+//! own planted bugs. For the proxy's, nothing in the production code
+//! changes: the proxy lies to the workers the way a broken server would.
+//! The others are small mistakes in the rules themselves
+//! (`deadbolt_state::planted`), in the log and its recovery
+//! (`deadbolt_storage::planted`) or in a cluster's replicated engine
+//! (`deadbolt_core::engine::planted`: a follower that grants on its own,
+//! a leader that answers before a majority has the batch), compiled only
+//! with the `planted-bugs` feature. A test shows the checkers catch each.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+use deadbolt_core::engine::planted::ReplicaBug;
 use deadbolt_core::shard::planted::PlantedBug;
 use deadbolt_storage::StorageBug;
 
@@ -37,12 +41,14 @@ pub enum Bug {
     Server(PlantedBug),
     /// A bug in the storage: the log or its recovery (no proxy).
     Storage(StorageBug),
+    /// A bug in a cluster's replicated engine (no proxy).
+    Replica(ReplicaBug),
 }
 
 impl Bug {
-    /// Every planted bug: the proxy's, then the state machine's, then the
-    /// storage's.
-    pub const ALL: [Bug; 15] = [
+    /// Every planted bug: the proxy's, then the state machine's, the
+    /// storage's and the replication's.
+    pub const ALL: [Bug; 17] = [
         Bug::DoubleGrant,
         Bug::LowerToken,
         Bug::DoubleFirst,
@@ -58,6 +64,8 @@ impl Bug {
         Bug::Storage(StorageBug::ALL[0]),
         Bug::Storage(StorageBug::ALL[1]),
         Bug::Storage(StorageBug::ALL[2]),
+        Bug::Replica(ReplicaBug::ALL[0]),
+        Bug::Replica(ReplicaBug::ALL[1]),
     ];
 
     /// Its name on the command line.
@@ -70,6 +78,7 @@ impl Bug {
             Bug::DropInsert => "drop-insert",
             Bug::Server(bug) => bug.name(),
             Bug::Storage(bug) => bug.name(),
+            Bug::Replica(bug) => bug.name(),
         }
     }
 
@@ -94,9 +103,17 @@ impl Bug {
         }
     }
 
+    /// The replication's bug, if this is one.
+    pub fn replica(self) -> Option<ReplicaBug> {
+        match self {
+            Bug::Replica(bug) => Some(bug),
+            _ => None,
+        }
+    }
+
     /// Whether it is compiled in only with the `planted-bugs` feature.
     pub fn needs_feature(self) -> bool {
-        self.planted().is_some() || self.storage().is_some()
+        self.planted().is_some() || self.storage().is_some() || self.replica().is_some()
     }
 
     /// Whether the proxy plants it (so WebSocket workers go through it).
@@ -123,7 +140,7 @@ impl Memory {
         match bug {
             Bug::DoubleGrant | Bug::DropInsert => self.chances.is_multiple_of(2),
             Bug::LowerToken | Bug::DoubleFirst | Bug::StretchLease => true,
-            Bug::Server(_) | Bug::Storage(_) => false,
+            Bug::Server(_) | Bug::Storage(_) | Bug::Replica(_) => false,
         }
     }
 }

@@ -41,12 +41,12 @@ impl Connection {
     /// Connects, upgrades and says `hello`, all within [`REPLY_TIMEOUT`]:
     /// an upgrade whose answer is lost to a partition must not hang the
     /// worker for good.
-    async fn open(client: &str) -> Result<Connection, String> {
+    async fn open(client: &str, host: &str) -> Result<Connection, String> {
         let connecting = async {
-            let stream = turmoil::net::TcpStream::connect(("server", WS_PORT))
+            let stream = turmoil::net::TcpStream::connect((host, WS_PORT))
                 .await
                 .map_err(|e| e.to_string())?;
-            let url = format!("ws://server:{WS_PORT}/ws");
+            let url = format!("ws://{host}:{WS_PORT}/ws");
             let (socket, _) = tokio_tungstenite::client_async(url, stream)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -110,7 +110,7 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
         {
             let open = match connection.take() {
                 Some(open) => Ok(open),
-                None => Connection::open(&client).await,
+                None => Connection::open(&client, shared.home(me)).await,
             };
             match open {
                 Ok(mut open) => {
@@ -157,7 +157,10 @@ impl RawCounter<'_> {
         let reply = connection.call(request).await?;
         let ok = &reply["ok"];
         match (ok["token"].as_u64(), ok["ttl_ms"].as_u64()) {
-            (Some(token), Some(ttl_ms)) => Ok(Some((token, sent_us + ttl_ms * 1000))),
+            (Some(token), Some(ttl_ms)) => {
+                self.answered("lock", Some(token), Some(ttl_ms), sent_us);
+                Ok(Some((token, sent_us + ttl_ms * 1000)))
+            }
             _ if reply["err"]["code"] == json!("busy") => Ok(None),
             _ => Err(reply.to_string()),
         }
@@ -225,10 +228,28 @@ impl RawCounter<'_> {
             return false;
         }
         let unlock = json!({"op": "unlock", "key": self.key, "token": token});
+        let sent_us = now_us();
         let reply = connection.call(unlock).await;
         let ok = reply.as_ref().is_ok_and(|r| r.get("ok").is_some());
+        if ok {
+            self.answered("unlock", Some(token), None, sent_us);
+        }
         self.record(What::Unlocked { key, token, ok });
         reply.is_ok()
+    }
+
+    /// Records the server's `ok` to `op`, sent at `sent_us`, if the run
+    /// taps its workers (as [`crate::tap`] does for the Rust client's).
+    fn answered(&self, op: &'static str, token: Option<u64>, ttl_ms: Option<u64>, sent_us: u64) {
+        if self.shared.tap {
+            self.record(What::Answered {
+                op,
+                key: self.key.to_owned(),
+                token,
+                ttl_ms,
+                sent_us,
+            });
+        }
     }
 
     async fn fenced_read(&self, token: u64, valid_until_us: u64) -> Option<u64> {

@@ -3,6 +3,8 @@
 //! server's disk with the server's own faults (crashes, a full disk).
 
 use proptest::prelude::*;
+
+use crate::cluster::plan::ClusterPlan;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
@@ -56,6 +58,11 @@ pub const SYNC_LATENCY_MAX_MS: u64 = 10;
 /// The longest the disk stays full: short enough that a short-lived set,
 /// whose renewals the full disk refuses, outlives it.
 pub const DISK_FULL_MAX_MS: u64 = 700;
+/// What a cluster adds to a short set time to live. Nothing renews the set
+/// while the cluster has no leader (a partition of the leader up to 3 s,
+/// a crash with a partition, an election, a request's 2 s of patience):
+/// the set must outlive that, as it outlives a full disk.
+pub const CLUSTER_SET_TTL_EXTRA_MS: u64 = 8_000;
 
 /// How a worker reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,8 +302,12 @@ pub struct Scenario {
     /// The server's disk.
     pub disk: DiskPlan,
     /// The faults of the server host, by start time (crashes never
-    /// overlap; a full disk may come while the server is down).
+    /// overlap; a full disk may come while the server is down). None in a
+    /// cluster.
     pub server_faults: Vec<ServerFault>,
+    /// In a cluster, its plan (the nodes' faults); `None` for the single
+    /// server.
+    pub cluster: Option<ClusterPlan>,
 }
 
 impl Scenario {
@@ -306,13 +317,34 @@ impl Scenario {
         self.server_faults_end_ms().max(HEAL_AT_MS)
     }
 
-    /// When the server's last fault ends (0 if it has none).
+    /// When the server's (or the nodes') last fault ends (0 if it has
+    /// none).
     pub fn server_faults_end_ms(&self) -> u64 {
-        self.server_faults
-            .iter()
-            .map(ServerFault::end_ms)
-            .max()
-            .unwrap_or(0)
+        let single = self.server_faults.iter().map(ServerFault::end_ms).max();
+        let nodes = self.cluster.as_ref().map(ClusterPlan::faults_end_ms);
+        single.unwrap_or(0).max(nodes.unwrap_or(0))
+    }
+
+    /// The cluster version of this scenario: the same workload and workers'
+    /// faults, the nodes' faults of `plan` instead of the single server's,
+    /// a disk that never fills, and a short set time to live made
+    /// [`CLUSTER_SET_TTL_EXTRA_MS`] longer.
+    pub fn into_cluster(self, plan: ClusterPlan) -> Scenario {
+        let set_ttl_ms = if self.set_ttl_ms < SET_TTL_LONG_MS {
+            self.set_ttl_ms + CLUSTER_SET_TTL_EXTRA_MS
+        } else {
+            self.set_ttl_ms
+        };
+        Scenario {
+            set_ttl_ms,
+            server_faults: Vec::new(),
+            disk: DiskPlan {
+                capacity_bytes: None,
+                ..self.disk
+            },
+            cluster: Some(plan),
+            ..self
+        }
     }
 
     /// How many times the server crashes.
@@ -577,6 +609,7 @@ fn scenario_strategy(seed: u64) -> impl Strategy<Value = Scenario> {
                     faults,
                     disk,
                     server_faults,
+                    cluster: None,
                 }
             })
         },

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadbolt_core::client::{Client, ClientOptions, Error, LockGuard, LockOptions};
+use deadbolt_core::client::{Client, ClientOptions, Connector, Error, LockGuard, LockOptions};
 use deadbolt_core::proto::{Acquire, LockOp, Op, Wait as WaitFor};
 use deadbolt_transport_quic::QuicConnector;
 use deadbolt_transport_ws::{WsClientConfig, WsConnector};
@@ -21,6 +21,7 @@ use crate::history::{Actor, History, What, micros, now_us};
 use crate::net::{SimDialer, quic_client_config, quic_endpoint};
 use crate::resource;
 use crate::scenario::{CounterStep, LOCK_KEYS, SET, Scenario, Step, Transport, Wait};
+use crate::tap::TapConnector;
 
 /// The WebSocket port of the server (and of the planted-bug proxy).
 pub const WS_PORT: u16 = 7420;
@@ -38,11 +39,29 @@ pub struct Shared {
     pub progress: Arc<Mutex<Vec<usize>>>,
     /// The server certificate, for QUIC clients.
     pub ca_pem: Arc<Vec<u8>>,
-    /// The host WebSocket workers connect to: the server, or the proxy.
-    pub ws_host: &'static str,
+    /// The hosts workers connect to: the server, or a cluster's nodes;
+    /// worker `me` connects to the `me % len`-th (workers are spread over
+    /// the nodes).
+    pub servers: Arc<Vec<String>>,
+    /// Whether WebSocket workers connect to the planted-bug proxy instead.
+    pub proxied: bool,
+    /// Whether the Rust-client workers' connections are tapped
+    /// ([`crate::tap`]): in a cluster, for its lease rules.
+    pub tap: bool,
 }
 
 impl Shared {
+    /// The host worker `me` sends its requests to.
+    pub fn home(&self, me: usize) -> &str {
+        &self.servers[me % self.servers.len()]
+    }
+
+    /// The host worker `me` opens WebSocket connections to: its home, or
+    /// the proxy.
+    pub fn ws_host(&self, me: usize) -> &str {
+        if self.proxied { "proxy" } else { self.home(me) }
+    }
+
     /// Whether every worker has finished its plan.
     pub fn all_done(&self) -> bool {
         let progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
@@ -123,7 +142,7 @@ async fn connect(shared: &Shared, me: usize, client_id: String, quic_host: u8) -
     loop {
         let connected = match shared.scenario.workers[me].transport {
             Transport::Ws | Transport::Raw => {
-                let url = format!("ws://{}:{WS_PORT}/ws", shared.ws_host);
+                let url = format!("ws://{}:{WS_PORT}/ws", shared.ws_host(me));
                 let config = WsClientConfig {
                     connect_timeout: ms(1000),
                     ping_interval: ms(250),
@@ -132,7 +151,7 @@ async fn connect(shared: &Shared, me: usize, client_id: String, quic_host: u8) -
                 };
                 match WsConnector::with_dialer(&url, SimDialer) {
                     Ok(connector) => {
-                        Client::connect(connector.config(config), options.clone()).await
+                        connect_tapped(shared, me, connector.config(config), options.clone()).await
                     }
                     Err(e) => Err(e.into()),
                 }
@@ -163,12 +182,23 @@ async fn connect_quic(
         .await
         .map_err(|e| lost(e.to_string()))?;
     let config = quic_client_config(&shared.ca_pem, host).map_err(|e| lost(e.to_string()))?;
-    let server = SocketAddr::new(turmoil::lookup("server"), QUIC_PORT);
-    Client::connect(
-        QuicConnector::new(endpoint, config, server, "localhost"),
-        options,
-    )
-    .await
+    let server = SocketAddr::new(turmoil::lookup(shared.home(me)), QUIC_PORT);
+    let connector = QuicConnector::new(endpoint, config, server, "localhost");
+    connect_tapped(shared, me, connector, options).await
+}
+
+/// A client on `connector`, tapped if the run taps its workers.
+async fn connect_tapped(
+    shared: &Shared,
+    me: usize,
+    connector: impl Connector,
+    options: ClientOptions,
+) -> Result<Client, Error> {
+    if shared.tap {
+        let tapped = TapConnector::new(connector, shared.history.clone(), me);
+        return Client::connect(tapped, options).await;
+    }
+    Client::connect(connector, options).await
 }
 
 /// One lock-guarded counter step.

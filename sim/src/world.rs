@@ -17,9 +17,11 @@ use futures_util::TryStreamExt;
 use tokio::sync::watch;
 
 use crate::checker::{self, Violation};
+use crate::cluster::{self, ClusterControl};
 use crate::disk::{self, DiskControl, DiskStats};
 use crate::driver::Driver;
 use crate::history::{self, Actor, Event, History, What};
+use crate::lease;
 use crate::net::{
     SimDialer, SimListener, engine_config, quic_config, quic_endpoint, quic_server_config,
     ws_config,
@@ -43,8 +45,36 @@ const START_RETRY_MS: u64 = 250;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     /// A bug to plant: in a proxy between the WebSocket workers and the
-    /// server, or in the server's state machine.
+    /// server, in the server's state machine or storage, or (in a
+    /// cluster) in the replication.
     pub bug: Option<Bug>,
+    /// Run three nodes of a cluster instead of the single server.
+    pub cluster: bool,
+    /// In a cluster, let the seed's schedule lose a node's disk (off until
+    /// the nodes refuse a peer whose identity changed: without that, a
+    /// wiped node may vote twice in a term).
+    pub disk_loss: bool,
+    /// Print every event of the history as it happens.
+    pub echo: bool,
+}
+
+impl Options {
+    /// The single server, with `bug` planted.
+    pub fn single(bug: Option<Bug>) -> Options {
+        Options {
+            bug,
+            ..Options::default()
+        }
+    }
+
+    /// A cluster, with `bug` planted.
+    pub fn cluster(bug: Option<Bug>) -> Options {
+        Options {
+            bug,
+            cluster: true,
+            ..Options::default()
+        }
+    }
 }
 
 /// What a run came to.
@@ -81,11 +111,21 @@ pub(crate) fn worker_name(worker: usize) -> String {
 
 /// Runs `seed` and checks it.
 pub fn run(seed: u64, options: Options) -> Report {
-    let scenario = scenario::scenario(seed);
-    let history = History::default();
-    let proxied = options.bug.is_some_and(Bug::needs_proxy);
-    // The whole run (the server's shards, and the replays that check
-    // them) is on this thread, so the state machine's bug is planted here.
+    let mut scenario = scenario::scenario(seed);
+    if options.cluster {
+        let plan = cluster::plan::plan(seed, scenario.faults.len(), options.disk_loss);
+        scenario = scenario.into_cluster(plan);
+    }
+    let history = if options.echo {
+        History::echoing()
+    } else {
+        History::default()
+    };
+    if let Some(error) = unfit(options) {
+        return failed(seed, scenario, &history, error.to_owned());
+    }
+    // The whole run (every server's shards, and the replays that check
+    // them) is on this thread, so the planted bugs are planted here.
     let Some(_planted) = planted::plant(options.bug.and_then(Bug::planted)) else {
         let error = "the state machine's planted bugs need `--features planted-bugs`".to_owned();
         return failed(seed, scenario, &history, error);
@@ -96,46 +136,89 @@ pub fn run(seed: u64, options: Options) -> Report {
         let error = "the storage's planted bugs need `--features planted-bugs`".to_owned();
         return failed(seed, scenario, &history, error);
     };
+    let Some(_planted_replica) =
+        deadbolt_core::engine::planted::plant(options.bug.and_then(Bug::replica))
+    else {
+        let error = "the replication's planted bugs need `--features planted-bugs`".to_owned();
+        return failed(seed, scenario, &history, error);
+    };
+    let Ok((_, cert, key)) = Identity::self_signed() else {
+        return failed(seed, scenario, &history, "no certificate".to_owned());
+    };
+    let servers = Servers::new(seed, &scenario, &history);
+    // A cluster's nodes say when they lead on this thread's log.
+    let _listening = servers.cluster().map(|c| c.leaders.listen(&history));
     let shared = Shared {
         history: history.clone(),
         scenario: Arc::new(scenario.clone()),
         progress: Arc::new(Mutex::new(vec![0; scenario.workers.len()])),
-        ca_pem: Arc::new(Vec::new()),
-        ws_host: if proxied { "proxy" } else { "server" },
+        ca_pem: Arc::new(cert.clone().into_bytes()),
+        servers: Arc::new(servers.hosts()),
+        proxied: options.bug.is_some_and(Bug::needs_proxy),
+        tap: options.cluster,
     };
     let mut sim = builder(seed, &scenario).build();
-    let (identity_pem, shared) = match Identity::self_signed() {
-        Ok((_, cert, key)) => (
-            (cert.clone(), key),
-            Shared {
-                ca_pem: Arc::new(cert.into_bytes()),
-                ..shared
-            },
-        ),
-        Err(error) => return failed(seed, scenario, &history, format!("certificate: {error}")),
-    };
-    let control = ServerControl::new(seed, &scenario, &history);
-    add_server(&mut sim, seed, identity_pem, &control);
-    let resource_history = history.clone();
+    add_hosts(&mut sim, &servers, &shared, options, (cert, key));
+    let mut driver = Driver::new(&scenario, &history, options, &servers);
+    let outcome = driver.drive(&mut sim);
+    let faults = driver.take_faults();
+    drop(driver);
+    drop(sim);
+    let mut report = judge(&shared, &servers, outcome);
+    report.faults = faults;
+    report
+}
+
+/// Why `options` cannot run, if they cannot: the proxy and the storage
+/// plant their bugs in the single server, the replication in a cluster.
+fn unfit(options: Options) -> Option<&'static str> {
+    let bug = options.bug?;
+    if options.cluster && (bug.needs_proxy() || bug.storage().is_some()) {
+        return Some("the proxy's and the storage's planted bugs need the single server");
+    }
+    if !options.cluster && bug.replica().is_some() {
+        return Some("the replication's planted bugs need a cluster (`--cluster`)");
+    }
+    None
+}
+
+/// Adds every host of the run to `sim`: the server (or the nodes), the
+/// resource, the proxy if a bug needs it, the workers and the auditor.
+fn add_hosts(
+    sim: &mut turmoil::Sim<'_>,
+    servers: &Servers,
+    shared: &Shared,
+    options: Options,
+    identity_pem: (String, String),
+) {
+    let seed = shared.scenario.seed;
+    match servers {
+        Servers::Single(control) => add_server(sim, seed, identity_pem, control),
+        Servers::Cluster(control) => cluster::add_nodes(sim, &identity_pem, control),
+    }
+    let resource_history = shared.history.clone();
     sim.host("resource", move || {
         resource::serve(resource_history.clone())
     });
     if let Some(bug) = options.bug.filter(|bug| bug.needs_proxy()) {
-        let bug_history = history.clone();
+        let bug_history = shared.history.clone();
         sim.host("proxy", move || proxy::serve(bug, bug_history.clone()));
     }
-    for worker in 0..scenario.workers.len() {
+    for worker in 0..shared.scenario.workers.len() {
         let shared = shared.clone();
         sim.host(worker_name(worker), move || {
             worker::run(shared.clone(), worker)
         });
     }
-    sim.client("auditor", audit(shared.clone(), control.clone()));
-    let mut driver = Driver::new(&scenario, &history, options, &control);
-    let outcome = driver.drive(&mut sim);
-    let faults = std::mem::take(&mut driver.faults);
-    drop(driver);
-    let events = history.events();
+    sim.client("auditor", audit(shared.clone(), servers.clone()));
+}
+
+/// The report of a run that has ended (`outcome`: why a host failed, if
+/// one did), with every rule checked: the history's, and the single
+/// server's log's or the cluster's own.
+fn judge(shared: &Shared, servers: &Servers, outcome: Result<(), String>) -> Report {
+    let scenario = &shared.scenario;
+    let events = shared.history.events();
     let finished: Vec<(usize, usize)> = {
         let progress = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
         scenario
@@ -150,12 +233,69 @@ pub fn run(seed: u64, options: Options) -> Report {
     if let Err(error) = outcome {
         violations.push(Violation::HostFailed { error });
     }
-    violations.extend(control.trace.check(&control.config.engine));
-    violations.extend(control.trace.check_server(&control.config.engine));
-    let mut report = report(seed, scenario, events, violations, faults);
-    report.disk = control.disk.stats();
-    report.unacknowledged_kept = control.trace.unobserved();
+    let (disk, unacknowledged_kept) = match servers {
+        Servers::Single(control) => {
+            violations.extend(control.trace.check(&control.config.engine));
+            violations.extend(control.trace.check_server(&control.config.engine));
+            (control.disk.stats(), control.trace.unobserved())
+        }
+        Servers::Cluster(control) => {
+            violations.extend(control.violations());
+            violations.extend(lease::check(&events));
+            (control.disk_stats(), 0)
+        }
+    };
+    let scenario = Scenario::clone(scenario);
+    let mut report = report(scenario.seed, scenario, events, violations, BTreeMap::new());
+    report.disk = disk;
+    report.unacknowledged_kept = unacknowledged_kept;
     report
+}
+
+/// The servers of a run: the single server, or a cluster's nodes.
+#[derive(Clone)]
+pub(crate) enum Servers {
+    /// One server, durable on its disk.
+    Single(ServerControl),
+    /// Three nodes of a cluster.
+    Cluster(ClusterControl),
+}
+
+impl Servers {
+    /// The servers of `scenario`: a cluster if it has a cluster plan.
+    fn new(seed: u64, scenario: &Scenario, history: &History) -> Servers {
+        match &scenario.cluster {
+            Some(plan) => {
+                Servers::Cluster(ClusterControl::new(seed, scenario, plan.clone(), history))
+            }
+            None => Servers::Single(ServerControl::new(seed, scenario, history)),
+        }
+    }
+
+    /// The cluster, if this is one.
+    fn cluster(&self) -> Option<&ClusterControl> {
+        match self {
+            Servers::Cluster(cluster) => Some(cluster),
+            Servers::Single(_) => None,
+        }
+    }
+
+    /// The hosts clients connect to.
+    fn hosts(&self) -> Vec<String> {
+        match self {
+            Servers::Single(_) => vec!["server".to_owned()],
+            Servers::Cluster(_) => cluster::node_names(),
+        }
+    }
+
+    /// Shuts every server down gracefully and waits (a bounded while)
+    /// until they have stopped.
+    async fn stop(&self) {
+        match self {
+            Servers::Single(control) => stop_server(control).await,
+            Servers::Cluster(control) => control.stop().await,
+        }
+    }
 }
 
 /// The world of `scenario`: its links, and its server's disk (torn writes
@@ -363,10 +503,12 @@ async fn serve(control: &ServerControl, seed: u64, cert: &str, key: &str) -> tur
 
 /// The auditor: keeps a short-lived set alive, waits for the workers (up
 /// to the bound), then exports the set (a page of the drawn size at a
-/// time) and reads the resource, straight from the server.
-async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
+/// time) and reads the resource, straight from the server (from any node
+/// of a cluster).
+async fn audit(shared: Shared, servers: Servers) -> turmoil::Result {
+    let hosts = Arc::clone(&shared.servers);
     let renewer = (shared.scenario.set_ttl_ms < scenario::SET_TTL_LONG_MS)
-        .then(|| tokio::spawn(renew_set(shared.scenario.set_ttl_ms)));
+        .then(|| tokio::spawn(renew_set(hosts, shared.scenario.set_ttl_ms)));
     let deadline = Duration::from_millis(shared.scenario.heal_at_ms() + WORKLOAD_BOUND_MS);
     // The workers may be done before the server's last crash or full disk.
     let server_faults_end = Duration::from_millis(shared.scenario.server_faults_end_ms());
@@ -376,7 +518,7 @@ async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let record = |what| shared.history.record(Actor::Auditor, what);
-    match export(shared.scenario.page_limit).await {
+    match export_when_available(&shared.servers, shared.scenario.page_limit).await {
         Ok(members) => record(What::Members {
             set: SET.into(),
             members,
@@ -404,18 +546,23 @@ async fn audit(shared: Shared, control: ServerControl) -> turmoil::Result {
             Err(error) => record(What::AuditFailed { error }),
         }
     }
-    stop_server(&control).await;
+    servers.stop().await;
     Ok(())
 }
 
-/// A client of the auditor's, straight to the server, which it tries for
-/// a while: a server restarted at the heal may still be starting (waiting
-/// for its disk). Its id is `client_id`, not a random one: the client's
-/// retry delays are drawn from its id, and the run must repeat exactly.
-async fn auditor_client(client_id: &str) -> Result<Client, deadbolt_core::client::Error> {
-    let url = format!("ws://server:{WS_PORT}/ws");
+/// A client of the auditor's, straight to a server (each of `hosts` in
+/// turn), which it tries for a while: a server restarted at the heal may
+/// still be starting (waiting for its disk). Its id is `client_id`, not a
+/// random one: the client's retry delays are drawn from its id, and the
+/// run must repeat exactly.
+async fn auditor_client(
+    hosts: &[String],
+    client_id: &str,
+) -> Result<Client, deadbolt_core::client::Error> {
     let mut attempts = 0;
     loop {
+        let host = &hosts[attempts as usize % hosts.len()];
+        let url = format!("ws://{host}:{WS_PORT}/ws");
         let connector = WsConnector::with_dialer(&url, SimDialer)?;
         let options = ClientOptions {
             client_id: Some(client_id.to_owned()),
@@ -432,12 +579,38 @@ async fn auditor_client(client_id: &str) -> Result<Client, deadbolt_core::client
 /// How many times the auditor tries to connect, 100 ms apart.
 const AUDITOR_CONNECT_ATTEMPTS: u32 = 50;
 
+/// How many times the auditor asks for the export while the servers
+/// answer `unavailable`, 200 ms apart: a cluster may be electing a leader
+/// when the workers are done (the client gives up on `unavailable` at
+/// once, for now).
+const AUDITOR_EXPORT_ATTEMPTS: u32 = 50;
+
+/// [`export`], asked again while the servers answer `unavailable`.
+async fn export_when_available(
+    hosts: &[String],
+    page_limit: Option<u32>,
+) -> Result<Vec<(u64, String)>, deadbolt_core::client::Error> {
+    let mut attempts = 1;
+    loop {
+        match export(hosts, page_limit).await {
+            Err(e) if unavailable(&e) && attempts < AUDITOR_EXPORT_ATTEMPTS => attempts += 1,
+            exported => return exported,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn unavailable(error: &deadbolt_core::client::Error) -> bool {
+    error.code() == Some(deadbolt_core::proto::ErrorCode::Unavailable)
+}
+
 /// Every member of the set, in index order, a page of `page_limit` (or
 /// the default) at a time.
 async fn export(
+    hosts: &[String],
     page_limit: Option<u32>,
 ) -> Result<Vec<(u64, String)>, deadbolt_core::client::Error> {
-    let client = auditor_client("auditor-export").await?;
+    let client = auditor_client(hosts, "auditor-export").await?;
     let set = client.set(SET);
     let Some(limit) = page_limit else {
         let members = set.members().try_collect::<Vec<_>>().await?;
@@ -456,9 +629,9 @@ async fn export(
 /// Restarts the set's short time to live with `set_up` four times per
 /// lifetime, from a host no fault touches, until aborted: the workers'
 /// own `set_up`s renew it too, but a faulty worker may not in time.
-async fn renew_set(ttl_ms: u64) {
+async fn renew_set(hosts: Arc<Vec<String>>, ttl_ms: u64) {
     let client = loop {
-        if let Ok(client) = auditor_client("auditor-renewer").await {
+        if let Ok(client) = auditor_client(&hosts, "auditor-renewer").await {
             break client;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
