@@ -40,10 +40,13 @@ pub struct Timings {
 
 impl Default for Timings {
     fn default() -> Self {
+        // A follower notices a dead leader within 250-500 ms: five to ten
+        // missed heartbeats, which a busy two-core machine does not miss
+        // by accident.
         Timings {
-            heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(500),
-            election_max: Duration::from_millis(1000),
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(250),
+            election_max: Duration::from_millis(500),
         }
     }
 }
@@ -54,7 +57,7 @@ impl Timings {
     /// which a simulation cannot seed; distinct fixed ones still keep two
     /// nodes from splitting the vote forever.
     pub fn fixed_for(node: NodeId) -> Timings {
-        let min = Duration::from_millis(500 + 150 * (node % 8));
+        let min = Duration::from_millis(250 + 75 * (node % 8));
         Timings {
             election_min: min,
             election_max: min + Duration::from_millis(1),
