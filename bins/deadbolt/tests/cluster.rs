@@ -258,7 +258,7 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_change() {
     let new_leader = tokio::task::block_in_place(|| wait_for_leader(&nodes, Some(leader)));
     assert_ne!(new_leader, leader);
 
-    let heard = run.heard.lock().expect("lock");
+    let heard = std::mem::take(&mut *run.heard.lock().expect("lock"));
     let first = heard
         .first_grant_after_kill
         .expect("a grant after the leader was killed");
