@@ -18,6 +18,7 @@
 //! protobuf. See docs/design.md.
 
 pub mod forward;
+pub mod identity;
 pub mod log_store;
 pub mod network;
 mod node;

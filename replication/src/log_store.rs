@@ -194,6 +194,8 @@ impl LogStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    // openraft's error type, which the trait methods return as is.
+    #[allow(clippy::result_large_err)]
     fn send(&self, record: Record, done: Done) -> Result<(), StorageError> {
         self.writes
             .send(Write { record, done })

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, watch};
 
+use crate::identity::Identities;
 use crate::types::{NodeId, Raft, TypeConfig};
 
 /// The largest frame a peer may send (an append of up to
@@ -40,8 +41,19 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Hello {
     /// The dialing node.
     pub from: NodeId,
+    /// Its incarnation (see [`crate::identity`]).
+    pub incarnation: u64,
     /// The base URL of its WebSocket port (`ws://host:port`).
     pub client_url: String,
+}
+
+/// The answer to a [`Hello`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum HelloAck {
+    /// Go ahead; this is the answering node's incarnation.
+    Welcome { incarnation: u64 },
+    /// The dialing node is refused (another incarnation than the one met).
+    Refused(String),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,12 +109,18 @@ async fn read_frame<S: AsyncRead + Unpin, T: DeserializeOwned>(stream: &mut S) -
 pub struct Peers<D> {
     dialer: Arc<D>,
     hello: Hello,
+    identities: Arc<Identities>,
 }
 
 impl<D: Dialer> Peers<D> {
-    /// Peers dialed through `dialer`, greeted with `hello`.
-    pub fn new(dialer: Arc<D>, hello: Hello) -> Peers<D> {
-        Peers { dialer, hello }
+    /// Peers dialed through `dialer`, greeted with `hello`, and checked
+    /// against `identities`.
+    pub fn new(dialer: Arc<D>, hello: Hello, identities: Arc<Identities>) -> Peers<D> {
+        Peers {
+            dialer,
+            hello,
+            identities,
+        }
     }
 }
 
@@ -115,6 +133,7 @@ impl<D: Dialer> RaftNetworkFactory<TypeConfig> for Peers<D> {
             addr: node.addr.clone(),
             dialer: Arc::clone(&self.dialer),
             hello: self.hello.clone(),
+            identities: Arc::clone(&self.identities),
             stream: tokio::sync::Mutex::new(None),
         }
     }
@@ -126,6 +145,7 @@ pub struct PeerClient<D: Dialer> {
     addr: String,
     dialer: Arc<D>,
     hello: Hello,
+    identities: Arc<Identities>,
     /// openraft wants a network client that is `Sync`; a stream need not
     /// be.
     stream: tokio::sync::Mutex<Option<D::Stream>>,
@@ -179,7 +199,7 @@ impl<D: Dialer> PeerClient<D> {
                 .dial(host, port)
                 .await
                 .map_err(|e| CallError::Unreachable(target, e))?;
-            write_frame(&mut stream, &self.hello)
+            self.greet(&mut stream)
                 .await
                 .map_err(|e| CallError::Unreachable(target, e))?;
             *self.stream.get_mut() = Some(stream);
@@ -189,6 +209,20 @@ impl<D: Dialer> PeerClient<D> {
         };
         write_frame(stream, request).await.map_err(failed)?;
         read_frame(stream).await.map_err(failed)
+    }
+}
+
+impl<D: Dialer> PeerClient<D> {
+    /// Says hello on a new connection, and checks who answers.
+    async fn greet(&self, stream: &mut D::Stream) -> io::Result<()> {
+        write_frame(stream, &self.hello).await?;
+        match read_frame(stream).await? {
+            HelloAck::Welcome { incarnation } => self
+                .identities
+                .check(self.target, incarnation)
+                .map_err(io::Error::other),
+            HelloAck::Refused(why) => Err(io::Error::other(why)),
+        }
     }
 }
 
@@ -259,6 +293,7 @@ pub async fn serve_peers<L: Listener>(
     mut listener: L,
     raft: Raft,
     directory: Directory,
+    identities: Arc<Identities>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(PEER_CONNECTIONS_MAX));
@@ -282,8 +317,9 @@ pub async fn serve_peers<L: Listener>(
             continue;
         };
         let (raft, directory) = (raft.clone(), Arc::clone(&directory));
+        let identities = Arc::clone(&identities);
         connections.spawn(async move {
-            if let Err(error) = serve_peer(stream, raft, directory).await {
+            if let Err(error) = serve_peer(stream, raft, directory, &identities).await {
                 tracing::debug!(%peer, %error, "peer connection ended");
             }
             drop(slot);
@@ -297,10 +333,18 @@ async fn serve_peer<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     raft: Raft,
     directory: Directory,
+    identities: &Identities,
 ) -> io::Result<()> {
     let hello: Hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut stream))
         .await
         .map_err(|_| io::Error::other("no hello in time"))??;
+    if let Err(error) = identities.check(hello.from, hello.incarnation) {
+        tracing::warn!(%error, "refusing a peer");
+        write_frame(&mut stream, &HelloAck::Refused(error.to_string())).await?;
+        return Err(io::Error::other(error));
+    }
+    let own = identities.own();
+    write_frame(&mut stream, &HelloAck::Welcome { incarnation: own }).await?;
     directory
         .lock()
         .unwrap_or_else(|p| p.into_inner())

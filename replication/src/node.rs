@@ -19,6 +19,7 @@ use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use tokio::sync::{oneshot, watch};
 
 use crate::forward::LeaderForwarder;
+use crate::identity::Identities;
 use crate::log_store::{LogStore, LogWriter, OpenError};
 use crate::network::{Directory, Hello, Peers, serve_peers};
 use crate::state_machine::{StateMachine, load_snapshot};
@@ -39,10 +40,13 @@ pub struct Timings {
 
 impl Default for Timings {
     fn default() -> Self {
+        // A follower notices a dead leader within 250-500 ms: five to ten
+        // missed heartbeats, which a busy two-core machine does not miss
+        // by accident.
         Timings {
-            heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(500),
-            election_max: Duration::from_millis(1000),
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(250),
+            election_max: Duration::from_millis(500),
         }
     }
 }
@@ -53,7 +57,7 @@ impl Timings {
     /// which a simulation cannot seed; distinct fixed ones still keep two
     /// nodes from splitting the vote forever.
     pub fn fixed_for(node: NodeId) -> Timings {
-        let min = Duration::from_millis(500 + 150 * (node % 8));
+        let min = Duration::from_millis(250 + 75 * (node % 8));
         Timings {
             election_min: min,
             election_max: min + Duration::from_millis(1),
@@ -84,6 +88,9 @@ pub struct ClusterConfig {
     pub timings: Timings,
     /// Entries between snapshots.
     pub snapshot_every: u64,
+    /// The incarnation this node takes if its Raft directory is new
+    /// (random in a real server; drawn from the seed in the simulation).
+    pub fresh_incarnation: u64,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -181,6 +188,9 @@ pub async fn start<L: Listener, D: Dialer + Clone>(
             path.display()
         );
     }
+    let identities = Identities::open(Arc::clone(&cluster.disk), &dir, cluster.fresh_incarnation)
+        .map_err(OpenError::Io)?;
+    let identities = Arc::new(identities);
     let log_writer = spawn_log_writer(writer, cluster.writer_thread);
     let loaded = load_snapshot(cluster.disk.as_ref(), &dir).map_err(StartError::Snapshot)?;
     let shard_config = engine.shard_config();
@@ -214,9 +224,10 @@ pub async fn start<L: Listener, D: Dialer + Clone>(
     );
     let hello = Hello {
         from: cluster.node,
+        incarnation: identities.own(),
         client_url: cluster.client_url.clone(),
     };
-    let network = Peers::new(Arc::new(dialer), hello);
+    let network = Peers::new(Arc::new(dialer), hello, Arc::clone(&identities));
     let config = raft_config(&cluster)?;
     let raft = Raft::new(cluster.node, config, network, store, machine)
         .await
@@ -226,7 +237,13 @@ pub async fn start<L: Listener, D: Dialer + Clone>(
     let (stop, stopped) = watch::channel(false);
     let tasks = vec![
         tokio::spawn(watch_role(raft.clone(), handle, cluster.node)),
-        tokio::spawn(serve_peers(peers, raft.clone(), directory, stopped)),
+        tokio::spawn(serve_peers(
+            peers,
+            raft.clone(),
+            directory,
+            identities,
+            stopped,
+        )),
     ];
     Ok(Node {
         engine,

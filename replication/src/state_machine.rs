@@ -65,12 +65,15 @@ impl SnapshotFile {
     }
 }
 
+/// The current snapshot: its meta and its bytes.
+type KeptSnapshot = (SnapshotMeta<NodeId, openraft::BasicNode>, Arc<Vec<u8>>);
+
 /// What survives between calls: the last applied entry, the membership,
 /// and the current snapshot.
 struct Applied {
     last: Option<LogId>,
     membership: StoredMembership<NodeId, openraft::BasicNode>,
-    snapshot: Option<(SnapshotMeta<NodeId, openraft::BasicNode>, Arc<Vec<u8>>)>,
+    snapshot: Option<KeptSnapshot>,
     /// The latest time stamped on an applied command.
     through: Tick,
 }
@@ -137,6 +140,8 @@ impl StateMachine {
         self.applied.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    // openraft's error type, which `apply` returns as is.
+    #[allow(clippy::result_large_err)]
     fn apply_one(&self, entry: Entry) -> Result<(), StorageError> {
         let log_id = entry.log_id;
         match entry.payload {

@@ -123,7 +123,12 @@ async fn handle<S>(
                 } else {
                     Frontend::WebSocket
                 };
-                let upgrade = Upgrade { key: &key, rest: head.rest, peer, frontend };
+                let upgrade = Upgrade {
+                    key: &key,
+                    rest: head.rest,
+                    peer,
+                    frontend,
+                };
                 websocket(stream, upgrade, &shared, permit, stopped).await;
                 return;
             }

@@ -60,12 +60,26 @@ async fn peering(
         writer_thread: true,
         timings: Timings::default(),
         snapshot_every: SNAPSHOT_EVERY,
+        fresh_incarnation: random_incarnation(),
     };
     Ok(Peering {
         cluster,
         listener,
         dialer: TcpDialer,
     })
+}
+
+/// A random incarnation for a node whose Raft directory is new.
+fn random_incarnation() -> u64 {
+    let mut bytes = [0u8; 8];
+    if let Err(error) = getrandom::fill(&mut bytes) {
+        tracing::warn!(%error, "no OS randomness: the incarnation comes from the clock");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        return nanos as u64 ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(bytes)
 }
 
 /// Raft entries between snapshots of a cluster node.
