@@ -201,11 +201,31 @@ fn fill_up(capacity: u64) -> io::Result<()> {
 
 /// Wipes `dir` off the calling host's disk and syncs its parent, as a
 /// lost disk replaced by an empty one: the node comes back with nothing.
+///
+/// turmoil keeps a directory's synced children when a crash loses the
+/// directory's own (unsynced) entry in its parent: `dir` may look absent
+/// while files below it are there. Making it again first brings them
+/// back into sight.
 pub fn wipe(dir: &str) -> io::Result<()> {
-    if fs::exists(dir) {
-        fs::remove_dir_all(dir)?;
-    }
+    fs::create_dir_all(dir)?;
+    fs::remove_dir_all(dir)?;
     fs::sync_dir("/")
+}
+
+/// How many files there are under `dir` on the calling host's disk, in
+/// every directory below it (making `dir` if it is absent: see [`wipe`]).
+pub fn files_under(dir: &str) -> io::Result<usize> {
+    fs::create_dir_all(dir)?;
+    let mut files = 0;
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        files += if fs::metadata(&path)?.is_dir() {
+            files_under(&path.to_string_lossy())?
+        } else {
+            1
+        };
+    }
+    Ok(files)
 }
 
 /// turmoil's "no space" as the `ENOSPC` a real disk gives.

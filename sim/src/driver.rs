@@ -55,7 +55,7 @@ impl<'a> Driver<'a> {
     ) -> Self {
         let workers = scenario.workers.len();
         let (server, nodes) = match servers {
-            Servers::Single(server) => (Some(server), None),
+            Servers::Single(server) => (Some(&**server), None),
             Servers::Cluster(cluster) => (None, Some(NodeDriver::new(cluster, workers, history))),
         };
         Driver {

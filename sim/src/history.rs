@@ -124,6 +124,9 @@ pub enum What {
     },
     /// The driver restarted node `node`.
     NodeRestarted { node: u64 },
+    /// The node (re)started, its data directory wiped first or not, and
+    /// found `kept_files` files in it.
+    NodeStarted { wiped: bool, kept_files: usize },
     /// The node started to lead, in `term`: its shards stamp, propose and
     /// answer from now on.
     Leading { term: u64 },

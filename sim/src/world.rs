@@ -255,8 +255,8 @@ fn judge(shared: &Shared, servers: &Servers, outcome: Result<(), String>) -> Rep
 /// The servers of a run: the single server, or a cluster's nodes.
 #[derive(Clone)]
 pub(crate) enum Servers {
-    /// One server, durable on its disk.
-    Single(ServerControl),
+    /// One server, durable on its disk (boxed: its configuration is large).
+    Single(Box<ServerControl>),
     /// Three nodes of a cluster.
     Cluster(ClusterControl),
 }
@@ -268,7 +268,7 @@ impl Servers {
             Some(plan) => {
                 Servers::Cluster(ClusterControl::new(seed, scenario, plan.clone(), history))
             }
-            None => Servers::Single(ServerControl::new(seed, scenario, history)),
+            None => Servers::Single(Box::new(ServerControl::new(seed, scenario, history))),
         }
     }
 

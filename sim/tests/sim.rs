@@ -1,17 +1,30 @@
-//! The simulation as a test: many seeds keep every rule, a seed repeats
-//! exactly, and every planted bug is caught.
+//! The simulation as a test: many seeds keep every rule, on the single
+//! server and on a cluster, a seed repeats exactly, and every planted bug
+//! is caught.
 
+use deadbolt_core::engine::planted::ReplicaBug;
 use deadbolt_core::shard::planted::PlantedBug;
 use deadbolt_sim::summary::{Summary, replay_command};
 use deadbolt_sim::{Bug, Options, Report, run};
 use deadbolt_storage::StorageBug;
 
-/// Seeds per `cargo test` (at least 200), or `DEADBOLT_SIM_SEEDS`.
+/// Single-server seeds per `cargo test` (at least 200), or
+/// `DEADBOLT_SIM_SEEDS`.
 fn seed_count() -> u64 {
-    std::env::var("DEADBOLT_SIM_SEEDS")
+    env_count("DEADBOLT_SIM_SEEDS", 200)
+}
+
+/// Cluster seeds per `cargo test`, or `DEADBOLT_SIM_CLUSTER_SEEDS`: fewer,
+/// each runs three nodes (`deadbolt-sim --cluster --seeds N` runs more).
+fn cluster_seed_count() -> u64 {
+    env_count("DEADBOLT_SIM_CLUSTER_SEEDS", 60)
+}
+
+fn env_count(name: &str, default: u64) -> u64 {
+    std::env::var(name)
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(200)
+        .unwrap_or(default)
 }
 
 /// Runs `seeds` on two threads (each simulation is single-threaded and
@@ -45,7 +58,17 @@ fn run_all(seeds: std::ops::Range<u64>, options: Options) -> Vec<Report> {
 
 #[test]
 fn every_seed_keeps_every_rule_through_every_fault() {
-    let reports = run_all(0..seed_count(), Options::default());
+    keeps_every_rule(0..seed_count(), Options::default());
+}
+
+#[test]
+fn every_cluster_seed_keeps_every_rule_through_every_fault() {
+    keeps_every_rule(0..cluster_seed_count(), Options::cluster(None));
+}
+
+/// Runs `seeds` as `options` say; every one must keep every rule.
+fn keeps_every_rule(seeds: std::ops::Range<u64>, options: Options) {
+    let reports = run_all(seeds, options);
     let mut summary = Summary::default();
     let mut failures = Vec::new();
     for report in &reports {
@@ -54,7 +77,7 @@ fn every_seed_keeps_every_rule_through_every_fault() {
             failures.push(format!(
                 "seed {}: {violation:?}\n  replay: {}",
                 report.seed,
-                replay_command(report.seed, None)
+                replay_command(report.seed, options)
             ));
         }
     }
@@ -73,21 +96,34 @@ fn every_seed_keeps_every_rule_through_every_fault() {
 
 #[test]
 fn the_same_seed_gives_a_byte_identical_trace() {
-    for seed in [3, 17, 42] {
-        let (first, second) = (run(seed, Options::default()), run(seed, Options::default()));
+    repeats_exactly([3, 17, 42], Options::default());
+}
+
+#[test]
+fn the_same_cluster_seed_gives_a_byte_identical_trace() {
+    // Seed 6 loses a disk, 13 crashes the leader, 20 cuts nodes apart.
+    let options = Options {
+        disk_loss: true,
+        ..Options::cluster(None)
+    };
+    repeats_exactly([6, 13, 20], options);
+}
+
+/// Each of `seeds` runs the same twice (the second time after other seeds
+/// in this process), and two seeds differ.
+fn repeats_exactly(seeds: [u64; 3], options: Options) {
+    for seed in seeds {
+        let (first, second) = (run(seed, options), run(seed, options));
         assert_eq!(
             first.trace_hash,
             second.trace_hash,
             "seed {seed} ran differently twice\n  replay: {}",
-            replay_command(seed, None)
+            replay_command(seed, options)
         );
         assert_eq!(first.events, second.events);
         assert!(first.operations > 20, "seed {seed} did work");
     }
-    assert_ne!(
-        run(1, Options::default()).trace_hash,
-        run(2, Options::default()).trace_hash
-    );
+    assert_ne!(run(1, options).trace_hash, run(2, options).trace_hash);
 }
 
 /// Every planted bug is caught within this many seeds (issue 19's target).
@@ -95,7 +131,10 @@ const DETECTION_SEEDS: u64 = 50;
 
 /// Runs seeds two at a time until one catches `bug` as one of `kinds`.
 fn caught_within(bug: Bug, kinds: &[&str]) {
-    let options = Options { bug: Some(bug) };
+    let options = match bug {
+        Bug::Replica(_) => Options::cluster(Some(bug)),
+        _ => Options::single(Some(bug)),
+    };
     for first in (0..DETECTION_SEEDS).step_by(2) {
         let reports = run_all(first..(first + 2).min(DETECTION_SEEDS), options);
         let caught = reports
@@ -106,7 +145,7 @@ fn caught_within(bug: Bug, kinds: &[&str]) {
             println!(
                 "{bug:?} caught in seed {}: {violation:?}\n  replay: {}",
                 report.seed,
-                replay_command(report.seed, Some(bug))
+                replay_command(report.seed, options)
             );
             return;
         }
@@ -232,7 +271,32 @@ fn a_snapshot_that_covers_batches_it_does_not_hold_is_caught() {
 }
 
 #[test]
+fn a_follower_that_grants_on_its_own_is_caught() {
+    // Its grants and inserts are on its own copy: a second holder of a
+    // key, a key told `first` twice, an insert the leader never had.
+    caught_within(
+        Bug::Replica(ReplicaBug::FollowerGrantsLocally),
+        &[
+            "mutual exclusion",
+            "double first",
+            "acked insert lost",
+            "token order",
+        ],
+    );
+}
+
+#[test]
+fn an_answer_before_the_commit_is_caught() {
+    // A leader cut off from its followers answers what a majority never
+    // had, and the next leader never hears of it.
+    caught_within(
+        Bug::Replica(ReplicaBug::AckBeforeCommit),
+        LOST_ACKNOWLEDGEMENT,
+    );
+}
+
+#[test]
 fn every_planted_bug_has_a_test() {
     // The tests above, one per bug: a new bug needs its own.
-    assert_eq!(Bug::ALL.len(), 15);
+    assert_eq!(Bug::ALL.len(), 17);
 }

@@ -18,7 +18,7 @@ pub mod plan;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadbolt_replication::{ClusterConfig, Timings};
@@ -67,6 +67,9 @@ pub(crate) struct NodeControl {
     /// Set while the node is down with a lost disk: its next start wipes
     /// the data directory first.
     pub(crate) wipe: Arc<AtomicBool>,
+    /// How many times it has started: a start on a new directory takes an
+    /// incarnation drawn from the seed, the node and this.
+    starts: Arc<AtomicU64>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -104,6 +107,7 @@ impl ClusterControl {
                     disk: DiskControl::new(None, latency, &trace),
                     trace,
                     wipe: Arc::new(AtomicBool::new(false)),
+                    starts: Arc::new(AtomicU64::new(0)),
                     stopped: Arc::new(AtomicBool::new(false)),
                 }
             })
@@ -206,9 +210,13 @@ async fn serve_node(
     cert: &str,
     key: &str,
 ) -> turmoil::Result {
-    if node.wipe.swap(false, Ordering::AcqRel) {
+    let wiped = node.wipe.swap(false, Ordering::AcqRel);
+    if wiped {
         disk::wipe(disk::DATA_DIR)?;
     }
+    let kept_files = disk::files_under(disk::DATA_DIR)?;
+    let started = What::NodeStarted { wiped, kept_files };
+    control.history.record(Actor::Node(node.id), started);
     let identity = Identity::from_pem(cert.as_bytes(), key.as_bytes())?;
     let host = u8::try_from(node.id).unwrap_or(u8::MAX);
     let quic_server = quic_server_config(identity, control.seed)?;
@@ -280,5 +288,18 @@ fn cluster_config(control: &ClusterControl, node: &NodeControl) -> ClusterConfig
         writer_thread: false,
         timings: Timings::fixed_for(node.id),
         snapshot_every: control.plan.snapshot_every,
+        fresh_incarnation: incarnation(control.seed, node),
     }
+}
+
+/// The incarnation `node` takes if its start finds a new directory: the
+/// same in every run of the seed, another at every start (a node that lost
+/// its disk must not come back as the one its peers met).
+fn incarnation(seed: u64, node: &NodeControl) -> u64 {
+    let start = node.starts.fetch_add(1, Ordering::AcqRel);
+    // splitmix64's finalizer: any change of input changes every bit.
+    let mut z = seed ^ (node.id << 56) ^ start.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
