@@ -1,7 +1,7 @@
 //! One run: the world of hosts (the server, durable on its simulated
-//! disk; the workers; the resource; the auditor), driven through the
-//! scenario's faults by the driver, and the report the checkers make of
-//! it.
+//! disk, or a cluster's three nodes, each on its own; the workers; the
+//! resource; the auditor), driven through the scenario's faults by the
+//! driver, and the report the checkers make of it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -551,17 +551,18 @@ async fn audit(shared: Shared, servers: Servers) -> turmoil::Result {
 }
 
 /// A client of the auditor's, straight to a server (each of `hosts` in
-/// turn), which it tries for a while: a server restarted at the heal may
-/// still be starting (waiting for its disk). Its id is `client_id`, not a
-/// random one: the client's retry delays are drawn from its id, and the
-/// run must repeat exactly.
+/// turn, from the `first`-th), which it tries for a while: a server
+/// restarted at the heal may still be starting (waiting for its disk). Its
+/// id is `client_id`, not a random one: the client's retry delays are
+/// drawn from its id, and the run must repeat exactly.
 async fn auditor_client(
     hosts: &[String],
+    first: usize,
     client_id: &str,
 ) -> Result<Client, deadbolt_core::client::Error> {
     let mut attempts = 0;
     loop {
-        let host = &hosts[attempts as usize % hosts.len()];
+        let host = &hosts[(first + attempts as usize) % hosts.len()];
         let url = format!("ws://{host}:{WS_PORT}/ws");
         let connector = WsConnector::with_dialer(&url, SimDialer)?;
         let options = ClientOptions {
@@ -585,14 +586,16 @@ const AUDITOR_CONNECT_ATTEMPTS: u32 = 50;
 /// once, for now).
 const AUDITOR_EXPORT_ATTEMPTS: u32 = 50;
 
-/// [`export`], asked again while the servers answer `unavailable`.
+/// [`export`], asked again (of the next server) while the servers answer
+/// `unavailable`.
 async fn export_when_available(
     hosts: &[String],
     page_limit: Option<u32>,
 ) -> Result<Vec<(u64, String)>, deadbolt_core::client::Error> {
     let mut attempts = 1;
     loop {
-        match export(hosts, page_limit).await {
+        let first = (attempts - 1) as usize;
+        match export(hosts, first, page_limit).await {
             Err(e) if unavailable(&e) && attempts < AUDITOR_EXPORT_ATTEMPTS => attempts += 1,
             exported => return exported,
         }
@@ -608,9 +611,10 @@ fn unavailable(error: &deadbolt_core::client::Error) -> bool {
 /// the default) at a time.
 async fn export(
     hosts: &[String],
+    first: usize,
     page_limit: Option<u32>,
 ) -> Result<Vec<(u64, String)>, deadbolt_core::client::Error> {
-    let client = auditor_client(hosts, "auditor-export").await?;
+    let client = auditor_client(hosts, first, "auditor-export").await?;
     let set = client.set(SET);
     let Some(limit) = page_limit else {
         let members = set.members().try_collect::<Vec<_>>().await?;
@@ -628,18 +632,27 @@ async fn export(
 
 /// Restarts the set's short time to live with `set_up` four times per
 /// lifetime, from a host no fault touches, until aborted: the workers'
-/// own `set_up`s renew it too, but a faulty worker may not in time.
+/// own `set_up`s renew it too, but a faulty worker may not in time. In a
+/// cluster, a node that cannot renew it (down, cut off, fenced) is left
+/// for the next.
 async fn renew_set(hosts: Arc<Vec<String>>, ttl_ms: u64) {
-    let client = loop {
-        if let Ok(client) = auditor_client(&hosts, "auditor-renewer").await {
-            break client;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let set = client.set(SET);
+    let mut first = 0;
     loop {
-        let _ = set.set_up(Duration::from_millis(ttl_ms)).await;
-        tokio::time::sleep(Duration::from_millis(ttl_ms / 4)).await;
+        let client = loop {
+            if let Ok(client) = auditor_client(&hosts, first, "auditor-renewer").await {
+                break client;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let set = client.set(SET);
+        loop {
+            let renewed = set.set_up(Duration::from_millis(ttl_ms)).await;
+            if renewed.is_err() && hosts.len() > 1 {
+                first += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(ttl_ms / 4)).await;
+        }
     }
 }
 
