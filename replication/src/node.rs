@@ -14,6 +14,7 @@ use deadbolt_core::time::Tick;
 use deadbolt_core::{Engine, EngineConfig};
 use deadbolt_storage::Disk;
 use deadbolt_transport_ws::{Dialer, Listener};
+use futures_util::FutureExt;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use tokio::sync::{oneshot, watch};
@@ -146,18 +147,26 @@ struct RaftConsensus {
 
 impl Consensus for RaftConsensus {
     fn propose(&self, proposal: Proposal) -> Proposed {
-        let raft = self.raft.get().cloned();
-        let batch = Batch::of(&proposal);
+        let Some(raft) = self.raft.get() else {
+            return Box::pin(async { Err(ServerError::unavailable("raft is starting")) });
+        };
+        // Handed to openraft now, not when the returned future is first
+        // polled: a shard's proposals must reach the log in the order it
+        // made them, and the shard may not poll for a while.
+        let submitted = raft.client_write_ff(Batch::of(&proposal)).now_or_never();
         Box::pin(async move {
-            let raft = raft.ok_or_else(|| ServerError::unavailable("raft is starting"))?;
-            match raft.client_write(batch).await {
-                Ok(_) => Ok(()),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                    Err(ServerError::unavailable(
-                        "this node stopped leading before the write committed",
-                    ))
-                }
-                Err(error) => Err(ServerError::unavailable(error.to_string())),
+            let answer = match submitted {
+                Some(Ok(answer)) => answer,
+                Some(Err(fatal)) => return Err(ServerError::unavailable(fatal.to_string())),
+                None => return Err(ServerError::unavailable("raft did not take the write")),
+            };
+            match answer.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(ServerError::unavailable(
+                    "this node stopped leading before the write committed",
+                )),
+                Ok(Err(error)) => Err(ServerError::unavailable(error.to_string())),
+                Err(_) => Err(ServerError::unavailable("raft stopped")),
             }
         })
     }
