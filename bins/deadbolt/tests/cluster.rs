@@ -50,36 +50,51 @@ fn free_port() -> u16 {
     listener.local_addr().expect("addr").port()
 }
 
-fn start_cluster(dir: &std::path::Path) -> Vec<Node> {
+/// Three members on free peer ports: the `--cluster` value.
+fn members() -> String {
     let members: Vec<String> = (1..=3)
         .map(|id| format!("{id}=127.0.0.1:{}", free_port()))
         .collect();
-    let cluster = members.join(",");
-    (1..=3)
-        .map(|id| {
-            let mut child = Command::new(BIN)
-                .args(["serve", "--ws", "127.0.0.1:0", "--quic", "off"])
-                .args(["--node-id", &id.to_string(), "--cluster", &cluster])
-                .arg("--data-dir")
-                .arg(dir.join(format!("node{id}")))
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn node");
-            let (url, _) = read_urls(&mut child);
-            Node { child, url }
-        })
-        .collect()
+    members.join(",")
+}
+
+/// Node `id` of `cluster`, its data in `dir`/node`id`.
+fn start_node(dir: &std::path::Path, cluster: &str, id: usize) -> Node {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--ws", "127.0.0.1:0", "--quic", "off"])
+        .args(["--node-id", &id.to_string(), "--cluster", cluster])
+        .arg("--data-dir")
+        .arg(dir.join(format!("node{id}")))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let (url, _) = read_urls(&mut child);
+    Node { child, url }
+}
+
+fn start_cluster(dir: &std::path::Path) -> Vec<Node> {
+    let cluster = members();
+    (1..=3).map(|id| start_node(dir, &cluster, id)).collect()
+}
+
+/// `METHOD PATH` on the WebSocket port of the node at `url`: the status
+/// line and the body.
+fn http(url: &str, method: &str, path: &str) -> Option<(String, String)> {
+    let authority = url.strip_prefix("ws://")?.split('/').next()?;
+    let mut stream = TcpStream::connect(authority).ok()?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
 }
 
 /// `GET /cluster` on the node at `url`, as JSON.
 fn status(url: &str) -> Option<serde_json::Value> {
-    let authority = url.strip_prefix("ws://")?.split('/').next()?;
-    let mut stream = TcpStream::connect(authority).ok()?;
-    let request = "GET /cluster HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    serde_json::from_str(answer.split_once("\r\n\r\n")?.1).ok()
+    serde_json::from_str(&http(url, "GET", "/cluster")?.1).ok()
 }
 
 /// Waits until the nodes agree on a leader; its index among `nodes`.
@@ -267,6 +282,11 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_change() {
         (first - killed).as_millis()
     );
     check_holds(&heard.holds);
+    assert!(
+        heard.inserted.len() > 20,
+        "only {} inserts",
+        heard.inserted.len()
+    );
     check_inserts(&followers[0], &heard.inserted).await;
     drop(nodes.remove(leader));
 }
@@ -303,5 +323,89 @@ async fn check_inserts(url: &str, inserted: &HashSet<String>) {
     let present: HashSet<String> = members.into_iter().map(|m| m.key).collect();
     let lost: Vec<_> = inserted.difference(&present).collect();
     assert!(lost.is_empty(), "acknowledged inserts lost: {lost:?}");
-    assert!(inserted.len() > 20, "only {} inserts", inserted.len());
+}
+
+/// Inserts `results` through the node at `url`, retrying while there is no
+/// leader (for 30 s at most).
+async fn insert_all(url: &str, results: &[String]) {
+    let client = connect(url, "disk-loss").await;
+    let set = client.set(SET);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for result in results {
+        loop {
+            assert!(Instant::now() < deadline, "no quorum for 30 s");
+            match set.insert(result).await {
+                Ok(_) => break,
+                Err(error) if retryable(&error) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("insert {result}: {error}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_is_refused_until_readmitted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = members();
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| start_node(dir.path(), &cluster, id))
+        .collect();
+    let leader = tokio::task::block_in_place(|| wait_for_leader(&nodes, None));
+    let lost = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let leader_url = nodes[leader].url.clone();
+    let before: Vec<String> = (0..50).map(|i| format!("before-{i}")).collect();
+    {
+        let client = connect(&leader_url, "setup").await;
+        client
+            .set(SET)
+            .set_up(Duration::from_secs(3600))
+            .await
+            .expect("set up");
+    }
+    insert_all(&leader_url, &before).await;
+
+    // The node loses its data directory and comes back empty.
+    nodes[lost].child.kill().expect("kill");
+    let _ = nodes[lost].child.wait();
+    std::fs::remove_dir_all(dir.path().join(format!("node{}", lost + 1))).expect("wipe");
+    nodes[lost] = start_node(dir.path(), &cluster, lost + 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused = status(&nodes[lost].url).expect("status of the wiped node");
+    assert_eq!(
+        refused["leader"],
+        serde_json::Value::Null,
+        "refused by its peers: {refused}"
+    );
+
+    // Readmitted through the leader (a follower says who leads).
+    let (line, body) = http(
+        &nodes[other].url,
+        "POST",
+        &format!("/cluster/readmit/{}", lost + 1),
+    )
+    .expect("ask a follower");
+    assert!(
+        line.contains(" 421 "),
+        "a follower refers to the leader: {line} {body}"
+    );
+    let (line, body) = tokio::task::block_in_place(|| {
+        http(
+            &leader_url,
+            "POST",
+            &format!("/cluster/readmit/{}", lost + 1),
+        )
+    })
+    .expect("ask the leader");
+    assert!(line.contains(" 200 "), "readmitted: {line} {body}");
+
+    // Now the readmitted node and the leader are a majority without the
+    // third: everything acknowledged before is there, and more goes in.
+    nodes[other].child.kill().expect("kill the third node");
+    let after: Vec<String> = (0..20).map(|i| format!("after-{i}")).collect();
+    insert_all(&nodes[lost].url, &after).await;
+    let acknowledged: HashSet<String> = before.into_iter().chain(after).collect();
+    check_inserts(&nodes[lost].url, &acknowledged).await;
 }
