@@ -373,12 +373,11 @@ async fn watch_role(raft: Raft, handle: ReplicaHandle, node: NodeId) {
 /// Whether `node` is a voter in `raft`'s current membership.
 fn votes(raft: &Raft, node: NodeId) -> bool {
     let metrics = raft.metrics();
-    let voter = metrics
+    metrics
         .borrow()
         .membership_config
         .voter_ids()
-        .any(|v| v == node);
-    voter
+        .any(|v| v == node)
 }
 
 /// How far behind the leader a readmitted node may be to vote again.
