@@ -18,21 +18,32 @@ pub async fn run(server: &ServerArgs, args: ClusterArgs) -> anyhow::Result<u8> {
     }
 }
 
-/// Asks each node of `--server` in turn; the leader does it.
+/// Asks each node of `--server` in turn, the rounds again for up to
+/// `--retry-for`: the leader does it, and the readmitted node's first
+/// votes may move the leadership while it does (it is safe to ask again).
 async fn readmit(server: &ServerArgs, node: u64) -> anyhow::Result<u8> {
-    let mut failures = Vec::new();
-    for url in server.server.split(',').map(str::trim) {
-        let path = format!("/cluster/readmit/{node}");
-        match http(url, "POST", &path).await {
-            Ok(body) => {
-                println!("{}", body.trim_end());
-                return Ok(0);
+    let deadline = tokio::time::Instant::now() + server.retry_for;
+    let path = format!("/cluster/readmit/{node}");
+    loop {
+        let mut failures = Vec::new();
+        for url in server.server.split(',').map(str::trim) {
+            match http(url, "POST", &path).await {
+                Ok(body) => {
+                    println!("{}", body.trim_end());
+                    return Ok(0);
+                }
+                Err(error) => failures.push(format!("{url}: {error:#}")),
             }
-            Err(error) => failures.push(format!("{url}: {error:#}")),
         }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("no node readmitted {node}: {}", failures.join("; "));
+        }
+        tokio::time::sleep(READMIT_RETRY_AFTER).await;
     }
-    bail!("no node readmitted {node}: {}", failures.join("; "))
 }
+
+/// How long `readmit` waits before asking every node again.
+const READMIT_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Prints the status from the first server URL that answers.
 async fn status(server: &ServerArgs) -> anyhow::Result<u8> {

@@ -239,14 +239,7 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_change() {
         .filter(|&i| i != leader)
         .map(|i| nodes[i].url.clone())
         .collect();
-    {
-        let client = connect(&followers[0], "setup").await;
-        client
-            .set(SET)
-            .set_up(Duration::from_secs(3600))
-            .await
-            .expect("set up");
-    }
+    set_up(&followers[0]).await;
     let run = Arc::new(Run {
         heard: Mutex::new(Heard::default()),
         killed_at: Mutex::new(None),
@@ -325,6 +318,40 @@ async fn check_inserts(url: &str, inserted: &HashSet<String>) {
     assert!(lost.is_empty(), "acknowledged inserts lost: {lost:?}");
 }
 
+/// Readmits `node`, asking every node in turn (the leader does it, and
+/// the readmitted node's first votes may move the leadership meanwhile).
+fn readmit(urls: &[String], node: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let path = format!("/cluster/readmit/{node}");
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        for url in urls {
+            match http(url, "POST", &path) {
+                Some((line, _)) if line.contains(" 200 ") => return,
+                answer => last = answer,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("node {node} not readmitted in 30 s: {last:?}");
+}
+
+/// Sets up the results set through the node at `url`, retrying while that
+/// node has not heard from the leader yet.
+async fn set_up(url: &str) {
+    let client = connect(url, "setup").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.set(SET).set_up(Duration::from_secs(3600)).await {
+            Ok(_) => return,
+            Err(error) if retryable(&error) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("set up: {error}"),
+        }
+    }
+}
+
 /// Inserts `results` through the node at `url`, retrying while there is no
 /// leader (for 30 s at most).
 async fn insert_all(url: &str, results: &[String]) {
@@ -357,14 +384,7 @@ async fn a_node_that_lost_its_disk_is_refused_until_readmitted() {
     let other = (leader + 2) % 3;
     let leader_url = nodes[leader].url.clone();
     let before: Vec<String> = (0..50).map(|i| format!("before-{i}")).collect();
-    {
-        let client = connect(&leader_url, "setup").await;
-        client
-            .set(SET)
-            .set_up(Duration::from_secs(3600))
-            .await
-            .expect("set up");
-    }
+    set_up(&leader_url).await;
     insert_all(&leader_url, &before).await;
 
     // The node loses its data directory and comes back empty.
@@ -391,15 +411,8 @@ async fn a_node_that_lost_its_disk_is_refused_until_readmitted() {
         line.contains(" 421 "),
         "a follower refers to the leader: {line} {body}"
     );
-    let (line, body) = tokio::task::block_in_place(|| {
-        http(
-            &leader_url,
-            "POST",
-            &format!("/cluster/readmit/{}", lost + 1),
-        )
-    })
-    .expect("ask the leader");
-    assert!(line.contains(" 200 "), "readmitted: {line} {body}");
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    tokio::task::block_in_place(|| readmit(&urls, lost + 1));
 
     // Now the readmitted node and the leader are a majority without the
     // third: everything acknowledged before is there, and more goes in.
@@ -408,4 +421,43 @@ async fn a_node_that_lost_its_disk_is_refused_until_readmitted() {
     insert_all(&nodes[lost].url, &after).await;
     let acknowledged: HashSet<String> = before.into_iter().chain(after).collect();
     check_inserts(&nodes[lost].url, &acknowledged).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ephemeral_lock_taken_through_a_follower_ends_with_its_leader() {
+    use deadbolt_core::client::LockOptions;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_cluster(dir.path());
+    let leader = tokio::task::block_in_place(|| wait_for_leader(&nodes, None));
+    let (a, b) = ((leader + 1) % 3, (leader + 2) % 3);
+    let holder = connect(&nodes[a].url, "ephemeral-holder").await;
+    let options = LockOptions::new(Duration::from_secs(60)).ephemeral(true);
+    let guard = loop {
+        // The follower may not have heard from the new leader yet.
+        match holder.lock_with("session-lock", options.clone()).await {
+            Ok(granted) => break granted.expect("granted"),
+            Err(error) if retryable(&error) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(error) => panic!("lock: {error}"),
+        }
+    };
+
+    nodes[leader].child.kill().expect("SIGKILL the leader");
+    // The new leader released the lock (its connection was to the old
+    // one), so the holder must hear that it is lost, long before its 60 s
+    // lease would have told it.
+    tokio::time::timeout(Duration::from_secs(10), guard.lost())
+        .await
+        .expect("the holder learns that its ephemeral lock is gone");
+    let other = connect(&nodes[b].url, "next-holder").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match other.try_lock("session-lock", Duration::from_secs(5)).await {
+            Ok(Some(_)) => break,
+            Ok(None) => panic!("the ephemeral lock outlived its leader"),
+            Err(error) if retryable(&error) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("try_lock: {error}"),
+        }
+    }
 }
