@@ -29,6 +29,9 @@ pub struct Identities {
     dir: PathBuf,
     own: u64,
     known: Mutex<BTreeMap<NodeId, u64>>,
+    /// Whether a node votes in this node's current membership (a node
+    /// that does not may come back as another incarnation).
+    voter: Box<dyn Fn(NodeId) -> bool + Send + Sync>,
 }
 
 impl std::fmt::Debug for Identities {
@@ -43,7 +46,7 @@ impl std::fmt::Debug for Identities {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "node {node} came back as incarnation {now:016x}, not {was:016x}: it lost its disk \
-     (its vote and log), so it is refused; replace it (see the README's cluster section)"
+     (its vote and log), so it is refused until it is readmitted: deadbolt cluster readmit {node}"
 )]
 pub struct Impostor {
     /// The node.
@@ -57,7 +60,12 @@ pub struct Impostor {
 impl Identities {
     /// Reads (or makes, from `fresh`, for a new directory) this node's
     /// incarnation and the peers it has met, in `dir`.
-    pub fn open(disk: Arc<dyn Disk>, dir: &Path, fresh: u64) -> io::Result<Identities> {
+    pub fn open(
+        disk: Arc<dyn Disk>,
+        dir: &Path,
+        fresh: u64,
+        voter: Box<dyn Fn(NodeId) -> bool + Send + Sync>,
+    ) -> io::Result<Identities> {
         let own = match read_numbers(disk.as_ref(), &dir.join(OWN_FILE))? {
             Some(numbers) if numbers.len() == 1 => numbers[0].1,
             _ => {
@@ -74,6 +82,7 @@ impl Identities {
             dir: dir.to_owned(),
             own,
             known: Mutex::new(known),
+            voter,
         })
     }
 
@@ -82,18 +91,25 @@ impl Identities {
         self.own
     }
 
-    /// Accepts `node` as `incarnation` if it is the one first met (keeping
-    /// it, durably, if it is the first).
+    /// Accepts `node` as `incarnation` if it is the one first met, or if
+    /// `node` does not vote now (it was taken out of the voters to be
+    /// readmitted: see `Node::readmit`), keeping it, durably, if it is new.
     pub fn check(&self, node: NodeId, incarnation: u64) -> Result<(), CheckError> {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         match known.get(&node) {
             Some(&was) if was == incarnation => Ok(()),
-            Some(&was) => Err(CheckError::Impostor(Impostor {
+            Some(&was) if (self.voter)(node) => Err(CheckError::Impostor(Impostor {
                 node,
                 was,
                 now: incarnation,
             })),
-            None => {
+            _ => {
+                if known.contains_key(&node) {
+                    tracing::info!(
+                        node,
+                        "a node that is not a voter now comes back as a new incarnation"
+                    );
+                }
                 known.insert(node, incarnation);
                 let all: Vec<_> = known.iter().map(|(n, i)| (*n, *i)).collect();
                 if let Err(error) = write_numbers(self.disk.as_ref(), &self.dir, PEERS_FILE, &all) {

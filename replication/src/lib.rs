@@ -26,5 +26,5 @@ pub mod state_machine;
 pub mod status;
 pub mod types;
 
-pub use node::{ClusterConfig, Node, StartError, Timings, start};
+pub use node::{ClusterConfig, Node, Refusal, StartError, Timings, readmit, start};
 pub use status::ClusterStatus;

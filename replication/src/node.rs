@@ -2,7 +2,7 @@
 //! replica, openraft, the peer port, and the watcher that tells the engine
 //! when it leads.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -14,8 +14,9 @@ use deadbolt_core::time::Tick;
 use deadbolt_core::{Engine, EngineConfig};
 use deadbolt_storage::Disk;
 use deadbolt_transport_ws::{Dialer, Listener};
+use futures_util::FutureExt;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use tokio::sync::{oneshot, watch};
 
 use crate::forward::LeaderForwarder;
@@ -146,18 +147,26 @@ struct RaftConsensus {
 
 impl Consensus for RaftConsensus {
     fn propose(&self, proposal: Proposal) -> Proposed {
-        let raft = self.raft.get().cloned();
-        let batch = Batch::of(&proposal);
+        let Some(raft) = self.raft.get() else {
+            return Box::pin(async { Err(ServerError::unavailable("raft is starting")) });
+        };
+        // Handed to openraft now, not when the returned future is first
+        // polled: a shard's proposals must reach the log in the order it
+        // made them, and the shard may not poll for a while.
+        let submitted = raft.client_write_ff(Batch::of(&proposal)).now_or_never();
         Box::pin(async move {
-            let raft = raft.ok_or_else(|| ServerError::unavailable("raft is starting"))?;
-            match raft.client_write(batch).await {
-                Ok(_) => Ok(()),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                    Err(ServerError::unavailable(
-                        "this node stopped leading before the write committed",
-                    ))
-                }
-                Err(error) => Err(ServerError::unavailable(error.to_string())),
+            let answer = match submitted {
+                Some(Ok(answer)) => answer,
+                Some(Err(fatal)) => return Err(ServerError::unavailable(fatal.to_string())),
+                None => return Err(ServerError::unavailable("raft did not take the write")),
+            };
+            match answer.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(ServerError::unavailable(
+                    "this node stopped leading before the write committed",
+                )),
+                Ok(Err(error)) => Err(ServerError::unavailable(error.to_string())),
+                Err(_) => Err(ServerError::unavailable("raft stopped")),
             }
         })
     }
@@ -188,14 +197,24 @@ pub async fn start<L: Listener, D: Dialer + Clone>(
             path.display()
         );
     }
-    let identities = Identities::open(Arc::clone(&cluster.disk), &dir, cluster.fresh_incarnation)
-        .map_err(OpenError::Io)?;
+    let raft_cell: Arc<OnceLock<Raft>> = Arc::new(OnceLock::new());
+    let voter = {
+        let raft = Arc::clone(&raft_cell);
+        // Until Raft runs, every member counts as a voter: refuse strangers.
+        Box::new(move |node| raft.get().is_none_or(|raft| votes(raft, node)))
+    };
+    let identities = Identities::open(
+        Arc::clone(&cluster.disk),
+        &dir,
+        cluster.fresh_incarnation,
+        voter,
+    )
+    .map_err(OpenError::Io)?;
     let identities = Arc::new(identities);
     let log_writer = spawn_log_writer(writer, cluster.writer_thread);
     let loaded = load_snapshot(cluster.disk.as_ref(), &dir).map_err(StartError::Snapshot)?;
     let shard_config = engine.shard_config();
     let (shards, through, loaded) = restored_shards(loaded, &engine)?;
-    let raft_cell = Arc::new(OnceLock::new());
     let directory: Directory = Arc::new(Mutex::new(HashMap::new()));
     directory
         .lock()
@@ -347,6 +366,91 @@ async fn watch_role(raft: Raft, handle: ReplicaHandle, node: NodeId) {
         if metrics.changed().await.is_err() {
             handle.follow();
             return;
+        }
+    }
+}
+
+/// Whether `node` is a voter in `raft`'s current membership.
+fn votes(raft: &Raft, node: NodeId) -> bool {
+    let metrics = raft.metrics();
+    metrics
+        .borrow()
+        .membership_config
+        .voter_ids()
+        .any(|v| v == node)
+}
+
+/// How far behind the leader a readmitted node may be to vote again.
+const READMIT_LAG_MAX: u64 = 16;
+
+/// How long a readmission may take.
+const READMIT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Readmits `node`, which came back without its disk (its peers refuse
+/// it: see [`crate::identity`]): on the leader, takes it out of the
+/// voters (it stays a learner, so it is sent the log or a snapshot),
+/// waits until it has caught up, and makes it a voter again. Safe: once
+/// it is no voter, nobody counts its vote or its acknowledgements, and
+/// it votes again only with the whole log.
+pub async fn readmit(raft: &Raft, node: NodeId) -> Result<(), Refusal> {
+    let (me, leader) = {
+        let metrics = raft.metrics();
+        let now = metrics.borrow();
+        (now.id, now.current_leader)
+    };
+    if leader != Some(me) {
+        return Err(Refusal::NotLeader(leader));
+    }
+    let failed = |what: &str, e: &dyn std::fmt::Display| Refusal::Failed(format!("{what}: {e}"));
+    if votes(raft, node) {
+        let out = ChangeMembers::RemoveVoters(BTreeSet::from([node]));
+        raft.change_membership(out, true)
+            .await
+            .map_err(|e| failed(&format!("taking node {node} out of the voters"), &e))?;
+    }
+    wait_caught_up(raft, node).await.map_err(Refusal::Failed)?;
+    let back = ChangeMembers::AddVoterIds(BTreeSet::from([node]));
+    raft.change_membership(back, true)
+        .await
+        .map_err(|e| failed(&format!("making node {node} a voter again"), &e))?;
+    tracing::info!(node, "readmitted");
+    Ok(())
+}
+
+/// Why a readmission did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Only the leader readmits; this is the one it knows of.
+    #[error("this node does not lead; the leader is {0:?}")]
+    NotLeader(Option<NodeId>),
+    /// A step failed (the node may be a learner now: run it again).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Waits until the leader has replicated all but a few entries to `node`.
+async fn wait_caught_up(raft: &Raft, node: NodeId) -> Result<(), String> {
+    let mut metrics = raft.metrics();
+    let deadline = tokio::time::Instant::now() + READMIT_PATIENCE;
+    loop {
+        let behind = {
+            let now = metrics.borrow_and_update();
+            let last = now.last_log_index.unwrap_or(0);
+            let matched = now
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&node).copied().flatten())
+                .map(|m| m.index);
+            matched.map(|m| last.saturating_sub(m))
+        };
+        if behind.is_some_and(|b| b <= READMIT_LAG_MAX) {
+            return Ok(());
+        }
+        let changed = tokio::time::timeout_at(deadline, metrics.changed()).await;
+        match changed {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err("raft stopped".into()),
+            Err(_) => return Err(format!("node {node} did not catch up in time")),
         }
     }
 }

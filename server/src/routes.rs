@@ -42,6 +42,9 @@ const ASSETS: &[Asset] = &[
 ];
 
 /// `Content-Type` of the metrics page: Prometheus text format 0.0.4.
+/// Where a `POST` readmits a cluster node that lost its disk.
+const READMIT_PATH: &str = "/cluster/readmit/";
+
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// deadbolt's plain HTTP routes. Only `GET` is served (anything else gets
@@ -86,6 +89,39 @@ impl Routes {
         }
     }
 
+    /// `POST /cluster/readmit/N`: readmit node N, which lost its disk.
+    async fn readmit(&self, method: &str, node: &str) -> HttpResponse {
+        if method != "POST" {
+            return HttpResponse::status(405, "Method Not Allowed");
+        }
+        let Some(raft) = &self.cluster else {
+            return HttpResponse::text(404, "Not Found", &b"not a cluster\n"[..]);
+        };
+        let Ok(node) = node.parse() else {
+            return HttpResponse::text(
+                400,
+                "Bad Request",
+                &b"expected /cluster/readmit/NODE_ID\n"[..],
+            );
+        };
+        match deadbolt_replication::readmit(raft, node).await {
+            Ok(()) => HttpResponse::ok(
+                "text/plain",
+                format!("node {node} readmitted\n").into_bytes(),
+            ),
+            Err(refusal @ deadbolt_replication::Refusal::NotLeader(_)) => HttpResponse::text(
+                421,
+                "Misdirected Request",
+                format!("{refusal}\n").into_bytes(),
+            ),
+            Err(refusal) => HttpResponse::text(
+                503,
+                "Service Unavailable",
+                format!("{refusal}\n").into_bytes(),
+            ),
+        }
+    }
+
     fn cluster_status(&self) -> HttpResponse {
         let Some(raft) = &self.cluster else {
             let body = &b"not a cluster: this server runs alone\n"[..];
@@ -111,6 +147,9 @@ impl Routes {
 #[async_trait]
 impl HttpRoutes for Routes {
     async fn respond(&self, request: &HttpRequest) -> HttpResponse {
+        if let Some(node) = request.path.strip_prefix(READMIT_PATH) {
+            return self.readmit(&request.method, node).await;
+        }
         if request.method != "GET" {
             return HttpResponse::status(405, "Method Not Allowed");
         }

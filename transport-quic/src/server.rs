@@ -14,6 +14,9 @@ use crate::tls::{self, Identity, TlsError};
 
 /// The QUIC error code of a connection closed by a shutting-down server.
 const CLOSE_SHUTDOWN: u32 = 1;
+/// The QUIC close code when a cluster's leader changed under a
+/// connection's ephemeral lock.
+const CLOSE_LEADER_CHANGED: u32 = 2;
 /// How long a `shutting_down` answer may take to be acknowledged.
 const SHUTDOWN_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -102,6 +105,13 @@ async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Rece
         tokio::select! {
             biased;
             _ = stopped.changed() => break true,
+            // In a cluster, the leader that granted this connection an
+            // ephemeral lock stopped leading: the lock is gone, and the
+            // client learns it from the close, as after a restart.
+            () = session.ended() => {
+                conn.close(CLOSE_LEADER_CHANGED.into(), b"leader changed");
+                break false;
+            }
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
                     let task = request(send, recv, session.clone(), *engine.limits(), stopped.clone());

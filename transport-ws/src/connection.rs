@@ -179,6 +179,10 @@ pub(crate) async fn run<S>(
         tokio::select! {
             biased;
             _ = stopped.changed() => break End::Shutdown,
+            // In a cluster, the leader that granted this connection an
+            // ephemeral lock stopped leading: the lock is gone, and the
+            // client learns it from the close, as after a restart.
+            () = session.ended() => break End::Close(CloseCode::Restart, "leader changed"),
             Some(done) = in_flight.futures.next(), if !in_flight.futures.is_empty() => {
                 in_flight.finished(&done.reply);
                 let sent = send_replies(&mut sink, done, &mut in_flight, &mut budget, config);

@@ -351,4 +351,13 @@ pub enum ClusterCommand {
     /// Show the leader, the term, the commit index and each node's lag, as
     /// the first node of `--server` that answers sees them.
     Status,
+    /// Readmit node NODE_ID after it lost its data directory: its peers
+    /// refuse it until then (it could vote twice in a term). The leader
+    /// takes it out of the voters, sends it the state, and makes it a
+    /// voter again. Give every node's URL in `--server`: only the leader
+    /// does it.
+    Readmit {
+        /// The node's id.
+        node_id: u64,
+    },
 }

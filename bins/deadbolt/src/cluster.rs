@@ -1,5 +1,6 @@
-//! `deadbolt cluster status`: a node's view of its cluster, from its
-//! WebSocket port's `GET /cluster`.
+//! `deadbolt cluster status` (a node's view of its cluster, from its
+//! WebSocket port's `GET /cluster`) and `deadbolt cluster readmit N`
+//! (`POST /cluster/readmit/N` on the leader).
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,14 +14,42 @@ const ANSWER_BYTES_MAX: u64 = 1 << 20;
 pub async fn run(server: &ServerArgs, args: ClusterArgs) -> anyhow::Result<u8> {
     match args.command {
         ClusterCommand::Status => status(server).await,
+        ClusterCommand::Readmit { node_id } => readmit(server, node_id).await,
     }
 }
+
+/// Asks each node of `--server` in turn, the rounds again for up to
+/// `--retry-for`: the leader does it, and the readmitted node's first
+/// votes may move the leadership while it does (it is safe to ask again).
+async fn readmit(server: &ServerArgs, node: u64) -> anyhow::Result<u8> {
+    let deadline = tokio::time::Instant::now() + server.retry_for;
+    let path = format!("/cluster/readmit/{node}");
+    loop {
+        let mut failures = Vec::new();
+        for url in server.server.split(',').map(str::trim) {
+            match http(url, "POST", &path).await {
+                Ok(body) => {
+                    println!("{}", body.trim_end());
+                    return Ok(0);
+                }
+                Err(error) => failures.push(format!("{url}: {error:#}")),
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("no node readmitted {node}: {}", failures.join("; "));
+        }
+        tokio::time::sleep(READMIT_RETRY_AFTER).await;
+    }
+}
+
+/// How long `readmit` waits before asking every node again.
+const READMIT_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Prints the status from the first server URL that answers.
 async fn status(server: &ServerArgs) -> anyhow::Result<u8> {
     let mut failures = Vec::new();
     for url in server.server.split(',').map(str::trim) {
-        match fetch_status(url).await {
+        match http(url, "GET", "/cluster").await {
             Ok(json) => {
                 println!("{}", json.trim_end());
                 return Ok(0);
@@ -31,8 +60,9 @@ async fn status(server: &ServerArgs) -> anyhow::Result<u8> {
     bail!("no node answered: {}", failures.join("; "))
 }
 
-/// `GET /cluster` on the WebSocket port of `url` (`ws://HOST:PORT/...`).
-async fn fetch_status(url: &str) -> anyhow::Result<String> {
+/// `METHOD PATH` on the WebSocket port of `url` (`ws://HOST:PORT/...`): the
+/// body of a `200`, or an error with the status and the body.
+async fn http(url: &str, method: &str, path: &str) -> anyhow::Result<String> {
     let authority = url
         .strip_prefix("ws://")
         .context("cluster status needs a ws:// URL (the node's WebSocket port)")?
@@ -42,8 +72,9 @@ async fn fetch_status(url: &str) -> anyhow::Result<String> {
     let mut stream = tokio::net::TcpStream::connect(authority)
         .await
         .with_context(|| format!("cannot connect to {authority}"))?;
-    let request =
-        format!("GET /cluster HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut answer = Vec::new();
     stream

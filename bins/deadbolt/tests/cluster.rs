@@ -50,36 +50,51 @@ fn free_port() -> u16 {
     listener.local_addr().expect("addr").port()
 }
 
-fn start_cluster(dir: &std::path::Path) -> Vec<Node> {
+/// Three members on free peer ports: the `--cluster` value.
+fn members() -> String {
     let members: Vec<String> = (1..=3)
         .map(|id| format!("{id}=127.0.0.1:{}", free_port()))
         .collect();
-    let cluster = members.join(",");
-    (1..=3)
-        .map(|id| {
-            let mut child = Command::new(BIN)
-                .args(["serve", "--ws", "127.0.0.1:0", "--quic", "off"])
-                .args(["--node-id", &id.to_string(), "--cluster", &cluster])
-                .arg("--data-dir")
-                .arg(dir.join(format!("node{id}")))
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn node");
-            let (url, _) = read_urls(&mut child);
-            Node { child, url }
-        })
-        .collect()
+    members.join(",")
+}
+
+/// Node `id` of `cluster`, its data in `dir`/node`id`.
+fn start_node(dir: &std::path::Path, cluster: &str, id: usize) -> Node {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--ws", "127.0.0.1:0", "--quic", "off"])
+        .args(["--node-id", &id.to_string(), "--cluster", cluster])
+        .arg("--data-dir")
+        .arg(dir.join(format!("node{id}")))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let (url, _) = read_urls(&mut child);
+    Node { child, url }
+}
+
+fn start_cluster(dir: &std::path::Path) -> Vec<Node> {
+    let cluster = members();
+    (1..=3).map(|id| start_node(dir, &cluster, id)).collect()
+}
+
+/// `METHOD PATH` on the WebSocket port of the node at `url`: the status
+/// line and the body.
+fn http(url: &str, method: &str, path: &str) -> Option<(String, String)> {
+    let authority = url.strip_prefix("ws://")?.split('/').next()?;
+    let mut stream = TcpStream::connect(authority).ok()?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
 }
 
 /// `GET /cluster` on the node at `url`, as JSON.
 fn status(url: &str) -> Option<serde_json::Value> {
-    let authority = url.strip_prefix("ws://")?.split('/').next()?;
-    let mut stream = TcpStream::connect(authority).ok()?;
-    let request = "GET /cluster HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    serde_json::from_str(answer.split_once("\r\n\r\n")?.1).ok()
+    serde_json::from_str(&http(url, "GET", "/cluster")?.1).ok()
 }
 
 /// Waits until the nodes agree on a leader; its index among `nodes`.
@@ -224,14 +239,7 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_change() {
         .filter(|&i| i != leader)
         .map(|i| nodes[i].url.clone())
         .collect();
-    {
-        let client = connect(&followers[0], "setup").await;
-        client
-            .set(SET)
-            .set_up(Duration::from_secs(3600))
-            .await
-            .expect("set up");
-    }
+    set_up(&followers[0]).await;
     let run = Arc::new(Run {
         heard: Mutex::new(Heard::default()),
         killed_at: Mutex::new(None),
@@ -267,6 +275,11 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_change() {
         (first - killed).as_millis()
     );
     check_holds(&heard.holds);
+    assert!(
+        heard.inserted.len() > 20,
+        "only {} inserts",
+        heard.inserted.len()
+    );
     check_inserts(&followers[0], &heard.inserted).await;
     drop(nodes.remove(leader));
 }
@@ -303,5 +316,148 @@ async fn check_inserts(url: &str, inserted: &HashSet<String>) {
     let present: HashSet<String> = members.into_iter().map(|m| m.key).collect();
     let lost: Vec<_> = inserted.difference(&present).collect();
     assert!(lost.is_empty(), "acknowledged inserts lost: {lost:?}");
-    assert!(inserted.len() > 20, "only {} inserts", inserted.len());
+}
+
+/// Readmits `node`, asking every node in turn (the leader does it, and
+/// the readmitted node's first votes may move the leadership meanwhile).
+fn readmit(urls: &[String], node: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let path = format!("/cluster/readmit/{node}");
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        for url in urls {
+            match http(url, "POST", &path) {
+                Some((line, _)) if line.contains(" 200 ") => return,
+                answer => last = answer,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("node {node} not readmitted in 30 s: {last:?}");
+}
+
+/// Sets up the results set through the node at `url`, retrying while that
+/// node has not heard from the leader yet.
+async fn set_up(url: &str) {
+    let client = connect(url, "setup").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.set(SET).set_up(Duration::from_secs(3600)).await {
+            Ok(_) => return,
+            Err(error) if retryable(&error) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("set up: {error}"),
+        }
+    }
+}
+
+/// Inserts `results` through the node at `url`, retrying while there is no
+/// leader (for 30 s at most).
+async fn insert_all(url: &str, results: &[String]) {
+    let client = connect(url, "disk-loss").await;
+    let set = client.set(SET);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for result in results {
+        loop {
+            assert!(Instant::now() < deadline, "no quorum for 30 s");
+            match set.insert(result).await {
+                Ok(_) => break,
+                Err(error) if retryable(&error) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("insert {result}: {error}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_is_refused_until_readmitted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = members();
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| start_node(dir.path(), &cluster, id))
+        .collect();
+    let leader = tokio::task::block_in_place(|| wait_for_leader(&nodes, None));
+    let lost = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let leader_url = nodes[leader].url.clone();
+    let before: Vec<String> = (0..50).map(|i| format!("before-{i}")).collect();
+    set_up(&leader_url).await;
+    insert_all(&leader_url, &before).await;
+
+    // The node loses its data directory and comes back empty.
+    nodes[lost].child.kill().expect("kill");
+    let _ = nodes[lost].child.wait();
+    std::fs::remove_dir_all(dir.path().join(format!("node{}", lost + 1))).expect("wipe");
+    nodes[lost] = start_node(dir.path(), &cluster, lost + 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused = status(&nodes[lost].url).expect("status of the wiped node");
+    assert_eq!(
+        refused["leader"],
+        serde_json::Value::Null,
+        "refused by its peers: {refused}"
+    );
+
+    // Readmitted through the leader (a follower says who leads).
+    let (line, body) = http(
+        &nodes[other].url,
+        "POST",
+        &format!("/cluster/readmit/{}", lost + 1),
+    )
+    .expect("ask a follower");
+    assert!(
+        line.contains(" 421 "),
+        "a follower refers to the leader: {line} {body}"
+    );
+    let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
+    tokio::task::block_in_place(|| readmit(&urls, lost + 1));
+
+    // Now the readmitted node and the leader are a majority without the
+    // third: everything acknowledged before is there, and more goes in.
+    nodes[other].child.kill().expect("kill the third node");
+    let after: Vec<String> = (0..20).map(|i| format!("after-{i}")).collect();
+    insert_all(&nodes[lost].url, &after).await;
+    let acknowledged: HashSet<String> = before.into_iter().chain(after).collect();
+    check_inserts(&nodes[lost].url, &acknowledged).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ephemeral_lock_taken_through_a_follower_ends_with_its_leader() {
+    use deadbolt_core::client::LockOptions;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_cluster(dir.path());
+    let leader = tokio::task::block_in_place(|| wait_for_leader(&nodes, None));
+    let (a, b) = ((leader + 1) % 3, (leader + 2) % 3);
+    let holder = connect(&nodes[a].url, "ephemeral-holder").await;
+    let options = LockOptions::new(Duration::from_secs(60)).ephemeral(true);
+    let guard = loop {
+        // The follower may not have heard from the new leader yet.
+        match holder.lock_with("session-lock", options.clone()).await {
+            Ok(granted) => break granted.expect("granted"),
+            Err(error) if retryable(&error) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(error) => panic!("lock: {error}"),
+        }
+    };
+
+    nodes[leader].child.kill().expect("SIGKILL the leader");
+    // The new leader released the lock (its connection was to the old
+    // one), so the holder must hear that it is lost, long before its 60 s
+    // lease would have told it.
+    tokio::time::timeout(Duration::from_secs(10), guard.lost())
+        .await
+        .expect("the holder learns that its ephemeral lock is gone");
+    let other = connect(&nodes[b].url, "next-holder").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match other.try_lock("session-lock", Duration::from_secs(5)).await {
+            Ok(Some(_)) => break,
+            Ok(None) => panic!("the ephemeral lock outlived its leader"),
+            Err(error) if retryable(&error) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("try_lock: {error}"),
+        }
+    }
 }

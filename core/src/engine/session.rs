@@ -38,6 +38,14 @@ struct SessionInner {
     /// On a follower: the connection to the leader this session's requests
     /// go through, and which node it leads to.
     leader_link: tokio::sync::Mutex<Option<(u64, Arc<dyn Connection>)>>,
+    /// Turns true when the engine ends the session (see
+    /// [`Session::ended`]).
+    ended: Arc<tokio::sync::watch::Sender<bool>>,
+    /// In a replicated engine, once the session holds an ephemeral lock:
+    /// it is watched for a change of leader.
+    pinned: std::sync::atomic::AtomicBool,
+    /// Dropped with the session, which stops its watcher.
+    watching: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 #[derive(Debug)]
@@ -72,6 +80,9 @@ impl Session {
                     in_flight: HashSet::new(),
                 }),
                 leader_link: tokio::sync::Mutex::new(None),
+                ended: Arc::new(tokio::sync::watch::Sender::new(false)),
+                pinned: std::sync::atomic::AtomicBool::new(false),
+                watching: Mutex::new(None),
             }),
         }
     }
@@ -97,6 +108,18 @@ impl Session {
         self.inner.conn
     }
 
+    /// Resolves when the engine ends this session: its transport must then
+    /// close the connection. In a replicated engine a session that took an
+    /// ephemeral lock ends when the leader that granted it stops leading
+    /// (the new leader released the lock), so that its client learns that
+    /// the lock is gone the way it learns it at a restart: its connection
+    /// closes.
+    pub async fn ended(&self) {
+        let mut ended = self.inner.ended.subscribe();
+        // The sender lives as long as the session.
+        let _ = ended.wait_for(|ended| *ended).await;
+    }
+
     /// Carries out one request and returns its reply. Dropping the future
     /// before it completes cancels a waiting `lock`.
     ///
@@ -114,8 +137,12 @@ impl Session {
         let _in_flight = InFlight { session: self, id };
         let started = tokio::time::Instant::now();
         let op = request.op.kind().wire_name();
+        let ephemeral = matches!(&request.op, Op::Lock(LockOp::Acquire(a)) if a.ephemeral);
         if let Some(forwarding) = self.forwards(&request.op) {
             let outcome = self.forward(forwarding, request).await;
+            if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
+                self.pin_to_link().await;
+            }
             return Reply {
                 id: Some(id),
                 outcome,
@@ -135,6 +162,9 @@ impl Session {
             Op::Lock(op) => self.call_shard(id, ShardOp::Lock(op)).await,
             Op::Set(op) => self.call_shard(id, ShardOp::Set(op)).await,
         };
+        if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
+            self.pin_to_role();
+        }
         metrics::histogram!("deadbolt_request_duration_seconds", "op" => op)
             .record(started.elapsed().as_secs_f64());
         Reply {
@@ -187,10 +217,78 @@ impl Session {
         {
             return Ok(Arc::clone(connection));
         }
-        *link = None;
+        if let Some((_, stale)) = link.take()
+            && self.inner.pinned.load(std::sync::atomic::Ordering::Acquire)
+        {
+            // Its ephemeral lock went with the old leader: end here too.
+            drop(stale);
+            self.inner.ended.send_replace(true);
+            return Err(ServerError::unavailable(
+                "the leader changed: this connection's ephemeral locks are gone",
+            ));
+        }
         let (node, connection) = forwarding.forwarder.open(&self.client()).await?;
         *link = Some((node, Arc::clone(&connection)));
         Ok(connection)
+    }
+
+    /// Whether this session is pinned already (and pins it if not).
+    fn pin_once(&self) -> bool {
+        self.inner
+            .pinned
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// An ephemeral lock was granted here while this node leads: the
+    /// session ends when it stops leading.
+    fn pin_to_role(&self) {
+        let Some(forwarding) = self.inner.engine.inner.forwarding.as_ref() else {
+            return;
+        };
+        let mut role = forwarding.role.clone();
+        let granted_in = *role.borrow_and_update();
+        if self.pin_once() {
+            return;
+        }
+        self.watch(async move {
+            // A closed watch means the engine is gone: end the session too.
+            let _ = role.wait_for(|now| *now != granted_in).await;
+        });
+    }
+
+    /// Ends the session when `event` happens, unless the session is
+    /// dropped first.
+    fn watch(&self, event: impl Future<Output = ()> + Send + 'static) {
+        let (watching, dropped) = oneshot::channel::<()>();
+        *self
+            .inner
+            .watching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(watching);
+        let ended = Arc::clone(&self.inner.ended);
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                _ = dropped => {}
+                () = event => {
+                    ended.send_replace(true);
+                }
+            }
+        });
+    }
+
+    /// An ephemeral lock was granted through the link to the leader: the
+    /// session ends when that link closes (the leader died or stopped
+    /// leading and ended its side).
+    async fn pin_to_link(&self) {
+        let link = self.inner.leader_link.lock().await.clone();
+        let Some((_, connection)) = link else {
+            return;
+        };
+        if self.pin_once() {
+            return;
+        }
+        self.watch(async move { connection.closed().await });
     }
 
     fn hello(&self, client: String) -> Okay {

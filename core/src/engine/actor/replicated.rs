@@ -20,9 +20,11 @@ use crate::proto::ServerError;
 use crate::shard::{Command, Handle, Input};
 
 /// Batches a leading shard may have proposed and not yet seen committed.
-/// A few, so that the next batch is on its way to the followers while the
-/// last one is being acknowledged.
-const PROPOSALS_MAX: usize = 4;
+/// One: the next batch gathers while one is being committed, so batches
+/// grow with the load (with four, a 3-node cluster at 64 connections
+/// proposed batches of one or two requests and did 2.3 times fewer lock
+/// cycles).
+const PROPOSALS_MAX: usize = 1;
 
 /// How long a request waits for its batch to commit before it is answered
 /// `unavailable`: a leader cut off from its followers cannot commit, and
@@ -52,8 +54,18 @@ struct Proposing {
     /// The requests it carries, until they are answered.
     handles: Vec<Handle>,
     since: Instant,
-    /// `None` once the consensus library has answered.
+    /// `None` once the consensus library has answered. Kept until then
+    /// even after the batch came back committed (which happens first):
+    /// dropping it early would make openraft warn that nobody listens.
     outcome: Option<Proposed>,
+    /// Whether the batch came back committed.
+    committed: bool,
+}
+
+impl Proposing {
+    fn done(&self) -> bool {
+        self.committed && self.outcome.is_none()
+    }
 }
 
 impl Actor {
@@ -105,6 +117,7 @@ impl Actor {
                     true
                 }
             };
+            self.forget_settled();
             self.propose_batch();
             if !go_on {
                 return;
@@ -131,8 +144,17 @@ impl Actor {
     /// A follower reads every message (it answers or drops them at once);
     /// a leader only while it has room for another proposal.
     fn has_room(&self) -> bool {
-        self.replication()
-            .is_none_or(|r| r.leading.is_none() || r.proposals.len() < PROPOSALS_MAX)
+        self.replication().is_none_or(|r| {
+            let uncommitted = r.proposals.iter().filter(|p| !p.committed).count();
+            r.leading.is_none() || uncommitted < PROPOSALS_MAX
+        })
+    }
+
+    /// Drops the proposals that are committed and answered for.
+    fn forget_settled(&mut self) {
+        if let Some(replication) = self.replication.as_mut() {
+            replication.proposals.retain(|p| !p.done());
+        }
     }
 
     /// A follower's answer to a message: requests go to the leader (the
@@ -233,7 +255,7 @@ impl Actor {
         let leading = self.replication().and_then(|r| r.leading);
         if leading == Some(origin) && planted::active(ReplicaBug::AckBeforeCommit) {
             // Applied when proposed (the bug).
-            self.proposals_mut().retain(|p| p.number > number);
+            self.mark_committed(number);
             return;
         }
         for command in commands {
@@ -252,12 +274,21 @@ impl Actor {
             self.answers.clear();
             return;
         }
-        let proposals = self.proposals_mut();
-        while proposals.front().is_some_and(|p| p.number <= number) {
-            proposals.pop_front();
-        }
+        self.mark_committed(number);
         let gone = self.deliver();
         self.stamp_gone(gone);
+    }
+
+    /// This shard's proposals up to `number` came back committed.
+    fn mark_committed(&mut self, number: u64) {
+        for proposal in self.proposals_mut() {
+            if proposal.number <= number && !proposal.committed {
+                let (requests, took) = (proposal.handles.len(), proposal.since.elapsed());
+                tracing::debug!(number, requests, ?took, "batch committed");
+                proposal.committed = true;
+                proposal.handles.clear();
+            }
+        }
     }
 
     /// Starts leading: the old leader's waiters and ephemeral locks end
@@ -328,6 +359,7 @@ impl Actor {
             handles,
             since: Instant::now(),
             outcome: Some(outcome),
+            committed: false,
         });
         if let Some(commands) = early {
             for command in commands {
