@@ -199,17 +199,34 @@ fn fill_up(capacity: u64) -> io::Result<()> {
     fs::sync_dir("/")
 }
 
-/// Wipes `dir` off the calling host's disk and syncs its parent, as a
-/// lost disk replaced by an empty one: the node comes back with nothing.
+/// Wipes `dir` off the calling host's disk, as a lost disk replaced by an
+/// empty one: the node comes back with nothing.
 ///
 /// turmoil keeps a directory's synced children when a crash loses the
 /// directory's own (unsynced) entry in its parent: `dir` may look absent
-/// while files below it are there. Making it again first brings them
-/// back into sight.
+/// while files below it are there, so it is made again first. And it
+/// replays a directory's pending removals when that directory is synced
+/// later, even after it was made anew: so every level is synced as it is
+/// emptied, bottom up.
 pub fn wipe(dir: &str) -> io::Result<()> {
     fs::create_dir_all(dir)?;
-    fs::remove_dir_all(dir)?;
-    fs::sync_dir("/")
+    empty(Path::new(dir))?;
+    fs::remove_dir(dir)?;
+    fs::sync_dir(Path::new(dir).parent().unwrap_or(Path::new("/")))
+}
+
+/// Removes everything below `dir`, syncing each directory once emptied.
+fn empty(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if fs::metadata(&path)?.is_dir() {
+            empty(&path)?;
+            fs::remove_dir(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    fs::sync_dir(dir)
 }
 
 /// How many files there are under `dir` on the calling host's disk, in
@@ -429,6 +446,46 @@ mod tests {
         sim.bounce("server");
         sim.step()?;
         assert_eq!(*found.lock().expect("found"), Some(10));
+        Ok(())
+    }
+
+    #[test]
+    fn a_wiped_disk_comes_back_empty_and_takes_a_new_data_directory() -> turmoil::Result {
+        let mut sim = turmoil::Builder::new().build();
+        let (_, disk) = disk(None);
+        let found = Arc::new(Mutex::new(Vec::new()));
+        let (host_disk, host_found) = (disk.clone(), Arc::clone(&found));
+        sim.host("node", move || {
+            let (disk, found) = (host_disk.clone(), Arc::clone(&host_found));
+            async move {
+                let restarted = !found.lock().expect("found").is_empty();
+                if restarted {
+                    wipe(DATA_DIR)?;
+                }
+                found.lock().expect("found").push(files_under(DATA_DIR)?);
+                // As a node makes its Raft directory: a log segment, then
+                // a file renamed into place, then another.
+                let dir = Path::new("/data/raft");
+                disk.create_dir_all(dir)?;
+                let _log = disk.open_append(&dir.join("log-1.seg"))?;
+                for name in ["incarnation", "peers"] {
+                    let beside = dir.join(format!("{name}.new"));
+                    disk.write_synced(&beside, b"1")?;
+                    disk.rename(&beside, &dir.join(name))?;
+                    disk.sync_dir(dir)?;
+                }
+                found.lock().expect("found").push(files_under(DATA_DIR)?);
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+        sim.step()?;
+        sim.crash("node");
+        sim.bounce("node");
+        sim.step()?;
+        // At each start, once wiped the second time, and once the files
+        // are made: nothing, three; nothing, three.
+        assert_eq!(*found.lock().expect("found"), [0, 3, 0, 3]);
         Ok(())
     }
 }

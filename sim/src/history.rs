@@ -20,6 +20,8 @@ pub enum Actor {
     Server,
     /// A node of the cluster (its starts, and when it leads).
     Node(u64),
+    /// The cluster's operator (readmitting nodes that lost their disk).
+    Operator,
     /// The auditor that exports the final state.
     Auditor,
 }
@@ -132,6 +134,12 @@ pub enum What {
     Leading { term: u64 },
     /// The node stopped leading.
     NotLeading,
+    /// Node `by` (the leader) readmitted node `node`, which had lost its
+    /// disk.
+    Readmitted { node: u64, by: u64 },
+    /// Node `by` answered a request to readmit `node` with HTTP `status`,
+    /// or not at all (0); the operator asks again until it is done.
+    ReadmitRefused { node: u64, by: u64, status: u16 },
     /// A server answered one attempt of a worker's request `ok`, as the
     /// worker's connection heard it (in a cluster, before the client makes
     /// anything of it): `op` on `key` (a lock key, or a set) with the
@@ -183,6 +191,7 @@ impl fmt::Display for Event {
             Actor::Driver => "driver".to_owned(),
             Actor::Server => "server".to_owned(),
             Actor::Node(n) => format!("node{n}"),
+            Actor::Operator => "operator".to_owned(),
             Actor::Auditor => "auditor".to_owned(),
         };
         write!(

@@ -21,10 +21,10 @@
 //! hosts run `deadbolt_server::run_node` instead, each on its own simulated
 //! disk, with the same workers (spread over the nodes), resource and
 //! auditor; the seed's schedule crashes the leader or a follower (some in
-//! the middle of a sync, some losing the disk, with `--disk-loss`), cuts
-//! nodes off from each other both ways and one way, and cuts workers off
-//! from their node or from the whole cluster, one node down at a time, and
-//! heals. The same checker judges the history, and the lease rule
+//! the middle of a sync, some losing the disk, after which a simulated
+//! operator readmits the node), cuts nodes off from each other both ways
+//! and one way, and cuts workers off from their node or from the whole
+//! cluster, one node down at a time, and heals. The same checker judges the history, and the lease rule
 //! ([`lease`]) judges every lease across changes of leader. The store-level
 //! rules of the single server (the trace's record numbers, snapshots and
 //! replay, and the server checker's order and timing) need the storage's

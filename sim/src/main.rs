@@ -41,11 +41,11 @@ struct Args {
     /// Run a cluster of three nodes instead of the single server.
     #[arg(long)]
     cluster: bool,
-    /// With `--cluster`: let the schedule lose a node's disk (its data
-    /// directory wiped before it restarts). Off by default until the nodes
-    /// refuse a peer whose identity changed.
+    /// With `--cluster`: never lose a node's disk (by default the
+    /// schedule may wipe a node's data directory before it restarts; its
+    /// peers refuse it until the simulated operator readmits it).
     #[arg(long, requires = "cluster")]
-    disk_loss: bool,
+    no_disk_loss: bool,
 }
 
 fn parse_bug(name: &str) -> Result<Bug, String> {
@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     let options = Options {
         bug: args.bug,
         cluster: args.cluster,
-        disk_loss: args.disk_loss,
+        disk_loss: args.cluster && !args.no_disk_loss,
         // A replayed seed's trace is printed as it happens, so that a run
         // that panics still shows what led to it.
         echo: args.trace && args.seed.is_some(),

@@ -50,9 +50,8 @@ pub struct Options {
     pub bug: Option<Bug>,
     /// Run three nodes of a cluster instead of the single server.
     pub cluster: bool,
-    /// In a cluster, let the seed's schedule lose a node's disk (off until
-    /// the nodes refuse a peer whose identity changed: without that, a
-    /// wiped node may vote twice in a term).
+    /// In a cluster, let the seed's schedule lose a node's disk (its peers
+    /// refuse it until the operator readmits it).
     pub disk_loss: bool,
     /// Print every event of the history as it happens.
     pub echo: bool,
@@ -67,11 +66,12 @@ impl Options {
         }
     }
 
-    /// A cluster, with `bug` planted.
+    /// A cluster whose nodes may lose their disk, with `bug` planted.
     pub fn cluster(bug: Option<Bug>) -> Options {
         Options {
             bug,
             cluster: true,
+            disk_loss: true,
             ..Options::default()
         }
     }

@@ -102,11 +102,7 @@ fn the_same_seed_gives_a_byte_identical_trace() {
 #[test]
 fn the_same_cluster_seed_gives_a_byte_identical_trace() {
     // Seed 6 loses a disk, 13 crashes the leader, 20 cuts nodes apart.
-    let options = Options {
-        disk_loss: true,
-        ..Options::cluster(None)
-    };
-    repeats_exactly([6, 13, 20], options);
+    repeats_exactly([6, 13, 20], Options::cluster(None));
 }
 
 /// Each of `seeds` runs the same twice (the second time after other seeds

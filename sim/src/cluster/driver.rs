@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use super::operator::READMIT_AFTER_MS;
 use super::plan::{ClusterPlan, NODES, NodeFault, NodeFaultKind, Target};
 use super::{ClusterControl, node_name};
 use crate::driver::power_cut;
@@ -29,8 +30,8 @@ pub(crate) struct NodeDriver<'a> {
     clients: Vec<String>,
     next: usize,
     partitions: Vec<Partition>,
-    /// The node that is down, and until when.
-    down: Option<(u64, u64)>,
+    /// The node that is down, until when, and whether it lost its disk.
+    down: Option<(u64, u64, bool)>,
     /// A crash waiting for the middle of a sync on its node, with when it
     /// stops waiting.
     armed: Option<(u64, NodeFault, u64)>,
@@ -43,7 +44,7 @@ impl<'a> NodeDriver<'a> {
     /// recording in `history`.
     pub(crate) fn new(control: &'a ClusterControl, workers: usize, history: &'a History) -> Self {
         let mut clients: Vec<String> = (0..workers).map(worker_name).collect();
-        clients.push("auditor".to_owned());
+        clients.extend(["auditor".to_owned(), super::OPERATOR.to_owned()]);
         NodeDriver {
             control,
             history,
@@ -82,10 +83,10 @@ impl<'a> NodeDriver<'a> {
         worker_cut: &dyn Fn(&str, &str) -> bool,
     ) {
         self.end_partitions(sim, now_ms);
-        if let Some((until, node)) = self.down
+        if let Some((until, node, disk_lost)) = self.down
             && until <= now_ms
         {
-            self.restart(sim, node);
+            self.restart(sim, now_ms, node, disk_lost);
         }
         while let Some(&fault) = self
             .control
@@ -130,7 +131,7 @@ impl<'a> NodeDriver<'a> {
     /// The node `target` names now: the leader (or node 1, if nobody is
     /// known to lead), or one of the nodes up that do not lead.
     fn resolve(&self, target: Target) -> u64 {
-        let up = |node: &u64| self.down.is_none_or(|(_, down)| down != *node);
+        let up = |node: &u64| self.down.is_none_or(|(_, down, _)| down != *node);
         let leader = self.control.leaders.current().filter(up);
         match target {
             Target::Leader => leader.unwrap_or(1),
@@ -233,13 +234,19 @@ impl<'a> NodeDriver<'a> {
             },
         );
         self.count(fault.kind);
-        self.down = Some((now_ms + fault.duration_ms, node));
+        self.down = Some((now_ms + fault.duration_ms, node, disk_lost));
     }
 
-    fn restart(&mut self, sim: &mut turmoil::Sim<'_>, node: u64) {
+    /// Restarts `node`; if it lost its disk, its peers refuse it until the
+    /// operator readmits it, which it is asked to do a while later.
+    fn restart(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64, node: u64, disk_lost: bool) {
         sim.bounce(node_name(node).as_str());
         self.down = None;
         self.record(sim, What::NodeRestarted { node });
+        if disk_lost {
+            let at_us = (now_ms + READMIT_AFTER_MS) * 1000;
+            self.control.readmissions.ask(node, at_us);
+        }
     }
 
     fn count(&mut self, kind: NodeFaultKind) {
@@ -253,8 +260,9 @@ impl<'a> NodeDriver<'a> {
         for partition in std::mem::take(&mut self.partitions) {
             repair(sim, &partition);
         }
-        if let Some((_, node)) = self.down {
-            self.restart(sim, node);
+        if let Some((_, node, disk_lost)) = self.down {
+            let now_ms = history::micros(sim.elapsed()) / 1000;
+            self.restart(sim, now_ms, node, disk_lost);
         }
         self.next = self.control.plan.faults.len();
     }

@@ -13,6 +13,7 @@
 
 pub(crate) mod driver;
 pub mod leaders;
+mod operator;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -79,6 +80,8 @@ pub(crate) struct NodeControl {
 pub(crate) struct ClusterControl {
     pub(crate) nodes: Vec<NodeControl>,
     pub(crate) leaders: Leaders,
+    /// The nodes that lost their disk, for the operator to readmit.
+    pub(crate) readmissions: operator::Readmissions,
     /// The seed's node faults and snapshot interval.
     pub(crate) plan: Arc<ClusterPlan>,
     history: History,
@@ -115,6 +118,7 @@ impl ClusterControl {
         ClusterControl {
             nodes,
             leaders: Leaders::default(),
+            readmissions: operator::Readmissions::default(),
             plan: Arc::new(plan),
             history: history.clone(),
             seed,
@@ -177,7 +181,8 @@ impl ClusterControl {
 }
 
 /// Adds the node hosts to `sim`, each serving with the certificate and key
-/// `(cert, key)` (the same for all: clients trust one CA).
+/// `(cert, key)` (the same for all: clients trust one CA), and the
+/// operator, which readmits a node that lost its disk.
 ///
 /// A node host's future is `run_node`'s: crashing the host drops it, as a
 /// killed process ends, and a bounce starts a fresh node on the same disk,
@@ -201,7 +206,12 @@ pub(crate) fn add_nodes(
             }
         });
     }
+    let control = control.clone();
+    sim.host(OPERATOR, move || operator::run(control.clone()));
 }
+
+/// The host name of the cluster's operator.
+pub const OPERATOR: &str = "operator";
 
 /// Runs node `node` until the run's end shuts it down.
 async fn serve_node(
