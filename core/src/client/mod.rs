@@ -475,7 +475,9 @@ impl Retry {
             // for now, having done nothing (`unavailable`: no quorum, a full
             // disk; `overloaded`): the outage goes on.
             Error::Transport(TransportError::Connect { .. }) => (false, false),
-            Error::Server(e) if matches!(e.code, ErrorCode::Overloaded | ErrorCode::Unavailable) => {
+            Error::Server(e)
+                if matches!(e.code, ErrorCode::Overloaded | ErrorCode::Unavailable) =>
+            {
                 (false, false)
             }
             _ => return None,
