@@ -1,0 +1,566 @@
+//! Clients given several servers (SPEC section 9), against real servers on
+//! real sockets: the first URL a closed port and the second a live server
+//! (over WebSocket and QUIC, from the Rust client and the command line); a
+//! server killed mid-run, with the client (and a lock's auto-renewal)
+//! moving to the next one; and `unavailable` from a real server whose disk
+//! is full, retried on that server or left for the next.
+//!
+//! The servers here are separate processes or engines, not a replicated
+//! cluster: where a test needs the second server to know what the first
+//! acknowledged, it starts it on the first one's data directory after the
+//! first was killed.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use deadbolt_core::client::{
+    Client, ClientOptions, Connector, FailoverConnector, LockOptions, TransportError,
+};
+use deadbolt_core::proto::ErrorCode;
+use deadbolt_server::{Durable, Listeners, ServerConfig};
+use deadbolt_storage::{AppendFile, Disk, StdDisk, StoreConfig};
+use deadbolt_transport_quic::{Identity, QuicConfig, QuicConnector, Trust};
+use deadbolt_transport_ws::WsConnector;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+mod support;
+use support::read_urls;
+
+const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
+
+/// A URL where nobody listens: a port that was free a moment ago.
+fn closed_ws_url() -> String {
+    format!("ws://127.0.0.1:{}/ws", free_port())
+}
+
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    probe.local_addr().expect("addr").port()
+}
+
+/// A server run in this process by `deadbolt_server::run`, as `deadbolt
+/// serve` runs it, on sockets bound here.
+struct InProcess {
+    ws_url: String,
+    quic_url: String,
+    ca_pem: Vec<u8>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl InProcess {
+    async fn start(storage: Option<Durable>) -> InProcess {
+        let ws = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ws");
+        let ws_url = format!("ws://{}/ws", ws.local_addr().expect("addr"));
+        let (identity, cert_pem, _) = Identity::self_signed().expect("certificate");
+        let quic_config = deadbolt_transport_quic::server_config(identity, &QuicConfig::default())
+            .expect("quic config");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let endpoint = quinn::Endpoint::server(quic_config, any).expect("bind quic");
+        let quic_url = format!(
+            "quic://localhost:{}",
+            endpoint.local_addr().expect("addr").port()
+        );
+        let config = ServerConfig {
+            storage,
+            ..ServerConfig::default()
+        };
+        let listeners = Listeners {
+            ws,
+            quic: Some(endpoint),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            deadbolt_server::run(config, listeners, stopped)
+                .await
+                .expect("the server runs");
+        });
+        InProcess {
+            ws_url,
+            quic_url,
+            ca_pem: cert_pem.into_bytes(),
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// A server whose data directory is on `disk`.
+    async fn durable(disk: Arc<dyn Disk>, dir: &Path) -> InProcess {
+        InProcess::start(Some(Durable {
+            disk,
+            store: StoreConfig::new(dir),
+            writer_thread: true,
+        }))
+        .await
+    }
+
+    async fn quic(&self) -> QuicConnector {
+        let trust = Trust::CaPem(self.ca_pem.clone());
+        QuicConnector::from_url(&self.quic_url, &trust, &QuicConfig::default())
+            .await
+            .expect("quic connector")
+    }
+
+    /// A client of this server alone, to look at what it holds.
+    async fn observer(&self) -> Client {
+        let connector = WsConnector::new(&self.ws_url).expect("url");
+        Client::connect(connector, ClientOptions::default())
+            .await
+            .expect("observer connects")
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.expect("the server stops");
+    }
+}
+
+fn ws(url: &str) -> Arc<dyn Connector> {
+    Arc::new(WsConnector::new(url).expect("url"))
+}
+
+fn failover(servers: Vec<Arc<dyn Connector>>) -> FailoverConnector {
+    FailoverConnector::new(servers).expect("servers")
+}
+
+fn options(client_id: &str) -> ClientOptions {
+    ClientOptions {
+        client_id: Some(client_id.to_owned()),
+        retry_for: Duration::from_secs(20),
+        ..ClientOptions::default()
+    }
+}
+
+/// Who holds `key` on the server `observer` talks to, and with what token.
+async fn holder(observer: &Client, key: &str) -> Option<(String, u64)> {
+    let info = observer.inspect(key).await.expect("inspect");
+    info.holder.map(|h| (h.client, h.token))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_port_first_is_skipped_for_a_live_server_over_websocket_and_quic() {
+    let server = InProcess::start(None).await;
+    let observer = server.observer().await;
+    for (n, live) in [ws(&server.ws_url), Arc::new(server.quic().await)]
+        .into_iter()
+        .enumerate()
+    {
+        let connector = failover(vec![ws(&closed_ws_url()), live]);
+        let id = format!("skipper-{n}");
+        let client = Client::connect(connector, options(&id))
+            .await
+            .expect("connects to the second URL");
+        let key = format!("skip/{n}");
+        let guard = client
+            .lock(&key, Duration::from_secs(10))
+            .await
+            .expect("lock");
+        assert_eq!(holder(&observer, &key).await, Some((id, guard.token())));
+        guard.unlock().await.expect("unlock");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_server_down_the_connect_fails_naming_each() {
+    let (a, b) = (closed_ws_url(), closed_ws_url());
+    let error = Client::connect(failover(vec![ws(&a), ws(&b)]), options("nobody"))
+        .await
+        .expect_err("nobody listens");
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("{a}: ")) && message.contains(&format!("{b}: ")),
+        "{message}"
+    );
+    assert!(
+        matches!(
+            error,
+            deadbolt_core::client::Error::Transport(TransportError::Connect { .. })
+        ),
+        "{error:?}"
+    );
+}
+
+/// `deadbolt serve` as a process of its own, killed when dropped.
+struct Process {
+    child: Child,
+    url: String,
+    /// The data directory, if the process has one of its own.
+    _own_dir: Option<tempfile::TempDir>,
+}
+
+impl Process {
+    /// Serves WebSocket only, on `port` (0: any), keeping its data in
+    /// `dir` (`None`: a fresh directory of its own).
+    fn start(port: u16, dir: Option<&Path>) -> Process {
+        let own_dir = match dir {
+            Some(_) => None,
+            None => Some(tempfile::tempdir().expect("tempdir")),
+        };
+        let data_dir = dir.or(own_dir.as_ref().map(|d| d.path()));
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--ws",
+                &format!("127.0.0.1:{port}"),
+                "--quic",
+                "off",
+            ])
+            .arg("--data-dir")
+            .args(data_dir)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let (url, _) = read_urls(&mut child);
+        Process {
+            child,
+            url,
+            _own_dir: own_dir,
+        }
+    }
+
+    /// SIGKILL: a crash, every connection cut without a goodbye.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A client of one server alone.
+async fn observe(url: &str) -> Client {
+    Client::connect(
+        WsConnector::new(url).expect("url"),
+        ClientOptions::default(),
+    )
+    .await
+    .expect("observer connects")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_run_is_left_for_the_next_live_one() {
+    let mut first = Process::start(0, None);
+    let second = Process::start(0, None);
+    let connector = failover(vec![ws(&first.url), ws(&second.url)]);
+    let client = Client::connect(connector, options("survivor"))
+        .await
+        .expect("connect");
+    let guard = client
+        .lock("k", Duration::from_secs(30))
+        .await
+        .expect("lock");
+    assert_eq!(
+        holder(&observe(&first.url).await, "k").await,
+        Some(("survivor".to_owned(), guard.token()))
+    );
+    guard.detach();
+    first.kill();
+    // The next request finds its connection gone, reconnects, finds the
+    // first server gone too, and goes to the second, as the same client.
+    let guard = client
+        .lock("k", Duration::from_secs(30))
+        .await
+        .expect("lock on the second server");
+    let seen = holder(&observe(&second.url).await, "k").await;
+    assert_eq!(seen, Some(("survivor".to_owned(), guard.token())));
+    guard.unlock().await.expect("unlock");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_renewal_survives_its_server_being_killed_and_another_taking_over() {
+    // The second server comes up on the first one's data directory once
+    // the first is dead, at a URL the client was given from the start: as
+    // a cluster's next leader would, it knows the lock and its lease.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut first = Process::start(0, Some(dir.path()));
+    let second_port = free_port();
+    let second_url = format!("ws://127.0.0.1:{second_port}/ws");
+    let connector = failover(vec![ws(&first.url), ws(&second_url)]);
+    let client = Client::connect(connector, options("renewer"))
+        .await
+        .expect("connect");
+    // Long enough for a debug build's restart on a busy machine.
+    let ttl = Duration::from_secs(5);
+    let lock = LockOptions::new(ttl).auto_renew(true);
+    let guard = client
+        .lock_with("leader", lock)
+        .await
+        .expect("lock")
+        .expect("granted");
+    let inserted = client.set("s").set_up(Duration::from_secs(60)).await;
+    assert!(inserted.is_ok(), "{inserted:?}");
+    assert!(client.set("s").insert("x").await.expect("insert").first);
+
+    first.kill();
+    let _second = Process::start(second_port, Some(dir.path()));
+    // Past the lease view it had at the kill, the guard still holds:
+    // renewed on the second server.
+    let lost = tokio::time::timeout(ttl * 3 / 2, guard.lost()).await;
+    assert!(lost.is_err(), "the lock was reported lost");
+    assert!(guard.is_held());
+    let seen = holder(&observe(&second_url).await, "leader").await;
+    assert_eq!(seen, Some(("renewer".to_owned(), guard.token())));
+    let again = client.set("s").insert("x").await.expect("insert again");
+    assert_eq!((again.index, again.first), (1, true), "the same client id");
+    guard.unlock().await.expect("unlock");
+}
+
+/// A real disk that can be made full: appends fail with ENOSPC (having
+/// written half, as a real full disk may) while it is.
+#[derive(Clone, Default)]
+struct FillingDisk {
+    full: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
+}
+
+impl FillingDisk {
+    fn fill(&self) {
+        self.full.store(true, Ordering::SeqCst);
+    }
+
+    fn make_room(&self) {
+        self.full.store(false, Ordering::SeqCst);
+    }
+
+    /// Makes room `after` from now, in the background.
+    fn make_room_after(&self, after: Duration) {
+        let disk = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            disk.make_room();
+        });
+    }
+
+    /// Appends refused so far.
+    fn refused(&self) -> u64 {
+        self.refused.load(Ordering::SeqCst)
+    }
+}
+
+impl Disk for FillingDisk {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        StdDisk.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        StdDisk.list(dir)
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        StdDisk.read(path)
+    }
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn AppendFile>> {
+        Ok(Box::new(FillingFile {
+            inner: StdDisk.open_append(path)?,
+            disk: self.clone(),
+        }))
+    }
+    fn write_synced(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        StdDisk.write_synced(path, bytes)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        StdDisk.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        StdDisk.remove(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        StdDisk.sync_dir(dir)
+    }
+}
+
+struct FillingFile {
+    inner: Box<dyn AppendFile>,
+    disk: FillingDisk,
+}
+
+impl AppendFile for FillingFile {
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.disk.full.load(Ordering::SeqCst) {
+            self.inner.append(&bytes[..bytes.len() / 2])?;
+            self.disk.refused.fetch_add(1, Ordering::SeqCst);
+            const ENOSPC: i32 = 28;
+            return Err(io::Error::from_raw_os_error(ENOSPC));
+        }
+        self.inner.append(bytes)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.inner.sync()
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.inner.truncate(len)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_unavailable_which_is_retried_until_there_is_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = FillingDisk::default();
+    let server = InProcess::durable(Arc::new(disk.clone()), dir.path()).await;
+    let connector = WsConnector::new(&server.ws_url).expect("url");
+    let client = Client::connect(connector, options("patient"))
+        .await
+        .expect("connect");
+    let set = client.set("s");
+    set.set_up(Duration::from_secs(60)).await.expect("set up");
+    disk.fill();
+    disk.make_room_after(Duration::from_millis(600));
+    let started = Instant::now();
+    let inserted = set.insert("x").await.expect("insert, once there is room");
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert!(disk.refused() >= 2, "refused {} appends", disk.refused());
+    assert_eq!((inserted.index, inserted.first), (1, true));
+    drop(client);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_past_the_retry_budget_answers_unavailable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = FillingDisk::default();
+    let server = InProcess::durable(Arc::new(disk.clone()), dir.path()).await;
+    let connector = WsConnector::new(&server.ws_url).expect("url");
+    let options = ClientOptions {
+        retry_for: Duration::from_secs(1),
+        ..options("impatient")
+    };
+    let client = Client::connect(connector, options).await.expect("connect");
+    disk.fill();
+    let refused = client.set("s").set_up(Duration::from_secs(60)).await;
+    assert_eq!(
+        refused.map_err(|e| e.code()),
+        Err(Some(ErrorCode::Unavailable))
+    );
+    disk.make_room();
+    drop(client);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_answering_unavailable_is_left_for_the_next() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = FillingDisk::default();
+    let full = InProcess::durable(Arc::new(disk.clone()), dir.path()).await;
+    let serving = InProcess::start(None).await;
+    let connector = failover(vec![ws(&full.ws_url), Arc::new(serving.quic().await)]);
+    let client = Client::connect(connector, options("mover"))
+        .await
+        .expect("connects to the first server");
+    disk.fill();
+    let set = client.set("s");
+    set.set_up(Duration::from_secs(60))
+        .await
+        .expect("set up, on the second server");
+    assert!(disk.refused() >= 1, "the first server was asked");
+    let guard = client
+        .lock("k", Duration::from_secs(10))
+        .await
+        .expect("lock");
+    let seen = holder(&serving.observer().await, "k").await;
+    assert_eq!(seen, Some(("mover".to_owned(), guard.token())));
+    guard.unlock().await.expect("unlock");
+    // The refused set_up changed nothing on the first server.
+    disk.make_room();
+    let unchanged = full.observer().await.set("s").inspect().await;
+    assert_eq!(
+        unchanged.map_err(|e| e.code()),
+        Err(Some(ErrorCode::NoSuchSet))
+    );
+    drop(client);
+    full.stop().await;
+    serving.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_renewal_rides_out_a_full_disk_shorter_than_the_lease() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let disk = FillingDisk::default();
+    let server = InProcess::durable(Arc::new(disk.clone()), dir.path()).await;
+    let connector = WsConnector::new(&server.ws_url).expect("url");
+    let client = Client::connect(connector, options("steady"))
+        .await
+        .expect("connect");
+    let ttl = Duration::from_secs(6);
+    let lock = LockOptions::new(ttl).auto_renew(true);
+    let guard = client
+        .lock_with("leader", lock)
+        .await
+        .expect("lock")
+        .expect("granted");
+    // Renewal is due 2 s in; the disk is full from 1.5 s to 3.5 s. The
+    // refused renewal is retried with a backoff of at most 1 s, well within
+    // the lease view (5.9 s).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    disk.fill();
+    disk.make_room_after(Duration::from_secs(2));
+    // Past the first lease view: renewed once there was room.
+    let lost = tokio::time::timeout(Duration::from_millis(5_500), guard.lost()).await;
+    assert!(lost.is_err(), "the lock was reported lost");
+    assert!(disk.refused() >= 1, "a renewal was refused");
+    assert!(guard.is_held());
+    let seen = holder(&server.observer().await, "leader").await;
+    assert_eq!(seen, Some(("steady".to_owned(), guard.token())));
+    guard.unlock().await.expect("unlock");
+    drop(client);
+    server.stop().await;
+}
+
+fn run_cli(server: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("DEADBOLT_SERVER", server)
+        .env_remove("DEADBOLT_CLIENT_ID")
+        .output()
+        .expect("run deadbolt")
+}
+
+#[test]
+fn the_command_line_takes_several_urls_and_uses_the_live_one() {
+    let live = Process::start(0, None);
+    let list = format!("{},{}", closed_ws_url(), live.url);
+    let taken = run_cli(&list, &["try-lock", "cli/k", "--ttl", "30s"]);
+    let stderr = String::from_utf8_lossy(&taken.stderr);
+    assert!(taken.status.success(), "{stderr}");
+    let token = String::from_utf8_lossy(&taken.stdout).trim().to_owned();
+    assert!(token.parse::<u64>().is_ok(), "a token: {token:?}");
+    // The --server flag takes the list too, spaces and all.
+    let spaced = format!("{} , {}", closed_ws_url(), live.url);
+    let info = run_cli(
+        "ws://unused.invalid/ws",
+        &["--server", &spaced, "inspect", "cli/k"],
+    );
+    let shown = String::from_utf8_lossy(&info.stdout);
+    assert!(info.status.success() && shown.contains(&token), "{shown}");
+}
+
+#[test]
+fn the_command_line_names_every_server_it_could_not_reach() {
+    let (a, b) = (closed_ws_url(), closed_ws_url());
+    let out = run_cli(&format!("{a},{b}"), &["inspect", "k"]);
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach any of the servers")
+            && stderr.contains(&a)
+            && stderr.contains(&b),
+        "{stderr}"
+    );
+    let out = run_cli(&format!("{a},,{b}"), &["inspect", "k"]);
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("empty URL"), "{stderr}");
+}
