@@ -469,8 +469,9 @@ export class Client extends EventTarget {
    * it while connections fail or the server refuses it for now (see
    * `isRetryable`; after `unavailable` or `shutting_down` on a new
    * connection, to the next server). `earlierMayHaveRun` says whether an
-   * earlier attempt may have been carried out (its connection broke while
-   * it was in flight; a refusal changed nothing). `retryFor` bounds the
+   * earlier attempt may have been carried out (its connection broke, or its
+   * server was shutting down, while it was in flight; `unavailable` and
+   * `overloaded` changed nothing). `retryFor` bounds the
    * time spent without the request in flight (reconnecting, backing off),
    * not the time it waits on the server, so a lock that waited an hour is
    * still retried when its connection breaks.
@@ -501,7 +502,9 @@ export class Client extends EventTarget {
         return { ok, sentAt, attempt, connection };
       } catch (error) {
         if (!isRetryable(error) || this.#closed) throw error;
-        if (sent && error.code === "connection_lost") earlierMayHaveRun = true;
+        // A request in flight when its connection broke, or its server
+        // began shutting down, may have been carried out.
+        if (sent && (error.code === "connection_lost" || error.code === "shutting_down")) earlierMayHaveRun = true;
         if (connection && leavesServer(error)) this.#leave(connection);
         const at = now();
         if (failedAt !== null) down += at - failedAt;

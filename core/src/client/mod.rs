@@ -437,8 +437,8 @@ pub(crate) struct Attempt {
     /// 0 for the first.
     pub number: u32,
     /// Whether an earlier attempt may have been carried out: its
-    /// connection broke while it was in flight. (A server's refusal,
-    /// `unavailable` say, changed nothing.)
+    /// connection broke while it was in flight, or its server was shutting
+    /// down. (A refusal, `unavailable` or `overloaded`, changed nothing.)
     pub earlier_may_have_run: bool,
 }
 
@@ -468,9 +468,10 @@ impl Retry {
             // The request was on a connection that then failed: retry on a
             // new connection.
             Error::Transport(TransportError::Lost(_)) => (true, true),
-            // The server is going away, having done nothing: retry on a new
-            // connection (another server, if there is one).
-            Error::Server(e) if e.code == ErrorCode::ShuttingDown => (true, false),
+            // The server is going away (answering what it had in flight,
+            // which may have been carried out): retry on a new connection,
+            // to another server if there is one.
+            Error::Server(e) if e.code == ErrorCode::ShuttingDown => (true, true),
             // No connection could be opened, or the server refused the work
             // for now, having done nothing (`unavailable`: no quorum, a full
             // disk; `overloaded`): the outage goes on.
