@@ -55,11 +55,11 @@ export class DeadboltError extends Error {
 }
 
 /** Errors after which a request is sent again, as the Rust client does:
- * `connection_lost` (the request may or may not have been carried out, and
- * the protocol makes a retry safe either way), and the server's refusals
- * that changed nothing: `unavailable` (no quorum or no leader, a full disk)
- * and `shutting_down`, after which the client leaves that server, and
- * `overloaded`. */
+ * `connection_lost` and `shutting_down` (the request may or may not have
+ * been carried out, and the protocol makes a retry safe either way), and
+ * the refusals that changed nothing, `unavailable` (no quorum or no leader,
+ * a full disk) and `overloaded`. After `unavailable` and `shutting_down`
+ * the client leaves that server. */
 const RETRYABLE = new Set(["connection_lost", "unavailable", "shutting_down", "overloaded"]);
 
 function isRetryable(error) {
