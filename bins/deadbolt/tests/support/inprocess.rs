@@ -68,7 +68,12 @@ impl InProcess {
         };
         // Answered once the data directory is open and the frontends
         // serve: a test may fill the disk after this, not before.
-        server.observer().await.ping().await.expect("the server serves");
+        server
+            .observer()
+            .await
+            .ping()
+            .await
+            .expect("the server serves");
         server
     }
 
