@@ -57,6 +57,26 @@ pub struct Durable {
     pub writer_thread: bool,
 }
 
+/// What a cluster node needs besides a single server's configuration
+/// (SPEC section 9): its place in the cluster, its peer port, and a way to
+/// dial the other nodes.
+pub struct Peering<L, D> {
+    /// The node, its members, and where its Raft log goes.
+    pub cluster: deadbolt_replication::ClusterConfig,
+    /// The peer port, bound by the caller.
+    pub listener: L,
+    /// Dials peers (and the leader, to forward).
+    pub dialer: D,
+}
+
+impl<L, D> std::fmt::Debug for Peering<L, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peering")
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The sockets the server serves on, bound by the caller: real ones in the
 /// binary, turmoil's in the simulation. Only `bins/` and `sim/` bind
 /// sockets.

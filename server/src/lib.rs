@@ -29,6 +29,6 @@ pub mod metrics;
 pub mod routes;
 pub mod server;
 
-pub use config::{Durable, Listeners, ServerConfig};
+pub use config::{Durable, Listeners, Peering, ServerConfig};
 pub use routes::Routes;
-pub use server::{Error, run};
+pub use server::{Error, run, run_node};

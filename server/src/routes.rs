@@ -42,11 +42,13 @@ const ASSETS: &[Asset] = &[
 ];
 
 /// `Content-Type` of the metrics page: Prometheus text format 0.0.4.
+/// Where a `POST` readmits a cluster node that lost its disk.
+const READMIT_PATH: &str = "/cluster/readmit/";
+
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// deadbolt's plain HTTP routes. Only `GET` is served (anything else gets
 /// `405`); a `GET` for a path not listed above goes to the fallback.
-#[derive(Debug)]
 pub struct Routes {
     /// Read by `/metrics`.
     engine: Engine,
@@ -54,6 +56,16 @@ pub struct Routes {
     ws_gauges: WsGauges,
     /// Answers the `GET`s these routes do not know.
     fallback: Arc<dyn HttpRoutes>,
+    /// A cluster node's Raft, read by `/cluster`.
+    cluster: Option<deadbolt_replication::types::Raft>,
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routes")
+            .field("cluster", &self.cluster.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Routes {
@@ -64,6 +76,61 @@ impl Routes {
             engine,
             ws_gauges: WsGauges::default(),
             fallback,
+            cluster: None,
+        }
+    }
+
+    /// Answers `GET /cluster` with this node's view of its cluster (SPEC
+    /// section 9, `deadbolt cluster status`).
+    pub fn with_cluster(self, raft: deadbolt_replication::types::Raft) -> Routes {
+        Routes {
+            cluster: Some(raft),
+            ..self
+        }
+    }
+
+    /// `POST /cluster/readmit/N`: readmit node N, which lost its disk.
+    async fn readmit(&self, method: &str, node: &str) -> HttpResponse {
+        if method != "POST" {
+            return HttpResponse::status(405, "Method Not Allowed");
+        }
+        let Some(raft) = &self.cluster else {
+            return HttpResponse::text(404, "Not Found", &b"not a cluster\n"[..]);
+        };
+        let Ok(node) = node.parse() else {
+            return HttpResponse::text(
+                400,
+                "Bad Request",
+                &b"expected /cluster/readmit/NODE_ID\n"[..],
+            );
+        };
+        match deadbolt_replication::readmit(raft, node).await {
+            Ok(()) => HttpResponse::ok(
+                "text/plain",
+                format!("node {node} readmitted\n").into_bytes(),
+            ),
+            Err(refusal @ deadbolt_replication::Refusal::NotLeader(_)) => HttpResponse::text(
+                421,
+                "Misdirected Request",
+                format!("{refusal}\n").into_bytes(),
+            ),
+            Err(refusal) => HttpResponse::text(
+                503,
+                "Service Unavailable",
+                format!("{refusal}\n").into_bytes(),
+            ),
+        }
+    }
+
+    fn cluster_status(&self) -> HttpResponse {
+        let Some(raft) = &self.cluster else {
+            let body = &b"not a cluster: this server runs alone\n"[..];
+            return HttpResponse::text(404, "Not Found", body);
+        };
+        let status = deadbolt_replication::ClusterStatus::of(&raft.metrics().borrow());
+        match serde_json::to_vec_pretty(&status) {
+            Ok(json) => HttpResponse::ok("application/json", json),
+            Err(_) => HttpResponse::status(500, "Internal Server Error"),
         }
     }
 
@@ -80,6 +147,9 @@ impl Routes {
 #[async_trait]
 impl HttpRoutes for Routes {
     async fn respond(&self, request: &HttpRequest) -> HttpResponse {
+        if let Some(node) = request.path.strip_prefix(READMIT_PATH) {
+            return self.readmit(&request.method, node).await;
+        }
         if request.method != "GET" {
             return HttpResponse::status(405, "Method Not Allowed");
         }
@@ -89,6 +159,7 @@ impl HttpRoutes for Routes {
         }
         match path {
             "/healthz" => HttpResponse::ok("text/plain", &b"ok\n"[..]),
+            "/cluster" => self.cluster_status(),
             "/metrics" => match metrics::render(&self.engine, &self.ws_gauges).await {
                 Some(text) => HttpResponse::ok(METRICS_CONTENT_TYPE, text.into_bytes()),
                 None => HttpResponse::text(

@@ -12,9 +12,10 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::MissedTickBehavior;
 
-use crate::config::{Durable, Listeners, ServerConfig};
+use crate::config::{Durable, Listeners, Peering, ServerConfig};
 use crate::metrics;
 use crate::routes::Routes;
+use deadbolt_transport_ws::{Dialer, TcpDialer};
 
 /// Why the server stopped without being asked to.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,9 @@ pub enum Error {
     /// The data directory cannot be used.
     #[error("cannot use the data directory")]
     Storage(#[from] deadbolt_storage::StorageError),
+    /// The cluster node could not start.
+    #[error("cannot start the cluster node")]
+    Cluster(#[from] deadbolt_replication::StartError),
 }
 
 /// Runs the server on `listeners` until `shutdown` completes (its output is
@@ -52,12 +56,44 @@ pub async fn run<L: Listener>(
     listeners: Listeners<L>,
     shutdown: impl Future,
 ) -> Result<(), Error> {
+    run_node::<L, TcpDialer>(config, listeners, None, shutdown).await
+}
+
+/// Like [`run`], and with `peering`, as one node of a cluster (SPEC
+/// section 9): the engine is a replica of the cluster's Raft log, kept in
+/// the cluster's data directory (`config.storage` is not used), the peer
+/// port is served beside the frontends, and `GET /cluster` shows the
+/// node's view of the cluster.
+pub async fn run_node<L: Listener, D: Dialer + Clone>(
+    config: ServerConfig,
+    listeners: Listeners<L>,
+    peering: Option<Peering<L, D>>,
+    shutdown: impl Future,
+) -> Result<(), Error> {
     if !metrics::install() {
         tracing::warn!("no metrics: another metrics recorder is installed");
     }
-    let (engine, log_writer) = start_engine(config.engine, config.storage)?;
-    let routes = Routes::new(engine.clone(), config.ws.routes.clone())
+    let (engine, ending) = match peering {
+        Some(peering) => {
+            let node = deadbolt_replication::start(
+                peering.cluster,
+                config.engine,
+                peering.listener,
+                peering.dialer,
+            )
+            .await?;
+            (node.engine.clone(), Ending::Node(node))
+        }
+        None => {
+            let (engine, log_writer) = start_engine(config.engine, config.storage)?;
+            (engine, Ending::Single(log_writer))
+        }
+    };
+    let mut routes = Routes::new(engine.clone(), config.ws.routes.clone())
         .with_ws_gauges(config.ws.gauges.clone());
+    if let Ending::Node(node) = &ending {
+        routes = routes.with_cluster(node.raft.clone());
+    }
     let ws_config = WsConfig {
         routes: Arc::new(routes),
         ..config.ws
@@ -95,12 +131,24 @@ pub async fn run<L: Listener>(
     }
     engine.shutdown().await;
     drop(engine);
-    if let Some(log_writer) = log_writer {
+    match ending {
+        Ending::Node(node) => node.shutdown().await,
         // It ends once the shards, the last holders of the store, are gone.
-        let _ = log_writer.await;
+        Ending::Single(Some(log_writer)) => {
+            let _ = log_writer.await;
+        }
+        Ending::Single(None) => {}
     }
     tracing::info!("stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// What to wait for after the engine has stopped.
+enum Ending {
+    /// A single server's log writer, if it is durable.
+    Single(Option<oneshot::Receiver<()>>),
+    /// A cluster node: Raft, its peer port and its log writer.
+    Node(deadbolt_replication::Node),
 }
 
 /// Starts the engine: empty, or recovered from `storage` and journaling

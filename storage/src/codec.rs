@@ -305,7 +305,8 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn commands(&mut self) -> Result<Vec<Command>, CodecError> {
+    /// A batch of commands, as [`encode_commands`] wrote them.
+    pub fn commands(&mut self) -> Result<Vec<Command>, CodecError> {
         let count = self.usize()?;
         // Each command takes at least two bytes: a bound on a garbage count.
         let mut commands = Vec::with_capacity(count.min(self.0.len() / 2));

@@ -16,8 +16,10 @@ const HEADERS_MAX: usize = 64;
 /// What a connection asked for.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Route {
-    /// `GET /ws` with a valid WebSocket upgrade: the `Sec-WebSocket-Key`.
-    WebSocket { key: String },
+    /// `GET /ws` (or [`FORWARDED_PATH`]) with a valid WebSocket upgrade:
+    /// the `Sec-WebSocket-Key`, and whether another node forwards through
+    /// it.
+    WebSocket { key: String, forwarded: bool },
     /// `/ws` without a valid upgrade, answered with this status and reason.
     Refuse { status: u16, reason: &'static str },
     /// Any other path: for the [`HttpRoutes`](crate::routes::HttpRoutes).
@@ -89,10 +91,15 @@ fn has_token(value: Option<&str>, token: &str) -> bool {
     value.is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
+/// The path a cluster node's followers forward their clients' requests
+/// through: the protocol of `/ws`, never forwarded again.
+pub const FORWARDED_PATH: &str = "/ws/forwarded";
+
 fn route(request: &httparse::Request<'_, '_>) -> Route {
     let method = request.method.unwrap_or("");
     let plain = HttpRequest::new(method, request.path.unwrap_or(""));
-    if plain.path != "/ws" {
+    let forwarded = plain.path == FORWARDED_PATH;
+    if plain.path != "/ws" && !forwarded {
         return Route::Plain(plain);
     }
     if method != "GET" {
@@ -101,16 +108,17 @@ fn route(request: &httparse::Request<'_, '_>) -> Route {
             reason: "Method Not Allowed",
         };
     }
-    upgrade(request)
+    upgrade(request, forwarded)
 }
 
-fn upgrade(request: &httparse::Request<'_, '_>) -> Route {
+fn upgrade(request: &httparse::Request<'_, '_>, forwarded: bool) -> Route {
     let upgrade = has_token(header(request, "upgrade"), "websocket");
     let connection = has_token(header(request, "connection"), "upgrade");
     let version = header(request, "sec-websocket-version") == Some("13");
     match header(request, "sec-websocket-key") {
         Some(key) if upgrade && connection && version => Route::WebSocket {
             key: key.trim().to_owned(),
+            forwarded,
         },
         _ => Route::Refuse {
             status: 426,
@@ -174,7 +182,8 @@ mod tests {
         assert_eq!(
             head.route,
             Route::WebSocket {
-                key: "dGhlIHNhbXBsZSBub25jZQ==".into()
+                key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
+                forwarded: false,
             }
         );
         assert_eq!(head.rest, b"rest");

@@ -38,6 +38,7 @@ pub mod server;
 pub use client::{Dialer, TcpDialer, WsClientConfig, WsConnector};
 pub use config::WsConfig;
 pub use gauges::WsGauges;
+pub use http::FORWARDED_PATH;
 pub use listener::Listener;
 pub use routes::{HttpRequest, HttpResponse, HttpRoutes, NotFound};
 pub use server::serve;

@@ -116,9 +116,20 @@ async fn handle<S>(
     // Plain requests (`/healthz`) are answered whether or not a WebSocket
     // slot is free: a health check must not fail because clients are many.
     let response = match head.route {
-        Route::WebSocket { key } => match shared.permits.clone().try_acquire_owned() {
+        Route::WebSocket { key, forwarded } => match shared.permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                websocket(stream, &key, head.rest, peer, &shared, permit, stopped).await;
+                let frontend = if forwarded {
+                    Frontend::Forwarded
+                } else {
+                    Frontend::WebSocket
+                };
+                let upgrade = Upgrade {
+                    key: &key,
+                    rest: head.rest,
+                    peer,
+                    frontend,
+                };
+                websocket(stream, upgrade, &shared, permit, stopped).await;
                 return;
             }
             Err(_) => {
@@ -169,27 +180,40 @@ where
     }
 }
 
+/// A WebSocket upgrade being accepted.
+struct Upgrade<'a> {
+    key: &'a str,
+    /// Bytes read past the request head.
+    rest: Vec<u8>,
+    peer: SocketAddr,
+    frontend: Frontend,
+}
+
 /// Upgrades the connection and runs it as a WebSocket until it closes;
 /// `_permit` is its slot among the WebSocket connections until then.
 async fn websocket<S>(
     mut stream: S,
-    key: &str,
-    rest: Vec<u8>,
-    peer: SocketAddr,
+    upgrade: Upgrade<'_>,
     shared: &Shared,
     _permit: OwnedSemaphorePermit,
     stopped: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Upgrade {
+        key,
+        rest,
+        peer,
+        frontend,
+    } = upgrade;
     if http::accept_upgrade(&mut stream, key).await.is_err() {
         return;
     }
     let ws =
         WebSocketStream::from_partially_read(stream, rest, Role::Server, Some(ws_config(shared)))
             .await;
-    tracing::debug!(%peer, "websocket connected");
-    let session = shared.engine.session_on(Frontend::WebSocket);
+    tracing::debug!(%peer, ?frontend, "websocket connected");
+    let session = shared.engine.session_on(frontend);
     let (limits, config) = (shared.engine.limits(), &shared.config);
     connection::run(ws, session, limits, config, stopped).await;
     tracing::debug!(%peer, "websocket closed");

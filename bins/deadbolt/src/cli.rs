@@ -78,13 +78,15 @@ pub enum Command {
     Members(MembersArgs),
     /// Remove a distinct set now.
     TearDown(SetArgs),
+    /// Look at a replicated cluster.
+    Cluster(ClusterArgs),
 }
 
 /// `deadbolt serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address for WebSocket clients.
-    #[arg(long, default_value = "127.0.0.1:7420")]
+    #[arg(long, alias = "listen", default_value = "127.0.0.1:7420")]
     pub ws: SocketAddr,
     /// Address for QUIC clients, or `off`.
     #[arg(long, default_value = "127.0.0.1:7421")]
@@ -114,6 +116,17 @@ pub struct ServeArgs {
     /// rather than one per core.
     #[arg(long, default_value_t = deadbolt_core::engine::DEFAULT_SHARDS)]
     pub shards: usize,
+    /// This node's id in the cluster `--cluster` names.
+    #[arg(long, requires = "cluster")]
+    pub node_id: Option<u64>,
+    /// Run as one node of a replicated cluster of 3 or 5 (SPEC section 9):
+    /// every member's id and peer address, the same list on every node,
+    /// e.g. `1=10.0.0.1:7430,2=10.0.0.2:7430,3=10.0.0.3:7430`. This node
+    /// listens for its peers on its own entry's port; clients may use any
+    /// node (followers forward to the leader, on the WebSocket port of the
+    /// leader's peer host: give `--ws` an address peers can reach).
+    #[arg(long, requires = "node_id", value_parser = parse_cluster, conflicts_with = "in_memory")]
+    pub cluster: Option<ClusterMembers>,
     /// Most open WebSocket connections (plain HTTP requests such as
     /// /healthz take no slot).
     #[arg(long, default_value_t = 10_000)]
@@ -296,4 +309,61 @@ fn parse_fsync(value: &str) -> Result<Fsync, String> {
         return Err("every=0 would sync nothing; use `always`".into());
     }
     Ok(Fsync::Every(interval))
+}
+
+/// The members of a cluster: id → peer address (`host:port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMembers(pub std::collections::BTreeMap<u64, String>);
+
+/// Parses `--cluster`: `ID=HOST:PORT,…`, three or five distinct members.
+fn parse_cluster(value: &str) -> Result<ClusterMembers, String> {
+    let mut members = std::collections::BTreeMap::new();
+    for member in value.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let (id, addr) = member
+            .split_once('=')
+            .ok_or_else(|| format!("`{member}`: expected ID=HOST:PORT"))?;
+        let id: u64 = id
+            .parse()
+            .map_err(|_| format!("`{id}`: a node id is a number"))?;
+        let port = addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok());
+        if port.is_none() {
+            return Err(format!("`{addr}`: expected HOST:PORT"));
+        }
+        if members.insert(id, addr.to_owned()).is_some() {
+            return Err(format!("node {id} is listed twice"));
+        }
+    }
+    match members.len() {
+        3 | 5 => Ok(ClusterMembers(members)),
+        n => Err(format!(
+            "{n} members: a cluster has 3 or 5 (it survives the loss of 1 or 2)"
+        )),
+    }
+}
+
+/// `deadbolt cluster`.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// What to ask.
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+}
+
+/// The `deadbolt cluster` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Show the leader, the term, the commit index and each node's lag, as
+    /// the first node of `--server` that answers sees them.
+    Status,
+    /// Readmit node NODE_ID after it lost its data directory: its peers
+    /// refuse it until then (it could vote twice in a term). The leader
+    /// takes it out of the voters, sends it the state, and makes it a
+    /// voter again. Give every node's URL in `--server`: only the leader
+    /// does it.
+    Readmit {
+        /// The node's id.
+        node_id: u64,
+    },
 }

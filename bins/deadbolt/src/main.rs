@@ -12,6 +12,7 @@
 //! otherwise exits with its command's status.
 
 mod cli;
+mod cluster;
 mod commands;
 mod connect;
 mod serve;
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
             Command::SetUp(args) => commands::set_up(server, args).await,
             Command::Members(args) => commands::members(server, args).await,
             Command::TearDown(args) => commands::tear_down(server, args).await,
+            Command::Cluster(args) => cluster::run(server, args).await,
         }
     });
     // Background tasks (a connection's, a renewal's) must not hold the exit.

@@ -3,10 +3,11 @@
 
 use anyhow::Context;
 use deadbolt_core::{EngineConfig, Limits};
-use deadbolt_server::{Durable, Listeners, ServerConfig};
+use deadbolt_replication::{ClusterConfig, Timings};
+use deadbolt_server::{Durable, Listeners, Peering, ServerConfig};
 use deadbolt_storage::{StdDisk, StoreConfig};
 use deadbolt_transport_quic::{Identity, QuicConfig};
-use deadbolt_transport_ws::WsConfig;
+use deadbolt_transport_ws::{TcpDialer, WsConfig};
 use tokio::net::TcpListener;
 
 use std::io::{Read, Write};
@@ -14,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::cli::{QuicListen, ServeArgs};
+use crate::cli::{ClusterMembers, QuicListen, ServeArgs};
 
 /// Runs the server until a shutdown signal, then stops it gracefully.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -24,9 +25,65 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     let config = server_config(&args);
     let listeners = bind(&args, &config.quic).await?;
-    deadbolt_server::run(config, listeners, shutdown).await?;
+    let peering = match &args.cluster {
+        Some(members) => Some(peering(&args, members, &listeners).await?),
+        None => None,
+    };
+    deadbolt_server::run_node(config, listeners, peering, shutdown).await?;
     Ok(())
 }
+
+/// A cluster node's peer port (its own entry in `--cluster`) and its place
+/// in the cluster.
+async fn peering(
+    args: &ServeArgs,
+    members: &ClusterMembers,
+    listeners: &Listeners<TcpListener>,
+) -> anyhow::Result<Peering<TcpListener, TcpDialer>> {
+    let node = args.node_id.context("--cluster needs --node-id")?;
+    let own = members
+        .0
+        .get(&node)
+        .with_context(|| format!("--node-id {node} is not in --cluster"))?;
+    let listener = TcpListener::bind(own)
+        .await
+        .with_context(|| format!("cannot listen for peers on {own}"))?;
+    let (host, _) = own.rsplit_once(':').unwrap_or((own, ""));
+    let ws_port = listeners.ws.local_addr()?.port();
+    tracing::info!(node, peers = %own, "cluster node; members {:?}", members.0);
+    let cluster = ClusterConfig {
+        node,
+        members: members.0.clone(),
+        client_url: format!("ws://{host}:{ws_port}"),
+        dir: args.data_dir.clone(),
+        disk: Arc::new(StdDisk),
+        writer_thread: true,
+        timings: Timings::default(),
+        snapshot_every: SNAPSHOT_EVERY,
+        fresh_incarnation: random_incarnation(),
+    };
+    Ok(Peering {
+        cluster,
+        listener,
+        dialer: TcpDialer,
+    })
+}
+
+/// A random incarnation for a node whose Raft directory is new.
+fn random_incarnation() -> u64 {
+    let mut bytes = [0u8; 8];
+    if let Err(error) = getrandom::fill(&mut bytes) {
+        tracing::warn!(%error, "no OS randomness: the incarnation comes from the clock");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        return nanos as u64 ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// Raft entries between snapshots of a cluster node.
+const SNAPSHOT_EVERY: u64 = 20_000;
 
 /// Takes the data directory for this server alone (SPEC section 8: two
 /// servers never share one), creating it if needed: an exclusive lock on

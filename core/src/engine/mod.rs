@@ -17,6 +17,8 @@
 
 mod actor;
 mod mailbox;
+pub mod planted;
+pub mod replica;
 pub mod session;
 
 use std::hash::BuildHasher;
@@ -36,6 +38,7 @@ use crate::shard::{Command, Counters, Handle, Shard, ShardConfig, Snapshot};
 use crate::time::Tick;
 use actor::{ActorSetup, ShardMsg};
 use mailbox::Mailbox;
+use replica::{ActorReplica, Forwarding, ReplicaConfig, ReplicaHandle};
 pub use session::Session;
 
 /// Shards when the configuration names no number. Fixed rather than one per
@@ -246,10 +249,18 @@ pub enum Frontend {
     Quic,
     /// In-process (the local client transport, tests, benchmarks).
     Local,
+    /// Another node of the cluster, forwarding its clients' requests to
+    /// this one (the leader); never forwarded again.
+    Forwarded,
 }
 
 impl Frontend {
-    const ALL: [Frontend; 3] = [Frontend::WebSocket, Frontend::Quic, Frontend::Local];
+    const ALL: [Frontend; 4] = [
+        Frontend::WebSocket,
+        Frontend::Quic,
+        Frontend::Local,
+        Frontend::Forwarded,
+    ];
 
     /// Its name in `stats` and metrics.
     pub const fn name(self) -> &'static str {
@@ -257,6 +268,7 @@ impl Frontend {
             Frontend::WebSocket => "websocket",
             Frontend::Quic => "quic",
             Frontend::Local => "local",
+            Frontend::Forwarded => "forwarded",
         }
     }
 }
@@ -268,7 +280,7 @@ struct EngineInner {
     /// The next request handle; handles are unique engine-wide.
     next_handle: AtomicU64,
     /// Open sessions per frontend, indexed like [`Frontend::ALL`].
-    connections: [AtomicU64; 3],
+    connections: [AtomicU64; 4],
     limits: Limits,
     seed: u64,
     next_conn: AtomicU64,
@@ -281,6 +293,8 @@ struct EngineInner {
     /// The last top lists gathered; held while gathering, so that
     /// concurrent `stats` calls share one scan.
     top_lists: tokio::sync::Mutex<Option<TopLists>>,
+    /// In a replicated engine: the role, and the way to the leader.
+    forwarding: Option<Forwarding>,
 }
 
 /// How long top lists are reused. Gathering them scans every lock and set
@@ -317,9 +331,49 @@ impl Engine {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn start_with(config: EngineConfig, shards: Vec<Shard>) -> Engine {
+        Engine::spawn(config, shards, None)
+    }
+
+    /// Starts a replicated engine (SPEC section 9): `shards` as the last
+    /// snapshot left them, having applied commands up to `applied_through`.
+    /// It follows until the returned handle says it leads; the replication
+    /// layer delivers committed batches through the handle.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn start_replicated(
+        config: EngineConfig,
+        shards: Vec<Shard>,
+        replica: ReplicaConfig,
+        applied_through: Tick,
+    ) -> (Engine, ReplicaHandle) {
+        let (handle, inboxes) = ReplicaHandle::new(replica.node, shards.len(), applied_through);
+        let forwarding = Forwarding {
+            role: handle.watch_role(),
+            forwarder: replica.forwarder.clone(),
+        };
+        let actors = inboxes.into_iter().map(|inbox| ActorReplica {
+            consensus: replica.consensus.clone(),
+            inbox,
+        });
+        let engine = Engine::spawn(config, shards, Some((actors.collect(), forwarding)));
+        (engine, handle)
+    }
+
+    fn spawn(
+        config: EngineConfig,
+        shards: Vec<Shard>,
+        replicated: Option<(Vec<ActorReplica>, Forwarding)>,
+    ) -> Engine {
         let clock = Clock::starting_at(config.start_at);
         let mut mailboxes = Vec::with_capacity(shards.len());
         let mut tasks = Vec::with_capacity(shards.len());
+        let (mut replicas, forwarding) = match replicated {
+            Some((actors, forwarding)) => {
+                (actors.into_iter().map(Some).collect(), Some(forwarding))
+            }
+            None => (Vec::new(), None),
+        };
         for (shard_index, shard) in shards.into_iter().enumerate() {
             let (tx, rx) = mailbox::mailbox(config.limits.mailbox_len);
             mailboxes.push(tx);
@@ -329,6 +383,7 @@ impl Engine {
                 clock,
                 journal: config.journal.clone(),
                 invariant_alarm: config.invariant_alarm.clone(),
+                replica: replicas.get_mut(shard_index).and_then(Option::take),
             };
             tasks.push(tokio::spawn(actor::run(setup, rx)));
         }
@@ -345,8 +400,15 @@ impl Engine {
                 shut_down: tokio::sync::watch::Sender::new(false),
                 tasks: std::sync::Mutex::new(tasks),
                 top_lists: tokio::sync::Mutex::new(None),
+                forwarding,
             }),
         }
+    }
+
+    /// In a replicated engine whose node does not lead: how to reach the
+    /// leader.
+    fn forwarding(&self) -> Option<&Forwarding> {
+        self.inner.forwarding.as_ref().filter(|f| f.follows())
     }
 
     /// The bounds this engine enforces; transports decode with them.

@@ -7,7 +7,9 @@ use tokio::sync::oneshot;
 
 use super::actor::ShardMsg;
 use super::mailbox::Refused;
+use super::replica::Forwarding;
 use super::{Engine, Frontend};
+use crate::client::Connection;
 use crate::proto::{
     HelloReply, LockOp, Okay, Op, Outcome, Reply, Request, RequestId, SERVER_NAME, ServerError,
     Wait,
@@ -28,12 +30,14 @@ pub struct Session {
     inner: Arc<SessionInner>,
 }
 
-#[derive(Debug)]
 struct SessionInner {
     engine: Engine,
     frontend: Frontend,
     conn: ConnId,
     state: Mutex<SessionState>,
+    /// On a follower: the connection to the leader this session's requests
+    /// go through, and which node it leads to.
+    leader_link: tokio::sync::Mutex<Option<(u64, Arc<dyn Connection>)>>,
 }
 
 #[derive(Debug)]
@@ -67,6 +71,7 @@ impl Session {
                     waiting: HashMap::new(),
                     in_flight: HashSet::new(),
                 }),
+                leader_link: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -109,6 +114,13 @@ impl Session {
         let _in_flight = InFlight { session: self, id };
         let started = tokio::time::Instant::now();
         let op = request.op.kind().wire_name();
+        if let Some(forwarding) = self.forwards(&request.op) {
+            let outcome = self.forward(forwarding, request).await;
+            return Reply {
+                id: Some(id),
+                outcome,
+            };
+        }
         let outcome = match request.op {
             Op::Hello { client } => Ok(self.hello(client)),
             Op::Ping => Ok(Okay::EMPTY),
@@ -131,7 +143,61 @@ impl Session {
         }
     }
 
+    /// Whether `op` goes to the leader: on a follower, every op that reads
+    /// or changes the shards (and a `cancel` of one), unless the request
+    /// already came from another node (one hop only: two nodes that
+    /// disagree about the leader must not pass a request back and forth).
+    fn forwards(&self, op: &Op) -> Option<&Forwarding> {
+        let forwarding = self.inner.engine.forwarding()?;
+        if super::planted::active(super::planted::ReplicaBug::FollowerGrantsLocally) {
+            return None;
+        }
+        let shard_op = matches!(op, Op::Lock(_) | Op::Set(_) | Op::Cancel { .. });
+        (shard_op && self.inner.frontend != Frontend::Forwarded).then_some(forwarding)
+    }
+
+    /// Carries `request` out on the leader, through this session's link.
+    async fn forward(&self, forwarding: &Forwarding, request: Request) -> Outcome {
+        if self.inner.frontend == Frontend::Forwarded {
+            return Err(ServerError::unavailable("this node is not the leader"));
+        }
+        let link = self.leader_link(forwarding).await?;
+        match link.call(request).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                *self.inner.leader_link.lock().await = None;
+                Err(ServerError::unavailable(format!(
+                    "lost the connection to the leader: {error}"
+                )))
+            }
+        }
+    }
+
+    /// The link to the current leader, opened (as this session's client)
+    /// if there is none, it broke, or the leader changed.
+    async fn leader_link(
+        &self,
+        forwarding: &Forwarding,
+    ) -> Result<Arc<dyn Connection>, ServerError> {
+        let leader = forwarding.forwarder.leader();
+        let mut link = self.inner.leader_link.lock().await;
+        if let Some((node, connection)) = link.as_ref()
+            && Some(*node) == leader
+            && connection.is_open()
+        {
+            return Ok(Arc::clone(connection));
+        }
+        *link = None;
+        let (node, connection) = forwarding.forwarder.open(&self.client()).await?;
+        *link = Some((node, Arc::clone(&connection)));
+        Ok(connection)
+    }
+
     fn hello(&self, client: String) -> Okay {
+        // A link to the leader speaks for the old client id.
+        if let Ok(mut link) = self.inner.leader_link.try_lock() {
+            *link = None;
+        }
         self.state().client = Arc::from(client.as_str());
         Okay::Hello(HelloReply {
             client,
@@ -230,6 +296,15 @@ impl Drop for CancelOnDrop<'_> {
             let mailbox = self.session.inner.engine.mailbox(shard);
             mailbox.notify(ShardMsg::Gone { handle, key });
         }
+    }
+}
+
+impl std::fmt::Debug for SessionInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionInner")
+            .field("frontend", &self.frontend)
+            .field("conn", &self.conn)
+            .finish_non_exhaustive()
     }
 }
 

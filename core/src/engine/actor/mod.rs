@@ -15,7 +15,10 @@ use hashbrown::HashMap;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+mod replicated;
+
 use super::mailbox::Inbox;
+use super::replica::ActorReplica;
 use super::{Append, Clock, InvariantAlarm, Journal};
 use crate::proto::ServerError;
 use crate::proto::{Okay, Outcome};
@@ -63,12 +66,18 @@ pub(crate) struct ActorSetup {
     pub clock: Clock,
     pub journal: Option<Arc<dyn Journal>>,
     pub invariant_alarm: Option<InvariantAlarm>,
+    /// In a replicated engine: this node's consensus log and the shard's
+    /// inbox from the replication layer.
+    pub replica: Option<ActorReplica>,
 }
 
 /// A request waiting for its answer: where the answer goes, and for a
 /// `lock`, its key, so that an undeliverable grant can be undone.
-struct Pending {
-    reply: oneshot::Sender<Outcome>,
+pub(super) struct Pending {
+    /// Taken when the request was answered before its batch was applied
+    /// (a replicated shard gave up waiting for a commit): a grant to it is
+    /// then undeliverable.
+    reply: Option<oneshot::Sender<Outcome>>,
     lock_key: Option<String>,
 }
 
@@ -118,6 +127,8 @@ struct Actor {
     /// Every batch up to this number has been applied or refused.
     settled: u64,
     answers: Vec<Answer>,
+    /// In a replicated engine: leading or not, and the proposals.
+    replication: Option<replicated::Replication>,
 }
 
 /// How long a shard whose journal refused a batch waits before it tries
@@ -145,8 +156,11 @@ pub(crate) async fn run(setup: ActorSetup, mailbox: Inbox) {
         stamped_through: Tick::ZERO,
         settled: 0,
         answers: Vec::new(),
+        replication: None,
     };
-    if actor.journal.is_none() {
+    if let Some(replica) = setup.replica {
+        actor.run_replicated(mailbox, replica).await;
+    } else if actor.journal.is_none() {
         actor.run_in_memory(mailbox).await;
     } else {
         actor.run_journaled(mailbox, attention).await;
@@ -294,7 +308,7 @@ impl Actor {
             // answers go out at once rather than behind the whole batch (a
             // hand-off to the next waiter is not delayed by the requests
             // queued after the unlock).
-            if self.journal.is_none() {
+            if !self.logs_first() {
                 self.release_unjournaled();
             }
             let Some(message) = mailbox.try_recv() else {
@@ -308,6 +322,9 @@ impl Actor {
     /// Turns one message into a command (or answers it, if it only reads
     /// counters); `false` means stop.
     fn receive(&mut self, at: Tick, message: ShardMsg) -> bool {
+        if self.follows() {
+            return self.receive_following(message);
+        }
         let input = match message {
             ShardMsg::Op {
                 handle,
@@ -319,6 +336,7 @@ impl Actor {
                     ShardOp::Lock(crate::proto::LockOp::Acquire(a)) => Some(a.key.clone()),
                     _ => None,
                 };
+                let reply = Some(reply);
                 self.pending.insert(handle, Pending { reply, lock_key });
                 Input::Op { handle, caller, op }
             }
@@ -343,12 +361,18 @@ impl Actor {
     /// Orders a command: applied at once without a journal, kept for the
     /// next append with one.
     fn stamp(&mut self, command: Command) {
-        if self.journal.is_some() {
+        if self.logs_first() {
             self.stamped_through = self.stamped_through.max(command.at);
             self.batch.push(command);
         } else {
             self.shard.apply(command);
         }
+    }
+
+    /// Whether commands wait to be kept (journal) or committed (replica)
+    /// before they are applied.
+    fn logs_first(&self) -> bool {
+        self.journal.is_some() || self.replication.is_some()
     }
 
     /// After each turn: without a journal, releases the answers; with one,
@@ -481,9 +505,9 @@ impl Actor {
         for command in batch {
             match command.input {
                 Input::Op { handle, .. } => {
-                    if let Some(pending) = self.pending.remove(&handle) {
+                    if let Some(reply) = self.pending.remove(&handle).and_then(|p| p.reply) {
                         // Nobody changed anything for a requester who left.
-                        let _ = pending.reply.send(Err(error.clone()));
+                        let _ = reply.send(Err(error.clone()));
                     }
                 }
                 Input::Tick => {}
@@ -518,11 +542,16 @@ impl Actor {
         let mut gone = Vec::new();
         for Answer { handle, outcome } in self.answers.drain(..) {
             let Some(pending) = self.pending.remove(&handle) else {
-                debug_assert!(false, "answer to unknown handle {handle:?}");
+                // A replicated shard forgets its requests when it stops
+                // leading; the batches it proposed may still commit.
+                debug_assert!(self.replication.is_some(), "answer to unknown {handle:?}");
                 continue;
             };
             let granted = matches!(outcome, Ok(Okay::Granted(_)));
-            if pending.reply.send(outcome).is_err()
+            let delivered = pending
+                .reply
+                .is_some_and(|reply| reply.send(outcome).is_ok());
+            if !delivered
                 && granted
                 && let Some(key) = pending.lock_key
             {

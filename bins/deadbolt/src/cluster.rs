@@ -1,0 +1,82 @@
+//! `deadbolt cluster status` (a node's view of its cluster, from its
+//! WebSocket port's `GET /cluster`) and `deadbolt cluster readmit N`
+//! (`POST /cluster/readmit/N` on the leader).
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::cli::{ClusterArgs, ClusterCommand, ServerArgs};
+
+/// Most bytes of a `/cluster` answer read.
+const ANSWER_BYTES_MAX: u64 = 1 << 20;
+
+/// Runs a `deadbolt cluster` subcommand.
+pub async fn run(server: &ServerArgs, args: ClusterArgs) -> anyhow::Result<u8> {
+    match args.command {
+        ClusterCommand::Status => status(server).await,
+        ClusterCommand::Readmit { node_id } => readmit(server, node_id).await,
+    }
+}
+
+/// Asks each node of `--server` in turn; the leader does it.
+async fn readmit(server: &ServerArgs, node: u64) -> anyhow::Result<u8> {
+    let mut failures = Vec::new();
+    for url in server.server.split(',').map(str::trim) {
+        let path = format!("/cluster/readmit/{node}");
+        match http(url, "POST", &path).await {
+            Ok(body) => {
+                println!("{}", body.trim_end());
+                return Ok(0);
+            }
+            Err(error) => failures.push(format!("{url}: {error:#}")),
+        }
+    }
+    bail!("no node readmitted {node}: {}", failures.join("; "))
+}
+
+/// Prints the status from the first server URL that answers.
+async fn status(server: &ServerArgs) -> anyhow::Result<u8> {
+    let mut failures = Vec::new();
+    for url in server.server.split(',').map(str::trim) {
+        match http(url, "GET", "/cluster").await {
+            Ok(json) => {
+                println!("{}", json.trim_end());
+                return Ok(0);
+            }
+            Err(error) => failures.push(format!("{url}: {error:#}")),
+        }
+    }
+    bail!("no node answered: {}", failures.join("; "))
+}
+
+/// `METHOD PATH` on the WebSocket port of `url` (`ws://HOST:PORT/...`): the
+/// body of a `200`, or an error with the status and the body.
+async fn http(url: &str, method: &str, path: &str) -> anyhow::Result<String> {
+    let authority = url
+        .strip_prefix("ws://")
+        .context("cluster status needs a ws:// URL (the node's WebSocket port)")?
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let mut stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("cannot connect to {authority}"))?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream
+        .take(ANSWER_BYTES_MAX)
+        .read_to_end(&mut answer)
+        .await?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .context("a malformed answer")?;
+    let status_line = head.lines().next().unwrap_or_default();
+    if !status_line.contains(" 200 ") {
+        bail!("{status_line}: {}", body.trim());
+    }
+    Ok(body.to_owned())
+}

@@ -1,0 +1,411 @@
+//! A replicated cluster loses nothing when its leader dies (SPEC section
+//! 9), tried on the real binary: three `deadbolt serve --cluster`
+//! processes, workers taking locks and inserting results through the two
+//! followers (which forward to the leader), and the leader killed with
+//! SIGKILL under that load. Afterwards: every acknowledged insert is in the
+//! set, no two workers ever held a key at once (by the times they held it),
+//! every key's tokens rose in the order they were granted, and the test
+//! prints how long the cluster took from the kill to its first new grant.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadbolt_core::client::{Client, ClientOptions, Error};
+use deadbolt_core::proto::ErrorCode;
+use deadbolt_transport_ws::WsConnector;
+use tokio::time::Instant;
+
+mod support;
+use support::read_urls;
+
+const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
+const LOCK_WORKERS: usize = 4;
+const INSERT_WORKERS: usize = 2;
+const KEYS: usize = 2;
+const SET: &str = "results";
+const HOLD: Duration = Duration::from_millis(15);
+const TTL: Duration = Duration::from_secs(10);
+
+/// One node: its process and its WebSocket URL.
+struct Node {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // A failing test must not leave its servers behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// Three members on free peer ports: the `--cluster` value.
+fn members() -> String {
+    let members: Vec<String> = (1..=3)
+        .map(|id| format!("{id}=127.0.0.1:{}", free_port()))
+        .collect();
+    members.join(",")
+}
+
+/// Node `id` of `cluster`, its data in `dir`/node`id`.
+fn start_node(dir: &std::path::Path, cluster: &str, id: usize) -> Node {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--ws", "127.0.0.1:0", "--quic", "off"])
+        .args(["--node-id", &id.to_string(), "--cluster", cluster])
+        .arg("--data-dir")
+        .arg(dir.join(format!("node{id}")))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let (url, _) = read_urls(&mut child);
+    Node { child, url }
+}
+
+fn start_cluster(dir: &std::path::Path) -> Vec<Node> {
+    let cluster = members();
+    (1..=3).map(|id| start_node(dir, &cluster, id)).collect()
+}
+
+/// `METHOD PATH` on the WebSocket port of the node at `url`: the status
+/// line and the body.
+fn http(url: &str, method: &str, path: &str) -> Option<(String, String)> {
+    let authority = url.strip_prefix("ws://")?.split('/').next()?;
+    let mut stream = TcpStream::connect(authority).ok()?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
+}
+
+/// `GET /cluster` on the node at `url`, as JSON.
+fn status(url: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&http(url, "GET", "/cluster")?.1).ok()
+}
+
+/// Waits until the nodes agree on a leader; its index among `nodes`.
+fn wait_for_leader(nodes: &[Node], except: Option<usize>) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        for (index, node) in nodes.iter().enumerate() {
+            if Some(index) == except {
+                continue;
+            }
+            let leads = status(&node.url).is_some_and(|s| s["state"] == "leader");
+            if leads {
+                return index;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no leader within 30 s");
+}
+
+async fn connect(url: &str, client_id: &str) -> Client {
+    let options = ClientOptions {
+        client_id: Some(client_id.to_owned()),
+        retry_for: Duration::from_secs(20),
+        ..ClientOptions::default()
+    };
+    let connector = WsConnector::new(url).expect("url");
+    Client::connect(connector, options).await.expect("connect")
+}
+
+/// Whether `error` says "not now, retry" (no leader, a forwarded request
+/// cut off by the leader's death).
+fn retryable(error: &Error) -> bool {
+    matches!(error, Error::Transport(_))
+        || matches!(
+            error.code(),
+            Some(ErrorCode::Unavailable | ErrorCode::Overloaded)
+        )
+}
+
+/// What the workers heard.
+#[derive(Default)]
+struct Heard {
+    /// Key → (granted at, released at, token), per grant.
+    holds: BTreeMap<String, Vec<(Instant, Instant, u64)>>,
+    /// Results the server acknowledged.
+    inserted: HashSet<String>,
+    /// The first grant after the kill.
+    first_grant_after_kill: Option<Instant>,
+}
+
+struct Run {
+    heard: Mutex<Heard>,
+    killed_at: Mutex<Option<Instant>>,
+    stop_at: Mutex<Option<Instant>>,
+}
+
+impl Run {
+    fn stopped(&self) -> bool {
+        let stop = *self.stop_at.lock().expect("lock");
+        stop.is_some_and(|at| Instant::now() >= at)
+    }
+}
+
+async fn lock_worker(url: String, worker: usize, run: Arc<Run>) {
+    let client = connect(&url, &format!("locker-{worker}")).await;
+    let mut round = 0usize;
+    while !run.stopped() {
+        round += 1;
+        let key = format!("key-{}", (worker + round) % KEYS);
+        let guard = match client.lock(&key, TTL).await {
+            Ok(guard) => guard,
+            Err(error) if retryable(&error) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(error) => panic!("worker {worker}: lock {key}: {error}"),
+        };
+        let granted = Instant::now();
+        tokio::time::sleep(HOLD).await;
+        let released = Instant::now();
+        let token = guard.token();
+        {
+            let mut heard = run.heard.lock().expect("lock");
+            heard
+                .holds
+                .entry(key.clone())
+                .or_default()
+                .push((granted, released, token));
+            let killed = *run.killed_at.lock().expect("lock");
+            if killed.is_some_and(|k| granted > k) && heard.first_grant_after_kill.is_none() {
+                heard.first_grant_after_kill = Some(granted);
+            }
+        }
+        if guard.unlock().await.is_err() {
+            unlock(&client, &key, token, &run).await;
+        }
+    }
+}
+
+/// Releases a grant, retrying while the cluster has no leader. A release
+/// whose reply was lost and that answers `not_held` on retry is done.
+async fn unlock(client: &Client, key: &str, token: u64, run: &Run) {
+    loop {
+        match client.unlock(key, token).await {
+            Ok(_) => return,
+            Err(error) if error.code() == Some(ErrorCode::NotHeld) => return,
+            Err(error) if retryable(&error) && !run.stopped() => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Left to its lease: the test ends.
+            Err(_) => return,
+        }
+    }
+}
+
+async fn insert_worker(url: String, worker: usize, run: Arc<Run>) {
+    let client = connect(&url, &format!("inserter-{worker}")).await;
+    let set = client.set(SET);
+    let mut n = 0usize;
+    while !run.stopped() {
+        let result = format!("w{worker}-r{n}");
+        match set.insert(&result).await {
+            Ok(_) => {
+                run.heard.lock().expect("lock").inserted.insert(result);
+                n += 1;
+            }
+            Err(error) if retryable(&error) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("inserter {worker}: {error}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_load_loses_no_acknowledged_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes = start_cluster(dir.path());
+    let leader = tokio::task::block_in_place(|| wait_for_leader(&nodes, None));
+    let followers: Vec<String> = (0..3)
+        .filter(|&i| i != leader)
+        .map(|i| nodes[i].url.clone())
+        .collect();
+    {
+        let client = connect(&followers[0], "setup").await;
+        client
+            .set(SET)
+            .set_up(Duration::from_secs(3600))
+            .await
+            .expect("set up");
+    }
+    let run = Arc::new(Run {
+        heard: Mutex::new(Heard::default()),
+        killed_at: Mutex::new(None),
+        stop_at: Mutex::new(None),
+    });
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..LOCK_WORKERS {
+        let url = followers[worker % 2].clone();
+        workers.spawn(lock_worker(url, worker, Arc::clone(&run)));
+    }
+    for worker in 0..INSERT_WORKERS {
+        let url = followers[worker % 2].clone();
+        workers.spawn(insert_worker(url, worker, Arc::clone(&run)));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nodes[leader].child.kill().expect("SIGKILL the leader");
+    let killed = Instant::now();
+    *run.killed_at.lock().expect("lock") = Some(killed);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    *run.stop_at.lock().expect("lock") = Some(Instant::now());
+    while let Some(ended) = workers.join_next().await {
+        ended.expect("worker");
+    }
+    let new_leader = tokio::task::block_in_place(|| wait_for_leader(&nodes, Some(leader)));
+    assert_ne!(new_leader, leader);
+
+    let heard = std::mem::take(&mut *run.heard.lock().expect("lock"));
+    let first = heard
+        .first_grant_after_kill
+        .expect("a grant after the leader was killed");
+    eprintln!(
+        "leader killed → first grant by the new leader: {} ms",
+        (first - killed).as_millis()
+    );
+    check_holds(&heard.holds);
+    assert!(
+        heard.inserted.len() > 20,
+        "only {} inserts",
+        heard.inserted.len()
+    );
+    check_inserts(&followers[0], &heard.inserted).await;
+    drop(nodes.remove(leader));
+}
+
+/// No two grants of a key overlap, and tokens rise in grant order.
+fn check_holds(holds: &BTreeMap<String, Vec<(Instant, Instant, u64)>>) {
+    let mut total = 0;
+    for (key, grants) in holds {
+        let mut grants = grants.clone();
+        grants.sort();
+        total += grants.len();
+        for pair in grants.windows(2) {
+            let ((_, released, token), (granted, _, next)) = (pair[0], pair[1]);
+            assert!(
+                granted >= released,
+                "{key}: token {next} granted while token {token} was still held"
+            );
+            assert!(next > token, "{key}: token {next} after {token}");
+        }
+    }
+    assert!(total > 20, "only {total} grants: the workers did not work");
+}
+
+/// Every acknowledged insert is a member.
+async fn check_inserts(url: &str, inserted: &HashSet<String>) {
+    use futures_util::TryStreamExt;
+    let client = connect(url, "checker").await;
+    let members: Vec<_> = client
+        .set(SET)
+        .members()
+        .try_collect()
+        .await
+        .expect("members");
+    let present: HashSet<String> = members.into_iter().map(|m| m.key).collect();
+    let lost: Vec<_> = inserted.difference(&present).collect();
+    assert!(lost.is_empty(), "acknowledged inserts lost: {lost:?}");
+}
+
+/// Inserts `results` through the node at `url`, retrying while there is no
+/// leader (for 30 s at most).
+async fn insert_all(url: &str, results: &[String]) {
+    let client = connect(url, "disk-loss").await;
+    let set = client.set(SET);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for result in results {
+        loop {
+            assert!(Instant::now() < deadline, "no quorum for 30 s");
+            match set.insert(result).await {
+                Ok(_) => break,
+                Err(error) if retryable(&error) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("insert {result}: {error}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_is_refused_until_readmitted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = members();
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| start_node(dir.path(), &cluster, id))
+        .collect();
+    let leader = tokio::task::block_in_place(|| wait_for_leader(&nodes, None));
+    let lost = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let leader_url = nodes[leader].url.clone();
+    let before: Vec<String> = (0..50).map(|i| format!("before-{i}")).collect();
+    {
+        let client = connect(&leader_url, "setup").await;
+        client
+            .set(SET)
+            .set_up(Duration::from_secs(3600))
+            .await
+            .expect("set up");
+    }
+    insert_all(&leader_url, &before).await;
+
+    // The node loses its data directory and comes back empty.
+    nodes[lost].child.kill().expect("kill");
+    let _ = nodes[lost].child.wait();
+    std::fs::remove_dir_all(dir.path().join(format!("node{}", lost + 1))).expect("wipe");
+    nodes[lost] = start_node(dir.path(), &cluster, lost + 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused = status(&nodes[lost].url).expect("status of the wiped node");
+    assert_eq!(
+        refused["leader"],
+        serde_json::Value::Null,
+        "refused by its peers: {refused}"
+    );
+
+    // Readmitted through the leader (a follower says who leads).
+    let (line, body) = http(
+        &nodes[other].url,
+        "POST",
+        &format!("/cluster/readmit/{}", lost + 1),
+    )
+    .expect("ask a follower");
+    assert!(
+        line.contains(" 421 "),
+        "a follower refers to the leader: {line} {body}"
+    );
+    let (line, body) = tokio::task::block_in_place(|| {
+        http(
+            &leader_url,
+            "POST",
+            &format!("/cluster/readmit/{}", lost + 1),
+        )
+    })
+    .expect("ask the leader");
+    assert!(line.contains(" 200 "), "readmitted: {line} {body}");
+
+    // Now the readmitted node and the leader are a majority without the
+    // third: everything acknowledged before is there, and more goes in.
+    nodes[other].child.kill().expect("kill the third node");
+    let after: Vec<String> = (0..20).map(|i| format!("after-{i}")).collect();
+    insert_all(&nodes[lost].url, &after).await;
+    let acknowledged: HashSet<String> = before.into_iter().chain(after).collect();
+    check_inserts(&nodes[lost].url, &acknowledged).await;
+}

@@ -1,0 +1,97 @@
+//! Bugs the simulation plants in a replicated engine to prove its checker
+//! catches them (compiled in only with the `planted-bugs` feature; without
+//! it [`plant`] refuses and nothing changes). A bug is planted on the
+//! current thread, where the simulation runs every node.
+
+/// A replication bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ReplicaBug {
+    /// A follower carries out its clients' requests on its own state
+    /// instead of forwarding them to the leader.
+    FollowerGrantsLocally,
+    /// A leader applies and answers a batch as soon as it proposes it,
+    /// before a majority has it.
+    AckBeforeCommit,
+}
+
+impl ReplicaBug {
+    /// Every replication bug.
+    pub const ALL: [ReplicaBug; 2] = [
+        ReplicaBug::FollowerGrantsLocally,
+        ReplicaBug::AckBeforeCommit,
+    ];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicaBug::FollowerGrantsLocally => "follower-grants-locally",
+            ReplicaBug::AckBeforeCommit => "ack-before-commit",
+        }
+    }
+}
+
+/// Whether the bugs are compiled in.
+pub const COMPILED_IN: bool = cfg!(feature = "planted-bugs");
+
+/// Keeps a bug planted until dropped (then the previous one is back).
+#[derive(Debug)]
+#[must_use = "the bug is planted only while the guard lives"]
+pub struct Planted {
+    previous: Option<ReplicaBug>,
+}
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        set(self.previous);
+    }
+}
+
+/// Plants `bug` on this thread; `None` (nothing planted) if a bug is asked
+/// for without the feature.
+pub fn plant(bug: Option<ReplicaBug>) -> Option<Planted> {
+    if bug.is_some() && !COMPILED_IN {
+        return None;
+    }
+    let previous = current();
+    set(bug);
+    Some(Planted { previous })
+}
+
+#[cfg(feature = "planted-bugs")]
+thread_local! {
+    static PLANTED: std::cell::Cell<Option<ReplicaBug>> = const { std::cell::Cell::new(None) };
+}
+
+#[cfg(feature = "planted-bugs")]
+fn set(bug: Option<ReplicaBug>) {
+    PLANTED.with(|planted| planted.set(bug));
+}
+
+#[cfg(feature = "planted-bugs")]
+fn current() -> Option<ReplicaBug> {
+    PLANTED.with(std::cell::Cell::get)
+}
+
+#[cfg(not(feature = "planted-bugs"))]
+fn set(_: Option<ReplicaBug>) {}
+
+#[cfg(not(feature = "planted-bugs"))]
+fn current() -> Option<ReplicaBug> {
+    None
+}
+
+/// Whether `bug` is planted on this thread: always false without the
+/// feature.
+#[cfg(feature = "planted-bugs")]
+#[inline]
+pub(crate) fn active(bug: ReplicaBug) -> bool {
+    current() == Some(bug)
+}
+
+/// Whether `bug` is planted on this thread: always false without the
+/// feature.
+#[cfg(not(feature = "planted-bugs"))]
+#[inline(always)]
+pub(crate) const fn active(_: ReplicaBug) -> bool {
+    false
+}

@@ -1,0 +1,508 @@
+//! One node of the cluster: its durable log and snapshot, its engine as a
+//! replica, openraft, the peer port, and the watcher that tells the engine
+//! when it leads.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use deadbolt_core::engine::replica::{Consensus, Proposal, Proposed, ReplicaConfig, ReplicaHandle};
+use deadbolt_core::proto::ServerError;
+use deadbolt_core::shard::Shard;
+use deadbolt_core::time::Tick;
+use deadbolt_core::{Engine, EngineConfig};
+use deadbolt_storage::Disk;
+use deadbolt_transport_ws::{Dialer, Listener};
+use futures_util::FutureExt;
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
+use tokio::sync::{oneshot, watch};
+
+use crate::forward::LeaderForwarder;
+use crate::identity::Identities;
+use crate::log_store::{LogStore, LogWriter, OpenError};
+use crate::network::{Directory, Hello, Peers, serve_peers};
+use crate::state_machine::{StateMachine, load_snapshot};
+use crate::status::ClusterStatus;
+use crate::types::{Batch, NodeId, Raft};
+
+/// Raft's timers.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    /// How often the leader sends heartbeats.
+    pub heartbeat: Duration,
+    /// A follower that hears nothing for a random time between these two
+    /// starts an election.
+    pub election_min: Duration,
+    /// See `election_min`.
+    pub election_max: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        // A follower notices a dead leader within 250-500 ms: five to ten
+        // missed heartbeats, which a busy two-core machine does not miss
+        // by accident.
+        Timings {
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(250),
+            election_max: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Timings {
+    /// Fixed, distinct election timeouts per node for the simulation:
+    /// openraft draws its random timeouts from the thread's generator,
+    /// which a simulation cannot seed; distinct fixed ones still keep two
+    /// nodes from splitting the vote forever.
+    pub fn fixed_for(node: NodeId) -> Timings {
+        let min = Duration::from_millis(250 + 75 * (node % 8));
+        Timings {
+            election_min: min,
+            election_max: min + Duration::from_millis(1),
+            ..Timings::default()
+        }
+    }
+}
+
+/// How to run one node.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// This node's id.
+    pub node: NodeId,
+    /// Every member's id and peer address (`host:port`), this one's too.
+    pub members: BTreeMap<NodeId, String>,
+    /// The base URL of this node's WebSocket port (`ws://host:port`), for
+    /// followers to forward to.
+    pub client_url: String,
+    /// The node's data directory (the log and snapshot go to `raft/` in
+    /// it).
+    pub dir: PathBuf,
+    /// The disk: the real one, or the simulation's.
+    pub disk: Arc<dyn Disk>,
+    /// Whether the log writer gets a thread of its own (a real server) or
+    /// is a task (the simulation).
+    pub writer_thread: bool,
+    /// Raft's timers.
+    pub timings: Timings,
+    /// Entries between snapshots.
+    pub snapshot_every: u64,
+    /// The incarnation this node takes if its Raft directory is new
+    /// (random in a real server; drawn from the seed in the simulation).
+    pub fresh_incarnation: u64,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("node", &self.node)
+            .field("members", &self.members)
+            .field("client_url", &self.client_url)
+            .field("dir", &self.dir)
+            .field("timings", &self.timings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The Raft log cannot be opened.
+    #[error(transparent)]
+    Log(#[from] OpenError),
+    /// The snapshot cannot be read.
+    #[error("raft snapshot: {0}")]
+    Snapshot(String),
+    /// The configuration is wrong.
+    #[error("cluster configuration: {0}")]
+    Config(String),
+    /// openraft refused to start.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A running node.
+pub struct Node {
+    /// The engine the frontends serve.
+    pub engine: Engine,
+    /// openraft's handle.
+    pub raft: Raft,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    log_writer: oneshot::Receiver<()>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").finish_non_exhaustive()
+    }
+}
+
+/// Leading shards propose through openraft.
+struct RaftConsensus {
+    raft: Arc<OnceLock<Raft>>,
+}
+
+impl Consensus for RaftConsensus {
+    fn propose(&self, proposal: Proposal) -> Proposed {
+        let Some(raft) = self.raft.get() else {
+            return Box::pin(async { Err(ServerError::unavailable("raft is starting")) });
+        };
+        // Handed to openraft now, not when the returned future is first
+        // polled: a shard's proposals must reach the log in the order it
+        // made them, and the shard may not poll for a while.
+        let submitted = raft.client_write_ff(Batch::of(&proposal)).now_or_never();
+        Box::pin(async move {
+            let answer = match submitted {
+                Some(Ok(answer)) => answer,
+                Some(Err(fatal)) => return Err(ServerError::unavailable(fatal.to_string())),
+                None => return Err(ServerError::unavailable("raft did not take the write")),
+            };
+            match answer.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(ServerError::unavailable(
+                    "this node stopped leading before the write committed",
+                )),
+                Ok(Err(error)) => Err(ServerError::unavailable(error.to_string())),
+                Err(_) => Err(ServerError::unavailable("raft stopped")),
+            }
+        })
+    }
+}
+
+/// Starts node `cluster.node` with `engine`'s shards and limits, serving
+/// peers on `peers` and dialing them (and the leader, to forward) with
+/// `dialer`.
+pub async fn start<L: Listener, D: Dialer + Clone>(
+    cluster: ClusterConfig,
+    mut engine: EngineConfig,
+    peers: L,
+    dialer: D,
+) -> Result<Node, StartError> {
+    // Every node's shards must start alike, or they would apply the same
+    // log to different states: tokens start from 1 (they rise with the
+    // replicated state, so they need no clock to stay above a restart's).
+    engine.first_token = 1;
+    if !cluster.members.contains_key(&cluster.node) {
+        let why = format!("node {} is not among the members", cluster.node);
+        return Err(StartError::Config(why));
+    }
+    let dir = cluster.dir.join("raft");
+    let (store, writer, opened) = LogStore::open(Arc::clone(&cluster.disk), &dir)?;
+    if let Some((path, offset)) = &opened.torn_tail {
+        tracing::warn!(
+            "the raft log ended in a torn record: cut at byte {offset} of {}",
+            path.display()
+        );
+    }
+    let raft_cell: Arc<OnceLock<Raft>> = Arc::new(OnceLock::new());
+    let voter = {
+        let raft = Arc::clone(&raft_cell);
+        // Until Raft runs, every member counts as a voter: refuse strangers.
+        Box::new(move |node| raft.get().is_none_or(|raft| votes(raft, node)))
+    };
+    let identities = Identities::open(
+        Arc::clone(&cluster.disk),
+        &dir,
+        cluster.fresh_incarnation,
+        voter,
+    )
+    .map_err(OpenError::Io)?;
+    let identities = Arc::new(identities);
+    let log_writer = spawn_log_writer(writer, cluster.writer_thread);
+    let loaded = load_snapshot(cluster.disk.as_ref(), &dir).map_err(StartError::Snapshot)?;
+    let shard_config = engine.shard_config();
+    let (shards, through, loaded) = restored_shards(loaded, &engine)?;
+    let directory: Directory = Arc::new(Mutex::new(HashMap::new()));
+    directory
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(cluster.node, cluster.client_url.clone());
+    let replica = ReplicaConfig {
+        node: cluster.node,
+        consensus: Arc::new(RaftConsensus {
+            raft: Arc::clone(&raft_cell),
+        }),
+        forwarder: Arc::new(LeaderForwarder {
+            raft: Arc::clone(&raft_cell),
+            directory: Arc::clone(&directory),
+            dialer: dialer.clone(),
+        }),
+    };
+    let shard_count = shards.len();
+    let (engine, handle) = Engine::start_replicated(engine, shards, replica, through);
+    let machine = StateMachine::new(
+        handle.clone(),
+        shard_config,
+        shard_count,
+        Arc::clone(&cluster.disk),
+        dir,
+        loaded.as_ref().map(|(file, bytes)| (file, bytes.clone())),
+    );
+    let hello = Hello {
+        from: cluster.node,
+        incarnation: identities.own(),
+        client_url: cluster.client_url.clone(),
+    };
+    let network = Peers::new(Arc::new(dialer), hello, Arc::clone(&identities));
+    let config = raft_config(&cluster)?;
+    let raft = Raft::new(cluster.node, config, network, store, machine)
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+    let _ = raft_cell.set(raft.clone());
+    initialize(&raft, &cluster).await?;
+    let (stop, stopped) = watch::channel(false);
+    let tasks = vec![
+        tokio::spawn(watch_role(raft.clone(), handle, cluster.node)),
+        tokio::spawn(serve_peers(
+            peers,
+            raft.clone(),
+            directory,
+            identities,
+            stopped,
+        )),
+    ];
+    Ok(Node {
+        engine,
+        raft,
+        stop,
+        tasks,
+        log_writer,
+    })
+}
+
+type Loaded = Option<(crate::state_machine::SnapshotFile, Vec<u8>)>;
+
+/// The shards the snapshot holds (or fresh ones), the time it ends at, and
+/// the snapshot with its bytes.
+fn restored_shards(
+    loaded: Option<crate::state_machine::SnapshotFile>,
+    engine: &EngineConfig,
+) -> Result<(Vec<Shard>, Tick, Loaded), StartError> {
+    let shard_config = engine.shard_config();
+    let Some(file) = loaded else {
+        let fresh = (0..engine.shards.max(1))
+            .map(|_| Shard::new(shard_config))
+            .collect();
+        return Ok((fresh, Tick::ZERO, None));
+    };
+    let bytes = file.encode().map_err(StartError::Snapshot)?;
+    let through = file.applied_through;
+    let meta = file.meta.clone();
+    let images = file.images.clone();
+    let shards = crate::state_machine::SnapshotFile {
+        meta: meta.clone(),
+        applied_through: through,
+        images,
+    }
+    .shards(shard_config)
+    .map_err(StartError::Snapshot)?;
+    if shards.len() != engine.shards.max(1) {
+        let why = format!(
+            "the snapshot has {} shards, the configuration says {}",
+            shards.len(),
+            engine.shards
+        );
+        return Err(StartError::Config(why));
+    }
+    Ok((shards, through, Some((file, bytes))))
+}
+
+fn raft_config(cluster: &ClusterConfig) -> Result<Arc<Config>, StartError> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let config = Config {
+        cluster_name: "deadbolt".into(),
+        heartbeat_interval: ms(cluster.timings.heartbeat),
+        election_timeout_min: ms(cluster.timings.election_min),
+        election_timeout_max: ms(cluster.timings.election_max),
+        install_snapshot_timeout: 10_000,
+        max_payload_entries: 64,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cluster.snapshot_every),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Config::default()
+    };
+    config
+        .validate()
+        .map(Arc::new)
+        .map_err(|e| StartError::Config(e.to_string()))
+}
+
+/// Makes the members a cluster, if this node has never been in one. Every
+/// node does this with the same members, which openraft allows (they all
+/// write the same first entry).
+async fn initialize(raft: &Raft, cluster: &ClusterConfig) -> Result<(), StartError> {
+    let members: BTreeMap<NodeId, BasicNode> = cluster
+        .members
+        .iter()
+        .map(|(id, addr)| (*id, BasicNode::new(addr)))
+        .collect();
+    match raft.initialize(members).await {
+        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(error) => Err(StartError::Raft(error.to_string())),
+    }
+}
+
+/// Tells the engine when this node starts or stops leading.
+async fn watch_role(raft: Raft, handle: ReplicaHandle, node: NodeId) {
+    let mut metrics = raft.metrics();
+    let mut leading_in = None;
+    loop {
+        let (leads, term) = {
+            let now = metrics.borrow_and_update();
+            let leads = now.state == ServerState::Leader && now.current_leader == Some(node);
+            (leads, now.current_term)
+        };
+        if leads && leading_in != Some(term) {
+            tracing::info!(node, term, "leading");
+            handle.lead(term);
+            leading_in = Some(term);
+        } else if !leads && leading_in.is_some() {
+            tracing::info!(node, term, "no longer leading");
+            handle.follow();
+            leading_in = None;
+        }
+        if metrics.changed().await.is_err() {
+            handle.follow();
+            return;
+        }
+    }
+}
+
+/// Whether `node` is a voter in `raft`'s current membership.
+fn votes(raft: &Raft, node: NodeId) -> bool {
+    let metrics = raft.metrics();
+    metrics
+        .borrow()
+        .membership_config
+        .voter_ids()
+        .any(|v| v == node)
+}
+
+/// How far behind the leader a readmitted node may be to vote again.
+const READMIT_LAG_MAX: u64 = 16;
+
+/// How long a readmission may take.
+const READMIT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Readmits `node`, which came back without its disk (its peers refuse
+/// it: see [`crate::identity`]): on the leader, takes it out of the
+/// voters (it stays a learner, so it is sent the log or a snapshot),
+/// waits until it has caught up, and makes it a voter again. Safe: once
+/// it is no voter, nobody counts its vote or its acknowledgements, and
+/// it votes again only with the whole log.
+pub async fn readmit(raft: &Raft, node: NodeId) -> Result<(), Refusal> {
+    let (me, leader) = {
+        let metrics = raft.metrics();
+        let now = metrics.borrow();
+        (now.id, now.current_leader)
+    };
+    if leader != Some(me) {
+        return Err(Refusal::NotLeader(leader));
+    }
+    let failed = |what: &str, e: &dyn std::fmt::Display| Refusal::Failed(format!("{what}: {e}"));
+    if votes(raft, node) {
+        let out = ChangeMembers::RemoveVoters(BTreeSet::from([node]));
+        raft.change_membership(out, true)
+            .await
+            .map_err(|e| failed(&format!("taking node {node} out of the voters"), &e))?;
+    }
+    wait_caught_up(raft, node).await.map_err(Refusal::Failed)?;
+    let back = ChangeMembers::AddVoterIds(BTreeSet::from([node]));
+    raft.change_membership(back, true)
+        .await
+        .map_err(|e| failed(&format!("making node {node} a voter again"), &e))?;
+    tracing::info!(node, "readmitted");
+    Ok(())
+}
+
+/// Why a readmission did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Only the leader readmits; this is the one it knows of.
+    #[error("this node does not lead; the leader is {0:?}")]
+    NotLeader(Option<NodeId>),
+    /// A step failed (the node may be a learner now: run it again).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Waits until the leader has replicated all but a few entries to `node`.
+async fn wait_caught_up(raft: &Raft, node: NodeId) -> Result<(), String> {
+    let mut metrics = raft.metrics();
+    let deadline = tokio::time::Instant::now() + READMIT_PATIENCE;
+    loop {
+        let behind = {
+            let now = metrics.borrow_and_update();
+            let last = now.last_log_index.unwrap_or(0);
+            let matched = now
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&node).copied().flatten())
+                .map(|m| m.index);
+            matched.map(|m| last.saturating_sub(m))
+        };
+        if behind.is_some_and(|b| b <= READMIT_LAG_MAX) {
+            return Ok(());
+        }
+        let changed = tokio::time::timeout_at(deadline, metrics.changed()).await;
+        match changed {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err("raft stopped".into()),
+            Err(_) => return Err(format!("node {node} did not catch up in time")),
+        }
+    }
+}
+
+impl Node {
+    /// What this node sees of the cluster.
+    pub fn status(&self) -> ClusterStatus {
+        ClusterStatus::of(&self.raft.metrics().borrow())
+    }
+
+    /// Stops Raft, the peer port and the engine, in that order, and waits
+    /// for the log writer to finish what it was given.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(error) = self.raft.shutdown().await {
+            tracing::warn!(%error, "raft did not stop cleanly");
+        }
+        self.engine.shutdown().await;
+        for task in self.tasks {
+            task.abort();
+        }
+        drop(self.raft);
+        drop(self.engine);
+        let _ = self.log_writer.await;
+    }
+}
+
+/// Runs the log writer on its own thread or as a task; the receiver hears
+/// when it has ended.
+fn spawn_log_writer(writer: LogWriter, own_thread: bool) -> oneshot::Receiver<()> {
+    let (ended, on_end) = oneshot::channel();
+    let run = async move {
+        writer.run().await;
+        let _ = ended.send(());
+    };
+    if !own_thread {
+        tokio::spawn(run);
+        return on_end;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("deadbolt-raft-log".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(run),
+                Err(error) => tracing::error!("cannot start the raft log writer: {error}"),
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::error!("cannot start the raft log writer's thread: {error}");
+    }
+    on_end
+}

@@ -1,0 +1,320 @@
+//! The replicated state machine: the engine's shards. Applying an entry
+//! hands its batch to its shard's actor through the
+//! [`ReplicaHandle`](deadbolt_core::engine::replica::ReplicaHandle), in
+//! log order; a snapshot is every shard's image at one log index, kept in
+//! `raft/snapshot` (written beside, synced, renamed over).
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use deadbolt_core::engine::replica::{ImagesAsked, ReplicaHandle};
+use deadbolt_core::shard::image::ShardImage;
+use deadbolt_core::shard::{Shard, ShardConfig};
+use deadbolt_core::time::Tick;
+use deadbolt_storage::{Disk, frame};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, SnapshotMeta, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
+
+/// The snapshot file's name in the raft directory.
+const SNAPSHOT_FILE: &str = "snapshot";
+
+/// A snapshot's contents: where in the log it is, the latest time stamped
+/// before it, and every shard.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotFile {
+    /// The last entry it holds, and the membership then.
+    pub meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    /// The latest time stamped on a command it holds.
+    pub applied_through: Tick,
+    /// Every shard, in shard order.
+    pub images: Vec<ShardImage>,
+}
+
+impl SnapshotFile {
+    /// Its bytes: one framed record.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let payload = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
+        let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER_BYTES);
+        frame::put(&mut bytes, &payload);
+        Ok(bytes)
+    }
+
+    /// Reads [`SnapshotFile::encode`]'s bytes back.
+    pub fn decode(bytes: &[u8]) -> Result<SnapshotFile, String> {
+        let (records, end) = frame::scan(bytes);
+        match (&records[..], end) {
+            ([(_, payload)], frame::End::Clean) => {
+                postcard::from_bytes(payload).map_err(|e| e.to_string())
+            }
+            _ => Err(format!("not one intact record ({end:?})")),
+        }
+    }
+
+    /// Its shards, built with `config`.
+    pub fn shards(self, config: ShardConfig) -> Result<Vec<Shard>, String> {
+        self.images
+            .into_iter()
+            .map(|image| Shard::from_image(config, image).map_err(|e| e.to_string()))
+            .collect()
+    }
+}
+
+/// The current snapshot: its meta and its bytes.
+type KeptSnapshot = (SnapshotMeta<NodeId, openraft::BasicNode>, Arc<Vec<u8>>);
+
+/// What survives between calls: the last applied entry, the membership,
+/// and the current snapshot.
+struct Applied {
+    last: Option<LogId>,
+    membership: StoredMembership<NodeId, openraft::BasicNode>,
+    snapshot: Option<KeptSnapshot>,
+    /// The latest time stamped on an applied command.
+    through: Tick,
+}
+
+/// The state machine. Cheap to clone.
+#[derive(Clone)]
+pub struct StateMachine {
+    replica: ReplicaHandle,
+    shard_config: ShardConfig,
+    shards: usize,
+    disk: Arc<dyn Disk>,
+    dir: PathBuf,
+    applied: Arc<Mutex<Applied>>,
+}
+
+/// A snapshot read at start-up, if there is one.
+pub fn load_snapshot(disk: &dyn Disk, dir: &Path) -> Result<Option<SnapshotFile>, String> {
+    let path = dir.join(SNAPSHOT_FILE);
+    match disk.read(&path) {
+        Ok(bytes) => SnapshotFile::decode(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+impl StateMachine {
+    /// The state machine of `replica`'s engine, whose shards hold what
+    /// `loaded` (its bytes beside it) holds, or nothing.
+    pub fn new(
+        replica: ReplicaHandle,
+        shard_config: ShardConfig,
+        shards: usize,
+        disk: Arc<dyn Disk>,
+        dir: PathBuf,
+        loaded: Option<(&SnapshotFile, Vec<u8>)>,
+    ) -> StateMachine {
+        let applied = match loaded {
+            Some((file, bytes)) => Applied {
+                last: file.meta.last_log_id,
+                membership: file.meta.last_membership.clone(),
+                snapshot: Some((file.meta.clone(), Arc::new(bytes))),
+                through: file.applied_through,
+            },
+            None => Applied {
+                last: None,
+                membership: StoredMembership::default(),
+                snapshot: None,
+                through: Tick::ZERO,
+            },
+        };
+        StateMachine {
+            replica,
+            shard_config,
+            shards,
+            disk,
+            dir,
+            applied: Arc::new(Mutex::new(applied)),
+        }
+    }
+
+    fn applied(&self) -> MutexGuard<'_, Applied> {
+        self.applied.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // openraft's error type, which `apply` returns as is.
+    #[allow(clippy::result_large_err)]
+    fn apply_one(&self, entry: Entry) -> Result<(), StorageError> {
+        let log_id = entry.log_id;
+        match entry.payload {
+            EntryPayload::Blank => {}
+            EntryPayload::Normal(batch) => {
+                let commands = batch.decode_commands().map_err(|e| {
+                    let error = std::io::Error::other(format!("{batch}: {e}"));
+                    StorageError::from_io_error(ErrorSubject::Log(log_id), ErrorVerb::Read, error)
+                })?;
+                if let Some(latest) = commands.iter().map(|c| c.at).max() {
+                    let mut applied = self.applied();
+                    applied.through = applied.through.max(latest);
+                }
+                let shard = batch.shard as usize;
+                if shard >= self.shards {
+                    tracing::error!(%batch, "an entry for a shard this node does not have");
+                } else {
+                    self.replica
+                        .apply(shard, batch.origin(), batch.number, commands);
+                }
+            }
+            EntryPayload::Membership(membership) => {
+                self.applied().membership = StoredMembership::new(Some(log_id), membership);
+            }
+        }
+        self.applied().last = Some(log_id);
+        Ok(())
+    }
+
+    /// Writes `bytes` as the snapshot file, atomically.
+    fn persist(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let path = self.dir.join(SNAPSHOT_FILE);
+        let beside = self.dir.join(format!("{SNAPSHOT_FILE}.new"));
+        self.disk.write_synced(&beside, bytes)?;
+        self.disk.rename(&beside, &path)?;
+        self.disk.sync_dir(&self.dir)
+    }
+}
+
+fn snapshot_error(verb: ErrorVerb, why: String) -> StorageError {
+    StorageError::from_io_error(
+        ErrorSubject::Snapshot(None),
+        verb,
+        std::io::Error::other(why),
+    )
+}
+
+/// Builds a snapshot of the shards as they were when it was made.
+pub struct Builder {
+    machine: StateMachine,
+    images: Option<ImagesAsked>,
+    last: Option<LogId>,
+    membership: StoredMembership<NodeId, openraft::BasicNode>,
+    through: Tick,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for Builder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let asked = self.images.take();
+        let images = match asked {
+            Some(asked) => asked.wait().await,
+            None => None,
+        };
+        let images = images
+            .ok_or_else(|| snapshot_error(ErrorVerb::Read, "the engine has stopped".into()))?;
+        let snapshot_id = match self.last {
+            Some(last) => format!("{}-{}", last.leader_id, last.index),
+            None => "empty".to_owned(),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.last,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            applied_through: self.through,
+            images,
+        };
+        let bytes = file
+            .encode()
+            .map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+        self.machine
+            .persist(&bytes)
+            .map_err(|e| snapshot_error(ErrorVerb::Write, e.to_string()))?;
+        let bytes = Arc::new(bytes);
+        self.machine.applied().snapshot = Some((meta.clone(), Arc::clone(&bytes)));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes.to_vec())),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Builder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, openraft::BasicNode>), StorageError> {
+        let applied = self.applied();
+        Ok((applied.last, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut replies = Vec::new();
+        for entry in entries {
+            self.apply_one(entry)?;
+            replies.push(());
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Asked now, so that each image holds exactly the entries applied
+        // so far, whatever is applied while the builder runs.
+        let images = Some(self.replica.images());
+        let applied = self.applied();
+        Builder {
+            machine: self.clone(),
+            images,
+            last: applied.last,
+            membership: applied.membership.clone(),
+            through: applied.through,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let bytes = snapshot.into_inner();
+        let file = SnapshotFile::decode(&bytes).map_err(|e| snapshot_error(ErrorVerb::Read, e))?;
+        let through = file.applied_through;
+        let shards = file
+            .shards(self.shard_config)
+            .map_err(|e| snapshot_error(ErrorVerb::Read, e))?;
+        if shards.len() != self.shards {
+            let why = format!(
+                "a snapshot of {} shards; this node has {}",
+                shards.len(),
+                self.shards
+            );
+            return Err(snapshot_error(ErrorVerb::Read, why));
+        }
+        self.persist(&bytes)
+            .map_err(|e| snapshot_error(ErrorVerb::Write, e.to_string()))?;
+        self.replica.install(shards, through);
+        let mut applied = self.applied();
+        applied.last = meta.last_log_id;
+        applied.membership = meta.last_membership.clone();
+        applied.through = through;
+        applied.snapshot = Some((meta.clone(), Arc::new(bytes)));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        Ok(self
+            .applied()
+            .snapshot
+            .as_ref()
+            .map(|(meta, bytes)| Snapshot {
+                meta: meta.clone(),
+                snapshot: Box::new(Cursor::new(bytes.to_vec())),
+            }))
+    }
+}
