@@ -3,9 +3,11 @@
 //! (over WebSocket and QUIC, from the Rust client and the command line); a
 //! server killed mid-run, with the client (and a lock's auto-renewal)
 //! moving to the next one; and `unavailable` from a real server whose disk
-//! is full, retried on that server or left for the next.
+//! is full, retried on that server or left for the next. Last, a real
+//! three-node cluster whose leader is killed under a client given every
+//! node.
 //!
-//! The servers here are separate processes or engines, not a replicated
+//! Elsewhere the servers are separate processes or engines, not a
 //! cluster: where a test needs the second server to know what the first
 //! acknowledged, it starts it on the first one's data directory after the
 //! first was killed.
@@ -392,4 +394,120 @@ fn the_command_line_names_every_server_it_could_not_reach() {
     assert_eq!(out.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("empty URL"), "{stderr}");
+}
+
+/// The members of a three-node cluster on free peer ports (`--cluster`).
+fn cluster_members() -> String {
+    let members: Vec<String> = (1..=3)
+        .map(|id| format!("{id}=127.0.0.1:{}", free_port()))
+        .collect();
+    members.join(",")
+}
+
+/// Node `id` of the cluster `members`, its data in `dir`/node`id`.
+fn start_cluster_node(dir: &Path, members: &str, id: usize) -> Process {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--ws", "127.0.0.1:0", "--quic", "off"])
+        .args(["--node-id", &id.to_string(), "--cluster", members])
+        .arg("--data-dir")
+        .arg(dir.join(format!("node{id}")))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let (url, _) = read_urls(&mut child);
+    Process {
+        child,
+        url,
+        _own_dir: None,
+    }
+}
+
+/// Whether the node at `url` says it leads (`GET /cluster`).
+fn leads(url: &str) -> bool {
+    use std::io::{Read, Write};
+    let Some(authority) = url.strip_prefix("ws://").and_then(|r| r.split('/').next()) else {
+        return false;
+    };
+    let Ok(mut stream) = std::net::TcpStream::connect(authority) else {
+        return false;
+    };
+    let request = "GET /cluster HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut answer = String::new();
+    if stream.write_all(request.as_bytes()).is_err() || stream.read_to_string(&mut answer).is_err()
+    {
+        return false;
+    }
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    serde_json::from_str::<serde_json::Value>(body).is_ok_and(|s| s["state"] == "leader")
+}
+
+/// The index of the node that leads, once one does (30 s at most).
+fn wait_for_leader(nodes: &[Process]) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Some(leader) = nodes.iter().position(|node| leads(&node.url)) {
+            return leader;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no leader within 30 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_every_node_of_a_cluster_rides_out_the_leaders_death() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let members = cluster_members();
+    let mut nodes: Vec<Process> = (1..=3)
+        .map(|id| start_cluster_node(dir.path(), &members, id))
+        .collect();
+    let leader = tokio::task::block_in_place(|| wait_for_leader(&nodes));
+    // The leader first, so that the client is connected to it when it dies.
+    let mut urls = vec![nodes[leader].url.clone()];
+    urls.extend(
+        (0..3)
+            .filter(|&i| i != leader)
+            .map(|i| nodes[i].url.clone()),
+    );
+    let connector = failover(urls.iter().map(|url| ws(url)).collect());
+    let client = Client::connect(connector, options("clustered"))
+        .await
+        .expect("connect");
+    let ttl = Duration::from_secs(5);
+    let lock = LockOptions::new(ttl).auto_renew(true);
+    let guard = client
+        .lock_with("leader-key", lock)
+        .await
+        .expect("lock")
+        .expect("granted");
+    let set = client.set("s");
+    set.set_up(Duration::from_secs(600)).await.expect("set up");
+    assert!(set.insert("before").await.expect("insert").first);
+
+    nodes[leader].kill();
+    let killed = Instant::now();
+    // The next request (and the renewals) go to the other nodes, which
+    // answer `unavailable` until they have elected a leader.
+    let after = set.insert("after").await.expect("insert after the kill");
+    eprintln!(
+        "leader killed → first insert acknowledged: {} ms",
+        killed.elapsed().as_millis()
+    );
+    assert_eq!((after.index, after.first), (2, true));
+    let again = set.insert("before").await.expect("insert again");
+    assert_eq!((again.index, again.first), (1, true), "the same client id");
+    let lost = tokio::time::timeout(ttl * 3 / 2, guard.lost()).await;
+    assert!(lost.is_err(), "the lock was reported lost");
+    let survivor = &urls[1];
+    let seen = holder(&observe(survivor).await, "leader-key").await;
+    assert_eq!(seen, Some(("clustered".to_owned(), guard.token())));
+    guard.unlock().await.expect("unlock");
+
+    // The command line, given every node with the dead one first, too.
+    let shown = run_cli(&urls.join(","), &["inspect", "leader-key"]);
+    let stdout = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.status.success() && stdout.contains("free"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
 }
