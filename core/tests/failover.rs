@@ -238,30 +238,6 @@ async fn unavailable_past_the_retry_budget_is_the_answer() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_unlock_refused_until_the_lease_ran_out_is_not_held() {
-    // A refused attempt changed nothing, so the `not_held` of the retry is
-    // the truth (the lease ran out meanwhile), not a lost reply's echo.
-    let gate = Arc::new(Gate::default());
-    let server = engine_behind(&gate);
-    let client = Client::connect(
-        LocalConnector::new(server.clone()),
-        options(Duration::from_secs(10)),
-    )
-    .await
-    .expect("connect");
-    let guard = client
-        .lock("k", Duration::from_secs(1))
-        .await
-        .expect("lock");
-    gate.shut();
-    gate.open_after(Duration::from_millis(1_500));
-    assert_eq!(
-        guard.unlock().await.map_err(|e| e.code()),
-        Err(Some(ErrorCode::NotHeld))
-    );
-}
-
-#[tokio::test(start_paused = true)]
 async fn renewal_rides_out_unavailable_shorter_than_the_lease_view() {
     let gate = Arc::new(Gate::default());
     let server = engine_behind(&gate);

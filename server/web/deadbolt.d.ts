@@ -157,8 +157,9 @@ export declare class Client extends EventTarget {
   /** Restarts the lease of grant `token` of `key`, from any connection. */
   extend(key: string, token: number, ttl: number): Promise<void>;
   /** Ends grant `token` of `key`, from any connection. `not_held` if it had
-   * ended already (a retry's `not_held` counts as success when the attempt
-   * before it may have been carried out: its connection broke). */
+   * ended already (a retry's `not_held` counts as success when an attempt
+   * before it may have been carried out: sent, and not refused
+   * `overloaded`). */
   unlock(key: string, token: number): Promise<void>;
   /** Who holds `key` and how many wait for it. */
   inspect(key: string): Promise<LockInfo>;

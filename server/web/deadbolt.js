@@ -55,11 +55,11 @@ export class DeadboltError extends Error {
 }
 
 /** Errors after which a request is sent again, as the Rust client does:
- * `connection_lost` and `shutting_down` (the request may or may not have
- * been carried out, and the protocol makes a retry safe either way), and
- * the refusals that changed nothing, `unavailable` (no quorum or no leader,
- * a full disk) and `overloaded`. After `unavailable` and `shutting_down`
- * the client leaves that server. */
+ * `connection_lost`, `shutting_down` and `unavailable` (no quorum or no
+ * leader, a full disk; the request may or may not have been carried out,
+ * and the protocol makes a retry safe either way), and `overloaded` (refused
+ * at the door). After `unavailable` and `shutting_down` the client leaves
+ * that server. */
 const RETRYABLE = new Set(["connection_lost", "unavailable", "shutting_down", "overloaded"]);
 
 function isRetryable(error) {
@@ -469,9 +469,8 @@ export class Client extends EventTarget {
    * it while connections fail or the server refuses it for now (see
    * `isRetryable`; after `unavailable` or `shutting_down` on a new
    * connection, to the next server). `earlierMayHaveRun` says whether an
-   * earlier attempt may have been carried out (its connection broke, or its
-   * server was shutting down, while it was in flight; `unavailable` and
-   * `overloaded` changed nothing). `retryFor` bounds the
+   * earlier attempt may have been carried out (it was sent, and not refused
+   * `overloaded`). `retryFor` bounds the
    * time spent without the request in flight (reconnecting, backing off),
    * not the time it waits on the server, so a lock that waited an hour is
    * still retried when its connection breaks.
@@ -502,9 +501,10 @@ export class Client extends EventTarget {
         return { ok, sentAt, attempt, connection };
       } catch (error) {
         if (!isRetryable(error) || this.#closed) throw error;
-        // A request in flight when its connection broke, or its server
-        // began shutting down, may have been carried out.
-        if (sent && (error.code === "connection_lost" || error.code === "shutting_down")) earlierMayHaveRun = true;
+        // A request that was sent and not refused at the door may have been
+        // carried out (a cluster's follower answers `unavailable` when its
+        // link to the leader broke with the request on it).
+        if (sent && error.code !== "overloaded") earlierMayHaveRun = true;
         if (connection && leavesServer(error)) this.#leave(connection);
         const at = now();
         if (failedAt !== null) down += at - failedAt;
@@ -655,8 +655,8 @@ export class Client extends EventTarget {
    * `unlock`: ends grant `token` of `key`, from any connection. `not_held`
    * means the grant had already ended, unless an earlier attempt of this
    * call may have been carried out before its connection broke: then it
-   * is that attempt's success. (An attempt the server refused, `unavailable`
-   * say, changed nothing: `not_held` after it stands.)
+   * is that attempt's success (so may an `unavailable` one, in a cluster;
+   * not one refused `overloaded`, or never sent).
    */
   async unlock(key, token) {
     let earlierMayHaveRun = false;

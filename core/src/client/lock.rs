@@ -258,8 +258,8 @@ impl Client {
     /// `not_held` means the grant had already ended (its lease ran out, or
     /// someone unlocked it) — unless an earlier attempt of this call may
     /// have been carried out before its connection broke, in which case it
-    /// is taken as that attempt's success. (An attempt the server refused,
-    /// `unavailable` say, changed nothing: `not_held` after it stands.)
+    /// is taken as that attempt's success (so may an `unavailable` one, in a
+    /// cluster; not one refused `overloaded`, or never sent).
     pub async fn unlock(&self, key: &str, token: u64) -> Result<(), Error> {
         let op = Op::Lock(LockOp::Release {
             key: key.to_owned(),

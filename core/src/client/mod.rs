@@ -15,11 +15,11 @@
 //! token, a retried `insert` the same `first`. So after a lost connection
 //! the client retries the request on a new connection, until the retry
 //! budget ([`ClientOptions::retry_for`]) runs out. A server that answers
-//! `unavailable` (no quorum or no leader, a full disk: nothing changed) or
-//! `shutting_down` is left: the client drops that connection, asks its
-//! connector to [fail over](Connector::fail_over), backs off, and retries
-//! on a new connection, within the same budget and with the same client
-//! id. `overloaded` is retried on the same connection.
+//! `unavailable` (no quorum or no leader, a full disk) or `shutting_down`
+//! is left: the client drops that connection, asks its connector to [fail
+//! over](Connector::fail_over), backs off, and retries on a new connection,
+//! within the same budget and with the same client id. `overloaded` is
+//! retried on the same connection.
 
 pub mod failover;
 pub mod local;
@@ -436,9 +436,10 @@ impl Client {
 pub(crate) struct Attempt {
     /// 0 for the first.
     pub number: u32,
-    /// Whether an earlier attempt may have been carried out: its
-    /// connection broke while it was in flight, or its server was shutting
-    /// down. (A refusal, `unavailable` or `overloaded`, changed nothing.)
+    /// Whether an earlier attempt may have been carried out: it was sent
+    /// and answered by no reply of its own (its connection broke), or by
+    /// `unavailable` or `shutting_down`, which do not promise that nothing
+    /// changed. (`overloaded` does, and a failed connect sent nothing.)
     pub earlier_may_have_run: bool,
 }
 
@@ -473,14 +474,14 @@ impl Retry {
             // to another server if there is one.
             Error::Server(e) if e.code == ErrorCode::ShuttingDown => (true, true),
             // No connection could be opened, or the server refused the work
-            // for now, having done nothing (`unavailable`: no quorum, a full
-            // disk; `overloaded`): the outage goes on.
+            // at the door (`overloaded`): the outage goes on.
             Error::Transport(TransportError::Connect { .. }) => (false, false),
-            Error::Server(e)
-                if matches!(e.code, ErrorCode::Overloaded | ErrorCode::Unavailable) =>
-            {
-                (false, false)
-            }
+            Error::Server(e) if e.code == ErrorCode::Overloaded => (false, false),
+            // No quorum or no leader, a full disk: the outage goes on. In a
+            // cluster a follower also answers it when its link to the
+            // leader broke with the request on it, which the leader may
+            // have carried out (docs/protocol.md).
+            Error::Server(e) if e.code == ErrorCode::Unavailable => (false, true),
             _ => return None,
         };
         Some(Retry {
