@@ -1,7 +1,7 @@
 // The JavaScript client (server/web/deadbolt.js) from Node, against
 // the real server: pipelining, typed errors, locks and their lease view,
-// distinct sets, and reconnecting with retries after cut connections, lost
-// replies and a server restart.
+// distinct sets, reconnecting with retries after cut connections, lost
+// replies and a server restart, and failing over between several servers.
 
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
@@ -478,6 +478,66 @@ describe("a server restart", () => {
       await a.close();
       await impatient.close();
       await first.stop();
+    }
+  });
+});
+
+describe("several servers", () => {
+  /** A URL nobody listens on. */
+  const deadUrl = async () => `ws://127.0.0.1:${await freePort()}/ws`;
+
+  test("an array or a comma-separated list of URLs: one nobody listens on is skipped", TIMEOUT, async () => {
+    const server = await startServer();
+    const clients = [];
+    try {
+      const dead = await deadUrl();
+      const observer = await connectNode(server.url);
+      clients.push(observer);
+      for (const urls of [[dead, server.url], `${dead} , ${server.url}`]) {
+        const c = await connectNode(urls);
+        clients.push(c);
+        assert.deepEqual(c.urls, [dead, server.url]);
+        assert.equal(c.url, server.url, "the live server is the one in use");
+        const lock = await c.lock("several/skip", { ttl: 30_000 });
+        assert.equal((await observer.inspect("several/skip")).holder.client, c.clientId);
+        await lock.unlock();
+      }
+      const single = await connectNode(server.url);
+      clients.push(single);
+      assert.deepEqual(single.urls, [server.url], "one URL is a list of one");
+      const other = await deadUrl();
+      await assert.rejects(connectNode([dead, other]), (error) => {
+        assert.equal(error.code, "connection_lost");
+        assert.ok(error.message.includes(dead) && error.message.includes(other), error.message);
+        return true;
+      });
+      await assert.rejects(connectNode(`${dead},,${server.url}`), TypeError);
+    } finally {
+      await Promise.all(clients.map((c) => c.close()));
+      await server.stop();
+    }
+  });
+
+  test("a server killed mid-run is left for the next, as the same client", TIMEOUT, async () => {
+    const first = await startServer();
+    const second = await startServer();
+    const c = await connectNode([first.url, second.url]);
+    const observer = await connectNode(second.url);
+    const connected = [];
+    c.addEventListener("connect", (event) => connected.push(event.detail.url));
+    try {
+      const before_ = await c.lock("several/killed", { ttl: 30_000 });
+      before_.detach();
+      await first.kill();
+      const after_ = await within(10_000, c.lock("several/killed", { ttl: 30_000 }), "the lock on the second server");
+      assert.equal(c.url, second.url);
+      assert.deepEqual(connected, [second.url], "one reconnect, to the second server");
+      assert.equal((await observer.inspect("several/killed")).holder.client, c.clientId);
+      await after_.unlock();
+    } finally {
+      await Promise.all([c.close(), observer.close()]);
+      await first.stop();
+      await second.stop();
     }
   });
 });

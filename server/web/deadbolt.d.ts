@@ -22,7 +22,9 @@ export type ServerErrorCode =
  * The client's own codes: `connection_lost` (the request could not be
  * carried, even after retrying for `retryFor`), `closed` (the client was
  * closed). A message over `maxMessageBytes` fails with `too_large` before
- * it is sent.
+ * it is sent. Of the server's codes, `unavailable`, `shutting_down` and
+ * `overloaded` are retried within `retryFor` (on the next server, after
+ * the first two) and come through only once it has run out.
  */
 export type ClientErrorCode = "connection_lost" | "closed";
 
@@ -59,8 +61,9 @@ export interface ConnectOptions {
    * id; either way kept for the life of the client. */
   clientId?: string;
   /** How long a request may go without a connection (reconnecting, backing
-   * off) before it fails with `connection_lost`. Time spent waiting on the
-   * server does not count. Default 30 000. */
+   * off, moving to another server) before it fails with `connection_lost`,
+   * or with the server's `unavailable` if that was the last answer. Time
+   * spent waiting on the server does not count. Default 30 000. */
   retryFor?: number;
   /** The first delay between reconnect attempts; it doubles up to
    * `retryDelayMax`, with jitter. Defaults 20 and 1000. */
@@ -75,11 +78,15 @@ export interface ConnectOptions {
 
 /**
  * Connects and says `hello`. `url` is `ws://host:port/ws`; in a page served
- * by deadbolt it defaults to that server. Rejects if the first connection
- * cannot be opened; afterwards the client reconnects by itself (same client
- * id, backoff) and retries what was in flight.
+ * by deadbolt it defaults to that server. Several servers (the nodes of a
+ * cluster) are an array of URLs or one string of URLs separated by commas:
+ * the client connects to the first that answers, trying them in turn, and
+ * moves on to the next when its server cannot be reached or answers
+ * `unavailable` (or `shutting_down`). Rejects if no server can be
+ * connected to at first; afterwards the client reconnects by itself (same
+ * client id, backoff) and retries what was in flight.
  */
-export declare function connect(url?: string, options?: ConnectOptions): Promise<Client>;
+export declare function connect(url?: string | readonly string[], options?: ConnectOptions): Promise<Client>;
 
 export interface LockOptions {
   /** The lease, 1..=86 400 000 ms. Required. */
@@ -112,6 +119,8 @@ export interface ConnectEventDetail {
   server: string | null;
   /** False for the first connection. */
   reconnect: boolean;
+  /** The URL of the server connected to (one of `Client.urls`). */
+  url: string;
 }
 
 export interface ClientEventMap {
@@ -129,7 +138,9 @@ export interface ClientEventMap {
  */
 export declare class Client extends EventTarget {
   private constructor();
-  /** The URL it connects to. */
+  /** Every server it may connect to, in the order given to `connect`. */
+  readonly urls: readonly string[];
+  /** The URL of the server in use, or of the one to be tried next. */
   readonly url: string;
   /** The client id, kept across reconnects. */
   readonly clientId: string;
@@ -146,7 +157,9 @@ export declare class Client extends EventTarget {
   /** Restarts the lease of grant `token` of `key`, from any connection. */
   extend(key: string, token: number, ttl: number): Promise<void>;
   /** Ends grant `token` of `key`, from any connection. `not_held` if it had
-   * ended already (a retry's `not_held` counts as success). */
+   * ended already (a retry's `not_held` counts as success when an attempt
+   * before it may have been carried out: sent, and not refused
+   * `overloaded`). */
   unlock(key: string, token: number): Promise<void>;
   /** Who holds `key` and how many wait for it. */
   inspect(key: string): Promise<LockInfo>;

@@ -4,12 +4,15 @@
 // It mirrors the Rust client (`deadbolt_core::client`): a client id kept for
 // the life of the client, pipelined requests matched to replies by id,
 // reconnecting and retrying after a lost connection (every operation of
-// protocol version 1 is safe to retry for the client that sent it), lock
-// handles with a conservative view of their lease and optional renewal, and
-// distinct-set handles. The wire protocol is docs/protocol.md.
+// protocol version 1 is safe to retry for the client that sent it), failing
+// over between several servers (the nodes of a cluster) when one cannot be
+// reached or answers `unavailable`, lock handles with a conservative view of
+// their lease and optional renewal, and distinct-set handles. The wire
+// protocol is docs/protocol.md.
 //
 //   import { connect } from "/deadbolt.js";
 //   const client = await connect();                 // in a page served by deadbolt
+//   const nodes = await connect("ws://a:7420/ws,ws://b:7420/ws");  // or an array
 //   const lock = await client.lock("job/42", { ttl: 30_000 });
 //   await lock.unlock();
 //
@@ -51,11 +54,46 @@ export class DeadboltError extends Error {
   }
 }
 
-/** Errors after which a request may be sent again on a new connection: the
- * request may or may not have been carried out, and the protocol makes a
- * retry safe either way. */
+/** Errors after which a request is sent again, as the Rust client does:
+ * `connection_lost`, `shutting_down` and `unavailable` (no quorum or no
+ * leader, a full disk; the request may or may not have been carried out,
+ * and the protocol makes a retry safe either way), and `overloaded` (refused
+ * at the door). After `unavailable` and `shutting_down` the client leaves
+ * that server. */
+const RETRYABLE = new Set(["connection_lost", "unavailable", "shutting_down", "overloaded"]);
+
 function isRetryable(error) {
-  return error instanceof DeadboltError && error.code === "connection_lost";
+  return error instanceof DeadboltError && RETRYABLE.has(error.code);
+}
+
+/** Answers that say the server cannot serve now: the client leaves it for
+ * the next server (or a new connection to the same one). */
+function leavesServer(error) {
+  return error instanceof DeadboltError && (error.code === "unavailable" || error.code === "shutting_down");
+}
+
+/** The servers `connect` was given: one URL, an array of them, or a
+ * comma-separated string; by default the server that served the page. */
+function serverUrls(url) {
+  if (url === undefined || url === null) return [defaultUrl()];
+  const list = Array.isArray(url) ? url : String(url).split(",");
+  const urls = list.map((one) => String(one).trim());
+  if (urls.length === 0 || urls.some((one) => one === "")) {
+    throw new TypeError(`deadbolt: connect(url) needs one URL, an array of URLs, or URLs separated by commas; got ${JSON.stringify(url)}`);
+  }
+  return urls;
+}
+
+/** A number in [0, 1) drawn from `text`: the backoff's jitter, the same for
+ * the same client and attempt (FNV-1a), as the Rust client's is, so that a
+ * fleet spreads out while one client's run can be reproduced. */
+function jitter(text) {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    hash ^= text.charCodeAt(i);
+    hash = Math.imul(hash, 0x01000193) >>> 0;
+  }
+  return (hash % 1024) / 1024;
 }
 
 const now = () => performance.now();
@@ -145,6 +183,9 @@ class Connection {
     this.socket = socket;
     this.events = events;
     this.open = true;
+    /** Set when the client left this connection's server: it closes once
+     * nothing is in flight on it and no ephemeral lock lives on it. */
+    this.retired = false;
     /** id → { resolve, reject } of requests awaiting their reply. */
     this.pending = new Map();
     /** Set when this side closes on purpose: what pending requests fail with. */
@@ -206,6 +247,7 @@ class Connection {
     } else {
       waiting.resolve(reply.ok ?? {});
     }
+    if (this.retired) this.events.onRetiredReply(this);
   }
 
   #onClose(event) {
@@ -265,12 +307,18 @@ function openSocket(WebSocketImpl, url, timeoutMs) {
 /**
  * A deadbolt client. Make one with `connect`. It is an EventTarget: it
  * dispatches `connect` (after each successful `hello`; `detail.reconnect`
- * is true after the first) and `disconnect` (when a connection breaks).
+ * is true after the first, `detail.url` is the server's) and `disconnect`
+ * (when a connection breaks).
  */
 export class Client extends EventTarget {
   #WebSocket;
   #options;
+  /** The index in `urls` of the server to try first: the one that last
+   * answered, or the one after a server that said it cannot serve. */
+  #at = 0;
   #current = null;
+  /** Connections the client left that are still open for what needs them. */
+  #retired = new Set();
   #connecting = null;
   #nextId = 1;
   #closed = false;
@@ -280,14 +328,20 @@ export class Client extends EventTarget {
   #locks = new Set();
 
   /** @internal Use `connect`. */
-  constructor(url, options, WebSocketImpl) {
+  constructor(urls, options, WebSocketImpl) {
     super();
-    this.url = url;
+    /** Every server it may connect to, in the order given. */
+    this.urls = Object.freeze([...urls]);
     this.clientId = options.clientId ?? tabClientId();
     /** `deadbolt/<version>` from the last `hello`. */
     this.server = null;
     this.#WebSocket = WebSocketImpl;
     this.#options = options;
+  }
+
+  /** The server in use, or the one to be tried next. */
+  get url() {
+    return this.urls[this.#at];
   }
 
   /** Whether a connection is open right now. */
@@ -313,9 +367,12 @@ export class Client extends EventTarget {
   }
 
   async #open() {
-    const socket = await openSocket(this.#WebSocket, this.url, this.#options.connectTimeout);
+    const socket = await this.#openAny();
     const connection = new Connection(socket, {
       onClosed: (closed, unexpected) => this.#onClosed(closed, unexpected),
+      // After the reply's own continuations, which may make it a Lock that
+      // keeps the connection (an ephemeral one).
+      onRetiredReply: (retired) => setTimeout(() => this.#closeIfIdle(retired), 0),
     });
     if (this.#closed) {
       connection.close(new DeadboltError("closed", "the client is closed"));
@@ -328,17 +385,69 @@ export class Client extends EventTarget {
       // A refused hello (a client id that is too long, say) leaves the
       // socket open: it is of no use without its hello.
       if (connection.open) connection.close(error);
+      if (leavesServer(error)) this.#failOver();
       throw error;
     }
     this.server = hello.server ?? null;
     this.#current = connection;
     const reconnect = this.#connections++ > 0;
-    this.dispatchEvent(new CustomEvent("connect", { detail: { clientId: this.clientId, server: this.server, reconnect } }));
+    const detail = { clientId: this.clientId, server: this.server, reconnect, url: this.url };
+    this.dispatchEvent(new CustomEvent("connect", { detail }));
     return connection;
+  }
+
+  /** Opens a socket to the current server or, if that fails, to each next
+   * one in turn, once round the list; the one that opens becomes current.
+   * A failed round fails with every server's reason, and the caller backs
+   * off before the next (within its retry budget), as for one server. */
+  async #openAny() {
+    const start = this.#at;
+    const errors = [];
+    for (let step = 0; step < this.urls.length; step++) {
+      const at = (start + step) % this.urls.length;
+      try {
+        const socket = await openSocket(this.#WebSocket, this.urls[at], this.#options.connectTimeout);
+        this.#at = at;
+        return socket;
+      } catch (error) {
+        if (this.#closed) throw error;
+        errors.push(error);
+      }
+    }
+    if (errors.length === 1) throw errors[0];
+    throw new DeadboltError("connection_lost", errors.map((error) => error.message).join("; "));
+  }
+
+  /** Makes the server after the current one current. */
+  #failOver() {
+    this.#at = (this.#at + 1) % this.urls.length;
+  }
+
+  /** Leaves the server behind `connection`, which said it cannot serve
+   * now: new requests go to a new connection, to the next server. What is
+   * still in flight on it (a waiting lock), and its ephemeral locks, keep
+   * it open until they are done. */
+  #leave(connection) {
+    if (this.#current !== connection) return; // left already
+    this.#current = null;
+    this.#failOver();
+    connection.retired = true;
+    this.#retired.add(connection);
+    this.#closeIfIdle(connection);
+  }
+
+  /** Closes a connection the client left once nothing needs it. */
+  #closeIfIdle(connection) {
+    if (!connection.retired || !connection.open || connection.pending.size > 0) return;
+    for (const lock of this.#locks) {
+      if (lock._connection === connection) return;
+    }
+    connection.close(new DeadboltError("connection_lost", "left for another server"));
   }
 
   #onClosed(connection, unexpected) {
     if (this.#current === connection) this.#current = null;
+    this.#retired.delete(connection);
     // An ephemeral lock ends with the connection that took it.
     for (const lock of this.#locks) {
       if (lock._connection === connection) lock._markLost();
@@ -352,15 +461,19 @@ export class Client extends EventTarget {
   #backoff(attempt) {
     const { retryDelay, retryDelayMax } = this.#options;
     const base = Math.min(retryDelay * 2 ** Math.min(attempt, 16), retryDelayMax);
-    return base / 2 + (Math.random() * base) / 2;
+    return base / 2 + (jitter(`${attempt}:${this.clientId}`) * base) / 2;
   }
 
   /**
-   * Sends the request `make(attempt)` builds, retrying it on a new
-   * connection while connections fail. `retryFor` bounds the time spent
-   * without the request in flight (reconnecting, backing off), not the
-   * time it waits on the server, so a lock that waited an hour is still
-   * retried when its connection breaks.
+   * Sends the request `make(attempt, {earlierMayHaveRun})` builds, retrying
+   * it while connections fail or the server refuses it for now (see
+   * `isRetryable`; after `unavailable` or `shutting_down` on a new
+   * connection, to the next server). `earlierMayHaveRun` says whether an
+   * earlier attempt may have been carried out (it was sent, and not refused
+   * `overloaded`). `retryFor` bounds the
+   * time spent without the request in flight (reconnecting, backing off),
+   * not the time it waits on the server, so a lock that waited an hour is
+   * still retried when its connection breaks.
    *
    * Resolves with `{ok, sentAt, attempt, connection}`: `sentAt` is when the
    * answered attempt was sent, which a lease view is anchored at.
@@ -368,10 +481,12 @@ export class Client extends EventTarget {
   async _exchange(make, { signal } = {}) {
     let down = 0;
     let failedAt = null;
+    let earlierMayHaveRun = false;
     for (let attempt = 0; ; attempt++) {
       signal?.throwIfAborted();
-      const fields = make(attempt);
-      let connection;
+      const fields = make(attempt, { earlierMayHaveRun });
+      let connection = null;
+      let sent = false;
       try {
         connection = await this.#connection();
         if (failedAt !== null) {
@@ -381,10 +496,16 @@ export class Client extends EventTarget {
         const id = this.#nextId++;
         const sentAt = now();
         const reply = connection.request(id, fields, this.#options.maxMessageBytes);
+        sent = true;
         const ok = signal ? await this.#cancellable(connection, id, reply, signal) : await reply;
         return { ok, sentAt, attempt, connection };
       } catch (error) {
         if (!isRetryable(error) || this.#closed) throw error;
+        // A request that was sent and not refused at the door may have been
+        // carried out (a cluster's follower answers `unavailable` when its
+        // link to the leader broke with the request on it).
+        if (sent && error.code !== "overloaded") earlierMayHaveRun = true;
+        if (connection && leavesServer(error)) this.#leave(connection);
         const at = now();
         if (failedAt !== null) down += at - failedAt;
         failedAt = at;
@@ -513,6 +634,8 @@ export class Client extends EventTarget {
   /** @internal */
   _forget(lock) {
     this.#locks.delete(lock);
+    // The last ephemeral lock on a connection the client left frees it.
+    if (lock._connection) this.#closeIfIdle(lock._connection);
   }
 
   /** `extend`, resolving with the send time of the answered attempt. */
@@ -532,17 +655,18 @@ export class Client extends EventTarget {
    * `unlock`: ends grant `token` of `key`, from any connection. `not_held`
    * means the grant had already ended, unless an earlier attempt of this
    * call may have been carried out before its connection broke: then it
-   * is that attempt's success.
+   * is that attempt's success (so may an `unavailable` one, in a cluster;
+   * not one refused `overloaded`, or never sent).
    */
   async unlock(key, token) {
-    let retried = false;
+    let earlierMayHaveRun = false;
     try {
-      await this._exchange((attempt) => {
-        retried ||= attempt > 0;
+      await this._exchange((_attempt, earlier) => {
+        earlierMayHaveRun = earlier.earlierMayHaveRun;
         return { op: "unlock", key, token };
       });
     } catch (error) {
-      if (retried && error instanceof DeadboltError && error.code === "not_held") return;
+      if (earlierMayHaveRun && error instanceof DeadboltError && error.code === "not_held") return;
       throw error;
     }
   }
@@ -563,6 +687,7 @@ export class Client extends EventTarget {
     const closed = new DeadboltError("closed", "the client is closed");
     const connection = this.#current ?? (await this.#connecting?.catch(() => null));
     connection?.close(closed);
+    for (const retired of [...this.#retired]) retired.close(closed);
     this.#current = null;
   }
 }
@@ -856,8 +981,12 @@ export class DistinctSet {
 
 /**
  * Connects to a deadbolt server and says `hello`. `url` defaults, in a
- * page served by deadbolt, to that server's `/ws`. Rejects if the first
- * connection cannot be opened; after that, the client reconnects by itself.
+ * page served by deadbolt, to that server's `/ws`. Several servers (the
+ * nodes of a cluster) are an array of URLs or one string of URLs separated
+ * by commas: the client connects to the first that answers, and moves to
+ * the next when its server cannot be reached or answers `unavailable`.
+ * Rejects if no server can be connected to at first; after that, the
+ * client reconnects by itself.
  *
  * Options: `WebSocket` (a constructor; default `globalThis.WebSocket`,
  * which Node 20 lacks: pass `ws`'s), `clientId` (default: the tab's, kept
@@ -877,6 +1006,6 @@ export async function connect(url, options = {}) {
   for (const [name, value] of Object.entries(options)) {
     if (value !== undefined) settings[name] = value;
   }
-  const client = new Client(url ?? defaultUrl(), settings, WebSocketImpl);
+  const client = new Client(serverUrls(url), settings, WebSocketImpl);
   return client.start();
 }

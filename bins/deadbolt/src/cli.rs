@@ -23,10 +23,14 @@ pub struct Cli {
 /// flags go before or after the subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// The server: ws://HOST:PORT/ws or quic://HOST:PORT.
+    /// The server: ws://HOST:PORT/ws or quic://HOST:PORT. Several nodes of
+    /// a cluster, comma-separated (ws://a:7420/ws,ws://b:7420/ws, or mixed
+    /// with quic:// URLs): the client uses one, and moves on to the next
+    /// when one cannot be reached or answers `unavailable`.
     #[arg(
         long,
         env = "DEADBOLT_SERVER",
+        value_name = "URL[,URL...]",
         default_value = "ws://127.0.0.1:7420/ws",
         global = true
     )]
@@ -44,7 +48,9 @@ pub struct ServerArgs {
     /// development only: anyone on the path can pose as the server.
     #[arg(long, global = true)]
     pub insecure: bool,
-    /// How long to keep retrying a request whose connection broke.
+    /// How long to keep retrying a request while no server works: its
+    /// connection broke, no server could be reached, or the server answered
+    /// `unavailable` (the client id stays the same, so a retry is safe).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, global = true)]
     pub retry_for: Duration,
 }

@@ -1,34 +1,122 @@
-//! From a server URL to a connected client.
+//! From server URLs to a connected client: one URL, or several nodes of a
+//! cluster, comma-separated, that the client fails over between.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use deadbolt_core::client::{Client, ClientOptions};
-use deadbolt_transport_quic::{QuicConfig, QuicConnector, Trust};
+use async_trait::async_trait;
+use deadbolt_core::client::{
+    Client, ClientOptions, Connection, Connector, FailoverConnector, TransportError,
+};
+use deadbolt_transport_quic::{QuicConfig, QuicConnector, Trust, client_config};
 use deadbolt_transport_ws::WsConnector;
+use tokio::sync::OnceCell;
 
 use crate::cli::ServerArgs;
 
 /// Where `deadbolt serve` writes its certificate when run with no flags.
 const DEFAULT_CA: &str = "deadbolt-data/cert.pem";
 
-/// Connects to the server `args` names.
+/// Connects to the server, or the first of the servers, that `args` names.
 pub async fn client(args: &ServerArgs) -> anyhow::Result<Client> {
     let options = ClientOptions {
         client_id: args.client_id.clone(),
         retry_for: args.retry_for,
         ..ClientOptions::default()
     };
-    let url = args.server.as_str();
-    let connected = if url.starts_with("ws://") {
-        Client::connect(WsConnector::new(url)?, options).await
-    } else if url.starts_with("quic://") {
+    match server_urls(&args.server)?.as_slice() {
+        [url] => connect_one(url, args, options).await,
+        urls => Client::connect(failover(urls, args)?, options)
+            .await
+            .with_context(|| format!("cannot reach any of the servers {}", urls.join(", "))),
+    }
+}
+
+/// The URLs of `--server`: one, or several separated by commas.
+fn server_urls(list: &str) -> anyhow::Result<Vec<&str>> {
+    let urls: Vec<&str> = list.split(',').map(str::trim).collect();
+    if urls.iter().any(|url| url.is_empty()) {
+        bail!("--server {list:?} has an empty URL: give URLs separated by single commas");
+    }
+    for url in &urls {
+        if !url.starts_with("ws://") && !url.starts_with("quic://") {
+            bail!("unsupported server URL {url:?}: use ws://HOST:PORT/ws or quic://HOST:PORT");
+        }
+    }
+    Ok(urls)
+}
+
+/// One server, as before there could be several: a quic:// name is looked
+/// up before the first connect.
+async fn connect_one(
+    url: &str,
+    args: &ServerArgs,
+    options: ClientOptions,
+) -> anyhow::Result<Client> {
+    let connected = if url.starts_with("quic://") {
         let connector = QuicConnector::from_url(url, &trust(args)?, &QuicConfig::default()).await?;
         Client::connect(connector, options).await
     } else {
-        bail!("unsupported server URL {url:?}: use ws://HOST:PORT/ws or quic://HOST:PORT")
+        Client::connect(WsConnector::new(url)?, options).await
     };
     connected.with_context(|| format!("cannot reach the server at {url}"))
+}
+
+/// Several servers, tried in the order given.
+fn failover(urls: &[&str], args: &ServerArgs) -> anyhow::Result<FailoverConnector> {
+    let quic = urls.iter().any(|url| url.starts_with("quic://"));
+    // Asked once, so that --insecure warns once and a bad CA file fails
+    // now rather than at every connect.
+    let trust = quic.then(|| trust(args)).transpose()?;
+    if let Some(trust) = &trust {
+        client_config(trust, &QuicConfig::default())?;
+    }
+    let mut servers: Vec<Arc<dyn Connector>> = Vec::with_capacity(urls.len());
+    for url in urls {
+        match &trust {
+            Some(trust) if url.starts_with("quic://") => {
+                servers.push(Arc::new(LazyQuic::new(url, trust.clone())));
+            }
+            _ => servers.push(Arc::new(WsConnector::new(url)?)),
+        }
+    }
+    FailoverConnector::new(servers).context("no server URL given")
+}
+
+/// A quic:// server whose name is looked up (and UDP socket opened) at its
+/// first connect, and again at each connect until that works: a node whose
+/// name does not resolve yet must not keep the client from the others, as
+/// a ws:// node's would not (its name is looked up at each connect).
+struct LazyQuic {
+    url: String,
+    trust: Trust,
+    config: QuicConfig,
+    connector: OnceCell<QuicConnector>,
+}
+
+impl LazyQuic {
+    fn new(url: &str, trust: Trust) -> LazyQuic {
+        LazyQuic {
+            url: url.to_owned(),
+            trust,
+            config: QuicConfig::default(),
+            connector: OnceCell::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl Connector for LazyQuic {
+    async fn connect(&self) -> Result<Arc<dyn Connection>, TransportError> {
+        let make = || QuicConnector::from_url(&self.url, &self.trust, &self.config);
+        let connector = self.connector.get_or_try_init(make).await?;
+        connector.connect().await
+    }
+
+    fn server(&self) -> String {
+        self.url.clone()
+    }
 }
 
 /// Whom a QUIC client trusts.
@@ -47,5 +135,22 @@ fn trust(args: &ServerArgs) -> anyhow::Result<Trust> {
             "a quic:// server needs a certificate to trust: pass --ca FILE (or set \
              DEADBOLT_CA), e.g. the cert.pem in the server's data directory, or --insecure"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_urls;
+
+    #[test]
+    fn one_url_or_several_comma_separated() {
+        assert_eq!(server_urls("ws://a:7420/ws").unwrap(), ["ws://a:7420/ws"]);
+        assert_eq!(
+            server_urls("ws://a:7420/ws, quic://b:7421 ,ws://c/ws").unwrap(),
+            ["ws://a:7420/ws", "quic://b:7421", "ws://c/ws"]
+        );
+        assert!(server_urls("ws://a/ws,,ws://b/ws").is_err());
+        assert!(server_urls("ws://a/ws,").is_err());
+        assert!(server_urls("ws://a/ws,http://b/").is_err());
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Layout: `cli` (the command line), `serve` (the server: flags, sockets
 //! and signals for `deadbolt_server::run`), `commands` (the client
-//! commands), `connect` (server URL → client).
+//! commands), `connect` (server URLs → client, failing over between
+//! several).
 //!
 //! Exit codes of the client commands: 0 done; 1 the answer was "no" (held,
 //! timed out, not held, no such set); 3 the lock was lost while the command

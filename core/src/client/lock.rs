@@ -258,22 +258,23 @@ impl Client {
     /// `not_held` means the grant had already ended (its lease ran out, or
     /// someone unlocked it) — unless an earlier attempt of this call may
     /// have been carried out before its connection broke, in which case it
-    /// is taken as that attempt's success.
+    /// is taken as that attempt's success (so may an `unavailable` one, in a
+    /// cluster; not one refused `overloaded`, or never sent).
     pub async fn unlock(&self, key: &str, token: u64) -> Result<(), Error> {
         let op = Op::Lock(LockOp::Release {
             key: key.to_owned(),
             token,
         });
-        let mut retried = false;
+        let mut earlier_may_have_run = false;
         let result = self
             .call_adapting::<Empty>(|attempt| {
-                retried |= attempt > 0;
+                earlier_may_have_run = attempt.earlier_may_have_run;
                 op.clone()
             })
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(e) if retried && e.code() == Some(ErrorCode::NotHeld) => Ok(()),
+            Err(e) if earlier_may_have_run && e.code() == Some(ErrorCode::NotHeld) => Ok(()),
             Err(e) => Err(e),
         }
     }

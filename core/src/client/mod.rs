@@ -4,17 +4,24 @@
 //! connection to the server) and [`Connection`] (send one request, await
 //! its reply). Everything else lives here once, for every transport:
 //! the `hello` handshake with a client id kept across reconnects, request
-//! ids, reconnecting and retrying after a lost connection, lock guards with
-//! a conservative lease view and auto-renewal ([`lock`]), and distinct-set
-//! handles ([`set`]). The CLI, the benchmark and the simulation hold a
-//! [`Client`] and never know which transport is under it.
+//! ids, reconnecting and retrying after a lost connection, failing over
+//! between several servers ([`failover`]), lock guards with a conservative
+//! lease view and auto-renewal ([`lock`]), and distinct-set handles
+//! ([`set`]). The CLI, the benchmark and the simulation hold a [`Client`]
+//! and never know which transport is under it.
 //!
 //! Every operation of protocol version 1 is safe to retry for the client
 //! that sent it (SPEC sections 2 and 3): a retried `lock` returns the same
 //! token, a retried `insert` the same `first`. So after a lost connection
 //! the client retries the request on a new connection, until the retry
-//! budget ([`ClientOptions::retry_for`]) runs out.
+//! budget ([`ClientOptions::retry_for`]) runs out. A server that answers
+//! `unavailable` (no quorum or no leader, a full disk) or `shutting_down`
+//! is left: the client drops that connection, asks its connector to [fail
+//! over](Connector::fail_over), backs off, and retries on a new connection,
+//! within the same budget and with the same client id. `overloaded` is
+//! retried on the same connection.
 
+pub mod failover;
 pub mod local;
 pub mod lock;
 pub mod set;
@@ -32,6 +39,7 @@ use crate::proto::{
     Request, ServerError, SetOp, StatsReply,
 };
 use crate::shard::hasher::KeyHasher;
+pub use failover::FailoverConnector;
 pub use local::LocalConnector;
 pub use lock::{LockGuard, LockOptions};
 pub use set::DistinctSet;
@@ -80,6 +88,13 @@ pub trait Connector: Send + Sync + 'static {
 
     /// The server's address, for messages.
     fn server(&self) -> String;
+
+    /// The server behind the last connection answered that it cannot
+    /// serve now (`unavailable`, `shutting_down`), and the client dropped
+    /// that connection: the next [`Connector::connect`] should try another
+    /// server first, if this connector knows one ([`FailoverConnector`]).
+    /// By default, nothing: the next connect goes where the last one did.
+    fn fail_over(&self) {}
 }
 
 /// What a client call can fail with.
@@ -244,16 +259,35 @@ impl Client {
                 client: self.inner.client_id.clone(),
             },
         };
-        connection.call(hello).await??;
+        if let Err(error) = connection.call(hello).await? {
+            if cannot_serve(&error) {
+                self.inner.connector.fail_over();
+            }
+            return Err(error.into());
+        }
         *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(Arc::clone(&connection));
         Ok(connection)
     }
 
-    fn forget(&self, broken: &Arc<dyn Connection>) {
+    /// Stops using `broken` for new requests; `true` if it was still the
+    /// current connection (so only one caller acts on its failure).
+    fn forget(&self, broken: &Arc<dyn Connection>) -> bool {
         let mut current = self.inner.current.lock().unwrap_or_else(|p| p.into_inner());
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, broken)) {
+        let was_current = current.as_ref().is_some_and(|c| Arc::ptr_eq(c, broken));
+        if was_current {
             *current = None;
+        }
+        was_current
+    }
+
+    /// Leaves the server behind `connection`, which said it cannot serve
+    /// now: new requests go to a new connection, through the connector's
+    /// next server. Requests still in flight on it (a waiting `lock`) and
+    /// the ephemeral locks it carries keep it open until they are done.
+    fn leave(&self, connection: &Arc<dyn Connection>) {
+        if self.forget(connection) {
+            self.inner.connector.fail_over();
         }
     }
 
@@ -279,10 +313,10 @@ impl Client {
     }
 
     /// [`Client::call_timed`] with the op built anew for each attempt by
-    /// `make_op`, which gets the attempt's number (0 for the first).
+    /// `make_op`, which is told which attempt it is.
     pub(crate) async fn call_adapting<T: FromOkay>(
         &self,
-        mut make_op: impl FnMut(u32) -> Op,
+        mut make_op: impl FnMut(Attempt) -> Op,
     ) -> Result<Timed<T>, Error> {
         // The retry budget counts time without a working connection: it
         // starts at the first failure, and starts again whenever a request
@@ -290,7 +324,7 @@ impl Client {
         // lock that waited a long time and then lost its connection is
         // still retried.
         let mut offline_since: Option<Instant> = None;
-        let mut attempt = 0u32;
+        let mut attempt = Attempt::default();
         loop {
             let op = make_op(attempt);
             let sent_at = Instant::now();
@@ -304,28 +338,20 @@ impl Client {
                 }
                 Err(error) => error,
             };
-            let since = match &error {
-                // The request was on a connection that then failed, or the
-                // server is going away: retry on a new connection.
-                Error::Transport(TransportError::Lost(_)) => Instant::now(),
-                Error::Server(e) if e.code == ErrorCode::ShuttingDown => Instant::now(),
-                // No connection could be opened, or the server refused the
-                // work for now (having done nothing): the outage goes on.
-                Error::Transport(TransportError::Connect { .. }) => {
-                    offline_since.unwrap_or_else(Instant::now)
-                }
-                Error::Server(e) if e.code == ErrorCode::Overloaded => {
-                    offline_since.unwrap_or_else(Instant::now)
-                }
-                _ => return Err(error),
+            let Some(retry) = Retry::after(&error) else {
+                return Err(error);
             };
-            let since = *offline_since.insert(offline_since.map_or(since, |s| s.max(since)));
+            let since = match offline_since {
+                Some(since) if !retry.restarts_budget => since,
+                _ => Instant::now(),
+            };
+            offline_since = Some(since);
             if since.elapsed() >= self.inner.options.retry_for {
                 return Err(error);
             }
-            tracing::debug!(%error, attempt, "retrying after a connection failure");
-            tokio::time::sleep(self.backoff(attempt)).await;
-            attempt += 1;
+            tracing::debug!(%error, attempt = attempt.number, "retrying");
+            tokio::time::sleep(self.backoff(attempt.number)).await;
+            attempt = attempt.next(retry.may_have_run);
         }
     }
 
@@ -337,7 +363,13 @@ impl Client {
             op,
         };
         match connection.call(request).await {
-            Ok(outcome) => Ok((reply_as(kind, outcome?)?, connection)),
+            Ok(Ok(okay)) => Ok((reply_as(kind, okay)?, connection)),
+            Ok(Err(refused)) => {
+                if cannot_serve(&refused) {
+                    self.leave(&connection);
+                }
+                Err(refused.into())
+            }
             Err(error) => {
                 self.forget(&connection);
                 Err(error.into())
@@ -396,6 +428,73 @@ impl Client {
         let many: InsertedMany = self.request(op).await?;
         Ok(many.results)
     }
+}
+
+/// Which attempt of a request the retry loop is making, for an op that
+/// depends on it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Attempt {
+    /// 0 for the first.
+    pub number: u32,
+    /// Whether an earlier attempt may have been carried out: it was sent
+    /// and answered by no reply of its own (its connection broke), or by
+    /// `unavailable` or `shutting_down`, which do not promise that nothing
+    /// changed. (`overloaded` does, and a failed connect sent nothing.)
+    pub earlier_may_have_run: bool,
+}
+
+impl Attempt {
+    fn next(self, this_may_have_run: bool) -> Attempt {
+        Attempt {
+            number: self.number + 1,
+            earlier_may_have_run: self.earlier_may_have_run || this_may_have_run,
+        }
+    }
+}
+
+/// How a failed attempt is retried.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    /// A connection worked until the attempt failed, so the outage (and the
+    /// retry budget) starts now, rather than going on.
+    restarts_budget: bool,
+    /// The attempt may have been carried out.
+    may_have_run: bool,
+}
+
+impl Retry {
+    /// How to retry after `error`; `None` if `error` is the answer.
+    fn after(error: &Error) -> Option<Retry> {
+        let (restarts_budget, may_have_run) = match error {
+            // The request was on a connection that then failed: retry on a
+            // new connection.
+            Error::Transport(TransportError::Lost(_)) => (true, true),
+            // The server is going away (answering what it had in flight,
+            // which may have been carried out): retry on a new connection,
+            // to another server if there is one.
+            Error::Server(e) if e.code == ErrorCode::ShuttingDown => (true, true),
+            // No connection could be opened, or the server refused the work
+            // at the door (`overloaded`): the outage goes on.
+            Error::Transport(TransportError::Connect { .. }) => (false, false),
+            Error::Server(e) if e.code == ErrorCode::Overloaded => (false, false),
+            // No quorum or no leader, a full disk: the outage goes on. In a
+            // cluster a follower also answers it when its link to the
+            // leader broke with the request on it, which the leader may
+            // have carried out (docs/protocol.md).
+            Error::Server(e) if e.code == ErrorCode::Unavailable => (false, true),
+            _ => return None,
+        };
+        Some(Retry {
+            restarts_budget,
+            may_have_run,
+        })
+    }
+}
+
+/// Whether `error` says the server cannot serve now, so that another server
+/// (or a new connection) should be tried.
+fn cannot_serve(error: &ServerError) -> bool {
+    matches!(error.code, ErrorCode::Unavailable | ErrorCode::ShuttingDown)
 }
 
 /// Checks that a reply has the shape of the reply to its request (of
