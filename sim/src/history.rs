@@ -140,17 +140,27 @@ pub enum What {
     /// Node `by` answered a request to readmit `node` with HTTP `status`,
     /// or not at all (0); the operator asks again until it is done.
     ReadmitRefused { node: u64, by: u64, status: u16 },
-    /// A server answered one attempt of a worker's request `ok`, as the
-    /// worker's connection heard it (in a cluster, before the client makes
-    /// anything of it): `op` on `key` (a lock key, or a set) with the
-    /// grant's `token` and the lease's `ttl_ms` where they apply, for the
-    /// attempt sent at `sent_us`.
+    /// A worker's connection sent one attempt of a `lock` or an `extend`
+    /// (in a cluster, as [`crate::tap`] sees it): `op` on `key`, of grant
+    /// `token` for an extend.
+    Sent {
+        op: &'static str,
+        key: String,
+        token: Option<u64>,
+    },
+    /// A server answered one attempt of a worker's request, `ok` or with an
+    /// error, as the worker's connection heard it (in a cluster, before the
+    /// client makes anything of it): `op` on `key` (a lock key, or a set)
+    /// with the grant's `token` and the lease's `ttl_ms` where they apply
+    /// (as answered, or as asked for an error), for the attempt sent at
+    /// `sent_us`.
     Answered {
         op: &'static str,
         key: String,
         token: Option<u64>,
         ttl_ms: Option<u64>,
         sent_us: u64,
+        ok: bool,
     },
     /// The server could not start on its data directory (it is restarted
     /// a while later, as a supervisor would).

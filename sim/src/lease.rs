@@ -29,7 +29,7 @@
 //!   rule if p lies beyond its end plus every such gap since its grant was
 //!   asked for, plus [`SLACK_US`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::checker::Violation;
 use crate::history::{Actor, Event, What};
@@ -37,19 +37,61 @@ use crate::history::{Actor, Event, What};
 /// Rounding: the engine's ticks against the simulated microseconds.
 pub const SLACK_US: u64 = 5_000;
 
-/// One `ok` answer the tap heard.
+/// How long before a grant's first (re)start an attempt that was never
+/// answered may still have been carried out after it: longer than any hold
+/// of a link and any wait for a commit.
+pub const UNANSWERED_WINDOW_US: u64 = 10_000_000;
+
+/// One answer the tap heard.
 #[derive(Debug, Clone, Copy)]
 struct Answer {
     sent_us: u64,
     at_us: u64,
 }
 
-/// A lease's (re)start or a proof that it ran, for one grant.
+/// One answered attempt of a worker on a key: a lease's (re)start, a
+/// proof that it ran, or (refused) what may have restarted it anyway.
 #[derive(Debug, Clone, Copy)]
-struct LeaseEvent {
+struct Attempt {
     op: &'static str,
     answer: Answer,
     ttl_ms: Option<u64>,
+    token: Option<u64>,
+    ok: bool,
+}
+
+impl Attempt {
+    /// The latest end of the lease it may have (re)started: a grant, a
+    /// re-lock or an extend, answered `ok` or refused (an answer
+    /// `unavailable` may still commit, stamped before it was given).
+    fn restart_end_us(&self) -> Option<u64> {
+        matches!(self.op, "lock" | "extend")
+            .then(|| self.answer.at_us + self.ttl_ms.unwrap_or(0) * 1000)
+    }
+}
+
+/// What one worker did on one key, as the tap heard it.
+#[derive(Debug, Default)]
+struct OnKey {
+    answered: Vec<Attempt>,
+    /// When each attempt of a lock or an extend was sent.
+    sent_us: Vec<u64>,
+}
+
+impl OnKey {
+    /// Whether an attempt of a lock or an extend sent within `from_us..=to_us`
+    /// was never answered: it may have restarted the lease at any time.
+    fn unanswered_within(&self, from_us: u64, to_us: u64) -> bool {
+        let answered: BTreeSet<u64> = self
+            .answered
+            .iter()
+            .filter(|a| a.restart_end_us().is_some())
+            .map(|a| a.answer.sent_us)
+            .collect();
+        self.sent_us
+            .iter()
+            .any(|&sent| (from_us..=to_us).contains(&sent) && !answered.contains(&sent))
+    }
 }
 
 /// Checks the lease rule over `events` (a cluster's history).
@@ -62,18 +104,9 @@ pub fn check(events: &[Event]) -> Vec<Violation> {
         .collect();
     let gaps: Vec<(u64, Option<u64>)> = changes.iter().map(|&x| (x, gap(&answers, x))).collect();
     let mut violations = Vec::new();
-    for ((key, token), grant) in grants(events) {
-        for (index, proof) in grant.iter().enumerate() {
-            if !proves_alive(&grant, index) {
-                continue;
-            }
-            let restarts = grant
-                .iter()
-                .enumerate()
-                .filter(|&(other, r)| other != index && is_restart(r))
-                .filter(|(_, r)| r.answer.sent_us <= proof.answer.at_us)
-                .map(|(_, r)| *r);
-            if let Some(violation) = outlived(&key, token, restarts, proof, &gaps) {
+    for ((_, key), on_key) in attempts(events) {
+        for proof in on_key.answered.iter().filter(|a| proves_alive(&on_key, a)) {
+            if let Some(violation) = outlived(&key, &on_key, proof, &gaps) {
                 violations.push(violation);
             }
         }
@@ -84,10 +117,15 @@ pub fn check(events: &[Event]) -> Vec<Violation> {
     violations
 }
 
-/// The answer an event records, if it records one.
+/// The `ok` answer an event records, if it records one.
 fn answer(event: &Event) -> Option<Answer> {
     match (&event.actor, &event.what) {
-        (Actor::Worker(_), What::Answered { sent_us, .. }) => Some(Answer {
+        (
+            Actor::Worker(_),
+            What::Answered {
+                sent_us, ok: true, ..
+            },
+        ) => Some(Answer {
             sent_us: *sent_us,
             at_us: event.at_us,
         }),
@@ -112,72 +150,89 @@ fn gap(answers: &[Answer], x: u64) -> Option<u64> {
     Some(to.saturating_sub(from))
 }
 
-/// Every grant's lease events, by key and token, in the order heard.
-fn grants(events: &[Event]) -> BTreeMap<(String, u64), Vec<LeaseEvent>> {
-    let mut grants: BTreeMap<(String, u64), Vec<LeaseEvent>> = BTreeMap::new();
+/// Every worker's attempts on every lock key, in the order heard.
+fn attempts(events: &[Event]) -> BTreeMap<(usize, String), OnKey> {
+    let mut attempts: BTreeMap<(usize, String), OnKey> = BTreeMap::new();
     for event in events {
-        let What::Answered {
-            op,
-            key,
-            token: Some(token),
-            ttl_ms,
-            sent_us,
-        } = &event.what
-        else {
+        let Actor::Worker(worker) = event.actor else {
             continue;
         };
-        let lease = LeaseEvent {
-            op,
-            answer: Answer {
-                sent_us: *sent_us,
-                at_us: event.at_us,
-            },
-            ttl_ms: *ttl_ms,
-        };
-        grants.entry((key.clone(), *token)).or_default().push(lease);
+        match &event.what {
+            What::Sent { key, .. } => {
+                let on_key = attempts.entry((worker, key.clone())).or_default();
+                on_key.sent_us.push(event.at_us);
+            }
+            What::Answered {
+                op,
+                key,
+                token,
+                ttl_ms,
+                sent_us,
+                ok,
+            } if *op != "insert" => {
+                let attempt = Attempt {
+                    op,
+                    answer: Answer {
+                        sent_us: *sent_us,
+                        at_us: event.at_us,
+                    },
+                    ttl_ms: *ttl_ms,
+                    token: *token,
+                    ok: *ok,
+                };
+                let on_key = attempts.entry((worker, key.clone())).or_default();
+                on_key.answered.push(attempt);
+            }
+            _ => {}
+        }
     }
-    grants
+    attempts
 }
 
-/// Whether a lease event (re)starts the lease: a grant, a re-lock, an
-/// extend.
-fn is_restart(event: &LeaseEvent) -> bool {
-    event.ttl_ms.is_some()
-}
-
-/// Whether the `index`-th event of a grant proves its lease was running
-/// when the leader stamped it: an unlock or an extend answered `ok`, or a
-/// lock answered with the grant's token that was sent after another
-/// (re)start of it had been answered (a re-lock, not the grant itself).
-fn proves_alive(grant: &[LeaseEvent], index: usize) -> bool {
-    let event = &grant[index];
-    match event.op {
+/// Whether `attempt` proves its grant's lease was running when the leader
+/// stamped it: an unlock or an extend answered `ok`, or a lock answered
+/// `ok` with a token of this worker's that another (re)start had been
+/// answered with before it was sent (a re-lock, not the grant itself).
+fn proves_alive(on_key: &OnKey, attempt: &Attempt) -> bool {
+    if !attempt.ok {
+        return false;
+    }
+    match attempt.op {
         "unlock" | "extend" => true,
-        "lock" => grant
-            .iter()
-            .enumerate()
-            .any(|(other, r)| other != index && r.answer.at_us <= event.answer.sent_us),
+        "lock" => on_key.answered.iter().any(|other| {
+            other.ok && other.token == attempt.token && other.answer.at_us <= attempt.answer.sent_us
+        }),
         _ => false,
     }
 }
 
-/// The violation, if `proof` found grant `token` of `key` running past
-/// the latest end its `restarts` allow plus the gaps since they were
-/// asked for.
+/// The violation, if `proof` found its grant running past the latest end
+/// the worker's (re)starts of it allow plus the gaps since they were
+/// asked for; none if an attempt that may have restarted it was never
+/// answered.
 fn outlived(
     key: &str,
-    token: u64,
-    restarts: impl Iterator<Item = LeaseEvent>,
-    proof: &LeaseEvent,
+    on_key: &OnKey,
+    proof: &Attempt,
     gaps: &[(u64, Option<u64>)],
 ) -> Option<Violation> {
-    let (mut ends_by_us, mut asked_us) = (None::<u64>, u64::MAX);
-    for restart in restarts {
-        let end = restart.answer.at_us + restart.ttl_ms.unwrap_or(0) * 1000;
-        ends_by_us = Some(ends_by_us.map_or(end, |e| e.max(end)));
-        asked_us = asked_us.min(restart.answer.sent_us);
+    let token = proof.token?;
+    let before_proof =
+        |a: &&Attempt| !std::ptr::eq(*a, proof) && a.answer.sent_us <= proof.answer.at_us;
+    // Its own (re)starts, and the worker's refused attempts on the key,
+    // which may have been carried out.
+    let restarts: Vec<&Attempt> = on_key
+        .answered
+        .iter()
+        .filter(before_proof)
+        .filter(|a| a.restart_end_us().is_some() && (!a.ok || a.token == Some(token)))
+        .collect();
+    let ends_by_us = restarts.iter().filter_map(|a| a.restart_end_us()).max()?;
+    let asked_us = restarts.iter().map(|a| a.answer.sent_us).min()?;
+    let from_us = asked_us.saturating_sub(UNANSWERED_WINDOW_US);
+    if on_key.unanswered_within(from_us, proof.answer.at_us) {
+        return None;
     }
-    let ends_by_us = ends_by_us?;
     let mut allowance_us = 0;
     for &(x, gap) in gaps {
         if x > asked_us && x <= proof.answer.at_us {
@@ -225,6 +280,20 @@ mod tests {
                 token: Some(token),
                 ttl_ms,
                 sent_us: sent_ms * 1000,
+                ok: true,
+            },
+        )
+    }
+
+    /// Worker 0's attempt of `op` on key `k` sent at `ms`.
+    fn sent(op: &'static str, ms: u64) -> Event {
+        at(
+            ms,
+            Actor::Worker(0),
+            What::Sent {
+                op,
+                key: "k".into(),
+                token: None,
             },
         )
     }
@@ -292,6 +361,45 @@ mod tests {
             answered("lock", 700, 710, 7, Some(500)),
         ];
         assert_eq!(kinds(&late_relock), ["lease outlived its ttl"]);
+    }
+
+    #[test]
+    fn an_extend_never_answered_may_have_restarted_the_lease() {
+        // Seed 4001 once: an extend sent at 1754 reached the leader, its
+        // answer was lost with the connection, and its retry at 2062 found
+        // the lease it had restarted.
+        let events = [
+            leading(0, 1),
+            answered("lock", 923, 949, 2, Some(1084)),
+            sent("extend", 1754),
+            sent("extend", 2062),
+            answered("extend", 2062, 2108, 2, Some(1084)),
+        ];
+        assert!(kinds(&events).is_empty(), "{:?}", kinds(&events));
+        let refused = at(
+            1800,
+            Actor::Worker(0),
+            What::Answered {
+                op: "extend",
+                key: "k".into(),
+                token: Some(2),
+                ttl_ms: Some(1084),
+                sent_us: 1_754_000,
+                ok: false,
+            },
+        );
+        let answered_late = [
+            leading(0, 1),
+            answered("lock", 923, 949, 2, Some(1084)),
+            sent("extend", 1754),
+            refused,
+            sent("extend", 2062),
+            answered("extend", 2062, 2108, 2, Some(1084)),
+        ];
+        assert!(
+            kinds(&answered_late).is_empty(),
+            "a refused extend may still commit, stamped before its answer"
+        );
     }
 
     #[test]

@@ -41,11 +41,12 @@ struct Args {
     /// Run a cluster of three nodes instead of the single server.
     #[arg(long)]
     cluster: bool,
-    /// With `--cluster`: never lose a node's disk (by default the
-    /// schedule may wipe a node's data directory before it restarts; its
-    /// peers refuse it until the simulated operator readmits it).
+    /// With `--cluster`: let the schedule lose a node's disk (its data
+    /// directory wiped before it restarts; its peers refuse it until the
+    /// simulated operator readmits it). Off by default while readmission
+    /// can make the leader's openraft panic (seed 18).
     #[arg(long, requires = "cluster")]
-    no_disk_loss: bool,
+    disk_loss: bool,
 }
 
 fn parse_bug(name: &str) -> Result<Bug, String> {
@@ -67,10 +68,11 @@ fn parse_bug(name: &str) -> Result<Bug, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    deadbolt_sim::world::say_seed_on_panic();
     let options = Options {
         bug: args.bug,
         cluster: args.cluster,
-        disk_loss: args.cluster && !args.no_disk_loss,
+        disk_loss: args.disk_loss,
         // A replayed seed's trace is printed as it happens, so that a run
         // that panics still shows what led to it.
         echo: args.trace && args.seed.is_some(),
@@ -116,6 +118,9 @@ fn replay(seed: u64, options: Options, trace: bool) -> ExitCode {
     let report = run(seed, options);
     if trace {
         println!();
+        for (worker, plan) in report.scenario.workers.iter().enumerate() {
+            println!("worker{worker}: {plan:?}");
+        }
     }
     println!(
         "seed {seed}: {} operations, trace hash {:016x}",

@@ -95,6 +95,10 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
     record(What::Started);
     let client = format!("raw-{me}");
     let mut connection: Option<Connection> = None;
+    // In a cluster it fails over as the Rust client does: a connection
+    // that failed or was refused moves it on to the next node.
+    let hosts = shared.hosts(me);
+    let mut host = 0;
     loop {
         let at = shared.progress.lock().unwrap_or_else(|p| p.into_inner())[me];
         let Some(step) = shared.scenario.workers[me].steps.get(at) else {
@@ -110,7 +114,7 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
         {
             let open = match connection.take() {
                 Some(open) => Ok(open),
-                None => Connection::open(&client, shared.home(me)).await,
+                None => Connection::open(&client, hosts[host % hosts.len()]).await,
             };
             match open {
                 Ok(mut open) => {
@@ -122,9 +126,12 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                     };
                     if counter.run(&mut open, *hold_ms, *relock).await {
                         connection = Some(open);
+                    } else {
+                        host += 1;
                     }
                 }
                 Err(_) => {
+                    host += 1;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
@@ -154,15 +161,26 @@ impl RawCounter<'_> {
     async fn try_lock(&self, connection: &mut Connection) -> Result<Option<(u64, u64)>, String> {
         let sent_us = now_us();
         let request = json!({"op": "lock", "key": self.key, "ttl_ms": self.ttl_ms, "wait_ms": 0});
+        self.tap(What::Sent {
+            op: "lock",
+            key: self.key.to_owned(),
+            token: None,
+        });
         let reply = connection.call(request).await?;
         let ok = &reply["ok"];
         match (ok["token"].as_u64(), ok["ttl_ms"].as_u64()) {
             (Some(token), Some(ttl_ms)) => {
-                self.answered("lock", Some(token), Some(ttl_ms), sent_us);
+                self.answered("lock", Some(token), Some(ttl_ms), sent_us, true);
                 Ok(Some((token, sent_us + ttl_ms * 1000)))
             }
-            _ if reply["err"]["code"] == json!("busy") => Ok(None),
-            _ => Err(reply.to_string()),
+            _ => {
+                self.answered("lock", None, Some(self.ttl_ms), sent_us, false);
+                if reply["err"]["code"] == json!("busy") {
+                    Ok(None)
+                } else {
+                    Err(reply.to_string())
+                }
+            }
         }
     }
 
@@ -231,25 +249,39 @@ impl RawCounter<'_> {
         let sent_us = now_us();
         let reply = connection.call(unlock).await;
         let ok = reply.as_ref().is_ok_and(|r| r.get("ok").is_some());
-        if ok {
-            self.answered("unlock", Some(token), None, sent_us);
+        if reply.is_ok() {
+            self.answered("unlock", Some(token), None, sent_us, ok);
         }
         self.record(What::Unlocked { key, token, ok });
         reply.is_ok()
     }
 
-    /// Records the server's `ok` to `op`, sent at `sent_us`, if the run
-    /// taps its workers (as [`crate::tap`] does for the Rust client's).
-    fn answered(&self, op: &'static str, token: Option<u64>, ttl_ms: Option<u64>, sent_us: u64) {
+    /// Records `what` if the run taps its workers (as [`crate::tap`] does
+    /// for the Rust client's connections).
+    fn tap(&self, what: What) {
         if self.shared.tap {
-            self.record(What::Answered {
-                op,
-                key: self.key.to_owned(),
-                token,
-                ttl_ms,
-                sent_us,
-            });
+            self.record(what);
         }
+    }
+
+    /// Records the server's answer (`ok` or not) to `op`, sent at
+    /// `sent_us`, if the run taps its workers.
+    fn answered(
+        &self,
+        op: &'static str,
+        token: Option<u64>,
+        ttl_ms: Option<u64>,
+        sent_us: u64,
+        ok: bool,
+    ) {
+        self.tap(What::Answered {
+            op,
+            key: self.key.to_owned(),
+            token,
+            ttl_ms,
+            sent_us,
+            ok,
+        });
     }
 
     async fn fenced_read(&self, token: u64, valid_until_us: u64) -> Option<u64> {

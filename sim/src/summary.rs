@@ -19,8 +19,8 @@ pub fn replay_command(seed: u64, options: Options) -> String {
         .map(|b| format!(" --bug {}", b.name()))
         .unwrap_or_default();
     let cluster = match (options.cluster, options.disk_loss) {
-        (true, true) => " --cluster",
-        (true, false) => " --cluster --no-disk-loss",
+        (true, true) => " --cluster --disk-loss",
+        (true, false) => " --cluster",
         (false, _) => "",
     };
     format!("cargo run --release -p deadbolt-sim{features} -- --seed {seed}{cluster}{bug} --trace")
@@ -106,6 +106,7 @@ impl ClusterTotals {
                 w,
                 What::Answered {
                     op: "unlock" | "extend",
+                    ok: true,
                     ..
                 }
             )

@@ -1,10 +1,14 @@
 //! A tap on a Rust-client worker's connections, for the cluster's lease
-//! rules: it records, as [`What::Answered`], every attempt of a `lock`,
-//! `extend`, `unlock` or `insert` that a server answered `ok`, with when
-//! that attempt was sent. The client makes its own sense of answers (it
+//! rule ([`crate::lease`]): it records every attempt of a `lock` or an
+//! `extend` as it is sent ([`What::Sent`]), and every answer to an attempt
+//! of a `lock`, `extend`, `unlock` or `insert` ([`What::Answered`]: `ok`
+//! or an error, with when that attempt was sent). An attempt sent and
+//! never answered (its connection broke, or it was given up) may still
+//! have been carried out. The client makes its own sense of answers (it
 //! retries, takes a retried unlock's `not_held` for the first attempt's
 //! success, re-anchors a long-awaited grant with an extend of its own);
-//! the lease rules need what the server said, attempt by attempt.
+//! the lease rule needs what the servers were asked and said, attempt by
+//! attempt.
 //!
 //! The tap changes nothing the client sends or hears.
 
@@ -49,6 +53,10 @@ impl<C: Connector> Connector for TapConnector<C> {
     fn server(&self) -> String {
         self.inner.server()
     }
+
+    fn fail_over(&self) {
+        self.inner.fail_over();
+    }
 }
 
 /// A tapped connection.
@@ -63,10 +71,16 @@ impl Connection for TapConnection {
     async fn call(&self, request: Request) -> Result<Outcome, TransportError> {
         let sent_us = now_us();
         let asked = Asked::of(&request.op);
+        let record = |what| self.history.record(Actor::Worker(self.worker), what);
+        if let Some(asked) = asked.as_ref().filter(|a| a.restarts()) {
+            record(asked.sent());
+        }
         let outcome = self.inner.call(request).await;
-        if let (Some(asked), Ok(Ok(okay))) = (asked, &outcome) {
-            let what = asked.answered(okay, sent_us);
-            self.history.record(Actor::Worker(self.worker), what);
+        match (asked, &outcome) {
+            (Some(asked), Ok(Ok(okay))) => record(asked.answered(Some(okay), sent_us)),
+            (Some(asked), Ok(Err(_))) => record(asked.answered(None, sent_us)),
+            // No answer: the `Sent` stays without one.
+            _ => {}
         }
         outcome
     }
@@ -85,31 +99,51 @@ struct Asked {
     op: &'static str,
     key: String,
     token: Option<u64>,
+    ttl_ms: Option<u64>,
 }
 
 impl Asked {
     fn of(op: &Op) -> Option<Asked> {
-        let (op, key, token) = match op {
-            Op::Lock(LockOp::Acquire(acquire)) => ("lock", &acquire.key, None),
-            Op::Lock(LockOp::Extend { key, token, .. }) => ("extend", key, Some(*token)),
-            Op::Lock(LockOp::Release { key, token }) => ("unlock", key, Some(*token)),
-            Op::Set(SetOp::Insert { set, .. }) => ("insert", set, None),
+        let (op, key, token, ttl_ms) = match op {
+            Op::Lock(LockOp::Acquire(acquire)) => {
+                ("lock", &acquire.key, None, Some(acquire.ttl_ms))
+            }
+            Op::Lock(LockOp::Extend { key, token, ttl_ms }) => {
+                ("extend", key, Some(*token), Some(*ttl_ms))
+            }
+            Op::Lock(LockOp::Release { key, token }) => ("unlock", key, Some(*token), None),
+            Op::Set(SetOp::Insert { set, .. }) => ("insert", set, None, None),
             _ => return None,
         };
         Some(Asked {
             op,
             key: key.clone(),
             token,
+            ttl_ms,
         })
     }
 
-    /// The record of its `ok` answer `okay`, for the attempt sent at
-    /// `sent_us`.
-    fn answered(self, okay: &Okay, sent_us: u64) -> What {
+    /// Whether it may (re)start a lease: a `lock` or an `extend`.
+    fn restarts(&self) -> bool {
+        matches!(self.op, "lock" | "extend")
+    }
+
+    /// The record of its sending.
+    fn sent(&self) -> What {
+        What::Sent {
+            op: self.op,
+            key: self.key.clone(),
+            token: self.token,
+        }
+    }
+
+    /// The record of its answer, `ok` (`Some`) or an error (`None`), for
+    /// the attempt sent at `sent_us`.
+    fn answered(self, okay: Option<&Okay>, sent_us: u64) -> What {
         let (token, ttl_ms) = match okay {
-            Okay::Granted(granted) => (Some(granted.token), Some(granted.ttl_ms)),
-            Okay::Extended(extended) => (self.token, Some(extended.ttl_ms)),
-            _ => (self.token, None),
+            Some(Okay::Granted(granted)) => (Some(granted.token), Some(granted.ttl_ms)),
+            Some(Okay::Extended(extended)) => (self.token, Some(extended.ttl_ms)),
+            _ => (self.token, self.ttl_ms),
         };
         What::Answered {
             op: self.op,
@@ -117,6 +151,7 @@ impl Asked {
             token,
             ttl_ms,
             sent_us,
+            ok: okay.is_some(),
         }
     }
 }

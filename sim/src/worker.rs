@@ -6,13 +6,17 @@
 //! A request the server refuses (`unavailable`: its disk is full) changed
 //! nothing: a counter step that is refused its lock ends, an insert is
 //! asked again. A request in flight when the server crashes is retried by
-//! the client on a new connection, with the same client id.
+//! the client on a new connection, with the same client id. In a cluster a
+//! worker is given every node, its own first, and the client fails over
+//! between them.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadbolt_core::client::{Client, ClientOptions, Connector, Error, LockGuard, LockOptions};
+use deadbolt_core::client::{
+    Client, ClientOptions, Connector, Error, FailoverConnector, LockGuard, LockOptions,
+};
 use deadbolt_core::proto::{Acquire, LockOp, Op, Wait as WaitFor};
 use deadbolt_transport_quic::QuicConnector;
 use deadbolt_transport_ws::{WsClientConfig, WsConnector};
@@ -40,8 +44,8 @@ pub struct Shared {
     /// The server certificate, for QUIC clients.
     pub ca_pem: Arc<Vec<u8>>,
     /// The hosts workers connect to: the server, or a cluster's nodes;
-    /// worker `me` connects to the `me % len`-th (workers are spread over
-    /// the nodes).
+    /// worker `me` tries the `me % len`-th first (workers are spread over
+    /// the nodes) and fails over to the next.
     pub servers: Arc<Vec<String>>,
     /// Whether WebSocket workers connect to the planted-bug proxy instead.
     pub proxied: bool,
@@ -51,15 +55,23 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The host worker `me` sends its requests to.
-    pub fn home(&self, me: usize) -> &str {
-        &self.servers[me % self.servers.len()]
+    /// The hosts worker `me` may send its requests to, in the order it
+    /// tries them: its home first, then (in a cluster) each other node.
+    pub fn hosts(&self, me: usize) -> Vec<&str> {
+        let n = self.servers.len();
+        (0..n)
+            .map(|i| self.servers[(me + i) % n].as_str())
+            .collect()
     }
 
-    /// The host worker `me` opens WebSocket connections to: its home, or
-    /// the proxy.
-    pub fn ws_host(&self, me: usize) -> &str {
-        if self.proxied { "proxy" } else { self.home(me) }
+    /// The hosts worker `me` opens WebSocket connections to: as
+    /// [`Shared::hosts`], or the proxy.
+    pub fn ws_hosts(&self, me: usize) -> Vec<&str> {
+        if self.proxied {
+            vec!["proxy"]
+        } else {
+            self.hosts(me)
+        }
     }
 
     /// Whether every worker has finished its plan.
@@ -129,9 +141,10 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
     Ok(())
 }
 
-/// Connects worker `me` as `client_id`, retrying until the server answers.
-/// A QUIC endpoint's connection ids are drawn from `quic_host + me`, so
-/// each endpoint of a worker needs a `quic_host` of its own.
+/// Connects worker `me` as `client_id`, retrying until a server answers
+/// (in a cluster, failing over from its home node to the others). A QUIC
+/// endpoint's connection ids are drawn from `quic_host + me`, so each
+/// endpoint of a worker needs a `quic_host` of its own.
 async fn connect(shared: &Shared, me: usize, client_id: String, quic_host: u8) -> Client {
     let options = ClientOptions {
         client_id: Some(client_id),
@@ -141,27 +154,51 @@ async fn connect(shared: &Shared, me: usize, client_id: String, quic_host: u8) -
     };
     loop {
         let connected = match shared.scenario.workers[me].transport {
-            Transport::Ws | Transport::Raw => {
-                let url = format!("ws://{}:{WS_PORT}/ws", shared.ws_host(me));
-                let config = WsClientConfig {
-                    connect_timeout: ms(1000),
-                    ping_interval: ms(250),
-                    silence_timeout: ms(1000),
-                    ..WsClientConfig::default()
-                };
-                match WsConnector::with_dialer(&url, SimDialer) {
-                    Ok(connector) => {
-                        connect_tapped(shared, me, connector.config(config), options.clone()).await
-                    }
-                    Err(e) => Err(e.into()),
-                }
-            }
+            Transport::Ws | Transport::Raw => match ws_connectors(shared, me) {
+                Ok(connectors) => connect_over(shared, me, connectors, options.clone()).await,
+                Err(e) => Err(e.into()),
+            },
             Transport::Quic => connect_quic(shared, me, quic_host, options.clone()).await,
         };
         match connected {
             Ok(client) => return client,
             Err(_) => tokio::time::sleep(ms(200)).await,
         }
+    }
+}
+
+/// A WebSocket connector per host worker `me` may use, in its order.
+fn ws_connectors(
+    shared: &Shared,
+    me: usize,
+) -> Result<Vec<Arc<dyn Connector>>, deadbolt_core::client::TransportError> {
+    let config = WsClientConfig {
+        connect_timeout: ms(1000),
+        ping_interval: ms(250),
+        silence_timeout: ms(1000),
+        ..WsClientConfig::default()
+    };
+    let mut connectors: Vec<Arc<dyn Connector>> = Vec::new();
+    for host in shared.ws_hosts(me) {
+        let url = format!("ws://{host}:{WS_PORT}/ws");
+        let connector = WsConnector::with_dialer(&url, SimDialer)?.config(config.clone());
+        connectors.push(Arc::new(connector));
+    }
+    Ok(connectors)
+}
+
+/// A client on `connectors`, failing over between the nodes of a cluster
+/// in their order (over the one server, a failover connector is that
+/// server's connector).
+async fn connect_over(
+    shared: &Shared,
+    me: usize,
+    connectors: Vec<Arc<dyn Connector>>,
+    options: ClientOptions,
+) -> Result<Client, Error> {
+    match FailoverConnector::new(connectors) {
+        Some(failover) => connect_tapped(shared, me, failover, options).await,
+        None => unreachable!("there is a server"),
     }
 }
 
@@ -182,9 +219,17 @@ async fn connect_quic(
         .await
         .map_err(|e| lost(e.to_string()))?;
     let config = quic_client_config(&shared.ca_pem, host).map_err(|e| lost(e.to_string()))?;
-    let server = SocketAddr::new(turmoil::lookup(shared.home(me)), QUIC_PORT);
-    let connector = QuicConnector::new(endpoint, config, server, "localhost");
-    connect_tapped(shared, me, connector, options).await
+    let connectors = shared
+        .hosts(me)
+        .into_iter()
+        .map(|host| {
+            let server = SocketAddr::new(turmoil::lookup(host), QUIC_PORT);
+            let connector =
+                QuicConnector::new(endpoint.clone(), config.clone(), server, "localhost");
+            Arc::new(connector) as Arc<dyn Connector>
+        })
+        .collect();
+    connect_over(shared, me, connectors, options).await
 }
 
 /// A client on `connector`, tapped if the run taps its workers.

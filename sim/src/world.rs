@@ -51,7 +51,10 @@ pub struct Options {
     /// Run three nodes of a cluster instead of the single server.
     pub cluster: bool,
     /// In a cluster, let the seed's schedule lose a node's disk (its peers
-    /// refuse it until the operator readmits it).
+    /// refuse it until the operator readmits it). Off by default for now:
+    /// readmitting a node whose leader had replicated to its lost disk
+    /// makes openraft panic on the leader ("follower log reversion is not
+    /// allowed"; seed 18 with `--disk-loss`), which aborts the process.
     pub disk_loss: bool,
     /// Print every event of the history as it happens.
     pub echo: bool,
@@ -66,12 +69,13 @@ impl Options {
         }
     }
 
-    /// A cluster whose nodes may lose their disk, with `bug` planted.
+    /// A cluster, with `bug` planted. Its nodes keep their disks: a
+    /// readmitted node may still make its leader panic (see
+    /// [`Options::disk_loss`]).
     pub fn cluster(bug: Option<Bug>) -> Options {
         Options {
             bug,
             cluster: true,
-            disk_loss: true,
             ..Options::default()
         }
     }
@@ -109,8 +113,49 @@ pub(crate) fn worker_name(worker: usize) -> String {
     format!("worker{worker}")
 }
 
+thread_local! {
+    /// The seed this thread is running, for the panic hook.
+    static RUNNING: std::cell::Cell<Option<(u64, Options)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes a panic while a seed runs say which seed it was and how to
+/// replay it, before anything else: a panic inside a simulated host (an
+/// assertion of openraft's, say) unwinds through turmoil's runtimes, which
+/// then abort the whole process, and the seed's report is never made.
+pub fn say_seed_on_panic() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // Once: unwinding through the runtimes panics again.
+            if let Some((seed, options)) = RUNNING.with(std::cell::Cell::take) {
+                let replay = crate::summary::replay_command(seed, options);
+                eprintln!("seed {seed} panicked\n  replay: {replay}");
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// Forgets the running seed when its run ends.
+struct Running;
+
+impl Running {
+    fn start(seed: u64, options: Options) -> Running {
+        RUNNING.with(|running| running.set(Some((seed, options))));
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.with(|running| running.set(None));
+    }
+}
+
 /// Runs `seed` and checks it.
 pub fn run(seed: u64, options: Options) -> Report {
+    let _running = Running::start(seed, options);
     let mut scenario = scenario::scenario(seed);
     if options.cluster {
         let plan = cluster::plan::plan(seed, scenario.faults.len(), options.disk_loss);

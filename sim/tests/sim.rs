@@ -30,6 +30,7 @@ fn env_count(name: &str, default: u64) -> u64 {
 /// Runs `seeds` on two threads (each simulation is single-threaded and
 /// independent), returning the reports in seed order.
 fn run_all(seeds: std::ops::Range<u64>, options: Options) -> Vec<Report> {
+    deadbolt_sim::world::say_seed_on_panic();
     let all: Vec<u64> = seeds.collect();
     let halves: Vec<Vec<u64>> = vec![
         all.iter().copied().step_by(2).collect(),
@@ -64,6 +65,20 @@ fn every_seed_keeps_every_rule_through_every_fault() {
 #[test]
 fn every_cluster_seed_keeps_every_rule_through_every_fault() {
     keeps_every_rule(0..cluster_seed_count(), Options::cluster(None));
+}
+
+/// Ignored until a readmitted node cannot make its leader panic: seed 18
+/// aborts the process with openraft's "follower log reversion is not
+/// allowed" (the leader still counts what it had replicated to the lost
+/// disk). Run with `cargo test -p deadbolt-sim -- --ignored`.
+#[test]
+#[ignore = "readmitting a node that lost its disk can make the leader's openraft panic (seed 18)"]
+fn every_cluster_seed_with_lost_disks_keeps_every_rule() {
+    let options = Options {
+        disk_loss: true,
+        ..Options::cluster(None)
+    };
+    keeps_every_rule(0..cluster_seed_count(), options);
 }
 
 /// Runs `seeds` as `options` say; every one must keep every rule.
@@ -101,8 +116,13 @@ fn the_same_seed_gives_a_byte_identical_trace() {
 
 #[test]
 fn the_same_cluster_seed_gives_a_byte_identical_trace() {
-    // Seed 6 loses a disk, 13 crashes the leader, 20 cuts nodes apart.
-    repeats_exactly([6, 13, 20], Options::cluster(None));
+    // Seed 6 loses a disk (and its node is readmitted), 13 crashes the
+    // leader, 20 cuts nodes apart.
+    let options = Options {
+        disk_loss: true,
+        ..Options::cluster(None)
+    };
+    repeats_exactly([6, 13, 20], options);
 }
 
 /// Each of `seeds` runs the same twice (the second time after other seeds
