@@ -311,7 +311,11 @@ impl Disk for SimDisk {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         self.settle()?;
         fs::rename(from, to)?;
-        if to.extension().is_some_and(|e| e == "snap") {
+        // The single server's snapshots end in `.snap`; a node's Raft
+        // snapshot is `snapshot`.
+        let snapshot = to.extension().is_some_and(|e| e == "snap")
+            || to.file_name().is_some_and(|n| n == "snapshot");
+        if snapshot {
             self.control.count(|s| s.snapshots += 1);
         }
         Ok(())
