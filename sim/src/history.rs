@@ -149,18 +149,18 @@ pub enum What {
         token: Option<u64>,
     },
     /// A server answered one attempt of a worker's request, `ok` or with an
-    /// error, as the worker's connection heard it (in a cluster, before the
-    /// client makes anything of it): `op` on `key` (a lock key, or a set)
-    /// with the grant's `token` and the lease's `ttl_ms` where they apply
-    /// (as answered, or as asked for an error), for the attempt sent at
-    /// `sent_us`.
+    /// error (`refused`: its code), as the worker's connection heard it
+    /// (in a cluster, before the client makes anything of it): `op` on
+    /// `key` (a lock key, or a set) with the grant's `token` and the
+    /// lease's `ttl_ms` where they apply (as answered, or as asked for an
+    /// error), for the attempt sent at `sent_us`.
     Answered {
         op: &'static str,
         key: String,
         token: Option<u64>,
         ttl_ms: Option<u64>,
         sent_us: u64,
-        ok: bool,
+        refused: Option<String>,
     },
     /// The server could not start on its data directory (it is restarted
     /// a while later, as a supervisor would).

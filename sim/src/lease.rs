@@ -123,7 +123,9 @@ fn answer(event: &Event) -> Option<Answer> {
         (
             Actor::Worker(_),
             What::Answered {
-                sent_us, ok: true, ..
+                sent_us,
+                refused: None,
+                ..
             },
         ) => Some(Answer {
             sent_us: *sent_us,
@@ -168,7 +170,7 @@ fn attempts(events: &[Event]) -> BTreeMap<(usize, String), OnKey> {
                 token,
                 ttl_ms,
                 sent_us,
-                ok,
+                refused,
             } if *op != "insert" => {
                 let attempt = Attempt {
                     op,
@@ -178,7 +180,7 @@ fn attempts(events: &[Event]) -> BTreeMap<(usize, String), OnKey> {
                     },
                     ttl_ms: *ttl_ms,
                     token: *token,
-                    ok: *ok,
+                    ok: refused.is_none(),
                 };
                 let on_key = attempts.entry((worker, key.clone())).or_default();
                 on_key.answered.push(attempt);
@@ -280,7 +282,7 @@ mod tests {
                 token: Some(token),
                 ttl_ms,
                 sent_us: sent_ms * 1000,
-                ok: true,
+                refused: None,
             },
         )
     }
@@ -385,7 +387,7 @@ mod tests {
                 token: Some(2),
                 ttl_ms: Some(1084),
                 sent_us: 1_754_000,
-                ok: false,
+                refused: Some("unavailable".into()),
             },
         );
         let answered_late = [

@@ -170,11 +170,11 @@ impl RawCounter<'_> {
         let ok = &reply["ok"];
         match (ok["token"].as_u64(), ok["ttl_ms"].as_u64()) {
             (Some(token), Some(ttl_ms)) => {
-                self.answered("lock", Some(token), Some(ttl_ms), sent_us, true);
+                self.answered("lock", Some(token), Some(ttl_ms), sent_us, &reply);
                 Ok(Some((token, sent_us + ttl_ms * 1000)))
             }
             _ => {
-                self.answered("lock", None, Some(self.ttl_ms), sent_us, false);
+                self.answered("lock", None, Some(self.ttl_ms), sent_us, &reply);
                 if reply["err"]["code"] == json!("busy") {
                     Ok(None)
                 } else {
@@ -249,8 +249,8 @@ impl RawCounter<'_> {
         let sent_us = now_us();
         let reply = connection.call(unlock).await;
         let ok = reply.as_ref().is_ok_and(|r| r.get("ok").is_some());
-        if reply.is_ok() {
-            self.answered("unlock", Some(token), None, sent_us, ok);
+        if let Ok(reply) = &reply {
+            self.answered("unlock", Some(token), None, sent_us, reply);
         }
         self.record(What::Unlocked { key, token, ok });
         reply.is_ok()
@@ -264,23 +264,27 @@ impl RawCounter<'_> {
         }
     }
 
-    /// Records the server's answer (`ok` or not) to `op`, sent at
-    /// `sent_us`, if the run taps its workers.
+    /// Records the server's `reply` to `op`, sent at `sent_us`, if the
+    /// run taps its workers.
     fn answered(
         &self,
         op: &'static str,
         token: Option<u64>,
         ttl_ms: Option<u64>,
         sent_us: u64,
-        ok: bool,
+        reply: &Value,
     ) {
+        let refused = reply.get("ok").is_none().then(|| {
+            let code = reply["err"]["code"].as_str();
+            code.unwrap_or("unknown").to_owned()
+        });
         self.tap(What::Answered {
             op,
             key: self.key.to_owned(),
             token,
             ttl_ms,
             sent_us,
-            ok,
+            refused,
         });
     }
 

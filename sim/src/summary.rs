@@ -106,7 +106,7 @@ impl ClusterTotals {
                 w,
                 What::Answered {
                     op: "unlock" | "extend",
-                    ok: true,
+                    refused: None,
                     ..
                 }
             )

@@ -76,11 +76,9 @@ impl Connection for TapConnection {
             record(asked.sent());
         }
         let outcome = self.inner.call(request).await;
-        match (asked, &outcome) {
-            (Some(asked), Ok(Ok(okay))) => record(asked.answered(Some(okay), sent_us)),
-            (Some(asked), Ok(Err(_))) => record(asked.answered(None, sent_us)),
-            // No answer: the `Sent` stays without one.
-            _ => {}
+        // No answer (the connection broke): the `Sent` stays without one.
+        if let (Some(asked), Ok(answer)) = (asked, &outcome) {
+            record(asked.answered(answer, sent_us));
         }
         outcome
     }
@@ -137,12 +135,12 @@ impl Asked {
         }
     }
 
-    /// The record of its answer, `ok` (`Some`) or an error (`None`), for
-    /// the attempt sent at `sent_us`.
-    fn answered(self, okay: Option<&Okay>, sent_us: u64) -> What {
-        let (token, ttl_ms) = match okay {
-            Some(Okay::Granted(granted)) => (Some(granted.token), Some(granted.ttl_ms)),
-            Some(Okay::Extended(extended)) => (self.token, Some(extended.ttl_ms)),
+    /// The record of its answer, `ok` or an error, for the attempt sent
+    /// at `sent_us`.
+    fn answered(self, answer: &Outcome, sent_us: u64) -> What {
+        let (token, ttl_ms) = match answer {
+            Ok(Okay::Granted(granted)) => (Some(granted.token), Some(granted.ttl_ms)),
+            Ok(Okay::Extended(extended)) => (self.token, Some(extended.ttl_ms)),
             _ => (self.token, self.ttl_ms),
         };
         What::Answered {
@@ -151,7 +149,7 @@ impl Asked {
             token,
             ttl_ms,
             sent_us,
-            ok: okay.is_some(),
+            refused: answer.as_ref().err().map(|e| e.code.as_str().to_owned()),
         }
     }
 }
