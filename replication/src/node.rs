@@ -380,35 +380,49 @@ fn votes(raft: &Raft, node: NodeId) -> bool {
         .any(|v| v == node)
 }
 
-/// How far behind the leader a readmitted node may be to vote again.
-const READMIT_LAG_MAX: u64 = 16;
-
-/// How long a readmission may take.
-const READMIT_PATIENCE: Duration = Duration::from_secs(120);
-
 /// Readmits `node`, which came back without its disk (its peers refuse
 /// it: see [`crate::identity`]): on the leader, takes it out of the
-/// voters (it stays a learner, so it is sent the log or a snapshot),
-/// waits until it has caught up, and makes it a voter again. Safe: once
-/// it is no voter, nobody counts its vote or its acknowledgements, and
-/// it votes again only with the whole log.
+/// membership, adds it back as a learner and waits until it has caught up
+/// (from nothing: the log or a snapshot), and makes it a voter again.
+/// Safe: once it is no voter, nobody counts its vote or its
+/// acknowledgements, and it votes again only with the whole log.
 pub async fn readmit(raft: &Raft, node: NodeId) -> Result<(), Refusal> {
-    let (me, leader) = {
+    let (me, leader, member) = {
         let metrics = raft.metrics();
         let now = metrics.borrow();
-        (now.id, now.current_leader)
+        let member = now
+            .membership_config
+            .nodes()
+            .find(|(id, _)| **id == node)
+            .map(|(_, n)| n.clone());
+        (now.id, now.current_leader, member)
     };
     if leader != Some(me) {
         return Err(Refusal::NotLeader(leader));
     }
     let failed = |what: &str, e: &dyn std::fmt::Display| Refusal::Failed(format!("{what}: {e}"));
+    // Taken out of the membership altogether, not kept as a learner: the
+    // leader's replication progress for it predates the lost disk (nothing
+    // answered since), and counting that stale progress would promote a
+    // node with an empty log. Added back as a new learner, it is caught up
+    // from nothing before it votes again.
+    let member = match member {
+        Some(member) => member,
+        None => return Err(Refusal::Failed(format!("node {node} is not a member"))),
+    };
+    let out = ChangeMembers::RemoveNodes(BTreeSet::from([node]));
     if votes(raft, node) {
-        let out = ChangeMembers::RemoveVoters(BTreeSet::from([node]));
-        raft.change_membership(out, true)
+        let voters = ChangeMembers::RemoveVoters(BTreeSet::from([node]));
+        raft.change_membership(voters, false)
             .await
             .map_err(|e| failed(&format!("taking node {node} out of the voters"), &e))?;
     }
-    wait_caught_up(raft, node).await.map_err(Refusal::Failed)?;
+    raft.change_membership(out, false)
+        .await
+        .map_err(|e| failed(&format!("removing node {node}"), &e))?;
+    raft.add_learner(node, member, true)
+        .await
+        .map_err(|e| failed(&format!("catching node {node} up as a learner"), &e))?;
     let back = ChangeMembers::AddVoterIds(BTreeSet::from([node]));
     raft.change_membership(back, true)
         .await
@@ -426,33 +440,6 @@ pub enum Refusal {
     /// A step failed (the node may be a learner now: run it again).
     #[error("{0}")]
     Failed(String),
-}
-
-/// Waits until the leader has replicated all but a few entries to `node`.
-async fn wait_caught_up(raft: &Raft, node: NodeId) -> Result<(), String> {
-    let mut metrics = raft.metrics();
-    let deadline = tokio::time::Instant::now() + READMIT_PATIENCE;
-    loop {
-        let behind = {
-            let now = metrics.borrow_and_update();
-            let last = now.last_log_index.unwrap_or(0);
-            let matched = now
-                .replication
-                .as_ref()
-                .and_then(|r| r.get(&node).copied().flatten())
-                .map(|m| m.index);
-            matched.map(|m| last.saturating_sub(m))
-        };
-        if behind.is_some_and(|b| b <= READMIT_LAG_MAX) {
-            return Ok(());
-        }
-        let changed = tokio::time::timeout_at(deadline, metrics.changed()).await;
-        match changed {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err("raft stopped".into()),
-            Err(_) => return Err(format!("node {node} did not catch up in time")),
-        }
-    }
 }
 
 impl Node {
