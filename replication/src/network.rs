@@ -61,6 +61,9 @@ enum PeerRequest {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Whether the answering node has never been in a cluster (before a
+    /// new cluster is made: see `node::bootstrap`).
+    Probe,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,6 +71,10 @@ enum PeerReply {
     Append(AppendEntriesResponse<NodeId>),
     Vote(VoteResponse<NodeId>),
     Snapshot(InstallSnapshotResponse<NodeId>),
+    /// Whether it has never been in a cluster (its Raft log is empty).
+    Probe {
+        fresh: bool,
+    },
     /// The receiving node could not handle it (it is shutting down, or
     /// refused a snapshot): the sender retries later.
     Refused(String),
@@ -213,6 +220,17 @@ impl<D: Dialer> PeerClient<D> {
 }
 
 impl<D: Dialer> PeerClient<D> {
+    /// Whether the peer has never been in a cluster; an error if it cannot
+    /// be reached or refuses this node (it remembers another incarnation of
+    /// it: so it has been in a cluster with it).
+    pub async fn probe(&mut self, ttl: Duration) -> Result<bool, String> {
+        match self.call(PeerRequest::Probe, ttl).await {
+            Ok(PeerReply::Probe { fresh }) => Ok(fresh),
+            Ok(_) => Err(unexpected(self.target).to_string()),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
     /// Says hello on a new connection, and checks who answers.
     async fn greet(&self, stream: &mut D::Stream) -> io::Result<()> {
         write_frame(stream, &self.hello).await?;
@@ -371,5 +389,8 @@ async fn handle(raft: &Raft, request: PeerRequest) -> PeerReply {
             .install_snapshot(rpc)
             .await
             .map_or_else(|e| refused(&e), PeerReply::Snapshot),
+        PeerRequest::Probe => PeerReply::Probe {
+            fresh: raft.metrics().borrow().last_log_index.is_none(),
+        },
     }
 }

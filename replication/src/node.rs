@@ -16,6 +16,7 @@ use deadbolt_storage::Disk;
 use deadbolt_transport_ws::{Dialer, Listener};
 use futures_util::FutureExt;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::network::RaftNetworkFactory;
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use tokio::sync::{oneshot, watch};
 
@@ -247,14 +248,15 @@ pub async fn start<L: Listener, D: Dialer + Clone>(
         client_url: cluster.client_url.clone(),
     };
     let network = Peers::new(Arc::new(dialer), hello, Arc::clone(&identities));
+    let probes = network.clone();
     let config = raft_config(&cluster)?;
     let raft = Raft::new(cluster.node, config, network, store, machine)
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
     let _ = raft_cell.set(raft.clone());
-    initialize(&raft, &cluster).await?;
     let (stop, stopped) = watch::channel(false);
     let tasks = vec![
+        tokio::spawn(bootstrap(raft.clone(), cluster.clone(), probes)),
         tokio::spawn(watch_role(raft.clone(), handle, cluster.node)),
         tokio::spawn(serve_peers(
             peers,
@@ -329,18 +331,69 @@ fn raft_config(cluster: &ClusterConfig) -> Result<Arc<Config>, StartError> {
         .map_err(|e| StartError::Config(e.to_string()))
 }
 
-/// Makes the members a cluster, if this node has never been in one. Every
-/// node does this with the same members, which openraft allows (they all
-/// write the same first entry).
-async fn initialize(raft: &Raft, cluster: &ClusterConfig) -> Result<(), StartError> {
-    let members: BTreeMap<NodeId, BasicNode> = cluster
+/// How often a node that has never been in a cluster asks its peers
+/// whether they have.
+const PROBE_EVERY: Duration = Duration::from_millis(100);
+
+/// Makes the members a new cluster, if this node has never been in one
+/// and neither has any other member (every node does this with the same
+/// members, which openraft allows: they all write the same first entry).
+///
+/// A node that comes back without its disk must not do it: with another
+/// such node it would make a majority with an empty state (tokens from 1
+/// again, every set gone). So a node with an empty log waits until every
+/// member has answered that it is new too; if one answers that it is not,
+/// or refuses it (it remembers another incarnation of this node), this
+/// node waits to be readmitted (`deadbolt cluster readmit`), which sends it
+/// the cluster's log.
+async fn bootstrap<D: Dialer>(raft: Raft, cluster: ClusterConfig, mut peers: Peers<D>) {
+    let mut clients = Vec::new();
+    for (&id, addr) in cluster
         .members
         .iter()
-        .map(|(id, addr)| (*id, BasicNode::new(addr)))
-        .collect();
-    match raft.initialize(members).await {
-        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
-        Err(error) => Err(StartError::Raft(error.to_string())),
+        .filter(|(id, _)| **id != cluster.node)
+    {
+        clients.push((id, peers.new_client(id, &BasicNode::new(addr)).await));
+    }
+    let mut said = false;
+    loop {
+        if raft.metrics().borrow().last_log_index.is_some() {
+            return;
+        }
+        let mut all_fresh = true;
+        for (id, client) in &mut clients {
+            match client.probe(PROBE_EVERY * 5).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(
+                        node = id,
+                        "this node's Raft log is empty but node {id}'s is not: waiting to be readmitted (deadbolt cluster readmit {})",
+                        cluster.node
+                    );
+                    return;
+                }
+                Err(why) => {
+                    if !said {
+                        tracing::info!(%why, "a new cluster starts when every member is up");
+                        said = true;
+                    }
+                    all_fresh = false;
+                }
+            }
+        }
+        if all_fresh {
+            let members: BTreeMap<NodeId, BasicNode> = cluster
+                .members
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode::new(addr)))
+                .collect();
+            match raft.initialize(members).await {
+                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(error) => tracing::error!(%error, "cannot make the cluster"),
+            }
+            return;
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
     }
 }
 
