@@ -85,15 +85,15 @@ impl Http {
     /// connection stays open.
     async fn read_response(&mut self) -> anyhow::Result<(Response, bool)> {
         loop {
-            if let Some(head) = parse_head(&self.buf)? {
-                if let Some((body, used)) = body(&head, &self.buf[head.len..])? {
-                    self.buf.drain(..head.len + used);
-                    let response = Response {
-                        status: head.status,
-                        body,
-                    };
-                    return Ok((response, !head.close));
-                }
+            if let Some(head) = parse_head(&self.buf)?
+                && let Some((body, used)) = body(&head, &self.buf[head.len..])?
+            {
+                self.buf.drain(..head.len + used);
+                let response = Response {
+                    status: head.status,
+                    body,
+                };
+                return Ok((response, !head.close));
             }
             let stream = self.stream.as_mut().context("no connection")?;
             if stream.read_buf(&mut self.buf).await? == 0 {
@@ -196,12 +196,9 @@ fn dechunk(buf: &[u8]) -> anyhow::Result<Option<(Vec<u8>, usize)>> {
         at += size_len;
         let size = usize::try_from(size).context("a chunk too large")?;
         if size == 0 {
-            // The last chunk: no trailers from this server, then a blank line.
-            return Ok(match buf.get(at..at + 2) {
-                Some(b"\r\n") => Some((data, at + 2)),
-                Some(_) => bail!("trailers after the last chunk"),
-                None => None,
-            });
+            // The last chunk, then trailer lines (the gateway sends one with
+            // an error) up to a blank line.
+            return Ok(trailers_end(&buf[at..]).map(|end| (data, at + end)));
         }
         match buf.get(at..at + size + 2) {
             Some(chunk) if chunk.ends_with(b"\r\n") => data.extend_from_slice(&chunk[..size]),
@@ -210,6 +207,17 @@ fn dechunk(buf: &[u8]) -> anyhow::Result<Option<(Vec<u8>, usize)>> {
         }
         at += size + 2;
     }
+}
+
+/// The length of the trailer section at the start of `buf`, its blank line
+/// included, or `None` if it is not all there yet.
+fn trailers_end(buf: &[u8]) -> Option<usize> {
+    if buf.starts_with(b"\r\n") {
+        return Some(2);
+    }
+    buf.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| at + 4)
 }
 
 #[cfg(test)]
@@ -257,6 +265,22 @@ mod tests {
         assert_eq!(&chunks[used..], b"HTTP/1.1 next");
         for cut in 0..used {
             assert_eq!(dechunk(&chunks[..cut]).unwrap(), None, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn an_error_answer_ends_after_its_trailer() {
+        // Verbatim from etcd 3.4.23's gateway, refusing a transaction.
+        let answer = b"HTTP/1.1 400 Bad Request\r\nAccess-Control-Allow-Headers: accept, content-type, authorization\r\nAccess-Control-Allow-Methods: POST, GET, OPTIONS, PUT, DELETE\r\nAccess-Control-Allow-Origin: *\r\nContent-Type: application/json\r\nTrailer: Grpc-Trailer-Content-Type\r\nDate: Mon, 30 Nov 2026 12:32:54 GMT\r\nTransfer-Encoding: chunked\r\n\r\n7e\r\n{\"error\":\"etcdserver: too many operations in txn request\",\"message\":\"etcdserver: too many operations in txn request\",\"code\":3}\r\n0\r\nGrpc-Trailer-Content-Type: application/grpc\r\n\r\n";
+        let head = parse_head(answer).unwrap().unwrap();
+        assert_eq!(head.status, 400);
+        let rest = &answer[head.len..];
+        let (data, used) = body(&head, rest).unwrap().unwrap();
+        assert!(data.starts_with(b"{\"error\":\"etcdserver: too many operations"));
+        assert!(data.ends_with(b"\"code\":3}"));
+        assert_eq!(used, rest.len());
+        for cut in 0..used {
+            assert_eq!(body(&head, &rest[..cut]).unwrap(), None, "cut at {cut}");
         }
     }
 

@@ -32,10 +32,15 @@ use self::api::{Api, Txn, lock_key};
 use super::{Conn, Durability, Held, Skipped, System};
 use crate::procs::{self, Scratch, Server, Tail};
 
+/// Keys per insert transaction: a batch of the harness's (1000 keys) is one
+/// transaction, as it is one request for every other system.
+const BATCH: usize = 1000;
+
 /// Operations per transaction etcd accepts (`--max-txn-ops`, default 128),
-/// raised so that a batch of 1000 inserts is one transaction, as it is one
-/// request for every other system.
-const MAX_TXN_OPS: usize = 1000;
+/// raised for [`BATCH`]: a nested transaction may only use what its outer
+/// one leaves (`checkTxnRequest`: the limit less the outer count), so 1000
+/// nested transactions of one put each need a limit above 1000.
+const MAX_TXN_OPS: usize = 2 * BATCH;
 
 /// Which members the harness's connections go to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,7 +399,7 @@ impl Conn for EtcdConn {
             return Ok(vec![self.api.txn(&txn).await?.succeeded]);
         }
         let mut new = vec![false; keys.len()];
-        for chunk in firsts(keys).chunks(MAX_TXN_OPS) {
+        for chunk in firsts(keys).chunks(BATCH) {
             let members: Vec<Vec<u8>> = chunk.iter().map(|&i| member_key(set, &keys[i])).collect();
             let txn = Txn::create_each(members.iter().map(Vec::as_slice), Some(lease));
             let answers = self.api.txn(&txn).await?.nested()?;
