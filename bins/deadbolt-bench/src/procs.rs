@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, Command};
 
 /// The core the servers run on; the harness takes the other(s).
@@ -207,10 +207,15 @@ impl Tail {
 
     /// Reads `stderr` to its end in the background.
     pub fn follow(stderr: tokio::process::ChildStderr) -> Tail {
+        Tail::follow_lines(BufReader::new(stderr).lines())
+    }
+
+    /// Reads the rest of `lines` (a stderr partly read already) in the
+    /// background.
+    pub fn follow_lines(mut lines: Lines<BufReader<tokio::process::ChildStderr>>) -> Tail {
         let tail = Tail::default();
         let kept = tail.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let mut kept = kept.0.lock().unwrap_or_else(|p| p.into_inner());
                 if kept.len() == Tail::LINES {

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use super::deadbolt::{binary, conn, serve_help};
 use super::etcd::Clients;
 use super::{Conn, Durability, Skipped, System};
-use crate::procs::{self, Scratch, Server};
+use crate::procs::{self, Scratch, Server, Tail};
 
 /// Nodes in the group.
 const NODES: usize = 3;
@@ -44,6 +44,8 @@ struct Node {
     peer: String,
     /// Where its WebSocket clients connect.
     ws_url: String,
+    /// The end of its log, to say why it stopped answering.
+    log: Tail,
 }
 
 /// A running three-node deadbolt.
@@ -69,7 +71,7 @@ impl DeadboltCluster {
     ) -> anyhow::Result<DeadboltCluster> {
         let bin = binary()?;
         let help = serve_help(&bin).await?;
-        if !help.contains("--cluster") {
+        if !has_flag(&help, "--cluster") {
             return Err(Skipped(
                 "`deadbolt serve --help` has no --cluster flag: this build has no 3-node cluster"
                     .into(),
@@ -78,7 +80,7 @@ impl DeadboltCluster {
         }
         let (mut nodes, data) = launch(&bin, &help, durability)?;
         for node in &mut nodes {
-            node.ws_url = listening(&mut node.server)
+            (node.ws_url, node.log) = listening(&mut node.server)
                 .await
                 .with_context(|| format!("node {}", node.id))?;
         }
@@ -119,9 +121,9 @@ fn launch(
         .collect::<Vec<_>>()
         .join(",");
     let fsync = fsync_args(help, durability)?;
-    // The WebSocket flag as announced is `--listen`; today's server calls
-    // it `--ws`.
-    let listen = if help.contains("--listen") {
+    // The WebSocket flag was announced as `--listen`; the server calls it
+    // `--ws`.
+    let listen = if has_flag(help, "--listen") {
         "--listen"
     } else {
         "--ws"
@@ -166,6 +168,7 @@ fn launch(
             server,
             peer,
             ws_url: String::new(),
+            log: Tail::default(),
         });
     }
     Ok((nodes, data))
@@ -176,17 +179,27 @@ fn launch(
 fn fsync_args(help: &str, durability: Durability) -> anyhow::Result<Vec<String>> {
     match durability {
         Durability::Memory => Ok(Vec::new()),
-        _ if !help.contains("--fsync") => {
+        _ if !has_flag(help, "--fsync") => {
             Err(Skipped("`deadbolt serve --help` has no --fsync".into()).into())
         }
         durable => Ok(vec!["--fsync".to_owned(), durable.to_string()]),
     }
 }
 
+/// Whether `deadbolt serve --help` lists `flag` (as a flag, not inside
+/// another's name or text).
+fn has_flag(help: &str, flag: &str) -> bool {
+    help.lines().any(|line| {
+        line.split_whitespace()
+            .take(2)
+            .any(|word| word.trim_end_matches(',') == flag)
+    })
+}
+
 /// Waits until the node says where it listens (`… listening on
-/// ws://ADDR/ws` on stderr, as a single server does): its URL. The rest of
-/// its log is drained so that it never blocks writing it.
-async fn listening(server: &mut Server) -> anyhow::Result<String> {
+/// ws://ADDR/ws` on stderr, as a single server does): its URL, and the rest
+/// of its log, read as it comes so that it never blocks writing it.
+async fn listening(server: &mut Server) -> anyhow::Result<(String, Tail)> {
     let stderr = server.stderr().context("server stderr")?;
     let mut lines = BufReader::new(stderr).lines();
     let mut said = Vec::new();
@@ -204,10 +217,7 @@ async fn listening(server: &mut Server) -> anyhow::Result<String> {
     })
     .await;
     match found {
-        Ok(Ok(Some(url))) => {
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            Ok(url)
-        }
+        Ok(Ok(Some(url))) => Ok((url, Tail::follow_lines(lines))),
         Ok(Ok(None)) => bail!("exited before it listened: {}", said.join(" / ")),
         Ok(Err(error)) => Err(error),
         Err(_) => bail!(
@@ -269,10 +279,16 @@ async fn leader(bin: &Path, nodes: &[Node]) -> anyhow::Result<String> {
     }
 }
 
-/// The leader's node id in `deadbolt cluster status`'s text: on the first
-/// line that says "leader", the node whose peer or WebSocket address it
-/// names, else the first node id after the word.
+/// The leader's node id in what `deadbolt cluster status` prints: its
+/// `leader` field if that is JSON, else, on the first line that says
+/// "leader", the node whose peer or WebSocket address it names, or the
+/// first node id after the word.
 fn leader_in(status: &str, nodes: &[(usize, &str, &str)]) -> Option<usize> {
+    let known = |id: usize| nodes.iter().any(|(n, _, _)| *n == id);
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(status) {
+        let id = usize::try_from(json.get("leader")?.as_u64()?).ok()?;
+        return known(id).then_some(id);
+    }
     let line = status
         .lines()
         .find(|l| l.to_ascii_lowercase().contains("leader"))?;
@@ -287,7 +303,7 @@ fn leader_in(status: &str, nodes: &[(usize, &str, &str)]) -> Option<usize> {
     after
         .split(|c: char| !c.is_ascii_alphanumeric())
         .filter_map(|word| word.parse::<usize>().ok())
-        .find(|id| nodes.iter().any(|(n, _, _)| n == id))
+        .find(|&id| known(id))
 }
 
 #[async_trait]
@@ -314,8 +330,15 @@ impl System for DeadboltCluster {
 
     async fn connect(&self) -> anyhow::Result<Box<dyn Conn>> {
         let url = &self.urls[self.next.fetch_add(1, Ordering::Relaxed) % self.urls.len()];
-        let client = Client::connect(WsConnector::new(url)?, ClientOptions::default()).await?;
-        Ok(conn(client))
+        match Client::connect(WsConnector::new(url)?, ClientOptions::default()).await {
+            Ok(client) => Ok(conn(client)),
+            Err(error) => {
+                // Say what the node said last: it may have died.
+                let node = self.nodes.iter().find(|n| &n.ws_url == url);
+                let said = node.map(|n| n.log.text()).unwrap_or_default();
+                Err(anyhow::Error::new(error).context(format!("{url}; its log ends: {said}")))
+            }
+        }
     }
 
     fn cpu(&self) -> Duration {
@@ -340,6 +363,38 @@ mod tests {
         (2, "127.0.0.1:4002", "ws://127.0.0.1:5002/ws"),
         (3, "127.0.0.1:4003", "ws://127.0.0.1:5003/ws"),
     ];
+
+    #[test]
+    fn the_leader_is_read_from_cluster_status() {
+        // Verbatim from a pre-release `deadbolt cluster status`, asked of a
+        // follower.
+        let status = r#"{
+  "node": 1,
+  "state": "follower",
+  "term": 2,
+  "leader": 2,
+  "last_log_index": 3872,
+  "applied_index": 3872,
+  "snapshot_index": null,
+  "members": {
+    "1": "127.0.0.1:7531",
+    "2": "127.0.0.1:7532",
+    "3": "127.0.0.1:7533"
+  },
+  "lag": null,
+  "millis_since_quorum_ack": null
+}"#;
+        assert_eq!(leader_in(status, &NODES), Some(2));
+        assert_eq!(leader_in(r#"{"leader": null, "term": 3}"#, &NODES), None);
+    }
+
+    #[test]
+    fn flags_are_told_from_text_that_mentions_them() {
+        let help = "      --ws <WS>\n      --cluster <CLUSTER>\n          clients: give `--ws` an address\n  -l, --listen-peer <P>\n";
+        assert!(has_flag(help, "--ws") && has_flag(help, "--cluster"));
+        assert!(!has_flag(help, "--listen"));
+        assert!(!has_flag(help, "--fsync"));
+    }
 
     #[test]
     fn the_leader_is_found_by_id_or_by_address() {

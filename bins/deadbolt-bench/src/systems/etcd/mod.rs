@@ -264,9 +264,17 @@ impl System for Etcd {
     }
 
     async fn connect(&self) -> anyhow::Result<Box<dyn Conn>> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        let addr = self.endpoints[self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len()];
+        let api = Api::connect(addr).await.with_context(|| {
+            // Say what the member said last: it may have died.
+            let member = self.members.iter().find(|m| m.client == addr);
+            format!(
+                "its log ends: {}",
+                member.map(|m| m.log.text()).unwrap_or_default()
+            )
+        })?;
         Ok(Box::new(EtcdConn {
-            api: Api::connect(self.endpoints[i]).await?,
+            api,
             sessions: HashMap::new(),
             sets: self.sets.clone(),
             lock_requests: 0,
