@@ -1,6 +1,7 @@
-//! `deadbolt-bench`: deadbolt against Redis, memcached and PostgreSQL on one
-//! machine, in one run, every system through every scenario. A benchmark,
-//! not a test: it prints tables and asserts nothing about speed.
+//! `deadbolt-bench`: deadbolt against Redis, memcached, PostgreSQL and etcd
+//! on one machine, in one run, every system through every scenario it
+//! supports. A benchmark, not a test: it prints tables and asserts nothing
+//! about speed.
 //!
 //! Each peer is started from its Debian package on loopback, one at a
 //! time, pinned to its own core, with the harness on the other(s):
@@ -8,7 +9,10 @@
 //! or `deadbolt-bench --quick` (about a minute). Every system runs in
 //! memory unless `--durability durable` (or `all`) asks for the rows that
 //! write to disk: deadbolt `--fsync always` and `every=10ms`, Redis
-//! `appendfsync always` and `everysec`, PostgreSQL with synchronous commit.
+//! `appendfsync always` and `everysec`, PostgreSQL with synchronous commit,
+//! etcd as shipped. Replicated rows: etcd with three members, and deadbolt
+//! with three nodes once `deadbolt serve` has `--cluster` (skipped until
+//! then), all processes of a cluster on the one server core.
 //! `deadbolt-bench transports` compares deadbolt's two transports and QUIC
 //! under loss; `deadbolt-bench restart` measures a durable deadbolt's
 //! restart time and data directory size.
@@ -16,8 +20,10 @@
 //! Layout: `systems` (one module per peer, behind one trait, each started
 //! with a `Durability`), `scenarios` (the five measurements), `report`
 //! (tables, JSON, SVG), `procs` (server processes, CPU and memory from
-//! /proc), `transports`, `restart`.
+//! /proc), `http` (the HTTP/1.1 client etcd's JSON gateway needs),
+//! `transports`, `restart`.
 
+mod http;
 mod procs;
 mod report;
 mod restart;
@@ -32,13 +38,15 @@ use clap::{Parser, Subcommand};
 
 use report::{Run, SystemRun};
 use scenarios::Size;
+use systems::cluster::DeadboltCluster;
 use systems::deadbolt::{Deadbolt, Frontend, NoDurability};
+use systems::etcd::{Clients, Etcd};
 use systems::memcached::Memcached;
 use systems::postgres::Postgres;
 use systems::redis::Redis;
-use systems::{Durability, System};
+use systems::{Durability, Skipped, System};
 
-/// deadbolt against Redis, memcached and PostgreSQL.
+/// deadbolt against Redis, memcached, PostgreSQL and etcd.
 #[derive(Debug, Parser)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Args {
@@ -63,14 +71,17 @@ struct CompareArgs {
     /// About a minute in all, instead of the full sizes.
     #[arg(long)]
     quick: bool,
-    /// Only these systems: deadbolt-ws, deadbolt-quic, redis, memcached,
-    /// postgres.
+    /// Only these systems (or every row whose name starts so): deadbolt-ws,
+    /// deadbolt-quic, redis, memcached, postgres, etcd (one member),
+    /// etcd-3 and etcd-3-leader (three members; clients on all, or on the
+    /// leader), deadbolt-3 and deadbolt-3-leader (three nodes).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Which rows by durability: in memory (as published), the durable
-    /// ones (deadbolt-ws --fsync always and every=10ms, redis with
-    /// appendfsync always and everysec, postgres with synchronous commit),
-    /// or all.
+    /// Which rows by durability: in memory (as published; etcd and the
+    /// clusters with their data on tmpfs), the durable ones (deadbolt-ws
+    /// --fsync always and every=10ms, redis with appendfsync always and
+    /// everysec, postgres with synchronous commit, etcd as shipped, the
+    /// clusters on disk), or all.
     #[arg(long, value_enum, default_value_t = Rows::Memory)]
     durability: Rows,
     /// Print the tables and draw the chart of an earlier run's JSON,
@@ -106,18 +117,27 @@ struct Row {
 }
 
 /// Every row, in table order: in memory, then fsync before each reply, then
-/// fsync on a timer. Durable deadbolt is measured over WebSocket only: the
-/// log is behind the engine, the same for both frontends.
-const ROWS: [Row; 11] = [
+/// fsync on a timer; single servers, then the replicated ones. Durable
+/// deadbolt is measured over WebSocket only: the log is behind the engine,
+/// the same for both frontends.
+const ROWS: [Row; 19] = [
     Row::new("deadbolt-ws", Durability::Memory),
     Row::new("deadbolt-quic", Durability::Memory),
     Row::new("redis", Durability::Memory),
     Row::new("redis-1ms", Durability::Memory),
     Row::new("memcached", Durability::Memory),
     Row::new("postgres", Durability::Memory),
+    Row::new("etcd", Durability::Memory),
+    Row::new("deadbolt-3", Durability::Memory),
+    Row::new("deadbolt-3-leader", Durability::Memory),
+    Row::new("etcd-3", Durability::Memory),
+    Row::new("etcd-3-leader", Durability::Memory),
     Row::new("deadbolt-ws", Durability::Always),
     Row::new("redis", Durability::Always),
     Row::new("postgres", Durability::Always),
+    Row::new("etcd", Durability::Always),
+    Row::new("deadbolt-3", Durability::Always),
+    Row::new("etcd-3", Durability::Always),
     Row::new("deadbolt-ws", Durability::Periodic { every_ms: 10 }),
     Row::new("redis", Durability::Periodic { every_ms: 1000 }),
 ];
@@ -132,6 +152,33 @@ enum Scenario {
     Storm,
 }
 
+impl Scenario {
+    const ALL: [Scenario; 5] = [
+        Scenario::Cycles,
+        Scenario::Handoff,
+        Scenario::Distinct,
+        Scenario::Memory,
+        Scenario::Storm,
+    ];
+
+    /// As the tables name it.
+    fn label(self) -> &'static str {
+        match self {
+            Scenario::Cycles => "lock+unlock cycles",
+            Scenario::Handoff => "hand-off",
+            Scenario::Distinct => "distinct insert",
+            Scenario::Memory => "memory per entry",
+            Scenario::Storm => "expiry storm",
+        }
+    }
+}
+
+/// Why etcd has no expiry storm.
+const ETCD_STORM: &str = "an etcd lease belongs to a session (one per connection here), not to \
+    a lock: a lease per lock costs two raft writes per lock, more than the rates above allow \
+    for 100,000 locks within the storm's 6 s lease, and etcd revokes at most 1,000 expired \
+    leases a second (its lessor's leaseRevokeRate)";
+
 impl Row {
     const fn new(system: &'static str, durability: Durability) -> Row {
         Row { system, durability }
@@ -139,16 +186,32 @@ impl Row {
 
     /// Whether this row runs `scenario`.
     fn runs(self, scenario: Scenario) -> bool {
+        self.skips(scenario).is_none()
+    }
+
+    /// Why this row does not run `scenario`, if it does not.
+    fn skips(self, scenario: Scenario) -> Option<&'static str> {
         let durable = self.durability != Durability::Memory;
-        match self.system {
-            // Polling every millisecond only changes how waiters wait.
-            "redis-1ms" => matches!(scenario, Scenario::Handoff | Scenario::Storm),
-            // Advisory locks are never logged: durability changes the set
-            // only, and the lock rows would repeat the in-memory ones.
-            "postgres" if durable => scenario == Scenario::Distinct,
-            // Durability does not change resident memory; `restart`
-            // measures the disk.
-            _ => !(durable && scenario == Scenario::Memory),
+        let replicated = self.system.starts_with("etcd-3") || self.system.starts_with("deadbolt-3");
+        match (self.system, scenario) {
+            ("redis-1ms", Scenario::Cycles | Scenario::Distinct | Scenario::Memory) => {
+                Some("polling every millisecond only changes how waiters wait")
+            }
+            ("postgres", s) if durable && s != Scenario::Distinct => Some(
+                "advisory locks are never logged: the lock rows would repeat the in-memory ones",
+            ),
+            (_, Scenario::Memory) if durable => Some(
+                "durability does not change resident memory (`deadbolt-bench restart` measures \
+                 the disk)",
+            ),
+            (_, Scenario::Memory) if replicated => {
+                Some("every node keeps a whole copy: the one-node row measures it")
+            }
+            (system, Scenario::Storm) if system.starts_with("etcd") => Some(ETCD_STORM),
+            (system, Scenario::Storm) if system.ends_with("-leader") => {
+                Some("the row with clients on every node measures it")
+            }
+            _ => None,
         }
     }
 
@@ -212,6 +275,11 @@ async fn start(row: Row) -> anyhow::Result<Box<dyn System>> {
     Ok(match row.system {
         "deadbolt-ws" => Box::new(Deadbolt::start(Frontend::Ws, durability).await?),
         "deadbolt-quic" => Box::new(Deadbolt::start(Frontend::Quic, durability).await?),
+        "deadbolt-3" => Box::new(DeadboltCluster::start(Clients::All, durability).await?),
+        "deadbolt-3-leader" => Box::new(DeadboltCluster::start(Clients::Leader, durability).await?),
+        "etcd" => Box::new(Etcd::start(1, Clients::All, durability).await?),
+        "etcd-3" => Box::new(Etcd::start(3, Clients::All, durability).await?),
+        "etcd-3-leader" => Box::new(Etcd::start(3, Clients::Leader, durability).await?),
         "redis" => Box::new(Redis::start(Duration::ZERO, durability).await?),
         "redis-1ms" => Box::new(Redis::start(Duration::from_millis(1), durability).await?),
         // memcached keeps nothing: it has no durable row.
@@ -255,7 +323,9 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
         eprintln!("== {row}");
         match measure(row, size).await {
             Ok(system) => run.systems.push(system),
-            Err(error) if error.is::<NoDurability>() => eprintln!("{row}: skipped: {error}"),
+            Err(error) if error.is::<NoDurability>() || error.is::<Skipped>() => {
+                eprintln!("{row}: skipped: {error}");
+            }
             Err(error) => eprintln!("{row}: could not start: {error:#}"),
         }
     }
@@ -287,6 +357,11 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
         name: system.name(),
         tier: system.tier(),
         durability: row.durability,
+        nodes: system.nodes(),
+        not_run: Scenario::ALL
+            .into_iter()
+            .filter_map(|s| Some(format!("{}: {}", s.label(), row.skips(s)?)))
+            .collect(),
         cycles: Vec::new(),
         handoff: Vec::new(),
         distinct: Vec::new(),
@@ -348,14 +423,19 @@ fn machine() -> String {
         .find_map(|l| l.strip_prefix("model name"))
         .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
         .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // The machine's, not what the pinned harness may use
+    // (available_parallelism says 1 once the harness is pinned).
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let memory_gib = meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|kb| kb.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
-    format!("{model}, {cores} cores (as the harness sees them), {memory_gib:.0} GiB")
+    format!("{model}, {cores} cores, {memory_gib:.0} GiB")
 }
 
 #[cfg(test)]
@@ -378,8 +458,39 @@ mod tests {
                 "redis-1ms (memory)",
                 "memcached (memory)",
                 "postgres (memory)",
+                "etcd (memory)",
+                "deadbolt-3 (memory)",
+                "deadbolt-3-leader (memory)",
+                "etcd-3 (memory)",
+                "etcd-3-leader (memory)",
             ]
         );
+    }
+
+    #[test]
+    fn only_etcd_picks_every_etcd_row_and_no_other() {
+        assert_eq!(
+            names(&wanted(&["etcd".to_owned()], Rows::All)),
+            [
+                "etcd (memory)",
+                "etcd-3 (memory)",
+                "etcd-3-leader (memory)",
+                "etcd (always)",
+                "etcd-3 (always)",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_scenario_a_row_leaves_out_says_why() {
+        let etcd = Row::new("etcd", Durability::Memory);
+        assert!(etcd.runs(Scenario::Cycles) && etcd.runs(Scenario::Memory));
+        assert_eq!(etcd.skips(Scenario::Storm), Some(ETCD_STORM));
+        let cluster = Row::new("deadbolt-3", Durability::Memory);
+        assert!(cluster.runs(Scenario::Storm));
+        assert!(cluster.skips(Scenario::Memory).is_some());
+        let leader = Row::new("deadbolt-3-leader", Durability::Memory);
+        assert!(leader.runs(Scenario::Handoff) && leader.skips(Scenario::Storm).is_some());
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! waiting until they listen, stopping them by a signal, and reading their
 //! CPU time and memory from `/proc` and their files' size.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, Command};
 
 /// The core the servers run on; the harness takes the other(s).
@@ -129,7 +132,13 @@ impl Drop for Server {
 
 /// A fresh scratch directory anyone can write (postgres runs as its own user).
 pub fn scratch(name: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("deadbolt-bench-{}-{name}", std::process::id()));
+    scratch_in(&std::env::temp_dir(), name)
+}
+
+/// A fresh scratch directory under `root` (the temporary directory, or a
+/// tmpfs for data that must not reach a disk).
+fn scratch_in(root: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let dir = root.join(format!("deadbolt-bench-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     use std::os::unix::fs::PermissionsExt;
@@ -162,6 +171,16 @@ impl Scratch {
         Ok(Scratch(scratch(name)?))
     }
 
+    /// A fresh scratch directory for `name` in memory, on [`TMPFS`]: a
+    /// server's fsyncs there cost nothing.
+    pub fn in_memory(name: &str) -> anyhow::Result<Scratch> {
+        anyhow::ensure!(
+            Path::new(TMPFS).is_dir(),
+            "no {TMPFS} on this machine for data kept in memory"
+        );
+        Ok(Scratch(scratch_in(Path::new(TMPFS), name)?))
+    }
+
     /// Where it is.
     pub fn path(&self) -> &Path {
         &self.0
@@ -171,6 +190,47 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Where data that must stay in memory goes: a tmpfs on Linux.
+pub const TMPFS: &str = "/dev/shm";
+
+/// The last lines a server wrote to stderr, read as it writes them (so that
+/// it never blocks on a full pipe), to say why it failed.
+#[derive(Clone, Default)]
+pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+
+impl Tail {
+    /// Lines kept.
+    const LINES: usize = 20;
+
+    /// Reads `stderr` to its end in the background.
+    pub fn follow(stderr: tokio::process::ChildStderr) -> Tail {
+        Tail::follow_lines(BufReader::new(stderr).lines())
+    }
+
+    /// Reads the rest of `lines` (a stderr partly read already) in the
+    /// background.
+    pub fn follow_lines(mut lines: Lines<BufReader<tokio::process::ChildStderr>>) -> Tail {
+        let tail = Tail::default();
+        let kept = tail.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut kept = kept.0.lock().unwrap_or_else(|p| p.into_inner());
+                if kept.len() == Tail::LINES {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        });
+        tail
+    }
+
+    /// The lines kept, joined.
+    pub fn text(&self) -> String {
+        let kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        kept.iter().cloned().collect::<Vec<_>>().join(" / ")
     }
 }
 

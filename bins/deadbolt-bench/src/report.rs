@@ -21,6 +21,13 @@ pub struct SystemRun {
     /// were all in memory).
     #[serde(default)]
     pub durability: Durability,
+    /// Server processes holding a copy of the data (runs from before the
+    /// replicated rows had one).
+    #[serde(default = "one")]
+    pub nodes: usize,
+    /// The scenarios this row leaves out, each with why.
+    #[serde(default)]
+    pub not_run: Vec<String>,
     /// Scenario 1.
     pub cycles: Vec<Cycles>,
     /// Scenario 2.
@@ -50,13 +57,22 @@ pub struct Run {
     pub systems: Vec<SystemRun>,
 }
 
-/// The reference for a row at `durability`: deadbolt over WebSocket making
-/// the same kind of promise (a durable peer is compared with durable
-/// deadbolt, never with deadbolt in memory).
-fn reference(run: &Run, durability: Durability) -> Option<&SystemRun> {
-    run.systems
-        .iter()
-        .find(|s| s.name.contains("WebSocket") && s.durability.same_promise(durability))
+fn one() -> usize {
+    1
+}
+
+/// The reference for `row`: deadbolt making the same kind of promise (a
+/// durable peer is compared with durable deadbolt, never with deadbolt in
+/// memory) with as many nodes: over WebSocket for one, the first (clients
+/// on every node) of its rows for a cluster.
+fn reference<'a>(run: &'a Run, row: &SystemRun) -> Option<&'a SystemRun> {
+    run.systems.iter().find(|s| {
+        let deadbolt = match s.nodes {
+            1 => s.name.contains("WebSocket"),
+            _ => s.name.starts_with("deadbolt"),
+        };
+        deadbolt && s.nodes == row.nodes && s.durability.same_promise(row.durability)
+    })
 }
 
 fn ratio(ours: Option<f64>, theirs: f64) -> String {
@@ -94,13 +110,13 @@ pub fn tables(run: &Run) -> String {
     if run
         .systems
         .iter()
-        .any(|s| s.durability != Durability::Memory)
+        .any(|s| s.durability != Durability::Memory || s.nodes > 1)
     {
         let _ = writeln!(
             out,
             "Ratios compare each row with deadbolt over WebSocket at the same durability \
-             (in memory; fsync before each reply; fsync on a timer, whatever its interval); \
-             – where that row is missing.\n"
+             (in memory; fsync before each reply; fsync on a timer, whatever its interval), \
+             a replicated row with deadbolt with as many nodes; – where that row is missing.\n"
         );
     }
 
@@ -114,7 +130,7 @@ pub fn tables(run: &Run) -> String {
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for system in &run.systems {
-        let base = reference(run, system.durability);
+        let base = reference(run, system);
         for row in &system.cycles {
             let ours = base
                 .and_then(|b| b.cycles.iter().find(|c| c.connections == row.connections))
@@ -142,7 +158,7 @@ pub fn tables(run: &Run) -> String {
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for system in &run.systems {
-        let base = reference(run, system.durability);
+        let base = reference(run, system);
         for row in &system.handoff {
             let ours = base
                 .and_then(|b| b.handoff.iter().find(|h| h.waiters == row.waiters))
@@ -171,7 +187,7 @@ pub fn tables(run: &Run) -> String {
     );
     let _ = writeln!(out, "|---|---|---:|---:|---:|---|---:|");
     for system in &run.systems {
-        let base = reference(run, system.durability);
+        let base = reference(run, system);
         for row in &system.distinct {
             let ours = base
                 .and_then(|b| b.distinct.iter().find(|d| d.mode == row.mode))
@@ -217,7 +233,7 @@ pub fn tables(run: &Run) -> String {
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     let bytes = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.0}"));
     for system in &run.systems {
-        let base_member = reference(run, system.durability)
+        let base_member = reference(run, system)
             .and_then(|b| b.memory.as_ref())
             .and_then(|m| m.per_member);
         if let Some(m) = &system.memory {
@@ -249,7 +265,7 @@ pub fn tables(run: &Run) -> String {
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for system in &run.systems {
-        let base_storm = reference(run, system.durability)
+        let base_storm = reference(run, system)
             .and_then(|b| b.storm.as_ref())
             .map(|s| s.last_deadline_to_all_granted_ms);
         match &system.storm {
@@ -271,13 +287,30 @@ pub fn tables(run: &Run) -> String {
                 );
             }
             None => {
+                let skipped = system
+                    .not_run
+                    .iter()
+                    .any(|why| why.starts_with("expiry storm"));
                 let _ = writeln!(
                     out,
-                    "| {} | – | – | n/a (no leases) | – | – | – | – |",
-                    system.name
+                    "| {} | – | – | {} | – | – | – | – |",
+                    system.name,
+                    if skipped {
+                        "not run (below)"
+                    } else {
+                        "n/a (no leases)"
+                    }
                 );
             }
         }
+    }
+    for system in run.systems.iter().filter(|s| !s.not_run.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nNot run for {}: {}.",
+            system.name,
+            system.not_run.join("; ")
+        );
     }
     for system in run.systems.iter().filter(|s| !s.errors.is_empty()) {
         let _ = writeln!(

@@ -80,12 +80,7 @@ impl Deadbolt {
         durability: Durability,
         dir: Option<&Path>,
     ) -> anyhow::Result<Deadbolt> {
-        let bin = std::env::current_exe()?.with_file_name("deadbolt");
-        anyhow::ensure!(
-            bin.exists(),
-            "no server binary at {}; run `cargo build --release` first",
-            bin.display()
-        );
+        let bin = binary()?;
         let flags = ServeFlags::probe(&bin).await?;
         let data_dir = dir.map_or_else(|| PathBuf::from("data"), Path::to_path_buf);
         let mut args = vec![
@@ -180,6 +175,28 @@ impl Deadbolt {
     }
 }
 
+/// The `deadbolt` binary next to this one.
+pub fn binary() -> anyhow::Result<PathBuf> {
+    let bin = std::env::current_exe()?.with_file_name("deadbolt");
+    anyhow::ensure!(
+        bin.exists(),
+        "no server binary at {}; run `cargo build --release` first",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// What `deadbolt serve --help` says: which flags this build takes.
+pub async fn serve_help(bin: &Path) -> anyhow::Result<String> {
+    let help = tokio::process::Command::new(bin)
+        .args(["serve", "--help"])
+        .output()
+        .await
+        .context("running deadbolt serve --help")?;
+    anyhow::ensure!(help.status.success(), "deadbolt serve --help failed");
+    Ok(String::from_utf8_lossy(&help.stdout).into_owned())
+}
+
 /// Which durability flags this `deadbolt serve` takes, read from its
 /// `--help`: the harness also runs against servers from before them.
 struct ServeFlags {
@@ -189,13 +206,7 @@ struct ServeFlags {
 
 impl ServeFlags {
     async fn probe(bin: &Path) -> anyhow::Result<ServeFlags> {
-        let help = tokio::process::Command::new(bin)
-            .args(["serve", "--help"])
-            .output()
-            .await
-            .context("running deadbolt serve --help")?;
-        anyhow::ensure!(help.status.success(), "deadbolt serve --help failed");
-        let help = String::from_utf8_lossy(&help.stdout);
+        let help = serve_help(bin).await?;
         Ok(ServeFlags {
             fsync: help.contains("--fsync"),
             in_memory: help.contains("--in-memory"),
@@ -235,10 +246,7 @@ impl System for Deadbolt {
     }
 
     async fn connect(&self) -> anyhow::Result<Box<dyn Conn>> {
-        Ok(Box::new(DeadboltConn {
-            client: self.client().await?,
-            lock_requests: 0,
-        }))
+        Ok(conn(self.client().await?))
     }
 
     fn cpu(&self) -> Duration {
@@ -248,6 +256,14 @@ impl System for Deadbolt {
     fn rss(&self) -> u64 {
         self.server.rss()
     }
+}
+
+/// The harness's connection over `client` (also a cluster node's).
+pub fn conn(client: Client) -> Box<dyn Conn> {
+    Box::new(DeadboltConn {
+        client,
+        lock_requests: 0,
+    })
 }
 
 /// One client connection.

@@ -2,7 +2,9 @@
 //! locks (try-lock, blocking lock, unlock) and a distinct set, and each is
 //! started with a [`Durability`]: what an acknowledgement promises.
 
+pub mod cluster;
 pub mod deadbolt;
+pub mod etcd;
 pub mod memcached;
 pub mod postgres;
 pub mod redis;
@@ -82,6 +84,19 @@ impl FromStr for Durability {
     }
 }
 
+/// A row that cannot run on this machine or with this build, and why:
+/// reported as skipped, not as a failure.
+#[derive(Debug)]
+pub struct Skipped(pub String);
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Skipped {}
+
 /// What a lock grant is known by, to release it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held(pub u64);
@@ -141,6 +156,11 @@ pub trait System: Send + Sync {
     /// The system's own idea of its memory use, where it has one.
     async fn own_memory(&self) -> Option<u64> {
         None
+    }
+    /// How many server processes hold a copy of the data (a replicated
+    /// system's rows are compared with deadbolt's with as many nodes).
+    fn nodes(&self) -> usize {
+        1
     }
     /// Whether locks have leases (expire by themselves).
     fn has_leases(&self) -> bool {
