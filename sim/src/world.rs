@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use deadbolt_core::client::{Client, ClientOptions};
+use deadbolt_core::client::{Client, ClientOptions, Connector, FailoverConnector};
 use deadbolt_core::shard::planted;
 use deadbolt_server::{Listeners, ServerConfig};
 use deadbolt_transport_quic::{Identity, QuicConfig};
@@ -595,26 +595,37 @@ async fn audit(shared: Shared, servers: Servers) -> turmoil::Result {
     Ok(())
 }
 
-/// A client of the auditor's, straight to a server (each of `hosts` in
-/// turn, from the `first`-th), which it tries for a while: a server
-/// restarted at the heal may still be starting (waiting for its disk). Its
-/// id is `client_id`, not a random one: the client's retry delays are
-/// drawn from its id, and the run must repeat exactly.
+/// A client of the auditor's, straight to a server (failing over between
+/// the nodes of a cluster, from the `first`-th of `hosts`), which it tries
+/// for a while: a server restarted at the heal may still be starting
+/// (waiting for its disk). Its id is `client_id`, not a random one: the
+/// client's retry delays are drawn from its id, and the run must repeat
+/// exactly.
 async fn auditor_client(
     hosts: &[String],
     first: usize,
     client_id: &str,
 ) -> Result<Client, deadbolt_core::client::Error> {
+    let mut connectors: Vec<Arc<dyn Connector>> = Vec::new();
+    for at in 0..hosts.len() {
+        let url = format!("ws://{}:{WS_PORT}/ws", hosts[(first + at) % hosts.len()]);
+        connectors.push(Arc::new(WsConnector::with_dialer(&url, SimDialer)?));
+    }
+    let mut options = ClientOptions {
+        client_id: Some(client_id.to_owned()),
+        ..ClientOptions::default()
+    };
+    if hosts.len() > 1 {
+        // A request a cluster cannot serve now is retried on the next
+        // node, for a while; then the auditor asks again itself.
+        options.retry_for = Duration::from_secs(5);
+    }
     let mut attempts = 0;
     loop {
-        let host = &hosts[(first + attempts as usize) % hosts.len()];
-        let url = format!("ws://{host}:{WS_PORT}/ws");
-        let connector = WsConnector::with_dialer(&url, SimDialer)?;
-        let options = ClientOptions {
-            client_id: Some(client_id.to_owned()),
-            ..ClientOptions::default()
+        let Some(connector) = FailoverConnector::new(connectors.clone()) else {
+            unreachable!("there is a server");
         };
-        match Client::connect(connector, options).await {
+        match Client::connect(connector, options.clone()).await {
             Err(_) if attempts < AUDITOR_CONNECT_ATTEMPTS => attempts += 1,
             connected => return connected,
         }
