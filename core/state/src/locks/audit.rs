@@ -73,13 +73,15 @@ impl Locks {
             into.str(key);
             for h in entry.holders.iter() {
                 into.str(&h.client).u64(h.conn).u64(h.token);
-                into.u64(h.deadline.0).u64(u64::from(h.ephemeral));
+                into.u64(h.deadline.at.0).u64(h.deadline.seq);
+                into.u64(u64::from(h.ephemeral));
                 into.u64(h.granted_by.map_or(0, |handle| handle.0 + 1));
             }
             for w in entry.queue.iter() {
                 into.u64(w.id).u64(w.handle.0).str(&w.client).u64(w.conn);
                 into.u64(w.ttl_ms).u64(w.wait_ms);
-                into.u64(w.deadline.map_or(0, |d| d.0 + 1));
+                into.u64(w.deadline.map_or(0, |d| d.at.0 + 1));
+                into.u64(w.deadline.map_or(0, |d| d.seq));
                 into.u64(u64::from(w.ephemeral));
             }
         }
@@ -93,7 +95,7 @@ impl Locks {
                 key: e.key.to_string(),
                 client: h.client.to_string(),
                 token: h.token,
-                remaining_ms: now.millis_until(h.deadline),
+                remaining_ms: now.millis_until(h.deadline.at),
                 waiters: e.queue.len() as u64,
             })
         };
@@ -138,10 +140,7 @@ fn check_entry(entry: &LockEntry, next_token: u64) -> Result<(), String> {
 fn check_timers(entry: &LockEntry, hash: u64, timers: &TimerIndex<LockDue>) -> Result<(), String> {
     for holder in entry.holders.iter() {
         let token = holder.token;
-        if timers
-            .live_seq(LockDue::Lease { hash, token }, holder.deadline)
-            .is_none()
-        {
+        if !timers.has(LockDue::Lease { hash, token }, holder.deadline) {
             return Err(format!("key {:?}: lease {token} has no timer", entry.key));
         }
     }
@@ -151,7 +150,7 @@ fn check_timers(entry: &LockEntry, hash: u64, timers: &TimerIndex<LockDue>) -> R
             waiter: waiter.id,
         };
         if let Some(at) = waiter.deadline
-            && timers.live_seq(due, at).is_none()
+            && !timers.has(due, at)
         {
             return Err(format!(
                 "key {:?}: waiter {} has no timer",
