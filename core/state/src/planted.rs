@@ -37,11 +37,14 @@ pub enum PlantedBug {
     /// last until their leases run out, or until a new connection that
     /// happens to reuse the old one's number closes.
     RestartKeepsEphemeral,
+    /// A `set_up` of an existing set answers as usual but does not restart
+    /// its time to live: the set ends at its first deadline.
+    SetRenewalIgnored,
 }
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 7] = [
+    pub const ALL: [PlantedBug; 8] = [
         PlantedBug::GrantOutOfOrder,
         PlantedBug::LeaseFromRequest,
         PlantedBug::DeafWakeup,
@@ -49,6 +52,7 @@ impl PlantedBug {
         PlantedBug::EarlyTimeout,
         PlantedBug::EphemeralOutlivesConnection,
         PlantedBug::RestartKeepsEphemeral,
+        PlantedBug::SetRenewalIgnored,
     ];
 
     /// Its name on the simulation's command line.
@@ -61,6 +65,7 @@ impl PlantedBug {
             PlantedBug::EarlyTimeout => "early-timeout",
             PlantedBug::EphemeralOutlivesConnection => "ephemeral-outlives-connection",
             PlantedBug::RestartKeepsEphemeral => "restart-keeps-ephemeral",
+            PlantedBug::SetRenewalIgnored => "set-renewal-ignored",
         }
     }
 }

@@ -20,6 +20,7 @@ use super::ClientId;
 use super::hasher::StableHasher;
 use super::timers::{Timer, Timers};
 use crate::image::Deadline;
+use crate::planted::{self, PlantedBug};
 use crate::time::Tick;
 use deadbolt_proto::limits::Limits;
 use deadbolt_proto::{
@@ -54,6 +55,18 @@ pub fn json_escaped_len(key: &str) -> usize {
 pub(crate) struct SetDue {
     hash: u64,
     set: u64,
+}
+
+/// A set as a checker outside the rules sees it (the simulation replays a
+/// log and compares the views around each command).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetView {
+    /// Its name.
+    pub set: String,
+    /// When its time to live ends.
+    pub ends: Tick,
+    /// Its number of keys.
+    pub size: u64,
 }
 
 /// One distinct set.
@@ -204,7 +217,9 @@ impl Sets {
         if let Some(set) = self.table.find_mut(hash, |s| *s.name == *name) {
             let due = SetDue { hash, set: set.id };
             let size = set.len() as u64;
-            set.deadline = self.timers.push(deadline, due);
+            if !planted::active(PlantedBug::SetRenewalIgnored) {
+                set.deadline = self.timers.push(deadline, due);
+            }
             return Ok(Okay::SetUp(SetUpReply {
                 created: false,
                 size,
@@ -336,6 +351,22 @@ impl Sets {
                 .is_some()
         };
         self.timers.compact_if_stale(table.len(), is_live);
+    }
+
+    /// Every set, in name order, as a checker outside the rules sees it:
+    /// see [`SetView`].
+    pub fn views(&self) -> Vec<SetView> {
+        let mut views: Vec<SetView> = self
+            .table
+            .iter()
+            .map(|set| SetView {
+                set: set.name.to_string(),
+                ends: set.deadline.at,
+                size: set.len() as u64,
+            })
+            .collect();
+        views.sort_unstable_by(|a, b| a.set.cmp(&b.set));
+        views
     }
 
     /// The earliest deadline (possibly a stale one).
