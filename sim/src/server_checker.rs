@@ -209,7 +209,9 @@ impl SetLifetimes {
             op: ShardOp::Set(op),
             ..
         } = input
-            && answers.iter().any(|a| a.handle == *handle && a.outcome.is_ok())
+            && answers
+                .iter()
+                .any(|a| a.handle == *handle && a.outcome.is_ok())
         {
             match op {
                 SetOp::SetUp { set, ttl_ms } => {
@@ -801,7 +803,11 @@ mod tests {
     #[test]
     fn a_set_that_ignores_its_renewal_is_caught() {
         let _planted = planted::plant(Some(PlantedBug::SetRenewalIgnored));
-        let log = [set_up(0, 1, 100), set_up(50, 2, 100), at_ms(120, Input::Tick)];
+        let log = [
+            set_up(0, 1, 100),
+            set_up(50, 2, 100),
+            at_ms(120, Input::Tick),
+        ];
         assert!(kinds(&log).contains(&"server: set lifetime"));
     }
 
