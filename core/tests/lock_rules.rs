@@ -376,6 +376,7 @@ fn an_ephemeral_lock_is_released_when_its_connection_closes() {
     h.check();
     bob.token();
     assert!(h.holder("other").is_some(), "non-ephemeral locks stay");
+    assert_eq!(h.shard.counters().locks.disconnects, 1, "one counted");
 }
 
 #[test]
