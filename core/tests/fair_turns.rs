@@ -154,7 +154,10 @@ async fn waiters_on_a_key_keep_arrival_order_behind_a_flood_of_pages() {
         release
     );
     assert!(released.is_ok(), "{released:?}");
-    assert!(first < second, "granted out of arrival order: {first} {second}");
+    assert!(
+        first < second,
+        "granted out of arrival order: {first} {second}"
+    );
     // The bystander was granted only after the flood's holder let go.
     assert!(second > held && first > held);
 }
