@@ -205,7 +205,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn measure(attack: Attack, sizes: &Sizes, serve_args: &[String]) -> anyhow::Result<Measured> {
-    let target = Target::start(sizes.shards, serve_args).await?;
+    let mut serve_args = serve_args.to_vec();
+    if attack == Attack::MassDisconnect && !serve_args.iter().any(|a| a.contains("max-connections"))
+    {
+        // The connections must all be open before they close at once; the
+        // server's cap from its memory budget may be lower.
+        serve_args.push(format!("--max-connections={}", sizes.disconnects + 100));
+    }
+    let target = Target::start(sizes.shards, &serve_args).await?;
     let measured = match attack {
         Attack::MembersFlood => members_flood(&target, sizes, false).await,
         Attack::MembersFloodReading => members_flood(&target, sizes, true).await,
@@ -446,8 +453,9 @@ async fn mass_disconnect(target: &Target, sizes: &Sizes) -> anyhow::Result<Measu
     let began = Instant::now();
     let connections = open_with_ephemeral_locks(target, sizes.disconnects).await?;
     let setup = format!(
-        "{} connections, each holding an ephemeral lock ({:.1} s)",
+        "{} connections (--max-connections {}), each holding an ephemeral lock ({:.1} s)",
         connections.len(),
+        sizes.disconnects + 100,
         began.elapsed().as_secs_f64()
     );
     let attack = async {
