@@ -351,6 +351,11 @@ async fn flood(
                     counts.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
                     window.add_permits(1);
                 }
+                // The harness has one thread: without a yield, a reader
+                // with replies waiting would keep it for up to tokio's
+                // budget of 128 of them, and the canary's latency would
+                // measure the harness.
+                tokio::task::yield_now().await;
             }
         })
     });
@@ -567,6 +572,8 @@ async fn read_pages(
                 in_flight -= 1;
                 largest = largest.max(bytes);
                 over += u64::from(bytes > limit);
+                // As in `flood`: the canary shares the harness's thread.
+                tokio::task::yield_now().await;
             }
             Ok(None) => anyhow::bail!("the server closed the page reader"),
             Err(_) => break,
