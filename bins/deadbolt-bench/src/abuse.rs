@@ -1003,9 +1003,7 @@ fn table(rows: &[Measured]) -> String {
             Some(first) => format!("{} (first: {first})", row.canary.errors),
             None => "0".to_owned(),
         };
-        let peak = row
-            .peak_rss
-            .map_or("(no reset)".to_owned(), |p| megabytes(p));
+        let peak = row.peak_rss.map_or("(no reset)".to_owned(), megabytes);
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {errors} | {} | {peak} | {} |\n",
             row.attack.label(),
