@@ -23,6 +23,7 @@
 //! /proc), `http` (the HTTP/1.1 client etcd's JSON gateway needs),
 //! `transports`, `restart`.
 
+mod abuse;
 mod http;
 mod procs;
 mod report;
@@ -64,6 +65,9 @@ enum Command {
     /// A durable deadbolt: restart time with 1M set members (after SIGTERM
     /// and after SIGKILL) and its data directory's size.
     Restart(restart::Args),
+    /// Issue 18's attacks, each beside a canary client: its latency and
+    /// the server's peak memory.
+    Abuse(abuse::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -246,6 +250,7 @@ fn main() -> anyhow::Result<()> {
     match args.command {
         Some(Command::Transports(args)) => runtime.block_on(transports::run(args)),
         Some(Command::Restart(args)) => runtime.block_on(restart::run(args)),
+        Some(Command::Abuse(args)) => runtime.block_on(abuse::run(args)),
         None => runtime.block_on(compare(args.compare, harness_cores)),
     }
 }

@@ -2,7 +2,8 @@
 //! command-line client (every other subcommand).
 //!
 //! Layout: `cli` (the command line), `serve` (the server: flags, sockets
-//! and signals for `deadbolt_server::run`), `commands` (the client
+//! and signals for `deadbolt_server::run`), `budget` (`--memory-max` and
+//! the connection limits derived from it), `commands` (the client
 //! commands), `connect` (server URLs → client, failing over between
 //! several).
 //!
@@ -11,6 +12,7 @@
 //! ran; 4 any other failure, such as an unreachable server. `deadbolt lock`
 //! otherwise exits with its command's status.
 
+mod budget;
 mod cli;
 mod cluster;
 mod commands;

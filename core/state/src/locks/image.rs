@@ -142,8 +142,7 @@ impl Locks {
             };
             numbers.timer(deadline, due)?;
         }
-        self.books.waiters += 1;
-        self.books.conns.add(image.conn, hash);
+        self.books.waiter_joined(image.conn, hash);
         Ok(Waiter {
             id: image.id,
             handle: image.handle,

@@ -14,6 +14,7 @@
 
 mod audit;
 mod conns;
+mod contention;
 mod holders;
 mod image;
 mod queue;
@@ -29,6 +30,7 @@ use crate::image::Deadline;
 use crate::planted::{self, PlantedBug};
 use crate::time::Tick;
 use conns::ConnIndex;
+use contention::Contention;
 use deadbolt_proto::limits::Limits;
 use deadbolt_proto::{
     Acquire, Extended, Granted, HolderInfo, LockCounters, LockInfo, LockOp, Okay, Outcome,
@@ -116,6 +118,8 @@ struct Books {
     /// Bytes of the keys in the table.
     key_bytes: usize,
     conns: ConnIndex,
+    /// Waiters per key, ranked: the `stats` lists without a scan.
+    contention: Contention,
     counters: LockCounters,
     limits: Limits,
     answers: Vec<Answer>,
@@ -155,6 +159,14 @@ impl Books {
     fn waiter_left(&mut self, waiter: &Waiter, hash: u64) {
         self.waiters -= 1;
         self.conns.remove(waiter.conn, hash);
+        self.contention.left(hash);
+    }
+
+    /// A waiter of `conn` joined the key with `hash`.
+    fn waiter_joined(&mut self, conn: ConnId, hash: u64) {
+        self.waiters += 1;
+        self.conns.add(conn, hash);
+        self.contention.joined(hash);
     }
 
     /// A new grant of a free place of `hash`'s key, answered to `handle`.
@@ -335,6 +347,7 @@ impl Locks {
                 waiters: 0,
                 key_bytes: 0,
                 conns: ConnIndex::new(hasher),
+                contention: Contention::new(hasher),
                 counters: LockCounters::default(),
                 limits,
                 answers: Vec::new(),
@@ -689,6 +702,7 @@ impl Locks {
             !vacant
         });
         books.waiters = 0;
+        books.contention.clear();
         // It indexed only waiters and ephemeral grants, and none are left
         // (but for the planted bug's grants, which keep their entries).
         books.conns.clear();
@@ -718,6 +732,7 @@ impl Locks {
             }
         }
         self.books.waiters = 0;
+        self.books.contention.clear();
         self.books.key_bytes = 0;
         self.books.conns.clear();
     }
@@ -821,8 +836,7 @@ fn enqueue(
     let id = books.next_waiter;
     books.next_waiter += 1;
     let deadline = deadline.map(|at| books.timers.push(at, LockDue::Wait { hash, waiter: id }));
-    books.waiters += 1;
-    books.conns.add(request.conn, hash);
+    books.waiter_joined(request.conn, hash);
     entry.queue.push_back(Waiter {
         id,
         handle,
