@@ -18,12 +18,14 @@
 //! restart time and data directory size.
 //!
 //! Layout: `systems` (one module per peer, behind one trait, each started
-//! with a `Durability`), `scenarios` (the five measurements), `report`
+//! with a `Durability`), `scenarios` (the measurements), `limit` (the
+//! limit row's server: no work per request), `report`
 //! (tables, JSON, SVG), `procs` (server processes, CPU and memory from
 //! /proc), `http` (the HTTP/1.1 client etcd's JSON gateway needs),
 //! `transports`, `restart`.
 
 mod http;
+mod limit;
 mod procs;
 mod report;
 mod restart;
@@ -37,7 +39,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use report::{Run, SystemRun};
-use scenarios::Size;
+use scenarios::{Contention, Size};
 use systems::cluster::DeadboltCluster;
 use systems::deadbolt::{Deadbolt, Frontend, NoDurability};
 use systems::etcd::{Clients, Etcd};
@@ -64,6 +66,9 @@ enum Command {
     /// A durable deadbolt: restart time with 1M set members (after SIGTERM
     /// and after SIGKILL) and its data directory's size.
     Restart(restart::Args),
+    /// The limit row's server: answers deadbolt's lock and unlock over
+    /// WebSocket with no work per request (the comparison starts it).
+    LimitServer(limit::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,7 +125,8 @@ struct Row {
 /// fsync on a timer; single servers, then the replicated ones. Durable
 /// deadbolt is measured over WebSocket only: the log is behind the engine,
 /// the same for both frontends.
-const ROWS: [Row; 19] = [
+const ROWS: [Row; 20] = [
+    Row::new("limit", Durability::Memory),
     Row::new("deadbolt-ws", Durability::Memory),
     Row::new("deadbolt-quic", Durability::Memory),
     Row::new("redis", Durability::Memory),
@@ -146,6 +152,7 @@ const ROWS: [Row; 19] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     Cycles,
+    Pipelined,
     Handoff,
     Distinct,
     Memory,
@@ -153,8 +160,9 @@ enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::Cycles,
+        Scenario::Pipelined,
         Scenario::Handoff,
         Scenario::Distinct,
         Scenario::Memory,
@@ -165,6 +173,7 @@ impl Scenario {
     fn label(self) -> &'static str {
         match self {
             Scenario::Cycles => "lock+unlock cycles",
+            Scenario::Pipelined => "pipelined cycles",
             Scenario::Handoff => "hand-off",
             Scenario::Distinct => "distinct insert",
             Scenario::Memory => "memory per entry",
@@ -178,6 +187,9 @@ const ETCD_STORM: &str = "an etcd lease belongs to a session (one per connection
     a lock: a lease per lock costs two raft writes per lock, more than the rates above allow \
     for 100,000 locks within the storm's 6 s lease, and etcd revokes at most 1,000 expired \
     leases a second (its lessor's leaseRevokeRate)";
+
+/// Why the limit row runs only the cycles.
+const LIMIT_ONLY_CYCLES: &str = "the limit server keeps no state: it grants every lock";
 
 impl Row {
     const fn new(system: &'static str, durability: Durability) -> Row {
@@ -194,9 +206,12 @@ impl Row {
         let durable = self.durability != Durability::Memory;
         let replicated = self.system.starts_with("etcd-3") || self.system.starts_with("deadbolt-3");
         match (self.system, scenario) {
-            ("redis-1ms", Scenario::Cycles | Scenario::Distinct | Scenario::Memory) => {
-                Some("polling every millisecond only changes how waiters wait")
-            }
+            ("limit", Scenario::Cycles | Scenario::Pipelined) => None,
+            ("limit", _) => Some(LIMIT_ONLY_CYCLES),
+            (
+                "redis-1ms",
+                Scenario::Cycles | Scenario::Pipelined | Scenario::Distinct | Scenario::Memory,
+            ) => Some("polling every millisecond only changes how waiters wait"),
             ("postgres", s) if durable && s != Scenario::Distinct => Some(
                 "advisory locks are never logged: the lock rows would repeat the in-memory ones",
             ),
@@ -206,6 +221,12 @@ impl Row {
             ),
             (_, Scenario::Memory) if replicated => {
                 Some("every node keeps a whole copy: the one-node row measures it")
+            }
+            (system, Scenario::Pipelined) if system.starts_with("etcd") => {
+                Some("its JSON gateway speaks HTTP/1.1, one request at a time per connection")
+            }
+            ("memcached" | "postgres", Scenario::Pipelined) => {
+                Some("the harness's client for it runs one request at a time")
             }
             (system, Scenario::Storm) if system.starts_with("etcd") => Some(ETCD_STORM),
             (system, Scenario::Storm) if system.ends_with("-leader") => {
@@ -232,11 +253,18 @@ impl std::fmt::Display for Row {
 }
 
 const CONNECTIONS: [usize; 3] = [1, 16, 64];
-const WAITERS: [usize; 3] = [2, 8, 32];
+/// Connections of the pipelined scenario, each with `scenarios::DEPTH`
+/// requests in flight.
+const PIPELINED_CONNECTIONS: [usize; 2] = [1, 16];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let harness_cores = procs::pin_harness();
+    // The limit server runs as `deadbolt serve` does: where it was started
+    // (pinned to the server core), with tokio's default worker count.
+    let harness_cores = match args.command {
+        Some(Command::LimitServer(_)) => None,
+        _ => procs::pin_harness(),
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(cores) = harness_cores {
@@ -246,6 +274,7 @@ fn main() -> anyhow::Result<()> {
     match args.command {
         Some(Command::Transports(args)) => runtime.block_on(transports::run(args)),
         Some(Command::Restart(args)) => runtime.block_on(restart::run(args)),
+        Some(Command::LimitServer(args)) => runtime.block_on(limit::serve(args)),
         None => runtime.block_on(compare(args.compare, harness_cores)),
     }
 }
@@ -273,6 +302,7 @@ async fn start(row: Row) -> anyhow::Result<Box<dyn System>> {
     }
     let durability = row.durability;
     Ok(match row.system {
+        "limit" => Box::new(limit::LimitServer::start().await?),
         "deadbolt-ws" => Box::new(Deadbolt::start(Frontend::Ws, durability).await?),
         "deadbolt-quic" => Box::new(Deadbolt::start(Frontend::Quic, durability).await?),
         "deadbolt-3" => Box::new(DeadboltCluster::start(Clients::All, durability).await?),
@@ -363,7 +393,8 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
             .filter_map(|s| Some(format!("{}: {}", s.label(), row.skips(s)?)))
             .collect(),
         cycles: Vec::new(),
-        handoff: Vec::new(),
+        pipelined: Vec::new(),
+        contended: Vec::new(),
         distinct: Vec::new(),
         memory: None,
         storm: None,
@@ -378,11 +409,20 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
             }
         }
     }
+    if row.runs(Scenario::Pipelined) {
+        for connections in PIPELINED_CONNECTIONS {
+            match scenarios::pipelined(system.as_ref(), connections, size).await {
+                Ok(Some(measured)) => run.pipelined.push(measured),
+                Ok(None) => {}
+                Err(e) => errors.push(format!("pipelined, {connections} connections: {e:#}")),
+            }
+        }
+    }
     if row.runs(Scenario::Handoff) {
-        for waiters in WAITERS {
-            match scenarios::handoff(system.as_ref(), waiters, size).await {
-                Ok(measured) => run.handoff.push(measured),
-                Err(e) => errors.push(format!("hand-off with {waiters} waiters: {e:#}")),
+        for contention in Contention::ALL {
+            match scenarios::contended(system.as_ref(), contention, size).await {
+                Ok(measured) => run.contended.push(measured),
+                Err(e) => errors.push(format!("hand-off, {}: {e:#}", contention.label())),
             }
         }
     }
@@ -452,6 +492,7 @@ mod tests {
         assert_eq!(
             names(&rows),
             [
+                "limit (memory)",
                 "deadbolt-ws (memory)",
                 "deadbolt-quic (memory)",
                 "redis (memory)",

@@ -7,7 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::scenarios::{Cycles, Distinct, Handoff, Memory, Size, Storm};
+use crate::scenarios::{Contended, Contention, Cycles, Distinct, Memory, Pipelined, Size, Storm};
 use crate::systems::Durability;
 
 /// Everything one system did.
@@ -30,8 +30,13 @@ pub struct SystemRun {
     pub not_run: Vec<String>,
     /// Scenario 1.
     pub cycles: Vec<Cycles>,
-    /// Scenario 2.
-    pub handoff: Vec<Handoff>,
+    /// Scenario 1, pipelined (runs from before it have none).
+    #[serde(default)]
+    pub pipelined: Vec<Pipelined>,
+    /// Scenario 2 (runs from before workers held and thought have none:
+    /// their `handoff` rows are not read).
+    #[serde(default)]
+    pub contended: Vec<Contended>,
     /// Scenario 3.
     pub distinct: Vec<Distinct>,
     /// Scenario 4.
@@ -68,7 +73,7 @@ fn one() -> usize {
 fn reference<'a>(run: &'a Run, row: &SystemRun) -> Option<&'a SystemRun> {
     run.systems.iter().find(|s| {
         let deadbolt = match s.nodes {
-            1 => s.name.contains("WebSocket"),
+            1 => s.name.starts_with("deadbolt") && s.name.contains("WebSocket"),
             _ => s.name.starts_with("deadbolt"),
         };
         deadbolt && s.nodes == row.nodes && s.durability.same_promise(row.durability)
@@ -120,66 +125,9 @@ pub fn tables(run: &Run) -> String {
         );
     }
 
-    let _ = writeln!(
-        out,
-        "### 1. Uncontended lock+unlock cycles (random keys of 1M, depth 1)\n"
-    );
-    let _ = writeln!(
-        out,
-        "| system | connections | cycles/s | p50 | p99 | p99.9 | server CPU µs/cycle | client CPU µs/cycle | deadbolt ÷ this (cycles/s) |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for system in &run.systems {
-        let base = reference(run, system);
-        for row in &system.cycles {
-            let ours = base
-                .and_then(|b| b.cycles.iter().find(|c| c.connections == row.connections))
-                .map(|c| c.cycles_per_second);
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {} |",
-                system.name,
-                row.connections,
-                row.cycles_per_second,
-                us(row.p50_us),
-                us(row.p99_us),
-                us(row.p999_us),
-                row.server_cpu_us_per_cycle,
-                row.client_cpu_us_per_cycle,
-                ratio(ours, row.cycles_per_second)
-            );
-        }
-    }
-
-    let _ = writeln!(out, "\n### 2. Contended hand-off (one key, hold time 0)\n");
-    let _ = writeln!(
-        out,
-        "| system | waiters | hand-off p50 | hand-off p99 | acquisitions/s | wasted requests/acquisition | max wait | fairness (Jain) | this p50 ÷ deadbolt p50 |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for system in &run.systems {
-        let base = reference(run, system);
-        for row in &system.handoff {
-            let ours = base
-                .and_then(|b| b.handoff.iter().find(|h| h.waiters == row.waiters))
-                .map(|h| h.handoff_p50_us as f64);
-            let theirs = row.handoff_p50_us as f64;
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {:.0} | {:.2} | {:.1} ms | {:.3} | {} |",
-                system.name,
-                row.waiters,
-                us(row.handoff_p50_us),
-                us(row.handoff_p99_us),
-                row.acquisitions_per_second,
-                row.wasted_per_acquisition,
-                row.max_wait_ms,
-                row.fairness,
-                ours.map_or("–".to_owned(), |ours| ratio(Some(theirs), ours))
-            );
-        }
-    }
-
+    cycles_table(&mut out, run);
+    pipelined_table(&mut out, run);
+    contended_table(&mut out, run);
     let _ = writeln!(out, "\n### 3. Distinct insert (half duplicates)\n");
     let _ = writeln!(
         out,
@@ -323,6 +271,172 @@ pub fn tables(run: &Run) -> String {
     out
 }
 
+/// The limit row, if the run has one.
+fn limit(run: &Run) -> Option<&SystemRun> {
+    run.systems.iter().find(|s| s.name.starts_with("limit"))
+}
+
+fn cycles_table(out: &mut String, run: &Run) {
+    let _ = writeln!(
+        out,
+        "### 1. Uncontended lock+unlock cycles (random keys of 1M, depth 1)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| system | connections | cycles/s | p50 | p99 | p99.9 | server CPU µs/cycle | client CPU µs/cycle | deadbolt ÷ this (cycles/s) | this ÷ limit (cycles/s) | this ÷ limit (server CPU/cycle) |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let limit = limit(run);
+    for system in &run.systems {
+        let base = reference(run, system);
+        for row in &system.cycles {
+            let same = |s: &SystemRun| {
+                s.cycles
+                    .iter()
+                    .find(|c| c.connections == row.connections)
+                    .cloned()
+            };
+            let ours = base.and_then(same).map(|c| c.cycles_per_second);
+            let limit = limit.and_then(same);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} |",
+                system.name,
+                row.connections,
+                row.cycles_per_second,
+                us(row.p50_us),
+                us(row.p99_us),
+                us(row.p999_us),
+                row.server_cpu_us_per_cycle,
+                row.client_cpu_us_per_cycle,
+                ratio(ours, row.cycles_per_second),
+                ratio(
+                    Some(row.cycles_per_second),
+                    limit.as_ref().map_or(0.0, |l| l.cycles_per_second)
+                ),
+                ratio(
+                    Some(row.server_cpu_us_per_cycle),
+                    limit.as_ref().map_or(0.0, |l| l.server_cpu_us_per_cycle)
+                ),
+            );
+        }
+    }
+}
+
+fn pipelined_table(out: &mut String, run: &Run) {
+    let _ = writeln!(
+        out,
+        "\n### 1b. Pipelined lock+unlock cycles ({} requests in flight per connection)\n",
+        crate::scenarios::DEPTH
+    );
+    let _ = writeln!(
+        out,
+        "deadbolt: {} concurrent try-lock → unlock loops on one client (one connection); Redis: \
+         pipelines of {} `SET NX PX` + compare-and-delete (`EVALSHA`) pairs.\n",
+        crate::scenarios::DEPTH,
+        crate::scenarios::DEPTH / 2
+    );
+    let _ = writeln!(
+        out,
+        "| system | connections | cycles/s | server CPU µs/cycle | client CPU µs/cycle | deadbolt ÷ this (cycles/s) | this ÷ limit (cycles/s) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let limit = limit(run);
+    for system in &run.systems {
+        let base = reference(run, system);
+        for row in &system.pipelined {
+            let same = |s: &SystemRun| {
+                s.pipelined
+                    .iter()
+                    .find(|p| p.connections == row.connections)
+                    .map(|p| p.cycles_per_second)
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |",
+                system.name,
+                row.connections,
+                row.cycles_per_second,
+                row.server_cpu_us_per_cycle,
+                row.client_cpu_us_per_cycle,
+                ratio(base.and_then(same), row.cycles_per_second),
+                ratio(
+                    Some(row.cycles_per_second),
+                    limit.and_then(same).unwrap_or(0.0)
+                ),
+            );
+        }
+    }
+}
+
+fn contended_table(out: &mut String, run: &Run) {
+    let _ = writeln!(
+        out,
+        "\n### 2. Contended hand-off (one key; each worker loops lock → hold → unlock → think)\n"
+    );
+    let _ = writeln!(
+        out,
+        "A hand-off is one worker's unlock (sent) to another worker's grant (received), \
+         counted only when that worker asked before the unlock; a worker taking back the lock \
+         it released, and a grant to one that asked while the lock was free, are counted \
+         apart. Ideal/s is 1 ÷ the mean hold as measured (the harness pauses with a \
+         thread's sleep, not tokio's 1 ms timer).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| system | setting | hand-off p50 | p99 | p99.9 | hand-offs / took back / free | acquisitions/s | ideal/s | wait p99 | wait max | wasted requests/acquisition | fairness (Jain; min–max per worker) | this p50 ÷ deadbolt p50 |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for system in &run.systems {
+        let base = reference(run, system);
+        for row in &system.contended {
+            let ours = base
+                .and_then(|b| b.contended.iter().find(|c| c.contention == row.contention))
+                .filter(|c| c.handoffs > 0)
+                .map(|c| c.handoff_p50_us as f64);
+            let theirs = row.handoff_p50_us as f64;
+            let handoff = |v: u64| {
+                if row.handoffs == 0 {
+                    "–".to_owned()
+                } else {
+                    us(v)
+                }
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} / {} / {} | {:.0} | {} | {} | {} | {:.2} | {:.3}; {}–{} | {} |",
+                system.name,
+                row.contention.label(),
+                handoff(row.handoff_p50_us),
+                handoff(row.handoff_p99_us),
+                handoff(row.handoff_p999_us),
+                row.handoffs,
+                row.self_reacquisitions,
+                row.free_acquisitions,
+                row.acquisitions_per_second,
+                row.ideal_per_second
+                    .map_or("–".to_owned(), |i| format!("{i:.0}")),
+                us(row.wait_p99_us),
+                us(row.wait_max_us),
+                row.wasted_per_acquisition,
+                row.fairness,
+                row.min_per_worker,
+                row.max_per_worker,
+                match ours {
+                    Some(ours) if row.handoffs > 0 => ratio(Some(theirs), ours),
+                    _ => "–".to_owned(),
+                }
+            );
+        }
+    }
+}
+
 /// Writes the raw results as JSON.
 pub fn write_json(run: &Run, path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
@@ -425,13 +539,13 @@ pub fn write_svg(run: &Run, path: &Path) -> anyhow::Result<()> {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let waiters: Vec<usize> = run
-        .systems
-        .iter()
-        .flat_map(|s| s.handoff.iter().map(|h| h.waiters))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    // Every contention setting any system ran, in the order first seen.
+    let mut settings: Vec<Contention> = Vec::new();
+    for c in run.systems.iter().flat_map(|s| &s.contended) {
+        if !settings.contains(&c.contention) {
+            settings.push(c.contention);
+        }
+    }
     let cycles = Bars {
         title: "Uncontended lock+unlock cycles/s (higher is better)",
         y_label: "cycles/s",
@@ -462,24 +576,34 @@ pub fn write_svg(run: &Run, path: &Path) -> anyhow::Result<()> {
             .collect(),
     };
     let handoff = Bars {
-        title: "Contended hand-off latency p50 in µs (lower is better)",
+        title: "Contended hand-off p50 in µs, unlock to another client's grant (lower is better)",
         y_label: "µs",
-        groups: waiters.iter().map(|w| format!("{w} waiters")).collect(),
+        groups: settings
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} workers, hold {} ms, think {} ms",
+                    c.workers,
+                    c.hold_us as f64 / 1000.0,
+                    c.think_us as f64 / 1000.0
+                )
+            })
+            .collect(),
         series: run
             .systems
             .iter()
             .enumerate()
-            .filter(|(_, s)| !s.handoff.is_empty())
+            .filter(|(_, s)| s.contended.iter().any(|c| c.handoffs > 0))
             .map(|(i, s)| {
                 (
                     s.name.clone(),
                     i,
-                    waiters
+                    settings
                         .iter()
-                        .map(|&w| {
-                            s.handoff
+                        .map(|&setting| {
+                            s.contended
                                 .iter()
-                                .find(|r| r.waiters == w)
+                                .find(|r| r.contention == setting && r.handoffs > 0)
                                 .map(|r| r.handoff_p50_us as f64)
                         })
                         .collect(),
