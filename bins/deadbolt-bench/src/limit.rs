@@ -152,9 +152,7 @@ fn hello(text: &str) -> String {
 fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     let start = text.find(name)? + name.len();
     let rest = &text[start..];
-    let end = rest
-        .find(['"', ',', '}'])
-        .unwrap_or(rest.len());
+    let end = rest.find(['"', ',', '}']).unwrap_or(rest.len());
     Some(&rest[..end])
 }
 

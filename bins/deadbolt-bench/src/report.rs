@@ -125,6 +125,7 @@ pub fn tables(run: &Run) -> String {
         );
     }
 
+    targets(&mut out, run);
     cycles_table(&mut out, run);
     pipelined_table(&mut out, run);
     contended_table(&mut out, run);
@@ -269,6 +270,107 @@ pub fn tables(run: &Run) -> String {
         );
     }
     out
+}
+
+/// The in-memory row whose name starts with `prefix`.
+fn row<'a>(run: &'a Run, prefix: &str) -> Option<&'a SystemRun> {
+    run.systems
+        .iter()
+        .find(|s| s.name.starts_with(prefix) && s.durability == Durability::Memory && s.nodes == 1)
+}
+
+/// One target's line: what was measured against the goal, and whether it
+/// is met (`None`: a row it needs is missing from the run).
+fn target(out: &mut String, what: &str, value: Option<f64>, goal: &str, met: fn(f64) -> bool) {
+    let (value, verdict) = match value {
+        Some(v) => (
+            format!("{v:.2}"),
+            if met(v) { "met" } else { "**not met**" },
+        ),
+        None => ("–".to_owned(), "not measured in this run"),
+    };
+    let _ = writeln!(out, "| {what} | {value} | {goal} | {verdict} |");
+}
+
+/// The targets of issue 15, each computed from this run's rows.
+fn targets(out: &mut String, run: &Run) {
+    let deadbolt = row(run, "deadbolt (WebSocket)");
+    let redis = row(run, "Redis 7 (poll 0 ms)");
+    let polling = row(run, "Redis 7 (poll 1 ms)");
+    let etcd = row(run, "etcd");
+    let setting = Contention::ALL[0];
+    let handoff = |s: Option<&SystemRun>| {
+        s?.contended
+            .iter()
+            .find(|c| c.contention == setting && c.handoffs > 0)
+            .cloned()
+    };
+    let cycles64 = |s: Option<&SystemRun>| s?.cycles.iter().find(|c| c.connections == 64).cloned();
+    let piped16 = |s: Option<&SystemRun>| {
+        s?.pipelined
+            .iter()
+            .find(|p| p.connections == 16)
+            .map(|p| p.cycles_per_second)
+    };
+    let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    let p50 = |s| handoff(s).map(|h| h.handoff_p50_us as f64);
+    let _ = writeln!(out, "### Targets (this run)\n");
+    let _ = writeln!(out, "| target | measured | goal | |");
+    let _ = writeln!(out, "|---|---:|---|---|");
+    let label = setting.label();
+    target(
+        out,
+        &format!("hand-off p50, Redis polling 1 ms ÷ deadbolt ({label})"),
+        over(p50(polling), p50(deadbolt)),
+        "≥ 10",
+        |v| v >= 10.0,
+    );
+    target(
+        out,
+        &format!("hand-off p50, etcd ÷ deadbolt ({label})"),
+        over(p50(etcd), p50(deadbolt)),
+        "≥ 5",
+        |v| v >= 5.0,
+    );
+    let ours = handoff(deadbolt);
+    target(
+        out,
+        "deadbolt wasted requests per acquisition",
+        ours.as_ref().map(|h| h.wasted_per_acquisition),
+        "0",
+        |v| v == 0.0,
+    );
+    target(
+        out,
+        "deadbolt fairness (Jain)",
+        ours.as_ref().map(|h| h.fairness),
+        "1.0 (≥ 0.995)",
+        |v| v >= 0.995,
+    );
+    let rate = |c: Option<Cycles>| c.map(|c| c.cycles_per_second);
+    let cpu = |c: Option<Cycles>| c.map(|c| c.server_cpu_us_per_cycle);
+    target(
+        out,
+        "cycles/s at 64 connections, deadbolt ÷ limit",
+        over(rate(cycles64(deadbolt)), rate(cycles64(limit(run)))),
+        "≥ 0.9",
+        |v| v >= 0.9,
+    );
+    target(
+        out,
+        "server CPU µs/cycle at 64 connections, deadbolt ÷ Redis",
+        over(cpu(cycles64(deadbolt)), cpu(cycles64(redis))),
+        "≤ 0.8",
+        |v| v <= 0.8,
+    );
+    target(
+        out,
+        "pipelined cycles/s (16 connections × 16), deadbolt ÷ Redis",
+        over(piped16(deadbolt), piped16(redis)),
+        "≥ 1.5",
+        |v| v >= 1.5,
+    );
+    let _ = writeln!(out);
 }
 
 /// The limit row, if the run has one.
