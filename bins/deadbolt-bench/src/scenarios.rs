@@ -60,6 +60,15 @@ pub fn cycle_key(state: &mut u64) -> String {
     format!("cycle/{}", mix(state) % 1_000_000)
 }
 
+/// A random key of the same million for lane `lane` of `lanes` that share
+/// one client: no two lanes draw the same key, since a client that asks
+/// again for a key it holds gets its own grant back (a retry), which the
+/// other lane's unlock would then end under it.
+pub fn lane_key(state: &mut u64, lane: u64, lanes: u64) -> String {
+    let lanes = lanes.max(1);
+    format!("cycle/{}", mix(state) % (1_000_000 / lanes) * lanes + lane)
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -766,6 +775,18 @@ pub async fn storm(system: &dyn System, size: Size) -> anyhow::Result<Storm> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lanes_of_one_client_never_draw_the_same_key() {
+        let mut seen = std::collections::HashMap::new();
+        for lane in 0..16 {
+            let mut state = 7;
+            for _ in 0..1000 {
+                let key = lane_key(&mut state, lane, 16);
+                assert_eq!(*seen.entry(key).or_insert(lane), lane);
+            }
+        }
+    }
 
     #[test]
     fn a_grant_is_a_handoff_only_if_another_worker_released_while_it_waited() {

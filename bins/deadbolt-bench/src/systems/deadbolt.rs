@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::{Conn, Durability, Held, System};
 use crate::procs::Server;
-use crate::scenarios::cycle_key;
+use crate::scenarios::lane_key;
 
 /// Which frontend the harness uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,7 +376,7 @@ impl Conn for DeadboltConn {
                 let mut state = seed.wrapping_mul(31).wrapping_add(lane);
                 let mut cycles = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let key = cycle_key(&mut state);
+                    let key = lane_key(&mut state, lane, depth as u64);
                     if let Some(token) = try_acquire(client, &key).await? {
                         client.unlock(&key, token).await?;
                         cycles += 1;

@@ -121,7 +121,8 @@ pub trait Conn: Send {
     fn lock_requests(&self) -> u64;
 
     /// Try-lock + unlock cycles on random keys (from
-    /// [`cycle_key`](crate::scenarios::cycle_key) seeded with `seed`) with
+    /// [`cycle_key`](crate::scenarios::cycle_key) or
+    /// [`lane_key`](crate::scenarios::lane_key), seeded with `seed`) with
     /// `depth` requests in flight on this one connection, until `stop`: the
     /// cycles that took their key. `None` (the default): the harness has no
     /// pipelining client for this system.
