@@ -89,6 +89,9 @@ struct CompareArgs {
     /// clusters on disk), or all.
     #[arg(long, value_enum, default_value_t = Rows::Memory)]
     durability: Rows,
+    /// Only these scenarios (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenarios: Vec<Scenario>,
     /// Print the tables and draw the chart of an earlier run's JSON,
     /// instead of running.
     #[arg(long)]
@@ -148,14 +151,20 @@ const ROWS: [Row; 20] = [
     Row::new("redis", Durability::Periodic { every_ms: 1000 }),
 ];
 
-/// The measurements, to say which a row runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The measurements, to say which a row runs (and for `--scenarios`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Scenario {
+    /// 1: uncontended lock+unlock cycles, one request in flight.
     Cycles,
+    /// 1b: the same with 16 requests in flight per connection.
     Pipelined,
+    /// 2: contended hand-off.
     Handoff,
+    /// 3: distinct inserts.
     Distinct,
+    /// 4: memory per entry.
     Memory,
+    /// 5: expiry storm.
     Storm,
 }
 
@@ -349,9 +358,14 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
         placement,
         systems: Vec::new(),
     };
+    let scenarios = if args.scenarios.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        args.scenarios.clone()
+    };
     for row in wanted(&args.only, args.durability) {
         eprintln!("== {row}");
-        match measure(row, size).await {
+        match measure(row, &scenarios, size).await {
             Ok(system) => run.systems.push(system),
             Err(error) if error.is::<NoDurability>() || error.is::<Skipped>() => {
                 eprintln!("{row}: skipped: {error}");
@@ -366,7 +380,10 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
     report::write_json(&run, &json)?;
     // Only a full run of every system in memory replaces the published
     // chart.
-    let published = !args.quick && args.only.is_empty() && args.durability == Rows::Memory;
+    let published = !args.quick
+        && args.only.is_empty()
+        && args.scenarios.is_empty()
+        && args.durability == Rows::Memory;
     let svg = args.svg.unwrap_or_else(|| {
         PathBuf::from(if published {
             "docs/bench.svg"
@@ -381,7 +398,8 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
 
 /// The scenarios a row runs: 1 to 3 on one instance, 4 and 5 each on a
 /// fresh one, so that earlier state does not blur the numbers.
-async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
+async fn measure(row: Row, scenarios: &[Scenario], size: Size) -> anyhow::Result<SystemRun> {
+    let runs = |s: Scenario| row.runs(s) && scenarios.contains(&s);
     let system = start(row).await?;
     let mut run = SystemRun {
         name: system.name(),
@@ -401,7 +419,7 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
         errors: Vec::new(),
     };
     let mut errors = Vec::new();
-    if row.runs(Scenario::Cycles) {
+    if runs(Scenario::Cycles) {
         for connections in CONNECTIONS {
             match scenarios::cycles(system.as_ref(), connections, size).await {
                 Ok(measured) => run.cycles.push(measured),
@@ -409,7 +427,7 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
             }
         }
     }
-    if row.runs(Scenario::Pipelined) {
+    if runs(Scenario::Pipelined) {
         for connections in PIPELINED_CONNECTIONS {
             match scenarios::pipelined(system.as_ref(), connections, size).await {
                 Ok(Some(measured)) => run.pipelined.push(measured),
@@ -418,7 +436,7 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
             }
         }
     }
-    if row.runs(Scenario::Handoff) {
+    if runs(Scenario::Handoff) {
         for contention in Contention::ALL {
             match scenarios::contended(system.as_ref(), contention, size).await {
                 Ok(measured) => run.contended.push(measured),
@@ -426,7 +444,7 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
             }
         }
     }
-    if row.runs(Scenario::Distinct) {
+    if runs(Scenario::Distinct) {
         for (mode, batch, connections) in [("single", 1, 16), ("batched", 1000, 4)] {
             match scenarios::distinct(system.as_ref(), mode, batch, connections, size).await {
                 Ok(measured) => run.distinct.push(measured),
@@ -435,14 +453,14 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
         }
     }
     drop(system);
-    if row.runs(Scenario::Memory) {
+    if runs(Scenario::Memory) {
         let fresh = start(row).await?;
         match scenarios::memory(fresh.as_ref(), size).await {
             Ok(measured) => run.memory = Some(measured),
             Err(e) => errors.push(format!("memory: {e:#}")),
         }
     }
-    if row.runs(Scenario::Storm) {
+    if runs(Scenario::Storm) {
         let fresh = start(row).await?;
         if fresh.has_leases() {
             match scenarios::storm(fresh.as_ref(), size).await {
