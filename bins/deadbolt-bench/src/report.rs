@@ -129,6 +129,36 @@ pub fn tables(run: &Run) -> String {
     cycles_table(&mut out, run);
     pipelined_table(&mut out, run);
     contended_table(&mut out, run);
+    // A scenario no row ran (left out by `--scenarios`) has no table.
+    if run.systems.iter().any(|s| !s.distinct.is_empty()) {
+        distinct_table(&mut out, run);
+    }
+    if run.systems.iter().any(|s| s.memory.is_some()) {
+        memory_table(&mut out, run);
+    }
+    if run.systems.iter().any(|s| s.storm.is_some()) {
+        storm_table(&mut out, run);
+    }
+    for system in run.systems.iter().filter(|s| !s.not_run.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nNot run for {}: {}.",
+            system.name,
+            system.not_run.join("; ")
+        );
+    }
+    for system in run.systems.iter().filter(|s| !s.errors.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nErrors from {}: {}",
+            system.name,
+            system.errors.join("; ")
+        );
+    }
+    out
+}
+
+fn distinct_table(out: &mut String, run: &Run) {
     let _ = writeln!(out, "\n### 3. Distinct insert (half duplicates)\n");
     let _ = writeln!(
         out,
@@ -159,7 +189,9 @@ pub fn tables(run: &Run) -> String {
             );
         }
     }
+}
 
+fn memory_table(out: &mut String, run: &Run) {
     let _ = writeln!(
         out,
         "\n### 4. Memory per entry (server RSS growth; the system's own count where it has one)\n"
@@ -203,7 +235,9 @@ pub fn tables(run: &Run) -> String {
             );
         }
     }
+}
 
+fn storm_table(out: &mut String, run: &Run) {
     let _ = writeln!(
         out,
         "\n### 5. Expiry storm (every lock with the same short lease, each with a waiter)\n"
@@ -253,23 +287,6 @@ pub fn tables(run: &Run) -> String {
             }
         }
     }
-    for system in run.systems.iter().filter(|s| !s.not_run.is_empty()) {
-        let _ = writeln!(
-            out,
-            "\nNot run for {}: {}.",
-            system.name,
-            system.not_run.join("; ")
-        );
-    }
-    for system in run.systems.iter().filter(|s| !s.errors.is_empty()) {
-        let _ = writeln!(
-            out,
-            "\nErrors from {}: {}",
-            system.name,
-            system.errors.join("; ")
-        );
-    }
-    out
 }
 
 /// The in-memory row whose name starts with `prefix`.
