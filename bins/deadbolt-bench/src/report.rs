@@ -697,17 +697,7 @@ pub fn write_svg(run: &Run, path: &Path) -> anyhow::Result<()> {
     let handoff = Bars {
         title: "Contended hand-off p50 in µs, unlock to another client's grant (lower is better)",
         y_label: "µs",
-        groups: settings
-            .iter()
-            .map(|c| {
-                format!(
-                    "{} workers, hold {} ms, think {} ms",
-                    c.workers,
-                    c.hold_us as f64 / 1000.0,
-                    c.think_us as f64 / 1000.0
-                )
-            })
-            .collect(),
+        groups: settings.iter().map(Contention::label).collect(),
         series: run
             .systems
             .iter()
