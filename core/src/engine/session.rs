@@ -11,9 +11,8 @@ use super::replica::Forwarding;
 use super::{Engine, Frontend};
 use crate::client::Connection;
 use crate::proto::{
-    OpKind,
-    HelloReply, LockOp, Okay, Op, Outcome, Reply, Request, RequestId, SERVER_NAME, ServerError,
-    Wait,
+    HelloReply, LockOp, Okay, Op, OpKind, Outcome, Reply, Request, RequestId, SERVER_NAME,
+    ServerError, Wait,
 };
 use crate::shard::{Caller, ClientId, ConnId, Handle, ShardOp};
 
@@ -180,9 +179,9 @@ impl Session {
 
     /// The request-duration histogram of `kind`.
     fn duration(&self, kind: OpKind) -> &metrics::Histogram {
-        self.inner.durations[kind as usize].get_or_init(|| {
-            metrics::histogram!("deadbolt_request_duration_seconds", "op" => kind.wire_name())
-        })
+        self.inner.durations[kind as usize].get_or_init(
+            || metrics::histogram!("deadbolt_request_duration_seconds", "op" => kind.wire_name()),
+        )
     }
 
     /// Whether `op` goes to the leader: on a follower, every op that reads
