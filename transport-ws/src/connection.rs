@@ -191,9 +191,19 @@ pub(crate) async fn run<S>(
             () = &mut ended => break End::Close(CloseCode::Restart, "leader changed"),
             Some(done) = in_flight.futures.next(), if !in_flight.futures.is_empty() => {
                 in_flight.finished(&done.reply);
+                // A large reply (a page, a snapshot) takes a while to
+                // encode and write.
+                let large = done.reserved > 0;
                 let sent = send_replies(&mut sink, done, &mut in_flight, &mut budget, config);
                 if sent.await.is_err() {
                     break End::Gone;
+                }
+                if large {
+                    // Let other connections run, and tokio look for their
+                    // sockets' readiness, before the next one: a client
+                    // whose pages and shard wake each other in turn would
+                    // otherwise keep everyone else waiting (issue 18).
+                    tokio::task::yield_now().await;
                 }
             }
             frame = stream.next(), if reading => {
