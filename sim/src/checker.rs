@@ -222,6 +222,15 @@ pub enum Violation {
         conn: u64,
         at_us: u64,
     },
+    /// Server side: request `handle` on `key` of `shard` was still waiting,
+    /// unanswered, after the command at `at_us` that cancelled it (or said
+    /// its requester was gone), which must answer it `cancelled`.
+    CancelIgnored {
+        shard: usize,
+        key: String,
+        handle: u64,
+        at_us: u64,
+    },
     /// Server side: set `set` of `shard` ends at `ends_us` (`None`: it
     /// was gone) after the command at `at_us`, though its last `set_up`
     /// says it ends at `expected_us`: its time to live was not restarted,
@@ -283,6 +292,7 @@ impl Violation {
             Violation::UndeservedCancel { .. } => "server: undeserved cancel",
             Violation::EphemeralKept { .. } => "server: ephemeral kept",
             Violation::SetLifetime { .. } => "server: set lifetime",
+            Violation::CancelIgnored { .. } => "server: cancel ignored",
             Violation::LeaseOutlived { .. } => "lease outlived its ttl",
             Violation::NoLeader => "no leader",
         }

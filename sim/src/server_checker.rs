@@ -24,7 +24,9 @@
 //! 4. `timeout` is answered at or after the request's `wait_ms`, and within
 //!    [`HAND_OFF_BOUND_US`] after it.
 //! 5. `cancelled` is answered only to a request that a `cancel`, a
-//!    "requester gone" or its connection's close named.
+//!    "requester gone" or its connection's close named; and a request
+//!    still waiting when a `cancel` or "requester gone" names it is
+//!    answered by that very command.
 //! 6. An ephemeral lock ends with the command that closes its connection.
 //! 7. A restart (SPEC section 8) ends every waiter, unanswered, and every
 //!    ephemeral grant; every other grant survives it with its token and
@@ -310,9 +312,28 @@ impl ShardHistory {
             let key = request.key.clone();
             self.queued.entry(key).or_default().extend(asked);
         }
+        self.cancels_answered(&step);
         self.holders(&step, before, after);
         if step.enders.restart {
             self.restarted(after, now);
+        }
+    }
+
+    /// Rule 5's other half: a waiting request named by this command's
+    /// `cancel` or "requester gone" is answered by it, not left waiting.
+    fn cancels_answered(&mut self, step: &Step<'_>) {
+        let named = [step.enders.cancelled, step.enders.gone];
+        for handle in named.into_iter().flatten() {
+            if let Some(request) = self.requests.get(&handle)
+                && step.asked != Some(handle)
+            {
+                self.violations.push(Violation::CancelIgnored {
+                    shard: self.shard,
+                    key: request.key.clone(),
+                    handle: handle.0,
+                    at_us: us(step.now),
+                });
+            }
         }
     }
 
@@ -798,6 +819,18 @@ mod tests {
             at_ms(200, Input::Tick),
         ];
         assert_eq!(kinds(&log), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn a_cancel_answers_the_waiting_request_and_an_ignored_one_is_caught() {
+        let cancel = Input::Cancel {
+            handle: Handle(2),
+            key: "k".into(),
+        };
+        let log = [lock(0, 1, 500), lock(1, 2, 100), at_ms(2, cancel)];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+        let _planted = planted::plant(Some(PlantedBug::CancelIgnored));
+        assert!(kinds(&log).contains(&"server: cancel ignored"));
     }
 
     #[test]

@@ -265,6 +265,14 @@ fn a_set_whose_renewal_is_ignored_is_caught() {
     );
 }
 
+#[test]
+fn a_cancel_that_is_ignored_is_caught() {
+    caught_within(
+        Bug::Server(PlantedBug::CancelIgnored),
+        &["server: cancel ignored"],
+    );
+}
+
 /// What a lost acknowledged change looks like from outside: an insert
 /// missing from the export, or told to a second worker as new (another
 /// index, a second `first`), or a grant whose token comes again.

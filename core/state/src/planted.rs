@@ -40,11 +40,14 @@ pub enum PlantedBug {
     /// A `set_up` of an existing set answers as usual but does not restart
     /// its time to live: the set ends at its first deadline.
     SetRenewalIgnored,
+    /// A `cancel` of a waiting request does nothing: the request waits on,
+    /// unanswered, and is granted in its turn.
+    CancelIgnored,
 }
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 8] = [
+    pub const ALL: [PlantedBug; 9] = [
         PlantedBug::GrantOutOfOrder,
         PlantedBug::LeaseFromRequest,
         PlantedBug::DeafWakeup,
@@ -53,6 +56,7 @@ impl PlantedBug {
         PlantedBug::EphemeralOutlivesConnection,
         PlantedBug::RestartKeepsEphemeral,
         PlantedBug::SetRenewalIgnored,
+        PlantedBug::CancelIgnored,
     ];
 
     /// Its name on the simulation's command line.
@@ -66,6 +70,7 @@ impl PlantedBug {
             PlantedBug::EphemeralOutlivesConnection => "ephemeral-outlives-connection",
             PlantedBug::RestartKeepsEphemeral => "restart-keeps-ephemeral",
             PlantedBug::SetRenewalIgnored => "set-renewal-ignored",
+            PlantedBug::CancelIgnored => "cancel-ignored",
         }
     }
 }

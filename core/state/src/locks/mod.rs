@@ -486,6 +486,9 @@ impl Locks {
     /// Answers `cancelled` to the waiting request `handle` on `key`, if it
     /// is still queued.
     pub fn cancel(&mut self, now: Tick, handle: Handle, key: &str) {
+        if planted::active(PlantedBug::CancelIgnored) {
+            return;
+        }
         if let Some(waiter) = self.take_waiter(now, handle, key) {
             self.books.counters.cancellations += 1;
             let cancelled = Err(ServerError::cancelled());
