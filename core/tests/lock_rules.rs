@@ -161,6 +161,7 @@ fn a_waiter_whose_connection_closes_leaves_the_queue_and_is_never_granted() {
     h.close_connection(conn_of("bob"));
     assert_eq!(h.inspect("k").waiters, 1);
     assert_eq!(bob.code(), ErrorCode::Cancelled, "answered, to nobody");
+    assert_eq!(h.shard.counters().locks.abandoned, 1, "counted once");
     h.unlock("alice", "k", alice.token()).ok();
     assert_eq!(h.holder("k").map(|(c, _)| c).as_deref(), Some("carol"));
     carol.token();

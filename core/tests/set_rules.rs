@@ -394,6 +394,23 @@ fn inspect_set_reports_size_and_remaining_ttl() {
 }
 
 #[test]
+fn a_key_larger_than_a_page_budget_still_gets_a_page_of_its_own() {
+    // Only with a key limit raised past the page budget: the page must
+    // still take one key, or paging would never move past it.
+    let mut limits = Limits::unbounded_capacity();
+    limits.key_bytes_max = 2 * MEMBERS_PAGE_BYTES;
+    let mut h = Harness::with_limits(limits);
+    h.set_up("s", 10_000);
+    let large = "k".repeat(MEMBERS_PAGE_BYTES + 1);
+    h.insert("alice", "s", &large).unwrap();
+    h.insert("alice", "s", "small").unwrap();
+    let page = members(&mut h, "s", 0, 10);
+    assert_eq!(page.members.len(), 1);
+    assert_eq!(page.members[0].key, large);
+    assert_eq!(page.next, Some(1));
+}
+
+#[test]
 fn sets_beyond_the_limit_are_refused_as_overloaded() {
     let mut limits = Limits::unbounded_capacity();
     limits.sets_max = 1;
