@@ -82,9 +82,24 @@ pub enum Command {
     Cluster(ClusterArgs),
 }
 
-/// `deadbolt serve`.
+/// `deadbolt serve`. Every flag but `--config` and `--print-config` is
+/// also a key of the config file (crate::config), named as the flag
+/// without its dashes.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file: one key per flag, named as the
+    /// flag without its dashes (`data-dir = "/var/lib/deadbolt"`). Flags
+    /// given on the command line override the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (defaults, the file, the flags) as
+    /// TOML, which `--config` reads back, and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// How the server writes its log to stderr: `text` for people, `json`
+    /// (one object per line) for a log collector.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Address for WebSocket clients.
     #[arg(long, alias = "listen", default_value = "127.0.0.1:7420")]
     pub ws: SocketAddr,
@@ -199,7 +214,7 @@ pub struct LockArgs {
     /// The lock's key.
     pub key: String,
     /// The lease; renewed every third of it while the command runs.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_lease)]
     pub ttl: Duration,
     /// How long to wait for the lock (default: as long as it takes).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -218,7 +233,7 @@ pub struct TryLockArgs {
     /// The lock's key.
     pub key: String,
     /// The lease.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_lease)]
     pub ttl: Duration,
 }
 
@@ -244,7 +259,7 @@ pub struct DistinctArgs {
     /// The set's name.
     pub name: String,
     /// The set's time to live (restarted by every run).
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_lease)]
     pub ttl: Duration,
 }
 
@@ -254,7 +269,7 @@ pub struct SetUpArgs {
     /// The set's name.
     pub name: String,
     /// The set's time to live.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_lease)]
     pub ttl: Duration,
 }
 
@@ -273,6 +288,25 @@ pub struct MembersArgs {
 pub struct SetArgs {
     /// The set's name.
     pub name: String,
+}
+
+/// The format of the server's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Parses a lease or time to live: a duration of at least a millisecond
+/// (the protocol's least `ttl_ms`), since a zero lease could only be lost.
+fn parse_lease(value: &str) -> Result<Duration, String> {
+    let lease = humantime::parse_duration(value).map_err(|e| format!("{value}: {e}"))?;
+    if lease < Duration::from_millis(1) {
+        return Err(format!("{value}: must be at least 1ms"));
+    }
+    Ok(lease)
 }
 
 /// `--quic ADDR` or `--quic off`.
@@ -366,4 +400,31 @@ pub enum ClusterCommand {
         /// The node's id.
         node_id: u64,
     },
+}
+
+/// The ids of the client-only flags ([`ServerArgs`]): they are global, so
+/// that they go before or after a client subcommand, but mean nothing to
+/// `deadbolt serve`.
+pub const CLIENT_FLAGS: [&str; 5] = ["server", "client_id", "ca", "insecure", "retry_for"];
+
+/// The command line, with the client-only flags hidden from `deadbolt
+/// serve --help` and later occurrences of a `serve` flag overriding
+/// earlier ones (as the flags override the config file).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let command = Cli::command();
+    // A subcommand that has an argument of a global's id keeps its own, so
+    // `serve` gets hidden copies (clap propagates globals when it builds
+    // the command, and an argument cannot be changed after that).
+    let hidden: Vec<clap::Arg> = command
+        .get_arguments()
+        .filter(|arg| CLIENT_FLAGS.contains(&arg.get_id().as_str()))
+        .map(|arg| arg.clone().hide(true))
+        .collect();
+    command.mut_subcommand("serve", |serve| serve.args(hidden).args_override_self(true))
+}
+
+/// `deadbolt serve` on its own, as the config file is read into it.
+pub fn serve_command() -> clap::Command {
+    ServeArgs::augment_args(clap::Command::new("deadbolt serve")).args_override_self(true)
 }

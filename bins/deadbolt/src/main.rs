@@ -14,14 +14,15 @@
 mod cli;
 mod cluster;
 mod commands;
+mod config;
 mod connect;
 mod serve;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::FromArgMatches;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, LogFormat};
 
 /// Exit code for "the answer was no".
 const EXIT_NO: u8 = 1;
@@ -31,8 +32,29 @@ const EXIT_LOST: u8 = 3;
 const EXIT_FAILED: u8 = 4;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Serve(_)));
+    let matches = cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    if let (Command::Serve(args), Some(serve)) =
+        (&mut cli.command, matches.subcommand_matches("serve"))
+    {
+        let resolved = match config::resolve(&matches, serve) {
+            Ok(resolved) => resolved,
+            Err(error) => {
+                eprintln!("deadbolt: {error:#}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        };
+        if resolved.args.print_config {
+            print!("{}", resolved.to_toml());
+            return ExitCode::SUCCESS;
+        }
+        **args = resolved.args;
+    }
+    let log_format = match &cli.command {
+        Command::Serve(args) => Some(args.log_format),
+        _ => None,
+    };
+    init_logging(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -70,22 +92,29 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr through tracing; `RUST_LOG` filters them (default:
-/// `info` for the server, `warn` for client commands).
-fn init_logging(server: bool) {
-    let default = if server { "info" } else { "warn" };
+/// `info` for the server, which says in what format, and `warn` for client
+/// commands).
+fn init_logging(server: Option<LogFormat>) {
+    let default = if server.is_some() { "info" } else { "warn" };
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|spec| spec.parse::<tracing_subscriber::filter::Targets>().ok())
         .unwrap_or_else(|| default.parse().unwrap_or_default());
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let registry = tracing_subscriber::registry().with(filter);
     // A second initialisation cannot happen here; ignore it if it did.
-    let _ = tracing_subscriber::registry()
-        .with(fmt)
-        .with(filter)
-        .try_init();
+    let _ = if server == Some(LogFormat::Json) {
+        let json = tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr);
+        registry.with(json).try_init()
+    } else {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let text = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi);
+        registry.with(text).try_init()
+    };
 }
