@@ -80,6 +80,31 @@ pub enum Command {
     TearDown(SetArgs),
     /// Look at a replicated cluster.
     Cluster(ClusterArgs),
+    /// Copy a stopped server's data directory to BACKUP (a new directory),
+    /// while holding its lock so that no server starts on it meanwhile.
+    Backup(BackupArgs),
+    /// Make a data directory from BACKUP, for a server to start on.
+    Restore(RestoreArgs),
+}
+
+/// `deadbolt backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The data directory to copy; its server must be stopped.
+    #[arg(long, default_value = "deadbolt-data")]
+    pub data_dir: PathBuf,
+    /// Where to write the copy: a directory that does not exist yet.
+    pub backup: PathBuf,
+}
+
+/// `deadbolt restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A copy made by `deadbolt backup`.
+    pub backup: PathBuf,
+    /// The data directory to make: it must not exist yet, or be empty.
+    #[arg(long, default_value = "deadbolt-data")]
+    pub data_dir: PathBuf,
 }
 
 /// `deadbolt serve`. Every flag but `--config` and `--print-config` is

@@ -45,7 +45,12 @@ pub fn resolve(top: &ArgMatches, cli: &ArgMatches) -> anyhow::Result<Resolved> {
             Some(path) => format!(" (with the settings of {})", path.display()),
             None => String::new(),
         };
-        anyhow::anyhow!("deadbolt serve{from}: {}", error.render().ansi())
+        // clap's first paragraph says what is wrong; its usage line would
+        // list every flag the file set.
+        let rendered = error.render().to_string();
+        let what = rendered.split("\n\n").next().unwrap_or_default().trim();
+        let what = what.strip_prefix("error: ").unwrap_or(what);
+        anyhow::anyhow!("deadbolt serve{from}: {what}")
     })?;
     let args = ServeArgs::from_arg_matches(&matches)?;
     Ok(Resolved { args, matches })
@@ -157,6 +162,10 @@ impl Resolved {
                 out.push_str(&format!("{long} = {}\n", self.matches.get_flag(id)));
                 continue;
             }
+            if let Some(set) = self.overridden_default(&command, arg) {
+                out.push_str(&format!("# {long}: not used with {set}\n"));
+                continue;
+            }
             match self.matches.get_raw(id).and_then(|mut raw| raw.next()) {
                 Some(raw) => {
                     let raw = raw.to_string_lossy();
@@ -167,6 +176,40 @@ impl Resolved {
         }
         out
     }
+}
+
+impl Resolved {
+    /// For a setting left at its default that conflicts with one that was
+    /// set (`fsync` with `in-memory`), the key that was set: printing the
+    /// default would make a file that is refused.
+    fn overridden_default(&self, command: &clap::Command, arg: &Arg) -> Option<String> {
+        let id = arg.get_id().as_str();
+        if self.matches.value_source(id) != Some(ValueSource::DefaultValue) {
+            return None;
+        }
+        command
+            .get_arg_conflicts_with(arg)
+            .into_iter()
+            .find(|other| {
+                let other = other.get_id().as_str();
+                matches!(
+                    self.matches.value_source(other),
+                    Some(ValueSource::CommandLine)
+                ) && (!is_switch_id(command, other) || self.matches.get_flag(other))
+            })
+            .map(|other| {
+                other
+                    .get_long()
+                    .unwrap_or(other.get_id().as_str())
+                    .to_owned()
+            })
+    }
+}
+
+fn is_switch_id(command: &clap::Command, id: &str) -> bool {
+    command
+        .get_arguments()
+        .any(|arg| arg.get_id() == id && is_switch(arg))
 }
 
 /// A flag's value as a TOML value: an integer if it is one (and the flag

@@ -11,6 +11,7 @@
 //! ran; 4 any other failure, such as an unreachable server. `deadbolt lock`
 //! otherwise exits with its command's status.
 
+mod backup;
 mod cli;
 mod cluster;
 mod commands;
@@ -78,6 +79,8 @@ fn main() -> ExitCode {
             Command::Members(args) => commands::members(server, args).await,
             Command::TearDown(args) => commands::tear_down(server, args).await,
             Command::Cluster(args) => cluster::run(server, args).await,
+            Command::Backup(args) => backup::backup(&args).map(|()| 0),
+            Command::Restore(args) => backup::restore(&args).map(|()| 0),
         }
     });
     // Background tasks (a connection's, a renewal's) must not hold the exit.

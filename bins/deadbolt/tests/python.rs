@@ -58,7 +58,13 @@ fn environment(client: &Path) -> PathBuf {
     );
     run(
         Command::new(&interpreter)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .arg(format!("{}[test]", client.display())),
         "installing the Python client's test dependencies from PyPI",
     );
