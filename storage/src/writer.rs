@@ -121,6 +121,9 @@ pub struct LogWriter {
     tally: Tally,
     /// Why the log can no longer be trusted, once it cannot.
     failed: Option<String>,
+    /// Why the last append failed, while appends fail (a full disk): each
+    /// failure is answered, but logged only when it starts or changes.
+    append_failing: Option<String>,
 }
 
 impl LogWriter {
@@ -165,6 +168,7 @@ impl LogWriter {
             recent: vec![VecDeque::new(); shards],
             tally: Tally::default(),
             failed: None,
+            append_failing: None,
         })
     }
 
@@ -385,7 +389,7 @@ impl LogWriter {
     fn sync_group(&mut self, written: &mut Written) {
         if let Err(error) = self.file.sync() {
             let failed = format!("syncing the log failed ({error}); restart the server");
-            tracing::error!("{failed}");
+            tracing::error!(path = %self.current_path().display(), "{failed}");
             written.outcome = Err(ServerError::unavailable(failed.clone()));
             self.failed = Some(failed);
         }
@@ -425,6 +429,9 @@ impl LogWriter {
         if let Err(error) = written {
             return Err(self.undo_append(error));
         }
+        if self.append_failing.take().is_some() {
+            tracing::info!(path = %self.current_path().display(), "the log is written again");
+        }
         self.tally.groups += 1;
         self.tally.syncs += u64::from(must_sync);
         self.tally.bytes += bytes.len() as u64;
@@ -447,7 +454,10 @@ impl LogWriter {
         } else {
             format!("cannot write the log ({error}); nothing was changed")
         };
-        tracing::error!(path = %self.current_path().display(), "{why}");
+        if self.append_failing.as_ref() != Some(&why) {
+            tracing::error!(path = %self.current_path().display(), "{why}");
+            self.append_failing = Some(why.clone());
+        }
         let cut = self
             .file
             .truncate(self.file_len)
@@ -471,7 +481,7 @@ impl LogWriter {
         if let Err(error) = self.file.sync() {
             // After a failed sync the page cache cannot be trusted either.
             let failed = format!("syncing the log failed ({error}); restart the server");
-            tracing::error!("{failed}");
+            tracing::error!(path = %self.current_path().display(), "{failed}");
             self.failed = Some(failed);
         }
     }

@@ -153,6 +153,37 @@ fn a_bad_config_file_is_refused_naming_the_key_and_starts_nothing() {
     assert!(stderr(&missing).contains("cannot read the config file /nonexistent/deadbolt.toml"));
 }
 
+/// A WebSocket upgrade on `addr`, then a frame the client must mask sent
+/// unmasked: a protocol violation.
+fn violate_the_protocol(addr: &str) {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(addr).expect("connect");
+    socket
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .expect("upgrade");
+    let mut head = [0u8; 12];
+    socket.read_exact(&mut head).expect("response");
+    assert_eq!(&head, b"HTTP/1.1 101");
+    socket
+        .write_all(&[0x81, 0x02, b'h', b'i'])
+        .expect("unmasked frame");
+    // Read until the server closes.
+    let _ = socket.read_to_end(&mut Vec::new());
+}
+
+/// A request head that is not HTTP.
+fn send_garbage(addr: &str) {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(addr).expect("connect");
+    socket.write_all(b"garbage\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    let _ = socket.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
 #[test]
 fn the_server_logs_json_lines_when_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -186,14 +217,40 @@ fn the_server_logs_json_lines_when_asked() {
             break;
         }
     }
-    assert!(seen.iter().any(|m| m.contains("listening")), "{seen:?}");
+    let listening = seen.last().expect("a listening line");
+    let addr = listening[listening.find("ws://").expect("url") + 5..]
+        .trim_end_matches("/ws")
+        .to_owned();
+    violate_the_protocol(&addr);
+    send_garbage(&addr);
     stop(child);
-    let rest: Vec<String> = lines.map(|l| l.expect("line")).collect();
-    for line in &rest {
-        serde_json::from_str::<serde_json::Value>(line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
-    }
-    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+    let rest: Vec<serde_json::Value> = lines
+        .map(|l| l.expect("line"))
+        .map(|line| {
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
+        })
+        .collect();
+    let with_message = |text: &str| -> Vec<&serde_json::Value> {
+        rest.iter()
+            .filter(|event| event["message"].as_str().is_some_and(|m| m.contains(text)))
+            .collect()
+    };
+    // Each connection's error once, with the peer and the reason.
+    let violation = with_message("websocket connection ended on an error");
+    assert_eq!(violation.len(), 1, "{rest:?}");
+    assert!(
+        violation[0]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:"))
+    );
+    let reason = violation[0]["reason"].as_str().expect("a reason");
+    assert!(reason.starts_with("closed with 1002"), "{reason}");
+    assert_eq!(violation[0]["level"], "INFO");
+    let garbage = with_message("bad request head");
+    assert_eq!(garbage.len(), 1, "{rest:?}");
+    assert!(garbage[0]["peer"].is_string() && garbage[0]["error"].is_string());
+    let stopped = rest.iter().filter(|event| event["message"] == "stopped");
+    assert_eq!(stopped.count(), 1, "{rest:?}");
 }
 
 #[test]
