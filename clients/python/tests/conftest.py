@@ -16,7 +16,7 @@ import pytest
 class Server:
     """A `deadbolt serve` process on a loopback port of its own."""
 
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
+    def __init__(self, data_dir: Path, port: int = 0, quic: bool = False) -> None:
         binary = os.environ.get("DEADBOLT_BIN")
         if not binary:
             pytest.fail("DEADBOLT_BIN must name the deadbolt binary (cargo test sets it)")
@@ -24,6 +24,10 @@ class Server:
         self.data_dir = data_dir
         self.port = port
         self.url = ""
+        self.quic = quic
+        self.quic_url = ""
+        #: The self-signed certificate QUIC clients trust.
+        self.cert = str(data_dir / "cert.pem")
         self.process: Optional[subprocess.Popen[str]] = None
         self.start()
 
@@ -33,7 +37,7 @@ class Server:
             [
                 self.binary, "serve",
                 "--ws", f"127.0.0.1:{self.port}",
-                "--quic", "off",
+                "--quic", "127.0.0.1:0" if self.quic else "off",
                 "--data-dir", str(self.data_dir),
             ],
             stderr=subprocess.PIPE,
@@ -43,7 +47,9 @@ class Server:
         log: List[str] = []
         for line in self.process.stderr:
             log.append(line)
-            if "ws://" in line:
+            if "quic://" in line:
+                self.quic_url = line[line.index("quic://"):].split()[0]
+            elif "ws://" in line:
                 self.url = line[line.index("ws://"):].split()[0]
                 self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
                 break
@@ -68,7 +74,7 @@ class Server:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the tests that do not stop it (each uses keys of its own)."""
-    running = Server(tmp_path_factory.mktemp("data"))
+    running = Server(tmp_path_factory.mktemp("data"), quic=True)
     yield running
     running.stop()
 

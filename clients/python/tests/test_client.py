@@ -252,6 +252,44 @@ def test_the_sync_wrapper_for_scripts(server: Any) -> None:
         assert [(m.index, m.key) for m in results.members()] == [(1, "a"), (2, "b")]
 
 
-def test_quic_urls_are_refused_with_a_clear_message() -> None:
-    with pytest.raises(ValueError, match="WebSocket"):
-        deadbolt.Client("quic://127.0.0.1:7421")
+@run_async
+async def test_over_quic_a_stream_per_request_with_the_servers_certificate(server: Any) -> None:
+    key = unique("quic")
+    async with await deadbolt.connect(server.quic_url, ca=server.cert) as client, await deadbolt.connect(server.url) as ws:
+        async with client.lock(key, ttl=0.3) as lock:
+            await asyncio.sleep(0.5)  # Renewed over QUIC.
+            assert lock.is_held()
+            info = await ws.inspect(key)
+            assert info.holder is not None and info.holder.client == client.client_id
+            # A waiting lock cancelled by its task resets its stream: the
+            # server drops the waiter.
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(ws.lock(key, ttl=5), 0.2)
+        held = await ws.lock(key, ttl=30)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.lock(key, ttl=30), 0.2)
+        await asyncio.sleep(0.1)
+        assert (await ws.inspect(key)).waiters == 0
+        await held.unlock()
+        results = client.set(unique("quic-set"))
+        await results.set_up(ttl=60)
+        got = await results.insert_many([f"k{i}" for i in range(2500)])
+        assert [r.index for r in got] == list(range(1, 2501))
+        assert len([m async for m in results.members()]) == 2500
+        with pytest.raises(deadbolt.NoSuchSet):
+            await client.set(unique("none")).inspect()
+
+
+@run_async
+async def test_quic_refuses_an_untrusted_certificate_unless_insecure(server: Any) -> None:
+    with pytest.raises(deadbolt.ConnectionLost):
+        await deadbolt.connect(server.quic_url, retry_for=0.2)
+    async with await deadbolt.connect(server.quic_url, insecure=True) as client:
+        await client.ping()
+
+
+def test_bad_urls_are_refused_with_a_clear_message() -> None:
+    with pytest.raises(ValueError, match="quic://HOST:PORT"):
+        deadbolt.Client("quic://no-port")
+    with pytest.raises(ValueError, match="ws://HOST:PORT/ws"):
+        deadbolt.Client("http://127.0.0.1:7420")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Protocol
+
 
 from websockets.asyncio.client import ClientConnection, connect as ws_connect
 
-from .errors import ConnectionLost, ProtocolError, error_for
+from .errors import ConnectionLost, DeadboltError, ProtocolError, error_for
 
 log = logging.getLogger("deadbolt")
 
@@ -28,15 +29,14 @@ class Lost(Exception):
 
 
 class Connection:
-    """An open WebSocket to one server, any number of requests in flight."""
+    """An open WebSocket to one server, any number of requests in flight.
+    (The QUIC connection, ``_quic.QuicConnection``, has the same methods.)"""
 
     def __init__(self, ws: ClientConnection, url: str) -> None:
         self.url = url
         self._ws = ws
         self._pending: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}
-        #: Ids of `lock` requests given up on: a grant that still comes for
-        #: one is given back at once.
-        self._abandoned: Dict[int, str] = {}
+        self._own_ids = 0
         self._closed = asyncio.Event()
         self._why = "connection closed"
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -67,7 +67,8 @@ class Connection:
         """Sends one request and returns its ``ok`` object; raises the
         server's error, or :class:`Lost` if the connection broke first.
 
-        Cancelling the awaiting task cancels a waiting ``lock`` on the server.
+        Cancelling the awaiting task cancels a waiting ``lock`` on the
+        server (see :func:`give_up_lock`) before the cancellation goes on.
         """
         if not self.is_open:
             raise Lost(self._why, sent=False)
@@ -82,32 +83,19 @@ class Connection:
             self._pending.pop(request_id, None)
             raise Lost(f"cannot send: {error}", sent=True) from error
         try:
-            message = await reply
+            message = await asyncio.shield(reply)
         except asyncio.CancelledError:
-            self._give_up(request_id, op, fields)
+            if op == "lock":
+                await asyncio.shield(give_up_lock(self, request_id, str(fields.get("key")), reply))
+            self._pending.pop(request_id, None)
             raise
-        if "err" in message and message["err"] is not None:
-            err = message["err"]
-            raise error_for(str(err.get("code")), str(err.get("message")))
-        ok = message.get("ok")
-        if not isinstance(ok, dict):
-            raise ProtocolError(f"a reply with neither ok nor err: {message!r}")
-        return ok
+        return ok_or_raise(message)
 
-    def _give_up(self, request_id: int, op: str, fields: Dict[str, Any]) -> None:
-        """The caller stopped waiting for ``request_id``: cancel it on the
-        server if it is a waiting ``lock``."""
-        if self._pending.pop(request_id, None) is None or op != "lock" or not self.is_open:
-            return
-        self._abandoned[request_id] = str(fields.get("key"))
-        cancel = json.dumps({"id": request_id + (1 << 52), "op": "cancel", "target": request_id})
-        asyncio.get_running_loop().create_task(self._send_quietly(cancel))
-
-    async def _send_quietly(self, text: str) -> None:
-        try:
-            await self._ws.send(text)
-        except Exception as error:  # noqa: BLE001 - the connection is going anyway
-            log.debug("could not send %s: %s", text, error)
+    def own_id(self) -> int:
+        """An id for a request the connection sends on its own (a cancel),
+        far above the client's and below 2^53."""
+        self._own_ids += 1
+        return (1 << 52) + self._own_ids
 
     async def _read(self) -> None:
         try:
@@ -132,19 +120,10 @@ class Connection:
         if not isinstance(message, dict):
             return
         request_id = message.get("id")
+        # Replies to requests given up on find nobody.
         reply = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
-        if reply is not None:
-            if not reply.done():
-                reply.set_result(message)
-            return
-        if not isinstance(request_id, int):
-            return
-        key = self._abandoned.pop(request_id, None)
-        token = (message.get("ok") or {}).get("token") if key is not None else None
-        if key is not None and token is not None:
-            # Granted after we gave up on it: nobody holds a guard, give it back.
-            unlock = json.dumps({"id": request_id + (1 << 51), "op": "unlock", "key": key, "token": token})
-            asyncio.get_running_loop().create_task(self._send_quietly(unlock))
+        if reply is not None and not reply.done():
+            reply.set_result(message)
 
     async def close(self) -> None:
         """Closes the connection (pending requests fail as lost)."""
@@ -155,6 +134,50 @@ class Connection:
         except asyncio.CancelledError:
             pass
         self._closed.set()
+
+
+#: How long giving up a waiting lock may take (its cancel's round trip).
+GIVE_UP_TIMEOUT = 5.0
+
+
+class _Requester(Protocol):
+    def own_id(self) -> int: ...
+
+    async def request(self, request_id: int, op: str, fields: Dict[str, Any]) -> Dict[str, Any]: ...
+
+
+async def give_up_lock(
+    connection: _Requester, request_id: int, key: str, reply: "asyncio.Future[Dict[str, Any]]"
+) -> None:
+    """The caller stopped waiting for ``lock`` request ``request_id``:
+    cancels it on the server and waits for its answer, which is
+    ``cancelled``, or a grant made while the cancel was on its way, which
+    is given back at once. So when the caller's cancellation goes on, the
+    key is not held by a grant nobody knows of (a later ``lock`` of this
+    client would be answered that same grant, which a late release would
+    then end)."""
+    try:
+        cancel = connection.request(connection.own_id(), "cancel", {"target": request_id})
+        await asyncio.wait_for(cancel, GIVE_UP_TIMEOUT)
+        message = await asyncio.wait_for(reply, GIVE_UP_TIMEOUT)
+        token = (message.get("ok") or {}).get("token")
+        if token is not None:
+            unlock = connection.request(connection.own_id(), "unlock", {"key": key, "token": token})
+            await asyncio.wait_for(unlock, GIVE_UP_TIMEOUT)
+    except (Lost, DeadboltError, asyncio.TimeoutError) as error:
+        # The connection is going (a grant on it ends with its lease).
+        log.debug("giving up lock %s on %s: %s", request_id, key, error)
+
+
+def ok_or_raise(message: Dict[str, Any]) -> Dict[str, Any]:
+    """A reply's ``ok`` object, or its error raised."""
+    err = message.get("err")
+    if isinstance(err, dict):
+        raise error_for(str(err.get("code")), str(err.get("message")))
+    ok = message.get("ok")
+    if not isinstance(ok, dict):
+        raise ProtocolError(f"a reply with neither ok nor err: {message!r}")
+    return ok
 
 
 def lost_error(error: Lost, url: Optional[str]) -> ConnectionLost:

@@ -32,6 +32,7 @@ from typing import (
     List,
     Optional,
     Sequence,
+    TYPE_CHECKING,
     Tuple,
     Union,
 )
@@ -48,6 +49,13 @@ from .errors import (
 )
 
 log = logging.getLogger("deadbolt")
+
+if TYPE_CHECKING:
+    from ._quic import QuicConnection
+
+    AnyConnection = Union[Connection, QuicConnection]
+else:
+    AnyConnection = Any
 
 #: A duration: seconds (int or float) or a ``timedelta``.
 Seconds = Union[float, int, timedelta]
@@ -147,7 +155,7 @@ class _Timed:
 
     reply: Dict[str, Any]
     sent_at: float
-    connection: Connection
+    connection: "AnyConnection"
     earlier_may_have_run: bool
 
 
@@ -167,6 +175,8 @@ class Client:
         retry_delay: Seconds = 0.02,
         retry_delay_max: Seconds = 1.0,
         connect_timeout: Seconds = 5.0,
+        ca: Optional[str] = None,
+        insecure: bool = False,
     ) -> None:
         if isinstance(urls, str):
             urls = [u.strip() for u in urls.split(",") if u.strip()]
@@ -174,12 +184,11 @@ class Client:
             raise ValueError("no server URL")
         for url in urls:
             if url.startswith("quic://"):
-                raise ValueError(
-                    f"{url}: the Python client speaks WebSocket (ws://HOST:PORT/ws) only; "
-                    "every server also listens for WebSocket"
-                )
-            if not url.startswith(("ws://", "wss://")):
-                raise ValueError(f"{url}: expected ws://HOST:PORT/ws")
+                from . import _quic  # Raises ImportError naming the extra if aioquic is missing.
+
+                _quic.parse_url(url)
+            elif not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"{url}: expected ws://HOST:PORT/ws or quic://HOST:PORT")
         self.urls: List[str] = list(urls)
         self.client_id: str = client_id or random_client_id()
         if not 1 <= len(self.client_id.encode()) <= 64:
@@ -188,8 +197,10 @@ class Client:
         self._retry_delay = _seconds(retry_delay, "retry_delay")
         self._retry_delay_max = _seconds(retry_delay_max, "retry_delay_max")
         self._connect_timeout = _seconds(connect_timeout, "connect_timeout")
+        self._ca = ca
+        self._insecure = insecure
         self._at = 0
-        self._current: Optional[Connection] = None
+        self._current: Optional[AnyConnection] = None
         self._reconnecting = asyncio.Lock()
         self._ids = itertools.count(1)
         self._releasing: Dict[str, int] = {}
@@ -203,7 +214,7 @@ class Client:
 
     # Connections.
 
-    async def _connection(self) -> Connection:
+    async def _connection(self) -> AnyConnection:
         """The open connection, opening one (and saying ``hello``) if needed."""
         if self._closed:
             raise DeadboltError("the client is closed", "closed")
@@ -217,14 +228,21 @@ class Client:
             self._current = await self._open()
             return self._current
 
-    async def _open(self) -> Connection:
+    async def _open_one(self, url: str) -> AnyConnection:
+        if url.startswith("quic://"):
+            from ._quic import QuicConnection
+
+            return await QuicConnection.open(url, self._connect_timeout, self._ca, self._insecure)
+        return await Connection.open(url, self._connect_timeout)
+
+    async def _open(self) -> AnyConnection:
         """Opens a connection to the first URL that answers, from the one
         that last did, and says ``hello`` on it."""
         last: Optional[Lost] = None
         for step in range(len(self.urls)):
             at = (self._at + step) % len(self.urls)
             try:
-                connection = await Connection.open(self.urls[at], self._connect_timeout)
+                connection = await self._open_one(self.urls[at])
             except Lost as error:
                 last = error
                 continue
@@ -242,11 +260,11 @@ class Client:
         assert last is not None
         raise last
 
-    def _forget(self, connection: Optional[Connection]) -> None:
+    def _forget(self, connection: Optional[AnyConnection]) -> None:
         if connection is not None and self._current is connection:
             self._current = None
 
-    def _leave(self, connection: Optional[Connection]) -> None:
+    def _leave(self, connection: Optional[AnyConnection]) -> None:
         """The server behind ``connection`` cannot serve now: new requests
         go to a new connection, to the next URL."""
         if connection is not None and self._current is connection:
@@ -268,7 +286,7 @@ class Client:
         attempt = 0
         may_have_run = False
         while True:
-            connection: Optional[Connection] = None
+            connection: Optional[AnyConnection] = None
             failure: Union[Lost, DeadboltError]
             sent_at = time.monotonic()
             try:
@@ -526,7 +544,7 @@ class Lock:
         token: int,
         ttl: float,
         valid_until: float,
-        bound_to: Optional[Connection],
+        bound_to: Optional["AnyConnection"],
         auto_renew: bool,
     ) -> None:
         self.key = key
@@ -638,7 +656,7 @@ class Lock:
         except RuntimeError:
             pass  # No running loop: the lease ends it.
 
-    async def _watch(self, connection: Connection) -> None:
+    async def _watch(self, connection: "AnyConnection") -> None:
         await connection.wait_closed()
         self._lost.set()
 
@@ -750,6 +768,8 @@ async def connect(
     client_id: Optional[str] = None,
     retry_for: Seconds = 30.0,
     connect_timeout: Seconds = 5.0,
+    ca: Optional[str] = None,
+    insecure: bool = False,
 ) -> Client:
     """Connects to a deadbolt server and says ``hello``.
 
@@ -760,8 +780,20 @@ async def connect(
     128-bit one), so that a rerun of a crashed job still owns its locks and
     ``first`` keys. ``retry_for`` bounds how long a request is retried
     while no server works.
+
+    ``quic://HOST:PORT`` URLs need the ``quic`` extra (aioquic); ``ca`` is
+    the certificate to trust for them (the ``cert.pem`` that ``deadbolt
+    serve`` wrote in its data directory; default: the system's), and
+    ``insecure`` skips the check, for development only.
     """
-    client = Client(urls, client_id=client_id, retry_for=retry_for, connect_timeout=connect_timeout)
+    client = Client(
+        urls,
+        client_id=client_id,
+        retry_for=retry_for,
+        connect_timeout=connect_timeout,
+        ca=ca,
+        insecure=insecure,
+    )
     await client._call("ping", lambda _: {})
     return client
 

@@ -198,11 +198,14 @@ def connect(
     *,
     client_id: Optional[str] = None,
     retry_for: Seconds = 30.0,
+    ca: Optional[str] = None,
+    insecure: bool = False,
 ) -> Client:
     """Connects; see :func:`deadbolt.connect`."""
     loop = _Loop()
     try:
-        inner = loop.run(aio.connect(urls, client_id=client_id, retry_for=retry_for))
+        connecting = aio.connect(urls, client_id=client_id, retry_for=retry_for, ca=ca, insecure=insecure)
+        inner = loop.run(connecting)
     except BaseException:
         loop.stop()
         raise
