@@ -208,6 +208,7 @@ class Client:
         self._closed = False
         #: Locks whose renewal runs, stopped when the client closes.
         self._renewing: "weakref.WeakSet[Lock]" = weakref.WeakSet()
+        self._background: "set[asyncio.Task[None]]" = set()
 
     def __repr__(self) -> str:
         return f"<deadbolt.Client {self.client_id} {','.join(self.urls)}>"
@@ -481,6 +482,7 @@ class Client:
         """Releases a grant nobody holds a lock object for, best effort; a
         later ``lock`` of the key by this client waits for it (a re-lock
         would get the same grant, which this unlock would then end)."""
+        loop = asyncio.get_running_loop()  # Raises RuntimeError if there is none.
         self._releasing[key] = self._releasing.get(key, 0) + 1
 
         async def release() -> None:
@@ -494,7 +496,10 @@ class Client:
                     del self._releasing[key]
                 self._released.set()
 
-        asyncio.get_running_loop().create_task(release())
+        # Held until done: the loop keeps only a weak reference to a task.
+        task = loop.create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _settled(self, key: str) -> None:
         while key in self._releasing:
