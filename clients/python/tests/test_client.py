@@ -288,6 +288,19 @@ async def test_quic_refuses_an_untrusted_certificate_unless_insecure(server: Any
         await client.ping()
 
 
+def test_the_server_and_client_id_come_from_the_environment_as_for_the_cli(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEADBOLT_SERVER", f"ws://127.0.0.1:1/ws,{server.url}")
+    monkeypatch.setenv("DEADBOLT_CLIENT_ID", "rerun-of-job-7")
+    with sync.connect() as client:
+        assert client.client_id == "rerun-of-job-7"
+        key = unique("env")
+        lock = client.lock(key, ttl=30)
+        assert client.inspect(key).holder.client == "rerun-of-job-7"  # type: ignore[union-attr]
+        lock.unlock()
+
+
 def test_bad_urls_are_refused_with_a_clear_message() -> None:
     with pytest.raises(ValueError, match="quic://HOST:PORT"):
         deadbolt.Client("quic://no-port")

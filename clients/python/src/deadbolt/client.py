@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import os
 import secrets
 import time
 import weakref
@@ -767,8 +768,12 @@ class DistinctSet:
         return int(reply["size"])
 
 
+#: The server when neither ``urls`` nor ``$DEADBOLT_SERVER`` names one.
+DEFAULT_URL = "ws://127.0.0.1:7420/ws"
+
+
 async def connect(
-    urls: Union[str, Sequence[str]] = "ws://127.0.0.1:7420/ws",
+    urls: Union[str, Sequence[str], None] = None,
     *,
     client_id: Optional[str] = None,
     retry_for: Seconds = 30.0,
@@ -781,22 +786,25 @@ async def connect(
     ``urls`` is one ``ws://HOST:PORT/ws`` URL, or several (a list, or
     comma-separated) naming the nodes of a cluster: the client uses the
     first that answers and moves on when one cannot be reached or answers
-    ``unavailable``. ``client_id`` fixes the client id (default: a random
-    128-bit one), so that a rerun of a crashed job still owns its locks and
+    ``unavailable`` (default: ``$DEADBOLT_SERVER``, as for the command-line
+    client, else ``ws://127.0.0.1:7420/ws``). ``client_id`` fixes the
+    client id (default: ``$DEADBOLT_CLIENT_ID``, else a random 128-bit
+    one), so that a rerun of a crashed job still owns its locks and
     ``first`` keys. ``retry_for`` bounds how long a request is retried
     while no server works.
 
     ``quic://HOST:PORT`` URLs need the ``quic`` extra (aioquic); ``ca`` is
-    the certificate to trust for them (the ``cert.pem`` that ``deadbolt
-    serve`` wrote in its data directory; default: the system's), and
-    ``insecure`` skips the check, for development only.
+    the certificate to trust for them (default: ``$DEADBOLT_CA``, else the
+    system's; ``deadbolt serve`` writes its self-signed one as
+    ``cert.pem`` in its data directory), and ``insecure`` skips the check,
+    for development only.
     """
     client = Client(
-        urls,
-        client_id=client_id,
+        urls or os.environ.get("DEADBOLT_SERVER") or DEFAULT_URL,
+        client_id=client_id or os.environ.get("DEADBOLT_CLIENT_ID") or None,
+        ca=ca or os.environ.get("DEADBOLT_CA") or None,
         retry_for=retry_for,
         connect_timeout=connect_timeout,
-        ca=ca,
         insecure=insecure,
     )
     await client._call("ping", lambda _: {})

@@ -194,7 +194,7 @@ class Client:
 
 
 def connect(
-    urls: Union[str, Sequence[str]] = "ws://127.0.0.1:7420/ws",
+    urls: Union[str, Sequence[str], None] = None,
     *,
     client_id: Optional[str] = None,
     retry_for: Seconds = 30.0,
