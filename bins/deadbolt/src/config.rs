@@ -112,8 +112,12 @@ fn file_flags(command: &clap::Command, path: &Path) -> anyhow::Result<Vec<OsStri
     let table: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
     let mut flags = Vec::new();
+    let mut seen = std::collections::BTreeMap::new();
     for (key, value) in &table {
         let long = key.replace('_', "-");
+        if let Some(earlier) = seen.insert(long.clone(), key) {
+            bail!("{}: `{earlier}` and `{key}` are one key", path.display());
+        }
         let Some(arg) = settings(command).find(|arg| arg.get_long() == Some(long.as_str())) else {
             bail!(
                 "{}: unknown key `{key}` (the keys are the flags of `deadbolt serve --help`, \

@@ -133,6 +133,7 @@ fn a_bad_config_file_is_refused_naming_the_key_and_starts_nothing() {
             "`ws` takes a string or an integer",
         ),
         ("shards = \n", "not valid TOML"),
+        ("data-dir = \"a\"\ndata_dir = \"b\"\n", "are one key"),
     ];
     for (text, expected) in cases {
         let file = dir.path().join("bad.toml");
