@@ -6,7 +6,7 @@
 //! than a segment, deletes the segment.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -15,6 +15,7 @@ use deadbolt_core::shard::image::ShardImage;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::backup;
 use crate::codec::{self, Record};
 use crate::disk::{AppendFile, Disk};
 use crate::planted::{self, StorageBug};
@@ -56,6 +57,11 @@ pub(crate) enum Request {
         settled: u64,
         image: Box<ShardImage>,
         token_reserved: u64,
+    },
+    /// Copy the data directory into a new directory under `backup_dir`
+    /// once the group is kept; answer where.
+    Backup {
+        done: oneshot::Sender<Result<PathBuf, String>>,
     },
 }
 
@@ -124,6 +130,8 @@ pub struct LogWriter {
     /// Why the last append failed, while appends fail (a full disk): each
     /// failure is answered, but logged only when it starts or changes.
     append_failing: Option<String>,
+    /// Backups asked for in the group being written, made once it is kept.
+    backups: Vec<oneshot::Sender<Result<PathBuf, String>>>,
 }
 
 impl LogWriter {
@@ -169,6 +177,7 @@ impl LogWriter {
             tally: Tally::default(),
             failed: None,
             append_failing: None,
+            backups: Vec::new(),
         })
     }
 
@@ -234,6 +243,9 @@ impl LogWriter {
                 self.sync_group(&mut written);
             }
             self.finish_group(written);
+            for done in std::mem::take(&mut self.backups) {
+                let _ = done.send(self.backup());
+            }
         }
         self.sync_unsynced();
         let Tally {
@@ -332,6 +344,7 @@ impl LogWriter {
                     };
                     snapshots.push((shard, image, token_reserved, covers_below));
                 }
+                Request::Backup { done } => self.backups.push(done),
             }
         }
         // On a disk whose syncs take a while, the sync is what the power
@@ -484,6 +497,66 @@ impl LogWriter {
             tracing::error!(path = %self.current_path().display(), "{failed}");
             self.failed = Some(failed);
         }
+    }
+
+    /// Copies the data directory into a new directory under
+    /// `backup_dir` (see [`crate::backup`]): the log's segments (synced
+    /// first), the snapshots, and the QUIC certificate and key beside them.
+    fn backup(&mut self) -> Result<PathBuf, String> {
+        let started = std::time::Instant::now();
+        let Some(root) = self.config.backup_dir.clone() else {
+            return Err("backups are off: start the server with --backup-dir DIR".into());
+        };
+        if let Some(why) = &self.failed {
+            return Err(why.clone());
+        }
+        if let Err(error) = self.file.sync() {
+            let failed = format!("syncing the log failed ({error}); restart the server");
+            tracing::error!(path = %self.current_path().display(), "{failed}");
+            self.failed = Some(failed.clone());
+            return Err(failed);
+        }
+        self.sync_due = None;
+        let dest = backup::new_dir(&*self.disk, &root)
+            .map_err(|e| format!("cannot make a backup directory in {}: {e}", root.display()))?;
+        let copied = self.copy_into(&dest).map_err(|e| {
+            let why = format!("the backup into {} failed: {e}", dest.display());
+            tracing::error!("{why}");
+            why
+        })?;
+        tracing::info!(
+            dest = %dest.display(),
+            files = copied.files,
+            bytes = copied.bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "backed up the data directory"
+        );
+        Ok(dest)
+    }
+
+    fn copy_into(&self, dest: &Path) -> std::io::Result<backup::Copied> {
+        let (disk, dir) = (&*self.disk, &self.config.dir);
+        let mut copied = backup::Copied::default();
+        let segments = self.segments.iter().filter_map(|segment| {
+            let name = segment.path.file_name()?;
+            Some(name.to_string_lossy().into_owned())
+        });
+        backup::copy_files(
+            disk,
+            &dir.join("wal"),
+            &dest.join("wal"),
+            segments,
+            &mut copied,
+        )?;
+        let snapshots = disk.list(&dir.join("snapshots"))?;
+        let snapshots = snapshots
+            .into_iter()
+            .filter(|name| snapshot::shard_of_file(name).is_some());
+        let to = dest.join("snapshots");
+        backup::copy_files(disk, &dir.join("snapshots"), &to, snapshots, &mut copied)?;
+        let identity = disk.list(dir)?.into_iter().filter(|n| n.ends_with(".pem"));
+        backup::copy_files(disk, dir, dest, identity, &mut copied)?;
+        Ok(copied)
     }
 
     fn current_path(&self) -> PathBuf {

@@ -1,5 +1,5 @@
-//! `deadbolt backup` and `deadbolt restore`: an offline copy of a data
-//! directory.
+//! `deadbolt backup` and `deadbolt restore`: a copy of a data directory,
+//! offline, or online by the running server (`--online`).
 //!
 //! A data directory is its write-ahead log (`wal/`), each shard's latest
 //! snapshot (`snapshots/`), the QUIC certificate, and a cluster node's
@@ -13,14 +13,35 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 
-use crate::cli::{BackupArgs, RestoreArgs};
+use crate::cli::{BackupArgs, RestoreArgs, ServerArgs};
+use crate::cluster::http;
 use crate::serve::lock_data_dir;
 
 /// The lock file, which belongs to the directory's server, not its data.
 const LOCK_FILE: &str = "LOCK";
 
+/// `deadbolt backup --online`: `POST /backup` to the first server of
+/// `--server` that answers, which copies its data directory under its
+/// `--backup-dir` (see `deadbolt_storage::Store::backup`).
+pub async fn online(server: &ServerArgs) -> anyhow::Result<u8> {
+    let mut failures = Vec::new();
+    for url in server.server.split(',').map(str::trim) {
+        match http(url, "POST", "/backup").await {
+            Ok(answer) => {
+                println!("{}", answer.trim_end());
+                return Ok(0);
+            }
+            Err(error) => failures.push(format!("{url}: {error:#}")),
+        }
+    }
+    bail!("no backup made: {}", failures.join("; "))
+}
+
 /// `deadbolt backup --data-dir DIR BACKUP`.
 pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
+    let Some(target) = &args.backup else {
+        bail!("give the directory to copy to (or --online)");
+    };
     if !args.data_dir.join("wal").is_dir() && !args.data_dir.join("raft").is_dir() {
         bail!(
             "{} is not a deadbolt data directory (no wal/ or raft/ in it)",
@@ -28,12 +49,12 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
         );
     }
     let _held = lock_data_dir(&args.data_dir)?;
-    make_new_dir(&args.backup)?;
-    let copied = copy_tree(&args.data_dir, &args.backup)?;
+    make_new_dir(target)?;
+    let copied = copy_tree(&args.data_dir, target)?;
     println!(
         "copied {copied} files of {} to {}",
         args.data_dir.display(),
-        args.backup.display()
+        target.display()
     );
     Ok(())
 }

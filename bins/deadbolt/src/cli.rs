@@ -81,7 +81,8 @@ pub enum Command {
     /// Look at a replicated cluster.
     Cluster(ClusterArgs),
     /// Copy a stopped server's data directory to BACKUP (a new directory),
-    /// while holding its lock so that no server starts on it meanwhile.
+    /// holding its lock so that no server starts on it meanwhile; or, with
+    /// --online, have the running server copy its own.
     Backup(BackupArgs),
     /// Make a data directory from BACKUP, for a server to start on.
     Restore(RestoreArgs),
@@ -90,11 +91,17 @@ pub enum Command {
 /// `deadbolt backup`.
 #[derive(Debug, Args)]
 pub struct BackupArgs {
+    /// Ask the server at --server to copy its data directory, as it is at
+    /// this moment, into a new directory under its --backup-dir while it
+    /// keeps serving (acknowledgements wait for the copy), and print where.
+    #[arg(long, conflicts_with_all = ["data_dir", "backup"])]
+    pub online: bool,
     /// The data directory to copy; its server must be stopped.
     #[arg(long, default_value = "deadbolt-data")]
     pub data_dir: PathBuf,
     /// Where to write the copy: a directory that does not exist yet.
-    pub backup: PathBuf,
+    #[arg(required_unless_present = "online")]
+    pub backup: Option<PathBuf>,
 }
 
 /// `deadbolt restore`.
@@ -152,6 +159,11 @@ pub struct ServeArgs {
     /// Keep nothing on disk: every lock and set dies with the process.
     #[arg(long)]
     pub in_memory: bool,
+    /// Where `deadbolt backup --online` (`POST /backup`) makes copies of
+    /// the data directory, each in a new `backup-<time>` directory. Without
+    /// it, online backups are off.
+    #[arg(long, value_name = "DIR", conflicts_with = "in_memory")]
+    pub backup_dir: Option<PathBuf>,
     /// Shard actors. A key's shard depends on this number, so it is fixed
     /// rather than one per core.
     #[arg(long, default_value_t = deadbolt_core::engine::DEFAULT_SHARDS)]

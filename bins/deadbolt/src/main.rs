@@ -79,6 +79,7 @@ fn main() -> ExitCode {
             Command::Members(args) => commands::members(server, args).await,
             Command::TearDown(args) => commands::tear_down(server, args).await,
             Command::Cluster(args) => cluster::run(server, args).await,
+            Command::Backup(args) if args.online => backup::online(server).await,
             Command::Backup(args) => backup::backup(&args).map(|()| 0),
             Command::Restore(args) => backup::restore(&args).map(|()| 0),
         }

@@ -200,6 +200,7 @@ fn storage(args: &ServeArgs) -> Option<Durable> {
     }
     let mut store = StoreConfig::new(&args.data_dir);
     store.fsync = args.fsync;
+    store.backup_dir.clone_from(&args.backup_dir);
 
     Some(Durable {
         disk: Arc::new(StdDisk),

@@ -432,3 +432,78 @@ fn command_line_mistakes_get_one_clear_message() {
     assert_eq!(message.lines().count(), 1, "{message}");
     stop(server);
 }
+
+#[test]
+fn an_online_backup_holds_every_change_acknowledged_before_it_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data, backups) = (dir.path().join("data"), dir.path().join("backups"));
+    let (server, url) = serve(&data, &["--backup-dir", path(&backups)]);
+    let run = |args: &[&str]| deadbolt(&[&["--server", url.as_str()], args].concat());
+    let token = stdout(&run(&["try-lock", "report", "--ttl", "1h"]));
+    assert!(run(&["set-up", "results", "--ttl", "1h"]).status.success());
+    let distinct = |lines: &str| {
+        let mut child = Command::new(BIN)
+            .args(["--server", &url, "distinct", "results"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("distinct");
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(lines.as_bytes()).expect("write");
+        drop(stdin);
+        assert!(child.wait().expect("distinct").success());
+    };
+    let before: String = (0..500).map(|i| format!("before-{i}\n")).collect();
+    distinct(&before);
+
+    let made = run(&["backup", "--online"]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let answer = stdout(&made);
+    let copy = answer
+        .trim()
+        .strip_prefix("backed up to ")
+        .unwrap_or_else(|| panic!("{answer}"))
+        .to_owned();
+    assert!(copy.starts_with(path(&backups)), "{copy}");
+    // The server goes on serving, and what comes after is not in the copy.
+    distinct("after\n");
+    let second = stdout(&run(&["backup", "--online"]));
+    assert_ne!(second.trim(), answer.trim(), "each backup a new directory");
+    stop(server);
+
+    let restored = dir.path().join("restored");
+    let restore = deadbolt(&["restore", &copy, "--data-dir", path(&restored)]);
+    assert!(restore.status.success(), "{}", stderr(&restore));
+    let (server, url) = serve(&restored, &[]);
+    let run = |args: &[&str]| deadbolt(&[&["--server", url.as_str()], args].concat());
+    assert!(stdout(&run(&["inspect", "report"])).contains(token.trim()));
+    let members = stdout(&run(&["members", "results"]));
+    let expected: Vec<String> = (0..500).map(|i| format!("before-{i}")).collect();
+    assert_eq!(members.lines().collect::<Vec<_>>(), expected);
+    stop(server);
+}
+
+#[test]
+fn an_online_backup_says_why_it_cannot_be_made() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, url) = serve(&dir.path().join("data"), &[]);
+    let off = deadbolt(&["--server", &url, "backup", "--online"]);
+    assert_eq!(off.status.code(), Some(4));
+    assert!(
+        stderr(&off).contains("start the server with --backup-dir"),
+        "{}",
+        stderr(&off)
+    );
+    stop(server);
+    let (server, url) = serve(&dir.path().join("memory"), &["--in-memory"]);
+    let nothing = deadbolt(&["--server", &url, "backup", "--online"]);
+    assert!(
+        stderr(&nothing).contains("no data directory to back up"),
+        "{}",
+        stderr(&nothing)
+    );
+    stop(server);
+    let both = deadbolt(&["backup", "--online", "somewhere"]);
+    assert_eq!(both.status.code(), Some(2), "--online takes no directory");
+}
