@@ -435,28 +435,35 @@ fn command_line_mistakes_get_one_clear_message() {
 
 #[test]
 fn an_online_backup_holds_every_change_acknowledged_before_it_and_the_server_goes_on() {
+    use std::io::Write;
+    const KEYS: usize = 20_000;
     let dir = tempfile::tempdir().expect("tempdir");
     let (data, backups) = (dir.path().join("data"), dir.path().join("backups"));
     let (server, url) = serve(&data, &["--backup-dir", path(&backups)]);
     let run = |args: &[&str]| deadbolt(&[&["--server", url.as_str()], args].concat());
     let token = stdout(&run(&["try-lock", "report", "--ttl", "1h"]));
     assert!(run(&["set-up", "results", "--ttl", "1h"]).status.success());
-    let distinct = |lines: &str| {
-        let mut child = Command::new(BIN)
-            .args(["--server", &url, "distinct", "results"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("distinct");
-        use std::io::Write;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(lines.as_bytes()).expect("write");
-        drop(stdin);
-        assert!(child.wait().expect("distinct").success());
-    };
-    let before: String = (0..500).map(|i| format!("before-{i}\n")).collect();
-    distinct(&before);
 
+    // A worker inserts keys while the backup is made: `distinct` prints
+    // each key once its insert is acknowledged, in input order.
+    let mut worker = Command::new(BIN)
+        .args(["--server", &url, "distinct", "results"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("distinct");
+    let mut stdin = worker.stdin.take().expect("stdin");
+    let feeding = std::thread::spawn(move || {
+        for i in 0..KEYS {
+            writeln!(stdin, "key-{i}").expect("write a key");
+        }
+    });
+    let mut acknowledged = BufReader::new(worker.stdout.take().expect("stdout")).lines();
+    let mut before = 0;
+    while before < 1000 {
+        acknowledged.next().expect("a key").expect("a line");
+        before += 1;
+    }
     let made = run(&["backup", "--online"]);
     assert!(made.status.success(), "{}", stderr(&made));
     let answer = stdout(&made);
@@ -466,8 +473,11 @@ fn an_online_backup_holds_every_change_acknowledged_before_it_and_the_server_goe
         .unwrap_or_else(|| panic!("{answer}"))
         .to_owned();
     assert!(copy.starts_with(path(&backups)), "{copy}");
-    // The server goes on serving, and what comes after is not in the copy.
-    distinct("after\n");
+    // The server goes on serving (the count drains the worker's output,
+    // so that it never stops for a full pipe).
+    assert_eq!(acknowledged.count() + before, KEYS);
+    feeding.join().expect("feeding");
+    assert!(worker.wait().expect("distinct").success());
     let second = stdout(&run(&["backup", "--online"]));
     assert_ne!(second.trim(), answer.trim(), "each backup a new directory");
     stop(server);
@@ -478,9 +488,18 @@ fn an_online_backup_holds_every_change_acknowledged_before_it_and_the_server_goe
     let (server, url) = serve(&restored, &[]);
     let run = |args: &[&str]| deadbolt(&[&["--server", url.as_str()], args].concat());
     assert!(stdout(&run(&["inspect", "report"])).contains(token.trim()));
-    let members = stdout(&run(&["members", "results"]));
-    let expected: Vec<String> = (0..500).map(|i| format!("before-{i}")).collect();
-    assert_eq!(members.lines().collect::<Vec<_>>(), expected);
+    // Every key acknowledged before the backup, with its index: the copy is
+    // the set as it was at one moment, a prefix of the worker's keys.
+    let members = stdout(&run(&["members", "results", "--index"]));
+    let members: Vec<&str> = members.lines().collect();
+    assert!(members.len() >= before, "{} < {before}", members.len());
+    eprintln!(
+        "{before} keys acknowledged before the backup, {} in it",
+        members.len()
+    );
+    for (i, member) in members.iter().enumerate() {
+        assert_eq!(*member, format!("{}\tkey-{i}", i + 1));
+    }
     stop(server);
 }
 
