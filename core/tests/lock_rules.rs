@@ -376,6 +376,7 @@ fn an_ephemeral_lock_is_released_when_its_connection_closes() {
     h.check();
     bob.token();
     assert!(h.holder("other").is_some(), "non-ephemeral locks stay");
+    assert_eq!(h.shard.counters().locks.disconnects, 1, "one counted");
 }
 
 #[test]
@@ -550,4 +551,46 @@ fn timers_of_cancelled_and_abandoned_waiters_are_compacted_away() {
         }
     }
     assert_eq!(h.inspect("k").waiters, 0);
+}
+
+#[test]
+fn stats_lists_rank_waiters_as_they_come_and_go_without_a_scan() {
+    let mut h = Harness::new();
+    for i in 0..50 {
+        h.lock("holder", &format!("k{i:02}"), 60_000, None);
+    }
+    // Three waiters on k07, two on k03, one on k42.
+    let mut waiting = Vec::new();
+    for (key, waiters) in [("k07", 3), ("k03", 2), ("k42", 1)] {
+        for w in 0..waiters {
+            waiting.push(h.lock(&format!("w{w}"), key, 60_000, None));
+        }
+    }
+    let ranked = |h: &Harness, top| {
+        let snapshot = h.shard.snapshot(top);
+        let names = |list: &[deadbolt_core::proto::HeldLock]| {
+            list.iter()
+                .map(|l| (l.key.clone(), l.waiters))
+                .collect::<Vec<_>>()
+        };
+        (names(&snapshot.contended), names(&snapshot.held))
+    };
+    let pairs = |list: &[(&str, u64)]| {
+        list.iter()
+            .map(|&(k, n)| (k.to_owned(), n))
+            .collect::<Vec<_>>()
+    };
+    let (contended, held) = ranked(&h, 2);
+    assert_eq!(contended, pairs(&[("k07", 3), ("k03", 2)]));
+    assert_eq!(held, contended, "the most waited-for held locks first");
+    let (contended, held) = ranked(&h, 10);
+    assert_eq!(contended.len(), 3);
+    assert_eq!(held.len(), 10, "filled with locks nobody waits for");
+    assert_eq!(held[..3], contended[..]);
+    assert!(held[3..].iter().all(|(_, waiters)| *waiters == 0));
+    // A waiter leaves k07 (cancelled): now two keys tie at 2, by key.
+    h.cancel(&waiting[0]);
+    let (contended, _) = ranked(&h, 10);
+    assert_eq!(contended, pairs(&[("k03", 2), ("k07", 2), ("k42", 1)]));
+    h.check();
 }

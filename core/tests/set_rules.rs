@@ -80,6 +80,8 @@ fn set_up_creates_the_set_once_and_later_only_restarts_its_ttl() {
     );
     h.advance(1);
     assert_eq!(inspect_set(&mut h, "s"), Err(ErrorCode::NoSuchSet));
+    let counters = h.shard.counters().sets;
+    assert_eq!((counters.created, counters.expired), (1, 1));
 }
 
 #[test]
@@ -231,6 +233,8 @@ fn a_members_page_stops_at_its_byte_budget_and_next_resumes_there() {
     for key in &keys {
         h.insert("alice", "s", key).unwrap();
     }
+    // 256 keys of exactly 1 KiB fill a page to the byte, and fit.
+    assert_eq!(members(&mut h, "s", 0, 10_000).members.len(), 256);
     let mut seen = Vec::new();
     let mut after = 0;
     loop {
@@ -354,6 +358,7 @@ fn tear_down_removes_the_set_and_reports_its_size() {
     assert_eq!(tear_down(&mut h, "s"), Ok(2));
     assert_eq!(tear_down(&mut h, "s"), Err(ErrorCode::NoSuchSet));
     assert_eq!(h.shard.counters().sets.members, 0);
+    assert_eq!(h.shard.counters().sets.torn_down, 1);
 }
 
 #[test]

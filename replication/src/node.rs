@@ -14,11 +14,10 @@ use deadbolt_core::time::Tick;
 use deadbolt_core::{Engine, EngineConfig};
 use deadbolt_storage::Disk;
 use deadbolt_transport_ws::{Dialer, Listener};
-use futures_util::FutureExt;
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::network::RaftNetworkFactory;
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::forward::LeaderForwarder;
 use crate::identity::Identities;
@@ -26,7 +25,7 @@ use crate::log_store::{LogStore, LogWriter, OpenError};
 use crate::network::{Directory, Hello, Peers, serve_peers};
 use crate::state_machine::{StateMachine, load_snapshot};
 use crate::status::ClusterStatus;
-use crate::types::{Batch, NodeId, Raft};
+use crate::types::{Batch, Batches, NodeId, Raft};
 
 /// Raft's timers.
 #[derive(Debug, Clone, Copy)]
@@ -141,35 +140,80 @@ impl std::fmt::Debug for Node {
     }
 }
 
-/// Leading shards propose through openraft.
+/// Leading shards propose through openraft, by way of one combiner task
+/// ([`combine`]) that puts the batches proposed while it was busy into one
+/// entry.
 struct RaftConsensus {
     raft: Arc<OnceLock<Raft>>,
+    /// To the combiner. Unbounded, but each leading shard has at most a
+    /// few proposals uncommitted, so it holds at most that many per shard.
+    proposals: mpsc::UnboundedSender<Pending>,
+}
+
+/// A batch waiting for the combiner, and who to tell when it commits.
+struct Pending {
+    batch: Batch,
+    committed: oneshot::Sender<Result<(), ServerError>>,
 }
 
 impl Consensus for RaftConsensus {
     fn propose(&self, proposal: Proposal) -> Proposed {
-        let Some(raft) = self.raft.get() else {
+        if self.raft.get().is_none() {
             return Box::pin(async { Err(ServerError::unavailable("raft is starting")) });
-        };
-        // Handed to openraft now, not when the returned future is first
-        // polled: a shard's proposals must reach the log in the order it
-        // made them, and the shard may not poll for a while.
-        let submitted = raft.client_write_ff(Batch::of(&proposal)).now_or_never();
+        }
+        // Queued now, not when the returned future is first polled: a
+        // shard's proposals must reach the log in the order it made them,
+        // and the shard may not poll for a while.
+        let (committed, outcome) = oneshot::channel();
+        let batch = Batch::of(&proposal);
+        if self.proposals.send(Pending { batch, committed }).is_err() {
+            return Box::pin(async { Err(ServerError::unavailable("raft stopped")) });
+        }
         Box::pin(async move {
-            let answer = match submitted {
-                Some(Ok(answer)) => answer,
-                Some(Err(fatal)) => return Err(ServerError::unavailable(fatal.to_string())),
-                None => return Err(ServerError::unavailable("raft did not take the write")),
-            };
-            match answer.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(ServerError::unavailable(
-                    "this node stopped leading before the write committed",
-                )),
-                Ok(Err(error)) => Err(ServerError::unavailable(error.to_string())),
-                Err(_) => Err(ServerError::unavailable("raft stopped")),
-            }
+            outcome
+                .await
+                .unwrap_or_else(|_| Err(ServerError::unavailable("raft stopped")))
         })
+    }
+}
+
+/// The most batches one entry carries (one per shard is the usual case).
+const BATCHES_PER_ENTRY_MAX: usize = 256;
+
+/// Submits the proposed batches to `raft`, as few entries as it can: each
+/// entry carries every batch queued by the time the previous one was
+/// handed over. The shards woken by one commit propose at about the same
+/// time, so after the first entry they fall into step and share entries.
+async fn combine(raft: Raft, mut proposals: mpsc::UnboundedReceiver<Pending>) {
+    while let Some(first) = proposals.recv().await {
+        // Let the other shards woken by the same commit propose too.
+        tokio::task::yield_now().await;
+        let mut pending = vec![first];
+        while pending.len() < BATCHES_PER_ENTRY_MAX {
+            let Ok(next) = proposals.try_recv() else {
+                break;
+            };
+            pending.push(next);
+        }
+        let (batches, waiting): (Vec<Batch>, Vec<_>) =
+            pending.into_iter().map(|p| (p.batch, p.committed)).unzip();
+        let submitted = raft.client_write_ff(Batches(batches)).await;
+        tokio::spawn(async move {
+            let outcome = match submitted {
+                Ok(answer) => match answer.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(ClientWriteError::ForwardToLeader(_))) => Err(ServerError::unavailable(
+                        "this node stopped leading before the write committed",
+                    )),
+                    Ok(Err(error)) => Err(ServerError::unavailable(error.to_string())),
+                    Err(_) => Err(ServerError::unavailable("raft stopped")),
+                },
+                Err(fatal) => Err(ServerError::unavailable(fatal.to_string())),
+            };
+            for waiter in waiting {
+                let _ = waiter.send(outcome.clone());
+            }
+        });
     }
 }
 
@@ -221,10 +265,12 @@ pub async fn start<L: Listener, D: Dialer + Clone>(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(cluster.node, cluster.client_url.clone());
+    let (proposals, to_combine) = mpsc::unbounded_channel();
     let replica = ReplicaConfig {
         node: cluster.node,
         consensus: Arc::new(RaftConsensus {
             raft: Arc::clone(&raft_cell),
+            proposals,
         }),
         forwarder: Arc::new(LeaderForwarder {
             raft: Arc::clone(&raft_cell),
@@ -256,6 +302,7 @@ pub async fn start<L: Listener, D: Dialer + Clone>(
     let _ = raft_cell.set(raft.clone());
     let (stop, stopped) = watch::channel(false);
     let tasks = vec![
+        tokio::spawn(combine(raft.clone(), to_combine)),
         tokio::spawn(bootstrap(raft.clone(), cluster.clone(), probes)),
         tokio::spawn(watch_role(raft.clone(), handle, cluster.node)),
         tokio::spawn(serve_peers(

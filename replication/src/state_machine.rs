@@ -19,7 +19,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
+use crate::types::{Batch, Entry, LogId, NodeId, StorageError, TypeConfig};
 
 /// The snapshot file's name in the raft directory.
 const SNAPSHOT_FILE: &str = "snapshot";
@@ -146,21 +146,9 @@ impl StateMachine {
         let log_id = entry.log_id;
         match entry.payload {
             EntryPayload::Blank => {}
-            EntryPayload::Normal(batch) => {
-                let commands = batch.decode_commands().map_err(|e| {
-                    let error = std::io::Error::other(format!("{batch}: {e}"));
-                    StorageError::from_io_error(ErrorSubject::Log(log_id), ErrorVerb::Read, error)
-                })?;
-                if let Some(latest) = commands.iter().map(|c| c.at).max() {
-                    let mut applied = self.applied();
-                    applied.through = applied.through.max(latest);
-                }
-                let shard = batch.shard as usize;
-                if shard >= self.shards {
-                    tracing::error!(%batch, "an entry for a shard this node does not have");
-                } else {
-                    self.replica
-                        .apply(shard, batch.origin(), batch.number, commands);
+            EntryPayload::Normal(batches) => {
+                for batch in batches.0 {
+                    self.apply_batch(log_id, batch)?;
                 }
             }
             EntryPayload::Membership(membership) => {
@@ -168,6 +156,27 @@ impl StateMachine {
             }
         }
         self.applied().last = Some(log_id);
+        Ok(())
+    }
+
+    /// Hands one shard's committed batch (of the entry `log_id`) to it.
+    #[allow(clippy::result_large_err)]
+    fn apply_batch(&self, log_id: LogId, batch: Batch) -> Result<(), StorageError> {
+        let commands = batch.decode_commands().map_err(|e| {
+            let error = std::io::Error::other(format!("{batch}: {e}"));
+            StorageError::from_io_error(ErrorSubject::Log(log_id), ErrorVerb::Read, error)
+        })?;
+        if let Some(latest) = commands.iter().map(|c| c.at).max() {
+            let mut applied = self.applied();
+            applied.through = applied.through.max(latest);
+        }
+        let shard = batch.shard as usize;
+        if shard >= self.shards {
+            tracing::error!(%batch, "an entry for a shard this node does not have");
+        } else {
+            self.replica
+                .apply(shard, batch.origin(), batch.number, commands);
+        }
         Ok(())
     }
 

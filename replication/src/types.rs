@@ -1,5 +1,5 @@
-//! The Raft type configuration, and what a log entry carries: one shard's
-//! batch of stamped commands.
+//! The Raft type configuration, and what a log entry carries: the batches
+//! of stamped commands of one or more shards.
 
 use std::io::Cursor;
 
@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 openraft::declare_raft_types!(
     /// deadbolt's Raft types: node ids are `u64`, a node's address is its
-    /// peer address, an entry carries a [`Batch`].
+    /// peer address, an entry carries [`Batches`].
     pub TypeConfig:
-        D = Batch,
+        D = Batches,
         R = (),
         NodeId = u64,
         Node = openraft::BasicNode,
@@ -31,6 +31,24 @@ pub type LogId = openraft::LogId<NodeId>;
 pub type Vote = openraft::Vote<NodeId>;
 /// A storage error.
 pub type StorageError = openraft::StorageError<NodeId>;
+
+/// What one log entry carries: the batches that leading shards proposed
+/// while the previous entry was on its way, in the order they proposed
+/// them. One entry (one append, one fsync, one round trip to the
+/// followers) carries them all, where an entry per batch made every shard
+/// wait its turn behind the others' ([`crate::node`] combines them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batches(pub Vec<Batch>);
+
+impl std::fmt::Display for Batches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} batches", self.0.len())?;
+        for batch in &self.0 {
+            write!(f, "; {batch}")?;
+        }
+        Ok(())
+    }
+}
 
 /// One shard's batch of commands, as a log entry carries it: who proposed
 /// it, and the commands in the storage's log encoding (ops as their wire

@@ -222,6 +222,26 @@ pub enum Violation {
         conn: u64,
         at_us: u64,
     },
+    /// Server side: request `handle` on `key` of `shard` was still waiting,
+    /// unanswered, after the command at `at_us` that cancelled it (or said
+    /// its requester was gone), which must answer it `cancelled`.
+    CancelIgnored {
+        shard: usize,
+        key: String,
+        handle: u64,
+        at_us: u64,
+    },
+    /// Server side: set `set` of `shard` ends at `ends_us` (`None`: it
+    /// was gone) after the command at `at_us`, though its last `set_up`
+    /// says it ends at `expected_us`: its time to live was not restarted,
+    /// or it ended early or late.
+    SetLifetime {
+        shard: usize,
+        set: String,
+        expected_us: u64,
+        ends_us: Option<u64>,
+        at_us: u64,
+    },
     /// Cluster ([`crate::lease`]): grant `token` of `key` was still
     /// running when a request sent at `alive_at_us` found it, though its
     /// lease ends by `ends_by_us` (its last grant, re-lock or extend
@@ -271,6 +291,8 @@ impl Violation {
             Violation::TimeoutOffTime { .. } => "server: timeout off time",
             Violation::UndeservedCancel { .. } => "server: undeserved cancel",
             Violation::EphemeralKept { .. } => "server: ephemeral kept",
+            Violation::SetLifetime { .. } => "server: set lifetime",
+            Violation::CancelIgnored { .. } => "server: cancel ignored",
             Violation::LeaseOutlived { .. } => "lease outlived its ttl",
             Violation::NoLeader => "no leader",
         }

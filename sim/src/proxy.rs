@@ -48,7 +48,7 @@ pub enum Bug {
 impl Bug {
     /// Every planted bug: the proxy's, then the state machine's, the
     /// storage's and the replication's.
-    pub const ALL: [Bug; 17] = [
+    pub const ALL: [Bug; 19] = [
         Bug::DoubleGrant,
         Bug::LowerToken,
         Bug::DoubleFirst,
@@ -61,6 +61,8 @@ impl Bug {
         Bug::Server(PlantedBug::ALL[4]),
         Bug::Server(PlantedBug::ALL[5]),
         Bug::Server(PlantedBug::ALL[6]),
+        Bug::Server(PlantedBug::ALL[7]),
+        Bug::Server(PlantedBug::ALL[8]),
         Bug::Storage(StorageBug::ALL[0]),
         Bug::Storage(StorageBug::ALL[1]),
         Bug::Storage(StorageBug::ALL[2]),

@@ -134,6 +134,16 @@ pub enum Step {
         /// whose reply was lost retries: every answer must be the same.
         retry: bool,
     },
+    /// A scratch set of the worker's own with a short time to live: set
+    /// up, insert, pause (often past the time to live, so that the set
+    /// expires), insert again, and set it up again if it was gone. The
+    /// server-side checker judges when it ends.
+    Scratch {
+        /// Its time to live.
+        ttl_ms: u64,
+        /// The pause between the two inserts.
+        pause_ms: u64,
+    },
 }
 
 /// One worker's plan.
@@ -403,7 +413,9 @@ fn step(lock_keys: usize) -> BoxedStrategy<Step> {
         });
     let abandon =
         (0..lock_keys, 150u64..1200).prop_map(|(key, ttl_ms)| Step::Abandon { key, ttl_ms });
-    prop_oneof![6 => counter, 4 => dedup, 1 => abandon].boxed()
+    let scratch =
+        (50u64..400, 0u64..800).prop_map(|(ttl_ms, pause_ms)| Step::Scratch { ttl_ms, pause_ms });
+    prop_oneof![6 => counter, 4 => dedup, 1 => abandon, 1 => scratch].boxed()
 }
 
 fn fault_kind(transport: Transport) -> BoxedStrategy<FaultKind> {

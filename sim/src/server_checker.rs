@@ -24,13 +24,19 @@
 //! 4. `timeout` is answered at or after the request's `wait_ms`, and within
 //!    [`HAND_OFF_BOUND_US`] after it.
 //! 5. `cancelled` is answered only to a request that a `cancel`, a
-//!    "requester gone" or its connection's close named.
+//!    "requester gone" or its connection's close named; and a request
+//!    still waiting when a `cancel` or "requester gone" names it is
+//!    answered by that very command.
 //! 6. An ephemeral lock ends with the command that closes its connection.
 //! 7. A restart (SPEC section 8) ends every waiter, unanswered, and every
 //!    ephemeral grant; every other grant survives it with its token and
 //!    its deadline (its lease goes on with the time it had left). Handles
 //!    and connection ids start again with the new process, so nothing of
 //!    the old one's requests is carried past it.
+//! 8. A set ends exactly `ttl_ms` after its last `set_up` (the shard
+//!    applies the deadline at its own tick, so no command stamped at or
+//!    after it still finds the set, and none before it finds it gone),
+//!    unless it is torn down; a restart keeps it with its deadline.
 //!
 //! The timing rules (2 and 4) allow what the server cannot help: the
 //! deadlines a restart applies (the shard's clock goes on from the last
@@ -45,8 +51,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use deadbolt_core::proto::{ErrorCode, LockOp, Okay, Wait};
+use deadbolt_core::proto::{ErrorCode, LockOp, Okay, SetOp, Wait};
 use deadbolt_core::shard::locks::{HolderView, KeyView};
+use deadbolt_core::shard::sets::SetView;
 use deadbolt_core::shard::{Answer, Command, ConnId, Handle, Input, Shard, ShardConfig, ShardOp};
 use deadbolt_core::time::Tick;
 
@@ -143,11 +150,17 @@ pub fn check(
         bound_us: timing.bound_us,
         violations: Vec::new(),
     };
+    let mut sets = SetLifetimes::default();
     let mut before = views_by_key(replica.lock_views());
     for (position, command) in log.iter().enumerate() {
         replica.apply(command.clone());
         let now = replica.now();
         let answers = replica.take_answers();
+        let set_views = replica.set_views();
+        let broken = sets.command(&command.input, now, &answers, &set_views);
+        history
+            .violations
+            .extend(broken.into_iter().map(|broken| broken.violation(shard)));
         let after = views_by_key(replica.lock_views());
         let late_ok =
             timing.late_ok.contains(&position) || matches!(command.input, Input::Restart { .. });
@@ -155,6 +168,97 @@ pub fn check(
         before = after;
     }
     history.violations
+}
+
+/// Rule 8: when each set should end, by its last `set_up`.
+#[derive(Debug, Default)]
+struct SetLifetimes {
+    ends: BTreeMap<String, Tick>,
+}
+
+/// A set found ending at another time than its last `set_up` says.
+struct SetOffTime {
+    set: String,
+    expected: Tick,
+    ends: Option<Tick>,
+    at: Tick,
+}
+
+impl SetOffTime {
+    fn violation(self, shard: usize) -> Violation {
+        Violation::SetLifetime {
+            shard,
+            set: self.set,
+            expected_us: us(self.expected),
+            ends_us: self.ends.map(us),
+            at_us: us(self.at),
+        }
+    }
+}
+
+impl SetLifetimes {
+    /// Learns from a `set_up` or `tear_down` the command made (and was
+    /// answered "ok"), then compares every set the shard has with `views`.
+    fn command(
+        &mut self,
+        input: &Input,
+        now: Tick,
+        answers: &[Answer],
+        views: &[SetView],
+    ) -> Vec<SetOffTime> {
+        if let Input::Op {
+            handle,
+            op: ShardOp::Set(op),
+            ..
+        } = input
+            && answers
+                .iter()
+                .any(|a| a.handle == *handle && a.outcome.is_ok())
+        {
+            match op {
+                SetOp::SetUp { set, ttl_ms } => {
+                    self.ends.insert(set.clone(), now.plus_millis(*ttl_ms));
+                }
+                SetOp::TearDown { set } => {
+                    self.ends.remove(set);
+                }
+                _ => {}
+            }
+        }
+        let mut broken = Vec::new();
+        for view in views {
+            let expected = self.ends.get(&view.set).copied();
+            if let Some(expected) = expected
+                && (view.ends != expected || view.ends <= now)
+            {
+                broken.push(SetOffTime {
+                    set: view.set.clone(),
+                    expected,
+                    ends: Some(view.ends),
+                    at: now,
+                });
+            }
+        }
+        let gone = |set: &String| views.binary_search_by(|v| v.set.cmp(set)).is_err();
+        let ended: Vec<(String, Tick)> = self
+            .ends
+            .iter()
+            .filter(|(set, _)| gone(set))
+            .map(|(set, &end)| (set.clone(), end))
+            .collect();
+        for (set, expected) in ended {
+            self.ends.remove(&set);
+            if expected > now {
+                broken.push(SetOffTime {
+                    set,
+                    expected,
+                    ends: None,
+                    at: now,
+                });
+            }
+        }
+        broken
+    }
 }
 
 fn views_by_key(views: Vec<KeyView>) -> BTreeMap<String, KeyView> {
@@ -208,9 +312,28 @@ impl ShardHistory {
             let key = request.key.clone();
             self.queued.entry(key).or_default().extend(asked);
         }
+        self.cancels_answered(&step);
         self.holders(&step, before, after);
         if step.enders.restart {
             self.restarted(after, now);
+        }
+    }
+
+    /// Rule 5's other half: a waiting request named by this command's
+    /// `cancel` or "requester gone" is answered by it, not left waiting.
+    fn cancels_answered(&mut self, step: &Step<'_>) {
+        let named = [step.enders.cancelled, step.enders.gone];
+        for handle in named.into_iter().flatten() {
+            if let Some(request) = self.requests.get(&handle)
+                && step.asked != Some(handle)
+            {
+                self.violations.push(Violation::CancelIgnored {
+                    shard: self.shard,
+                    key: request.key.clone(),
+                    handle: handle.0,
+                    at_us: us(step.now),
+                });
+            }
         }
     }
 
@@ -608,6 +731,24 @@ mod tests {
         command
     }
 
+    /// `set_up` of set "s" for `ttl_ms`, with request handle `n`.
+    fn set_up(ms: u64, n: u64, ttl_ms: u64) -> Command {
+        let caller = Caller {
+            client: Arc::from("setter"),
+            conn: 99,
+        };
+        let set = "s".to_owned();
+        let op = ShardOp::Set(SetOp::SetUp { set, ttl_ms });
+        at_ms(
+            ms,
+            Input::Op {
+                handle: Handle(n),
+                caller,
+                op,
+            },
+        )
+    }
+
     fn restart(ms: u64) -> Command {
         at_ms(ms, Input::Restart { token_floor: 1 })
     }
@@ -661,6 +802,46 @@ mod tests {
             kinds_excusing(&log, &BTreeSet::from([2])),
             Vec::<&str>::new()
         );
+    }
+
+    #[test]
+    fn a_set_renewed_and_left_to_expire_keeps_rule_8_across_a_restart() {
+        // Set up for 100 ms, renewed at 50 ms for 100 ms more, a restart
+        // at 120 ms, gone at 150 ms; set up again at 160 ms.
+        let log = [
+            set_up(0, 1, 100),
+            set_up(50, 2, 100),
+            at_ms(100, Input::Tick),
+            restart(120),
+            at_ms(149, Input::Tick),
+            at_ms(150, Input::Tick),
+            set_up(160, 3, 10),
+            at_ms(200, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn a_cancel_answers_the_waiting_request_and_an_ignored_one_is_caught() {
+        let cancel = Input::Cancel {
+            handle: Handle(2),
+            key: "k".into(),
+        };
+        let log = [lock(0, 1, 500), lock(1, 2, 100), at_ms(2, cancel)];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+        let _planted = planted::plant(Some(PlantedBug::CancelIgnored));
+        assert!(kinds(&log).contains(&"server: cancel ignored"));
+    }
+
+    #[test]
+    fn a_set_that_ignores_its_renewal_is_caught() {
+        let _planted = planted::plant(Some(PlantedBug::SetRenewalIgnored));
+        let log = [
+            set_up(0, 1, 100),
+            set_up(50, 2, 100),
+            at_ms(120, Input::Tick),
+        ];
+        assert!(kinds(&log).contains(&"server: set lifetime"));
     }
 
     #[test]

@@ -134,6 +134,9 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
             Step::Abandon { key, ttl_ms } => {
                 abandon(&shared, me, at, LOCK_KEYS[*key], *ttl_ms).await;
             }
+            Step::Scratch { ttl_ms, pause_ms } => {
+                scratch(&client, me, at, ms(*ttl_ms), ms(*pause_ms)).await;
+            }
         }
         shared.progress.lock().unwrap_or_else(|p| p.into_inner())[me] = at + 1;
     }
@@ -419,6 +422,30 @@ async fn dedup(client: &Client, history: &History, me: usize, plan: DedupPlan<'_
                 key: key.clone(),
             });
         }
+    }
+}
+
+/// A scratch set (see [`Step::Scratch`]), named for the worker and the
+/// step. Nothing here is recorded: the server-side checker judges when the
+/// set ends. Each request has a bounded time, so that a fault cannot keep
+/// the worker on a set nobody else needs.
+async fn scratch(client: &Client, me: usize, step: usize, ttl: Duration, pause: Duration) {
+    let set = client.set(&format!("scratch-{me}-{step}"));
+    let set_up_and_insert = |key: &'static str| {
+        let set = &set;
+        async move {
+            set.set_up(ttl).await?;
+            set.insert(key).await
+        }
+    };
+    let bound = ms(2_000);
+    let _ = tokio::time::timeout(bound, set_up_and_insert("a")).await;
+    tokio::time::sleep(pause).await;
+    let again = tokio::time::timeout(bound, set.insert("b")).await;
+    if let Ok(Err(error)) = again
+        && error.code() == Some(deadbolt_core::proto::ErrorCode::NoSuchSet)
+    {
+        let _ = tokio::time::timeout(bound, set_up_and_insert("b")).await;
     }
 }
 

@@ -257,6 +257,22 @@ fn a_restart_that_keeps_ephemeral_locks_is_caught() {
     );
 }
 
+#[test]
+fn a_set_whose_renewal_is_ignored_is_caught() {
+    caught_within(
+        Bug::Server(PlantedBug::SetRenewalIgnored),
+        &["server: set lifetime"],
+    );
+}
+
+#[test]
+fn a_cancel_that_is_ignored_is_caught() {
+    caught_within(
+        Bug::Server(PlantedBug::CancelIgnored),
+        &["server: cancel ignored"],
+    );
+}
+
 /// What a lost acknowledged change looks like from outside: an insert
 /// missing from the export, or told to a second worker as new (another
 /// index, a second `first`), or a grant whose token comes again.

@@ -187,6 +187,12 @@ where
     let tick = (config.idle_ping / 2).max(Duration::from_millis(1));
     let mut idle = tokio::time::interval(tick);
     idle.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Made once and polled on every turn of the loop: made anew on each
+    // turn they cost a watch subscription and its registration per request.
+    let shutdown = stopped.changed();
+    tokio::pin!(shutdown);
+    let ended = session.ended();
+    tokio::pin!(ended);
     let end = loop {
         if let Some(waiting) = parked.take_if(|p| budget.fits(p.bound)) {
             let refused = in_flight.start(&session, waiting, &mut budget);
@@ -200,16 +206,26 @@ where
         let reading = parked.is_none() && budget.has_room();
         tokio::select! {
             biased;
-            _ = stopped.changed() => break End::Shutdown,
+            _ = &mut shutdown => break End::Shutdown,
             // In a cluster, the leader that granted this connection an
             // ephemeral lock stopped leading: the lock is gone, and the
             // client learns it from the close, as after a restart.
-            () = session.ended() => break End::Close(CloseCode::Restart, "leader changed"),
+            () = &mut ended => break End::Close(CloseCode::Restart, "leader changed"),
             Some(done) = in_flight.futures.next(), if !in_flight.futures.is_empty() => {
                 in_flight.finished(&done.reply);
+                // A large reply (a page, a snapshot) takes a while to
+                // encode and write.
+                let large = done.reserved > 0;
                 let sent = send_replies(&mut sink, done, &mut in_flight, &mut budget, config);
                 if sent.await.is_err() {
                     break End::Broken(CANNOT_WRITE.into());
+                }
+                if large {
+                    // Let other connections run, and tokio look for their
+                    // sockets' readiness, before the next one: a client
+                    // whose pages and shard wake each other in turn would
+                    // otherwise keep everyone else waiting (issue 18).
+                    tokio::task::yield_now().await;
                 }
             }
             frame = stream.next(), if reading => {

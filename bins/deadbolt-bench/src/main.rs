@@ -18,12 +18,15 @@
 //! restart time and data directory size.
 //!
 //! Layout: `systems` (one module per peer, behind one trait, each started
-//! with a `Durability`), `scenarios` (the five measurements), `report`
+//! with a `Durability`), `scenarios` (the measurements), `limit` (the
+//! limit row's server: no work per request), `report`
 //! (tables, JSON, SVG), `procs` (server processes, CPU and memory from
 //! /proc), `http` (the HTTP/1.1 client etcd's JSON gateway needs),
 //! `transports`, `restart`.
 
+mod abuse;
 mod http;
+mod limit;
 mod procs;
 mod report;
 mod restart;
@@ -37,7 +40,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use report::{Run, SystemRun};
-use scenarios::Size;
+use scenarios::{Contention, Size};
 use systems::cluster::DeadboltCluster;
 use systems::deadbolt::{Deadbolt, Frontend, NoDurability};
 use systems::etcd::{Clients, Etcd};
@@ -64,6 +67,12 @@ enum Command {
     /// A durable deadbolt: restart time with 1M set members (after SIGTERM
     /// and after SIGKILL) and its data directory's size.
     Restart(restart::Args),
+    /// Issue 18's attacks, each beside a canary client: its latency and
+    /// the server's peak memory.
+    Abuse(abuse::Args),
+    /// The limit row's server: answers deadbolt's lock and unlock over
+    /// WebSocket with no work per request (the comparison starts it).
+    LimitServer(limit::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,6 +93,9 @@ struct CompareArgs {
     /// clusters on disk), or all.
     #[arg(long, value_enum, default_value_t = Rows::Memory)]
     durability: Rows,
+    /// Only these scenarios (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenarios: Vec<Scenario>,
     /// Print the tables and draw the chart of an earlier run's JSON,
     /// instead of running.
     #[arg(long)]
@@ -120,7 +132,8 @@ struct Row {
 /// fsync on a timer; single servers, then the replicated ones. Durable
 /// deadbolt is measured over WebSocket only: the log is behind the engine,
 /// the same for both frontends.
-const ROWS: [Row; 19] = [
+const ROWS: [Row; 20] = [
+    Row::new("limit", Durability::Memory),
     Row::new("deadbolt-ws", Durability::Memory),
     Row::new("deadbolt-quic", Durability::Memory),
     Row::new("redis", Durability::Memory),
@@ -142,19 +155,27 @@ const ROWS: [Row; 19] = [
     Row::new("redis", Durability::Periodic { every_ms: 1000 }),
 ];
 
-/// The measurements, to say which a row runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The measurements, to say which a row runs (and for `--scenarios`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Scenario {
+    /// 1: uncontended lock+unlock cycles, one request in flight.
     Cycles,
+    /// 1b: the same with 16 requests in flight per connection.
+    Pipelined,
+    /// 2: contended hand-off.
     Handoff,
+    /// 3: distinct inserts.
     Distinct,
+    /// 4: memory per entry.
     Memory,
+    /// 5: expiry storm.
     Storm,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::Cycles,
+        Scenario::Pipelined,
         Scenario::Handoff,
         Scenario::Distinct,
         Scenario::Memory,
@@ -165,6 +186,7 @@ impl Scenario {
     fn label(self) -> &'static str {
         match self {
             Scenario::Cycles => "lock+unlock cycles",
+            Scenario::Pipelined => "pipelined cycles",
             Scenario::Handoff => "hand-off",
             Scenario::Distinct => "distinct insert",
             Scenario::Memory => "memory per entry",
@@ -178,6 +200,9 @@ const ETCD_STORM: &str = "an etcd lease belongs to a session (one per connection
     a lock: a lease per lock costs two raft writes per lock, more than the rates above allow \
     for 100,000 locks within the storm's 6 s lease, and etcd revokes at most 1,000 expired \
     leases a second (its lessor's leaseRevokeRate)";
+
+/// Why the limit row runs only the cycles.
+const LIMIT_ONLY_CYCLES: &str = "the limit server keeps no state: it grants every lock";
 
 impl Row {
     const fn new(system: &'static str, durability: Durability) -> Row {
@@ -194,9 +219,12 @@ impl Row {
         let durable = self.durability != Durability::Memory;
         let replicated = self.system.starts_with("etcd-3") || self.system.starts_with("deadbolt-3");
         match (self.system, scenario) {
-            ("redis-1ms", Scenario::Cycles | Scenario::Distinct | Scenario::Memory) => {
-                Some("polling every millisecond only changes how waiters wait")
-            }
+            ("limit", Scenario::Cycles | Scenario::Pipelined) => None,
+            ("limit", _) => Some(LIMIT_ONLY_CYCLES),
+            (
+                "redis-1ms",
+                Scenario::Cycles | Scenario::Pipelined | Scenario::Distinct | Scenario::Memory,
+            ) => Some("polling every millisecond only changes how waiters wait"),
             ("postgres", s) if durable && s != Scenario::Distinct => Some(
                 "advisory locks are never logged: the lock rows would repeat the in-memory ones",
             ),
@@ -206,6 +234,12 @@ impl Row {
             ),
             (_, Scenario::Memory) if replicated => {
                 Some("every node keeps a whole copy: the one-node row measures it")
+            }
+            (system, Scenario::Pipelined) if system.starts_with("etcd") => {
+                Some("its JSON gateway speaks HTTP/1.1, one request at a time per connection")
+            }
+            ("memcached" | "postgres", Scenario::Pipelined) => {
+                Some("the harness's client for it runs one request at a time")
             }
             (system, Scenario::Storm) if system.starts_with("etcd") => Some(ETCD_STORM),
             (system, Scenario::Storm) if system.ends_with("-leader") => {
@@ -232,11 +266,18 @@ impl std::fmt::Display for Row {
 }
 
 const CONNECTIONS: [usize; 3] = [1, 16, 64];
-const WAITERS: [usize; 3] = [2, 8, 32];
+/// Connections of the pipelined scenario, each with `scenarios::DEPTH`
+/// requests in flight.
+const PIPELINED_CONNECTIONS: [usize; 2] = [1, 16];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let harness_cores = procs::pin_harness();
+    // The limit server runs as `deadbolt serve` does: where it was started
+    // (pinned to the server core), with tokio's default worker count.
+    let harness_cores = match args.command {
+        Some(Command::LimitServer(_)) => None,
+        _ => procs::pin_harness(),
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(cores) = harness_cores {
@@ -246,6 +287,8 @@ fn main() -> anyhow::Result<()> {
     match args.command {
         Some(Command::Transports(args)) => runtime.block_on(transports::run(args)),
         Some(Command::Restart(args)) => runtime.block_on(restart::run(args)),
+        Some(Command::Abuse(args)) => runtime.block_on(abuse::run(args)),
+        Some(Command::LimitServer(args)) => runtime.block_on(limit::serve(args)),
         None => runtime.block_on(compare(args.compare, harness_cores)),
     }
 }
@@ -273,6 +316,7 @@ async fn start(row: Row) -> anyhow::Result<Box<dyn System>> {
     }
     let durability = row.durability;
     Ok(match row.system {
+        "limit" => Box::new(limit::LimitServer::start().await?),
         "deadbolt-ws" => Box::new(Deadbolt::start(Frontend::Ws, durability).await?),
         "deadbolt-quic" => Box::new(Deadbolt::start(Frontend::Quic, durability).await?),
         "deadbolt-3" => Box::new(DeadboltCluster::start(Clients::All, durability).await?),
@@ -319,9 +363,14 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
         placement,
         systems: Vec::new(),
     };
+    let scenarios = if args.scenarios.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        args.scenarios.clone()
+    };
     for row in wanted(&args.only, args.durability) {
         eprintln!("== {row}");
-        match measure(row, size).await {
+        match measure(row, &scenarios, size).await {
             Ok(system) => run.systems.push(system),
             Err(error) if error.is::<NoDurability>() || error.is::<Skipped>() => {
                 eprintln!("{row}: skipped: {error}");
@@ -336,7 +385,10 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
     report::write_json(&run, &json)?;
     // Only a full run of every system in memory replaces the published
     // chart.
-    let published = !args.quick && args.only.is_empty() && args.durability == Rows::Memory;
+    let published = !args.quick
+        && args.only.is_empty()
+        && args.scenarios.is_empty()
+        && args.durability == Rows::Memory;
     let svg = args.svg.unwrap_or_else(|| {
         PathBuf::from(if published {
             "docs/bench.svg"
@@ -351,7 +403,8 @@ async fn compare(args: CompareArgs, harness_cores: Option<usize>) -> anyhow::Res
 
 /// The scenarios a row runs: 1 to 3 on one instance, 4 and 5 each on a
 /// fresh one, so that earlier state does not blur the numbers.
-async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
+async fn measure(row: Row, scenarios: &[Scenario], size: Size) -> anyhow::Result<SystemRun> {
+    let runs = |s: Scenario| row.runs(s) && scenarios.contains(&s);
     let system = start(row).await?;
     let mut run = SystemRun {
         name: system.name(),
@@ -363,14 +416,15 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
             .filter_map(|s| Some(format!("{}: {}", s.label(), row.skips(s)?)))
             .collect(),
         cycles: Vec::new(),
-        handoff: Vec::new(),
+        pipelined: Vec::new(),
+        contended: Vec::new(),
         distinct: Vec::new(),
         memory: None,
         storm: None,
         errors: Vec::new(),
     };
     let mut errors = Vec::new();
-    if row.runs(Scenario::Cycles) {
+    if runs(Scenario::Cycles) {
         for connections in CONNECTIONS {
             match scenarios::cycles(system.as_ref(), connections, size).await {
                 Ok(measured) => run.cycles.push(measured),
@@ -378,15 +432,24 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
             }
         }
     }
-    if row.runs(Scenario::Handoff) {
-        for waiters in WAITERS {
-            match scenarios::handoff(system.as_ref(), waiters, size).await {
-                Ok(measured) => run.handoff.push(measured),
-                Err(e) => errors.push(format!("hand-off with {waiters} waiters: {e:#}")),
+    if runs(Scenario::Pipelined) {
+        for connections in PIPELINED_CONNECTIONS {
+            match scenarios::pipelined(system.as_ref(), connections, size).await {
+                Ok(Some(measured)) => run.pipelined.push(measured),
+                Ok(None) => {}
+                Err(e) => errors.push(format!("pipelined, {connections} connections: {e:#}")),
             }
         }
     }
-    if row.runs(Scenario::Distinct) {
+    if runs(Scenario::Handoff) {
+        for contention in Contention::ALL {
+            match scenarios::contended(system.as_ref(), contention, size).await {
+                Ok(measured) => run.contended.push(measured),
+                Err(e) => errors.push(format!("hand-off, {}: {e:#}", contention.label())),
+            }
+        }
+    }
+    if runs(Scenario::Distinct) {
         for (mode, batch, connections) in [("single", 1, 16), ("batched", 1000, 4)] {
             match scenarios::distinct(system.as_ref(), mode, batch, connections, size).await {
                 Ok(measured) => run.distinct.push(measured),
@@ -395,14 +458,14 @@ async fn measure(row: Row, size: Size) -> anyhow::Result<SystemRun> {
         }
     }
     drop(system);
-    if row.runs(Scenario::Memory) {
+    if runs(Scenario::Memory) {
         let fresh = start(row).await?;
         match scenarios::memory(fresh.as_ref(), size).await {
             Ok(measured) => run.memory = Some(measured),
             Err(e) => errors.push(format!("memory: {e:#}")),
         }
     }
-    if row.runs(Scenario::Storm) {
+    if runs(Scenario::Storm) {
         let fresh = start(row).await?;
         if fresh.has_leases() {
             match scenarios::storm(fresh.as_ref(), size).await {
@@ -452,6 +515,7 @@ mod tests {
         assert_eq!(
             names(&rows),
             [
+                "limit (memory)",
                 "deadbolt-ws (memory)",
                 "deadbolt-quic (memory)",
                 "redis (memory)",

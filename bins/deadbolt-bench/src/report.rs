@@ -7,7 +7,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::scenarios::{Cycles, Distinct, Handoff, Memory, Size, Storm};
+use crate::scenarios::{Contended, Contention, Cycles, Distinct, Memory, Pipelined, Size, Storm};
 use crate::systems::Durability;
 
 /// Everything one system did.
@@ -30,8 +30,13 @@ pub struct SystemRun {
     pub not_run: Vec<String>,
     /// Scenario 1.
     pub cycles: Vec<Cycles>,
-    /// Scenario 2.
-    pub handoff: Vec<Handoff>,
+    /// Scenario 1, pipelined (runs from before it have none).
+    #[serde(default)]
+    pub pipelined: Vec<Pipelined>,
+    /// Scenario 2 (runs from before workers held and thought have none:
+    /// their `handoff` rows are not read).
+    #[serde(default)]
+    pub contended: Vec<Contended>,
     /// Scenario 3.
     pub distinct: Vec<Distinct>,
     /// Scenario 4.
@@ -68,7 +73,7 @@ fn one() -> usize {
 fn reference<'a>(run: &'a Run, row: &SystemRun) -> Option<&'a SystemRun> {
     run.systems.iter().find(|s| {
         let deadbolt = match s.nodes {
-            1 => s.name.contains("WebSocket"),
+            1 => s.name.starts_with("deadbolt") && s.name.contains("WebSocket"),
             _ => s.name.starts_with("deadbolt"),
         };
         deadbolt && s.nodes == row.nodes && s.durability.same_promise(row.durability)
@@ -120,66 +125,40 @@ pub fn tables(run: &Run) -> String {
         );
     }
 
-    let _ = writeln!(
-        out,
-        "### 1. Uncontended lock+unlock cycles (random keys of 1M, depth 1)\n"
-    );
-    let _ = writeln!(
-        out,
-        "| system | connections | cycles/s | p50 | p99 | p99.9 | server CPU µs/cycle | client CPU µs/cycle | deadbolt ÷ this (cycles/s) |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for system in &run.systems {
-        let base = reference(run, system);
-        for row in &system.cycles {
-            let ours = base
-                .and_then(|b| b.cycles.iter().find(|c| c.connections == row.connections))
-                .map(|c| c.cycles_per_second);
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {} |",
-                system.name,
-                row.connections,
-                row.cycles_per_second,
-                us(row.p50_us),
-                us(row.p99_us),
-                us(row.p999_us),
-                row.server_cpu_us_per_cycle,
-                row.client_cpu_us_per_cycle,
-                ratio(ours, row.cycles_per_second)
-            );
-        }
+    targets(&mut out, run);
+    cycles_table(&mut out, run);
+    pipelined_table(&mut out, run);
+    contended_table(&mut out, run);
+    // A scenario no row ran (left out by `--scenarios`) has no table.
+    if run.systems.iter().any(|s| !s.distinct.is_empty()) {
+        distinct_table(&mut out, run);
     }
-
-    let _ = writeln!(out, "\n### 2. Contended hand-off (one key, hold time 0)\n");
-    let _ = writeln!(
-        out,
-        "| system | waiters | hand-off p50 | hand-off p99 | acquisitions/s | wasted requests/acquisition | max wait | fairness (Jain) | this p50 ÷ deadbolt p50 |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for system in &run.systems {
-        let base = reference(run, system);
-        for row in &system.handoff {
-            let ours = base
-                .and_then(|b| b.handoff.iter().find(|h| h.waiters == row.waiters))
-                .map(|h| h.handoff_p50_us as f64);
-            let theirs = row.handoff_p50_us as f64;
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {:.0} | {:.2} | {:.1} ms | {:.3} | {} |",
-                system.name,
-                row.waiters,
-                us(row.handoff_p50_us),
-                us(row.handoff_p99_us),
-                row.acquisitions_per_second,
-                row.wasted_per_acquisition,
-                row.max_wait_ms,
-                row.fairness,
-                ours.map_or("–".to_owned(), |ours| ratio(Some(theirs), ours))
-            );
-        }
+    if run.systems.iter().any(|s| s.memory.is_some()) {
+        memory_table(&mut out, run);
     }
+    if run.systems.iter().any(|s| s.storm.is_some()) {
+        storm_table(&mut out, run);
+    }
+    for system in run.systems.iter().filter(|s| !s.not_run.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nNot run for {}: {}.",
+            system.name,
+            system.not_run.join("; ")
+        );
+    }
+    for system in run.systems.iter().filter(|s| !s.errors.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\nErrors from {}: {}",
+            system.name,
+            system.errors.join("; ")
+        );
+    }
+    out
+}
 
+fn distinct_table(out: &mut String, run: &Run) {
     let _ = writeln!(out, "\n### 3. Distinct insert (half duplicates)\n");
     let _ = writeln!(
         out,
@@ -210,7 +189,9 @@ pub fn tables(run: &Run) -> String {
             );
         }
     }
+}
 
+fn memory_table(out: &mut String, run: &Run) {
     let _ = writeln!(
         out,
         "\n### 4. Memory per entry (server RSS growth; the system's own count where it has one)\n"
@@ -254,7 +235,9 @@ pub fn tables(run: &Run) -> String {
             );
         }
     }
+}
 
+fn storm_table(out: &mut String, run: &Run) {
     let _ = writeln!(
         out,
         "\n### 5. Expiry storm (every lock with the same short lease, each with a waiter)\n"
@@ -304,23 +287,273 @@ pub fn tables(run: &Run) -> String {
             }
         }
     }
-    for system in run.systems.iter().filter(|s| !s.not_run.is_empty()) {
-        let _ = writeln!(
-            out,
-            "\nNot run for {}: {}.",
-            system.name,
-            system.not_run.join("; ")
-        );
+}
+
+/// The in-memory row whose name starts with `prefix`.
+fn row<'a>(run: &'a Run, prefix: &str) -> Option<&'a SystemRun> {
+    run.systems
+        .iter()
+        .find(|s| s.name.starts_with(prefix) && s.durability == Durability::Memory && s.nodes == 1)
+}
+
+/// One target's line: what was measured against the goal, and whether it
+/// is met (`None`: a row it needs is missing from the run).
+fn target(out: &mut String, what: &str, value: Option<f64>, goal: &str, met: fn(f64) -> bool) {
+    let (value, verdict) = match value {
+        Some(v) => (
+            format!("{v:.2}"),
+            if met(v) { "met" } else { "**not met**" },
+        ),
+        None => ("–".to_owned(), "not measured in this run"),
+    };
+    let _ = writeln!(out, "| {what} | {value} | {goal} | {verdict} |");
+}
+
+/// The targets of issue 15, each computed from this run's rows.
+fn targets(out: &mut String, run: &Run) {
+    let deadbolt = row(run, "deadbolt (WebSocket)");
+    let redis = row(run, "Redis 7 (poll 0 ms)");
+    let polling = row(run, "Redis 7 (poll 1 ms)");
+    let etcd = row(run, "etcd");
+    let setting = Contention::ALL[0];
+    let handoff = |s: Option<&SystemRun>| {
+        s?.contended
+            .iter()
+            .find(|c| c.contention == setting && c.handoffs > 0)
+            .cloned()
+    };
+    let cycles64 = |s: Option<&SystemRun>| s?.cycles.iter().find(|c| c.connections == 64).cloned();
+    let piped16 = |s: Option<&SystemRun>| {
+        s?.pipelined
+            .iter()
+            .find(|p| p.connections == 16)
+            .map(|p| p.cycles_per_second)
+    };
+    let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    let p50 = |s| handoff(s).map(|h| h.handoff_p50_us as f64);
+    let _ = writeln!(out, "### Targets (this run)\n");
+    let _ = writeln!(out, "| target | measured | goal | |");
+    let _ = writeln!(out, "|---|---:|---|---|");
+    let label = setting.label();
+    target(
+        out,
+        &format!("hand-off p50, Redis polling 1 ms ÷ deadbolt ({label})"),
+        over(p50(polling), p50(deadbolt)),
+        "≥ 10",
+        |v| v >= 10.0,
+    );
+    target(
+        out,
+        &format!("hand-off p50, etcd ÷ deadbolt ({label})"),
+        over(p50(etcd), p50(deadbolt)),
+        "≥ 5",
+        |v| v >= 5.0,
+    );
+    let ours = handoff(deadbolt);
+    target(
+        out,
+        "deadbolt wasted requests per acquisition",
+        ours.as_ref().map(|h| h.wasted_per_acquisition),
+        "0",
+        |v| v == 0.0,
+    );
+    target(
+        out,
+        "deadbolt fairness (Jain)",
+        ours.as_ref().map(|h| h.fairness),
+        "1.0 (≥ 0.995)",
+        |v| v >= 0.995,
+    );
+    let rate = |c: Option<Cycles>| c.map(|c| c.cycles_per_second);
+    let cpu = |c: Option<Cycles>| c.map(|c| c.server_cpu_us_per_cycle);
+    target(
+        out,
+        "cycles/s at 64 connections, deadbolt ÷ limit",
+        over(rate(cycles64(deadbolt)), rate(cycles64(limit(run)))),
+        "≥ 0.9",
+        |v| v >= 0.9,
+    );
+    target(
+        out,
+        "server CPU µs/cycle at 64 connections, deadbolt ÷ Redis",
+        over(cpu(cycles64(deadbolt)), cpu(cycles64(redis))),
+        "≤ 0.8",
+        |v| v <= 0.8,
+    );
+    target(
+        out,
+        "pipelined cycles/s (16 connections × 16), deadbolt ÷ Redis",
+        over(piped16(deadbolt), piped16(redis)),
+        "≥ 1.5",
+        |v| v >= 1.5,
+    );
+    let _ = writeln!(out);
+}
+
+/// The limit row, if the run has one.
+fn limit(run: &Run) -> Option<&SystemRun> {
+    run.systems.iter().find(|s| s.name.starts_with("limit"))
+}
+
+fn cycles_table(out: &mut String, run: &Run) {
+    let _ = writeln!(
+        out,
+        "### 1. Uncontended lock+unlock cycles (random keys of 1M, depth 1)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| system | connections | cycles/s | p50 | p99 | p99.9 | server CPU µs/cycle | client CPU µs/cycle | deadbolt ÷ this (cycles/s) | this ÷ limit (cycles/s) | this ÷ limit (server CPU/cycle) |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let limit = limit(run);
+    for system in &run.systems {
+        let base = reference(run, system);
+        for row in &system.cycles {
+            let same = |s: &SystemRun| {
+                s.cycles
+                    .iter()
+                    .find(|c| c.connections == row.connections)
+                    .cloned()
+            };
+            let ours = base.and_then(same).map(|c| c.cycles_per_second);
+            let limit = limit.and_then(same);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {} | {} | {} |",
+                system.name,
+                row.connections,
+                row.cycles_per_second,
+                us(row.p50_us),
+                us(row.p99_us),
+                us(row.p999_us),
+                row.server_cpu_us_per_cycle,
+                row.client_cpu_us_per_cycle,
+                ratio(ours, row.cycles_per_second),
+                ratio(
+                    Some(row.cycles_per_second),
+                    limit.as_ref().map_or(0.0, |l| l.cycles_per_second)
+                ),
+                ratio(
+                    Some(row.server_cpu_us_per_cycle),
+                    limit.as_ref().map_or(0.0, |l| l.server_cpu_us_per_cycle)
+                ),
+            );
+        }
     }
-    for system in run.systems.iter().filter(|s| !s.errors.is_empty()) {
-        let _ = writeln!(
-            out,
-            "\nErrors from {}: {}",
-            system.name,
-            system.errors.join("; ")
-        );
+}
+
+fn pipelined_table(out: &mut String, run: &Run) {
+    let _ = writeln!(
+        out,
+        "\n### 1b. Pipelined lock+unlock cycles ({} requests in flight per connection)\n",
+        crate::scenarios::DEPTH
+    );
+    let _ = writeln!(
+        out,
+        "deadbolt: {} concurrent try-lock → unlock loops on one client (one connection); Redis: \
+         pipelines of {} `SET NX PX` + compare-and-delete (`EVALSHA`) pairs.\n",
+        crate::scenarios::DEPTH,
+        crate::scenarios::DEPTH / 2
+    );
+    let _ = writeln!(
+        out,
+        "| system | connections | cycles/s | server CPU µs/cycle | client CPU µs/cycle | deadbolt ÷ this (cycles/s) | this ÷ limit (cycles/s) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let limit = limit(run);
+    for system in &run.systems {
+        let base = reference(run, system);
+        for row in &system.pipelined {
+            let same = |s: &SystemRun| {
+                s.pipelined
+                    .iter()
+                    .find(|p| p.connections == row.connections)
+                    .map(|p| p.cycles_per_second)
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.1} | {:.1} | {} | {} |",
+                system.name,
+                row.connections,
+                row.cycles_per_second,
+                row.server_cpu_us_per_cycle,
+                row.client_cpu_us_per_cycle,
+                ratio(base.and_then(same), row.cycles_per_second),
+                ratio(
+                    Some(row.cycles_per_second),
+                    limit.and_then(same).unwrap_or(0.0)
+                ),
+            );
+        }
     }
-    out
+}
+
+fn contended_table(out: &mut String, run: &Run) {
+    let _ = writeln!(
+        out,
+        "\n### 2. Contended hand-off (one key; each worker loops lock → hold → unlock → think)\n"
+    );
+    let _ = writeln!(
+        out,
+        "A hand-off is one worker's unlock (sent) to another worker's grant (received), \
+         counted only when that worker asked before the unlock; a worker taking back the lock \
+         it released, and a grant to one that asked while the lock was free, are counted \
+         apart. Ideal/s is 1 ÷ the mean hold as measured (the harness pauses with a \
+         thread's sleep, not tokio's 1 ms timer).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| system | setting | hand-off p50 | p99 | p99.9 | hand-offs / took back / free | acquisitions/s | ideal/s | wait p99 | wait max | wasted requests/acquisition | fairness (Jain; min–max per worker) | this p50 ÷ deadbolt p50 |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for system in &run.systems {
+        let base = reference(run, system);
+        for row in &system.contended {
+            let ours = base
+                .and_then(|b| b.contended.iter().find(|c| c.contention == row.contention))
+                .filter(|c| c.handoffs > 0)
+                .map(|c| c.handoff_p50_us as f64);
+            let theirs = row.handoff_p50_us as f64;
+            let handoff = |v: u64| {
+                if row.handoffs == 0 {
+                    "–".to_owned()
+                } else {
+                    us(v)
+                }
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} / {} / {} | {:.0} | {} | {} | {} | {:.2} | {:.3}; {}–{} | {} |",
+                system.name,
+                row.contention.label(),
+                handoff(row.handoff_p50_us),
+                handoff(row.handoff_p99_us),
+                handoff(row.handoff_p999_us),
+                row.handoffs,
+                row.self_reacquisitions,
+                row.free_acquisitions,
+                row.acquisitions_per_second,
+                row.ideal_per_second
+                    .map_or("–".to_owned(), |i| format!("{i:.0}")),
+                us(row.wait_p99_us),
+                us(row.wait_max_us),
+                row.wasted_per_acquisition,
+                row.fairness,
+                row.min_per_worker,
+                row.max_per_worker,
+                match ours {
+                    Some(ours) if row.handoffs > 0 => ratio(Some(theirs), ours),
+                    _ => "–".to_owned(),
+                }
+            );
+        }
+    }
 }
 
 /// Writes the raw results as JSON.
@@ -425,13 +658,13 @@ pub fn write_svg(run: &Run, path: &Path) -> anyhow::Result<()> {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let waiters: Vec<usize> = run
-        .systems
-        .iter()
-        .flat_map(|s| s.handoff.iter().map(|h| h.waiters))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    // Every contention setting any system ran, in the order first seen.
+    let mut settings: Vec<Contention> = Vec::new();
+    for c in run.systems.iter().flat_map(|s| &s.contended) {
+        if !settings.contains(&c.contention) {
+            settings.push(c.contention);
+        }
+    }
     let cycles = Bars {
         title: "Uncontended lock+unlock cycles/s (higher is better)",
         y_label: "cycles/s",
@@ -462,24 +695,24 @@ pub fn write_svg(run: &Run, path: &Path) -> anyhow::Result<()> {
             .collect(),
     };
     let handoff = Bars {
-        title: "Contended hand-off latency p50 in µs (lower is better)",
+        title: "Contended hand-off p50 in µs, unlock to another client's grant (lower is better)",
         y_label: "µs",
-        groups: waiters.iter().map(|w| format!("{w} waiters")).collect(),
+        groups: settings.iter().map(Contention::label).collect(),
         series: run
             .systems
             .iter()
             .enumerate()
-            .filter(|(_, s)| !s.handoff.is_empty())
+            .filter(|(_, s)| s.contended.iter().any(|c| c.handoffs > 0))
             .map(|(i, s)| {
                 (
                     s.name.clone(),
                     i,
-                    waiters
+                    settings
                         .iter()
-                        .map(|&w| {
-                            s.handoff
+                        .map(|&setting| {
+                            s.contended
                                 .iter()
-                                .find(|r| r.waiters == w)
+                                .find(|r| r.contention == setting && r.handoffs > 0)
                                 .map(|r| r.handoff_p50_us as f64)
                         })
                         .collect(),

@@ -1,8 +1,8 @@
-//! The five scenarios. Each runs against any [`System`] and returns rows
+//! The scenarios. Each runs against any [`System`] and returns rows
 //! of plain numbers; `report` turns them into tables.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -53,6 +53,20 @@ fn mix(state: &mut u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// A random key of scenario 1's million, drawn from `state`.
+pub fn cycle_key(state: &mut u64) -> String {
+    format!("cycle/{}", mix(state) % 1_000_000)
+}
+
+/// A random key of the same million for lane `lane` of `lanes` that share
+/// one client: no two lanes draw the same key, since a client that asks
+/// again for a key it holds gets its own grant back (a retry), which the
+/// other lane's unlock would then end under it.
+pub fn lane_key(state: &mut u64, lane: u64, lanes: u64) -> String {
+    let lanes = lanes.max(1);
+    format!("cycle/{}", mix(state) % (1_000_000 / lanes) * lanes + lane)
 }
 
 fn micros(d: Duration) -> u64 {
@@ -112,7 +126,7 @@ pub async fn cycles(system: &dyn System, connections: usize, size: Size) -> anyh
                 let mut state = i as u64 * 7919;
                 let ttl = Duration::from_secs(30);
                 while !stop.load(Ordering::Relaxed) {
-                    let key = format!("cycle/{}", mix(&mut state) % 1_000_000);
+                    let key = cycle_key(&mut state);
                     let begun = Instant::now();
                     // Two connections drawing the same key at once is rare;
                     // such a cycle simply does not count.
@@ -146,93 +160,334 @@ pub async fn cycles(system: &dyn System, connections: usize, size: Size) -> anyh
     })
 }
 
+// ---------------------------------------------------------------- 1b
+
+/// Requests in flight per connection in the pipelined scenario.
+pub const DEPTH: usize = 16;
+
+/// Scenario 1, pipelined: each connection keeps [`DEPTH`] requests in flight.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pipelined {
+    /// Connections.
+    pub connections: usize,
+    /// Requests in flight per connection.
+    pub depth: usize,
+    /// Lock+unlock cycles per second.
+    pub cycles_per_second: f64,
+    /// Server CPU time per cycle, µs.
+    pub server_cpu_us_per_cycle: f64,
+    /// Harness (client) CPU time per cycle, µs.
+    pub client_cpu_us_per_cycle: f64,
+}
+
+/// Lock and unlock random keys from a million on `connections`
+/// connections, [`DEPTH`] requests in flight on each, the way each
+/// system's client pipelines ([`Conn::pipelined`]). `Ok(None)`: the
+/// harness has no pipelining client for this system.
+pub async fn pipelined(
+    system: &dyn System,
+    connections: usize,
+    size: Size,
+) -> anyhow::Result<Option<Pipelined>> {
+    let conns = connect_all(system, connections).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu_before = system.cpu();
+    let own_before = crate::procs::own_cpu();
+    let started = Instant::now();
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut conn)| {
+            let stop = stop.clone();
+            tokio::spawn(async move { conn.pipelined(DEPTH, i as u64 * 7919, stop).await })
+        })
+        .collect();
+    tokio::time::sleep(size.duration()).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut cycles = 0;
+    for task in tasks {
+        match task.await?? {
+            Some(done) => cycles += done,
+            None => return Ok(None),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = system.cpu().saturating_sub(cpu_before);
+    let own = crate::procs::own_cpu().saturating_sub(own_before);
+    let per_cycle = |d: Duration| d.as_secs_f64() * 1e6 / cycles.max(1) as f64;
+    Ok(Some(Pipelined {
+        connections,
+        depth: DEPTH,
+        cycles_per_second: cycles as f64 / elapsed,
+        server_cpu_us_per_cycle: per_cycle(cpu),
+        client_cpu_us_per_cycle: per_cycle(own),
+    }))
+}
+
 // ---------------------------------------------------------------- 2
 
-/// Scenario 2: one key, many waiters, hold time zero.
+/// How scenario 2 contends: `workers` each loop lock → hold → unlock →
+/// think on one key.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Contention {
+    /// Workers (one connection each).
+    pub workers: usize,
+    /// How long a worker holds the lock, µs.
+    pub hold_us: u64,
+    /// How long a worker works between unlocking and asking again, µs.
+    pub think_us: u64,
+}
+
+impl Contention {
+    /// The settings every system runs: a critical section as long as the
+    /// work between them (8 and 32 workers), and an empty one with a short
+    /// pause, where a waiter of a polling system races the releaser.
+    pub const ALL: [Contention; 3] = [
+        Contention::new(8, 1000, 1000),
+        Contention::new(32, 1000, 1000),
+        Contention::new(8, 0, 200),
+    ];
+
+    const fn new(workers: usize, hold_us: u64, think_us: u64) -> Contention {
+        Contention {
+            workers,
+            hold_us,
+            think_us,
+        }
+    }
+
+    /// As the tables and the chart name it.
+    pub fn label(&self) -> String {
+        let ms = |us: u64| us as f64 / 1000.0;
+        format!(
+            "{} workers, hold {} ms, think {} ms",
+            self.workers,
+            ms(self.hold_us),
+            ms(self.think_us)
+        )
+    }
+}
+
+/// Scenario 2: contended hand-off.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Handoff {
-    /// Waiters (connections) contending.
-    pub waiters: usize,
-    /// Releaser's unlock sent → next holder's grant received, µs.
+pub struct Contended {
+    /// The setting.
+    pub contention: Contention,
+    /// Grants in all.
+    pub acquisitions: u64,
+    /// Grants to a worker that asked before another worker's unlock: the
+    /// lock passed from one client to another.
+    pub handoffs: u64,
+    /// Grants to the worker that released last (it took the lock back).
+    pub self_reacquisitions: u64,
+    /// Grants to a worker that asked after the last unlock (the lock was
+    /// free when asked).
+    pub free_acquisitions: u64,
+    /// A releaser's unlock sent → another worker's grant received, µs.
     pub handoff_p50_us: u64,
     /// See `handoff_p50_us`.
     pub handoff_p99_us: u64,
+    /// See `handoff_p50_us`.
+    pub handoff_p999_us: u64,
     /// Grants per second.
     pub acquisitions_per_second: f64,
+    /// What a lock always held would allow: 1 / the mean hold (as paused,
+    /// measured); `None` for a hold of 0.
+    pub ideal_per_second: Option<f64>,
+    /// Lock asked → granted, µs: 99th percentile.
+    pub wait_p99_us: u64,
+    /// The same, the longest.
+    pub wait_max_us: u64,
     /// Lock requests that did not grant, per grant (polling waste).
     pub wasted_per_acquisition: f64,
-    /// Longest a waiter waited for one grant, ms.
-    pub max_wait_ms: f64,
-    /// Jain's fairness index of grants per waiter (1 = perfectly even).
+    /// Jain's fairness index of grants per worker (1 = perfectly even).
     pub fairness: f64,
+    /// Fewest grants a worker had.
+    pub min_per_worker: u64,
+    /// Most grants a worker had.
+    pub max_per_worker: u64,
 }
 
-/// `waiters` connections take and release one key as fast as they can.
-pub async fn handoff(system: &dyn System, waiters: usize, size: Size) -> anyhow::Result<Handoff> {
-    let conns = connect_all(system, waiters).await?;
+/// The last unlock: which worker and when, µs since the run's epoch, packed
+/// into one word so that it is read whole (0: none yet).
+#[derive(Default)]
+struct LastRelease(AtomicU64);
+
+/// What one grant was, seen from the last unlock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    /// Another worker released it while this one waited: after this many µs.
+    Handoff(u64),
+    /// This worker released it last.
+    Reacquired,
+    /// Nobody had it when this worker asked.
+    Free,
+}
+
+impl LastRelease {
+    fn store(&self, worker: usize, at_us: u64) {
+        self.0
+            .store(((at_us + 1) << 8) | worker as u64 & 0xff, Ordering::Release);
+    }
+
+    /// Classifies a grant to `worker`, asked at `asked_us` and received at
+    /// `granted_us`.
+    fn classify(&self, worker: usize, asked_us: u64, granted_us: u64) -> Grant {
+        let last = self.0.load(Ordering::Acquire);
+        if last == 0 {
+            return Grant::Free;
+        }
+        let (by, at_us) = ((last & 0xff) as usize, (last >> 8) - 1);
+        if by == worker & 0xff {
+            Grant::Reacquired
+        } else if asked_us <= at_us {
+            Grant::Handoff(granted_us.saturating_sub(at_us).max(1))
+        } else {
+            Grant::Free
+        }
+    }
+}
+
+/// What one worker saw.
+struct WorkerTally {
+    grants: u64,
+    reacquired: u64,
+    free: u64,
+    handoffs: Histogram<u64>,
+    waits: Histogram<u64>,
+    held: Duration,
+    requests: u64,
+}
+
+/// Waits `d` precisely: tokio's timer has a millisecond's grain, which
+/// would make a 0.2 ms pause 1 ms and a 1 ms hold up to 2 ms, so the pause
+/// is a thread's sleep on the blocking pool (a spinning task would instead
+/// hold up the harness's one worker thread, and the replies it reads).
+/// Every system is driven with the same pauses.
+async fn pause(d: Duration) -> anyhow::Result<()> {
+    if !d.is_zero() {
+        tokio::task::spawn_blocking(move || std::thread::sleep(d)).await?;
+    }
+    Ok(())
+}
+
+/// `contention.workers` connections loop lock → hold → unlock → think on
+/// one key.
+pub async fn contended(
+    system: &dyn System,
+    contention: Contention,
+    size: Size,
+) -> anyhow::Result<Contended> {
+    let conns = connect_all(system, contention.workers).await?;
     let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(LastRelease::default());
     let epoch = Instant::now();
-    // When the last unlock was sent, µs since `epoch` (0: none yet).
-    let last_unlock = Arc::new(AtomicU64::new(0));
-    let handoffs = Arc::new(Mutex::new(histogram()));
     let tasks: Vec<_> = conns
         .into_iter()
-        .map(|mut conn| {
-            let (stop, last_unlock, handoffs) =
-                (stop.clone(), last_unlock.clone(), handoffs.clone());
-            tokio::spawn(async move {
-                let (mut grants, mut max_wait) = (0u64, Duration::ZERO);
-                let ttl = Duration::from_secs(10);
-                while !stop.load(Ordering::Relaxed) {
-                    let asked = Instant::now();
-                    let held = conn.lock("handoff", ttl).await?;
-                    let granted = Instant::now();
-                    max_wait = max_wait.max(granted - asked);
-                    let released_at = last_unlock.load(Ordering::Acquire);
-                    let now_us = micros(granted - epoch);
-                    if released_at > 0 && now_us >= released_at {
-                        handoffs
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .record((now_us - released_at).max(1))
-                            .ok();
-                    }
-                    grants += 1;
-                    last_unlock.store(micros(Instant::now() - epoch), Ordering::Release);
-                    conn.unlock("handoff", held).await?;
-                }
-                anyhow::Ok((grants, max_wait, conn.lock_requests()))
-            })
+        .enumerate()
+        .map(|(worker, conn)| {
+            let (stop, last) = (stop.clone(), last.clone());
+            tokio::spawn(work(conn, worker, contention, epoch, stop, last))
         })
         .collect();
     tokio::time::sleep(size.duration()).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = epoch.elapsed().as_secs_f64();
-    let (mut grants, mut requests, mut max_wait, mut per_waiter) =
-        (0u64, 0u64, Duration::ZERO, Vec::new());
+    let mut tallies = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let (g, w, r) = task.await??;
-        grants += g;
-        requests += r;
-        max_wait = max_wait.max(w);
-        per_waiter.push(g as f64);
+        tallies.push(task.await??);
     }
-    let handoffs = handoffs.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let sum: f64 = per_waiter.iter().sum();
-    let squares: f64 = per_waiter.iter().map(|g| g * g).sum();
-    Ok(Handoff {
-        waiters,
+    Ok(summarize(contention, &tallies, elapsed))
+}
+
+/// One worker's loop, until `stop`.
+async fn work(
+    mut conn: Box<dyn Conn>,
+    worker: usize,
+    contention: Contention,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+    last: Arc<LastRelease>,
+) -> anyhow::Result<WorkerTally> {
+    let (hold, think) = (
+        Duration::from_micros(contention.hold_us),
+        Duration::from_micros(contention.think_us),
+    );
+    let ttl = Duration::from_secs(10);
+    let requests_before = conn.lock_requests();
+    let mut tally = WorkerTally {
+        grants: 0,
+        reacquired: 0,
+        free: 0,
+        handoffs: histogram(),
+        waits: histogram(),
+        held: Duration::ZERO,
+        requests: 0,
+    };
+    // Workers start apart, as real ones do.
+    pause(think.mul_f64(worker as f64 / contention.workers as f64)).await?;
+    while !stop.load(Ordering::Relaxed) {
+        let asked = Instant::now();
+        let held = conn.lock("handoff", ttl).await?;
+        let granted = Instant::now();
+        tally.grants += 1;
+        tally.waits.record(micros(granted - asked).max(1)).ok();
+        match last.classify(worker, micros(asked - epoch), micros(granted - epoch)) {
+            Grant::Handoff(us) => {
+                tally.handoffs.record(us).ok();
+            }
+            Grant::Reacquired => tally.reacquired += 1,
+            Grant::Free => tally.free += 1,
+        }
+        pause(hold).await?;
+        let released = Instant::now();
+        tally.held += released - granted;
+        last.store(worker, micros(released - epoch));
+        conn.unlock("handoff", held).await?;
+        pause(think).await?;
+    }
+    tally.requests = conn.lock_requests() - requests_before;
+    Ok(tally)
+}
+
+/// The row: every worker's tally together.
+fn summarize(contention: Contention, tallies: &[WorkerTally], elapsed: f64) -> Contended {
+    let mut handoffs = histogram();
+    let mut waits = histogram();
+    for tally in tallies {
+        handoffs.add(&tally.handoffs).ok();
+        waits.add(&tally.waits).ok();
+    }
+    let sum = |f: fn(&WorkerTally) -> u64| tallies.iter().map(f).sum::<u64>();
+    let grants = sum(|t| t.grants);
+    let held: Duration = tallies.iter().map(|t| t.held).sum();
+    let per_worker: Vec<f64> = tallies.iter().map(|t| t.grants as f64).collect();
+    let total: f64 = per_worker.iter().sum();
+    let squares: f64 = per_worker.iter().map(|g| g * g).sum();
+    Contended {
+        contention,
+        acquisitions: grants,
+        handoffs: handoffs.len(),
+        self_reacquisitions: sum(|t| t.reacquired),
+        free_acquisitions: sum(|t| t.free),
         handoff_p50_us: handoffs.value_at_quantile(0.5),
         handoff_p99_us: handoffs.value_at_quantile(0.99),
+        handoff_p999_us: handoffs.value_at_quantile(0.999),
         acquisitions_per_second: grants as f64 / elapsed,
-        wasted_per_acquisition: requests.saturating_sub(grants) as f64 / grants.max(1) as f64,
-        max_wait_ms: max_wait.as_secs_f64() * 1000.0,
+        ideal_per_second: (contention.hold_us > 0 && grants > 0)
+            .then(|| grants as f64 / held.as_secs_f64()),
+        wait_p99_us: waits.value_at_quantile(0.99),
+        wait_max_us: waits.max(),
+        wasted_per_acquisition: sum(|t| t.requests).saturating_sub(grants) as f64
+            / grants.max(1) as f64,
         fairness: if squares > 0.0 {
-            sum * sum / (per_waiter.len() as f64 * squares)
+            total * total / (per_worker.len() as f64 * squares)
         } else {
             0.0
         },
-    })
+        min_per_worker: tallies.iter().map(|t| t.grants).min().unwrap_or(0),
+        max_per_worker: tallies.iter().map(|t| t.grants).max().unwrap_or(0),
+    }
 }
 
 // ---------------------------------------------------------------- 3
@@ -515,4 +770,72 @@ pub async fn storm(system: &dyn System, size: Size) -> anyhow::Result<Storm> {
         lag_max_ms: lags.last().copied().unwrap_or(0.0),
         granted_early: lags.iter().filter(|&&lag| lag < 0.0).count(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_of_one_client_never_draw_the_same_key() {
+        let mut seen = std::collections::HashMap::new();
+        for lane in 0..16 {
+            let mut state = 7;
+            for _ in 0..1000 {
+                let key = lane_key(&mut state, lane, 16);
+                assert_eq!(*seen.entry(key).or_insert(lane), lane);
+            }
+        }
+    }
+
+    #[test]
+    fn a_grant_is_a_handoff_only_if_another_worker_released_while_it_waited() {
+        let last = LastRelease::default();
+        assert_eq!(last.classify(1, 0, 10), Grant::Free, "nobody released yet");
+        last.store(1, 100);
+        assert_eq!(last.classify(1, 50, 180), Grant::Reacquired);
+        assert_eq!(last.classify(2, 50, 180), Grant::Handoff(80));
+        assert_eq!(
+            last.classify(2, 100, 100),
+            Grant::Handoff(1),
+            "at least 1 µs"
+        );
+        assert_eq!(
+            last.classify(2, 120, 180),
+            Grant::Free,
+            "asked after the unlock"
+        );
+    }
+
+    #[test]
+    fn fairness_and_rates_come_from_every_workers_tally() {
+        let tally = |grants: u64, handoff_us: &[u64], requests: u64| {
+            let mut handoffs = histogram();
+            for &us in handoff_us {
+                handoffs.record(us).ok();
+            }
+            WorkerTally {
+                grants,
+                reacquired: 0,
+                free: grants - handoff_us.len() as u64,
+                handoffs,
+                waits: histogram(),
+                held: Duration::from_millis(grants),
+                requests,
+            }
+        };
+        let setting = Contention::new(2, 1000, 1000);
+        let even = summarize(setting, &[tally(2, &[50, 70], 2), tally(2, &[60], 6)], 2.0);
+        assert_eq!(
+            (even.acquisitions, even.handoffs, even.free_acquisitions),
+            (4, 3, 1)
+        );
+        assert!((even.fairness - 1.0).abs() < 1e-9);
+        assert!((even.acquisitions_per_second - 2.0).abs() < 1e-9);
+        assert_eq!(even.ideal_per_second, Some(1000.0));
+        assert!((even.wasted_per_acquisition - 1.0).abs() < 1e-9);
+        let uneven = summarize(setting, &[tally(3, &[], 3), tally(1, &[], 1)], 1.0);
+        assert!((uneven.fairness - 0.8).abs() < 1e-9);
+        assert_eq!((uneven.min_per_worker, uneven.max_per_worker), (1, 3));
+    }
 }

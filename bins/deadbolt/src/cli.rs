@@ -179,10 +179,18 @@ pub struct ServeArgs {
     /// leader's peer host: give `--ws` an address peers can reach).
     #[arg(long, requires = "node_id", value_parser = parse_cluster, conflicts_with = "in_memory")]
     pub cluster: Option<ClusterMembers>,
+    /// The memory the server plans for, such as 4GiB (default: half the
+    /// host's memory, or of its cgroup's limit). Half of it is shared by
+    /// the connections of both transports: the defaults of
+    /// --max-connections, --pending-reply-bytes-max, --quic-max-connections
+    /// and --quic-receive-window come from it (printed at start); the flags
+    /// override them.
+    #[arg(long, value_parser = crate::budget::parse_bytes)]
+    pub memory_max: Option<u64>,
     /// Most open WebSocket connections (plain HTTP requests such as
-    /// /healthz take no slot).
-    #[arg(long, default_value_t = 10_000)]
-    pub max_connections: usize,
+    /// /healthz take no slot) [default: from --memory-max, at most 10,000].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
     /// Most connections still sending their HTTP request head; past it, a
     /// new connection evicts the oldest of them.
     #[arg(long, default_value_t = 1024)]
@@ -196,9 +204,10 @@ pub struct ServeArgs {
     pub max_in_flight: usize,
     /// Most bytes of replies one WebSocket connection may hold (finished
     /// and unwritten, or reserved for large replies in the making); past
-    /// it the server reads no more requests from that connection.
-    #[arg(long, default_value_t = 4 << 20)]
-    pub pending_reply_bytes_max: usize,
+    /// it the server reads no more requests from that connection
+    /// [default: from --memory-max, 256 KiB to 4 MiB].
+    #[arg(long)]
+    pub pending_reply_bytes_max: Option<usize>,
     /// How long a new WebSocket connection may take to send its request head.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
@@ -206,9 +215,15 @@ pub struct ServeArgs {
     /// this long, it is disconnected.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub idle_ping: Duration,
-    /// Most open QUIC connections.
-    #[arg(long, default_value_t = 10_000)]
-    pub quic_max_connections: usize,
+    /// Most open QUIC connections [default: from --memory-max, at most
+    /// 10,000].
+    #[arg(long)]
+    pub quic_max_connections: Option<usize>,
+    /// Bytes of unread requests one QUIC connection may send ahead (its
+    /// flow-control window) [default: from --memory-max, one message to
+    /// 16 MiB].
+    #[arg(long)]
+    pub quic_receive_window: Option<u32>,
     /// Requests (streams) in flight on one QUIC connection.
     #[arg(long, default_value_t = 1024)]
     pub quic_streams: u32,

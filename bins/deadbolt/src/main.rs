@@ -2,9 +2,11 @@
 //! command-line client (every other subcommand).
 //!
 //! Layout: `cli` (the command line), `serve` (the server: flags, sockets
-//! and signals for `deadbolt_server::run`), `commands` (the client
-//! commands), `connect` (server URLs → client, failing over between
-//! several).
+//! and signals for `deadbolt_server::run`), `budget` (`--memory-max` and
+//! the connection limits derived from it), `config` (`--config FILE` and
+//! `--print-config`), `commands` (the client commands), `connect` (server
+//! URLs → client, failing over between several), `backup` (`deadbolt
+//! backup` and `restore`).
 //!
 //! Exit codes of the client commands: 0 done; 1 the answer was "no" (held,
 //! timed out, not held, no such set); 3 the lock was lost while the command
@@ -12,6 +14,7 @@
 //! otherwise exits with its command's status.
 
 mod backup;
+mod budget;
 mod cli;
 mod cluster;
 mod commands;

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::budget::{self, Derived, human};
 use crate::cli::{ClusterMembers, QuicListen, ServeArgs};
 
 /// Runs the server until a shutdown signal, then stops it gracefully.
@@ -23,7 +24,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // process dies, however it dies.
     let _data_dir = lock_data_dir(&args.data_dir)?;
     let shutdown = shutdown_signal();
-    let config = server_config(&args);
+    let config = server_config(&args, &memory_budget(&args));
     let listeners = bind(&args, &config.quic).await?;
     let peering = match &args.cluster {
         Some(members) => Some(peering(&args, members, &listeners).await?),
@@ -120,15 +121,55 @@ pub(crate) fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-fn server_config(args: &ServeArgs) -> ServerConfig {
+/// The connection limits: each flag given, else derived from
+/// `--memory-max` (or the host's memory), and said in the log.
+fn memory_budget(args: &ServeArgs) -> Derived {
+    let (memory_max, whence) = match (args.memory_max, budget::host_memory()) {
+        (Some(bytes), _) => (bytes, "--memory-max".to_owned()),
+        (None, Some((host, from))) => (host / 2, format!("half of {} ({from})", human(host))),
+        (None, None) => (
+            DEFAULT_MEMORY_MAX,
+            "the host's memory is unknown".to_owned(),
+        ),
+    };
+    let derived = Derived::of(memory_max, args.message_bytes_max);
+    let limits = Derived {
+        ws_max_connections: args.max_connections.unwrap_or(derived.ws_max_connections),
+        pending_reply_bytes_max: args
+            .pending_reply_bytes_max
+            .unwrap_or(derived.pending_reply_bytes_max),
+        quic_max_connections: args
+            .quic_max_connections
+            .unwrap_or(derived.quic_max_connections),
+        quic_receive_window: args
+            .quic_receive_window
+            .unwrap_or(derived.quic_receive_window),
+    };
+    tracing::info!(
+        "memory budget {} ({whence}): WebSocket {} connections, replies up to {} each; \
+         QUIC {} connections, receive window {} each",
+        human(memory_max),
+        limits.ws_max_connections,
+        human(limits.pending_reply_bytes_max as u64),
+        limits.quic_max_connections,
+        human(u64::from(limits.quic_receive_window)),
+    );
+    limits
+}
+
+/// The budget where the host's memory cannot be read.
+const DEFAULT_MEMORY_MAX: u64 = 2 << 30;
+
+fn server_config(args: &ServeArgs, limits: &Derived) -> ServerConfig {
+    let stream_window = budget::stream_receive_window(args.message_bytes_max);
     ServerConfig {
         engine: engine_config(args),
         ws: WsConfig {
-            max_connections: args.max_connections,
+            max_connections: limits.ws_max_connections,
             handshakes_max: args.handshakes_max,
             handshakes_per_address_max: args.handshakes_per_address_max,
             max_in_flight: args.max_in_flight,
-            pending_reply_bytes_max: args.pending_reply_bytes_max,
+            pending_reply_bytes_max: limits.pending_reply_bytes_max,
             handshake_timeout: args.handshake_timeout,
             idle_ping: args.idle_ping,
             idle_close: args.idle_ping * 3,
@@ -136,7 +177,12 @@ fn server_config(args: &ServeArgs) -> ServerConfig {
         },
         storage: storage(args),
         quic: QuicConfig {
-            max_connections: args.quic_max_connections,
+            max_connections: limits.quic_max_connections,
+            stream_receive_window: u32::try_from(stream_window).unwrap_or(u32::MAX),
+            // A connection's window takes at least one stream's.
+            receive_window: limits
+                .quic_receive_window
+                .max(u32::try_from(stream_window).unwrap_or(u32::MAX)),
             streams_per_connection: args.quic_streams,
             idle_timeout: args.quic_idle_timeout,
             retry_above: args.quic_retry_above,

@@ -95,7 +95,11 @@ fn the_config_file_sets_every_flag_flags_override_it_and_print_config_reads_back
     assert_eq!(setting(&config, "quic"), "\"off\"");
     assert_eq!(setting(&config, "idle-ping"), "\"5s\"");
     assert_eq!(setting(&config, "log-format"), "\"json\"");
-    assert_eq!(setting(&config, "max-connections"), "10000", "a default");
+    assert_eq!(setting(&config, "handshakes-max"), "1024", "a default");
+    assert!(
+        config.contains("# max-connections = (not set)"),
+        "derived from --memory-max at start:\n{config}"
+    );
     assert!(config.contains("# tls-cert = (not set)"), "{config}");
     for not_a_setting in ["server", "client-id", "config", "print-config", "help"] {
         assert!(

@@ -1,6 +1,6 @@
 //! One connection's view of the engine.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use std::collections::{HashMap, HashSet};
 use tokio::sync::oneshot;
@@ -11,8 +11,8 @@ use super::replica::Forwarding;
 use super::{Engine, Frontend};
 use crate::client::Connection;
 use crate::proto::{
-    HelloReply, LockOp, Okay, Op, Outcome, Reply, Request, RequestId, SERVER_NAME, ServerError,
-    Wait,
+    HelloReply, LockOp, Okay, Op, OpKind, Outcome, Reply, Request, RequestId, SERVER_NAME,
+    ServerError, Wait,
 };
 use crate::shard::{Caller, ClientId, ConnId, Handle, ShardOp};
 
@@ -46,6 +46,10 @@ struct SessionInner {
     pinned: std::sync::atomic::AtomicBool,
     /// Dropped with the session, which stops its watcher.
     watching: Mutex<Option<oneshot::Sender<()>>>,
+    /// The request-duration histogram of each op, looked up in the
+    /// recorder on its first request here: `histogram!` with a label looks
+    /// its key up (and allocates the labels) on every call.
+    durations: [OnceLock<metrics::Histogram>; OpKind::ALL.len()],
 }
 
 #[derive(Debug)]
@@ -83,6 +87,7 @@ impl Session {
                 ended: Arc::new(tokio::sync::watch::Sender::new(false)),
                 pinned: std::sync::atomic::AtomicBool::new(false),
                 watching: Mutex::new(None),
+                durations: std::array::from_fn(|_| OnceLock::new()),
             }),
         }
     }
@@ -136,7 +141,7 @@ impl Session {
         }
         let _in_flight = InFlight { session: self, id };
         let started = tokio::time::Instant::now();
-        let op = request.op.kind().wire_name();
+        let kind = request.op.kind();
         let ephemeral = matches!(&request.op, Op::Lock(LockOp::Acquire(a)) if a.ephemeral);
         if let Some(forwarding) = self.forwards(&request.op) {
             let outcome = self.forward(forwarding, request).await;
@@ -165,12 +170,18 @@ impl Session {
         if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
             self.pin_to_role();
         }
-        metrics::histogram!("deadbolt_request_duration_seconds", "op" => op)
-            .record(started.elapsed().as_secs_f64());
+        self.duration(kind).record(started.elapsed().as_secs_f64());
         Reply {
             id: Some(id),
             outcome,
         }
+    }
+
+    /// The request-duration histogram of `kind`.
+    fn duration(&self, kind: OpKind) -> &metrics::Histogram {
+        self.inner.durations[kind as usize].get_or_init(
+            || metrics::histogram!("deadbolt_request_duration_seconds", "op" => kind.wire_name()),
+        )
     }
 
     /// Whether `op` goes to the leader: on a follower, every op that reads

@@ -12,11 +12,10 @@
 //! waiter gets which token, so it must survive a restore. A live timer is
 //! one that will act when it fires; the shard also queues stale ones (for
 //! leases extended or ended, waiters gone, sets torn down), which are
-//! no-ops when they fire and are left out. Each object with a deadline has
-//! one live timer (a deadline moved and moved back leaves twins, and the
-//! later twin finds its object gone, so the first is the one that acts),
-//! so the image keeps its number on the object, where a timer that names
-//! nothing cannot be written.
+//! no-ops when they fire and are left out. Each object with a deadline
+//! keeps the number of the one timer that acts for it (the last one set),
+//! so the image writes the deadline as the object holds it, where a timer
+//! that names nothing cannot be written.
 //!
 //! A corrupt image is an [`ImageError`], never a panic.
 
@@ -47,7 +46,7 @@ pub struct ShardImage {
 
 /// A deadline and the order in which its timer was set: deadlines at the
 /// same tick fire in `seq` order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deadline {
     /// When it falls.
     pub at: Tick,

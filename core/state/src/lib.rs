@@ -376,6 +376,12 @@ impl Shard {
         self.locks.views()
     }
 
+    /// Every set, in name order, with when it ends: read-only and a full
+    /// scan, for tests and the simulation, as [`Shard::lock_views`].
+    pub fn set_views(&self) -> Vec<sets::SetView> {
+        self.sets.views()
+    }
+
     /// Checks the shard's internal invariants; for tests and the simulation.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.locks.check_invariants()?;

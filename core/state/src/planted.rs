@@ -37,11 +37,17 @@ pub enum PlantedBug {
     /// last until their leases run out, or until a new connection that
     /// happens to reuse the old one's number closes.
     RestartKeepsEphemeral,
+    /// A `set_up` of an existing set answers as usual but does not restart
+    /// its time to live: the set ends at its first deadline.
+    SetRenewalIgnored,
+    /// A `cancel` of a waiting request does nothing: the request waits on,
+    /// unanswered, and is granted in its turn.
+    CancelIgnored,
 }
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 7] = [
+    pub const ALL: [PlantedBug; 9] = [
         PlantedBug::GrantOutOfOrder,
         PlantedBug::LeaseFromRequest,
         PlantedBug::DeafWakeup,
@@ -49,6 +55,8 @@ impl PlantedBug {
         PlantedBug::EarlyTimeout,
         PlantedBug::EphemeralOutlivesConnection,
         PlantedBug::RestartKeepsEphemeral,
+        PlantedBug::SetRenewalIgnored,
+        PlantedBug::CancelIgnored,
     ];
 
     /// Its name on the simulation's command line.
@@ -61,6 +69,8 @@ impl PlantedBug {
             PlantedBug::EarlyTimeout => "early-timeout",
             PlantedBug::EphemeralOutlivesConnection => "ephemeral-outlives-connection",
             PlantedBug::RestartKeepsEphemeral => "restart-keeps-ephemeral",
+            PlantedBug::SetRenewalIgnored => "set-renewal-ignored",
+            PlantedBug::CancelIgnored => "cancel-ignored",
         }
     }
 }

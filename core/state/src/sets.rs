@@ -19,6 +19,8 @@ use hashbrown::{HashMap, HashTable};
 use super::ClientId;
 use super::hasher::StableHasher;
 use super::timers::{Timer, Timers};
+use crate::image::Deadline;
+use crate::planted::{self, PlantedBug};
 use crate::time::Tick;
 use deadbolt_proto::limits::Limits;
 use deadbolt_proto::{
@@ -55,6 +57,18 @@ pub(crate) struct SetDue {
     set: u64,
 }
 
+/// A set as a checker outside the rules sees it (the simulation replays a
+/// log and compares the views around each command).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetView {
+    /// Its name.
+    pub set: String,
+    /// When its time to live ends.
+    pub ends: Tick,
+    /// Its number of keys.
+    pub size: u64,
+}
+
 /// One distinct set.
 #[derive(Debug)]
 struct DistinctSet {
@@ -62,7 +76,8 @@ struct DistinctSet {
     /// Unique within the shard, so a timer of a torn-down set never touches
     /// a new set of the same name.
     id: u64,
-    deadline: Tick,
+    /// When its time to live ends, with the number of the timer that ends it.
+    deadline: Deadline,
     /// Every key, end to end, in index order.
     packed: String,
     /// `ends[i]` is where key `i` (0-based) ends in `packed`.
@@ -86,7 +101,7 @@ fn key_at<'a>(packed: &'a str, ends: &[u32], position: u32) -> &'a str {
 }
 
 impl DistinctSet {
-    fn new(name: Box<str>, id: u64, deadline: Tick, hasher: KeyHasher) -> Self {
+    fn new(name: Box<str>, id: u64, deadline: Deadline, hasher: KeyHasher) -> Self {
         DistinctSet {
             name,
             id,
@@ -200,10 +215,11 @@ impl Sets {
         let hash = self.hash(&name);
         let deadline = now.plus_millis(ttl_ms);
         if let Some(set) = self.table.find_mut(hash, |s| *s.name == *name) {
-            set.deadline = deadline;
             let due = SetDue { hash, set: set.id };
             let size = set.len() as u64;
-            self.timers.push(deadline, due);
+            if !planted::active(PlantedBug::SetRenewalIgnored) {
+                set.deadline = self.timers.push(deadline, due);
+            }
             return Ok(Okay::SetUp(SetUpReply {
                 created: false,
                 size,
@@ -214,11 +230,11 @@ impl Sets {
         }
         let id = self.next_set;
         self.next_set += 1;
+        let deadline = self.timers.push(deadline, SetDue { hash, set: id });
         let set = DistinctSet::new(name.into_boxed_str(), id, deadline, self.hasher);
         let hasher = self.hasher;
         self.table
             .insert_unique(hash, set, |s| hasher.hash_one(&*s.name));
-        self.timers.push(deadline, SetDue { hash, set: id });
         self.counters.created += 1;
         Ok(Okay::SetUp(SetUpReply {
             created: true,
@@ -286,7 +302,7 @@ impl Sets {
         let set = self.find(name)?;
         Ok(Okay::SetInfo(SetInfo {
             size: set.len() as u64,
-            remaining_ms: now.millis_until(set.deadline),
+            remaining_ms: now.millis_until(set.deadline.at),
         }))
     }
 
@@ -312,8 +328,9 @@ impl Sets {
 
     /// Removes every set whose time to live ended at or before `now`.
     pub fn advance(&mut self, now: Tick) {
-        while let Some(Timer { at, due, .. }) = self.timers.pop_due(now) {
-            let is_it = |s: &DistinctSet| s.id == due.set && s.deadline == at;
+        while let Some(Timer { seq, due, .. }) = self.timers.pop_due(now) {
+            // Only the last timer set for it ends a set (see `timers`).
+            let is_it = |s: &DistinctSet| s.id == due.set && s.deadline.seq == seq;
             if let Ok(occupied) = self.table.find_entry(due.hash, is_it) {
                 let (set, _) = occupied.remove();
                 self.members -= set.len();
@@ -329,11 +346,27 @@ impl Sets {
         let is_live = |timer: &Timer<SetDue>| {
             table
                 .find(timer.due.hash, |s| {
-                    s.id == timer.due.set && s.deadline == timer.at
+                    s.id == timer.due.set && s.deadline.seq == timer.seq
                 })
                 .is_some()
         };
         self.timers.compact_if_stale(table.len(), is_live);
+    }
+
+    /// Every set, in name order, as a checker outside the rules sees it:
+    /// see [`SetView`].
+    pub fn views(&self) -> Vec<SetView> {
+        let mut views: Vec<SetView> = self
+            .table
+            .iter()
+            .map(|set| SetView {
+                set: set.name.to_string(),
+                ends: set.deadline.at,
+                size: set.len() as u64,
+            })
+            .collect();
+        views.sort_unstable_by(|a, b| a.set.cmp(&b.set));
+        views
     }
 
     /// The earliest deadline (possibly a stale one).
@@ -357,7 +390,8 @@ impl Sets {
         let mut sets: Vec<&DistinctSet> = self.table.iter().collect();
         sets.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         for set in sets {
-            into.str(&set.name).u64(set.id).u64(set.deadline.0);
+            into.str(&set.name).u64(set.id);
+            into.u64(set.deadline.at.0).u64(set.deadline.seq);
             for position in 0..set.len() as u32 {
                 let owner = &set.clients[set.owners[position as usize] as usize];
                 into.str(key_at(&set.packed, &set.ends, position))
@@ -373,7 +407,7 @@ impl Sets {
             .map(|s| SetSummary {
                 set: s.name.to_string(),
                 size: s.len() as u64,
-                remaining_ms: now.millis_until(s.deadline),
+                remaining_ms: now.millis_until(s.deadline.at),
             })
             .collect()
     }
@@ -388,7 +422,7 @@ impl Sets {
                 hash: self.hash(&set.name),
                 set: set.id,
             };
-            if timers.live_seq(due, set.deadline).is_none() {
+            if !timers.has(due, set.deadline) {
                 return Err(format!("set {:?} has no timer", set.name));
             }
             members += set.len();

@@ -10,9 +10,17 @@
 //! Timers due at the same tick fire in the order they were set (a sequence
 //! number breaks ties), never in an order that depends on a hash seed: the
 //! order decides which waiter gets the next token, and a replay with another
-//! seed must hand out the same tokens. So a snapshot keeps each live
-//! timer's number ([`ImageSeqs`]), and a restore sets them again as they
-//! were ([`Timers::restore`]).
+//! seed must hand out the same tokens.
+//!
+//! Each object keeps the [`Deadline`] its last timer was set with, number
+//! included, and a timer acts only if its number is that one. Matching on
+//! the time alone would let a stale timer come back to life when a lease
+//! moves away and back to the same tick (a re-lock with a shorter and then
+//! a longer lease): it would act in the place of the later timer, ahead of
+//! whatever was set in between, and a snapshot, which keeps only the live
+//! timers, would restore to a shard that fires them in another order. So a
+//! snapshot keeps each object's deadline as it is, and a restore sets its
+//! timer again under the same number ([`Timers::restore`]).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -48,11 +56,13 @@ impl<D: Ord> Default for Timers<D> {
 }
 
 impl<D: Ord + Copy> Timers<D> {
-    /// Schedules `due` at `at`.
-    pub fn push(&mut self, at: Tick, due: D) {
+    /// Schedules `due` at `at`: the deadline its object keeps, so that
+    /// only this timer acts for it.
+    pub fn push(&mut self, at: Tick, due: D) -> Deadline {
         let seq = self.pushed;
         self.pushed += 1;
         self.heap.push(Reverse(Timer { at, seq, due }));
+        Deadline { at, seq }
     }
 
     /// The earliest deadline, stale or not.
@@ -113,14 +123,6 @@ impl<D: Ord + Copy> Timers<D> {
             let mut is_live = is_live;
             let mut timers = std::mem::take(&mut self.heap).into_vec();
             timers.retain(|Reverse(t)| is_live(t));
-            // A deadline set, moved and set back leaves twin entries that
-            // both look live; keep the first set.
-            timers.sort_unstable_by(|Reverse(a), Reverse(b)| {
-                (a.at, &a.due, a.seq).cmp(&(b.at, &b.due, b.seq))
-            });
-            timers.dedup_by(|Reverse(later), Reverse(first)| {
-                later.at == first.at && later.due == first.due
-            });
             self.heap = BinaryHeap::from(timers);
         }
     }
@@ -130,46 +132,11 @@ impl<D: Ord + Copy> Timers<D> {
 pub(crate) struct TimerIndex<D>(Vec<Timer<D>>);
 
 impl<D: Ord + Copy> TimerIndex<D> {
-    /// The sequence number of the timer that will act for `due` at `at`:
-    /// the first set, since a twin set later finds its object gone.
-    pub fn live_seq(&self, due: D, at: Tick) -> Option<u64> {
-        let first = self.0.partition_point(|t| (&t.due, t.at) < (&due, at));
-        let timer = self.0.get(first)?;
-        (timer.due == due && timer.at == at).then_some(timer.seq)
-    }
-}
-
-/// The deadlines of a snapshot: each object's deadline with the sequence
-/// number of its live timer.
-pub(crate) struct ImageSeqs<D> {
-    index: TimerIndex<D>,
-    pushed: u64,
-}
-
-impl<D: Ord + Copy> ImageSeqs<D> {
-    pub fn new(timers: &Timers<D>) -> Self {
-        ImageSeqs {
-            index: timers.index(),
-            pushed: timers.pushed(),
-        }
-    }
-
-    /// `at`, with the number of the timer that acts for `due` then. A
-    /// deadline without one breaks an invariant (`check_invariants` says
-    /// so); it gets a fresh number, as if its timer were set now, so that
-    /// the image still restores to a shard that honours the deadline.
-    pub fn deadline(&mut self, due: D, at: Tick) -> Deadline {
-        let live = self.index.live_seq(due, at);
-        debug_assert!(live.is_some(), "a deadline without a live timer");
-        let seq = live.unwrap_or_else(|| {
-            self.pushed += 1;
-            self.pushed - 1
-        });
-        Deadline { at, seq }
-    }
-
-    /// The timers pushed, counting the fresh numbers given.
-    pub fn pushed(&self) -> u64 {
-        self.pushed
+    /// Whether the timer of `deadline` is queued for `due`.
+    pub fn has(&self, due: D, deadline: Deadline) -> bool {
+        let key = (&due, deadline.at, deadline.seq);
+        self.0
+            .binary_search_by(|t| (&t.due, t.at, t.seq).cmp(&key))
+            .is_ok()
     }
 }

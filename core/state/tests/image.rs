@@ -297,3 +297,32 @@ fn restoring_a_million_members_takes_well_under_a_second() {
         assert!(restored.as_millis() < 500, "restore took {restored:?}");
     }
 }
+
+/// A lease moved away from a tick and back to it (re-locks with a shorter,
+/// then a longer lease) ends by its last timer, not by the first one set
+/// for that tick: the wait limit set in between, due at the same tick,
+/// fires first, in the original and in a shard restored from an image
+/// taken while the lease was elsewhere (which keeps no stale timers).
+#[test]
+fn a_lease_moved_back_to_a_tick_ends_in_the_order_of_its_last_setting() {
+    let mut original = Driver::new(5);
+    original.lock("alice", 1, "a", 30).granted();
+    let (bob, _) = original.lock("bob", 2, "a", 10).send();
+    original.lock("alice", 1, "a", 20).granted(); // away to 20 ms
+    let image = original.shard.image();
+    let mut restored = original.like(restore(&image, 6));
+    let mut answers_at_30 = Vec::new();
+    for d in [&mut original, &mut restored] {
+        d.lock("dave", 4, "b", 100).granted();
+        let (carol, _) = d.lock("carol", 3, "b", 10).wait_ms(30).send();
+        d.now_ms = 10;
+        d.lock("alice", 1, "a", 20).granted(); // back to 30 ms
+        assert_eq!(d.tick_at(20), vec![]);
+        let answers = d.tick_at(30);
+        let order: Vec<_> = answers.iter().map(|a| a.handle).collect();
+        assert_eq!(order, vec![carol, bob], "the wait set first ends first");
+        answers_at_30.push(answers);
+    }
+    assert_eq!(answers_at_30[0], answers_at_30[1]);
+    assert_eq!(original.shard.digest(), restored.shard.digest());
+}

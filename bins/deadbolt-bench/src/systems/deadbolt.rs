@@ -4,6 +4,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -18,6 +20,7 @@ use tokio::time::Instant;
 
 use super::{Conn, Durability, Held, System};
 use crate::procs::Server;
+use crate::scenarios::lane_key;
 
 /// Which frontend the harness uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +297,21 @@ impl DeadboltConn {
     }
 }
 
+/// A try-lock with a 30 s lease: its token, or `None` if the key is held.
+async fn try_acquire(client: &Client, key: &str) -> anyhow::Result<Option<u64>> {
+    let op = Op::Lock(LockOp::Acquire(Acquire {
+        key: key.to_owned(),
+        ttl_ms: 30_000,
+        wait: Wait::Never,
+        ephemeral: false,
+    }));
+    match client.call(op).await {
+        Ok(Okay::Granted(granted)) => Ok(Some(granted.token)),
+        Err(e) if e.code() == Some(ErrorCode::Busy) => Ok(None),
+        other => bail!("lock: {other:?}"),
+    }
+}
+
 #[async_trait]
 impl Conn for DeadboltConn {
     async fn try_lock(&mut self, key: &str, ttl: Duration) -> anyhow::Result<Option<Held>> {
@@ -340,6 +358,35 @@ impl Conn for DeadboltConn {
 
     fn lock_requests(&self) -> u64 {
         self.lock_requests
+    }
+
+    /// `depth` lanes on the one client, each one request in flight at a
+    /// time (try-lock, then its unlock): the client pipelines them on its
+    /// connection.
+    async fn pipelined(
+        &mut self,
+        depth: usize,
+        seed: u64,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Option<u64>> {
+        let client = &self.client;
+        let lanes = (0..depth as u64).map(|lane| {
+            let stop = stop.clone();
+            async move {
+                let mut state = seed.wrapping_mul(31).wrapping_add(lane);
+                let mut cycles = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = lane_key(&mut state, lane, depth as u64);
+                    if let Some(token) = try_acquire(client, &key).await? {
+                        client.unlock(&key, token).await?;
+                        cycles += 1;
+                    }
+                }
+                anyhow::Ok(cycles)
+            }
+        });
+        let done = futures_util::future::try_join_all(lanes).await?;
+        Ok(Some(done.into_iter().sum()))
     }
 
     /// Every key waits on the server at once, on this one connection.

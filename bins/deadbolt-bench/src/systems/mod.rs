@@ -11,6 +11,8 @@ pub mod redis;
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -117,6 +119,22 @@ pub trait Conn: Send {
     async fn insert(&mut self, set: &str, keys: &[String]) -> anyhow::Result<Vec<bool>>;
     /// Lock requests this connection has sent (polls included).
     fn lock_requests(&self) -> u64;
+
+    /// Try-lock + unlock cycles on random keys (from
+    /// [`cycle_key`](crate::scenarios::cycle_key) or
+    /// [`lane_key`](crate::scenarios::lane_key), seeded with `seed`) with
+    /// `depth` requests in flight on this one connection, until `stop`: the
+    /// cycles that took their key. `None` (the default): the harness has no
+    /// pipelining client for this system.
+    async fn pipelined(
+        &mut self,
+        depth: usize,
+        seed: u64,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Option<u64>> {
+        let _ = (depth, seed, stop);
+        Ok(None)
+    }
 
     /// Takes every key, each as soon as it is free (the expiry storm):
     /// when each was granted, in the order of `keys`. By default, rounds of

@@ -3,6 +3,8 @@
 //! Waiters must poll, every `retry` (0 ms: at once). In memory, or durable
 //! through the append-only file (`appendfsync always` or `everysec`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,6 +15,7 @@ use tokio::time::Instant;
 
 use super::{Conn, Durability, Held, Rounds, System};
 use crate::procs::{self, Server};
+use crate::scenarios::cycle_key;
 
 /// Compare-and-delete: release only the grant this owner holds.
 const UNLOCK: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
@@ -197,6 +200,52 @@ impl Conn for RedisConn {
 
     fn lock_requests(&self) -> u64 {
         self.lock_requests
+    }
+
+    /// Pipelines of `depth / 2` pairs of `SET key owner NX PX` and the
+    /// compare-and-delete (`EVALSHA`) of the same key: `depth` commands in
+    /// flight, Redis's best case (the owner value is the client's, so the
+    /// unlock need not wait for the lock's answer).
+    async fn pipelined(
+        &mut self,
+        depth: usize,
+        seed: u64,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Option<u64>> {
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(UNLOCK)
+            .query_async(&mut self.connection)
+            .await?;
+        let mut state = seed;
+        let mut cycles = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let mut pipe = redis::pipe();
+            for _ in 0..depth / 2 {
+                let key = cycle_key(&mut state);
+                self.nonce += 1;
+                let value = (self.owner << 32) | (self.nonce & 0xffff_ffff);
+                pipe.cmd("SET")
+                    .arg(&key)
+                    .arg(value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(30_000)
+                    .cmd("EVALSHA")
+                    .arg(&sha)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(value);
+            }
+            let answers: Vec<redis::Value> = pipe.query_async(&mut self.connection).await?;
+            // Every other answer is a SET's: OK when it took the key.
+            cycles += answers
+                .iter()
+                .step_by(2)
+                .filter(|a| !matches!(a, redis::Value::Nil))
+                .count() as u64;
+        }
+        Ok(Some(cycles))
     }
 
     /// Rounds of pipelined `SET NX PX` over the keys still to take.

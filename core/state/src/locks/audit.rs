@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 
 use super::conns::ConnIndex;
+use super::contention::Contention;
 use super::{LockDue, LockEntry, Locks};
 use crate::hasher::StableHasher;
 use crate::time::Tick;
@@ -23,6 +24,7 @@ impl Locks {
     ///   when it fires), or it would never end.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut conns = ConnIndex::new(self.hasher);
+        let mut contention = Contention::new(self.hasher);
         let mut waiters = 0;
         let timers = self.books.timers.index();
         for entry in &self.table {
@@ -35,6 +37,7 @@ impl Locks {
             for waiter in entry.queue.iter() {
                 waiters += 1;
                 conns.add(waiter.conn, hash);
+                contention.joined(hash);
             }
         }
         let key_bytes: usize = self.table.iter().map(|e| e.key.len()).sum();
@@ -57,6 +60,9 @@ impl Locks {
                 self.books.timers.len()
             ));
         }
+        if contention != self.books.contention {
+            return Err("contention index disagrees with the table".to_owned());
+        }
         if conns != self.books.conns {
             return Err("connection index disagrees with the table".to_owned());
         }
@@ -73,40 +79,64 @@ impl Locks {
             into.str(key);
             for h in entry.holders.iter() {
                 into.str(&h.client).u64(h.conn).u64(h.token);
-                into.u64(h.deadline.0).u64(u64::from(h.ephemeral));
+                into.u64(h.deadline.at.0).u64(h.deadline.seq);
+                into.u64(u64::from(h.ephemeral));
                 into.u64(h.granted_by.map_or(0, |handle| handle.0 + 1));
             }
             for w in entry.queue.iter() {
                 into.u64(w.id).u64(w.handle.0).str(&w.client).u64(w.conn);
                 into.u64(w.ttl_ms).u64(w.wait_ms);
-                into.u64(w.deadline.map_or(0, |d| d.0 + 1));
+                into.u64(w.deadline.map_or(0, |d| d.at.0 + 1));
+                into.u64(w.deadline.map_or(0, |d| d.seq));
                 into.u64(u64::from(w.ephemeral));
             }
         }
     }
 
-    /// The `top` most waited-for held locks (ties by key), and the `top`
-    /// keys with the most waiters.
+    /// The `top` most waited-for held locks, and the `top` keys with the
+    /// most waiters, each list most waiters first, then by key. Costs
+    /// O(`top`), not O(keys): the contended keys come ranked from the
+    /// contention index, and where fewer than `top` keys have waiters the
+    /// held list is filled with other held locks, whichever the table
+    /// yields first (so among locks that nobody waits for, which are
+    /// listed is arbitrary).
     pub fn top(&self, now: Tick, top: usize) -> (Vec<HeldLock>, Vec<HeldLock>) {
         let describe = |e: &LockEntry| {
             e.holders.iter().next().map(|h| HeldLock {
                 key: e.key.to_string(),
                 client: h.client.to_string(),
                 token: h.token,
-                remaining_ms: now.millis_until(h.deadline),
+                remaining_ms: now.millis_until(h.deadline.at),
                 waiters: e.queue.len() as u64,
             })
         };
-        let held = crate::top::top(self.table.iter(), top, lock_rank);
-        let contended = crate::top::top(
-            self.table.iter().filter(|e| !e.queue.is_empty()),
-            top,
-            lock_rank,
-        );
+        let mut contended: Vec<&LockEntry> = self
+            .books
+            .contention
+            .most(top)
+            .filter_map(|hash| self.entry_with_hash(hash))
+            .collect();
+        contended.sort_by(|a, b| lock_rank(b).cmp(&lock_rank(a)));
+        let mut held = contended.clone();
+        if held.len() < top {
+            // Every key with waiters is listed already, so at most that
+            // many (fewer than `top`) are skipped here.
+            let idle = self.table.iter().filter(|e| e.queue.is_empty());
+            let mut idle: Vec<&LockEntry> = idle.take(top - held.len()).collect();
+            idle.sort_by(|a, b| lock_rank(b).cmp(&lock_rank(a)));
+            held.extend(idle);
+        }
         (
             held.into_iter().filter_map(describe).collect(),
             contended.into_iter().filter_map(describe).collect(),
         )
+    }
+
+    /// The entry whose key has `hash` (the first, in the unlikely case of
+    /// two).
+    fn entry_with_hash(&self, hash: u64) -> Option<&LockEntry> {
+        self.table
+            .find(hash, |e| self.hasher.hash_one(&*e.key) == hash)
     }
 }
 
@@ -138,10 +168,7 @@ fn check_entry(entry: &LockEntry, next_token: u64) -> Result<(), String> {
 fn check_timers(entry: &LockEntry, hash: u64, timers: &TimerIndex<LockDue>) -> Result<(), String> {
     for holder in entry.holders.iter() {
         let token = holder.token;
-        if timers
-            .live_seq(LockDue::Lease { hash, token }, holder.deadline)
-            .is_none()
-        {
+        if !timers.has(LockDue::Lease { hash, token }, holder.deadline) {
             return Err(format!("key {:?}: lease {token} has no timer", entry.key));
         }
     }
@@ -151,7 +178,7 @@ fn check_timers(entry: &LockEntry, hash: u64, timers: &TimerIndex<LockDue>) -> R
             waiter: waiter.id,
         };
         if let Some(at) = waiter.deadline
-            && timers.live_seq(due, at).is_none()
+            && !timers.has(due, at)
         {
             return Err(format!(
                 "key {:?}: waiter {} has no timer",

@@ -6,7 +6,7 @@
 //! the same set with more room, not a second code path. The first holder
 //! is stored inline, because almost every held key has exactly one.
 
-use crate::time::Tick;
+use crate::image::Deadline;
 use crate::{ClientId, ConnId, Handle};
 
 /// One grant of a key.
@@ -17,7 +17,8 @@ pub(super) struct Holder {
     /// release.
     pub conn: ConnId,
     pub token: u64,
-    pub deadline: Tick,
+    /// When its lease ends, with the number of the timer that ends it.
+    pub deadline: Deadline,
     pub ephemeral: bool,
     /// The request whose answer made this grant, until a later request of
     /// the holder (a re-lock, an extend) shows that the holder knows of it.

@@ -9,29 +9,24 @@ use super::holders::{Holder, Holders};
 use super::queue::{WaitQueue, Waiter};
 use super::{LockDue, LockEntry, Locks, MUTEX_CAPACITY};
 use crate::hasher::KeyHasher;
+use crate::image::Deadline;
 use crate::image::{
     HolderImage, ImageError, Interner, KeyImage, LocksImage, WaiterImage, check_distinct,
     check_issued,
 };
-use crate::time::Tick;
-use crate::timers::{ImageSeqs, Timer, Timers};
+use crate::timers::{Timer, Timers};
 use deadbolt_proto::LockCounters;
 use deadbolt_proto::limits::Limits;
 
 impl Locks {
     /// The locks' part of a shard image, keys in byte order.
     pub fn image(&self) -> LocksImage {
-        let mut seqs = ImageSeqs::new(&self.books.timers);
-        let mut keys: Vec<KeyImage> = self
-            .table
-            .iter()
-            .map(|entry| key_image(entry, self.hasher.hash_one(&*entry.key), &mut seqs))
-            .collect();
+        let mut keys: Vec<KeyImage> = self.table.iter().map(key_image).collect();
         keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         LocksImage {
             next_token: self.books.next_token,
             next_waiter: self.books.next_waiter,
-            timers_pushed: seqs.pushed(),
+            timers_pushed: self.books.timers.pushed(),
             counters: self.counters(),
             keys,
         }
@@ -117,7 +112,7 @@ impl Locks {
             hash,
             token: image.token,
         };
-        numbers.timer(image.deadline.at, image.deadline.seq, due)?;
+        numbers.timer(image.deadline, due)?;
         if image.ephemeral {
             self.books.conns.add(image.conn, hash);
         }
@@ -125,7 +120,7 @@ impl Locks {
             client: clients.intern(image.client),
             conn: image.conn,
             token: image.token,
-            deadline: image.deadline.at,
+            deadline: image.deadline,
             ephemeral: image.ephemeral,
             granted_by: image.granted_by,
         })
@@ -145,10 +140,9 @@ impl Locks {
                 hash,
                 waiter: image.id,
             };
-            numbers.timer(deadline.at, deadline.seq, due)?;
+            numbers.timer(deadline, due)?;
         }
-        self.books.waiters += 1;
-        self.books.conns.add(image.conn, hash);
+        self.books.waiter_joined(image.conn, hash);
         Ok(Waiter {
             id: image.id,
             handle: image.handle,
@@ -156,25 +150,19 @@ impl Locks {
             conn: image.conn,
             ttl_ms: image.ttl_ms,
             wait_ms: image.wait_ms,
-            deadline: image.deadline.map(|d| d.at),
+            deadline: image.deadline,
             ephemeral: image.ephemeral,
         })
     }
 }
 
-/// One key of the image, its deadlines numbered by their live timers.
-fn key_image(entry: &LockEntry, hash: u64, seqs: &mut ImageSeqs<LockDue>) -> KeyImage {
+/// One key of the image.
+fn key_image(entry: &LockEntry) -> KeyImage {
     let holders = entry.holders.iter().map(|h| HolderImage {
         client: h.client.to_string(),
         conn: h.conn,
         token: h.token,
-        deadline: seqs.deadline(
-            LockDue::Lease {
-                hash,
-                token: h.token,
-            },
-            h.deadline,
-        ),
+        deadline: h.deadline,
         ephemeral: h.ephemeral,
         granted_by: h.granted_by,
     });
@@ -186,9 +174,7 @@ fn key_image(entry: &LockEntry, hash: u64, seqs: &mut ImageSeqs<LockDue>) -> Key
         conn: w.conn,
         ttl_ms: w.ttl_ms,
         wait_ms: w.wait_ms,
-        deadline: w
-            .deadline
-            .map(|at| seqs.deadline(LockDue::Wait { hash, waiter: w.id }, at)),
+        deadline: w.deadline,
         ephemeral: w.ephemeral,
     });
     KeyImage {
@@ -241,7 +227,8 @@ impl Numbers {
     }
 
     /// Queues the timer of a deadline.
-    fn timer(&mut self, at: Tick, seq: u64, due: LockDue) -> Result<(), ImageError> {
+    fn timer(&mut self, deadline: Deadline, due: LockDue) -> Result<(), ImageError> {
+        let Deadline { at, seq } = deadline;
         check_issued("lock timer", seq, self.timers_pushed)?;
         self.timers.push(Timer { at, seq, due });
         Ok(())

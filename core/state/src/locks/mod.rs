@@ -14,6 +14,7 @@
 
 mod audit;
 mod conns;
+mod contention;
 mod holders;
 mod image;
 mod queue;
@@ -25,9 +26,11 @@ use hashbrown::HashTable;
 use super::hasher::KeyHasher;
 use super::timers::{Timer, Timers};
 use super::{Answer, Caller, ClientId, ConnId, Handle};
+use crate::image::Deadline;
 use crate::planted::{self, PlantedBug};
 use crate::time::Tick;
 use conns::ConnIndex;
+use contention::Contention;
 use deadbolt_proto::limits::Limits;
 use deadbolt_proto::{
     Acquire, Extended, Granted, HolderInfo, LockCounters, LockInfo, LockOp, Okay, Outcome,
@@ -115,6 +118,8 @@ struct Books {
     /// Bytes of the keys in the table.
     key_bytes: usize,
     conns: ConnIndex,
+    /// Waiters per key, ranked: the `stats` lists without a scan.
+    contention: Contention,
     counters: LockCounters,
     limits: Limits,
     answers: Vec<Answer>,
@@ -131,13 +136,14 @@ impl Books {
         token
     }
 
-    /// Starts tracking a holder's lease (and its connection, if ephemeral).
-    fn bind(&mut self, holder: &Holder, hash: u64) {
+    /// Starts tracking a holder's lease, whose end is at `ends`, and its
+    /// connection, if ephemeral.
+    fn bind(&mut self, holder: &mut Holder, ends: Tick, hash: u64) {
         let due = LockDue::Lease {
             hash,
             token: holder.token,
         };
-        self.timers.push(holder.deadline, due);
+        holder.deadline = self.timers.push(ends, due);
         if holder.ephemeral {
             self.conns.add(holder.conn, hash);
         }
@@ -153,20 +159,28 @@ impl Books {
     fn waiter_left(&mut self, waiter: &Waiter, hash: u64) {
         self.waiters -= 1;
         self.conns.remove(waiter.conn, hash);
+        self.contention.left(hash);
+    }
+
+    /// A waiter of `conn` joined the key with `hash`.
+    fn waiter_joined(&mut self, conn: ConnId, hash: u64) {
+        self.waiters += 1;
+        self.conns.add(conn, hash);
+        self.contention.joined(hash);
     }
 
     /// A new grant of a free place of `hash`'s key, answered to `handle`.
     fn grant(&mut self, handle: Handle, hash: u64, request: GrantRequest) -> Holder {
-        let holder = Holder {
+        let mut holder = Holder {
             client: request.client,
             conn: request.conn,
             token: self.take_token(),
-            deadline: request.at.plus_millis(request.ttl_ms),
+            deadline: Deadline::default(),
             ephemeral: request.ephemeral,
             granted_by: Some(handle),
         };
         self.counters.grants += 1;
-        self.bind(&holder, hash);
+        self.bind(&mut holder, request.at.plus_millis(request.ttl_ms), hash);
         let granted = Granted {
             token: holder.token,
             ttl_ms: request.ttl_ms,
@@ -206,7 +220,7 @@ fn grant_next(entry: &mut LockEntry, hash: u64, at: Tick, books: &mut Books) {
             return;
         };
         books.waiter_left(&waiter, hash);
-        if waiter.deadline.is_some_and(|deadline| deadline <= at) {
+        if waiter.deadline.is_some_and(|deadline| deadline.at <= at) {
             books.counters.timeouts += 1;
             books.answer(waiter.handle, Err(ServerError::timeout(waiter.wait_ms)));
             continue;
@@ -232,6 +246,7 @@ fn lease_start(waiter: &Waiter, granted_at: Tick) -> Tick {
     match waiter.deadline {
         Some(deadline) if planted::active(PlantedBug::LeaseFromRequest) => Tick(
             deadline
+                .at
                 .0
                 .saturating_sub(waiter.wait_ms.saturating_mul(1000)),
         ),
@@ -265,7 +280,7 @@ fn answer_queued_relocks(
         let Some(holder) = entry.holders.by_client_mut(client) else {
             return;
         };
-        if waiter.deadline.is_some_and(|deadline| deadline <= at) {
+        if waiter.deadline.is_some_and(|deadline| deadline.at <= at) {
             books.counters.timeouts += 1;
             books.answer(waiter.handle, Err(ServerError::timeout(waiter.wait_ms)));
             continue;
@@ -302,9 +317,8 @@ fn relock(
     books.unbind(holder, hash);
     holder.conn = conn;
     holder.ephemeral = ephemeral;
-    holder.deadline = now.plus_millis(ttl_ms);
     holder.granted_by = None;
-    books.bind(holder, hash);
+    books.bind(holder, now.plus_millis(ttl_ms), hash);
 }
 
 /// Ends the grant with `token` and hands the key on, at `at`.
@@ -333,6 +347,7 @@ impl Locks {
                 waiters: 0,
                 key_bytes: 0,
                 conns: ConnIndex::new(hasher),
+                contention: Contention::new(hasher),
                 counters: LockCounters::default(),
                 limits,
                 answers: Vec::new(),
@@ -462,7 +477,7 @@ impl Locks {
             holder: entry.holders.iter().next().map(|h| HolderInfo {
                 client: h.client.to_string(),
                 token: h.token,
-                remaining_ms: now.millis_until(h.deadline),
+                remaining_ms: now.millis_until(h.deadline.at),
             }),
             waiters: entry.queue.len() as u64,
         }
@@ -471,6 +486,9 @@ impl Locks {
     /// Answers `cancelled` to the waiting request `handle` on `key`, if it
     /// is still queued.
     pub fn cancel(&mut self, now: Tick, handle: Handle, key: &str) {
+        if planted::active(PlantedBug::CancelIgnored) {
+            return;
+        }
         if let Some(waiter) = self.take_waiter(now, handle, key) {
             self.books.counters.cancellations += 1;
             let cancelled = Err(ServerError::cancelled());
@@ -592,16 +610,17 @@ impl Locks {
 
     /// Applies every deadline due at or before `now`, each at its own tick.
     pub fn advance(&mut self, now: Tick) {
-        while let Some(Timer { at, due, .. }) = self.books.timers.pop_due(now) {
+        while let Some(Timer { at, seq, due }) = self.books.timers.pop_due(now) {
+            let deadline = Deadline { at, seq };
             match due {
-                LockDue::Lease { hash, token } => self.lease_ran_out(hash, token, at),
-                LockDue::Wait { hash, waiter } => self.wait_ran_out(hash, waiter, at),
+                LockDue::Lease { hash, token } => self.lease_ran_out(hash, token, deadline),
+                LockDue::Wait { hash, waiter } => self.wait_ran_out(hash, waiter, deadline),
             }
         }
         self.compact_timers();
     }
 
-    fn lease_ran_out(&mut self, hash: u64, token: u64, at: Tick) {
+    fn lease_ran_out(&mut self, hash: u64, token: u64, deadline: Deadline) {
         let books = &mut self.books;
         let is_it = |e: &LockEntry| e.holders.has_token(token);
         let Ok(mut occupied) = self.table.find_entry(hash, is_it) else {
@@ -611,18 +630,18 @@ impl Locks {
         if entry
             .holders
             .by_token_mut(token)
-            .is_some_and(|h| h.deadline != at)
+            .is_some_and(|h| h.deadline != deadline)
         {
-            return; // extended since
+            return; // extended since (even if back to the same tick)
         }
         books.counters.expiries += 1;
-        end_grant(entry, token, hash, at, books);
+        end_grant(entry, token, hash, deadline.at, books);
         if entry.is_vacant() {
             books.key_bytes -= occupied.remove().0.key.len();
         }
     }
 
-    fn wait_ran_out(&mut self, hash: u64, waiter_id: u64, at: Tick) {
+    fn wait_ran_out(&mut self, hash: u64, waiter_id: u64, deadline: Deadline) {
         let waits_here = |e: &LockEntry| e.queue.position_of(waiter_id).is_some();
         let Some(entry) = self.table.find_mut(hash, waits_here) else {
             return; // granted, cancelled or gone already
@@ -631,7 +650,7 @@ impl Locks {
             return;
         };
         if let Some(waiter) = entry.queue.remove(position) {
-            debug_assert!(waiter.deadline == Some(at));
+            debug_assert!(waiter.deadline == Some(deadline));
             self.books.waiter_left(&waiter, hash);
             self.books.counters.timeouts += 1;
             let timeout = Err(ServerError::timeout(waiter.wait_ms));
@@ -650,7 +669,7 @@ impl Locks {
                     .is_some_and(|e| {
                         e.holders
                             .iter()
-                            .any(|h| h.token == token && h.deadline == timer.at)
+                            .any(|h| h.token == token && h.deadline.seq == timer.seq)
                     }),
                 LockDue::Wait { hash, waiter } => table
                     .find(hash, |e| e.queue.position_of(waiter).is_some())
@@ -686,6 +705,7 @@ impl Locks {
             !vacant
         });
         books.waiters = 0;
+        books.contention.clear();
         // It indexed only waiters and ephemeral grants, and none are left
         // (but for the planted bug's grants, which keep their entries).
         books.conns.clear();
@@ -715,6 +735,7 @@ impl Locks {
             }
         }
         self.books.waiters = 0;
+        self.books.contention.clear();
         self.books.key_bytes = 0;
         self.books.conns.clear();
     }
@@ -733,7 +754,7 @@ impl Locks {
                         client: h.client.clone(),
                         conn: h.conn,
                         token: h.token,
-                        deadline: h.deadline,
+                        deadline: h.deadline.at,
                         ephemeral: h.ephemeral,
                     })
                     .collect(),
@@ -743,7 +764,7 @@ impl Locks {
                     .map(|w| WaiterView {
                         handle: w.handle,
                         conn: w.conn,
-                        deadline: w.deadline,
+                        deadline: w.deadline.map(|d| d.at),
                     })
                     .collect(),
             })
@@ -817,11 +838,8 @@ fn enqueue(
     }
     let id = books.next_waiter;
     books.next_waiter += 1;
-    if let Some(at) = deadline {
-        books.timers.push(at, LockDue::Wait { hash, waiter: id });
-    }
-    books.waiters += 1;
-    books.conns.add(request.conn, hash);
+    let deadline = deadline.map(|at| books.timers.push(at, LockDue::Wait { hash, waiter: id }));
+    books.waiter_joined(request.conn, hash);
     entry.queue.push_back(Waiter {
         id,
         handle,

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use crate::time::Tick;
+use crate::image::Deadline;
 use crate::{ClientId, ConnId, Handle};
 
 /// A queued `lock` request: data, not a blocked task.
@@ -18,7 +18,8 @@ pub(super) struct Waiter {
     pub ttl_ms: u64,
     /// For the `timeout` message; 0 when waiting forever.
     pub wait_ms: u64,
-    pub deadline: Option<Tick>,
+    /// When its wait runs out, if it has a limit, with its timer's number.
+    pub deadline: Option<Deadline>,
     pub ephemeral: bool,
 }
 

@@ -14,29 +14,20 @@ use hashbrown::hash_table::Entry;
 use super::{DistinctSet, SetDue, Sets, key_at};
 use crate::hasher::KeyHasher;
 use crate::image::{
-    Deadline, ImageError, Interner, MemberImage, SetImage, SetsImage, check_distinct, check_issued,
+    ImageError, Interner, MemberImage, SetImage, SetsImage, check_distinct, check_issued,
 };
-use crate::timers::{ImageSeqs, Timer, Timers};
+use crate::timers::{Timer, Timers};
 use deadbolt_proto::SetCounters;
 use deadbolt_proto::limits::Limits;
 
 impl Sets {
     /// The sets' part of a shard image, sets in name order.
     pub fn image(&self) -> SetsImage {
-        let mut seqs = ImageSeqs::new(&self.timers);
-        let mut sets: Vec<SetImage> = self
-            .table
-            .iter()
-            .map(|set| {
-                let hash = self.hasher.hash_one(&*set.name);
-                let due = SetDue { hash, set: set.id };
-                set.image(seqs.deadline(due, set.deadline))
-            })
-            .collect();
+        let mut sets: Vec<SetImage> = self.table.iter().map(DistinctSet::image).collect();
         sets.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         SetsImage {
             next_set: self.next_set,
-            timers_pushed: seqs.pushed(),
+            timers_pushed: self.timers.pushed(),
             counters: self.counters(),
             sets,
         }
@@ -99,8 +90,8 @@ impl Sets {
 }
 
 impl DistinctSet {
-    /// This set in an image, its deadline numbered.
-    fn image(&self, deadline: Deadline) -> SetImage {
+    /// This set in an image.
+    fn image(&self) -> SetImage {
         let members = (0..self.len() as u32).map(|position| MemberImage {
             key: key_at(&self.packed, &self.ends, position).to_owned(),
             owner: self.owners[position as usize],
@@ -108,7 +99,7 @@ impl DistinctSet {
         SetImage {
             name: self.name.to_string(),
             id: self.id,
-            deadline,
+            deadline: self.deadline,
             clients: self.clients.iter().map(|c| c.to_string()).collect(),
             members: members.collect(),
         }
@@ -127,7 +118,7 @@ impl DistinctSet {
         if image.members.len() > addressable || bytes > addressable {
             return Err(ImageError::SetTooLarge { set: name.into() });
         }
-        let mut set = DistinctSet::new(name, image.id, image.deadline.at, hasher);
+        let mut set = DistinctSet::new(name, image.id, image.deadline, hasher);
         set.packed.reserve_exact(bytes);
         set.ends.reserve_exact(image.members.len());
         set.owners.reserve_exact(image.members.len());
