@@ -3,7 +3,7 @@
 //! `/deadbolt.d.ts`), `/metrics` and `/healthz`. The transport hands these
 //! requests to [`Routes`] through its [`HttpRoutes`] hook.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use deadbolt_core::Engine;
@@ -44,11 +44,14 @@ const ASSETS: &[Asset] = &[
 /// `Content-Type` of the metrics page: Prometheus text format 0.0.4.
 /// Where a `POST` readmits a cluster node that lost its disk.
 const READMIT_PATH: &str = "/cluster/readmit/";
+/// `POST` here makes a backup of the data directory (`deadbolt backup --online`).
+const BACKUP_PATH: &str = "/backup";
 
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// deadbolt's plain HTTP routes. Only `GET` is served (anything else gets
-/// `405`); a `GET` for a path not listed above goes to the fallback.
+/// `405`) but for the `POST`s of `/cluster/readmit/N` and `/backup`; a
+/// `GET` for a path not listed above goes to the fallback.
 pub struct Routes {
     /// Read by `/metrics`.
     engine: Engine,
@@ -58,6 +61,9 @@ pub struct Routes {
     fallback: Arc<dyn HttpRoutes>,
     /// A cluster node's Raft, read by `/cluster`.
     cluster: Option<deadbolt_replication::types::Raft>,
+    /// A durable single server's store, for `POST /backup`. Weak: the log
+    /// writer ends once the engine lets go of the store, at shutdown.
+    store: Option<Weak<deadbolt_storage::Store>>,
 }
 
 impl std::fmt::Debug for Routes {
@@ -77,6 +83,41 @@ impl Routes {
             ws_gauges: WsGauges::default(),
             fallback,
             cluster: None,
+            store: None,
+        }
+    }
+
+    /// Answers `POST /backup` by copying the data directory of `store`
+    /// into a new directory under its `backup_dir`.
+    pub fn with_backups(self, store: &Arc<deadbolt_storage::Store>) -> Routes {
+        Routes {
+            store: Some(Arc::downgrade(store)),
+            ..self
+        }
+    }
+
+    /// `POST /backup`: a copy of the data directory as it is now.
+    async fn backup(&self, method: &str) -> HttpResponse {
+        if method != "POST" {
+            return HttpResponse::status(405, "Method Not Allowed");
+        }
+        let Some(store) = &self.store else {
+            let body = "no data directory to back up: the server runs --in-memory, \
+                        or is a cluster node (a node that lost its data is readmitted)\n";
+            return HttpResponse::text(404, "Not Found", body.as_bytes().to_vec());
+        };
+        let Some(store) = store.upgrade() else {
+            let body = &b"the server is stopping\n"[..];
+            return HttpResponse::text(503, "Service Unavailable", body);
+        };
+        match store.backup().await {
+            Ok(dest) => HttpResponse::ok(
+                "text/plain",
+                format!("backed up to {}\n", dest.display()).into_bytes(),
+            ),
+            Err(why) => {
+                HttpResponse::text(503, "Service Unavailable", format!("{why}\n").into_bytes())
+            }
         }
     }
 
@@ -149,6 +190,9 @@ impl HttpRoutes for Routes {
     async fn respond(&self, request: &HttpRequest) -> HttpResponse {
         if let Some(node) = request.path.strip_prefix(READMIT_PATH) {
             return self.readmit(&request.method, node).await;
+        }
+        if request.path == BACKUP_PATH {
+            return self.backup(&request.method).await;
         }
         if request.method != "GET" {
             return HttpResponse::status(405, "Method Not Allowed");

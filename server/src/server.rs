@@ -6,7 +6,7 @@ use std::io;
 use std::sync::Arc;
 
 use deadbolt_core::{Engine, EngineConfig};
-use deadbolt_storage::{LogWriter, RecoveryReport, StoreConfig};
+use deadbolt_storage::{LogWriter, RecoveryReport, Store, StoreConfig};
 use deadbolt_transport_ws::{Listener, WsConfig};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinError, JoinSet};
@@ -73,7 +73,7 @@ pub async fn run_node<L: Listener, D: Dialer + Clone>(
     if !metrics::install() {
         tracing::warn!("no metrics: another metrics recorder is installed");
     }
-    let (engine, ending) = match peering {
+    let (engine, ending, store) = match peering {
         Some(peering) => {
             let node = deadbolt_replication::start(
                 peering.cluster,
@@ -82,15 +82,20 @@ pub async fn run_node<L: Listener, D: Dialer + Clone>(
                 peering.dialer,
             )
             .await?;
-            (node.engine.clone(), Ending::Node(node))
+            (node.engine.clone(), Ending::Node(node), None)
         }
         None => {
-            let (engine, log_writer) = start_engine(config.engine, config.storage)?;
-            (engine, Ending::Single(log_writer))
+            let (engine, log_writer, store) = start_engine(config.engine, config.storage)?;
+            (engine, Ending::Single(log_writer), store)
         }
     };
     let mut routes = Routes::new(engine.clone(), config.ws.routes.clone())
         .with_ws_gauges(config.ws.gauges.clone());
+    // Consumed here: the engine keeps the only strong reference, so that
+    // the log writer ends when the engine stops.
+    if let Some(store) = store {
+        routes = routes.with_backups(&store);
+    }
     if let Ending::Node(node) = &ending {
         routes = routes.with_cluster(node.raft.clone());
     }
@@ -151,23 +156,25 @@ enum Ending {
     Node(deadbolt_replication::Node),
 }
 
+/// A started engine, the end of its log writer (to wait for after the
+/// engine) and its store (for backups), if it is durable.
+type Started = (Engine, Option<oneshot::Receiver<()>>, Option<Arc<Store>>);
+
 /// Starts the engine: empty, or recovered from `storage` and journaling
-/// into it. Returns the log writer's end, to wait for after the engine.
-fn start_engine(
-    mut engine: EngineConfig,
-    storage: Option<Durable>,
-) -> Result<(Engine, Option<oneshot::Receiver<()>>), Error> {
+/// into it.
+fn start_engine(mut engine: EngineConfig, storage: Option<Durable>) -> Result<Started, Error> {
     let Some(durable) = storage else {
-        return Ok((Engine::start(engine), None));
+        return Ok((Engine::start(engine), None, None));
     };
     let mut store = durable.store.clone();
     store.yield_to_shards = durable.writer_thread;
     let opened = deadbolt_storage::open(durable.disk, store, &engine)?;
     report_recovery(&durable.store, &opened.report);
     engine.start_at = opened.start_at;
-    engine.journal = Some(opened.store);
+    engine.journal = Some(opened.store.clone());
     let ended = spawn_writer(opened.writer, durable.writer_thread);
-    Ok((Engine::start_with(engine, opened.shards), Some(ended)))
+    let engine = Engine::start_with(engine, opened.shards);
+    Ok((engine, Some(ended), Some(opened.store)))
 }
 
 /// Runs the log writer on its own thread or as a task; the receiver hears

@@ -19,6 +19,7 @@
 //! [`planted`] (bugs the simulation plants to prove its checker, compiled
 //! only with the `planted-bugs` feature).
 
+mod backup;
 pub mod codec;
 pub mod disk;
 pub mod frame;
@@ -92,6 +93,8 @@ pub struct StoreConfig {
     /// shutdown): the simulation replays the records it observed and
     /// compares.
     pub on_stopped: Option<StoppedObserver>,
+    /// Where [`Store::backup`] makes its copies (`None`: backups are off).
+    pub backup_dir: Option<PathBuf>,
 }
 
 /// Sees each record the log keeps, with its number.
@@ -109,6 +112,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("snapshot_after_bytes", &self.snapshot_after_bytes)
             .field("observer", &self.observer.is_some())
             .field("on_stopped", &self.on_stopped.is_some())
+            .field("backup_dir", &self.backup_dir)
             .finish()
     }
 }
@@ -126,6 +130,7 @@ impl StoreConfig {
             yield_to_shards: false,
             observer: None,
             on_stopped: None,
+            backup_dir: None,
         }
     }
 }
@@ -294,6 +299,22 @@ fn make_dirs(disk: &dyn Disk, dir: &Path) -> Result<(), StorageError> {
 }
 
 impl Store {
+    /// Copies the data directory, as it is at this moment, into a new
+    /// directory under the config's `backup_dir`, and returns its path.
+    ///
+    /// The log writer makes the copy between two groups, after syncing the
+    /// log: the copy holds every change acknowledged before it, and is what
+    /// a crash at that moment would have left, which recovery reads as it
+    /// reads any data directory. Acknowledgements wait while it copies.
+    pub async fn backup(&self) -> Result<PathBuf, String> {
+        let (done, answer) = oneshot::channel();
+        let stopped = || "the log writer has stopped".to_owned();
+        self.requests
+            .send(Request::Backup { done })
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
     /// Sends `request` and waits for its answer.
     async fn ask(
         &self,

@@ -6,7 +6,7 @@
 //! than a segment, deletes the segment.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -15,6 +15,7 @@ use deadbolt_core::shard::image::ShardImage;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::backup;
 use crate::codec::{self, Record};
 use crate::disk::{AppendFile, Disk};
 use crate::planted::{self, StorageBug};
@@ -56,6 +57,11 @@ pub(crate) enum Request {
         settled: u64,
         image: Box<ShardImage>,
         token_reserved: u64,
+    },
+    /// Copy the data directory into a new directory under `backup_dir`
+    /// once the group is kept; answer where.
+    Backup {
+        done: oneshot::Sender<Result<PathBuf, String>>,
     },
 }
 
@@ -121,6 +127,11 @@ pub struct LogWriter {
     tally: Tally,
     /// Why the log can no longer be trusted, once it cannot.
     failed: Option<String>,
+    /// Why the last append failed, while appends fail (a full disk): each
+    /// failure is answered, but logged only when it starts or changes.
+    append_failing: Option<String>,
+    /// Backups asked for in the group being written, made once it is kept.
+    backups: Vec<oneshot::Sender<Result<PathBuf, String>>>,
 }
 
 impl LogWriter {
@@ -165,6 +176,8 @@ impl LogWriter {
             recent: vec![VecDeque::new(); shards],
             tally: Tally::default(),
             failed: None,
+            append_failing: None,
+            backups: Vec::new(),
         })
     }
 
@@ -230,6 +243,9 @@ impl LogWriter {
                 self.sync_group(&mut written);
             }
             self.finish_group(written);
+            for done in std::mem::take(&mut self.backups) {
+                let _ = done.send(self.backup());
+            }
         }
         self.sync_unsynced();
         let Tally {
@@ -328,6 +344,7 @@ impl LogWriter {
                     };
                     snapshots.push((shard, image, token_reserved, covers_below));
                 }
+                Request::Backup { done } => self.backups.push(done),
             }
         }
         // On a disk whose syncs take a while, the sync is what the power
@@ -385,7 +402,7 @@ impl LogWriter {
     fn sync_group(&mut self, written: &mut Written) {
         if let Err(error) = self.file.sync() {
             let failed = format!("syncing the log failed ({error}); restart the server");
-            tracing::error!("{failed}");
+            tracing::error!(path = %self.current_path().display(), "{failed}");
             written.outcome = Err(ServerError::unavailable(failed.clone()));
             self.failed = Some(failed);
         }
@@ -425,6 +442,9 @@ impl LogWriter {
         if let Err(error) = written {
             return Err(self.undo_append(error));
         }
+        if self.append_failing.take().is_some() {
+            tracing::info!(path = %self.current_path().display(), "the log is written again");
+        }
         self.tally.groups += 1;
         self.tally.syncs += u64::from(must_sync);
         self.tally.bytes += bytes.len() as u64;
@@ -447,7 +467,10 @@ impl LogWriter {
         } else {
             format!("cannot write the log ({error}); nothing was changed")
         };
-        tracing::error!(path = %self.current_path().display(), "{why}");
+        if self.append_failing.as_ref() != Some(&why) {
+            tracing::error!(path = %self.current_path().display(), "{why}");
+            self.append_failing = Some(why.clone());
+        }
         let cut = self
             .file
             .truncate(self.file_len)
@@ -471,9 +494,69 @@ impl LogWriter {
         if let Err(error) = self.file.sync() {
             // After a failed sync the page cache cannot be trusted either.
             let failed = format!("syncing the log failed ({error}); restart the server");
-            tracing::error!("{failed}");
+            tracing::error!(path = %self.current_path().display(), "{failed}");
             self.failed = Some(failed);
         }
+    }
+
+    /// Copies the data directory into a new directory under
+    /// `backup_dir` (see [`crate::backup`]): the log's segments (synced
+    /// first), the snapshots, and the QUIC certificate and key beside them.
+    fn backup(&mut self) -> Result<PathBuf, String> {
+        let started = std::time::Instant::now();
+        let Some(root) = self.config.backup_dir.clone() else {
+            return Err("backups are off: start the server with --backup-dir DIR".into());
+        };
+        if let Some(why) = &self.failed {
+            return Err(why.clone());
+        }
+        if let Err(error) = self.file.sync() {
+            let failed = format!("syncing the log failed ({error}); restart the server");
+            tracing::error!(path = %self.current_path().display(), "{failed}");
+            self.failed = Some(failed.clone());
+            return Err(failed);
+        }
+        self.sync_due = None;
+        let dest = backup::new_dir(&*self.disk, &root)
+            .map_err(|e| format!("cannot make a backup directory in {}: {e}", root.display()))?;
+        let copied = self.copy_into(&dest).map_err(|e| {
+            let why = format!("the backup into {} failed: {e}", dest.display());
+            tracing::error!("{why}");
+            why
+        })?;
+        tracing::info!(
+            dest = %dest.display(),
+            files = copied.files,
+            bytes = copied.bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "backed up the data directory"
+        );
+        Ok(dest)
+    }
+
+    fn copy_into(&self, dest: &Path) -> std::io::Result<backup::Copied> {
+        let (disk, dir) = (&*self.disk, &self.config.dir);
+        let mut copied = backup::Copied::default();
+        let segments = self.segments.iter().filter_map(|segment| {
+            let name = segment.path.file_name()?;
+            Some(name.to_string_lossy().into_owned())
+        });
+        backup::copy_files(
+            disk,
+            &dir.join("wal"),
+            &dest.join("wal"),
+            segments,
+            &mut copied,
+        )?;
+        let snapshots = disk.list(&dir.join("snapshots"))?;
+        let snapshots = snapshots
+            .into_iter()
+            .filter(|name| snapshot::shard_of_file(name).is_some());
+        let to = dest.join("snapshots");
+        backup::copy_files(disk, &dir.join("snapshots"), &to, snapshots, &mut copied)?;
+        let identity = disk.list(dir)?.into_iter().filter(|n| n.ends_with(".pem"));
+        backup::copy_files(disk, dir, dest, identity, &mut copied)?;
+        Ok(copied)
     }
 
     fn current_path(&self) -> PathBuf {

@@ -90,14 +90,14 @@ fn admit(incoming: Incoming, open: usize, config: &QuicConfig) -> Option<Incomin
 
 /// One QUIC connection: one engine session, a task per stream.
 async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Receiver<bool>) {
+    let peer = incoming.remote_address();
     let conn = match incoming.await {
         Ok(conn) => conn,
         Err(error) => {
-            tracing::debug!(%error, "QUIC handshake failed");
+            tracing::info!(%peer, %error, "QUIC handshake failed");
             return;
         }
     };
-    let peer = conn.remote_address();
     tracing::debug!(%peer, "QUIC connected");
     let session = engine.session_on(Frontend::Quic);
     let mut streams = JoinSet::new();
@@ -117,7 +117,10 @@ async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Rece
                     let task = request(send, recv, session.clone(), *engine.limits(), stopped.clone());
                     streams.spawn(task);
                 }
-                Err(_) => break false,
+                Err(error) => {
+                    log_end(peer, &error);
+                    break false;
+                }
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
         }
@@ -132,6 +135,15 @@ async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Rece
     }
     drop(session);
     tracing::debug!(%peer, "QUIC closed");
+}
+
+/// Logs how a connection ended: once, and at `info` if on an error.
+fn log_end(peer: std::net::SocketAddr, error: &quinn::ConnectionError) {
+    use quinn::ConnectionError::{ApplicationClosed, LocallyClosed};
+    match error {
+        ApplicationClosed(_) | LocallyClosed => tracing::debug!(%peer, %error, "QUIC closing"),
+        _ => tracing::info!(%peer, %error, "QUIC connection ended on an error"),
+    }
 }
 
 /// One stream: read one request, answer it, finish.

@@ -27,10 +27,14 @@ type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
 
 /// Why the loop ended, and how to say goodbye.
 enum End {
-    /// The client closed or the connection broke: nothing more to send.
+    /// The client closed: nothing more to send.
     Gone,
+    /// The connection broke (why): nothing more can be sent.
+    Broken(String),
     /// Close with this code and reason.
     Close(CloseCode, &'static str),
+    /// Close with 1002 for this violation of RFC 6455.
+    Violation(String),
     /// The server is shutting down: answer what is in flight first.
     Shutdown,
 }
@@ -142,14 +146,32 @@ struct Parked {
     bound: usize,
 }
 
-/// Runs the connection until it closes or the server stops.
+impl End {
+    /// What went wrong, if the connection ended on an error (its own, or
+    /// the peer's), for the one log line about it.
+    fn trouble(&self) -> Option<String> {
+        match self {
+            End::Gone | End::Shutdown => None,
+            End::Broken(why) => Some(why.clone()),
+            End::Close(code, reason) => Some(format!("closed with {}: {reason}", u16::from(*code))),
+            End::Violation(violation) => Some(format!("closed with 1002: {violation}")),
+        }
+    }
+}
+
+/// Why replies could not be written (within `idle_close`).
+const CANNOT_WRITE: &str = "cannot write replies: the peer is gone or reads nothing";
+
+/// Runs the connection until it closes or the server stops. Returns what
+/// went wrong, if it ended on an error.
 pub(crate) async fn run<S>(
     ws: WebSocketStream<S>,
     session: Session,
     limits: &Limits,
     config: &WsConfig,
     mut stopped: watch::Receiver<bool>,
-) where
+) -> Option<String>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sink, mut stream) = ws.split();
@@ -177,7 +199,7 @@ pub(crate) async fn run<S>(
             if let Some(reply) = refused {
                 let sent = send_replies(&mut sink, reply, &mut in_flight, &mut budget, config);
                 if sent.await.is_err() {
-                    break End::Gone;
+                    break End::Broken(CANNOT_WRITE.into());
                 }
             }
         }
@@ -196,7 +218,7 @@ pub(crate) async fn run<S>(
                 let large = done.reserved > 0;
                 let sent = send_replies(&mut sink, done, &mut in_flight, &mut budget, config);
                 if sent.await.is_err() {
-                    break End::Gone;
+                    break End::Broken(CANNOT_WRITE.into());
                 }
                 if large {
                     // Let other connections run, and tokio look for their
@@ -231,7 +253,7 @@ pub(crate) async fn run<S>(
                 if let Some(reply) = reply {
                     let sent = send_replies(&mut sink, reply, &mut in_flight, &mut budget, config);
                     if sent.await.is_err() {
-                        break End::Gone;
+                        break End::Broken(CANNOT_WRITE.into());
                     }
                 }
             }
@@ -243,7 +265,7 @@ pub(crate) async fn run<S>(
                 if silence >= config.idle_ping
                     && within(config, sink.send(Message::Ping(Vec::new().into()))).await.is_err()
                 {
-                    break End::Gone;
+                    break End::Broken(CANNOT_WRITE.into());
                 }
             }
         }
@@ -252,7 +274,9 @@ pub(crate) async fn run<S>(
         // Read, never started: it is answered `shutting_down` as well.
         *in_flight.ids.entry(waiting.request.id).or_insert(0) += 1;
     }
+    let trouble = end.trouble();
     say_goodbye(&mut sink, end, &mut in_flight, config).await;
+    trouble
 }
 
 /// How to end the connection after a read error: the RFC 6455 close code
@@ -264,12 +288,12 @@ fn ending(error: WsError) -> End {
             End::Close(CloseCode::Size, "message too large")
         }
         WsError::Utf8(_) => End::Close(CloseCode::Invalid, "text is not valid UTF-8"),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
-        WsError::Protocol(violation) => {
-            tracing::debug!(%violation, "closing with 1002");
-            End::Close(CloseCode::Protocol, "protocol violation")
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            End::Broken("the peer reset the connection without a close".into())
         }
-        _ => End::Gone,
+        WsError::Protocol(violation) => End::Violation(violation.to_string()),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => End::Gone,
+        error => End::Broken(error.to_string()),
     }
 }
 
@@ -406,8 +430,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (code, reason) = match end {
-        End::Gone => return,
+        End::Gone | End::Broken(_) => return,
         End::Close(code, reason) => (code, reason),
+        End::Violation(_) => (CloseCode::Protocol, "protocol violation"),
         End::Shutdown => {
             for id in std::mem::take(&mut in_flight.ids).into_keys() {
                 let reply = Reply {

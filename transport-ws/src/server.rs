@@ -168,7 +168,7 @@ where
     match head {
         Ok(Ok(head)) => Some(head),
         Ok(Err(error)) => {
-            tracing::debug!(%peer, %error, "bad request head");
+            tracing::info!(%peer, %error, "bad request head; answered 400");
             let bad = HttpResponse::text(400, "Bad Request", &b"bad request\n"[..]);
             answer(stream, &bad, config).await;
             None
@@ -215,8 +215,10 @@ async fn websocket<S>(
     tracing::debug!(%peer, ?frontend, "websocket connected");
     let session = shared.engine.session_on(frontend);
     let (limits, config) = (shared.engine.limits(), &shared.config);
-    connection::run(ws, session, limits, config, stopped).await;
-    tracing::debug!(%peer, "websocket closed");
+    match connection::run(ws, session, limits, config, stopped).await {
+        None => tracing::debug!(%peer, "websocket closed"),
+        Some(reason) => tracing::info!(%peer, %reason, "websocket connection ended on an error"),
+    }
 }
 
 fn ws_config(shared: &Shared) -> WebSocketConfig {

@@ -80,11 +80,58 @@ pub enum Command {
     TearDown(SetArgs),
     /// Look at a replicated cluster.
     Cluster(ClusterArgs),
+    /// Copy a stopped server's data directory to BACKUP (a new directory),
+    /// holding its lock so that no server starts on it meanwhile; or, with
+    /// --online, have the running server copy its own.
+    Backup(BackupArgs),
+    /// Make a data directory from BACKUP, for a server to start on.
+    Restore(RestoreArgs),
 }
 
-/// `deadbolt serve`.
+/// `deadbolt backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Ask the server at --server to copy its data directory, as it is at
+    /// this moment, into a new directory under its --backup-dir while it
+    /// keeps serving (acknowledgements wait for the copy), and print where.
+    #[arg(long, conflicts_with_all = ["data_dir", "backup"])]
+    pub online: bool,
+    /// The data directory to copy; its server must be stopped.
+    #[arg(long, default_value = "deadbolt-data")]
+    pub data_dir: PathBuf,
+    /// Where to write the copy: a directory that does not exist yet.
+    #[arg(required_unless_present = "online")]
+    pub backup: Option<PathBuf>,
+}
+
+/// `deadbolt restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A copy made by `deadbolt backup`.
+    pub backup: PathBuf,
+    /// The data directory to make: it must not exist yet, or be empty.
+    #[arg(long, default_value = "deadbolt-data")]
+    pub data_dir: PathBuf,
+}
+
+/// `deadbolt serve`. Every flag but `--config` and `--print-config` is
+/// also a key of the config file (crate::config), named as the flag
+/// without its dashes.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file: one key per flag, named as the
+    /// flag without its dashes (`data-dir = "/var/lib/deadbolt"`). Flags
+    /// given on the command line override the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (defaults, the file, the flags) as
+    /// TOML, which `--config` reads back, and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// How the server writes its log to stderr: `text` for people, `json`
+    /// (one object per line) for a log collector.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Address for WebSocket clients.
     #[arg(long, alias = "listen", default_value = "127.0.0.1:7420")]
     pub ws: SocketAddr,
@@ -112,6 +159,11 @@ pub struct ServeArgs {
     /// Keep nothing on disk: every lock and set dies with the process.
     #[arg(long)]
     pub in_memory: bool,
+    /// Where `deadbolt backup --online` (`POST /backup`) makes copies of
+    /// the data directory, each in a new `backup-<time>` directory. Without
+    /// it, online backups are off.
+    #[arg(long, value_name = "DIR", conflicts_with = "in_memory")]
+    pub backup_dir: Option<PathBuf>,
     /// Shard actors. A key's shard depends on this number, so it is fixed
     /// rather than one per core.
     #[arg(long, default_value_t = deadbolt_core::engine::DEFAULT_SHARDS)]
@@ -214,7 +266,7 @@ pub struct LockArgs {
     /// The lock's key.
     pub key: String,
     /// The lease; renewed every third of it while the command runs.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_lease)]
     pub ttl: Duration,
     /// How long to wait for the lock (default: as long as it takes).
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -233,7 +285,7 @@ pub struct TryLockArgs {
     /// The lock's key.
     pub key: String,
     /// The lease.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_lease)]
     pub ttl: Duration,
 }
 
@@ -259,7 +311,7 @@ pub struct DistinctArgs {
     /// The set's name.
     pub name: String,
     /// The set's time to live (restarted by every run).
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_lease)]
     pub ttl: Duration,
 }
 
@@ -269,7 +321,7 @@ pub struct SetUpArgs {
     /// The set's name.
     pub name: String,
     /// The set's time to live.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_lease)]
     pub ttl: Duration,
 }
 
@@ -288,6 +340,25 @@ pub struct MembersArgs {
 pub struct SetArgs {
     /// The set's name.
     pub name: String,
+}
+
+/// The format of the server's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Parses a lease or time to live: a duration of at least a millisecond
+/// (the protocol's least `ttl_ms`), since a zero lease could only be lost.
+fn parse_lease(value: &str) -> Result<Duration, String> {
+    let lease = humantime::parse_duration(value).map_err(|e| format!("{value}: {e}"))?;
+    if lease < Duration::from_millis(1) {
+        return Err(format!("{value}: must be at least 1ms"));
+    }
+    Ok(lease)
 }
 
 /// `--quic ADDR` or `--quic off`.
@@ -381,4 +452,31 @@ pub enum ClusterCommand {
         /// The node's id.
         node_id: u64,
     },
+}
+
+/// The ids of the client-only flags ([`ServerArgs`]): they are global, so
+/// that they go before or after a client subcommand, but mean nothing to
+/// `deadbolt serve`.
+pub const CLIENT_FLAGS: [&str; 5] = ["server", "client_id", "ca", "insecure", "retry_for"];
+
+/// The command line, with the client-only flags hidden from `deadbolt
+/// serve --help` and later occurrences of a `serve` flag overriding
+/// earlier ones (as the flags override the config file).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let command = Cli::command();
+    // A subcommand that has an argument of a global's id keeps its own, so
+    // `serve` gets hidden copies (clap propagates globals when it builds
+    // the command, and an argument cannot be changed after that).
+    let hidden: Vec<clap::Arg> = command
+        .get_arguments()
+        .filter(|arg| CLIENT_FLAGS.contains(&arg.get_id().as_str()))
+        .map(|arg| arg.clone().hide(true))
+        .collect();
+    command.mut_subcommand("serve", |serve| serve.args(hidden).args_override_self(true))
+}
+
+/// `deadbolt serve` on its own, as the config file is read into it.
+pub fn serve_command() -> clap::Command {
+    ServeArgs::augment_args(clap::Command::new("deadbolt serve")).args_override_self(true)
 }

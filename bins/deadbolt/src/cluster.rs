@@ -62,10 +62,10 @@ async fn status(server: &ServerArgs) -> anyhow::Result<u8> {
 
 /// `METHOD PATH` on the WebSocket port of `url` (`ws://HOST:PORT/...`): the
 /// body of a `200`, or an error with the status and the body.
-async fn http(url: &str, method: &str, path: &str) -> anyhow::Result<String> {
+pub(crate) async fn http(url: &str, method: &str, path: &str) -> anyhow::Result<String> {
     let authority = url
         .strip_prefix("ws://")
-        .context("cluster status needs a ws:// URL (the node's WebSocket port)")?
+        .context("this needs a ws:// URL (the server's WebSocket port)")?
         .split('/')
         .next()
         .unwrap_or_default();

@@ -89,7 +89,7 @@ const SNAPSHOT_EVERY: u64 = 20_000;
 /// Takes the data directory for this server alone (SPEC section 8: two
 /// servers never share one), creating it if needed: an exclusive lock on
 /// its `LOCK` file, which also names the process that holds it.
-fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+pub(crate) fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
     let path = dir.join("LOCK");
@@ -246,6 +246,7 @@ fn storage(args: &ServeArgs) -> Option<Durable> {
     }
     let mut store = StoreConfig::new(&args.data_dir);
     store.fsync = args.fsync;
+    store.backup_dir.clone_from(&args.backup_dir);
 
     Some(Durable {
         disk: Arc::new(StdDisk),

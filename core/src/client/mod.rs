@@ -100,9 +100,10 @@ pub trait Connector: Send + Sync + 'static {
 /// What a client call can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// The server answered with an error.
+    /// The server answered with an error. (Not its `source` as well: a
+    /// report of the error chain would say the server's message twice.)
     #[error("server: {0}")]
-    Server(#[from] ServerError),
+    Server(ServerError),
     /// The request could not be carried, even after retrying.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -114,6 +115,12 @@ pub enum Error {
         /// The reply.
         reply: String,
     },
+}
+
+impl From<ServerError> for Error {
+    fn from(error: ServerError) -> Error {
+        Error::Server(error)
+    }
 }
 
 impl Error {
