@@ -231,6 +231,15 @@ pub enum Violation {
         handle: u64,
         at_us: u64,
     },
+    /// Server side: an `unlock` or `extend` of `key` with token `token`,
+    /// which its grant still held after the command at `at_us`, was
+    /// answered `not_held`.
+    TokenOpRefused {
+        shard: usize,
+        key: String,
+        token: u64,
+        at_us: u64,
+    },
     /// Server side: set `set` of `shard` ends at `ends_us` (`None`: it
     /// was gone) after the command at `at_us`, though its last `set_up`
     /// says it ends at `expected_us`: its time to live was not restarted,
@@ -293,6 +302,7 @@ impl Violation {
             Violation::EphemeralKept { .. } => "server: ephemeral kept",
             Violation::SetLifetime { .. } => "server: set lifetime",
             Violation::CancelIgnored { .. } => "server: cancel ignored",
+            Violation::TokenOpRefused { .. } => "server: token op refused",
             Violation::LeaseOutlived { .. } => "lease outlived its ttl",
             Violation::NoLeader => "no leader",
         }

@@ -27,6 +27,8 @@
 //!    "requester gone" or its connection's close named; and a request
 //!    still waiting when a `cancel` or "requester gone" names it is
 //!    answered by that very command.
+//! 9. An `unlock` or `extend` with a token whose grant is still held after
+//!    the command is never answered `not_held`.
 //! 6. An ephemeral lock ends with the command that closes its connection.
 //! 7. A restart (SPEC section 8) ends every waiter, unanswered, and every
 //!    ephemeral grant; every other grant survives it with its token and
@@ -398,7 +400,7 @@ impl ShardHistory {
     /// Judges one answer of the command.
     fn answer(&mut self, answer: &Answer, step: &mut Step<'_>, after: &BTreeMap<String, KeyView>) {
         let Some(request) = self.requests.remove(&answer.handle) else {
-            self.token_op_answered(answer, step);
+            self.token_op_answered(answer, step, after);
             return;
         };
         let new_grant = matches!(&answer.outcome,
@@ -467,7 +469,12 @@ impl ShardHistory {
     }
 
     /// An answer to `unlock` or `extend`: what it ends or restarts.
-    fn token_op_answered(&mut self, answer: &Answer, step: &mut Step<'_>) {
+    fn token_op_answered(
+        &mut self,
+        answer: &Answer,
+        step: &mut Step<'_>,
+        after: &BTreeMap<String, KeyView>,
+    ) {
         let Input::Op {
             handle,
             op: ShardOp::Lock(op),
@@ -487,6 +494,16 @@ impl ShardHistory {
                 if let Some(grant) = self.grants.get_mut(token) {
                     grant.expected = step.now.plus_millis(extended.ttl_ms);
                 }
+            }
+            (LockOp::Extend { key, token, .. } | LockOp::Release { key, token }, Err(error))
+                if error.code == ErrorCode::NotHeld && holds(after, key, *token) =>
+            {
+                self.violations.push(Violation::TokenOpRefused {
+                    shard: self.shard,
+                    key: key.clone(),
+                    token: *token,
+                    at_us: us(step.now),
+                });
             }
             _ => {}
         }

@@ -43,11 +43,14 @@ pub enum PlantedBug {
     /// A `cancel` of a waiting request does nothing: the request waits on,
     /// unanswered, and is granted in its turn.
     CancelIgnored,
+    /// An `extend` by the holder, with its live token, is answered
+    /// `not_held`.
+    ExtendRefused,
 }
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 9] = [
+    pub const ALL: [PlantedBug; 10] = [
         PlantedBug::GrantOutOfOrder,
         PlantedBug::LeaseFromRequest,
         PlantedBug::DeafWakeup,
@@ -57,6 +60,7 @@ impl PlantedBug {
         PlantedBug::RestartKeepsEphemeral,
         PlantedBug::SetRenewalIgnored,
         PlantedBug::CancelIgnored,
+        PlantedBug::ExtendRefused,
     ];
 
     /// Its name on the simulation's command line.
@@ -71,6 +75,7 @@ impl PlantedBug {
             PlantedBug::RestartKeepsEphemeral => "restart-keeps-ephemeral",
             PlantedBug::SetRenewalIgnored => "set-renewal-ignored",
             PlantedBug::CancelIgnored => "cancel-ignored",
+            PlantedBug::ExtendRefused => "extend-refused",
         }
     }
 }

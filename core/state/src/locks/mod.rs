@@ -453,6 +453,9 @@ impl Locks {
     }
 
     fn extend(&mut self, now: Tick, key: &str, token: u64, ttl_ms: u64) -> Outcome {
+        if planted::active(PlantedBug::ExtendRefused) {
+            return Err(ServerError::not_held());
+        }
         let hash = self.hash(key);
         let holder = self
             .table
