@@ -240,6 +240,9 @@ pub enum Violation {
         token: u64,
         at_us: u64,
     },
+    /// Server side: the counters of `shard` (what `stats` reports) are
+    /// not what its answers add up to: `what` names each one.
+    CountersDisagree { shard: usize, what: String },
     /// Server side: set `set` of `shard` ends at `ends_us` (`None`: it
     /// was gone) after the command at `at_us`, though its last `set_up`
     /// says it ends at `expected_us`: its time to live was not restarted,
@@ -303,6 +306,7 @@ impl Violation {
             Violation::SetLifetime { .. } => "server: set lifetime",
             Violation::CancelIgnored { .. } => "server: cancel ignored",
             Violation::TokenOpRefused { .. } => "server: token op refused",
+            Violation::CountersDisagree { .. } => "server: counters disagree",
             Violation::LeaseOutlived { .. } => "lease outlived its ttl",
             Violation::NoLeader => "no leader",
         }

@@ -136,13 +136,15 @@ pub enum Step {
     },
     /// A scratch set of the worker's own with a short time to live: set
     /// up, insert, pause (often past the time to live, so that the set
-    /// expires), insert again, and set it up again if it was gone. The
-    /// server-side checker judges when it ends.
+    /// expires), insert again, set it up again if it was gone, and
+    /// perhaps tear it down. The server-side checker judges when it ends.
     Scratch {
         /// Its time to live.
         ttl_ms: u64,
         /// The pause between the two inserts.
         pause_ms: u64,
+        /// Whether the worker tears the set down at the end.
+        tear_down: bool,
     },
 }
 
@@ -414,7 +416,13 @@ fn step(lock_keys: usize) -> BoxedStrategy<Step> {
     let abandon =
         (0..lock_keys, 150u64..1200).prop_map(|(key, ttl_ms)| Step::Abandon { key, ttl_ms });
     let scratch =
-        (50u64..400, 0u64..800).prop_map(|(ttl_ms, pause_ms)| Step::Scratch { ttl_ms, pause_ms });
+        (50u64..400, 0u64..800, prop::bool::ANY).prop_map(|(ttl_ms, pause_ms, tear_down)| {
+            Step::Scratch {
+                ttl_ms,
+                pause_ms,
+                tear_down,
+            }
+        });
     prop_oneof![6 => counter, 4 => dedup, 1 => abandon, 1 => scratch].boxed()
 }
 

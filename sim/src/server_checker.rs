@@ -29,6 +29,9 @@
 //!    answered by that very command.
 //! 9. An `unlock` or `extend` with a token whose grant is still held after
 //!    the command is never answered `not_held`.
+//! 10. The shard's counters (what `stats` and `/metrics` report) agree with
+//!     its answers: grants, unlocks, timeouts, cancellations, `busy`, sets
+//!     created, torn down and expired.
 //! 6. An ephemeral lock ends with the command that closes its connection.
 //! 7. A restart (SPEC section 8) ends every waiter, unanswered, and every
 //!    ephemeral grant; every other grant survives it with its token and
@@ -153,11 +156,13 @@ pub fn check(
         violations: Vec::new(),
     };
     let mut sets = SetLifetimes::default();
+    let mut tally = Tally::default();
     let mut before = views_by_key(replica.lock_views());
     for (position, command) in log.iter().enumerate() {
         replica.apply(command.clone());
         let now = replica.now();
         let answers = replica.take_answers();
+        tally.command(&command.input, &answers);
         let set_views = replica.set_views();
         let broken = sets.command(&command.input, now, &answers, &set_views);
         history
@@ -169,13 +174,93 @@ pub fn check(
         history.command(command, now, &answers, (&before, &after), late_ok);
         before = after;
     }
+    tally.sets_expired = sets.expired;
+    let disagree = tally.disagreements(&replica.counters());
+    if !disagree.is_empty() {
+        history.violations.push(Violation::CountersDisagree {
+            shard,
+            what: disagree.join(", "),
+        });
+    }
     history.violations
+}
+
+/// Rule 10: what a shard's answers say its counters must be.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Tokens answered `Granted` so far: a new one is a grant, a known one
+    /// a re-lock.
+    tokens: BTreeSet<u64>,
+    releases: u64,
+    timeouts: u64,
+    cancellations: u64,
+    busy: u64,
+    sets_created: u64,
+    sets_torn_down: u64,
+    sets_expired: u64,
+}
+
+impl Tally {
+    /// Counts what one command answered.
+    fn command(&mut self, input: &Input, answers: &[Answer]) {
+        for answer in answers {
+            match &answer.outcome {
+                Ok(Okay::Granted(granted)) => {
+                    self.tokens.insert(granted.token);
+                }
+                Err(error) if error.code == ErrorCode::Timeout => self.timeouts += 1,
+                Err(error) if error.code == ErrorCode::Busy => self.busy += 1,
+                Err(error) if error.code == ErrorCode::Cancelled => {
+                    if matches!(input, Input::Cancel { handle, .. } if *handle == answer.handle) {
+                        self.cancellations += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Input::Op { handle, op, .. } = input else {
+            return;
+        };
+        let own = answers.iter().find(|a| a.handle == *handle);
+        match (op, own.map(|a| &a.outcome)) {
+            (ShardOp::Lock(LockOp::Release { .. }), Some(Ok(_))) => self.releases += 1,
+            (ShardOp::Set(SetOp::SetUp { .. }), Some(Ok(Okay::SetUp(set_up)))) => {
+                self.sets_created += u64::from(set_up.created);
+            }
+            (ShardOp::Set(SetOp::TearDown { .. }), Some(Ok(_))) => self.sets_torn_down += 1,
+            _ => {}
+        }
+    }
+
+    /// The counters of `counters` that disagree, each with both values.
+    fn disagreements(&self, counters: &deadbolt_core::shard::Counters) -> Vec<String> {
+        let (locks, sets) = (&counters.locks, &counters.sets);
+        let pairs = [
+            ("grants", self.tokens.len() as u64, locks.grants),
+            ("releases", self.releases, locks.releases),
+            ("timeouts", self.timeouts, locks.timeouts),
+            ("cancellations", self.cancellations, locks.cancellations),
+            ("busy", self.busy, locks.busy),
+            ("sets created", self.sets_created, sets.created),
+            ("sets torn down", self.sets_torn_down, sets.torn_down),
+            ("sets expired", self.sets_expired, sets.expired),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(_, answered, counted)| answered != counted)
+            .map(|(what, answered, counted)| {
+                format!("{what}: answers say {answered}, counted {counted}")
+            })
+            .collect()
+    }
 }
 
 /// Rule 8: when each set should end, by its last `set_up`.
 #[derive(Debug, Default)]
 struct SetLifetimes {
     ends: BTreeMap<String, Tick>,
+    /// Sets that ended by their time to live so far.
+    expired: u64,
 }
 
 /// A set found ending at another time than its last `set_up` says.
@@ -213,12 +298,19 @@ impl SetLifetimes {
             op: ShardOp::Set(op),
             ..
         } = input
-            && answers
+            && let Some(Ok(okay)) = answers
                 .iter()
-                .any(|a| a.handle == *handle && a.outcome.is_ok())
+                .find(|a| a.handle == *handle)
+                .map(|a| &a.outcome)
         {
             match op {
                 SetOp::SetUp { set, ttl_ms } => {
+                    // Made anew over a set this checker still knew: the old
+                    // one ran out at this very tick, just before.
+                    let created = matches!(okay, Okay::SetUp(reply) if reply.created);
+                    if created && self.ends.contains_key(set) {
+                        self.expired += 1;
+                    }
                     self.ends.insert(set.clone(), now.plus_millis(*ttl_ms));
                 }
                 SetOp::TearDown { set } => {
@@ -250,6 +342,7 @@ impl SetLifetimes {
             .collect();
         for (set, expected) in ended {
             self.ends.remove(&set);
+            self.expired += 1;
             if expected > now {
                 broken.push(SetOffTime {
                     set,
@@ -848,6 +941,27 @@ mod tests {
         assert_eq!(kinds(&log), Vec::<&str>::new());
         let _planted = planted::plant(Some(PlantedBug::CancelIgnored));
         assert!(kinds(&log).contains(&"server: cancel ignored"));
+    }
+
+    #[test]
+    fn counters_agree_with_the_answers_and_a_busy_left_uncounted_is_caught() {
+        let mut try_lock = lock(1, 2, 100);
+        if let Input::Op {
+            op: ShardOp::Lock(LockOp::Acquire(acquire)),
+            ..
+        } = &mut try_lock.input
+        {
+            acquire.wait = Wait::Never;
+        }
+        let log = [
+            lock(0, 1, 500),
+            try_lock,
+            set_up(2, 3, 10),
+            at_ms(20, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+        let _planted = planted::plant(Some(PlantedBug::BusyUncounted));
+        assert_eq!(kinds(&log), vec!["server: counters disagree"]);
     }
 
     #[test]

@@ -134,8 +134,17 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
             Step::Abandon { key, ttl_ms } => {
                 abandon(&shared, me, at, LOCK_KEYS[*key], *ttl_ms).await;
             }
-            Step::Scratch { ttl_ms, pause_ms } => {
-                scratch(&client, me, at, ms(*ttl_ms), ms(*pause_ms)).await;
+            Step::Scratch {
+                ttl_ms,
+                pause_ms,
+                tear_down,
+            } => {
+                let plan = ScratchPlan {
+                    ttl: ms(*ttl_ms),
+                    pause: ms(*pause_ms),
+                    tear_down: *tear_down,
+                };
+                scratch(&client, me, at, plan).await;
             }
         }
         shared.progress.lock().unwrap_or_else(|p| p.into_inner())[me] = at + 1;
@@ -429,7 +438,12 @@ async fn dedup(client: &Client, history: &History, me: usize, plan: DedupPlan<'_
 /// step. Nothing here is recorded: the server-side checker judges when the
 /// set ends. Each request has a bounded time, so that a fault cannot keep
 /// the worker on a set nobody else needs.
-async fn scratch(client: &Client, me: usize, step: usize, ttl: Duration, pause: Duration) {
+async fn scratch(client: &Client, me: usize, step: usize, plan: ScratchPlan) {
+    let ScratchPlan {
+        ttl,
+        pause,
+        tear_down,
+    } = plan;
     let set = client.set(&format!("scratch-{me}-{step}"));
     let set_up_and_insert = |key: &'static str| {
         let set = &set;
@@ -447,6 +461,16 @@ async fn scratch(client: &Client, me: usize, step: usize, ttl: Duration, pause: 
     {
         let _ = tokio::time::timeout(bound, set_up_and_insert("b")).await;
     }
+    if tear_down {
+        let _ = tokio::time::timeout(bound, set.tear_down()).await;
+    }
+}
+
+/// A [`Step::Scratch`] as the worker runs it.
+struct ScratchPlan {
+    ttl: Duration,
+    pause: Duration,
+    tear_down: bool,
 }
 
 /// Sets the set up (restarting its time to live) and inserts `names`,

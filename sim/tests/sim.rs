@@ -281,6 +281,14 @@ fn an_extend_refused_to_its_holder_is_caught() {
     );
 }
 
+#[test]
+fn counters_that_disagree_with_the_answers_are_caught() {
+    caught_within(
+        Bug::Server(PlantedBug::BusyUncounted),
+        &["server: counters disagree"],
+    );
+}
+
 /// What a lost acknowledged change looks like from outside: an insert
 /// missing from the export, or told to a second worker as new (another
 /// index, a second `first`), or a grant whose token comes again.
@@ -349,5 +357,5 @@ fn an_answer_before_the_commit_is_caught() {
 #[test]
 fn every_planted_bug_has_a_test() {
     // The tests above, one per bug: a new bug needs its own.
-    assert_eq!(Bug::ALL.len(), 20);
+    assert_eq!(Bug::ALL.len(), 21);
 }

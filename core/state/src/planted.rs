@@ -46,11 +46,14 @@ pub enum PlantedBug {
     /// An `extend` by the holder, with its live token, is answered
     /// `not_held`.
     ExtendRefused,
+    /// A `busy` answer is not counted in the shard's counters (what
+    /// `stats` and `/metrics` report).
+    BusyUncounted,
 }
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 10] = [
+    pub const ALL: [PlantedBug; 11] = [
         PlantedBug::GrantOutOfOrder,
         PlantedBug::LeaseFromRequest,
         PlantedBug::DeafWakeup,
@@ -61,6 +64,7 @@ impl PlantedBug {
         PlantedBug::SetRenewalIgnored,
         PlantedBug::CancelIgnored,
         PlantedBug::ExtendRefused,
+        PlantedBug::BusyUncounted,
     ];
 
     /// Its name on the simulation's command line.
@@ -76,6 +80,7 @@ impl PlantedBug {
             PlantedBug::SetRenewalIgnored => "set-renewal-ignored",
             PlantedBug::CancelIgnored => "cancel-ignored",
             PlantedBug::ExtendRefused => "extend-refused",
+            PlantedBug::BusyUncounted => "busy-uncounted",
         }
     }
 }
