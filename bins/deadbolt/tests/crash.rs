@@ -7,7 +7,7 @@
 //! new tokens are larger than every token acknowledged before.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,9 +15,8 @@ use deadbolt_core::client::{Client, ClientOptions, LockOptions};
 use deadbolt_transport_ws::WsConnector;
 
 mod support;
-use support::read_urls;
+use support::serve_ws;
 
-const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 const WORKERS: usize = 4;
 const KILLS: usize = 20;
 const SET: &str = "results";
@@ -39,20 +38,7 @@ struct Server {
 
 impl Server {
     fn start(dir: &std::path::Path) -> Server {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--ws",
-                "127.0.0.1:0",
-                "--quic",
-                "off",
-                "--data-dir",
-            ])
-            .arg(dir)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn server");
-        let (url, _) = read_urls(&mut child);
+        let (child, url) = serve_ws(dir, &[]);
         Server { child, url }
     }
 

@@ -10,7 +10,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 mod support;
-use support::read_urls;
+use support::serve_ws as serve;
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 
@@ -33,26 +33,6 @@ fn stderr(output: &Output) -> String {
 
 fn path(path: &Path) -> &str {
     path.to_str().expect("a UTF-8 path")
-}
-
-/// `deadbolt serve` on a free port and `data_dir`, with `extra` flags.
-fn serve(data_dir: &Path, extra: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--ws",
-            "127.0.0.1:0",
-            "--quic",
-            "off",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn server");
-    let (url, _) = read_urls(&mut child);
-    (child, url)
 }
 
 fn stop(mut child: Child) {

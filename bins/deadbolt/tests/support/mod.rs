@@ -1,7 +1,30 @@
 //! What the tests of the `deadbolt` binary share.
 
 use std::io::{BufRead, BufReader};
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// `deadbolt serve` on a free WebSocket port of loopback, without QUIC, on
+/// `data_dir`, with `extra` flags; and its WebSocket URL once it listens.
+#[allow(dead_code)] // not every test crate starts its servers this way
+pub fn serve_ws(data_dir: &Path, extra: &[&str]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_deadbolt"))
+        .args([
+            "serve",
+            "--ws",
+            "127.0.0.1:0",
+            "--quic",
+            "off",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let (url, _) = read_urls(&mut child);
+    (child, url)
+}
 
 /// Reads the server's log until it says where it listens: the WebSocket
 /// URL, and the QUIC one if it said that first.
