@@ -278,10 +278,7 @@ fn a_batch_over_the_key_limit_gets_too_large_carrying_the_id() {
 fn replies_encode_as_the_spec_shows() {
     let granted = Reply {
         id: Some(17),
-        outcome: Ok(Okay::Granted(deadbolt_core::proto::Granted {
-            token: 5,
-            ttl_ms: 30000,
-        })),
+        outcome: Ok(Okay::Granted(deadbolt_core::proto::Granted::new(5, 30000))),
     };
     assert_eq!(
         encode_reply(&granted),
@@ -390,7 +387,7 @@ proptest! {
 
     #[test]
     fn replies_survive_an_encode_decode_round_trip(id in any::<u64>(), token in any::<u64>(), ttl_ms in any::<u64>()) {
-        let reply = Reply { id: Some(id), outcome: Ok(Okay::Granted(deadbolt_core::proto::Granted { token, ttl_ms })) };
+        let reply = Reply { id: Some(id), outcome: Ok(Okay::Granted(deadbolt_core::proto::Granted::new(token, ttl_ms))) };
         let raw = decode_reply(encode_reply(&reply).as_bytes()).unwrap();
         prop_assert_eq!(raw.id, Some(id));
         prop_assert_eq!(raw.into_outcome(OpKind::Lock).unwrap(), reply.outcome);

@@ -11,7 +11,7 @@ fn lock_on_a_free_key_is_granted_with_a_token_and_the_requested_ttl() {
     let mut h = Harness::new();
     let slot = h.lock("alice", "k", 500, None);
     match slot.ok() {
-        Okay::Granted(Granted { token, ttl_ms }) => {
+        Okay::Granted(Granted { token, ttl_ms, .. }) => {
             assert!(token > 0);
             assert_eq!(ttl_ms, 500);
         }
@@ -315,13 +315,7 @@ fn lock_by_the_holder_returns_the_same_token_and_restarts_the_lease() {
     h.advance(80);
     // A retry after a lost reply, from a new connection.
     let retry = h.lock_with("alice", 77, "k", 300, Some(0), false);
-    assert_eq!(
-        retry.ok(),
-        Okay::Granted(Granted {
-            token: first,
-            ttl_ms: 300
-        })
-    );
+    assert_eq!(retry.ok(), Okay::Granted(Granted::new(first, 300)));
     h.advance(299);
     assert_eq!(h.holder("k"), Some(("alice".to_owned(), first)));
     h.advance(1);

@@ -310,10 +310,7 @@ impl Model {
             });
             self.answer(
                 waiter.request,
-                Ok(Okay::Granted(Granted {
-                    token,
-                    ttl_ms: waiter.ttl,
-                })),
+                Ok(Okay::Granted(Granted::new(token, waiter.ttl))),
             );
             self.answer_queued_relocks(key, at);
             return;
@@ -345,10 +342,7 @@ impl Model {
             let token = holder.token;
             self.answer(
                 waiter.request,
-                Ok(Okay::Granted(Granted {
-                    token,
-                    ttl_ms: waiter.ttl,
-                })),
+                Ok(Okay::Granted(Granted::new(token, waiter.ttl))),
             );
         }
     }
@@ -378,7 +372,7 @@ impl Model {
                     ephemeral,
                     granted_by: Some(request),
                 });
-                self.answer(request, Ok(Okay::Granted(Granted { token, ttl_ms: ttl })));
+                self.answer(request, Ok(Okay::Granted(Granted::new(token, ttl))));
             }
             Some(holder) if holder.client == client => {
                 holder.deadline = now + ttl;
@@ -386,7 +380,7 @@ impl Model {
                 holder.ephemeral = ephemeral;
                 holder.granted_by = None;
                 let token = holder.token;
-                self.answer(request, Ok(Okay::Granted(Granted { token, ttl_ms: ttl })));
+                self.answer(request, Ok(Okay::Granted(Granted::new(token, ttl))));
             }
             Some(_) if wait == Some(0) => self.answer(request, Err(ErrorCode::Busy)),
             Some(_) => lock.queue.push(MWaiter {

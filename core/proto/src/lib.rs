@@ -44,6 +44,7 @@ pub mod error;
 pub mod limits;
 mod macros;
 pub mod ops;
+pub mod proof;
 pub mod reply;
 pub mod request;
 mod rules;

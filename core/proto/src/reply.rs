@@ -101,12 +101,28 @@ pub struct HelloReply {
 }
 
 /// Reply to a granted `lock`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Granted {
     /// The fencing token naming this grant.
     pub token: u64,
     /// The lease, measured from the grant.
     pub ttl_ms: u64,
+    /// With `--sign-grants`: the signed statement of this grant (see
+    /// [`proof`](crate::proof)), added where the reply leaves the server
+    /// for its client; never made by the state machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
+}
+
+impl Granted {
+    /// A grant without a proof, as the state machine answers.
+    pub fn new(token: u64, ttl_ms: u64) -> Granted {
+        Granted {
+            token,
+            ttl_ms,
+            proof: None,
+        }
+    }
 }
 
 /// Reply to `extend`.

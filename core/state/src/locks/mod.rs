@@ -181,10 +181,7 @@ impl Books {
         };
         self.counters.grants += 1;
         self.bind(&mut holder, request.at.plus_millis(request.ttl_ms), hash);
-        let granted = Granted {
-            token: holder.token,
-            ttl_ms: request.ttl_ms,
-        };
+        let granted = Granted::new(holder.token, request.ttl_ms);
         self.answer(handle, Ok(Okay::Granted(granted)));
         holder
     }
@@ -294,10 +291,7 @@ fn answer_queued_relocks(
             hash,
             books,
         );
-        let granted = Granted {
-            token: holder.token,
-            ttl_ms: waiter.ttl_ms,
-        };
+        let granted = Granted::new(holder.token, waiter.ttl_ms);
         books.answer(waiter.handle, Ok(Okay::Granted(granted)));
     }
 }
@@ -404,10 +398,7 @@ impl Locks {
                         // The timer at the kept deadline is still queued.
                         holder.deadline = kept;
                     }
-                    let granted = Granted {
-                        token: holder.token,
-                        ttl_ms,
-                    };
+                    let granted = Granted::new(holder.token, ttl_ms);
                     books.answer(handle, Ok(Okay::Granted(granted)));
                 } else if entry.has_room() && entry.queue.is_empty() {
                     let holder = books.grant(handle, hash, request);
