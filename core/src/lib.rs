@@ -24,6 +24,9 @@ pub mod engine;
 
 pub use deadbolt_proto as proto;
 pub use deadbolt_proto::limits;
+/// Signed grants: the proof format and [`proof::verify`], the offline check
+/// a protected resource makes.
+pub use deadbolt_proto::proof;
 pub use deadbolt_state as shard;
 pub use deadbolt_state::time;
 

@@ -108,6 +108,8 @@ pub struct LockGuard {
     /// The renewer and the watcher of `bound_to`.
     tasks: Vec<JoinHandle<()>>,
     released: bool,
+    /// The server's signed statement of the grant (`--sign-grants`).
+    proof: Option<String>,
 }
 
 impl std::fmt::Debug for LockGuard {
@@ -227,14 +229,16 @@ impl Client {
             lost: false,
         };
         let bound_to = options.ephemeral.then_some(timed.connection);
-        Ok(Some(LockGuard::new(
+        let mut guard = LockGuard::new(
             self.clone(),
             key.to_owned(),
             granted.token,
             lease,
             bound_to,
             options.auto_renew,
-        )))
+        );
+        guard.proof = granted.proof;
+        Ok(Some(guard))
     }
 
     /// `extend`: restarts the lease of the grant `token` of `key` at `ttl`.
@@ -318,7 +322,17 @@ impl LockGuard {
             bound_to,
             tasks,
             released: false,
+            proof: None,
         }
+    }
+
+    /// The server's signed proof of this grant, if the server signs grants
+    /// (`deadbolt serve --sign-grants`): hand it to the protected resource,
+    /// which checks it offline with [`crate::proof::verify`] and the
+    /// server's public key (`GET /pubkey`). It states the grant's first
+    /// lease; extends are not signed.
+    pub fn proof(&self) -> Option<&str> {
+        self.proof.as_deref()
     }
 
     /// The lock's key.

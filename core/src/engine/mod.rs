@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::limits::Limits;
+use crate::proto::proof::GrantSigner;
 use crate::proto::{SERVER_NAME, ServerError, StatsReply};
 pub use crate::shard::Snapshot as ShardSnapshot;
 use crate::shard::hasher::{KeyHasher, stable_hash};
@@ -121,6 +122,10 @@ pub struct EngineConfig {
     /// full scan: for tests and the simulation), and a broken one is
     /// reported here.
     pub invariant_alarm: Option<InvariantAlarm>,
+    /// With `--sign-grants`: signs every grant a session of this engine
+    /// answers (SPEC section 10). Wall-clock time goes into each proof, so
+    /// signing happens in the session, never in the state machine.
+    pub grant_signer: Option<Arc<GrantSigner>>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -133,6 +138,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("start_at", &self.start_at)
             .field("journal", &self.journal.is_some())
             .field("invariant_alarm", &self.invariant_alarm.is_some())
+            .field("grant_signer", &self.grant_signer)
             .finish()
     }
 }
@@ -149,6 +155,7 @@ impl EngineConfig {
             start_at: Tick::ZERO,
             journal: None,
             invariant_alarm: None,
+            grant_signer: None,
         }
     }
 
@@ -295,6 +302,8 @@ struct EngineInner {
     top_lists: tokio::sync::Mutex<Option<TopLists>>,
     /// In a replicated engine: the role, and the way to the leader.
     forwarding: Option<Forwarding>,
+    /// Signs grants, if the server was asked to.
+    grant_signer: Option<Arc<GrantSigner>>,
 }
 
 /// How long top lists are reused. Gathering them scans every lock and set
@@ -401,6 +410,7 @@ impl Engine {
                 tasks: std::sync::Mutex::new(tasks),
                 top_lists: tokio::sync::Mutex::new(None),
                 forwarding,
+                grant_signer: config.grant_signer,
             }),
         }
     }
@@ -409,6 +419,11 @@ impl Engine {
     /// leader.
     fn forwarding(&self) -> Option<&Forwarding> {
         self.inner.forwarding.as_ref().filter(|f| f.follows())
+    }
+
+    /// The key grants are signed with, if they are (`--sign-grants`).
+    pub fn grant_signer(&self) -> Option<&Arc<GrantSigner>> {
+        self.inner.grant_signer.as_ref()
     }
 
     /// The bounds this engine enforces; transports decode with them.

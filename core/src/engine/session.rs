@@ -10,6 +10,7 @@ use super::mailbox::Refused;
 use super::replica::Forwarding;
 use super::{Engine, Frontend};
 use crate::client::Connection;
+use crate::proto::proof::{MODE_EXCLUSIVE, Statement};
 use crate::proto::{
     HelloReply, LockOp, Okay, Op, OpKind, Outcome, Reply, Request, RequestId, SERVER_NAME,
     ServerError, Wait,
@@ -143,8 +144,10 @@ impl Session {
         let started = tokio::time::Instant::now();
         let kind = request.op.kind();
         let ephemeral = matches!(&request.op, Op::Lock(LockOp::Acquire(a)) if a.ephemeral);
+        let to_prove = self.to_prove(&request.op);
         if let Some(forwarding) = self.forwards(&request.op) {
             let outcome = self.forward(forwarding, request).await;
+            let outcome = self.prove(to_prove, outcome);
             if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
                 self.pin_to_link().await;
             }
@@ -167,6 +170,7 @@ impl Session {
             Op::Lock(op) => self.call_shard(id, ShardOp::Lock(op)).await,
             Op::Set(op) => self.call_shard(id, ShardOp::Set(op)).await,
         };
+        let outcome = self.prove(to_prove, outcome);
         if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
             self.pin_to_role();
         }
@@ -175,6 +179,43 @@ impl Session {
             id: Some(id),
             outcome,
         }
+    }
+
+    /// What a grant of `op` would state, less its token, time and lease:
+    /// `Some` for a `lock` when grants are signed.
+    fn to_prove(&self, op: &Op) -> Option<ToProve> {
+        self.inner.engine.grant_signer()?;
+        match op {
+            Op::Lock(LockOp::Acquire(acquire)) => Some(ToProve {
+                key: acquire.key.clone(),
+                mode: MODE_EXCLUSIVE,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Adds the signed proof to a grant (`--sign-grants`), stamped with
+    /// the wall clock now: at or just after the grant, which was made when
+    /// its command was stamped and answered once the journal kept it. A
+    /// grant that a follower forwarded keeps the leader's proof.
+    fn prove(&self, to_prove: Option<ToProve>, mut outcome: Outcome) -> Outcome {
+        let (Some(to_prove), Some(signer), Ok(Okay::Granted(granted))) =
+            (to_prove, self.inner.engine.grant_signer(), outcome.as_mut())
+        else {
+            return outcome;
+        };
+        if granted.proof.is_none() {
+            let statement = Statement {
+                key: to_prove.key,
+                token: granted.token,
+                client: self.client().to_string(),
+                mode: to_prove.mode.to_owned(),
+                granted_at_ms: wall_clock_ms(),
+                ttl_ms: granted.ttl_ms,
+            };
+            granted.proof = Some(signer.sign(&statement));
+        }
+        outcome
     }
 
     /// The request-duration histogram of `kind`.
@@ -370,6 +411,20 @@ impl Session {
         }
         outcome
     }
+}
+
+/// The parts of a grant's statement known from its request.
+struct ToProve {
+    key: String,
+    mode: &'static str,
+}
+
+/// The wall clock, in ms since the Unix epoch (0 before it).
+fn wall_clock_ms() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Frees a request's id when it ends, answered or dropped.
