@@ -1,12 +1,12 @@
 //! The HTTP side of the WebSocket port, besides `/ws`: the dashboard
 //! (`GET /`), the browser client and its types (`/deadbolt.js`,
-//! `/deadbolt.d.ts`), `/metrics` and `/healthz`. The transport hands these
+//! `/deadbolt.d.ts`), `/metrics`, `/healthz` and `/pubkey`. The transport hands these
 //! requests to [`Routes`] through its [`HttpRoutes`] hook.
 
 use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
-use deadbolt_core::Engine;
+use deadbolt_core::{Engine, proof};
 use deadbolt_transport_ws::{HttpRequest, HttpResponse, HttpRoutes, WsGauges};
 
 use crate::metrics;
@@ -46,6 +46,9 @@ const ASSETS: &[Asset] = &[
 const READMIT_PATH: &str = "/cluster/readmit/";
 /// `POST` here makes a backup of the data directory (`deadbolt backup --online`).
 const BACKUP_PATH: &str = "/backup";
+
+/// Where the key that checks grant proofs is served.
+pub const PUBKEY_PATH: &str = "/pubkey";
 
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -175,6 +178,18 @@ impl Routes {
         }
     }
 
+    /// `GET /pubkey`: the key that checks this server's grant proofs, as a
+    /// JSON Web Key Set (`{"keys":[…]}`). Public: it proves nothing by
+    /// itself, so it needs no credentials.
+    fn pubkey(&self) -> HttpResponse {
+        let Some(signer) = self.engine.grant_signer() else {
+            let body = "this server does not sign grants (deadbolt serve --sign-grants)\n";
+            return HttpResponse::text(404, "Not Found", body.as_bytes().to_vec());
+        };
+        let keys = std::slice::from_ref(signer.public_key());
+        HttpResponse::ok("application/json", proof::jwks(keys).into_bytes())
+    }
+
     /// Reports the load of the WebSocket frontend that reports to
     /// `gauges` on `/metrics`.
     pub fn with_ws_gauges(self, gauges: WsGauges) -> Routes {
@@ -204,6 +219,7 @@ impl HttpRoutes for Routes {
         match path {
             "/healthz" => HttpResponse::ok("text/plain", &b"ok\n"[..]),
             "/cluster" => self.cluster_status(),
+            PUBKEY_PATH => self.pubkey(),
             "/metrics" => match metrics::render(&self.engine, &self.ws_gauges).await {
                 Some(text) => HttpResponse::ok(METRICS_CONTENT_TYPE, text.into_bytes()),
                 None => HttpResponse::text(
