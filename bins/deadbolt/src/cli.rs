@@ -86,6 +86,28 @@ pub enum Command {
     Backup(BackupArgs),
     /// Make a data directory from BACKUP, for a server to start on.
     Restore(RestoreArgs),
+    /// Check a grant's proof (`deadbolt serve --sign-grants`) offline and
+    /// print what it states as JSON; exit 1 if it is forged, changed,
+    /// signed by another key, expired, or not of --key/--token.
+    Verify(VerifyArgs),
+}
+
+/// `deadbolt verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The proof, or `-` to read it from stdin.
+    pub proof: String,
+    /// The server's public key: base64url, a JWK or the JWK set `GET
+    /// /pubkey` serves, or a file holding one of these. Default: fetched
+    /// from the first ws:// URL of --server.
+    #[arg(long, value_name = "KEY|FILE")]
+    pub pubkey: Option<String>,
+    /// Refuse a proof of any other lock key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Refuse a proof of any other fencing token.
+    #[arg(long)]
+    pub token: Option<u64>,
 }
 
 /// `deadbolt backup`.
@@ -258,6 +280,19 @@ pub struct ServeArgs {
     /// Most bytes of member keys over all distinct sets.
     #[arg(long, default_value_t = deadbolt_core::limits::gib(8))]
     pub member_bytes_max: usize,
+    /// Sign every grant: each `lock` reply carries a `proof`, an Ed25519
+    /// statement of key, token, client, mode, time and lease that a
+    /// protected resource checks offline with the key `GET /pubkey` serves
+    /// (`deadbolt verify`). The key is --signing-key, else
+    /// `signing-key.pem` in the data directory (made at first start), else,
+    /// --in-memory, a new one each start.
+    #[arg(long)]
+    pub sign_grants: bool,
+    /// The Ed25519 private key that signs grants (PKCS#8 PEM, as `openssl
+    /// genpkey -algorithm ed25519` writes it). Give every node of a cluster
+    /// the same file, so that one public key checks every node's proofs.
+    #[arg(long, value_name = "FILE", requires = "sign_grants")]
+    pub signing_key: Option<PathBuf>,
 }
 
 /// `deadbolt lock`.
@@ -287,6 +322,10 @@ pub struct TryLockArgs {
     /// The lease.
     #[arg(long, value_parser = parse_lease)]
     pub ttl: Duration,
+    /// Also print the grant's proof (from a server that signs grants) on a
+    /// second line.
+    #[arg(long)]
+    pub proof: bool,
 }
 
 /// `deadbolt unlock`.

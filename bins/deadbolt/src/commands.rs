@@ -43,11 +43,16 @@ pub async fn lock(server: &ServerArgs, args: LockArgs) -> anyhow::Result<u8> {
         );
         return Ok(EXIT_NO);
     };
-    let spawned = tokio::process::Command::new(&args.command[0])
+    let mut command = tokio::process::Command::new(&args.command[0]);
+    command
         .args(&args.command[1..])
         .env("DEADBOLT_TOKEN", guard.token().to_string())
-        .env("DEADBOLT_KEY", &args.key)
-        .spawn();
+        .env("DEADBOLT_KEY", &args.key);
+    // For the resource the command writes to, to check offline.
+    if let Some(proof) = guard.proof() {
+        command.env("DEADBOLT_PROOF", proof);
+    }
+    let spawned = command.spawn();
     let mut child = match spawned {
         Ok(child) => child,
         Err(error) => {
@@ -133,8 +138,13 @@ pub async fn try_lock(server: &ServerArgs, args: TryLockArgs) -> anyhow::Result<
     let client = connect::client(server).await?;
     match client.try_lock(&args.key, args.ttl).await? {
         Some(guard) => {
+            let proof = guard.proof().map(str::to_owned);
             // The lock stays held for its lease: that is the point.
             println!("{}", guard.detach());
+            if args.proof {
+                let proof = proof.context("the server does not sign grants (--sign-grants)")?;
+                println!("{proof}");
+            }
             Ok(0)
         }
         None => {

@@ -6,7 +6,7 @@
 //! the connection limits derived from it), `config` (`--config FILE` and
 //! `--print-config`), `commands` (the client commands), `connect` (server
 //! URLs → client, failing over between several), `backup` (`deadbolt
-//! backup` and `restore`).
+//! backup` and `restore`), `verify` (`deadbolt verify`: a grant's proof).
 //!
 //! Exit codes of the client commands: 0 done; 1 the answer was "no" (held,
 //! timed out, not held, no such set); 3 the lock was lost while the command
@@ -21,6 +21,7 @@ mod commands;
 mod config;
 mod connect;
 mod serve;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -85,6 +86,7 @@ fn main() -> ExitCode {
             Command::Backup(args) if args.online => backup::online(server).await,
             Command::Backup(args) => backup::backup(&args).map(|()| 0),
             Command::Restore(args) => backup::restore(&args).map(|()| 0),
+            Command::Verify(args) => verify::run(server, args).await,
         }
     });
     // Background tasks (a connection's, a renewal's) must not hold the exit.

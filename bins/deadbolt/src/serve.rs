@@ -2,6 +2,7 @@
 //! [`deadbolt_server::run`], until Ctrl-C or SIGTERM.
 
 use anyhow::Context;
+use deadbolt_core::proof::GrantSigner;
 use deadbolt_core::{EngineConfig, Limits};
 use deadbolt_replication::{ClusterConfig, Timings};
 use deadbolt_server::{Durable, Listeners, Peering, ServerConfig};
@@ -24,7 +25,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // process dies, however it dies.
     let _data_dir = lock_data_dir(&args.data_dir)?;
     let shutdown = shutdown_signal();
-    let config = server_config(&args, &memory_budget(&args));
+    let mut config = server_config(&args, &memory_budget(&args));
+    config.engine.grant_signer = grant_signer(&args)?;
     let listeners = bind(&args, &config.quic).await?;
     let peering = match &args.cluster {
         Some(members) => Some(peering(&args, members, &listeners).await?),
@@ -32,6 +34,61 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     deadbolt_server::run_node(config, listeners, peering, shutdown).await?;
     Ok(())
+}
+
+/// The key that signs grants, with `--sign-grants`: `--signing-key`, else
+/// the data directory's `signing-key.pem` (made at first start, so that
+/// proofs stay checkable across restarts and go with backups), else, with
+/// `--in-memory`, a key that lives as long as the process.
+fn grant_signer(args: &ServeArgs) -> anyhow::Result<Option<Arc<GrantSigner>>> {
+    if !args.sign_grants {
+        return Ok(None);
+    }
+    let (pem, from) = match &args.signing_key {
+        Some(path) => (read_signing_key(path)?, path.display().to_string()),
+        None if args.in_memory => (
+            GrantSigner::generate_pem()?,
+            "a new key (--in-memory: proofs will not verify with the next run's key)".to_owned(),
+        ),
+        None => {
+            let path = args.data_dir.join(SIGNING_KEY_FILE);
+            (signing_key_in_data_dir(&path)?, path.display().to_string())
+        }
+    };
+    let signer = GrantSigner::from_pem(&pem).with_context(|| format!("signing key {from}"))?;
+    let public = signer.public_key();
+    tracing::info!(
+        kid = public.kid(),
+        public_key = %public.to_base64url(),
+        "signing grants with {from}; GET /pubkey serves its public key"
+    );
+    Ok(Some(Arc::new(signer)))
+}
+
+/// The signing key's file in the data directory.
+const SIGNING_KEY_FILE: &str = "signing-key.pem";
+
+fn read_signing_key(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the signing key {}", path.display()))
+}
+
+/// The key in `path`, made (readable by this user only) if there is none.
+fn signing_key_in_data_dir(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return read_signing_key(path);
+    }
+    let pem = GrantSigner::generate_pem()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create the signing key {}", path.display()))?;
+    file.write_all(pem.as_bytes())?;
+    file.sync_all()?;
+    Ok(pem)
 }
 
 /// A cluster node's peer port (its own entry in `--cluster`) and its place
