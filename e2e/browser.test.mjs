@@ -251,6 +251,35 @@ describe("in Chromium", () => {
     await Promise.all([worker.close(), other.close(), page.close()]);
   });
 
+  test("a page verifies a real grant's proof with WebCrypto Ed25519 and refuses a tampered one", TIMEOUT, async () => {
+    const signing = await startServer({ args: ["--sign-grants"] });
+    const page = await browser.context.newPage();
+    try {
+      await page.goto(`${signing.origin}/healthz`);
+      const result = await page.evaluate(async () => {
+        const { connect, fetchPublicKeys, verifyProof } = await import("/deadbolt.js");
+        const client = await connect();
+        const lock = await client.lock("browser/proof", { ttl: 20_000 });
+        const keys = await fetchPublicKeys();
+        const statement = await verifyProof(lock.proof, keys, { key: "browser/proof", token: lock.token });
+        const at = lock.proof.indexOf(".") + 5;
+        const changed = lock.proof.slice(0, at) + (lock.proof[at] === "A" ? "B" : "A") + lock.proof.slice(at + 1);
+        const refusal = await verifyProof(changed, keys).then(() => "accepted", (error) => error.code);
+        const expired = await verifyProof(lock.proof, keys, { now: statement.expires_at_ms }).then(() => "accepted", (error) => error.code);
+        await lock.unlock();
+        await client.close();
+        return { statement, token: lock.token, clientId: client.clientId, refusal, expired };
+      });
+      assert.equal(result.statement.token, result.token);
+      assert.equal(result.statement.client, result.clientId);
+      assert.equal(result.refusal, "bad_signature");
+      assert.equal(result.expired, "expired");
+    } finally {
+      await page.close();
+      await signing.stop();
+    }
+  });
+
   test("no page threw or logged an error", () => {
     assert.deepEqual(browser.errors, []);
   });

@@ -41,13 +41,13 @@ export function serverBinary() {
 }
 
 /**
- * Starts `deadbolt serve` (WebSocket only) on `port` (0: any free port) and
- * resolves once its log says where it listens.
+ * Starts `deadbolt serve` (WebSocket only) on `port` (0: any free port),
+ * with more flags `args`, and resolves once its log says where it listens.
  */
-export async function startServer({ port = 0, dataDir } = {}) {
+export async function startServer({ port = 0, dataDir, args = [] } = {}) {
   const bin = serverBinary();
   const dir = dataDir ?? (await mkdtemp(path.join(os.tmpdir(), "deadbolt-e2e-")));
-  const child = spawn(bin, ["serve", "--ws", `127.0.0.1:${port}`, "--quic", "off", "--data-dir", dir], {
+  const child = spawn(bin, ["serve", "--ws", `127.0.0.1:${port}`, "--quic", "off", "--data-dir", dir, ...args], {
     stdio: ["ignore", "ignore", "pipe"],
     env: { ...process.env, NO_COLOR: "1" },
   });

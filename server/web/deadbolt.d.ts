@@ -205,6 +205,10 @@ export declare class Lock {
   readonly token: number;
   /** The lease last granted or extended, in ms. */
   readonly ttl: number;
+  /** The server's signed proof of the grant (`deadbolt serve
+   * --sign-grants`), or null: hand it to the protected resource, which
+   * checks it with `verifyProof`. It states the grant's first lease. */
+  readonly proof: string | null;
   /** Resolves once the lock may no longer be held: the lease view ran out
    * (renewal, if on, could not keep it up), the server said the grant is
    * gone, or an ephemeral lock's connection broke. Never after `unlock()`
@@ -327,3 +331,47 @@ export interface StatsReply {
   /** Distinct sets, largest first. */
   largest_sets: SetSummary[];
 }
+
+/** What a grant's proof states (docs/protocol.md, "Signed grants"). */
+export interface ProofStatement {
+  key: string;
+  token: number;
+  client: string;
+  /** `"exclusive"` (or `"shared"`). */
+  mode: string;
+  /** The server's wall clock at the grant, ms since the Unix epoch. */
+  granted_at_ms: number;
+  ttl_ms: number;
+  /** `granted_at_ms + ttl_ms`. */
+  expires_at_ms: number;
+}
+
+/** An Ed25519 public key as a JSON Web Key. */
+export interface Ed25519Jwk {
+  kty: "OKP";
+  crv: "Ed25519";
+  x: string;
+  kid?: string;
+  alg?: string;
+  use?: string;
+}
+
+/** Why `verifyProof` refused a proof. */
+export declare class ProofError extends Error {
+  readonly name: "ProofError";
+  readonly code: "malformed" | "unknown_key" | "bad_signature" | "expired" | "other_grant" | "unsupported";
+}
+
+/** `GET /pubkey` of `base` (an http(s) origin; default: this page's): the
+ * JWK set of the keys the server signs grants with. */
+export declare function fetchPublicKeys(base?: string): Promise<{ keys: Ed25519Jwk[] }>;
+
+/** Checks a grant's proof offline: the signature against `keys` (a JWK set
+ * as `fetchPublicKeys` returns, a JWK, a base64url key, or an array), the
+ * lease against `now` (default `Date.now()`), and the expected `key` and
+ * `token` if given. Rejects with a ProofError. */
+export declare function verifyProof(
+  proof: string,
+  keys: { keys: Ed25519Jwk[] } | Ed25519Jwk | string | ReadonlyArray<Ed25519Jwk | string>,
+  options?: { now?: number; key?: string; token?: number },
+): Promise<ProofStatement>;

@@ -626,6 +626,10 @@ export class Client extends EventTarget {
     }
     if (ephemeral && !connection.open) return null;
     const lock = new Lock(this, key, ok.token, ttl, anchor, ephemeral ? connection : null);
+    /** The server's signed proof of the grant (a server started with
+     * `--sign-grants`), or null: hand it to the protected resource, which
+     * checks it with `verifyProof`. It states the grant's first lease. */
+    lock.proof = ok.proof ?? null;
     this.#locks.add(lock);
     if (autoRenew) lock._startRenewal();
     return lock;
@@ -1008,4 +1012,117 @@ export async function connect(url, options = {}) {
   }
   const client = new Client(serverUrls(url), settings, WebSocketImpl);
   return client.start();
+}
+
+/**
+ * Why `verifyProof` refused a proof. `code`: `malformed`, `unknown_key`
+ * (signed by a key not among those given), `bad_signature` (changed or
+ * forged), `expired`, `other_grant` (not of the expected `key`/`token`),
+ * or `unsupported` (no Ed25519 in this WebCrypto).
+ */
+export class ProofError extends Error {
+  constructor(code, message) {
+    super(`deadbolt proof refused: ${code}: ${message}`);
+    this.name = "ProofError";
+    this.code = code;
+  }
+}
+
+/** The version of the proofs this checks (docs/protocol.md). */
+const PROOF_VERSION = 1;
+
+function base64urlBytes(text) {
+  if (typeof text !== "string" || !/^[A-Za-z0-9_-]*$/.test(text)) {
+    throw new ProofError("malformed", "not base64url");
+  }
+  const base64 = text.replaceAll("-", "+").replaceAll("_", "/");
+  const binary = atob(base64 + "=".repeat((4 - (base64.length % 4)) % 4));
+  return Uint8Array.from(binary, (c) => c.charCodeAt(0));
+}
+
+function proofPart(text, name) {
+  try {
+    return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(base64urlBytes(text)));
+  } catch (error) {
+    throw error instanceof ProofError ? error : new ProofError("malformed", `${name} is not JSON`);
+  }
+}
+
+/** The key id of a 32-byte Ed25519 key: base64url of the first 8 bytes of
+ * its SHA-256, as the server's `kid`. */
+async function keyId(raw) {
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", raw));
+  return btoa(String.fromCharCode(...digest.subarray(0, 8))).replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "");
+}
+
+/** The Ed25519 keys among `keys`: a JWK set (as `GET /pubkey` serves, as
+ * an object or JSON text), a JWK, a base64url key, or an array of these. */
+function ed25519Keys(keys) {
+  if (typeof keys === "string") {
+    const text = keys.trim();
+    return text.startsWith("{") ? ed25519Keys(JSON.parse(text)) : [text];
+  }
+  if (Array.isArray(keys)) return keys.flatMap(ed25519Keys);
+  if (keys && Array.isArray(keys.keys)) return ed25519Keys(keys.keys);
+  if (keys && keys.kty === "OKP" && keys.crv === "Ed25519") return [keys.x];
+  return [];
+}
+
+/** The public keys a deadbolt server signs grants with: `GET /pubkey` of
+ * `base` (an http(s) origin; default: this page's). */
+export async function fetchPublicKeys(base = globalThis.location?.origin) {
+  const response = await fetch(new URL("/pubkey", base));
+  if (!response.ok) throw new DeadboltError("unavailable", `GET /pubkey: ${response.status} ${await response.text()}`);
+  return response.json();
+}
+
+/**
+ * Checks a grant's proof offline, as a protected resource does before it
+ * accepts a write under a lock: the signature against the server's keys
+ * (`keys`: what `fetchPublicKeys` returns, a JWK, a base64url key, or an
+ * array of them), that the lease has not ended by `now` (ms since the
+ * epoch, default `Date.now()`), and, if given, that it is the grant of
+ * `key` and `token`. Resolves with the statement (`key`, `token`,
+ * `client`, `mode`, `granted_at_ms`, `ttl_ms`, `expires_at_ms`); rejects
+ * with a ProofError. Uses WebCrypto's Ed25519 (Chromium 137+, Firefox
+ * 129+, Safari 17+, Node 20).
+ */
+export async function verifyProof(proof, keys, { now: at = Date.now(), key, token } = {}) {
+  const parts = typeof proof === "string" ? proof.trim().split(".") : [];
+  if (parts.length !== 3) throw new ProofError("malformed", "not three base64url parts joined by `.`");
+  const [headerText, payloadText, signatureText] = parts;
+  const header = proofPart(headerText, "header");
+  if (header.alg !== "EdDSA") throw new ProofError("malformed", `alg ${header.alg} (only EdDSA is accepted)`);
+  let signer = null;
+  for (const x of ed25519Keys(keys)) {
+    const raw = base64urlBytes(x);
+    if (raw.length === 32 && (await keyId(raw)) === header.kid) signer = raw;
+  }
+  if (!signer) throw new ProofError("unknown_key", `signed by key ${header.kid}, which is not among the keys given`);
+  let cryptoKey;
+  try {
+    cryptoKey = await crypto.subtle.importKey("raw", signer, { name: "Ed25519" }, false, ["verify"]);
+  } catch (error) {
+    throw new ProofError("unsupported", `this WebCrypto has no Ed25519: ${error.message}`);
+  }
+  const signed = new TextEncoder().encode(`${headerText}.${payloadText}`);
+  const good = await crypto.subtle.verify({ name: "Ed25519" }, cryptoKey, base64urlBytes(signatureText), signed);
+  if (!good) throw new ProofError("bad_signature", "the signature does not match (a changed or forged proof)");
+  const payload = proofPart(payloadText, "payload");
+  if (payload.v !== PROOF_VERSION) throw new ProofError("malformed", `version ${payload.v} (this reads ${PROOF_VERSION})`);
+  const statement = {
+    key: payload.key,
+    token: payload.token,
+    client: payload.client,
+    mode: payload.mode,
+    granted_at_ms: payload.granted_at_ms,
+    ttl_ms: payload.ttl_ms,
+    expires_at_ms: payload.granted_at_ms + payload.ttl_ms,
+  };
+  if (at >= statement.expires_at_ms) {
+    throw new ProofError("expired", `the lease ended at ${statement.expires_at_ms}, ${at - statement.expires_at_ms} ms ago`);
+  }
+  if (key !== undefined && key !== statement.key) throw new ProofError("other_grant", `the proof is for key ${JSON.stringify(statement.key)}`);
+  if (token !== undefined && token !== statement.token) throw new ProofError("other_grant", `the proof is for token ${statement.token}`);
+  return statement;
 }
