@@ -16,7 +16,7 @@ import pytest
 class Server:
     """A `deadbolt serve` process on a loopback port of its own."""
 
-    def __init__(self, data_dir: Path, port: int = 0, quic: bool = False) -> None:
+    def __init__(self, data_dir: Path, port: int = 0, quic: bool = False, extra: Optional[List[str]] = None) -> None:
         binary = os.environ.get("DEADBOLT_BIN")
         if not binary:
             pytest.fail("DEADBOLT_BIN must name the deadbolt binary (cargo test sets it)")
@@ -26,6 +26,8 @@ class Server:
         self.url = ""
         self.quic = quic
         self.quic_url = ""
+        #: More `deadbolt serve` flags.
+        self.extra = list(extra or [])
         #: The self-signed certificate QUIC clients trust.
         self.cert = str(data_dir / "cert.pem")
         self.process: Optional[subprocess.Popen[str]] = None
@@ -39,6 +41,7 @@ class Server:
                 "--ws", f"127.0.0.1:{self.port}",
                 "--quic", "127.0.0.1:0" if self.quic else "off",
                 "--data-dir", str(self.data_dir),
+                *self.extra,
             ],
             stderr=subprocess.PIPE,
             text=True,

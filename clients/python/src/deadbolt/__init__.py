@@ -10,6 +10,7 @@ and :mod:`deadbolt.sync` for scripts without ``async``. Errors are
 :class:`DeadboltError` subclasses, one per wire error code.
 """
 
+from . import proof
 from .client import (
     Client,
     DistinctSet,
@@ -56,6 +57,7 @@ __all__ = [
     "SetUp",
     "connect",
     "random_client_id",
+    "proof",
     "BadRequest",
     "Busy",
     "Cancelled",

@@ -448,7 +448,9 @@ class Client:
                 self._unlock_in_background(key, token)
                 raise
         bound_to = timed.connection if ephemeral else None
-        return Lock(self, key, token, ttl, anchor + ttl - _drift(ttl), bound_to, auto_renew)
+        lock = Lock(self, key, token, ttl, anchor + ttl - _drift(ttl), bound_to, auto_renew)
+        lock.proof = timed.reply.get("proof")
+        return lock
 
     async def _extend(self, key: str, token: int, ttl: float) -> float:
         """``extend``; returns when the answered attempt was sent."""
@@ -555,6 +557,10 @@ class Lock:
     ) -> None:
         self.key = key
         self.token = token
+        #: The server's signed proof of the grant (``--sign-grants``), or
+        #: ``None``: hand it to the protected resource, which checks it with
+        #: :func:`deadbolt.proof.verify`. It states the grant's first lease.
+        self.proof: Optional[str] = None
         self._client = client
         self._ttl = ttl
         self._valid_until = valid_until

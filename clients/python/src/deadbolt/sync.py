@@ -53,6 +53,8 @@ class Lock:
         self._lock = lock
         self.key: str = lock.key
         self.token: int = lock.token
+        #: The grant's signed proof (``--sign-grants``), or ``None``.
+        self.proof: Optional[str] = lock.proof
 
     def valid_for(self) -> float:
         """Seconds the lock is certainly still held."""
