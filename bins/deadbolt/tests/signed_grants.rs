@@ -205,3 +205,84 @@ fn without_sign_grants_try_lock_proof_says_why_there_is_none() {
     );
     assert!(!dir.path().join("signing-key.pem").exists());
 }
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// Node `id` of a cluster of three (`members`), signing grants with its
+/// own key, in `dir`/node`id`.
+fn cluster_node(dir: &Path, members: &str, id: usize) -> Server {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--ws",
+            "127.0.0.1:0",
+            "--quic",
+            "off",
+            "--sign-grants",
+        ])
+        .args(["--node-id", &id.to_string(), "--cluster", members])
+        .arg("--data-dir")
+        .arg(dir.join(format!("node{id}")))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn node");
+    let (url, _) = support::read_urls(&mut child);
+    Server { child, url }
+}
+
+/// Whether the node says it leads (`GET /cluster`).
+fn leads(node: &Server) -> bool {
+    let authority = node.url.trim_start_matches("ws://").trim_end_matches("/ws");
+    let Ok(mut stream) = std::net::TcpStream::connect(authority) else {
+        return false;
+    };
+    let _ = write!(stream, "GET /cluster HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.contains("\"state\": \"leader\"") || answer.contains("\"state\":\"leader\"")
+}
+
+#[test]
+fn in_a_cluster_the_leader_signs_and_a_follower_passes_its_proof_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let members: Vec<String> = (1..=3)
+        .map(|id| format!("{id}=127.0.0.1:{}", free_port()))
+        .collect();
+    let members = members.join(",");
+    let nodes: Vec<Server> = (1..=3)
+        .map(|id| cluster_node(dir.path(), &members, id))
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let leader = loop {
+        if let Some(leader) = nodes.iter().position(leads) {
+            break leader;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no leader within 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let follower = (leader + 1) % nodes.len();
+    // Each node has a key of its own (no --signing-key).
+    let (leader_key, follower_key) = (nodes[leader].pubkey(), nodes[follower].pubkey());
+    assert_ne!(leader_key, follower_key);
+    // Taken through the follower, which forwards to the leader.
+    let (token, proof) = nodes[follower].try_lock("cluster/job", "30s");
+    let token_text = token.to_string();
+    let by_leader = nodes[follower].run(&[
+        "verify",
+        &proof,
+        "--pubkey",
+        &leader_key,
+        "--token",
+        &token_text,
+    ]);
+    assert_eq!(verified(&by_leader)["key"], "cluster/job");
+    let by_follower = nodes[follower].run(&["verify", &proof, "--pubkey", &follower_key]);
+    assert_refused(&by_follower, "not among the trusted keys");
+}
