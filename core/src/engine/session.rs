@@ -188,6 +188,9 @@ impl Session {
         match op {
             Op::Lock(LockOp::Acquire(acquire)) => Some(ToProve {
                 key: acquire.key.clone(),
+                // The client the grant is for: a `hello` that arrives
+                // while the request waits does not change it.
+                client: self.client(),
                 mode: MODE_EXCLUSIVE,
             }),
             _ => None,
@@ -208,7 +211,7 @@ impl Session {
             let statement = Statement {
                 key: to_prove.key,
                 token: granted.token,
-                client: self.client().to_string(),
+                client: to_prove.client.to_string(),
                 mode: to_prove.mode.to_owned(),
                 granted_at_ms: wall_clock_ms(),
                 ttl_ms: granted.ttl_ms,
@@ -416,6 +419,7 @@ impl Session {
 /// The parts of a grant's statement known from its request.
 struct ToProve {
     key: String,
+    client: ClientId,
     mode: &'static str,
 }
 
