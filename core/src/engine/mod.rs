@@ -121,6 +121,9 @@ pub struct EngineConfig {
     /// full scan: for tests and the simulation), and a broken one is
     /// reported here.
     pub invariant_alarm: Option<InvariantAlarm>,
+    /// With an auth file (SPEC section 10): who may connect and what each
+    /// principal may do. `None`: everyone may do everything.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -133,6 +136,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("start_at", &self.start_at)
             .field("journal", &self.journal.is_some())
             .field("invariant_alarm", &self.invariant_alarm.is_some())
+            .field("auth", &self.auth.is_some())
             .finish()
     }
 }
@@ -149,6 +153,7 @@ impl EngineConfig {
             start_at: Tick::ZERO,
             journal: None,
             invariant_alarm: None,
+            auth: None,
         }
     }
 
@@ -295,6 +300,8 @@ struct EngineInner {
     top_lists: tokio::sync::Mutex<Option<TopLists>>,
     /// In a replicated engine: the role, and the way to the leader.
     forwarding: Option<Forwarding>,
+    /// Who may do what, if authentication is on.
+    auth: Option<Arc<crate::auth::Auth>>,
 }
 
 /// How long top lists are reused. Gathering them scans every lock and set
@@ -401,6 +408,7 @@ impl Engine {
                 tasks: std::sync::Mutex::new(tasks),
                 top_lists: tokio::sync::Mutex::new(None),
                 forwarding,
+                auth: config.auth,
             }),
         }
     }
@@ -409,6 +417,12 @@ impl Engine {
     /// leader.
     fn forwarding(&self) -> Option<&Forwarding> {
         self.inner.forwarding.as_ref().filter(|f| f.follows())
+    }
+
+    /// Who may do what, if the server authenticates its clients (SPEC
+    /// section 10); `None`: everyone may do everything.
+    pub fn auth(&self) -> Option<&Arc<crate::auth::Auth>> {
+        self.inner.auth.as_ref()
     }
 
     /// The bounds this engine enforces; transports decode with them.
