@@ -81,7 +81,9 @@ impl Principal {
     /// Whether this principal may do what `need` says.
     pub fn allows(&self, need: Need<'_>) -> bool {
         let under = |prefixes: &[String], name: &str| {
-            prefixes.iter().any(|prefix| name.starts_with(prefix.as_str()))
+            prefixes
+                .iter()
+                .any(|prefix| name.starts_with(prefix.as_str()))
         };
         match need {
             Need::Session => true,

@@ -143,7 +143,11 @@ pub fn parse(text: &str) -> Result<Policy, Invalid> {
             .unwrap_or_default();
         Invalid::Toml(format!("{at}{message}"))
     })?;
-    let principals = file.principal.into_iter().map(Entry::into_principal).collect();
+    let principals = file
+        .principal
+        .into_iter()
+        .map(Entry::into_principal)
+        .collect();
     Policy::new(principals).map_err(Invalid::Policy)
 }
 
@@ -190,12 +194,16 @@ mod tests {
         };
         assert!(message.contains("lock"), "{message}");
         assert!(!message.contains("hush-hush"), "{message}");
-        let bad_type = "[[principal]]\nname = \"a\"\nsecret = \"hush-hush\"\nadmin = \"hush-hush\"\n";
+        let bad_type =
+            "[[principal]]\nname = \"a\"\nsecret = \"hush-hush\"\nadmin = \"hush-hush\"\n";
         let Err(Invalid::Toml(message)) = parse(bad_type) else {
             panic!("a mistyped key must be refused");
         };
         assert!(!message.contains("hush-hush"), "{message}");
-        assert!(matches!(parse(""), Err(Invalid::Policy(PolicyError::Empty))));
+        assert!(matches!(
+            parse(""),
+            Err(Invalid::Policy(PolicyError::Empty))
+        ));
         let no_secret = "[[principal]]\nname = \"a\"\nsecret = \"\"\n";
         assert!(matches!(parse(no_secret), Err(Invalid::Policy(_))));
     }

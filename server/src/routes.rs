@@ -190,7 +190,10 @@ impl Routes {
 /// page and the browser client are the same bytes for everyone and carry
 /// no data: the dashboard reads `stats`, which is admin-only too.
 fn for_admins(path: &str) -> bool {
-    path == "/metrics" || path == "/cluster" || path == BACKUP_PATH || path.starts_with(READMIT_PATH)
+    path == "/metrics"
+        || path == "/cluster"
+        || path == BACKUP_PATH
+        || path.starts_with(READMIT_PATH)
 }
 
 impl Routes {

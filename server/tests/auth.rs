@@ -76,7 +76,9 @@ async fn nothing_but_hello_with_a_known_secret_is_answered_before_it() {
     assert_eq!(code(&ping), "unauthorized", "{ping}");
     let lock = json!({"id": 2, "op": "lock", "key": "jobs/1", "ttl_ms": 1000, "wait_ms": 0});
     assert_eq!(code(&raw.call(lock.clone()).await), "unauthorized");
-    let bare = raw.call(json!({"id": 3, "op": "hello", "client": "c"})).await;
+    let bare = raw
+        .call(json!({"id": 3, "op": "hello", "client": "c"}))
+        .await;
     assert_eq!(code(&bare), "unauthorized", "{bare}");
     let wrong = json!({"id": 4, "op": "hello", "client": "c", "auth": "guess"});
     let wrong = raw.call(wrong).await;
@@ -214,8 +216,14 @@ async fn over_quic_an_op_without_its_grant_is_unauthorized_and_changes_nothing()
         .await
         .expect_err("no grant");
     assert_eq!(refused.code(), Some(ErrorCode::Unauthorized), "{refused}");
-    let refused = nobody.set("results/fresh").set_up(std::time::Duration::from_secs(60)).await;
-    assert_eq!(refused.expect_err("no grant").code(), Some(ErrorCode::Unauthorized));
+    let refused = nobody
+        .set("results/fresh")
+        .set_up(std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        refused.expect_err("no grant").code(),
+        Some(ErrorCode::Unauthorized)
+    );
     assert_eq!(state(&mut admin).await, before);
 }
 
@@ -224,7 +232,9 @@ async fn a_client_id_belongs_to_the_principal_that_first_used_it() {
     let server = start().await;
     let mut worker = as_principal(&server, "worker-7", "workers-secret").await;
     let lock = json!({"id": 2, "op": "lock", "key": "jobs/7", "ttl_ms": 60000});
-    let token = worker.call(lock).await["ok"]["token"].as_u64().expect("granted");
+    let token = worker.call(lock).await["ok"]["token"]
+        .as_u64()
+        .expect("granted");
     for secret in ["nobody-secret", "ops-secret"] {
         let mut thief = server.raw().await;
         let hello = json!({"id": 1, "op": "hello", "client": "worker-7", "auth": secret});
@@ -245,7 +255,9 @@ async fn inspect_shows_the_token_to_its_holder_and_admins_only() {
     let server = start().await;
     let mut holder = as_principal(&server, "w1", "workers-secret").await;
     let lock = json!({"id": 2, "op": "lock", "key": "jobs/t", "ttl_ms": 60000});
-    let token = holder.call(lock).await["ok"]["token"].as_u64().expect("granted");
+    let token = holder.call(lock).await["ok"]["token"]
+        .as_u64()
+        .expect("granted");
     let inspect = json!({"id": 3, "op": "inspect", "key": "jobs/t"});
     let mine = holder.call(inspect.clone()).await;
     assert_eq!(mine["ok"]["holder"]["token"], json!(token), "{mine}");
@@ -267,23 +279,35 @@ async fn quotas_answer_overloaded_to_their_principal_only() {
     assert!(worker.call(lock(3, "jobs/2")).await["ok"].is_object());
     let third = worker.call(lock(4, "jobs/3")).await;
     assert_eq!(code(&third), "overloaded", "{third}");
-    assert!(third["err"]["message"].as_str().unwrap_or("").contains("workers"));
+    assert!(
+        third["err"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("workers")
+    );
     // Another principal is not held back, and the refused key is free.
     let mut admin = as_principal(&server, "a", "ops-secret").await;
     assert!(admin.call(lock(2, "jobs/4")).await["ok"].is_object());
-    let free = admin.call(json!({"id": 3, "op": "inspect", "key": "jobs/3"})).await;
+    let free = admin
+        .call(json!({"id": 3, "op": "inspect", "key": "jobs/3"}))
+        .await;
     assert_eq!(free["ok"]["holder"], Value::Null);
     // An unlock makes room again.
-    let token = admin.call(json!({"id": 4, "op": "inspect", "key": "jobs/1"})).await["ok"]
-        ["holder"]["token"]
+    let token = admin
+        .call(json!({"id": 4, "op": "inspect", "key": "jobs/1"}))
+        .await["ok"]["holder"]["token"]
         .clone();
     let unlock = json!({"id": 5, "op": "unlock", "key": "jobs/1", "token": token});
     assert!(worker.call(unlock).await["ok"].is_object());
     assert!(worker.call(lock(6, "jobs/3")).await["ok"].is_object());
     // Sets and members.
-    let set_up = |id: u64, set: &str| json!({"id": id, "op": "set_up", "set": set, "ttl_ms": 60000});
+    let set_up =
+        |id: u64, set: &str| json!({"id": id, "op": "set_up", "set": set, "ttl_ms": 60000});
     assert!(worker.call(set_up(7, "results/a")).await["ok"].is_object());
-    assert_eq!(code(&worker.call(set_up(8, "results/b")).await), "overloaded");
+    assert_eq!(
+        code(&worker.call(set_up(8, "results/b")).await),
+        "overloaded"
+    );
     let insert = json!({"id": 9, "op": "insert", "set": "results/a", "keys": ["1", "2", "3"]});
     assert!(worker.call(insert).await["ok"].is_object());
     let more = json!({"id": 10, "op": "insert", "set": "results/a", "key": "4"});
@@ -312,7 +336,9 @@ async fn a_reloaded_policy_applies_to_open_connections() {
 #[tokio::test]
 async fn operator_routes_need_an_admins_bearer_token() {
     let server = start().await;
-    let with = |token: &str| format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let with = |token: &str| {
+        format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n")
+    };
     let anonymous = get(server.ws_addr, "/metrics").await;
     assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
     let worker = http(server.ws_addr, &with("workers-secret")).await;
@@ -321,7 +347,11 @@ async fn operator_routes_need_an_admins_bearer_token() {
     assert!(guess.starts_with("HTTP/1.1 401"), "{guess}");
     let admin = http(server.ws_addr, &with("ops-secret")).await;
     assert!(admin.starts_with("HTTP/1.1 200"), "{admin}");
-    let backup = http(server.ws_addr, "POST /backup HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+    let backup = http(
+        server.ws_addr,
+        "POST /backup HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
     assert!(backup.starts_with("HTTP/1.1 401"), "{backup}");
     // What carries no data stays open: health, the page, the client.
     for path in ["/healthz", "/", "/deadbolt.js"] {
@@ -331,7 +361,9 @@ async fn operator_routes_need_an_admins_bearer_token() {
 }
 
 fn upgrade(origin: Option<&str>, host: &str) -> String {
-    let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+    let origin = origin
+        .map(|o| format!("Origin: {o}\r\n"))
+        .unwrap_or_default();
     format!(
         "GET /ws HTTP/1.1\r\nHost: {host}\r\n{origin}Upgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
@@ -362,7 +394,10 @@ async fn websocket_upgrades_from_foreign_origins_are_forbidden() {
     for (origin, status) in [
         (None, "HTTP/1.1 101 Switching Protocols"),
         (Some(own.as_str()), "HTTP/1.1 101 Switching Protocols"),
-        (Some("https://app.example.com"), "HTTP/1.1 101 Switching Protocols"),
+        (
+            Some("https://app.example.com"),
+            "HTTP/1.1 101 Switching Protocols",
+        ),
         (Some("http://evil.example"), "HTTP/1.1 403 Forbidden"),
         (Some("null"), "HTTP/1.1 403 Forbidden"),
     ] {
@@ -389,7 +424,9 @@ async fn the_websocket_port_serves_wss_with_the_quic_certificate() {
         auth: Some(Secret::new("workers-secret")),
         ..ClientOptions::default()
     };
-    let client = Client::connect(connector, options).await.expect("wss hello");
+    let client = Client::connect(connector, options)
+        .await
+        .expect("wss hello");
     let guard = client
         .try_lock("jobs/tls", std::time::Duration::from_secs(10))
         .await

@@ -96,7 +96,10 @@ impl std::fmt::Debug for WsConfig {
         f.debug_struct("WsConfig")
             .field("max_connections", &self.max_connections)
             .field("handshakes_max", &self.handshakes_max)
-            .field("handshakes_per_address_max", &self.handshakes_per_address_max)
+            .field(
+                "handshakes_per_address_max",
+                &self.handshakes_per_address_max,
+            )
             .field("handshake_timeout", &self.handshake_timeout)
             .field("head_bytes_max", &self.head_bytes_max)
             .field("max_in_flight", &self.max_in_flight)

@@ -147,14 +147,17 @@ async fn handle<S>(
     // slot is free: a health check must not fail because clients are many.
     let response = match head.route {
         Route::WebSocket { origin, host, .. }
-            if !shared.config.origin_allowed(origin.as_deref(), host.as_deref()) =>
+            if !shared
+                .config
+                .origin_allowed(origin.as_deref(), host.as_deref()) =>
         {
             tracing::info!(%peer, ?origin, "WebSocket upgrade from a foreign origin; answered 403");
             let body = &b"forbidden: this origin may not open a WebSocket here \
                          (the server's --allow-origin lists those that may)\n"[..];
             HttpResponse::text(403, "Forbidden", body)
         }
-        Route::WebSocket { key, forwarded, .. } => match shared.permits.clone().try_acquire_owned() {
+        Route::WebSocket { key, forwarded, .. } => match shared.permits.clone().try_acquire_owned()
+        {
             Ok(permit) => {
                 let frontend = if forwarded {
                     Frontend::Forwarded

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use deadbolt_core::client::{
     Client, ClientOptions, Connection, Connector, FailoverConnector, TransportError,
 };
-use deadbolt_transport_quic::{QuicConfig, QuicConnector, Trust, client_config};
 use deadbolt_core::proto::Secret;
+use deadbolt_transport_quic::{QuicConfig, QuicConnector, Trust, client_config};
 use deadbolt_transport_ws::{TlsDialer, WsConnector};
 use tokio::sync::OnceCell;
 
@@ -43,7 +43,10 @@ pub fn secret(args: &ServerArgs) -> anyhow::Result<Option<Secret>> {
             .with_context(|| format!("cannot read the auth file {}", path.display()))?;
         let line = text.lines().next().unwrap_or("").trim();
         if line.is_empty() {
-            bail!("the auth file {} is empty: its first line is the secret", path.display());
+            bail!(
+                "the auth file {} is empty: its first line is the secret",
+                path.display()
+            );
         }
         return Ok(Some(Secret::new(line)));
     }
@@ -60,7 +63,10 @@ fn server_urls(list: &str) -> anyhow::Result<Vec<&str>> {
         bail!("--server {list:?} has an empty URL: give URLs separated by single commas");
     }
     for url in &urls {
-        if !["ws://", "wss://", "quic://"].iter().any(|s| url.starts_with(s)) {
+        if !["ws://", "wss://", "quic://"]
+            .iter()
+            .any(|s| url.starts_with(s))
+        {
             bail!(
                 "unsupported server URL {url:?}: use ws://HOST:PORT/ws, wss://HOST:PORT/ws \
                  or quic://HOST:PORT"

@@ -70,7 +70,10 @@ fn a_non_loopback_address_is_refused_without_auth_or_without_tls_and_says_how_to
     let quic = serve_refused(dir.path(), &["--quic", "0.0.0.0:0"]);
     assert!(String::from_utf8_lossy(&quic.stderr).contains("--insecure-no-auth"));
 
-    let no_tls = serve_refused(dir.path(), &["--ws", "0.0.0.0:0", "--quic", "off", "--auth", auth]);
+    let no_tls = serve_refused(
+        dir.path(),
+        &["--ws", "0.0.0.0:0", "--quic", "off", "--auth", auth],
+    );
     assert!(!no_tls.status.success());
     let message = String::from_utf8_lossy(&no_tls.stderr);
     assert!(
@@ -112,7 +115,14 @@ impl Server {
         let auth = dir.path().join("auth.toml");
         std::fs::write(&auth, POLICY).expect("write the auth file");
         let mut child = Command::new(BIN)
-            .args(["serve", "--ws", "127.0.0.1:0", "--quic", "off", "--in-memory"])
+            .args([
+                "serve",
+                "--ws",
+                "127.0.0.1:0",
+                "--quic",
+                "off",
+                "--in-memory",
+            ])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .arg("--auth")
@@ -197,7 +207,9 @@ impl Raw {
             .strip_prefix("ws://")
             .and_then(|rest| rest.split('/').next())
             .expect("a ws:// URL");
-        let stream = tokio::net::TcpStream::connect(authority).await.expect("tcp");
+        let stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .expect("tcp");
         let (ws, _) = tokio_tungstenite::client_async(url, stream)
             .await
             .expect("handshake");
@@ -230,7 +242,10 @@ async fn sighup_reloads_the_auth_file_under_open_connections() {
     assert!(raw.call(hello).await["ok"].is_object());
     let lock = |id: u64, key: &str| json!({"id": id, "op": "lock", "key": key, "ttl_ms": 30000, "wait_ms": 0});
     assert!(raw.call(lock(2, "jobs/1")).await["ok"]["token"].is_u64());
-    assert_eq!(raw.call(lock(3, "moved/1")).await["err"]["code"], "unauthorized");
+    assert_eq!(
+        raw.call(lock(3, "moved/1")).await["err"]["code"],
+        "unauthorized"
+    );
 
     // A broken file is refused, and the old grants stay.
     std::fs::write(&server.auth, "[[principal]]\nname = \"x\"\n").expect("write");
@@ -249,15 +264,27 @@ async fn sighup_reloads_the_auth_file_under_open_connections() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The same connection, with the new grants.
-    assert_eq!(raw.call(lock(100, "jobs/2")).await["err"]["code"], "unauthorized");
+    assert_eq!(
+        raw.call(lock(100, "jobs/2")).await["err"]["code"],
+        "unauthorized"
+    );
 }
 
 #[test]
 fn the_new_flags_are_keys_of_the_config_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let printed = Command::new(BIN)
-        .args(["serve", "--auth", "/etc/deadbolt/auth.toml", "--insecure-plaintext"])
-        .args(["--allow-origin", "https://a.example,https://b.example", "--print-config"])
+        .args([
+            "serve",
+            "--auth",
+            "/etc/deadbolt/auth.toml",
+            "--insecure-plaintext",
+        ])
+        .args([
+            "--allow-origin",
+            "https://a.example,https://b.example",
+            "--print-config",
+        ])
         .output()
         .expect("run");
     assert!(printed.status.success(), "{printed:?}");

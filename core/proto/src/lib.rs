@@ -54,12 +54,12 @@ pub mod wire;
 
 pub use error::{ErrorCode, ServerError};
 pub use ops::{OP_NAMES, OpKind};
+pub use reply::HIDDEN_TOKEN;
 pub use reply::{
     Empty, Extended, FromOkay, Granted, HeldLock, HelloReply, HolderInfo, Inserted, InsertedMany,
     LockCounters, LockInfo, Member, MembersPage, Okay, Outcome, SetCounters, SetInfo, SetSummary,
     SetUpReply, StatsReply, TornDown,
 };
-pub use reply::HIDDEN_TOKEN;
 pub use request::{Acquire, Keys, LockOp, Op, Request, RequestId, SetOp, Wait};
 pub use secret::Secret;
 pub use wire::{DecodeError, Reply, decode_reply, decode_request, encode_reply, encode_request};

@@ -33,9 +33,7 @@
 
 use super::macros::{define_ops, wire_fields};
 use super::request::{Acquire, Keys, LockOp, Op, SetOp};
-use super::rules::{
-    Count, Flag, InRange, Integer, IntegerOr, OneOrMany, OptSecret, Text, WaitMs,
-};
+use super::rules::{Count, Flag, InRange, Integer, IntegerOr, OneOrMany, OptSecret, Text, WaitMs};
 
 wire_fields! {
     // SPEC section 4: unknown fields are ignored, so that a newer client

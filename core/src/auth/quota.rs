@@ -190,7 +190,14 @@ impl Ledger {
     /// Counts what `outcome`, the answer to `principal`'s `op`, changed.
     /// `ttl_ms_max` stands in for the time to live of a set this process
     /// did not see set up.
-    pub fn record(&self, principal: &str, op: &Op, outcome: &Outcome, now: Instant, ttl_ms_max: u64) {
+    pub fn record(
+        &self,
+        principal: &str,
+        op: &Op,
+        outcome: &Outcome,
+        now: Instant,
+        ttl_ms_max: u64,
+    ) {
         let Ok(okay) = outcome else { return };
         let mut book = self.book();
         let after = |ms: u64| now + Duration::from_millis(ms);

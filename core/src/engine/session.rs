@@ -513,9 +513,15 @@ impl Session {
 fn refusal(name: &str, op: &Op, need: Need<'_>) -> String {
     let op = op.name();
     match need {
-        Need::Lock(key) => format!("principal `{name}` may not `{op}` key `{key}` (no `locks` prefix of it)"),
-        Need::Set(set) => format!("principal `{name}` may not `{op}` set `{set}` (no `sets` prefix of it)"),
-        Need::Read(what) => format!("principal `{name}` may not `{op}` `{what}` (no `read` prefix of it)"),
+        Need::Lock(key) => {
+            format!("principal `{name}` may not `{op}` key `{key}` (no `locks` prefix of it)")
+        }
+        Need::Set(set) => {
+            format!("principal `{name}` may not `{op}` set `{set}` (no `sets` prefix of it)")
+        }
+        Need::Read(what) => {
+            format!("principal `{name}` may not `{op}` `{what}` (no `read` prefix of it)")
+        }
         Need::Admin => format!("principal `{name}` may not `{op}`: it is not an admin"),
         Need::Session => format!("principal `{name}` may not `{op}`"),
     }
