@@ -187,6 +187,13 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_parses() {
+        let text = include_str!("../../packaging/auth.toml");
+        let policy = parse(text).expect("packaging/auth.toml is valid");
+        assert_eq!(policy.names().collect::<Vec<_>>(), ["workers", "ops"]);
+    }
+
+    #[test]
     fn mistakes_are_refused_without_quoting_secrets() {
         let typo = "[[principal]]\nname = \"a\"\nsecret = \"hush-hush\"\nlock = [\"x\"]\n";
         let Err(Invalid::Toml(message)) = parse(typo) else {

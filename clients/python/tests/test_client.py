@@ -306,3 +306,18 @@ def test_bad_urls_are_refused_with_a_clear_message() -> None:
         deadbolt.Client("quic://no-port")
     with pytest.raises(ValueError, match="ws://HOST:PORT/ws"):
         deadbolt.Client("http://127.0.0.1:7420")
+
+
+async def test_a_secret_is_said_in_hello_to_a_server_with_auth(auth_server: Any) -> None:
+    with pytest.raises(deadbolt.Unauthorized):
+        await deadbolt.connect(auth_server.url, retry_for=0.5)
+    client = await deadbolt.connect(auth_server.url, auth="workers-secret")
+    try:
+        lock = await client.try_lock("jobs/py", ttl=30)
+        assert lock is not None and lock.token > 0
+        with pytest.raises(deadbolt.Unauthorized):
+            await client.try_lock("other", ttl=30)
+        await lock.unlock()
+        assert "workers-secret" not in repr(client)
+    finally:
+        await client.close()
