@@ -112,7 +112,9 @@ export type TryLockOptions = Omit<LockOptions, "wait" | "signal">;
 
 /** `inspect`. */
 export interface LockInfo {
-  holder: { client: string; token: number; remaining_ms: number } | null;
+  /** `token` is left out by a server with `--auth` unless the asker is the
+   * holder's client id or an admin. */
+  holder: { client: string; token?: number; remaining_ms: number } | null;
   waiters: number;
 }
 

@@ -64,10 +64,12 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// A new self-signed Ed25519 certificate for `localhost`, `127.0.0.1`
+    /// A new self-signed ECDSA P-256 certificate (not Ed25519: browsers
+    /// refuse Ed25519 certificates, and the WebSocket port serves `wss://`
+    /// with this pair too) for `localhost`, `127.0.0.1`
     /// and `::1`; also its PEM text (certificate, key).
     pub fn self_signed() -> Result<(Identity, String, String), TlsError> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let names: Vec<String> = SELF_SIGNED_NAMES.iter().map(|n| (*n).to_owned()).collect();
         let cert = rcgen::CertificateParams::new(names)?.self_signed(&key)?;
         let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
