@@ -308,6 +308,7 @@ def test_bad_urls_are_refused_with_a_clear_message() -> None:
         deadbolt.Client("http://127.0.0.1:7420")
 
 
+@run_async
 async def test_a_secret_is_said_in_hello_to_a_server_with_auth(auth_server: Any) -> None:
     with pytest.raises(deadbolt.Unauthorized):
         await deadbolt.connect(auth_server.url, retry_for=0.5)
