@@ -130,10 +130,12 @@ pub enum Invalid {
 
 /// Reads an auth file's text.
 pub fn parse(text: &str) -> Result<Policy, Invalid> {
-    // toml's message quotes the offending line, which may be a secret:
-    // keep only its first line (the position and what was expected).
+    // toml's full report quotes the offending line and serde's message
+    // the offending value, either of which may be a secret: keep the
+    // message (what was expected) with its quoted values blanked, and the
+    // line number.
     let file: File = toml::from_str(text).map_err(|e| {
-        let message = e.message().to_owned();
+        let message = blank_quoted(e.message());
         let at = e
             .span()
             .map(|span| {
@@ -149,6 +151,20 @@ pub fn parse(text: &str) -> Result<Policy, Invalid> {
         .map(Entry::into_principal)
         .collect();
     Policy::new(principals).map_err(Invalid::Policy)
+}
+
+/// `text` with the contents of every double-quoted string replaced by
+/// `…`: serde names field names in backticks, values in double quotes.
+fn blank_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, part) in text.split('"').enumerate() {
+        if i % 2 == 1 {
+            out.push_str("\"…\"");
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
