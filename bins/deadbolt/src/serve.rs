@@ -66,7 +66,16 @@ fn refuse_exposure(args: &ServeArgs) -> anyhow::Result<()> {
              if every host that can reach it is trusted"
         );
     }
-    if !args.ws.ip().is_loopback() && args.tls_cert.is_none() && !args.insecure_plaintext {
+    if !args.ws.ip().is_loopback() && ws_tls_wanted(args).is_none() && !args.insecure_plaintext {
+        if args.cluster.is_some() {
+            anyhow::bail!(
+                "refusing to serve plain ws:// on {}, which is not a loopback address: a \
+                 cluster node's WebSocket port cannot serve wss:// yet (followers forward to \
+                 the leader's port over ws://). Listen on a private network and pass \
+                 --insecure-plaintext, or run a single server with --tls-cert/--tls-key",
+                args.ws
+            );
+        }
         anyhow::bail!(
             "refusing to serve plain ws:// on {}, which is not a loopback address: \
              secrets and fencing tokens would cross the network readable. Give \
@@ -110,9 +119,25 @@ fn load_auth(path: &Path) -> anyhow::Result<Arc<Auth>> {
     Ok(auth)
 }
 
-/// The WebSocket port's TLS configuration, with `--tls-cert`/`--tls-key`.
+/// The certificate and key the WebSocket port serves `wss://` with: those
+/// of `--tls-cert`/`--tls-key`, except on a cluster node, whose followers
+/// forward to the leader's WebSocket port over plain `ws://` (and dial its
+/// peer port with the same dialer), so its WebSocket port stays plain.
+fn ws_tls_wanted(args: &ServeArgs) -> Option<(&Path, &Path)> {
+    match (&args.tls_cert, &args.tls_key, &args.cluster) {
+        (Some(cert), Some(key), None) => Some((cert, key)),
+        _ => None,
+    }
+}
+
+/// The WebSocket port's TLS configuration (see [`ws_tls_wanted`]).
 fn ws_tls(args: &ServeArgs) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
-    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+    let Some((cert, key)) = ws_tls_wanted(args) else {
+        if args.tls_cert.is_some() && args.cluster.is_some() {
+            tracing::warn!(
+                "--tls-cert is used by QUIC only: a cluster node's WebSocket port serves plain ws://"
+            );
+        }
         return Ok(None);
     };
     let identity = Identity::load(cert, key)?;
