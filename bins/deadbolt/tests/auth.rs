@@ -101,11 +101,13 @@ fn stop(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// `deadbolt serve --auth FILE` on loopback, stopped when dropped.
+/// `deadbolt serve --auth FILE` on loopback, logging everything down to
+/// `trace` into a file; stopped when dropped.
 struct Server {
     child: Child,
     url: String,
     auth: std::path::PathBuf,
+    log: std::path::PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -114,7 +116,8 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let auth = dir.path().join("auth.toml");
         std::fs::write(&auth, POLICY).expect("write the auth file");
-        let mut child = Command::new(BIN)
+        let log = dir.path().join("server.log");
+        let child = Command::new(BIN)
             .args([
                 "serve",
                 "--ws",
@@ -127,15 +130,26 @@ impl Server {
             .arg(dir.path().join("data"))
             .arg("--auth")
             .arg(&auth)
-            .stderr(Stdio::piped())
+            .env("RUST_LOG", "trace")
+            .stderr(std::fs::File::create(&log).expect("the log file"))
             .spawn()
             .expect("spawn");
-        let (url, _) = read_urls(&mut child);
+        let url = listening(&log);
         Server {
             child,
             url,
             auth,
+            log,
             dir,
+        }
+    }
+
+    /// Asserts that nothing the server logged holds a secret.
+    fn assert_no_secret_logged(&self) {
+        let log = std::fs::read_to_string(&self.log).expect("the log");
+        assert!(log.contains("listening on"), "{log}");
+        for secret in ["workers-secret", "wrong-secret"] {
+            assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
         }
     }
 
@@ -146,6 +160,20 @@ impl Server {
             .args(args)
             .env_remove("DEADBOLT_AUTH");
         command
+    }
+}
+
+/// Waits for the server logging to `log` to say where it listens.
+fn listening(log: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(at) = text.find("ws://") {
+            let url = text[at..].split_whitespace().next().expect("a URL");
+            return url.to_owned();
+        }
+        assert!(Instant::now() < deadline, "not listening:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -194,6 +222,16 @@ fn the_command_line_client_says_its_secret_from_a_file_or_the_environment() {
         .expect("run");
     assert_eq!(outside.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&outside.stderr).contains("unauthorized"));
+
+    let wrong = server
+        .client(&["inspect", "jobs/1"])
+        .env("DEADBOLT_AUTH", "wrong-secret")
+        .output()
+        .expect("run");
+    assert_eq!(wrong.status.code(), Some(4));
+    let message = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!message.contains("wrong-secret"), "{message}");
+    server.assert_no_secret_logged();
 }
 
 /// One WebSocket connection, driven by hand.
@@ -268,6 +306,7 @@ async fn sighup_reloads_the_auth_file_under_open_connections() {
         raw.call(lock(100, "jobs/2")).await["err"]["code"],
         "unauthorized"
     );
+    server.assert_no_secret_logged();
 }
 
 #[test]
