@@ -54,8 +54,9 @@ class Server:
             log.append(line)
             if "quic://" in line:
                 self.quic_url = line[line.index("quic://"):].split()[0]
-            elif "ws://" in line:
-                self.url = line[line.index("ws://"):].split()[0]
+            elif "ws://" in line or "wss://" in line:
+                at = line.index("wss://") if "wss://" in line else line.index("ws://")
+                self.url = line[at:].split()[0]
                 self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
                 break
         else:

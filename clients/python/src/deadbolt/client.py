@@ -239,7 +239,7 @@ class Client:
             from ._quic import QuicConnection
 
             return await QuicConnection.open(url, self._connect_timeout, self._ca, self._insecure)
-        return await Connection.open(url, self._connect_timeout)
+        return await Connection.open(url, self._connect_timeout, self._ca, self._insecure)
 
     async def _open(self) -> AnyConnection:
         """Opens a connection to the first URL that answers, from the one
