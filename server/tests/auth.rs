@@ -36,6 +36,7 @@ const POLICY: &str = r#"
     sets = ["results/"]
     read = ["jobs/", "results/"]
     locks_max = 2
+    waiters_max = 1
     sets_max = 1
     members_max = 3
 
@@ -436,4 +437,40 @@ async fn the_websocket_port_serves_wss_with_the_quic_certificate() {
     // Plain HTTP on the TLS port gets no answer.
     let plain = get(server.ws_addr, "/healthz").await;
     assert!(!plain.contains("200 OK"), "{plain}");
+}
+
+#[tokio::test]
+async fn a_principal_may_have_only_its_quota_of_lock_requests_waiting() {
+    let server = start().await;
+    let mut admin = as_principal(&server, "a", "ops-secret").await;
+    let held = json!({"id": 2, "op": "lock", "key": "jobs/w", "ttl_ms": 60000});
+    assert!(admin.call(held).await["ok"]["token"].is_u64());
+    let mut worker = as_principal(&server, "w1", "workers-secret").await;
+    // The first waits (no answer yet); the second is past the quota.
+    let wait = |id: u64| json!({"id": id, "op": "lock", "key": "jobs/w", "ttl_ms": 1000});
+    worker.send_json(wait(2)).await;
+    let second = worker.call(wait(3)).await;
+    assert_eq!(second["id"], 3, "{second}");
+    assert_eq!(code(&second), "overloaded", "{second}");
+    // Cancelling the first frees its place.
+    worker
+        .send_json(json!({"id": 4, "op": "cancel", "target": 2}))
+        .await;
+    let mut answered = Vec::new();
+    for _ in 0..2 {
+        let reply = worker.recv().await;
+        answered.push((
+            reply["id"].clone(),
+            reply.get("err").map(|e| e["code"].clone()),
+        ));
+    }
+    answered.sort_by_key(|(id, _)| id.as_u64());
+    assert_eq!(
+        answered,
+        [(json!(2), Some(json!("cancelled"))), (json!(4), None)]
+    );
+    let again = worker
+        .call(json!({"id": 5, "op": "lock", "key": "jobs/w", "ttl_ms": 1000, "wait_ms": 10}))
+        .await;
+    assert_eq!(code(&again), "timeout", "{again}");
 }
