@@ -76,11 +76,11 @@ struct Book {
     usage: HashMap<Arc<str>, Usage>,
     /// Held locks by key: holder's principal, token, end of lease.
     held: HashMap<String, Held>,
-    /// Lease ends, to drop ended grants: (end, key).
+    /// Lease ends, to drop ended grants: (end, key), one per held key.
     lease_ends: BTreeSet<(Instant, String)>,
     /// Live sets by name.
     sets: HashMap<String, SetEntry>,
-    /// Ends of time to live: (end, set).
+    /// Ends of time to live: (end, set), one per live set.
     set_ends: BTreeSet<(Instant, String)>,
 }
 
@@ -244,19 +244,16 @@ impl Book {
             if ends > now {
                 break;
             }
+            // The entry of the held grant of `key` (one per key).
             self.lease_ends.pop_first();
-            if self.held.get(&key).is_some_and(|h| h.ends == ends) {
-                self.drop_grant(&key);
-            }
+            self.drop_grant(&key);
         }
         while let Some((ends, set)) = self.set_ends.first().cloned() {
             if ends > now {
                 break;
             }
             self.set_ends.pop_first();
-            if self.sets.get(&set).is_some_and(|s| s.ends == ends) {
-                self.tear_down(&set);
-            }
+            self.tear_down(&set);
         }
     }
 
@@ -281,7 +278,9 @@ impl Book {
 
     fn extend(&mut self, key: &str, token: u64, ends: Instant) {
         if let Some(held) = self.held.get_mut(key).filter(|h| h.token == token) {
-            held.ends = ends;
+            // One entry per held key: the index stays the size of `held`.
+            let before = std::mem::replace(&mut held.ends, ends);
+            self.lease_ends.remove(&(before, key.to_owned()));
             self.lease_ends.insert((ends, key.to_owned()));
         }
     }
@@ -294,6 +293,7 @@ impl Book {
 
     fn drop_grant(&mut self, key: &str) {
         if let Some(held) = self.held.remove(key) {
+            self.lease_ends.remove(&(held.ends, key.to_owned()));
             self.entry(&held.principal).locks -= 1;
         }
     }
@@ -304,7 +304,8 @@ impl Book {
             ends,
             members: HashMap::new(),
         });
-        entry.ends = ends;
+        let before = std::mem::replace(&mut entry.ends, ends);
+        self.set_ends.remove(&(before, set.to_owned()));
         let newly_created = creator.is_some() && entry.creator.is_none();
         if newly_created {
             entry.creator.clone_from(&creator);
@@ -333,6 +334,7 @@ impl Book {
         let Some(entry) = self.sets.remove(set) else {
             return;
         };
+        self.set_ends.remove(&(entry.ends, set.to_owned()));
         if let Some(creator) = &entry.creator {
             self.entry(creator).sets -= 1;
         }
@@ -388,6 +390,21 @@ mod tests {
         let b = lock("b", Wait::Never);
         let refused = ledger.admit(&p, &b, now).unwrap_err();
         assert_eq!(refused.code, crate::proto::ErrorCode::Overloaded);
+        // Released grants leave nothing behind.
+        let c = lock("c", Wait::Never);
+        let other = principal(Quotas::default());
+        let granted_c = Ok(Okay::Granted(Granted {
+            token: 8,
+            ttl_ms: 1000,
+        }));
+        assert!(ledger.admit(&other, &c, now).is_ok());
+        ledger.record("p", &c, &granted_c, now, 0);
+        let unlock = Op::Lock(LockOp::Release {
+            key: "c".into(),
+            token: 8,
+        });
+        ledger.record("p", &unlock, &Ok(Okay::EMPTY), now, 0);
+        assert_eq!(ledger.book().lease_ends.len(), 1);
         // The lease ends: counted no more.
         let later = now + Duration::from_millis(1001);
         assert!(ledger.admit(&p, &b, later).is_ok());
