@@ -100,6 +100,82 @@ struct SetEntry {
     members: HashMap<Arc<str>, u64>,
 }
 
+/// What a request may change that the ledger counts, or that its answer
+/// may need (an `inspect`'s token): taken from the op before it runs, so
+/// that the op itself (an insert batch of thousands of keys) need not be
+/// kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// `lock`: a grant of `key`.
+    Grant {
+        /// The key.
+        key: String,
+        /// Whether it ends with its connection.
+        ephemeral: bool,
+    },
+    /// `extend` of grant `token` of `key`.
+    Extend {
+        /// The key.
+        key: String,
+        /// The grant's token.
+        token: u64,
+    },
+    /// `unlock` of grant `token` of `key`.
+    Release {
+        /// The key.
+        key: String,
+        /// The grant's token.
+        token: u64,
+    },
+    /// `set_up` of `set`.
+    SetUp {
+        /// The set.
+        set: String,
+        /// Its time to live.
+        ttl_ms: u64,
+    },
+    /// `insert` into `set`.
+    Insert {
+        /// The set.
+        set: String,
+    },
+    /// `tear_down` of `set`.
+    TearDown {
+        /// The set.
+        set: String,
+    },
+    /// `inspect`: the holder's token may have to be hidden.
+    Inspect,
+}
+
+impl Effect {
+    /// The effect of `op`, if it has one.
+    pub fn of(op: &Op) -> Option<Effect> {
+        Some(match op {
+            Op::Lock(LockOp::Acquire(a)) => Effect::Grant {
+                key: a.key.clone(),
+                ephemeral: a.ephemeral,
+            },
+            Op::Lock(LockOp::Extend { key, token, .. }) => Effect::Extend {
+                key: key.clone(),
+                token: *token,
+            },
+            Op::Lock(LockOp::Release { key, token }) => Effect::Release {
+                key: key.clone(),
+                token: *token,
+            },
+            Op::Lock(LockOp::Inspect { .. }) => Effect::Inspect,
+            Op::Set(SetOp::SetUp { set, ttl_ms }) => Effect::SetUp {
+                set: set.clone(),
+                ttl_ms: *ttl_ms,
+            },
+            Op::Set(SetOp::Insert { set, .. }) => Effect::Insert { set: set.clone() },
+            Op::Set(SetOp::TearDown { set }) => Effect::TearDown { set: set.clone() },
+            _ => return None,
+        })
+    }
+}
+
 /// Counts a waiting `lock` request until it is answered (dropped).
 #[derive(Debug)]
 pub struct Waiting<'a> {
@@ -187,13 +263,13 @@ impl Ledger {
         Ok(None)
     }
 
-    /// Counts what `outcome`, the answer to `principal`'s `op`, changed.
-    /// `ttl_ms_max` stands in for the time to live of a set this process
-    /// did not see set up.
+    /// Counts what `outcome`, the answer to `principal`'s request whose
+    /// [`Effect`] is `effect`, changed. `ttl_ms_max` stands in for the time
+    /// to live of a set this process did not see set up.
     pub fn record(
         &self,
         principal: &str,
-        op: &Op,
+        effect: &Effect,
         outcome: &Outcome,
         now: Instant,
         ttl_ms_max: u64,
@@ -201,28 +277,26 @@ impl Ledger {
         let Ok(okay) = outcome else { return };
         let mut book = self.book();
         let after = |ms: u64| now + Duration::from_millis(ms);
-        match (op, okay) {
-            (Op::Lock(LockOp::Acquire(a)), Okay::Granted(g)) => {
-                book.grant(principal, &a.key, g.token, after(g.ttl_ms));
+        match (effect, okay) {
+            (Effect::Grant { key, .. }, Okay::Granted(g)) => {
+                book.grant(principal, key, g.token, after(g.ttl_ms));
             }
-            (Op::Lock(LockOp::Extend { key, token, .. }), Okay::Extended(e)) => {
+            (Effect::Extend { key, token }, Okay::Extended(e)) => {
                 book.extend(key, *token, after(e.ttl_ms));
             }
-            (Op::Lock(LockOp::Release { key, token }), Okay::Empty(_)) => {
-                book.release(key, *token);
-            }
-            (Op::Set(SetOp::SetUp { set, ttl_ms }), Okay::SetUp(reply)) => {
+            (Effect::Release { key, token }, Okay::Empty(_)) => book.release(key, *token),
+            (Effect::SetUp { set, ttl_ms }, Okay::SetUp(reply)) => {
                 let creator = reply.created.then(|| Arc::from(principal));
                 book.set_up(set, creator, after(*ttl_ms));
             }
-            (Op::Set(SetOp::Insert { set, .. }), Okay::Inserted(one)) => {
+            (Effect::Insert { set }, Okay::Inserted(one)) => {
                 book.add_members(principal, set, u64::from(one.first), after(ttl_ms_max));
             }
-            (Op::Set(SetOp::Insert { set, .. }), Okay::InsertedMany(many)) => {
+            (Effect::Insert { set }, Okay::InsertedMany(many)) => {
                 let firsts = many.results.iter().filter(|r| r.first).count() as u64;
                 book.add_members(principal, set, firsts, after(ttl_ms_max));
             }
-            (Op::Set(SetOp::TearDown { set }), Okay::TornDown(_)) => book.tear_down(set),
+            (Effect::TearDown { set }, Okay::TornDown(_)) => book.tear_down(set),
             _ => {}
         }
     }
@@ -361,6 +435,10 @@ mod tests {
         }
     }
 
+    fn effect(op: &Op) -> Effect {
+        Effect::of(op).expect("an op with an effect")
+    }
+
     fn lock(key: &str, wait: Wait) -> Op {
         Op::Lock(LockOp::Acquire(Acquire {
             key: key.into(),
@@ -384,7 +462,7 @@ mod tests {
             token: 7,
             ttl_ms: 1000,
         }));
-        ledger.record("p", &a, &granted, now, 0);
+        ledger.record("p", &effect(&a), &granted, now, 0);
         // The same key again (a retry) is admitted; another is not.
         assert!(ledger.admit(&p, &a, now).is_ok());
         let b = lock("b", Wait::Never);
@@ -398,12 +476,12 @@ mod tests {
             ttl_ms: 1000,
         }));
         assert!(ledger.admit(&other, &c, now).is_ok());
-        ledger.record("p", &c, &granted_c, now, 0);
+        ledger.record("p", &effect(&c), &granted_c, now, 0);
         let unlock = Op::Lock(LockOp::Release {
             key: "c".into(),
             token: 8,
         });
-        ledger.record("p", &unlock, &Ok(Okay::EMPTY), now, 0);
+        ledger.record("p", &effect(&unlock), &Ok(Okay::EMPTY), now, 0);
         assert_eq!(ledger.book().lease_ends.len(), 1);
         // The lease ends: counted no more.
         let later = now + Duration::from_millis(1001);
@@ -446,7 +524,7 @@ mod tests {
             created: true,
             size: 0,
         }));
-        ledger.record("p", &set_up("s"), &created, now, 0);
+        ledger.record("p", &effect(&set_up("s")), &created, now, 0);
         assert!(ledger.admit(&p, &set_up("s"), now).is_ok());
         assert!(ledger.admit(&p, &set_up("t"), now).is_err());
         let insert = Op::Set(SetOp::Insert {
@@ -457,12 +535,12 @@ mod tests {
             index: 1,
             first: true,
         }));
-        ledger.record("p", &insert, &first, now, 0);
-        ledger.record("p", &insert, &first, now, 0);
+        ledger.record("p", &effect(&insert), &first, now, 0);
+        ledger.record("p", &effect(&insert), &first, now, 0);
         assert!(ledger.admit(&p, &insert, now).is_err());
         let tear_down = Op::Set(SetOp::TearDown { set: "s".into() });
         let torn = Ok(Okay::TornDown(TornDown { size: 2 }));
-        ledger.record("p", &tear_down, &torn, now, 0);
+        ledger.record("p", &effect(&tear_down), &torn, now, 0);
         assert_eq!(ledger.usage("p", now), Usage::default());
     }
 }

@@ -174,8 +174,11 @@ impl Session {
                 };
             }
         };
-        // Kept for the quota ledger, which reads the op with its answer.
-        let op = admitted.principal.as_ref().map(|_| request.op.clone());
+        // For the quota ledger, which reads it with the answer.
+        let effect = admitted
+            .principal
+            .as_ref()
+            .and_then(|_| quota::Effect::of(&request.op));
         let started = tokio::time::Instant::now();
         let kind = request.op.kind();
         let ephemeral = matches!(&request.op, Op::Lock(LockOp::Acquire(a)) if a.ephemeral);
@@ -184,7 +187,7 @@ impl Session {
             if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
                 self.pin_to_link().await;
             }
-            self.settle(&admitted, op.as_ref(), &mut outcome);
+            self.settle(&admitted, effect.as_ref(), &mut outcome);
             return Reply {
                 id: Some(id),
                 outcome,
@@ -207,7 +210,7 @@ impl Session {
         if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
             self.pin_to_role();
         }
-        self.settle(&admitted, op.as_ref(), &mut outcome);
+        self.settle(&admitted, effect.as_ref(), &mut outcome);
         self.duration(kind).record(started.elapsed().as_secs_f64());
         Reply {
             id: Some(id),
@@ -427,21 +430,32 @@ impl Session {
     /// After a request ran, with authentication on: counts what it changed
     /// against its principal's quotas, and hides a holder's token from
     /// `inspect` unless the asker holds the lock or is an admin.
-    fn settle(&self, admitted: &Admitted<'_>, op: Option<&Op>, outcome: &mut Outcome) {
-        let (Some(principal), Some(op), Some(auth)) =
-            (&admitted.principal, op, self.inner.engine.auth())
+    fn settle(
+        &self,
+        admitted: &Admitted<'_>,
+        effect: Option<&quota::Effect>,
+        outcome: &mut Outcome,
+    ) {
+        let (Some(principal), Some(effect), Some(auth)) =
+            (&admitted.principal, effect, self.inner.engine.auth())
         else {
             return;
         };
         let now = tokio::time::Instant::now();
         let ttl_ms_max = self.inner.engine.limits().ttl_ms_max;
         auth.usage()
-            .record(&principal.name, op, outcome, now, ttl_ms_max);
-        match (op, outcome) {
-            (Op::Lock(LockOp::Acquire(a)), Ok(Okay::Granted(g))) if a.ephemeral => {
-                self.state().ephemeral.push((a.key.clone(), g.token));
+            .record(&principal.name, effect, outcome, now, ttl_ms_max);
+        match (effect, outcome) {
+            (
+                quota::Effect::Grant {
+                    key,
+                    ephemeral: true,
+                },
+                Ok(Okay::Granted(g)),
+            ) => {
+                self.state().ephemeral.push((key.clone(), g.token));
             }
-            (Op::Lock(LockOp::Inspect { .. }), Ok(Okay::LockInfo(info))) if !principal.admin => {
+            (quota::Effect::Inspect, Ok(Okay::LockInfo(info))) if !principal.admin => {
                 let me = self.client();
                 if let Some(holder) = info.holder.as_mut().filter(|h| *h.client != *me) {
                     holder.token = HIDDEN_TOKEN;
