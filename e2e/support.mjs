@@ -41,13 +41,15 @@ export function serverBinary() {
 }
 
 /**
- * Starts `deadbolt serve` (WebSocket only) on `port` (0: any free port),
- * with more flags `args`, and resolves once its log says where it listens.
+ * Starts `deadbolt serve` (WebSocket only, unless `args` say otherwise) on
+ * `port` (0: any free port), with `args` added, and resolves once its log
+ * says where it listens (ws:// or, with --tls-cert, wss://).
  */
 export async function startServer({ port = 0, dataDir, args = [] } = {}) {
   const bin = serverBinary();
   const dir = dataDir ?? (await mkdtemp(path.join(os.tmpdir(), "deadbolt-e2e-")));
-  const child = spawn(bin, ["serve", "--ws", `127.0.0.1:${port}`, "--quic", "off", "--data-dir", dir, ...args], {
+  const flags = ["serve", "--ws", `127.0.0.1:${port}`, "--quic", "off", "--data-dir", dir, ...args];
+  const child = spawn(bin, flags, {
     stdio: ["ignore", "ignore", "pipe"],
     env: { ...process.env, NO_COLOR: "1" },
   });
@@ -58,9 +60,10 @@ export async function startServer({ port = 0, dataDir, args = [] } = {}) {
     const lines = createInterface({ input: child.stderr });
     lines.on("line", (line) => {
       log.push(line);
-      // The log may be coloured; the URL is what follows ws:// up to a space.
+      // The log may be coloured; the URL is what follows ws:// (or wss://)
+      // up to a space.
       const plain = line.replace(/\x1b\[[0-9;]*m/g, "");
-      const at = plain.indexOf("ws://");
+      const at = plain.search(/wss?:\/\//);
       if (at >= 0) {
         clearTimeout(timer);
         resolve(plain.slice(at).split(/\s/)[0]);
@@ -75,10 +78,10 @@ export async function startServer({ port = 0, dataDir, args = [] } = {}) {
       reject(new Error(`the server exited (${code ?? signal}) before listening:\n${log.join("\n")}`));
     });
   });
-  const { port: actualPort, host } = new URL(url);
+  const { port: actualPort, host, protocol } = new URL(url);
   return {
     url,
-    origin: `http://${host}`,
+    origin: `${protocol === "wss:" ? "https" : "http"}://${host}`,
     port: Number(actualPort),
     dataDir: dir,
     log,
@@ -224,7 +227,7 @@ const CHROMIUM_ARGS = [
  * Chromium with a fresh profile. Missing Chromium is a failure, not a skip:
  * the message says how to get it.
  */
-export async function launchBrowser() {
+export async function launchBrowser({ ignoreHTTPSErrors = false } = {}) {
   if (!existsSync(CHROMIUM)) {
     throw new Error(`${CHROMIUM} is missing: run .ci/run, or apt-get install chromium`);
   }
@@ -236,6 +239,8 @@ export async function launchBrowser() {
       headless: true,
       args: CHROMIUM_ARGS,
       viewport: { width: 1360, height: 900 },
+      // For a server with a self-signed certificate (wss:// tests).
+      ignoreHTTPSErrors,
     });
   } catch (error) {
     await rm(profile, { recursive: true, force: true });

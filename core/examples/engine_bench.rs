@@ -2,13 +2,36 @@
 //! network, no encoding, just sessions, shard mailboxes and the state
 //! machines. Prints a table; asserts nothing.
 //!
-//! `cargo run --release -p deadbolt-core --example engine_bench -- [seconds] [shards]`
+//! `cargo run --release -p deadbolt-core --example engine_bench -- [seconds] [shards] [auth]`
+//!
+//! With `auth`, the engine authenticates (SPEC section 10): every session
+//! says `hello` with a principal's secret first, and every request is
+//! checked against its grants and quotas.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use deadbolt_core::proto::{Acquire, Granted, LockOp, Okay, Op, Request, Wait};
+use deadbolt_core::auth::{Auth, Policy, Principal, Quotas};
+use deadbolt_core::proto::{Acquire, Granted, LockOp, Okay, Op, Request, Secret, Wait};
+
+/// The one principal's secret, with `auth`.
+const SECRET: &str = "bench-secret";
+
+/// One principal that may lock every key, with room for every task's
+/// grants.
+fn auth() -> Arc<Auth> {
+    let principal = Principal {
+        name: "bench".into(),
+        secret: Secret::new(SECRET),
+        locks: vec![String::new()],
+        sets: vec![],
+        read: vec![],
+        admin: false,
+        quotas: Quotas::default(),
+    };
+    Arc::new(Auth::new(Policy::new(vec![principal]).expect("a policy")))
+}
 use deadbolt_core::{Engine, EngineConfig, Session};
 
 /// Keys each task cycles through: far more than tasks, so pairs are
@@ -38,6 +61,12 @@ async fn run(engine: &Engine, tasks: u64, seconds: f64) -> f64 {
     for task in 0..tasks {
         let (session, stop, pairs) = (engine.session(), stop.clone(), pairs.clone());
         handles.push(tokio::spawn(async move {
+            let hello = Op::Hello {
+                client: format!("bench-{task}"),
+                auth: Some(Secret::new(SECRET)),
+            };
+            let reply = session.execute(Request { id: 1, op: hello }).await;
+            assert!(reply.outcome.is_ok(), "hello failed: {:?}", reply.outcome);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 one_pair(&session, format!("bench/{task}/{}", n % KEYS_PER_TASK)).await;
@@ -68,10 +97,14 @@ fn main() {
     runtime.block_on(async {
         let mut config = EngineConfig::new();
         config.shards = shards.unwrap_or(config.shards);
+        if std::env::args().nth(3).as_deref() == Some("auth") {
+            config.auth = Some(auth());
+        }
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         println!(
-            "engine: {} shards, {workers} runtime workers, {seconds} s per row",
-            config.shards
+            "engine: {} shards, {workers} runtime workers, {seconds} s per row, auth {}",
+            config.shards,
+            if config.auth.is_some() { "on" } else { "off" }
         );
         let engine = Engine::start(config);
         println!("| concurrent tasks | lock+unlock pairs/s | mean pair latency |");

@@ -17,8 +17,11 @@
 //!   releases its answers; the cheap [`engine::Engine`] handle transports
 //!   call), and the [`client`] (the transport trait the WebSocket and QUIC
 //!   clients implement, and the transport-agnostic [`client::Client`] with
-//!   reconnects, retries, lock guards and distinct-set handles).
+//!   reconnects, retries, lock guards and distinct-set handles); and
+//!   [`auth`], who may connect and what each principal may do, checked by
+//!   every session before a request reaches a shard.
 
+pub mod auth;
 pub mod client;
 pub mod engine;
 

@@ -318,7 +318,12 @@ fn arb_op() -> impl Strategy<Value = Op> {
         (1u64..86_400_000).prop_map(Wait::UpTo)
     ];
     prop_oneof![
-        "[a-f0-9]{1,64}".prop_map(|client| Op::Hello { client }),
+        ("[a-f0-9]{1,64}", proptest::option::of("[ -~]{1,64}")).prop_map(|(client, auth)| {
+            Op::Hello {
+                client,
+                auth: auth.map(deadbolt_core::proto::Secret::new),
+            }
+        }),
         Just(Op::Ping),
         any::<u64>().prop_map(|target| Op::Cancel { target }),
         (arb_key(), 1u64..=86_400_000, wait, any::<bool>()).prop_map(

@@ -102,6 +102,7 @@ async fn hello_binds_the_client_id_so_a_reconnected_client_keeps_its_lock() {
     let first = engine.session();
     let hello = Op::Hello {
         client: "worker-7".into(),
+        auth: None,
     };
     match call(&first, 1, hello.clone()).await {
         Ok(Okay::Hello(reply)) => {

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use async_trait::async_trait;
 use deadbolt_core::client::{Connection, Connector};
 use deadbolt_core::engine::replica::Forwarder;
-use deadbolt_core::proto::{Okay, Op, Request, ServerError};
+use deadbolt_core::proto::{Okay, Op, Request, Secret, ServerError};
 use deadbolt_transport_ws::{Dialer, FORWARDED_PATH, WsConnector};
 
 use crate::network::Directory;
@@ -33,7 +33,11 @@ impl<D: Dialer + Clone> Forwarder for LeaderForwarder<D> {
         self.raft.get()?.metrics().borrow().current_leader
     }
 
-    async fn open(&self, client: &str) -> Result<(u64, Arc<dyn Connection>), ServerError> {
+    async fn open(
+        &self,
+        client: &str,
+        auth: Option<&Secret>,
+    ) -> Result<(u64, Arc<dyn Connection>), ServerError> {
         let leader = self
             .leader()
             .ok_or_else(|| unavailable("no leader right now (an election is under way)"))?;
@@ -55,6 +59,7 @@ impl<D: Dialer + Clone> Forwarder for LeaderForwarder<D> {
             id: 0,
             op: Op::Hello {
                 client: client.to_owned(),
+                auth: auth.cloned(),
             },
         };
         match connection.call(hello).await {

@@ -37,7 +37,11 @@ impl Forwarder for NeverLeads {
         None
     }
 
-    async fn open(&self, _: &str) -> Result<(u64, Arc<dyn Connection>), ServerError> {
+    async fn open(
+        &self,
+        _: &str,
+        _: Option<&deadbolt_core::proto::Secret>,
+    ) -> Result<(u64, Arc<dyn Connection>), ServerError> {
         Err(ServerError::unavailable("no leader"))
     }
 }

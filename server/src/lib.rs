@@ -14,6 +14,8 @@
 //! and hands every other HTTP request to the [`Routes`] defined here.
 //!
 //! Layout:
+//! - [`auth_file`]: the `--auth` file (SPEC section 10), read into the
+//!   engine's [`Policy`](deadbolt_core::auth::Policy);
 //! - [`config`]: [`ServerConfig`] (the engine and each frontend) and
 //!   [`Listeners`] (the injected sockets);
 //! - [`server`]: [`run`], the order things start and stop in;
@@ -24,6 +26,7 @@
 //!
 //! [`Listener`]: deadbolt_transport_ws::Listener
 
+pub mod auth_file;
 pub mod config;
 pub mod metrics;
 pub mod routes;

@@ -200,9 +200,50 @@ impl Routes {
     }
 }
 
+/// The paths only an admin may use when the server authenticates (SPEC
+/// section 10): what they show or do is the whole server's. The dashboard
+/// page and the browser client are the same bytes for everyone and carry
+/// no data: the dashboard reads `stats`, which is admin-only too.
+fn for_admins(path: &str) -> bool {
+    path == "/metrics"
+        || path == "/cluster"
+        || path == BACKUP_PATH
+        || path.starts_with(READMIT_PATH)
+}
+
+impl Routes {
+    /// `401` unless `request` carries an admin's secret as its bearer
+    /// token, when the server authenticates; `None` when it may proceed.
+    fn refuse_non_admin(&self, request: &HttpRequest) -> Option<HttpResponse> {
+        let auth = self.engine.auth()?;
+        let principal = request
+            .bearer
+            .as_ref()
+            .and_then(|secret| auth.policy().authenticate(secret));
+        match principal {
+            Some(principal) if principal.admin => None,
+            Some(_) => Some(HttpResponse::text(
+                403,
+                "Forbidden",
+                &b"forbidden: this principal is not an admin\n"[..],
+            )),
+            None => Some(HttpResponse::text(
+                401,
+                "Unauthorized",
+                &b"unauthorized: send an admin's secret as `Authorization: Bearer SECRET`\n"[..],
+            )),
+        }
+    }
+}
+
 #[async_trait]
 impl HttpRoutes for Routes {
     async fn respond(&self, request: &HttpRequest) -> HttpResponse {
+        if for_admins(&request.path)
+            && let Some(refusal) = self.refuse_non_admin(request)
+        {
+            return refusal;
+        }
         if let Some(node) = request.path.strip_prefix(READMIT_PATH) {
             return self.readmit(&request.method, node).await;
         }

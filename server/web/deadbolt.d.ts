@@ -60,6 +60,9 @@ export interface ConnectOptions {
    * sessionStorage, so a reload keeps it), elsewhere a random 128-bit hex
    * id; either way kept for the life of the client. */
   clientId?: string;
+  /** The principal's secret, said in every `hello`, for a server started
+   * with `--auth` (requests are refused `unauthorized` without it). */
+  auth?: string;
   /** How long a request may go without a connection (reconnecting, backing
    * off, moving to another server) before it fails with `connection_lost`,
    * or with the server's `unavailable` if that was the last answer. Time
@@ -109,7 +112,9 @@ export type TryLockOptions = Omit<LockOptions, "wait" | "signal">;
 
 /** `inspect`. */
 export interface LockInfo {
-  holder: { client: string; token: number; remaining_ms: number } | null;
+  /** `token` is left out by a server with `--auth` unless the asker is the
+   * holder's client id or an admin. */
+  holder: { client: string; token?: number; remaining_ms: number } | null;
   waiters: number;
 }
 

@@ -380,7 +380,10 @@ export class Client extends EventTarget {
     }
     let hello;
     try {
-      hello = await connection.request(this.#nextId++, { op: "hello", client: this.clientId }, this.#options.maxMessageBytes);
+      const fields = { op: "hello", client: this.clientId };
+      // A server started with --auth wants the principal's secret.
+      if (this.#options.auth) fields.auth = this.#options.auth;
+      hello = await connection.request(this.#nextId++, fields, this.#options.maxMessageBytes);
     } catch (error) {
       // A refused hello (a client id that is too long, say) leaves the
       // socket open: it is of no use without its hello.
@@ -994,7 +997,8 @@ export class DistinctSet {
  *
  * Options: `WebSocket` (a constructor; default `globalThis.WebSocket`,
  * which Node 20 lacks: pass `ws`'s), `clientId` (default: the tab's, kept
- * in sessionStorage, or a random 128-bit hex id), `retryFor` (ms without a
+ * in sessionStorage, or a random 128-bit hex id), `auth` (the principal's
+ * secret, for a server started with --auth), `retryFor` (ms without a
  * connection after which a request fails, 30 000), `retryDelay` and
  * `retryDelayMax` (backoff, 20 and 1000 ms), `connectTimeout` (10 000 ms),
  * `maxMessageBytes` (the server's message limit, 1 MiB).

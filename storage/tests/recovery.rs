@@ -64,6 +64,7 @@ impl Server {
         let session = self.engine.session();
         let hello = Op::Hello {
             client: name.to_owned(),
+            auth: None,
         };
         assert!(call(&session, hello).await.is_ok());
         session

@@ -64,10 +64,12 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// A new self-signed Ed25519 certificate for `localhost`, `127.0.0.1`
+    /// A new self-signed ECDSA P-256 certificate (not Ed25519: browsers
+    /// refuse Ed25519 certificates, and the WebSocket port serves `wss://`
+    /// with this pair too) for `localhost`, `127.0.0.1`
     /// and `::1`; also its PEM text (certificate, key).
     pub fn self_signed() -> Result<(Identity, String, String), TlsError> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let names: Vec<String> = SELF_SIGNED_NAMES.iter().map(|n| (*n).to_owned()).collect();
         let cert = rcgen::CertificateParams::new(names)?.self_signed(&key)?;
         let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
@@ -151,13 +153,30 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// The server's TLS configuration: TLS 1.3, ALPN `deadbolt/1`, no client
 /// certificates.
 pub fn server_crypto(identity: Identity) -> Result<Arc<QuicServerConfig>, TlsError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(identity.certs, identity.key)?;
+    let mut tls = server_tls(identity)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(Arc::new(quic))
+}
+
+/// A TLS 1.3 server configuration with `identity`, no client
+/// certificates and no ALPN: QUIC's, before its ALPN is set, and the
+/// WebSocket port's (`wss://`), which shares the certificate.
+pub fn server_tls(identity: Identity) -> Result<rustls::ServerConfig, TlsError> {
+    Ok(rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.certs, identity.key)?)
+}
+
+impl Identity {
+    /// A second copy, for a second listener (QUIC and `wss://`).
+    pub fn duplicate(&self) -> Identity {
+        Identity {
+            certs: self.certs.clone(),
+            key: self.key.clone_key(),
+        }
+    }
 }
 
 /// Which servers a client trusts.
@@ -175,9 +194,18 @@ pub enum Trust {
 
 /// The client's TLS configuration.
 pub fn client_crypto(trust: &Trust) -> Result<Arc<QuicClientConfig>, TlsError> {
+    let mut tls = client_tls(trust)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(Arc::new(quic))
+}
+
+/// A TLS 1.3 client configuration that trusts what `trust` says, without
+/// ALPN: QUIC's, before its ALPN is set, and a `wss://` client's.
+pub fn client_tls(trust: &Trust) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let mut tls = match trust {
+    let tls = match trust {
         Trust::Insecure => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider())))
@@ -195,9 +223,7 @@ pub fn client_crypto(trust: &Trust) -> Result<Arc<QuicClientConfig>, TlsError> {
             .with_root_certificates(roots(pem, Path::new("<pem>"))?)
             .with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
-    Ok(Arc::new(quic))
+    Ok(tls)
 }
 
 fn roots(pem: &[u8], path: &Path) -> Result<rustls::RootCertStore, TlsError> {

@@ -57,6 +57,42 @@ impl Dialer for TcpDialer {
     }
 }
 
+/// Dials TLS over tokio's TCP, for `wss://` servers: the server's
+/// certificate is checked against the name in the URL by `config`'s
+/// verifier.
+#[derive(Clone)]
+pub struct TlsDialer {
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for TlsDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsDialer").finish_non_exhaustive()
+    }
+}
+
+impl TlsDialer {
+    /// Dials with `config` (its ALPN is replaced by `http/1.1`).
+    pub fn new(mut config: rustls::ClientConfig) -> TlsDialer {
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsDialer {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        }
+    }
+}
+
+#[async_trait]
+impl Dialer for TlsDialer {
+    type Stream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+    async fn dial(&self, host: &str, port: u16) -> io::Result<Self::Stream> {
+        let tcp = TcpDialer.dial(host, port).await?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        self.connector.connect(name, tcp).await
+    }
+}
+
 /// Timing and size limits of client connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WsClientConfig {
@@ -95,8 +131,15 @@ pub struct WsConnector<D: Dialer = TcpDialer> {
 }
 
 impl WsConnector<TcpDialer> {
-    /// Connections to `url` over TCP.
+    /// Connections to `url` over TCP. A `wss://` URL needs a
+    /// [`TlsDialer`] ([`WsConnector::with_dialer`]).
     pub fn new(url: &str) -> Result<Self, TransportError> {
+        if url.starts_with("wss://") {
+            return Err(TransportError::Connect {
+                server: url.to_owned(),
+                reason: "a wss:// URL needs TLS: connect through a TlsDialer".to_owned(),
+            });
+        }
         WsConnector::with_dialer(url, TcpDialer)
     }
 }
@@ -121,7 +164,8 @@ impl<D: Dialer> WsConnector<D> {
     }
 }
 
-/// Splits `ws://host:port/path` into host and port (port 7420 by default).
+/// Splits `ws://host:port/path` (or `wss://`) into host and port (port 7420
+/// by default).
 fn host_and_port(url: &str) -> Result<(String, u16), TransportError> {
     let bad = |reason: &str| TransportError::Connect {
         server: url.to_owned(),
@@ -129,7 +173,8 @@ fn host_and_port(url: &str) -> Result<(String, u16), TransportError> {
     };
     let rest = url
         .strip_prefix("ws://")
-        .ok_or_else(|| bad("a WebSocket URL starts with ws://"))?;
+        .or_else(|| url.strip_prefix("wss://"))
+        .ok_or_else(|| bad("a WebSocket URL starts with ws:// or wss://"))?;
     let authority = rest.split('/').next().unwrap_or(rest);
     if authority.is_empty() {
         return Err(bad("the URL has no host"));

@@ -8,6 +8,8 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use deadbolt_core::proto::Secret;
+
 use crate::routes::{HttpRequest, HttpResponse};
 
 /// Most headers a request head may carry.
@@ -17,9 +19,15 @@ const HEADERS_MAX: usize = 64;
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Route {
     /// `GET /ws` (or [`FORWARDED_PATH`]) with a valid WebSocket upgrade:
-    /// the `Sec-WebSocket-Key`, and whether another node forwards through
-    /// it.
-    WebSocket { key: String, forwarded: bool },
+    /// the `Sec-WebSocket-Key`, whether another node forwards through
+    /// it, and the `Origin` and `Host` headers, if any (a browser's
+    /// upgrade carries its page's origin).
+    WebSocket {
+        key: String,
+        forwarded: bool,
+        origin: Option<String>,
+        host: Option<String>,
+    },
     /// `/ws` without a valid upgrade, answered with this status and reason.
     Refuse { status: u16, reason: &'static str },
     /// Any other path: for the [`HttpRoutes`](crate::routes::HttpRoutes).
@@ -97,7 +105,10 @@ pub const FORWARDED_PATH: &str = "/ws/forwarded";
 
 fn route(request: &httparse::Request<'_, '_>) -> Route {
     let method = request.method.unwrap_or("");
-    let plain = HttpRequest::new(method, request.path.unwrap_or(""));
+    let mut plain = HttpRequest::new(method, request.path.unwrap_or(""));
+    plain.bearer = header(request, "authorization")
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(|token| Secret::new(token.trim()));
     let forwarded = plain.path == FORWARDED_PATH;
     if plain.path != "/ws" && !forwarded {
         return Route::Plain(plain);
@@ -119,6 +130,8 @@ fn upgrade(request: &httparse::Request<'_, '_>, forwarded: bool) -> Route {
         Some(key) if upgrade && connection && version => Route::WebSocket {
             key: key.trim().to_owned(),
             forwarded,
+            origin: header(request, "origin").map(str::to_owned),
+            host: header(request, "host").map(str::to_owned),
         },
         _ => Route::Refuse {
             status: 426,
@@ -184,6 +197,8 @@ mod tests {
             Route::WebSocket {
                 key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
                 forwarded: false,
+                origin: None,
+                host: Some("x".into()),
             }
         );
         assert_eq!(head.rest, b"rest");
@@ -198,6 +213,7 @@ mod tests {
                 method: "GET".into(),
                 path: "/healthz".into(),
                 query: Some("full".into()),
+                bearer: None,
             })
         );
         let post_root = parse("POST / HTTP/1.1\r\n\r\n").await.unwrap();

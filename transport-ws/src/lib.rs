@@ -35,7 +35,7 @@ pub mod listener;
 pub mod routes;
 pub mod server;
 
-pub use client::{Dialer, TcpDialer, WsClientConfig, WsConnector};
+pub use client::{Dialer, TcpDialer, TlsDialer, WsClientConfig, WsConnector};
 pub use config::WsConfig;
 pub use gauges::WsGauges;
 pub use http::FORWARDED_PATH;

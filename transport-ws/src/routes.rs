@@ -39,6 +39,9 @@ pub struct HttpRequest {
     pub path: String,
     /// The query string, without its `?`, if there was one.
     pub query: Option<String>,
+    /// The token of an `Authorization: Bearer TOKEN` header, if any: what
+    /// an authenticating server's operator routes check (SPEC section 10).
+    pub bearer: Option<deadbolt_core::proto::Secret>,
 }
 
 impl HttpRequest {
@@ -52,6 +55,7 @@ impl HttpRequest {
             method: method.to_owned(),
             path: path.to_owned(),
             query,
+            bearer: None,
         }
     }
 }

@@ -59,7 +59,7 @@ pub async fn serve<L: Listener>(
                     // Taken here, in order of arrival, so that eviction
                     // picks the oldest.
                     let ticket = shared.handshakes.enter(peer.ip());
-                    let task = handle(stream, peer, ticket, shared.clone(), stopped.clone());
+                    let task = serve_connection(stream, peer, ticket, shared.clone(), stopped.clone());
                     connections.spawn(task);
                 }
                 Err(error) => {
@@ -93,6 +93,36 @@ struct Shared {
     config: WsConfig,
 }
 
+/// One connection: its TLS handshake first, if the port serves TLS (within
+/// the handshake timeout, and evicted like a slow request head), then
+/// [`handle`].
+async fn serve_connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    mut ticket: Ticket,
+    shared: Arc<Shared>,
+    stopped: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(tls) = shared.config.tls.clone() else {
+        return handle(stream, peer, ticket, shared, stopped).await;
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+    let accepted = tokio::select! {
+        accepted = tokio::time::timeout(shared.config.handshake_timeout, accept) => accepted,
+        () = ticket.evicted() => {
+            tracing::debug!(%peer, "too many handshakes; dropping the oldest");
+            return;
+        }
+    };
+    match accepted {
+        Ok(Ok(stream)) => handle(stream, peer, ticket, shared, stopped).await,
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
 /// One connection, from its request head to its close. `ticket` holds its
 /// place among the connections in their handshake until the head is read.
 async fn handle<S>(
@@ -116,7 +146,18 @@ async fn handle<S>(
     // Plain requests (`/healthz`) are answered whether or not a WebSocket
     // slot is free: a health check must not fail because clients are many.
     let response = match head.route {
-        Route::WebSocket { key, forwarded } => match shared.permits.clone().try_acquire_owned() {
+        Route::WebSocket { origin, host, .. }
+            if !shared
+                .config
+                .origin_allowed(origin.as_deref(), host.as_deref()) =>
+        {
+            tracing::info!(%peer, ?origin, "WebSocket upgrade from a foreign origin; answered 403");
+            let body = &b"forbidden: this origin may not open a WebSocket here \
+                         (the server's --allow-origin lists those that may)\n"[..];
+            HttpResponse::text(403, "Forbidden", body)
+        }
+        Route::WebSocket { key, forwarded, .. } => match shared.permits.clone().try_acquire_owned()
+        {
             Ok(permit) => {
                 let frontend = if forwarded {
                     Frontend::Forwarded

@@ -135,7 +135,7 @@ impl Answers {
 fn hello(text: &str) -> String {
     let outcome: Outcome = match decode_request(text.as_bytes(), &Limits::default()) {
         Ok(request) => match request.op {
-            deadbolt_core::proto::Op::Hello { client } => Ok(Okay::Hello(HelloReply {
+            deadbolt_core::proto::Op::Hello { client, .. } => Ok(Okay::Hello(HelloReply {
                 client,
                 server: "deadbolt-bench-limit".to_owned(),
             })),

@@ -26,7 +26,7 @@ const LOCK_FILE: &str = "LOCK";
 pub async fn online(server: &ServerArgs) -> anyhow::Result<u8> {
     let mut failures = Vec::new();
     for url in server.server.split(',').map(str::trim) {
-        match http(url, "POST", "/backup").await {
+        match http(url, "POST", "/backup", server).await {
             Ok(answer) => {
                 println!("{}", answer.trim_end());
                 return Ok(0);

@@ -44,10 +44,16 @@ pub struct ServerArgs {
     /// certificate `deadbolt serve` generated in ./deadbolt-data, if there.
     #[arg(long, env = "DEADBOLT_CA", global = true)]
     pub ca: Option<PathBuf>,
-    /// Trust any quic:// server without checking its certificate. For
-    /// development only: anyone on the path can pose as the server.
+    /// Trust any quic:// or wss:// server without checking its
+    /// certificate. For development only: anyone on the path can pose as
+    /// the server.
     #[arg(long, global = true)]
     pub insecure: bool,
+    /// A file holding this client's secret (its first line), for a server
+    /// started with --auth. The environment variable DEADBOLT_AUTH may
+    /// hold the secret itself instead.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub auth_file: Option<PathBuf>,
     /// How long to keep retrying a request while no server works: its
     /// connection broke, no server could be reached, or the server answered
     /// `unavailable` (the client id stays the same, so a retry is safe).
@@ -160,13 +166,35 @@ pub struct ServeArgs {
     /// Address for QUIC clients, or `off`.
     #[arg(long, default_value = "127.0.0.1:7421")]
     pub quic: QuicListen,
-    /// The QUIC server's certificate chain (PEM). Default: a self-signed
-    /// certificate for localhost, generated in the data directory.
+    /// The server's certificate chain (PEM), for QUIC and for the
+    /// WebSocket port, which then serves only wss:// (and https://).
+    /// Default: QUIC uses a self-signed certificate for localhost,
+    /// generated in the data directory, and the WebSocket port plain ws://.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// The private key of `--tls-cert` (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// The auth file (TOML): the principals that may connect, each with
+    /// its secret, the key and set prefixes it may use, whether it is an
+    /// admin, and its quotas (see README, "Securing a server"). Reloaded on
+    /// SIGHUP. Without it every client may do everything.
+    #[arg(long, value_name = "FILE")]
+    pub auth: Option<PathBuf>,
+    /// Listen on a non-loopback address without --auth: anyone who can
+    /// reach the port may take, free and look at every lock and set.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Serve plain ws:// on a non-loopback address (no --tls-cert): secrets
+    /// and tokens cross the network readable.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// An origin, besides the server's own, whose pages may open a
+    /// WebSocket to this server (https://app.example.com; `*` for any);
+    /// several, comma-separated. A browser upgrade from any other origin
+    /// is answered 403.
+    #[arg(long, value_name = "ORIGIN", value_delimiter = ',')]
+    pub allow_origin: Vec<String>,
     /// Where the server keeps its files: the write-ahead log and snapshots
     /// of every acknowledged change, and the QUIC certificate. Locked: one
     /// server per directory.
@@ -496,7 +524,14 @@ pub enum ClusterCommand {
 /// The ids of the client-only flags ([`ServerArgs`]): they are global, so
 /// that they go before or after a client subcommand, but mean nothing to
 /// `deadbolt serve`.
-pub const CLIENT_FLAGS: [&str; 5] = ["server", "client_id", "ca", "insecure", "retry_for"];
+pub const CLIENT_FLAGS: [&str; 6] = [
+    "server",
+    "client_id",
+    "ca",
+    "insecure",
+    "auth_file",
+    "retry_for",
+];
 
 /// The command line, with the client-only flags hidden from `deadbolt
 /// serve --help` and later occurrences of a `serve` flag overriding

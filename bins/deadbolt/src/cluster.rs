@@ -27,7 +27,7 @@ async fn readmit(server: &ServerArgs, node: u64) -> anyhow::Result<u8> {
     loop {
         let mut failures = Vec::new();
         for url in server.server.split(',').map(str::trim) {
-            match http(url, "POST", &path).await {
+            match http(url, "POST", &path, server).await {
                 Ok(body) => {
                     println!("{}", body.trim_end());
                     return Ok(0);
@@ -49,7 +49,7 @@ const READMIT_RETRY_AFTER: std::time::Duration = std::time::Duration::from_milli
 async fn status(server: &ServerArgs) -> anyhow::Result<u8> {
     let mut failures = Vec::new();
     for url in server.server.split(',').map(str::trim) {
-        match http(url, "GET", "/cluster").await {
+        match http(url, "GET", "/cluster", server).await {
             Ok(json) => {
                 println!("{}", json.trim_end());
                 return Ok(0);
@@ -60,9 +60,20 @@ async fn status(server: &ServerArgs) -> anyhow::Result<u8> {
     bail!("no node answered: {}", failures.join("; "))
 }
 
-/// `METHOD PATH` on the WebSocket port of `url` (`ws://HOST:PORT/...`): the
-/// body of a `200`, or an error with the status and the body.
-pub(crate) async fn http(url: &str, method: &str, path: &str) -> anyhow::Result<String> {
+/// `METHOD PATH` on the WebSocket port of `url` (`ws://HOST:PORT/...`),
+/// with the secret of `--auth-file`/`DEADBOLT_AUTH` as a bearer token if
+/// there is one (an authenticating server keeps these routes for admins):
+/// the body of a `200`, or an error with the status and the body.
+pub(crate) async fn http(
+    url: &str,
+    method: &str,
+    path: &str,
+    server: &ServerArgs,
+) -> anyhow::Result<String> {
+    let bearer = match crate::connect::secret(server)? {
+        Some(secret) => format!("Authorization: Bearer {}\r\n", secret.expose()),
+        None => String::new(),
+    };
     let authority = url
         .strip_prefix("ws://")
         .context("this needs a ws:// URL (the server's WebSocket port)")?
@@ -73,7 +84,7 @@ pub(crate) async fn http(url: &str, method: &str, path: &str) -> anyhow::Result<
         .await
         .with_context(|| format!("cannot connect to {authority}"))?;
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{bearer}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut answer = Vec::new();

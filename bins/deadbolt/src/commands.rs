@@ -184,10 +184,18 @@ pub async fn inspect(server: &ServerArgs, args: KeyArgs) -> anyhow::Result<u8> {
     let info = client.inspect(&args.key).await?;
     match info.holder {
         None => println!("{}: free, {} waiting", args.key, info.waiters),
-        Some(h) => println!(
-            "{}: held by {} with token {}, {} ms left, {} waiting",
-            args.key, h.client, h.token, h.remaining_ms, info.waiters
-        ),
+        Some(h) => {
+            // The server shows a token only to its holder and to admins.
+            let token = if h.token == deadbolt_core::proto::HIDDEN_TOKEN {
+                "hidden".to_owned()
+            } else {
+                h.token.to_string()
+            };
+            println!(
+                "{}: held by {} with token {token}, {} ms left, {} waiting",
+                args.key, h.client, h.remaining_ms, info.waiters
+            );
+        }
     }
     Ok(0)
 }

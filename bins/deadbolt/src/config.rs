@@ -170,12 +170,20 @@ impl Resolved {
                 out.push_str(&format!("# {long}: not used with {set}\n"));
                 continue;
             }
-            match self.matches.get_raw(id).and_then(|mut raw| raw.next()) {
-                Some(raw) => {
-                    let raw = raw.to_string_lossy();
-                    out.push_str(&format!("{long} = {}\n", toml_value(arg, &raw)));
-                }
-                None => out.push_str(&format!("# {long} = (not set)\n")),
+            // A flag given several values (`allow-origin`) is one
+            // comma-separated string, as the flag takes it.
+            let values: Vec<String> = self
+                .matches
+                .get_raw(id)
+                .into_iter()
+                .flatten()
+                .map(|raw| raw.to_string_lossy().into_owned())
+                .collect();
+            if values.is_empty() {
+                out.push_str(&format!("# {long} = (not set)\n"));
+            } else {
+                let raw = values.join(",");
+                out.push_str(&format!("{long} = {}\n", toml_value(arg, &raw)));
             }
         }
         out

@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use deadbolt_core::client::{
     Client, ClientOptions, Connection, Connector, FailoverConnector, TransportError,
 };
+use deadbolt_core::proto::Secret;
 use deadbolt_transport_quic::{QuicConfig, QuicConnector, Trust, client_config};
-use deadbolt_transport_ws::WsConnector;
+use deadbolt_transport_ws::{TlsDialer, WsConnector};
 use tokio::sync::OnceCell;
 
 use crate::cli::ServerArgs;
@@ -23,6 +24,7 @@ pub async fn client(args: &ServerArgs) -> anyhow::Result<Client> {
     let options = ClientOptions {
         client_id: args.client_id.clone(),
         retry_for: args.retry_for,
+        auth: secret(args)?,
         ..ClientOptions::default()
     };
     match server_urls(&args.server)?.as_slice() {
@@ -33,6 +35,27 @@ pub async fn client(args: &ServerArgs) -> anyhow::Result<Client> {
     }
 }
 
+/// The secret to say in `hello`: the first line of `--auth-file`, else
+/// `DEADBOLT_AUTH`, else none.
+pub fn secret(args: &ServerArgs) -> anyhow::Result<Option<Secret>> {
+    if let Some(path) = &args.auth_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the auth file {}", path.display()))?;
+        let line = text.lines().next().unwrap_or("").trim();
+        if line.is_empty() {
+            bail!(
+                "the auth file {} is empty: its first line is the secret",
+                path.display()
+            );
+        }
+        return Ok(Some(Secret::new(line)));
+    }
+    match std::env::var("DEADBOLT_AUTH") {
+        Ok(secret) if !secret.trim().is_empty() => Ok(Some(Secret::new(secret.trim()))),
+        _ => Ok(None),
+    }
+}
+
 /// The URLs of `--server`: one, or several separated by commas.
 fn server_urls(list: &str) -> anyhow::Result<Vec<&str>> {
     let urls: Vec<&str> = list.split(',').map(str::trim).collect();
@@ -40,8 +63,14 @@ fn server_urls(list: &str) -> anyhow::Result<Vec<&str>> {
         bail!("--server {list:?} has an empty URL: give URLs separated by single commas");
     }
     for url in &urls {
-        if !url.starts_with("ws://") && !url.starts_with("quic://") {
-            bail!("unsupported server URL {url:?}: use ws://HOST:PORT/ws or quic://HOST:PORT");
+        if !["ws://", "wss://", "quic://"]
+            .iter()
+            .any(|s| url.starts_with(s))
+        {
+            bail!(
+                "unsupported server URL {url:?}: use ws://HOST:PORT/ws, wss://HOST:PORT/ws \
+                 or quic://HOST:PORT"
+            );
         }
     }
     Ok(urls)
@@ -57,6 +86,8 @@ async fn connect_one(
     let connected = if url.starts_with("quic://") {
         let connector = QuicConnector::from_url(url, &trust(args)?, &QuicConfig::default()).await?;
         Client::connect(connector, options).await
+    } else if url.starts_with("wss://") {
+        Client::connect(wss(url, &trust(args)?)?, options).await
     } else {
         Client::connect(WsConnector::new(url)?, options).await
     };
@@ -65,7 +96,9 @@ async fn connect_one(
 
 /// Several servers, tried in the order given.
 fn failover(urls: &[&str], args: &ServerArgs) -> anyhow::Result<FailoverConnector> {
-    let quic = urls.iter().any(|url| url.starts_with("quic://"));
+    let quic = urls
+        .iter()
+        .any(|url| url.starts_with("quic://") || url.starts_with("wss://"));
     // Asked once, so that --insecure warns once and a bad CA file fails
     // now rather than at every connect.
     let trust = quic.then(|| trust(args)).transpose()?;
@@ -78,6 +111,7 @@ fn failover(urls: &[&str], args: &ServerArgs) -> anyhow::Result<FailoverConnecto
             Some(trust) if url.starts_with("quic://") => {
                 servers.push(Arc::new(LazyQuic::new(url, trust.clone())));
             }
+            Some(trust) if url.starts_with("wss://") => servers.push(Arc::new(wss(url, trust)?)),
             _ => servers.push(Arc::new(WsConnector::new(url)?)),
         }
     }
@@ -119,7 +153,13 @@ impl Connector for LazyQuic {
     }
 }
 
-/// Whom a QUIC client trusts.
+/// A wss:// server, whose certificate is checked as `trust` says.
+fn wss(url: &str, trust: &Trust) -> anyhow::Result<WsConnector<TlsDialer>> {
+    let tls = deadbolt_transport_quic::tls::client_tls(trust)?;
+    Ok(WsConnector::with_dialer(url, TlsDialer::new(tls))?)
+}
+
+/// Whom a QUIC (or wss://) client trusts.
 fn trust(args: &ServerArgs) -> anyhow::Result<Trust> {
     if args.insecure {
         eprintln!(
@@ -132,8 +172,8 @@ fn trust(args: &ServerArgs) -> anyhow::Result<Trust> {
         Some(path) => Ok(Trust::CaFile(path.clone())),
         None if Path::new(DEFAULT_CA).exists() => Ok(Trust::CaFile(DEFAULT_CA.into())),
         None => bail!(
-            "a quic:// server needs a certificate to trust: pass --ca FILE (or set \
-             DEADBOLT_CA), e.g. the cert.pem in the server's data directory, or --insecure"
+            "a quic:// or wss:// server needs a certificate to trust: pass --ca FILE (or \
+             set DEADBOLT_CA), e.g. the cert.pem in the server's data directory, or --insecure"
         ),
     }
 }

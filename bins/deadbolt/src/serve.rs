@@ -2,6 +2,7 @@
 //! [`deadbolt_server::run`], until Ctrl-C or SIGTERM.
 
 use anyhow::Context;
+use deadbolt_core::auth::Auth;
 use deadbolt_core::proof::GrantSigner;
 use deadbolt_core::{EngineConfig, Limits};
 use deadbolt_replication::{ClusterConfig, Timings};
@@ -21,13 +22,20 @@ use crate::cli::{ClusterMembers, QuicListen, ServeArgs};
 
 /// Runs the server until a shutdown signal, then stops it gracefully.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    refuse_exposure(&args)?;
     // Held until the server has stopped; the OS lets go of it if the
     // process dies, however it dies.
     let _data_dir = lock_data_dir(&args.data_dir)?;
     let shutdown = shutdown_signal();
+    let auth = match &args.auth {
+        Some(path) => Some(load_auth(path)?),
+        None => None,
+    };
     let mut config = server_config(&args, &memory_budget(&args));
+    config.engine.auth = auth;
     config.engine.grant_signer = grant_signer(&args)?;
-    let listeners = bind(&args, &config.quic).await?;
+    config.ws.tls = ws_tls(&args)?;
+    let listeners = bind(&args, &config).await?;
     let peering = match &args.cluster {
         Some(members) => Some(peering(&args, members, &listeners).await?),
         None => None,
@@ -89,6 +97,110 @@ fn signing_key_in_data_dir(path: &Path) -> anyhow::Result<String> {
     file.write_all(pem.as_bytes())?;
     file.sync_all()?;
     Ok(pem)
+}
+
+/// Refuses a configuration that would expose the server (SPEC section
+/// 10): a non-loopback address without `--auth` (unless
+/// `--insecure-no-auth`), or a non-loopback WebSocket port without TLS
+/// (unless `--insecure-plaintext`). The message says how to fix it.
+fn refuse_exposure(args: &ServeArgs) -> anyhow::Result<()> {
+    let quic = match args.quic {
+        QuicListen::On(addr) => Some(addr),
+        QuicListen::Off => None,
+    };
+    let exposed = std::iter::once(args.ws)
+        .chain(quic)
+        .find(|addr| !addr.ip().is_loopback());
+    if let Some(addr) = exposed
+        && args.auth.is_none()
+        && !args.insecure_no_auth
+    {
+        anyhow::bail!(
+            "refusing to listen on {addr}, which is not a loopback address, without \
+             authentication: anyone who can reach it could take, free and read every lock \
+             and set. Give --auth FILE (principals and their grants; see the README, \
+             \"Securing a server\"), or listen on 127.0.0.1, or pass --insecure-no-auth \
+             if every host that can reach it is trusted"
+        );
+    }
+    if !args.ws.ip().is_loopback() && ws_tls_wanted(args).is_none() && !args.insecure_plaintext {
+        if args.cluster.is_some() {
+            anyhow::bail!(
+                "refusing to serve plain ws:// on {}, which is not a loopback address: a \
+                 cluster node's WebSocket port cannot serve wss:// yet (followers forward to \
+                 the leader's port over ws://). Listen on a private network and pass \
+                 --insecure-plaintext, or run a single server with --tls-cert/--tls-key",
+                args.ws
+            );
+        }
+        anyhow::bail!(
+            "refusing to serve plain ws:// on {}, which is not a loopback address: \
+             secrets and fencing tokens would cross the network readable. Give \
+             --tls-cert FILE --tls-key FILE (the WebSocket port then serves wss://, with \
+             the certificate QUIC uses), or pass --insecure-plaintext if the network \
+             is trusted",
+            args.ws
+        );
+    }
+    Ok(())
+}
+
+/// Reads the auth file, and reloads it on every SIGHUP for as long as the
+/// process runs: open connections keep their principal and get its new
+/// grants. A file that no longer reads is refused and the old policy kept.
+fn load_auth(path: &Path) -> anyhow::Result<Arc<Auth>> {
+    let policy = deadbolt_server::auth_file::load(path)?;
+    tracing::info!(
+        file = %path.display(),
+        principals = ?policy.names().collect::<Vec<_>>(),
+        "authentication on"
+    );
+    let auth = Arc::new(Auth::new(policy));
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot watch for SIGHUP")?;
+    let (reloaded, path) = (Arc::clone(&auth), path.to_owned());
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match deadbolt_server::auth_file::load(&path) {
+                Ok(policy) => {
+                    let names: Vec<&str> = policy.names().collect();
+                    tracing::info!(file = %path.display(), principals = ?names, "auth file reloaded");
+                    reloaded.reload(policy);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "auth file not reloaded; the previous one stays in force");
+                }
+            }
+        }
+    });
+    Ok(auth)
+}
+
+/// The certificate and key the WebSocket port serves `wss://` with: those
+/// of `--tls-cert`/`--tls-key`, except on a cluster node, whose followers
+/// forward to the leader's WebSocket port over plain `ws://` (and dial its
+/// peer port with the same dialer), so its WebSocket port stays plain.
+fn ws_tls_wanted(args: &ServeArgs) -> Option<(&Path, &Path)> {
+    match (&args.tls_cert, &args.tls_key, &args.cluster) {
+        (Some(cert), Some(key), None) => Some((cert, key)),
+        _ => None,
+    }
+}
+
+/// The WebSocket port's TLS configuration (see [`ws_tls_wanted`]).
+fn ws_tls(args: &ServeArgs) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    let Some((cert, key)) = ws_tls_wanted(args) else {
+        if args.tls_cert.is_some() && args.cluster.is_some() {
+            tracing::warn!(
+                "--tls-cert is used by QUIC only: a cluster node's WebSocket port serves plain ws://"
+            );
+        }
+        return Ok(None);
+    };
+    let identity = Identity::load(cert, key)?;
+    let mut tls = deadbolt_transport_quic::tls::server_tls(identity)?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(Arc::new(tls)))
 }
 
 /// A cluster node's peer port (its own entry in `--cluster`) and its place
@@ -230,6 +342,7 @@ fn server_config(args: &ServeArgs, limits: &Derived) -> ServerConfig {
             handshake_timeout: args.handshake_timeout,
             idle_ping: args.idle_ping,
             idle_close: args.idle_ping * 3,
+            allowed_origins: args.allow_origin.clone(),
             ..WsConfig::default()
         },
         storage: storage(args),
@@ -250,7 +363,8 @@ fn server_config(args: &ServeArgs, limits: &Derived) -> ServerConfig {
 
 /// Binds the WebSocket port and the QUIC endpoint, and says where they
 /// listen (tests read these lines: the QUIC URL comes first).
-async fn bind(args: &ServeArgs, quic: &QuicConfig) -> anyhow::Result<Listeners<TcpListener>> {
+async fn bind(args: &ServeArgs, config: &ServerConfig) -> anyhow::Result<Listeners<TcpListener>> {
+    let quic = &config.quic;
     let ws = TcpListener::bind(args.ws)
         .await
         .with_context(|| format!("cannot listen on {}", args.ws))?;
@@ -259,8 +373,9 @@ async fn bind(args: &ServeArgs, quic: &QuicConfig) -> anyhow::Result<Listeners<T
         QuicListen::On(addr) => Some(quic_endpoint(args, addr, quic)?),
         QuicListen::Off => None,
     };
+    let scheme = if config.ws.tls.is_some() { "wss" } else { "ws" };
     tracing::info!(
-        "deadbolt {} listening on ws://{ws_addr}/ws",
+        "deadbolt {} listening on {scheme}://{ws_addr}/ws",
         env!("CARGO_PKG_VERSION")
     );
     Ok(Listeners { ws, quic })

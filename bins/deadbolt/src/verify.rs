@@ -70,7 +70,7 @@ async fn trusted_keys(server: &ServerArgs, pubkey: Option<&str>) -> anyhow::Resu
 async fn fetch_keys(server: &ServerArgs) -> anyhow::Result<String> {
     let mut failures = Vec::new();
     for url in server.server.split(',').map(str::trim) {
-        match crate::cluster::http(url, "GET", "/pubkey").await {
+        match crate::cluster::http(url, "GET", "/pubkey", server).await {
             Ok(body) => return Ok(body),
             Err(error) => failures.push(format!("{url}: {error:#}")),
         }

@@ -60,9 +60,15 @@ fn members() -> String {
 
 /// Node `id` of `cluster`, its data in `dir`/node`id`.
 fn start_node(dir: &std::path::Path, cluster: &str, id: usize) -> Node {
+    start_node_with(dir, cluster, id, &[])
+}
+
+/// Node `id` of `cluster`, with `extra` flags.
+fn start_node_with(dir: &std::path::Path, cluster: &str, id: usize, extra: &[&str]) -> Node {
     let mut child = Command::new(BIN)
         .args(["serve", "--ws", "127.0.0.1:0", "--quic", "off"])
         .args(["--node-id", &id.to_string(), "--cluster", cluster])
+        .args(extra)
         .arg("--data-dir")
         .arg(dir.join(format!("node{id}")))
         .stderr(Stdio::piped())
@@ -80,10 +86,18 @@ fn start_cluster(dir: &std::path::Path) -> Vec<Node> {
 /// `METHOD PATH` on the WebSocket port of the node at `url`: the status
 /// line and the body.
 fn http(url: &str, method: &str, path: &str) -> Option<(String, String)> {
+    http_as(url, method, path, None)
+}
+
+/// [`http`] with an admin's secret as the bearer token.
+fn http_as(url: &str, method: &str, path: &str, bearer: Option<&str>) -> Option<(String, String)> {
     let authority = url.strip_prefix("ws://")?.split('/').next()?;
     let mut stream = TcpStream::connect(authority).ok()?;
+    let bearer = bearer
+        .map(|secret| format!("Authorization: Bearer {secret}\r\n"))
+        .unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{bearer}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).ok()?;
     let mut answer = String::new();
@@ -94,18 +108,28 @@ fn http(url: &str, method: &str, path: &str) -> Option<(String, String)> {
 
 /// `GET /cluster` on the node at `url`, as JSON.
 fn status(url: &str) -> Option<serde_json::Value> {
-    serde_json::from_str(&http(url, "GET", "/cluster")?.1).ok()
+    status_as(url, None)
+}
+
+/// [`status`] from a node that keeps `/cluster` for admins.
+fn status_as(url: &str, bearer: Option<&str>) -> Option<serde_json::Value> {
+    serde_json::from_str(&http_as(url, "GET", "/cluster", bearer)?.1).ok()
 }
 
 /// Waits until the nodes agree on a leader; its index among `nodes`.
 fn wait_for_leader(nodes: &[Node], except: Option<usize>) -> usize {
+    wait_for_leader_as(nodes, except, None)
+}
+
+/// [`wait_for_leader`], asking `/cluster` with `bearer`.
+fn wait_for_leader_as(nodes: &[Node], except: Option<usize>, bearer: Option<&str>) -> usize {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
         for (index, node) in nodes.iter().enumerate() {
             if Some(index) == except {
                 continue;
             }
-            let leads = status(&node.url).is_some_and(|s| s["state"] == "leader");
+            let leads = status_as(&node.url, bearer).is_some_and(|s| s["state"] == "leader");
             if leads {
                 return index;
             }
@@ -468,4 +492,56 @@ async fn an_ephemeral_lock_taken_through_a_follower_ends_with_its_leader() {
             Err(error) => panic!("try_lock: {error}"),
         }
     }
+}
+
+/// With `--auth` on every node, a follower checks its client's grants and
+/// forwards what they allow to the leader with the client's own secret,
+/// where the leader checks them again (SPEC section 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_with_its_clients_secret_and_refuses_outside_the_grants() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        "[[principal]]\nname = \"workers\"\nsecret = \"workers-secret\"\nlocks = [\"jobs/\"]\nread = [\"\"]\n\
+         [[principal]]\nname = \"ops\"\nsecret = \"ops-secret\"\nadmin = true\n",
+    )
+    .expect("write the auth file");
+    let auth = auth.to_str().expect("utf-8 path");
+    let cluster = members();
+    let nodes: Vec<Node> = (1..=3)
+        .map(|id| start_node_with(dir.path(), &cluster, id, &["--auth", auth]))
+        .collect();
+    // `/cluster` is for admins now.
+    assert!(status(&nodes[0].url).is_none());
+    let leader = wait_for_leader_as(&nodes, None, Some("ops-secret"));
+    let follower = &nodes[(leader + 1) % nodes.len()];
+    let options = ClientOptions {
+        client_id: Some("worker-f".to_owned()),
+        retry_for: Duration::from_secs(20),
+        auth: Some(deadbolt_core::proto::Secret::new("workers-secret")),
+        ..ClientOptions::default()
+    };
+    let connector = WsConnector::new(&follower.url).expect("url");
+    let client = Client::connect(connector, options).await.expect("hello");
+    let guard = loop {
+        match client.try_lock("jobs/1", TTL).await {
+            Ok(Some(guard)) => break guard,
+            Err(error) if retryable(&error) => tokio::time::sleep(HOLD).await,
+            other => panic!("a forwarded lock in the grants: {other:?}"),
+        }
+    };
+    let refused = client
+        .try_lock("other", TTL)
+        .await
+        .expect_err("outside the grants");
+    assert_eq!(refused.code(), Some(ErrorCode::Unauthorized), "{refused}");
+    // The leader saw the client's own id: it holds the lock there.
+    let info = client.inspect("jobs/1").await.expect("inspect");
+    let holder = info.holder.expect("held");
+    assert_eq!(
+        (holder.client.as_str(), holder.token),
+        ("worker-f", guard.token())
+    );
+    guard.unlock().await.expect("unlock");
 }

@@ -391,7 +391,9 @@ fn command_line_mistakes_get_one_clear_message() {
         "--server",
         "--client-id",
         "--ca ",
-        "--insecure",
+        // A switch ends its line (serve's own --insecure-no-auth does not).
+        "--insecure\n",
+        "--auth-file",
         "--retry-for",
     ] {
         assert!(!help.contains(flag), "{flag} in serve --help:\n{help}");

@@ -16,7 +16,9 @@ import pytest
 class Server:
     """A `deadbolt serve` process on a loopback port of its own."""
 
-    def __init__(self, data_dir: Path, port: int = 0, quic: bool = False, extra: Optional[List[str]] = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int = 0, quic: bool = False, extra: Optional[List[str]] = None
+    ) -> None:
         binary = os.environ.get("DEADBOLT_BIN")
         if not binary:
             pytest.fail("DEADBOLT_BIN must name the deadbolt binary (cargo test sets it)")
@@ -26,7 +28,7 @@ class Server:
         self.url = ""
         self.quic = quic
         self.quic_url = ""
-        #: More `deadbolt serve` flags.
+        #: More flags for `deadbolt serve` (`--auth FILE`).
         self.extra = list(extra or [])
         #: The self-signed certificate QUIC clients trust.
         self.cert = str(data_dir / "cert.pem")
@@ -52,8 +54,9 @@ class Server:
             log.append(line)
             if "quic://" in line:
                 self.quic_url = line[line.index("quic://"):].split()[0]
-            elif "ws://" in line:
-                self.url = line[line.index("ws://"):].split()[0]
+            elif "ws://" in line or "wss://" in line:
+                at = line.index("wss://") if "wss://" in line else line.index("ws://")
+                self.url = line[at:].split()[0]
                 self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
                 break
         else:
@@ -86,5 +89,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def own_server(tmp_path: Path) -> Iterator[Server]:
     """A server of the test's own, which it may kill and restart."""
     running = Server(tmp_path / "data")
+    yield running
+    running.stop()
+
+
+AUTH_POLICY = """
+[[principal]]
+name = "workers"
+secret = "workers-secret"
+locks = ["jobs/"]
+read = [""]
+"""
+
+
+@pytest.fixture
+def auth_server(tmp_path: Path) -> Iterator[Server]:
+    """A server started with --auth: principal `workers` may lock `jobs/`."""
+    policy = tmp_path / "auth.toml"
+    policy.write_text(AUTH_POLICY)
+    running = Server(tmp_path / "data", extra=["--auth", str(policy)])
     yield running
     running.stop()

@@ -306,3 +306,46 @@ def test_bad_urls_are_refused_with_a_clear_message() -> None:
         deadbolt.Client("quic://no-port")
     with pytest.raises(ValueError, match="ws://HOST:PORT/ws"):
         deadbolt.Client("http://127.0.0.1:7420")
+
+
+@run_async
+async def test_a_secret_is_said_in_hello_to_a_server_with_auth(auth_server: Any) -> None:
+    with pytest.raises(deadbolt.Unauthorized):
+        await deadbolt.connect(auth_server.url, retry_for=0.5)
+    client = await deadbolt.connect(auth_server.url, auth="workers-secret")
+    try:
+        lock = await client.try_lock("jobs/py", ttl=30)
+        assert lock is not None and lock.token > 0
+        with pytest.raises(deadbolt.Unauthorized):
+            await client.try_lock("other", ttl=30)
+        await lock.unlock()
+        assert "workers-secret" not in repr(client)
+    finally:
+        await client.close()
+
+
+@run_async
+async def test_wss_with_the_servers_certificate_and_a_secret(server: Any, tmp_path: Any) -> None:
+    from conftest import AUTH_POLICY, Server
+
+    policy = tmp_path / "auth.toml"
+    policy.write_text(AUTH_POLICY)
+    # The shared server runs QUIC, so its data directory holds the
+    # self-signed certificate QUIC uses: serve wss:// with the same pair.
+    key = server.cert.replace("cert.pem", "key.pem")
+    tls = Server(
+        tmp_path / "data",
+        extra=["--auth", str(policy), "--tls-cert", server.cert, "--tls-key", key],
+    )
+    try:
+        assert tls.url.startswith("wss://"), tls.url
+        url = tls.url.replace("127.0.0.1", "localhost")
+        client = await deadbolt.connect(url, ca=server.cert, auth="workers-secret")
+        try:
+            lock = await client.try_lock("jobs/wss", ttl=30)
+            assert lock is not None
+            await lock.unlock()
+        finally:
+            await client.close()
+    finally:
+        tls.stop()

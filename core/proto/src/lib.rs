@@ -38,7 +38,9 @@
 //! - [`error`]: wire error codes and the error a server sends;
 //! - [`wire`]: JSON encode and decode, where every field and bound is
 //!   checked once so that nothing past the decoder meets bad input;
-//! - [`limits`]: every bound, each configurable.
+//! - [`limits`]: every bound, each configurable;
+//! - [`secret`]: the `auth` secret of `hello`, redacted and compared in
+//!   constant time.
 
 pub mod error;
 pub mod limits;
@@ -48,16 +50,19 @@ pub mod proof;
 pub mod reply;
 pub mod request;
 mod rules;
+pub mod secret;
 pub mod wire;
 
 pub use error::{ErrorCode, ServerError};
 pub use ops::{OP_NAMES, OpKind};
+pub use reply::HIDDEN_TOKEN;
 pub use reply::{
     Empty, Extended, FromOkay, Granted, HeldLock, HelloReply, HolderInfo, Inserted, InsertedMany,
     LockCounters, LockInfo, Member, MembersPage, Okay, Outcome, SetCounters, SetInfo, SetSummary,
     SetUpReply, StatsReply, TornDown,
 };
 pub use request::{Acquire, Keys, LockOp, Op, Request, RequestId, SetOp, Wait};
+pub use secret::Secret;
 pub use wire::{DecodeError, Reply, decode_reply, decode_request, encode_reply, encode_request};
 
 /// The protocol version this crate speaks (SPEC section 4).

@@ -76,6 +76,9 @@ impl Default for Limits {
     }
 }
 
+/// Longest `auth` secret in a `hello`, in bytes (SPEC section 10).
+pub const SECRET_BYTES_MAX: usize = 1024;
+
 /// `n` GiB, or as much as a `usize` holds.
 pub fn gib(n: u64) -> usize {
     usize::try_from(n << 30).unwrap_or(usize::MAX)

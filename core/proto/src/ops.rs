@@ -33,7 +33,7 @@
 
 use super::macros::{define_ops, wire_fields};
 use super::request::{Acquire, Keys, LockOp, Op, SetOp};
-use super::rules::{Count, Flag, InRange, Integer, IntegerOr, OneOrMany, Text, WaitMs};
+use super::rules::{Count, Flag, InRange, Integer, IntegerOr, OneOrMany, OptSecret, Text, WaitMs};
 
 wire_fields! {
     // SPEC section 4: unknown fields are ignored, so that a newer client
@@ -55,16 +55,19 @@ wire_fields! {
     limit: u64,
     top: u64,
     ephemeral: bool,
+    auth: String,
 }
 
 define_ops! {
     |limits|
 
     /// `hello` (SPEC section 4): binds the client id to the connection;
-    /// sent first, and answered with the id and the server's name.
+    /// sent first, and answered with the id and the server's name. With
+    /// `auth` (SPEC section 10), the principal's secret.
     Hello = "hello" -> Hello {
         client: client => Text(limits.client_id_bytes_max),
-    } => { Op::Hello { client } }
+        auth: auth => OptSecret(crate::limits::SECRET_BYTES_MAX),
+    } => { Op::Hello { client, auth } }
 
     /// `ping`: a liveness check, answered `{}`.
     Ping = "ping" -> Empty {} => { Op::Ping }

@@ -146,10 +146,24 @@ pub struct LockInfo {
 pub struct HolderInfo {
     /// The holder's client id.
     pub client: String,
-    /// The fencing token of the grant.
+    /// The fencing token of the grant, or [`HIDDEN_TOKEN`] (left out on
+    /// the wire) when the asker may not see it: with authentication on,
+    /// only the holder's own client id and admins see it (SPEC section
+    /// 10).
+    #[serde(default, skip_serializing_if = "is_hidden")]
     pub token: u64,
     /// What is left of the lease, rounded down.
     pub remaining_ms: u64,
+}
+
+/// The `token` of a [`HolderInfo`] whose token is not shown. Tokens start
+/// at 1, so 0 never names a grant.
+pub const HIDDEN_TOKEN: u64 = 0;
+
+// serde's `skip_serializing_if` passes a reference.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_hidden(token: &u64) -> bool {
+    *token == HIDDEN_TOKEN
 }
 
 /// Reply to `set_up`.

@@ -20,6 +20,8 @@ pub enum Op {
     Hello {
         /// The client id, 1..=64 bytes.
         client: String,
+        /// The principal's secret, where the server requires one.
+        auth: Option<crate::Secret>,
     },
     /// Answer `{}`: a liveness check.
     Ping,

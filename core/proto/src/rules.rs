@@ -56,6 +56,35 @@ impl Rule for Text {
     }
 }
 
+/// An optional secret of 1..=`max` bytes: the `auth` of `hello`.
+pub(crate) struct OptSecret(pub usize);
+
+impl Rule for OptSecret {
+    type Value = Option<crate::Secret>;
+    type Wire = Slot<String>;
+    type Out<'a> = Option<&'a str>;
+
+    fn decode(self, slot: Slot<String>) -> Result<Self::Value, ServerError> {
+        let name = slot.name;
+        let Some(text) = slot.value else {
+            return Ok(None);
+        };
+        // Not `text_in_bounds`: its message would say nothing secret, but
+        // keep the rule's errors free of the value in any case.
+        if text.is_empty() || text.len() > self.0 {
+            return Err(ServerError::bad_request(format!(
+                "field `{name}` must be 1..={} bytes",
+                self.0
+            )));
+        }
+        Ok(Some(crate::Secret::new(text)))
+    }
+
+    fn encode(value: &Self::Value) -> Option<&str> {
+        value.as_ref().map(crate::Secret::expose)
+    }
+}
+
 /// A required unsigned 64-bit integer, any value: a token, a request id.
 pub(crate) struct Integer;
 

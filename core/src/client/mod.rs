@@ -146,6 +146,9 @@ pub struct ClientOptions {
     pub retry_delay: Duration,
     /// The longest delay between retries.
     pub retry_delay_max: Duration,
+    /// The principal's secret, said in every `hello`, for a server that
+    /// authenticates its clients (SPEC section 10).
+    pub auth: Option<crate::proto::Secret>,
 }
 
 impl Default for ClientOptions {
@@ -155,6 +158,7 @@ impl Default for ClientOptions {
             retry_for: Duration::from_secs(30),
             retry_delay: Duration::from_millis(20),
             retry_delay_max: Duration::from_secs(1),
+            auth: None,
         }
     }
 }
@@ -264,6 +268,7 @@ impl Client {
             id: self.next_request_id(),
             op: Op::Hello {
                 client: self.inner.client_id.clone(),
+                auth: self.inner.options.auth.clone(),
             },
         };
         if let Err(error) = connection.call(hello).await? {

@@ -126,6 +126,9 @@ pub struct EngineConfig {
     /// answers (SPEC section 10). Wall-clock time goes into each proof, so
     /// signing happens in the session, never in the state machine.
     pub grant_signer: Option<Arc<GrantSigner>>,
+    /// With an auth file (SPEC section 10): who may connect and what each
+    /// principal may do. `None`: everyone may do everything.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -139,6 +142,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("journal", &self.journal.is_some())
             .field("invariant_alarm", &self.invariant_alarm.is_some())
             .field("grant_signer", &self.grant_signer)
+            .field("auth", &self.auth.is_some())
             .finish()
     }
 }
@@ -156,6 +160,7 @@ impl EngineConfig {
             journal: None,
             invariant_alarm: None,
             grant_signer: None,
+            auth: None,
         }
     }
 
@@ -304,6 +309,8 @@ struct EngineInner {
     forwarding: Option<Forwarding>,
     /// Signs grants, if the server was asked to.
     grant_signer: Option<Arc<GrantSigner>>,
+    /// Who may do what, if authentication is on.
+    auth: Option<Arc<crate::auth::Auth>>,
 }
 
 /// How long top lists are reused. Gathering them scans every lock and set
@@ -411,6 +418,7 @@ impl Engine {
                 top_lists: tokio::sync::Mutex::new(None),
                 forwarding,
                 grant_signer: config.grant_signer,
+                auth: config.auth,
             }),
         }
     }
@@ -424,6 +432,12 @@ impl Engine {
     /// The key grants are signed with, if they are (`--sign-grants`).
     pub fn grant_signer(&self) -> Option<&Arc<GrantSigner>> {
         self.inner.grant_signer.as_ref()
+    }
+
+    /// Who may do what, if the server authenticates its clients (SPEC
+    /// section 10); `None`: everyone may do everything.
+    pub fn auth(&self) -> Option<&Arc<crate::auth::Auth>> {
+        self.inner.auth.as_ref()
     }
 
     /// The bounds this engine enforces; transports decode with them.

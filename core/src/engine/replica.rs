@@ -77,9 +77,14 @@ pub trait Forwarder: Send + Sync + 'static {
     fn leader(&self) -> Option<u64>;
 
     /// A connection to the leader, and its node id, that has already said
-    /// `hello` as `client`; or `unavailable` if there is no leader to
-    /// reach.
-    async fn open(&self, client: &str) -> Result<(u64, Arc<dyn Connection>), ServerError>;
+    /// `hello` as `client` (with the secret `auth`, where the servers
+    /// authenticate: the leader checks the same principal); or
+    /// `unavailable` if there is no leader to reach.
+    async fn open(
+        &self,
+        client: &str,
+        auth: Option<&crate::proto::Secret>,
+    ) -> Result<(u64, Arc<dyn Connection>), ServerError>;
 }
 
 /// How an engine takes part in a replicated group.

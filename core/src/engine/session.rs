@@ -9,11 +9,12 @@ use super::actor::ShardMsg;
 use super::mailbox::Refused;
 use super::replica::Forwarding;
 use super::{Engine, Frontend};
+use crate::auth::{Need, Principal, quota, unauthorized};
 use crate::client::Connection;
 use crate::proto::proof::{MODE_EXCLUSIVE, Statement};
 use crate::proto::{
-    HelloReply, LockOp, Okay, Op, OpKind, Outcome, Reply, Request, RequestId, SERVER_NAME,
-    ServerError, Wait,
+    HIDDEN_TOKEN, HelloReply, LockOp, Okay, Op, OpKind, Outcome, Reply, Request, RequestId,
+    SERVER_NAME, Secret, ServerError, Wait,
 };
 use crate::shard::{Caller, ClientId, ConnId, Handle, ShardOp};
 
@@ -62,6 +63,28 @@ struct SessionState {
     /// The ids of the requests being carried out (SPEC: unique among a
     /// connection's requests in flight).
     in_flight: HashSet<RequestId>,
+    /// With authentication on, who the connection proved it is.
+    principal: Option<Authenticated>,
+    /// With authentication on, the ephemeral grants made to this
+    /// connection: they end with it, and leave their principal's quota.
+    ephemeral: Vec<(String, u64)>,
+}
+
+/// The principal a connection authenticated as. Its name is kept, not its
+/// grants: those are looked up in the policy at each request, so that a
+/// reloaded auth file applies to open connections.
+#[derive(Debug, Clone)]
+struct Authenticated {
+    name: Arc<str>,
+    /// Said again to the leader by a follower that forwards.
+    secret: Secret,
+}
+
+/// A request that passed authorisation: its principal (with authentication
+/// on) and its place among the principal's waiters, if it may wait.
+struct Admitted<'a> {
+    principal: Option<Arc<Principal>>,
+    _waiting: Option<quota::Waiting<'a>>,
 }
 
 /// A `lock` request that may be queued in a shard.
@@ -83,6 +106,8 @@ impl Session {
                     client: Arc::from(client),
                     waiting: HashMap::new(),
                     in_flight: HashSet::new(),
+                    principal: None,
+                    ephemeral: Vec::new(),
                 }),
                 leader_link: tokio::sync::Mutex::new(None),
                 ended: Arc::new(tokio::sync::watch::Sender::new(false)),
@@ -141,23 +166,38 @@ impl Session {
             };
         }
         let _in_flight = InFlight { session: self, id };
+        let admitted = match self.admit(&request.op) {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                return Reply {
+                    id: Some(id),
+                    outcome: Err(error),
+                };
+            }
+        };
+        // For the quota ledger, which reads it with the answer.
+        let effect = admitted
+            .principal
+            .as_ref()
+            .and_then(|_| quota::Effect::of(&request.op));
         let started = tokio::time::Instant::now();
         let kind = request.op.kind();
         let ephemeral = matches!(&request.op, Op::Lock(LockOp::Acquire(a)) if a.ephemeral);
         let to_prove = self.to_prove(&request.op);
         if let Some(forwarding) = self.forwards(&request.op) {
             let outcome = self.forward(forwarding, request).await;
-            let outcome = self.prove(to_prove, outcome);
+            let mut outcome = self.prove(to_prove, outcome);
             if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
                 self.pin_to_link().await;
             }
+            self.settle(&admitted, effect.as_ref(), &mut outcome);
             return Reply {
                 id: Some(id),
                 outcome,
             };
         }
         let outcome = match request.op {
-            Op::Hello { client } => Ok(self.hello(client)),
+            Op::Hello { client, auth } => self.hello(client, auth),
             Op::Ping => Ok(Okay::EMPTY),
             Op::Cancel { target } => self.cancel(target).await,
             Op::Stats { .. } if self.inner.engine.is_shutting_down() => {
@@ -170,10 +210,11 @@ impl Session {
             Op::Lock(op) => self.call_shard(id, ShardOp::Lock(op)).await,
             Op::Set(op) => self.call_shard(id, ShardOp::Set(op)).await,
         };
-        let outcome = self.prove(to_prove, outcome);
+        let mut outcome = self.prove(to_prove, outcome);
         if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
             self.pin_to_role();
         }
+        self.settle(&admitted, effect.as_ref(), &mut outcome);
         self.duration(kind).record(started.elapsed().as_secs_f64());
         Reply {
             id: Some(id),
@@ -282,7 +323,11 @@ impl Session {
                 "the leader changed: this connection's ephemeral locks are gone",
             ));
         }
-        let (node, connection) = forwarding.forwarder.open(&self.client()).await?;
+        let secret = self.state().principal.as_ref().map(|p| p.secret.clone());
+        let (node, connection) = forwarding
+            .forwarder
+            .open(&self.client(), secret.as_ref())
+            .await?;
         *link = Some((node, Arc::clone(&connection)));
         Ok(connection)
     }
@@ -346,16 +391,122 @@ impl Session {
         self.watch(async move { connection.closed().await });
     }
 
-    fn hello(&self, client: String) -> Okay {
+    fn hello(&self, client: String, secret: Option<Secret>) -> Outcome {
+        let principal = self.authenticate(&client, secret)?;
         // A link to the leader speaks for the old client id.
         if let Ok(mut link) = self.inner.leader_link.try_lock() {
             *link = None;
         }
-        self.state().client = Arc::from(client.as_str());
-        Okay::Hello(HelloReply {
+        let mut state = self.state();
+        state.client = Arc::from(client.as_str());
+        if principal.is_some() {
+            state.principal = principal;
+        }
+        drop(state);
+        Ok(Okay::Hello(HelloReply {
             client,
             server: SERVER_NAME.to_owned(),
+        }))
+    }
+
+    /// With authentication on, the principal whose secret `secret` is,
+    /// now owning `client`; `unauthorized` (and nothing changed) if there
+    /// is none or another principal owns the id. Without, `None`.
+    fn authenticate(
+        &self,
+        client: &str,
+        secret: Option<Secret>,
+    ) -> Result<Option<Authenticated>, ServerError> {
+        let Some(auth) = self.inner.engine.auth() else {
+            return Ok(None);
+        };
+        let secret = secret.ok_or_else(|| {
+            unauthorized("this server requires `auth` in `hello`: a principal's secret")
+        })?;
+        let principal = auth
+            .policy()
+            .authenticate(&secret)
+            .ok_or_else(|| unauthorized("no principal has this secret"))?;
+        auth.claim(client, &principal.name)?;
+        Ok(Some(Authenticated {
+            name: Arc::from(principal.name.as_str()),
+            secret,
+        }))
+    }
+
+    /// Checks `op` against the grants of the connection's principal (with
+    /// authentication on) and its quotas: `unauthorized` before a
+    /// successful `hello` and outside the grants, `overloaded` past a
+    /// quota. Nothing has changed when either is answered.
+    fn admit(&self, op: &Op) -> Result<Admitted<'_>, ServerError> {
+        let Some(auth) = self.inner.engine.auth() else {
+            return Ok(Admitted {
+                principal: None,
+                _waiting: None,
+            });
+        };
+        if let Op::Hello { .. } = op {
+            // `hello` is how a connection authenticates: checked there.
+            return Ok(Admitted {
+                principal: None,
+                _waiting: None,
+            });
+        }
+        let name = self.state().principal.as_ref().map(|p| Arc::clone(&p.name));
+        let name = name.ok_or_else(|| {
+            unauthorized("say `hello` with `auth` first: this server authenticates its clients")
+        })?;
+        let principal = auth.policy().get(&name).ok_or_else(|| {
+            unauthorized(format!("principal `{name}` is no longer in the auth file"))
+        })?;
+        let need = Need::of(op);
+        if !principal.allows(need) {
+            return Err(unauthorized(refusal(&name, op, need)));
+        }
+        let now = tokio::time::Instant::now();
+        let waiting = auth.usage().admit(&principal, op, now)?;
+        Ok(Admitted {
+            principal: Some(principal),
+            _waiting: waiting,
         })
+    }
+
+    /// After a request ran, with authentication on: counts what it changed
+    /// against its principal's quotas, and hides a holder's token from
+    /// `inspect` unless the asker holds the lock or is an admin.
+    fn settle(
+        &self,
+        admitted: &Admitted<'_>,
+        effect: Option<&quota::Effect>,
+        outcome: &mut Outcome,
+    ) {
+        let (Some(principal), Some(effect), Some(auth)) =
+            (&admitted.principal, effect, self.inner.engine.auth())
+        else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let ttl_ms_max = self.inner.engine.limits().ttl_ms_max;
+        auth.usage()
+            .record(&principal.name, effect, outcome, now, ttl_ms_max);
+        match (effect, outcome) {
+            (
+                quota::Effect::Grant {
+                    key,
+                    ephemeral: true,
+                },
+                Ok(Okay::Granted(g)),
+            ) => {
+                self.state().ephemeral.push((key.clone(), g.token));
+            }
+            (quota::Effect::Inspect, Ok(Okay::LockInfo(info))) if !principal.admin => {
+                let me = self.client();
+                if let Some(holder) = info.holder.as_mut().filter(|h| *h.client != *me) {
+                    holder.token = HIDDEN_TOKEN;
+                }
+            }
+            _ => {}
+        }
     }
 
     async fn cancel(&self, target: RequestId) -> Outcome {
@@ -431,6 +582,24 @@ fn wall_clock_ms() -> u64 {
     u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// What `unauthorized` says about `op`: which grant the principal lacks.
+fn refusal(name: &str, op: &Op, need: Need<'_>) -> String {
+    let op = op.name();
+    match need {
+        Need::Lock(key) => {
+            format!("principal `{name}` may not `{op}` key `{key}` (no `locks` prefix of it)")
+        }
+        Need::Set(set) => {
+            format!("principal `{name}` may not `{op}` set `{set}` (no `sets` prefix of it)")
+        }
+        Need::Read(what) => {
+            format!("principal `{name}` may not `{op}` `{what}` (no `read` prefix of it)")
+        }
+        Need::Admin => format!("principal `{name}` may not `{op}`: it is not an admin"),
+        Need::Session => format!("principal `{name}` may not `{op}`"),
+    }
+}
+
 /// Frees a request's id when it ends, answered or dropped.
 struct InFlight<'a> {
     session: &'a Session,
@@ -479,6 +648,12 @@ impl std::fmt::Debug for SessionInner {
 impl Drop for SessionInner {
     fn drop(&mut self) {
         self.engine.session_closed(self.frontend);
+        if let Some(auth) = self.engine.auth() {
+            let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+            for (key, token) in state.ephemeral.drain(..) {
+                auth.usage().release(&key, token);
+            }
+        }
         for mailbox in self.engine.mailboxes() {
             // Ephemeral locks must be released: a notice is never refused.
             mailbox.notify(ShardMsg::Closed { conn: self.conn });

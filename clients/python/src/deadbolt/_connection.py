@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from typing import Any, Dict, Optional, Protocol
 
 
@@ -42,11 +43,21 @@ class Connection:
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def open(cls, url: str, timeout: float) -> "Connection":
-        """Opens a connection to ``url``; raises :class:`Lost` if it cannot."""
+    async def open(
+        cls, url: str, timeout: float, ca: Optional[str] = None, insecure: bool = False
+    ) -> "Connection":
+        """Opens a connection to ``url``; raises :class:`Lost` if it cannot.
+        A ``wss://`` server's certificate is checked against ``ca`` (a PEM
+        file; default: the system's), or not at all if ``insecure``."""
+        context: Optional[ssl.SSLContext] = None
+        if url.startswith("wss://"):
+            context = ssl.create_default_context(cafile=ca)
+            if insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
         try:
             ws = await asyncio.wait_for(
-                ws_connect(url, max_size=MESSAGE_BYTES_MAX * 2, open_timeout=None),
+                ws_connect(url, max_size=MESSAGE_BYTES_MAX * 2, open_timeout=None, ssl=context),
                 timeout,
             )
         except Exception as error:  # noqa: BLE001 - refused, reset, timed out, not a WebSocket...

@@ -178,6 +178,7 @@ class Client:
         connect_timeout: Seconds = 5.0,
         ca: Optional[str] = None,
         insecure: bool = False,
+        auth: Optional[str] = None,
     ) -> None:
         if isinstance(urls, str):
             urls = [u.strip() for u in urls.split(",") if u.strip()]
@@ -200,6 +201,9 @@ class Client:
         self._connect_timeout = _seconds(connect_timeout, "connect_timeout")
         self._ca = ca
         self._insecure = insecure
+        # The principal's secret, for a server started with --auth; never
+        # shown (not in repr).
+        self._auth = auth
         self._at = 0
         self._current: Optional[AnyConnection] = None
         self._reconnecting = asyncio.Lock()
@@ -235,7 +239,7 @@ class Client:
             from ._quic import QuicConnection
 
             return await QuicConnection.open(url, self._connect_timeout, self._ca, self._insecure)
-        return await Connection.open(url, self._connect_timeout)
+        return await Connection.open(url, self._connect_timeout, self._ca, self._insecure)
 
     async def _open(self) -> AnyConnection:
         """Opens a connection to the first URL that answers, from the one
@@ -249,7 +253,10 @@ class Client:
                 last = error
                 continue
             try:
-                await connection.request(next(self._ids), "hello", {"client": self.client_id})
+                hello = {"client": self.client_id}
+                if self._auth:
+                    hello["auth"] = self._auth
+                await connection.request(next(self._ids), "hello", hello)
             except (Unavailable, ShuttingDown):
                 await connection.close()
                 self._at = (at + 1) % len(self.urls)
@@ -786,6 +793,7 @@ async def connect(
     connect_timeout: Seconds = 5.0,
     ca: Optional[str] = None,
     insecure: bool = False,
+    auth: Optional[str] = None,
 ) -> Client:
     """Connects to a deadbolt server and says ``hello``.
 
@@ -803,7 +811,8 @@ async def connect(
     the certificate to trust for them (default: ``$DEADBOLT_CA``, else the
     system's; ``deadbolt serve`` writes its self-signed one as
     ``cert.pem`` in its data directory), and ``insecure`` skips the check,
-    for development only.
+    for development only. ``auth`` is the principal's secret for a server
+    started with ``--auth`` (default: ``$DEADBOLT_AUTH``).
     """
     client = Client(
         urls or os.environ.get("DEADBOLT_SERVER") or DEFAULT_URL,
@@ -812,6 +821,7 @@ async def connect(
         retry_for=retry_for,
         connect_timeout=connect_timeout,
         insecure=insecure,
+        auth=auth or os.environ.get("DEADBOLT_AUTH") or None,
     )
     await client._call("ping", lambda _: {})
     return client

@@ -202,11 +202,14 @@ def connect(
     retry_for: Seconds = 30.0,
     ca: Optional[str] = None,
     insecure: bool = False,
+    auth: Optional[str] = None,
 ) -> Client:
     """Connects; see :func:`deadbolt.connect`."""
     loop = _Loop()
     try:
-        connecting = aio.connect(urls, client_id=client_id, retry_for=retry_for, ca=ca, insecure=insecure)
+        connecting = aio.connect(
+            urls, client_id=client_id, retry_for=retry_for, ca=ca, insecure=insecure, auth=auth
+        )
         inner = loop.run(connecting)
     except BaseException:
         loop.stop()

@@ -1,0 +1,349 @@
+//! `deadbolt serve --auth` as the binary runs it (SPEC section 10): it
+//! refuses to expose itself without authentication or TLS, the command-line
+//! client takes its secret from `--auth-file` or `DEADBOLT_AUTH`, SIGHUP
+//! reloads the auth file under open connections, and the new flags are
+//! keys of the config file.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+mod support;
+use support::read_urls;
+
+const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
+
+const POLICY: &str = r#"
+[[principal]]
+name = "workers"
+secret = "workers-secret"
+locks = ["jobs/"]
+read = [""]
+"#;
+
+/// Runs `deadbolt serve` with `args` on a fresh data directory, expecting
+/// it to exit on its own (a refusal) within 30 s.
+fn serve_refused(dir: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server started instead of refusing: {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn a_non_loopback_address_is_refused_without_auth_or_without_tls_and_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(&auth, POLICY).expect("write the auth file");
+    let auth = auth.to_str().expect("utf-8 path");
+
+    let no_auth = serve_refused(dir.path(), &["--ws", "0.0.0.0:0", "--quic", "off"]);
+    assert!(!no_auth.status.success());
+    let message = String::from_utf8_lossy(&no_auth.stderr);
+    assert!(
+        message.contains("0.0.0.0:0")
+            && message.contains("--auth FILE")
+            && message.contains("--insecure-no-auth"),
+        "{message}"
+    );
+    // QUIC alone on a public address is refused too.
+    let quic = serve_refused(dir.path(), &["--quic", "0.0.0.0:0"]);
+    assert!(String::from_utf8_lossy(&quic.stderr).contains("--insecure-no-auth"));
+
+    let no_tls = serve_refused(
+        dir.path(),
+        &["--ws", "0.0.0.0:0", "--quic", "off", "--auth", auth],
+    );
+    assert!(!no_tls.status.success());
+    let message = String::from_utf8_lossy(&no_tls.stderr);
+    assert!(
+        message.contains("--tls-cert FILE --tls-key FILE")
+            && message.contains("--insecure-plaintext"),
+        "{message}"
+    );
+
+    // Both waived: it listens.
+    let mut child = Command::new(BIN)
+        .args(["serve", "--ws", "0.0.0.0:0", "--quic", "off"])
+        .args(["--insecure-no-auth", "--insecure-plaintext", "--in-memory"])
+        .arg("--data-dir")
+        .arg(dir.path().join("open"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (url, _) = read_urls(&mut child);
+    assert!(url.starts_with("ws://0.0.0.0:"), "{url}");
+    stop(&mut child);
+}
+
+fn stop(child: &mut Child) {
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let _ = child.wait();
+}
+
+/// `deadbolt serve --auth FILE` on loopback, logging everything down to
+/// `trace` into a file; stopped when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    auth: std::path::PathBuf,
+    log: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = dir.path().join("auth.toml");
+        std::fs::write(&auth, POLICY).expect("write the auth file");
+        let log = dir.path().join("server.log");
+        let child = Command::new(BIN)
+            .args([
+                "serve",
+                "--ws",
+                "127.0.0.1:0",
+                "--quic",
+                "off",
+                "--in-memory",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--auth")
+            .arg(&auth)
+            .env("RUST_LOG", "trace")
+            .stderr(std::fs::File::create(&log).expect("the log file"))
+            .spawn()
+            .expect("spawn");
+        let url = listening(&log);
+        Server {
+            child,
+            url,
+            auth,
+            log,
+            dir,
+        }
+    }
+
+    /// Asserts that nothing the server logged holds a secret.
+    fn assert_no_secret_logged(&self) {
+        let log = std::fs::read_to_string(&self.log).expect("the log");
+        assert!(log.contains("listening on"), "{log}");
+        for secret in ["workers-secret", "wrong-secret"] {
+            assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
+        }
+    }
+
+    fn client(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(["--server", &self.url, "--retry-for", "2s"])
+            .args(args)
+            .env_remove("DEADBOLT_AUTH");
+        command
+    }
+}
+
+/// Waits for the server logging to `log` to say where it listens.
+fn listening(log: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(at) = text.find("ws://") {
+            let url = text[at..].split_whitespace().next().expect("a URL");
+            return url.to_owned();
+        }
+        assert!(Instant::now() < deadline, "not listening:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+#[test]
+fn the_command_line_client_says_its_secret_from_a_file_or_the_environment() {
+    let server = Server::start();
+    let refused = server
+        .client(&["try-lock", "jobs/1", "--ttl", "30s"])
+        .output()
+        .expect("run");
+    assert_eq!(refused.status.code(), Some(4));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("unauthorized"), "{message}");
+
+    let secret = server.dir.path().join("secret");
+    std::fs::write(&secret, "workers-secret\n").expect("write");
+    let from_file = server
+        .client(&["try-lock", "jobs/1", "--ttl", "30s", "--auth-file"])
+        .arg(&secret)
+        .output()
+        .expect("run");
+    assert!(from_file.status.success(), "{from_file:?}");
+    let token = String::from_utf8_lossy(&from_file.stdout).trim().to_owned();
+    assert!(token.parse::<u64>().is_ok(), "{token}");
+
+    let from_env = server
+        .client(&["inspect", "jobs/1"])
+        .env("DEADBOLT_AUTH", "workers-secret")
+        .output()
+        .expect("run");
+    assert!(from_env.status.success(), "{from_env:?}");
+    let shown = String::from_utf8_lossy(&from_env.stdout);
+    // Another client id of the same principal: the token is not shown.
+    assert!(shown.contains("with token hidden"), "{shown}");
+
+    let outside = server
+        .client(&["try-lock", "other", "--ttl", "30s"])
+        .env("DEADBOLT_AUTH", "workers-secret")
+        .output()
+        .expect("run");
+    assert_eq!(outside.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&outside.stderr).contains("unauthorized"));
+
+    let wrong = server
+        .client(&["inspect", "jobs/1"])
+        .env("DEADBOLT_AUTH", "wrong-secret")
+        .output()
+        .expect("run");
+    assert_eq!(wrong.status.code(), Some(4));
+    let message = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!message.contains("wrong-secret"), "{message}");
+    server.assert_no_secret_logged();
+}
+
+/// One WebSocket connection, driven by hand.
+struct Raw {
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+}
+
+impl Raw {
+    async fn open(url: &str) -> Raw {
+        let authority = url
+            .strip_prefix("ws://")
+            .and_then(|rest| rest.split('/').next())
+            .expect("a ws:// URL");
+        let stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .expect("tcp");
+        let (ws, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .expect("handshake");
+        Raw { ws }
+    }
+
+    async fn call(&mut self, request: Value) -> Value {
+        self.ws
+            .send(Message::Text(request.to_string().into()))
+            .await
+            .expect("send");
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(5), self.ws.next())
+                .await
+                .expect("an answer within 5 s")
+                .expect("the connection stays open")
+                .expect("a frame");
+            if let Message::Text(text) = frame {
+                return serde_json::from_str(&text).expect("JSON");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_auth_file_under_open_connections() {
+    let server = Server::start();
+    let mut raw = Raw::open(&server.url).await;
+    let hello = json!({"id": 1, "op": "hello", "client": "w", "auth": "workers-secret"});
+    assert!(raw.call(hello).await["ok"].is_object());
+    let lock = |id: u64, key: &str| json!({"id": id, "op": "lock", "key": key, "ttl_ms": 30000, "wait_ms": 0});
+    assert!(raw.call(lock(2, "jobs/1")).await["ok"]["token"].is_u64());
+    assert_eq!(
+        raw.call(lock(3, "moved/1")).await["err"]["code"],
+        "unauthorized"
+    );
+
+    // A broken file is refused, and the old grants stay.
+    std::fs::write(&server.auth, "[[principal]]\nname = \"x\"\n").expect("write");
+    kill(Pid::from_raw(server.child.id() as i32), Signal::SIGHUP).expect("SIGHUP");
+    std::fs::write(&server.auth, POLICY.replace("jobs/", "moved/")).expect("write");
+    kill(Pid::from_raw(server.child.id() as i32), Signal::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut id = 10;
+    loop {
+        id += 1;
+        let reply = raw.call(lock(id, "moved/1")).await;
+        if reply["ok"]["token"].is_u64() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reloaded: {reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The same connection, with the new grants.
+    assert_eq!(
+        raw.call(lock(100, "jobs/2")).await["err"]["code"],
+        "unauthorized"
+    );
+    server.assert_no_secret_logged();
+}
+
+#[test]
+fn the_new_flags_are_keys_of_the_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let printed = Command::new(BIN)
+        .args([
+            "serve",
+            "--auth",
+            "/etc/deadbolt/auth.toml",
+            "--insecure-plaintext",
+        ])
+        .args([
+            "--allow-origin",
+            "https://a.example,https://b.example",
+            "--print-config",
+        ])
+        .output()
+        .expect("run");
+    assert!(printed.status.success(), "{printed:?}");
+    let text = String::from_utf8_lossy(&printed.stdout).into_owned();
+    for line in [
+        "auth = \"/etc/deadbolt/auth.toml\"",
+        "insecure-plaintext = true",
+        "insecure-no-auth = false",
+        "allow-origin = \"https://a.example,https://b.example\"",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+    let file = dir.path().join("deadbolt.toml");
+    std::fs::write(&file, &text).expect("write");
+    let again = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .arg("--print-config")
+        .output()
+        .expect("run");
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(String::from_utf8_lossy(&again.stdout), text);
+}

@@ -1,0 +1,540 @@
+//! Per-principal quotas (SPEC section 10): how many locks a principal may
+//! hold, how many of its `lock` requests may wait, how many sets it may
+//! have created, and how many members it may have put in sets. A request
+//! past a quota is answered `overloaded` before it reaches a shard, so one
+//! principal cannot use up the server's capacity for the others.
+//!
+//! The [`Ledger`] counts from the answers this server gave, in this
+//! process: a grant counts until its unlock, until a later grant of its
+//! key, until its ephemeral connection closes, or until its lease ends as
+//! this front measures it (from the answer, so a little after the shard
+//! does: the count errs on the high side). A set counts from its `set_up`
+//! until its `tear_down` or the end of its time to live, and with it the
+//! members each principal inserted first. What was created before the
+//! process started is not counted (the shards' log has no principals).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::proto::{Keys, LockOp, Okay, Op, Outcome, ServerError, SetOp, Wait};
+
+use super::Principal;
+
+/// How much one principal may hold. In the auth file these are the
+/// optional keys `locks_max`, `waiters_max`, `sets_max` and
+/// `members_max` of a `[[principal]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Locks held at once.
+    pub locks_max: u64,
+    /// `lock` requests that may wait, in flight at once.
+    pub waiters_max: u64,
+    /// Live sets created by the principal.
+    pub sets_max: u64,
+    /// Members the principal inserted first, over live sets.
+    pub members_max: u64,
+}
+
+impl Default for Quotas {
+    /// 10,000 locks, 10,000 waiters, 1,000 sets, 10,000,000 members: a
+    /// tenth of the server's default capacity for sets and members, a
+    /// thousandth for locks.
+    fn default() -> Quotas {
+        Quotas {
+            locks_max: 10_000,
+            waiters_max: 10_000,
+            sets_max: 1_000,
+            members_max: 10_000_000,
+        }
+    }
+}
+
+/// One principal's counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Locks it holds.
+    pub locks: u64,
+    /// Its `lock` requests that may wait, in flight.
+    pub waiters: u64,
+    /// Live sets it created.
+    pub sets: u64,
+    /// Members it inserted first, in live sets.
+    pub members: u64,
+}
+
+/// Every principal's usage, and what it is made of.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    inner: Mutex<Book>,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    usage: HashMap<Arc<str>, Usage>,
+    /// Held locks by key: holder's principal, token, end of lease.
+    held: HashMap<String, Held>,
+    /// Lease ends, to drop ended grants: (end, key), one per held key.
+    lease_ends: BTreeSet<(Instant, String)>,
+    /// Live sets by name.
+    sets: HashMap<String, SetEntry>,
+    /// Ends of time to live: (end, set), one per live set.
+    set_ends: BTreeSet<(Instant, String)>,
+}
+
+#[derive(Debug)]
+struct Held {
+    principal: Arc<str>,
+    token: u64,
+    ends: Instant,
+}
+
+#[derive(Debug)]
+struct SetEntry {
+    /// Who created it, if this process saw it created.
+    creator: Option<Arc<str>>,
+    ends: Instant,
+    /// Members inserted first, per principal.
+    members: HashMap<Arc<str>, u64>,
+}
+
+/// What a request may change that the ledger counts, or that its answer
+/// may need (an `inspect`'s token): taken from the op before it runs, so
+/// that the op itself (an insert batch of thousands of keys) need not be
+/// kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// `lock`: a grant of `key`.
+    Grant {
+        /// The key.
+        key: String,
+        /// Whether it ends with its connection.
+        ephemeral: bool,
+    },
+    /// `extend` of grant `token` of `key`.
+    Extend {
+        /// The key.
+        key: String,
+        /// The grant's token.
+        token: u64,
+    },
+    /// `unlock` of grant `token` of `key`.
+    Release {
+        /// The key.
+        key: String,
+        /// The grant's token.
+        token: u64,
+    },
+    /// `set_up` of `set`.
+    SetUp {
+        /// The set.
+        set: String,
+        /// Its time to live.
+        ttl_ms: u64,
+    },
+    /// `insert` into `set`.
+    Insert {
+        /// The set.
+        set: String,
+    },
+    /// `tear_down` of `set`.
+    TearDown {
+        /// The set.
+        set: String,
+    },
+    /// `inspect`: the holder's token may have to be hidden.
+    Inspect,
+}
+
+impl Effect {
+    /// The effect of `op`, if it has one.
+    pub fn of(op: &Op) -> Option<Effect> {
+        Some(match op {
+            Op::Lock(LockOp::Acquire(a)) => Effect::Grant {
+                key: a.key.clone(),
+                ephemeral: a.ephemeral,
+            },
+            Op::Lock(LockOp::Extend { key, token, .. }) => Effect::Extend {
+                key: key.clone(),
+                token: *token,
+            },
+            Op::Lock(LockOp::Release { key, token }) => Effect::Release {
+                key: key.clone(),
+                token: *token,
+            },
+            Op::Lock(LockOp::Inspect { .. }) => Effect::Inspect,
+            Op::Set(SetOp::SetUp { set, ttl_ms }) => Effect::SetUp {
+                set: set.clone(),
+                ttl_ms: *ttl_ms,
+            },
+            Op::Set(SetOp::Insert { set, .. }) => Effect::Insert { set: set.clone() },
+            Op::Set(SetOp::TearDown { set }) => Effect::TearDown { set: set.clone() },
+            _ => return None,
+        })
+    }
+}
+
+/// Counts a waiting `lock` request until it is answered (dropped).
+#[derive(Debug)]
+pub struct Waiting<'a> {
+    ledger: &'a Ledger,
+    principal: Arc<str>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut book = self.ledger.book();
+        book.entry(&self.principal).waiters -= 1;
+    }
+}
+
+impl Ledger {
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // Every change below leaves the book whole between statements
+        // that could panic (none do), so a poisoned lock is still good.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `principal`'s usage now.
+    pub fn usage(&self, principal: &str, now: Instant) -> Usage {
+        let mut book = self.book();
+        book.expire(now);
+        book.usage.get(principal).copied().unwrap_or_default()
+    }
+
+    /// Admits `op` for `principal` against its quotas, or answers
+    /// `overloaded` naming the quota. A `lock` that may wait is counted
+    /// among the principal's waiters until the returned guard is dropped.
+    pub fn admit(
+        &self,
+        principal: &Principal,
+        op: &Op,
+        now: Instant,
+    ) -> Result<Option<Waiting<'_>>, ServerError> {
+        let mut book = self.book();
+        book.expire(now);
+        let name = principal.name.as_str();
+        let quotas = principal.quotas;
+        let usage = book.usage.get(name).copied().unwrap_or_default();
+        let over = |what: &str, max: u64| {
+            Err(ServerError::overloaded(format!(
+                "principal `{name}` is at its quota of {max} {what}"
+            )))
+        };
+        match op {
+            Op::Lock(LockOp::Acquire(acquire)) => {
+                let holds_it = book
+                    .held
+                    .get(&acquire.key)
+                    .is_some_and(|h| &*h.principal == name);
+                if !holds_it && usage.locks >= quotas.locks_max {
+                    return over("held locks", quotas.locks_max);
+                }
+                if acquire.wait != Wait::Never {
+                    if usage.waiters >= quotas.waiters_max {
+                        return over("waiting lock requests", quotas.waiters_max);
+                    }
+                    let key: Arc<str> = Arc::from(name);
+                    book.entry(&key).waiters += 1;
+                    return Ok(Some(Waiting {
+                        ledger: self,
+                        principal: key,
+                    }));
+                }
+            }
+            Op::Set(SetOp::SetUp { set, .. })
+                if !book.sets.contains_key(set) && usage.sets >= quotas.sets_max =>
+            {
+                return over("sets", quotas.sets_max);
+            }
+            Op::Set(SetOp::Insert { keys, .. }) => {
+                let n = match keys {
+                    Keys::One(_) => 1,
+                    Keys::Many(keys) => keys.len() as u64,
+                };
+                if usage.members.saturating_add(n) > quotas.members_max {
+                    return over("set members", quotas.members_max);
+                }
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// Counts what `outcome`, the answer to `principal`'s request whose
+    /// [`Effect`] is `effect`, changed. `ttl_ms_max` stands in for the time
+    /// to live of a set this process did not see set up.
+    pub fn record(
+        &self,
+        principal: &str,
+        effect: &Effect,
+        outcome: &Outcome,
+        now: Instant,
+        ttl_ms_max: u64,
+    ) {
+        let Ok(okay) = outcome else { return };
+        let mut book = self.book();
+        let after = |ms: u64| now + Duration::from_millis(ms);
+        match (effect, okay) {
+            (Effect::Grant { key, .. }, Okay::Granted(g)) => {
+                book.grant(principal, key, g.token, after(g.ttl_ms));
+            }
+            (Effect::Extend { key, token }, Okay::Extended(e)) => {
+                book.extend(key, *token, after(e.ttl_ms));
+            }
+            (Effect::Release { key, token }, Okay::Empty(_)) => book.release(key, *token),
+            (Effect::SetUp { set, ttl_ms }, Okay::SetUp(reply)) => {
+                let creator = reply.created.then(|| Arc::from(principal));
+                book.set_up(set, creator, after(*ttl_ms));
+            }
+            (Effect::Insert { set }, Okay::Inserted(one)) => {
+                book.add_members(principal, set, u64::from(one.first), after(ttl_ms_max));
+            }
+            (Effect::Insert { set }, Okay::InsertedMany(many)) => {
+                let firsts = many.results.iter().filter(|r| r.first).count() as u64;
+                book.add_members(principal, set, firsts, after(ttl_ms_max));
+            }
+            (Effect::TearDown { set }, Okay::TornDown(_)) => book.tear_down(set),
+            _ => {}
+        }
+    }
+
+    /// An ephemeral grant ended with its connection.
+    pub fn release(&self, key: &str, token: u64) {
+        self.book().release(key, token);
+    }
+}
+
+impl Book {
+    fn entry(&mut self, principal: &Arc<str>) -> &mut Usage {
+        self.usage.entry(Arc::clone(principal)).or_default()
+    }
+
+    /// Drops grants and sets whose time ended by `now`.
+    fn expire(&mut self, now: Instant) {
+        while let Some((ends, key)) = self.lease_ends.first().cloned() {
+            if ends > now {
+                break;
+            }
+            // The entry of the held grant of `key` (one per key).
+            self.lease_ends.pop_first();
+            self.drop_grant(&key);
+        }
+        while let Some((ends, set)) = self.set_ends.first().cloned() {
+            if ends > now {
+                break;
+            }
+            self.set_ends.pop_first();
+            self.tear_down(&set);
+        }
+    }
+
+    fn grant(&mut self, principal: &str, key: &str, token: u64, ends: Instant) {
+        if self.held.get(key).is_some_and(|h| h.token == token) {
+            // A retried lock: the same grant.
+            return self.extend(key, token, ends);
+        }
+        self.drop_grant(key);
+        let principal: Arc<str> = Arc::from(principal);
+        self.entry(&principal).locks += 1;
+        self.held.insert(
+            key.to_owned(),
+            Held {
+                principal,
+                token,
+                ends,
+            },
+        );
+        self.lease_ends.insert((ends, key.to_owned()));
+    }
+
+    fn extend(&mut self, key: &str, token: u64, ends: Instant) {
+        if let Some(held) = self.held.get_mut(key).filter(|h| h.token == token) {
+            // One entry per held key: the index stays the size of `held`.
+            let before = std::mem::replace(&mut held.ends, ends);
+            self.lease_ends.remove(&(before, key.to_owned()));
+            self.lease_ends.insert((ends, key.to_owned()));
+        }
+    }
+
+    fn release(&mut self, key: &str, token: u64) {
+        if self.held.get(key).is_some_and(|h| h.token == token) {
+            self.drop_grant(key);
+        }
+    }
+
+    fn drop_grant(&mut self, key: &str) {
+        if let Some(held) = self.held.remove(key) {
+            self.lease_ends.remove(&(held.ends, key.to_owned()));
+            self.entry(&held.principal).locks -= 1;
+        }
+    }
+
+    fn set_up(&mut self, set: &str, creator: Option<Arc<str>>, ends: Instant) {
+        let entry = self.sets.entry(set.to_owned()).or_insert_with(|| SetEntry {
+            creator: None,
+            ends,
+            members: HashMap::new(),
+        });
+        let before = std::mem::replace(&mut entry.ends, ends);
+        self.set_ends.remove(&(before, set.to_owned()));
+        let newly_created = creator.is_some() && entry.creator.is_none();
+        if newly_created {
+            entry.creator.clone_from(&creator);
+        }
+        self.set_ends.insert((ends, set.to_owned()));
+        if let (true, Some(creator)) = (newly_created, creator) {
+            self.entry(&creator).sets += 1;
+        }
+    }
+
+    fn add_members(&mut self, principal: &str, set: &str, firsts: u64, unknown_ends: Instant) {
+        if firsts == 0 {
+            return;
+        }
+        if !self.sets.contains_key(set) {
+            self.set_up(set, None, unknown_ends);
+        }
+        let principal: Arc<str> = Arc::from(principal);
+        if let Some(entry) = self.sets.get_mut(set) {
+            *entry.members.entry(Arc::clone(&principal)).or_default() += firsts;
+        }
+        self.entry(&principal).members += firsts;
+    }
+
+    fn tear_down(&mut self, set: &str) {
+        let Some(entry) = self.sets.remove(set) else {
+            return;
+        };
+        self.set_ends.remove(&(entry.ends, set.to_owned()));
+        if let Some(creator) = &entry.creator {
+            self.entry(creator).sets -= 1;
+        }
+        for (principal, members) in entry.members {
+            self.entry(&principal).members -= members;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Acquire, Granted, Inserted, SetUpReply, TornDown};
+
+    fn principal(quotas: Quotas) -> Principal {
+        Principal {
+            name: "p".into(),
+            secret: crate::proto::Secret::new("s"),
+            locks: vec![String::new()],
+            sets: vec![String::new()],
+            read: vec![String::new()],
+            admin: false,
+            quotas,
+        }
+    }
+
+    fn effect(op: &Op) -> Effect {
+        Effect::of(op).expect("an op with an effect")
+    }
+
+    fn lock(key: &str, wait: Wait) -> Op {
+        Op::Lock(LockOp::Acquire(Acquire {
+            key: key.into(),
+            ttl_ms: 1000,
+            wait,
+            ephemeral: false,
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_locks_count_until_unlock_or_lease_end() {
+        let ledger = Ledger::default();
+        let p = principal(Quotas {
+            locks_max: 1,
+            ..Quotas::default()
+        });
+        let now = Instant::now();
+        let a = lock("a", Wait::Never);
+        assert!(ledger.admit(&p, &a, now).is_ok());
+        let granted = Ok(Okay::Granted(Granted::new(7, 1000)));
+        ledger.record("p", &effect(&a), &granted, now, 0);
+        // The same key again (a retry) is admitted; another is not.
+        assert!(ledger.admit(&p, &a, now).is_ok());
+        let b = lock("b", Wait::Never);
+        let refused = ledger.admit(&p, &b, now).unwrap_err();
+        assert_eq!(refused.code, crate::proto::ErrorCode::Overloaded);
+        // Released grants leave nothing behind.
+        let c = lock("c", Wait::Never);
+        let other = principal(Quotas::default());
+        let granted_c = Ok(Okay::Granted(Granted::new(8, 1000)));
+        assert!(ledger.admit(&other, &c, now).is_ok());
+        ledger.record("p", &effect(&c), &granted_c, now, 0);
+        let unlock = Op::Lock(LockOp::Release {
+            key: "c".into(),
+            token: 8,
+        });
+        ledger.record("p", &effect(&unlock), &Ok(Okay::EMPTY), now, 0);
+        assert_eq!(ledger.book().lease_ends.len(), 1);
+        // The lease ends: counted no more.
+        let later = now + Duration::from_millis(1001);
+        assert!(ledger.admit(&p, &b, later).is_ok());
+        assert_eq!(ledger.usage("p", later).locks, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_counted_while_their_request_runs() {
+        let ledger = Ledger::default();
+        let p = principal(Quotas {
+            waiters_max: 1,
+            ..Quotas::default()
+        });
+        let now = Instant::now();
+        let op = lock("a", Wait::Forever);
+        let first = ledger.admit(&p, &op, now).unwrap();
+        assert!(first.is_some());
+        assert!(ledger.admit(&p, &op, now).is_err());
+        drop(first);
+        assert!(ledger.admit(&p, &op, now).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sets_and_members_count_until_tear_down() {
+        let ledger = Ledger::default();
+        let p = principal(Quotas {
+            sets_max: 1,
+            members_max: 2,
+            ..Quotas::default()
+        });
+        let now = Instant::now();
+        let set_up = |set: &str| {
+            Op::Set(SetOp::SetUp {
+                set: set.into(),
+                ttl_ms: 60_000,
+            })
+        };
+        let created = Ok(Okay::SetUp(SetUpReply {
+            created: true,
+            size: 0,
+        }));
+        ledger.record("p", &effect(&set_up("s")), &created, now, 0);
+        assert!(ledger.admit(&p, &set_up("s"), now).is_ok());
+        assert!(ledger.admit(&p, &set_up("t"), now).is_err());
+        let insert = Op::Set(SetOp::Insert {
+            set: "s".into(),
+            keys: Keys::One("k".into()),
+        });
+        let first = Ok(Okay::Inserted(Inserted {
+            index: 1,
+            first: true,
+        }));
+        ledger.record("p", &effect(&insert), &first, now, 0);
+        ledger.record("p", &effect(&insert), &first, now, 0);
+        assert!(ledger.admit(&p, &insert, now).is_err());
+        let tear_down = Op::Set(SetOp::TearDown { set: "s".into() });
+        let torn = Ok(Okay::TornDown(TornDown { size: 2 }));
+        ledger.record("p", &effect(&tear_down), &torn, now, 0);
+        assert_eq!(ledger.usage("p", now), Usage::default());
+    }
+}
