@@ -140,9 +140,11 @@ impl Loss {
         )
     }
 
-    /// Drops `percent` % of packets from now on (to 0.01 %).
+    /// Drops `percent` % of packets from now on (to 0.01 %), and counts
+    /// packets sent anew.
     fn set(percent: f64) -> anyhow::Result<()> {
         run_tool("nft", &["flush", "chain", "inet", TABLE, "out"])?;
+        run_tool("nft", &["add", "rule", "inet", TABLE, "out", "counter"])?;
         let per_10k = (percent * 100.0).round() as u32;
         if per_10k > 0 {
             let rule = format!("numgen random mod 10000 < {per_10k} drop");
@@ -151,6 +153,23 @@ impl Loss {
             run_tool("nft", &words)?;
         }
         Ok(())
+    }
+}
+
+impl Loss {
+    /// Packets sent (dropped or not) since the last [`Loss::set`].
+    fn packets() -> anyhow::Result<u64> {
+        let out = Command::new("nft")
+            .args(["list", "chain", "inet", TABLE, "out"])
+            .output()
+            .context("running nft")?;
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let count = listing
+            .split_whitespace()
+            .skip_while(|word| *word != "packets")
+            .nth(1)
+            .context("no packet counter in the loss chain")?;
+        count.parse().context("the packet counter")
     }
 }
 
@@ -177,6 +196,8 @@ struct Row {
     cycles_per_second: f64,
     latency: Histogram<u64>,
     server_cpu_per_cycle: Duration,
+    /// Packets on the loopback (both directions, with acknowledgements).
+    packets_per_cycle: f64,
     hedges: HedgeStats,
 }
 
@@ -202,9 +223,9 @@ async fn measure(args: Args, tuning: QuicTuning) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "| loss | transport | connections | cycles/s | p50 | p99 | p99.9 | server CPU/cycle | copies sent (won) |"
+        "| loss | transport | connections | cycles/s | p50 | p99 | p99.9 | server CPU/cycle | packets/cycle | copies sent (won) |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for &loss in &args.loss {
         for &transport in &args.transports {
@@ -291,6 +312,7 @@ async fn cycles(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = server.cpu().saturating_sub(cpu_before);
+    let packets = Loss::packets()?;
     Loss::set(0.0)?;
     let hedges = clients
         .iter()
@@ -305,6 +327,7 @@ async fn cycles(
         cycles_per_second: latency.len() as f64 / elapsed,
         latency,
         server_cpu_per_cycle: cpu / u32::try_from(done).unwrap_or(u32::MAX),
+        packets_per_cycle: packets as f64 / done as f64,
         hedges,
     })
 }
@@ -342,7 +365,7 @@ fn name(transport: Transport) -> &'static str {
 fn print_row(row: &Row) {
     let l = &row.latency;
     println!(
-        "| {}% | {} | {} | {:.0} | {} | {} | {} | {:.1} µs | {} ({}) |",
+        "| {}% | {} | {} | {:.0} | {} | {} | {} | {:.1} µs | {:.1} | {} ({}) |",
         row.loss,
         name(row.transport),
         row.connections,
@@ -351,6 +374,7 @@ fn print_row(row: &Row) {
         micros(l.value_at_quantile(0.99)),
         micros(l.value_at_quantile(0.999)),
         row.server_cpu_per_cycle.as_secs_f64() * 1e6,
+        row.packets_per_cycle,
         row.hedges.sent,
         row.hedges.won,
     );
