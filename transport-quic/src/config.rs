@@ -222,3 +222,36 @@ impl Default for QuicTuning {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuning_starts_from_a_preset_and_takes_overrides() {
+        assert_eq!(QuicTuning::parse("rpc"), Ok(QuicTuning::default()));
+        assert_eq!(QuicTuning::parse("quinn"), Ok(QuicTuning::quinn()));
+        let tuned = QuicTuning::parse("quinn, max_ack_delay=2ms,congestion=bbr,packet_threshold=5")
+            .expect("valid");
+        assert_eq!(tuned.max_ack_delay, Some(Duration::from_millis(2)));
+        assert_eq!(tuned.congestion, Congestion::Bbr);
+        assert_eq!(tuned.packet_threshold, 5);
+        let off = QuicTuning::parse("rpc,max_ack_delay=off").expect("valid");
+        assert_eq!(off.max_ack_delay, None);
+    }
+
+    #[test]
+    fn bad_tuning_is_refused_with_a_reason() {
+        for (text, says) in [
+            ("fast", "starts with quinn or rpc"),
+            ("rpc,max_ack_delay", "is not name=value"),
+            ("rpc,max_ack_delay=soon", "a duration in ms"),
+            ("rpc,congestion=vegas", "cubic, new_reno or bbr"),
+            ("rpc,window=3", "no setting"),
+            ("rpc,initial_rtt=-1ms", "a duration in ms"),
+        ] {
+            let error = QuicTuning::parse(text).expect_err(text);
+            assert!(error.contains(says), "{text}: {error}");
+        }
+    }
+}
