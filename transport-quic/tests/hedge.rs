@@ -164,6 +164,7 @@ async fn copies_stay_within_the_budget() {
         quantile: 0.5,
         budget: 0.05,
         burst: 2,
+        ..HedgeOptions::default()
     };
     let (hedged, _relay) = lossy_client(&server, 0.3, 3, options).await;
     let requests = 200u64;

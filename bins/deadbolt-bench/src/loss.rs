@@ -66,6 +66,9 @@ pub struct Args {
     /// Hedged requests in the QUIC client (`true`, the default, or `false`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     hedge: bool,
+    /// The hedging delay's quantile of recent round trips.
+    #[arg(long, default_value_t = HedgeOptions::default().quantile)]
+    hedge_quantile: f64,
 }
 
 /// A transport to measure.
@@ -210,7 +213,10 @@ async fn measure(args: Args, tuning: QuicTuning) -> anyhow::Result<()> {
         quic,
         ca,
         tuning,
-        hedge: args.hedge,
+        hedge: args.hedge.then(|| HedgeOptions {
+            quantile: args.hedge_quantile,
+            ..HedgeOptions::default()
+        }),
     };
     println!(
         "lock+unlock cycles under packet loss: {} lanes per connection, {} per row, \
@@ -218,7 +224,10 @@ async fn measure(args: Args, tuning: QuicTuning) -> anyhow::Result<()> {
         args.depth,
         humantime::format_duration(args.duration),
         args.quic_tuning,
-        if args.hedge { "on" } else { "off" },
+        match &target.hedge {
+            Some(hedge) => format!("at the {} quantile", hedge.quantile),
+            None => "off".to_owned(),
+        },
         load_average(),
     );
     println!();
@@ -247,7 +256,7 @@ struct Target {
     quic: String,
     ca: PathBuf,
     tuning: QuicTuning,
-    hedge: bool,
+    hedge: Option<HedgeOptions>,
 }
 
 async fn connect(target: &Target, transport: Transport) -> anyhow::Result<Client> {
@@ -262,7 +271,7 @@ async fn connect(target: &Target, transport: Transport) -> anyhow::Result<Client
             let trust = Trust::CaFile(target.ca.clone());
             let connector = QuicConnector::from_url(&target.quic, &trust, &config).await?;
             let options = ClientOptions {
-                hedging: target.hedge.then(HedgeOptions::default),
+                hedging: target.hedge.clone(),
                 ..options
             };
             Client::connect(connector, options).await?

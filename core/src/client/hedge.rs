@@ -24,11 +24,12 @@
 //!
 //! Bounds: at most one copy per request; copies cost tokens from a budget
 //! that every request refills by a fraction (`HedgeOptions::budget`), up
-//! to a burst; a waiting `lock` (whose reply may legitimately take long) is
+//! to a burst; none while more than `HedgeOptions::max_in_flight` requests
+//! are in flight (a burst); a waiting `lock` (whose reply may legitimately take long) is
 //! copied only if the transport has not yet seen its request delivered.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -47,6 +48,11 @@ pub struct HedgeOptions {
     pub budget: f64,
     /// Copies that may be sent in a burst, beyond the average.
     pub burst: u32,
+    /// No copy while more requests than this are in flight: a burst's
+    /// late answers are congestion, not loss, which a copy would only add
+    /// to (and many packets in flight let QUIC detect a loss without a
+    /// timeout).
+    pub max_in_flight: usize,
 }
 
 impl Default for HedgeOptions {
@@ -56,6 +62,7 @@ impl Default for HedgeOptions {
             quantile: 0.99,
             budget: 0.25,
             burst: 32,
+            max_in_flight: 64,
         }
     }
 }
@@ -69,6 +76,8 @@ pub struct HedgeStats {
     pub won: u64,
     /// Copies not sent because the budget was spent.
     pub over_budget: u64,
+    /// Copies not sent because too many requests were in flight.
+    pub crowded: u64,
 }
 
 impl std::ops::Add for HedgeStats {
@@ -78,6 +87,7 @@ impl std::ops::Add for HedgeStats {
             sent: self.sent + other.sent,
             won: self.won + other.won,
             over_budget: self.over_budget + other.over_budget,
+            crowded: self.crowded + other.crowded,
         }
     }
 }
@@ -92,6 +102,7 @@ const RECOMPUTE_EVERY: u32 = 16;
 pub(crate) struct Hedger {
     options: HedgeOptions,
     state: Mutex<State>,
+    in_flight: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -119,6 +130,7 @@ impl Hedger {
         Hedger {
             options,
             state: Mutex::new(state),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -154,6 +166,7 @@ impl Hedger {
             state.delay
         };
         let delivered = AtomicBool::new(false);
+        let _in_flight = InFlight::new(&self.in_flight);
         let sent = Instant::now();
         let original = connection.call_noting_delivery(request, may_wait.then_some(&delivered));
         tokio::pin!(original);
@@ -169,7 +182,7 @@ impl Hedger {
         if may_wait && delivered.load(Ordering::Relaxed) {
             return original.await;
         }
-        if !self.spend() {
+        if !self.spend(self.in_flight.load(Ordering::Relaxed)) {
             let outcome = original.await;
             self.record(sent.elapsed());
             return outcome;
@@ -196,8 +209,12 @@ impl Hedger {
         first
     }
 
-    fn spend(&self) -> bool {
+    fn spend(&self, in_flight: usize) -> bool {
         let mut state = self.state();
+        if in_flight > self.options.max_in_flight {
+            state.stats.crowded += 1;
+            return false;
+        }
         if state.tokens < 1.0 {
             state.stats.over_budget += 1;
             return false;
@@ -234,6 +251,22 @@ impl Hedger {
             let quantile = Duration::from_micros(u64::from(sorted[at]));
             state.delay = quantile.max(self.options.floor);
         }
+    }
+}
+
+/// Counts a request in flight while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(count: &'a AtomicUsize) -> InFlight<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
