@@ -15,8 +15,9 @@
 //! then), all processes of a cluster on the one server core.
 //! `deadbolt-bench transports` compares deadbolt's two transports and QUIC
 //! through a lossy relay; `deadbolt-bench loss` compares them under real
-//! kernel packet loss in a private network namespace; `deadbolt-bench restart` measures a durable deadbolt's
-//! restart time and data directory size.
+//! kernel packet loss in a private network namespace; `deadbolt-bench
+//! restart` measures a durable deadbolt's restart time and data directory
+//! size.
 //!
 //! Layout: `systems` (one module per peer, behind one trait, each started
 //! with a `Durability`), `scenarios` (the measurements), `limit` (the
