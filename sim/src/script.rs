@@ -87,7 +87,6 @@ async fn connect_with(client_id: Option<String>) -> Result<Client, Error> {
         retry_for: Duration::from_secs(20),
         retry_delay: Duration::from_millis(50),
         retry_delay_max: Duration::from_millis(500),
-
         ..ClientOptions::default()
     };
     Client::connect(connector, options).await

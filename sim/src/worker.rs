@@ -163,7 +163,6 @@ async fn connect(shared: &Shared, me: usize, client_id: String, quic_host: u8) -
         retry_for: Duration::from_secs(3),
         retry_delay: ms(50),
         retry_delay_max: ms(500),
-
         ..ClientOptions::default()
     };
     loop {

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use deadbolt_core::client::{Connection, Connector, TransportError};
@@ -146,9 +147,14 @@ fn lost(error: impl std::fmt::Display) -> TransportError {
     TransportError::Lost(error.to_string())
 }
 
-#[async_trait]
-impl Connection for QuicConnection {
-    async fn call(&self, request: Request) -> Result<Outcome, TransportError> {
+impl QuicConnection {
+    /// One request on its own stream; sets `delivered` (if given) once the
+    /// server has acknowledged the whole request.
+    async fn exchange(
+        &self,
+        request: Request,
+        delivered: Option<&AtomicBool>,
+    ) -> Result<Outcome, TransportError> {
         let kind = request.op.kind();
         let (send, recv) = self.conn.open_bi().await.map_err(lost)?;
         let mut exchange = Exchange {
@@ -163,20 +169,54 @@ impl Connection for QuicConnection {
             .await
             .map_err(lost)?;
         exchange.send.finish().map_err(lost)?;
-        let bytes = exchange
-            .recv
-            .read_to_end(REPLY_BYTES_MAX)
-            .await
-            .map_err(|e| match e {
-                quinn::ReadToEndError::TooLong => {
-                    TransportError::Protocol("reply too large".to_owned())
+        let reading = exchange.recv.read_to_end(REPLY_BYTES_MAX);
+        let read = match delivered {
+            None => reading.await,
+            Some(delivered) => {
+                tokio::pin!(reading);
+                let acknowledged = exchange.send.stopped();
+                tokio::select! {
+                    biased;
+                    read = &mut reading => read,
+                    acked = acknowledged => {
+                        if matches!(acked, Ok(None)) {
+                            delivered.store(true, Ordering::Relaxed);
+                        }
+                        reading.await
+                    }
                 }
-                quinn::ReadToEndError::Read(e) => lost(e),
-            })?;
+            }
+        };
+        let bytes = read.map_err(|e| match e {
+            quinn::ReadToEndError::TooLong => {
+                TransportError::Protocol("reply too large".to_owned())
+            }
+            quinn::ReadToEndError::Read(e) => lost(e),
+        })?;
         exchange.done = true;
         let raw = decode_reply(&bytes).map_err(|e| TransportError::Protocol(e.to_string()))?;
         raw.into_outcome(kind)
             .map_err(|e| TransportError::Protocol(e.to_string()))
+    }
+}
+
+#[async_trait]
+impl Connection for QuicConnection {
+    async fn call(&self, request: Request) -> Result<Outcome, TransportError> {
+        self.exchange(request, None).await
+    }
+
+    async fn call_noting_delivery(
+        &self,
+        request: Request,
+        delivered: Option<&AtomicBool>,
+    ) -> Result<Outcome, TransportError> {
+        self.exchange(request, delivered).await
+    }
+
+    /// A stream per request: a copy overtakes a lost packet of the original.
+    fn hedges(&self) -> bool {
+        true
     }
 
     fn is_open(&self) -> bool {

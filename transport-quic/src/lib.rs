@@ -25,7 +25,7 @@ pub mod server;
 pub mod tls;
 
 pub use client::{QuicConnector, client_config};
-pub use config::QuicConfig;
+pub use config::{Congestion, QuicConfig, QuicTuning};
 pub use relay::LossyRelay;
 pub use server::{serve, server_config};
 pub use tls::{ALPN, Identity, TlsError, Trust};

@@ -5,6 +5,7 @@ use std::future::Future;
 use deadbolt_core::engine::Frontend;
 use deadbolt_core::proto::{Reply, ServerError, decode_request, encode_reply};
 use deadbolt_core::{Engine, Limits, Session};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use quinn::{Endpoint, Incoming, ReadToEndError, RecvStream, SendStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -17,6 +18,9 @@ const CLOSE_SHUTDOWN: u32 = 1;
 /// The QUIC close code when a cluster's leader changed under a
 /// connection's ephemeral lock.
 const CLOSE_LEADER_CHANGED: u32 = 2;
+/// Streams a connection accepts before it lets other tasks run: as many
+/// requests as `FuturesUnordered` polls in one turn.
+const ACCEPTS_PER_TURN: u64 = 32;
 /// How long a `shutting_down` answer may take to be acknowledged.
 const SHUTDOWN_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -88,7 +92,15 @@ fn admit(incoming: Incoming, open: usize, config: &QuicConfig) -> Option<Incomin
     Some(incoming)
 }
 
-/// One QUIC connection: one engine session, a task per stream.
+/// One QUIC connection: one engine session; its streams' requests run
+/// inside this one task, as a WebSocket connection's do.
+///
+/// Not a task per stream: a task per request costs a spawn, and a burst
+/// of streams (an expiry storm's thousands of waiting `lock`s) would be
+/// thousands of tasks that each put their request into a shard's mailbox
+/// before any shard runs, overflowing it into `overloaded`. Here a
+/// connection hands its shards at most a few dozen requests per turn, and
+/// the shards run between turns.
 async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Receiver<bool>) {
     let peer = incoming.remote_address();
     let conn = match incoming.await {
@@ -100,40 +112,56 @@ async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Rece
     };
     tracing::debug!(%peer, "QUIC connected");
     let session = engine.session_on(Frontend::Quic);
-    let mut streams = JoinSet::new();
+    let limits = *engine.limits();
+    let mut streams = FuturesUnordered::new();
+    let mut accepted = 0u64;
+    // Each request's copy, to answer `shutting_down` itself; cloned from
+    // this one, which has not seen a shutdown begun since.
+    let for_requests = stopped.clone();
+    // Made once and polled on every turn: made anew on each turn they cost
+    // a subscription and its registration per request.
+    let shutdown = stopped.changed();
+    tokio::pin!(shutdown);
+    let ended = session.ended();
+    tokio::pin!(ended);
     let shutting_down = loop {
         tokio::select! {
             biased;
-            _ = stopped.changed() => break true,
+            _ = &mut shutdown => break true,
             // In a cluster, the leader that granted this connection an
             // ephemeral lock stopped leading: the lock is gone, and the
             // client learns it from the close, as after a restart.
-            () = session.ended() => {
+            () = &mut ended => {
                 conn.close(CLOSE_LEADER_CHANGED.into(), b"leader changed");
                 break false;
             }
+            Some(()) = streams.next(), if !streams.is_empty() => {}
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    let task = request(send, recv, session.clone(), *engine.limits(), stopped.clone());
-                    streams.spawn(task);
+                    streams.push(request(send, recv, session.clone(), limits, for_requests.clone()));
+                    accepted += 1;
+                    if accepted.is_multiple_of(ACCEPTS_PER_TURN) {
+                        // quinn has thousands of streams ready in a burst,
+                        // and accepting them spends no tokio budget: let
+                        // the shards (and other connections) run.
+                        tokio::task::yield_now().await;
+                    }
                 }
                 Err(error) => {
                     log_end(peer, &error);
                     break false;
                 }
             },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
         }
     };
     if shutting_down {
         // Each stream answers `shutting_down` on its own; let them.
-        while streams.join_next().await.is_some() {}
+        while streams.next().await.is_some() {}
         conn.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
-    } else {
-        // Gone: dropping the requests cancels their waiting locks.
-        streams.shutdown().await;
     }
-    drop(session);
+    // Gone: dropping the requests cancels their waiting locks. (The
+    // session itself goes at the end of this function.)
+    drop(streams);
     tracing::debug!(%peer, "QUIC closed");
 }
 

@@ -14,19 +14,22 @@
 //! with three nodes once `deadbolt serve` has `--cluster` (skipped until
 //! then), all processes of a cluster on the one server core.
 //! `deadbolt-bench transports` compares deadbolt's two transports and QUIC
-//! under loss; `deadbolt-bench restart` measures a durable deadbolt's
-//! restart time and data directory size.
+//! through a lossy relay; `deadbolt-bench loss` compares them under real
+//! kernel packet loss in a private network namespace; `deadbolt-bench
+//! restart` measures a durable deadbolt's restart time and data directory
+//! size.
 //!
 //! Layout: `systems` (one module per peer, behind one trait, each started
 //! with a `Durability`), `scenarios` (the measurements), `limit` (the
 //! limit row's server: no work per request), `report`
 //! (tables, JSON, SVG), `procs` (server processes, CPU and memory from
 //! /proc), `http` (the HTTP/1.1 client etcd's JSON gateway needs),
-//! `transports`, `restart`.
+//! `transports`, `loss`, `restart`.
 
 mod abuse;
 mod http;
 mod limit;
+mod loss;
 mod procs;
 mod report;
 mod restart;
@@ -64,6 +67,10 @@ struct Args {
 enum Command {
     /// deadbolt over WebSocket beside QUIC, and QUIC through datagram loss.
     Transports(transports::Args),
+    /// WebSocket and QUIC under real kernel packet loss (0, 1, 5, 10 %), in
+    /// a private network namespace (as root: it re-runs itself under
+    /// `unshare -n`, with `nft` dropping packets on its loopback).
+    Loss(loss::Args),
     /// A durable deadbolt: restart time with 1M set members (after SIGTERM
     /// and after SIGKILL) and its data directory's size.
     Restart(restart::Args),
@@ -286,6 +293,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = runtime.build()?;
     match args.command {
         Some(Command::Transports(args)) => runtime.block_on(transports::run(args)),
+        Some(Command::Loss(args)) => loss::run(args, &runtime),
         Some(Command::Restart(args)) => runtime.block_on(restart::run(args)),
         Some(Command::Abuse(args)) => runtime.block_on(abuse::run(args)),
         Some(Command::LimitServer(args)) => runtime.block_on(limit::serve(args)),

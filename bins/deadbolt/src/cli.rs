@@ -275,7 +275,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub quic_receive_window: Option<u32>,
     /// Requests (streams) in flight on one QUIC connection.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 4096)]
     pub quic_streams: u32,
     /// A QUIC connection with no traffic for this long is closed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -284,6 +284,11 @@ pub struct ServeArgs {
     /// prove their address (a Retry round trip).
     #[arg(long, default_value_t = 1_000)]
     pub quic_retry_above: usize,
+    /// QUIC loss recovery, acknowledgements and congestion control: `rpc`
+    /// (small requests and replies) or `quinn` (quinn's defaults), either
+    /// followed by `,name=value` overrides (docs/quic.md).
+    #[arg(long, default_value = "rpc", value_parser = deadbolt_transport_quic::QuicTuning::parse)]
+    pub quic_tuning: deadbolt_transport_quic::QuicTuning,
     /// Largest message, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub message_bytes_max: usize,

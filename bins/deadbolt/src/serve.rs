@@ -356,6 +356,7 @@ fn server_config(args: &ServeArgs, limits: &Derived) -> ServerConfig {
             streams_per_connection: args.quic_streams,
             idle_timeout: args.quic_idle_timeout,
             retry_above: args.quic_retry_above,
+            tuning: args.quic_tuning.clone(),
             ..QuicConfig::default()
         },
     }

@@ -22,6 +22,7 @@
 //! retried on the same connection.
 
 pub mod failover;
+pub mod hedge;
 pub mod local;
 pub mod lock;
 pub mod set;
@@ -40,6 +41,7 @@ use crate::proto::{
 };
 use crate::shard::hasher::KeyHasher;
 pub use failover::FailoverConnector;
+pub use hedge::{HedgeOptions, HedgeStats};
 pub use local::LocalConnector;
 pub use lock::{LockGuard, LockOptions};
 pub use set::DistinctSet;
@@ -78,6 +80,26 @@ pub trait Connection: Send + Sync {
     /// server releases a connection's ephemeral locks when it closes, so an
     /// ephemeral [`LockGuard`] watches this.
     async fn closed(&self);
+
+    /// Whether a copy of a request can overtake a lost packet of the
+    /// original on this connection, so that hedging helps: true where each
+    /// request travels on its own stream (QUIC), false over one ordered
+    /// byte stream (the default).
+    fn hedges(&self) -> bool {
+        false
+    }
+
+    /// [`Connection::call`], also setting `delivered` (if given) once the
+    /// transport knows that the server has received the whole request
+    /// (QUIC: its stream data acknowledged). By default it never knows.
+    async fn call_noting_delivery(
+        &self,
+        request: Request,
+        delivered: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<Outcome, TransportError> {
+        let _ = delivered;
+        self.call(request).await
+    }
 }
 
 /// Opens connections to one server.
@@ -149,6 +171,9 @@ pub struct ClientOptions {
     /// The principal's secret, said in every `hello`, for a server that
     /// authenticates its clients (SPEC section 10).
     pub auth: Option<crate::proto::Secret>,
+    /// Hedged requests, where the transport gains from them (QUIC): see
+    /// [`hedge`]. `None`: never.
+    pub hedging: Option<HedgeOptions>,
 }
 
 impl Default for ClientOptions {
@@ -159,6 +184,7 @@ impl Default for ClientOptions {
             retry_delay: Duration::from_millis(20),
             retry_delay_max: Duration::from_secs(1),
             auth: None,
+            hedging: Some(HedgeOptions::default()),
         }
     }
 }
@@ -194,6 +220,8 @@ struct ClientInner {
     reconnecting: tokio::sync::Mutex<()>,
     next_request: AtomicU64,
     releases: lock::Releases,
+    /// `None` without hedging.
+    hedger: Option<hedge::Hedger>,
 }
 
 impl std::fmt::Debug for Client {
@@ -224,6 +252,7 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Client, Error> {
         let client_id = options.client_id.clone().unwrap_or_else(random_client_id);
+        let hedger = options.hedging.clone().map(hedge::Hedger::new);
         let client = Client {
             inner: Arc::new(ClientInner {
                 connector: Box::new(connector),
@@ -233,6 +262,7 @@ impl Client {
                 reconnecting: tokio::sync::Mutex::new(()),
                 next_request: AtomicU64::new(1),
                 releases: lock::Releases::default(),
+                hedger,
             }),
         };
         client.connection().await?;
@@ -242,6 +272,15 @@ impl Client {
     /// This client's id.
     pub fn client_id(&self) -> &str {
         &self.inner.client_id
+    }
+
+    /// What hedging has done so far (all zero without it, or over a
+    /// transport it does not help).
+    pub fn hedge_stats(&self) -> HedgeStats {
+        self.inner
+            .hedger
+            .as_ref()
+            .map_or_else(HedgeStats::default, hedge::Hedger::stats)
     }
 
     /// The server's address.
@@ -374,7 +413,14 @@ impl Client {
             id: self.next_request_id(),
             op,
         };
-        match connection.call(request).await {
+        let outcome = match &self.inner.hedger {
+            Some(hedger) if hedge::Hedger::applies(connection.as_ref(), &request.op) => {
+                let copy_id = self.next_request_id();
+                hedger.call(connection.as_ref(), request, copy_id).await
+            }
+            _ => connection.call(request).await,
+        };
+        match outcome {
             Ok(Ok(okay)) => Ok((reply_as(kind, okay)?, connection)),
             Ok(Err(refused)) => {
                 if cannot_serve(&refused) {

@@ -65,7 +65,16 @@ impl Deadbolt {
     /// Starts `deadbolt serve` on free ports with a fresh data directory
     /// (in its scratch directory, removed with it).
     pub async fn start(frontend: Frontend, durability: Durability) -> anyhow::Result<Deadbolt> {
-        Deadbolt::launch(frontend, durability, None).await
+        Deadbolt::launch(frontend, durability, None, &[]).await
+    }
+
+    /// [`Deadbolt::start`] with more `deadbolt serve` flags.
+    pub async fn start_with(
+        frontend: Frontend,
+        durability: Durability,
+        flags: &[String],
+    ) -> anyhow::Result<Deadbolt> {
+        Deadbolt::launch(frontend, durability, None, flags).await
     }
 
     /// Starts `deadbolt serve` on free ports on the data directory `dir`,
@@ -75,13 +84,14 @@ impl Deadbolt {
         durability: Durability,
         dir: &Path,
     ) -> anyhow::Result<Deadbolt> {
-        Deadbolt::launch(frontend, durability, Some(dir)).await
+        Deadbolt::launch(frontend, durability, Some(dir), &[]).await
     }
 
     async fn launch(
         frontend: Frontend,
         durability: Durability,
         dir: Option<&Path>,
+        extra: &[String],
     ) -> anyhow::Result<Deadbolt> {
         let bin = binary()?;
         let flags = ServeFlags::probe(&bin).await?;
@@ -96,6 +106,7 @@ impl Deadbolt {
             data_dir.to_string_lossy().into_owned(),
         ];
         args.extend(flags.durability_args(durability)?);
+        args.extend_from_slice(extra);
         let spawned_at = Instant::now();
         let mut server = Server::start("deadbolt", &bin.to_string_lossy(), &args, None)?;
         // A relative data directory is in the server's scratch directory.
