@@ -218,8 +218,21 @@ fn escaped_strings_decode_and_lone_surrogates_are_refused() {
 }
 
 #[test]
-fn unknown_fields_are_ignored_for_newer_clients() {
-    decode(r#"{"id":1,"op":"ping","trace":{"deep":[1,2,3]}}"#).unwrap();
+fn unknown_fields_get_bad_request_naming_them() {
+    // A misspelt `ephemeral` would otherwise grant a lock that outlives
+    // its connection.
+    let (id, message) = bad(r#"{"id":4,"op":"lock","key":"k","ttl_ms":5,"ephemral":true}"#);
+    assert_eq!(id, Some(4));
+    assert!(message.contains("`ephemral`"), "{message}");
+    let (_, message) = bad(r#"{"id":1,"op":"ping","trace":{"deep":[1,2,3]}}"#);
+    assert!(message.contains("`trace`"), "{message}");
+    // A field some other op takes is refused too, named.
+    let (id, message) = bad(r#"{"id":2,"op":"unlock","key":"k","token":3,"ttl_ms":5}"#);
+    assert_eq!(id, Some(2));
+    assert_eq!(message, "op `unlock` takes no field `ttl_ms`");
+    // `null` says "absent", for any known field.
+    decode(r#"{"id":1,"op":"ping","key":null}"#).unwrap();
+    decode(r#"{"id":1,"op":"lock","key":"k","ttl_ms":5,"wait_ms":null}"#).unwrap();
 }
 
 #[test]
@@ -231,9 +244,11 @@ fn duplicate_fields_are_refused() {
 #[test]
 fn deeply_nested_input_is_refused_without_overflowing_the_stack() {
     let nest = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
-    // In an unknown field it is skipped without recursion, and ignored.
-    let ignored = format!(r#"{{"id":1,"op":"ping","x":{}}}"#, nest(100_000));
-    assert!(decode(&ignored).is_ok());
+    // In an unknown field it is skipped without recursion, and the field
+    // named.
+    let unknown = format!(r#"{{"id":1,"op":"ping","x":{}}}"#, nest(100_000));
+    let (id, message) = bad(&unknown);
+    assert_eq!((id, message.as_str()), (Some(1), "unknown field `x`"));
     // Where a value is read, it is refused, with the id.
     let mistyped = format!(r#"{{"id":1,"op":"inspect","key":{}}}"#, nest(100_000));
     assert!(matches!(

@@ -36,10 +36,11 @@ use super::request::{Acquire, Keys, LockOp, Op, SetOp};
 use super::rules::{Count, Flag, InRange, Integer, IntegerOr, OneOrMany, Text, WaitMs};
 
 wire_fields! {
-    // SPEC section 4: unknown fields are ignored, so that a newer client
-    // can talk to an older server. `refuse` here answers `bad_request`
-    // naming any field the op does not take.
-    unknown_fields: ignore;
+    // SPEC section 5 (issue 13): a field the op does not take answers
+    // `bad_request` naming it, so that a misspelt `ephemral`, or a `mode`
+    // sent to a server that does not know it, is never silently ignored
+    // and a lock the client did not ask for never granted.
+    unknown_fields: refuse;
 
     // In this order the slow path checks the fields' types (the first
     // mistyped one is reported) and a client writes them.

@@ -163,7 +163,10 @@ fn diagnose(bytes: &[u8], fast_error: &serde_json::Error) -> DecodeError {
             let id = serde_json::from_slice::<IdOnly>(bytes)
                 .ok()
                 .and_then(|r| r.id);
-            let message = format!("not valid JSON: {e}");
+            let message = match first_unknown_field(bytes) {
+                Some(field) => format!("unknown field `{field}`"),
+                None => format!("not valid JSON: {e}"),
+            };
             return DecodeError {
                 id,
                 error: ServerError::bad_request(message),
@@ -196,8 +199,46 @@ fn diagnose(bytes: &[u8], fast_error: &serde_json::Error) -> DecodeError {
     match fields.get("op").and_then(Value::as_str) {
         None => with_id("missing field `op`".to_owned()),
         Some(op) if !OP_NAMES.contains(&op) => with_id(format!("unknown op `{op}`")),
-        Some(_) => with_id(format!("malformed request: {fast_error}")),
+        Some(op) => match fields.keys().find(|name| !is_known_field(name)) {
+            Some(field) => with_id(format!("op `{op}` takes no field `{field}`")),
+            None => with_id(format!("malformed request: {fast_error}")),
+        },
     }
+}
+
+/// Whether some op takes a field of this name.
+fn is_known_field(name: &str) -> bool {
+    name == "id" || name == "op" || FIELD_TYPES.iter().any(|(known, _)| *known == name)
+}
+
+/// The first field of a JSON object that no op takes, read without
+/// holding the values (which may be too deeply nested to hold): for a
+/// message whose unknown field is what made it unreadable as a value.
+fn first_unknown_field(bytes: &[u8]) -> Option<String> {
+    struct FirstUnknown;
+    impl<'de> serde::de::Visitor<'de> for FirstUnknown {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Option<String>, A::Error> {
+            let mut unknown = None;
+            while let Some(name) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if unknown.is_none() && !is_known_field(&name) {
+                    unknown = Some(name);
+                }
+            }
+            Ok(unknown)
+        }
+    }
+    let mut reader = serde_json::Deserializer::from_slice(bytes);
+    serde::Deserializer::deserialize_map(&mut reader, FirstUnknown)
+        .ok()
+        .flatten()
 }
 
 #[derive(Serialize)]
