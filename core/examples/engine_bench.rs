@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use deadbolt_core::proto::{Acquire, Granted, LockOp, Okay, Op, Request, Wait};
+use deadbolt_core::proto::{Acquire, Granted, LockOp, Mode, Okay, Op, Request, Wait};
 use deadbolt_core::{Engine, EngineConfig, Session};
 
 /// Keys each task cycles through: far more than tasks, so pairs are
@@ -21,6 +21,8 @@ async fn one_pair(session: &Session, key: String) {
         ttl_ms: 30_000,
         wait: Wait::Never,
         ephemeral: false,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
     }));
     let reply = session.execute(Request { id: 1, op: lock }).await;
     let Ok(Okay::Granted(Granted { token, .. })) = reply.outcome else {

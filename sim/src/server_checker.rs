@@ -784,7 +784,7 @@ mod tests {
     use std::sync::Arc;
 
     use deadbolt_core::Limits;
-    use deadbolt_core::proto::Acquire;
+    use deadbolt_core::proto::{Acquire, Mode};
     use deadbolt_core::shard::Caller;
     use deadbolt_core::shard::planted::{self, PlantedBug};
 
@@ -816,6 +816,8 @@ mod tests {
             ttl_ms,
             wait: Wait::Forever,
             ephemeral: false,
+            mode: Mode::MUTEX,
+            lock_delay_ms: 0,
         }));
         at_ms(
             ms,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use deadbolt_core::client::{
     Client, ClientOptions, Connector, Error, FailoverConnector, LockGuard, LockOptions,
 };
-use deadbolt_core::proto::{Acquire, LockOp, Op, Wait as WaitFor};
+use deadbolt_core::proto::{Acquire, LockOp, Mode, Op, Wait as WaitFor};
 use deadbolt_transport_quic::QuicConnector;
 use deadbolt_transport_ws::{WsClientConfig, WsConnector};
 
@@ -385,6 +385,8 @@ impl Counter<'_> {
             ttl_ms,
             wait: WaitFor::Never,
             ephemeral,
+            mode: Mode::MUTEX,
+            lock_delay_ms: 0,
         }));
         let _ = self.client.call(op).await;
     }

@@ -31,9 +31,12 @@
 //! entry here (and any new field to the field table), and its handling in
 //! the engine; the compiler points at anything left out.
 
+use super::limits::{LOCK_DELAY_MS_MAX, LOCK_LIMIT_MAX};
 use super::macros::{define_ops, wire_fields};
-use super::request::{Acquire, Keys, LockOp, Op, SetOp};
-use super::rules::{Count, Flag, InRange, Integer, IntegerOr, OneOrMany, Text, WaitMs};
+use super::request::{Acquire, Keys, LockOp, ModeName, Op, SetOp};
+use super::rules::{
+    Count, Flag, InRange, Integer, IntegerOr, ModeAndLimit, OneOrMany, OptionalUpTo, Text, WaitMs,
+};
 
 wire_fields! {
     // SPEC section 5 (issue 13): a field the op does not take answers
@@ -56,6 +59,8 @@ wire_fields! {
     limit: u64,
     top: u64,
     ephemeral: bool,
+    mode: ModeName,
+    lock_delay_ms: u64,
 }
 
 define_ops! {
@@ -82,14 +87,20 @@ define_ops! {
         top: top => Count { default: 20, max: limits.stats_top_max },
     } => { Op::Stats { top } }
 
-    /// `lock` (SPEC section 2): takes the key, waiting as `wait_ms` says;
-    /// answered with the grant's token and lease.
+    /// `lock` (SPEC sections 2 and 7): takes the key, waiting as
+    /// `wait_ms` says, shared or exclusive (`mode`), as one of up to
+    /// `limit` exclusive holders, with a lock delay after its lease runs
+    /// out (`lock_delay_ms`); answered with the grant's token and lease.
     Lock = "lock" -> Granted {
         key: key => Text(limits.key_bytes_max),
         ttl_ms: ttl_ms => InRange(1, limits.ttl_ms_max),
         wait: wait_ms => WaitMs(limits.wait_ms_max),
         ephemeral: ephemeral => Flag,
-    } => { Op::Lock(LockOp::Acquire(Acquire { key, ttl_ms, wait, ephemeral })) }
+        mode: (mode, limit) => ModeAndLimit(LOCK_LIMIT_MAX),
+        lock_delay_ms: lock_delay_ms => OptionalUpTo(LOCK_DELAY_MS_MAX),
+    } => {
+        Op::Lock(LockOp::Acquire(Acquire { key, ttl_ms, wait, ephemeral, mode, lock_delay_ms }))
+    }
 
     /// `unlock`: ends the grant that `token` names; answered `{}`.
     Unlock = "unlock" -> Empty {

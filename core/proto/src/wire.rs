@@ -91,6 +91,8 @@ pub(crate) enum FieldType {
     U64,
     /// A boolean.
     Bool,
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
 }
 
 /// A Rust type a request field may have in the field table of
@@ -117,6 +119,11 @@ impl WireType for u64 {
     type Out<'a> = u64;
 }
 
+impl WireType for crate::request::ModeName {
+    const JSON: FieldType = FieldType::OneOf(&["exclusive", "shared"]);
+    type Out<'a> = crate::request::ModeName;
+}
+
 impl WireType for bool {
     const JSON: FieldType = FieldType::Bool;
     type Out<'a> = bool;
@@ -131,15 +138,20 @@ impl FieldType {
                 .is_some_and(|items| items.iter().all(Value::is_string)),
             FieldType::U64 => value.is_u64(),
             FieldType::Bool => value.is_boolean(),
+            FieldType::OneOf(names) => value.as_str().is_some_and(|s| names.contains(&s)),
         }
     }
 
-    fn describe(self) -> &'static str {
+    fn describe(self) -> String {
         match self {
-            FieldType::Str => "a string",
-            FieldType::StrArray => "an array of strings",
-            FieldType::U64 => "an unsigned 64-bit integer",
-            FieldType::Bool => "a boolean",
+            FieldType::Str => "a string".to_owned(),
+            FieldType::StrArray => "an array of strings".to_owned(),
+            FieldType::U64 => "an unsigned 64-bit integer".to_owned(),
+            FieldType::Bool => "a boolean".to_owned(),
+            FieldType::OneOf(names) => {
+                let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+                format!("one of {}", quoted.join(", "))
+            }
         }
     }
 }
