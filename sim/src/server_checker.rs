@@ -32,6 +32,10 @@
 //! 10. The shard's counters (what `stats` and `/metrics` report) agree with
 //!     its answers: grants, unlocks, timeouts, cancellations, `busy`, sets
 //!     created, torn down and expired.
+//! 11. No grant of a key falls inside a lock delay (SPEC section 7): from
+//!     the end of a lease that ran out with `lock_delay_ms` D, for D ms.
+//!     (A waiter handed the key when a delay ends is granted at its end,
+//!     for rule 3.)
 //! 6. An ephemeral lock ends with the command that closes its connection.
 //! 7. A restart (SPEC section 8) ends every waiter, unanswered, and every
 //!    ephemeral grant; every other grant survives it with its token and
@@ -132,6 +136,8 @@ struct ShardHistory {
     /// Per key, the requests queued, in the order they asked.
     queued: BTreeMap<String, Vec<Handle>>,
     grants: BTreeMap<u64, Grant>,
+    /// Per key, the lock delays its leases started: from, until.
+    delays: BTreeMap<String, Vec<(Tick, Tick)>>,
     /// How late after a deadline a command may apply it.
     bound_us: u64,
     violations: Vec<Violation>,
@@ -152,6 +158,7 @@ pub fn check(
         requests: BTreeMap::new(),
         queued: BTreeMap::new(),
         grants: BTreeMap::new(),
+        delays: BTreeMap::new(),
         bound_us: timing.bound_us,
         violations: Vec::new(),
     };
@@ -378,17 +385,30 @@ impl ShardHistory {
     ) {
         let (asked, enders) = self.read_input(&command.input, now);
         // Per key, when its place was freed for a waiter: at the deadline
-        // of a lease that ran out during this command, else now.
+        // of a lease that ran out during this command (or the end of the
+        // lock delay it started), or of a wait that ran out ahead of the
+        // waiters behind it; never before a lock delay from before ends;
+        // else now.
         let mut freed_at: BTreeMap<String, Tick> = BTreeMap::new();
         for (key, view) in before {
             let ran_out = view
                 .holders
                 .iter()
                 .filter(|h| h.deadline <= now && !holds(after, key, h.token))
-                .map(|h| h.deadline)
-                .min();
-            if let Some(deadline) = ran_out {
-                freed_at.insert(key.clone(), deadline);
+                .map(|h| h.deadline.plus_millis(h.lock_delay_ms));
+            let waited_out = view
+                .waiters
+                .iter()
+                .filter_map(|w| w.deadline)
+                .filter(|&d| d <= now);
+            let freed = ran_out.chain(waited_out).min();
+            let delay_end = view.delayed_until.filter(|&d| d <= now);
+            let freed = match (freed, delay_end) {
+                (Some(freed), Some(end)) => Some(freed.max(end)),
+                (freed, end) => freed.or(end),
+            };
+            if let Some(freed) = freed {
+                freed_at.insert(key.clone(), freed);
             }
         }
         let mut step = Step {
@@ -399,6 +419,7 @@ impl ShardHistory {
             late_ok,
             freed_at,
             granted_now: BTreeMap::new(),
+            new_grants: Vec::new(),
         };
         for answer in answers {
             self.answer(answer, &mut step, after);
@@ -409,6 +430,7 @@ impl ShardHistory {
         }
         self.cancels_answered(&step);
         self.holders(&step, before, after);
+        self.not_in_a_lock_delay(&step, after);
         if step.enders.restart {
             self.restarted(after, now);
         }
@@ -530,6 +552,8 @@ impl ShardHistory {
                 let next_at = if ran_out { expected } else { step.now };
                 step.freed_at.insert(request.key.clone(), next_at);
                 step.granted_now.insert(granted.token, at);
+                step.new_grants
+                    .push((request.key.clone(), granted.token, granted.ttl_ms));
                 self.grants.insert(
                     granted.token,
                     Grant {
@@ -702,10 +726,46 @@ impl ShardHistory {
         }
     }
 
+    /// Rule 11: each grant this command made (and that is still held,
+    /// its lease telling when it was made) falls outside every lock delay
+    /// of its key.
+    fn not_in_a_lock_delay(&mut self, step: &Step<'_>, after: &BTreeMap<String, KeyView>) {
+        for (key, token, ttl_ms) in &step.new_grants {
+            let Some(holder) = after
+                .get(key)
+                .and_then(|v| v.holders.iter().find(|h| h.token == *token))
+            else {
+                continue;
+            };
+            let at = Tick(
+                holder
+                    .deadline
+                    .0
+                    .saturating_sub(ttl_ms.saturating_mul(1000)),
+            );
+            let windows = self.delays.get(key).into_iter().flatten();
+            if let Some(&(from, until)) = windows.into_iter().find(|(f, u)| *f <= at && at < *u) {
+                self.violations.push(Violation::GrantInLockDelay {
+                    shard: self.shard,
+                    key: key.clone(),
+                    token: *token,
+                    at_us: us(at),
+                    delay_from_us: us(from),
+                    delay_until_us: us(until),
+                });
+            }
+        }
+    }
+
     /// A holder from before the command that is gone: it ran out (and was
-    /// handed on in time), or something ended it.
+    /// handed on in time; a lock delay starts), or something ended it.
     fn ended(&mut self, key: &str, holder: &HolderView, view: &KeyView, step: &Step<'_>) {
         if holder.deadline <= step.now {
+            if holder.lock_delay_ms > 0 {
+                let until = holder.deadline.plus_millis(holder.lock_delay_ms);
+                let windows = self.delays.entry(key.to_owned()).or_default();
+                windows.push((holder.deadline, until));
+            }
             let someone_waited = view
                 .waiters
                 .iter()
@@ -770,6 +830,8 @@ struct Step<'a> {
     freed_at: BTreeMap<String, Tick>,
     /// Tokens granted in this command, with the tick of their grant.
     granted_now: BTreeMap<u64, Tick>,
+    /// The new grants of this command: key, token and lease.
+    new_grants: Vec<(String, u64, u64)>,
 }
 
 /// Whether `key` is held with `token` in `views`.

@@ -52,7 +52,8 @@ pub enum PlantedBug {
     /// A shared request is granted even while an exclusive holder holds
     /// the key.
     SharedBesideExclusive,
-    /// A counting semaphore admits one holder more than its limit.
+    /// A counting semaphore (a limit above 1) admits one holder more than
+    /// its limit.
     SemaphoreOverLimit,
     /// A lease that runs out starts no lock delay: the key passes on at
     /// once.

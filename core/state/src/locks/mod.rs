@@ -143,7 +143,7 @@ impl LockEntry {
         }
         match (shared, first.shared) {
             (true, true) => true,
-            (false, false) if planted::active(PlantedBug::SemaphoreOverLimit) => {
+            (false, false) if self.limit > 1 && planted::active(PlantedBug::SemaphoreOverLimit) => {
                 self.holders.len() <= self.limit as usize
             }
             (false, false) => self.holders.len() < self.limit as usize,
