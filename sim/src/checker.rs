@@ -514,11 +514,18 @@ fn within_limit(key: &str, limit: u32, beliefs: &[Belief], violations: &mut Vec<
 }
 
 fn token_order(key: &str, beliefs: &[Belief], violations: &mut Vec<Violation>) {
-    // Where holders may overlap, they learn of their grants in any order:
-    // only grants that do not overlap are ordered, each judged by the
-    // belief that began it (a worker back from a crash re-locks the grant
-    // it still holds, with its old token, after others came and went).
-    let several = limit_of(key) > 1 || beliefs.iter().any(|b| b.shared);
+    // A semaphore's holders learn of their grants in any order, and may
+    // believe one after another in an order their grants were not made
+    // in: its tokens are the server checker's to judge.
+    if limit_of(key) > 1 {
+        return;
+    }
+    // Shared holders too; but an exclusive grant is made while nobody
+    // else holds the key, so it is ordered with every grant whose belief
+    // does not overlap it. Each grant is judged by the belief that began
+    // it (a worker back from a crash re-locks the grant it still holds,
+    // with its old token, after others came and went).
+    let several = beliefs.iter().any(|b| b.shared);
     let firsts: Vec<Belief>;
     let beliefs = if several {
         let mut seen = BTreeSet::new();
@@ -533,7 +540,8 @@ fn token_order(key: &str, beliefs: &[Belief], violations: &mut Vec<Violation>) {
     };
     for (i, earlier) in beliefs.iter().enumerate() {
         for later in &beliefs[i + 1..] {
-            if several && later.from_us < earlier.until_us {
+            let unordered = earlier.shared && later.shared;
+            if several && (later.from_us < earlier.until_us || unordered) {
                 continue;
             }
             let same_grant = later.token == earlier.token && later.worker == earlier.worker;

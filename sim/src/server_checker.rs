@@ -550,7 +550,14 @@ impl ShardHistory {
                 // lease's end), or by what the command itself did (now).
                 let ran_out = !holds(after, &request.key, granted.token) && expected <= step.now;
                 let next_at = if ran_out { expected } else { step.now };
-                step.freed_at.insert(request.key.clone(), next_at);
+                // A key of several holders (shared, or a semaphore) hands
+                // out its free places together, at the same tick.
+                let several = after
+                    .get(&request.key)
+                    .is_some_and(|v| v.limit > 1 || v.holders.iter().any(|h| h.shared));
+                if !several {
+                    step.freed_at.insert(request.key.clone(), next_at);
+                }
                 step.granted_now.insert(granted.token, at);
                 step.new_grants
                     .push((request.key.clone(), granted.token, granted.ttl_ms));

@@ -658,11 +658,7 @@ impl Locks {
         if planted::active(PlantedBug::CancelIgnored) {
             return;
         }
-        if let Some(waiter) = self.take_waiter(now, handle, key) {
-            self.books.counters.cancellations += 1;
-            let cancelled = Err(ServerError::cancelled());
-            self.books.answer(waiter.handle, cancelled);
-        }
+        self.take_waiter(now, handle, key, |counters| counters.cancellations += 1);
         self.compact_timers();
     }
 
@@ -671,10 +667,7 @@ impl Locks {
     /// was granted and its answer is all the holder ever heard of the grant,
     /// the grant is undone: nobody knows they hold it.
     pub fn requester_gone(&mut self, now: Tick, handle: Handle, key: &str) {
-        if let Some(waiter) = self.take_waiter(now, handle, key) {
-            self.books.counters.abandoned += 1;
-            let gone = Err(ServerError::cancelled());
-            self.books.answer(waiter.handle, gone);
+        if self.take_waiter(now, handle, key, |counters| counters.abandoned += 1) {
             self.compact_timers();
             return;
         }
@@ -700,21 +693,39 @@ impl Locks {
     }
 
     /// Takes the waiter answering to `handle` out of `key`'s queue.
-    fn take_waiter(&mut self, now: Tick, handle: Handle, key: &str) -> Option<Waiter> {
+    /// Takes the waiter answering to `handle` out of `key`'s queue,
+    /// counts it with `count` and answers it `cancelled` (before any grant
+    /// its leaving makes: it left first); whether it was there.
+    fn take_waiter(
+        &mut self,
+        now: Tick,
+        handle: Handle,
+        key: &str,
+        count: impl FnOnce(&mut LockCounters),
+    ) -> bool {
         let hash = self.hash(key);
         let books = &mut self.books;
-        let mut occupied = self.table.find_entry(hash, |e| *e.key == *key).ok()?;
+        let Ok(mut occupied) = self.table.find_entry(hash, |e| *e.key == *key) else {
+            return false;
+        };
         let entry = occupied.get_mut();
-        let position = entry.queue.position_of_handle(handle)?;
-        let waiter = entry.queue.remove(position)?;
+        let Some(waiter) = entry
+            .queue
+            .position_of_handle(handle)
+            .and_then(|position| entry.queue.remove(position))
+        else {
+            return false;
+        };
         books.waiter_left(&waiter, hash);
-        // Not needed for a mutex (a waiter implies a holder), but whoever
-        // waited behind this one may fit now in a key of more places.
+        count(&mut books.counters);
+        books.answer(waiter.handle, Err(ServerError::cancelled()));
+        // Not needed for a mutex (a waiter implies a holder), but the
+        // shared requests behind an exclusive one may fit now.
         grant_next(entry, hash, now, books);
         if entry.is_vacant() {
             books.key_bytes -= occupied.remove().0.key.len();
         }
-        Some(waiter)
+        true
     }
 
     /// Forgets the waiters of a closed connection (each answered
