@@ -967,6 +967,53 @@ mod tests {
         assert_eq!(kinds(&log), Vec::<&str>::new());
     }
 
+    /// Like [`lock`], in `mode` with a lock delay of `delay_ms`.
+    fn lock_as(ms: u64, n: u64, ttl_ms: u64, mode: Mode, delay_ms: u64) -> Command {
+        let mut command = lock(ms, n, ttl_ms);
+        if let Input::Op {
+            op: ShardOp::Lock(LockOp::Acquire(acquire)),
+            ..
+        } = &mut command.input
+        {
+            acquire.mode = mode;
+            acquire.lock_delay_ms = delay_ms;
+        }
+        command
+    }
+
+    #[test]
+    fn a_lock_delay_holds_the_key_back_and_a_grant_inside_one_is_caught() {
+        // 1 holds "k" for 100 ms with a delay of 50 ms; 2 waits, and is
+        // granted at 150 ms, its lease measured from then.
+        let log = [
+            lock_as(0, 1, 100, Mode::MUTEX, 50),
+            lock(1, 2, 100),
+            at_ms(100, Input::Tick),
+            at_ms(150, Input::Tick),
+            at_ms(250, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+        let _planted = planted::plant(Some(PlantedBug::LockDelayIgnored));
+        assert!(kinds(&log).contains(&"server: grant in lock delay"));
+    }
+
+    #[test]
+    fn a_semaphores_free_places_go_out_together_at_the_delays_end() {
+        let two = Mode::Exclusive { limit: 2 };
+        let log = [
+            lock_as(0, 1, 100, two, 30),
+            lock_as(0, 2, 100, two, 0),
+            lock_as(1, 3, 100, two, 0),
+            lock_as(2, 4, 100, two, 0),
+            // Both leases end at 100 ms; the key waits out 1's delay and
+            // hands both places on at 130 ms, in a command 5 ms late.
+            at_ms(100, Input::Tick),
+            at_ms(135, Input::Tick),
+            at_ms(300, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+    }
+
     #[test]
     fn a_restart_does_not_make_a_hand_off_late() {
         // The lease of 1 ran out at 100 ms, before the process died; the
