@@ -4,6 +4,8 @@
 mod support;
 
 use deadbolt_core::proto::{ErrorCode, Mode, ModeName};
+use deadbolt_core::shard::{Command, Input};
+use deadbolt_core::time::Tick;
 use support::Harness;
 
 const SHARED: Mode = Mode::Shared;
@@ -219,5 +221,29 @@ fn a_lease_with_a_delay_holds_back_a_key_another_lease_frees_at_the_same_tick() 
     assert!(c.is_pending());
     h.advance(30);
     c.token();
+    h.check();
+}
+
+#[test]
+fn a_grant_at_one_tick_whose_lease_ends_before_the_next_deadline_ends_first() {
+    // One late command applies three deadlines: alice's lease (10 ms),
+    // then bob's, granted at 10 ms for 5 ms (15 ms), then carol's wait
+    // (20 ms). Carol is granted at 15 ms, before her wait runs out.
+    let mut h = Harness::new();
+    h.lock_as("alice", "k", 10, None, MUTEX, 0).token();
+    let bob = h.lock_as("bob", "k", 5, None, MUTEX, 0);
+    let carol = h.lock_as("carol", "k", 100, Some(20), MUTEX, 0);
+    // As a shard behind a slow log does: no tick at each deadline.
+    h.apply(Command {
+        at: Tick::from_millis(25),
+        input: Input::Tick,
+    });
+    bob.token();
+    carol.token();
+    assert_eq!(
+        h.inspect("k").holders[0].remaining_ms,
+        90,
+        "carol's lease is from 15 ms"
+    );
     h.check();
 }

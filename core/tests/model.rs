@@ -93,6 +93,11 @@ enum Step {
     Advance {
         ms: u64,
     },
+    /// Time passes with no wake-up on the way, as for a shard whose log
+    /// is slow: one late command applies every deadline of the span.
+    Jump {
+        ms: u64,
+    },
     ToNextDeadline {
         minus_one: bool,
     },
@@ -208,7 +213,8 @@ fn step_timed(timing: Timing) -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(|pick| Step::LostAnswer { pick }),
         1 => client.clone().prop_map(|client| Step::CloseConnection { client }),
         1 => (0u64..20).prop_map(|raise| Step::Restart { raise }),
-        4 => timing.advance.prop_map(|ms| Step::Advance { ms }),
+        4 => timing.advance.clone().prop_map(|ms| Step::Advance { ms }),
+        1 => timing.advance.prop_map(|ms| Step::Jump { ms: ms * 3 }),
         2 => any::<bool>().prop_map(|minus_one| Step::ToNextDeadline { minus_one }),
         2 => (set.clone(), timing.set_ttl).prop_map(|(set, ttl)| Step::SetUp { set, ttl }),
         3 => (client.clone(), set.clone(), 0..MEMBERS.len())
@@ -924,6 +930,12 @@ impl Run {
             }
             Step::Restart { raise } => self.restart(raise),
             Step::Advance { ms } => self.advance_to(self.model.now + ms),
+            Step::Jump { ms } => {
+                let t = self.model.now + ms;
+                self.model.tick_to(t);
+                self.h.now_ms = t;
+                self.h.apply_now(Input::Tick);
+            }
             Step::ToNextDeadline { minus_one } => {
                 if let Some(deadline) = self.model.next_deadline() {
                     let target = if minus_one {

@@ -799,11 +799,18 @@ impl Locks {
     pub fn advance(&mut self, now: Tick) {
         let mut freed: Vec<u64> = Vec::new();
         let mut tick = Tick::ZERO;
-        while let Some(Timer { at, seq, due }) = self.books.timers.pop_due(now) {
-            if at != tick {
+        loop {
+            let next = self.books.timers.next_at().filter(|&at| at <= now);
+            if !freed.is_empty() && next != Some(tick) {
+                // The tick is over. Its grants set lease timers that may
+                // fall before the next one due: look again after them.
                 self.hand_on(&mut freed, tick);
-                tick = at;
+                continue;
             }
+            let Some(Timer { at, seq, due }) = self.books.timers.pop_due(now) else {
+                break;
+            };
+            tick = at;
             let deadline = Deadline { at, seq };
             let freed_key = match due {
                 LockDue::Lease { hash, token } => self.lease_ran_out(hash, token, deadline),
@@ -812,7 +819,6 @@ impl Locks {
             };
             freed.extend(freed_key.filter(|hash| !freed.contains(hash)));
         }
-        self.hand_on(&mut freed, tick);
         self.compact_timers();
     }
 
