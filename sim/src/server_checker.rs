@@ -391,23 +391,7 @@ impl ShardHistory {
         // else now.
         let mut freed_at: BTreeMap<String, Tick> = BTreeMap::new();
         for (key, view) in before {
-            let ran_out = view
-                .holders
-                .iter()
-                .filter(|h| h.deadline <= now && !holds(after, key, h.token))
-                .map(|h| h.deadline.plus_millis(h.lock_delay_ms));
-            let waited_out = view
-                .waiters
-                .iter()
-                .filter_map(|w| w.deadline)
-                .filter(|&d| d <= now);
-            let freed = ran_out.chain(waited_out).min();
-            let delay_end = view.delayed_until.filter(|&d| d <= now);
-            let freed = match (freed, delay_end) {
-                (Some(freed), Some(end)) => Some(freed.max(end)),
-                (freed, end) => freed.or(end),
-            };
-            if let Some(freed) = freed {
+            if let Some(freed) = freed_in(view, after, key, now) {
                 freed_at.insert(key.clone(), freed);
             }
         }
@@ -839,6 +823,59 @@ struct Step<'a> {
     granted_now: BTreeMap<u64, Tick>,
     /// The new grants of this command: key, token and lease.
     new_grants: Vec<(String, u64, u64)>,
+}
+
+/// When, in the command that took the shard to `now`, a place of `key`
+/// (`view` before it) was first freed for a waiter: the earliest end of a
+/// lease that ran out, or (behind shared holders) of a wait, that no lock
+/// delay covers, else the end of the delay that covers it; or the end of
+/// a delay from before; `None` if nothing freed it.
+fn freed_in(
+    view: &KeyView,
+    after: &BTreeMap<String, KeyView>,
+    key: &str,
+    now: Tick,
+) -> Option<Tick> {
+    let ran_out: Vec<&HolderView> = view
+        .holders
+        .iter()
+        .filter(|h| h.deadline <= now && !holds(after, key, h.token))
+        .collect();
+    // Nobody is granted the key inside these.
+    let mut delays: Vec<(Tick, Tick)> = view
+        .delayed_until
+        .map(|until| (Tick::ZERO, until))
+        .into_iter()
+        .collect();
+    delays.extend(
+        ran_out
+            .iter()
+            .filter(|h| h.lock_delay_ms > 0)
+            .map(|h| (h.deadline, h.deadline.plus_millis(h.lock_delay_ms))),
+    );
+    let out_of_delays = |mut t: Tick| {
+        while let Some(&(_, until)) = delays.iter().find(|&&(from, until)| from <= t && t < until) {
+            t = until;
+        }
+        t
+    };
+    // Only behind shared holders does a waiter that leaves let others in
+    // (the shared ones behind an exclusive one).
+    let behind_shared = view.holders.first().is_some_and(|h| h.shared);
+    let waited_out = view
+        .waiters
+        .iter()
+        .filter_map(|w| w.deadline)
+        .filter(|&d| behind_shared && d <= now);
+    let delay_ended = view.delayed_until.filter(|&d| d <= now);
+    ran_out
+        .iter()
+        .map(|h| h.deadline)
+        .chain(waited_out)
+        .chain(delay_ended)
+        .map(out_of_delays)
+        .filter(|&t| t <= now)
+        .min()
 }
 
 /// Whether `key` is held with `token` in `views`.
