@@ -231,6 +231,34 @@ describe("the JavaScript client in Node", () => {
     await rejectsWith(lock.extend(1000), "not_held");
   });
 
+  test("shared locks, semaphores and lock delay (SPEC section 7)", TIMEOUT, async () => {
+    const [a, b, c] = [await client(), await client(), await client()];
+    const readerA = await a.lockShared("js-doc", { ttl: 30_000 });
+    const readerB = await b.lockShared("js-doc", { ttl: 30_000 });
+    assert.ok(readerB.token > readerA.token);
+    assert.equal(await c.tryLock("js-doc", { ttl: 30_000 }), null, "readers keep a writer out");
+    const info = await c.inspect("js-doc");
+    assert.deepEqual(info.holders.map((h) => h.mode), ["shared", "shared"]);
+    assert.deepEqual(info.holder, info.holders[0]);
+    await readerA.unlock();
+    await readerB.unlock();
+
+    const permits = [await a.semaphore("js-api", 2).acquire({ ttl: 30_000 }), await b.semaphore("js-api", 2).acquire({ ttl: 30_000 })];
+    assert.equal(await c.semaphore("js-api", 2).tryAcquire({ ttl: 30_000 }), null, "both permits are out");
+    await rejectsWith(c.semaphore("js-api", 3).tryAcquire({ ttl: 30_000 }), "conflict");
+    assert.equal((await c.inspect("js-api")).limit, 2);
+    await permits[0].unlock();
+    const third = await c.semaphore("js-api", 2).tryAcquire({ ttl: 30_000 });
+    assert.ok(third && third.token > permits[1].token);
+
+    // A lease that runs out keeps the key from everyone for its delay.
+    const paused = await a.tryLock("js-delayed", { ttl: 100, lockDelay: 60_000 });
+    paused.detach();
+    await eventually("the lease to run out", async () => (await c.inspect("js-delayed")).holder === null);
+    assert.equal(await b.tryLock("js-delayed", { ttl: 1_000 }), null, "inside the lock delay");
+    await assert.rejects(a.lockShared("x", { ttl: 1, limit: 2 }), RangeError);
+  });
+
   test("a grant after a long wait is re-anchored with an extend", TIMEOUT, async () => {
     const record = recordingWebSocket();
     const a = await client({ WebSocket: record.WebSocket });

@@ -5,7 +5,7 @@
 //! `cargo run --release -p deadbolt-core --example close_cost`
 use std::time::Instant;
 
-use deadbolt_core::proto::{Acquire, LockOp, Op, Request, Wait};
+use deadbolt_core::proto::{Acquire, LockOp, Mode, Op, Request, Wait};
 use deadbolt_core::{Engine, EngineConfig, Session};
 
 async fn lock(session: &Session, key: String, ephemeral: bool) {
@@ -14,6 +14,8 @@ async fn lock(session: &Session, key: String, ephemeral: bool) {
         ttl_ms: 86_400_000,
         wait: Wait::Never,
         ephemeral,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
     };
     let reply = session
         .execute(Request {

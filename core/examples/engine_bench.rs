@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use deadbolt_core::auth::{Auth, Policy, Principal, Quotas};
-use deadbolt_core::proto::{Acquire, Granted, LockOp, Okay, Op, Request, Secret, Wait};
+use deadbolt_core::proto::{Acquire, Granted, LockOp, Mode, Okay, Op, Request, Secret, Wait};
 
 /// The one principal's secret, with `auth`.
 const SECRET: &str = "bench-secret";
@@ -44,6 +44,8 @@ async fn one_pair(session: &Session, key: String) {
         ttl_ms: 30_000,
         wait: Wait::Never,
         ephemeral: false,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
     }));
     let reply = session.execute(Request { id: 1, op: lock }).await;
     let Ok(Okay::Granted(Granted { token, .. })) = reply.outcome else {

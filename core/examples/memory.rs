@@ -7,7 +7,7 @@
 
 use std::process::Command;
 
-use deadbolt_core::proto::{Acquire, Keys, LockOp, Op, Request, SetOp, Wait};
+use deadbolt_core::proto::{Acquire, Keys, LockOp, Mode, Op, Request, SetOp, Wait};
 use deadbolt_core::{Engine, EngineConfig, Session};
 
 const KEY_BYTES: usize = 16;
@@ -62,6 +62,8 @@ async fn hold_locks(session: &Session, count: u64) {
             ttl_ms: 86_400_000,
             wait: Wait::Never,
             ephemeral: false,
+            mode: Mode::MUTEX,
+            lock_delay_ms: 0,
         };
         execute(session, Op::Lock(LockOp::Acquire(acquire))).await;
     }

@@ -2,8 +2,8 @@
 
 use deadbolt_core::Limits;
 use deadbolt_core::proto::{
-    Acquire, ErrorCode, Keys, LockOp, Okay, Op, OpKind, Reply, Request, ServerError, SetOp, Wait,
-    decode_reply, decode_request, encode_reply, encode_request,
+    Acquire, ErrorCode, Keys, LockOp, Mode, Okay, Op, OpKind, Reply, Request, ServerError, SetOp,
+    Wait, decode_reply, decode_request, encode_reply, encode_request,
 };
 use proptest::prelude::*;
 
@@ -33,6 +33,8 @@ fn a_valid_lock_request_decodes_with_every_field() {
         ttl_ms: 30000,
         wait: Wait::UpTo(5000),
         ephemeral: true,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
     }));
     assert_eq!(
         request,
@@ -40,6 +42,54 @@ fn a_valid_lock_request_decodes_with_every_field() {
             id: 17,
             op: expected
         }
+    );
+}
+
+#[test]
+fn mode_limit_and_lock_delay_decode_with_their_defaults_and_bounds() {
+    let acquire = |extra: &str| match decode(&format!(
+        r#"{{"id":1,"op":"lock","key":"k","ttl_ms":1{extra}}}"#
+    )) {
+        Ok(Request {
+            op: Op::Lock(LockOp::Acquire(a)),
+            ..
+        }) => Ok((a.mode, a.lock_delay_ms)),
+        Ok(other) => panic!("{other:?}"),
+        Err((_, code, message)) => Err((code, message)),
+    };
+    assert_eq!(acquire(""), Ok((Mode::MUTEX, 0)));
+    assert_eq!(acquire(r#","mode":"shared""#), Ok((Mode::Shared, 0)));
+    assert_eq!(
+        acquire(r#","mode":"shared","limit":1"#),
+        Ok((Mode::Shared, 0))
+    );
+    assert_eq!(
+        acquire(r#","mode":"exclusive","limit":10000,"lock_delay_ms":60000"#),
+        Ok((Mode::Exclusive { limit: 10_000 }, 60_000))
+    );
+    for (extra, field) in [
+        (r#","limit":0"#, "limit"),
+        (r#","limit":10001"#, "limit"),
+        (r#","mode":"shared","limit":5"#, "limit"),
+        (r#","mode":"reader""#, "mode"),
+        (r#","mode":1"#, "mode"),
+        (r#","lock_delay_ms":60001"#, "lock_delay_ms"),
+    ] {
+        let (code, message) = acquire(extra).unwrap_err();
+        assert_eq!(code, ErrorCode::BadRequest, "{extra}");
+        assert!(
+            message.contains(&format!("`{field}`")),
+            "{extra}: {message}"
+        );
+    }
+    // Defaults are left out when a client writes them.
+    let plain = Request {
+        id: 1,
+        op: Op::Lock(LockOp::Acquire(Acquire::mutex("k", 5, Wait::Forever))),
+    };
+    assert_eq!(
+        encode_request(&plain),
+        r#"{"id":1,"op":"lock","key":"k","ttl_ms":5}"#
     );
 }
 
@@ -218,8 +268,21 @@ fn escaped_strings_decode_and_lone_surrogates_are_refused() {
 }
 
 #[test]
-fn unknown_fields_are_ignored_for_newer_clients() {
-    decode(r#"{"id":1,"op":"ping","trace":{"deep":[1,2,3]}}"#).unwrap();
+fn unknown_fields_get_bad_request_naming_them() {
+    // A misspelt `ephemeral` would otherwise grant a lock that outlives
+    // its connection.
+    let (id, message) = bad(r#"{"id":4,"op":"lock","key":"k","ttl_ms":5,"ephemral":true}"#);
+    assert_eq!(id, Some(4));
+    assert!(message.contains("`ephemral`"), "{message}");
+    let (_, message) = bad(r#"{"id":1,"op":"ping","trace":{"deep":[1,2,3]}}"#);
+    assert!(message.contains("`trace`"), "{message}");
+    // A field some other op takes is refused too, named.
+    let (id, message) = bad(r#"{"id":2,"op":"unlock","key":"k","token":3,"ttl_ms":5}"#);
+    assert_eq!(id, Some(2));
+    assert_eq!(message, "op `unlock` takes no field `ttl_ms`");
+    // `null` says "absent", for any known field.
+    decode(r#"{"id":1,"op":"ping","key":null}"#).unwrap();
+    decode(r#"{"id":1,"op":"lock","key":"k","ttl_ms":5,"wait_ms":null}"#).unwrap();
 }
 
 #[test]
@@ -231,9 +294,11 @@ fn duplicate_fields_are_refused() {
 #[test]
 fn deeply_nested_input_is_refused_without_overflowing_the_stack() {
     let nest = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
-    // In an unknown field it is skipped without recursion, and ignored.
-    let ignored = format!(r#"{{"id":1,"op":"ping","x":{}}}"#, nest(100_000));
-    assert!(decode(&ignored).is_ok());
+    // In an unknown field it is skipped without recursion, and the field
+    // named.
+    let unknown = format!(r#"{{"id":1,"op":"ping","x":{}}}"#, nest(100_000));
+    let (id, message) = bad(&unknown);
+    assert_eq!((id, message.as_str()), (Some(1), "unknown field `x`"));
     // Where a value is read, it is refused, with the id.
     let mistyped = format!(r#"{{"id":1,"op":"inspect","key":{}}}"#, nest(100_000));
     assert!(matches!(
@@ -296,14 +361,11 @@ fn replies_encode_as_the_spec_shows() {
     assert!(encode_reply(&busy).starts_with(r#"{"id":2,"err":{"code":"busy","message":""#));
     let free = Reply {
         id: Some(3),
-        outcome: Ok(Okay::LockInfo(deadbolt_core::proto::LockInfo {
-            holder: None,
-            waiters: 0,
-        })),
+        outcome: Ok(Okay::LockInfo(deadbolt_core::proto::LockInfo::free())),
     };
     assert_eq!(
         encode_reply(&free),
-        r#"{"id":3,"ok":{"holder":null,"waiters":0}}"#
+        r#"{"id":3,"ok":{"holder":null,"waiters":0,"holders":[],"limit":1}}"#
     );
 }
 
@@ -317,6 +379,10 @@ fn arb_op() -> impl Strategy<Value = Op> {
         Just(Wait::Never),
         (1u64..86_400_000).prop_map(Wait::UpTo)
     ];
+    let mode = prop_oneof![
+        Just(Mode::Shared),
+        (1u32..=10_000).prop_map(|limit| Mode::Exclusive { limit })
+    ];
     prop_oneof![
         ("[a-f0-9]{1,64}", proptest::option::of("[ -~]{1,64}")).prop_map(|(client, auth)| {
             Op::Hello {
@@ -326,16 +392,24 @@ fn arb_op() -> impl Strategy<Value = Op> {
         }),
         Just(Op::Ping),
         any::<u64>().prop_map(|target| Op::Cancel { target }),
-        (arb_key(), 1u64..=86_400_000, wait, any::<bool>()).prop_map(
-            |(key, ttl_ms, wait, ephemeral)| {
+        (
+            arb_key(),
+            1u64..=86_400_000,
+            wait,
+            any::<bool>(),
+            mode,
+            0u64..=60_000
+        )
+            .prop_map(|(key, ttl_ms, wait, ephemeral, mode, lock_delay_ms)| {
                 Op::Lock(LockOp::Acquire(Acquire {
                     key,
                     ttl_ms,
                     wait,
                     ephemeral,
+                    mode,
+                    lock_delay_ms,
                 }))
-            }
-        ),
+            }),
         (arb_key(), any::<u64>()).prop_map(|(key, token)| Op::Lock(LockOp::Release { key, token })),
         (arb_key(), any::<u64>(), 1u64..=86_400_000)
             .prop_map(|(key, token, ttl_ms)| Op::Lock(LockOp::Extend { key, token, ttl_ms })),
@@ -372,7 +446,7 @@ proptest! {
     fn decoding_never_panics_on_near_valid_json(
         id in prop_oneof![Just("1".to_owned()), any::<i64>().prop_map(|i| i.to_string()), Just("\"x\"".to_owned())],
         op in "(lock|unlock|extend|inspect|set_up|insert|members|inspect_set|tear_down|hello|ping|cancel|zap)",
-        field in "(key|keys|set|ttl_ms|wait_ms|token|target|after|limit|client|ephemeral)",
+        field in "(key|keys|set|ttl_ms|wait_ms|token|target|after|limit|client|ephemeral|mode|lock_delay_ms)",
         value in prop_oneof![Just("null".to_owned()), Just("\"\"".to_owned()), Just("[]".to_owned()),
                              Just("{}".to_owned()), Just("true".to_owned()), any::<i64>().prop_map(|i| i.to_string()),
                              "\"[ -~]{0,8}\"", Just("1e400".to_owned())],

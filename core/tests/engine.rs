@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use deadbolt_core::proto::{
-    Acquire, ErrorCode, Granted, Keys, LockInfo, LockOp, Okay, Op, Outcome, Request, SetOp, Wait,
+    Acquire, ErrorCode, Granted, Keys, LockInfo, LockOp, Mode, Okay, Op, Outcome, Request, SetOp,
+    Wait,
 };
 use deadbolt_core::{Engine, EngineConfig, Limits, Session};
 use tokio::time::Instant;
@@ -40,6 +41,8 @@ fn lock_op(key: &str, ttl_ms: u64, wait_ms: Option<u64>, ephemeral: bool) -> Op 
         ttl_ms,
         wait: Wait::from_wait_ms(wait_ms),
         ephemeral,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
     }))
 }
 

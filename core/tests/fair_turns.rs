@@ -8,7 +8,7 @@
 //! shard answers shows the order in which it took them.
 
 use deadbolt_core::proto::{
-    Acquire, Granted, Keys, LockOp, MembersPage, Okay, Op, Outcome, Request, SetOp, Wait,
+    Acquire, Granted, Keys, LockOp, MembersPage, Mode, Okay, Op, Outcome, Request, SetOp, Wait,
 };
 use deadbolt_core::{Engine, EngineConfig, Session};
 
@@ -52,6 +52,8 @@ fn lock(key: &str) -> Op {
         ttl_ms: 60_000,
         wait: Wait::Forever,
         ephemeral: false,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
     }))
 }
 

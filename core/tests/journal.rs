@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadbolt_core::engine::{Append, InvariantAlarm, Journal};
-use deadbolt_core::proto::{Acquire, Keys, LockOp, Op, Request, SetOp, Wait};
+use deadbolt_core::proto::{Acquire, Keys, LockOp, Mode, Op, Request, SetOp, Wait};
 use deadbolt_core::shard::{Command, Input, Shard, ShardConfig};
 use deadbolt_core::{Engine, EngineConfig, Session};
 
@@ -67,6 +67,8 @@ fn random_op(rng: &mut Lcg) -> Op {
                 [None, Some(0), Some(1 + rng.below(40))][rng.below(3) as usize],
             ),
             ephemeral: rng.below(3) == 0,
+            mode: Mode::MUTEX,
+            lock_delay_ms: 0,
         })),
         5 => Op::Lock(LockOp::Release {
             key,

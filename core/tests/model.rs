@@ -8,11 +8,13 @@
 //! purpose. After every step the test compares every answer and every key's
 //! state, and checks the contract's properties on the real shard's answers
 //! on their own:
-//! - at most one holder per key at every instant;
-//! - FIFO: a waiter is granted only after every earlier waiter on its key
-//!   has left the queue;
-//! - tokens strictly rising per key (a re-lock by the holder repeats the
-//!   current token);
+//! - a key's holders all shared, or at most its limit exclusive (the
+//!   shard's invariants; the model's holders must match them one by one);
+//! - FIFO across modes: a waiter is granted only after every earlier
+//!   waiter on its key has left the queue;
+//! - tokens strictly rising per key (a re-lock by a holder repeats its own
+//!   token);
+//! - no grant while a lock delay runs (the model holds the key back);
 //! - leases ending exactly at their deadline;
 //! - `index` the same for everyone and `first` for one client only;
 //! - nothing answered twice.
@@ -32,7 +34,7 @@ use std::collections::{BTreeMap, HashMap};
 use deadbolt_core::limits::Limits;
 use deadbolt_core::proto::{
     Acquire, ErrorCode, Extended, Granted, HolderInfo, Inserted, InsertedMany, Keys, LockInfo,
-    LockOp, Member, MembersPage, Okay, SetInfo, SetOp, SetUpReply, TornDown, Wait,
+    LockOp, Member, MembersPage, Mode, ModeName, Okay, SetInfo, SetOp, SetUpReply, TornDown, Wait,
 };
 use deadbolt_core::shard::{Input, ShardConfig, ShardOp};
 use proptest::prelude::*;
@@ -51,6 +53,8 @@ enum Step {
         ttl: u64,
         wait: Option<u64>,
         ephemeral: bool,
+        mode: Mode,
+        delay: u64,
     },
     Unlock {
         client: usize,
@@ -87,6 +91,11 @@ enum Step {
         raise: u64,
     },
     Advance {
+        ms: u64,
+    },
+    /// Time passes with no wake-up on the way, as for a shard whose log
+    /// is slow: one late command applies every deadline of the span.
+    Jump {
         ms: u64,
     },
     ToNextDeadline {
@@ -137,6 +146,7 @@ struct Timing {
     wait: BoxedStrategy<u64>,
     advance: BoxedStrategy<u64>,
     set_ttl: BoxedStrategy<u64>,
+    delay: BoxedStrategy<u64>,
 }
 
 impl Timing {
@@ -147,6 +157,7 @@ impl Timing {
             wait: (1u64..40).boxed(),
             advance: (0u64..25).boxed(),
             set_ttl: (1u64..80).boxed(),
+            delay: (1u64..20).boxed(),
         }
     }
 
@@ -160,6 +171,7 @@ impl Timing {
             wait: tens(1..5),
             advance: tens(0..3),
             set_ttl: tens(1..9),
+            delay: tens(1..3),
         }
     }
 }
@@ -178,9 +190,19 @@ fn step_timed(timing: Timing) -> impl Strategy<Value = Step> {
         Just(TokenPick::Bogus)
     ];
     let wait = prop_oneof![Just(None), Just(Some(0)), timing.wait.prop_map(Some)];
+    // Limits 1 and 2 only, so that requests often disagree (`conflict`)
+    // and a semaphore often fills.
+    let mode = prop_oneof![
+        4 => Just(Mode::MUTEX),
+        3 => Just(Mode::Shared),
+        2 => Just(Mode::Exclusive { limit: 2 }),
+    ];
+    let delay = prop_oneof![3 => Just(0), 1 => timing.delay];
     prop_oneof![
-        6 => (client.clone(), key.clone(), timing.ttl.clone(), wait, any::<bool>())
-            .prop_map(|(client, key, ttl, wait, ephemeral)| Step::Lock { client, key, ttl, wait, ephemeral }),
+        6 => (client.clone(), key.clone(), timing.ttl.clone(), wait, any::<bool>(), mode, delay)
+            .prop_map(|(client, key, ttl, wait, ephemeral, mode, delay)| {
+                Step::Lock { client, key, ttl, wait, ephemeral, mode, delay }
+            }),
         3 => (client.clone(), key.clone(), token.clone())
             .prop_map(|(client, key, token)| Step::Unlock { client, key, token }),
         2 => (client.clone(), key.clone(), token, timing.ttl)
@@ -191,7 +213,8 @@ fn step_timed(timing: Timing) -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(|pick| Step::LostAnswer { pick }),
         1 => client.clone().prop_map(|client| Step::CloseConnection { client }),
         1 => (0u64..20).prop_map(|raise| Step::Restart { raise }),
-        4 => timing.advance.prop_map(|ms| Step::Advance { ms }),
+        4 => timing.advance.clone().prop_map(|ms| Step::Advance { ms }),
+        1 => timing.advance.prop_map(|ms| Step::Jump { ms: ms * 3 }),
         2 => any::<bool>().prop_map(|minus_one| Step::ToNextDeadline { minus_one }),
         2 => (set.clone(), timing.set_ttl).prop_map(|(set, ttl)| Step::SetUp { set, ttl }),
         3 => (client.clone(), set.clone(), 0..MEMBERS.len())
@@ -213,6 +236,8 @@ struct MHolder {
     token: u64,
     deadline: u64,
     ephemeral: bool,
+    shared: bool,
+    delay: u64,
     /// The request whose answer is all the holder has heard of its grant.
     granted_by: Option<usize>,
 }
@@ -225,12 +250,51 @@ struct MWaiter {
     ttl: u64,
     deadline: Option<u64>,
     ephemeral: bool,
+    shared: bool,
+    delay: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct MLock {
-    holder: Option<MHolder>,
+    /// Oldest grant first.
+    holders: Vec<MHolder>,
     queue: Vec<MWaiter>,
+    limit: u32,
+    /// Nobody is granted the key before this.
+    delay_until: Option<u64>,
+}
+
+impl Default for MLock {
+    fn default() -> Self {
+        MLock {
+            holders: Vec::new(),
+            queue: Vec::new(),
+            limit: 1,
+            delay_until: None,
+        }
+    }
+}
+
+impl MLock {
+    fn busy(&self) -> bool {
+        !self.holders.is_empty() || !self.queue.is_empty()
+    }
+
+    /// Whether a request of this mode fits now, waiters aside.
+    fn admits(&self, shared: bool) -> bool {
+        if self.delay_until.is_some() {
+            return false;
+        }
+        match self.holders.first() {
+            None => true,
+            Some(first) if shared => first.shared,
+            Some(first) => !first.shared && self.holders.len() < self.limit as usize,
+        }
+    }
+
+    fn holder_of(&mut self, client: usize) -> Option<&mut MHolder> {
+        self.holders.iter_mut().find(|h| h.client == client)
+    }
 }
 
 #[derive(Debug)]
@@ -263,12 +327,17 @@ impl Model {
             for key in 0..KEYS.len() {
                 self.time_out_waiters(key, ms);
                 let lock = self.locks.entry(key).or_default();
-                if lock.holder.as_ref().is_some_and(|h| h.deadline <= ms) {
-                    lock.holder = None;
+                let (expired, kept): (Vec<_>, Vec<_>) =
+                    lock.holders.drain(..).partition(|h| h.deadline <= ms);
+                lock.holders = kept;
+                for holder in expired.iter().filter(|h| h.delay > 0) {
+                    let until = ms + holder.delay;
+                    lock.delay_until = Some(lock.delay_until.map_or(until, |d| d.max(until)));
                 }
-                if self.locks[&key].holder.is_none() {
-                    self.grant_next(key, ms);
+                if lock.delay_until.is_some_and(|d| d <= ms) {
+                    lock.delay_until = None;
                 }
+                self.grant_next(key, ms);
             }
             self.sets.retain(|_, set| set.deadline > ms);
         }
@@ -286,44 +355,47 @@ impl Model {
         }
     }
 
+    /// Grants waiters from the front of the queue while the first fits.
     fn grant_next(&mut self, key: usize, at: u64) {
         loop {
             let lock = self.locks.entry(key).or_default();
-            if lock.queue.is_empty() {
+            let Some(front) = lock.queue.first() else {
+                return;
+            };
+            let timed_out = front.deadline.is_some_and(|d| d <= at);
+            if !timed_out && !lock.admits(front.shared) {
                 return;
             }
             let waiter = lock.queue.remove(0);
-            if waiter.deadline.is_some_and(|d| d <= at) {
+            if timed_out {
                 self.answer(waiter.request, Err(ErrorCode::Timeout));
                 continue;
             }
             let token = self.next_token;
             self.next_token += 1;
             let lock = self.locks.get_mut(&key).expect("entry made above");
-            lock.holder = Some(MHolder {
+            lock.holders.push(MHolder {
                 client: waiter.client,
                 conn: waiter.conn,
                 token,
                 deadline: at + waiter.ttl,
                 ephemeral: waiter.ephemeral,
+                shared: waiter.shared,
+                delay: waiter.delay,
                 granted_by: Some(waiter.request),
             });
             self.answer(
                 waiter.request,
                 Ok(Okay::Granted(Granted::new(token, waiter.ttl))),
             );
-            self.answer_queued_relocks(key, at);
-            return;
+            self.answer_queued_relocks(key, waiter.client, at);
         }
     }
 
-    fn answer_queued_relocks(&mut self, key: usize, at: u64) {
+    fn answer_queued_relocks(&mut self, key: usize, client: usize, at: u64) {
         let lock = self.locks.get_mut(&key).expect("held");
-        let holder_client = lock.holder.as_ref().expect("held").client;
-        let (mine, others): (Vec<_>, Vec<_>) = lock
-            .queue
-            .drain(..)
-            .partition(|w| w.client == holder_client);
+        let (mine, others): (Vec<_>, Vec<_>) =
+            lock.queue.drain(..).partition(|w| w.client == client);
         lock.queue = others;
         for waiter in mine {
             if waiter.deadline.is_some_and(|d| d <= at) {
@@ -333,11 +405,16 @@ impl Model {
             let holder = self
                 .locks
                 .get_mut(&key)
-                .and_then(|l| l.holder.as_mut())
+                .and_then(|l| l.holder_of(client))
                 .expect("held");
+            if holder.shared != waiter.shared {
+                self.answer(waiter.request, Err(ErrorCode::Conflict));
+                continue;
+            }
             holder.deadline = at + waiter.ttl;
             holder.conn = waiter.conn;
             holder.ephemeral = waiter.ephemeral;
+            holder.delay = waiter.delay;
             holder.granted_by = None;
             let token = holder.token;
             self.answer(
@@ -357,47 +434,64 @@ impl Model {
         ttl: u64,
         wait: Option<u64>,
         ephemeral: bool,
+        mode: Mode,
+        delay: u64,
     ) {
         let now = self.now;
+        let shared = mode.is_shared();
         let lock = self.locks.entry(key).or_default();
-        match lock.holder.as_mut() {
-            None => {
-                let token = self.next_token;
-                self.next_token += 1;
-                lock.holder = Some(MHolder {
-                    client,
-                    conn,
-                    token,
-                    deadline: now + ttl,
-                    ephemeral,
-                    granted_by: Some(request),
-                });
-                self.answer(request, Ok(Okay::Granted(Granted::new(token, ttl))));
+        if lock.busy() && lock.limit != mode.limit() {
+            return self.answer(request, Err(ErrorCode::Conflict));
+        }
+        if !lock.busy() {
+            lock.limit = mode.limit();
+        }
+        if let Some(holder) = lock.holder_of(client) {
+            if holder.shared != shared {
+                return self.answer(request, Err(ErrorCode::Conflict));
             }
-            Some(holder) if holder.client == client => {
-                holder.deadline = now + ttl;
-                holder.conn = conn;
-                holder.ephemeral = ephemeral;
-                holder.granted_by = None;
-                let token = holder.token;
-                self.answer(request, Ok(Okay::Granted(Granted::new(token, ttl))));
-            }
-            Some(_) if wait == Some(0) => self.answer(request, Err(ErrorCode::Busy)),
-            Some(_) => lock.queue.push(MWaiter {
+            holder.deadline = now + ttl;
+            holder.conn = conn;
+            holder.ephemeral = ephemeral;
+            holder.delay = delay;
+            holder.granted_by = None;
+            let token = holder.token;
+            return self.answer(request, Ok(Okay::Granted(Granted::new(token, ttl))));
+        }
+        if lock.admits(shared) && lock.queue.is_empty() {
+            let token = self.next_token;
+            self.next_token += 1;
+            lock.holders.push(MHolder {
+                client,
+                conn,
+                token,
+                deadline: now + ttl,
+                ephemeral,
+                shared,
+                delay,
+                granted_by: Some(request),
+            });
+            self.answer(request, Ok(Okay::Granted(Granted::new(token, ttl))));
+        } else if wait == Some(0) {
+            self.answer(request, Err(ErrorCode::Busy));
+        } else {
+            lock.queue.push(MWaiter {
                 request,
                 client,
                 conn,
                 ttl,
                 deadline: wait.map(|w| now + w),
                 ephemeral,
-            }),
+                shared,
+                delay,
+            });
         }
     }
 
     fn unlock(&mut self, request: usize, key: usize, token: u64) {
         let lock = self.locks.entry(key).or_default();
-        if lock.holder.as_ref().is_some_and(|h| h.token == token) {
-            lock.holder = None;
+        if let Some(i) = lock.holders.iter().position(|h| h.token == token) {
+            lock.holders.remove(i);
             self.answer(request, Ok(Okay::EMPTY));
             self.grant_next(key, self.now);
         } else {
@@ -411,9 +505,9 @@ impl Model {
             .locks
             .entry(key)
             .or_default()
-            .holder
-            .as_mut()
-            .filter(|h| h.token == token);
+            .holders
+            .iter_mut()
+            .find(|h| h.token == token);
         match holder {
             Some(holder) => {
                 holder.deadline = now + ttl;
@@ -425,24 +519,38 @@ impl Model {
     }
 
     fn inspect(&self, key: usize) -> LockInfo {
-        let Some(lock) = self.locks.get(&key) else {
-            return LockInfo {
-                holder: None,
-                waiters: 0,
-            };
+        let Some(lock) = self
+            .locks
+            .get(&key)
+            .filter(|l| l.busy() || l.delay_until.is_some())
+        else {
+            return LockInfo::free();
         };
-        LockInfo {
-            holder: lock.holder.as_ref().map(|h| HolderInfo {
+        let holders: Vec<HolderInfo> = lock
+            .holders
+            .iter()
+            .map(|h| HolderInfo {
                 client: client_name(h.client),
                 token: h.token,
                 remaining_ms: h.deadline - self.now,
-            }),
+                mode: if h.shared {
+                    ModeName::Shared
+                } else {
+                    ModeName::Exclusive
+                },
+            })
+            .collect();
+        LockInfo {
+            holder: holders.first().cloned(),
             waiters: lock.queue.len() as u64,
+            holders,
+            limit: lock.limit,
         }
     }
 
     fn cancel(&mut self, conn: u64, target: usize) {
-        for lock in self.locks.values_mut() {
+        for key in 0..KEYS.len() {
+            let lock = self.locks.entry(key).or_default();
             if let Some(i) = lock
                 .queue
                 .iter()
@@ -450,6 +558,8 @@ impl Model {
             {
                 let waiter = lock.queue.remove(i);
                 self.answer(waiter.request, Err(ErrorCode::Cancelled));
+                // Shared waiters behind a cancelled exclusive one may fit.
+                self.grant_next(key, self.now);
                 return;
             }
         }
@@ -464,14 +574,15 @@ impl Model {
             if let Some(i) = lock.queue.iter().position(|w| w.request == request) {
                 lock.queue.remove(i);
                 self.answer(request, Err(ErrorCode::Cancelled));
+                self.grant_next(key, self.now);
                 return;
             }
-            if lock
-                .holder
-                .as_ref()
-                .is_some_and(|h| h.granted_by == Some(request))
+            if let Some(i) = lock
+                .holders
+                .iter()
+                .position(|h| h.granted_by == Some(request))
             {
-                lock.holder = None;
+                lock.holders.remove(i);
                 self.grant_next(key, self.now);
                 return;
             }
@@ -487,14 +598,8 @@ impl Model {
                 self.answer(waiter.request, Err(ErrorCode::Cancelled));
             }
             let lock = self.locks.entry(key).or_default();
-            if lock
-                .holder
-                .as_ref()
-                .is_some_and(|h| h.ephemeral && h.conn == conn)
-            {
-                lock.holder = None;
-                self.grant_next(key, self.now);
-            }
+            lock.holders.retain(|h| !(h.ephemeral && h.conn == conn));
+            self.grant_next(key, self.now);
         }
     }
 
@@ -505,10 +610,8 @@ impl Model {
     fn restart(&mut self) {
         for lock in self.locks.values_mut() {
             lock.queue.clear();
-            if lock.holder.as_ref().is_some_and(|h| h.ephemeral) {
-                lock.holder = None;
-            }
-            if let Some(holder) = lock.holder.as_mut() {
+            lock.holders.retain(|h| !h.ephemeral);
+            for holder in &mut lock.holders {
                 holder.granted_by = None;
             }
         }
@@ -602,13 +705,14 @@ impl Model {
         let holders = self
             .locks
             .values()
-            .filter_map(|l| l.holder.as_ref().map(|h| h.deadline));
+            .flat_map(|l| l.holders.iter().map(|h| h.deadline));
         let waits = self
             .locks
             .values()
             .flat_map(|l| l.queue.iter().filter_map(|w| w.deadline));
+        let delays = self.locks.values().filter_map(|l| l.delay_until);
         let sets = self.sets.values().map(|s| s.deadline);
-        holders.chain(waits).chain(sets).min()
+        holders.chain(waits).chain(delays).chain(sets).min()
     }
 }
 
@@ -724,12 +828,16 @@ impl Run {
                 ttl,
                 wait,
                 ephemeral,
+                mode,
+                delay,
             } => {
                 let op = LockOp::Acquire(Acquire {
                     key: KEYS[key].into(),
                     ttl_ms: ttl,
                     wait: Wait::from_wait_ms(wait),
                     ephemeral,
+                    mode,
+                    lock_delay_ms: delay,
                 });
                 let request = self.send(client, ShardOp::Lock(op));
                 self.model.lock(
@@ -740,6 +848,8 @@ impl Run {
                     ttl,
                     wait,
                     ephemeral,
+                    mode,
+                    delay,
                 );
             }
             Step::Unlock { client, key, token } => {
@@ -814,6 +924,12 @@ impl Run {
             }
             Step::Restart { raise } => self.restart(raise),
             Step::Advance { ms } => self.advance_to(self.model.now + ms),
+            Step::Jump { ms } => {
+                let t = self.model.now + ms;
+                self.model.tick_to(t);
+                self.h.now_ms = t;
+                self.h.apply_now(Input::Tick);
+            }
             Step::ToNextDeadline { minus_one } => {
                 if let Some(deadline) = self.model.next_deadline() {
                     let target = if minus_one {
@@ -971,34 +1087,37 @@ impl Run {
     }
 
     fn same_info(&mut self, real: &LockInfo, model: &LockInfo) -> Result<(), String> {
-        if real.waiters != model.waiters {
-            return Err(format!("waiters: real {real:?}, model {model:?}"));
+        if (real.waiters, real.limit, real.holders.len())
+            != (model.waiters, model.limit, model.holders.len())
+        {
+            return Err(format!("real {real:?}, model {model:?}"));
         }
-        match (&real.holder, &model.holder) {
-            (None, None) => Ok(()),
-            (Some(r), Some(m)) if r.client == m.client && r.remaining_ms == m.remaining_ms => {
-                self.same_token(r.token, m.token)
+        if real.holder.as_ref() != real.holders.first() {
+            return Err(format!("`holder` is not the first of `holders`: {real:?}"));
+        }
+        for (r, m) in real.holders.iter().zip(&model.holders) {
+            if (&r.client, r.remaining_ms, r.mode) != (&m.client, m.remaining_ms, m.mode) {
+                return Err(format!("holders: real {real:?}, model {model:?}"));
             }
-            _ => Err(format!("holder: real {real:?}, model {model:?}")),
+            self.same_token(r.token, m.token)?;
         }
+        Ok(())
     }
 
-    /// Tokens rise per key; a repeated token is a re-lock by the holder;
+    /// Tokens rise per key; a repeated token is a re-lock by its holder;
     /// FIFO: no earlier waiter on the key is still queued.
     fn check_grant(&mut self, request: usize, token: u64) -> Result<(), String> {
         let (client, _, key, _) = self.requests[request];
         let key = key.ok_or("a grant for a request that was not a lock")?;
+        let relock = self.own_tokens.get(&(client, key)) == Some(&token);
         if let Some(&(latest, holder)) = self.latest.get(&key)
-            && (token < latest || (token == latest && holder != client))
+            && !relock
+            && token <= latest
         {
             return Err(format!(
                 "key {key}: token {token} after {latest} (client {client}, holder {holder})"
             ));
         }
-        let relock = self
-            .latest
-            .get(&key)
-            .is_some_and(|&(latest, _)| latest == token);
         let earlier_still_waiting = (0..request).filter(|_| !relock).find(|&r| {
             self.requests[r].2 == Some(key)
                 && self.slots[r].is_pending()
@@ -1010,7 +1129,9 @@ impl Run {
                 "FIFO: request {request} granted while earlier request {earlier} still waits on key {key}"
             ));
         }
-        self.latest.insert(key, (token, client));
+        if !relock {
+            self.latest.insert(key, (token, client));
+        }
         self.own_tokens.insert((client, key), token);
         Ok(())
     }
@@ -1124,6 +1245,8 @@ fn the_comparison_catches_a_model_that_differs() {
             ttl: 10,
             wait: None,
             ephemeral: false,
+            mode: Mode::MUTEX,
+            delay: 0,
         },
         Step::Lock {
             client: 1,
@@ -1131,6 +1254,8 @@ fn the_comparison_catches_a_model_that_differs() {
             ttl: 10,
             wait: None,
             ephemeral: false,
+            mode: Mode::MUTEX,
+            delay: 0,
         },
         Step::Lock {
             client: 2,
@@ -1138,6 +1263,8 @@ fn the_comparison_catches_a_model_that_differs() {
             ttl: 10,
             wait: None,
             ephemeral: false,
+            mode: Mode::MUTEX,
+            delay: 0,
         },
     ];
     let mut run = Run::new();

@@ -36,23 +36,49 @@ pub struct SnapshotFile {
     pub images: Vec<ShardImage>,
 }
 
+/// The first of the two framed records of a snapshot written since shared
+/// locks, semaphores and lock delays (SPEC section 7) are in the image; a
+/// snapshot from before is one record, its images in the
+/// [`v1`](deadbolt_core::shard::image::v1) shape.
+const FORMAT_WITH_MODES: &[u8] = b"deadbolt-raft-snapshot/2";
+
+/// [`SnapshotFile`] as it was before SPEC section 7.
+#[derive(Deserialize)]
+struct SnapshotFileV1 {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    applied_through: Tick,
+    images: Vec<deadbolt_core::shard::image::v1::ShardImage>,
+}
+
 impl SnapshotFile {
-    /// Its bytes: one framed record.
+    /// Its bytes: two framed records, the format and the contents.
     pub fn encode(&self) -> Result<Vec<u8>, String> {
         let payload = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
-        let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER_BYTES);
+        let capacity = FORMAT_WITH_MODES.len() + payload.len() + 2 * frame::HEADER_BYTES;
+        let mut bytes = Vec::with_capacity(capacity);
+        frame::put(&mut bytes, FORMAT_WITH_MODES);
         frame::put(&mut bytes, &payload);
         Ok(bytes)
     }
 
-    /// Reads [`SnapshotFile::encode`]'s bytes back.
+    /// Reads [`SnapshotFile::encode`]'s bytes back, or those of a snapshot
+    /// written before SPEC section 7.
     pub fn decode(bytes: &[u8]) -> Result<SnapshotFile, String> {
         let (records, end) = frame::scan(bytes);
         match (&records[..], end) {
-            ([(_, payload)], frame::End::Clean) => {
+            ([(_, format), (_, payload)], frame::End::Clean) if *format == FORMAT_WITH_MODES => {
                 postcard::from_bytes(payload).map_err(|e| e.to_string())
             }
-            _ => Err(format!("not one intact record ({end:?})")),
+            ([(_, payload)], frame::End::Clean) => {
+                let old: SnapshotFileV1 =
+                    postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+                Ok(SnapshotFile {
+                    meta: old.meta,
+                    applied_through: old.applied_through,
+                    images: old.images.into_iter().map(Into::into).collect(),
+                })
+            }
+            _ => Err(format!("not a snapshot's intact records ({end:?})")),
         }
     }
 
@@ -325,5 +351,72 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 meta: meta.clone(),
                 snapshot: Box::new(Cursor::new(bytes.to_vec())),
             }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use deadbolt_core::shard::image::{Deadline, SetsImage, v1};
+
+    use super::*;
+
+    fn old_image() -> v1::ShardImage {
+        let holder = v1::HolderImage {
+            client: "c".into(),
+            conn: 1,
+            token: 3,
+            deadline: Deadline {
+                at: Tick(9_000),
+                seq: 0,
+            },
+            ephemeral: false,
+            granted_by: None,
+        };
+        v1::ShardImage {
+            now: Tick(5_000),
+            locks: v1::LocksImage {
+                next_token: 10,
+                next_waiter: 0,
+                timers_pushed: 1,
+                counters: Default::default(),
+                keys: vec![v1::KeyImage {
+                    key: "k".into(),
+                    holders: vec![holder],
+                    waiters: Vec::new(),
+                }],
+            },
+            sets: SetsImage {
+                next_set: 0,
+                timers_pushed: 0,
+                counters: Default::default(),
+                sets: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_snapshot_from_before_lock_modes_still_reads() {
+        #[derive(Serialize)]
+        struct Old {
+            meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+            applied_through: Tick,
+            images: Vec<v1::ShardImage>,
+        }
+        let old = Old {
+            meta: SnapshotMeta::default(),
+            applied_through: Tick(5_000),
+            images: vec![old_image()],
+        };
+        let payload = postcard::to_stdvec(&old).expect("encodes");
+        let mut bytes = Vec::new();
+        frame::put(&mut bytes, &payload);
+        let read = SnapshotFile::decode(&bytes).expect("an old snapshot reads");
+        assert_eq!(read.images, vec![old_image().into()]);
+        assert_eq!(read.images[0].locks.keys[0].limit, 1);
+        let again = SnapshotFile::decode(&read.encode().expect("encodes")).expect("reads");
+        assert_eq!(
+            again.images, read.images,
+            "and round-trips in the new format"
+        );
     }
 }

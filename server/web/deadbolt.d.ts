@@ -106,16 +106,49 @@ export interface LockOptions {
   /** Gives up the wait: the server cancels it and the promise rejects with
    * the signal's reason (a grant that crossed the cancel is released). */
   signal?: AbortSignal;
+  /** Hold the key shared: with any number of other shared holders and no
+   * exclusive one. A waiting exclusive request blocks later shared ones. */
+  shared?: boolean;
+  /** Hold the key as one of at most `limit` (1..=10 000) exclusive
+   * holders: a counting semaphore. Everyone using the key must give the
+   * same limit while it is held or waited on, or gets `conflict`. */
+  limit?: number;
+  /** After this lease runs out (not after an unlock), nobody is granted the
+   * key for this many ms (at most 60 000). */
+  lockDelay?: number;
+}
+
+/** A counting semaphore (`Client.semaphore`). */
+export interface Semaphore {
+  readonly key: string;
+  readonly limit: number;
+  /** Takes a permit (a Lock): null if none was free in time. */
+  acquire(options: Omit<LockOptions, "limit" | "shared">): Promise<Lock | null>;
+  /** Takes a permit if one is free now. */
+  tryAcquire(options: Omit<TryLockOptions, "limit" | "shared">): Promise<Lock | null>;
 }
 
 export type TryLockOptions = Omit<LockOptions, "wait" | "signal">;
 
+/** One holder in an `inspect` reply. */
+export interface HolderInfo {
+  client: string;
+  /** Left out by a server with `--auth` unless the asker is the holder's
+   * client id or an admin. */
+  token?: number;
+  remaining_ms: number;
+  mode: "exclusive" | "shared";
+}
+
 /** `inspect`. */
 export interface LockInfo {
-  /** `token` is left out by a server with `--auth` unless the asker is the
-   * holder's client id or an admin. */
-  holder: { client: string; token?: number; remaining_ms: number } | null;
+  /** The first (oldest) of `holders`. */
+  holder: HolderInfo | null;
   waiters: number;
+  /** Every holder, oldest grant first. */
+  holders: HolderInfo[];
+  /** How many exclusive holders the key admits. */
+  limit: number;
 }
 
 export interface ConnectEventDetail {
@@ -159,6 +192,10 @@ export declare class Client extends EventTarget {
   lock(key: string, options: LockOptions): Promise<Lock | null>;
   /** Takes `key` if it is free: a Lock, or null if someone else holds it. */
   tryLock(key: string, options: TryLockOptions): Promise<Lock | null>;
+  /** `lock` with `shared: true`. */
+  lockShared(key: string, options: Omit<LockOptions, "shared" | "limit">): Promise<Lock | null>;
+  /** The counting semaphore `key` with `limit` permits. */
+  semaphore(key: string, limit: number): Semaphore;
   /** Restarts the lease of grant `token` of `key`, from any connection. */
   extend(key: string, token: number, ttl: number): Promise<void>;
   /** Ends grant `token` of `key`, from any connection. `not_held` if it had

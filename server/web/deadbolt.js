@@ -152,6 +152,25 @@ function defaultUrl() {
 }
 
 /** A duration in whole milliseconds, as the wire wants it (at least `min`). */
+/** The `mode`, `limit` and `lock_delay_ms` fields of a lock, each left
+ * out at its default (so an older server is not sent what it does not
+ * know). */
+function lockKind({ shared, limit, lockDelay }) {
+  const kind = {};
+  if (shared) {
+    if (limit !== undefined && limit !== 1) throw new RangeError("deadbolt: a shared lock takes no limit");
+    kind.mode = "shared";
+  }
+  if (limit !== undefined) {
+    if (!Number.isInteger(limit) || limit < 1 || limit > 10_000) {
+      throw new RangeError(`deadbolt: limit must be an integer in 1..=10000, got ${limit}`);
+    }
+    if (limit !== 1) kind.limit = limit;
+  }
+  if (lockDelay !== undefined && lockDelay !== 0) kind.lock_delay_ms = millis("lockDelay", lockDelay, 0);
+  return kind;
+}
+
 function millis(name, value, min) {
   if (typeof value !== "number" || !Number.isFinite(value) || value < 0) {
     throw new TypeError(`deadbolt: ${name} must be a number of milliseconds, got ${value}`);
@@ -563,11 +582,16 @@ export class Client extends EventTarget {
    * (undefined: as long as it takes; 0: not at all); `ephemeral` releases
    * the lock when this connection closes; `autoRenew` extends the lease
    * every third of it until the handle is unlocked; `signal` (an
-   * AbortSignal) gives up a wait. Resolves with a Lock, or null when the
-   * key was busy or the wait ran out.
+   * AbortSignal) gives up a wait. `shared` holds the key as one of any
+   * number of readers; `limit` (1..=10,000) as one of at most that many
+   * exclusive holders (a counting semaphore); `lockDelay` (ms, at most
+   * 60,000) keeps the key from everyone that long after this lease runs
+   * out (not after an unlock). Resolves with a Lock, or null when the key
+   * was busy or the wait ran out.
    */
-  async lock(key, { ttl, wait, ephemeral = false, autoRenew = false, signal } = {}) {
+  async lock(key, { ttl, wait, ephemeral = false, autoRenew = false, signal, shared = false, limit, lockDelay } = {}) {
     const ttlMs = millis("ttl", ttl, 1);
+    const kind = lockKind({ shared, limit, lockDelay });
     const forever = wait === undefined || wait === null || wait === Infinity;
     const waitMs = forever ? null : millis("wait", wait, 0);
     const deadline = forever ? null : now() + waitMs;
@@ -576,7 +600,7 @@ export class Client extends EventTarget {
       let granted;
       try {
         granted = await this._exchange((attempt) => {
-          const request = { op: "lock", key, ttl_ms: ttlMs, ephemeral };
+          const request = { op: "lock", key, ttl_ms: ttlMs, ephemeral, ...kind };
           // A retry (or a new request after a lost grant) waits only what
           // is left of the wait.
           if (deadline !== null) {
@@ -605,8 +629,29 @@ export class Client extends EventTarget {
   }
 
   /** `lock` with `wait: 0`: a Lock, or null if someone else holds `key`. */
-  tryLock(key, { ttl, ephemeral = false, autoRenew = false } = {}) {
-    return this.lock(key, { ttl, wait: 0, ephemeral, autoRenew });
+  tryLock(key, { ttl, ephemeral = false, autoRenew = false, shared, limit, lockDelay } = {}) {
+    return this.lock(key, { ttl, wait: 0, ephemeral, autoRenew, shared, limit, lockDelay });
+  }
+
+  /** `lock` with `shared: true`: one of any number of readers of `key`. */
+  lockShared(key, options = {}) {
+    return this.lock(key, { ...options, shared: true });
+  }
+
+  /**
+   * The counting semaphore `key` with `limit` permits: `acquire(options)`
+   * and `tryAcquire(options)` take one (a Lock, released with `unlock()`),
+   * with the options of `lock`. Every user of the key must give the same
+   * limit while it is held or waited on, or gets `conflict`. A client holds
+   * at most one permit of a key (asking again is a retry of the same grant).
+   */
+  semaphore(key, limit) {
+    return {
+      key,
+      limit,
+      acquire: (options = {}) => this.lock(key, { ...options, limit }),
+      tryAcquire: (options = {}) => this.tryLock(key, { ...options, limit }),
+    };
   }
 
   /**

@@ -4,8 +4,13 @@
 //! 1. Mutual exclusion on what workers believe: no two workers hold a key
 //!    at the same simulated instant, judged by each worker's own
 //!    conservative lease view (from the grant until it releases, crashes,
-//!    or its view runs out).
-//! 2. Fencing: tokens per key strictly increase in grant order; the
+//!    or its view runs out). On the read-write key no exclusive holder
+//!    overlaps any other holder (shared ones may overlap each other); on
+//!    the semaphore's key never more than its limit hold at once (SPEC
+//!    section 7).
+//! 2. Fencing: tokens per key strictly increase in grant order (on the
+//!    keys with several holders at once, between beliefs that do not
+//!    overlap: holders that overlap learn of their grants in any order); the
 //!    resource's accepted writes never go below an accepted token, and
 //!    form an unbroken counter (no lost update).
 //! 3. Distinct sets: one owner (`first`) per key, one index per key, every
@@ -30,6 +35,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::history::{Actor, Event, What};
+use crate::scenario::limit_of;
 
 /// After the heal, an operation must complete within this long: three
 /// other workers ahead in the queue, each holding at most a lease of 1.2 s
@@ -48,6 +54,8 @@ pub struct Belief {
     pub from_us: u64,
     /// When it stopped believing.
     pub until_us: u64,
+    /// Whether it holds the key shared.
+    pub shared: bool,
 }
 
 impl fmt::Display for Belief {
@@ -72,6 +80,14 @@ pub enum Violation {
         key: String,
         first: Belief,
         second: Belief,
+    },
+    /// More workers than the semaphore's `limit` believed they held a
+    /// permit of `key` at once: these `holders`, at `at_us`.
+    OverLimit {
+        key: String,
+        limit: u32,
+        holders: Vec<Belief>,
+        at_us: u64,
     },
     /// A later grant of `key` carried a token no greater than an earlier one.
     TokenOrder {
@@ -254,6 +270,17 @@ pub enum Violation {
         ends_us: Option<u64>,
         at_us: u64,
     },
+    /// Server side: grant `token` of `key` was made at `at_us`, inside the
+    /// lock delay from `delay_from_us` to `delay_until_us` that a lease of
+    /// the key started when it ran out.
+    GrantInLockDelay {
+        shard: usize,
+        key: String,
+        token: u64,
+        at_us: u64,
+        delay_from_us: u64,
+        delay_until_us: u64,
+    },
     /// Cluster ([`crate::lease`]): grant `token` of `key` was still
     /// running when a request sent at `alive_at_us` found it, though its
     /// lease ends by `ends_by_us` (its last grant, re-lock or extend
@@ -275,6 +302,7 @@ impl Violation {
     pub fn kind(&self) -> &'static str {
         match self {
             Violation::MutualExclusion { .. } => "mutual exclusion",
+            Violation::OverLimit { .. } => "semaphore over its limit",
             Violation::TokenOrder { .. } => "token order",
             Violation::TokenReused { .. } => "token reused",
             Violation::FenceBroken { .. } => "fence broken",
@@ -307,6 +335,7 @@ impl Violation {
             Violation::CancelIgnored { .. } => "server: cancel ignored",
             Violation::TokenOpRefused { .. } => "server: token op refused",
             Violation::CountersDisagree { .. } => "server: counters disagree",
+            Violation::GrantInLockDelay { .. } => "server: grant in lock delay",
             Violation::LeaseOutlived { .. } => "lease outlived its ttl",
             Violation::NoLeader => "no leader",
         }
@@ -382,6 +411,7 @@ fn beliefs(events: &[Event]) -> BTreeMap<String, Vec<Belief>> {
                 key,
                 token,
                 valid_until_us,
+                ..
             }
             | What::Extended {
                 key,
@@ -393,11 +423,16 @@ fn beliefs(events: &[Event]) -> BTreeMap<String, Vec<Belief>> {
                 // old view has run out, the belief had ended, and a late
                 // view starts a new one (empty if it has run out too).
                 let id = (worker, key.clone());
+                let shared = match &event.what {
+                    What::Granted { shared, .. } => *shared,
+                    _ => open.get(&id).is_some_and(|b| b.shared),
+                };
                 let fresh = Belief {
                     worker,
                     token: *token,
                     from_us: event.at_us,
                     until_us: *valid_until_us,
+                    shared,
                 };
                 let live = open
                     .get(&id)
@@ -435,12 +470,16 @@ fn beliefs(events: &[Event]) -> BTreeMap<String, Vec<Belief>> {
 }
 
 fn mutual_exclusion(key: &str, beliefs: &[Belief], violations: &mut Vec<Violation>) {
+    let limit = limit_of(key);
+    if limit > 1 {
+        return within_limit(key, limit, beliefs, violations);
+    }
     for (i, a) in beliefs.iter().enumerate() {
         for b in &beliefs[i + 1..] {
             if b.from_us >= a.until_us {
                 continue;
             }
-            if a.worker != b.worker {
+            if a.worker != b.worker && !(a.shared && b.shared) {
                 violations.push(Violation::MutualExclusion {
                     key: key.to_owned(),
                     first: *a,
@@ -451,9 +490,60 @@ fn mutual_exclusion(key: &str, beliefs: &[Belief], violations: &mut Vec<Violatio
     }
 }
 
+/// At no instant do more than `limit` workers believe they hold `key`.
+fn within_limit(key: &str, limit: u32, beliefs: &[Belief], violations: &mut Vec<Violation>) {
+    // The count can only rise where a belief starts: look there.
+    for start in beliefs {
+        let at_us = start.from_us;
+        let holding: Vec<Belief> = beliefs
+            .iter()
+            .filter(|b| b.from_us <= at_us && at_us < b.until_us)
+            .copied()
+            .collect();
+        let workers: BTreeSet<usize> = holding.iter().map(|b| b.worker).collect();
+        if workers.len() > limit as usize {
+            violations.push(Violation::OverLimit {
+                key: key.to_owned(),
+                limit,
+                holders: holding,
+                at_us,
+            });
+            return; // once per key is enough to say it
+        }
+    }
+}
+
 fn token_order(key: &str, beliefs: &[Belief], violations: &mut Vec<Violation>) {
+    // A semaphore's holders learn of their grants in any order, and may
+    // believe one after another in an order their grants were not made
+    // in: its tokens are the server checker's to judge.
+    if limit_of(key) > 1 {
+        return;
+    }
+    // Shared holders too; but an exclusive grant is made while nobody
+    // else holds the key, so it is ordered with every grant whose belief
+    // does not overlap it. Each grant is judged by the belief that began
+    // it (a worker back from a crash re-locks the grant it still holds,
+    // with its old token, after others came and went).
+    let several = beliefs.iter().any(|b| b.shared);
+    let firsts: Vec<Belief>;
+    let beliefs = if several {
+        let mut seen = BTreeSet::new();
+        firsts = beliefs
+            .iter()
+            .filter(|b| seen.insert((b.worker, b.token)))
+            .copied()
+            .collect();
+        &firsts[..]
+    } else {
+        beliefs
+    };
     for (i, earlier) in beliefs.iter().enumerate() {
         for later in &beliefs[i + 1..] {
+            let unordered = earlier.shared && later.shared;
+            if several && (later.from_us < earlier.until_us || unordered) {
+                continue;
+            }
             let same_grant = later.token == earlier.token && later.worker == earlier.worker;
             if later.token <= earlier.token && !same_grant {
                 violations.push(Violation::TokenOrder {
@@ -681,6 +771,7 @@ mod tests {
                 key: "k".into(),
                 token,
                 valid_until_us: until_ms * 1000,
+                shared: false,
             },
         )
     }
@@ -704,6 +795,54 @@ mod tests {
             .filter(|v| !matches!(v, Violation::Stuck { op, until_us: None, .. } if op == "unlock"))
             .map(Violation::kind)
             .collect()
+    }
+
+    fn granted_on(
+        key: &str,
+        ms: u64,
+        worker: usize,
+        token: u64,
+        until_ms: u64,
+        shared: bool,
+    ) -> Event {
+        at(
+            ms,
+            Actor::Worker(worker),
+            What::Granted {
+                key: key.into(),
+                token,
+                valid_until_us: until_ms * 1000,
+                shared,
+            },
+        )
+    }
+
+    #[test]
+    fn shared_beliefs_may_overlap_but_not_with_an_exclusive_one() {
+        use crate::scenario::RW_KEY;
+        let readers = [
+            granted_on(RW_KEY, 0, 0, 1, 100, true),
+            granted_on(RW_KEY, 10, 1, 2, 100, true),
+        ];
+        assert!(!kinds(&readers).contains(&"mutual exclusion"));
+        let mut with_writer = readers.to_vec();
+        with_writer.push(granted_on(RW_KEY, 50, 2, 3, 150, false));
+        assert!(kinds(&with_writer).contains(&"mutual exclusion"));
+    }
+
+    #[test]
+    fn more_permits_than_the_limit_at_once_are_caught() {
+        use crate::scenario::{POOL_KEY, POOL_LIMIT};
+        let mut events: Vec<Event> = (0..POOL_LIMIT as usize)
+            .map(|w| granted_on(POOL_KEY, w as u64, w, w as u64 + 1, 100, false))
+            .collect();
+        assert!(kinds(&events).is_empty(), "{:?}", kinds(&events));
+        let n = POOL_LIMIT as usize;
+        events.push(granted_on(POOL_KEY, 100, n, 9, 200, false));
+        assert!(kinds(&events).is_empty(), "the first ones' views ran out");
+        events.push(granted_on(POOL_KEY, 20, n + 1, 10, 200, false));
+        events.sort_by_key(|e| e.at_us);
+        assert!(kinds(&events).contains(&"semaphore over its limit"));
     }
 
     #[test]

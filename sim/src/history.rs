@@ -41,12 +41,13 @@ pub enum What {
         wait_ms: Option<u64>,
         ephemeral: bool,
     },
-    /// A worker was granted a lock; it believes it holds it until
-    /// `valid_until_us` (simulated microseconds).
+    /// A worker was granted a lock (shared, or not); it believes it holds
+    /// it until `valid_until_us` (simulated microseconds).
     Granted {
         key: String,
         token: u64,
         valid_until_us: u64,
+        shared: bool,
     },
     /// The lock was busy or the wait ran out.
     NotGranted { key: String },

@@ -32,7 +32,9 @@ struct Args {
     /// stretch-lease, drop-insert; in the state machine (build with
     /// `--features planted-bugs`) grant-out-of-order, lease-from-request,
     /// deaf-wakeup, relock-keeps-lease, early-timeout,
-    /// ephemeral-outlives-connection, restart-keeps-ephemeral; in the storage
+    /// ephemeral-outlives-connection, restart-keeps-ephemeral,
+    /// set-renewal-ignored, cancel-ignored, extend-refused, busy-uncounted,
+    /// shared-beside-exclusive, semaphore-over-limit, lock-delay-ignored; in the storage
     /// (the same feature) ack-before-sync, forget-last-batch,
     /// snapshot-covers-group; in a cluster's replication (the same feature,
     /// with `--cluster`) follower-grants-locally, ack-before-commit.

@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::history::{Actor, What, now_us};
 use crate::resource;
-use crate::scenario::{CounterStep, LOCK_KEYS, Step};
+use crate::scenario::{CounterStep, Guard, LOCK_KEYS, Step};
 use crate::worker::{Shared, WS_PORT};
 
 /// How long a request may go unanswered before the connection is taken
@@ -104,11 +104,14 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
         let Some(step) = shared.scenario.workers[me].steps.get(at) else {
             break;
         };
+        // It speaks the plain mutex protocol: the other kinds of lock are
+        // the Rust client's.
         if let Step::Counter(CounterStep {
             key,
             ttl_ms,
             hold_ms,
             relock,
+            guard: Guard::Mutex,
             ..
         }) = step
         {
@@ -208,6 +211,7 @@ impl RawCounter<'_> {
             key: key.clone(),
             token,
             valid_until_us,
+            shared: false,
         });
         let value = self.fenced_read(token, valid_until_us).await;
         let mut good = true;

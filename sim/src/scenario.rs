@@ -11,6 +11,21 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 /// The lock keys workers contend for: each run uses the first 1 to all of
 /// them (one key makes long wait queues, four spread the load).
 pub const LOCK_KEYS: &[&str] = &["counter-a", "counter-b", "counter-c", "counter-d"];
+/// The read-write lock's key (SPEC section 7): readers hold it shared and
+/// read the resource's counter of the same name, writers exclusive and
+/// increment it.
+pub const RW_KEY: &str = "shared-counter";
+/// The counting semaphore's key: at most [`POOL_LIMIT`] permits at once.
+pub const POOL_KEY: &str = "pool";
+/// How many permits the semaphore has.
+pub const POOL_LIMIT: u32 = 2;
+
+/// How many holders `key` admits at once, as the workers use it: the
+/// semaphore's limit, else 1 (a mutex, or a read-write lock whose shared
+/// holders the checker tells apart by their mode).
+pub fn limit_of(key: &str) -> u32 {
+    if key == POOL_KEY { POOL_LIMIT } else { 1 }
+}
 /// The distinct set workers share.
 pub const SET: &str = "results";
 /// How many distinct result keys there are; workers' inserts overlap.
@@ -108,6 +123,46 @@ pub struct CounterStep {
     /// Whether to give up waiting after this long (dropping the
     /// request, which cancels it on the server).
     pub cancel_after_ms: Option<u64>,
+    /// What kind of lock it takes, and so which key.
+    pub guard: Guard,
+    /// The lock delay the grant asks for (SPEC section 7): after its lease
+    /// runs out, nobody is granted the key for this long.
+    pub lock_delay_ms: u64,
+}
+
+/// What kind of lock a counter step takes (SPEC section 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// A mutex on [`LOCK_KEYS`]`[key]`: read the counter, write it plus one.
+    Mutex,
+    /// A shared lock on [`RW_KEY`]: read the counter only.
+    Reader,
+    /// An exclusive lock on [`RW_KEY`]: read the counter, write it plus one.
+    Writer,
+    /// A permit of the semaphore [`POOL_KEY`]: use the pool, touch no
+    /// counter (its holders are many at once).
+    Permit,
+}
+
+impl CounterStep {
+    /// The key the step locks.
+    pub fn key_name(&self) -> &'static str {
+        match self.guard {
+            Guard::Mutex => LOCK_KEYS[self.key],
+            Guard::Reader | Guard::Writer => RW_KEY,
+            Guard::Permit => POOL_KEY,
+        }
+    }
+
+    /// The `lock` mode of the step.
+    pub fn mode(&self) -> deadbolt_core::proto::Mode {
+        use deadbolt_core::proto::Mode;
+        match self.guard {
+            Guard::Mutex | Guard::Writer => Mode::MUTEX,
+            Guard::Reader => Mode::Shared,
+            Guard::Permit => Mode::Exclusive { limit: POOL_LIMIT },
+        }
+    }
 }
 
 /// One step of a worker's plan.
@@ -378,18 +433,30 @@ fn wait() -> impl Strategy<Value = Wait> {
 
 fn step(lock_keys: usize) -> BoxedStrategy<Step> {
     let cancel = prop_oneof![5 => Just(None), 1 => (50u64..600).prop_map(Some)];
+    let guard = prop_oneof![
+        6 => Just(Guard::Mutex),
+        3 => Just(Guard::Reader),
+        2 => Just(Guard::Writer),
+        5 => Just(Guard::Permit),
+    ];
+    let lock_delay_ms = prop_oneof![2 => Just(0u64), 1 => 50u64..600];
     let counter = (
-        0..lock_keys,
-        150u64..1200,
-        wait(),
-        0u64..900,
+        (0..lock_keys, 150u64..1200, wait(), 0u64..900),
         prop::bool::weighted(0.3),
         prop::bool::weighted(0.2),
         prop::bool::weighted(0.25),
         cancel,
+        (guard, lock_delay_ms),
     )
         .prop_map(
-            |(key, ttl_ms, wait, hold_ms, extend, ephemeral, relock, cancel_after_ms)| {
+            |(
+                (key, ttl_ms, wait, hold_ms),
+                extend,
+                ephemeral,
+                relock,
+                cancel_after_ms,
+                (guard, lock_delay_ms),
+            )| {
                 Step::Counter(CounterStep {
                     key,
                     ttl_ms,
@@ -400,6 +467,14 @@ fn step(lock_keys: usize) -> BoxedStrategy<Step> {
                     relock,
                     // Only a request that waits can be cancelled waiting.
                     cancel_after_ms: cancel_after_ms.filter(|_| wait != Wait::Try),
+                    guard,
+                    // Mutex steps keep the plain contract: a lease that
+                    // runs out passes the key on at once.
+                    lock_delay_ms: if guard == Guard::Mutex {
+                        0
+                    } else {
+                        lock_delay_ms
+                    },
                 })
             },
         );

@@ -32,6 +32,10 @@
 //! 10. The shard's counters (what `stats` and `/metrics` report) agree with
 //!     its answers: grants, unlocks, timeouts, cancellations, `busy`, sets
 //!     created, torn down and expired.
+//! 11. No grant of a key falls inside a lock delay (SPEC section 7): from
+//!     the end of a lease that ran out with `lock_delay_ms` D, for D ms.
+//!     (A waiter handed the key when a delay ends is granted at its end,
+//!     for rule 3.)
 //! 6. An ephemeral lock ends with the command that closes its connection.
 //! 7. A restart (SPEC section 8) ends every waiter, unanswered, and every
 //!    ephemeral grant; every other grant survives it with its token and
@@ -132,6 +136,8 @@ struct ShardHistory {
     /// Per key, the requests queued, in the order they asked.
     queued: BTreeMap<String, Vec<Handle>>,
     grants: BTreeMap<u64, Grant>,
+    /// Per key, the lock delays its leases started: from, until.
+    delays: BTreeMap<String, Vec<(Tick, Tick)>>,
     /// How late after a deadline a command may apply it.
     bound_us: u64,
     violations: Vec<Violation>,
@@ -152,6 +158,7 @@ pub fn check(
         requests: BTreeMap::new(),
         queued: BTreeMap::new(),
         grants: BTreeMap::new(),
+        delays: BTreeMap::new(),
         bound_us: timing.bound_us,
         violations: Vec::new(),
     };
@@ -378,17 +385,14 @@ impl ShardHistory {
     ) {
         let (asked, enders) = self.read_input(&command.input, now);
         // Per key, when its place was freed for a waiter: at the deadline
-        // of a lease that ran out during this command, else now.
+        // of a lease that ran out during this command (or the end of the
+        // lock delay it started), or of a wait that ran out ahead of the
+        // waiters behind it; never before a lock delay from before ends;
+        // else now.
         let mut freed_at: BTreeMap<String, Tick> = BTreeMap::new();
         for (key, view) in before {
-            let ran_out = view
-                .holders
-                .iter()
-                .filter(|h| h.deadline <= now && !holds(after, key, h.token))
-                .map(|h| h.deadline)
-                .min();
-            if let Some(deadline) = ran_out {
-                freed_at.insert(key.clone(), deadline);
+            if let Some(freed) = freed_in(view, after, key, now) {
+                freed_at.insert(key.clone(), freed);
             }
         }
         let mut step = Step {
@@ -399,6 +403,7 @@ impl ShardHistory {
             late_ok,
             freed_at,
             granted_now: BTreeMap::new(),
+            new_grants: Vec::new(),
         };
         for answer in answers {
             self.answer(answer, &mut step, after);
@@ -409,6 +414,7 @@ impl ShardHistory {
         }
         self.cancels_answered(&step);
         self.holders(&step, before, after);
+        self.not_in_a_lock_delay(&step, after);
         if step.enders.restart {
             self.restarted(after, now);
         }
@@ -528,8 +534,17 @@ impl ShardHistory {
                 // lease's end), or by what the command itself did (now).
                 let ran_out = !holds(after, &request.key, granted.token) && expected <= step.now;
                 let next_at = if ran_out { expected } else { step.now };
-                step.freed_at.insert(request.key.clone(), next_at);
+                // A key of several holders (shared, or a semaphore) hands
+                // out its free places together, at the same tick.
+                let several = after
+                    .get(&request.key)
+                    .is_some_and(|v| v.limit > 1 || v.holders.iter().any(|h| h.shared));
+                if !several {
+                    step.freed_at.insert(request.key.clone(), next_at);
+                }
                 step.granted_now.insert(granted.token, at);
+                step.new_grants
+                    .push((request.key.clone(), granted.token, granted.ttl_ms));
                 self.grants.insert(
                     granted.token,
                     Grant {
@@ -702,10 +717,46 @@ impl ShardHistory {
         }
     }
 
+    /// Rule 11: each grant this command made (and that is still held,
+    /// its lease telling when it was made) falls outside every lock delay
+    /// of its key.
+    fn not_in_a_lock_delay(&mut self, step: &Step<'_>, after: &BTreeMap<String, KeyView>) {
+        for (key, token, ttl_ms) in &step.new_grants {
+            let Some(holder) = after
+                .get(key)
+                .and_then(|v| v.holders.iter().find(|h| h.token == *token))
+            else {
+                continue;
+            };
+            let at = Tick(
+                holder
+                    .deadline
+                    .0
+                    .saturating_sub(ttl_ms.saturating_mul(1000)),
+            );
+            let windows = self.delays.get(key).into_iter().flatten();
+            if let Some(&(from, until)) = windows.into_iter().find(|(f, u)| *f <= at && at < *u) {
+                self.violations.push(Violation::GrantInLockDelay {
+                    shard: self.shard,
+                    key: key.clone(),
+                    token: *token,
+                    at_us: us(at),
+                    delay_from_us: us(from),
+                    delay_until_us: us(until),
+                });
+            }
+        }
+    }
+
     /// A holder from before the command that is gone: it ran out (and was
-    /// handed on in time), or something ended it.
+    /// handed on in time; a lock delay starts), or something ended it.
     fn ended(&mut self, key: &str, holder: &HolderView, view: &KeyView, step: &Step<'_>) {
         if holder.deadline <= step.now {
+            if holder.lock_delay_ms > 0 {
+                let until = holder.deadline.plus_millis(holder.lock_delay_ms);
+                let windows = self.delays.entry(key.to_owned()).or_default();
+                windows.push((holder.deadline, until));
+            }
             let someone_waited = view
                 .waiters
                 .iter()
@@ -770,6 +821,61 @@ struct Step<'a> {
     freed_at: BTreeMap<String, Tick>,
     /// Tokens granted in this command, with the tick of their grant.
     granted_now: BTreeMap<u64, Tick>,
+    /// The new grants of this command: key, token and lease.
+    new_grants: Vec<(String, u64, u64)>,
+}
+
+/// When, in the command that took the shard to `now`, a place of `key`
+/// (`view` before it) was first freed for a waiter: the earliest end of a
+/// lease that ran out, or (behind shared holders) of a wait, that no lock
+/// delay covers, else the end of the delay that covers it; or the end of
+/// a delay from before; `None` if nothing freed it.
+fn freed_in(
+    view: &KeyView,
+    after: &BTreeMap<String, KeyView>,
+    key: &str,
+    now: Tick,
+) -> Option<Tick> {
+    let ran_out: Vec<&HolderView> = view
+        .holders
+        .iter()
+        .filter(|h| h.deadline <= now && !holds(after, key, h.token))
+        .collect();
+    // Nobody is granted the key inside these.
+    let mut delays: Vec<(Tick, Tick)> = view
+        .delayed_until
+        .map(|until| (Tick::ZERO, until))
+        .into_iter()
+        .collect();
+    delays.extend(
+        ran_out
+            .iter()
+            .filter(|h| h.lock_delay_ms > 0)
+            .map(|h| (h.deadline, h.deadline.plus_millis(h.lock_delay_ms))),
+    );
+    let out_of_delays = |mut t: Tick| {
+        while let Some(&(_, until)) = delays.iter().find(|&&(from, until)| from <= t && t < until) {
+            t = until;
+        }
+        t
+    };
+    // Only behind shared holders does a waiter that leaves let others in
+    // (the shared ones behind an exclusive one).
+    let behind_shared = view.holders.first().is_some_and(|h| h.shared);
+    let waited_out = view
+        .waiters
+        .iter()
+        .filter_map(|w| w.deadline)
+        .filter(|&d| behind_shared && d <= now);
+    let delay_ended = view.delayed_until.filter(|&d| d <= now);
+    ran_out
+        .iter()
+        .map(|h| h.deadline)
+        .chain(waited_out)
+        .chain(delay_ended)
+        .map(out_of_delays)
+        .filter(|&t| t <= now)
+        .min()
 }
 
 /// Whether `key` is held with `token` in `views`.
@@ -784,7 +890,7 @@ mod tests {
     use std::sync::Arc;
 
     use deadbolt_core::Limits;
-    use deadbolt_core::proto::Acquire;
+    use deadbolt_core::proto::{Acquire, Mode};
     use deadbolt_core::shard::Caller;
     use deadbolt_core::shard::planted::{self, PlantedBug};
 
@@ -816,6 +922,8 @@ mod tests {
             ttl_ms,
             wait: Wait::Forever,
             ephemeral: false,
+            mode: Mode::MUTEX,
+            lock_delay_ms: 0,
         }));
         at_ms(
             ms,
@@ -892,6 +1000,53 @@ mod tests {
             lock(200, 2, 100),
             at_ms(500, Input::Tick),
             at_ms(600, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+    }
+
+    /// Like [`lock`], in `mode` with a lock delay of `delay_ms`.
+    fn lock_as(ms: u64, n: u64, ttl_ms: u64, mode: Mode, delay_ms: u64) -> Command {
+        let mut command = lock(ms, n, ttl_ms);
+        if let Input::Op {
+            op: ShardOp::Lock(LockOp::Acquire(acquire)),
+            ..
+        } = &mut command.input
+        {
+            acquire.mode = mode;
+            acquire.lock_delay_ms = delay_ms;
+        }
+        command
+    }
+
+    #[test]
+    fn a_lock_delay_holds_the_key_back_and_a_grant_inside_one_is_caught() {
+        // 1 holds "k" for 100 ms with a delay of 50 ms; 2 waits, and is
+        // granted at 150 ms, its lease measured from then.
+        let log = [
+            lock_as(0, 1, 100, Mode::MUTEX, 50),
+            lock(1, 2, 100),
+            at_ms(100, Input::Tick),
+            at_ms(150, Input::Tick),
+            at_ms(250, Input::Tick),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+        let _planted = planted::plant(Some(PlantedBug::LockDelayIgnored));
+        assert!(kinds(&log).contains(&"server: grant in lock delay"));
+    }
+
+    #[test]
+    fn a_semaphores_free_places_go_out_together_at_the_delays_end() {
+        let two = Mode::Exclusive { limit: 2 };
+        let log = [
+            lock_as(0, 1, 100, two, 30),
+            lock_as(0, 2, 100, two, 0),
+            lock_as(1, 3, 100, two, 0),
+            lock_as(2, 4, 100, two, 0),
+            // Both leases end at 100 ms; the key waits out 1's delay and
+            // hands both places on at 130 ms, in a command 5 ms late.
+            at_ms(100, Input::Tick),
+            at_ms(135, Input::Tick),
+            at_ms(300, Input::Tick),
         ];
         assert_eq!(kinds(&log), Vec::<&str>::new());
     }

@@ -24,7 +24,7 @@ use deadbolt_transport_ws::{WsClientConfig, WsConnector};
 use crate::history::{Actor, History, What, micros, now_us};
 use crate::net::{SimDialer, quic_client_config, quic_endpoint};
 use crate::resource;
-use crate::scenario::{CounterStep, LOCK_KEYS, SET, Scenario, Step, Transport, Wait};
+use crate::scenario::{CounterStep, Guard, LOCK_KEYS, SET, Scenario, Step, Transport, Wait};
 use crate::tap::TapConnector;
 
 /// The WebSocket port of the server (and of the planted-bug proxy).
@@ -113,7 +113,7 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                     client: &client,
                     history: &shared.history,
                     me,
-                    key: LOCK_KEYS[plan.key],
+                    key: plan.key_name(),
                 };
                 counter.run(*plan).await;
             }
@@ -286,6 +286,8 @@ impl Counter<'_> {
             ephemeral,
             relock,
             cancel_after_ms,
+            guard: kind,
+            lock_delay_ms,
         } = plan;
         let key = self.key.to_owned();
         let wait_ms = match wait {
@@ -299,7 +301,10 @@ impl Counter<'_> {
             wait_ms,
             ephemeral,
         });
-        let mut options = LockOptions::new(ms(ttl_ms)).ephemeral(ephemeral);
+        let mut options = LockOptions::new(ms(ttl_ms))
+            .ephemeral(ephemeral)
+            .lock_delay(ms(lock_delay_ms));
+        options.mode = plan.mode();
         if let Some(wait_ms) = wait_ms {
             options = options.wait(ms(wait_ms));
         }
@@ -327,6 +332,7 @@ impl Counter<'_> {
             key: key.clone(),
             token,
             valid_until_us: Self::valid_until_us(&guard),
+            shared: kind == Guard::Reader,
         });
         // The worker may be stuck in a call to the resource when its guard
         // is lost (an ephemeral lock whose connection closed): its belief
@@ -339,9 +345,13 @@ impl Counter<'_> {
                 history.record(Actor::Worker(me), What::Lost { key, token });
             })
         };
-        let value = self.fenced_read(&guard).await;
+        // A permit's holders are many at once: they touch no counter.
+        let value = match kind {
+            Guard::Permit => None,
+            _ => self.fenced_read(&guard).await,
+        };
         if relock {
-            self.relock(ttl_ms, ephemeral).await;
+            self.relock(plan, ephemeral).await;
         }
         tokio::time::sleep(ms(hold_ms / 2)).await;
         let mut believed = true;
@@ -363,7 +373,8 @@ impl Counter<'_> {
             }
         }
         tokio::time::sleep(ms(hold_ms - hold_ms / 2)).await;
-        if let Some(value) = value.filter(|_| believed && guard.is_held()) {
+        let writes = matches!(kind, Guard::Mutex | Guard::Writer);
+        if let Some(value) = value.filter(|_| writes && believed && guard.is_held()) {
             self.fenced_write(token, value + 1).await;
         }
         watcher.abort();
@@ -380,12 +391,14 @@ impl Counter<'_> {
     /// guard's own, shorter view of the lease stays what the worker
     /// believes). If the lease has run out meanwhile, this may be a new
     /// grant nobody uses; it runs out in its turn.
-    async fn relock(&self, ttl_ms: u64, ephemeral: bool) {
+    async fn relock(&self, plan: CounterStep, ephemeral: bool) {
         let op = Op::Lock(LockOp::Acquire(Acquire {
             key: self.key.to_owned(),
-            ttl_ms,
+            ttl_ms: plan.ttl_ms,
             wait: WaitFor::Never,
             ephemeral,
+            mode: plan.mode(),
+            lock_delay_ms: plan.lock_delay_ms,
         }));
         let _ = self.client.call(op).await;
     }
@@ -541,6 +554,7 @@ async fn abandon(shared: &Shared, me: usize, step: usize, key: &str, ttl_ms: u64
                 key: key.to_owned(),
                 token,
                 valid_until_us: Counter::valid_until_us(&guard),
+                shared: false,
             });
             record(What::Abandoned {
                 key: key.to_owned(),

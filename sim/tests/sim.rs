@@ -355,7 +355,31 @@ fn an_answer_before_the_commit_is_caught() {
 }
 
 #[test]
+fn a_shared_grant_beside_an_exclusive_holder_is_caught() {
+    caught_within(
+        Bug::Server(PlantedBug::SharedBesideExclusive),
+        &["mutual exclusion"],
+    );
+}
+
+#[test]
+fn a_semaphore_that_admits_one_too_many_is_caught() {
+    caught_within(
+        Bug::Server(PlantedBug::SemaphoreOverLimit),
+        &["semaphore over its limit"],
+    );
+}
+
+#[test]
+fn a_lease_that_runs_out_without_its_lock_delay_is_caught() {
+    caught_within(
+        Bug::Server(PlantedBug::LockDelayIgnored),
+        &["server: grant in lock delay"],
+    );
+}
+
+#[test]
 fn every_planted_bug_has_a_test() {
     // The tests above, one per bug: a new bug needs its own.
-    assert_eq!(Bug::ALL.len(), 21);
+    assert_eq!(Bug::ALL.len(), 24);
 }

@@ -363,7 +363,7 @@ fn shard_op(json: &str) -> Result<ShardOp, CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use deadbolt_core::proto::{Acquire, Keys, LockOp, SetOp, Wait};
+    use deadbolt_core::proto::{Acquire, Keys, LockOp, Mode, SetOp, Wait};
 
     fn caller(conn: u64) -> Caller {
         Caller {
@@ -378,6 +378,8 @@ mod tests {
             ttl_ms: 30_000,
             wait: Wait::from_wait_ms(Some(250)),
             ephemeral: true,
+            mode: Mode::MUTEX,
+            lock_delay_ms: 0,
         });
         let insert = SetOp::Insert {
             set: "results".to_owned(),

@@ -5,13 +5,17 @@
 //! snapshot plus the records after it.
 
 use deadbolt_core::limits::Limits;
-use deadbolt_core::shard::image::ShardImage;
+use deadbolt_core::shard::image::{ShardImage, v1};
 
 use crate::codec::{CodecError, Reader, put_limits, put_u64};
 use crate::frame;
 
-/// The format of snapshot files this code writes and reads.
-const VERSION: u64 = 1;
+/// The format of snapshot files this code writes: 2 since shared locks,
+/// semaphores and lock delays (SPEC section 7) are in the image.
+const VERSION: u64 = 2;
+
+/// The format before them, which this code still reads (each key a mutex).
+const VERSION_BEFORE_MODES: u64 = 1;
 
 /// What a snapshot says besides the state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,15 +47,26 @@ pub fn shard_of_file(name: &str) -> Option<usize> {
 
 /// A snapshot's file content.
 pub fn encode(header: &SnapshotHeader, image: &ShardImage) -> Result<Vec<u8>, CodecError> {
+    encode_as(VERSION, header, |payload| {
+        postcard::to_extend(image, payload)
+    })
+}
+
+/// A snapshot's file content in format `version`, its image written after
+/// the header by `put_image`.
+fn encode_as(
+    version: u64,
+    header: &SnapshotHeader,
+    put_image: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, postcard::Error>,
+) -> Result<Vec<u8>, CodecError> {
     let mut payload = Vec::new();
-    put_u64(&mut payload, VERSION);
+    put_u64(&mut payload, version);
     put_u64(&mut payload, u64::from(header.shard));
     put_u64(&mut payload, u64::from(header.shards));
     put_u64(&mut payload, header.covers_below);
     put_u64(&mut payload, header.token_reserved);
     put_limits(&mut payload, &header.limits);
-    let payload = postcard::to_extend(image, payload)
-        .map_err(|e| CodecError(format!("snapshot image: {e}")))?;
+    let payload = put_image(payload).map_err(|e| CodecError(format!("snapshot image: {e}")))?;
     let mut file = Vec::with_capacity(payload.len() + frame::HEADER_BYTES);
     frame::put(&mut file, &payload);
     Ok(file)
@@ -68,9 +83,9 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, ShardImage), CodecError> 
     }
     let mut reader = Reader(payload);
     let version = reader.u64()?;
-    if version != VERSION {
+    if version != VERSION && version != VERSION_BEFORE_MODES {
         return Err(CodecError(format!(
-            "snapshot format {version}, expected {VERSION}"
+            "snapshot format {version}, expected {VERSION} or {VERSION_BEFORE_MODES}"
         )));
     }
     let small = |n: u64| u32::try_from(n).map_err(|_| CodecError("number too large".into()));
@@ -81,7 +96,83 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, ShardImage), CodecError> 
         token_reserved: reader.u64()?,
         limits: reader.limits()?,
     };
-    let image =
-        postcard::from_bytes(reader.0).map_err(|e| CodecError(format!("snapshot image: {e}")))?;
+    let unreadable = |e: postcard::Error| CodecError(format!("snapshot image: {e}"));
+    let image = if version == VERSION_BEFORE_MODES {
+        postcard::from_bytes::<v1::ShardImage>(reader.0)
+            .map_err(unreadable)?
+            .into()
+    } else {
+        postcard::from_bytes(reader.0).map_err(unreadable)?
+    };
     Ok((header, image))
+}
+
+#[cfg(test)]
+mod tests {
+    use deadbolt_core::shard::image::{Deadline, SetsImage};
+    use deadbolt_core::shard::{Shard, ShardConfig};
+    use deadbolt_core::time::Tick;
+
+    use super::*;
+
+    #[test]
+    fn a_snapshot_from_before_lock_modes_reads_as_mutexes() {
+        let holder = v1::HolderImage {
+            client: "c".into(),
+            conn: 1,
+            token: 3,
+            deadline: Deadline {
+                at: Tick(9_000),
+                seq: 0,
+            },
+            ephemeral: false,
+            granted_by: None,
+        };
+        let old = v1::ShardImage {
+            now: Tick(5_000),
+            locks: v1::LocksImage {
+                next_token: 10,
+                next_waiter: 0,
+                timers_pushed: 1,
+                counters: Default::default(),
+                keys: vec![v1::KeyImage {
+                    key: "k".into(),
+                    holders: vec![holder],
+                    waiters: Vec::new(),
+                }],
+            },
+            sets: SetsImage {
+                next_set: 0,
+                timers_pushed: 0,
+                counters: Default::default(),
+                sets: Vec::new(),
+            },
+        };
+        let header = SnapshotHeader {
+            shard: 0,
+            shards: 1,
+            covers_below: 7,
+            token_reserved: 100,
+            limits: Limits::default(),
+        };
+        let bytes = encode_as(VERSION_BEFORE_MODES, &header, |payload| {
+            postcard::to_extend(&old, payload)
+        })
+        .expect("encodes");
+        let (read, image) = decode(&bytes).expect("an old snapshot still reads");
+        assert_eq!(read, header);
+        assert_eq!(image, ShardImage::from(old));
+        let key = &image.locks.keys[0];
+        assert_eq!((key.limit, key.delay), (1, None));
+        assert!(!key.holders[0].shared && key.holders[0].lock_delay_ms == 0);
+        let config = ShardConfig {
+            hash_seed: 1,
+            first_token: 0,
+            limits: Limits::default(),
+        };
+        let shard = Shard::from_image(config, image.clone()).expect("restores");
+        assert_eq!(shard.image().locks.keys, image.locks.keys, "and restores");
+        let again = encode(&header, &image).expect("encodes");
+        assert_eq!(decode(&again).expect("reads").1, image);
+    }
 }

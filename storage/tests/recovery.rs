@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadbolt_core::proto::{
-    Acquire, ErrorCode, Inserted, Keys, LockInfo, LockOp, Okay, Op, Outcome, Request, SetOp, Wait,
+    Acquire, ErrorCode, Inserted, Keys, LockInfo, LockOp, Mode, Okay, Op, Outcome, Request, SetOp,
+    Wait,
 };
 use deadbolt_core::{Engine, EngineConfig, Session};
 use deadbolt_storage::{
@@ -85,6 +86,8 @@ fn lock(key: &str, ttl_ms: u64, wait_ms: Option<u64>, ephemeral: bool) -> Op {
         ttl_ms,
         wait: Wait::from_wait_ms(wait_ms),
         ephemeral,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
     }))
 }
 

@@ -80,12 +80,7 @@ async fn lossy_client(
 }
 
 fn lock(key: &str, wait: Wait) -> Op {
-    Op::Lock(LockOp::Acquire(Acquire {
-        key: key.to_owned(),
-        ttl_ms: 30_000,
-        wait,
-        ephemeral: false,
-    }))
+    Op::Lock(LockOp::Acquire(Acquire::mutex(key, 30_000, wait)))
 }
 
 fn token(reply: Okay) -> u64 {

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use deadbolt_core::client::{Client, ClientOptions};
-use deadbolt_core::proto::{Acquire, Granted, Inserted, LockOp, Okay, Op, Wait};
+use deadbolt_core::proto::{Acquire, Granted, Inserted, LockOp, Mode, Okay, Op, Wait};
 use deadbolt_transport_ws::WsConnector;
 use serde_json::json;
 use support::TestServer;
@@ -167,6 +167,8 @@ async fn the_client_reconnects_after_its_connection_is_cut() {
         ttl_ms: 30_000,
         wait: Wait::from_wait_ms(Some(0)),
         ephemeral: false,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
     }));
     match within("retried lock", client.call(retry)).await {
         Ok(Okay::Granted(Granted { token, .. })) => {

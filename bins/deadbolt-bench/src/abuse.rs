@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::Context;
 use deadbolt_core::client::{Client, ClientOptions};
 use deadbolt_core::engine::{DEFAULT_SHARDS, shard_of};
-use deadbolt_core::proto::{Acquire, LockOp, Op, Wait};
+use deadbolt_core::proto::{Acquire, LockOp, Mode, Op, Wait};
 use deadbolt_transport_ws::WsConnector;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -633,6 +633,8 @@ async fn hold_locks(target: &Target, count: u64) -> anyhow::Result<()> {
                             ttl_ms: 86_400_000,
                             wait: Wait::Never,
                             ephemeral: false,
+                            mode: Mode::MUTEX,
+                            lock_delay_ms: 0,
                         }));
                         client.call(op).await
                     }

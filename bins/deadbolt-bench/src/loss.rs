@@ -347,12 +347,11 @@ async fn cycles(
 }
 
 async fn one_cycle(client: &Client, key: String) -> anyhow::Result<()> {
-    let lock = Op::Lock(LockOp::Acquire(Acquire {
-        key: key.clone(),
-        ttl_ms: 30_000,
-        wait: Wait::Never,
-        ephemeral: false,
-    }));
+    let lock = Op::Lock(LockOp::Acquire(Acquire::mutex(
+        key.clone(),
+        30_000,
+        Wait::Never,
+    )));
     let token = match client.call(lock).await {
         Ok(Okay::Granted(granted)) => granted.token,
         Err(e) if e.code() == Some(ErrorCode::Busy) => bail!("lanes never share a key: {e}"),

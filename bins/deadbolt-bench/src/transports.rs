@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use deadbolt_core::client::{Client, ClientOptions};
-use deadbolt_core::proto::{Acquire, ErrorCode, LockOp, Okay, Op, Wait};
+use deadbolt_core::proto::{Acquire, ErrorCode, LockOp, Mode, Okay, Op, Wait};
 use deadbolt_transport_quic::{LossyRelay, QuicConfig, QuicConnector, Trust};
 use deadbolt_transport_ws::WsConnector;
 use hdrhistogram::Histogram;
@@ -194,6 +194,8 @@ async fn one_cycle(client: &Client, key: String) -> anyhow::Result<()> {
         ttl_ms: 30_000,
         wait: Wait::Never,
         ephemeral: false,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
     }));
     let token = match client.call(lock).await {
         Ok(Okay::Granted(granted)) => granted.token,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use deadbolt_core::client::LockOptions;
 use deadbolt_storage::Fsync;
 
 /// deadbolt: leased locks and distinct sets for fleets of unreliable workers.
@@ -342,6 +343,9 @@ pub struct LockArgs {
     /// Release the lock as soon as this process's connection closes.
     #[arg(long)]
     pub ephemeral: bool,
+    /// Shared, semaphore and lock-delay options.
+    #[command(flatten)]
+    pub kind: LockKindArgs,
     /// The command to run, after `--`.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -359,6 +363,54 @@ pub struct TryLockArgs {
     /// second line.
     #[arg(long)]
     pub proof: bool,
+    /// Shared, semaphore and lock-delay options.
+    #[command(flatten)]
+    pub kind: LockKindArgs,
+}
+
+/// How `lock` and `try-lock` hold the key (SPEC section 7).
+#[derive(Debug, Args)]
+pub struct LockKindArgs {
+    /// Hold the key shared (a reader): with other shared holders, and no
+    /// exclusive one.
+    #[arg(long, conflicts_with = "limit")]
+    pub shared: bool,
+    /// Hold the key as one of at most N exclusive holders (a counting
+    /// semaphore: e.g. at most 5 concurrent calls of an API). Every user
+    /// of the key must give the same N.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(deadbolt_core::limits::LOCK_LIMIT_MAX)))]
+    pub limit: u32,
+    /// If the lease runs out (this process paused or lost its connection),
+    /// keep the key from everyone for this long after, so that writes
+    /// still in flight land first (e.g. `10s`; at most 60s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_lock_delay)]
+    pub lock_delay: Option<Duration>,
+}
+
+impl LockKindArgs {
+    /// These options applied to `options`.
+    pub fn apply(&self, options: LockOptions) -> LockOptions {
+        let options = if self.shared {
+            options.shared()
+        } else {
+            options.limit(self.limit)
+        };
+        options.lock_delay(self.lock_delay.unwrap_or_default())
+    }
+}
+
+/// Parses a lock delay: whole milliseconds up to the protocol's bound.
+fn parse_lock_delay(value: &str) -> Result<Duration, String> {
+    let delay = humantime::parse_duration(value).map_err(|e| format!("{value}: {e}"))?;
+    let max = Duration::from_millis(deadbolt_core::limits::LOCK_DELAY_MS_MAX);
+    if delay > max {
+        return Err(format!(
+            "{value}: at most {}",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(delay)
 }
 
 /// `deadbolt unlock`.

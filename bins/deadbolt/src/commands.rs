@@ -30,9 +30,10 @@ const DISTINCT_LINGER: Duration = Duration::from_millis(2);
 /// `deadbolt lock KEY --ttl T [--wait W] [--ephemeral] -- CMD…`
 pub async fn lock(server: &ServerArgs, args: LockArgs) -> anyhow::Result<u8> {
     let client = connect::client(server).await?;
-    let mut options = LockOptions::new(args.ttl)
+    let options = LockOptions::new(args.ttl)
         .ephemeral(args.ephemeral)
         .auto_renew(true);
+    let mut options = args.kind.apply(options);
     if let Some(wait) = args.wait {
         options = options.wait(wait);
     }
@@ -133,10 +134,23 @@ async fn interrupted() {
     }
 }
 
+/// A holder's token as `inspect` prints it: the server shows a token only
+/// to its holder and to admins.
+fn shown_token(token: u64) -> String {
+    if token == deadbolt_core::proto::HIDDEN_TOKEN {
+        "hidden".to_owned()
+    } else {
+        token.to_string()
+    }
+}
+
 /// `deadbolt try-lock KEY --ttl T`: prints the token.
 pub async fn try_lock(server: &ServerArgs, args: TryLockArgs) -> anyhow::Result<u8> {
     let client = connect::client(server).await?;
-    match client.try_lock(&args.key, args.ttl).await? {
+    let options = args
+        .kind
+        .apply(LockOptions::new(args.ttl).wait(Duration::ZERO));
+    match client.lock_with(&args.key, options).await? {
         Some(guard) => {
             let proof = guard.proof().map(str::to_owned);
             // The lock stays held for its lease: that is the point.
@@ -182,19 +196,37 @@ fn answer_no(error: Error, what: &str) -> anyhow::Result<u8> {
 pub async fn inspect(server: &ServerArgs, args: KeyArgs) -> anyhow::Result<u8> {
     let client = connect::client(server).await?;
     let info = client.inspect(&args.key).await?;
-    match info.holder {
-        None => println!("{}: free, {} waiting", args.key, info.waiters),
-        Some(h) => {
-            // The server shows a token only to its holder and to admins.
-            let token = if h.token == deadbolt_core::proto::HIDDEN_TOKEN {
-                "hidden".to_owned()
+    match &info.holders[..] {
+        [] => println!("{}: free, {} waiting", args.key, info.waiters),
+        [h] if h.mode.is_exclusive() && info.limit == 1 => println!(
+            "{}: held by {} with token {}, {} ms left, {} waiting",
+            args.key,
+            h.client,
+            shown_token(h.token),
+            h.remaining_ms,
+            info.waiters
+        ),
+        holders => {
+            let of = if info.limit > 1 {
+                format!(" of {}", info.limit)
             } else {
-                h.token.to_string()
+                String::new()
             };
             println!(
-                "{}: held by {} with token {token}, {} ms left, {} waiting",
-                args.key, h.client, h.remaining_ms, info.waiters
+                "{}: held by {}{of}, {} waiting",
+                args.key,
+                holders.len(),
+                info.waiters
             );
+            for h in holders {
+                println!(
+                    "  {} {} with token {}, {} ms left",
+                    h.mode.as_str(),
+                    h.client,
+                    shown_token(h.token),
+                    h.remaining_ms
+                );
+            }
         }
     }
     Ok(0)

@@ -294,6 +294,62 @@ fn try_lock_inspect_and_unlock_by_token_from_another_process() {
 }
 
 #[test]
+fn try_lock_with_a_limit_is_a_semaphore_and_shared_holders_coexist() {
+    let server = Server::start();
+    let take = |args: &[&str]| server.run(&[&["try-lock"], args, &["--ttl", "30s"]].concat());
+    assert!(take(&["api", "--limit", "2"]).status.success());
+    assert!(take(&["api", "--limit", "2"]).status.success());
+    let third = take(&["api", "--limit", "2"]);
+    assert_eq!(third.status.code(), Some(1), "both permits are out");
+    let info = stdout(&server.run(&["inspect", "api"]));
+    assert!(info.contains("held by 2 of 2"), "{info}");
+    let other_limit = take(&["api", "--limit", "3"]);
+    assert!(!other_limit.status.success());
+    assert!(
+        String::from_utf8_lossy(&other_limit.stderr).contains("conflict"),
+        "{other_limit:?}"
+    );
+    assert!(take(&["doc", "--shared"]).status.success());
+    assert!(take(&["doc", "--shared"]).status.success());
+    assert_eq!(
+        take(&["doc"]).status.code(),
+        Some(1),
+        "readers keep a writer out"
+    );
+    let info = stdout(&server.run(&["inspect", "doc"]));
+    assert_eq!(info.matches("shared").count(), 2, "{info}");
+    let bad = server.run(&["try-lock", "x", "--ttl", "1s", "--shared", "--limit", "2"]);
+    assert!(
+        !bad.status.success(),
+        "--shared and --limit do not go together"
+    );
+    let bad = server.run(&["try-lock", "x", "--ttl", "1s", "--lock-delay", "61s"]);
+    assert!(!bad.status.success(), "the lock delay is bounded");
+}
+
+#[test]
+fn lock_with_a_limit_runs_the_command_holding_a_permit() {
+    let server = Server::start();
+    let ran = server.run(&[
+        "lock",
+        "api",
+        "--limit",
+        "5",
+        "--lock-delay",
+        "2s",
+        "--ttl",
+        "30s",
+        "--",
+        "sh",
+        "-c",
+        "echo permit $DEADBOLT_TOKEN",
+    ]);
+    assert!(ran.status.success(), "{ran:?}");
+    assert!(stdout(&ran).starts_with("permit "), "{ran:?}");
+    server.assert_free("api", "released at the end, with no delay after an unlock");
+}
+
+#[test]
 fn distinct_prints_only_lines_new_across_runs_in_input_order() {
     let server = Server::start();
     let run = |input: &str| {

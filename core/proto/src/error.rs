@@ -36,6 +36,10 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug on the server's side.
     Internal,
+    /// A `lock` disagrees with the key's holders or waiters on its limit
+    /// (a shared request's is 1), or the client holds the key in the
+    /// other mode (SPEC section 7). Nothing changed.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -54,6 +58,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Conflict => "conflict",
         }
     }
 }
@@ -140,6 +145,11 @@ impl ServerError {
     /// `unavailable` with `message` saying what cannot be done now.
     pub fn unavailable(message: impl Into<Cow<'static, str>>) -> ServerError {
         ServerError::new(ErrorCode::Unavailable, message)
+    }
+
+    /// `conflict` with `message` saying what the request disagrees with.
+    pub fn conflict(message: impl Into<Cow<'static, str>>) -> ServerError {
+        ServerError::new(ErrorCode::Conflict, message)
     }
 
     /// `internal` with `message`.

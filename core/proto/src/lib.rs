@@ -61,7 +61,7 @@ pub use reply::{
     LockCounters, LockInfo, Member, MembersPage, Okay, Outcome, SetCounters, SetInfo, SetSummary,
     SetUpReply, StatsReply, TornDown,
 };
-pub use request::{Acquire, Keys, LockOp, Op, Request, RequestId, SetOp, Wait};
+pub use request::{Acquire, Keys, LockOp, Mode, ModeName, Op, Request, RequestId, SetOp, Wait};
 pub use secret::Secret;
 pub use wire::{DecodeError, Reply, decode_reply, decode_request, encode_reply, encode_request};
 

@@ -8,6 +8,14 @@
 //! so a skewed key distribution can meet a limit a little before the total
 //! is reached.
 
+/// The most exclusive holders a key may admit at once: the largest
+/// `limit` of a `lock` (SPEC section 7).
+pub const LOCK_LIMIT_MAX: u32 = 10_000;
+
+/// The longest lock delay, in milliseconds: the largest `lock_delay_ms` of
+/// a `lock` (SPEC section 7).
+pub const LOCK_DELAY_MS_MAX: u64 = 60_000;
+
 /// Bounds on what a request may ask and what the server will hold. The
 /// engine holds the engine-wide totals; each shard holds its share
 /// ([`Limits::share_of`]).

@@ -31,15 +31,20 @@
 //! entry here (and any new field to the field table), and its handling in
 //! the engine; the compiler points at anything left out.
 
+use super::limits::{LOCK_DELAY_MS_MAX, LOCK_LIMIT_MAX};
 use super::macros::{define_ops, wire_fields};
-use super::request::{Acquire, Keys, LockOp, Op, SetOp};
-use super::rules::{Count, Flag, InRange, Integer, IntegerOr, OneOrMany, OptSecret, Text, WaitMs};
+use super::request::{Acquire, Keys, LockOp, ModeName, Op, SetOp};
+use super::rules::{
+    Count, Flag, InRange, Integer, IntegerOr, ModeAndLimit, OneOrMany, OptSecret, OptionalUpTo,
+    Text, WaitMs,
+};
 
 wire_fields! {
-    // SPEC section 4: unknown fields are ignored, so that a newer client
-    // can talk to an older server. `refuse` here answers `bad_request`
-    // naming any field the op does not take.
-    unknown_fields: ignore;
+    // SPEC section 5 (issue 13): a field the op does not take answers
+    // `bad_request` naming it, so that a misspelt `ephemral`, or a `mode`
+    // sent to a server that does not know it, is never silently ignored
+    // and a lock the client did not ask for never granted.
+    unknown_fields: refuse;
 
     // In this order the slow path checks the fields' types (the first
     // mistyped one is reported) and a client writes them.
@@ -56,6 +61,8 @@ wire_fields! {
     top: u64,
     ephemeral: bool,
     auth: String,
+    mode: ModeName,
+    lock_delay_ms: u64,
 }
 
 define_ops! {
@@ -84,14 +91,20 @@ define_ops! {
         top: top => Count { default: 20, max: limits.stats_top_max },
     } => { Op::Stats { top } }
 
-    /// `lock` (SPEC section 2): takes the key, waiting as `wait_ms` says;
-    /// answered with the grant's token and lease.
+    /// `lock` (SPEC sections 2 and 7): takes the key, waiting as
+    /// `wait_ms` says, shared or exclusive (`mode`), as one of up to
+    /// `limit` exclusive holders, with a lock delay after its lease runs
+    /// out (`lock_delay_ms`); answered with the grant's token and lease.
     Lock = "lock" -> Granted {
         key: key => Text(limits.key_bytes_max),
         ttl_ms: ttl_ms => InRange(1, limits.ttl_ms_max),
         wait: wait_ms => WaitMs(limits.wait_ms_max),
         ephemeral: ephemeral => Flag,
-    } => { Op::Lock(LockOp::Acquire(Acquire { key, ttl_ms, wait, ephemeral })) }
+        mode: (mode, limit) => ModeAndLimit(LOCK_LIMIT_MAX),
+        lock_delay_ms: lock_delay_ms => OptionalUpTo(LOCK_DELAY_MS_MAX),
+    } => {
+        Op::Lock(LockOp::Acquire(Acquire { key, ttl_ms, wait, ephemeral, mode, lock_delay_ms }))
+    }
 
     /// `unlock`: ends the grant that `token` names; answered `{}`.
     Unlock = "unlock" -> Empty {

@@ -135,10 +135,35 @@ pub struct Extended {
 /// Reply to `inspect`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockInfo {
-    /// The current holder, or `None` if the key is free.
+    /// The first holder (the oldest grant), or `None` if the key is free:
+    /// what version 1 clients read.
     pub holder: Option<HolderInfo>,
     /// How many requests wait for the key.
     pub waiters: u64,
+    /// Every holder, oldest grant first (SPEC section 7; empty from a
+    /// server before it).
+    #[serde(default)]
+    pub holders: Vec<HolderInfo>,
+    /// How many exclusive holders the key admits (1 from a server before
+    /// SPEC section 7, or for a free key).
+    #[serde(default = "one")]
+    pub limit: u32,
+}
+
+impl LockInfo {
+    /// A free key.
+    pub fn free() -> LockInfo {
+        LockInfo {
+            holder: None,
+            waiters: 0,
+            holders: Vec::new(),
+            limit: 1,
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// The holder of a lock, as `inspect` reports it.
@@ -154,6 +179,9 @@ pub struct HolderInfo {
     pub token: u64,
     /// What is left of the lease, rounded down.
     pub remaining_ms: u64,
+    /// Whether it holds the key shared or exclusive.
+    #[serde(default)]
+    pub mode: crate::request::ModeName,
 }
 
 /// The `token` of a [`HolderInfo`] whose token is not shown. Tokens start

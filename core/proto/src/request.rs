@@ -118,6 +118,101 @@ pub struct Acquire {
     pub wait: Wait,
     /// Release as soon as the connection that took it closes.
     pub ephemeral: bool,
+    /// Shared or exclusive, and how many exclusive holders the key admits
+    /// (SPEC section 7).
+    pub mode: Mode,
+    /// When this grant's lease runs out (not when it is unlocked), nobody
+    /// is granted the key for this many more milliseconds.
+    pub lock_delay_ms: u64,
+}
+
+impl Acquire {
+    /// A plain mutex `lock` of `key` for `ttl_ms`: exclusive, limit 1, no
+    /// lock delay, not ephemeral, waiting as `wait` says.
+    pub fn mutex(key: impl Into<String>, ttl_ms: u64, wait: Wait) -> Acquire {
+        Acquire {
+            key: key.into(),
+            ttl_ms,
+            wait,
+            ephemeral: false,
+            mode: Mode::MUTEX,
+            lock_delay_ms: 0,
+        }
+    }
+}
+
+/// How a `lock` holds its key (SPEC section 7): the `mode` and `limit`
+/// fields. A key is held by any number of shared holders or by up to
+/// `limit` exclusive ones; every request on a key that has holders or
+/// waiters must agree on its limit (a shared request's is 1), or it gets
+/// `conflict`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// `"mode":"exclusive"` (the default) with `"limit":N` (default 1):
+    /// one of at most `limit` holders that exclude every shared one. 1 is
+    /// a mutex (or the writer of a read-write lock), more a counting
+    /// semaphore.
+    Exclusive {
+        /// How many exclusive holders the key admits at once.
+        limit: u32,
+    },
+    /// `"mode":"shared"`: one of any number of shared holders (readers),
+    /// while no exclusive one holds the key.
+    Shared,
+}
+
+impl Mode {
+    /// A mutex: exclusive, one holder at a time.
+    pub const MUTEX: Mode = Mode::Exclusive { limit: 1 };
+
+    /// The key's limit this request needs: 1 for a shared request.
+    pub fn limit(self) -> u32 {
+        match self {
+            Mode::Exclusive { limit } => limit,
+            Mode::Shared => 1,
+        }
+    }
+
+    /// Whether this is a shared request.
+    pub fn is_shared(self) -> bool {
+        self == Mode::Shared
+    }
+
+    /// The `mode` field's value.
+    pub fn name(self) -> ModeName {
+        match self {
+            Mode::Exclusive { .. } => ModeName::Exclusive,
+            Mode::Shared => ModeName::Shared,
+        }
+    }
+}
+
+/// The value of a `mode` field on the wire.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeName {
+    /// `"exclusive"`.
+    #[default]
+    Exclusive,
+    /// `"shared"`.
+    Shared,
+}
+
+impl ModeName {
+    /// `"exclusive"` or `"shared"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ModeName::Exclusive => "exclusive",
+            ModeName::Shared => "shared",
+        }
+    }
+
+    /// Whether this is the default, `"exclusive"` (left out of replies).
+    pub fn is_exclusive(&self) -> bool {
+        *self == ModeName::Exclusive
+    }
 }
 
 /// How long a `lock` waits for a key someone else holds.

@@ -6,7 +6,7 @@
 //! live side by side here, so they cannot disagree.
 
 use super::error::ServerError;
-use super::request::{Keys, Wait};
+use super::request::{Keys, Mode, ModeName, Wait};
 
 /// One wire field as the decoder hands it to a rule: its name (for error
 /// messages) and its value, if the request carried it.
@@ -202,6 +202,61 @@ impl Rule for Count {
 
     fn encode(value: &u32) -> Option<u64> {
         Some(u64::from(*value))
+    }
+}
+
+/// An optional unsigned integer in `0..=max`, 0 when absent (and written
+/// only when not 0): `lock_delay_ms`.
+pub(crate) struct OptionalUpTo(pub u64);
+
+impl Rule for OptionalUpTo {
+    type Value = u64;
+    type Wire = Slot<u64>;
+    type Out<'a> = Option<u64>;
+
+    fn decode(self, slot: Slot<u64>) -> Result<u64, ServerError> {
+        let name = slot.name;
+        in_range(name, slot.value.unwrap_or(0), 0, self.0)
+    }
+
+    fn encode(value: &u64) -> Option<u64> {
+        (*value != 0).then_some(*value)
+    }
+}
+
+/// The pair `mode` (default `"exclusive"`) and `limit` (1..=`max`,
+/// default 1) of a `lock`, as one [`Mode`]; each written only when not
+/// its default. A shared lock admits any number of holders already, so
+/// `limit` is refused beside `"mode":"shared"` (but for 1).
+pub(crate) struct ModeAndLimit(pub u32);
+
+impl Rule for ModeAndLimit {
+    type Value = Mode;
+    type Wire = (Slot<ModeName>, Slot<u64>);
+    type Out<'a> = (Option<ModeName>, Option<u64>);
+
+    fn decode(self, (mode, limit): Self::Wire) -> Result<Mode, ServerError> {
+        let count = limit.value.unwrap_or(1);
+        let count = in_range(limit.name, count, 1, u64::from(self.0))?;
+        // In range of a u32 because the maximum is one.
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        match mode.value.unwrap_or_default() {
+            ModeName::Exclusive => Ok(Mode::Exclusive { limit: count }),
+            ModeName::Shared if count == 1 => Ok(Mode::Shared),
+            ModeName::Shared => Err(ServerError::bad_request(format!(
+                "field `{}` is for exclusive locks (a counting semaphore): a `{}` of \"shared\" \
+                 admits any number of holders",
+                limit.name, mode.name
+            ))),
+        }
+    }
+
+    fn encode(value: &Mode) -> Self::Out<'_> {
+        match *value {
+            Mode::Exclusive { limit: 1 } => (None, None),
+            Mode::Exclusive { limit } => (None, Some(u64::from(limit))),
+            Mode::Shared => (Some(ModeName::Shared), None),
+        }
     }
 }
 

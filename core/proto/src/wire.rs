@@ -91,6 +91,8 @@ pub(crate) enum FieldType {
     U64,
     /// A boolean.
     Bool,
+    /// One of these strings.
+    OneOf(&'static [&'static str]),
 }
 
 /// A Rust type a request field may have in the field table of
@@ -117,6 +119,11 @@ impl WireType for u64 {
     type Out<'a> = u64;
 }
 
+impl WireType for crate::request::ModeName {
+    const JSON: FieldType = FieldType::OneOf(&["exclusive", "shared"]);
+    type Out<'a> = crate::request::ModeName;
+}
+
 impl WireType for bool {
     const JSON: FieldType = FieldType::Bool;
     type Out<'a> = bool;
@@ -131,15 +138,20 @@ impl FieldType {
                 .is_some_and(|items| items.iter().all(Value::is_string)),
             FieldType::U64 => value.is_u64(),
             FieldType::Bool => value.is_boolean(),
+            FieldType::OneOf(names) => value.as_str().is_some_and(|s| names.contains(&s)),
         }
     }
 
-    fn describe(self) -> &'static str {
+    fn describe(self) -> String {
         match self {
-            FieldType::Str => "a string",
-            FieldType::StrArray => "an array of strings",
-            FieldType::U64 => "an unsigned 64-bit integer",
-            FieldType::Bool => "a boolean",
+            FieldType::Str => "a string".to_owned(),
+            FieldType::StrArray => "an array of strings".to_owned(),
+            FieldType::U64 => "an unsigned 64-bit integer".to_owned(),
+            FieldType::Bool => "a boolean".to_owned(),
+            FieldType::OneOf(names) => {
+                let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+                format!("one of {}", quoted.join(", "))
+            }
         }
     }
 }
@@ -163,7 +175,10 @@ fn diagnose(bytes: &[u8], fast_error: &serde_json::Error) -> DecodeError {
             let id = serde_json::from_slice::<IdOnly>(bytes)
                 .ok()
                 .and_then(|r| r.id);
-            let message = format!("not valid JSON: {e}");
+            let message = match first_unknown_field(bytes) {
+                Some(field) => format!("unknown field `{field}`"),
+                None => format!("not valid JSON: {e}"),
+            };
             return DecodeError {
                 id,
                 error: ServerError::bad_request(message),
@@ -196,8 +211,46 @@ fn diagnose(bytes: &[u8], fast_error: &serde_json::Error) -> DecodeError {
     match fields.get("op").and_then(Value::as_str) {
         None => with_id("missing field `op`".to_owned()),
         Some(op) if !OP_NAMES.contains(&op) => with_id(format!("unknown op `{op}`")),
-        Some(_) => with_id(format!("malformed request: {fast_error}")),
+        Some(op) => match fields.keys().find(|name| !is_known_field(name)) {
+            Some(field) => with_id(format!("op `{op}` takes no field `{field}`")),
+            None => with_id(format!("malformed request: {fast_error}")),
+        },
     }
+}
+
+/// Whether some op takes a field of this name.
+fn is_known_field(name: &str) -> bool {
+    name == "id" || name == "op" || FIELD_TYPES.iter().any(|(known, _)| *known == name)
+}
+
+/// The first field of a JSON object that no op takes, read without
+/// holding the values (which may be too deeply nested to hold): for a
+/// message whose unknown field is what made it unreadable as a value.
+fn first_unknown_field(bytes: &[u8]) -> Option<String> {
+    struct FirstUnknown;
+    impl<'de> serde::de::Visitor<'de> for FirstUnknown {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Option<String>, A::Error> {
+            let mut unknown = None;
+            while let Some(name) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if unknown.is_none() && !is_known_field(&name) {
+                    unknown = Some(name);
+                }
+            }
+            Ok(unknown)
+        }
+    }
+    let mut reader = serde_json::Deserializer::from_slice(bytes);
+    serde::Deserializer::deserialize_map(&mut reader, FirstUnknown)
+        .ok()
+        .flatten()
 }
 
 #[derive(Serialize)]

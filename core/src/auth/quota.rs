@@ -440,12 +440,7 @@ mod tests {
     }
 
     fn lock(key: &str, wait: Wait) -> Op {
-        Op::Lock(LockOp::Acquire(Acquire {
-            key: key.into(),
-            ttl_ms: 1000,
-            wait,
-            ephemeral: false,
-        }))
+        Op::Lock(LockOp::Acquire(Acquire::mutex(key, 1000, wait)))
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Client, Connection, Error, Timed};
-use crate::proto::{Acquire, Empty, ErrorCode, Extended, Granted, LockOp, Op, Wait};
+use crate::proto::{Acquire, Empty, ErrorCode, Extended, Granted, LockOp, Mode, Op, Wait};
 
 /// How to take a lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,17 +33,48 @@ pub struct LockOptions {
     /// Renew the lease in the background (every third of the lease) until
     /// the guard is released or dropped.
     pub auto_renew: bool,
+    /// Shared or exclusive, and how many exclusive holders the key admits
+    /// (SPEC section 7); a mutex by default.
+    pub mode: Mode,
+    /// After this grant's lease runs out (not after an unlock), nobody is
+    /// granted the key for this long: time for a paused holder's writes
+    /// in flight to land. Whole milliseconds, at most 60 s.
+    pub lock_delay: Duration,
 }
 
 impl LockOptions {
-    /// Wait as long as it takes, not ephemeral, no renewal.
+    /// An exclusive lock (a mutex), waiting as long as it takes, not
+    /// ephemeral, no renewal, no lock delay.
     pub fn new(ttl: Duration) -> LockOptions {
         LockOptions {
             ttl,
             wait: None,
             ephemeral: false,
             auto_renew: false,
+            mode: Mode::MUTEX,
+            lock_delay: Duration::ZERO,
         }
+    }
+
+    /// Hold the key shared: with any number of other shared holders, and
+    /// no exclusive one.
+    pub fn shared(mut self) -> LockOptions {
+        self.mode = Mode::Shared;
+        self
+    }
+
+    /// Hold the key as one of at most `limit` exclusive holders (a counting
+    /// semaphore; 1 is a mutex). Every request on the key must say the
+    /// same limit while it is held or waited on.
+    pub fn limit(mut self, limit: u32) -> LockOptions {
+        self.mode = Mode::Exclusive { limit };
+        self
+    }
+
+    /// After the lease runs out, keep the key from everyone for `delay`.
+    pub fn lock_delay(mut self, delay: Duration) -> LockOptions {
+        self.lock_delay = delay;
+        self
     }
 
     /// Wait at most `wait` (zero: do not wait).
@@ -132,6 +163,16 @@ impl Client {
             .ok_or_else(|| Error::Server(crate::proto::ServerError::timeout(0)))
     }
 
+    /// Takes `key` shared (as a reader), waiting as long as it takes: any
+    /// number of shared holders hold it at once, and none while an
+    /// exclusive holder (a writer) does or waits ahead.
+    pub async fn lock_shared(&self, key: &str, ttl: Duration) -> Result<LockGuard, Error> {
+        let options = LockOptions::new(ttl).shared();
+        self.lock_with(key, options)
+            .await?
+            .ok_or_else(|| Error::Server(crate::proto::ServerError::timeout(0)))
+    }
+
     /// Takes `key` if it is free; `None` if someone else holds it.
     pub async fn try_lock(&self, key: &str, ttl: Duration) -> Result<Option<LockGuard>, Error> {
         self.lock_with(key, LockOptions::new(ttl).wait(Duration::ZERO))
@@ -195,6 +236,8 @@ impl Client {
                 ttl_ms: millis(options.ttl).max(1),
                 wait,
                 ephemeral: options.ephemeral,
+                mode: options.mode,
+                lock_delay_ms: millis(options.lock_delay),
             }))
         };
         self.call_adapting(make_op).await

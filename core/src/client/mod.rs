@@ -6,7 +6,8 @@
 //! the `hello` handshake with a client id kept across reconnects, request
 //! ids, reconnecting and retrying after a lost connection, failing over
 //! between several servers ([`failover`]), lock guards with a conservative
-//! lease view and auto-renewal ([`lock`]), and distinct-set handles
+//! lease view and auto-renewal ([`lock`]; shared locks too), counting
+//! semaphores with permit guards ([`semaphore`]), and distinct-set handles
 //! ([`set`]). The CLI, the benchmark and the simulation hold a [`Client`]
 //! and never know which transport is under it.
 //!
@@ -25,6 +26,7 @@ pub mod failover;
 pub mod hedge;
 pub mod local;
 pub mod lock;
+pub mod semaphore;
 pub mod set;
 
 use std::hash::BuildHasher;
@@ -44,6 +46,7 @@ pub use failover::FailoverConnector;
 pub use hedge::{HedgeOptions, HedgeStats};
 pub use local::LocalConnector;
 pub use lock::{LockGuard, LockOptions};
+pub use semaphore::{Permit, Semaphore};
 pub use set::DistinctSet;
 
 /// How a transport failed to carry a request.

@@ -11,7 +11,7 @@ use super::replica::Forwarding;
 use super::{Engine, Frontend};
 use crate::auth::{Need, Principal, quota, unauthorized};
 use crate::client::Connection;
-use crate::proto::proof::{MODE_EXCLUSIVE, Statement};
+use crate::proto::proof::Statement;
 use crate::proto::{
     HIDDEN_TOKEN, HelloReply, LockOp, Okay, Op, OpKind, Outcome, Reply, Request, RequestId,
     SERVER_NAME, Secret, ServerError, Wait,
@@ -232,7 +232,7 @@ impl Session {
                 // The client the grant is for: a `hello` that arrives
                 // while the request waits does not change it.
                 client: self.client(),
-                mode: MODE_EXCLUSIVE,
+                mode: acquire.mode.name().as_str(),
             }),
             _ => None,
         }

@@ -18,6 +18,11 @@
 //! that names nothing cannot be written.
 //!
 //! A corrupt image is an [`ImageError`], never a panic.
+//!
+//! Images written before SPEC section 7 (shared locks, semaphores, lock
+//! delay) have the shape kept in [`v1`], which converts to this one.
+
+pub mod v1;
 
 use std::sync::Arc;
 
@@ -76,6 +81,11 @@ pub struct LocksImage {
 pub struct KeyImage {
     /// The key.
     pub key: String,
+    /// How many exclusive holders it admits (1: a mutex or a read-write
+    /// lock).
+    pub limit: u32,
+    /// When its lock delay ends, if one runs.
+    pub delay: Option<Deadline>,
     /// Its grants (one, for a mutex).
     pub holders: Vec<HolderImage>,
     /// Its waiters, first come first.
@@ -95,6 +105,10 @@ pub struct HolderImage {
     pub deadline: Deadline,
     /// Whether it ends with its connection.
     pub ephemeral: bool,
+    /// Whether it is held shared.
+    pub shared: bool,
+    /// How long nobody is granted the key after its lease runs out.
+    pub lock_delay_ms: u64,
     /// The request whose answer is all the holder has heard of its grant,
     /// if no later request has shown that it knows.
     pub granted_by: Option<Handle>,
@@ -120,6 +134,10 @@ pub struct WaiterImage {
     pub deadline: Option<Deadline>,
     /// Whether its grant is to end with its connection.
     pub ephemeral: bool,
+    /// Whether it asks to hold the key shared.
+    pub shared: bool,
+    /// The lock delay its grant is to have.
+    pub lock_delay_ms: u64,
 }
 
 /// A shard's distinct sets.
@@ -189,20 +207,22 @@ pub enum ImageError {
         /// The next to issue, from the image.
         next: u64,
     },
-    /// A key has lock state but no holder: a free key with waiters would
-    /// have been granted, and a key with neither has no entry.
+    /// A key has lock state but no holder and no lock delay: a free key
+    /// with waiters would have been granted, and a key with neither has
+    /// no entry.
     #[error("key {key:?} has no holder")]
     NoHolder {
         /// The key.
         key: String,
     },
-    /// A key has more holders than a mutex admits.
-    #[error("key {key:?} has {holders} holders")]
-    TooManyHolders {
+    /// A key's holders are more than it admits, or hold in two modes, or
+    /// its limit is out of bounds or shared with a limit above 1.
+    #[error("key {key:?}: {reason}")]
+    BadHolders {
         /// The key.
         key: String,
-        /// How many it has.
-        holders: usize,
+        /// What is wrong.
+        reason: String,
     },
     /// A key's waiters are not in the order of their numbers (they join at
     /// the back with ever larger ones).

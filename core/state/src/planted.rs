@@ -49,11 +49,20 @@ pub enum PlantedBug {
     /// A `busy` answer is not counted in the shard's counters (what
     /// `stats` and `/metrics` report).
     BusyUncounted,
+    /// A shared request is granted even while an exclusive holder holds
+    /// the key.
+    SharedBesideExclusive,
+    /// A counting semaphore (a limit above 1) admits one holder more than
+    /// its limit.
+    SemaphoreOverLimit,
+    /// A lease that runs out starts no lock delay: the key passes on at
+    /// once.
+    LockDelayIgnored,
 }
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 11] = [
+    pub const ALL: [PlantedBug; 14] = [
         PlantedBug::GrantOutOfOrder,
         PlantedBug::LeaseFromRequest,
         PlantedBug::DeafWakeup,
@@ -65,6 +74,9 @@ impl PlantedBug {
         PlantedBug::CancelIgnored,
         PlantedBug::ExtendRefused,
         PlantedBug::BusyUncounted,
+        PlantedBug::SharedBesideExclusive,
+        PlantedBug::SemaphoreOverLimit,
+        PlantedBug::LockDelayIgnored,
     ];
 
     /// Its name on the simulation's command line.
@@ -81,6 +93,9 @@ impl PlantedBug {
             PlantedBug::CancelIgnored => "cancel-ignored",
             PlantedBug::ExtendRefused => "extend-refused",
             PlantedBug::BusyUncounted => "busy-uncounted",
+            PlantedBug::SharedBesideExclusive => "shared-beside-exclusive",
+            PlantedBug::SemaphoreOverLimit => "semaphore-over-limit",
+            PlantedBug::LockDelayIgnored => "lock-delay-ignored",
         }
     }
 }

@@ -176,7 +176,21 @@ fn a_corrupt_lock_table_is_an_error() {
             second.token = 1;
             i.locks.keys[0].holders.push(second);
         },
-        |e| matches!(e, ImageError::TooManyHolders { holders: 2, .. }),
+        |e| matches!(e, ImageError::BadHolders { .. }),
+    );
+    refused(
+        |i| {
+            let mut reader = i.locks.keys[1].holders[0].clone();
+            reader.token = 1;
+            reader.shared = true;
+            i.locks.keys[0].limit = 2;
+            i.locks.keys[0].holders.push(reader);
+        },
+        |e| matches!(e, ImageError::BadHolders { .. }),
+    );
+    refused(
+        |i| i.locks.keys[0].limit = 0,
+        |e| matches!(e, ImageError::BadHolders { .. }),
     );
     refused(
         |i| i.locks.keys[1].holders[0].deadline.seq = i.locks.keys[0].holders[0].deadline.seq,

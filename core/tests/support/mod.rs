@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use deadbolt_core::limits::Limits;
 use deadbolt_core::proto::{
-    Acquire, ErrorCode, Keys, LockInfo, LockOp, Okay, Outcome, SetOp, Wait,
+    Acquire, ErrorCode, Keys, LockInfo, LockOp, Mode, Okay, Outcome, SetOp, Wait,
 };
 use deadbolt_core::shard::image::ShardImage;
 use deadbolt_core::shard::{Caller, Command, Handle, Input, Shard, ShardConfig, ShardOp};
@@ -320,8 +320,32 @@ impl Harness {
             ttl_ms,
             wait: Wait::from_wait_ms(wait_ms),
             ephemeral,
+            mode: Mode::MUTEX,
+            lock_delay_ms: 0,
         });
         self.send(client, conn, ShardOp::Lock(op))
+    }
+
+    /// `lock` of `mode`, with a lock delay of `lock_delay_ms`, on the
+    /// client's usual connection.
+    pub fn lock_as(
+        &mut self,
+        client: &str,
+        key: &str,
+        ttl_ms: u64,
+        wait_ms: Option<u64>,
+        mode: Mode,
+        lock_delay_ms: u64,
+    ) -> Slot {
+        let op = LockOp::Acquire(Acquire {
+            key: key.to_owned(),
+            ttl_ms,
+            wait: Wait::from_wait_ms(wait_ms),
+            ephemeral: false,
+            mode,
+            lock_delay_ms,
+        });
+        self.send(client, conn_of(client), ShardOp::Lock(op))
     }
 
     /// `lock` waiting as long as it takes; the connection is the client's

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use async_trait::async_trait;
 use deadbolt_core::client::{Client, ClientOptions};
-use deadbolt_core::proto::{Acquire, ErrorCode, LockOp, Okay, Op, Wait};
+use deadbolt_core::proto::{Acquire, ErrorCode, LockOp, Mode, Okay, Op, Wait};
 use deadbolt_transport_ws::WsConnector;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
@@ -240,6 +240,8 @@ async fn takes_writes(url: &str) -> anyhow::Result<()> {
                 ttl_ms: 1000,
                 wait: Wait::Never,
                 ephemeral: true,
+                mode: Mode::MUTEX,
+                lock_delay_ms: 0,
             }));
             anyhow::Ok(client.call(op).await)
         };

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use async_trait::async_trait;
 use deadbolt_core::client::{Client, ClientOptions};
-use deadbolt_core::proto::{Acquire, ErrorCode, Keys, LockOp, Okay, Op, SetOp, Wait};
+use deadbolt_core::proto::{Acquire, ErrorCode, Keys, LockOp, Mode, Okay, Op, SetOp, Wait};
 use deadbolt_transport_quic::{QuicConfig, QuicConnector, Trust};
 use deadbolt_transport_ws::WsConnector;
 use nix::sys::signal::Signal;
@@ -299,6 +299,8 @@ impl DeadboltConn {
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1),
             wait,
             ephemeral: false,
+            mode: Mode::MUTEX,
+            lock_delay_ms: 0,
         }));
         match self.client.call(op).await {
             Ok(Okay::Granted(granted)) => Ok(Some(Held(granted.token))),
@@ -315,6 +317,8 @@ async fn try_acquire(client: &Client, key: &str) -> anyhow::Result<Option<u64>> 
         ttl_ms: 30_000,
         wait: Wait::Never,
         ephemeral: false,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
     }));
     match client.call(op).await {
         Ok(Okay::Granted(granted)) => Ok(Some(granted.token)),
@@ -415,6 +419,8 @@ impl Conn for DeadboltConn {
                 ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1),
                 wait: Wait::Forever,
                 ephemeral: false,
+                mode: Mode::MUTEX,
+                lock_delay_ms: 0,
             }));
             match client.call(op).await {
                 Ok(Okay::Granted(_)) => Ok(Instant::now()),

@@ -94,6 +94,11 @@ impl InProcess {
             .expect("quic connector")
     }
 
+    /// The PEM of the server's self-signed certificate, for QUIC clients.
+    pub fn ca_pem(&self) -> &[u8] {
+        &self.ca_pem
+    }
+
     /// A client of this server alone, to look at what it holds.
     pub async fn observer(&self) -> Client {
         let connector = WsConnector::new(&self.ws_url).expect("url");

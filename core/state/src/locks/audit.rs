@@ -14,8 +14,11 @@ use deadbolt_proto::HeldLock;
 
 impl Locks {
     /// Checks the invariants:
-    /// - every entry has a holder, and no entry with room has waiters (a
-    ///   free place with waiters is granted at once);
+    /// - every entry has a holder or a lock delay, and no entry has a first
+    ///   waiter it could grant (a free place with waiters is granted at
+    ///   once);
+    /// - a key's holders all hold in one mode: any number shared (with
+    ///   limit 1), or at most `limit` exclusive;
     /// - tokens were issued (below the next token) and are distinct;
     /// - waiters are in id order, and counted right;
     /// - key bytes are counted right, the timer heap is compact, and the
@@ -26,9 +29,12 @@ impl Locks {
         let mut conns = ConnIndex::new(self.hasher);
         let mut contention = Contention::new(self.hasher);
         let mut waiters = 0;
+        let (mut held, mut delays) = (0, 0);
         let timers = self.books.timers.index();
         for entry in &self.table {
             check_entry(entry, self.books.next_token)?;
+            held += entry.holders.len();
+            delays += usize::from(entry.delay.is_some());
             let hash = self.hasher.hash_one(&*entry.key);
             check_timers(entry, hash, &timers)?;
             for holder in entry.holders.iter().filter(|h| h.ephemeral) {
@@ -53,7 +59,13 @@ impl Locks {
                 self.books.waiters
             ));
         }
-        let live = self.table.len() + waiters;
+        if (held, delays) != (self.books.held, self.books.delays) {
+            return Err(format!(
+                "{held} grants and {delays} lock delays, {} and {} counted",
+                self.books.held, self.books.delays
+            ));
+        }
+        let live = self.live_timers();
         if !self.books.timers.is_compact(live) {
             return Err(format!(
                 "{} timers for {live} live objects",
@@ -76,11 +88,15 @@ impl Locks {
         into.u64(self.books.next_token).u64(self.books.next_waiter);
         let sorted: BTreeMap<&str, &LockEntry> = self.table.iter().map(|e| (&*e.key, e)).collect();
         for (key, entry) in sorted {
-            into.str(key);
+            into.str(key).u64(u64::from(entry.limit));
+            let delay = entry.delay.as_deref();
+            into.u64(delay.map_or(0, |d| d.at.0 + 1));
+            into.u64(delay.map_or(0, |d| d.seq));
             for h in entry.holders.iter() {
                 into.str(&h.client).u64(h.conn).u64(h.token);
                 into.u64(h.deadline.at.0).u64(h.deadline.seq);
                 into.u64(u64::from(h.ephemeral));
+                into.u64(u64::from(h.shared)).u64(h.lock_delay_ms);
                 into.u64(h.granted_by.map_or(0, |handle| handle.0 + 1));
             }
             for w in entry.queue.iter() {
@@ -89,6 +105,7 @@ impl Locks {
                 into.u64(w.deadline.map_or(0, |d| d.at.0 + 1));
                 into.u64(w.deadline.map_or(0, |d| d.seq));
                 into.u64(u64::from(w.ephemeral));
+                into.u64(u64::from(w.shared)).u64(w.lock_delay_ms);
             }
         }
     }
@@ -142,12 +159,15 @@ impl Locks {
 
 fn check_entry(entry: &LockEntry, next_token: u64) -> Result<(), String> {
     let key = &entry.key;
-    if entry.holders.is_empty() {
-        return Err(format!("key {key:?} has an entry but no holder"));
+    if entry.holders.is_empty() && entry.delay.is_none() {
+        return Err(format!(
+            "key {key:?} has an entry but no holder or lock delay"
+        ));
     }
-    if entry.has_room() && !entry.queue.is_empty() {
+    if entry.queue.front().is_some_and(|w| entry.admits(w.shared)) {
         return Err(format!("key {key:?} has room and waiters"));
     }
+    check_modes(entry)?;
     let mut tokens: Vec<u64> = entry.holders.iter().map(|h| h.token).collect();
     if tokens.iter().any(|&t| t >= next_token) {
         return Err(format!("key {key:?} holds a token not yet issued"));
@@ -164,6 +184,37 @@ fn check_entry(entry: &LockEntry, next_token: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a key's holders and waiters agree with its limit, and its
+/// holders hold in one mode, no more of them than it admits.
+pub(super) fn check_modes(entry: &LockEntry) -> Result<(), String> {
+    let key = &entry.key;
+    if !(1..=deadbolt_proto::limits::LOCK_LIMIT_MAX).contains(&entry.limit) {
+        return Err(format!("key {key:?} has limit {}", entry.limit));
+    }
+    let shared_anywhere =
+        entry.holders.iter().any(|h| h.shared) || entry.queue.iter().any(|w| w.shared);
+    if shared_anywhere && entry.limit != 1 {
+        return Err(format!(
+            "key {key:?} with limit {} is held or waited on shared",
+            entry.limit
+        ));
+    }
+    let shared = entry.holders.iter().filter(|h| h.shared).count();
+    let exclusive = entry.holders.len() - shared;
+    if shared > 0 && exclusive > 0 {
+        return Err(format!(
+            "key {key:?} has {shared} shared and {exclusive} exclusive holders"
+        ));
+    }
+    if exclusive > entry.limit as usize {
+        return Err(format!(
+            "key {key:?} has {exclusive} exclusive holders, over its limit {}",
+            entry.limit
+        ));
+    }
+    Ok(())
+}
+
 /// Whether each deadline of `entry` has its timer.
 fn check_timers(entry: &LockEntry, hash: u64, timers: &TimerIndex<LockDue>) -> Result<(), String> {
     for holder in entry.holders.iter() {
@@ -171,6 +222,11 @@ fn check_timers(entry: &LockEntry, hash: u64, timers: &TimerIndex<LockDue>) -> R
         if !timers.has(LockDue::Lease { hash, token }, holder.deadline) {
             return Err(format!("key {:?}: lease {token} has no timer", entry.key));
         }
+    }
+    if let Some(&delay) = entry.delay.as_deref()
+        && !timers.has(LockDue::Delay { hash }, delay)
+    {
+        return Err(format!("key {:?}: lock delay has no timer", entry.key));
     }
     for waiter in entry.queue.iter() {
         let due = LockDue::Wait {

@@ -20,6 +20,11 @@ pub(super) struct Holder {
     /// When its lease ends, with the number of the timer that ends it.
     pub deadline: Deadline,
     pub ephemeral: bool,
+    /// Held shared (a reader), not exclusive. Every holder of a key holds
+    /// it in the same mode.
+    pub shared: bool,
+    /// How long nobody is granted the key after this lease runs out.
+    pub lock_delay_ms: u64,
     /// The request whose answer made this grant, until a later request of
     /// the holder (a re-lock, an extend) shows that the holder knows of it.
     /// If that answer cannot be delivered, the grant is undone: nobody is
@@ -43,6 +48,11 @@ impl Holders {
 
     pub fn len(&self) -> usize {
         usize::from(self.first.is_some()) + self.more.as_ref().map_or(0, |m| m.len())
+    }
+
+    /// The oldest grant.
+    pub fn first(&self) -> Option<&Holder> {
+        self.first.as_ref()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Holder> {

@@ -5,9 +5,9 @@ use std::hash::BuildHasher;
 
 use hashbrown::hash_table::Entry;
 
-use super::holders::{Holder, Holders};
-use super::queue::{WaitQueue, Waiter};
-use super::{LockDue, LockEntry, Locks, MUTEX_CAPACITY};
+use super::holders::Holder;
+use super::queue::Waiter;
+use super::{LockDue, LockEntry, Locks};
 use crate::hasher::KeyHasher;
 use crate::image::Deadline;
 use crate::image::{
@@ -68,11 +68,12 @@ impl Locks {
     ) -> Result<(), ImageError> {
         check_shape(&image)?;
         let hash = self.hasher.hash_one(&*image.key);
-        let mut entry = LockEntry {
-            key: image.key.into_boxed_str(),
-            holders: Holders::default(),
-            queue: WaitQueue::default(),
-        };
+        let mut entry = LockEntry::new(image.key.into_boxed_str(), image.limit);
+        if let Some(delay) = image.delay {
+            numbers.timer(delay, LockDue::Delay { hash })?;
+            entry.delay = Some(Box::new(delay));
+            self.books.delays += 1;
+        }
         for holder in image.holders {
             let holder = self.restore_holder(holder, hash, clients, numbers)?;
             entry.holders.insert(holder);
@@ -81,6 +82,10 @@ impl Locks {
             let waiter = self.restore_waiter(waiter, hash, clients, numbers)?;
             entry.queue.push_back(waiter);
         }
+        super::audit::check_modes(&entry).map_err(|reason| ImageError::BadHolders {
+            key: entry.key.to_string(),
+            reason,
+        })?;
         let hasher = self.hasher;
         let key = &entry.key;
         match self
@@ -116,12 +121,15 @@ impl Locks {
         if image.ephemeral {
             self.books.conns.add(image.conn, hash);
         }
+        self.books.held += 1;
         Ok(Holder {
             client: clients.intern(image.client),
             conn: image.conn,
             token: image.token,
             deadline: image.deadline,
             ephemeral: image.ephemeral,
+            shared: image.shared,
+            lock_delay_ms: image.lock_delay_ms,
             granted_by: image.granted_by,
         })
     }
@@ -152,6 +160,8 @@ impl Locks {
             wait_ms: image.wait_ms,
             deadline: image.deadline,
             ephemeral: image.ephemeral,
+            shared: image.shared,
+            lock_delay_ms: image.lock_delay_ms,
         })
     }
 }
@@ -164,6 +174,8 @@ fn key_image(entry: &LockEntry) -> KeyImage {
         token: h.token,
         deadline: h.deadline,
         ephemeral: h.ephemeral,
+        shared: h.shared,
+        lock_delay_ms: h.lock_delay_ms,
         granted_by: h.granted_by,
     });
     let holders = holders.collect();
@@ -176,26 +188,25 @@ fn key_image(entry: &LockEntry) -> KeyImage {
         wait_ms: w.wait_ms,
         deadline: w.deadline,
         ephemeral: w.ephemeral,
+        shared: w.shared,
+        lock_delay_ms: w.lock_delay_ms,
     });
     KeyImage {
         key: entry.key.to_string(),
+        limit: entry.limit,
+        delay: entry.delay.as_deref().copied(),
         holders,
         waiters: waiters.collect(),
     }
 }
 
-/// What the rules assume of every entry: a holder, no more than the key
-/// admits, waiters in the order they came.
+/// What the rules assume of every entry: a holder or a lock delay,
+/// waiters in the order they came (and, checked once the entry is built,
+/// holders the key admits).
 fn check_shape(image: &KeyImage) -> Result<(), ImageError> {
-    if image.holders.is_empty() {
+    if image.holders.is_empty() && image.delay.is_none() {
         return Err(ImageError::NoHolder {
             key: image.key.clone(),
-        });
-    }
-    if image.holders.len() > MUTEX_CAPACITY {
-        return Err(ImageError::TooManyHolders {
-            key: image.key.clone(),
-            holders: image.holders.len(),
         });
     }
     if image.waiters.windows(2).any(|w| w[0].id >= w[1].id) {

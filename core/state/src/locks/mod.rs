@@ -33,21 +33,21 @@ use conns::ConnIndex;
 use contention::Contention;
 use deadbolt_proto::limits::Limits;
 use deadbolt_proto::{
-    Acquire, Extended, Granted, HolderInfo, LockCounters, LockInfo, LockOp, Okay, Outcome,
-    ServerError, Wait,
+    Acquire, Extended, Granted, HolderInfo, LockCounters, LockInfo, LockOp, Mode, ModeName, Okay,
+    Outcome, ServerError, Wait,
 };
 use holders::{Holder, Holders};
 use queue::{WaitQueue, Waiter};
-
-/// How many grants a key admits at once. A mutex: one. (Semaphores will
-/// carry their own count on the entry.)
-const MUTEX_CAPACITY: usize = 1;
 
 /// One key's lock state as a checker outside the rules sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyView {
     /// The key.
     pub key: String,
+    /// How many exclusive holders it admits.
+    pub limit: u32,
+    /// Until when nobody is granted it (a lock delay), if that is now.
+    pub delayed_until: Option<Tick>,
     /// Its grants.
     pub holders: Vec<HolderView>,
     /// Its waiters, first come first.
@@ -67,6 +67,10 @@ pub struct HolderView {
     pub deadline: Tick,
     /// Whether it ends with its connection.
     pub ephemeral: bool,
+    /// Whether it is held shared.
+    pub shared: bool,
+    /// How long nobody is granted the key after its lease runs out.
+    pub lock_delay_ms: u64,
 }
 
 /// One queued `lock` request, seen from outside.
@@ -78,6 +82,8 @@ pub struct WaiterView {
     pub conn: ConnId,
     /// When its wait runs out, if it has a limit.
     pub deadline: Option<Tick>,
+    /// Whether it asks to hold the key shared.
+    pub shared: bool,
 }
 
 /// A key's deadlines.
@@ -87,24 +93,86 @@ pub(crate) enum LockDue {
     Lease { hash: u64, token: u64 },
     /// Waiter number `waiter` has waited its `wait_ms`.
     Wait { hash: u64, waiter: u64 },
+    /// The lock delay of the key with `hash` ends.
+    Delay { hash: u64 },
 }
 
-/// A key with lock state.
+/// A key with lock state: held, waited on, or in a lock delay.
 #[derive(Debug)]
 struct LockEntry {
     key: Box<str>,
     holders: Holders,
     queue: WaitQueue,
+    /// How many exclusive holders the key admits: set by the request that
+    /// made the entry; every later one must agree while it has holders or
+    /// waiters.
+    limit: u32,
+    /// While a lock delay runs: when it ends, with its timer's number.
+    /// Boxed: 8 bytes on every key for what few keys ever have.
+    delay: Option<Box<Deadline>>,
 }
 
 impl LockEntry {
-    fn is_vacant(&self) -> bool {
-        self.holders.is_empty() && self.queue.is_empty()
+    fn new(key: Box<str>, limit: u32) -> LockEntry {
+        LockEntry {
+            key,
+            holders: Holders::default(),
+            queue: WaitQueue::default(),
+            limit,
+            delay: None,
+        }
     }
 
-    fn has_room(&self) -> bool {
-        self.holders.len() < MUTEX_CAPACITY
+    fn is_vacant(&self) -> bool {
+        self.holders.is_empty() && self.queue.is_empty() && self.delay.is_none()
     }
+
+    /// Whether a request of this mode could be granted now, waiters aside:
+    /// no lock delay runs, and the holders (who all hold in one mode) are
+    /// all shared for a shared request, or all exclusive and fewer than
+    /// the limit for an exclusive one.
+    fn admits(&self, shared: bool) -> bool {
+        if self.delay.is_some() {
+            return false;
+        }
+        let Some(first) = self.holders.first() else {
+            return true;
+        };
+        if planted::active(PlantedBug::SharedBesideExclusive) && shared {
+            return true;
+        }
+        match (shared, first.shared) {
+            (true, true) => true,
+            (false, false) if self.limit > 1 && planted::active(PlantedBug::SemaphoreOverLimit) => {
+                self.holders.len() <= self.limit as usize
+            }
+            (false, false) => self.holders.len() < self.limit as usize,
+            _ => false,
+        }
+    }
+
+    /// Why a request of `mode` may not join this key, if it may not: a
+    /// key with holders or waiters keeps its limit.
+    fn conflict(&self, mode: Mode) -> Option<ServerError> {
+        if self.holders.is_empty() && self.queue.is_empty() {
+            return None;
+        }
+        let (asked, limit) = (mode.limit(), self.limit);
+        (asked != limit).then(|| {
+            ServerError::conflict(format!(
+                "the key is held or waited on with limit {limit}, not {asked} \
+                 (a shared lock's limit is 1)"
+            ))
+        })
+    }
+}
+
+/// `conflict`: the client holds the key in the other mode.
+fn other_mode(held_shared: bool) -> ServerError {
+    let held = if held_shared { "shared" } else { "exclusive" };
+    ServerError::conflict(format!(
+        "this client holds the key {held}; unlock it before asking for the other mode"
+    ))
 }
 
 /// Everything but the table: split out so that an entry borrowed from the
@@ -117,6 +185,10 @@ struct Books {
     waiters: usize,
     /// Bytes of the keys in the table.
     key_bytes: usize,
+    /// Grants held, over every key.
+    held: usize,
+    /// Keys in a lock delay.
+    delays: usize,
     conns: ConnIndex,
     /// Waiters per key, ranked: the `stats` lists without a scan.
     contention: Contention,
@@ -156,6 +228,12 @@ impl Books {
         }
     }
 
+    /// A grant ended.
+    fn holder_left(&mut self, holder: &Holder, hash: u64) {
+        self.unbind(holder, hash);
+        self.held -= 1;
+    }
+
     fn waiter_left(&mut self, waiter: &Waiter, hash: u64) {
         self.waiters -= 1;
         self.conns.remove(waiter.conn, hash);
@@ -177,9 +255,12 @@ impl Books {
             token: self.take_token(),
             deadline: Deadline::default(),
             ephemeral: request.ephemeral,
+            shared: request.shared,
+            lock_delay_ms: request.lock_delay_ms,
             granted_by: Some(handle),
         };
         self.counters.grants += 1;
+        self.held += 1;
         self.bind(&mut holder, request.at.plus_millis(request.ttl_ms), hash);
         let granted = Granted::new(holder.token, request.ttl_ms);
         self.answer(handle, Ok(Okay::Granted(granted)));
@@ -194,6 +275,23 @@ struct GrantRequest {
     at: Tick,
     ttl_ms: u64,
     ephemeral: bool,
+    shared: bool,
+    lock_delay_ms: u64,
+}
+
+impl GrantRequest {
+    /// The grant a waiter asked for, with its lease from `at`.
+    fn of_waiter(waiter: Waiter, at: Tick) -> GrantRequest {
+        GrantRequest {
+            client: waiter.client,
+            conn: waiter.conn,
+            at,
+            ttl_ms: waiter.ttl_ms,
+            ephemeral: waiter.ephemeral,
+            shared: waiter.shared,
+            lock_delay_ms: waiter.lock_delay_ms,
+        }
+    }
 }
 
 /// The locks of one shard.
@@ -204,11 +302,26 @@ pub(crate) struct Locks {
     books: Books,
 }
 
-/// Gives free places of the key to waiters, first come first, at `at`.
-/// A waiter whose wait ran out at this very tick is answered `timeout`.
+/// Gives free places of the key to waiters, first come first, at `at`,
+/// for as long as the next waiter fits: a waiting exclusive request stops
+/// the shared ones behind it (no writer starvation). A waiter whose wait
+/// ran out at this very tick is answered `timeout`.
 fn grant_next(entry: &mut LockEntry, hash: u64, at: Tick, books: &mut Books) {
-    while entry.has_room() {
-        let next = if planted::active(PlantedBug::GrantOutOfOrder) {
+    loop {
+        let out_of_order = planted::active(PlantedBug::GrantOutOfOrder);
+        let next = if out_of_order {
+            entry.queue.back()
+        } else {
+            entry.queue.front()
+        };
+        let Some(next) = next else {
+            return;
+        };
+        let timed_out = next.deadline.is_some_and(|deadline| deadline.at <= at);
+        if !timed_out && !entry.admits(next.shared) {
+            return;
+        }
+        let next = if out_of_order {
             entry.queue.pop_back()
         } else {
             entry.queue.pop_front()
@@ -217,21 +330,16 @@ fn grant_next(entry: &mut LockEntry, hash: u64, at: Tick, books: &mut Books) {
             return;
         };
         books.waiter_left(&waiter, hash);
-        if waiter.deadline.is_some_and(|deadline| deadline.at <= at) {
+        if timed_out {
             books.counters.timeouts += 1;
             books.answer(waiter.handle, Err(ServerError::timeout(waiter.wait_ms)));
             continue;
         }
         let client = waiter.client.clone();
+        let handle = waiter.handle;
         let lease_from = lease_start(&waiter, at);
-        let request = GrantRequest {
-            client: waiter.client,
-            conn: waiter.conn,
-            at: lease_from,
-            ttl_ms: waiter.ttl_ms,
-            ephemeral: waiter.ephemeral,
-        };
-        let holder = books.grant(waiter.handle, hash, request);
+        let request = GrantRequest::of_waiter(waiter, lease_from);
+        let holder = books.grant(handle, hash, request);
         entry.holders.insert(holder);
         answer_queued_relocks(entry, &client, hash, at, books);
     }
@@ -282,6 +390,11 @@ fn answer_queued_relocks(
             books.answer(waiter.handle, Err(ServerError::timeout(waiter.wait_ms)));
             continue;
         }
+        if holder.shared != waiter.shared {
+            books.answer(waiter.handle, Err(other_mode(holder.shared)));
+            continue;
+        }
+        holder.lock_delay_ms = waiter.lock_delay_ms;
         relock(
             holder,
             waiter.conn,
@@ -318,9 +431,39 @@ fn relock(
 /// Ends the grant with `token` and hands the key on, at `at`.
 fn end_grant(entry: &mut LockEntry, token: u64, hash: u64, at: Tick, books: &mut Books) {
     if let Some(holder) = entry.holders.remove_token(token) {
-        books.unbind(&holder, hash);
+        books.holder_left(&holder, hash);
     }
     grant_next(entry, hash, at, books);
+}
+
+/// A key that a deadline freed: `Some(hash)` if it has waiters to hand it
+/// on to; else removed, if nothing is left of it.
+fn freed_or_removed(
+    occupied: hashbrown::hash_table::OccupiedEntry<'_, LockEntry>,
+    hash: u64,
+    books: &mut Books,
+) -> Option<u64> {
+    let entry = occupied.get();
+    if !entry.queue.is_empty() {
+        return Some(hash);
+    }
+    if entry.is_vacant() {
+        books.key_bytes -= occupied.remove().0.key.len();
+    }
+    None
+}
+
+/// Starts (or lengthens) the key's lock delay: nobody is granted it
+/// until `until`.
+fn start_delay(entry: &mut LockEntry, hash: u64, until: Tick, books: &mut Books) {
+    if entry.delay.as_ref().is_some_and(|d| d.at >= until) {
+        return;
+    }
+    if entry.delay.is_none() {
+        books.delays += 1;
+    }
+    let deadline = books.timers.push(until, LockDue::Delay { hash });
+    entry.delay = Some(Box::new(deadline));
 }
 
 impl Locks {
@@ -340,6 +483,8 @@ impl Locks {
                 next_waiter: 0,
                 waiters: 0,
                 key_bytes: 0,
+                held: 0,
+                delays: 0,
                 conns: ConnIndex::new(hasher),
                 contention: Contention::new(hasher),
                 counters: LockCounters::default(),
@@ -386,12 +531,28 @@ impl Locks {
             at: now,
             ttl_ms: acquire.ttl_ms,
             ephemeral: acquire.ephemeral,
+            shared: acquire.mode.is_shared(),
+            lock_delay_ms: acquire.lock_delay_ms,
         };
         let absent = match self.table.find_entry(hash, |e| *e.key == *acquire.key) {
             Ok(mut occupied) => {
                 let entry = occupied.get_mut();
+                if let Some(conflict) = entry.conflict(acquire.mode) {
+                    books.answer(handle, Err(conflict));
+                    return;
+                }
+                if entry.holders.is_empty() && entry.queue.is_empty() {
+                    // Only a lock delay keeps the entry: the key is free
+                    // to take another limit.
+                    entry.limit = acquire.mode.limit();
+                }
                 if let Some(holder) = entry.holders.by_client_mut(&request.client) {
+                    if holder.shared != request.shared {
+                        books.answer(handle, Err(other_mode(holder.shared)));
+                        return;
+                    }
                     let (ttl_ms, ephemeral) = (request.ttl_ms, request.ephemeral);
+                    holder.lock_delay_ms = request.lock_delay_ms;
                     let kept = holder.deadline;
                     relock(holder, request.conn, ttl_ms, ephemeral, now, hash, books);
                     if planted::active(PlantedBug::RelockKeepsLease) {
@@ -400,7 +561,7 @@ impl Locks {
                     }
                     let granted = Granted::new(holder.token, ttl_ms);
                     books.answer(handle, Ok(Okay::Granted(granted)));
-                } else if entry.has_room() && entry.queue.is_empty() {
+                } else if entry.admits(request.shared) && entry.queue.is_empty() {
                     let holder = books.grant(handle, hash, request);
                     entry.holders.insert(holder);
                 } else {
@@ -415,11 +576,7 @@ impl Locks {
             return;
         }
         books.key_bytes += acquire.key.len();
-        let mut entry = LockEntry {
-            key: acquire.key.into_boxed_str(),
-            holders: Holders::default(),
-            queue: WaitQueue::default(),
-        };
+        let mut entry = LockEntry::new(acquire.key.into_boxed_str(), acquire.mode.limit());
         entry.holders.insert(books.grant(handle, hash, request));
         self.table
             .insert_unique(hash, entry, |e| hasher.hash_one(&*e.key));
@@ -458,22 +615,31 @@ impl Locks {
         Ok(Okay::Extended(Extended { ttl_ms }))
     }
 
-    /// Who holds `key` (the first holder, for version 1 clients), and how
-    /// many wait.
+    /// Who holds `key` (every holder, and the first again for version 1
+    /// clients), how many wait, and the key's limit.
     fn inspect(&self, now: Tick, key: &str) -> LockInfo {
         let Some(entry) = self.table.find(self.hash(key), |e| *e.key == *key) else {
-            return LockInfo {
-                holder: None,
-                waiters: 0,
-            };
+            return LockInfo::free();
         };
-        LockInfo {
-            holder: entry.holders.iter().next().map(|h| HolderInfo {
+        let holders: Vec<HolderInfo> = entry
+            .holders
+            .iter()
+            .map(|h| HolderInfo {
                 client: h.client.to_string(),
                 token: h.token,
                 remaining_ms: now.millis_until(h.deadline.at),
-            }),
+                mode: if h.shared {
+                    ModeName::Shared
+                } else {
+                    ModeName::Exclusive
+                },
+            })
+            .collect();
+        LockInfo {
+            holder: holders.first().cloned(),
             waiters: entry.queue.len() as u64,
+            holders,
+            limit: entry.limit,
         }
     }
 
@@ -483,11 +649,7 @@ impl Locks {
         if planted::active(PlantedBug::CancelIgnored) {
             return;
         }
-        if let Some(waiter) = self.take_waiter(now, handle, key) {
-            self.books.counters.cancellations += 1;
-            let cancelled = Err(ServerError::cancelled());
-            self.books.answer(waiter.handle, cancelled);
-        }
+        self.take_waiter(now, handle, key, |counters| counters.cancellations += 1);
         self.compact_timers();
     }
 
@@ -496,10 +658,7 @@ impl Locks {
     /// was granted and its answer is all the holder ever heard of the grant,
     /// the grant is undone: nobody knows they hold it.
     pub fn requester_gone(&mut self, now: Tick, handle: Handle, key: &str) {
-        if let Some(waiter) = self.take_waiter(now, handle, key) {
-            self.books.counters.abandoned += 1;
-            let gone = Err(ServerError::cancelled());
-            self.books.answer(waiter.handle, gone);
+        if self.take_waiter(now, handle, key, |counters| counters.abandoned += 1) {
             self.compact_timers();
             return;
         }
@@ -525,21 +684,39 @@ impl Locks {
     }
 
     /// Takes the waiter answering to `handle` out of `key`'s queue.
-    fn take_waiter(&mut self, now: Tick, handle: Handle, key: &str) -> Option<Waiter> {
+    /// Takes the waiter answering to `handle` out of `key`'s queue,
+    /// counts it with `count` and answers it `cancelled` (before any grant
+    /// its leaving makes: it left first); whether it was there.
+    fn take_waiter(
+        &mut self,
+        now: Tick,
+        handle: Handle,
+        key: &str,
+        count: impl FnOnce(&mut LockCounters),
+    ) -> bool {
         let hash = self.hash(key);
         let books = &mut self.books;
-        let mut occupied = self.table.find_entry(hash, |e| *e.key == *key).ok()?;
+        let Ok(mut occupied) = self.table.find_entry(hash, |e| *e.key == *key) else {
+            return false;
+        };
         let entry = occupied.get_mut();
-        let position = entry.queue.position_of_handle(handle)?;
-        let waiter = entry.queue.remove(position)?;
+        let Some(waiter) = entry
+            .queue
+            .position_of_handle(handle)
+            .and_then(|position| entry.queue.remove(position))
+        else {
+            return false;
+        };
         books.waiter_left(&waiter, hash);
-        // Not needed for a mutex (a waiter implies a holder), but whoever
-        // waited behind this one may fit now in a key of more places.
+        count(&mut books.counters);
+        books.answer(waiter.handle, Err(ServerError::cancelled()));
+        // Not needed for a mutex (a waiter implies a holder), but the
+        // shared requests behind an exclusive one may fit now.
         grant_next(entry, hash, now, books);
         if entry.is_vacant() {
             books.key_bytes -= occupied.remove().0.key.len();
         }
-        Some(waiter)
+        true
     }
 
     /// Forgets the waiters of a closed connection (each answered
@@ -589,11 +766,12 @@ impl Locks {
             books.answer(waiter.handle, Err(ServerError::cancelled()));
         }
         for mut holder in entry.holders.take_where(|h| h.ephemeral && h.conn == conn) {
-            books.unbind(&holder, hash);
+            books.holder_left(&holder, hash);
             books.counters.disconnects += 1;
             if planted::active(PlantedBug::EphemeralOutlivesConnection) {
                 holder.ephemeral = false;
                 entry.holders.insert(holder);
+                books.held += 1;
             }
         }
         grant_next(entry, hash, now, books);
@@ -603,22 +781,68 @@ impl Locks {
     }
 
     /// Applies every deadline due at or before `now`, each at its own tick.
+    ///
+    /// Keys freed by a tick's deadlines are handed on once all of that
+    /// tick's deadlines are applied, not as each one fires: so a lease that
+    /// runs out at the tick with a lock delay holds back a key that another
+    /// lease freed at the same tick, and what happens at one tick never
+    /// depends on the order in which its timers were set.
     pub fn advance(&mut self, now: Tick) {
-        while let Some(Timer { at, seq, due }) = self.books.timers.pop_due(now) {
+        let mut freed: Vec<u64> = Vec::new();
+        let mut tick = Tick::ZERO;
+        loop {
+            let next = self.books.timers.next_at().filter(|&at| at <= now);
+            if !freed.is_empty() && next != Some(tick) {
+                // The tick is over. Its grants set lease timers that may
+                // fall before the next one due: look again after them.
+                self.hand_on(&mut freed, tick);
+                continue;
+            }
+            let Some(Timer { at, seq, due }) = self.books.timers.pop_due(now) else {
+                break;
+            };
+            tick = at;
             let deadline = Deadline { at, seq };
-            match due {
+            let freed_key = match due {
                 LockDue::Lease { hash, token } => self.lease_ran_out(hash, token, deadline),
                 LockDue::Wait { hash, waiter } => self.wait_ran_out(hash, waiter, deadline),
-            }
+                LockDue::Delay { hash } => self.delay_ran_out(hash, deadline),
+            };
+            freed.extend(freed_key.filter(|hash| !freed.contains(hash)));
         }
         self.compact_timers();
     }
 
-    fn lease_ran_out(&mut self, hash: u64, token: u64, deadline: Deadline) {
+    /// Hands the keys with these hashes on to their waiters, at `at`, in
+    /// the order they were freed.
+    fn hand_on(&mut self, freed: &mut Vec<u64>, at: Tick) {
+        for hash in freed.drain(..) {
+            let books = &mut self.books;
+            // The waiters may all have timed out since at this tick,
+            // leaving nothing of the key.
+            if let Ok(vacant) = self.table.find_entry(hash, LockEntry::is_vacant) {
+                books.key_bytes -= vacant.remove().0.key.len();
+            }
+            // Another key that shares the hash (rarely) has nothing to
+            // hand on, which `grant_next` finds at once.
+            let Ok(mut occupied) = self.table.find_entry(hash, |e| !e.queue.is_empty()) else {
+                continue;
+            };
+            let entry = occupied.get_mut();
+            grant_next(entry, hash, at, books);
+            if entry.is_vacant() {
+                books.key_bytes -= occupied.remove().0.key.len();
+            }
+        }
+    }
+
+    /// Ends a lease that ran out, starting its lock delay; the hash of its
+    /// key if the key has waiters to hand it on to.
+    fn lease_ran_out(&mut self, hash: u64, token: u64, deadline: Deadline) -> Option<u64> {
         let books = &mut self.books;
         let is_it = |e: &LockEntry| e.holders.has_token(token);
         let Ok(mut occupied) = self.table.find_entry(hash, is_it) else {
-            return; // released or handed on already
+            return None; // released or handed on already
         };
         let entry = occupied.get_mut();
         if entry
@@ -626,23 +850,39 @@ impl Locks {
             .by_token_mut(token)
             .is_some_and(|h| h.deadline != deadline)
         {
-            return; // extended since (even if back to the same tick)
+            return None; // extended since (even if back to the same tick)
         }
         books.counters.expiries += 1;
-        end_grant(entry, token, hash, deadline.at, books);
-        if entry.is_vacant() {
-            books.key_bytes -= occupied.remove().0.key.len();
+        if let Some(holder) = entry.holders.remove_token(token) {
+            books.holder_left(&holder, hash);
+            if holder.lock_delay_ms > 0 && !planted::active(PlantedBug::LockDelayIgnored) {
+                let until = deadline.at.plus_millis(holder.lock_delay_ms);
+                start_delay(entry, hash, until, books);
+            }
         }
+        freed_or_removed(occupied, hash, books)
     }
 
-    fn wait_ran_out(&mut self, hash: u64, waiter_id: u64, deadline: Deadline) {
+    /// Ends a key's lock delay; its hash if it has waiters to hand it on to.
+    fn delay_ran_out(&mut self, hash: u64, deadline: Deadline) -> Option<u64> {
+        let books = &mut self.books;
+        let is_it = |e: &LockEntry| e.delay.as_deref() == Some(&deadline);
+        let Ok(mut occupied) = self.table.find_entry(hash, is_it) else {
+            return None; // lengthened since
+        };
+        occupied.get_mut().delay = None;
+        books.delays -= 1;
+        freed_or_removed(occupied, hash, books)
+    }
+
+    /// Answers `timeout` to a waiter whose wait ran out; the hash of its
+    /// key if others still wait (an exclusive waiter that leaves may let
+    /// the shared ones behind it in).
+    fn wait_ran_out(&mut self, hash: u64, waiter_id: u64, deadline: Deadline) -> Option<u64> {
         let waits_here = |e: &LockEntry| e.queue.position_of(waiter_id).is_some();
-        let Some(entry) = self.table.find_mut(hash, waits_here) else {
-            return; // granted, cancelled or gone already
-        };
-        let Some(position) = entry.queue.position_of(waiter_id) else {
-            return;
-        };
+        // None: granted, cancelled or gone already.
+        let entry = self.table.find_mut(hash, waits_here)?;
+        let position = entry.queue.position_of(waiter_id)?;
         if let Some(waiter) = entry.queue.remove(position) {
             debug_assert!(waiter.deadline == Some(deadline));
             self.books.waiter_left(&waiter, hash);
@@ -650,10 +890,11 @@ impl Locks {
             let timeout = Err(ServerError::timeout(waiter.wait_ms));
             self.books.answer(waiter.handle, timeout);
         }
+        (!entry.queue.is_empty()).then_some(hash)
     }
 
     fn compact_timers(&mut self) {
-        let live = self.table.len() + self.books.waiters;
+        let live = self.live_timers();
         let table = &self.table;
         self.books
             .timers
@@ -668,7 +909,18 @@ impl Locks {
                 LockDue::Wait { hash, waiter } => table
                     .find(hash, |e| e.queue.position_of(waiter).is_some())
                     .is_some(),
+                LockDue::Delay { hash } => table
+                    .find(hash, |e| {
+                        e.delay.as_ref().is_some_and(|d| d.seq == timer.seq)
+                    })
+                    .is_some(),
             });
+    }
+
+    /// How many timers act when they fire: one per lease, bounded wait
+    /// (or wait: an upper bound is enough) and lock delay.
+    fn live_timers(&self) -> usize {
+        self.books.held + self.books.waiters + self.books.delays
     }
 
     /// The earliest deadline this table has (possibly a stale one).
@@ -691,6 +943,7 @@ impl Locks {
             entry.queue = WaitQueue::default();
             let released = entry.holders.take_where(|h| h.ephemeral && !keep_ephemeral);
             books.counters.disconnects += released.len() as u64;
+            books.held -= released.len();
             entry.holders.forget_requests();
             let vacant = entry.is_vacant();
             if vacant {
@@ -729,6 +982,8 @@ impl Locks {
             }
         }
         self.books.waiters = 0;
+        self.books.held = 0;
+        self.books.delays = 0;
         self.books.contention.clear();
         self.books.key_bytes = 0;
         self.books.conns.clear();
@@ -741,6 +996,8 @@ impl Locks {
             .iter()
             .map(|entry| KeyView {
                 key: entry.key.to_string(),
+                limit: entry.limit,
+                delayed_until: entry.delay.as_ref().map(|d| d.at),
                 holders: entry
                     .holders
                     .iter()
@@ -750,6 +1007,8 @@ impl Locks {
                         token: h.token,
                         deadline: h.deadline.at,
                         ephemeral: h.ephemeral,
+                        shared: h.shared,
+                        lock_delay_ms: h.lock_delay_ms,
                     })
                     .collect(),
                 waiters: entry
@@ -759,6 +1018,7 @@ impl Locks {
                         handle: w.handle,
                         conn: w.conn,
                         deadline: w.deadline.map(|d| d.at),
+                        shared: w.shared,
                     })
                     .collect(),
             })
@@ -767,19 +1027,14 @@ impl Locks {
         views
     }
 
-    /// Counters since the start, and sizes now.
+    /// Counters since the start, and sizes now (`held`: grants held, each
+    /// shared holder and semaphore permit counted).
     pub fn counters(&self) -> LockCounters {
         LockCounters {
-            held: self.held() as u64,
+            held: self.books.held as u64,
             waiters: self.books.waiters as u64,
             ..self.books.counters
         }
-    }
-
-    /// Keys held now: every entry, since a key with room and waiters is
-    /// granted at once (an invariant [`Locks::check_invariants`] checks).
-    fn held(&self) -> usize {
-        self.table.len()
     }
 }
 
@@ -845,5 +1100,7 @@ fn enqueue(
         wait_ms,
         deadline,
         ephemeral: request.ephemeral,
+        shared: request.shared,
+        lock_delay_ms: request.lock_delay_ms,
     });
 }

@@ -21,6 +21,10 @@ pub(super) struct Waiter {
     /// When its wait runs out, if it has a limit, with its timer's number.
     pub deadline: Option<Deadline>,
     pub ephemeral: bool,
+    /// Asks to hold the key shared.
+    pub shared: bool,
+    /// The lock delay its grant is to have.
+    pub lock_delay_ms: u64,
 }
 
 /// A key's waiters, first come first. Most held keys have none, so the
@@ -53,6 +57,16 @@ impl WaitQueue {
     /// Where the waiter answering to `handle` is.
     pub fn position_of_handle(&self, handle: Handle) -> Option<usize> {
         self.iter().position(|w| w.handle == handle)
+    }
+
+    /// The oldest waiter.
+    pub fn front(&self) -> Option<&Waiter> {
+        self.0.as_ref()?.front()
+    }
+
+    /// The newest waiter.
+    pub fn back(&self) -> Option<&Waiter> {
+        self.0.as_ref()?.back()
     }
 
     pub fn push_back(&mut self, waiter: Waiter) {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use deadbolt_proto::limits::Limits;
-use deadbolt_proto::{Acquire, Keys, LockOp, Okay, Outcome, SetOp, Wait};
+use deadbolt_proto::{Acquire, Keys, LockOp, Mode, Okay, Outcome, SetOp, Wait};
 use deadbolt_state::time::Tick;
 use deadbolt_state::{Answer, Caller, Command, Handle, Input, Shard, ShardConfig, ShardOp};
 
@@ -132,6 +132,8 @@ impl Lock<'_> {
             ttl_ms: self.ttl_ms,
             wait: Wait::from_wait_ms(self.wait_ms),
             ephemeral: self.ephemeral,
+            mode: Mode::MUTEX,
+            lock_delay_ms: 0,
         });
         self.driver.op(&self.client, self.conn, ShardOp::Lock(op))
     }
