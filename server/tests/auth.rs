@@ -132,6 +132,11 @@ async fn state(admin: &mut Raw) -> Vec<Value> {
         if let Some(holder) = reply["ok"]["holder"].as_object_mut() {
             holder.remove("remaining_ms");
         }
+        if let Some(holders) = reply["ok"]["holders"].as_array_mut() {
+            for holder in holders.iter_mut().filter_map(Value::as_object_mut) {
+                holder.remove("remaining_ms");
+            }
+        }
         seen.push(reply);
     }
     seen
@@ -266,9 +271,36 @@ async fn inspect_shows_the_token_to_its_holder_and_admins_only() {
     let theirs = colleague.call(inspect.clone()).await;
     assert_eq!(theirs["ok"]["holder"]["client"], "w1", "{theirs}");
     assert!(theirs["ok"]["holder"].get("token").is_none(), "{theirs}");
+    assert!(
+        theirs["ok"]["holders"][0].get("token").is_none(),
+        "{theirs}"
+    );
     let mut admin = as_principal(&server, "a", "ops-secret").await;
     let seen = admin.call(inspect).await;
     assert_eq!(seen["ok"]["holder"]["token"], json!(token), "{seen}");
+    assert_eq!(seen["ok"]["holders"][0]["token"], json!(token), "{seen}");
+}
+
+#[tokio::test]
+async fn inspect_of_a_shared_lock_shows_each_holder_only_its_own_token() {
+    let server = start().await;
+    let mut first = as_principal(&server, "w1", "workers-secret").await;
+    let mut second = as_principal(&server, "w2", "workers-secret").await;
+    let lock = json!({"id": 2, "op": "lock", "key": "jobs/r", "ttl_ms": 60000, "mode": "shared"});
+    let first_token = first.call(lock.clone()).await["ok"]["token"].clone();
+    let second_token = second.call(lock).await["ok"]["token"].clone();
+    assert!(first_token.is_u64() && second_token.is_u64());
+    let inspect = json!({"id": 3, "op": "inspect", "key": "jobs/r"});
+    let seen = second.call(inspect).await;
+    let holders = seen["ok"]["holders"].as_array().expect("holders");
+    assert_eq!(holders.len(), 2, "{seen}");
+    for holder in holders {
+        match holder["client"].as_str() {
+            Some("w1") => assert!(holder.get("token").is_none(), "{seen}"),
+            Some("w2") => assert_eq!(holder["token"], second_token, "{seen}"),
+            other => panic!("unexpected holder {other:?}: {seen}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -501,7 +501,8 @@ impl Session {
             }
             (quota::Effect::Inspect, Ok(Okay::LockInfo(info))) if !principal.admin => {
                 let me = self.client();
-                if let Some(holder) = info.holder.as_mut().filter(|h| *h.client != *me) {
+                let others = info.holder.iter_mut().chain(info.holders.iter_mut());
+                for holder in others.filter(|h| *h.client != *me) {
                     holder.token = HIDDEN_TOKEN;
                 }
             }
