@@ -86,6 +86,49 @@ async def test_try_lock_and_bounded_waits_on_a_held_key(server: Any) -> None:
 
 
 @run_async
+async def test_shared_locks_semaphores_and_a_lock_delay(server: Any) -> None:
+    key, pool, delayed = unique("shared"), unique("pool"), unique("delayed")
+    async with await deadbolt.connect(server.url) as a, await deadbolt.connect(server.url) as b, await deadbolt.connect(server.url) as c:
+        # Readers share the key; a writer waits for both.
+        first = await a.lock(key, ttl=30, shared=True)
+        second = await b.lock(key, ttl=30, shared=True)
+        assert first.token != second.token
+        info = await c.inspect(key)
+        assert [h.mode for h in info.holders] == ["shared", "shared"]
+        assert info.holder is not None and info.holder.client == info.holders[0].client
+        assert await c.try_lock(key, ttl=30) is None
+        await first.unlock()
+        await second.unlock()
+        writer = await c.try_lock(key, ttl=30)
+        assert writer is not None
+        await writer.unlock()
+        # A semaphore of 2 permits admits two holders, not a third, and a
+        # disagreeing limit is a conflict.
+        permits = [await a.lock(pool, ttl=30, limit=2), await b.lock(pool, ttl=30, limit=2)]
+        assert (await c.inspect(pool)).limit == 2
+        assert await c.try_lock(pool, ttl=30, limit=2) is None
+        with pytest.raises(deadbolt.Conflict):
+            await c.lock(pool, ttl=30, limit=3, wait=0)
+        for permit in permits:
+            await permit.unlock()
+        # A lease that runs out keeps the key from everyone for the delay.
+        paused = await a.lock(delayed, ttl=0.1, lock_delay=0.6, auto_renew=False)
+        paused.detach()
+        await asyncio.sleep(0.25)
+        assert await b.try_lock(delayed, ttl=30) is None
+        taken = await b.lock(delayed, ttl=30, wait=5)
+        assert taken.token > paused.token
+        await taken.unlock()
+        # Bad kinds are refused before anything is sent.
+        with pytest.raises(ValueError):
+            a.lock(key, ttl=30, shared=True, limit=2)
+        with pytest.raises(ValueError):
+            a.lock(key, ttl=30, limit=0)
+        with pytest.raises(ValueError):
+            a.lock(key, ttl=30, lock_delay=61)
+
+
+@run_async
 async def test_two_workers_hand_a_lock_over_first_come_first_served(server: Any) -> None:
     key = unique("handoff")
     order: List[Tuple[str, int]] = []

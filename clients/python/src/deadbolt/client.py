@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import (
     Any,
@@ -88,9 +88,58 @@ def _ttl_ms(ttl: Seconds) -> int:
     return ttl_ms
 
 
+#: The most holders a counting semaphore admits (SPEC section 7).
+LOCK_LIMIT_MAX = 10_000
+#: The longest lock delay, in seconds (SPEC section 7).
+LOCK_DELAY_MAX = 60.0
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How a ``lock`` holds its key (SPEC section 7): shared or exclusive,
+    the semaphore's limit, and the lock delay; checked when asked for, so a
+    bad value is refused before anything is sent."""
+
+    shared: bool = False
+    limit: int = 1
+    lock_delay_ms: int = 0
+
+    @staticmethod
+    def of(shared: bool, limit: int, lock_delay: Seconds) -> "_Kind":
+        if not isinstance(limit, int) or not 1 <= limit <= LOCK_LIMIT_MAX:
+            raise ValueError(f"limit must be 1..={LOCK_LIMIT_MAX}, got {limit!r}")
+        if shared and limit != 1:
+            raise ValueError("a shared lock takes no limit (it admits any number of readers)")
+        delay = _seconds(lock_delay, "lock_delay")
+        if not 0 <= delay <= LOCK_DELAY_MAX:
+            raise ValueError(f"lock_delay must be 0..={LOCK_DELAY_MAX:g} s, got {lock_delay!r}")
+        return _Kind(shared, limit, _millis(delay))
+
+    def fields(self) -> Dict[str, Any]:
+        """The request's fields for this kind; defaults are left out, so a
+        plain mutex is understood by servers before SPEC section 7."""
+        fields: Dict[str, Any] = {}
+        if self.shared:
+            fields["mode"] = "shared"
+        if self.limit != 1:
+            fields["limit"] = self.limit
+        if self.lock_delay_ms:
+            fields["lock_delay_ms"] = self.lock_delay_ms
+        return fields
+
+
 def random_client_id() -> str:
     """A random 128-bit client id in hex."""
     return secrets.token_hex(16)
+
+
+def _holder(holder: Dict[str, Any]) -> Holder:
+    return Holder(
+        holder["client"],
+        holder.get("token"),
+        holder["remaining_ms"],
+        holder.get("mode", "exclusive"),
+    )
 
 
 def _drift(ttl: float) -> float:
@@ -134,11 +183,14 @@ class SetInfo:
 
 @dataclass(frozen=True)
 class Holder:
-    """The holder of a lock, as ``inspect`` sees it."""
+    """A holder of a lock, as ``inspect`` sees it. ``token`` is ``None``
+    when a server with ``--auth`` hides it (it shows a token only to its
+    holder's client id and to admins)."""
 
     client: str
-    token: int
+    token: Optional[int]
     remaining_ms: int
+    mode: str = "exclusive"
 
 
 @dataclass(frozen=True)
@@ -148,6 +200,11 @@ class LockInfo:
 
     holder: Optional[Holder]
     waiters: int
+    #: Every holder, oldest grant first (several for a shared lock or a
+    #: semaphore).
+    holders: List[Holder] = field(default_factory=list)
+    #: How many exclusive holders the key admits (its semaphore limit).
+    limit: int = 1
 
 
 @dataclass
@@ -359,8 +416,10 @@ class Client:
         reply = await self.call("inspect", key=key)
         holder = reply.get("holder")
         return LockInfo(
-            holder=Holder(holder["client"], holder["token"], holder["remaining_ms"]) if holder else None,
+            holder=_holder(holder) if holder else None,
             waiters=reply.get("waiters", 0),
+            holders=[_holder(h) for h in reply.get("holders", [])],
+            limit=reply.get("limit", 1),
         )
 
     async def stats(self, top: int = 20) -> Dict[str, Any]:
@@ -377,6 +436,9 @@ class Client:
         wait: Optional[Seconds] = None,
         ephemeral: bool = False,
         auto_renew: bool = True,
+        shared: bool = False,
+        limit: int = 1,
+        lock_delay: Seconds = 0,
     ) -> "_LockCall":
         """Takes ``key`` with a lease of ``ttl`` seconds.
 
@@ -387,9 +449,18 @@ class Client:
         ``auto_renew`` (the default) the lease is renewed every third of it
         until released. With ``ephemeral`` the server releases it as soon
         as this client's connection closes.
+
+        ``shared=True`` holds it shared (a reader, beside other readers and
+        no writer); ``limit=N`` makes the key a counting semaphore of N
+        permits (every user of the key must give the same N, else
+        :class:`Conflict`); ``lock_delay`` keeps the key from everyone for
+        that long after this grant's lease *runs out* (not after an
+        unlock), so that a paused holder's writes land first (SPEC section
+        7).
         """
-        _ttl_ms(ttl)  # A bad ttl is refused now, not when awaited.
-        return _LockCall(self._acquire(key, ttl, wait, ephemeral, auto_renew))
+        _ttl_ms(ttl)  # A bad ttl or kind is refused now, not when awaited.
+        kind = _Kind.of(shared, limit, lock_delay)
+        return _LockCall(self._acquire(key, ttl, wait, ephemeral, auto_renew, kind))
 
     async def try_lock(
         self,
@@ -399,11 +470,15 @@ class Client:
         wait: Seconds = 0,
         ephemeral: bool = False,
         auto_renew: bool = True,
+        shared: bool = False,
+        limit: int = 1,
+        lock_delay: Seconds = 0,
     ) -> Optional["Lock"]:
         """Takes ``key`` if it is free (or becomes free within ``wait``
-        seconds); ``None`` if not."""
+        seconds); ``None`` if not. The kind of lock is as for :meth:`lock`."""
+        kind = _Kind.of(shared, limit, lock_delay)
         try:
-            return await self._acquire(key, ttl, wait, ephemeral, auto_renew)
+            return await self._acquire(key, ttl, wait, ephemeral, auto_renew, kind)
         except (Busy, Timeout):
             return None
 
@@ -414,6 +489,7 @@ class Client:
         wait: Optional[Seconds],
         ephemeral: bool,
         auto_renew: bool,
+        kind: _Kind = _Kind(),
     ) -> "Lock":
         ttl_ms = _ttl_ms(ttl)
         deadline = None if wait is None else time.monotonic() + _seconds(wait, "wait")
@@ -425,6 +501,7 @@ class Client:
                 request["wait_ms"] = _millis(max(0.0, deadline - time.monotonic()))
             if ephemeral:
                 request["ephemeral"] = True
+            request.update(kind.fields())
             return request
 
         while True:

@@ -155,18 +155,44 @@ class Client:
         wait: Optional[Seconds] = None,
         ephemeral: bool = False,
         auto_renew: bool = True,
+        shared: bool = False,
+        limit: int = 1,
+        lock_delay: Seconds = 0,
     ) -> Lock:
-        """Takes ``key``; see :meth:`deadbolt.Client.lock`."""
-        call = self._client.lock(key, ttl, wait=wait, ephemeral=ephemeral, auto_renew=auto_renew)
+        """Takes ``key``; see :meth:`deadbolt.Client.lock` (``shared``,
+        ``limit`` and ``lock_delay`` as there)."""
+        call = self._client.lock(
+            key,
+            ttl,
+            wait=wait,
+            ephemeral=ephemeral,
+            auto_renew=auto_renew,
+            shared=shared,
+            limit=limit,
+            lock_delay=lock_delay,
+        )
 
         async def acquire() -> aio.Lock:
             return await call
 
         return Lock(self._loop, self._loop.run(acquire()))
 
-    def try_lock(self, key: str, ttl: Seconds, *, wait: Seconds = 0, auto_renew: bool = True) -> Optional[Lock]:
+    def try_lock(
+        self,
+        key: str,
+        ttl: Seconds,
+        *,
+        wait: Seconds = 0,
+        auto_renew: bool = True,
+        shared: bool = False,
+        limit: int = 1,
+        lock_delay: Seconds = 0,
+    ) -> Optional[Lock]:
         """Takes ``key`` if free within ``wait``; ``None`` if not."""
-        lock = self._loop.run(self._client.try_lock(key, ttl, wait=wait, auto_renew=auto_renew))
+        call = self._client.try_lock(
+            key, ttl, wait=wait, auto_renew=auto_renew, shared=shared, limit=limit, lock_delay=lock_delay
+        )
+        lock = self._loop.run(call)
         return None if lock is None else Lock(self._loop, lock)
 
     def unlock(self, key: str, token: int) -> None:
