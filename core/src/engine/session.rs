@@ -454,7 +454,11 @@ impl Session {
     ) -> Result<Option<LeaderLink>, ServerError> {
         let follower = self.inner.engine.forwarding();
         if let Some(forwarding) = follower.filter(|_| self.inner.frontend != Frontend::Forwarded) {
-            return forwarding.forwarder.open(client, Some(secret)).await.map(Some);
+            return forwarding
+                .forwarder
+                .open(client, Some(secret))
+                .await
+                .map(Some);
         }
         let op = ShardOp::Claim {
             client: client.to_owned(),

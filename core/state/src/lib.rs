@@ -48,9 +48,9 @@ use std::sync::Arc;
 use hasher::{KeyHasher, StableHasher};
 
 use crate::time::Tick;
+use claims::Claims;
 use deadbolt_proto::limits::Limits;
 use deadbolt_proto::{HeldLock, LockCounters, LockOp, Outcome, SetCounters, SetOp, SetSummary};
-use claims::Claims;
 use locks::{KeyView, Locks};
 use planted::PlantedBug;
 use sets::Sets;

@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use common::{Driver, config, token_for};
 use deadbolt_proto::{ErrorCode, Okay, Outcome, SetCounters};
-use deadbolt_state::{Caller, Handle, Input, Shard, ShardOp};
 use deadbolt_state::image::{
     Deadline, ImageError, LocksImage, MemberImage, SetImage, SetsImage, ShardImage,
 };
 use deadbolt_state::time::Tick;
+use deadbolt_state::{Caller, Handle, Input, Shard, ShardOp};
 
 /// An image through JSON and back, restored under `hash_seed`.
 fn restore(image: &ShardImage, hash_seed: u64) -> Shard {
