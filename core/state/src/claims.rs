@@ -177,7 +177,7 @@ mod tests {
         let mut claims = Claims::default();
         assert_eq!(claims.claim("c1", "a"), Ok(Okay::EMPTY));
         assert_eq!(claims.claim("c1", "a"), Ok(Okay::EMPTY));
-        let refused = claims.claim("c1", "b").unwrap_err();
+        let refused = claims.claim("c1", "b").expect_err("owned by another");
         assert_eq!(refused.code, ErrorCode::Unauthorized);
         assert_eq!(claims.owner("c1"), Some("a"));
         assert_eq!(claims.len(), 1);
@@ -186,9 +186,9 @@ mod tests {
     #[test]
     fn past_the_bound_the_oldest_claim_is_forgotten() {
         let mut claims = Claims::default();
-        claims.claim("old", "a").unwrap();
+        claims.claim("old", "a").expect("a free id");
         for i in 0..CLAIMS_MAX {
-            claims.claim(&format!("c{i}"), "a").unwrap();
+            claims.claim(&format!("c{i}"), "a").expect("a free id");
         }
         assert_eq!(claims.len(), CLAIMS_MAX);
         assert_eq!(claims.owner("old"), None);

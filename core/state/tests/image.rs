@@ -356,9 +356,9 @@ fn claim(driver: &mut Driver, client: &str, principal: &str) -> Outcome {
         client: client.to_owned(),
         principal: principal.to_owned(),
     };
-    let answers = driver.apply(Input::Op { handle, caller, op });
+    let mut answers = driver.apply(Input::Op { handle, caller, op });
     assert_eq!(answers.len(), 1, "one answer to a claim");
-    answers.into_iter().next().unwrap().outcome
+    answers.remove(0).outcome
 }
 
 #[test]
@@ -366,7 +366,7 @@ fn a_client_id_belongs_to_its_first_claimer_and_survives_an_image() {
     let mut driver = busy_shard();
     assert_eq!(claim(&mut driver, "worker-1", "alice"), Ok(Okay::EMPTY));
     assert_eq!(claim(&mut driver, "worker-1", "alice"), Ok(Okay::EMPTY));
-    let refused = claim(&mut driver, "worker-1", "bob").unwrap_err();
+    let refused = claim(&mut driver, "worker-1", "bob").expect_err("owned by another");
     assert_eq!(refused.code, ErrorCode::Unauthorized);
     assert_eq!(claim(&mut driver, "worker-2", "bob"), Ok(Okay::EMPTY));
 
@@ -378,7 +378,7 @@ fn a_client_id_belongs_to_its_first_claimer_and_survives_an_image() {
     assert_eq!(restored.digest(), driver.shard.digest());
     assert_eq!(restored.image(), image);
     let mut restored = driver.like(restored);
-    let refused = claim(&mut restored, "worker-1", "bob").unwrap_err();
+    let refused = claim(&mut restored, "worker-1", "bob").expect_err("owned by another");
     assert_eq!(refused.code, ErrorCode::Unauthorized);
     assert_eq!(claim(&mut restored, "worker-1", "alice"), Ok(Okay::EMPTY));
     assert_eq!(claim(&mut restored, "worker-2", "bob"), Ok(Okay::EMPTY));
@@ -387,8 +387,8 @@ fn a_client_id_belongs_to_its_first_claimer_and_survives_an_image() {
 #[test]
 fn a_corrupt_claim_table_is_an_error() {
     let mut driver = busy_shard();
-    claim(&mut driver, "worker-1", "alice").unwrap();
-    claim(&mut driver, "worker-2", "alice").unwrap();
+    claim(&mut driver, "worker-1", "alice").expect("a free id");
+    claim(&mut driver, "worker-2", "alice").expect("a free id");
     let image = driver.shard.image();
     let refused = |change: fn(&mut ShardImage), expected: &dyn Fn(&ImageError) -> bool| {
         let mut image = image.clone();
