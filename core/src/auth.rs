@@ -10,18 +10,17 @@
 //! reloaded policy ([`Auth::reload`], on SIGHUP) applies to connections
 //! already open.
 //!
-//! This is the server's front, not its state machine: the policy, the
-//! owners of client ids ([`Owners`]) and the quota counts
-//! ([`quota`](crate::auth::quota)) live in this process only. The shards'
-//! command log (persisted, replicated) never sees a principal, so a
-//! restarted server, or a new leader, starts with no client id owned; the
-//! first principal to say `hello` with an id owns it again. See
-//! `docs/protocol.md`, "Authentication".
+//! This is the server's front, not its state machine: the policy and the
+//! quota counts ([`quota`](crate::auth::quota)) live in this process only.
+//! Who owns each client id does not: a `hello` claims its id with a shard
+//! command ([`ShardOp::Claim`](crate::shard::ShardOp::Claim)), logged and
+//! replicated like a lock, so ownership survives a restart and a change
+//! of leader (see `deadbolt_state::claims`). See `docs/protocol.md`,
+//! "Authentication".
 
 pub mod quota;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use crate::proto::{LockOp, Op, Secret, ServerError, SetOp};
 pub use quota::{Quotas, Usage};
@@ -184,12 +183,10 @@ impl Policy {
 }
 
 /// The server's authentication front: the current policy (replaced by
-/// [`Auth::reload`]), the owners of client ids, and each principal's
-/// usage against its quotas. Shared by every session of an engine.
+/// [`Auth::reload`]) and each principal's usage against its quotas. Shared by every session of an engine.
 #[derive(Debug)]
 pub struct Auth {
     policy: RwLock<Arc<Policy>>,
-    owners: Mutex<Owners>,
     usage: quota::Ledger,
 }
 
@@ -198,7 +195,6 @@ impl Auth {
     pub fn new(policy: Policy) -> Auth {
         Auth {
             policy: RwLock::new(Arc::new(policy)),
-            owners: Mutex::new(Owners::new(OWNERS_MAX)),
             usage: quota::Ledger::default(),
         }
     }
@@ -216,94 +212,9 @@ impl Auth {
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     }
 
-    /// Binds `client` to `principal`, unless another principal owns it.
-    pub fn claim(&self, client: &str, principal: &str) -> Result<(), ServerError> {
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        if owners.claim(client, principal) {
-            Ok(())
-        } else {
-            Err(ServerError::new(
-                crate::proto::ErrorCode::Unauthorized,
-                format!("client id `{client}` belongs to another principal"),
-            ))
-        }
-    }
-
     /// Each principal's usage against its quotas.
     pub fn usage(&self) -> &quota::Ledger {
         &self.usage
-    }
-}
-
-/// Client ids remembered with their owners before the least recently
-/// claimed are forgotten (about 100 bytes each).
-pub const OWNERS_MAX: usize = 1_000_000;
-
-/// Which principal owns each client id: the first that said `hello` with
-/// it. Bounded: past `max` ids, the quarter least recently claimed are
-/// forgotten, and may then be claimed by anyone (a fleet that makes a new
-/// random id per run would otherwise grow it without end).
-#[derive(Debug)]
-pub struct Owners {
-    ids: HashMap<Arc<str>, Owner>,
-    /// Counts claims, to order them.
-    clock: u64,
-    max: usize,
-}
-
-#[derive(Debug)]
-struct Owner {
-    principal: Arc<str>,
-    claimed: u64,
-}
-
-impl Owners {
-    /// No id owned yet; at most `max` remembered.
-    pub fn new(max: usize) -> Owners {
-        Owners {
-            ids: HashMap::new(),
-            clock: 0,
-            max: max.max(1),
-        }
-    }
-
-    /// Whether `principal` may use `client` (and now owns it).
-    pub fn claim(&mut self, client: &str, principal: &str) -> bool {
-        self.clock += 1;
-        if let Some(owner) = self.ids.get_mut(client) {
-            if &*owner.principal != principal {
-                return false;
-            }
-            owner.claimed = self.clock;
-            return true;
-        }
-        if self.ids.len() >= self.max {
-            self.forget_least_recent();
-        }
-        let owner = Owner {
-            principal: Arc::from(principal),
-            claimed: self.clock,
-        };
-        self.ids.insert(Arc::from(client), owner);
-        true
-    }
-
-    /// How many ids are owned.
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// Whether no id is owned.
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    fn forget_least_recent(&mut self) {
-        let mut claimed: Vec<u64> = self.ids.values().map(|o| o.claimed).collect();
-        let cut = claimed.len() / 4;
-        let (_, threshold, _) = claimed.select_nth_unstable(cut);
-        let threshold = *threshold;
-        self.ids.retain(|_, owner| owner.claimed > threshold);
     }
 }
 
@@ -349,19 +260,5 @@ mod tests {
         assert!(!p.allows(Need::Set("jobs/1")));
         assert!(p.allows(Need::Read("anything")));
         assert!(!p.allows(Need::Admin));
-    }
-
-    #[test]
-    fn a_client_id_belongs_to_its_first_principal_and_old_ones_are_forgotten() {
-        let mut owners = Owners::new(4);
-        assert!(owners.claim("c1", "a"));
-        assert!(owners.claim("c1", "a"));
-        assert!(!owners.claim("c1", "b"));
-        for id in ["c2", "c3", "c4", "c5"] {
-            assert!(owners.claim(id, "a"));
-        }
-        assert!(owners.len() <= 4);
-        // c1 was claimed least recently: forgotten, so free again.
-        assert!(owners.claim("c1", "b"));
     }
 }

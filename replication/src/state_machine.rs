@@ -36,11 +36,24 @@ pub struct SnapshotFile {
     pub images: Vec<ShardImage>,
 }
 
-/// The first of the two framed records of a snapshot written since shared
-/// locks, semaphores and lock delays (SPEC section 7) are in the image; a
-/// snapshot from before is one record, its images in the
+/// The first of the two framed records of a snapshot written since the
+/// owners of client ids (SPEC section 10) are in the image.
+const FORMAT_WITH_CLAIMS: &[u8] = b"deadbolt-raft-snapshot/3";
+
+/// The first record of a snapshot written since shared locks, semaphores
+/// and lock delays (SPEC section 7) are in the image, before claims: its
+/// images in the [`v2`](deadbolt_core::shard::image::v2) shape. A snapshot
+/// from before is one record, its images in the
 /// [`v1`](deadbolt_core::shard::image::v1) shape.
 const FORMAT_WITH_MODES: &[u8] = b"deadbolt-raft-snapshot/2";
+
+/// [`SnapshotFile`] as it was before claims.
+#[derive(Deserialize)]
+struct SnapshotFileV2 {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    applied_through: Tick,
+    images: Vec<deadbolt_core::shard::image::v2::ShardImage>,
+}
 
 /// [`SnapshotFile`] as it was before SPEC section 7.
 #[derive(Deserialize)]
@@ -54,20 +67,29 @@ impl SnapshotFile {
     /// Its bytes: two framed records, the format and the contents.
     pub fn encode(&self) -> Result<Vec<u8>, String> {
         let payload = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
-        let capacity = FORMAT_WITH_MODES.len() + payload.len() + 2 * frame::HEADER_BYTES;
+        let capacity = FORMAT_WITH_CLAIMS.len() + payload.len() + 2 * frame::HEADER_BYTES;
         let mut bytes = Vec::with_capacity(capacity);
-        frame::put(&mut bytes, FORMAT_WITH_MODES);
+        frame::put(&mut bytes, FORMAT_WITH_CLAIMS);
         frame::put(&mut bytes, &payload);
         Ok(bytes)
     }
 
     /// Reads [`SnapshotFile::encode`]'s bytes back, or those of a snapshot
-    /// written before SPEC section 7.
+    /// written before claims or before SPEC section 7.
     pub fn decode(bytes: &[u8]) -> Result<SnapshotFile, String> {
         let (records, end) = frame::scan(bytes);
         match (&records[..], end) {
-            ([(_, format), (_, payload)], frame::End::Clean) if *format == FORMAT_WITH_MODES => {
+            ([(_, format), (_, payload)], frame::End::Clean) if *format == FORMAT_WITH_CLAIMS => {
                 postcard::from_bytes(payload).map_err(|e| e.to_string())
+            }
+            ([(_, format), (_, payload)], frame::End::Clean) if *format == FORMAT_WITH_MODES => {
+                let old: SnapshotFileV2 =
+                    postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+                Ok(SnapshotFile {
+                    meta: old.meta,
+                    applied_through: old.applied_through,
+                    images: old.images.into_iter().map(Into::into).collect(),
+                })
             }
             ([(_, payload)], frame::End::Clean) => {
                 let old: SnapshotFileV1 =
@@ -356,7 +378,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 #[cfg(test)]
 mod tests {
-    use deadbolt_core::shard::image::{Deadline, SetsImage, v1};
+    use deadbolt_core::shard::image::{Deadline, SetsImage, v1, v2};
 
     use super::*;
 
@@ -418,5 +440,35 @@ mod tests {
             again.images, read.images,
             "and round-trips in the new format"
         );
+    }
+
+    #[test]
+    fn a_snapshot_from_before_claims_still_reads() {
+        #[derive(Serialize)]
+        struct Old {
+            meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+            applied_through: Tick,
+            images: Vec<v2::ShardImage>,
+        }
+        let current = ShardImage::from(old_image());
+        let image = v2::ShardImage {
+            now: current.now,
+            locks: current.locks,
+            sets: current.sets,
+        };
+        let old = Old {
+            meta: SnapshotMeta::default(),
+            applied_through: Tick(5_000),
+            images: vec![image.clone()],
+        };
+        let payload = postcard::to_stdvec(&old).expect("encodes");
+        let mut bytes = Vec::new();
+        frame::put(&mut bytes, FORMAT_WITH_MODES);
+        frame::put(&mut bytes, &payload);
+        let read = SnapshotFile::decode(&bytes).expect("a snapshot from before claims reads");
+        assert_eq!(read.images, vec![image.into()]);
+        assert!(read.images[0].claims.claims.is_empty());
+        let again = SnapshotFile::decode(&read.encode().expect("encodes")).expect("reads");
+        assert_eq!(again.images, read.images);
     }
 }

@@ -53,6 +53,8 @@ const GONE: u8 = 2;
 const CLOSED: u8 = 3;
 const TICK: u8 = 4;
 const RESTART: u8 = 5;
+/// An [`Input::Op`] of a [`ShardOp::Claim`], which has no wire JSON.
+const CLAIM: u8 = 6;
 
 /// The payload of record number `lsn`.
 pub fn encode(lsn: u64, record: &Record) -> Vec<u8> {
@@ -130,11 +132,12 @@ pub fn encode_commands(commands: &[Command]) -> Vec<u8> {
 fn put_input(out: &mut Vec<u8>, input: &Input) {
     match input {
         Input::Op { handle, caller, op } => {
-            out.push(OP);
+            let claim = matches!(op, ShardOp::Claim { .. });
+            out.push(if claim { CLAIM } else { OP });
             put_u64(out, handle.0);
             put_u64(out, caller.conn);
             put_str(out, &caller.client);
-            put_str(out, &op_json(op));
+            put_op(out, op);
         }
         Input::Cancel { handle, key } => {
             out.push(CANCEL);
@@ -158,13 +161,19 @@ fn put_input(out: &mut Vec<u8>, input: &Input) {
     }
 }
 
-/// An op as the JSON request a client would send for it.
-fn op_json(op: &ShardOp) -> String {
+/// An op: as the JSON request a client would send for it, or for a claim
+/// (no client's op) its client id and principal.
+fn put_op(out: &mut Vec<u8>, op: &ShardOp) {
     let op = match op {
         ShardOp::Lock(op) => Op::Lock(op.clone()),
         ShardOp::Set(op) => Op::Set(op.clone()),
+        ShardOp::Claim { client, principal } => {
+            put_str(out, client);
+            put_str(out, principal);
+            return;
+        }
     };
-    encode_request(&Request { id: 0, op })
+    put_str(out, &encode_request(&Request { id: 0, op }));
 }
 
 /// Limits wide enough to read back any op a server once accepted, whatever
@@ -331,6 +340,20 @@ impl<'a> Reader<'a> {
                     op,
                 }
             }
+            CLAIM => {
+                let handle = Handle(self.u64()?);
+                let conn = self.u64()?;
+                let client: Arc<str> = Arc::from(self.str()?);
+                let op = ShardOp::Claim {
+                    client: self.str()?.to_owned(),
+                    principal: self.str()?.to_owned(),
+                };
+                Input::Op {
+                    handle,
+                    caller: Caller { client, conn },
+                    op,
+                }
+            }
             CANCEL => Input::Cancel {
                 handle: Handle(self.u64()?),
                 key: self.str()?.to_owned(),
@@ -395,6 +418,14 @@ mod tests {
                 handle: Handle(u64::MAX),
                 caller: caller(4),
                 op: ShardOp::Set(insert),
+            },
+            Input::Op {
+                handle: Handle(5),
+                caller: caller(4),
+                op: ShardOp::Claim {
+                    client: "worker-7".to_owned(),
+                    principal: "ingest".to_owned(),
+                },
             },
             Input::Cancel {
                 handle: Handle(1),

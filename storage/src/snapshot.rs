@@ -5,14 +5,18 @@
 //! snapshot plus the records after it.
 
 use deadbolt_core::limits::Limits;
-use deadbolt_core::shard::image::{ShardImage, v1};
+use deadbolt_core::shard::image::{ShardImage, v1, v2};
 
 use crate::codec::{CodecError, Reader, put_limits, put_u64};
 use crate::frame;
 
-/// The format of snapshot files this code writes: 2 since shared locks,
-/// semaphores and lock delays (SPEC section 7) are in the image.
-const VERSION: u64 = 2;
+/// The format of snapshot files this code writes: 3 since the owners of
+/// client ids (SPEC section 10) are in the image.
+const VERSION: u64 = 3;
+
+/// The format before them, which this code still reads (no id owned):
+/// since shared locks, semaphores and lock delays (SPEC section 7).
+const VERSION_BEFORE_CLAIMS: u64 = 2;
 
 /// The format before them, which this code still reads (each key a mutex).
 const VERSION_BEFORE_MODES: u64 = 1;
@@ -83,9 +87,10 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, ShardImage), CodecError> 
     }
     let mut reader = Reader(payload);
     let version = reader.u64()?;
-    if version != VERSION && version != VERSION_BEFORE_MODES {
+    if ![VERSION, VERSION_BEFORE_CLAIMS, VERSION_BEFORE_MODES].contains(&version) {
         return Err(CodecError(format!(
-            "snapshot format {version}, expected {VERSION} or {VERSION_BEFORE_MODES}"
+            "snapshot format {version}, expected {VERSION}, {VERSION_BEFORE_CLAIMS} or \
+             {VERSION_BEFORE_MODES}"
         )));
     }
     let small = |n: u64| u32::try_from(n).map_err(|_| CodecError("number too large".into()));
@@ -97,12 +102,14 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, ShardImage), CodecError> 
         limits: reader.limits()?,
     };
     let unreadable = |e: postcard::Error| CodecError(format!("snapshot image: {e}"));
-    let image = if version == VERSION_BEFORE_MODES {
-        postcard::from_bytes::<v1::ShardImage>(reader.0)
+    let image = match version {
+        VERSION_BEFORE_MODES => postcard::from_bytes::<v1::ShardImage>(reader.0)
             .map_err(unreadable)?
-            .into()
-    } else {
-        postcard::from_bytes(reader.0).map_err(unreadable)?
+            .into(),
+        VERSION_BEFORE_CLAIMS => postcard::from_bytes::<v2::ShardImage>(reader.0)
+            .map_err(unreadable)?
+            .into(),
+        _ => postcard::from_bytes(reader.0).map_err(unreadable)?,
     };
     Ok((header, image))
 }
@@ -172,6 +179,38 @@ mod tests {
         };
         let shard = Shard::from_image(config, image.clone()).expect("restores");
         assert_eq!(shard.image().locks.keys, image.locks.keys, "and restores");
+        let again = encode(&header, &image).expect("encodes");
+        assert_eq!(decode(&again).expect("reads").1, image);
+    }
+
+    #[test]
+    fn a_snapshot_from_before_claims_reads_with_no_id_owned() {
+        let config = ShardConfig {
+            hash_seed: 1,
+            first_token: 0,
+            limits: Limits::default(),
+        };
+        let current = Shard::new(config).image();
+        let old = v2::ShardImage {
+            now: Tick(5_000),
+            locks: current.locks,
+            sets: current.sets,
+        };
+        let header = SnapshotHeader {
+            shard: 0,
+            shards: 1,
+            covers_below: 7,
+            token_reserved: 100,
+            limits: Limits::default(),
+        };
+        let bytes = encode_as(VERSION_BEFORE_CLAIMS, &header, |payload| {
+            postcard::to_extend(&old, payload)
+        })
+        .expect("encodes");
+        let (read, image) = decode(&bytes).expect("an old snapshot still reads");
+        assert_eq!(read, header);
+        assert_eq!(image, ShardImage::from(old));
+        assert!(image.claims.claims.is_empty());
         let again = encode(&header, &image).expect("encodes");
         assert_eq!(decode(&again).expect("reads").1, image);
     }

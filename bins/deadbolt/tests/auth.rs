@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 mod support;
-use support::read_urls;
+use support::{read_urls, serve_ws};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 
@@ -23,6 +23,21 @@ const POLICY: &str = r#"
 [[principal]]
 name = "workers"
 secret = "workers-secret"
+locks = ["jobs/"]
+read = [""]
+"#;
+
+/// Two principals, both allowed every `jobs/` key.
+const TWO_PRINCIPALS: &str = r#"
+[[principal]]
+name = "workers"
+secret = "workers-secret"
+locks = ["jobs/"]
+read = [""]
+
+[[principal]]
+name = "intruders"
+secret = "intruders-secret"
 locks = ["jobs/"]
 read = [""]
 "#;
@@ -346,4 +361,50 @@ fn the_new_flags_are_keys_of_the_config_file() {
         .expect("run");
     assert!(again.status.success(), "{again:?}");
     assert_eq!(String::from_utf8_lossy(&again.stdout), text);
+}
+
+/// `deadbolt serve --auth` (durable) on `dir`: its process and URL.
+fn serve_durable(dir: &Path) -> (Child, String) {
+    let auth = dir.join("auth.toml");
+    let auth = auth.to_str().expect("utf-8 path");
+    serve_ws(&dir.join("data"), &["--auth", auth])
+}
+
+/// Says `hello` as `client` with `secret` on a new connection; the reply.
+async fn hello(url: &str, client: &str, secret: &str) -> (Raw, Value) {
+    let mut raw = Raw::open(url).await;
+    let hello = json!({"id": 1, "op": "hello", "client": client, "auth": secret});
+    let reply = raw.call(hello).await;
+    (raw, reply)
+}
+
+#[tokio::test]
+async fn a_client_id_stays_its_first_principals_across_a_sigkill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("auth.toml"), TWO_PRINCIPALS).expect("write the auth file");
+    let (mut child, url) = serve_durable(dir.path());
+    let (mut workers, reply) = hello(&url, "worker-1", "workers-secret").await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    let lock = json!({"id": 2, "op": "lock", "key": "jobs/1", "ttl_ms": 600_000, "wait_ms": 0});
+    let token = workers.call(lock).await["ok"]["token"].clone();
+    assert!(token.is_u64(), "{token}");
+    let (_, before) = hello(&url, "worker-1", "intruders-secret").await;
+    assert_eq!(before["err"]["code"], "unauthorized", "{before}");
+
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let (mut child, url) = serve_durable(dir.path());
+
+    let (_, intruder) = hello(&url, "worker-1", "intruders-secret").await;
+    assert_eq!(intruder["err"]["code"], "unauthorized", "{intruder}");
+    let (mut owner, reply) = hello(&url, "worker-1", "workers-secret").await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    let inspect = json!({"id": 2, "op": "inspect", "key": "jobs/1"});
+    let info = owner.call(inspect).await;
+    assert_eq!(info["ok"]["holder"]["client"], "worker-1", "{info}");
+    assert_eq!(info["ok"]["holder"]["token"], token, "{info}");
+    // Another id is anyone's to claim.
+    let (_, other) = hello(&url, "intruder-1", "intruders-secret").await;
+    assert!(other["ok"].is_object(), "{other}");
+    stop(&mut child);
 }

@@ -543,5 +543,19 @@ async fn a_follower_forwards_with_its_clients_secret_and_refuses_outside_the_gra
         (holder.client.as_str(), holder.token),
         ("worker-f", guard.token())
     );
+    // The id is the workers' on every node: the claim went through the log.
+    for node in &nodes {
+        let options = ClientOptions {
+            client_id: Some("worker-f".to_owned()),
+            retry_for: Duration::from_secs(20),
+            auth: Some(deadbolt_core::proto::Secret::new("ops-secret")),
+            ..ClientOptions::default()
+        };
+        let connector = WsConnector::new(&node.url).expect("url");
+        let refused = Client::connect(connector, options)
+            .await
+            .expect_err("another principal's id");
+        assert!(refused.to_string().contains("unauthorized"), "{refused}");
+    }
     guard.unlock().await.expect("unlock");
 }

@@ -39,7 +39,7 @@ struct SessionInner {
     state: Mutex<SessionState>,
     /// On a follower: the connection to the leader this session's requests
     /// go through, and which node it leads to.
-    leader_link: tokio::sync::Mutex<Option<(u64, Arc<dyn Connection>)>>,
+    leader_link: tokio::sync::Mutex<Option<LeaderLink>>,
     /// Turns true when the engine ends the session (see
     /// [`Session::ended`]).
     ended: Arc<tokio::sync::watch::Sender<bool>>,
@@ -86,6 +86,10 @@ struct Admitted<'a> {
     principal: Option<Arc<Principal>>,
     _waiting: Option<quota::Waiting<'a>>,
 }
+
+/// A connection to the leader that has said `hello` as this session's
+/// client, and the node it leads to.
+type LeaderLink = (u64, Arc<dyn Connection>);
 
 /// A `lock` request that may be queued in a shard.
 #[derive(Debug, Clone)]
@@ -197,7 +201,7 @@ impl Session {
             };
         }
         let outcome = match request.op {
-            Op::Hello { client, auth } => self.hello(client, auth),
+            Op::Hello { client, auth } => self.hello(id, client, auth).await,
             Op::Ping => Ok(Okay::EMPTY),
             Op::Cancel { target } => self.cancel(target).await,
             Op::Stats { .. } if self.inner.engine.is_shutting_down() => {
@@ -391,12 +395,11 @@ impl Session {
         self.watch(async move { connection.closed().await });
     }
 
-    fn hello(&self, client: String, secret: Option<Secret>) -> Outcome {
-        let principal = self.authenticate(&client, secret)?;
-        // A link to the leader speaks for the old client id.
-        if let Ok(mut link) = self.inner.leader_link.try_lock() {
-            *link = None;
-        }
+    async fn hello(&self, id: RequestId, client: String, secret: Option<Secret>) -> Outcome {
+        let (principal, link) = self.authenticate(id, &client, secret).await?;
+        // A link to the leader speaks for the old client id; a follower's
+        // claim opened one for the new id.
+        *self.inner.leader_link.lock().await = link;
         let mut state = self.state();
         state.client = Arc::from(client.as_str());
         if principal.is_some() {
@@ -410,15 +413,17 @@ impl Session {
     }
 
     /// With authentication on, the principal whose secret `secret` is,
-    /// now owning `client`; `unauthorized` (and nothing changed) if there
-    /// is none or another principal owns the id. Without, `None`.
-    fn authenticate(
+    /// now owning `client` (and, on a follower, the link to the leader
+    /// that claimed it); `unauthorized` (and nothing changed) if there is
+    /// none or another principal owns the id. Without, `None`.
+    async fn authenticate(
         &self,
+        id: RequestId,
         client: &str,
         secret: Option<Secret>,
-    ) -> Result<Option<Authenticated>, ServerError> {
+    ) -> Result<(Option<Authenticated>, Option<LeaderLink>), ServerError> {
         let Some(auth) = self.inner.engine.auth() else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let secret = secret.ok_or_else(|| {
             unauthorized("this server requires `auth` in `hello`: a principal's secret")
@@ -427,11 +432,39 @@ impl Session {
             .policy()
             .authenticate(&secret)
             .ok_or_else(|| unauthorized("no principal has this secret"))?;
-        auth.claim(client, &principal.name)?;
-        Ok(Some(Authenticated {
+        let link = self.claim(id, client, &principal.name, &secret).await?;
+        let authenticated = Authenticated {
             name: Arc::from(principal.name.as_str()),
             secret,
-        }))
+        };
+        Ok((Some(authenticated), link))
+    }
+
+    /// Makes `principal` the owner of `client` unless another principal
+    /// owns it (SPEC section 10). The claim is a shard command, logged and
+    /// replicated like a lock, so ownership survives a restart and a new
+    /// leader. A follower has the leader claim it: it opens a link to the
+    /// leader that says `hello` as `client` with `secret`, and returns it.
+    async fn claim(
+        &self,
+        id: RequestId,
+        client: &str,
+        principal: &str,
+        secret: &Secret,
+    ) -> Result<Option<LeaderLink>, ServerError> {
+        let follower = self.inner.engine.forwarding();
+        if let Some(forwarding) = follower.filter(|_| self.inner.frontend != Frontend::Forwarded) {
+            return forwarding
+                .forwarder
+                .open(client, Some(secret))
+                .await
+                .map(Some);
+        }
+        let op = ShardOp::Claim {
+            client: client.to_owned(),
+            principal: principal.to_owned(),
+        };
+        self.call_shard(id, op).await.map(|_| None)
     }
 
     /// Checks `op` against the grants of the connection's principal (with

@@ -20,9 +20,12 @@
 //! A corrupt image is an [`ImageError`], never a panic.
 //!
 //! Images written before SPEC section 7 (shared locks, semaphores, lock
-//! delay) have the shape kept in [`v1`], which converts to this one.
+//! delay) have the shape kept in [`v1`], and those written before claims
+//! of client ids were logged the shape kept in [`v2`]; each converts to
+//! this one.
 
 pub mod v1;
+pub mod v2;
 
 use std::sync::Arc;
 
@@ -30,6 +33,7 @@ use hashbrown::HashSet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::claims::{Claims, ClaimsImage};
 use crate::hasher::KeyHasher;
 use crate::locks::Locks;
 use crate::sets::Sets;
@@ -47,6 +51,8 @@ pub struct ShardImage {
     pub locks: LocksImage,
     /// Its distinct sets.
     pub sets: SetsImage,
+    /// The owners of its client ids.
+    pub claims: ClaimsImage,
 }
 
 /// A deadline and the order in which its timer was set: deadlines at the
@@ -260,6 +266,7 @@ impl Shard {
             now: self.now,
             locks: self.locks.image(),
             sets: self.sets.image(),
+            claims: self.claims.image(),
         }
     }
 
@@ -274,6 +281,7 @@ impl Shard {
         Ok(Shard {
             locks: Locks::from_image(hasher, config.limits, image.locks, &mut clients)?,
             sets: Sets::from_image(hasher, config.limits, image.sets, &mut clients)?,
+            claims: Claims::from_image(image.claims)?,
             answers: Vec::new(),
             now: image.now,
         })

@@ -33,6 +33,7 @@
 //! the simulation plants to prove its checker, compiled only with the
 //! `planted-bugs` feature).
 
+pub mod claims;
 pub mod hasher;
 pub mod image;
 pub mod locks;
@@ -47,6 +48,7 @@ use std::sync::Arc;
 use hasher::{KeyHasher, StableHasher};
 
 use crate::time::Tick;
+use claims::Claims;
 use deadbolt_proto::limits::Limits;
 use deadbolt_proto::{HeldLock, LockCounters, LockOp, Outcome, SetCounters, SetOp, SetSummary};
 use locks::{KeyView, Locks};
@@ -85,6 +87,15 @@ pub enum ShardOp {
     Lock(LockOp),
     /// An operation on a distinct set.
     Set(SetOp),
+    /// With authentication on, `principal` says `hello` with `client`:
+    /// the first principal to claim a client id owns it (see [`claims`]).
+    /// Not a wire op: the session makes it from a `hello`.
+    Claim {
+        /// The client id claimed.
+        client: String,
+        /// The name of the principal that claims it.
+        principal: String,
+    },
 }
 
 impl ShardOp {
@@ -93,6 +104,7 @@ impl ShardOp {
         match self {
             ShardOp::Lock(op) => op.key(),
             ShardOp::Set(op) => op.set(),
+            ShardOp::Claim { client, .. } => client,
         }
     }
 }
@@ -232,6 +244,8 @@ pub struct Snapshot {
 pub struct Shard {
     locks: Locks,
     sets: Sets,
+    /// The owners of the client ids placed on this shard.
+    claims: Claims,
     /// Answers not yet taken by the driver.
     answers: Vec<Answer>,
     /// The latest command time seen; time never runs backwards inside the
@@ -246,6 +260,7 @@ impl Shard {
         Shard {
             locks: Locks::new(hasher, config.first_token, config.limits),
             sets: Sets::new(hasher, config.limits),
+            claims: Claims::default(),
             answers: Vec::new(),
             now: Tick::ZERO,
         }
@@ -268,6 +283,14 @@ impl Shard {
                 op: ShardOp::Set(op),
             } => {
                 let outcome = self.sets.handle(now, &caller.client, op);
+                self.answers.push(Answer { handle, outcome });
+            }
+            Input::Op {
+                handle,
+                op: ShardOp::Claim { client, principal },
+                ..
+            } => {
+                let outcome = self.claims.claim(&client, &principal);
                 self.answers.push(Answer { handle, outcome });
             }
             Input::Cancel { handle, key } => self.locks.cancel(now, handle, &key),
@@ -365,7 +388,14 @@ impl Shard {
         digest.u64(self.now.0);
         self.locks.digest(&mut digest);
         self.sets.digest(&mut digest);
+        self.claims.digest(&mut digest);
         digest.finish()
+    }
+
+    /// The principal that owns `client`, if it is placed on this shard and
+    /// owned.
+    pub fn owner(&self, client: &str) -> Option<&str> {
+        self.claims.owner(client)
     }
 
     /// Every key with lock state, in key order, as a checker outside the

@@ -3,15 +3,16 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use common::{Driver, config, token_for};
-use deadbolt_proto::SetCounters;
-use deadbolt_state::Shard;
+use deadbolt_proto::{ErrorCode, Okay, Outcome, SetCounters};
 use deadbolt_state::image::{
     Deadline, ImageError, LocksImage, MemberImage, SetImage, SetsImage, ShardImage,
 };
 use deadbolt_state::time::Tick;
+use deadbolt_state::{Caller, Handle, Input, Shard, ShardOp};
 
 /// An image through JSON and back, restored under `hash_seed`.
 fn restore(image: &ShardImage, hash_seed: u64) -> Shard {
@@ -269,6 +270,7 @@ fn large_set_image(count: u64) -> ShardImage {
             counters: SetCounters::default(),
             sets: vec![set],
         },
+        claims: empty.claims,
     }
 }
 
@@ -339,4 +341,65 @@ fn a_lease_moved_back_to_a_tick_ends_in_the_order_of_its_last_setting() {
     }
     assert_eq!(answers_at_30[0], answers_at_30[1]);
     assert_eq!(original.shard.digest(), restored.shard.digest());
+}
+
+/// `principal` claims `client` through the shard, as a session's `hello`
+/// does with authentication on.
+fn claim(driver: &mut Driver, client: &str, principal: &str) -> Outcome {
+    let handle = Handle(driver.next_handle);
+    driver.next_handle += 1;
+    let caller = Caller {
+        client: Arc::from("anonymous"),
+        conn: 1,
+    };
+    let op = ShardOp::Claim {
+        client: client.to_owned(),
+        principal: principal.to_owned(),
+    };
+    let mut answers = driver.apply(Input::Op { handle, caller, op });
+    assert_eq!(answers.len(), 1, "one answer to a claim");
+    answers.remove(0).outcome
+}
+
+#[test]
+fn a_client_id_belongs_to_its_first_claimer_and_survives_an_image() {
+    let mut driver = busy_shard();
+    assert_eq!(claim(&mut driver, "worker-1", "alice"), Ok(Okay::EMPTY));
+    assert_eq!(claim(&mut driver, "worker-1", "alice"), Ok(Okay::EMPTY));
+    let refused = claim(&mut driver, "worker-1", "bob").expect_err("owned by another");
+    assert_eq!(refused.code, ErrorCode::Unauthorized);
+    assert_eq!(claim(&mut driver, "worker-2", "bob"), Ok(Okay::EMPTY));
+
+    let image = driver.shard.image();
+    assert_eq!(image.claims.claims.len(), 2);
+    let json = serde_json::to_string(&image).expect("encodes");
+    let read: ShardImage = serde_json::from_str(&json).expect("decodes");
+    let restored = restore(&read, 99);
+    assert_eq!(restored.digest(), driver.shard.digest());
+    assert_eq!(restored.image(), image);
+    let mut restored = driver.like(restored);
+    let refused = claim(&mut restored, "worker-1", "bob").expect_err("owned by another");
+    assert_eq!(refused.code, ErrorCode::Unauthorized);
+    assert_eq!(claim(&mut restored, "worker-1", "alice"), Ok(Okay::EMPTY));
+    assert_eq!(claim(&mut restored, "worker-2", "bob"), Ok(Okay::EMPTY));
+}
+
+#[test]
+fn a_corrupt_claim_table_is_an_error() {
+    let mut driver = busy_shard();
+    claim(&mut driver, "worker-1", "alice").expect("a free id");
+    claim(&mut driver, "worker-2", "alice").expect("a free id");
+    let image = driver.shard.image();
+    let refused = |change: fn(&mut ShardImage), expected: &dyn Fn(&ImageError) -> bool| {
+        let mut image = image.clone();
+        change(&mut image);
+        let error = Shard::from_image(config(1), image).expect_err("a corrupt image");
+        assert!(expected(&error), "unexpected: {error}");
+    };
+    refused(
+        |i| i.claims.claims[1].client = "worker-1".into(),
+        &duplicate("claimed client ids"),
+    );
+    refused(|i| i.claims.claims[1].order = 0, &duplicate("claims"));
+    refused(|i| i.claims.next = 0, &not_issued("claim"));
 }

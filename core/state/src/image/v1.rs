@@ -72,6 +72,7 @@ impl From<ShardImage> for super::ShardImage {
             now: old.now,
             locks: old.locks.into(),
             sets: old.sets,
+            claims: Default::default(),
         }
     }
 }
