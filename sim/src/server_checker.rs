@@ -514,10 +514,19 @@ impl ShardHistory {
             Ok(Okay::Granted(granted)) => {
                 let re_lock = self.grants.contains_key(&granted.token);
                 if re_lock {
-                    // Restarted at the tick the holder's grant was made in
-                    // this command (a queued re-lock answered with it), or now.
-                    let at = step.granted_now.get(&granted.token).copied();
-                    let at = at.unwrap_or(step.now);
+                    // A re-lock asked by this very command restarts the
+                    // lease now, even when the holder's grant was handed on
+                    // earlier in the command (at a lease's end the command
+                    // applied late: seed 9860, a waiter of a client's old
+                    // connection granted at the deadline, then the same
+                    // client's new request). A queued re-lock answered with
+                    // the grant restarts it at that grant's tick.
+                    let queued_with_grant = step.granted_now.get(&granted.token).copied();
+                    let at = if step.asked == Some(answer.handle) {
+                        step.now
+                    } else {
+                        queued_with_grant.unwrap_or(step.now)
+                    };
                     if let Some(grant) = self.grants.get_mut(&granted.token) {
                         grant.expected = at.plus_millis(granted.ttl_ms);
                     }
@@ -983,6 +992,31 @@ mod tests {
             .iter()
             .map(Violation::kind)
             .collect()
+    }
+
+    #[test]
+    fn a_re_lock_asked_in_a_late_command_restarts_the_lease_at_the_command() {
+        // Seed 9860: 1 holds "k" until 10 ms; client c2 waits on its first
+        // connection. A command late at 50 ms (a full disk held the log)
+        // hands "k" to that waiter at 10 ms, then applies c2's new request
+        // from another connection: a re-lock, same token, lease from 50 ms.
+        let mut relock = lock(50, 3, 100);
+        if let Input::Op { caller, .. } = &mut relock.input {
+            caller.client = Arc::from("c2");
+        }
+        let log = [lock(0, 1, 10), lock(1, 2, 100), relock];
+        let mut shard = Shard::new(config());
+        for command in &log {
+            shard.apply(command.clone());
+        }
+        let holders = &views_by_key(shard.lock_views())["k"].holders;
+        assert_eq!(
+            holders[0].deadline,
+            Tick::from_millis(150),
+            "restarted at 50 ms"
+        );
+        let late = BTreeSet::from([2]);
+        assert_eq!(kinds_excusing(&log, &late), Vec::<&str>::new());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use deadbolt_core::EngineConfig;
 use deadbolt_core::client::LockOptions;
 use deadbolt_core::proto::{ErrorCode, Inserted, Keys, Okay, Op, SetOp};
+use deadbolt_sim::scenario::SET;
 use deadbolt_sim::script::{
     Log, SCRIPT_SHARDS, SERVER, add_server, connect, connect_as, step_until, world,
 };
@@ -304,6 +305,64 @@ fn a_server_crash_keeps_a_held_lock_with_its_lease_and_an_insert_and_drops_waite
     let unlocked = log.when("holder unlocked").expect("the holder unlocked");
     let waited = log.when("waiter granted").expect("the waiter asked again");
     assert!(waited >= unlocked, "{}", log.dump());
+    assert_invariants_kept(&trace, &log);
+    Ok(())
+}
+
+#[test]
+fn the_set_renewer_keeps_a_short_lived_set_alive_across_a_server_crash() -> turmoil::Result {
+    // Seed 5850: a renewal that met the server down retried with a connect
+    // that waited out its 5 s timeout, long after the restart, and the set
+    // ran out meanwhile. The simulation's renewer must reach the restarted
+    // server in time: the set, with its member, outlives the crash.
+    const TTL_MS: u64 = 1_000;
+    let mut sim = world(5);
+    let trace = Arc::new(Trace::default());
+    add_server(&mut sim, &trace);
+    let log = Log::default();
+    sim.host("renewer", || async {
+        tokio::time::sleep(ms(100)).await;
+        deadbolt_sim::world::renew_set(Arc::new(vec![SERVER.to_owned()]), TTL_MS).await;
+        Ok(())
+    });
+    let worker_log = log.clone();
+    sim.client("worker", async move {
+        let client = connect_as("worker").await?;
+        client.set(SET).set_up(ms(TTL_MS)).await?;
+        client.set(SET).insert("r1").await?;
+        worker_log.note("inserted");
+        // Well after the restart, past the set's lifetime as it stood at
+        // the crash, and past a connect timeout begun during the outage.
+        tokio::time::sleep(ms(7_000)).await;
+        let members = client.set(SET).members_page(0, 10).await;
+        let keys: Vec<String> = members.map_or_else(
+            |e| vec![format!("error {e}")],
+            |page| page.members.into_iter().map(|m| m.key).collect(),
+        );
+        worker_log.note(format!("members {keys:?}"));
+        Ok(())
+    });
+
+    assert!(step_until(&mut sim, 5_000, || log
+        .when("inserted")
+        .is_some())?);
+    step_until(&mut sim, 800, || false)?;
+    let crashed = sim.elapsed().as_millis() as u64;
+    // The renewer's packets are lost while the server is down (a connect
+    // begun now hears nothing, as one begun just before a crash), and
+    // reach it again once it is back.
+    sim.partition("renewer", SERVER);
+    sim.crash(SERVER);
+    step_until(&mut sim, crashed + 2_000, || false)?;
+    sim.bounce(SERVER);
+    sim.repair("renewer", SERVER);
+    sim.run()?;
+
+    assert!(
+        log.when(r#"members ["r1"]"#).is_some(),
+        "the renewed set kept its member\n{}",
+        log.dump()
+    );
     assert_invariants_kept(&trace, &log);
     Ok(())
 }
