@@ -9,39 +9,18 @@ use std::time::Duration;
 use deadbolt_core::client::{Client, ClientOptions, HedgeOptions};
 use deadbolt_core::proto::{Acquire, LockOp, Okay, Op, Wait};
 use deadbolt_core::{Engine, EngineConfig};
-use deadbolt_transport_quic::{Identity, LossyRelay, QuicConfig, QuicConnector, Trust};
+use deadbolt_transport_quic::{LossyRelay, QuicConfig, QuicConnector, Trust};
 
-struct Server {
-    addr: SocketAddr,
-    ca: Vec<u8>,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
+mod support;
+
+use support::Server;
 
 async fn start() -> Server {
     let engine = Engine::start(EngineConfig {
         shards: 2,
         ..EngineConfig::new()
     });
-    let config = QuicConfig::default();
-    let (identity, cert_pem, _) = Identity::self_signed().expect("certificate");
-    let server_config = deadbolt_transport_quic::server_config(identity, &config).expect("config");
-    let endpoint =
-        quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr")).expect("bind");
-    let addr = endpoint.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(deadbolt_transport_quic::serve(
-        endpoint,
-        engine,
-        config,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    Server {
-        addr,
-        ca: cert_pem.into_bytes(),
-        _stop: stop,
-    }
+    support::serve(engine, QuicConfig::default())
 }
 
 /// A client of `server` sending to `to` (the server, or a relay to it).

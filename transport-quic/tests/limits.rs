@@ -7,13 +7,11 @@ use std::time::Duration;
 
 use deadbolt_core::client::{Client, ClientOptions, LockOptions};
 use deadbolt_core::{Engine, EngineConfig, Limits};
-use deadbolt_transport_quic::{Identity, LossyRelay, QuicConfig, QuicConnector, Trust};
+use deadbolt_transport_quic::{LossyRelay, QuicConfig, QuicConnector, Trust};
 
-struct Server {
-    addr: SocketAddr,
-    ca: Vec<u8>,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
+mod support;
+
+use support::Server;
 
 async fn start(config: QuicConfig, limits: Limits) -> Server {
     let engine = Engine::start(EngineConfig {
@@ -21,25 +19,7 @@ async fn start(config: QuicConfig, limits: Limits) -> Server {
         limits,
         ..EngineConfig::new()
     });
-    let (identity, cert_pem, _) = Identity::self_signed().expect("certificate");
-    let server_config = deadbolt_transport_quic::server_config(identity, &config).expect("config");
-    let endpoint =
-        quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr")).expect("bind");
-    let addr = endpoint.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(deadbolt_transport_quic::serve(
-        endpoint,
-        engine,
-        config,
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    Server {
-        addr,
-        ca: cert_pem.into_bytes(),
-        _stop: stop,
-    }
+    support::serve(engine, config)
 }
 
 fn connector(server: &Server, to: SocketAddr, config: &QuicConfig) -> QuicConnector {
