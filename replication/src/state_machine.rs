@@ -378,42 +378,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 #[cfg(test)]
 mod tests {
-    use deadbolt_core::shard::image::{Deadline, SetsImage, v1, v2};
+    use deadbolt_core::shard::image::{v1, v2};
 
     use super::*;
 
     fn old_image() -> v1::ShardImage {
-        let holder = v1::HolderImage {
-            client: "c".into(),
-            conn: 1,
-            token: 3,
-            deadline: Deadline {
-                at: Tick(9_000),
-                seq: 0,
-            },
-            ephemeral: false,
-            granted_by: None,
-        };
-        v1::ShardImage {
-            now: Tick(5_000),
-            locks: v1::LocksImage {
-                next_token: 10,
-                next_waiter: 0,
-                timers_pushed: 1,
-                counters: Default::default(),
-                keys: vec![v1::KeyImage {
-                    key: "k".into(),
-                    holders: vec![holder],
-                    waiters: Vec::new(),
-                }],
-            },
-            sets: SetsImage {
-                next_set: 0,
-                timers_pushed: 0,
-                counters: Default::default(),
-                sets: Vec::new(),
-            },
-        }
+        v1::ShardImage::sample_with_one_holder()
     }
 
     #[test]

@@ -116,7 +116,6 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, ShardImage), CodecError> 
 
 #[cfg(test)]
 mod tests {
-    use deadbolt_core::shard::image::{Deadline, SetsImage};
     use deadbolt_core::shard::{Shard, ShardConfig};
     use deadbolt_core::time::Tick;
 
@@ -124,37 +123,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_from_before_lock_modes_reads_as_mutexes() {
-        let holder = v1::HolderImage {
-            client: "c".into(),
-            conn: 1,
-            token: 3,
-            deadline: Deadline {
-                at: Tick(9_000),
-                seq: 0,
-            },
-            ephemeral: false,
-            granted_by: None,
-        };
-        let old = v1::ShardImage {
-            now: Tick(5_000),
-            locks: v1::LocksImage {
-                next_token: 10,
-                next_waiter: 0,
-                timers_pushed: 1,
-                counters: Default::default(),
-                keys: vec![v1::KeyImage {
-                    key: "k".into(),
-                    holders: vec![holder],
-                    waiters: Vec::new(),
-                }],
-            },
-            sets: SetsImage {
-                next_set: 0,
-                timers_pushed: 0,
-                counters: Default::default(),
-                sets: Vec::new(),
-            },
-        };
+        let old = v1::ShardImage::sample_with_one_holder();
         let header = SnapshotHeader {
             shard: 0,
             shards: 1,

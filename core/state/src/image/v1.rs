@@ -132,3 +132,43 @@ impl From<WaiterImage> for super::WaiterImage {
         }
     }
 }
+
+impl ShardImage {
+    /// A small image of this format: at tick 5,000, key `k` held by client
+    /// `c` with token 3 until tick 9,000, no sets. The crates that store
+    /// images (storage, replication) use it to test that their old files
+    /// still read, so each of them does not keep its own copy.
+    pub fn sample_with_one_holder() -> ShardImage {
+        let holder = HolderImage {
+            client: "c".into(),
+            conn: 1,
+            token: 3,
+            deadline: Deadline {
+                at: Tick(9_000),
+                seq: 0,
+            },
+            ephemeral: false,
+            granted_by: None,
+        };
+        ShardImage {
+            now: Tick(5_000),
+            locks: LocksImage {
+                next_token: 10,
+                next_waiter: 0,
+                timers_pushed: 1,
+                counters: Default::default(),
+                keys: vec![KeyImage {
+                    key: "k".into(),
+                    holders: vec![holder],
+                    waiters: Vec::new(),
+                }],
+            },
+            sets: SetsImage {
+                next_set: 0,
+                timers_pushed: 0,
+                counters: Default::default(),
+                sets: Vec::new(),
+            },
+        }
+    }
+}
