@@ -5,7 +5,8 @@
 //! not a test: it prints one markdown table and asserts nothing.
 //!
 //! Each reader loops: lock shared, hold, unlock, think; the writer loops:
-//! lock exclusive, hold, unlock, think. Every lock waits as long as it
+//! lock exclusive, hold, unlock, think (the pauses are the hand-off
+//! scenario's, a thread's sleep rather than tokio's 1 ms timer). Every lock waits as long as it
 //! takes (deadbolt: on the server, first come first served across modes;
 //! Redis: Redisson's pub/sub wait, which lets readers in while a writer
 //! waits). A wait still open when the run ends counts with its length so
@@ -20,6 +21,7 @@ use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
 use crate::procs;
+use crate::scenarios::pause;
 use crate::systems::deadbolt::{Deadbolt, Frontend};
 use crate::systems::redis::Redis;
 use crate::systems::redisson::{Access, RwClient};
@@ -269,9 +271,9 @@ async fn client_loop(
         };
         waits.record(micros(asked.elapsed()))?;
         grants += 1;
-        tokio::time::sleep(hold).await;
+        pause(hold).await?;
         conn.unlock(access, token).await?;
-        tokio::time::sleep(think).await;
+        pause(think).await?;
     }
     Ok((waits, grants))
 }
