@@ -18,7 +18,8 @@
 //!    its deadline (the shard must wake up for it).
 //! 3. Lease lengths: every live grant's lease ends exactly `ttl_ms` after
 //!    its grant, its last re-lock or its last extend (a waiter granted when
-//!    a lease runs out is granted at that lease's deadline), and no lease
+//!    places free up is granted when its own place freed: a late command
+//!    lets each waiter in at its moment, `admission.rs`), and no lease
 //!    ends before that without an unlock, its requester gone, or (for an
 //!    ephemeral lock) its connection closed.
 //! 4. `timeout` is answered at or after the request's `wait_ms`, and within
