@@ -5,11 +5,14 @@
 //! requesters that give up mid-wait, undeliverable grants, closed
 //! connections and expiries.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadbolt_core::engine::{Append, InvariantAlarm, Journal};
-use deadbolt_core::proto::{Acquire, Keys, LockOp, Mode, Op, Request, SetOp, Wait};
+use deadbolt_core::proto::{
+    Acquire, Granted, Keys, LockOp, Mode, Okay, Op, Request, ServerError, SetOp, Wait,
+};
 use deadbolt_core::shard::{Command, Input, Shard, ShardConfig};
 use deadbolt_core::{Engine, EngineConfig, Session};
 
@@ -192,4 +195,95 @@ fn count_kinds(logs: &[Vec<Command>]) -> [usize; 4] {
         kinds[kind] += 1;
     }
     kinds
+}
+
+/// A journal on a disk that may be full: while it is, every batch is
+/// refused (kept nowhere); otherwise batches are kept in order.
+#[derive(Default)]
+struct FillingDisk {
+    full: AtomicBool,
+    kept: Mutex<Vec<Command>>,
+}
+
+impl Journal for FillingDisk {
+    fn append(&self, _shard: usize, _number: u64, commands: &[Command]) -> Append {
+        if self.full.load(Ordering::SeqCst) {
+            let refused = Err(ServerError::unavailable("the disk is full"));
+            return Box::pin(std::future::ready(refused));
+        }
+        self.kept.lock().expect("disk").extend_from_slice(commands);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+fn lock_k(ttl_ms: u64) -> Op {
+    Op::Lock(LockOp::Acquire(Acquire {
+        key: "k".into(),
+        ttl_ms,
+        wait: Wait::Forever,
+        ephemeral: false,
+        mode: Mode::MUTEX,
+        lock_delay_ms: 0,
+    }))
+}
+
+async fn granted_token(session: &Session, id: u64, op: Op) -> u64 {
+    match session.execute(Request { id, op }).await.outcome {
+        Ok(Okay::Granted(Granted { token, .. })) => token,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+/// SPEC section 2: a waiter whose requester has gone leaves the queue and is
+/// never granted; section 8: a full disk changes nothing. The notice that
+/// the requester left reaches the shard while the disk is full, so its
+/// batch is refused and the notice is logged again later. It must still
+/// take effect at the time it came, ahead of the lease that ran out after
+/// it and of every command that came after it (simulation seed 4753 of
+/// 10,000: such a waiter was granted by the first command after the disk
+/// had room again, then released by the notice logged behind it).
+#[tokio::test(start_paused = true)]
+async fn a_requester_that_left_while_the_disk_was_full_is_never_granted_after() {
+    let disk = Arc::new(FillingDisk::default());
+    let engine = Engine::start(EngineConfig {
+        shards: 1,
+        journal: Some(disk.clone()),
+        ..EngineConfig::new()
+    });
+    let holder = engine.session();
+    let first = granted_token(&holder, 1, lock_k(300)).await;
+    let waiter = engine.session();
+    let waiting = tokio::spawn(async move {
+        let _ = waiter
+            .execute(Request {
+                id: 1,
+                op: lock_k(1_000),
+            })
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    disk.full.store(true, Ordering::SeqCst);
+    // The waiter gives up at 50 ms; the holder's lease runs out at 300 ms.
+    waiting.abort();
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    disk.full.store(false, Ordering::SeqCst);
+
+    let next = engine.session();
+    let token = granted_token(&next, 1, lock_k(1_000)).await;
+    assert_eq!(
+        token,
+        first + 1,
+        "the key's next grant is the new request's: the waiter that left was never granted"
+    );
+    engine.shutdown().await;
+    let kept = disk.kept.lock().expect("disk");
+    let gone = kept
+        .iter()
+        .position(|c| matches!(c.input, Input::RequesterGone { .. }))
+        .expect("the notice was logged once the disk had room");
+    assert_eq!(
+        kept[gone].at.0, 50_000,
+        "stamped when it came, not when it was logged"
+    );
 }

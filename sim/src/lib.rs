@@ -60,6 +60,7 @@
 //! - [`net`]: simulated sockets under the real transports;
 //! - [`summary`]: many seeds, and the table of what they did.
 
+mod admission;
 pub mod checker;
 pub mod cluster;
 pub mod disk;

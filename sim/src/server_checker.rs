@@ -18,7 +18,8 @@
 //!    its deadline (the shard must wake up for it).
 //! 3. Lease lengths: every live grant's lease ends exactly `ttl_ms` after
 //!    its grant, its last re-lock or its last extend (a waiter granted when
-//!    a lease runs out is granted at that lease's deadline), and no lease
+//!    places free up is granted when its own place freed: a late command
+//!    lets each waiter in at its moment, `admission.rs`), and no lease
 //!    ends before that without an unlock, its requester gone, or (for an
 //!    ephemeral lock) its connection closed.
 //! 4. `timeout` is answered at or after the request's `wait_ms`, and within
@@ -66,6 +67,7 @@ use deadbolt_core::shard::sets::SetView;
 use deadbolt_core::shard::{Answer, Command, ConnId, Handle, Input, Shard, ShardConfig, ShardOp};
 use deadbolt_core::time::Tick;
 
+use crate::admission::{Admission, NewGrant};
 use crate::checker::Violation;
 
 /// The contract's bound on a hand-off after a lease's end (SPEC section
@@ -102,6 +104,7 @@ struct Request {
     asked: Tick,
     wait: Wait,
     ephemeral: bool,
+    lock_delay_ms: u64,
 }
 
 /// A grant, from its answer on.
@@ -384,24 +387,19 @@ impl ShardHistory {
         late_ok: bool,
     ) {
         let (asked, enders) = self.read_input(&command.input, now);
-        // Per key, when its place was freed for a waiter: at the deadline
-        // of a lease that ran out during this command (or the end of the
-        // lock delay it started), or of a wait that ran out ahead of the
-        // waiters behind it; never before a lock delay from before ends;
-        // else now.
-        let mut freed_at: BTreeMap<String, Tick> = BTreeMap::new();
-        for (key, view) in before {
-            if let Some(freed) = freed_in(view, after, key, now) {
-                freed_at.insert(key.clone(), freed);
-            }
-        }
+        // Per key, when the command let each waiter in: a late command
+        // applies the deadlines that passed, in order, before its own work.
+        let admissions = before
+            .iter()
+            .map(|(key, view)| (key.clone(), Admission::new(view, after.get(key), now)))
+            .collect();
         let mut step = Step {
             input: &command.input,
             asked,
             now,
             enders,
             late_ok,
-            freed_at,
+            admissions,
             granted_now: BTreeMap::new(),
             new_grants: Vec::new(),
         };
@@ -483,6 +481,7 @@ impl ShardHistory {
                         asked: now,
                         wait: acquire.wait,
                         ephemeral: acquire.ephemeral,
+                        lock_delay_ms: acquire.lock_delay_ms,
                     },
                 );
                 asked = Some(*handle);
@@ -530,27 +529,27 @@ impl ShardHistory {
                     if let Some(grant) = self.grants.get_mut(&granted.token) {
                         grant.expected = at.plus_millis(granted.ttl_ms);
                     }
+                    if let Some(admission) = step.admissions.get_mut(&request.key) {
+                        admission.answered(answer.handle, at);
+                    }
                     return;
                 }
+                let grant = NewGrant {
+                    handle: answer.handle,
+                    ttl_ms: granted.ttl_ms,
+                    lock_delay_ms: request.lock_delay_ms,
+                    held_after: holds(after, &request.key, granted.token),
+                };
+                let let_in = step
+                    .admissions
+                    .get_mut(&request.key)
+                    .and_then(|admission| admission.let_in(grant));
                 let at = if step.asked == Some(answer.handle) {
                     step.now
                 } else {
-                    step.freed_at.get(&request.key).copied().unwrap_or(step.now)
+                    let_in.unwrap_or(step.now)
                 };
                 let expected = at.plus_millis(granted.ttl_ms);
-                // If a later grant of the key comes in this command, this
-                // one ended first: by running out (its place freed at its
-                // lease's end), or by what the command itself did (now).
-                let ran_out = !holds(after, &request.key, granted.token) && expected <= step.now;
-                let next_at = if ran_out { expected } else { step.now };
-                // A key of several holders (shared, or a semaphore) hands
-                // out its free places together, at the same tick.
-                let several = after
-                    .get(&request.key)
-                    .is_some_and(|v| v.limit > 1 || v.holders.iter().any(|h| h.shared));
-                if !several {
-                    step.freed_at.insert(request.key.clone(), next_at);
-                }
                 step.granted_now.insert(granted.token, at);
                 step.new_grants
                     .push((request.key.clone(), granted.token, granted.ttl_ms));
@@ -826,65 +825,12 @@ struct Step<'a> {
     /// Whether it may apply deadlines late (a restart, or the first
     /// command after a refused batch).
     late_ok: bool,
-    /// Per key, when its place was freed for the next waiter.
-    freed_at: BTreeMap<String, Tick>,
+    /// Per key, the waiters this command let in, and when.
+    admissions: BTreeMap<String, Admission>,
     /// Tokens granted in this command, with the tick of their grant.
     granted_now: BTreeMap<u64, Tick>,
     /// The new grants of this command: key, token and lease.
     new_grants: Vec<(String, u64, u64)>,
-}
-
-/// When, in the command that took the shard to `now`, a place of `key`
-/// (`view` before it) was first freed for a waiter: the earliest end of a
-/// lease that ran out, or (behind shared holders) of a wait, that no lock
-/// delay covers, else the end of the delay that covers it; or the end of
-/// a delay from before; `None` if nothing freed it.
-fn freed_in(
-    view: &KeyView,
-    after: &BTreeMap<String, KeyView>,
-    key: &str,
-    now: Tick,
-) -> Option<Tick> {
-    let ran_out: Vec<&HolderView> = view
-        .holders
-        .iter()
-        .filter(|h| h.deadline <= now && !holds(after, key, h.token))
-        .collect();
-    // Nobody is granted the key inside these.
-    let mut delays: Vec<(Tick, Tick)> = view
-        .delayed_until
-        .map(|until| (Tick::ZERO, until))
-        .into_iter()
-        .collect();
-    delays.extend(
-        ran_out
-            .iter()
-            .filter(|h| h.lock_delay_ms > 0)
-            .map(|h| (h.deadline, h.deadline.plus_millis(h.lock_delay_ms))),
-    );
-    let out_of_delays = |mut t: Tick| {
-        while let Some(&(_, until)) = delays.iter().find(|&&(from, until)| from <= t && t < until) {
-            t = until;
-        }
-        t
-    };
-    // Only behind shared holders does a waiter that leaves let others in
-    // (the shared ones behind an exclusive one).
-    let behind_shared = view.holders.first().is_some_and(|h| h.shared);
-    let waited_out = view
-        .waiters
-        .iter()
-        .filter_map(|w| w.deadline)
-        .filter(|&d| behind_shared && d <= now);
-    let delay_ended = view.delayed_until.filter(|&d| d <= now);
-    ran_out
-        .iter()
-        .map(|h| h.deadline)
-        .chain(waited_out)
-        .chain(delay_ended)
-        .map(out_of_delays)
-        .filter(|&t| t <= now)
-        .min()
 }
 
 /// Whether `key` is held with `token` in `views`.
@@ -1083,6 +1029,97 @@ mod tests {
             at_ms(300, Input::Tick),
         ];
         assert_eq!(kinds(&log), Vec::<&str>::new());
+    }
+
+    /// `unlock` of `token` on "k", with request handle `n`.
+    fn unlock(ms: u64, n: u64, token: u64) -> Command {
+        let caller = Caller {
+            client: Arc::from(format!("c{n}")),
+            conn: n,
+        };
+        let op = ShardOp::Lock(LockOp::Release {
+            key: "k".into(),
+            token,
+        });
+        at_ms(
+            ms,
+            Input::Op {
+                handle: Handle(n),
+                caller,
+                op,
+            },
+        )
+    }
+
+    /// `command`, a lock request, waiting at most `wait_ms`.
+    fn waiting_up_to(mut command: Command, wait_ms: u64) -> Command {
+        if let Input::Op {
+            op: ShardOp::Lock(LockOp::Acquire(acquire)),
+            ..
+        } = &mut command.input
+        {
+            acquire.wait = Wait::UpTo(wait_ms);
+        }
+        command
+    }
+
+    #[test]
+    fn a_late_command_lets_each_waiter_of_a_semaphore_in_when_its_own_place_frees() {
+        // Seed 5742 of 10,000: two places, whose leases end at 100 and 150
+        // ms; two waiters. A command late at 300 ms (after a full disk)
+        // lets the first in at 100 ms and the second at 150 ms, each lease
+        // measured from there (not both from the first place's end).
+        let two = Mode::Exclusive { limit: 2 };
+        let log = [
+            lock_as(0, 1, 100, two, 0),
+            lock_as(0, 2, 150, two, 0),
+            waiting_up_to(lock_as(1, 3, 500, two, 0), 1_000),
+            waiting_up_to(lock_as(2, 4, 500, two, 0), 1_000),
+            at_ms(300, Input::Tick),
+            at_ms(700, Input::Tick),
+        ];
+        let late = BTreeSet::from([4]);
+        assert_eq!(kinds_excusing(&log, &late), Vec::<&str>::new());
+        let _planted = planted::plant(Some(PlantedBug::LeaseFromRequest));
+        assert!(kinds_excusing(&log, &late).contains(&"server: lease length"));
+    }
+
+    #[test]
+    fn a_late_command_lets_a_place_freed_by_its_own_unlock_go_at_its_own_time() {
+        // Seed 4753: of two places, one runs out at 100 ms and the other is
+        // unlocked by the command late at 300 ms: the first waiter is let
+        // in at 100 ms, the second at 300 ms.
+        let two = Mode::Exclusive { limit: 2 };
+        let log = [
+            lock_as(0, 1, 100, two, 0),
+            lock_as(0, 2, 1_000, two, 0),
+            lock_as(1, 3, 500, two, 0),
+            lock_as(2, 4, 500, two, 0),
+            unlock(300, 5, 2),
+            at_ms(900, Input::Tick),
+        ];
+        assert_eq!(
+            kinds_excusing(&log, &BTreeSet::from([4])),
+            Vec::<&str>::new()
+        );
+    }
+
+    #[test]
+    fn a_late_command_lets_a_writer_in_only_when_the_last_reader_leaves() {
+        // Seed 6065: two readers whose leases end at 100 and 150 ms, and a
+        // writer waiting; a command late at 300 ms lets the writer in at
+        // 150 ms, when the last reader's lease ran out.
+        let log = [
+            lock_as(0, 1, 100, Mode::Shared, 0),
+            lock_as(0, 2, 150, Mode::Shared, 0),
+            lock_as(1, 3, 500, Mode::MUTEX, 0),
+            at_ms(300, Input::Tick),
+            at_ms(700, Input::Tick),
+        ];
+        assert_eq!(
+            kinds_excusing(&log, &BTreeSet::from([3])),
+            Vec::<&str>::new()
+        );
     }
 
     #[test]

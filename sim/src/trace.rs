@@ -50,8 +50,8 @@ struct Recorded {
     /// written as the power failed, before their sync was over.
     unobserved: usize,
     /// Per shard, the positions in `commands` of the first command kept
-    /// after the log refused a batch (the disk was full): it may apply
-    /// deadlines late.
+    /// after the log refused a batch (the disk was full): it, and the rest
+    /// of its batch, may apply deadlines late.
     after_refusal: Vec<BTreeSet<usize>>,
     /// The number of the last record seen.
     last_lsn: u64,
@@ -61,6 +61,26 @@ struct Recorded {
     stopped: Vec<Option<u64>>,
     /// Invariants found broken, with the shard.
     broken: Vec<(usize, String)>,
+}
+
+/// The positions of every command in the batches that start at `firsts`
+/// (`batches`: each batch's record number and the end of its commands).
+/// The first batch kept after a refusal starts with the notices the
+/// refused ones held, at the times they came (the shard applies them
+/// then), and goes on with what came while the disk was full: each of
+/// its commands may apply deadlines that passed while nothing could be
+/// logged.
+fn whole_batches(firsts: &BTreeSet<usize>, batches: &[(u64, usize)]) -> BTreeSet<usize> {
+    let mut positions = BTreeSet::new();
+    for &first in firsts {
+        let end = batches
+            .iter()
+            .map(|&(_, end)| end)
+            .find(|&end| end > first)
+            .unwrap_or(first + 1);
+        positions.extend(first..end);
+    }
+    positions
 }
 
 fn grow<T: Default>(per_shard: &mut Vec<T>, shard: usize) {
@@ -230,8 +250,10 @@ impl Trace {
         let mut violations = Vec::new();
         let none = BTreeSet::new();
         for (shard, log) in recorded.commands.iter().enumerate() {
-            let late_ok = recorded.after_refusal.get(shard).unwrap_or(&none);
-            let timing = Timing::for_sync_latency(self.sync_latency, late_ok);
+            let firsts = recorded.after_refusal.get(shard).unwrap_or(&none);
+            let batches = recorded.batches.get(shard).map_or(&[][..], Vec::as_slice);
+            let late_ok = whole_batches(firsts, batches);
+            let timing = Timing::for_sync_latency(self.sync_latency, &late_ok);
             let config = shard_config(config);
             violations.extend(server_checker::check(shard, log, config, timing));
         }

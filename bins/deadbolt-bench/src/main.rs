@@ -13,6 +13,8 @@
 //! etcd as shipped. Replicated rows: etcd with three members, and deadbolt
 //! with three nodes once `deadbolt serve` has `--cluster` (skipped until
 //! then), all processes of a cluster on the one server core.
+//! `deadbolt-bench shared` puts readers and one writer on one key, deadbolt's
+//! shared locks beside a Redisson-style Redis read-write lock.
 //! `deadbolt-bench transports` compares deadbolt's two transports and QUIC
 //! through a lossy relay; `deadbolt-bench loss` compares them under real
 //! kernel packet loss in a private network namespace; `deadbolt-bench
@@ -34,6 +36,7 @@ mod procs;
 mod report;
 mod restart;
 mod scenarios;
+mod shared;
 mod systems;
 mod transports;
 
@@ -77,6 +80,9 @@ enum Command {
     /// Issue 18's attacks, each beside a canary client: its latency and
     /// the server's peak memory.
     Abuse(abuse::Args),
+    /// Readers and one writer on one key: deadbolt's shared locks over
+    /// WebSocket and QUIC beside a Redisson-style Redis read-write lock.
+    Shared(shared::Args),
     /// The limit row's server: answers deadbolt's lock and unlock over
     /// WebSocket with no work per request (the comparison starts it).
     LimitServer(limit::Args),
@@ -296,6 +302,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Loss(args)) => loss::run(args, &runtime),
         Some(Command::Restart(args)) => runtime.block_on(restart::run(args)),
         Some(Command::Abuse(args)) => runtime.block_on(abuse::run(args)),
+        Some(Command::Shared(args)) => runtime.block_on(shared::run(args)),
         Some(Command::LimitServer(args)) => runtime.block_on(limit::serve(args)),
         None => runtime.block_on(compare(args.compare, harness_cores)),
     }

@@ -364,7 +364,7 @@ struct WorkerTally {
 /// is a thread's sleep on the blocking pool (a spinning task would instead
 /// hold up the harness's one worker thread, and the replies it reads).
 /// Every system is driven with the same pauses.
-async fn pause(d: Duration) -> anyhow::Result<()> {
+pub async fn pause(d: Duration) -> anyhow::Result<()> {
     if !d.is_zero() {
         tokio::task::spawn_blocking(move || std::thread::sleep(d)).await?;
     }

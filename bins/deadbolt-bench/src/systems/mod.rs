@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod memcached;
 pub mod postgres;
 pub mod redis;
+pub mod redisson;
 
 use std::fmt;
 use std::str::FromStr;

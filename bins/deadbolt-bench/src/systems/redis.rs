@@ -60,6 +60,14 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// A client of this server, for what the [`Conn`] interface does not
+    /// cover (the shared-lock benchmark's read-write locks).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+}
+
 /// The append-only file settings for `durability`. Redis fsyncs its AOF on
 /// every write (before replying) or once a second, nothing in between.
 fn aof_args(durability: Durability) -> anyhow::Result<Vec<&'static str>> {

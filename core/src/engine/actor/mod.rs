@@ -103,7 +103,8 @@ struct Actor {
     index: usize,
     /// Notices that a journal refused, to be logged again with the next
     /// batch: a closed connection or a gone requester must not be lost.
-    retry: Vec<Input>,
+    /// They keep the time they came at, so that they take effect then.
+    retry: Vec<Command>,
     /// After the journal refused a batch, the time before which the shard
     /// does not wake for a deadline or a retry (a full disk must not spin
     /// it).
@@ -511,7 +512,10 @@ impl Actor {
                     }
                 }
                 Input::Tick => {}
-                notice => self.retry.push(notice),
+                notice => self.retry.push(Command {
+                    at: command.at,
+                    input: notice,
+                }),
             }
         }
         self.quiet_until = Some(Instant::now() + RETRY_AFTER_REFUSAL);
@@ -520,19 +524,21 @@ impl Actor {
         self.stamped_through = self.shard.now();
     }
 
-    /// Puts the notices a journal refused before the new batch, stamped
-    /// now.
+    /// Puts the notices a journal refused before the new batch, at the
+    /// times they came: they came before anything in it, and a waiter
+    /// whose requester left while the disk was full must leave the queue
+    /// before a lease that ran out after that could be handed to it
+    /// (SPEC section 2: never granted). The notices wait out the quiet
+    /// time after a refusal only when they would go alone: retrying at
+    /// once against a full disk would spin, but a batch that goes anyway
+    /// must not pass them.
     fn restamp_retries(&mut self) {
-        // Not before the quiet time after a refusal: retrying at once
-        // against a full disk would spin.
         let quiet = self.quiet_until.is_some_and(|q| Instant::now() < q);
-        if self.retry.is_empty() || quiet {
+        if self.retry.is_empty() || (quiet && self.batch.is_empty()) {
             return;
         }
-        let at = self.clock.now();
-        let notices = self.retry.drain(..).map(|input| Command { at, input });
         let fresh = std::mem::take(&mut self.batch);
-        self.batch = notices.chain(fresh).collect();
+        self.batch = self.retry.drain(..).chain(fresh).collect();
     }
 
     /// Sends every answer to its requester. Returns the grants nobody
