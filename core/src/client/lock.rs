@@ -238,6 +238,7 @@ impl Client {
                 ephemeral: options.ephemeral,
                 mode: options.mode,
                 lock_delay_ms: millis(options.lock_delay),
+                notify: false,
             }))
         };
         self.call_adapting(make_op).await

@@ -17,11 +17,12 @@ use tokio::time::Instant;
 
 mod replicated;
 
+use super::events::{Listener, Listeners};
 use super::mailbox::Inbox;
 use super::replica::ActorReplica;
 use super::{Append, Clock, InvariantAlarm, Journal};
 use crate::proto::ServerError;
-use crate::proto::{Okay, Outcome};
+use crate::proto::{Okay, Outcome, RequestId, Watched};
 use crate::shard::hasher::KeyHasher;
 use crate::shard::{Answer, Caller, Command, ConnId, Handle, Input, Shard, ShardOp};
 use crate::shard::{Counters, Snapshot};
@@ -36,7 +37,18 @@ pub(crate) enum ShardMsg {
         caller: Caller,
         op: ShardOp,
         reply: oneshot::Sender<Outcome>,
+        /// For a `lock` with `notify`: who hears of the grant's lease and
+        /// end (see `events`).
+        notify: Option<Listener>,
     },
+    /// Start a `watch` (answered on `reply` once it is in place).
+    Watch {
+        target: Watched,
+        listener: Listener,
+        reply: oneshot::Sender<()>,
+    },
+    /// Stop the events of request `id` of connection `conn`.
+    Unwatch { conn: ConnId, id: RequestId },
     /// Cancel a waiting `lock` (the `cancel` op).
     Cancel { handle: Handle, key: String },
     /// A request's future was dropped before its answer.
@@ -79,6 +91,8 @@ pub(super) struct Pending {
     /// then undeliverable.
     reply: Option<oneshot::Sender<Outcome>>,
     lock_key: Option<String>,
+    /// A `lock` with `notify`: who listens to its grant.
+    notify: Option<Listener>,
 }
 
 /// A batch handed to the journal and not yet applied.
@@ -127,6 +141,10 @@ struct Actor {
     /// Every batch up to this number has been applied or refused.
     settled: u64,
     answers: Vec<Answer>,
+    /// Who listens to this shard's events (see `events`).
+    listeners: Listeners,
+    /// The shard's events, drained after each batch.
+    changes: Vec<crate::shard::events::Event>,
     /// In a replicated engine: leading or not, and the proposals.
     replication: Option<replicated::Replication>,
 }
@@ -156,6 +174,8 @@ pub(crate) async fn run(setup: ActorSetup, mailbox: Inbox) {
         stamped_through: Tick::ZERO,
         settled: 0,
         answers: Vec::new(),
+        listeners: Listeners::default(),
+        changes: Vec::new(),
         replication: None,
     };
     if let Some(replica) = setup.replica {
@@ -331,18 +351,34 @@ impl Actor {
                 caller,
                 op,
                 reply,
+                notify,
             } => {
                 let lock_key = match &op {
                     ShardOp::Lock(crate::proto::LockOp::Acquire(a)) => Some(a.key.clone()),
                     _ => None,
                 };
+                if notify.is_some() {
+                    self.shard.enable_events();
+                }
                 let reply = Some(reply);
-                self.pending.insert(handle, Pending { reply, lock_key });
+                let pending = Pending {
+                    reply,
+                    lock_key,
+                    notify,
+                };
+                self.pending.insert(handle, pending);
                 Input::Op { handle, caller, op }
+            }
+            ShardMsg::Watch { .. } | ShardMsg::Unwatch { .. } => {
+                self.listen(message);
+                return true;
             }
             ShardMsg::Cancel { handle, key } => Input::Cancel { handle, key },
             ShardMsg::Gone { handle, key } => Input::RequesterGone { handle, key },
-            ShardMsg::Closed { conn } => Input::ConnectionClosed { conn },
+            ShardMsg::Closed { conn } => {
+                self.listeners.remove(conn, None);
+                Input::ConnectionClosed { conn }
+            }
             ShardMsg::Stats { top, reply } => {
                 // The asker may have given up; nothing to do then.
                 let _ = reply.send((self.shard.counters(), self.shard.snapshot(top)));
@@ -535,8 +571,41 @@ impl Actor {
         self.batch = notices.chain(fresh).collect();
     }
 
-    /// Sends every answer to its requester. Returns the grants nobody
-    /// received, by handle and key.
+    /// Starts or stops a watch; the messages that change who listens to
+    /// this shard's events, not its state.
+    fn listen(&mut self, message: ShardMsg) {
+        match message {
+            ShardMsg::Watch {
+                target,
+                listener,
+                reply,
+            } => {
+                self.shard.enable_events();
+                match target {
+                    Watched::Key(key) => self.listeners.watch_key(key, listener),
+                    Watched::Set(set) => self.listeners.watch_set(set, listener),
+                }
+                // The watcher may have gone: its connection's close
+                // removes the listener.
+                let _ = reply.send(());
+            }
+            ShardMsg::Unwatch { conn, id } => self.listeners.remove(conn, Some(id)),
+            _ => {}
+        }
+    }
+
+    /// Tells the listeners of the events the shard reported.
+    fn dispatch_events(&mut self) {
+        self.shard.drain_events_into(&mut self.changes);
+        let clock = self.clock;
+        for change in self.changes.drain(..) {
+            self.listeners.dispatch(change, |at| clock.instant_of(at));
+        }
+    }
+
+    /// Sends every answer to its requester (a grant with `notify` gets its
+    /// listener first), then tells listeners of the batch's events.
+    /// Returns the grants nobody received, by handle and key.
     fn deliver(&mut self) -> Vec<(Handle, String)> {
         self.shard.drain_answers_into(&mut self.answers);
         let mut gone = Vec::new();
@@ -547,6 +616,12 @@ impl Actor {
                 debug_assert!(self.replication.is_some(), "answer to unknown {handle:?}");
                 continue;
             };
+            if let (Ok(Okay::Granted(g)), Some(listener), Some(key)) =
+                (&outcome, &pending.notify, &pending.lock_key)
+            {
+                let listener = listener.clone();
+                self.listeners.watch_grant(key.clone(), g.token, listener);
+            }
             let granted = matches!(outcome, Ok(Okay::Granted(_)));
             let delivered = pending
                 .reply
@@ -558,6 +633,7 @@ impl Actor {
                 gone.push((handle, key));
             }
         }
+        self.dispatch_events();
         gone
     }
 }
