@@ -144,7 +144,9 @@ mod tests {
         assert!(is_event(text.as_bytes()));
         assert_eq!(decode_event(text.as_bytes()).ok(), Some(lost));
         assert!(!is_event(br#"{"id":7,"ok":{"event":"x"}}"#));
-        assert!(!is_event(br#"{"id":null,"err":{"code":"bad_request","message":"x"}}"#));
+        assert!(!is_event(
+            br#"{"id":null,"err":{"code":"bad_request","message":"x"}}"#
+        ));
         let set = Event::about_set(3, EventName::TornDown, "s".into()).encode();
         assert_eq!(set, r#"{"id":3,"event":"torn_down","set":"s"}"#);
     }

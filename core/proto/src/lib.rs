@@ -56,6 +56,7 @@ pub mod secret;
 pub mod wire;
 
 pub use error::{ErrorCode, ServerError};
+pub use event::{Event, EventName, LostReason};
 pub use ops::{OP_NAMES, OpKind};
 pub use reply::HIDDEN_TOKEN;
 pub use reply::{
@@ -63,7 +64,6 @@ pub use reply::{
     LockCounters, LockInfo, Member, MembersPage, Okay, Outcome, SetCounters, SetInfo, SetSummary,
     SetUpReply, StatsReply, TornDown,
 };
-pub use event::{Event, EventName, LostReason};
 pub use request::{
     Acquire, Keys, LockOp, Mode, ModeName, Op, Request, RequestId, SetOp, Wait, Watched,
 };

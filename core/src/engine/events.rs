@@ -236,9 +236,7 @@ impl Events {
             };
             if !matches!(note, Note::Push(_)) {
                 // An event stays counted until written: see `Charge`.
-                self.shared
-                    .queued
-                    .fetch_sub(note.bytes(), Ordering::AcqRel);
+                self.shared.queued.fetch_sub(note.bytes(), Ordering::AcqRel);
             }
             if let Some(pushed) = self.take(note) {
                 return Some(pushed);

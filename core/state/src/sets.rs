@@ -352,7 +352,8 @@ impl Sets {
                 self.members -= set.len();
                 self.member_bytes -= set.packed.len();
                 self.counters.expired += 1;
-                self.events.set(&set.name, crate::events::SetChange::Expired);
+                self.events
+                    .set(&set.name, crate::events::SetChange::Expired);
             }
         }
         self.compact_timers();

@@ -547,9 +547,7 @@ impl Locks {
                 self.acquire(now, handle, caller, acquire);
                 None
             }
-            LockOp::Release { key, token } => {
-                Some(self.release(now, &key, token, &caller.client))
-            }
+            LockOp::Release { key, token } => Some(self.release(now, &key, token, &caller.client)),
             LockOp::Extend { key, token, ttl_ms } => Some(self.extend(now, &key, token, ttl_ms)),
             LockOp::Inspect { key } => Some(Ok(Okay::LockInfo(self.inspect(now, &key)))),
         };
@@ -593,7 +591,16 @@ impl Locks {
                     holder.lock_delay_ms = request.lock_delay_ms;
                     let kept = holder.deadline;
                     let key = &acquire.key;
-                    relock(holder, key, request.conn, ttl_ms, ephemeral, now, hash, books);
+                    relock(
+                        holder,
+                        key,
+                        request.conn,
+                        ttl_ms,
+                        ephemeral,
+                        now,
+                        hash,
+                        books,
+                    );
                     if planted::active(PlantedBug::RelockKeepsLease) {
                         // The timer at the kept deadline is still queued.
                         holder.deadline = kept;
@@ -637,7 +644,14 @@ impl Locks {
             .holders
             .iter()
             .any(|h| h.token == token && holders::same_client(&h.client, asker));
-        end_grant(entry, token, Ending::Unlocked { by_holder }, hash, now, books);
+        end_grant(
+            entry,
+            token,
+            Ending::Unlocked { by_holder },
+            hash,
+            now,
+            books,
+        );
         if entry.is_vacant() {
             books.key_bytes -= occupied.remove().0.key.len();
         }
@@ -655,7 +669,16 @@ impl Locks {
             .and_then(|e| e.holders.by_token_mut(token))
             .ok_or_else(ServerError::not_held)?;
         let (conn, ephemeral) = (holder.conn, holder.ephemeral);
-        relock(holder, key, conn, ttl_ms, ephemeral, now, hash, &mut self.books);
+        relock(
+            holder,
+            key,
+            conn,
+            ttl_ms,
+            ephemeral,
+            now,
+            hash,
+            &mut self.books,
+        );
         Ok(Okay::Extended(Extended { ttl_ms }))
     }
 
