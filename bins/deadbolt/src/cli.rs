@@ -76,6 +76,10 @@ pub enum Command {
     Unlock(UnlockArgs),
     /// Show who holds a lock and how many wait.
     Inspect(KeyArgs),
+    /// Print each grant, release and expiry of a lock (or, with --set,
+    /// each creation, expiry and tear-down of a distinct set) as it
+    /// happens, one JSON object a line, until interrupted.
+    Watch(WatchArgs),
     /// Print only the lines of stdin that are new to the distinct set NAME
     /// across every worker: a distributed `uniq`.
     Distinct(DistinctArgs),
@@ -427,6 +431,17 @@ pub struct UnlockArgs {
 pub struct KeyArgs {
     /// The lock's key.
     pub key: String,
+}
+
+/// `deadbolt watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The lock's key.
+    #[arg(required_unless_present = "set", conflicts_with = "set")]
+    pub key: Option<String>,
+    /// Watch the distinct set NAME instead of a lock.
+    #[arg(long, value_name = "NAME")]
+    pub set: Option<String>,
 }
 
 /// `deadbolt distinct`.

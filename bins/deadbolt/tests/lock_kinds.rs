@@ -269,6 +269,9 @@ suite!(
     watch_key_pushes_grants_releases_and_expiries_until_cancelled,
     watch_set_pushes_created_expired_and_torn_down,
     watches_are_bounded_per_connection_and_a_live_id_is_not_reused,
+    a_guard_with_notify_hears_expiring_and_then_lost_from_the_server,
+    a_guard_with_notify_is_lost_at_once_when_another_client_unlocks_it,
+    the_client_watches_a_key_and_a_set,
 );
 
 const TTL: Duration = Duration::from_secs(30);
@@ -655,5 +658,78 @@ async fn watches_are_bounded_per_connection_and_a_live_id_is_not_reused(t: Trans
         .subscribe(json!({"id": 3, "op": "watch", "set": "c"}))
         .await;
     assert_eq!(room["ok"], json!({}), "room again after the cancel: {room}");
+    server.stop().await;
+}
+
+async fn a_guard_with_notify_hears_expiring_and_then_lost_from_the_server(t: Transport) {
+    let server = InProcess::start(None).await;
+    let a = client(&server, t).await;
+    let ttl = Duration::from_millis(900);
+    let options = LockOptions::new(ttl).notify(true);
+    let guard = a
+        .lock_with("k", options)
+        .await
+        .expect("lock")
+        .expect("free");
+    tokio::time::timeout(EVENT_WAIT, guard.expiring())
+        .await
+        .expect("a third of the lease left");
+    assert!(guard.is_held(), "expiring comes before the lease ends");
+    tokio::time::timeout(EVENT_WAIT, guard.lost())
+        .await
+        .expect("then lost");
+    assert!(!guard.is_held());
+    guard.detach();
+    server.stop().await;
+}
+
+async fn a_guard_with_notify_is_lost_at_once_when_another_client_unlocks_it(t: Transport) {
+    let server = InProcess::start(None).await;
+    let (a, b) = (client(&server, t).await, client(&server, t).await);
+    let options = LockOptions::new(TTL).notify(true);
+    let guard = a
+        .lock_with("k", options)
+        .await
+        .expect("lock")
+        .expect("free");
+    assert!(guard.is_held());
+    b.unlock("k", guard.token()).await.expect("unlock by token");
+    // The lease view alone would say 30 s more: the pushed `lost` ends it.
+    tokio::time::timeout(EVENT_WAIT, guard.lost())
+        .await
+        .expect("lost, from the server's event");
+    assert!(!guard.is_held());
+    guard.detach();
+    server.stop().await;
+}
+
+async fn the_client_watches_a_key_and_a_set(t: Transport) {
+    use deadbolt_core::proto::EventName;
+    let server = InProcess::start(None).await;
+    let (a, b) = (client(&server, t).await, client(&server, t).await);
+    let mut keys = a.watch_key("k").await.expect("watch key");
+    let mut sets = a.watch_set("s").await.expect("watch set");
+    let next = async |watch: &mut deadbolt_core::client::Watch| {
+        tokio::time::timeout(EVENT_WAIT, watch.next())
+            .await
+            .expect("an event in time")
+            .expect("the watch goes on")
+    };
+    let guard = b.lock("k", TTL).await.expect("lock");
+    let granted = next(&mut keys).await;
+    assert_eq!(
+        (granted.event, granted.key.as_deref(), granted.token),
+        (EventName::Granted, Some("k"), Some(guard.token()))
+    );
+    guard.unlock().await.expect("unlock");
+    assert_eq!(next(&mut keys).await.event, EventName::Released);
+    b.set("s").set_up(TTL).await.expect("set up");
+    let created = next(&mut sets).await;
+    assert_eq!(
+        (created.event, created.set.as_deref()),
+        (EventName::Created, Some("s"))
+    );
+    b.set("s").tear_down().await.expect("tear down");
+    assert_eq!(next(&mut sets).await.event, EventName::TornDown);
     server.stop().await;
 }
