@@ -35,7 +35,7 @@ use tokio::time::Instant;
 
 use crate::proto::{Event, EventName, LostReason, RequestId};
 use crate::shard::ConnId;
-use crate::shard::events::{Ending, Event as Change, LockChange, SetChange};
+use crate::shard::events::{Ending, Event as Change, GrantStatus, LockChange, SetChange};
 
 /// What an actor (or the session) tells a connection's queue.
 #[derive(Debug)]
@@ -352,7 +352,14 @@ pub(crate) struct Listeners {
     /// How many listeners each connection has here: a closed connection
     /// with none costs no scan.
     per_conn: HashMap<ConnId, usize>,
+    /// The latest grants that ended, and why, newest last: for a
+    /// listener that arrives after its grant ended (see
+    /// [`Listeners::follow_grant`]).
+    recent_ends: std::collections::VecDeque<(String, u64, Ending)>,
 }
+
+/// How many ended grants a shard remembers why they ended.
+const RECENT_ENDS_MAX: usize = 4096;
 
 impl Listeners {
     /// Adds a watch on the lock key `key`.
@@ -371,6 +378,47 @@ impl Listeners {
     pub fn watch_grant(&mut self, key: String, token: u64, listener: Listener) {
         *self.per_conn.entry(listener.sink.conn()).or_default() += 1;
         self.grants.entry((key, token)).or_default().push(listener);
+    }
+
+    /// Adds a `notify` listener for a grant this node learnt of from
+    /// elsewhere: on a follower, from the leader's reply to a forwarded
+    /// `lock`. Its shard may not have applied the grant yet (it is then
+    /// followed from its `granted`), may hold it (its lease, ending at
+    /// `status`'s time and `ttl_ms` long, is watched from now), or may
+    /// have seen it end already (the listener hears `lost` at once, with
+    /// the reason if it is among the latest ends, else `revoked`).
+    pub fn follow_grant(
+        &mut self,
+        key: String,
+        token: u64,
+        ttl_ms: u64,
+        status: GrantStatus,
+        listener: Listener,
+        instant_of: impl Fn(crate::time::Tick) -> Instant,
+    ) {
+        match status {
+            GrantStatus::NotYet => self.watch_grant(key, token, listener),
+            GrantStatus::Held(ends) => {
+                listener.sink.send(Note::Lease {
+                    id: listener.id,
+                    token,
+                    ends: instant_of(ends),
+                    ttl_ms,
+                });
+                self.watch_grant(key, token, listener);
+            }
+            GrantStatus::Ended => {
+                let ending = self
+                    .recent_ends
+                    .iter()
+                    .rev()
+                    .find(|(k, t, _)| *t == token && *k == key)
+                    .map_or(Ending::Dropped, |(_, _, ending)| *ending);
+                *self.per_conn.entry(listener.sink.conn()).or_default() += 1;
+                self.grants.insert((key.clone(), token), vec![listener]);
+                self.grant_ended(key, token, ending);
+            }
+        }
     }
 
     /// Removes the listeners of request `id` of connection `conn` (every
@@ -464,7 +512,12 @@ impl Listeners {
     /// A grant that `notify` listeners watch ended: each hears `lost`,
     /// unless its holder unlocked it, then that its events are over.
     fn grant_ended(&mut self, key: String, token: u64, ending: Ending) {
-        let Some(list) = self.grants.remove(&(key, token)) else {
+        let list = self.grants.remove(&(key.clone(), token));
+        if self.recent_ends.len() >= RECENT_ENDS_MAX {
+            self.recent_ends.pop_front();
+        }
+        self.recent_ends.push_back((key, token, ending));
+        let Some(list) = list else {
             return;
         };
         let reason = match ending {

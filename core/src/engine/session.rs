@@ -246,7 +246,19 @@ impl Session {
             };
         }
         if let Some(forwarding) = self.forwards(&request.op) {
+            let follow = notify.map(|listener| self.prepare_to_follow(&request.op, listener));
+            let mut reserved = follow.as_ref().map(|_| Reserved {
+                session: self,
+                id,
+                kept: false,
+            });
             let outcome = self.forward(forwarding, request).await;
+            if let (Some(follow), Ok(Okay::Granted(granted))) = (follow, &outcome) {
+                self.follow(follow, granted);
+                if let Some(reserved) = reserved.as_mut() {
+                    reserved.kept = true;
+                }
+            }
             let mut outcome = self.prove(to_prove, outcome);
             if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
                 self.pin_to_link().await;
@@ -636,22 +648,12 @@ impl Session {
             return Ok(None);
         }
         acquire.notify = false;
-        if self.forwards_to_leader() {
-            return Err(ServerError::unavailable(
-                "`notify` is served by the cluster's leader only: this node is a follower,                  which forwards the lock, and the grant's events would not reach this                  connection; connect to the leader (`deadbolt cluster status`)",
-            ));
-        }
         let shard = self.inner.engine.shard_of(&acquire.key);
         self.reserve_subscription(id, shard)?;
         Ok(Some(Listener {
             id,
             sink: self.inner.sink.clone(),
         }))
-    }
-
-    /// Whether this session's shard requests go to another node.
-    fn forwards_to_leader(&self) -> bool {
-        self.inner.engine.forwarding().is_some() && self.inner.frontend != Frontend::Forwarded
     }
 
     /// Counts request `id` (on `shard`) among the connection's
@@ -671,6 +673,45 @@ impl Session {
         }
         subscriptions.insert(id, Subscription { shard });
         Ok(())
+    }
+
+    /// On a follower, before a `lock` with `notify` goes to the leader:
+    /// the local shard starts reporting events, so that it sees the
+    /// grant's end however soon that comes after the grant.
+    fn prepare_to_follow(&self, op: &Op, listener: Listener) -> Following {
+        let key = match op {
+            Op::Lock(LockOp::Acquire(acquire)) => acquire.key.clone(),
+            _ => String::new(),
+        };
+        let shard = self.inner.engine.shard_of(&key);
+        self.inner
+            .engine
+            .mailbox(shard)
+            .notify(ShardMsg::EnableEvents);
+        Following {
+            listener,
+            key,
+            shard,
+        }
+    }
+
+    /// On a follower, once the leader granted a `lock` with `notify`: the
+    /// local shard, which applies the same log, follows the grant and
+    /// tells this connection of its lease and its end, as the leader's
+    /// would.
+    fn follow(&self, following: Following, granted: &crate::proto::Granted) {
+        let Following {
+            listener,
+            key,
+            shard,
+        } = following;
+        let message = ShardMsg::FollowGrant {
+            key,
+            token: granted.token,
+            ttl_ms: granted.ttl_ms,
+            listener,
+        };
+        self.inner.engine.mailbox(shard).notify(message);
     }
 
     /// `watch`: from now until it is cancelled or the connection closes,
@@ -780,6 +821,13 @@ impl Session {
         }
         outcome
     }
+}
+
+/// A forwarded `lock` with `notify`: who listens, and where its key lives.
+struct Following {
+    listener: Listener,
+    key: String,
+    shard: usize,
 }
 
 /// The parts of a grant's statement known from its request.

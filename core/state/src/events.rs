@@ -69,6 +69,19 @@ pub enum Ending {
     Dropped,
 }
 
+/// Where a grant named by its key and token stands in a shard's state:
+/// what a node that learns of a grant from elsewhere (a follower, from the
+/// leader's reply) needs to follow it from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantStatus {
+    /// Held, its lease ending at this time.
+    Held(Tick),
+    /// Made and ended already.
+    Ended,
+    /// Not made yet: the command that makes it is still to be applied.
+    NotYet,
+}
+
 /// What happened to a set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetChange {

@@ -316,6 +316,11 @@ impl Shard {
         self.sets.enable_events();
     }
 
+    /// Where the grant `token` of the lock `key` stands in this shard.
+    pub fn grant_status(&self, key: &str, token: u64) -> events::GrantStatus {
+        self.locks.grant_status(key, token)
+    }
+
     /// Moves the events reported since the last call into `into`, in the
     /// order they happened (lock events of a command before its set
     /// events: they never concern the same name).

@@ -49,6 +49,17 @@ pub(crate) enum ShardMsg {
     },
     /// Stop the events of request `id` of connection `conn`.
     Unwatch { conn: ConnId, id: RequestId },
+    /// Start reporting events (a follower, before it forwards a `lock`
+    /// with `notify`, so that the grant's end is seen however soon).
+    EnableEvents,
+    /// Follow the grant `token` of `key` (`ttl_ms` long) that another node
+    /// made (a follower's forwarded `lock` with `notify`).
+    FollowGrant {
+        key: String,
+        token: u64,
+        ttl_ms: u64,
+        listener: Listener,
+    },
     /// Cancel a waiting `lock` (the `cancel` op).
     Cancel { handle: Handle, key: String },
     /// A request's future was dropped before its answer.
@@ -369,7 +380,10 @@ impl Actor {
                 self.pending.insert(handle, pending);
                 Input::Op { handle, caller, op }
             }
-            ShardMsg::Watch { .. } | ShardMsg::Unwatch { .. } => {
+            ShardMsg::Watch { .. }
+            | ShardMsg::Unwatch { .. }
+            | ShardMsg::EnableEvents
+            | ShardMsg::FollowGrant { .. } => {
                 self.listen(message);
                 return true;
             }
@@ -590,6 +604,22 @@ impl Actor {
                 let _ = reply.send(());
             }
             ShardMsg::Unwatch { conn, id } => self.listeners.remove(conn, Some(id)),
+            ShardMsg::EnableEvents => self.shard.enable_events(),
+            ShardMsg::FollowGrant {
+                key,
+                token,
+                ttl_ms,
+                listener,
+            } => {
+                self.shard.enable_events();
+                // Events the shard reported before this are told first:
+                // the status below is what they left.
+                self.dispatch_events();
+                let status = self.shard.grant_status(&key, token);
+                let instant_of = self.instant_of();
+                self.listeners
+                    .follow_grant(key, token, ttl_ms, status, listener, instant_of);
+            }
             _ => {}
         }
     }
@@ -597,9 +627,27 @@ impl Actor {
     /// Tells the listeners of the events the shard reported.
     fn dispatch_events(&mut self) {
         self.shard.drain_events_into(&mut self.changes);
-        let clock = self.clock;
+        let instant_of = self.instant_of();
         for change in self.changes.drain(..) {
-            self.listeners.dispatch(change, |at| clock.instant_of(at));
+            self.listeners.dispatch(change, &instant_of);
+        }
+    }
+
+    /// The local instant of a time on the shard's clock, for lease
+    /// warnings. A node that stamps the commands maps it with its own
+    /// clock; a follower's clock did not stamp them (the leader's did), so
+    /// it counts from the shard's latest time as now: late by its lag
+    /// behind the leader, as everything it reports is.
+    fn instant_of(&self) -> impl Fn(crate::time::Tick) -> Instant + use<> {
+        let (clock, follows) = (self.clock, self.follows());
+        let (shard_now, now) = (self.shard.now(), Instant::now());
+        move |at| {
+            if !follows {
+                return clock.instant_of(at);
+            }
+            let ahead = std::time::Duration::from_micros(at.0.saturating_sub(shard_now.0));
+            let behind = std::time::Duration::from_micros(shard_now.0.saturating_sub(at.0));
+            (now + ahead).checked_sub(behind).unwrap_or(now)
         }
     }
 

@@ -202,7 +202,10 @@ impl Actor {
             }
             // A follower applies the same log as its leader, so its shard
             // reports the same events: a watch is served here.
-            ShardMsg::Watch { .. } | ShardMsg::Unwatch { .. } => {
+            ShardMsg::Watch { .. }
+            | ShardMsg::Unwatch { .. }
+            | ShardMsg::EnableEvents
+            | ShardMsg::FollowGrant { .. } => {
                 self.listen(message);
                 true
             }

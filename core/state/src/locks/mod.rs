@@ -1039,6 +1039,22 @@ impl Locks {
         self.compact_timers();
     }
 
+    /// Where the grant `token` of `key` stands (see
+    /// [`GrantStatus`](crate::events::GrantStatus)): tokens of a shard
+    /// rise with every grant, so one below the next token was made.
+    pub fn grant_status(&self, key: &str, token: u64) -> crate::events::GrantStatus {
+        use crate::events::GrantStatus;
+        let held = self
+            .table
+            .find(self.hash(key), |e| *e.key == *key)
+            .and_then(|e| e.holders.iter().find(|h| h.token == token));
+        match held {
+            Some(holder) => GrantStatus::Held(holder.deadline.at),
+            None if token < self.books.next_token => GrantStatus::Ended,
+            None => GrantStatus::NotYet,
+        }
+    }
+
     /// The token the next grant gets.
     pub fn next_token(&self) -> u64 {
         self.books.next_token
