@@ -336,9 +336,17 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    fn is(&self, conn: ConnId, id: Option<RequestId>) -> bool {
-        self.sink.conn() == conn && id.is_none_or(|id| id == self.id)
+    fn is(&self, conn: ConnId, id: RequestId) -> bool {
+        self.sink.conn() == conn && self.id == id
     }
+}
+
+/// Where a listener is kept, to find it again without a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Place {
+    Key(String),
+    Set(String),
+    Grant(String, u64),
 }
 
 /// One shard's subscribers: watches on its keys and sets, and the
@@ -349,9 +357,9 @@ pub(crate) struct Listeners {
     sets: HashMap<String, Vec<Listener>>,
     /// By key and token.
     grants: HashMap<(String, u64), Vec<Listener>>,
-    /// How many listeners each connection has here: a closed connection
-    /// with none costs no scan.
-    per_conn: HashMap<ConnId, usize>,
+    /// Where each connection's listeners are, by request id: a cancel or
+    /// a close finds them without a scan.
+    places: HashMap<ConnId, HashMap<RequestId, Place>>,
     /// The latest grants that ended, and why, newest last: for a
     /// listener that arrives after its grant ended (see
     /// [`Listeners::follow_grant`]).
@@ -364,20 +372,35 @@ const RECENT_ENDS_MAX: usize = 4096;
 impl Listeners {
     /// Adds a watch on the lock key `key`.
     pub fn watch_key(&mut self, key: String, listener: Listener) {
-        *self.per_conn.entry(listener.sink.conn()).or_default() += 1;
+        self.place(&listener, Place::Key(key.clone()));
         self.keys.entry(key).or_default().push(listener);
     }
 
     /// Adds a watch on the set `set`.
     pub fn watch_set(&mut self, set: String, listener: Listener) {
-        *self.per_conn.entry(listener.sink.conn()).or_default() += 1;
+        self.place(&listener, Place::Set(set.clone()));
         self.sets.entry(set).or_default().push(listener);
     }
 
     /// Adds a `notify` listener for the grant `token` of `key`.
     pub fn watch_grant(&mut self, key: String, token: u64, listener: Listener) {
-        *self.per_conn.entry(listener.sink.conn()).or_default() += 1;
+        self.place(&listener, Place::Grant(key.clone(), token));
         self.grants.entry((key, token)).or_default().push(listener);
+    }
+
+    /// Notes where `listener` is kept. A request id has one place: one
+    /// that had another (an id reused after its events ended here, while
+    /// its end was still on its way) leaves the old one.
+    fn place(&mut self, listener: &Listener, place: Place) {
+        let conn = listener.sink.conn();
+        let old = self
+            .places
+            .entry(conn)
+            .or_default()
+            .insert(listener.id, place);
+        if let Some(old) = old {
+            self.unlist(conn, listener.id, &old);
+        }
     }
 
     /// Adds a `notify` listener for a grant this node learnt of from
@@ -414,8 +437,7 @@ impl Listeners {
                     .rev()
                     .find(|(k, t, _)| *t == token && *k == key)
                     .map_or(Ending::Dropped, |(_, _, ending)| *ending);
-                *self.per_conn.entry(listener.sink.conn()).or_default() += 1;
-                self.grants.insert((key.clone(), token), vec![listener]);
+                self.watch_grant(key.clone(), token, listener);
                 self.grant_ended(key, token, ending);
             }
         }
@@ -424,27 +446,53 @@ impl Listeners {
     /// Removes the listeners of request `id` of connection `conn` (every
     /// one of `conn`'s, for `None`).
     pub fn remove(&mut self, conn: ConnId, id: Option<RequestId>) {
-        if !self.per_conn.contains_key(&conn) {
+        let Some(places) = self.places.get_mut(&conn) else {
             return;
-        }
-        let mut removed = 0;
-        let mut keep = |list: &mut Vec<Listener>| {
-            let before = list.len();
-            list.retain(|l| !l.is(conn, id));
-            removed += before - list.len();
-            !list.is_empty()
         };
-        self.keys.retain(|_, list| keep(list));
-        self.sets.retain(|_, list| keep(list));
-        self.grants.retain(|_, list| keep(list));
-        self.forget(conn, removed);
+        let taken: Vec<(RequestId, Place)> = match id {
+            Some(id) => places.remove(&id).map(|p| (id, p)).into_iter().collect(),
+            None => places.drain().collect(),
+        };
+        if places.is_empty() {
+            self.places.remove(&conn);
+        }
+        for (id, place) in taken {
+            self.unlist(conn, id, &place);
+        }
     }
 
-    fn forget(&mut self, conn: ConnId, removed: usize) {
-        if let Some(count) = self.per_conn.get_mut(&conn) {
-            *count = count.saturating_sub(removed);
-            if *count == 0 {
-                self.per_conn.remove(&conn);
+    /// Takes request `id` of `conn` out of the list at `place`.
+    fn unlist(&mut self, conn: ConnId, id: RequestId, place: &Place) {
+        fn take_out<K: std::hash::Hash + Eq>(
+            lists: &mut HashMap<K, Vec<Listener>>,
+            at: &K,
+            conn: ConnId,
+            id: RequestId,
+        ) {
+            if let Some(list) = lists.get_mut(at) {
+                list.retain(|l| !l.is(conn, id));
+                if list.is_empty() {
+                    lists.remove(at);
+                }
+            }
+        }
+        match place {
+            Place::Key(key) => take_out(&mut self.keys, key, conn, id),
+            Place::Set(set) => take_out(&mut self.sets, set, conn, id),
+            Place::Grant(key, token) => {
+                // A lookup by (key, token) needs the pair owned.
+                let at = (key.clone(), *token);
+                take_out(&mut self.grants, &at, conn, id);
+            }
+        }
+    }
+
+    /// Forgets where request `id` of `conn` was kept (its list is gone).
+    fn forget(&mut self, conn: ConnId, id: RequestId) {
+        if let Some(places) = self.places.get_mut(&conn) {
+            places.remove(&id);
+            if places.is_empty() {
+                self.places.remove(&conn);
             }
         }
     }
@@ -536,7 +584,80 @@ impl Listeners {
             l.sink.send(Note::Done(l.id));
         }
         for l in list {
-            self.forget(l.sink.conn(), 1);
+            self.forget(l.sink.conn(), l.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::Tick;
+
+    fn listener(conn: ConnId, id: RequestId) -> (Listener, Events) {
+        let (sink, events) = queue(conn, 1 << 20);
+        (Listener { id, sink }, events)
+    }
+
+    fn granted(key: &str, token: u64) -> Change {
+        Change::Lock {
+            key: key.to_owned(),
+            token,
+            at: Tick::ZERO,
+            change: LockChange::Granted { ttl_ms: 1000 },
+        }
+    }
+
+    async fn next_text(events: &mut Events) -> Option<String> {
+        let next = tokio::time::timeout(std::time::Duration::from_millis(50), events.next());
+        match next.await {
+            Ok(Some(Pushed::Event { text, .. })) => Some(text),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancel_or_a_close_takes_out_only_its_own_listeners() {
+        let mut listeners = Listeners::default();
+        let (a1, mut a_events) = listener(1, 7);
+        let a2 = Listener {
+            id: 8,
+            ..a1.clone()
+        };
+        let (b, mut b_events) = listener(2, 7);
+        listeners.watch_key("k".into(), a1);
+        listeners.watch_set("s".into(), a2);
+        listeners.watch_key("k".into(), b);
+        let now = |_| Instant::now();
+        listeners.remove(2, Some(7));
+        listeners.dispatch(granted("k", 1), now);
+        assert!(next_text(&mut a_events).await.is_some(), "a still watches");
+        assert_eq!(next_text(&mut b_events).await, None, "b cancelled");
+        listeners.remove(1, None);
+        assert!(listeners.keys.is_empty() && listeners.sets.is_empty());
+        assert!(listeners.places.is_empty(), "nothing left to find");
+    }
+
+    #[tokio::test]
+    async fn a_grant_followed_after_it_ended_is_lost_with_its_reason() {
+        let mut listeners = Listeners::default();
+        let now = |_| Instant::now();
+        listeners.dispatch(
+            Change::Lock {
+                key: "k".into(),
+                token: 5,
+                at: Tick::ZERO,
+                change: LockChange::Ended(Ending::Expired),
+            },
+            now,
+        );
+        let (late, mut events) = listener(1, 3);
+        listeners.follow_grant("k".into(), 5, 1000, GrantStatus::Ended, late, now);
+        assert_eq!(
+            next_text(&mut events).await.as_deref(),
+            Some(r#"{"id":3,"event":"lost","token":5,"reason":"expired"}"#)
+        );
+        assert!(matches!(events.next().await, Some(Pushed::Done { id: 3 })));
+        assert!(listeners.grants.is_empty() && listeners.places.is_empty());
     }
 }
