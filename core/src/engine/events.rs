@@ -92,7 +92,49 @@ struct Shared {
     overflowed: AtomicBool,
     /// The requests of this connection that have events coming, shared
     /// with its session (which admits and cancels them).
-    subscriptions: Mutex<HashMap<RequestId, Subscription>>,
+    subscriptions: Subscriptions,
+}
+
+/// The requests of a connection that have events coming. Every request
+/// asks whether its id is one of them, so the answer for a connection with
+/// none (nearly all) is an atomic load, not a lock.
+#[derive(Debug, Default)]
+pub(crate) struct Subscriptions {
+    map: Mutex<HashMap<RequestId, Subscription>>,
+    len: AtomicUsize,
+}
+
+impl Subscriptions {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Subscription>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether request `id` has events coming.
+    pub fn contains(&self, id: RequestId) -> bool {
+        self.len.load(Ordering::Acquire) > 0 && self.map().contains_key(&id)
+    }
+
+    /// Adds request `id` unless `max` are there already; whether it did.
+    pub fn insert(&self, id: RequestId, subscription: Subscription, max: usize) -> bool {
+        let mut map = self.map();
+        if map.len() >= max {
+            return false;
+        }
+        map.insert(id, subscription);
+        self.len.store(map.len(), Ordering::Release);
+        true
+    }
+
+    /// Takes request `id` out, if it is there.
+    pub fn remove(&self, id: RequestId) -> Option<Subscription> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut map = self.map();
+        let removed = map.remove(&id);
+        self.len.store(map.len(), Ordering::Release);
+        removed
+    }
 }
 
 /// A request of a connection that has events coming: where to tell that
@@ -127,11 +169,8 @@ impl Sink {
     }
 
     /// The subscriptions of the connection, for the session.
-    pub fn subscriptions(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Subscription>> {
-        self.shared
-            .subscriptions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    pub fn subscriptions(&self) -> &Subscriptions {
+        &self.shared.subscriptions
     }
 }
 
@@ -199,7 +238,7 @@ pub(crate) fn queue(conn: ConnId, max: usize) -> (Sink, Events) {
         queued: AtomicUsize::new(0),
         max,
         overflowed: AtomicBool::new(false),
-        subscriptions: Mutex::new(HashMap::new()),
+        subscriptions: Subscriptions::default(),
     });
     let sink = Sink {
         conn,
@@ -276,11 +315,7 @@ impl Events {
             Note::Overflowed => Some(Pushed::Overflow),
             Note::Done(id) => {
                 self.disarm(id);
-                self.shared
-                    .subscriptions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                self.shared.subscriptions.remove(id);
                 Some(Pushed::Done { id })
             }
         }

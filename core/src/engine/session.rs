@@ -200,7 +200,7 @@ impl Session {
             };
         }
         let _in_flight = InFlight { session: self, id };
-        if self.inner.sink.subscriptions().contains_key(&id) {
+        if self.inner.sink.subscriptions().contains(id) {
             let live = format!(
                 "request id {id} has events still coming on this connection; `cancel` it first"
             );
@@ -665,13 +665,13 @@ impl Session {
             ));
         }
         let max = self.inner.engine.limits().watches_per_connection_max;
-        let mut subscriptions = self.inner.sink.subscriptions();
-        if subscriptions.len() >= max {
+        let subscriptions = self.inner.sink.subscriptions();
+        if !subscriptions.insert(id, Subscription { shard }, max) {
             return Err(ServerError::overloaded(format!(
-                "too many watches on this connection (watches_per_connection_max = {max},                  counting locks with `notify`)"
+                "too many watches on this connection (watches_per_connection_max = {max}, \
+                 counting locks with `notify`)"
             )));
         }
-        subscriptions.insert(id, Subscription { shard });
         Ok(())
     }
 
@@ -744,7 +744,7 @@ impl Session {
         match refused {
             None => Ok(Okay::EMPTY),
             Some(error) => {
-                self.inner.sink.subscriptions().remove(&id);
+                self.inner.sink.subscriptions().remove(id);
                 Err(error)
             }
         }
@@ -761,7 +761,7 @@ impl Session {
     /// `cancel` of a request that has events coming: its events stop, and
     /// its queue says it is done. Whether `target` was one.
     fn unsubscribe(&self, target: RequestId) -> bool {
-        let Some(Subscription { shard }) = self.inner.sink.subscriptions().remove(&target) else {
+        let Some(Subscription { shard }) = self.inner.sink.subscriptions().remove(target) else {
             return false;
         };
         let conn = self.inner.conn;
@@ -875,7 +875,7 @@ struct Reserved<'a> {
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
         if !self.kept {
-            self.session.inner.sink.subscriptions().remove(&self.id);
+            self.session.inner.sink.subscriptions().remove(self.id);
         }
     }
 }

@@ -106,6 +106,12 @@ impl Outbox {
         self.enabled = true;
     }
 
+    /// Whether events are reported: what only an event needs is worked
+    /// out only then.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// A grant of `key` changed.
     pub fn lock(&mut self, key: &str, token: u64, at: Tick, change: LockChange) {
         if self.enabled {

@@ -627,6 +627,9 @@ impl Actor {
     /// Tells the listeners of the events the shard reported.
     fn dispatch_events(&mut self) {
         self.shard.drain_events_into(&mut self.changes);
+        if self.changes.is_empty() {
+            return;
+        }
         let instant_of = self.instant_of();
         for change in self.changes.drain(..) {
             self.listeners.dispatch(change, &instant_of);
