@@ -135,3 +135,45 @@ async fn events_come_in_order_and_a_cancel_ends_them() {
 async fn token_of_next_grant(worker: &Session) -> u64 {
     token(call(worker, 3, lock("k", 30_000)).await)
 }
+
+#[tokio::test]
+async fn a_cancel_of_a_waiting_lock_with_notify_cancels_the_lock() {
+    let engine = engine(Limits::default());
+    let holder = engine.session();
+    token(call(&holder, 1, lock("k", 30_000)).await);
+    let waiter = engine.session();
+    let mut events = waiter.take_events().expect("the queue");
+    let mut wait = Op::Lock(LockOp::Acquire(deadbolt_core::proto::Acquire::mutex(
+        "k",
+        30_000,
+        deadbolt_core::proto::Wait::Forever,
+    )));
+    if let Op::Lock(LockOp::Acquire(acquire)) = &mut wait {
+        acquire.notify = true;
+    }
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { call(&waiter, 5, wait).await })
+    };
+    // Queued once inspect counts it.
+    let observer = engine.session();
+    let inspect = || Op::Lock(LockOp::Inspect { key: "k".into() });
+    loop {
+        match call(&observer, 1, inspect()).await {
+            Ok(Okay::LockInfo(info)) if info.waiters == 1 => break,
+            _ => tokio::task::yield_now().await,
+        }
+    }
+    assert_eq!(
+        call(&waiter, 6, Op::Cancel { target: 5 }).await,
+        Ok(Okay::EMPTY)
+    );
+    let answer = waiting.await.expect("task");
+    assert_eq!(answer.expect_err("cancelled").code, ErrorCode::Cancelled);
+    assert!(matches!(events.next().await, Some(Pushed::Done { id: 5 })));
+    match call(&observer, 2, inspect()).await {
+        Ok(Okay::LockInfo(info)) => assert_eq!(info.waiters, 0, "it left the queue"),
+        other => panic!("{other:?}"),
+    }
+    engine.shutdown().await;
+}

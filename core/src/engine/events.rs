@@ -143,6 +143,9 @@ impl Subscriptions {
 pub(crate) struct Subscription {
     /// The shard that holds its listener.
     pub shard: usize,
+    /// A `watch` (else a `lock` with `notify`, which a `cancel` may also
+    /// find still waiting).
+    pub watch: bool,
 }
 
 impl Sink {
@@ -371,7 +374,8 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    fn is(&self, conn: ConnId, id: RequestId) -> bool {
+    /// Whether this listens for request `id` of connection `conn`.
+    pub fn is(&self, conn: ConnId, id: RequestId) -> bool {
         self.sink.conn() == conn && self.id == id
     }
 }

@@ -237,8 +237,11 @@ impl Session {
                 };
             }
         };
+        // A cancel of a watch ends it here (on a follower too: it is
+        // served here). One of a `lock` with `notify` stops its events and
+        // goes on, as any cancel, to the lock, which may still wait.
         if let Op::Cancel { target } = request.op
-            && self.unsubscribe(target)
+            && self.unsubscribe(target) == Some(true)
         {
             return Reply {
                 id: Some(id),
@@ -649,7 +652,7 @@ impl Session {
         }
         acquire.notify = false;
         let shard = self.inner.engine.shard_of(&acquire.key);
-        self.reserve_subscription(id, shard)?;
+        self.reserve_subscription(id, shard, false)?;
         Ok(Some(Listener {
             id,
             sink: self.inner.sink.clone(),
@@ -658,7 +661,12 @@ impl Session {
 
     /// Counts request `id` (on `shard`) among the connection's
     /// subscriptions, if the connection carries events and has room.
-    fn reserve_subscription(&self, id: RequestId, shard: usize) -> Result<(), ServerError> {
+    fn reserve_subscription(
+        &self,
+        id: RequestId,
+        shard: usize,
+        watch: bool,
+    ) -> Result<(), ServerError> {
         if !self.carries_events() {
             return Err(ServerError::bad_request(
                 "this connection does not carry pushed events (`watch`, `notify`)",
@@ -666,7 +674,7 @@ impl Session {
         }
         let max = self.inner.engine.limits().watches_per_connection_max;
         let subscriptions = self.inner.sink.subscriptions();
-        if !subscriptions.insert(id, Subscription { shard }, max) {
+        if !subscriptions.insert(id, Subscription { shard, watch }, max) {
             return Err(ServerError::overloaded(format!(
                 "too many watches on this connection (watches_per_connection_max = {max}, \
                  counting locks with `notify`)"
@@ -725,7 +733,7 @@ impl Session {
             return Err(ServerError::shutting_down());
         }
         let shard = engine.shard_of(target.name());
-        self.reserve_subscription(id, shard)?;
+        self.reserve_subscription(id, shard, true)?;
         let (reply, placed) = oneshot::channel();
         let listener = Listener {
             id,
@@ -755,15 +763,14 @@ impl Session {
     /// ended the request another way (a reset QUIC stream). Its queue then
     /// says it is done. Whether `target` had events coming.
     pub fn stop_events(&self, target: RequestId) -> bool {
-        self.unsubscribe(target)
+        self.unsubscribe(target).is_some()
     }
 
     /// `cancel` of a request that has events coming: its events stop, and
-    /// its queue says it is done. Whether `target` was one.
-    fn unsubscribe(&self, target: RequestId) -> bool {
-        let Some(Subscription { shard }) = self.inner.sink.subscriptions().remove(target) else {
-            return false;
-        };
+    /// its queue says it is done. `None` if `target` was not one; else
+    /// whether it was a watch.
+    fn unsubscribe(&self, target: RequestId) -> Option<bool> {
+        let Subscription { shard, watch } = self.inner.sink.subscriptions().remove(target)?;
         let conn = self.inner.conn;
         // A notice: never refused, so the listener cannot outlive this.
         self.inner
@@ -771,7 +778,7 @@ impl Session {
             .mailbox(shard)
             .notify(ShardMsg::Unwatch { conn, id: target });
         self.inner.sink.send(Note::Done(target));
-        true
+        Some(watch)
     }
 
     async fn call_shard(&self, id: RequestId, op: ShardOp, notify: Option<Listener>) -> Outcome {

@@ -603,7 +603,16 @@ impl Actor {
                 // removes the listener.
                 let _ = reply.send(());
             }
-            ShardMsg::Unwatch { conn, id } => self.listeners.remove(conn, Some(id)),
+            ShardMsg::Unwatch { conn, id } => {
+                self.listeners.remove(conn, Some(id));
+                // A `lock` with `notify` still waiting: its grant, if it
+                // comes, has nobody to tell.
+                for pending in self.pending.values_mut() {
+                    if pending.notify.as_ref().is_some_and(|l| l.is(conn, id)) {
+                        pending.notify = None;
+                    }
+                }
+            }
             ShardMsg::EnableEvents => self.shard.enable_events(),
             ShardMsg::FollowGrant {
                 key,
