@@ -318,6 +318,14 @@ pub struct ServeArgs {
     /// Most bytes of member keys over all distinct sets.
     #[arg(long, default_value_t = deadbolt_core::limits::gib(8))]
     pub member_bytes_max: usize,
+    /// Most pushed-event subscriptions one connection may hold (its
+    /// `watch`es and its `lock`s with `notify`); one more is `overloaded`.
+    #[arg(long, default_value_t = 1024)]
+    pub watches_per_connection_max: usize,
+    /// Most bytes of pushed events queued for one connection and not yet
+    /// written; past it the connection is closed as too slow a reader.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub event_bytes_max: usize,
     /// Sign every grant: each `lock` reply carries a `proof`, an Ed25519
     /// statement of key, token, client, mode, time and lease that a
     /// protected resource checks offline with the key `GET /pubkey` serves
