@@ -228,40 +228,17 @@ impl Session {
         let ephemeral = matches!(&request.op, Op::Lock(LockOp::Acquire(a)) if a.ephemeral);
         let to_prove = self.to_prove(&request.op);
         let mut request = request;
-        let notify = match self.subscribe_grant(id, &mut request.op) {
+        let notify = match self.events_first(id, &mut request.op) {
             Ok(notify) => notify,
-            Err(error) => {
+            Err(outcome) => {
                 return Reply {
                     id: Some(id),
-                    outcome: Err(error),
+                    outcome,
                 };
             }
         };
-        // A cancel of a watch ends it here (on a follower too: it is
-        // served here). One of a `lock` with `notify` stops its events and
-        // goes on, as any cancel, to the lock, which may still wait.
-        if let Op::Cancel { target } = request.op
-            && self.unsubscribe(target) == Some(true)
-        {
-            return Reply {
-                id: Some(id),
-                outcome: Ok(Okay::EMPTY),
-            };
-        }
         if let Some(forwarding) = self.forwards(&request.op) {
-            let follow = notify.map(|listener| self.prepare_to_follow(&request.op, listener));
-            let mut reserved = follow.as_ref().map(|_| Reserved {
-                session: self,
-                id,
-                kept: false,
-            });
-            let outcome = self.forward(forwarding, request).await;
-            if let (Some(follow), Ok(Okay::Granted(granted))) = (follow, &outcome) {
-                self.follow(follow, granted);
-                if let Some(reserved) = reserved.as_mut() {
-                    reserved.kept = true;
-                }
-            }
+            let outcome = self.forward_noting(forwarding, request, notify).await;
             let mut outcome = self.prove(to_prove, outcome);
             if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
                 self.pin_to_link().await;
@@ -285,15 +262,9 @@ impl Session {
             }
             Op::Watch { target } => self.start_watch(id, target).await,
             Op::Lock(op) => {
-                let mut reserved = notify.is_some().then_some(Reserved {
-                    session: self,
-                    id,
-                    kept: false,
-                });
+                let mut reserved = notify.as_ref().map(|_| Reserved::new(self, id));
                 let outcome = self.call_shard(id, ShardOp::Lock(op), notify).await;
-                if let Some(reserved) = reserved.as_mut() {
-                    reserved.kept = matches!(outcome, Ok(Okay::Granted(_)));
-                }
+                Reserved::keep_if_granted(reserved.as_mut(), &outcome);
                 outcome
             }
             Op::Set(op) => self.call_shard(id, ShardOp::Set(op), None).await,
@@ -683,6 +654,40 @@ impl Session {
         Ok(())
     }
 
+    /// What pushed events need of a request before it runs: for a `lock`
+    /// with `notify`, its listener (see [`Session::subscribe_grant`]); a
+    /// `cancel` of a request with events stops them. `Err` is the answer
+    /// already: a refused `notify`, or a cancelled watch (which ends here,
+    /// on a follower too: it is served here). A cancelled `lock` with
+    /// `notify` goes on, as any cancel, to the lock, which may still wait.
+    fn events_first(&self, id: RequestId, op: &mut Op) -> Result<Option<Listener>, Outcome> {
+        if let Op::Cancel { target } = *op
+            && self.unsubscribe(target) == Some(true)
+        {
+            return Err(Ok(Okay::EMPTY));
+        }
+        self.subscribe_grant(id, op).map_err(Err)
+    }
+
+    /// Carries `request` out on the leader; for a `lock` with `notify`,
+    /// the grant it answers is followed here.
+    async fn forward_noting(
+        &self,
+        forwarding: &Forwarding,
+        request: Request,
+        notify: Option<Listener>,
+    ) -> Outcome {
+        let id = request.id;
+        let follow = notify.map(|listener| self.prepare_to_follow(&request.op, listener));
+        let mut reserved = follow.as_ref().map(|_| Reserved::new(self, id));
+        let outcome = self.forward(forwarding, request).await;
+        if let (Some(follow), Ok(Okay::Granted(granted))) = (follow, &outcome) {
+            self.follow(follow, granted);
+        }
+        Reserved::keep_if_granted(reserved.as_mut(), &outcome);
+        outcome
+    }
+
     /// On a follower, before a `lock` with `notify` goes to the leader:
     /// the local shard starts reporting events, so that it sees the
     /// grant's end however soon that comes after the grant.
@@ -870,13 +875,32 @@ fn refusal(name: &str, op: &Op, need: Need<'_>) -> String {
     }
 }
 
-/// A `lock` with `notify` counted among its connection's subscriptions:
-/// it stops counting unless the lock was granted (kept), also when the
-/// request's future is dropped.
+/// A `lock` with `notify` counted among its connection's subscriptions
+/// while it runs: if it ends without a grant (refused, cancelled, its
+/// future dropped) it stops counting. A grant's listener is in its shard
+/// by then, and its end (`lost`, or its holder's `unlock`) ends the count.
 struct Reserved<'a> {
     session: &'a Session,
     id: RequestId,
+    /// Granted: counted until the grant's end.
     kept: bool,
+}
+
+impl<'a> Reserved<'a> {
+    fn new(session: &'a Session, id: RequestId) -> Reserved<'a> {
+        Reserved {
+            session,
+            id,
+            kept: false,
+        }
+    }
+
+    /// Keeps the count if `outcome` is a grant.
+    fn keep_if_granted(reserved: Option<&mut Reserved<'_>>, outcome: &Outcome) {
+        if let Some(reserved) = reserved {
+            reserved.kept = matches!(outcome, Ok(Okay::Granted(_)));
+        }
+    }
 }
 
 impl Drop for Reserved<'_> {
