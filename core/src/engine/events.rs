@@ -63,16 +63,19 @@ const NOTE_BYTES: usize = 64;
 impl Note {
     fn bytes(&self) -> usize {
         match self {
-            // Close to its encoded size without encoding it twice.
-            Note::Push(event) => {
-                NOTE_BYTES
-                    + event.key.as_ref().map_or(0, String::len)
-                    + event.set.as_ref().map_or(0, String::len)
-            }
+            Note::Push(event) => event_bytes(event),
             Note::Lease { .. } | Note::Done(_) => NOTE_BYTES,
             Note::Overflowed => 0,
         }
     }
+}
+
+/// Bytes an event is counted as: close to its encoded size, without
+/// encoding it twice.
+fn event_bytes(event: &Event) -> usize {
+    NOTE_BYTES
+        + event.key.as_ref().map_or(0, String::len)
+        + event.set.as_ref().map_or(0, String::len)
 }
 
 /// The sending side of one connection's queue; cheap to clone.
@@ -295,7 +298,7 @@ impl Events {
                 }
                 let charge = Charge {
                     shared: Arc::clone(&self.shared),
-                    bytes: Note::Push(event.clone()).bytes(),
+                    bytes: event_bytes(&event),
                 };
                 Some(Pushed::Event {
                     id: event.id,
@@ -338,7 +341,7 @@ impl Events {
             ..Event::about_grant(id, EventName::Expiring, warning.token)
         };
         // Made here, not sent: counted from now until written.
-        let bytes = Note::Push(event.clone()).bytes();
+        let bytes = event_bytes(&event);
         self.shared.queued.fetch_add(bytes, Ordering::AcqRel);
         let charge = Charge {
             shared: Arc::clone(&self.shared),
