@@ -238,7 +238,7 @@ impl Session {
             }
         };
         if let Some(forwarding) = self.forwards(&request.op) {
-            let outcome = self.forward_noting(forwarding, request, notify).await;
+            let outcome = Box::pin(self.forward_noting(forwarding, request, notify)).await;
             let mut outcome = self.prove(to_prove, outcome);
             if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
                 self.pin_to_link().await;
@@ -260,7 +260,8 @@ impl Session {
                 let snapshot = self.inner.engine.snapshot(top as usize).await;
                 Ok(Okay::Stats(Box::new(snapshot)))
             }
-            Op::Watch { target } => self.start_watch(id, target).await,
+            // Boxed: a watch's future would make every request's larger.
+            Op::Watch { target } => Box::pin(self.start_watch(id, target)).await,
             Op::Lock(op) => {
                 let mut reserved = notify.as_ref().map(|_| Reserved::new(self, id));
                 let outcome = self.call_shard(id, ShardOp::Lock(op), notify).await;
@@ -614,7 +615,11 @@ impl Session {
     /// subscriptions. `overloaded` past
     /// [`watches_per_connection_max`](crate::Limits::watches_per_connection_max);
     /// refused where the events could not reach the client.
-    fn subscribe_grant(&self, id: RequestId, op: &mut Op) -> Result<Option<Listener>, ServerError> {
+    fn subscribe_grant(
+        &self,
+        id: RequestId,
+        op: &mut Op,
+    ) -> Result<Option<Box<Listener>>, ServerError> {
         let Op::Lock(LockOp::Acquire(acquire)) = op else {
             return Ok(None);
         };
@@ -624,10 +629,11 @@ impl Session {
         acquire.notify = false;
         let shard = self.inner.engine.shard_of(&acquire.key);
         self.reserve_subscription(id, shard, false)?;
-        Ok(Some(Listener {
+        // Boxed: it travels in every request's future and message.
+        Ok(Some(Box::new(Listener {
             id,
             sink: self.inner.sink.clone(),
-        }))
+        })))
     }
 
     /// Counts request `id` (on `shard`) among the connection's
@@ -660,7 +666,7 @@ impl Session {
     /// already: a refused `notify`, or a cancelled watch (which ends here,
     /// on a follower too: it is served here). A cancelled `lock` with
     /// `notify` goes on, as any cancel, to the lock, which may still wait.
-    fn events_first(&self, id: RequestId, op: &mut Op) -> Result<Option<Listener>, Outcome> {
+    fn events_first(&self, id: RequestId, op: &mut Op) -> Result<Option<Box<Listener>>, Outcome> {
         if let Op::Cancel { target } = *op
             && self.unsubscribe(target) == Some(true)
         {
@@ -675,10 +681,10 @@ impl Session {
         &self,
         forwarding: &Forwarding,
         request: Request,
-        notify: Option<Listener>,
+        notify: Option<Box<Listener>>,
     ) -> Outcome {
         let id = request.id;
-        let follow = notify.map(|listener| self.prepare_to_follow(&request.op, listener));
+        let follow = notify.map(|listener| self.prepare_to_follow(&request.op, *listener));
         let mut reserved = follow.as_ref().map(|_| Reserved::new(self, id));
         let outcome = self.forward(forwarding, request).await;
         if let (Some(follow), Ok(Okay::Granted(granted))) = (follow, &outcome) {
@@ -786,7 +792,12 @@ impl Session {
         Some(watch)
     }
 
-    async fn call_shard(&self, id: RequestId, op: ShardOp, notify: Option<Listener>) -> Outcome {
+    async fn call_shard(
+        &self,
+        id: RequestId,
+        op: ShardOp,
+        notify: Option<Box<Listener>>,
+    ) -> Outcome {
         let engine = &self.inner.engine;
         if engine.is_shutting_down() {
             return Err(ServerError::shutting_down());

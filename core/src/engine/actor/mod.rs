@@ -38,8 +38,9 @@ pub(crate) enum ShardMsg {
         op: ShardOp,
         reply: oneshot::Sender<Outcome>,
         /// For a `lock` with `notify`: who hears of the grant's lease and
-        /// end (see `events`).
-        notify: Option<Listener>,
+        /// end (see `events`). Boxed: every request's message carries the
+        /// field, and few use it.
+        notify: Option<Box<Listener>>,
     },
     /// Start a `watch` (answered on `reply` once it is in place).
     Watch {
@@ -103,7 +104,7 @@ pub(super) struct Pending {
     reply: Option<oneshot::Sender<Outcome>>,
     lock_key: Option<String>,
     /// A `lock` with `notify`: who listens to its grant.
-    notify: Option<Listener>,
+    notify: Option<Box<Listener>>,
 }
 
 /// A batch handed to the journal and not yet applied.
@@ -679,7 +680,7 @@ impl Actor {
             if let (Ok(Okay::Granted(g)), Some(listener), Some(key)) =
                 (&outcome, &pending.notify, &pending.lock_key)
             {
-                let listener = listener.clone();
+                let listener = Listener::clone(listener);
                 self.listeners.watch_grant(key.clone(), g.token, listener);
             }
             let granted = matches!(outcome, Ok(Okay::Granted(_)));
