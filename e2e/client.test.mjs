@@ -328,6 +328,47 @@ describe("the JavaScript client in Node", () => {
     assert.equal(ephemeral.validFor(), 0, "closing stopped the handle");
   });
 
+  test("pushed events: notify warns and marks a lock lost at once; watches hear a key and a set (SPEC section 7)", TIMEOUT, async () => {
+    const a = await client();
+    const b = await client();
+
+    // Someone else unlocks it with its token: the server's `lost` ends the
+    // lock at once, though its lease view has a minute left.
+    const held = await a.lock("events/held", { ttl: 60_000, notify: true });
+    await b.unlock("events/held", held.token);
+    await within(5000, held.lost, "the pushed lost");
+    assert.equal(held.validFor(), 0);
+
+    // A third of the lease left, and no extend: `expiring`.
+    const short = await a.lock("events/short", { ttl: 900, notify: true });
+    const remaining = await within(5000, new Promise((resolve) => short.onExpiring(resolve)), "expiring");
+    assert.ok(remaining <= 300, `a third or less of the lease is left (${remaining} ms)`);
+    assert.ok(short.isHeld(), "before the lease ends");
+    short.detach();
+
+    const keys = await a.watchKey("events/k");
+    const granted = await b.lock("events/k", { ttl: 60_000 });
+    assert.deepEqual(await within(5000, keys.next(), "granted"), { event: "granted", key: "events/k", token: granted.token });
+    await granted.unlock();
+    assert.deepEqual(await within(5000, keys.next(), "released"), { event: "released", key: "events/k", token: granted.token });
+    keys.cancel();
+    assert.equal(await keys.next(), null, "over once cancelled");
+
+    const sets = await a.watchSet("events/s");
+    await b.set("events/s").setUp(60_000);
+    const seen = [];
+    for await (const event of sets) {
+      seen.push(event);
+      if (seen.length === 1) await b.set("events/s").tearDown();
+      if (seen.length === 2) break;
+    }
+    assert.deepEqual(seen, [
+      { event: "created", set: "events/s" },
+      { event: "torn_down", set: "events/s" },
+    ]);
+    sets.cancel();
+  });
+
   test("a waiting lock can be given up with an AbortSignal", TIMEOUT, async () => {
     const a = await client();
     const b = await client();

@@ -16,6 +16,7 @@ async fn lock(session: &Session, key: String, ephemeral: bool) {
         ephemeral,
         mode: Mode::MUTEX,
         lock_delay_ms: 0,
+        notify: false,
     };
     let reply = session
         .execute(Request {

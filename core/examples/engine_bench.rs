@@ -46,6 +46,7 @@ async fn one_pair(session: &Session, key: String) {
         ephemeral: false,
         mode: Mode::MUTEX,
         lock_delay_ms: 0,
+        notify: false,
     }));
     let reply = session.execute(Request { id: 1, op: lock }).await;
     let Ok(Okay::Granted(Granted { token, .. })) = reply.outcome else {

@@ -64,6 +64,7 @@ async fn hold_locks(session: &Session, count: u64) {
             ephemeral: false,
             mode: Mode::MUTEX,
             lock_delay_ms: 0,
+            notify: false,
         };
         execute(session, Op::Lock(LockOp::Acquire(acquire))).await;
     }

@@ -68,6 +68,7 @@ impl<'a> Need<'a> {
         match op {
             Op::Hello { .. } | Op::Ping | Op::Cancel { .. } => Need::Session,
             Op::Stats { .. } => Need::Admin,
+            Op::Watch { target } => Need::Read(target.name()),
             Op::Lock(LockOp::Inspect { key }) => Need::Read(key),
             Op::Lock(op) => Need::Lock(op.key()),
             Op::Set(SetOp::Members { set, .. } | SetOp::Inspect { set }) => Need::Read(set),

@@ -35,6 +35,7 @@ fn a_valid_lock_request_decodes_with_every_field() {
         ephemeral: true,
         mode: Mode::MUTEX,
         lock_delay_ms: 0,
+        notify: false,
     }));
     assert_eq!(
         request,
@@ -408,6 +409,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
                     ephemeral,
                     mode,
                     lock_delay_ms,
+                    notify: false,
                 }))
             }),
         (arb_key(), any::<u64>()).prop_map(|(key, token)| Op::Lock(LockOp::Release { key, token })),

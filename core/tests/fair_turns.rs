@@ -54,6 +54,7 @@ fn lock(key: &str) -> Op {
         ephemeral: false,
         mode: Mode::MUTEX,
         lock_delay_ms: 0,
+        notify: false,
     }))
 }
 

@@ -72,6 +72,7 @@ fn random_op(rng: &mut Lcg) -> Op {
             ephemeral: rng.below(3) == 0,
             mode: Mode::MUTEX,
             lock_delay_ms: 0,
+            notify: false,
         })),
         5 => Op::Lock(LockOp::Release {
             key,

@@ -838,6 +838,7 @@ impl Run {
                     ephemeral,
                     mode,
                     lock_delay_ms: delay,
+                    notify: false,
                 });
                 let request = self.send(client, ShardOp::Lock(op));
                 self.model.lock(

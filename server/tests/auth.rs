@@ -109,6 +109,9 @@ fn every_op(token: u64) -> Vec<Value> {
         json!({"op": "inspect_set", "set": "results/s"}),
         json!({"op": "tear_down", "set": "results/s"}),
         json!({"op": "stats"}),
+        json!({"op": "watch", "key": "jobs/a"}),
+        json!({"op": "watch", "set": "results/s"}),
+        json!({"op": "lock", "key": "jobs/b", "ttl_ms": 60000, "notify": true}),
     ]
 }
 
@@ -184,6 +187,8 @@ async fn grants_are_by_prefix_and_kind_of_op() {
         json!({"op": "inspect", "key": "other"}),
         json!({"op": "members", "set": "other"}),
         json!({"op": "stats"}),
+        json!({"op": "watch", "key": "other"}),
+        json!({"op": "watch", "set": "other"}),
     ]
     .into_iter()
     .enumerate()
@@ -200,6 +205,9 @@ async fn grants_are_by_prefix_and_kind_of_op() {
     assert!(workers.call(set_up).await["ok"].is_object());
     let members = json!({"id": 22, "op": "members", "set": "results/1"});
     assert!(workers.call(members).await["ok"].is_object());
+    // A watch needs the `read` grant of its key or set.
+    let watch = json!({"id": 23, "op": "watch", "key": "jobs/1"});
+    assert_eq!(workers.call(watch).await["ok"], json!({}));
 }
 
 #[tokio::test]

@@ -116,6 +116,29 @@ export interface LockOptions {
   /** After this lease runs out (not after an unlock), nobody is granted the
    * key for this many ms (at most 60 000). */
   lockDelay?: number;
+  /** Have the server push `expiring` (see `Lock.onExpiring`) and `lost`
+   * (which resolves `Lock.lost` at once) about the grant. */
+  notify?: boolean;
+}
+
+/** A pushed event of a `watch` (SPEC section 7); the lock `key` with
+ * `token`, or the `set`. */
+export interface WatchEvent {
+  event: "granted" | "released" | "expired" | "created" | "torn_down" | "expiring" | "lost";
+  key?: string;
+  set?: string;
+  token?: number;
+  remaining_ms?: number;
+  reason?: "expired" | "revoked";
+}
+
+/** The events of a `watch`, in order, until `cancel()` or its connection
+ * closes (then `next()` gives null: watch again). */
+export declare class Watch implements AsyncIterable<WatchEvent> {
+  next(): Promise<WatchEvent | null>;
+  [Symbol.asyncIterator](): AsyncIterator<WatchEvent>;
+  /** Ends the watch; the server stops its events. */
+  cancel(): void;
 }
 
 /** A counting semaphore (`Client.semaphore`). */
@@ -196,6 +219,11 @@ export declare class Client extends EventTarget {
   lockShared(key: string, options: Omit<LockOptions, "shared" | "limit">): Promise<Lock | null>;
   /** The counting semaphore `key` with `limit` permits. */
   semaphore(key: string, limit: number): Semaphore;
+  /** Every grant (`granted`), release (`released`) and expiry (`expired`)
+   * of the lock `key` from now on. Needs the `read` grant of `key`. */
+  watchKey(key: string): Promise<Watch>;
+  /** The creation, expiry and tear-down (`torn_down`) of the set `name`. */
+  watchSet(name: string): Promise<Watch>;
   /** Restarts the lease of grant `token` of `key`, from any connection. */
   extend(key: string, token: number, ttl: number): Promise<void>;
   /** Ends grant `token` of `key`, from any connection. `not_held` if it had
@@ -262,6 +290,10 @@ export declare class Lock {
   isHeld(): boolean;
   /** Calls `callback` when the lock is lost; returns an unsubscribe function. */
   onLost(callback: () => void): () => void;
+  /** With `notify`: calls `callback(remainingMs)` when the server says a
+   * third of the lease is left without an extend; returns an unsubscribe
+   * function. */
+  onExpiring(callback: (remainingMs: number) => void): () => void;
   /** Restarts the lease at `ttl` (renewal follows the new lease).
    * `not_held` marks the lock lost. */
   extend(ttl: number): Promise<void>;

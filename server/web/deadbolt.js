@@ -207,6 +207,9 @@ class Connection {
     this.retired = false;
     /** id → { resolve, reject } of requests awaiting their reply. */
     this.pending = new Map();
+    /** id → Watch: where the pushed events of each request that asked
+     * for them go (a `watch`, a `lock` with `notify`). */
+    this.routes = new Map();
     /** Set when this side closes on purpose: what pending requests fail with. */
     this.closeError = null;
     socket.addEventListener("message", (event) => this.#onMessage(event));
@@ -258,6 +261,11 @@ class Connection {
     } catch {
       return; // Not ours to answer; the server only sends JSON.
     }
+    if (typeof reply?.event === "string") {
+      // A pushed event (SPEC section 7): its second field is `event`.
+      this.routes.get(reply.id)?._push(reply);
+      return;
+    }
     const waiting = this.pending.get(reply?.id);
     if (!waiting) return; // A reply to a request given up on (a cancel's, say).
     this.pending.delete(reply.id);
@@ -281,6 +289,10 @@ class Connection {
     const pending = [...this.pending.values()];
     this.pending.clear();
     for (const { reject } of pending) reject(error);
+    // Every feed of events ends with its connection.
+    const feeds = [...this.routes.values()];
+    this.routes.clear();
+    for (const feed of feeds) feed._end();
     this.events.onClosed(this, !this.closeError);
   }
 }
@@ -500,7 +512,7 @@ export class Client extends EventTarget {
    * Resolves with `{ok, sentAt, attempt, connection}`: `sentAt` is when the
    * answered attempt was sent, which a lease view is anchored at.
    */
-  async _exchange(make, { signal } = {}) {
+  async _exchange(make, { signal, onSend } = {}) {
     let down = 0;
     let failedAt = null;
     let earlierMayHaveRun = false;
@@ -516,6 +528,8 @@ export class Client extends EventTarget {
           failedAt = null;
         }
         const id = this.#nextId++;
+        // A request that asks for events gets its route before it is sent.
+        onSend?.(connection, id);
         const sentAt = now();
         const reply = connection.request(id, fields, this.#options.maxMessageBytes);
         sent = true;
@@ -589,9 +603,16 @@ export class Client extends EventTarget {
    * out (not after an unlock). Resolves with a Lock, or null when the key
    * was busy or the wait ran out.
    */
-  async lock(key, { ttl, wait, ephemeral = false, autoRenew = false, signal, shared = false, limit, lockDelay } = {}) {
+  async lock(
+    key,
+    { ttl, wait, ephemeral = false, autoRenew = false, signal, shared = false, limit, lockDelay, notify = false } = {},
+  ) {
     const ttlMs = millis("ttl", ttl, 1);
     const kind = lockKind({ shared, limit, lockDelay });
+    if (notify) kind.notify = true;
+    // With `notify`, the feed of the answered attempt's events.
+    let feed = null;
+    const onSend = notify ? (connection, id) => (feed = this.#route(feed, connection, id)) : undefined;
     const forever = wait === undefined || wait === null || wait === Infinity;
     const waitMs = forever ? null : millis("wait", wait, 0);
     const deadline = forever ? null : now() + waitMs;
@@ -607,20 +628,24 @@ export class Client extends EventTarget {
             request.wait_ms = first && attempt === 0 ? waitMs : Math.max(0, Math.floor(deadline - now()));
           }
           return request;
-        }, { signal });
+        }, { signal, onSend });
         first = false;
       } catch (error) {
+        feed?._detach();
         if (signal?.aborted) throw signal.reason;
         if (error instanceof DeadboltError && (error.code === "busy" || error.code === "timeout")) return null;
         throw error;
       }
       if (signal?.aborted) {
         // Granted while the cancel was on its way: give it back.
+        feed?.cancel();
         await this.unlock(key, granted.ok.token).catch(() => {});
         throw signal.reason;
       }
       const lock = await this.#anchor(key, granted, { ephemeral, autoRenew });
+      if (lock && feed) lock._heed(feed);
       if (lock) return lock;
+      feed?.cancel();
       // The grant ran out before it could be re-anchored (the wait was
       // longer than the lease), or its ephemeral connection broke: ask
       // again, within the wait that is left.
@@ -629,8 +654,49 @@ export class Client extends EventTarget {
   }
 
   /** `lock` with `wait: 0`: a Lock, or null if someone else holds `key`. */
-  tryLock(key, { ttl, ephemeral = false, autoRenew = false, shared, limit, lockDelay } = {}) {
-    return this.lock(key, { ttl, wait: 0, ephemeral, autoRenew, shared, limit, lockDelay });
+  tryLock(key, { ttl, ephemeral = false, autoRenew = false, shared, limit, lockDelay, notify } = {}) {
+    return this.lock(key, { ttl, wait: 0, ephemeral, autoRenew, shared, limit, lockDelay, notify });
+  }
+
+  /**
+   * `watch` (SPEC section 7): every grant, release and expiry of the lock
+   * `key` from now on, as events `{event, key, token}` with `event` one of
+   * `granted`, `released`, `expired`. Resolves with a Watch once it is in
+   * place; read it with `next()` or `for await`, end it with `cancel()`.
+   * It lives on one connection and ends (`next()` gives null) with it.
+   */
+  watchKey(key) {
+    return this.#watch({ op: "watch", key });
+  }
+
+  /** `watch` of the distinct set `name`: events `{event, set}` with
+   * `event` one of `created`, `expired`, `torn_down`. See `watchKey`. */
+  watchSet(name) {
+    return this.#watch({ op: "watch", set: name });
+  }
+
+  async #watch(fields) {
+    let feed = null;
+    try {
+      await this._exchange(() => fields, {
+        onSend: (connection, id) => (feed = this.#route(feed, connection, id)),
+      });
+    } catch (error) {
+      feed?._detach();
+      throw error;
+    }
+    return feed;
+  }
+
+  /** A new feed for request `id` on `connection` (the last attempt's, if
+   * any, is dropped). */
+  #route(previous, connection, id) {
+    previous?._detach();
+    const max = this.#options.maxMessageBytes;
+    const cancel = () => connection.request(this.#nextId++, { op: "cancel", target: id }, max).catch(() => {});
+    const feed = new Watch(connection, id, cancel);
+    connection.routes.set(id, feed);
+    return feed;
   }
 
   /** `lock` with `shared: true`: one of any number of readers of `key`. */
@@ -762,6 +828,8 @@ export class Lock {
   #stopped = false;
   #unlocking = null;
   #lostListeners = new Set();
+  #expiringListeners = new Set();
+  #feed = null;
   #resolveLost;
   #watchTimer = null;
   #renewTimer = null;
@@ -815,6 +883,30 @@ export class Lock {
     return () => this.#lostListeners.delete(callback);
   }
 
+  /** With `notify`: calls `callback(remainingMs)` each time the server
+   * says a third of the lease is left without an extend (an extend
+   * re-arms it); returns a function that unregisters it. */
+  onExpiring(callback) {
+    this.#expiringListeners.add(callback);
+    return () => this.#expiringListeners.delete(callback);
+  }
+
+  /** @internal Heeds the server's events about this grant: `lost` marks
+   * the lock lost at once; `expiring` calls the `onExpiring` callbacks. */
+  async _heed(feed) {
+    this.#feed = feed;
+    for await (const event of feed) {
+      if (event.token !== this.token) continue;
+      if (event.event === "lost") {
+        this._markLost();
+        return;
+      }
+      if (event.event === "expiring") {
+        for (const listener of [...this.#expiringListeners]) listener(event.remaining_ms);
+      }
+    }
+  }
+
   /** Restarts the lease at `ttl` ms (and renews at that period from now
    * on). `not_held` marks the lock lost. */
   async extend(ttl) {
@@ -858,6 +950,8 @@ export class Lock {
     clearTimeout(this.#renewTimer);
     this.#wakeRenewal?.();
     this.#lostListeners.clear();
+    this.#expiringListeners.clear();
+    this.#feed?.cancel();
     this.#client._forget(this);
   }
 
@@ -946,6 +1040,71 @@ export class Lock {
       this._markLost();
       return;
     }
+  }
+}
+
+/**
+ * The events of one request (a `watch`, or a `lock` with `notify`), in the
+ * order the server pushed them: `await next()` (null once over) or
+ * `for await (const event of watch)`. `cancel()` ends it on the server.
+ */
+export class Watch {
+  #connection;
+  #id;
+  #cancel;
+  #queue = [];
+  #waiting = [];
+  #over = false;
+
+  /** @internal Use `client.watchKey` or `client.watchSet`. */
+  constructor(connection, id, cancel) {
+    this.#connection = connection;
+    this.#id = id;
+    this.#cancel = cancel;
+  }
+
+  /** The next event, or null once the watch is over (cancelled, or its
+   * connection closed: watch again, and `inspect` what changed). */
+  next() {
+    if (this.#queue.length > 0) return Promise.resolve(this.#queue.shift());
+    if (this.#over) return Promise.resolve(null);
+    return new Promise((resolve) => this.#waiting.push(resolve));
+  }
+
+  async *[Symbol.asyncIterator]() {
+    for (;;) {
+      const event = await this.next();
+      if (event === null) return;
+      yield event;
+    }
+  }
+
+  /** Ends the watch: the server stops its events. */
+  cancel() {
+    if (this.#over) return;
+    this._detach();
+    this.#cancel();
+  }
+
+  /** @internal An event for this request. */
+  _push(event) {
+    if (this.#over) return;
+    const { id: _id, ...fields } = event;
+    const waiting = this.#waiting.shift();
+    if (waiting) waiting(fields);
+    else this.#queue.push(fields);
+  }
+
+  /** @internal No more events (its connection closed). */
+  _end() {
+    this.#over = true;
+    for (const resolve of this.#waiting.splice(0)) resolve(null);
+  }
+
+  /** @internal Stops routing events here, and ends it. */
+  _detach() {
+    if (this.#connection.routes.get(this.#id) === this) this.#connection.routes.delete(this.#id);
+    this._end();
   }
 }
 

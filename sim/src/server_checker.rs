@@ -879,6 +879,7 @@ mod tests {
             ephemeral: false,
             mode: Mode::MUTEX,
             lock_delay_ms: 0,
+            notify: false,
         }));
         at_ms(
             ms,

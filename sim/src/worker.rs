@@ -399,6 +399,7 @@ impl Counter<'_> {
             ephemeral,
             mode: plan.mode(),
             lock_delay_ms: plan.lock_delay_ms,
+            notify: false,
         }));
         let _ = self.client.call(op).await;
     }

@@ -311,6 +311,9 @@ impl<'a> Reader<'a> {
             members_max: size(f[14]),
             member_bytes_max: size(f[15]),
             mailbox_len: size(f[16]),
+            // The bounds on pushed events are the frontends', not the
+            // shards': a replay never needs them, so they are not logged.
+            ..Limits::default()
         })
     }
 
@@ -403,6 +406,7 @@ mod tests {
             ephemeral: true,
             mode: Mode::MUTEX,
             lock_delay_ms: 0,
+            notify: false,
         });
         let insert = SetOp::Insert {
             set: "results".to_owned(),

@@ -88,6 +88,7 @@ fn lock(key: &str, ttl_ms: u64, wait_ms: Option<u64>, ephemeral: bool) -> Op {
         ephemeral,
         mode: Mode::MUTEX,
         lock_delay_ms: 0,
+        notify: false,
     }))
 }
 

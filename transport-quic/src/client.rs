@@ -6,9 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use deadbolt_core::client::{Connection, Connector, TransportError};
-use deadbolt_core::proto::{Outcome, Request, decode_reply, encode_request};
+use deadbolt_core::client::events::opens_feed;
+use deadbolt_core::client::{Connection, Connector, EventFeed, TransportError};
+use deadbolt_core::proto::event::decode_event;
+use deadbolt_core::proto::{Event, Outcome, Request, decode_reply, encode_request};
 use quinn::{Endpoint, RecvStream, SendStream};
+use tokio::sync::mpsc;
 
 use crate::config::QuicConfig;
 use crate::tls::{self, TlsError, Trust};
@@ -200,8 +203,121 @@ impl QuicConnection {
     }
 }
 
+/// Reads a stream one newline-ended line at a time (the last line may
+/// end with the stream instead).
+struct Lines {
+    recv: RecvStream,
+    buffer: Vec<u8>,
+}
+
+impl Lines {
+    /// The next line; `Ok(None)` at the end of the stream.
+    async fn next(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
+                line.pop();
+                return Ok(Some(line));
+            }
+            if self.buffer.len() > REPLY_BYTES_MAX {
+                return Err(TransportError::Protocol("message too large".to_owned()));
+            }
+            let mut chunk = [0u8; 4096];
+            match self.recv.read(&mut chunk).await.map_err(lost)? {
+                Some(n) => self.buffer.extend_from_slice(&chunk[..n]),
+                None if self.buffer.is_empty() => return Ok(None),
+                None => return Ok(Some(std::mem::take(&mut self.buffer))),
+            }
+        }
+    }
+}
+
+impl QuicConnection {
+    /// A request that asks for events, on its own stream: the reply is its
+    /// first line, each event a line after it, until the server finishes
+    /// the stream. Dropping the feed stops the stream, which ends the
+    /// events on the server.
+    async fn subscribe_on_stream(
+        &self,
+        request: Request,
+    ) -> Result<(Outcome, Option<EventFeed>), TransportError> {
+        let kind = request.op.kind();
+        let (mut send, recv) = self.conn.open_bi().await.map_err(lost)?;
+        let mut waiting = Waiting(Some(Lines {
+            recv,
+            buffer: Vec::new(),
+        }));
+        let text = encode_request(&request);
+        send.write_all(text.as_bytes()).await.map_err(lost)?;
+        send.finish().map_err(lost)?;
+        let first = match waiting.0.as_mut() {
+            Some(lines) => lines.next().await?,
+            None => None,
+        };
+        let lines = waiting.0.take();
+        let first = first.ok_or_else(|| lost("the stream ended without a reply"))?;
+        let raw = decode_reply(&first).map_err(|e| TransportError::Protocol(e.to_string()))?;
+        let outcome = raw
+            .into_outcome(kind)
+            .map_err(|e| TransportError::Protocol(e.to_string()))?;
+        if !matches!(&outcome, Ok(okay) if opens_feed(okay)) {
+            return Ok((outcome, None));
+        }
+        let Some(lines) = lines else {
+            return Err(lost("the stream went away"));
+        };
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(read_events(lines, tx));
+        Ok((outcome, Some(EventFeed::new(events, None))))
+    }
+}
+
+/// A request that asks for events, waiting for its reply: if dropped
+/// before the reply is read, its stream is stopped, which cancels a
+/// waiting `lock` on the server.
+struct Waiting(Option<Lines>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(lines) = self.0.as_mut() {
+            // It may be closed already; nothing more to do then.
+            let _ = lines.recv.stop(CANCEL.into());
+        }
+    }
+}
+
+/// Hands each event line of a stream to its feed, until the stream ends or
+/// the feed is dropped (then it stops the stream: the server ends the
+/// events).
+async fn read_events(mut lines: Lines, tx: mpsc::UnboundedSender<Event>) {
+    loop {
+        let line = tokio::select! {
+            biased;
+            () = tx.closed() => break,
+            line = lines.next() => line,
+        };
+        let Ok(Some(line)) = line else { return };
+        match decode_event(&line) {
+            Ok(event) => {
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "unreadable event from the server"),
+        }
+    }
+    let _ = lines.recv.stop(CANCEL.into());
+}
+
 #[async_trait]
 impl Connection for QuicConnection {
+    async fn subscribe(
+        &self,
+        request: Request,
+    ) -> Result<(Outcome, Option<EventFeed>), TransportError> {
+        self.subscribe_on_stream(request).await
+    }
+
     async fn call(&self, request: Request) -> Result<Outcome, TransportError> {
         self.exchange(request, None).await
     }

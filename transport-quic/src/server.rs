@@ -2,12 +2,18 @@
 
 use std::future::Future;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use deadbolt_core::engine::Frontend;
-use deadbolt_core::proto::{Reply, ServerError, decode_request, encode_reply};
+use deadbolt_core::engine::events::{Events, Pushed};
+use deadbolt_core::proto::{
+    LockOp, Okay, Op, Reply, RequestId, ServerError, decode_request, encode_reply,
+};
 use deadbolt_core::{Engine, Limits, Session};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use quinn::{Endpoint, Incoming, ReadToEndError, RecvStream, SendStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::config::QuicConfig;
@@ -18,6 +24,9 @@ const CLOSE_SHUTDOWN: u32 = 1;
 /// The QUIC close code when a cluster's leader changed under a
 /// connection's ephemeral lock.
 const CLOSE_LEADER_CHANGED: u32 = 2;
+/// The QUIC close code when a connection let its pushed events pile up
+/// past its bound (it reads too slowly for them).
+const CLOSE_EVENTS_NOT_READ: u32 = 3;
 /// Streams a connection accepts before it lets other tasks run: as many
 /// requests as `FuturesUnordered` polls in one turn.
 const ACCEPTS_PER_TURN: u64 = 32;
@@ -124,6 +133,8 @@ async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Rece
     tokio::pin!(shutdown);
     let ended = session.ended();
     tokio::pin!(ended);
+    let mut events = session.take_events();
+    let routes = Routes::default();
     let shutting_down = loop {
         tokio::select! {
             biased;
@@ -136,9 +147,18 @@ async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Rece
                 break false;
             }
             Some(()) = streams.next(), if !streams.is_empty() => {}
+            pushed = next_event(&mut events), if events.is_some() => match pushed {
+                Some(Pushed::Overflow) => {
+                    conn.close(CLOSE_EVENTS_NOT_READ.into(), b"events not read");
+                    break false;
+                }
+                Some(pushed) => routes.route(pushed),
+                None => events = None,
+            },
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    streams.push(request(send, recv, session.clone(), limits, for_requests.clone()));
+                    let stream = Stream { send, recv, routes: routes.clone() };
+                    streams.push(request(stream, session.clone(), limits, for_requests.clone()));
                     accepted += 1;
                     if accepted.is_multiple_of(ACCEPTS_PER_TURN) {
                         // quinn has thousands of streams ready in a burst,
@@ -174,14 +194,82 @@ fn log_end(peer: std::net::SocketAddr, error: &quinn::ConnectionError) {
     }
 }
 
-/// One stream: read one request, answer it, finish.
+/// The next event of the connection's queue; never, without one.
+async fn next_event(events: &mut Option<Events>) -> Option<Pushed> {
+    match events {
+        Some(events) => events.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Where each request with events coming gets them: its stream's
+/// channel, by request id. The streams run in the connection's task, so
+/// the lock is never contended.
+#[derive(Clone, Default)]
+struct Routes(Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<Pushed>>>>);
+
+impl Routes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, mpsc::UnboundedSender<Pushed>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands `pushed` to its request's stream (an event whose stream has
+    /// gone is dropped, and stops counting against the bound).
+    fn route(&self, pushed: Pushed) {
+        let id = match &pushed {
+            Pushed::Event { id, .. } | Pushed::Done { id } => *id,
+            Pushed::Overflow => return,
+        };
+        if let Some(route) = self.lock().get(&id) {
+            let _ = route.send(pushed);
+        }
+    }
+
+    /// Opens the route of request `id`: its events wait in the receiver
+    /// until its reply is written.
+    fn open(&self, id: RequestId) -> mpsc::UnboundedReceiver<Pushed> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().insert(id, tx);
+        rx
+    }
+
+    fn close(&self, id: RequestId) {
+        self.lock().remove(&id);
+    }
+}
+
+/// One request's stream.
+struct Stream {
+    send: SendStream,
+    recv: RecvStream,
+    routes: Routes,
+}
+
+/// Whether `op` asks for pushed events: a `watch`, or a `lock` with
+/// `notify`.
+fn has_events(op: &Op) -> bool {
+    match op {
+        Op::Watch { .. } => true,
+        Op::Lock(LockOp::Acquire(acquire)) => acquire.notify,
+        _ => false,
+    }
+}
+
+/// One stream: read one request, answer it, finish; or, for a request
+/// with events that succeeded, keep the stream open and write each event
+/// as a line of its own until the request's events end (then finish) or
+/// the client stops the stream (then the events stop).
 async fn request(
-    mut send: SendStream,
-    mut recv: RecvStream,
+    stream: Stream,
     session: Session,
     limits: Limits,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let Stream {
+        mut send,
+        mut recv,
+        routes,
+    } = stream;
     let bytes = match recv.read_to_end(limits.message_bytes_max).await {
         Ok(bytes) => bytes,
         Err(ReadToEndError::TooLong) => {
@@ -211,6 +299,7 @@ async fn request(
         }
     };
     let id = request.id;
+    let mut events = has_events(&request.op).then(|| routes.open(id));
     let cancelled = send.stopped();
     let reply = tokio::select! {
         biased;
@@ -226,7 +315,58 @@ async fn request(
         }
         reply = session.execute(request) => reply,
     };
-    answer(&mut send, &reply).await;
+    let events = events
+        .take()
+        .filter(|_| matches!(reply.outcome, Ok(ref ok) if subscribed(ok)));
+    let Some(events) = events else {
+        routes.close(id);
+        answer(&mut send, &reply).await;
+        return;
+    };
+    let mut line = encode_reply(&reply);
+    line.push('\n');
+    if send.write_all(line.as_bytes()).await.is_ok() {
+        write_events(&mut send, events, &mut stopped).await;
+    }
+    routes.close(id);
+    if !session.stop_events(id) {
+        // Its events ended on their own: say so by finishing.
+        let _ = send.finish();
+    }
+}
+
+/// Whether a successful reply leaves events coming: a grant (of a `lock`
+/// with `notify`) or a watch in place.
+fn subscribed(ok: &Okay) -> bool {
+    matches!(ok, Okay::Granted(_) | Okay::Empty(_))
+}
+
+/// Writes each event as a line until the request's events are done, the
+/// client stops the stream, or the server shuts down.
+async fn write_events(
+    send: &mut SendStream,
+    mut events: mpsc::UnboundedReceiver<Pushed>,
+    stopped: &mut watch::Receiver<bool>,
+) {
+    loop {
+        let pushed = tokio::select! {
+            biased;
+            _ = send.stopped() => return,
+            _ = stopped.changed() => return,
+            pushed = events.recv() => pushed,
+        };
+        match pushed {
+            Some(Pushed::Event { text, charge, .. }) => {
+                let mut line = text;
+                line.push('\n');
+                if send.write_all(line.as_bytes()).await.is_err() {
+                    return;
+                }
+                drop(charge);
+            }
+            Some(Pushed::Done { .. } | Pushed::Overflow) | None => return,
+        }
+    }
 }
 
 async fn answer(send: &mut SendStream, reply: &Reply) {

@@ -17,9 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadbolt_core::client::{Connection, Connector, TransportError};
+use deadbolt_core::client::events::opens_feed;
+use deadbolt_core::client::{Connection, Connector, EventFeed, TransportError};
+use deadbolt_core::proto::event::{decode_event, is_event};
 use deadbolt_core::proto::{
-    LockOp, Op, OpKind, Outcome, Request, RequestId, Wait, decode_reply, encode_request,
+    Event, LockOp, Op, OpKind, Outcome, Request, RequestId, Wait, decode_reply, encode_request,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -243,7 +245,11 @@ struct Pending {
 #[derive(Default)]
 struct Shared {
     pending: Mutex<BTreeMap<RequestId, Pending>>,
+    /// Where the pushed events of each request that asked for them go.
+    routes: Mutex<BTreeMap<RequestId, mpsc::UnboundedSender<Event>>>,
     open: AtomicBool,
+    /// The id of the next `cancel` this connection sends on its own.
+    next_cancel: AtomicU64,
 }
 
 impl Shared {
@@ -253,15 +259,28 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id)
     }
+
+    fn routes(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<RequestId, mpsc::UnboundedSender<Event>>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A request id for a `cancel` of the connection's own: from 2^63 up,
+    /// apart from the client's ids.
+    fn cancel_of(&self, target: RequestId) -> Message {
+        let request = Request {
+            id: self.next_cancel.fetch_add(1, Ordering::Relaxed),
+            op: Op::Cancel { target },
+        };
+        Message::Text(encode_request(&request).into())
+    }
 }
 
 /// One WebSocket connection.
 struct WsConnection {
     outbox: mpsc::Sender<Message>,
     shared: Arc<Shared>,
-    /// Ids for the cancels this connection sends on its own, far above the
-    /// client's ids.
-    next_cancel: AtomicU64,
 }
 
 impl WsConnection {
@@ -270,14 +289,13 @@ impl WsConnection {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (outbox, queued) = mpsc::channel(config.queue_len.max(1));
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            next_cancel: AtomicU64::new(1 << 63),
+            ..Shared::default()
+        });
         shared.open.store(true, Ordering::Release);
         tokio::spawn(drive(ws, queued, Arc::clone(&shared), config));
-        WsConnection {
-            outbox,
-            shared,
-            next_cancel: AtomicU64::new(1 << 63),
-        }
+        WsConnection { outbox, shared }
     }
 }
 
@@ -327,6 +345,31 @@ impl Connection for WsConnection {
         self.shared.open.load(Ordering::Acquire)
     }
 
+    /// Events come on the connection, each under its request's id; the
+    /// route is opened before the request is sent, so none is missed.
+    /// Dropping the feed cancels the request on the server.
+    async fn subscribe(
+        &self,
+        request: Request,
+    ) -> Result<(Outcome, Option<EventFeed>), TransportError> {
+        let id = request.id;
+        let (route, events) = mpsc::unbounded_channel();
+        self.shared.routes().insert(id, route);
+        let outcome = self.call(request).await;
+        if !matches!(&outcome, Ok(Ok(okay)) if opens_feed(okay)) {
+            self.shared.routes().remove(&id);
+            return outcome.map(|outcome| (outcome, None));
+        }
+        let (shared, outbox) = (Arc::clone(&self.shared), self.outbox.clone());
+        let stop = move || {
+            shared.routes().remove(&id);
+            // As for any cancel: if it cannot be queued, the connection
+            // is busy or dying, and its close ends the events anyway.
+            let _ = outbox.try_send(shared.cancel_of(id));
+        };
+        Ok((outcome?, Some(EventFeed::new(events, Some(Box::new(stop))))))
+    }
+
     async fn closed(&self) {
         // The driver drops its end of the queue as soon as it gives the
         // connection up.
@@ -348,17 +391,11 @@ impl Drop for CancelOnDrop<'_> {
         if self.done || self.connection.shared.take(self.id).is_none() || !self.cancel {
             return;
         }
-        let request = Request {
-            id: self.connection.next_cancel.fetch_add(1, Ordering::Relaxed),
-            op: Op::Cancel { target: self.id },
-        };
+        let cancel = self.connection.shared.cancel_of(self.id);
         // A full queue means a busy or dying connection; if the cancel
         // cannot be queued the server still skips the waiter once this
         // connection closes.
-        let _ = self
-            .connection
-            .outbox
-            .try_send(Message::Text(encode_request(&request).into()));
+        let _ = self.connection.outbox.try_send(cancel);
     }
 }
 
@@ -419,6 +456,8 @@ async fn drive<S>(
         shared.open.store(false, Ordering::Release);
         std::mem::take(&mut *map).into_values().collect()
     };
+    // Every feed ends with the connection.
+    shared.routes().clear();
     // Wakes whoever waits for the connection to close.
     drop(queued);
     for p in pending {
@@ -429,8 +468,21 @@ async fn drive<S>(
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }
 
-/// Hands one reply to the request waiting for it.
+/// Hands one reply to the request waiting for it, or one pushed event to
+/// its request's feed.
 fn deliver(shared: &Shared, bytes: &[u8]) {
+    if is_event(bytes) {
+        match decode_event(bytes) {
+            Ok(event) => {
+                if let Some(route) = shared.routes().get(&event.id) {
+                    // A feed dropped meanwhile has nobody to tell.
+                    let _ = route.send(event);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "unreadable event from the server"),
+        }
+        return;
+    }
     let raw = match decode_reply(bytes) {
         Ok(raw) => raw,
         Err(error) => {

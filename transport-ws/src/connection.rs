@@ -7,7 +7,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use deadbolt_core::proto::{Reply, Request, ServerError, decode_request, encode_reply};
+use deadbolt_core::engine::events::{Charge, Events, Pushed};
+use deadbolt_core::proto::{Reply, Request, RequestId, ServerError, decode_request, encode_reply};
 use deadbolt_core::{Limits, Session};
 use futures_util::stream::{FuturesUnordered, SplitSink};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -193,7 +194,18 @@ where
     tokio::pin!(shutdown);
     let ended = session.ended();
     tokio::pin!(ended);
+    let mut events = session.take_events();
+    // Events of requests whose reply is not written yet: a client hears
+    // of a grant before it hears of its lease.
+    let mut held_back: Vec<(RequestId, String, Charge)> = Vec::new();
     let end = loop {
+        if !held_back.is_empty()
+            && write_held_back(&mut sink, &mut held_back, &in_flight.ids, config)
+                .await
+                .is_err()
+        {
+            break End::Broken(CANNOT_WRITE.into());
+        }
         if let Some(waiting) = parked.take_if(|p| budget.fits(p.bound)) {
             let refused = in_flight.start(&session, waiting, &mut budget);
             if let Some(reply) = refused {
@@ -257,6 +269,22 @@ where
                     }
                 }
             }
+            pushed = next_event(&mut events), if events.is_some() => match pushed {
+                Some(Pushed::Event { id, text, charge }) => {
+                    if in_flight.ids.contains_key(&id) {
+                        held_back.push((id, text, charge));
+                    } else if within(config, sink.send(Message::Text(text.into()))).await.is_err() {
+                        break End::Broken(CANNOT_WRITE.into());
+                    } else {
+                        drop(charge);
+                    }
+                }
+                Some(Pushed::Done { .. }) => {}
+                // The client let its events pile up past the bound: it
+                // reads too slowly for them, as a stalled reader would.
+                Some(Pushed::Overflow) => break End::Close(CloseCode::Policy, "events not read"),
+                None => events = None,
+            },
             _ = idle.tick() => {
                 let silence = heard.elapsed();
                 if silence >= config.idle_close {
@@ -277,6 +305,36 @@ where
     let trouble = end.trouble();
     say_goodbye(&mut sink, end, &mut in_flight, config).await;
     trouble
+}
+
+/// The next event of the connection's queue; never, without one.
+async fn next_event(events: &mut Option<Events>) -> Option<Pushed> {
+    match events {
+        Some(events) => events.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes the held-back events whose request's reply has been written,
+/// in the order they came.
+async fn write_held_back<S>(
+    sink: &mut Sink<S>,
+    held_back: &mut Vec<(RequestId, String, Charge)>,
+    in_flight: &BTreeMap<u64, usize>,
+    config: &WsConfig,
+) -> Result<(), WriteFailed>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(held_back)
+        .into_iter()
+        .partition(|(id, _, _)| !in_flight.contains_key(id));
+    *held_back = waiting;
+    for (_, text, charge) in ready {
+        within(config, sink.send(Message::Text(text.into()))).await?;
+        drop(charge);
+    }
+    Ok(())
 }
 
 /// How to end the connection after a read error: the RFC 6455 close code

@@ -169,6 +169,7 @@ async fn the_client_reconnects_after_its_connection_is_cut() {
         ephemeral: false,
         mode: Mode::MUTEX,
         lock_delay_ms: 0,
+        notify: false,
     }));
     match within("retried lock", client.call(retry)).await {
         Ok(Okay::Granted(Granted { token, .. })) => {

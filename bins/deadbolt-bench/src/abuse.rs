@@ -635,6 +635,7 @@ async fn hold_locks(target: &Target, count: u64) -> anyhow::Result<()> {
                             ephemeral: false,
                             mode: Mode::MUTEX,
                             lock_delay_ms: 0,
+                            notify: false,
                         }));
                         client.call(op).await
                     }

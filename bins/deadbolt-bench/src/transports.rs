@@ -196,6 +196,7 @@ async fn one_cycle(client: &Client, key: String) -> anyhow::Result<()> {
         ephemeral: false,
         mode: Mode::MUTEX,
         lock_delay_ms: 0,
+        notify: false,
     }));
     let token = match client.call(lock).await {
         Ok(Okay::Granted(granted)) => granted.token,

@@ -76,6 +76,10 @@ pub enum Command {
     Unlock(UnlockArgs),
     /// Show who holds a lock and how many wait.
     Inspect(KeyArgs),
+    /// Print each grant, release and expiry of a lock (or, with --set,
+    /// each creation, expiry and tear-down of a distinct set) as it
+    /// happens, one JSON object a line, until interrupted.
+    Watch(WatchArgs),
     /// Print only the lines of stdin that are new to the distinct set NAME
     /// across every worker: a distributed `uniq`.
     Distinct(DistinctArgs),
@@ -314,6 +318,14 @@ pub struct ServeArgs {
     /// Most bytes of member keys over all distinct sets.
     #[arg(long, default_value_t = deadbolt_core::limits::gib(8))]
     pub member_bytes_max: usize,
+    /// Most pushed-event subscriptions one connection may hold (its
+    /// `watch`es and its `lock`s with `notify`); one more is `overloaded`.
+    #[arg(long, default_value_t = 1024)]
+    pub watches_per_connection_max: usize,
+    /// Most bytes of pushed events queued for one connection and not yet
+    /// written; past it the connection is closed as too slow a reader.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub event_bytes_max: usize,
     /// Sign every grant: each `lock` reply carries a `proof`, an Ed25519
     /// statement of key, token, client, mode, time and lease that a
     /// protected resource checks offline with the key `GET /pubkey` serves
@@ -427,6 +439,17 @@ pub struct UnlockArgs {
 pub struct KeyArgs {
     /// The lock's key.
     pub key: String,
+}
+
+/// `deadbolt watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The lock's key.
+    #[arg(required_unless_present = "set", conflicts_with = "set")]
+    pub key: Option<String>,
+    /// Watch the distinct set NAME instead of a lock.
+    #[arg(long, value_name = "NAME")]
+    pub set: Option<String>,
 }
 
 /// `deadbolt distinct`.

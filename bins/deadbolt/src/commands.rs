@@ -15,7 +15,7 @@ use tokio::process::Child;
 
 use crate::cli::{
     DistinctArgs, KeyArgs, LockArgs, MembersArgs, ServerArgs, SetArgs, SetUpArgs, TryLockArgs,
-    UnlockArgs,
+    UnlockArgs, WatchArgs,
 };
 use crate::connect;
 use crate::{EXIT_FAILED, EXIT_LOST, EXIT_NO};
@@ -190,6 +190,38 @@ fn answer_no(error: Error, what: &str) -> anyhow::Result<u8> {
         }
         _ => Err(error.into()),
     }
+}
+
+/// `deadbolt watch KEY` or `deadbolt watch --set NAME`: one JSON object a
+/// line per event (its `event`, `key` or `set`, and `token`), flushed as
+/// it comes. The watch lives on one connection: if that closes, it says
+/// so and exits 1, since events may have been missed.
+pub async fn watch(server: &ServerArgs, args: WatchArgs) -> anyhow::Result<u8> {
+    let client = connect::client(server).await?;
+    let mut watch = match (&args.key, &args.set) {
+        (_, Some(set)) => client.watch_set(set).await?,
+        (Some(key), None) => client.watch_key(key).await?,
+        (None, None) => anyhow::bail!("give a KEY or --set NAME"),
+    };
+    let what = match (&args.key, &args.set) {
+        (_, Some(set)) => format!("set {set}"),
+        (key, None) => format!("key {}", key.as_deref().unwrap_or_default()),
+    };
+    // On stderr, so that stdout holds only events: a script (or a test)
+    // may wait for this line before it makes changes to be seen.
+    eprintln!("deadbolt: watching {what}");
+    let mut stdout = tokio::io::stdout();
+    while let Some(event) = watch.next().await {
+        let mut line = serde_json::to_value(&event)?;
+        if let Some(fields) = line.as_object_mut() {
+            // The request id is the connection's business, not the reader's.
+            fields.remove("id");
+        }
+        stdout.write_all(format!("{line}\n").as_bytes()).await?;
+        stdout.flush().await?;
+    }
+    eprintln!("deadbolt: the connection closed; events may have been missed");
+    Ok(EXIT_NO)
 }
 
 /// `deadbolt inspect KEY`.

@@ -78,6 +78,7 @@ fn main() -> ExitCode {
             Command::TryLock(args) => commands::try_lock(server, args).await,
             Command::Unlock(args) => commands::unlock(server, args).await,
             Command::Inspect(args) => commands::inspect(server, args).await,
+            Command::Watch(args) => commands::watch(server, args).await,
             Command::Distinct(args) => commands::distinct(server, args).await,
             Command::SetUp(args) => commands::set_up(server, args).await,
             Command::Members(args) => commands::members(server, args).await,

@@ -441,6 +441,8 @@ fn engine_config(args: &ServeArgs) -> EngineConfig {
         sets_max: args.sets_max,
         members_max: args.members_max,
         member_bytes_max: args.member_bytes_max,
+        watches_per_connection_max: args.watches_per_connection_max,
+        event_bytes_max: args.event_bytes_max,
         ..Limits::default()
     };
     config

@@ -465,3 +465,44 @@ fn every_client_command_works_over_quic_too() {
         stderr(&insecure)
     );
 }
+
+#[test]
+fn watch_prints_each_event_of_a_key_as_a_json_line() {
+    use std::io::{BufRead, BufReader};
+    let server = Server::start();
+    let mut watcher = server
+        .command(&["watch", "res"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn watch");
+    let mut said = String::new();
+    BufReader::new(watcher.stderr.take().expect("stderr"))
+        .read_line(&mut said)
+        .expect("read stderr");
+    assert!(said.contains("watching"), "the watch is in place: {said}");
+    let taken = server.run(&["try-lock", "res", "--ttl", "30s"]);
+    assert!(taken.status.success(), "{}", stderr(&taken));
+    let token: u64 = stdout(&taken).trim().parse().expect("a token");
+    assert!(
+        server
+            .run(&["unlock", "res", &token.to_string()])
+            .status
+            .success()
+    );
+    let mut lines = BufReader::new(watcher.stdout.take().expect("stdout")).lines();
+    let mut next = || -> serde_json::Value {
+        let line = lines.next().expect("a line").expect("read");
+        serde_json::from_str(&line).expect("a JSON line")
+    };
+    assert_eq!(
+        next(),
+        serde_json::json!({"event": "granted", "key": "res", "token": token})
+    );
+    assert_eq!(
+        next(),
+        serde_json::json!({"event": "released", "key": "res", "token": token})
+    );
+    let _ = kill(Pid::from_raw(watcher.id() as i32), Signal::SIGTERM);
+    let _ = watcher.wait();
+}

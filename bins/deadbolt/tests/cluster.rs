@@ -559,3 +559,102 @@ async fn a_follower_forwards_with_its_clients_secret_and_refuses_outside_the_gra
     }
     guard.unlock().await.expect("unlock");
 }
+
+/// One JSON message per frame over a plain WebSocket: the frames that
+/// follow a request (its reply, then its pushed events), as they come.
+struct RawWs(tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>);
+
+impl RawWs {
+    async fn open(url: &str) -> RawWs {
+        let authority = url.trim_start_matches("ws://").trim_end_matches("/ws");
+        let stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .expect("tcp");
+        let (ws, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .expect("handshake");
+        RawWs(ws)
+    }
+
+    async fn send(&mut self, request: serde_json::Value) {
+        use futures_util::SinkExt;
+        let text = request.to_string();
+        self.0
+            .send(tokio_tungstenite::tungstenite::Message::Text(text.into()))
+            .await
+            .expect("send");
+    }
+
+    /// The next message, within 10 s.
+    async fn next(&mut self) -> serde_json::Value {
+        use futures_util::StreamExt;
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), self.0.next())
+                .await
+                .expect("a message within 10 s");
+            match frame {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
+                    return serde_json::from_str(&text).expect("JSON");
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Pushed events through any node (SPEC section 7): a follower serves a
+/// `watch` from the log it applies, and follows the grant of a `lock` with
+/// `notify` that it forwarded to the leader, so its client hears
+/// `expiring` and `lost` as it would from the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_pushes_the_events_of_watches_and_of_forwarded_grants() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = start_cluster(dir.path());
+    let leader = tokio::task::block_in_place(|| wait_for_leader(&nodes, None));
+    let follower = &nodes[(leader + 1) % 3].url;
+    let mut watcher = RawWs::open(follower).await;
+    watcher
+        .send(serde_json::json!({"id": 1, "op": "watch", "key": "k"}))
+        .await;
+    assert_eq!(watcher.next().await["ok"], serde_json::json!({}));
+    let mut holder = RawWs::open(follower).await;
+    let mut id = 10;
+    let token = loop {
+        // The follower may not have heard from the leader yet.
+        id += 1;
+        let lock =
+            serde_json::json!({"id": id, "op": "lock", "key": "k", "ttl_ms": 1500, "notify": true});
+        holder.send(lock).await;
+        let reply = holder.next().await;
+        if let Some(token) = reply["ok"]["token"].as_u64() {
+            break token;
+        }
+        assert_eq!(reply["err"]["code"], "unavailable", "{reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let sent = Instant::now();
+    let expiring = holder.next().await;
+    assert_eq!(
+        (&expiring["id"], &expiring["event"], &expiring["token"]),
+        (
+            &serde_json::json!(id),
+            &serde_json::json!("expiring"),
+            &serde_json::json!(token)
+        ),
+        "{expiring}"
+    );
+    let lost = holder.next().await;
+    assert_eq!(
+        lost,
+        serde_json::json!({"id": id, "event": "lost", "token": token, "reason": "expired"})
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "lost with the lease"
+    );
+    let event =
+        |name: &str| serde_json::json!({"id": 1, "event": name, "key": "k", "token": token});
+    assert_eq!(watcher.next().await, event("granted"));
+    assert_eq!(watcher.next().await, event("expired"));
+}

@@ -36,6 +36,7 @@
 //! - [`request`]: requests and their operations, as the engine sees them;
 //! - [`reply`]: successful replies, one type per reply shape;
 //! - [`error`]: wire error codes and the error a server sends;
+//! - [`event`]: the events a server pushes (SPEC section 7);
 //! - [`wire`]: JSON encode and decode, where every field and bound is
 //!   checked once so that nothing past the decoder meets bad input;
 //! - [`limits`]: every bound, each configurable;
@@ -43,6 +44,7 @@
 //!   constant time.
 
 pub mod error;
+pub mod event;
 pub mod limits;
 mod macros;
 pub mod ops;
@@ -54,6 +56,7 @@ pub mod secret;
 pub mod wire;
 
 pub use error::{ErrorCode, ServerError};
+pub use event::{Event, EventName, LostReason};
 pub use ops::{OP_NAMES, OpKind};
 pub use reply::HIDDEN_TOKEN;
 pub use reply::{
@@ -61,7 +64,9 @@ pub use reply::{
     LockCounters, LockInfo, Member, MembersPage, Okay, Outcome, SetCounters, SetInfo, SetSummary,
     SetUpReply, StatsReply, TornDown,
 };
-pub use request::{Acquire, Keys, LockOp, Mode, ModeName, Op, Request, RequestId, SetOp, Wait};
+pub use request::{
+    Acquire, Keys, LockOp, Mode, ModeName, Op, Request, RequestId, SetOp, Wait, Watched,
+};
 pub use secret::Secret;
 pub use wire::{DecodeError, Reply, decode_reply, decode_request, encode_reply, encode_request};
 

@@ -58,6 +58,14 @@ pub struct Limits {
     /// Messages queued in one shard's mailbox before requests are refused
     /// with `overloaded`.
     pub mailbox_len: usize,
+    /// Most event subscriptions one connection may hold at once: its
+    /// `watch`es and its `lock`s with `notify` whose grants last (SPEC
+    /// section 7). One more is answered `overloaded`.
+    pub watches_per_connection_max: usize,
+    /// Most bytes of pushed events queued for one connection and not yet
+    /// written; past it the connection is closed, as a reader too slow
+    /// for its events.
+    pub event_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -80,6 +88,8 @@ impl Default for Limits {
             members_max: 100_000_000,
             member_bytes_max: gib(8),
             mailbox_len: 4096,
+            watches_per_connection_max: 1024,
+            event_bytes_max: 1 << 20,
         }
     }
 }

@@ -35,8 +35,8 @@ use super::limits::{LOCK_DELAY_MS_MAX, LOCK_LIMIT_MAX};
 use super::macros::{define_ops, wire_fields};
 use super::request::{Acquire, Keys, LockOp, ModeName, Op, SetOp};
 use super::rules::{
-    Count, Flag, InRange, Integer, IntegerOr, ModeAndLimit, OneOrMany, OptSecret, OptionalUpTo,
-    Text, WaitMs,
+    Count, Flag, InRange, Integer, IntegerOr, KeyOrSet, ModeAndLimit, OneOrMany, OptSecret,
+    OptionalUpTo, Text, WaitMs,
 };
 
 wire_fields! {
@@ -63,6 +63,7 @@ wire_fields! {
     auth: String,
     mode: ModeName,
     lock_delay_ms: u64,
+    notify: bool,
 }
 
 define_ops! {
@@ -85,6 +86,14 @@ define_ops! {
         target: target => Integer,
     } => { Op::Cancel { target } }
 
+    /// `watch` (SPEC section 7): pushes an event for every grant, release
+    /// and expiry of the lock `key`, or for the creation, expiry and tear
+    /// down of the set `set`, until it is cancelled or its connection
+    /// closes; answered `{}` once the watch is in place.
+    Watch = "watch" -> Empty {
+        target: (key, set) => KeyOrSet(limits.key_bytes_max),
+    } => { Op::Watch { target } }
+
     /// `stats`: a bounded snapshot of the server, with the `top` held
     /// locks, contended keys and largest sets.
     Stats = "stats" -> Stats {
@@ -102,8 +111,11 @@ define_ops! {
         ephemeral: ephemeral => Flag,
         mode: (mode, limit) => ModeAndLimit(LOCK_LIMIT_MAX),
         lock_delay_ms: lock_delay_ms => OptionalUpTo(LOCK_DELAY_MS_MAX),
+        notify: notify => Flag,
     } => {
-        Op::Lock(LockOp::Acquire(Acquire { key, ttl_ms, wait, ephemeral, mode, lock_delay_ms }))
+        Op::Lock(LockOp::Acquire(Acquire {
+            key, ttl_ms, wait, ephemeral, mode, lock_delay_ms, notify
+        }))
     }
 
     /// `unlock`: ends the grant that `token` names; answered `{}`.

@@ -36,6 +36,12 @@ pub enum Op {
         /// How many entries each top list may hold.
         top: u32,
     },
+    /// Push events about a lock key or a set to this connection until
+    /// cancelled (SPEC section 7).
+    Watch {
+        /// What is watched.
+        target: Watched,
+    },
     /// An operation on one lock key.
     Lock(LockOp),
     /// An operation on one distinct set.
@@ -124,6 +130,11 @@ pub struct Acquire {
     /// When this grant's lease runs out (not when it is unlocked), nobody
     /// is granted the key for this many more milliseconds.
     pub lock_delay_ms: u64,
+    /// Push `expiring` and `lost` events about the grant to the
+    /// requester's connection (SPEC section 7). Not the shard's business:
+    /// the session takes it out before the request is ordered, so the log
+    /// never holds it.
+    pub notify: bool,
 }
 
 impl Acquire {
@@ -137,6 +148,25 @@ impl Acquire {
             ephemeral: false,
             mode: Mode::MUTEX,
             lock_delay_ms: 0,
+            notify: false,
+        }
+    }
+}
+
+/// What a `watch` watches: a lock key (`key`) or a distinct set (`set`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Watched {
+    /// The lock `key`: its grants, releases and expiries.
+    Key(String),
+    /// The set `set`: its creation, expiry and tear-down.
+    Set(String),
+}
+
+impl Watched {
+    /// The key or set name, which places the watch on a shard.
+    pub fn name(&self) -> &str {
+        match self {
+            Watched::Key(name) | Watched::Set(name) => name,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! live side by side here, so they cannot disagree.
 
 use super::error::ServerError;
-use super::request::{Keys, Mode, ModeName, Wait};
+use super::request::{Keys, Mode, ModeName, Wait, Watched};
 
 /// One wire field as the decoder hands it to a rule: its name (for error
 /// messages) and its value, if the request carried it.
@@ -312,6 +312,38 @@ impl Rule for OneOrMany {
         match value {
             Keys::One(key) => (Some(key), None),
             Keys::Many(keys) => (None, Some(keys)),
+        }
+    }
+}
+
+/// Exactly one of `key` (a lock key) and `set` (a set name), each of
+/// 1..=`max` bytes: what a `watch` watches.
+pub(crate) struct KeyOrSet(pub usize);
+
+impl Rule for KeyOrSet {
+    type Value = Watched;
+    type Wire = (Slot<String>, Slot<String>);
+    type Out<'a> = (Option<&'a str>, Option<&'a str>);
+
+    fn decode(self, (key, set): Self::Wire) -> Result<Watched, ServerError> {
+        match (key.value, set.value) {
+            (Some(name), None) => Ok(Watched::Key(text_in_bounds(key.name, name, self.0)?)),
+            (None, Some(name)) => Ok(Watched::Set(text_in_bounds(set.name, name, self.0)?)),
+            (Some(_), Some(_)) => Err(ServerError::bad_request(format!(
+                "give either `{}` or `{}`, not both",
+                key.name, set.name
+            ))),
+            (None, None) => Err(ServerError::bad_request(format!(
+                "missing field `{}` or `{}`",
+                key.name, set.name
+            ))),
+        }
+    }
+
+    fn encode(value: &Watched) -> Self::Out<'_> {
+        match value {
+            Watched::Key(key) => (Some(key), None),
+            Watched::Set(set) => (None, Some(set)),
         }
     }
 }

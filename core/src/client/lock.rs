@@ -18,7 +18,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::{Client, Connection, Error, Timed};
-use crate::proto::{Acquire, Empty, ErrorCode, Extended, Granted, LockOp, Mode, Op, Wait};
+use crate::proto::{
+    Acquire, Empty, ErrorCode, EventName, Extended, Granted, LockOp, Mode, Op, Wait,
+};
 
 /// How to take a lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +42,10 @@ pub struct LockOptions {
     /// granted the key for this long: time for a paused holder's writes
     /// in flight to land. Whole milliseconds, at most 60 s.
     pub lock_delay: Duration,
+    /// Ask the server to push `expiring` and `lost` events about the grant
+    /// (SPEC section 7), which [`LockGuard::expiring`] and
+    /// [`LockGuard::lost`] heed beside the client's own lease view.
+    pub notify: bool,
 }
 
 impl LockOptions {
@@ -53,7 +59,14 @@ impl LockOptions {
             auto_renew: false,
             mode: Mode::MUTEX,
             lock_delay: Duration::ZERO,
+            notify: false,
         }
+    }
+
+    /// Have the server push `expiring` and `lost` events about the grant.
+    pub fn notify(mut self, notify: bool) -> LockOptions {
+        self.notify = notify;
+        self
     }
 
     /// Hold the key shared: with any number of other shared holders, and
@@ -141,6 +154,8 @@ pub struct LockGuard {
     released: bool,
     /// The server's signed statement of the grant (`--sign-grants`).
     proof: Option<String>,
+    /// How many `expiring` events the server pushed (with `notify`).
+    warnings: Arc<watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for LockGuard {
@@ -238,9 +253,10 @@ impl Client {
                 ephemeral: options.ephemeral,
                 mode: options.mode,
                 lock_delay_ms: millis(options.lock_delay),
+                notify: options.notify,
             }))
         };
-        self.call_adapting(make_op).await
+        self.call_with(make_op, options.notify).await
     }
 
     /// Turns a grant into a guard with a sound lease view, or `None` if the
@@ -281,6 +297,9 @@ impl Client {
             options.auto_renew,
         );
         guard.proof = granted.proof;
+        if let Some(feed) = timed.events {
+            guard.heed(feed);
+        }
         Ok(Some(guard))
     }
 
@@ -366,6 +385,60 @@ impl LockGuard {
             tasks,
             released: false,
             proof: None,
+            warnings: Arc::new(watch::Sender::new(0)),
+        }
+    }
+
+    /// Heeds the server's events about this grant: `lost` ends the lease
+    /// view at once, `expiring` wakes [`LockGuard::expiring`]. The feed
+    /// ends with its connection; the lease view then goes on alone.
+    fn heed(&mut self, mut feed: super::EventFeed) {
+        let (lease, warnings) = (Arc::clone(&self.lease), Arc::clone(&self.warnings));
+        let token = self.token;
+        self.tasks.push(tokio::spawn(async move {
+            while let Some(event) = feed.next().await {
+                if event.token != Some(token) {
+                    continue;
+                }
+                match event.event {
+                    EventName::Lost => {
+                        lease.send_modify(|lease| lease.lost = true);
+                        return;
+                    }
+                    EventName::Expiring => {
+                        warnings.send_modify(|n| *n += 1);
+                    }
+                    _ => {}
+                }
+            }
+        }));
+    }
+
+    /// Resolves once a third of the lease (or less) is left without an
+    /// extend: when the server says so (a lock taken with
+    /// [`LockOptions::notify`]), or when the client's own lease view says
+    /// so, whichever is first; at once if the lock may be lost already.
+    /// Extend the lease then, or wind the work down.
+    pub async fn expiring(&self) {
+        let mut warned = self.warnings.subscribe();
+        warned.borrow_and_update();
+        let mut changes = self.lease.subscribe();
+        let third_left = |lease: &Lease| {
+            lease
+                .valid_until
+                .checked_sub(lease.ttl / 3)
+                .unwrap_or(lease.valid_until)
+        };
+        let local = async {
+            while let Some(lease) = next_lease(&mut changes, third_left).await {
+                if third_left(&lease) <= Instant::now() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            () = local => {}
+            _ = warned.changed() => {}
         }
     }
 

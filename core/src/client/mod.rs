@@ -22,6 +22,7 @@
 //! within the same budget and with the same client id. `overloaded` is
 //! retried on the same connection.
 
+pub mod events;
 pub mod failover;
 pub mod hedge;
 pub mod local;
@@ -42,6 +43,7 @@ use crate::proto::{
     Request, ServerError, SetOp, StatsReply,
 };
 use crate::shard::hasher::KeyHasher;
+pub use events::{EventFeed, Watch};
 pub use failover::FailoverConnector;
 pub use hedge::{HedgeOptions, HedgeStats};
 pub use local::LocalConnector;
@@ -102,6 +104,20 @@ pub trait Connection: Send + Sync {
     ) -> Result<Outcome, TransportError> {
         let _ = delivered;
         self.call(request).await
+    }
+
+    /// Sends `request`, which asks for pushed events (a `watch`, a `lock`
+    /// with `notify`), and returns its reply with the feed of its events
+    /// if it succeeded (SPEC section 7). By default the transport carries
+    /// none, and says so.
+    async fn subscribe(
+        &self,
+        request: Request,
+    ) -> Result<(Outcome, Option<EventFeed>), TransportError> {
+        let _ = request;
+        Err(TransportError::Protocol(
+            "this transport does not carry pushed events".to_owned(),
+        ))
     }
 }
 
@@ -246,6 +262,8 @@ pub(crate) struct Timed<T> {
     /// The connection that carried the answered attempt: an ephemeral grant
     /// lives only as long as it.
     pub connection: Arc<dyn Connection>,
+    /// For a request that asked for events: their feed.
+    pub events: Option<EventFeed>,
 }
 
 impl Client {
@@ -370,7 +388,17 @@ impl Client {
     /// `make_op`, which is told which attempt it is.
     pub(crate) async fn call_adapting<T: FromOkay>(
         &self,
+        make_op: impl FnMut(Attempt) -> Op,
+    ) -> Result<Timed<T>, Error> {
+        self.call_with(make_op, false).await
+    }
+
+    /// [`Client::call_adapting`]; with `subscribe`, for an op that asks
+    /// for pushed events, whose feed comes back in [`Timed::events`].
+    pub(crate) async fn call_with<T: FromOkay>(
+        &self,
         mut make_op: impl FnMut(Attempt) -> Op,
+        subscribe: bool,
     ) -> Result<Timed<T>, Error> {
         // The retry budget counts time without a working connection: it
         // starts at the first failure, and starts again whenever a request
@@ -382,12 +410,13 @@ impl Client {
         loop {
             let op = make_op(attempt);
             let sent_at = Instant::now();
-            let error = match self.try_once(op).await {
-                Ok((reply, connection)) => {
+            let error = match self.try_once(op, subscribe).await {
+                Ok((reply, connection, events)) => {
                     return Ok(Timed {
                         reply,
                         sent_at,
                         connection,
+                        events,
                     });
                 }
                 Err(error) => error,
@@ -409,14 +438,23 @@ impl Client {
         }
     }
 
-    async fn try_once<T: FromOkay>(&self, op: Op) -> Result<(T, Arc<dyn Connection>), Error> {
+    async fn try_once<T: FromOkay>(
+        &self,
+        op: Op,
+        subscribe: bool,
+    ) -> Result<(T, Arc<dyn Connection>, Option<EventFeed>), Error> {
         let connection = self.connection().await?;
         let kind = op.kind();
         let request = Request {
             id: self.next_request_id(),
             op,
         };
+        let mut events = None;
         let outcome = match &self.inner.hedger {
+            _ if subscribe => connection.subscribe(request).await.map(|(outcome, feed)| {
+                events = feed;
+                outcome
+            }),
             Some(hedger) if hedge::Hedger::applies(connection.as_ref(), &request.op) => {
                 let copy_id = self.next_request_id();
                 hedger.call(connection.as_ref(), request, copy_id).await
@@ -424,7 +462,12 @@ impl Client {
             _ => connection.call(request).await,
         };
         match outcome {
-            Ok(Ok(okay)) => Ok((reply_as(kind, okay)?, connection)),
+            Ok(Ok(okay)) => {
+                if subscribe && events.is_none() {
+                    return Err(events::no_feed());
+                }
+                Ok((reply_as(kind, okay)?, connection, events))
+            }
             Ok(Err(refused)) => {
                 if cannot_serve(&refused) {
                     self.leave(&connection);

@@ -13,9 +13,11 @@
 //! session announces that the connection closed.
 //!
 //! Layout: `actor` (the driver of one shard), [`session`] (one
-//! connection's view).
+//! connection's view), [`events`] (pushed events, from the shards'
+//! reports to a connection's queue).
 
 mod actor;
+pub mod events;
 mod mailbox;
 pub mod planted;
 pub mod replica;

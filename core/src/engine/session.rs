@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use tokio::sync::oneshot;
 
 use super::actor::ShardMsg;
+use super::events::{self, Events, Listener, Note, Sink, Subscription};
 use super::mailbox::Refused;
 use super::replica::Forwarding;
 use super::{Engine, Frontend};
@@ -14,7 +15,7 @@ use crate::client::Connection;
 use crate::proto::proof::Statement;
 use crate::proto::{
     HIDDEN_TOKEN, HelloReply, LockOp, Okay, Op, OpKind, Outcome, Reply, Request, RequestId,
-    SERVER_NAME, Secret, ServerError, Wait,
+    SERVER_NAME, Secret, ServerError, Wait, Watched,
 };
 use crate::shard::{Caller, ClientId, ConnId, Handle, ShardOp};
 
@@ -52,6 +53,11 @@ struct SessionInner {
     /// recorder on its first request here: `histogram!` with a label looks
     /// its key up (and allocates the labels) on every call.
     durations: [OnceLock<metrics::Histogram>; OpKind::ALL.len()],
+    /// Where this connection's pushed events go (SPEC section 7).
+    sink: Sink,
+    /// The queue they are read from, until its transport takes it; a
+    /// connection whose transport never does cannot subscribe.
+    events: Mutex<Option<Events>>,
 }
 
 #[derive(Debug)]
@@ -101,6 +107,7 @@ struct Waiting {
 
 impl Session {
     pub(super) fn new(engine: Engine, conn: ConnId, client: String, frontend: Frontend) -> Session {
+        let (sink, events) = events::queue(conn, engine.limits().event_bytes_max);
         Session {
             inner: Arc::new(SessionInner {
                 engine,
@@ -118,6 +125,8 @@ impl Session {
                 pinned: std::sync::atomic::AtomicBool::new(false),
                 watching: Mutex::new(None),
                 durations: std::array::from_fn(|_| OnceLock::new()),
+                sink,
+                events: Mutex::new(Some(events)),
             }),
         }
     }
@@ -131,6 +140,27 @@ impl Session {
     /// The client id bound to the connection.
     pub fn client(&self) -> ClientId {
         Arc::clone(&self.state().client)
+    }
+
+    /// The connection's queue of pushed events (SPEC section 7), for its
+    /// transport to write beside the replies; `None` after the first call.
+    /// Until a transport takes it, `watch` and `notify` are refused: their
+    /// events would have nowhere to go.
+    pub fn take_events(&self) -> Option<Events> {
+        self.inner
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Whether a transport reads this connection's events.
+    fn carries_events(&self) -> bool {
+        self.inner
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
     }
 
     /// Whether the engine behind this session is shutting down.
@@ -170,6 +200,15 @@ impl Session {
             };
         }
         let _in_flight = InFlight { session: self, id };
+        if self.inner.sink.subscriptions().contains(id) {
+            let live = format!(
+                "request id {id} has events still coming on this connection; `cancel` it first"
+            );
+            return Reply {
+                id: Some(id),
+                outcome: Err(ServerError::bad_request(live)),
+            };
+        }
         let admitted = match self.admit(&request.op) {
             Ok(admitted) => admitted,
             Err(error) => {
@@ -188,8 +227,18 @@ impl Session {
         let kind = request.op.kind();
         let ephemeral = matches!(&request.op, Op::Lock(LockOp::Acquire(a)) if a.ephemeral);
         let to_prove = self.to_prove(&request.op);
+        let mut request = request;
+        let notify = match self.events_first(id, &mut request.op) {
+            Ok(notify) => notify,
+            Err(outcome) => {
+                return Reply {
+                    id: Some(id),
+                    outcome,
+                };
+            }
+        };
         if let Some(forwarding) = self.forwards(&request.op) {
-            let outcome = self.forward(forwarding, request).await;
+            let outcome = Box::pin(self.forward_noting(forwarding, request, notify)).await;
             let mut outcome = self.prove(to_prove, outcome);
             if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
                 self.pin_to_link().await;
@@ -211,8 +260,15 @@ impl Session {
                 let snapshot = self.inner.engine.snapshot(top as usize).await;
                 Ok(Okay::Stats(Box::new(snapshot)))
             }
-            Op::Lock(op) => self.call_shard(id, ShardOp::Lock(op)).await,
-            Op::Set(op) => self.call_shard(id, ShardOp::Set(op)).await,
+            // Boxed: a watch's future would make every request's larger.
+            Op::Watch { target } => Box::pin(self.start_watch(id, target)).await,
+            Op::Lock(op) => {
+                let mut reserved = notify.as_ref().map(|_| Reserved::new(self, id));
+                let outcome = self.call_shard(id, ShardOp::Lock(op), notify).await;
+                Reserved::keep_if_granted(reserved.as_mut(), &outcome);
+                outcome
+            }
+            Op::Set(op) => self.call_shard(id, ShardOp::Set(op), None).await,
         };
         let mut outcome = self.prove(to_prove, outcome);
         if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
@@ -464,7 +520,7 @@ impl Session {
             client: client.to_owned(),
             principal: principal.to_owned(),
         };
-        self.call_shard(id, op).await.map(|_| None)
+        self.call_shard(id, op, None).await.map(|_| None)
     }
 
     /// Checks `op` against the grants of the connection's principal (with
@@ -553,7 +609,195 @@ impl Session {
         Ok(Okay::EMPTY)
     }
 
-    async fn call_shard(&self, id: RequestId, op: ShardOp) -> Outcome {
+    /// For a `lock` with `notify`: takes the flag out of the op (the shard
+    /// and the log never see it) and returns the listener the shard adds
+    /// to the grant, having counted it among the connection's
+    /// subscriptions. `overloaded` past
+    /// [`watches_per_connection_max`](crate::Limits::watches_per_connection_max);
+    /// refused where the events could not reach the client.
+    fn subscribe_grant(
+        &self,
+        id: RequestId,
+        op: &mut Op,
+    ) -> Result<Option<Box<Listener>>, ServerError> {
+        let Op::Lock(LockOp::Acquire(acquire)) = op else {
+            return Ok(None);
+        };
+        if !acquire.notify {
+            return Ok(None);
+        }
+        acquire.notify = false;
+        let shard = self.inner.engine.shard_of(&acquire.key);
+        self.reserve_subscription(id, shard, false)?;
+        // Boxed: it travels in every request's future and message.
+        Ok(Some(Box::new(Listener {
+            id,
+            sink: self.inner.sink.clone(),
+        })))
+    }
+
+    /// Counts request `id` (on `shard`) among the connection's
+    /// subscriptions, if the connection carries events and has room.
+    fn reserve_subscription(
+        &self,
+        id: RequestId,
+        shard: usize,
+        watch: bool,
+    ) -> Result<(), ServerError> {
+        if !self.carries_events() {
+            return Err(ServerError::bad_request(
+                "this connection does not carry pushed events (`watch`, `notify`)",
+            ));
+        }
+        let max = self.inner.engine.limits().watches_per_connection_max;
+        let subscriptions = self.inner.sink.subscriptions();
+        if !subscriptions.insert(id, Subscription { shard, watch }, max) {
+            return Err(ServerError::overloaded(format!(
+                "too many watches on this connection (watches_per_connection_max = {max}, \
+                 counting locks with `notify`)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// What pushed events need of a request before it runs: for a `lock`
+    /// with `notify`, its listener (see [`Session::subscribe_grant`]); a
+    /// `cancel` of a request with events stops them. `Err` is the answer
+    /// already: a refused `notify`, or a cancelled watch (which ends here,
+    /// on a follower too: it is served here). A cancelled `lock` with
+    /// `notify` goes on, as any cancel, to the lock, which may still wait.
+    fn events_first(&self, id: RequestId, op: &mut Op) -> Result<Option<Box<Listener>>, Outcome> {
+        if let Op::Cancel { target } = *op
+            && self.unsubscribe(target) == Some(true)
+        {
+            return Err(Ok(Okay::EMPTY));
+        }
+        self.subscribe_grant(id, op).map_err(Err)
+    }
+
+    /// Carries `request` out on the leader; for a `lock` with `notify`,
+    /// the grant it answers is followed here.
+    async fn forward_noting(
+        &self,
+        forwarding: &Forwarding,
+        request: Request,
+        notify: Option<Box<Listener>>,
+    ) -> Outcome {
+        let id = request.id;
+        let follow = notify.map(|listener| self.prepare_to_follow(&request.op, *listener));
+        let mut reserved = follow.as_ref().map(|_| Reserved::new(self, id));
+        let outcome = self.forward(forwarding, request).await;
+        if let (Some(follow), Ok(Okay::Granted(granted))) = (follow, &outcome) {
+            self.follow(follow, granted);
+        }
+        Reserved::keep_if_granted(reserved.as_mut(), &outcome);
+        outcome
+    }
+
+    /// On a follower, before a `lock` with `notify` goes to the leader:
+    /// the local shard starts reporting events, so that it sees the
+    /// grant's end however soon that comes after the grant.
+    fn prepare_to_follow(&self, op: &Op, listener: Listener) -> Following {
+        let key = match op {
+            Op::Lock(LockOp::Acquire(acquire)) => acquire.key.clone(),
+            _ => String::new(),
+        };
+        let shard = self.inner.engine.shard_of(&key);
+        self.inner
+            .engine
+            .mailbox(shard)
+            .notify(ShardMsg::EnableEvents);
+        Following {
+            listener,
+            key,
+            shard,
+        }
+    }
+
+    /// On a follower, once the leader granted a `lock` with `notify`: the
+    /// local shard, which applies the same log, follows the grant and
+    /// tells this connection of its lease and its end, as the leader's
+    /// would.
+    fn follow(&self, following: Following, granted: &crate::proto::Granted) {
+        let Following {
+            listener,
+            key,
+            shard,
+        } = following;
+        let message = ShardMsg::FollowGrant {
+            key,
+            token: granted.token,
+            ttl_ms: granted.ttl_ms,
+            listener,
+        };
+        self.inner.engine.mailbox(shard).notify(message);
+    }
+
+    /// `watch`: from now until it is cancelled or the connection closes,
+    /// every change of the key or set is pushed under request id `id`.
+    /// Served by the node the client is connected to, leader or follower:
+    /// every node applies the same log, so its shards report the same
+    /// changes.
+    async fn start_watch(&self, id: RequestId, target: Watched) -> Outcome {
+        let engine = &self.inner.engine;
+        if engine.is_shutting_down() {
+            return Err(ServerError::shutting_down());
+        }
+        let shard = engine.shard_of(target.name());
+        self.reserve_subscription(id, shard, true)?;
+        let (reply, placed) = oneshot::channel();
+        let listener = Listener {
+            id,
+            sink: self.inner.sink.clone(),
+        };
+        let message = ShardMsg::Watch {
+            target,
+            listener,
+            reply,
+        };
+        let refused = match engine.mailbox(shard).try_request(message) {
+            Ok(()) => placed.await.err().map(|_| ServerError::shutting_down()),
+            Err(Refused::Full) => Some(ServerError::overloaded("shard mailbox full; retry later")),
+            Err(Refused::Closed) => Some(ServerError::shutting_down()),
+        };
+        match refused {
+            None => Ok(Okay::EMPTY),
+            Some(error) => {
+                self.inner.sink.subscriptions().remove(id);
+                Err(error)
+            }
+        }
+    }
+
+    /// Stops the events of request `target` (a `watch`, or a `lock` with
+    /// `notify`), as a `cancel` of it does: for a transport whose client
+    /// ended the request another way (a reset QUIC stream). Its queue then
+    /// says it is done. Whether `target` had events coming.
+    pub fn stop_events(&self, target: RequestId) -> bool {
+        self.unsubscribe(target).is_some()
+    }
+
+    /// `cancel` of a request that has events coming: its events stop, and
+    /// its queue says it is done. `None` if `target` was not one; else
+    /// whether it was a watch.
+    fn unsubscribe(&self, target: RequestId) -> Option<bool> {
+        let Subscription { shard, watch } = self.inner.sink.subscriptions().remove(target)?;
+        let conn = self.inner.conn;
+        // A notice: never refused, so the listener cannot outlive this.
+        self.inner
+            .engine
+            .mailbox(shard)
+            .notify(ShardMsg::Unwatch { conn, id: target });
+        self.inner.sink.send(Note::Done(target));
+        Some(watch)
+    }
+
+    async fn call_shard(
+        &self,
+        id: RequestId,
+        op: ShardOp,
+        notify: Option<Box<Listener>>,
+    ) -> Outcome {
         let engine = &self.inner.engine;
         if engine.is_shutting_down() {
             return Err(ServerError::shutting_down());
@@ -585,6 +829,7 @@ impl Session {
             caller,
             op,
             reply,
+            notify,
         };
         let outcome = match engine.mailbox(shard).try_request(message) {
             Ok(()) => answer
@@ -599,6 +844,13 @@ impl Session {
         }
         outcome
     }
+}
+
+/// A forwarded `lock` with `notify`: who listens, and where its key lives.
+struct Following {
+    listener: Listener,
+    key: String,
+    shard: usize,
 }
 
 /// The parts of a grant's statement known from its request.
@@ -631,6 +883,42 @@ fn refusal(name: &str, op: &Op, need: Need<'_>) -> String {
         }
         Need::Admin => format!("principal `{name}` may not `{op}`: it is not an admin"),
         Need::Session => format!("principal `{name}` may not `{op}`"),
+    }
+}
+
+/// A `lock` with `notify` counted among its connection's subscriptions
+/// while it runs: if it ends without a grant (refused, cancelled, its
+/// future dropped) it stops counting. A grant's listener is in its shard
+/// by then, and its end (`lost`, or its holder's `unlock`) ends the count.
+struct Reserved<'a> {
+    session: &'a Session,
+    id: RequestId,
+    /// Granted: counted until the grant's end.
+    kept: bool,
+}
+
+impl<'a> Reserved<'a> {
+    fn new(session: &'a Session, id: RequestId) -> Reserved<'a> {
+        Reserved {
+            session,
+            id,
+            kept: false,
+        }
+    }
+
+    /// Keeps the count if `outcome` is a grant.
+    fn keep_if_granted(reserved: Option<&mut Reserved<'_>>, outcome: &Outcome) {
+        if let Some(reserved) = reserved {
+            reserved.kept = matches!(outcome, Ok(Okay::Granted(_)));
+        }
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.session.inner.sink.subscriptions().remove(self.id);
+        }
     }
 }
 

@@ -283,6 +283,7 @@ impl Shard {
             sets: Sets::from_image(hasher, config.limits, image.sets, &mut clients)?,
             claims: Claims::from_image(image.claims)?,
             answers: Vec::new(),
+            events: Vec::new(),
             now: image.now,
         })
     }

@@ -34,6 +34,7 @@
 //! `planted-bugs` feature).
 
 pub mod claims;
+pub mod events;
 pub mod hasher;
 pub mod image;
 pub mod locks;
@@ -248,6 +249,8 @@ pub struct Shard {
     claims: Claims,
     /// Answers not yet taken by the driver.
     answers: Vec<Answer>,
+    /// Events not yet taken by the driver (see [`events`]).
+    events: Vec<events::Event>,
     /// The latest command time seen; time never runs backwards inside the
     /// shard.
     now: Tick,
@@ -262,6 +265,7 @@ impl Shard {
             sets: Sets::new(hasher, config.limits),
             claims: Claims::default(),
             answers: Vec::new(),
+            events: Vec::new(),
             now: Tick::ZERO,
         }
     }
@@ -300,6 +304,28 @@ impl Shard {
             Input::Tick => {}
         }
         self.answers.append(self.locks.answers());
+        self.locks.drain_events_into(&mut self.events);
+        self.sets.drain_events_into(&mut self.events);
+    }
+
+    /// From now on, reports the changes it makes as [`events::Event`]s,
+    /// taken with [`Shard::drain_events_into`]. Changes no state: a driver
+    /// turns this on when its first listener arrives.
+    pub fn enable_events(&mut self) {
+        self.locks.enable_events();
+        self.sets.enable_events();
+    }
+
+    /// Where the grant `token` of the lock `key` stands in this shard.
+    pub fn grant_status(&self, key: &str, token: u64) -> events::GrantStatus {
+        self.locks.grant_status(key, token)
+    }
+
+    /// Moves the events reported since the last call into `into`, in the
+    /// order they happened (lock events of a command before its set
+    /// events: they never concern the same name).
+    pub fn drain_events_into(&mut self, into: &mut Vec<events::Event>) {
+        into.append(&mut self.events);
     }
 
     /// Applies every deadline due at or before `at`, each at its own tick:

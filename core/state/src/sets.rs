@@ -172,6 +172,8 @@ pub(crate) struct Sets {
     member_bytes: usize,
     limits: Limits,
     counters: SetCounters,
+    /// Sets created, expired and torn down, for pushed events.
+    events: crate::events::Outbox,
 }
 
 impl Sets {
@@ -191,7 +193,18 @@ impl Sets {
             member_bytes: 0,
             limits,
             counters: SetCounters::default(),
+            events: crate::events::Outbox::default(),
         }
+    }
+
+    /// Reports sets created, expired and torn down from now on.
+    pub fn enable_events(&mut self) {
+        self.events.enable();
+    }
+
+    /// Moves the events reported since the last call into `into`.
+    pub fn drain_events_into(&mut self, into: &mut Vec<crate::events::Event>) {
+        self.events.drain_into(into);
     }
 
     fn hash(&self, key: &str) -> u64 {
@@ -231,6 +244,7 @@ impl Sets {
         let id = self.next_set;
         self.next_set += 1;
         let deadline = self.timers.push(deadline, SetDue { hash, set: id });
+        self.events.set(&name, crate::events::SetChange::Created);
         let set = DistinctSet::new(name.into_boxed_str(), id, deadline, self.hasher);
         let hasher = self.hasher;
         self.table
@@ -315,6 +329,8 @@ impl Sets {
         self.members -= set.len();
         self.member_bytes -= set.packed.len();
         self.counters.torn_down += 1;
+        self.events
+            .set(&set.name, crate::events::SetChange::TornDown);
         Ok(Okay::TornDown(TornDown {
             size: set.len() as u64,
         }))
@@ -336,6 +352,8 @@ impl Sets {
                 self.members -= set.len();
                 self.member_bytes -= set.packed.len();
                 self.counters.expired += 1;
+                self.events
+                    .set(&set.name, crate::events::SetChange::Expired);
             }
         }
         self.compact_timers();

@@ -322,6 +322,7 @@ impl Harness {
             ephemeral,
             mode: Mode::MUTEX,
             lock_delay_ms: 0,
+            notify: false,
         });
         self.send(client, conn, ShardOp::Lock(op))
     }
@@ -344,6 +345,7 @@ impl Harness {
             ephemeral: false,
             mode,
             lock_delay_ms,
+            notify: false,
         });
         self.send(client, conn_of(client), ShardOp::Lock(op))
     }

@@ -242,6 +242,7 @@ async fn takes_writes(url: &str) -> anyhow::Result<()> {
                 ephemeral: true,
                 mode: Mode::MUTEX,
                 lock_delay_ms: 0,
+                notify: false,
             }));
             anyhow::Ok(client.call(op).await)
         };

@@ -301,6 +301,7 @@ impl DeadboltConn {
             ephemeral: false,
             mode: Mode::MUTEX,
             lock_delay_ms: 0,
+            notify: false,
         }));
         match self.client.call(op).await {
             Ok(Okay::Granted(granted)) => Ok(Some(Held(granted.token))),
@@ -319,6 +320,7 @@ async fn try_acquire(client: &Client, key: &str) -> anyhow::Result<Option<u64>> 
         ephemeral: false,
         mode: Mode::MUTEX,
         lock_delay_ms: 0,
+        notify: false,
     }));
     match client.call(op).await {
         Ok(Okay::Granted(granted)) => Ok(Some(granted.token)),
@@ -421,6 +423,7 @@ impl Conn for DeadboltConn {
                 ephemeral: false,
                 mode: Mode::MUTEX,
                 lock_delay_ms: 0,
+                notify: false,
             }));
             match client.call(op).await {
                 Ok(Okay::Granted(_)) => Ok(Instant::now()),

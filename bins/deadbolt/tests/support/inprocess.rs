@@ -32,6 +32,16 @@ pub struct InProcess {
 
 impl InProcess {
     pub async fn start(storage: Option<Durable>) -> InProcess {
+        InProcess::start_with(ServerConfig {
+            storage,
+            ..ServerConfig::default()
+        })
+        .await
+    }
+
+    /// A server run with `config` (its storage, engine limits, frontends'
+    /// limits).
+    pub async fn start_with(config: ServerConfig) -> InProcess {
         let ws = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind ws");
@@ -45,10 +55,6 @@ impl InProcess {
             "quic://localhost:{}",
             endpoint.local_addr().expect("addr").port()
         );
-        let config = ServerConfig {
-            storage,
-            ..ServerConfig::default()
-        };
         let listeners = Listeners {
             ws,
             quic: Some(endpoint),

@@ -17,11 +17,12 @@ use tokio::time::Instant;
 
 mod replicated;
 
+use super::events::{Listener, Listeners};
 use super::mailbox::Inbox;
 use super::replica::ActorReplica;
 use super::{Append, Clock, InvariantAlarm, Journal};
 use crate::proto::ServerError;
-use crate::proto::{Okay, Outcome};
+use crate::proto::{Okay, Outcome, RequestId, Watched};
 use crate::shard::hasher::KeyHasher;
 use crate::shard::{Answer, Caller, Command, ConnId, Handle, Input, Shard, ShardOp};
 use crate::shard::{Counters, Snapshot};
@@ -36,6 +37,29 @@ pub(crate) enum ShardMsg {
         caller: Caller,
         op: ShardOp,
         reply: oneshot::Sender<Outcome>,
+        /// For a `lock` with `notify`: who hears of the grant's lease and
+        /// end (see `events`). Boxed: every request's message carries the
+        /// field, and few use it.
+        notify: Option<Box<Listener>>,
+    },
+    /// Start a `watch` (answered on `reply` once it is in place).
+    Watch {
+        target: Watched,
+        listener: Listener,
+        reply: oneshot::Sender<()>,
+    },
+    /// Stop the events of request `id` of connection `conn`.
+    Unwatch { conn: ConnId, id: RequestId },
+    /// Start reporting events (a follower, before it forwards a `lock`
+    /// with `notify`, so that the grant's end is seen however soon).
+    EnableEvents,
+    /// Follow the grant `token` of `key` (`ttl_ms` long) that another node
+    /// made (a follower's forwarded `lock` with `notify`).
+    FollowGrant {
+        key: String,
+        token: u64,
+        ttl_ms: u64,
+        listener: Listener,
     },
     /// Cancel a waiting `lock` (the `cancel` op).
     Cancel { handle: Handle, key: String },
@@ -79,6 +103,8 @@ pub(super) struct Pending {
     /// then undeliverable.
     reply: Option<oneshot::Sender<Outcome>>,
     lock_key: Option<String>,
+    /// A `lock` with `notify`: who listens to its grant.
+    notify: Option<Box<Listener>>,
 }
 
 /// A batch handed to the journal and not yet applied.
@@ -128,6 +154,10 @@ struct Actor {
     /// Every batch up to this number has been applied or refused.
     settled: u64,
     answers: Vec<Answer>,
+    /// Who listens to this shard's events (see `events`).
+    listeners: Listeners,
+    /// The shard's events, drained after each batch.
+    changes: Vec<crate::shard::events::Event>,
     /// In a replicated engine: leading or not, and the proposals.
     replication: Option<replicated::Replication>,
 }
@@ -157,6 +187,8 @@ pub(crate) async fn run(setup: ActorSetup, mailbox: Inbox) {
         stamped_through: Tick::ZERO,
         settled: 0,
         answers: Vec::new(),
+        listeners: Listeners::default(),
+        changes: Vec::new(),
         replication: None,
     };
     if let Some(replica) = setup.replica {
@@ -332,18 +364,37 @@ impl Actor {
                 caller,
                 op,
                 reply,
+                notify,
             } => {
                 let lock_key = match &op {
                     ShardOp::Lock(crate::proto::LockOp::Acquire(a)) => Some(a.key.clone()),
                     _ => None,
                 };
+                if notify.is_some() {
+                    self.shard.enable_events();
+                }
                 let reply = Some(reply);
-                self.pending.insert(handle, Pending { reply, lock_key });
+                let pending = Pending {
+                    reply,
+                    lock_key,
+                    notify,
+                };
+                self.pending.insert(handle, pending);
                 Input::Op { handle, caller, op }
+            }
+            ShardMsg::Watch { .. }
+            | ShardMsg::Unwatch { .. }
+            | ShardMsg::EnableEvents
+            | ShardMsg::FollowGrant { .. } => {
+                self.listen(message);
+                return true;
             }
             ShardMsg::Cancel { handle, key } => Input::Cancel { handle, key },
             ShardMsg::Gone { handle, key } => Input::RequesterGone { handle, key },
-            ShardMsg::Closed { conn } => Input::ConnectionClosed { conn },
+            ShardMsg::Closed { conn } => {
+                self.listeners.remove(conn, None);
+                Input::ConnectionClosed { conn }
+            }
             ShardMsg::Stats { top, reply } => {
                 // The asker may have given up; nothing to do then.
                 let _ = reply.send((self.shard.counters(), self.shard.snapshot(top)));
@@ -541,8 +592,87 @@ impl Actor {
         self.batch = self.retry.drain(..).chain(fresh).collect();
     }
 
-    /// Sends every answer to its requester. Returns the grants nobody
-    /// received, by handle and key.
+    /// Starts or stops a watch; the messages that change who listens to
+    /// this shard's events, not its state.
+    fn listen(&mut self, message: ShardMsg) {
+        match message {
+            ShardMsg::Watch {
+                target,
+                listener,
+                reply,
+            } => {
+                self.shard.enable_events();
+                match target {
+                    Watched::Key(key) => self.listeners.watch_key(key, listener),
+                    Watched::Set(set) => self.listeners.watch_set(set, listener),
+                }
+                // The watcher may have gone: its connection's close
+                // removes the listener.
+                let _ = reply.send(());
+            }
+            ShardMsg::Unwatch { conn, id } => {
+                self.listeners.remove(conn, Some(id));
+                // A `lock` with `notify` still waiting: its grant, if it
+                // comes, has nobody to tell.
+                for pending in self.pending.values_mut() {
+                    if pending.notify.as_ref().is_some_and(|l| l.is(conn, id)) {
+                        pending.notify = None;
+                    }
+                }
+            }
+            ShardMsg::EnableEvents => self.shard.enable_events(),
+            ShardMsg::FollowGrant {
+                key,
+                token,
+                ttl_ms,
+                listener,
+            } => {
+                self.shard.enable_events();
+                // Events the shard reported before this are told first:
+                // the status below is what they left.
+                self.dispatch_events();
+                let status = self.shard.grant_status(&key, token);
+                let instant_of = self.instant_of();
+                self.listeners
+                    .follow_grant(key, token, ttl_ms, status, listener, instant_of);
+            }
+            _ => {}
+        }
+    }
+
+    /// Tells the listeners of the events the shard reported.
+    fn dispatch_events(&mut self) {
+        self.shard.drain_events_into(&mut self.changes);
+        if self.changes.is_empty() {
+            return;
+        }
+        let instant_of = self.instant_of();
+        for change in self.changes.drain(..) {
+            self.listeners.dispatch(change, &instant_of);
+        }
+    }
+
+    /// The local instant of a time on the shard's clock, for lease
+    /// warnings. A node that stamps the commands maps it with its own
+    /// clock; a follower's clock did not stamp them (the leader's did), so
+    /// it counts from the shard's latest time as now: late by its lag
+    /// behind the leader, as everything it reports is.
+    fn instant_of(&self) -> impl Fn(crate::time::Tick) -> Instant + use<> {
+        let (clock, follows) = (self.clock, self.follows());
+        let (shard_now, now) = (self.shard.now(), Instant::now());
+        move |at| {
+            if !follows {
+                return clock.instant_of(at);
+            }
+            let ahead = std::time::Duration::from_micros(at.0.saturating_sub(shard_now.0));
+            let behind = std::time::Duration::from_micros(shard_now.0.saturating_sub(at.0));
+            (now + ahead).checked_sub(behind).unwrap_or(now)
+        }
+    }
+
+    /// Sends every answer to its requester (a grant with `notify` gets its
+    /// listener first), then tells listeners of the batch's events.
+    /// Returns the grants nobody received, by handle and key.
     fn deliver(&mut self) -> Vec<(Handle, String)> {
         self.shard.drain_answers_into(&mut self.answers);
         let mut gone = Vec::new();
@@ -553,6 +683,12 @@ impl Actor {
                 debug_assert!(self.replication.is_some(), "answer to unknown {handle:?}");
                 continue;
             };
+            if let (Ok(Okay::Granted(g)), Some(listener), Some(key)) =
+                (&outcome, &pending.notify, &pending.lock_key)
+            {
+                let listener = Listener::clone(listener);
+                self.listeners.watch_grant(key.clone(), g.token, listener);
+            }
             let granted = matches!(outcome, Ok(Okay::Granted(_)));
             let delivered = pending
                 .reply
@@ -564,6 +700,7 @@ impl Actor {
                 gone.push((handle, key));
             }
         }
+        self.dispatch_events();
         gone
     }
 }

@@ -171,6 +171,7 @@ impl Actor {
                 caller,
                 op,
                 reply,
+                ..
             } if planted::active(ReplicaBug::FollowerGrantsLocally) => {
                 let reply = Some(reply);
                 self.pending.insert(
@@ -178,6 +179,7 @@ impl Actor {
                     super::Pending {
                         reply,
                         lock_key: None,
+                        notify: None,
                     },
                 );
                 let at = self.clock.now();
@@ -198,7 +200,20 @@ impl Actor {
                 let _ = reply.send(self.shard.digest());
                 true
             }
-            ShardMsg::Cancel { .. } | ShardMsg::Gone { .. } | ShardMsg::Closed { .. } => true,
+            // A follower applies the same log as its leader, so its shard
+            // reports the same events: a watch is served here.
+            ShardMsg::Watch { .. }
+            | ShardMsg::Unwatch { .. }
+            | ShardMsg::EnableEvents
+            | ShardMsg::FollowGrant { .. } => {
+                self.listen(message);
+                true
+            }
+            ShardMsg::Closed { conn } => {
+                self.listeners.remove(conn, None);
+                true
+            }
+            ShardMsg::Cancel { .. } | ShardMsg::Gone { .. } => true,
             ShardMsg::Shutdown => false,
         }
     }
@@ -276,6 +291,7 @@ impl Actor {
         if !own {
             self.shard.drain_answers_into(&mut self.answers);
             self.answers.clear();
+            self.dispatch_events();
             return;
         }
         self.mark_committed(number);

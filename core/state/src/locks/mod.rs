@@ -26,6 +26,7 @@ use hashbrown::HashTable;
 use super::hasher::KeyHasher;
 use super::timers::{Timer, Timers};
 use super::{Answer, Caller, ClientId, ConnId, Handle};
+use crate::events::{Ending, LockChange, Outbox};
 use crate::image::Deadline;
 use crate::planted::{self, PlantedBug};
 use crate::time::Tick;
@@ -195,6 +196,8 @@ struct Books {
     counters: LockCounters,
     limits: Limits,
     answers: Vec<Answer>,
+    /// Grants made, leases restarted and grants ended, for pushed events.
+    events: Outbox,
 }
 
 impl Books {
@@ -247,8 +250,9 @@ impl Books {
         self.contention.joined(hash);
     }
 
-    /// A new grant of a free place of `hash`'s key, answered to `handle`.
-    fn grant(&mut self, handle: Handle, hash: u64, request: GrantRequest) -> Holder {
+    /// A new grant of a free place of `hash`'s key, `key`, answered to
+    /// `handle`.
+    fn grant(&mut self, handle: Handle, hash: u64, key: &str, request: GrantRequest) -> Holder {
         let mut holder = Holder {
             client: request.client,
             conn: request.conn,
@@ -262,6 +266,10 @@ impl Books {
         self.counters.grants += 1;
         self.held += 1;
         self.bind(&mut holder, request.at.plus_millis(request.ttl_ms), hash);
+        let change = LockChange::Granted {
+            ttl_ms: request.ttl_ms,
+        };
+        self.events.lock(key, holder.token, request.at, change);
         let granted = Granted::new(holder.token, request.ttl_ms);
         self.answer(handle, Ok(Okay::Granted(granted)));
         holder
@@ -339,7 +347,7 @@ fn grant_next(entry: &mut LockEntry, hash: u64, at: Tick, books: &mut Books) {
         let handle = waiter.handle;
         let lease_from = lease_start(&waiter, at);
         let request = GrantRequest::of_waiter(waiter, lease_from);
-        let holder = books.grant(handle, hash, request);
+        let holder = books.grant(handle, hash, &entry.key, request);
         entry.holders.insert(holder);
         answer_queued_relocks(entry, &client, hash, at, books);
     }
@@ -397,6 +405,7 @@ fn answer_queued_relocks(
         holder.lock_delay_ms = waiter.lock_delay_ms;
         relock(
             holder,
+            &entry.key,
             waiter.conn,
             waiter.ttl_ms,
             waiter.ephemeral,
@@ -412,8 +421,10 @@ fn answer_queued_relocks(
 /// The holder asks again (or extends): same token, lease restarted at
 /// `ttl_ms`, bound to the connection that asked. It has now shown that it
 /// knows of its grant, so an undelivered first answer no longer undoes it.
+#[allow(clippy::too_many_arguments)] // the parts of a re-lock, each needed
 fn relock(
     holder: &mut Holder,
+    key: &str,
     conn: ConnId,
     ttl_ms: u64,
     ephemeral: bool,
@@ -426,12 +437,26 @@ fn relock(
     holder.ephemeral = ephemeral;
     holder.granted_by = None;
     books.bind(holder, now.plus_millis(ttl_ms), hash);
+    books
+        .events
+        .lock(key, holder.token, now, LockChange::Leased { ttl_ms });
 }
 
-/// Ends the grant with `token` and hands the key on, at `at`.
-fn end_grant(entry: &mut LockEntry, token: u64, hash: u64, at: Tick, books: &mut Books) {
+/// Ends the grant with `token` (for the reason `ending`) and hands the
+/// key on, at `at`.
+fn end_grant(
+    entry: &mut LockEntry,
+    token: u64,
+    ending: Ending,
+    hash: u64,
+    at: Tick,
+    books: &mut Books,
+) {
     if let Some(holder) = entry.holders.remove_token(token) {
         books.holder_left(&holder, hash);
+        books
+            .events
+            .lock(&entry.key, token, at, LockChange::Ended(ending));
     }
     grant_next(entry, hash, at, books);
 }
@@ -490,8 +515,19 @@ impl Locks {
                 counters: LockCounters::default(),
                 limits,
                 answers: Vec::new(),
+                events: Outbox::default(),
             },
         }
+    }
+
+    /// Reports grants, lease restarts and grant ends from now on.
+    pub fn enable_events(&mut self) {
+        self.books.events.enable();
+    }
+
+    /// Moves the events reported since the last call into `into`.
+    pub fn drain_events_into(&mut self, into: &mut Vec<crate::events::Event>) {
+        self.books.events.drain_into(into);
     }
 
     fn hash(&self, key: &str) -> u64 {
@@ -511,7 +547,7 @@ impl Locks {
                 self.acquire(now, handle, caller, acquire);
                 None
             }
-            LockOp::Release { key, token } => Some(self.release(now, &key, token)),
+            LockOp::Release { key, token } => Some(self.release(now, &key, token, &caller.client)),
             LockOp::Extend { key, token, ttl_ms } => Some(self.extend(now, &key, token, ttl_ms)),
             LockOp::Inspect { key } => Some(Ok(Okay::LockInfo(self.inspect(now, &key)))),
         };
@@ -554,7 +590,17 @@ impl Locks {
                     let (ttl_ms, ephemeral) = (request.ttl_ms, request.ephemeral);
                     holder.lock_delay_ms = request.lock_delay_ms;
                     let kept = holder.deadline;
-                    relock(holder, request.conn, ttl_ms, ephemeral, now, hash, books);
+                    let key = &acquire.key;
+                    relock(
+                        holder,
+                        key,
+                        request.conn,
+                        ttl_ms,
+                        ephemeral,
+                        now,
+                        hash,
+                        books,
+                    );
                     if planted::active(PlantedBug::RelockKeepsLease) {
                         // The timer at the kept deadline is still queued.
                         holder.deadline = kept;
@@ -562,7 +608,7 @@ impl Locks {
                     let granted = Granted::new(holder.token, ttl_ms);
                     books.answer(handle, Ok(Okay::Granted(granted)));
                 } else if entry.admits(request.shared) && entry.queue.is_empty() {
-                    let holder = books.grant(handle, hash, request);
+                    let holder = books.grant(handle, hash, &entry.key, request);
                     entry.holders.insert(holder);
                 } else {
                     enqueue(entry, hash, handle, request, acquire.wait, books);
@@ -577,12 +623,13 @@ impl Locks {
         }
         books.key_bytes += acquire.key.len();
         let mut entry = LockEntry::new(acquire.key.into_boxed_str(), acquire.mode.limit());
-        entry.holders.insert(books.grant(handle, hash, request));
+        let holder = books.grant(handle, hash, &entry.key, request);
+        entry.holders.insert(holder);
         self.table
             .insert_unique(hash, entry, |e| hasher.hash_one(&*e.key));
     }
 
-    fn release(&mut self, now: Tick, key: &str, token: u64) -> Outcome {
+    fn release(&mut self, now: Tick, key: &str, token: u64, asker: &ClientId) -> Outcome {
         let hash = self.hash(key);
         let books = &mut self.books;
         let Ok(mut occupied) = self.table.find_entry(hash, |e| *e.key == *key) else {
@@ -593,7 +640,20 @@ impl Locks {
             return Err(ServerError::not_held());
         }
         books.counters.releases += 1;
-        end_grant(entry, token, hash, now, books);
+        // Only an event tells who unlocked it.
+        let by_holder = books.events.enabled()
+            && entry
+                .holders
+                .iter()
+                .any(|h| h.token == token && holders::same_client(&h.client, asker));
+        end_grant(
+            entry,
+            token,
+            Ending::Unlocked { by_holder },
+            hash,
+            now,
+            books,
+        );
         if entry.is_vacant() {
             books.key_bytes -= occupied.remove().0.key.len();
         }
@@ -611,7 +671,16 @@ impl Locks {
             .and_then(|e| e.holders.by_token_mut(token))
             .ok_or_else(ServerError::not_held)?;
         let (conn, ephemeral) = (holder.conn, holder.ephemeral);
-        relock(holder, conn, ttl_ms, ephemeral, now, hash, &mut self.books);
+        relock(
+            holder,
+            key,
+            conn,
+            ttl_ms,
+            ephemeral,
+            now,
+            hash,
+            &mut self.books,
+        );
         Ok(Okay::Extended(Extended { ttl_ms }))
     }
 
@@ -675,7 +744,7 @@ impl Locks {
             .map(|h| h.token);
         if let Some(token) = unheard {
             books.counters.abandoned += 1;
-            end_grant(entry, token, hash, now, books);
+            end_grant(entry, token, Ending::Dropped, hash, now, books);
             if entry.is_vacant() {
                 books.key_bytes -= occupied.remove().0.key.len();
             }
@@ -767,6 +836,8 @@ impl Locks {
         }
         for mut holder in entry.holders.take_where(|h| h.ephemeral && h.conn == conn) {
             books.holder_left(&holder, hash);
+            let ended = LockChange::Ended(Ending::Dropped);
+            books.events.lock(&entry.key, holder.token, now, ended);
             books.counters.disconnects += 1;
             if planted::active(PlantedBug::EphemeralOutlivesConnection) {
                 holder.ephemeral = false;
@@ -855,6 +926,8 @@ impl Locks {
         books.counters.expiries += 1;
         if let Some(holder) = entry.holders.remove_token(token) {
             books.holder_left(&holder, hash);
+            let expired = LockChange::Ended(Ending::Expired);
+            books.events.lock(&entry.key, token, deadline.at, expired);
             if holder.lock_delay_ms > 0 && !planted::active(PlantedBug::LockDelayIgnored) {
                 let until = deadline.at.plus_millis(holder.lock_delay_ms);
                 start_delay(entry, hash, until, books);
@@ -966,6 +1039,22 @@ impl Locks {
         }
         books.next_token = books.next_token.max(token_floor);
         self.compact_timers();
+    }
+
+    /// Where the grant `token` of `key` stands (see
+    /// [`GrantStatus`](crate::events::GrantStatus)): tokens of a shard
+    /// rise with every grant, so one below the next token was made.
+    pub fn grant_status(&self, key: &str, token: u64) -> crate::events::GrantStatus {
+        use crate::events::GrantStatus;
+        let held = self
+            .table
+            .find(self.hash(key), |e| *e.key == *key)
+            .and_then(|e| e.holders.iter().find(|h| h.token == token));
+        match held {
+            Some(holder) => GrantStatus::Held(holder.deadline.at),
+            None if token < self.books.next_token => GrantStatus::Ended,
+            None => GrantStatus::NotYet,
+        }
     }
 
     /// The token the next grant gets.

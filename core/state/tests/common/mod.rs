@@ -134,6 +134,7 @@ impl Lock<'_> {
             ephemeral: self.ephemeral,
             mode: Mode::MUTEX,
             lock_delay_ms: 0,
+            notify: false,
         });
         self.driver.op(&self.client, self.conn, ShardOp::Lock(op))
     }
