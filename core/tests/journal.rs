@@ -218,14 +218,7 @@ impl Journal for FillingDisk {
 }
 
 fn lock_k(ttl_ms: u64) -> Op {
-    Op::Lock(LockOp::Acquire(Acquire {
-        key: "k".into(),
-        ttl_ms,
-        wait: Wait::Forever,
-        ephemeral: false,
-        mode: Mode::MUTEX,
-        lock_delay_ms: 0,
-    }))
+    Op::Lock(LockOp::Acquire(Acquire::mutex("k", ttl_ms, Wait::Forever)))
 }
 
 async fn granted_token(session: &Session, id: u64, op: Op) -> u64 {

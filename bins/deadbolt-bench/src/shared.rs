@@ -156,12 +156,8 @@ impl RwConn {
                     Access::Write => Mode::MUTEX,
                 };
                 let op = Op::Lock(LockOp::Acquire(Acquire {
-                    key: KEY.to_owned(),
-                    ttl_ms: LEASE.as_millis() as u64,
-                    wait: Wait::Forever,
-                    ephemeral: false,
                     mode,
-                    lock_delay_ms: 0,
+                    ..Acquire::mutex(KEY, LEASE.as_millis() as u64, Wait::Forever)
                 }));
                 match client.call(op).await {
                     Ok(Okay::Granted(granted)) => Ok(granted.token),
