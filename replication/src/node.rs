@@ -92,6 +92,11 @@ pub struct ClusterConfig {
     /// The incarnation this node takes if its Raft directory is new
     /// (random in a real server; drawn from the seed in the simulation).
     pub fresh_incarnation: u64,
+    /// TLS on the peer port, requiring a client certificate of the
+    /// cluster (see [`crate::network`]); `None` serves it in the clear.
+    /// The dialer given to [`start`] must then speak TLS with this node's
+    /// certificate, or the other nodes refuse it.
+    pub peer_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -102,6 +107,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("client_url", &self.client_url)
             .field("dir", &self.dir)
             .field("timings", &self.timings)
+            .field("peer_tls", &self.peer_tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -310,6 +316,7 @@ pub async fn start<L: Listener, D: Dialer + Clone>(
             raft.clone(),
             directory,
             identities,
+            cluster.peer_tls.clone(),
             stopped,
         )),
     ];
