@@ -111,6 +111,54 @@ fn a_non_loopback_address_is_refused_without_auth_or_without_tls_and_says_how_to
     stop(&mut child);
 }
 
+/// A cluster node whose peer address is not on loopback is refused
+/// without TLS (`--tls-cert`), with a message that says how to fix it;
+/// `--insecure-peers` lets it start, and so does a loopback peer address.
+#[test]
+fn a_non_loopback_peer_address_is_refused_without_tls_and_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(&auth, POLICY).expect("write the auth file");
+    let auth = auth.to_str().expect("utf-8 path");
+    let port = || {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").port()
+    };
+    let exposed = format!(
+        "1=0.0.0.0:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        port(),
+        port(),
+        port()
+    );
+    let node = ["--ws", "127.0.0.1:0", "--quic", "off", "--auth", auth];
+    let cluster = ["--node-id", "1", "--cluster", &exposed];
+    let args: Vec<&str> = node.iter().chain(&cluster).copied().collect();
+    let refused = serve_refused(dir.path(), &args);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("refusing to listen for cluster peers on 0.0.0.0:")
+            && message.contains("--tls-cert FILE --tls-key FILE")
+            && message.contains("--cluster-ca FILE")
+            && message.contains("--insecure-peers"),
+        "{message}"
+    );
+
+    // Waived: it starts (and listens, waiting for its peers).
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(&args)
+        .arg("--insecure-peers")
+        .arg("--data-dir")
+        .arg(dir.path().join("waived"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (url, _) = read_urls(&mut child);
+    assert!(url.starts_with("ws://127.0.0.1:"), "{url}");
+    stop(&mut child);
+}
+
 fn stop(child: &mut Child) {
     let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
     let _ = child.wait();
