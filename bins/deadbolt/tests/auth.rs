@@ -456,3 +456,64 @@ async fn a_client_id_stays_its_first_principals_across_a_sigkill() {
     assert!(other["ok"].is_object(), "{other}");
     stop(&mut child);
 }
+
+/// Workers with small quotas: two locks, one set, three members.
+const SMALL_QUOTAS: &str = r#"
+[[principal]]
+name = "workers"
+secret = "workers-secret"
+locks = ["jobs/"]
+sets = ["results/"]
+read = [""]
+locks_max = 2
+sets_max = 1
+members_max = 3
+"#;
+
+/// What the principal held before a SIGKILL still counts against its
+/// quotas after the restart: the quota ledger starts from the recovered
+/// locks, sets and members (by the owners of their client ids), not from
+/// nothing.
+#[tokio::test]
+async fn a_principals_quotas_count_what_it_held_before_a_sigkill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("auth.toml"), SMALL_QUOTAS).expect("write the auth file");
+    let (mut child, url) = serve_durable(dir.path());
+    let (mut workers, reply) = hello(&url, "worker-1", "workers-secret").await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    let lock = |id: u64, key: &str| {
+        json!({"id": id, "op": "lock", "key": key, "ttl_ms": 600_000, "wait_ms": 0})
+    };
+    let first = workers.call(lock(2, "jobs/1")).await["ok"]["token"].clone();
+    assert!(first.is_u64(), "{first}");
+    assert!(workers.call(lock(3, "jobs/2")).await["ok"].is_object());
+    let set_up = |id: u64, set: &str| json!({"id": id, "op": "set_up", "set": set, "ttl_ms": 600_000});
+    assert!(workers.call(set_up(4, "results/a")).await["ok"].is_object());
+    let insert = |id: u64, keys: &[&str]| json!({"id": id, "op": "insert", "set": "results/a", "keys": keys});
+    let inserted = workers.call(insert(5, &["m1", "m2", "m3"])).await;
+    assert!(inserted["ok"].is_object(), "{inserted}");
+    // At every quota now.
+    let over = workers.call(lock(6, "jobs/3")).await;
+    assert_eq!(over["err"]["code"], "overloaded", "{over}");
+
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let (mut child, url) = serve_durable(dir.path());
+
+    let (mut workers, reply) = hello(&url, "worker-1", "workers-secret").await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    for (request, what) in [
+        (lock(2, "jobs/3"), "a third lock"),
+        (set_up(3, "results/b"), "a second set"),
+        (insert(4, &["m4"]), "a fourth member"),
+    ] {
+        let answer = workers.call(request).await;
+        assert_eq!(answer["err"]["code"], "overloaded", "{what}: {answer}");
+    }
+    // Counted, not refused for everything: freeing one lock frees its place.
+    let unlock = json!({"id": 5, "op": "unlock", "key": "jobs/1", "token": first});
+    assert!(workers.call(unlock).await["ok"].is_object());
+    let granted = workers.call(lock(6, "jobs/3")).await;
+    assert!(granted["ok"]["token"].is_u64(), "{granted}");
+    stop(&mut child);
+}
