@@ -458,6 +458,9 @@ async fn bootstrap<D: Dialer>(raft: Raft, cluster: ClusterConfig, mut peers: Pee
 async fn watch_role(raft: Raft, handle: ReplicaHandle, node: NodeId, auth: Option<Arc<Auth>>) {
     let mut metrics = raft.metrics();
     let mut leading_in = None;
+    // The recount of the latest term: one at a time, or two censuses
+    // would be added to one ledger.
+    let mut recounting: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let (leads, term) = {
             let now = metrics.borrow_and_update();
@@ -469,8 +472,11 @@ async fn watch_role(raft: Raft, handle: ReplicaHandle, node: NodeId, auth: Optio
             handle.lead(term);
             leading_in = Some(term);
             if let Some(auth) = &auth {
+                if let Some(previous) = recounting.take() {
+                    previous.abort();
+                }
                 let recount = recount_quotas(raft.clone(), handle.clone(), Arc::clone(auth));
-                tokio::spawn(recount);
+                recounting = Some(tokio::spawn(recount));
             }
         } else if !leads && leading_in.is_some() {
             tracing::info!(node, term, "no longer leading");

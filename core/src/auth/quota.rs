@@ -33,10 +33,12 @@
 //! A client id nobody owns (claimed before authentication was on, or
 //! forgotten past the claims' bound) counts against nobody. What a new
 //! leader answers between the two steps is kept, and the census is added
-//! for the keys it did not grant since; in that moment (until its
-//! images are in, a few milliseconds) only what was answered since is
-//! counted, and a change answered then that the images also hold is
-//! counted twice until its lease or set ends.
+//! for the keys it did not grant since; meanwhile (until its images are
+//! in, a few milliseconds after the election) the requests a quota limits
+//! are answered `unavailable`, as during the election itself, so none
+//! slips past a quota, and a change answered then (an `unlock`, a
+//! `tear_down`) that the images still hold is counted until its lease or
+//! set ends.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -99,6 +101,10 @@ pub struct Ledger {
 
 #[derive(Debug, Default)]
 struct Book {
+    /// Between [`Ledger::forget`] and [`Ledger::rebuild`]: the counts miss
+    /// the census, so requests they limit wait (`unavailable`) rather
+    /// than slip past a quota.
+    recounting: bool,
     usage: HashMap<Arc<str>, Usage>,
     /// Held locks by key: holder's principal, token, end of lease.
     held: HashMap<String, Held>,
@@ -324,6 +330,15 @@ impl Ledger {
         book.expire(now);
         let name = principal.name.as_str();
         let quotas = principal.quotas;
+        let limited = matches!(
+            op,
+            Op::Lock(LockOp::Acquire(_)) | Op::Set(SetOp::SetUp { .. } | SetOp::Insert { .. })
+        );
+        if limited && book.recounting {
+            return Err(ServerError::unavailable(
+                "counting quotas from the state after a change of leader: retry",
+            ));
+        }
         let usage = book.usage.get(name).copied().unwrap_or_default();
         let over = |what: &str, max: u64| {
             Err(ServerError::overloaded(format!(
@@ -416,9 +431,11 @@ impl Ledger {
     /// Starts a rebuild: forgets every grant and set counted so far (the
     /// census, taken after this, has those that still exist) and counts
     /// what is answered from now on. Until [`Ledger::rebuild`] adds the
-    /// census, only that is counted.
+    /// census, a request a quota limits (`lock`, `set_up`, `insert`) is
+    /// answered `unavailable`, which clients retry.
     pub fn forget(&self) {
         let mut book = self.book();
+        book.recounting = true;
         book.held.clear();
         book.sets.clear();
         book.recount();
@@ -460,6 +477,7 @@ impl Ledger {
                 }
             }
         }
+        book.recounting = false;
         book.recount();
     }
 }
@@ -813,6 +831,12 @@ mod tests {
         let fresh = lock("fresh", Wait::Never);
         let granted = Ok(Okay::Granted(Granted::new(10, 60_000)));
         ledger.record("q", &effect(&fresh), &granted, now, 0);
+        // Until the census is in, what a quota limits waits.
+        let early = ledger.admit(&principal(Quotas::default()), &fresh, now);
+        assert_eq!(
+            early.unwrap_err().code,
+            crate::proto::ErrorCode::Unavailable
+        );
         ledger.rebuild(&census_of_a_shard(), now);
         // p: the non-ephemeral lock, one member (c); q: the lock granted
         // since, the set (its first inserter's) and two members (a, b).
