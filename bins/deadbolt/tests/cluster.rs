@@ -610,14 +610,19 @@ async fn connect_tls(url: &str, ca: &[u8], client_id: &str, secret: &str) -> Cli
     Client::connect(connector, options).await.expect("hello over wss")
 }
 
-/// Retries `call` while the cluster is between leaders (30 s at most).
+/// Retries `call` while the cluster is between leaders (30 s at most):
+/// on `unavailable` and lost connections, not on `overloaded`, which the
+/// quota tests expect.
 async fn until_settled<T, F: Future<Output = Result<T, Error>>>(
     mut call: impl FnMut() -> F,
 ) -> Result<T, Error> {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let settling = |error: &Error| {
+        matches!(error, Error::Transport(_)) || error.code() == Some(ErrorCode::Unavailable)
+    };
     loop {
         match call().await {
-            Err(error) if retryable(&error) && Instant::now() < deadline => {
+            Err(error) if settling(&error) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             other => return other,
@@ -778,4 +783,75 @@ fn plain_peer_reply(addr: &str) -> Vec<u8> {
     let mut reply = Vec::new();
     let _ = tcp.read_to_end(&mut reply);
     reply
+}
+
+/// Workers with a quota of one held lock.
+const ONE_LOCK_POLICY: &str = "[[principal]]\nname = \"workers\"\nsecret = \"workers-secret\"\n\
+    locks = [\"jobs/\"]\nread = [\"\"]\nlocks_max = 1\n\
+    [[principal]]\nname = \"ops\"\nsecret = \"ops-secret\"\nadmin = true\n";
+
+/// A lock held through the old leader counts against its principal's
+/// quota on the new one: the new leader counts quotas from the replicated
+/// state, not from nothing (SIGKILL of the leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_counts_what_was_held_through_the_leader_before_it_died() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(&auth, ONE_LOCK_POLICY).expect("write the auth file");
+    let auth = auth.to_str().expect("utf-8 path");
+    let cluster = members();
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| start_node_with(dir.path(), &cluster, id, &["--auth", auth]))
+        .collect();
+    let leader = wait_for_leader_as(&nodes, None, Some("ops-secret"));
+    // A short retry budget: the client retries `overloaded` within it,
+    // and the test wants to hear it (`until_settled` waits out elections).
+    let worker_on = |node: &Node| {
+        let url = node.url.clone();
+        async move {
+            let options = ClientOptions {
+                client_id: Some("quota-worker".to_owned()),
+                retry_for: Duration::from_millis(500),
+                auth: Some(deadbolt_core::proto::Secret::new("workers-secret")),
+                ..ClientOptions::default()
+            };
+            let connect = || Client::connect(WsConnector::new(&url).expect("url"), options.clone());
+            until_settled(connect).await.expect("hello")
+        }
+    };
+    let worker = worker_on(&nodes[leader]).await;
+    let held = until_settled(|| worker.try_lock("jobs/1", Duration::from_secs(600)))
+        .await
+        .expect("the first lock")
+        .expect("free");
+    let token = held.token();
+    held.detach();
+    let over = until_settled(|| worker.try_lock("jobs/2", TTL))
+        .await
+        .expect_err("at the quota");
+    assert_eq!(over.code(), Some(ErrorCode::Overloaded), "{over}");
+
+    nodes[leader].child.kill().expect("SIGKILL the leader");
+    let _ = nodes[leader].child.wait();
+    let next = wait_for_leader_as(&nodes, Some(leader), Some("ops-secret"));
+    let worker = worker_on(&nodes[next]).await;
+    let over = until_settled(|| worker.try_lock("jobs/2", TTL))
+        .await
+        .expect_err("still at the quota on the new leader");
+    assert_eq!(over.code(), Some(ErrorCode::Overloaded), "{over}");
+    // Counted, not refused for everything: freeing the lock frees its place.
+    until_settled(|| worker.call(unlock_op("jobs/1", token)))
+        .await
+        .expect("unlock the lock held through the old leader");
+    let granted = until_settled(|| worker.try_lock("jobs/2", TTL))
+        .await
+        .expect("a lock within the quota");
+    assert!(granted.is_some());
+}
+
+fn unlock_op(key: &str, token: u64) -> deadbolt_core::proto::Op {
+    deadbolt_core::proto::Op::Lock(deadbolt_core::proto::LockOp::Release {
+        key: key.to_owned(),
+        token,
+    })
 }
