@@ -123,11 +123,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream.write_all(request.as_bytes()).await?;
     stream.flush().await?;
     let mut answer = Vec::new();
-    match stream
-        .take(ANSWER_BYTES_MAX)
-        .read_to_end(&mut answer)
-        .await
-    {
+    match stream.take(ANSWER_BYTES_MAX).read_to_end(&mut answer).await {
         Ok(_) => Ok(answer),
         // A TLS peer that closes without `close_notify`: the answer
         // (`Connection: close`) is whole all the same.

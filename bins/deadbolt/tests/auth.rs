@@ -481,13 +481,12 @@ async fn a_principals_quotas_count_what_it_held_before_a_sigkill() {
     let (mut child, url) = serve_durable(dir.path());
     let (mut workers, reply) = hello(&url, "worker-1", "workers-secret").await;
     assert!(reply["ok"].is_object(), "{reply}");
-    let lock = |id: u64, key: &str| {
-        json!({"id": id, "op": "lock", "key": key, "ttl_ms": 600_000, "wait_ms": 0})
-    };
+    let lock = |id: u64, key: &str| json!({"id": id, "op": "lock", "key": key, "ttl_ms": 600_000, "wait_ms": 0});
     let first = workers.call(lock(2, "jobs/1")).await["ok"]["token"].clone();
     assert!(first.is_u64(), "{first}");
     assert!(workers.call(lock(3, "jobs/2")).await["ok"].is_object());
-    let set_up = |id: u64, set: &str| json!({"id": id, "op": "set_up", "set": set, "ttl_ms": 600_000});
+    let set_up =
+        |id: u64, set: &str| json!({"id": id, "op": "set_up", "set": set, "ttl_ms": 600_000});
     assert!(workers.call(set_up(4, "results/a")).await["ok"].is_object());
     let insert = |id: u64, keys: &[&str]| json!({"id": id, "op": "insert", "set": "results/a", "keys": keys});
     let inserted = workers.call(insert(5, &["m1", "m2", "m3"])).await;

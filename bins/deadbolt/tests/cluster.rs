@@ -607,7 +607,9 @@ async fn connect_tls(url: &str, ca: &[u8], client_id: &str, secret: &str) -> Cli
         auth: Some(deadbolt_core::proto::Secret::new(secret)),
         ..ClientOptions::default()
     };
-    Client::connect(connector, options).await.expect("hello over wss")
+    Client::connect(connector, options)
+        .await
+        .expect("hello over wss")
 }
 
 /// Retries `call` while the cluster is between leaders (30 s at most):
@@ -732,7 +734,9 @@ async fn a_tls_cluster_forwards_as_the_clients_principal_and_its_peer_port_wants
         .expect("inspect");
     let holder = info.holder.expect("still held");
     assert_eq!(holder.client, "worker-tls");
-    let size = until_settled(|| guests_set.inspect()).await.expect("inspect_set");
+    let size = until_settled(|| guests_set.inspect())
+        .await
+        .expect("inspect_set");
     assert_eq!(size.size, 1);
 
     // The peer port: the cluster's certificate gets an answer; no

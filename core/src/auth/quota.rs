@@ -212,7 +212,6 @@ impl Census {
     }
 }
 
-
 /// What a request may change that the ledger counts, or that its answer
 /// may need (an `inspect`'s token): taken from the op before it runs, so
 /// that the op itself (an insert batch of thousands of keys) need not be
