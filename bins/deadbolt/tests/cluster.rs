@@ -738,6 +738,14 @@ async fn a_tls_cluster_forwards_as_the_clients_principal_and_its_peer_port_wants
         .await
         .expect("inspect_set");
     assert_eq!(size.size, 1);
+    // The leader's port for forwarded connections lends no authority
+    // either: a guest that dials it directly is still a guest.
+    let forwarded = format!("{}/forwarded", nodes[leader].url);
+    let direct = connect_tls(&forwarded, &ca, "guest-direct", "guests-secret").await;
+    let refused = until_settled(|| direct.try_lock("jobs/direct", TTL))
+        .await
+        .expect_err("the guests may not lock jobs/, forwarded or not");
+    assert_eq!(refused.code(), Some(ErrorCode::Unauthorized), "{refused}");
 
     // The peer port: the cluster's certificate gets an answer; no
     // certificate, another certificate, or plain TCP get none.
