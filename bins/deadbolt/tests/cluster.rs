@@ -600,16 +600,20 @@ const TLS_POLICY: &str = "[[principal]]\nname = \"workers\"\nsecret = \"workers-
 /// trusting the cluster's certificate `ca`.
 async fn connect_tls(url: &str, ca: &[u8], client_id: &str, secret: &str) -> Client {
     let tls = deadbolt_transport_quic::tls::client_tls(&Trust::CaPem(ca.to_vec())).expect("tls");
-    let connector = WsConnector::with_dialer(url, TlsDialer::new(tls)).expect("url");
+    let dialer = TlsDialer::new(tls);
     let options = ClientOptions {
         client_id: Some(client_id.to_owned()),
         retry_for: Duration::from_secs(20),
         auth: Some(deadbolt_core::proto::Secret::new(secret)),
         ..ClientOptions::default()
     };
-    Client::connect(connector, options)
-        .await
-        .expect("hello over wss")
+    // A follower claims the client id through the leader: `unavailable`
+    // until it has heard from one.
+    let connect = || {
+        let connector = WsConnector::with_dialer(url, dialer.clone()).expect("url");
+        Client::connect(connector, options.clone())
+    };
+    until_settled(connect).await.expect("hello over wss")
 }
 
 /// Retries `call` while the cluster is between leaders (30 s at most):
