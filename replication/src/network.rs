@@ -3,6 +3,17 @@
 //! in the simulation), one request at a time per connection. A connection
 //! opens with a [`Hello`] naming the dialing node and the base URL of its
 //! WebSocket port, which is how followers learn where to forward.
+//!
+//! With TLS ([`ClusterConfig::peer_tls`](crate::ClusterConfig)), every
+//! peer connection is TLS 1.3 and mutual: the accepting node requires a
+//! certificate its cluster CA vouches for before it reads a byte of Raft,
+//! and the dialing node (its [`Dialer`] is a TLS one) checks the accepting
+//! node's certificate the same way. A stranger on the network can then
+//! neither inject Raft messages nor read the log's entries (which carry
+//! the commands, client ids and all). Without it the port trusts whoever
+//! connects, which is for loopback or a trusted network only (the binary
+//! refuses a non-loopback peer address without it unless told
+//! `--insecure-peers`).
 
 use std::collections::HashMap;
 use std::io;
@@ -306,14 +317,19 @@ impl<D: Dialer> RaftNetwork<TypeConfig> for PeerClient<D> {
 }
 
 /// Serves the peer port until `stopped` turns true: each connection's
-/// requests are handed to `raft` one by one.
+/// requests are handed to `raft` one by one. With `tls`, a connection
+/// must first complete a mutual TLS handshake (within [`HELLO_TIMEOUT`],
+/// in its own task, so a stranger that never finishes one holds up only
+/// its own slot).
 pub async fn serve_peers<L: Listener>(
     mut listener: L,
     raft: Raft,
     directory: Directory,
     identities: Arc<Identities>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(PEER_CONNECTIONS_MAX));
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -336,8 +352,22 @@ pub async fn serve_peers<L: Listener>(
         };
         let (raft, directory) = (raft.clone(), Arc::clone(&directory));
         let identities = Arc::clone(&identities);
+        let acceptor = acceptor.clone();
         connections.spawn(async move {
-            if let Err(error) = serve_peer(stream, raft, directory, &identities).await {
+            let served = match acceptor {
+                None => serve_peer(stream, raft, directory, &identities).await,
+                Some(acceptor) => match handshake(&acceptor, stream).await {
+                    Ok(stream) => serve_peer(stream, raft, directory, &identities).await,
+                    Err(error) => {
+                        tracing::warn!(
+                            %peer, %error,
+                            "peer port: refused a connection without the cluster's certificate"
+                        );
+                        Err(error)
+                    }
+                },
+            };
+            if let Err(error) = served {
                 tracing::debug!(%peer, %error, "peer connection ended");
             }
             drop(slot);
@@ -345,6 +375,16 @@ pub async fn serve_peers<L: Listener>(
         // Reap finished connections so the set stays small.
         while connections.try_join_next().is_some() {}
     }
+}
+
+/// The server's side of a mutual TLS handshake, within [`HELLO_TIMEOUT`].
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: S,
+) -> io::Result<tokio_rustls::server::TlsStream<S>> {
+    tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(stream))
+        .await
+        .map_err(|_| io::Error::other("no TLS handshake in time"))?
 }
 
 async fn serve_peer<S: AsyncRead + AsyncWrite + Unpin>(

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use deadbolt_core::auth::Auth;
+use deadbolt_core::auth::quota::Census;
 use deadbolt_core::engine::replica::{Consensus, Proposal, Proposed, ReplicaConfig, ReplicaHandle};
 use deadbolt_core::proto::ServerError;
 use deadbolt_core::shard::Shard;
@@ -92,6 +94,11 @@ pub struct ClusterConfig {
     /// The incarnation this node takes if its Raft directory is new
     /// (random in a real server; drawn from the seed in the simulation).
     pub fresh_incarnation: u64,
+    /// TLS on the peer port, requiring a client certificate of the
+    /// cluster (see [`crate::network`]); `None` serves it in the clear.
+    /// The dialer given to [`start`] must then speak TLS with this node's
+    /// certificate, or the other nodes refuse it.
+    pub peer_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -102,6 +109,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("client_url", &self.client_url)
             .field("dir", &self.dir)
             .field("timings", &self.timings)
+            .field("peer_tls", &self.peer_tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -230,6 +238,7 @@ pub async fn start<L: Listener, D: Dialer + Clone>(
     // log to different states: tokens start from 1 (they rise with the
     // replicated state, so they need no clock to stay above a restart's).
     engine.first_token = 1;
+    let auth = engine.auth.clone();
     if !cluster.members.contains_key(&cluster.node) {
         let why = format!("node {} is not among the members", cluster.node);
         return Err(StartError::Config(why));
@@ -304,12 +313,13 @@ pub async fn start<L: Listener, D: Dialer + Clone>(
     let tasks = vec![
         tokio::spawn(combine(raft.clone(), to_combine)),
         tokio::spawn(bootstrap(raft.clone(), cluster.clone(), probes)),
-        tokio::spawn(watch_role(raft.clone(), handle, cluster.node)),
+        tokio::spawn(watch_role(raft.clone(), handle, cluster.node, auth)),
         tokio::spawn(serve_peers(
             peers,
             raft.clone(),
             directory,
             identities,
+            cluster.peer_tls.clone(),
             stopped,
         )),
     ];
@@ -445,9 +455,12 @@ async fn bootstrap<D: Dialer>(raft: Raft, cluster: ClusterConfig, mut peers: Pee
 }
 
 /// Tells the engine when this node starts or stops leading.
-async fn watch_role(raft: Raft, handle: ReplicaHandle, node: NodeId) {
+async fn watch_role(raft: Raft, handle: ReplicaHandle, node: NodeId, auth: Option<Arc<Auth>>) {
     let mut metrics = raft.metrics();
     let mut leading_in = None;
+    // The recount of the latest term: one at a time, or two censuses
+    // would be added to one ledger.
+    let mut recounting: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let (leads, term) = {
             let now = metrics.borrow_and_update();
@@ -458,6 +471,13 @@ async fn watch_role(raft: Raft, handle: ReplicaHandle, node: NodeId) {
             tracing::info!(node, term, "leading");
             handle.lead(term);
             leading_in = Some(term);
+            if let Some(auth) = &auth {
+                if let Some(previous) = recounting.take() {
+                    previous.abort();
+                }
+                let recount = recount_quotas(raft.clone(), handle.clone(), Arc::clone(auth));
+                recounting = Some(tokio::spawn(recount));
+            }
         } else if !leads && leading_in.is_some() {
             tracing::info!(node, term, "no longer leading");
             handle.follow();
@@ -468,6 +488,37 @@ async fn watch_role(raft: Raft, handle: ReplicaHandle, node: NodeId) {
             return;
         }
     }
+}
+
+/// How long a new leader waits to have applied the log before it counts
+/// quotas from its shards; past it, it counts from what it has.
+const RECOUNT_PATIENCE: Duration = Duration::from_secs(10);
+
+/// On a new leader: counts what the shards hold against the quotas of
+/// the principals that own its client ids (see
+/// [`deadbolt_core::auth::quota`]), once it has applied every entry it
+/// had when it was elected (everything committed before its term is among
+/// them): the grants and sets made through the old leader count here too.
+async fn recount_quotas(raft: Raft, handle: ReplicaHandle, auth: Arc<Auth>) {
+    auth.usage().forget();
+    let last = raft.metrics().borrow().last_log_index;
+    let applied = raft
+        .wait(Some(RECOUNT_PATIENCE))
+        .applied_index_at_least(last, "the log applied before counting quotas")
+        .await;
+    if let Err(error) = applied {
+        tracing::warn!(%error, "counting quotas from the state applied so far");
+    }
+    // Asked after every batch applied so far: the images hold them all.
+    let Some(images) = handle.images().wait().await else {
+        return;
+    };
+    let mut census = Census::default();
+    for image in &images {
+        census.add(image);
+    }
+    auth.usage().rebuild(&census, tokio::time::Instant::now());
+    tracing::info!("quotas count the locks, sets and members of the replicated state");
 }
 
 /// Whether `node` is a voter in `raft`'s current membership.

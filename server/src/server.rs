@@ -170,11 +170,28 @@ fn start_engine(mut engine: EngineConfig, storage: Option<Durable>) -> Result<St
     store.yield_to_shards = durable.writer_thread;
     let opened = deadbolt_storage::open(durable.disk, store, &engine)?;
     report_recovery(&durable.store, &opened.report);
+    if let Some(auth) = &engine.auth {
+        recount_quotas(auth, &opened.shards);
+    }
     engine.start_at = opened.start_at;
     engine.journal = Some(opened.store.clone());
     let ended = spawn_writer(opened.writer, durable.writer_thread);
     let engine = Engine::start_with(engine, opened.shards);
     Ok((engine, Some(ended), Some(opened.store)))
+}
+
+/// Counts what the recovered `shards` hold against the quotas of the
+/// principals that own their client ids (see
+/// [`deadbolt_core::auth::quota`]): a restart must not give a principal
+/// its quota afresh.
+fn recount_quotas(auth: &deadbolt_core::auth::Auth, shards: &[deadbolt_core::shard::Shard]) {
+    let mut census = deadbolt_core::auth::quota::Census::default();
+    for shard in shards {
+        census.add(&shard.image());
+    }
+    auth.usage().forget();
+    auth.usage().rebuild(&census, tokio::time::Instant::now());
+    tracing::info!("quotas count the recovered locks, sets and members");
 }
 
 /// Runs the log writer on its own thread or as a task; the receiver hears

@@ -226,6 +226,41 @@ pub fn client_tls(trust: &Trust) -> Result<rustls::ClientConfig, TlsError> {
     Ok(tls)
 }
 
+/// A cluster node's TLS on its peer port: TLS 1.3 with `identity`, and
+/// mutual: a peer must present a certificate that a certificate in
+/// `cluster_ca` (PEM, read from `ca_path`) vouches for, or the handshake
+/// fails. This is how etcd guards its peer port (`--peer-client-cert-auth`
+/// with `--peer-trusted-ca-file`).
+pub fn peer_server_tls(
+    identity: Identity,
+    cluster_ca: &[u8],
+    ca_path: &Path,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let roots = Arc::new(roots(cluster_ca, ca_path)?);
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| rustls::Error::General(format!("peer certificate verifier: {e}")))?;
+    Ok(rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.certs, identity.key)?)
+}
+
+/// A cluster node's TLS as a client of its peers' ports and of the
+/// leader's `wss://` port (when it forwards): it trusts the servers that
+/// `cluster_ca` vouches for, and presents `identity` when asked (the peer
+/// port asks; the WebSocket port does not).
+pub fn peer_client_tls(
+    identity: Identity,
+    cluster_ca: &[u8],
+    ca_path: &Path,
+) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(cluster_ca, ca_path)?)
+        .with_client_auth_cert(identity.certs, identity.key)?)
+}
+
 fn roots(pem: &[u8], path: &Path) -> Result<rustls::RootCertStore, TlsError> {
     let pem_error = |reason: String| TlsError::Pem {
         path: path.to_owned(),

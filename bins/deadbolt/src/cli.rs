@@ -194,6 +194,20 @@ pub struct ServeArgs {
     /// and tokens cross the network readable.
     #[arg(long)]
     pub insecure_plaintext: bool,
+    /// Listen for cluster peers on a non-loopback address without TLS: the
+    /// peer port then trusts whoever connects (who could inject Raft
+    /// messages) and the Raft log crosses the network readable.
+    #[arg(long, requires = "cluster")]
+    pub insecure_peers: bool,
+    /// On a cluster node with --tls-cert: the certificates (PEM: a CA, or
+    /// the nodes' own certificates) that vouch for the other nodes. The
+    /// peer port serves mutual TLS: a peer must present a certificate
+    /// vouched for by one of these, and this node presents its
+    /// --tls-cert to its peers and checks theirs (and the leader's
+    /// wss:// port, when it forwards) against them. Default: --tls-cert
+    /// itself, for a cluster whose nodes share one certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_cert", requires = "cluster")]
+    pub cluster_ca: Option<PathBuf>,
     /// An origin, besides the server's own, whose pages may open a
     /// WebSocket to this server (https://app.example.com; `*` for any);
     /// several, comma-separated. A browser upgrade from any other origin

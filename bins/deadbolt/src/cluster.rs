@@ -3,7 +3,8 @@
 //! (`POST /cluster/readmit/N` on the leader).
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use deadbolt_transport_ws::{Dialer, TlsDialer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::cli::{ClusterArgs, ClusterCommand, ServerArgs};
 
@@ -60,10 +61,11 @@ async fn status(server: &ServerArgs) -> anyhow::Result<u8> {
     bail!("no node answered: {}", failures.join("; "))
 }
 
-/// `METHOD PATH` on the WebSocket port of `url` (`ws://HOST:PORT/...`),
-/// with the secret of `--auth-file`/`DEADBOLT_AUTH` as a bearer token if
-/// there is one (an authenticating server keeps these routes for admins):
-/// the body of a `200`, or an error with the status and the body.
+/// `METHOD PATH` on the WebSocket port of `url` (`ws://HOST:PORT/...`, or
+/// `wss://`, checked against `--ca` as a client does), with the secret of
+/// `--auth-file`/`DEADBOLT_AUTH` as a bearer token if there is one (an
+/// authenticating server keeps these routes for admins): the body of a
+/// `200`, or an error with the status and the body.
 pub(crate) async fn http(
     url: &str,
     method: &str,
@@ -74,24 +76,33 @@ pub(crate) async fn http(
         Some(secret) => format!("Authorization: Bearer {}\r\n", secret.expose()),
         None => String::new(),
     };
-    let authority = url
-        .strip_prefix("ws://")
-        .context("this needs a ws:// URL (the server's WebSocket port)")?
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let mut stream = tokio::net::TcpStream::connect(authority)
-        .await
-        .with_context(|| format!("cannot connect to {authority}"))?;
+    let (tls, rest) = match url.strip_prefix("wss://") {
+        Some(rest) => (true, rest),
+        None => (
+            false,
+            url.strip_prefix("ws://")
+                .context("this needs a ws:// or wss:// URL (the server's WebSocket port)")?,
+        ),
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{bearer}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(request.as_bytes()).await?;
-    let mut answer = Vec::new();
-    stream
-        .take(ANSWER_BYTES_MAX)
-        .read_to_end(&mut answer)
-        .await?;
+    let answer = if tls {
+        let (host, port) = deadbolt_replication::network::split_addr(authority)?;
+        let trust = crate::connect::trust(server)?;
+        let dialer = TlsDialer::new(deadbolt_transport_quic::tls::client_tls(&trust)?);
+        let stream = dialer
+            .dial(host, port)
+            .await
+            .with_context(|| format!("cannot connect to {authority} over TLS"))?;
+        exchange(stream, &request).await?
+    } else {
+        let stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .with_context(|| format!("cannot connect to {authority}"))?;
+        exchange(stream, &request).await?
+    };
     let answer = String::from_utf8_lossy(&answer);
     let (head, body) = answer
         .split_once("\r\n\r\n")
@@ -101,4 +112,24 @@ pub(crate) async fn http(
         bail!("{status_line}: {}", body.trim());
     }
     Ok(body.to_owned())
+}
+
+/// Sends `request` on `stream` and reads the answer to its end (at most
+/// [`ANSWER_BYTES_MAX`]).
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    request: &str,
+) -> anyhow::Result<Vec<u8>> {
+    stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
+    let mut answer = Vec::new();
+    match stream.take(ANSWER_BYTES_MAX).read_to_end(&mut answer).await {
+        Ok(_) => Ok(answer),
+        // A TLS peer that closes without `close_notify`: the answer
+        // (`Connection: close`) is whole all the same.
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => {
+            Ok(answer)
+        }
+        Err(error) => Err(error.into()),
+    }
 }

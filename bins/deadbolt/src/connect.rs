@@ -160,7 +160,7 @@ fn wss(url: &str, trust: &Trust) -> anyhow::Result<WsConnector<TlsDialer>> {
 }
 
 /// Whom a QUIC (or wss://) client trusts.
-fn trust(args: &ServerArgs) -> anyhow::Result<Trust> {
+pub(crate) fn trust(args: &ServerArgs) -> anyhow::Result<Trust> {
     if args.insecure {
         eprintln!(
             "deadbolt: WARNING: --insecure: the server's certificate is not checked; \

@@ -9,7 +9,7 @@ use deadbolt_replication::{ClusterConfig, Timings};
 use deadbolt_server::{Durable, Listeners, Peering, ServerConfig};
 use deadbolt_storage::{StdDisk, StoreConfig};
 use deadbolt_transport_quic::{Identity, QuicConfig};
-use deadbolt_transport_ws::{TcpDialer, WsConfig};
+use deadbolt_transport_ws::{TcpDialer, TlsDialer, WsConfig};
 use tokio::net::TcpListener;
 
 use std::io::{Read, Write};
@@ -36,11 +36,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.engine.grant_signer = grant_signer(&args)?;
     config.ws.tls = ws_tls(&args)?;
     let listeners = bind(&args, &config).await?;
-    let peering = match &args.cluster {
-        Some(members) => Some(peering(&args, members, &listeners).await?),
-        None => None,
+    let Some(members) = &args.cluster else {
+        deadbolt_server::run(config, listeners, shutdown).await?;
+        return Ok(());
     };
-    deadbolt_server::run_node(config, listeners, peering, shutdown).await?;
+    // One dialer for the peer ports and for forwarding to the leader's
+    // WebSocket port: TLS with this node's certificate, or plain TCP.
+    match peer_tls(&args)? {
+        Some(tls) => {
+            let dialer = TlsDialer::new(tls.client);
+            let peering = peering(&args, members, &listeners, dialer, Some(tls.server)).await?;
+            deadbolt_server::run_node(config, listeners, Some(peering), shutdown).await?;
+        }
+        None => {
+            let peering = peering(&args, members, &listeners, TcpDialer, None).await?;
+            deadbolt_server::run_node(config, listeners, Some(peering), shutdown).await?;
+        }
+    }
     Ok(())
 }
 
@@ -124,15 +136,6 @@ fn refuse_exposure(args: &ServeArgs) -> anyhow::Result<()> {
         );
     }
     if !args.ws.ip().is_loopback() && ws_tls_wanted(args).is_none() && !args.insecure_plaintext {
-        if args.cluster.is_some() {
-            anyhow::bail!(
-                "refusing to serve plain ws:// on {}, which is not a loopback address: a \
-                 cluster node's WebSocket port cannot serve wss:// yet (followers forward to \
-                 the leader's port over ws://). Listen on a private network and pass \
-                 --insecure-plaintext, or run a single server with --tls-cert/--tls-key",
-                args.ws
-            );
-        }
         anyhow::bail!(
             "refusing to serve plain ws:// on {}, which is not a loopback address: \
              secrets and fencing tokens would cross the network readable. Give \
@@ -142,7 +145,82 @@ fn refuse_exposure(args: &ServeArgs) -> anyhow::Result<()> {
             args.ws
         );
     }
-    Ok(())
+    refuse_exposed_peers(args)
+}
+
+/// Refuses a cluster node whose peer port is on a non-loopback address
+/// without TLS (unless `--insecure-peers`): whoever reaches it could send
+/// Raft messages (votes, entries: any lock, any set) and read the log.
+fn refuse_exposed_peers(args: &ServeArgs) -> anyhow::Result<()> {
+    let (Some(members), Some(node)) = (&args.cluster, args.node_id) else {
+        return Ok(());
+    };
+    // A node missing from --cluster is refused later, with its own message.
+    let Some(own) = members.0.get(&node) else {
+        return Ok(());
+    };
+    if args.tls_cert.is_some() || args.insecure_peers || is_loopback_peer(own) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to listen for cluster peers on {own}, which is not a loopback address, \
+         without TLS: anyone who can reach it could inject Raft messages (and so take, free \
+         and change every lock and set) and read every change. Give --tls-cert FILE \
+         --tls-key FILE (the peer port then serves mutual TLS: every node's certificate \
+         must be vouched for by --cluster-ca FILE, which defaults to the certificate itself \
+         for nodes that share one; followers forward over wss://), or listen for peers on a \
+         loopback address, or pass --insecure-peers if the network between the nodes is \
+         trusted"
+    );
+}
+
+/// Whether the peer address `host:port` is on loopback: `localhost`, a
+/// loopback IP, or a name that resolves to loopback addresses only.
+fn is_loopback_peer(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let Ok((host, port)) = deadbolt_replication::network::split_addr(addr) else {
+        return false;
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    match (host, port).to_socket_addrs() {
+        Ok(resolved) => {
+            let resolved: Vec<SocketAddr> = resolved.collect();
+            !resolved.is_empty() && resolved.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+/// A cluster node's TLS towards its peers (see [`peer_tls`]).
+struct PeerTls {
+    /// The peer port's: mutual TLS.
+    server: Arc<rustls::ServerConfig>,
+    /// The dialer's, to peers and to the leader's `wss://` port.
+    client: rustls::ClientConfig,
+}
+
+/// With `--tls-cert` on a cluster node: mutual TLS on the peer port, with
+/// the node's certificate on both sides, vouched for by `--cluster-ca`
+/// (by default the certificate file itself).
+fn peer_tls(args: &ServeArgs) -> anyhow::Result<Option<PeerTls>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let ca_path = args.cluster_ca.as_deref().unwrap_or(cert);
+    let ca = std::fs::read(ca_path)
+        .with_context(|| format!("cannot read the cluster CA {}", ca_path.display()))?;
+    let identity = Identity::load(cert, key)?;
+    let client = deadbolt_transport_quic::tls::peer_client_tls(identity.duplicate(), &ca, ca_path)?;
+    let server = deadbolt_transport_quic::tls::peer_server_tls(identity, &ca, ca_path)?;
+    Ok(Some(PeerTls {
+        server: Arc::new(server),
+        client,
+    }))
 }
 
 /// Reads the auth file, and reloads it on every SIGHUP for as long as the
@@ -177,12 +255,11 @@ fn load_auth(path: &Path) -> anyhow::Result<Arc<Auth>> {
 }
 
 /// The certificate and key the WebSocket port serves `wss://` with: those
-/// of `--tls-cert`/`--tls-key`, except on a cluster node, whose followers
-/// forward to the leader's WebSocket port over plain `ws://` (and dial its
-/// peer port with the same dialer), so its WebSocket port stays plain.
+/// of `--tls-cert`/`--tls-key` (on a cluster node too: its followers then
+/// forward to the leader's `wss://` port).
 fn ws_tls_wanted(args: &ServeArgs) -> Option<(&Path, &Path)> {
-    match (&args.tls_cert, &args.tls_key, &args.cluster) {
-        (Some(cert), Some(key), None) => Some((cert, key)),
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
         _ => None,
     }
 }
@@ -190,11 +267,6 @@ fn ws_tls_wanted(args: &ServeArgs) -> Option<(&Path, &Path)> {
 /// The WebSocket port's TLS configuration (see [`ws_tls_wanted`]).
 fn ws_tls(args: &ServeArgs) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
     let Some((cert, key)) = ws_tls_wanted(args) else {
-        if args.tls_cert.is_some() && args.cluster.is_some() {
-            tracing::warn!(
-                "--tls-cert is used by QUIC only: a cluster node's WebSocket port serves plain ws://"
-            );
-        }
         return Ok(None);
     };
     let identity = Identity::load(cert, key)?;
@@ -204,12 +276,15 @@ fn ws_tls(args: &ServeArgs) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>>
 }
 
 /// A cluster node's peer port (its own entry in `--cluster`) and its place
-/// in the cluster.
-async fn peering(
+/// in the cluster; it dials its peers and the leader with `dialer`, and
+/// serves its peer port with `peer_tls`, if any.
+async fn peering<D>(
     args: &ServeArgs,
     members: &ClusterMembers,
     listeners: &Listeners<TcpListener>,
-) -> anyhow::Result<Peering<TcpListener, TcpDialer>> {
+    dialer: D,
+    peer_tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<Peering<TcpListener, D>> {
     let node = args.node_id.context("--cluster needs --node-id")?;
     let own = members
         .0
@@ -220,22 +295,29 @@ async fn peering(
         .with_context(|| format!("cannot listen for peers on {own}"))?;
     let (host, _) = own.rsplit_once(':').unwrap_or((own, ""));
     let ws_port = listeners.ws.local_addr()?.port();
-    tracing::info!(node, peers = %own, "cluster node; members {:?}", members.0);
+    let scheme = if peer_tls.is_some() { "wss" } else { "ws" };
+    let peers_tls = if peer_tls.is_some() {
+        "mutual TLS"
+    } else {
+        "plain TCP"
+    };
+    tracing::info!(node, peers = %own, "cluster node, peers over {peers_tls}; members {:?}", members.0);
     let cluster = ClusterConfig {
         node,
         members: members.0.clone(),
-        client_url: format!("ws://{host}:{ws_port}"),
+        client_url: format!("{scheme}://{host}:{ws_port}"),
         dir: args.data_dir.clone(),
         disk: Arc::new(StdDisk),
         writer_thread: true,
         timings: Timings::default(),
         snapshot_every: SNAPSHOT_EVERY,
         fresh_incarnation: random_incarnation(),
+        peer_tls,
     };
     Ok(Peering {
         cluster,
         listener,
-        dialer: TcpDialer,
+        dialer,
     })
 }
 

@@ -111,6 +111,54 @@ fn a_non_loopback_address_is_refused_without_auth_or_without_tls_and_says_how_to
     stop(&mut child);
 }
 
+/// A cluster node whose peer address is not on loopback is refused
+/// without TLS (`--tls-cert`), with a message that says how to fix it;
+/// `--insecure-peers` lets it start, and so does a loopback peer address.
+#[test]
+fn a_non_loopback_peer_address_is_refused_without_tls_and_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(&auth, POLICY).expect("write the auth file");
+    let auth = auth.to_str().expect("utf-8 path");
+    let port = || {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").port()
+    };
+    let exposed = format!(
+        "1=0.0.0.0:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        port(),
+        port(),
+        port()
+    );
+    let node = ["--ws", "127.0.0.1:0", "--quic", "off", "--auth", auth];
+    let cluster = ["--node-id", "1", "--cluster", &exposed];
+    let args: Vec<&str> = node.iter().chain(&cluster).copied().collect();
+    let refused = serve_refused(dir.path(), &args);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("refusing to listen for cluster peers on 0.0.0.0:")
+            && message.contains("--tls-cert FILE --tls-key FILE")
+            && message.contains("--cluster-ca FILE")
+            && message.contains("--insecure-peers"),
+        "{message}"
+    );
+
+    // Waived: it starts (and listens, waiting for its peers).
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .args(&args)
+        .arg("--insecure-peers")
+        .arg("--data-dir")
+        .arg(dir.path().join("waived"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (url, _) = read_urls(&mut child);
+    assert!(url.starts_with("ws://127.0.0.1:"), "{url}");
+    stop(&mut child);
+}
+
 fn stop(child: &mut Child) {
     let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
     let _ = child.wait();
@@ -406,5 +454,65 @@ async fn a_client_id_stays_its_first_principals_across_a_sigkill() {
     // Another id is anyone's to claim.
     let (_, other) = hello(&url, "intruder-1", "intruders-secret").await;
     assert!(other["ok"].is_object(), "{other}");
+    stop(&mut child);
+}
+
+/// Workers with small quotas: two locks, one set, three members.
+const SMALL_QUOTAS: &str = r#"
+[[principal]]
+name = "workers"
+secret = "workers-secret"
+locks = ["jobs/"]
+sets = ["results/"]
+read = [""]
+locks_max = 2
+sets_max = 1
+members_max = 3
+"#;
+
+/// What the principal held before a SIGKILL still counts against its
+/// quotas after the restart: the quota ledger starts from the recovered
+/// locks, sets and members (by the owners of their client ids), not from
+/// nothing.
+#[tokio::test]
+async fn a_principals_quotas_count_what_it_held_before_a_sigkill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("auth.toml"), SMALL_QUOTAS).expect("write the auth file");
+    let (mut child, url) = serve_durable(dir.path());
+    let (mut workers, reply) = hello(&url, "worker-1", "workers-secret").await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    let lock = |id: u64, key: &str| json!({"id": id, "op": "lock", "key": key, "ttl_ms": 600_000, "wait_ms": 0});
+    let first = workers.call(lock(2, "jobs/1")).await["ok"]["token"].clone();
+    assert!(first.is_u64(), "{first}");
+    assert!(workers.call(lock(3, "jobs/2")).await["ok"].is_object());
+    let set_up =
+        |id: u64, set: &str| json!({"id": id, "op": "set_up", "set": set, "ttl_ms": 600_000});
+    assert!(workers.call(set_up(4, "results/a")).await["ok"].is_object());
+    let insert = |id: u64, keys: &[&str]| json!({"id": id, "op": "insert", "set": "results/a", "keys": keys});
+    let inserted = workers.call(insert(5, &["m1", "m2", "m3"])).await;
+    assert!(inserted["ok"].is_object(), "{inserted}");
+    // At every quota now.
+    let over = workers.call(lock(6, "jobs/3")).await;
+    assert_eq!(over["err"]["code"], "overloaded", "{over}");
+
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let (mut child, url) = serve_durable(dir.path());
+
+    let (mut workers, reply) = hello(&url, "worker-1", "workers-secret").await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    for (request, what) in [
+        (lock(2, "jobs/3"), "a third lock"),
+        (set_up(3, "results/b"), "a second set"),
+        (insert(4, &["m4"]), "a fourth member"),
+    ] {
+        let answer = workers.call(request).await;
+        assert_eq!(answer["err"]["code"], "overloaded", "{what}: {answer}");
+    }
+    // Counted, not refused for everything: freeing one lock frees its place.
+    let unlock = json!({"id": 5, "op": "unlock", "key": "jobs/1", "token": first});
+    assert!(workers.call(unlock).await["ok"].is_object());
+    let granted = workers.call(lock(6, "jobs/3")).await;
+    assert!(granted["ok"]["token"].is_u64(), "{granted}");
     stop(&mut child);
 }

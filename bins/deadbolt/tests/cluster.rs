@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use deadbolt_core::client::{Client, ClientOptions, Error};
 use deadbolt_core::proto::ErrorCode;
-use deadbolt_transport_ws::WsConnector;
+use deadbolt_transport_quic::Trust;
+use deadbolt_transport_ws::{TlsDialer, WsConnector};
 use tokio::time::Instant;
 
 mod support;
@@ -89,22 +90,50 @@ fn http(url: &str, method: &str, path: &str) -> Option<(String, String)> {
     http_as(url, method, path, None)
 }
 
-/// [`http`] with an admin's secret as the bearer token.
+/// [`http`] with an admin's secret as the bearer token. A `wss://` node
+/// is asked over TLS, trusting [`TLS_CLUSTER_CA`].
 fn http_as(url: &str, method: &str, path: &str, bearer: Option<&str>) -> Option<(String, String)> {
-    let authority = url.strip_prefix("ws://")?.split('/').next()?;
-    let mut stream = TcpStream::connect(authority).ok()?;
+    let (tls, rest) = match url.strip_prefix("wss://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("ws://")?),
+    };
+    let authority = rest.split('/').next()?;
+    let stream = TcpStream::connect(authority).ok()?;
     let bearer = bearer
         .map(|secret| format!("Authorization: Bearer {secret}\r\n"))
         .unwrap_or_default();
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: x\r\n{bearer}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
+    let answer = if tls {
+        let ca = TLS_CLUSTER_CA.get()?;
+        let config = deadbolt_transport_quic::tls::client_tls(&Trust::CaPem(ca.clone())).ok()?;
+        let (host, _) = authority.rsplit_once(':')?;
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned()).ok()?;
+        let connection = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+        exchange(rustls::StreamOwned::new(connection, stream), &request)?
+    } else {
+        exchange(stream, &request)?
+    };
     let (head, body) = answer.split_once("\r\n\r\n")?;
     Some((head.lines().next()?.to_owned(), body.to_owned()))
 }
+
+/// Sends `request` and reads the answer to the end of the stream (a TLS
+/// server may end it without `close_notify`).
+fn exchange(mut stream: impl Read + Write, request: &str) -> Option<String> {
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer);
+    if read.is_err() && answer.is_empty() {
+        return None;
+    }
+    String::from_utf8(answer).ok()
+}
+
+/// The certificate the nodes of the TLS cluster share, which the test's
+/// `/cluster` requests trust.
+static TLS_CLUSTER_CA: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
 
 /// `GET /cluster` on the node at `url`, as JSON.
 fn status(url: &str) -> Option<serde_json::Value> {
@@ -657,4 +686,287 @@ async fn a_follower_pushes_the_events_of_watches_and_of_forwarded_grants() {
         |name: &str| serde_json::json!({"id": 1, "event": name, "key": "k", "token": token});
     assert_eq!(watcher.next().await, event("granted"));
     assert_eq!(watcher.next().await, event("expired"));
+}
+
+/// The auth file of the TLS cluster: workers may lock `jobs/` and use
+/// `results/` sets; guests may read, and lock only `guest/`.
+const TLS_POLICY: &str = "[[principal]]\nname = \"workers\"\nsecret = \"workers-secret\"\n\
+    locks = [\"jobs/\"]\nsets = [\"results/\"]\nread = [\"\"]\n\
+    [[principal]]\nname = \"guests\"\nsecret = \"guests-secret\"\nlocks = [\"guest/\"]\nread = [\"\"]\n\
+    [[principal]]\nname = \"ops\"\nsecret = \"ops-secret\"\nadmin = true\n";
+
+/// A client of the `wss://` node at `url` as `client_id` with `secret`,
+/// trusting the cluster's certificate `ca`.
+async fn connect_tls(url: &str, ca: &[u8], client_id: &str, secret: &str) -> Client {
+    let tls = deadbolt_transport_quic::tls::client_tls(&Trust::CaPem(ca.to_vec())).expect("tls");
+    let dialer = TlsDialer::new(tls);
+    let options = ClientOptions {
+        client_id: Some(client_id.to_owned()),
+        retry_for: Duration::from_secs(20),
+        auth: Some(deadbolt_core::proto::Secret::new(secret)),
+        ..ClientOptions::default()
+    };
+    // A follower claims the client id through the leader: `unavailable`
+    // until it has heard from one.
+    let connect = || {
+        let connector = WsConnector::with_dialer(url, dialer.clone()).expect("url");
+        Client::connect(connector, options.clone())
+    };
+    until_settled(connect).await.expect("hello over wss")
+}
+
+/// Retries `call` while the cluster is between leaders (30 s at most):
+/// on `unavailable` and lost connections, not on `overloaded`, which the
+/// quota tests expect.
+async fn until_settled<T, F: Future<Output = Result<T, Error>>>(
+    mut call: impl FnMut() -> F,
+) -> Result<T, Error> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let settling = |error: &Error| {
+        matches!(error, Error::Transport(_)) || error.code() == Some(ErrorCode::Unavailable)
+    };
+    loop {
+        match call().await {
+            Err(error) if settling(&error) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Sends a peer `Hello` (as a node 99) to the peer port at `addr` over
+/// TLS with `client`, and says whether a peer frame came back: the peer
+/// protocol spoke to it.
+fn peer_port_answers(addr: &str, client: rustls::ClientConfig) -> bool {
+    let tcp = TcpStream::connect(addr).expect("connect to the peer port");
+    tcp.set_read_timeout(Some(Duration::from_secs(4)))
+        .expect("timeout");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let connection = rustls::ClientConnection::new(Arc::new(client), name).expect("tls");
+    let mut tls = rustls::StreamOwned::new(connection, tcp);
+    if tls.write_all(&hello_frame()).is_err() {
+        return false;
+    }
+    let mut length = [0u8; 4];
+    tls.read_exact(&mut length).is_ok()
+}
+
+/// A peer `Hello` frame: length, then the postcard encoding.
+fn hello_frame() -> Vec<u8> {
+    let hello = deadbolt_replication::network::Hello {
+        from: 99,
+        incarnation: 1,
+        client_url: "wss://127.0.0.1:1".to_owned(),
+    };
+    let payload = postcard::to_stdvec(&hello).expect("encode");
+    let mut frame = u32::try_from(payload.len())
+        .expect("small")
+        .to_le_bytes()
+        .to_vec();
+    frame.extend(payload);
+    frame
+}
+
+/// With `--tls-cert` and `--auth` on every node (SPEC sections 9 and 10):
+/// clients speak `wss://` to a follower, which forwards to the leader's
+/// `wss://` port as the client's own principal, so a principal without
+/// the grant is refused through a follower too; and the peer port serves
+/// mutual TLS: a connection without the cluster's certificate (none, or
+/// another) is refused before any Raft is read, plain TCP too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_forwards_as_the_clients_principal_and_its_peer_port_wants_its_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, cert_pem, key_pem) = deadbolt_transport_quic::Identity::self_signed().expect("cert");
+    let (cert, key, auth) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("auth.toml"),
+    );
+    std::fs::write(&cert, &cert_pem).expect("write cert");
+    std::fs::write(&key, &key_pem).expect("write key");
+    std::fs::write(&auth, TLS_POLICY).expect("write the auth file");
+    let ca = cert_pem.into_bytes();
+    let _ = TLS_CLUSTER_CA.set(ca.clone());
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8 path").to_owned();
+    let (cert_arg, key_arg, auth_arg) = (path(&cert), path(&key), path(&auth));
+    let flags = [
+        "--auth",
+        &auth_arg,
+        "--tls-cert",
+        &cert_arg,
+        "--tls-key",
+        &key_arg,
+    ];
+    let cluster = members();
+    let nodes: Vec<Node> = (1..=3)
+        .map(|id| start_node_with(dir.path(), &cluster, id, &flags))
+        .collect();
+    assert!(nodes.iter().all(|n| n.url.starts_with("wss://")));
+    let leader = wait_for_leader_as(&nodes, None, Some("ops-secret"));
+    let follower = &nodes[(leader + 1) % nodes.len()];
+
+    // A worker through the follower: lock and insert, held on the leader
+    // under its own client id.
+    let worker = connect_tls(&follower.url, &ca, "worker-tls", "workers-secret").await;
+    let guard = until_settled(|| worker.try_lock("jobs/tls", TTL))
+        .await
+        .expect("a forwarded lock in the grants")
+        .expect("free");
+    let set = worker.set("results/tls");
+    until_settled(|| set.set_up(Duration::from_secs(600)))
+        .await
+        .expect("set up");
+    let inserted = until_settled(|| set.insert("r1")).await.expect("insert");
+    assert!(inserted.first);
+
+    // A guest through the same follower: refused, and nothing changed.
+    let guest = connect_tls(&follower.url, &ca, "guest-tls", "guests-secret").await;
+    let refused = until_settled(|| guest.try_lock("jobs/tls", TTL))
+        .await
+        .expect_err("the guests may not lock jobs/");
+    assert_eq!(refused.code(), Some(ErrorCode::Unauthorized), "{refused}");
+    let guests_set = guest.set("results/tls");
+    let refused = until_settled(|| guests_set.insert("r2"))
+        .await
+        .expect_err("the guests may not insert");
+    assert_eq!(refused.code(), Some(ErrorCode::Unauthorized), "{refused}");
+    // The guest may read: the worker still holds the lock, the set has one member.
+    let info = until_settled(|| guest.inspect("jobs/tls"))
+        .await
+        .expect("inspect");
+    let holder = info.holder.expect("still held");
+    assert_eq!(holder.client, "worker-tls");
+    let size = until_settled(|| guests_set.inspect())
+        .await
+        .expect("inspect_set");
+    assert_eq!(size.size, 1);
+    // The leader's port for forwarded connections lends no authority
+    // either: a guest that dials it directly is still a guest.
+    let forwarded = format!("{}/forwarded", nodes[leader].url);
+    let direct = connect_tls(&forwarded, &ca, "guest-direct", "guests-secret").await;
+    let refused = until_settled(|| direct.try_lock("jobs/direct", TTL))
+        .await
+        .expect_err("the guests may not lock jobs/, forwarded or not");
+    assert_eq!(refused.code(), Some(ErrorCode::Unauthorized), "{refused}");
+
+    // The peer port: the cluster's certificate gets an answer; no
+    // certificate, another certificate, or plain TCP get none.
+    let peer = cluster
+        .split(',')
+        .find_map(|m| m.strip_prefix(&format!("{}=", leader + 1)))
+        .expect("the leader's peer address")
+        .to_owned();
+    let identity =
+        deadbolt_transport_quic::Identity::from_pem(&ca, key_pem.as_bytes()).expect("identity");
+    let cluster_client =
+        deadbolt_transport_quic::tls::peer_client_tls(identity, &ca, &cert).expect("tls");
+    let (foreign, _, _) = deadbolt_transport_quic::Identity::self_signed().expect("cert");
+    let foreign_client =
+        deadbolt_transport_quic::tls::peer_client_tls(foreign, &ca, &cert).expect("tls");
+    let no_certificate =
+        deadbolt_transport_quic::tls::client_tls(&Trust::CaPem(ca.clone())).expect("tls");
+    let peer_for_probe = peer.clone();
+    let (known, stranger, anonymous, plain) = tokio::task::spawn_blocking(move || {
+        let peer = peer_for_probe;
+        (
+            peer_port_answers(&peer, cluster_client),
+            peer_port_answers(&peer, foreign_client),
+            peer_port_answers(&peer, no_certificate),
+            plain_peer_reply(&peer),
+        )
+    })
+    .await
+    .expect("probes");
+    assert!(known, "the cluster's certificate must be let in");
+    assert!(!stranger, "another certificate must be refused");
+    assert!(!anonymous, "no certificate must be refused");
+    assert!(
+        plain.is_empty() || plain[0] == 0x15,
+        "plain TCP got something other than a TLS alert: {plain:?}"
+    );
+    guard.unlock().await.expect("unlock");
+}
+
+/// What the peer port at `addr` says to a plain-TCP peer `Hello`: every
+/// byte until it closes.
+fn plain_peer_reply(addr: &str) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).expect("connect to the peer port");
+    tcp.set_read_timeout(Some(Duration::from_secs(4)))
+        .expect("timeout");
+    let _ = tcp.write_all(&hello_frame());
+    let mut reply = Vec::new();
+    let _ = tcp.read_to_end(&mut reply);
+    reply
+}
+
+/// Workers with a quota of one held lock.
+const ONE_LOCK_POLICY: &str = "[[principal]]\nname = \"workers\"\nsecret = \"workers-secret\"\n\
+    locks = [\"jobs/\"]\nread = [\"\"]\nlocks_max = 1\n\
+    [[principal]]\nname = \"ops\"\nsecret = \"ops-secret\"\nadmin = true\n";
+
+/// A lock held through the old leader counts against its principal's
+/// quota on the new one: the new leader counts quotas from the replicated
+/// state, not from nothing (SIGKILL of the leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_counts_what_was_held_through_the_leader_before_it_died() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(&auth, ONE_LOCK_POLICY).expect("write the auth file");
+    let auth = auth.to_str().expect("utf-8 path");
+    let cluster = members();
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|id| start_node_with(dir.path(), &cluster, id, &["--auth", auth]))
+        .collect();
+    let leader = wait_for_leader_as(&nodes, None, Some("ops-secret"));
+    // A short retry budget: the client retries `overloaded` within it,
+    // and the test wants to hear it (`until_settled` waits out elections).
+    let worker_on = |node: &Node| {
+        let url = node.url.clone();
+        async move {
+            let options = ClientOptions {
+                client_id: Some("quota-worker".to_owned()),
+                retry_for: Duration::from_millis(500),
+                auth: Some(deadbolt_core::proto::Secret::new("workers-secret")),
+                ..ClientOptions::default()
+            };
+            let connect = || Client::connect(WsConnector::new(&url).expect("url"), options.clone());
+            until_settled(connect).await.expect("hello")
+        }
+    };
+    let worker = worker_on(&nodes[leader]).await;
+    let held = until_settled(|| worker.try_lock("jobs/1", Duration::from_secs(600)))
+        .await
+        .expect("the first lock")
+        .expect("free");
+    let token = held.token();
+    held.detach();
+    let over = until_settled(|| worker.try_lock("jobs/2", TTL))
+        .await
+        .expect_err("at the quota");
+    assert_eq!(over.code(), Some(ErrorCode::Overloaded), "{over}");
+
+    nodes[leader].child.kill().expect("SIGKILL the leader");
+    let _ = nodes[leader].child.wait();
+    let next = wait_for_leader_as(&nodes, Some(leader), Some("ops-secret"));
+    let worker = worker_on(&nodes[next]).await;
+    let over = until_settled(|| worker.try_lock("jobs/2", TTL))
+        .await
+        .expect_err("still at the quota on the new leader");
+    assert_eq!(over.code(), Some(ErrorCode::Overloaded), "{over}");
+    // Counted, not refused for everything: freeing the lock frees its place.
+    until_settled(|| worker.call(unlock_op("jobs/1", token)))
+        .await
+        .expect("unlock the lock held through the old leader");
+    let granted = until_settled(|| worker.try_lock("jobs/2", TTL))
+        .await
+        .expect("a lock within the quota");
+    assert!(granted.is_some());
+}
+
+fn unlock_op(key: &str, token: u64) -> deadbolt_core::proto::Op {
+    deadbolt_core::proto::Op::Lock(deadbolt_core::proto::LockOp::Release {
+        key: key.to_owned(),
+        token,
+    })
 }

@@ -10,8 +10,35 @@
 //! this front measures it (from the answer, so a little after the shard
 //! does: the count errs on the high side). A set counts from its `set_up`
 //! until its `tear_down` or the end of its time to live, and with it the
-//! members each principal inserted first. What was created before the
-//! process started is not counted (the shards' log has no principals).
+//! members each principal inserted first.
+//!
+//! **Recovered state counts too.** What a principal held before a restart
+//! or before this node became a cluster's leader is not in this process's
+//! answers, so the ledger is rebuilt from the shards themselves
+//! ([`Ledger::rebuild`] from a [`Census`] of the shards' images): when a
+//! durable server starts (after recovery) and when a cluster node starts to
+//! lead (once it has applied everything committed before its term). The
+//! shards name holders and inserters by client id, and the owners of
+//! client ids are shard state too (claims, SPEC section 10), so each is
+//! counted against the principal that owns its client id:
+//! - every held, non-ephemeral lock, with the lease it has left (for a
+//!   key held shared by several, its latest grant: the ledger keeps one
+//!   holder per key);
+//! - every live set, against the principal of its first inserter (the
+//!   shards do not keep who set a set up, so a recovered set that has no
+//!   member yet counts against nobody), with the time to live it has left;
+//! - every member, against the principal of the client that inserted it
+//!   first.
+//!
+//! A client id nobody owns (claimed before authentication was on, or
+//! forgotten past the claims' bound) counts against nobody. What a new
+//! leader answers between the two steps is kept, and the census is added
+//! for the keys it did not grant since; meanwhile (until its images are
+//! in, a few milliseconds after the election) the requests a quota limits
+//! are answered `unavailable`, as during the election itself, so none
+//! slips past a quota, and a change answered then (an `unlock`, a
+//! `tear_down`) that the images still hold is counted until its lease or
+//! set ends.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +47,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::proto::{Keys, LockOp, Okay, Op, Outcome, ServerError, SetOp, Wait};
+use crate::shard::image::ShardImage;
 
 use super::Principal;
 
@@ -73,6 +101,10 @@ pub struct Ledger {
 
 #[derive(Debug, Default)]
 struct Book {
+    /// Between [`Ledger::forget`] and [`Ledger::rebuild`]: the counts miss
+    /// the census, so requests they limit wait (`unavailable`) rather
+    /// than slip past a quota.
+    recounting: bool,
     usage: HashMap<Arc<str>, Usage>,
     /// Held locks by key: holder's principal, token, end of lease.
     held: HashMap<String, Held>,
@@ -93,11 +125,91 @@ struct Held {
 
 #[derive(Debug)]
 struct SetEntry {
-    /// Who created it, if this process saw it created.
+    /// Who created it, if this process saw it created (or, rebuilt from a
+    /// census, the principal of its first inserter).
     creator: Option<Arc<str>>,
     ends: Instant,
     /// Members inserted first, per principal.
     members: HashMap<Arc<str>, u64>,
+}
+
+/// What the shards hold that counts against quotas, by client id: built
+/// from shard images with [`Census::add`], read by [`Ledger::rebuild`].
+#[derive(Debug, Default)]
+pub struct Census {
+    /// Each held key's latest non-ephemeral grant.
+    held: HashMap<String, CensusGrant>,
+    /// Each live set.
+    sets: HashMap<String, CensusSet>,
+    /// The owner of each claimed client id.
+    owners: HashMap<String, String>,
+}
+
+#[derive(Debug)]
+struct CensusGrant {
+    client: String,
+    token: u64,
+    /// The lease left, by the shard's own time.
+    left_ms: u64,
+}
+
+#[derive(Debug)]
+struct CensusSet {
+    /// Its time to live left, by the shard's own time.
+    left_ms: u64,
+    /// The client that inserted its first member, if any.
+    first_client: Option<String>,
+    /// Members inserted first, per client.
+    members: HashMap<String, u64>,
+}
+
+/// Milliseconds from `now` to `at` (microsecond ticks), rounded up.
+fn left_ms(at: crate::time::Tick, now: crate::time::Tick) -> u64 {
+    at.0.saturating_sub(now.0).div_ceil(1000)
+}
+
+impl Census {
+    /// Adds what the shard of `image` holds.
+    pub fn add(&mut self, image: &ShardImage) {
+        for key in &image.locks.keys {
+            let latest = key
+                .holders
+                .iter()
+                .filter(|h| !h.ephemeral)
+                .max_by_key(|h| h.token);
+            if let Some(holder) = latest {
+                let grant = CensusGrant {
+                    client: holder.client.clone(),
+                    token: holder.token,
+                    left_ms: left_ms(holder.deadline.at, image.now),
+                };
+                self.held.insert(key.key.clone(), grant);
+            }
+        }
+        for set in &image.sets.sets {
+            let mut members: HashMap<String, u64> = HashMap::new();
+            for member in &set.members {
+                if let Some(client) = set.clients.get(member.owner as usize) {
+                    *members.entry(client.clone()).or_default() += 1;
+                }
+            }
+            let entry = CensusSet {
+                left_ms: left_ms(set.deadline.at, image.now),
+                first_client: set.clients.first().cloned(),
+                members,
+            };
+            self.sets.insert(set.name.clone(), entry);
+        }
+        for claim in &image.claims.claims {
+            self.owners
+                .insert(claim.client.clone(), claim.principal.clone());
+        }
+    }
+
+    /// The principal that owns `client`, if one does.
+    fn owner(&self, client: &str) -> Option<Arc<str>> {
+        self.owners.get(client).map(|p| Arc::from(p.as_str()))
+    }
 }
 
 /// What a request may change that the ledger counts, or that its answer
@@ -217,6 +329,15 @@ impl Ledger {
         book.expire(now);
         let name = principal.name.as_str();
         let quotas = principal.quotas;
+        let limited = matches!(
+            op,
+            Op::Lock(LockOp::Acquire(_)) | Op::Set(SetOp::SetUp { .. } | SetOp::Insert { .. })
+        );
+        if limited && book.recounting {
+            return Err(ServerError::unavailable(
+                "counting quotas from the state after a change of leader: retry",
+            ));
+        }
         let usage = book.usage.get(name).copied().unwrap_or_default();
         let over = |what: &str, max: u64| {
             Err(ServerError::overloaded(format!(
@@ -305,11 +426,116 @@ impl Ledger {
     pub fn release(&self, key: &str, token: u64) {
         self.book().release(key, token);
     }
+
+    /// Starts a rebuild: forgets every grant and set counted so far (the
+    /// census, taken after this, has those that still exist) and counts
+    /// what is answered from now on. Until [`Ledger::rebuild`] adds the
+    /// census, a request a quota limits (`lock`, `set_up`, `insert`) is
+    /// answered `unavailable`, which clients retry.
+    pub fn forget(&self) {
+        let mut book = self.book();
+        book.recounting = true;
+        book.held.clear();
+        book.sets.clear();
+        book.recount();
+    }
+
+    /// Adds `census` (the shards' state, taken after [`Ledger::forget`]):
+    /// its grants and sets for the keys and sets not answered since, each
+    /// against the principal that owns its client id (see the module's
+    /// docs), and its members to every set. Waiters in flight stay
+    /// counted.
+    pub fn rebuild(&self, census: &Census, now: Instant) {
+        let mut book = self.book();
+        let after = |ms: u64| now + Duration::from_millis(ms);
+        for (key, grant) in &census.held {
+            let Some(principal) = census.owner(&grant.client) else {
+                continue;
+            };
+            if !book.held.contains_key(key) {
+                let held = Held {
+                    principal,
+                    token: grant.token,
+                    ends: after(grant.left_ms),
+                };
+                book.held.insert(key.clone(), held);
+            }
+        }
+        for (name, set) in &census.sets {
+            let entry = book.sets.entry(name.clone()).or_insert_with(|| SetEntry {
+                creator: None,
+                ends: after(set.left_ms),
+                members: HashMap::new(),
+            });
+            if entry.creator.is_none() {
+                entry.creator = set.first_client.as_deref().and_then(|c| census.owner(c));
+            }
+            for (client, &members) in &set.members {
+                if let Some(principal) = census.owner(client) {
+                    *entry.members.entry(principal).or_default() += members;
+                }
+            }
+        }
+        book.recounting = false;
+        book.recount();
+    }
 }
 
 impl Book {
     fn entry(&mut self, principal: &Arc<str>) -> &mut Usage {
         self.usage.entry(Arc::clone(principal)).or_default()
+    }
+
+    /// Rebuilds the deadline indexes and every principal's counts of
+    /// locks, sets and members from `held` and `sets` (waiters are
+    /// counted by their guards, and stay).
+    fn recount(&mut self) {
+        self.lease_ends = self
+            .held
+            .iter()
+            .map(|(key, held)| (held.ends, key.clone()))
+            .collect();
+        self.set_ends = self
+            .sets
+            .iter()
+            .map(|(set, entry)| (entry.ends, set.clone()))
+            .collect();
+        for usage in self.usage.values_mut() {
+            *usage = Usage {
+                waiters: usage.waiters,
+                ..Usage::default()
+            };
+        }
+        let mut counts: Vec<(Arc<str>, Usage)> = Vec::new();
+        for held in self.held.values() {
+            let one = Usage {
+                locks: 1,
+                ..Usage::default()
+            };
+            counts.push((Arc::clone(&held.principal), one));
+        }
+        for entry in self.sets.values() {
+            if let Some(creator) = &entry.creator {
+                let one = Usage {
+                    sets: 1,
+                    ..Usage::default()
+                };
+                counts.push((Arc::clone(creator), one));
+            }
+            for (principal, &members) in &entry.members {
+                let some = Usage {
+                    members,
+                    ..Usage::default()
+                };
+                counts.push((Arc::clone(principal), some));
+            }
+        }
+        for (principal, add) in counts {
+            let usage = self.entry(&principal);
+            usage.locks += add.locks;
+            usage.sets += add.sets;
+            usage.members += add.members;
+        }
     }
 
     /// Drops grants and sets whose time ended by `now`.
@@ -531,5 +757,104 @@ mod tests {
         let torn = Ok(Okay::TornDown(TornDown { size: 2 }));
         ledger.record("p", &effect(&tear_down), &torn, now, 0);
         assert_eq!(ledger.usage("p", now), Usage::default());
+    }
+
+    /// A shard that has `c1` (owned by `p`) holding `held`, an ephemeral
+    /// lock `eph`, and a set `s` with two members (`c2`, owned by `q`,
+    /// inserted first) and one (`c1`): its census.
+    fn census_of_a_shard() -> Census {
+        use crate::shard::{Caller, Command, Handle, Input, Shard, ShardConfig, ShardOp};
+        use crate::time::Tick;
+        let mut shard = Shard::new(ShardConfig {
+            hash_seed: 1,
+            first_token: 1,
+            limits: crate::Limits::default(),
+        });
+        let caller = |client: &str| Caller {
+            client: Arc::from(client),
+            conn: 1,
+        };
+        let mut handle = 0;
+        let mut apply = |client: &str, op: ShardOp| {
+            handle += 1;
+            let input = Input::Op {
+                handle: Handle(handle),
+                caller: caller(client),
+                op,
+            };
+            shard.apply(Command {
+                at: Tick(1_000_000),
+                input,
+            });
+        };
+        let claim = |client: &str, principal: &str| ShardOp::Claim {
+            client: client.into(),
+            principal: principal.into(),
+        };
+        apply("c1", claim("c1", "p"));
+        apply("c2", claim("c2", "q"));
+        let acquire = |key: &str, ephemeral: bool| {
+            let mut acquire = crate::proto::Acquire::mutex(key, 60_000, Wait::Never);
+            acquire.ephemeral = ephemeral;
+            ShardOp::Lock(LockOp::Acquire(acquire))
+        };
+        apply("c1", acquire("held", false));
+        apply("c1", acquire("eph", true));
+        let set_up = SetOp::SetUp {
+            set: "s".into(),
+            ttl_ms: 60_000,
+        };
+        apply("c2", ShardOp::Set(set_up));
+        let insert = |keys: Vec<&str>| SetOp::Insert {
+            set: "s".into(),
+            keys: Keys::Many(keys.into_iter().map(String::from).collect()),
+        };
+        apply("c2", ShardOp::Set(insert(vec!["a", "b"])));
+        apply("c1", ShardOp::Set(insert(vec!["a", "c"])));
+        let _ = shard.take_answers();
+        let mut census = Census::default();
+        census.add(&shard.image());
+        census
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuild_counts_the_shards_state_against_the_owners_of_its_client_ids() {
+        let ledger = Ledger::default();
+        let now = Instant::now();
+        // Counted before, and gone since: forgotten.
+        let stale = lock("stale", Wait::Never);
+        let granted = Ok(Okay::Granted(Granted::new(9, 60_000)));
+        ledger.record("p", &effect(&stale), &granted, now, 0);
+        ledger.forget();
+        // Answered after the forget: kept.
+        let fresh = lock("fresh", Wait::Never);
+        let granted = Ok(Okay::Granted(Granted::new(10, 60_000)));
+        ledger.record("q", &effect(&fresh), &granted, now, 0);
+        // Until the census is in, what a quota limits waits.
+        let early = ledger.admit(&principal(Quotas::default()), &fresh, now);
+        assert_eq!(
+            early.unwrap_err().code,
+            crate::proto::ErrorCode::Unavailable
+        );
+        ledger.rebuild(&census_of_a_shard(), now);
+        // p: the non-ephemeral lock, one member (c); q: the lock granted
+        // since, the set (its first inserter's) and two members (a, b).
+        let p = ledger.usage("p", now);
+        assert_eq!((p.locks, p.sets, p.members), (1, 0, 1));
+        let q = ledger.usage("q", now);
+        assert_eq!((q.locks, q.sets, q.members), (1, 1, 2));
+        // Enforced: p is at a quota of one lock.
+        let one_lock = principal(Quotas {
+            locks_max: 1,
+            ..Quotas::default()
+        });
+        let refused = ledger.admit(&one_lock, &lock("other", Wait::Never), now);
+        assert_eq!(
+            refused.unwrap_err().code,
+            crate::proto::ErrorCode::Overloaded
+        );
+        // The recovered lease still ends: 60 s after the shard's time.
+        let later = now + Duration::from_millis(60_001);
+        assert_eq!(ledger.usage("p", later).locks, 0);
     }
 }

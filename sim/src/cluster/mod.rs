@@ -299,6 +299,7 @@ fn cluster_config(control: &ClusterControl, node: &NodeControl) -> ClusterConfig
         timings: Timings::fixed_for(node.id),
         snapshot_every: control.plan.snapshot_every,
         fresh_incarnation: incarnation(control.seed, node),
+        peer_tls: None,
     }
 }
 

@@ -27,7 +27,7 @@ pub fn serve_ws(data_dir: &Path, extra: &[&str]) -> (Child, String) {
 }
 
 /// Reads the server's log until it says where it listens: the WebSocket
-/// URL, and the QUIC one if it said that first.
+/// URL (`ws://` or `wss://`), and the QUIC one if it said that first.
 pub fn read_urls(child: &mut Child) -> (String, Option<String>) {
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();
@@ -43,7 +43,7 @@ pub fn read_urls(child: &mut Child) -> (String, Option<String>) {
         };
         if let Some(at) = line.find("quic://") {
             quic = Some(url_at(at));
-        } else if let Some(at) = line.find("ws://") {
+        } else if let Some(at) = line.find("wss://").or_else(|| line.find("ws://")) {
             let url = url_at(at);
             // Keep draining the log so the server never blocks on it.
             std::thread::spawn(move || for _ in lines {});
