@@ -120,10 +120,7 @@ fn a_non_loopback_peer_address_is_refused_without_tls_and_says_how_to_fix_it() {
     let auth = dir.path().join("auth.toml");
     std::fs::write(&auth, POLICY).expect("write the auth file");
     let auth = auth.to_str().expect("utf-8 path");
-    let port = || {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        probe.local_addr().expect("addr").port()
-    };
+    let port = support::free_port;
     let exposed = format!(
         "1=0.0.0.0:{},2=127.0.0.1:{},3=127.0.0.1:{}",
         port(),

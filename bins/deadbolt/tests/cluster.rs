@@ -21,7 +21,7 @@ use deadbolt_transport_ws::{TlsDialer, WsConnector};
 use tokio::time::Instant;
 
 mod support;
-use support::read_urls;
+use support::{free_port, read_urls};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 const LOCK_WORKERS: usize = 4;
@@ -43,12 +43,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A port nobody listens on now.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
 }
 
 /// Three members on free peer ports: the `--cluster` value.

@@ -25,7 +25,7 @@ use deadbolt_transport_ws::WsConnector;
 use tokio::time::Instant;
 
 mod support;
-use support::read_urls;
+use support::{free_port, read_urls};
 #[path = "support/inprocess.rs"]
 mod inprocess;
 use inprocess::{FillingDisk, InProcess};
@@ -35,11 +35,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 /// A URL where nobody listens: a port that was free a moment ago.
 fn closed_ws_url() -> String {
     format!("ws://127.0.0.1:{}/ws", free_port())
-}
-
-fn free_port() -> u16 {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    probe.local_addr().expect("addr").port()
 }
 
 fn ws(url: &str) -> Arc<dyn Connector> {

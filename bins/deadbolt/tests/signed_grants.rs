@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output};
 
 mod support;
-use support::serve_ws;
+use support::{free_port, serve_ws};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 
@@ -204,12 +204,6 @@ fn without_sign_grants_try_lock_proof_says_why_there_is_none() {
         text(&out.stderr)
     );
     assert!(!dir.path().join("signing-key.pem").exists());
-}
-
-/// A port nobody listens on now.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
 }
 
 /// Node `id` of a cluster of three (`members`), signing grants with its

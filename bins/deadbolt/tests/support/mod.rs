@@ -52,3 +52,34 @@ pub fn read_urls(child: &mut Child) -> (String, Option<String>) {
     }
     panic!("the server exited before listening");
 }
+
+/// A loopback port for a server that must be told its port before it
+/// starts (a cluster's peer addresses), free when asked.
+///
+/// Taken below the kernel's ephemeral range (32768 and up here): a port
+/// from there, probed and let go, can be handed by the kernel to another
+/// server's `127.0.0.1:0` or to an outgoing connection before our node
+/// binds it, and a node that finds its peer port taken exits. Each test
+/// process starts at its own place in 20,000..32,000 (from its process
+/// id) and counts up, skipping ports something already holds.
+#[allow(dead_code)] // not every test crate needs fixed ports
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(2_654_435_761) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+}
