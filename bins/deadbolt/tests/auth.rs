@@ -470,7 +470,8 @@ members_max = 3
 /// What the principal held before a SIGKILL still counts against its
 /// quotas after the restart: the quota ledger starts from the recovered
 /// locks, sets and members (by the owners of their client ids), not from
-/// nothing.
+/// nothing. Its locks are two shared grants of one key, by two clients:
+/// each counts, before and after.
 #[tokio::test]
 async fn a_principals_quotas_count_what_it_held_before_a_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -479,17 +480,24 @@ async fn a_principals_quotas_count_what_it_held_before_a_sigkill() {
     let (mut workers, reply) = hello(&url, "worker-1", "workers-secret").await;
     assert!(reply["ok"].is_object(), "{reply}");
     let lock = |id: u64, key: &str| json!({"id": id, "op": "lock", "key": key, "ttl_ms": 600_000, "wait_ms": 0});
-    let first = workers.call(lock(2, "jobs/1")).await["ok"]["token"].clone();
+    let shared = |id: u64, key: &str| json!({"id": id, "op": "lock", "key": key, "mode": "shared", "ttl_ms": 600_000, "wait_ms": 0});
+    let first = workers.call(shared(2, "jobs/1")).await["ok"]["token"].clone();
     assert!(first.is_u64(), "{first}");
-    assert!(workers.call(lock(3, "jobs/2")).await["ok"].is_object());
+    let (mut second_worker, reply) = hello(&url, "worker-2", "workers-secret").await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    let second = second_worker.call(shared(3, "jobs/1")).await;
+    assert!(second["ok"]["token"].is_u64(), "{second}");
     let set_up =
         |id: u64, set: &str| json!({"id": id, "op": "set_up", "set": set, "ttl_ms": 600_000});
     assert!(workers.call(set_up(4, "results/a")).await["ok"].is_object());
     let insert = |id: u64, keys: &[&str]| json!({"id": id, "op": "insert", "set": "results/a", "keys": keys});
     let inserted = workers.call(insert(5, &["m1", "m2", "m3"])).await;
     assert!(inserted["ok"].is_object(), "{inserted}");
-    // At every quota now.
+    // At every quota now, for another key or a third share of the same.
     let over = workers.call(lock(6, "jobs/3")).await;
+    assert_eq!(over["err"]["code"], "overloaded", "{over}");
+    let (mut third_worker, _) = hello(&url, "worker-3", "workers-secret").await;
+    let over = third_worker.call(shared(2, "jobs/1")).await;
     assert_eq!(over["err"]["code"], "overloaded", "{over}");
 
     child.kill().expect("SIGKILL");
@@ -498,6 +506,9 @@ async fn a_principals_quotas_count_what_it_held_before_a_sigkill() {
 
     let (mut workers, reply) = hello(&url, "worker-1", "workers-secret").await;
     assert!(reply["ok"].is_object(), "{reply}");
+    let (mut third_worker, _) = hello(&url, "worker-3", "workers-secret").await;
+    let over = third_worker.call(shared(2, "jobs/1")).await;
+    assert_eq!(over["err"]["code"], "overloaded", "a third share: {over}");
     for (request, what) in [
         (lock(2, "jobs/3"), "a third lock"),
         (set_up(3, "results/b"), "a second set"),
@@ -506,10 +517,13 @@ async fn a_principals_quotas_count_what_it_held_before_a_sigkill() {
         let answer = workers.call(request).await;
         assert_eq!(answer["err"]["code"], "overloaded", "{what}: {answer}");
     }
-    // Counted, not refused for everything: freeing one lock frees its place.
+    // Counted, not refused for everything: freeing one grant frees exactly
+    // its place (the other share of the key stays counted).
     let unlock = json!({"id": 5, "op": "unlock", "key": "jobs/1", "token": first});
     assert!(workers.call(unlock).await["ok"].is_object());
     let granted = workers.call(lock(6, "jobs/3")).await;
     assert!(granted["ok"]["token"].is_u64(), "{granted}");
+    let over = workers.call(lock(7, "jobs/4")).await;
+    assert_eq!(over["err"]["code"], "overloaded", "one place only: {over}");
     stop(&mut child);
 }

@@ -5,10 +5,13 @@
 //! principal cannot use up the server's capacity for the others.
 //!
 //! The [`Ledger`] counts from the answers this server gave, in this
-//! process: a grant counts until its unlock, until a later grant of its
-//! key, until its ephemeral connection closes, or until its lease ends as
-//! this front measures it (from the answer, so a little after the shard
-//! does: the count errs on the high side). A set counts from its `set_up`
+//! process, grant by grant (a key held shared, or by several holders of a
+//! semaphore, counts once per grant): a grant counts until its unlock,
+//! until later grants of its key show it gone (a grant of the other mode,
+//! or more exclusive grants than the key's `limit`), until its ephemeral
+//! connection closes, or until its lease ends as this front measures it
+//! (from the answer, so a little after the shard does: the count errs on
+//! the high side). A set counts from its `set_up`
 //! until its `tear_down` or the end of its time to live, and with it the
 //! members each principal inserted first.
 //!
@@ -21,9 +24,8 @@
 //! shards name holders and inserters by client id, and the owners of
 //! client ids are shard state too (claims, SPEC section 10), so each is
 //! counted against the principal that owns its client id:
-//! - every held, non-ephemeral lock, with the lease it has left (for a
-//!   key held shared by several, its latest grant: the ledger keeps one
-//!   holder per key);
+//! - every non-ephemeral grant of a held key (each of a key's shared or
+//!   semaphore holders), with the lease it has left;
 //! - every live set, against the principal of its first inserter (the
 //!   shards do not keep who set a set up, so a recovered set that has no
 //!   member yet counts against nobody), with the time to live it has left;
@@ -40,13 +42,13 @@
 //! `tear_down`) that the images still hold is counted until its lease or
 //! set ends.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::proto::{Keys, LockOp, Okay, Op, Outcome, ServerError, SetOp, Wait};
+use crate::proto::{Keys, LockOp, Mode, Okay, Op, Outcome, ServerError, SetOp, Wait};
 use crate::shard::image::ShardImage;
 
 use super::Principal;
@@ -106,21 +108,27 @@ struct Book {
     /// than slip past a quota.
     recounting: bool,
     usage: HashMap<Arc<str>, Usage>,
-    /// Held locks by key: holder's principal, token, end of lease.
-    held: HashMap<String, Held>,
-    /// Lease ends, to drop ended grants: (end, key), one per held key.
-    lease_ends: BTreeSet<(Instant, String)>,
+    /// Held locks by key, each key's grants by token.
+    held: HashMap<String, BTreeMap<u64, Held>>,
+    /// Lease ends, to drop ended grants: (end, key, token), one per grant.
+    lease_ends: BTreeSet<(Instant, String, u64)>,
     /// Live sets by name.
     sets: HashMap<String, SetEntry>,
     /// Ends of time to live: (end, set), one per live set.
     set_ends: BTreeSet<(Instant, String)>,
 }
 
+/// One grant of a key.
 #[derive(Debug)]
 struct Held {
     principal: Arc<str>,
-    token: u64,
+    /// The client it was granted to: its retries are the same grant.
+    client: Arc<str>,
     ends: Instant,
+    /// Held shared, not exclusive.
+    shared: bool,
+    /// How many exclusive grants the key admits at once.
+    limit: u32,
 }
 
 #[derive(Debug)]
@@ -137,8 +145,8 @@ struct SetEntry {
 /// from shard images with [`Census::add`], read by [`Ledger::rebuild`].
 #[derive(Debug, Default)]
 pub struct Census {
-    /// Each held key's latest non-ephemeral grant.
-    held: HashMap<String, CensusGrant>,
+    /// Each held key's non-ephemeral grants.
+    held: HashMap<String, Vec<CensusGrant>>,
     /// Each live set.
     sets: HashMap<String, CensusSet>,
     /// The owner of each claimed client id.
@@ -151,6 +159,9 @@ struct CensusGrant {
     token: u64,
     /// The lease left, by the shard's own time.
     left_ms: u64,
+    shared: bool,
+    /// The key's limit of exclusive grants.
+    limit: u32,
 }
 
 #[derive(Debug)]
@@ -172,18 +183,18 @@ impl Census {
     /// Adds what the shard of `image` holds.
     pub fn add(&mut self, image: &ShardImage) {
         for key in &image.locks.keys {
-            let latest = key
-                .holders
-                .iter()
-                .filter(|h| !h.ephemeral)
-                .max_by_key(|h| h.token);
-            if let Some(holder) = latest {
-                let grant = CensusGrant {
+            let grants = key.holders.iter().filter(|h| !h.ephemeral);
+            let grants: Vec<CensusGrant> = grants
+                .map(|holder| CensusGrant {
                     client: holder.client.clone(),
                     token: holder.token,
                     left_ms: left_ms(holder.deadline.at, image.now),
-                };
-                self.held.insert(key.key.clone(), grant);
+                    shared: holder.shared,
+                    limit: key.limit,
+                })
+                .collect();
+            if !grants.is_empty() {
+                self.held.insert(key.key.clone(), grants);
             }
         }
         for set in &image.sets.sets {
@@ -224,6 +235,8 @@ pub enum Effect {
         key: String,
         /// Whether it ends with its connection.
         ephemeral: bool,
+        /// Shared or exclusive, and the key's limit.
+        mode: Mode,
     },
     /// `extend` of grant `token` of `key`.
     Extend {
@@ -267,6 +280,7 @@ impl Effect {
             Op::Lock(LockOp::Acquire(a)) => Effect::Grant {
                 key: a.key.clone(),
                 ephemeral: a.ephemeral,
+                mode: a.mode,
             },
             Op::Lock(LockOp::Extend { key, token, .. }) => Effect::Extend {
                 key: key.clone(),
@@ -316,12 +330,14 @@ impl Ledger {
         book.usage.get(principal).copied().unwrap_or_default()
     }
 
-    /// Admits `op` for `principal` against its quotas, or answers
-    /// `overloaded` naming the quota. A `lock` that may wait is counted
-    /// among the principal's waiters until the returned guard is dropped.
+    /// Admits `op` for `principal`, asked by `client`, against its
+    /// quotas, or answers `overloaded` naming the quota. A `lock` that may
+    /// wait is counted among the principal's waiters until the returned
+    /// guard is dropped.
     pub fn admit(
         &self,
         principal: &Principal,
+        client: &str,
         op: &Op,
         now: Instant,
     ) -> Result<Option<Waiting<'_>>, ServerError> {
@@ -346,10 +362,11 @@ impl Ledger {
         };
         match op {
             Op::Lock(LockOp::Acquire(acquire)) => {
+                // A retry by a holder is its grant again, not another.
                 let holds_it = book
                     .held
                     .get(&acquire.key)
-                    .is_some_and(|h| &*h.principal == name);
+                    .is_some_and(|grants| grants.values().any(|h| &*h.client == client));
                 if !holds_it && usage.locks >= quotas.locks_max {
                     return over("held locks", quotas.locks_max);
                 }
@@ -384,12 +401,13 @@ impl Ledger {
         Ok(None)
     }
 
-    /// Counts what `outcome`, the answer to `principal`'s request whose
-    /// [`Effect`] is `effect`, changed. `ttl_ms_max` stands in for the time
-    /// to live of a set this process did not see set up.
+    /// Counts what `outcome`, the answer to the request of `principal`'s
+    /// `client` whose [`Effect`] is `effect`, changed. `ttl_ms_max` stands
+    /// in for the time to live of a set this process did not see set up.
     pub fn record(
         &self,
         principal: &str,
+        client: &str,
         effect: &Effect,
         outcome: &Outcome,
         now: Instant,
@@ -399,8 +417,15 @@ impl Ledger {
         let mut book = self.book();
         let after = |ms: u64| now + Duration::from_millis(ms);
         match (effect, okay) {
-            (Effect::Grant { key, .. }, Okay::Granted(g)) => {
-                book.grant(principal, key, g.token, after(g.ttl_ms));
+            (Effect::Grant { key, mode, .. }, Okay::Granted(g)) => {
+                let held = Held {
+                    principal: Arc::from(principal),
+                    client: Arc::from(client),
+                    ends: after(g.ttl_ms),
+                    shared: mode.is_shared(),
+                    limit: mode.limit(),
+                };
+                book.grant(key, g.token, held);
             }
             (Effect::Extend { key, token }, Okay::Extended(e)) => {
                 book.extend(key, *token, after(e.ttl_ms));
@@ -448,17 +473,27 @@ impl Ledger {
     pub fn rebuild(&self, census: &Census, now: Instant) {
         let mut book = self.book();
         let after = |ms: u64| now + Duration::from_millis(ms);
-        for (key, grant) in &census.held {
-            let Some(principal) = census.owner(&grant.client) else {
-                continue;
-            };
-            if !book.held.contains_key(key) {
-                let held = Held {
-                    principal,
-                    token: grant.token,
-                    ends: after(grant.left_ms),
+        for (key, grants) in &census.held {
+            let held = book.held.entry(key.clone()).or_default();
+            for grant in grants {
+                let Some(principal) = census.owner(&grant.client) else {
+                    continue;
                 };
-                book.held.insert(key.clone(), held);
+                // A grant answered since is the same grant, counted.
+                held.entry(grant.token).or_insert_with(|| Held {
+                    principal,
+                    client: Arc::from(grant.client.as_str()),
+                    ends: after(grant.left_ms),
+                    shared: grant.shared,
+                    limit: grant.limit,
+                });
+            }
+            // Grants answered since may show some of the census's gone.
+            for token in book.superseded(key) {
+                book.held.get_mut(key).map(|held| held.remove(&token));
+            }
+            if book.held.get(key).is_some_and(BTreeMap::is_empty) {
+                book.held.remove(key);
             }
         }
         for (name, set) in &census.sets {
@@ -493,7 +528,10 @@ impl Book {
         self.lease_ends = self
             .held
             .iter()
-            .map(|(key, held)| (held.ends, key.clone()))
+            .flat_map(|(key, grants)| {
+                let grants = grants.iter();
+                grants.map(|(&token, held)| (held.ends, key.clone(), token))
+            })
             .collect();
         self.set_ends = self
             .sets
@@ -507,7 +545,7 @@ impl Book {
             };
         }
         let mut counts: Vec<(Arc<str>, Usage)> = Vec::new();
-        for held in self.held.values() {
+        for held in self.held.values().flat_map(BTreeMap::values) {
             let one = Usage {
                 locks: 1,
                 ..Usage::default()
@@ -540,13 +578,11 @@ impl Book {
 
     /// Drops grants and sets whose time ended by `now`.
     fn expire(&mut self, now: Instant) {
-        while let Some((ends, key)) = self.lease_ends.first().cloned() {
+        while let Some((ends, key, token)) = self.lease_ends.first().cloned() {
             if ends > now {
                 break;
             }
-            // The entry of the held grant of `key` (one per key).
-            self.lease_ends.pop_first();
-            self.drop_grant(&key);
+            self.drop_grant(&key, token);
         }
         while let Some((ends, set)) = self.set_ends.first().cloned() {
             if ends > now {
@@ -557,45 +593,75 @@ impl Book {
         }
     }
 
-    fn grant(&mut self, principal: &str, key: &str, token: u64, ends: Instant) {
-        if self.held.get(key).is_some_and(|h| h.token == token) {
+    fn grant(&mut self, key: &str, token: u64, held: Held) {
+        let grants = self.held.get(key);
+        if grants.is_some_and(|grants| grants.contains_key(&token)) {
             // A retried lock: the same grant.
-            return self.extend(key, token, ends);
+            return self.extend(key, token, held.ends);
         }
-        self.drop_grant(key);
-        let principal: Arc<str> = Arc::from(principal);
+        let principal = Arc::clone(&held.principal);
         self.entry(&principal).locks += 1;
-        self.held.insert(
-            key.to_owned(),
-            Held {
-                principal,
-                token,
-                ends,
-            },
-        );
-        self.lease_ends.insert((ends, key.to_owned()));
+        self.lease_ends.insert((held.ends, key.to_owned(), token));
+        self.held
+            .entry(key.to_owned())
+            .or_default()
+            .insert(token, held);
+        for token in self.superseded(key) {
+            self.drop_grant(key, token);
+        }
+    }
+
+    /// The grants of `key` that its latest grant shows gone: those of the
+    /// other mode (shared and exclusive grants never overlap), and the
+    /// oldest exclusive ones past the key's limit.
+    fn superseded(&self, key: &str) -> Vec<u64> {
+        let Some(grants) = self.held.get(key) else {
+            return Vec::new();
+        };
+        let Some(latest) = grants.values().next_back() else {
+            return Vec::new();
+        };
+        let (shared, limit) = (latest.shared, latest.limit as usize);
+        let newest_first = grants.iter().rev();
+        let mut same_mode = 0;
+        newest_first
+            .filter(|(_, held)| {
+                if held.shared != shared {
+                    return true;
+                }
+                same_mode += 1;
+                !shared && same_mode > limit
+            })
+            .map(|(&token, _)| token)
+            .collect()
     }
 
     fn extend(&mut self, key: &str, token: u64, ends: Instant) {
-        if let Some(held) = self.held.get_mut(key).filter(|h| h.token == token) {
-            // One entry per held key: the index stays the size of `held`.
+        let grants = self.held.get_mut(key);
+        if let Some(held) = grants.and_then(|grants| grants.get_mut(&token)) {
+            // One entry per grant: the index stays the size of `held`.
             let before = std::mem::replace(&mut held.ends, ends);
-            self.lease_ends.remove(&(before, key.to_owned()));
-            self.lease_ends.insert((ends, key.to_owned()));
+            self.lease_ends.remove(&(before, key.to_owned(), token));
+            self.lease_ends.insert((ends, key.to_owned(), token));
         }
     }
 
     fn release(&mut self, key: &str, token: u64) {
-        if self.held.get(key).is_some_and(|h| h.token == token) {
-            self.drop_grant(key);
-        }
+        self.drop_grant(key, token);
     }
 
-    fn drop_grant(&mut self, key: &str) {
-        if let Some(held) = self.held.remove(key) {
-            self.lease_ends.remove(&(held.ends, key.to_owned()));
-            self.entry(&held.principal).locks -= 1;
+    fn drop_grant(&mut self, key: &str, token: u64) {
+        let Some(grants) = self.held.get_mut(key) else {
+            return;
+        };
+        let Some(held) = grants.remove(&token) else {
+            return;
+        };
+        if grants.is_empty() {
+            self.held.remove(key);
         }
+        self.lease_ends.remove(&(held.ends, key.to_owned(), token));
+        self.entry(&held.principal).locks -= 1;
     }
 
     fn set_up(&mut self, set: &str, creator: Option<Arc<str>>, ends: Instant) {
@@ -678,30 +744,69 @@ mod tests {
         });
         let now = Instant::now();
         let a = lock("a", Wait::Never);
-        assert!(ledger.admit(&p, &a, now).is_ok());
+        assert!(ledger.admit(&p, "c1", &a, now).is_ok());
         let granted = Ok(Okay::Granted(Granted::new(7, 1000)));
-        ledger.record("p", &effect(&a), &granted, now, 0);
+        ledger.record("p", "c1", &effect(&a), &granted, now, 0);
         // The same key again (a retry) is admitted; another is not.
-        assert!(ledger.admit(&p, &a, now).is_ok());
+        assert!(ledger.admit(&p, "c1", &a, now).is_ok());
         let b = lock("b", Wait::Never);
-        let refused = ledger.admit(&p, &b, now).unwrap_err();
+        let refused = ledger.admit(&p, "c1", &b, now).unwrap_err();
         assert_eq!(refused.code, crate::proto::ErrorCode::Overloaded);
         // Released grants leave nothing behind.
         let c = lock("c", Wait::Never);
         let other = principal(Quotas::default());
         let granted_c = Ok(Okay::Granted(Granted::new(8, 1000)));
-        assert!(ledger.admit(&other, &c, now).is_ok());
-        ledger.record("p", &effect(&c), &granted_c, now, 0);
+        assert!(ledger.admit(&other, "c1", &c, now).is_ok());
+        ledger.record("p", "c1", &effect(&c), &granted_c, now, 0);
         let unlock = Op::Lock(LockOp::Release {
             key: "c".into(),
             token: 8,
         });
-        ledger.record("p", &effect(&unlock), &Ok(Okay::EMPTY), now, 0);
+        ledger.record("p", "c1", &effect(&unlock), &Ok(Okay::EMPTY), now, 0);
         assert_eq!(ledger.book().lease_ends.len(), 1);
         // The lease ends: counted no more.
         let later = now + Duration::from_millis(1001);
-        assert!(ledger.admit(&p, &b, later).is_ok());
+        assert!(ledger.admit(&p, "c1", &b, later).is_ok());
         assert_eq!(ledger.usage("p", later).locks, 0);
+    }
+
+    /// A key held shared by several clients of one principal counts once
+    /// per grant, an unlock frees exactly its grant, and a later exclusive
+    /// grant of the key shows the shared ones gone.
+    #[tokio::test(start_paused = true)]
+    async fn each_grant_of_a_shared_key_counts() {
+        let ledger = Ledger::default();
+        let p = principal(Quotas {
+            locks_max: 2,
+            ..Quotas::default()
+        });
+        let now = Instant::now();
+        let mut acquire = Acquire::mutex("k", 1000, Wait::Never);
+        acquire.mode = Mode::Shared;
+        let share = Op::Lock(LockOp::Acquire(acquire));
+        for (client, token) in [("c1", 1), ("c2", 2)] {
+            assert!(ledger.admit(&p, client, &share, now).is_ok());
+            let granted = Ok(Okay::Granted(Granted::new(token, 1000)));
+            ledger.record("p", client, &effect(&share), &granted, now, 0);
+        }
+        assert_eq!(ledger.usage("p", now).locks, 2);
+        let refused = ledger.admit(&p, "c3", &share, now).unwrap_err();
+        assert_eq!(refused.code, crate::proto::ErrorCode::Overloaded);
+        // A holder's retry is its grant again.
+        assert!(ledger.admit(&p, "c1", &share, now).is_ok());
+        let unlock = Op::Lock(LockOp::Release {
+            key: "k".into(),
+            token: 1,
+        });
+        ledger.record("p", "c1", &effect(&unlock), &Ok(Okay::EMPTY), now, 0);
+        assert_eq!(ledger.usage("p", now).locks, 1);
+        assert!(ledger.admit(&p, "c3", &share, now).is_ok());
+        // An exclusive grant: the share of c2 has ended.
+        let exclusive = lock("k", Wait::Never);
+        let granted = Ok(Okay::Granted(Granted::new(3, 1000)));
+        ledger.record("p", "c3", &effect(&exclusive), &granted, now, 0);
+        assert_eq!(ledger.usage("p", now).locks, 1);
+        assert_eq!(ledger.book().lease_ends.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -713,11 +818,11 @@ mod tests {
         });
         let now = Instant::now();
         let op = lock("a", Wait::Forever);
-        let first = ledger.admit(&p, &op, now).unwrap();
+        let first = ledger.admit(&p, "c1", &op, now).unwrap();
         assert!(first.is_some());
-        assert!(ledger.admit(&p, &op, now).is_err());
+        assert!(ledger.admit(&p, "c1", &op, now).is_err());
         drop(first);
-        assert!(ledger.admit(&p, &op, now).is_ok());
+        assert!(ledger.admit(&p, "c1", &op, now).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -739,9 +844,9 @@ mod tests {
             created: true,
             size: 0,
         }));
-        ledger.record("p", &effect(&set_up("s")), &created, now, 0);
-        assert!(ledger.admit(&p, &set_up("s"), now).is_ok());
-        assert!(ledger.admit(&p, &set_up("t"), now).is_err());
+        ledger.record("p", "c1", &effect(&set_up("s")), &created, now, 0);
+        assert!(ledger.admit(&p, "c1", &set_up("s"), now).is_ok());
+        assert!(ledger.admit(&p, "c1", &set_up("t"), now).is_err());
         let insert = Op::Set(SetOp::Insert {
             set: "s".into(),
             keys: Keys::One("k".into()),
@@ -750,17 +855,17 @@ mod tests {
             index: 1,
             first: true,
         }));
-        ledger.record("p", &effect(&insert), &first, now, 0);
-        ledger.record("p", &effect(&insert), &first, now, 0);
-        assert!(ledger.admit(&p, &insert, now).is_err());
+        ledger.record("p", "c1", &effect(&insert), &first, now, 0);
+        ledger.record("p", "c1", &effect(&insert), &first, now, 0);
+        assert!(ledger.admit(&p, "c1", &insert, now).is_err());
         let tear_down = Op::Set(SetOp::TearDown { set: "s".into() });
         let torn = Ok(Okay::TornDown(TornDown { size: 2 }));
-        ledger.record("p", &effect(&tear_down), &torn, now, 0);
+        ledger.record("p", "c1", &effect(&tear_down), &torn, now, 0);
         assert_eq!(ledger.usage("p", now), Usage::default());
     }
 
     /// A shard that has `c1` (owned by `p`) holding `held`, an ephemeral
-    /// lock `eph`, and a set `s` with two members (`c2`, owned by `q`,
+    /// lock `eph`, `c1` and `c3` (owned by `p`) sharing `shared`, and a set `s` with two members (`c2`, owned by `q`,
     /// inserted first) and one (`c1`): its census.
     fn census_of_a_shard() -> Census {
         use crate::shard::{Caller, Command, Handle, Input, Shard, ShardConfig, ShardOp};
@@ -800,6 +905,15 @@ mod tests {
         };
         apply("c1", acquire("held", false));
         apply("c1", acquire("eph", true));
+        // Two shares of one key, by c1 (p) and c3 (p).
+        apply("c3", claim("c3", "p"));
+        let share = || {
+            let mut acquire = crate::proto::Acquire::mutex("shared", 60_000, Wait::Never);
+            acquire.mode = crate::proto::Mode::Shared;
+            ShardOp::Lock(LockOp::Acquire(acquire))
+        };
+        apply("c1", share());
+        apply("c3", share());
         let set_up = SetOp::SetUp {
             set: "s".into(),
             ttl_ms: 60_000,
@@ -824,35 +938,48 @@ mod tests {
         // Counted before, and gone since: forgotten.
         let stale = lock("stale", Wait::Never);
         let granted = Ok(Okay::Granted(Granted::new(9, 60_000)));
-        ledger.record("p", &effect(&stale), &granted, now, 0);
+        ledger.record("p", "c1", &effect(&stale), &granted, now, 0);
         ledger.forget();
         // Answered after the forget: kept.
         let fresh = lock("fresh", Wait::Never);
         let granted = Ok(Okay::Granted(Granted::new(10, 60_000)));
-        ledger.record("q", &effect(&fresh), &granted, now, 0);
+        ledger.record("q", "c2", &effect(&fresh), &granted, now, 0);
         // Until the census is in, what a quota limits waits.
-        let early = ledger.admit(&principal(Quotas::default()), &fresh, now);
+        let early = ledger.admit(&principal(Quotas::default()), "c1", &fresh, now);
         assert_eq!(
             early.unwrap_err().code,
             crate::proto::ErrorCode::Unavailable
         );
         ledger.rebuild(&census_of_a_shard(), now);
-        // p: the non-ephemeral lock, one member (c); q: the lock granted
-        // since, the set (its first inserter's) and two members (a, b).
+        // p: the non-ephemeral lock, both shares, one member (c); q: the
+        // lock granted since, the set (its first inserter's) and two
+        // members (a, b).
         let p = ledger.usage("p", now);
-        assert_eq!((p.locks, p.sets, p.members), (1, 0, 1));
+        assert_eq!((p.locks, p.sets, p.members), (3, 0, 1));
         let q = ledger.usage("q", now);
         assert_eq!((q.locks, q.sets, q.members), (1, 1, 2));
-        // Enforced: p is at a quota of one lock.
-        let one_lock = principal(Quotas {
-            locks_max: 1,
+        // Enforced: p is at a quota of three locks, and an unlock of one
+        // share frees exactly one place.
+        let three_locks = principal(Quotas {
+            locks_max: 3,
             ..Quotas::default()
         });
-        let refused = ledger.admit(&one_lock, &lock("other", Wait::Never), now);
+        let other = lock("other", Wait::Never);
+        let refused = ledger.admit(&three_locks, "c1", &other, now);
         assert_eq!(
             refused.unwrap_err().code,
             crate::proto::ErrorCode::Overloaded
         );
+        let shares = ledger.book().held["shared"].len();
+        assert_eq!(shares, 2);
+        let token = *ledger.book().held["shared"].keys().next().unwrap();
+        let unlock = Op::Lock(LockOp::Release {
+            key: "shared".into(),
+            token,
+        });
+        ledger.record("p", "c1", &effect(&unlock), &Ok(Okay::EMPTY), now, 0);
+        assert_eq!(ledger.usage("p", now).locks, 2);
+        assert!(ledger.admit(&three_locks, "c1", &other, now).is_ok());
         // The recovered lease still ends: 60 s after the shard's time.
         let later = now + Duration::from_millis(60_001);
         assert_eq!(ledger.usage("p", later).locks, 0);

@@ -553,7 +553,8 @@ impl Session {
             return Err(unauthorized(refusal(&name, op, need)));
         }
         let now = tokio::time::Instant::now();
-        let waiting = auth.usage().admit(&principal, op, now)?;
+        let client = self.client();
+        let waiting = auth.usage().admit(&principal, &client, op, now)?;
         Ok(Admitted {
             principal: Some(principal),
             _waiting: waiting,
@@ -576,13 +577,15 @@ impl Session {
         };
         let now = tokio::time::Instant::now();
         let ttl_ms_max = self.inner.engine.limits().ttl_ms_max;
+        let client = self.client();
         auth.usage()
-            .record(&principal.name, effect, outcome, now, ttl_ms_max);
+            .record(&principal.name, &client, effect, outcome, now, ttl_ms_max);
         match (effect, outcome) {
             (
                 quota::Effect::Grant {
                     key,
                     ephemeral: true,
+                    ..
                 },
                 Ok(Okay::Granted(g)),
             ) => {
