@@ -5,7 +5,7 @@
 //! keys of the config file.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 mod support;
-use support::{read_urls, serve_ws};
+use support::{KillOnDrop, SpawnKillOnDrop, read_urls, serve_ws};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 
@@ -104,7 +104,7 @@ fn a_non_loopback_address_is_refused_without_auth_or_without_tls_and_says_how_to
         .arg("--data-dir")
         .arg(dir.path().join("open"))
         .stderr(Stdio::piped())
-        .spawn()
+        .spawn_kill_on_drop()
         .expect("spawn");
     let (url, _) = read_urls(&mut child);
     assert!(url.starts_with("ws://0.0.0.0:"), "{url}");
@@ -149,14 +149,14 @@ fn a_non_loopback_peer_address_is_refused_without_tls_and_says_how_to_fix_it() {
         .arg("--data-dir")
         .arg(dir.path().join("waived"))
         .stderr(Stdio::piped())
-        .spawn()
+        .spawn_kill_on_drop()
         .expect("spawn");
     let (url, _) = read_urls(&mut child);
     assert!(url.starts_with("ws://127.0.0.1:"), "{url}");
     stop(&mut child);
 }
 
-fn stop(child: &mut Child) {
+fn stop(child: &mut KillOnDrop) {
     let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
     let _ = child.wait();
 }
@@ -164,7 +164,7 @@ fn stop(child: &mut Child) {
 /// `deadbolt serve --auth FILE` on loopback, logging everything down to
 /// `trace` into a file; stopped when dropped.
 struct Server {
-    child: Child,
+    child: KillOnDrop,
     url: String,
     auth: std::path::PathBuf,
     log: std::path::PathBuf,
@@ -192,7 +192,7 @@ impl Server {
             .arg(&auth)
             .env("RUST_LOG", "trace")
             .stderr(std::fs::File::create(&log).expect("the log file"))
-            .spawn()
+            .spawn_kill_on_drop()
             .expect("spawn");
         let url = listening(&log);
         Server {
@@ -409,7 +409,7 @@ fn the_new_flags_are_keys_of_the_config_file() {
 }
 
 /// `deadbolt serve --auth` (durable) on `dir`: its process and URL.
-fn serve_durable(dir: &Path) -> (Child, String) {
+fn serve_durable(dir: &Path) -> (KillOnDrop, String) {
     let auth = dir.join("auth.toml");
     let auth = auth.to_str().expect("utf-8 path");
     serve_ws(&dir.join("data"), &["--auth", auth])

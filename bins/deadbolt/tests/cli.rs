@@ -1,20 +1,20 @@
 //! The real `deadbolt` binary against a real server (also the binary).
 
 use std::io::Write;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 mod support;
-use support::read_urls;
+use support::{KillOnDrop, SpawnKillOnDrop, read_urls};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 
 /// `deadbolt serve` on a free port, stopped with SIGTERM when dropped.
 struct Server {
-    child: Child,
+    child: KillOnDrop,
     url: String,
     quic_url: String,
     dir: tempfile::TempDir,
@@ -34,7 +34,7 @@ impl Server {
             ])
             .arg(dir.path())
             .stderr(Stdio::piped())
-            .spawn()
+            .spawn_kill_on_drop()
             .expect("spawn server");
         let (url, quic_url) = read_urls(&mut child);
         Server {
@@ -70,13 +70,6 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -93,7 +86,7 @@ fn serve_runs_with_no_flags_is_ready_within_a_second_and_stops_on_sigterm() {
         .arg("serve")
         .current_dir(dir.path())
         .stderr(Stdio::piped())
-        .spawn()
+        .spawn_kill_on_drop()
         .expect("spawn");
     let (url, quic) = read_urls(&mut child);
     assert_eq!(url, "ws://127.0.0.1:7420/ws");

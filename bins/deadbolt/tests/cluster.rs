@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use deadbolt_transport_ws::{TlsDialer, WsConnector};
 use tokio::time::Instant;
 
 mod support;
-use support::{free_port, read_urls};
+use support::{KillOnDrop, SpawnKillOnDrop, free_port, read_urls};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 const LOCK_WORKERS: usize = 4;
@@ -33,16 +33,8 @@ const TTL: Duration = Duration::from_secs(10);
 
 /// One node: its process and its WebSocket URL.
 struct Node {
-    child: Child,
+    child: KillOnDrop,
     url: String,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // A failing test must not leave its servers behind.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Three members on free peer ports: the `--cluster` value.
@@ -67,7 +59,7 @@ fn start_node_with(dir: &std::path::Path, cluster: &str, id: usize, extra: &[&st
         .arg("--data-dir")
         .arg(dir.join(format!("node{id}")))
         .stderr(Stdio::piped())
-        .spawn()
+        .spawn_kill_on_drop()
         .expect("spawn node");
     let (url, _) = read_urls(&mut child);
     Node { child, url }

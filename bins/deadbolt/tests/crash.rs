@@ -7,7 +7,6 @@
 //! new tokens are larger than every token acknowledged before.
 
 use std::collections::HashMap;
-use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use deadbolt_core::client::{Client, ClientOptions, LockOptions};
 use deadbolt_transport_ws::WsConnector;
 
 mod support;
-use support::serve_ws;
+use support::{KillOnDrop, serve_ws};
 
 const WORKERS: usize = 4;
 const KILLS: usize = 20;
@@ -32,7 +31,7 @@ struct Acknowledged {
 
 /// `deadbolt serve` on a free port and `dir`; killed with SIGKILL.
 struct Server {
-    child: Child,
+    child: KillOnDrop,
     url: String,
 }
 
@@ -45,14 +44,6 @@ impl Server {
     fn kill(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("reap");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // A failing test must not leave its server behind.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -13,7 +13,7 @@
 //! first was killed.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use deadbolt_transport_ws::WsConnector;
 use tokio::time::Instant;
 
 mod support;
-use support::{free_port, read_urls};
+use support::{KillOnDrop, SpawnKillOnDrop, free_port, read_urls};
 #[path = "support/inprocess.rs"]
 mod inprocess;
 use inprocess::{FillingDisk, InProcess};
@@ -105,7 +105,7 @@ async fn with_every_server_down_the_connect_fails_naming_each() {
 
 /// `deadbolt serve` as a process of its own, killed when dropped.
 struct Process {
-    child: Child,
+    child: KillOnDrop,
     url: String,
     /// The data directory, if the process has one of its own.
     _own_dir: Option<tempfile::TempDir>,
@@ -131,7 +131,7 @@ impl Process {
             .arg("--data-dir")
             .args(data_dir)
             .stderr(Stdio::piped())
-            .spawn()
+            .spawn_kill_on_drop()
             .expect("spawn server");
         let (url, _) = read_urls(&mut child);
         Process {
@@ -145,12 +145,6 @@ impl Process {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -407,7 +401,7 @@ fn start_cluster_node(dir: &Path, members: &str, id: usize) -> Process {
         .arg("--data-dir")
         .arg(dir.join(format!("node{id}")))
         .stderr(Stdio::piped())
-        .spawn()
+        .spawn_kill_on_drop()
         .expect("spawn node");
     let (url, _) = read_urls(&mut child);
     Process {

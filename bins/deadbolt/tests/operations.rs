@@ -4,13 +4,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 mod support;
-use support::serve_ws as serve;
+use support::{KillOnDrop, SpawnKillOnDrop, serve_ws as serve};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 
@@ -35,7 +35,7 @@ fn path(path: &Path) -> &str {
     path.to_str().expect("a UTF-8 path")
 }
 
-fn stop(mut child: Child) {
+fn stop(mut child: KillOnDrop) {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("signal");
     assert!(child.wait().expect("wait").success());
 }
@@ -185,7 +185,7 @@ fn the_server_logs_json_lines_when_asked() {
         .arg("--data-dir")
         .arg(dir.path())
         .stderr(Stdio::piped())
-        .spawn()
+        .spawn_kill_on_drop()
         .expect("spawn");
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();

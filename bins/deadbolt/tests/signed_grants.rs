@@ -4,16 +4,17 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 
 mod support;
-use support::{free_port, serve_ws};
+use support::{KillOnDrop, SpawnKillOnDrop, free_port, serve_ws};
 
 const BIN: &str = env!("CARGO_BIN_EXE_deadbolt");
 
 /// A running server, killed when dropped.
 struct Server {
-    child: Child,
+    /// Killed when the server is dropped.
+    _child: KillOnDrop,
     url: String,
 }
 
@@ -22,7 +23,7 @@ impl Server {
         let mut flags = vec!["--sign-grants"];
         flags.extend_from_slice(extra);
         let (child, url) = serve_ws(data_dir, &flags);
-        Server { child, url }
+        Server { _child: child, url }
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -53,13 +54,6 @@ impl Server {
         stream.read_to_string(&mut answer).expect("read");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         answer.split_once("\r\n\r\n").expect("body").1.to_owned()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -195,7 +189,7 @@ fn a_locked_command_gets_its_proof_in_deadbolt_proof() {
 fn without_sign_grants_try_lock_proof_says_why_there_is_none() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (child, url) = serve_ws(dir.path(), &[]);
-    let server = Server { child, url };
+    let server = Server { _child: child, url };
     let out = server.run(&["try-lock", "k", "--ttl", "5s", "--proof"]);
     assert_eq!(out.status.code(), Some(4));
     assert!(
@@ -222,10 +216,10 @@ fn cluster_node(dir: &Path, members: &str, id: usize) -> Server {
         .arg("--data-dir")
         .arg(dir.join(format!("node{id}")))
         .stderr(std::process::Stdio::piped())
-        .spawn()
+        .spawn_kill_on_drop()
         .expect("spawn node");
     let (url, _) = support::read_urls(&mut child);
-    Server { child, url }
+    Server { _child: child, url }
 }
 
 /// Whether the node says it leads (`GET /cluster`).

@@ -1,13 +1,55 @@
 //! What the tests of the `deadbolt` binary share.
 
 use std::io::{BufRead, BufReader};
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+
+/// A spawned server, killed (SIGKILL) and reaped when dropped: a test that
+/// fails an assertion unwinds past it, and the server must not outlive the
+/// test, or it holds the test's inherited output open and a piped
+/// `cargo test` waits for it forever instead of reporting the failure.
+/// Derefs to its [`Child`], so a test still signals, kills and waits for
+/// it itself where that is what it tests; a kill after the test reaped it
+/// does nothing (std knows it exited).
+pub struct KillOnDrop(Child);
+
+impl Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// [`Command::spawn`] into a [`KillOnDrop`].
+pub trait SpawnKillOnDrop {
+    /// Spawns the command; its process is killed when the guard drops.
+    fn spawn_kill_on_drop(&mut self) -> std::io::Result<KillOnDrop>;
+}
+
+impl SpawnKillOnDrop for Command {
+    fn spawn_kill_on_drop(&mut self) -> std::io::Result<KillOnDrop> {
+        self.spawn().map(KillOnDrop)
+    }
+}
 
 /// `deadbolt serve` on a free WebSocket port of loopback, without QUIC, on
 /// `data_dir`, with `extra` flags; and its WebSocket URL once it listens.
 #[allow(dead_code)] // not every test crate starts its servers this way
-pub fn serve_ws(data_dir: &Path, extra: &[&str]) -> (Child, String) {
+pub fn serve_ws(data_dir: &Path, extra: &[&str]) -> (KillOnDrop, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_deadbolt"))
         .args([
             "serve",
@@ -20,7 +62,7 @@ pub fn serve_ws(data_dir: &Path, extra: &[&str]) -> (Child, String) {
         .arg(data_dir)
         .args(extra)
         .stderr(Stdio::piped())
-        .spawn()
+        .spawn_kill_on_drop()
         .expect("spawn server");
     let (url, _) = read_urls(&mut child);
     (child, url)
