@@ -61,6 +61,7 @@
 //! - [`summary`]: many seeds, and the table of what they did.
 
 mod admission;
+mod capacity;
 pub mod checker;
 pub mod cluster;
 pub mod disk;

@@ -37,6 +37,12 @@
 //!     the end of a lease that ran out with `lock_delay_ms` D, for D ms.
 //!     (A waiter handed the key when a delay ends is granted at its end,
 //!     for rule 3.)
+//! 12. Capacity (SPEC section 5): no command leaves more state than the
+//!     shard's share of the configured limits, and none is answered
+//!     `overloaded` while every limit had room ([`crate::capacity`]).
+//! 13. A grant whose answer nobody received ends with the "requester
+//!     gone" that names its request, unless a re-lock answered its holder
+//!     since or a restart came between.
 //! 6. An ephemeral lock ends with the command that closes its connection.
 //! 7. A restart (SPEC section 8) ends every waiter, unanswered, and every
 //!    ephemeral grant; every other grant survives it with its token and
@@ -68,6 +74,7 @@ use deadbolt_core::shard::{Answer, Command, ConnId, Handle, Input, Shard, ShardC
 use deadbolt_core::time::Tick;
 
 use crate::admission::{Admission, NewGrant};
+use crate::capacity::{Capacity, State};
 use crate::checker::Violation;
 
 /// The contract's bound on a hand-off after a lease's end (SPEC section
@@ -167,7 +174,9 @@ pub fn check(
     };
     let mut sets = SetLifetimes::default();
     let mut tally = Tally::default();
+    let mut capacity = Capacity::new(config.limits);
     let mut before = views_by_key(replica.lock_views());
+    let mut sets_before = replica.set_views();
     for (position, command) in log.iter().enumerate() {
         replica.apply(command.clone());
         let now = replica.now();
@@ -179,10 +188,29 @@ pub fn check(
             .violations
             .extend(broken.into_iter().map(|broken| broken.violation(shard)));
         let after = views_by_key(replica.lock_views());
+        let (was, is) = (
+            State {
+                locks: &before,
+                sets: &sets_before,
+            },
+            State {
+                locks: &after,
+                sets: &set_views,
+            },
+        );
+        let full = capacity.command(&command.input, &answers, &was, &is);
+        history
+            .violations
+            .extend(full.into_iter().map(|what| Violation::Capacity {
+                shard,
+                at_us: us(now),
+                what,
+            }));
         let late_ok =
             timing.late_ok.contains(&position) || matches!(command.input, Input::Restart { .. });
         history.command(command, now, &answers, (&before, &after), late_ok);
         before = after;
+        sets_before = set_views;
     }
     tally.sets_expired = sets.expired;
     let disagree = tally.disagreements(&replica.counters());
@@ -411,10 +439,35 @@ impl ShardHistory {
             self.queued.entry(key).or_default().extend(asked);
         }
         self.cancels_answered(&step);
+        self.unheard_grant_undone(&step, after);
         self.holders(&step, before, after);
         self.not_in_a_lock_delay(&step, after);
         if step.enders.restart {
             self.restarted(after, now);
+        }
+    }
+
+    /// Rule 13: a grant whose answer nobody received ends with the
+    /// "requester gone" that names its request (unless a re-lock answered
+    /// its holder since, or a restart made its request's handle
+    /// meaningless): else the key stays held by a client that does not
+    /// know it holds it, for a whole lease.
+    fn unheard_grant_undone(&mut self, step: &Step<'_>, after: &BTreeMap<String, KeyView>) {
+        let Some(gone) = step.enders.gone else {
+            return;
+        };
+        let kept = self
+            .grants
+            .iter()
+            .filter(|(_, grant)| grant.handle == Some(gone))
+            .find(|(token, grant)| holds(after, &grant.key, **token));
+        if let Some((&token, grant)) = kept {
+            self.violations.push(Violation::UnheardGrantKept {
+                shard: self.shard,
+                key: grant.key.clone(),
+                token,
+                at_us: us(step.now),
+            });
         }
     }
 
@@ -528,6 +581,8 @@ impl ShardHistory {
                     };
                     if let Some(grant) = self.grants.get_mut(&granted.token) {
                         grant.expected = at.plus_millis(granted.ttl_ms);
+                        // The holder has heard of its grant now.
+                        grant.handle = None;
                     }
                     if let Some(admission) = step.admissions.get_mut(&request.key) {
                         admission.answered(answer.handle, at);

@@ -453,7 +453,14 @@ impl ServerControl {
             scenario.disk.snapshot_after_bytes,
         );
         let config = ServerConfig {
-            engine: engine_config(scenario.shards, seed, &trace),
+            engine: deadbolt_core::EngineConfig {
+                limits: scenario
+                    .room
+                    .map_or_else(deadbolt_core::Limits::default, |room| {
+                        room.limits(scenario.shards)
+                    }),
+                ..engine_config(scenario.shards, seed, &trace)
+            },
             ws: ws_config(),
             quic: QuicConfig {
                 retry_above: if scenario.quic_retry { 0 } else { usize::MAX },
