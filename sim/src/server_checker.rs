@@ -1245,6 +1245,113 @@ mod tests {
         assert_eq!(kinds(&log), vec!["server: counters disagree"]);
     }
 
+    /// Inserts `key` into set "s" for client `n`, with request handle `n`.
+    fn insert(ms: u64, n: u64, key: &str) -> Command {
+        let caller = Caller {
+            client: Arc::from(format!("c{n}")),
+            conn: n,
+        };
+        let op = ShardOp::Set(SetOp::Insert {
+            set: "s".into(),
+            keys: deadbolt_core::proto::Keys::One(key.into()),
+        });
+        at_ms(
+            ms,
+            Input::Op {
+                handle: Handle(n),
+                caller,
+                op,
+            },
+        )
+    }
+
+    fn kinds_with(log: &[Command], limits: Limits) -> Vec<&'static str> {
+        let late_ok = BTreeSet::new();
+        let timing = Timing::for_sync_latency(Duration::ZERO, &late_ok);
+        let config = ShardConfig { limits, ..config() };
+        check(0, log, config, timing)
+            .iter()
+            .map(Violation::kind)
+            .collect()
+    }
+
+    #[test]
+    fn refusals_at_the_limits_keep_rule_12_and_an_overfilled_set_is_caught() {
+        let limits = Limits {
+            set_members_max: 2,
+            waiters_per_key_max: 1,
+            ..Limits::default()
+        };
+        let log = [
+            set_up(0, 1, 10_000),
+            insert(1, 2, "a"),
+            insert(2, 3, "b"),
+            // Refused: the set is full.
+            insert(3, 4, "c"),
+            lock(4, 5, 1_000),
+            lock(5, 6, 1_000),
+            // Refused: the one place in the queue is taken.
+            lock(6, 7, 1_000),
+        ];
+        assert_eq!(kinds_with(&log, limits), Vec::<&str>::new());
+        let _planted = planted::plant(Some(PlantedBug::SetOverfilled));
+        assert!(kinds_with(&log, limits).contains(&"server: capacity"));
+    }
+
+    #[test]
+    fn an_overloaded_answer_below_every_limit_is_caught() {
+        // A shard that refuses the second member of a set allowed two: one
+        // that runs with a lower limit than the one it was configured with.
+        let limits = |set_members_max| Limits {
+            set_members_max,
+            ..Limits::default()
+        };
+        let mut shard = Shard::new(ShardConfig {
+            limits: limits(1),
+            ..config()
+        });
+        let mut capacity = Capacity::new(limits(2));
+        let mut broken = Vec::new();
+        for command in [set_up(0, 1, 10_000), insert(1, 2, "a"), insert(2, 3, "b")] {
+            let (locks_before, sets_before) = (views_by_key(shard.lock_views()), shard.set_views());
+            shard.apply(command.clone());
+            let answers = shard.take_answers();
+            let (locks_after, sets_after) = (views_by_key(shard.lock_views()), shard.set_views());
+            let before = State {
+                locks: &locks_before,
+                sets: &sets_before,
+            };
+            let after = State {
+                locks: &locks_after,
+                sets: &sets_after,
+            };
+            broken.extend(capacity.command(&command.input, &answers, &before, &after));
+        }
+        assert_eq!(broken.len(), 1, "{broken:?}");
+        assert!(broken[0].contains("below every limit"), "{broken:?}");
+    }
+
+    #[test]
+    fn an_unheard_grant_ends_with_its_requester_gone_and_one_kept_is_caught() {
+        let log = [
+            lock(0, 1, 1_000),
+            lock(1, 2, 1_000),
+            // The holder unlocks: request 2 is granted token 2...
+            unlock(2, 3, 1),
+            // ...and nobody hears of it.
+            at_ms(
+                3,
+                Input::RequesterGone {
+                    handle: Handle(2),
+                    key: "k".into(),
+                },
+            ),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+        let _planted = planted::plant(Some(PlantedBug::UnheardGrantKept));
+        assert!(kinds(&log).contains(&"server: unheard grant kept"));
+    }
+
     #[test]
     fn a_set_that_ignores_its_renewal_is_caught() {
         let _planted = planted::plant(Some(PlantedBug::SetRenewalIgnored));
