@@ -285,6 +285,9 @@ pub enum ServerFaultKind {
         /// the worst moment, which tears the group's write.
         mid_sync: bool,
     },
+    /// The server shuts down gracefully (answering what it had in flight,
+    /// syncing its log) and starts again on its disk when the fault ends.
+    Shutdown,
     /// The disk is full until the fault ends.
     DiskFull,
 }
@@ -294,6 +297,7 @@ impl ServerFaultKind {
     pub fn name(&self) -> &'static str {
         match self {
             ServerFaultKind::Crash { .. } => SERVER_CRASH,
+            ServerFaultKind::Shutdown => "server shutdown + restart",
             ServerFaultKind::DiskFull => "disk full",
         }
     }
@@ -788,8 +792,23 @@ pub fn scenario(seed: u64) -> Scenario {
     let mut runner = TestRunner::new_with_rng(Config::default(), rng);
     let mut scenario = draw(scenario_strategy(seed), &mut runner);
     // Drawn after the rest, so that the rest of a seed's scenario is what
-    // it was before runs had limits.
+    // it was before runs had limits and graceful shutdowns: the limits,
+    // and which of the server's crashes (three in ten) are graceful
+    // shutdowns instead.
     scenario.room = draw(room(), &mut runner);
+    let graceful = draw(
+        prop::collection::vec(prop::bool::weighted(0.3), SERVER_CRASHES_MAX),
+        &mut runner,
+    );
+    let crashes = scenario
+        .server_faults
+        .iter_mut()
+        .filter(|f| matches!(f.kind, ServerFaultKind::Crash { .. }));
+    for (fault, graceful) in crashes.zip(graceful) {
+        if graceful {
+            fault.kind = ServerFaultKind::Shutdown;
+        }
+    }
     scenario
 }
 
