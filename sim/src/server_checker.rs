@@ -31,8 +31,9 @@
 //! 9. An `unlock` or `extend` with a token whose grant is still held after
 //!    the command is never answered `not_held`.
 //! 10. The shard's counters (what `stats` and `/metrics` report) agree with
-//!     its answers: grants, unlocks, timeouts, cancellations, `busy`, sets
-//!     created, torn down and expired.
+//!     its answers: grants, unlocks, timeouts, cancellations, `busy`, leases
+//!     run out, ephemeral locks ended with their connection, sets created,
+//!     torn down and expired.
 //! 11. No grant of a key falls inside a lock delay (SPEC section 7): from
 //!     the end of a lease that ran out with `lock_delay_ms` D, for D ms.
 //!     (A waiter handed the key when a delay ends is granted at its end,
@@ -150,6 +151,10 @@ struct ShardHistory {
     delays: BTreeMap<String, Vec<(Tick, Tick)>>,
     /// How late after a deadline a command may apply it.
     bound_us: u64,
+    /// Grants whose leases ran out, and ephemeral grants ended with their
+    /// connection (or a restart): rule 10's expiries and disconnects.
+    expired: u64,
+    disconnected: u64,
     violations: Vec<Violation>,
 }
 
@@ -170,6 +175,8 @@ pub fn check(
         grants: BTreeMap::new(),
         delays: BTreeMap::new(),
         bound_us: timing.bound_us,
+        expired: 0,
+        disconnected: 0,
         violations: Vec::new(),
     };
     let mut sets = SetLifetimes::default();
@@ -213,6 +220,8 @@ pub fn check(
         sets_before = set_views;
     }
     tally.sets_expired = sets.expired;
+    tally.expiries = history.expired;
+    tally.disconnects = history.disconnected;
     let disagree = tally.disagreements(&replica.counters());
     if !disagree.is_empty() {
         history.violations.push(Violation::CountersDisagree {
@@ -236,6 +245,8 @@ struct Tally {
     sets_created: u64,
     sets_torn_down: u64,
     sets_expired: u64,
+    expiries: u64,
+    disconnects: u64,
 }
 
 impl Tally {
@@ -279,6 +290,12 @@ impl Tally {
             ("timeouts", self.timeouts, locks.timeouts),
             ("cancellations", self.cancellations, locks.cancellations),
             ("busy", self.busy, locks.busy),
+            ("leases run out", self.expiries, locks.expiries),
+            (
+                "ephemeral locks ended with their connection",
+                self.disconnects,
+                locks.disconnects,
+            ),
             ("sets created", self.sets_created, sets.created),
             ("sets torn down", self.sets_torn_down, sets.torn_down),
             ("sets expired", self.sets_expired, sets.expired),
@@ -746,9 +763,16 @@ impl ShardHistory {
                 continue;
             };
             let held = holds(after, &grant.key, token);
-            let undone = (grant.handle.is_some() && step.enders.gone == grant.handle)
-                || (grant.ephemeral && step.enders.closed == Some(grant.conn))
-                || (grant.ephemeral && step.enders.restart);
+            let disconnected =
+                grant.ephemeral && (step.enders.closed == Some(grant.conn) || step.enders.restart);
+            let undone =
+                (grant.handle.is_some() && step.enders.gone == grant.handle) || disconnected;
+            if !held {
+                // Ran out, or ended with its connection, inside the command
+                // that made it.
+                self.expired += u64::from(grant.expected <= step.now);
+                self.disconnected += u64::from(disconnected && grant.expected > step.now);
+            }
             if !held && grant.expected > step.now && !undone {
                 self.violations.push(Violation::LeaseEndedEarly {
                     shard: self.shard,
@@ -815,6 +839,7 @@ impl ShardHistory {
     /// handed on in time; a lock delay starts), or something ended it.
     fn ended(&mut self, key: &str, holder: &HolderView, view: &KeyView, step: &Step<'_>) {
         if holder.deadline <= step.now {
+            self.expired += 1;
             if holder.lock_delay_ms > 0 {
                 let until = holder.deadline.plus_millis(holder.lock_delay_ms);
                 let windows = self.delays.entry(key.to_owned()).or_default();
@@ -838,9 +863,12 @@ impl ShardHistory {
         }
         let enders = &step.enders;
         let granted_by = self.grants.get(&holder.token).and_then(|g| g.handle);
+        let disconnected = holder.ephemeral
+            && (enders.closed == Some(holder.conn) || enders.restart)
+            && !enders.released.contains(&holder.token);
+        self.disconnected += u64::from(disconnected);
         let ended_by_command = enders.released.contains(&holder.token)
-            || (holder.ephemeral && enders.closed == Some(holder.conn))
-            || (holder.ephemeral && enders.restart)
+            || disconnected
             || (granted_by.is_some() && enders.gone == granted_by);
         if !ended_by_command {
             self.violations.push(Violation::LeaseEndedEarly {
@@ -1239,8 +1267,19 @@ mod tests {
             try_lock,
             set_up(2, 3, 10),
             at_ms(20, Input::Tick),
+            // A lease that runs out, and an ephemeral lock whose
+            // connection closes: an expiry and a disconnect.
+            at_ms(600, Input::Tick),
+            lock_ephemeral(601, 4, "e", 1_000),
+            at_ms(602, Input::ConnectionClosed { conn: 4 }),
         ];
         assert_eq!(kinds(&log), Vec::<&str>::new());
+        let mut counters = Shard::new(config());
+        for command in &log {
+            counters.apply(command.clone());
+        }
+        let counted = counters.counters().locks;
+        assert_eq!((counted.expiries, counted.disconnects), (1, 1));
         let _planted = planted::plant(Some(PlantedBug::BusyUncounted));
         assert_eq!(kinds(&log), vec!["server: counters disagree"]);
     }
