@@ -33,7 +33,8 @@
 //! 10. The shard's counters (what `stats` and `/metrics` report) agree with
 //!     its answers: grants, unlocks, timeouts, cancellations, `busy`, leases
 //!     run out, ephemeral locks ended with their connection, sets created,
-//!     torn down and expired.
+//!     torn down and expired; and after every command, the sizes it
+//!     reports (held locks, waiters, sets, members) are the state's.
 //! 11. No grant of a key falls inside a lock delay (SPEC section 7): from
 //!     the end of a lease that ran out with `lock_delay_ms` D, for D ms.
 //!     (A waiter handed the key when a delay ends is granted at its end,
@@ -205,6 +206,11 @@ pub fn check(
                 sets: &set_views,
             },
         );
+        if let Some(what) = sizes_disagree(&replica.counters(), &is) {
+            history
+                .violations
+                .push(Violation::CountersDisagree { shard, what });
+        }
         let full = capacity.command(&command.input, &answers, &was, &is);
         history
             .violations
@@ -230,6 +236,26 @@ pub fn check(
         });
     }
     history.violations
+}
+
+/// Rule 10's sizes, after every command: held locks, waiters, sets and
+/// members as `stats` reports them, against the shard's state.
+fn sizes_disagree(counters: &deadbolt_core::shard::Counters, state: &State<'_>) -> Option<String> {
+    let held: usize = state.locks.values().map(|v| v.holders.len()).sum();
+    let waiters: usize = state.locks.values().map(|v| v.waiters.len()).sum();
+    let members: u64 = state.sets.iter().map(|s| s.size).sum();
+    let pairs = [
+        ("held locks", held as u64, counters.locks.held),
+        ("waiters", waiters as u64, counters.locks.waiters),
+        ("sets", state.sets.len() as u64, counters.sets.count),
+        ("members", members, counters.sets.members),
+    ];
+    let wrong: Vec<String> = pairs
+        .into_iter()
+        .filter(|(_, there, counted)| there != counted)
+        .map(|(what, there, counted)| format!("{what}: {there} in the state, counted {counted}"))
+        .collect();
+    (!wrong.is_empty()).then(|| wrong.join(", "))
 }
 
 /// Rule 10: what a shard's answers say its counters must be.
