@@ -281,6 +281,24 @@ pub enum Violation {
         delay_from_us: u64,
         delay_until_us: u64,
     },
+    /// Server side: the command of `shard` at `at_us` left more state than
+    /// the shard's share of the configured limits, or was refused
+    /// `overloaded` below them (`what` says which).
+    Capacity {
+        shard: usize,
+        at_us: u64,
+        what: String,
+    },
+    /// Server side: a grant of `shard` whose answer nobody received (its
+    /// request named by a "requester gone" at `at_us`, and neither
+    /// re-locked nor carried past a restart since) was still held after
+    /// that command: a lock nobody knows it holds.
+    UnheardGrantKept {
+        shard: usize,
+        key: String,
+        token: u64,
+        at_us: u64,
+    },
     /// Cluster ([`crate::lease`]): grant `token` of `key` was still
     /// running when a request sent at `alive_at_us` found it, though its
     /// lease ends by `ends_by_us` (its last grant, re-lock or extend
@@ -336,6 +354,8 @@ impl Violation {
             Violation::TokenOpRefused { .. } => "server: token op refused",
             Violation::CountersDisagree { .. } => "server: counters disagree",
             Violation::GrantInLockDelay { .. } => "server: grant in lock delay",
+            Violation::Capacity { .. } => "server: capacity",
+            Violation::UnheardGrantKept { .. } => "server: unheard grant kept",
             Violation::LeaseOutlived { .. } => "lease outlived its ttl",
             Violation::NoLeader => "no leader",
         }

@@ -342,6 +342,13 @@ impl<'a> Driver<'a> {
                 ServerFaultKind::Crash { mid_sync: false } => {
                     self.crash_server(sim, server, now_ms, fault)
                 }
+                ServerFaultKind::Shutdown => {
+                    server.shut_down();
+                    self.record(sim, What::ServerShutDown);
+                    self.server_active
+                        .push((fault.at_ms + fault.duration_ms, fault));
+                    *self.faults.entry(fault.kind.name()).or_insert(0) += 1;
+                }
                 ServerFaultKind::DiskFull => {
                     server.disk.fill(true);
                     self.record(sim, What::DiskFull { full: true });
@@ -387,6 +394,12 @@ impl<'a> Driver<'a> {
         match fault.kind {
             ServerFaultKind::Crash { .. } => {
                 sim.bounce("server");
+                self.record(sim, What::ServerRestarted);
+            }
+            ServerFaultKind::Shutdown => {
+                if let Some(server) = self.server {
+                    server.start_again();
+                }
                 self.record(sim, What::ServerRestarted);
             }
             ServerFaultKind::DiskFull => {

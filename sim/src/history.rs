@@ -116,6 +116,9 @@ pub enum What {
     /// The driver crashed the server host (a power cut), in the middle of
     /// a sync of its log or not.
     ServerCrashed { mid_sync: bool },
+    /// The driver shut the server down gracefully (as `deadbolt serve`
+    /// does on a signal), to restart it later.
+    ServerShutDown,
     /// The driver restarted the server host.
     ServerRestarted,
     /// The driver crashed node `node` of the cluster (a power cut), in the

@@ -12,7 +12,9 @@
 //! and one way, link holds as process pauses, worker crashes with restart,
 //! connection drops, latency spikes, datagram loss for QUIC workers;
 //! server crashes as power cuts, some in the middle of a sync, with
-//! recovery; a full disk), which ends in a heal. The recorded history is
+//! recovery; graceful shutdowns with a start again; a full disk), which
+//! ends in a heal. Some seeds give the server small capacity limits,
+//! which the workload reaches. The recorded history is
 //! then judged by the checker, and the server's log by the trace's and the
 //! server checker's rules. The same seed gives the same run, byte for
 //! byte: the history's hash proves it.
@@ -61,6 +63,7 @@
 //! - [`summary`]: many seeds, and the table of what they did.
 
 mod admission;
+mod capacity;
 pub mod checker;
 pub mod cluster;
 pub mod disk;

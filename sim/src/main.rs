@@ -34,7 +34,7 @@ struct Args {
     /// deaf-wakeup, relock-keeps-lease, early-timeout,
     /// ephemeral-outlives-connection, restart-keeps-ephemeral,
     /// set-renewal-ignored, cancel-ignored, extend-refused, busy-uncounted,
-    /// shared-beside-exclusive, semaphore-over-limit, lock-delay-ignored; in the storage
+    /// shared-beside-exclusive, semaphore-over-limit, lock-delay-ignored, set-overfilled, unheard-grant-kept; in the storage
     /// (the same feature) ack-before-sync, forget-last-batch,
     /// snapshot-covers-group; in a cluster's replication (the same feature,
     /// with `--cluster`) follower-grants-locally, ack-before-commit.

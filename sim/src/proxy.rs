@@ -48,7 +48,7 @@ pub enum Bug {
 impl Bug {
     /// Every planted bug: the proxy's, then the state machine's, the
     /// storage's and the replication's.
-    pub const ALL: [Bug; 24] = [
+    pub const ALL: [Bug; 26] = [
         Bug::DoubleGrant,
         Bug::LowerToken,
         Bug::DoubleFirst,
@@ -68,6 +68,8 @@ impl Bug {
         Bug::Server(PlantedBug::ALL[11]),
         Bug::Server(PlantedBug::ALL[12]),
         Bug::Server(PlantedBug::ALL[13]),
+        Bug::Server(PlantedBug::ALL[14]),
+        Bug::Server(PlantedBug::ALL[15]),
         Bug::Storage(StorageBug::ALL[0]),
         Bug::Storage(StorageBug::ALL[1]),
         Bug::Storage(StorageBug::ALL[2]),

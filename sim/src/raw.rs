@@ -12,7 +12,9 @@
 //!
 //! It runs its plan's counter steps as try-locks (a waited grant leaves a
 //! send-time view with nothing in it) with an optional re-lock, and skips
-//! the other steps.
+//! the other steps. A step that would wait, or take an ephemeral lock,
+//! brings a deserting waiter along: a second connection
+//! queued behind the grant that closes just as the grant is released.
 
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::history::{Actor, What, now_us};
 use crate::resource;
-use crate::scenario::{CounterStep, Guard, LOCK_KEYS, Step};
+use crate::scenario::{CounterStep, Guard, LOCK_KEYS, Step, Wait};
 use crate::worker::{Shared, WS_PORT};
 
 /// How long a request may go unanswered before the connection is taken
@@ -62,9 +64,8 @@ impl Connection {
         Ok(connection)
     }
 
-    /// Sends `request` with the next id and waits for its reply (`ok` or
-    /// `err`), within [`REPLY_TIMEOUT`].
-    async fn call(&mut self, mut request: Value) -> Result<Value, String> {
+    /// Sends `request` with the next id; returns the id.
+    async fn send(&mut self, mut request: Value) -> Result<u64, String> {
         let id = self.next_id;
         self.next_id += 1;
         request["id"] = json!(id);
@@ -73,6 +74,12 @@ impl Connection {
             .await
             .map_err(|_| "send timed out".to_owned())?
             .map_err(|e| e.to_string())?;
+        Ok(id)
+    }
+
+    /// Waits for the reply (`ok` or `err`) to request `id`, within
+    /// [`REPLY_TIMEOUT`].
+    async fn reply(&mut self, id: u64) -> Result<Value, String> {
         let reply = tokio::time::timeout(REPLY_TIMEOUT, async {
             while let Some(message) = self.socket.next().await {
                 let Ok(Message::Text(text)) = message else {
@@ -86,6 +93,12 @@ impl Connection {
             Err("connection closed".to_owned())
         });
         reply.await.map_err(|_| "no reply".to_owned())?
+    }
+
+    /// Sends `request` with the next id and waits for its reply.
+    async fn call(&mut self, request: Value) -> Result<Value, String> {
+        let id = self.send(request).await?;
+        self.reply(id).await
     }
 }
 
@@ -106,14 +119,16 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
         };
         // It speaks the plain mutex protocol: the other kinds of lock are
         // the Rust client's.
-        if let Step::Counter(CounterStep {
-            key,
-            ttl_ms,
-            hold_ms,
-            relock,
-            guard: Guard::Mutex,
-            ..
-        }) = step
+        if let Step::Counter(
+            plan @ CounterStep {
+                key,
+                ttl_ms,
+                hold_ms,
+                relock,
+                guard: Guard::Mutex,
+                ..
+            },
+        ) = step
         {
             let open = match connection.take() {
                 Some(open) => Ok(open),
@@ -126,6 +141,11 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                         me,
                         key: LOCK_KEYS[*key],
                         ttl_ms: *ttl_ms,
+                        // It never waits itself: its steps that would wait,
+                        // and those that take an ephemeral lock, bring a
+                        // waiter that leaves as the key is handed to it.
+                        deserter: (plan.ephemeral || plan.wait != Wait::Try)
+                            .then(|| hosts[host % hosts.len()]),
                     };
                     if counter.run(&mut open, *hold_ms, *relock).await {
                         connection = Some(open);
@@ -152,6 +172,9 @@ struct RawCounter<'a> {
     me: usize,
     key: &'static str,
     ttl_ms: u64,
+    /// The host a deserting waiter connects to, if the step has one
+    /// ([`RawCounter::desert`]).
+    deserter: Option<&'a str>,
 }
 
 impl RawCounter<'_> {
@@ -249,15 +272,52 @@ impl RawCounter<'_> {
             });
             return false;
         }
+        let deserter = match self.deserter {
+            Some(host) => self.desert(host).await,
+            None => None,
+        };
         let unlock = json!({"op": "unlock", "key": self.key, "token": token});
         let sent_us = now_us();
-        let reply = connection.call(unlock).await;
+        // A deserting waiter closes its connection just after the unlock
+        // that hands it the key is sent: while the shard's batch waits for
+        // its log, or before the shard reads its leaving. Its grant, if
+        // made, is heard by nobody (the server must undo it: server
+        // checker rule 13).
+        let reply = match connection.send(unlock).await {
+            Ok(id) => {
+                if let Some(deserter) = deserter {
+                    // Aimed at the middle of the sync the unlock's batch
+                    // waits for, after which its answers are delivered.
+                    let sync_ms = self.shared.scenario.disk.sync_latency_ms;
+                    tokio::time::sleep(Duration::from_millis(sync_ms / 2)).await;
+                    drop(deserter);
+                }
+                connection.reply(id).await
+            }
+            Err(error) => Err(error),
+        };
         let ok = reply.as_ref().is_ok_and(|r| r.get("ok").is_some());
         if let Ok(reply) = &reply {
             self.answered("unlock", Some(token), None, sent_us, reply);
         }
         self.record(What::Unlocked { key, token, ok });
         reply.is_ok()
+    }
+
+    /// A second client's connection that asks for the key (ephemeral,
+    /// waiting) and is left queued behind this worker's grant, to be
+    /// dropped as the grant is released: a lost grant answer, which the
+    /// rest of the workload makes too rarely. Nothing is recorded of it:
+    /// nobody ever believes it holds the key.
+    async fn desert(&self, host: &str) -> Option<Connection> {
+        let client = format!("raw-{}-deserter", self.me);
+        let mut waiter = Connection::open(&client, host).await.ok()?;
+        let lock = json!({"op": "lock", "key": self.key, "ttl_ms": self.ttl_ms,
+            "wait_ms": 5_000, "ephemeral": true});
+        waiter.send(lock).await.ok()?;
+        // Long enough for the request to reach the shard and queue.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Some(waiter)
     }
 
     /// Records `what` if the run taps its workers (as [`crate::tap`] does

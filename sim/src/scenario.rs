@@ -285,6 +285,9 @@ pub enum ServerFaultKind {
         /// the worst moment, which tears the group's write.
         mid_sync: bool,
     },
+    /// The server shuts down gracefully (answering what it had in flight,
+    /// syncing its log) and starts again on its disk when the fault ends.
+    Shutdown,
     /// The disk is full until the fault ends.
     DiskFull,
 }
@@ -294,6 +297,7 @@ impl ServerFaultKind {
     pub fn name(&self) -> &'static str {
         match self {
             ServerFaultKind::Crash { .. } => SERVER_CRASH,
+            ServerFaultKind::Shutdown => "server shutdown + restart",
             ServerFaultKind::DiskFull => "disk full",
         }
     }
@@ -375,6 +379,72 @@ pub struct Scenario {
     /// In a cluster, its plan (the nodes' faults); `None` for the single
     /// server.
     pub cluster: Option<ClusterPlan>,
+    /// Small capacity limits for the server, in some runs (`None`: the
+    /// defaults, which the workload never reaches).
+    pub room: Option<Room>,
+}
+
+/// Capacity limits small enough for the workload to reach (SPEC section
+/// 5: the server refuses what it cannot hold with `overloaded`; all
+/// limits are configurable), so that the server checker's rule 12 judges
+/// each refusal and each admission against them. The engine-wide ones
+/// are drawn per shard and multiplied by the shard count, so that every
+/// shard's share is what was drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// Keys with lock state, per shard.
+    pub locks_per_shard: usize,
+    /// Bytes of those keys, per shard.
+    pub lock_key_bytes_per_shard: usize,
+    /// Waiters on one key.
+    pub waiters_per_key: usize,
+    /// Waiters, per shard.
+    pub waiters_per_shard: usize,
+    /// Members of one set.
+    pub set_members: usize,
+    /// Members of all sets, per shard.
+    pub members_per_shard: usize,
+    /// Bytes of members' keys, per shard.
+    pub member_bytes_per_shard: usize,
+}
+
+impl Room {
+    /// The server's limits for an engine of `shards` shards.
+    pub fn limits(&self, shards: usize) -> deadbolt_core::Limits {
+        deadbolt_core::Limits {
+            locks_max: self.locks_per_shard * shards,
+            lock_key_bytes_max: self.lock_key_bytes_per_shard * shards,
+            waiters_per_key_max: self.waiters_per_key,
+            waiters_max: self.waiters_per_shard * shards,
+            set_members_max: self.set_members,
+            members_max: self.members_per_shard * shards,
+            member_bytes_max: self.member_bytes_per_shard * shards,
+            ..deadbolt_core::Limits::default()
+        }
+    }
+}
+
+/// In a third of the runs, small limits: one to three keys with lock
+/// state a shard (a key takes 4 to 14 bytes: a budget of 10 to 40), one
+/// to three waiters a key, two to six a shard; 10 to 22 members a set
+/// (results are 24 keys of 3 bytes), 12 to 30 a shard, 36 to 90 bytes.
+fn room() -> impl Strategy<Value = Option<Room>> {
+    let small = (
+        (1usize..=3, 10usize..=40, 1usize..=3, 2usize..=6),
+        (10usize..=22, 12usize..=30, 36usize..=90),
+    )
+        .prop_map(
+            |((locks, key_bytes, per_key, waiters), (set, members, bytes))| Room {
+                locks_per_shard: locks,
+                lock_key_bytes_per_shard: key_bytes,
+                waiters_per_key: per_key,
+                waiters_per_shard: waiters,
+                set_members: set,
+                members_per_shard: members,
+                member_bytes_per_shard: bytes,
+            },
+        );
+    prop_oneof![2 => Just(None), 1 => small.prop_map(Some)]
 }
 
 impl Scenario {
@@ -410,6 +480,8 @@ impl Scenario {
                 ..self.disk
             },
             cluster: Some(plan),
+            // A node's limits are its own business here.
+            room: None,
             ..self
         }
     }
@@ -705,6 +777,7 @@ fn scenario_strategy(seed: u64) -> impl Strategy<Value = Scenario> {
                     disk,
                     server_faults,
                     cluster: None,
+                    room: None,
                 }
             })
         },
@@ -717,7 +790,30 @@ pub fn scenario(seed: u64) -> Scenario {
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
     let mut runner = TestRunner::new_with_rng(Config::default(), rng);
-    match scenario_strategy(seed).new_tree(&mut runner) {
+    let mut scenario = draw(scenario_strategy(seed), &mut runner);
+    // Drawn after the rest, so that the rest of a seed's scenario is what
+    // it was before runs had limits and graceful shutdowns: the limits,
+    // and which of the server's crashes (three in ten) are graceful
+    // shutdowns instead.
+    scenario.room = draw(room(), &mut runner);
+    let graceful = draw(
+        prop::collection::vec(prop::bool::weighted(0.3), SERVER_CRASHES_MAX),
+        &mut runner,
+    );
+    let crashes = scenario
+        .server_faults
+        .iter_mut()
+        .filter(|f| matches!(f.kind, ServerFaultKind::Crash { .. }));
+    for (fault, graceful) in crashes.zip(graceful) {
+        if graceful {
+            fault.kind = ServerFaultKind::Shutdown;
+        }
+    }
+    scenario
+}
+
+fn draw<T: std::fmt::Debug>(strategy: impl Strategy<Value = T>, runner: &mut TestRunner) -> T {
+    match strategy.new_tree(runner) {
         Ok(tree) => tree.current(),
         // These strategies have no filters, so drawing cannot be rejected.
         Err(reason) => unreachable!("drawing a scenario failed: {reason}"),

@@ -31,12 +31,20 @@
 //! 9. An `unlock` or `extend` with a token whose grant is still held after
 //!    the command is never answered `not_held`.
 //! 10. The shard's counters (what `stats` and `/metrics` report) agree with
-//!     its answers: grants, unlocks, timeouts, cancellations, `busy`, sets
-//!     created, torn down and expired.
+//!     its answers: grants, unlocks, timeouts, cancellations, `busy`, leases
+//!     run out, ephemeral locks ended with their connection, sets created,
+//!     torn down and expired; and after every command, the sizes it
+//!     reports (held locks, waiters, sets, members) are the state's.
 //! 11. No grant of a key falls inside a lock delay (SPEC section 7): from
 //!     the end of a lease that ran out with `lock_delay_ms` D, for D ms.
 //!     (A waiter handed the key when a delay ends is granted at its end,
 //!     for rule 3.)
+//! 12. Capacity (SPEC section 5): no command leaves more state than the
+//!     shard's share of the configured limits, and none is answered
+//!     `overloaded` while every limit had room ([`crate::capacity`]).
+//! 13. A grant whose answer nobody received ends with the "requester
+//!     gone" that names its request, unless a re-lock answered its holder
+//!     since or a restart came between.
 //! 6. An ephemeral lock ends with the command that closes its connection.
 //! 7. A restart (SPEC section 8) ends every waiter, unanswered, and every
 //!    ephemeral grant; every other grant survives it with its token and
@@ -68,6 +76,7 @@ use deadbolt_core::shard::{Answer, Command, ConnId, Handle, Input, Shard, ShardC
 use deadbolt_core::time::Tick;
 
 use crate::admission::{Admission, NewGrant};
+use crate::capacity::{Capacity, State};
 use crate::checker::Violation;
 
 /// The contract's bound on a hand-off after a lease's end (SPEC section
@@ -143,6 +152,10 @@ struct ShardHistory {
     delays: BTreeMap<String, Vec<(Tick, Tick)>>,
     /// How late after a deadline a command may apply it.
     bound_us: u64,
+    /// Grants whose leases ran out, and ephemeral grants ended with their
+    /// connection (or a restart): rule 10's expiries and disconnects.
+    expired: u64,
+    disconnected: u64,
     violations: Vec<Violation>,
 }
 
@@ -163,11 +176,15 @@ pub fn check(
         grants: BTreeMap::new(),
         delays: BTreeMap::new(),
         bound_us: timing.bound_us,
+        expired: 0,
+        disconnected: 0,
         violations: Vec::new(),
     };
     let mut sets = SetLifetimes::default();
     let mut tally = Tally::default();
+    let mut capacity = Capacity::new(config.limits);
     let mut before = views_by_key(replica.lock_views());
+    let mut sets_before = replica.set_views();
     for (position, command) in log.iter().enumerate() {
         replica.apply(command.clone());
         let now = replica.now();
@@ -179,12 +196,38 @@ pub fn check(
             .violations
             .extend(broken.into_iter().map(|broken| broken.violation(shard)));
         let after = views_by_key(replica.lock_views());
+        let (was, is) = (
+            State {
+                locks: &before,
+                sets: &sets_before,
+            },
+            State {
+                locks: &after,
+                sets: &set_views,
+            },
+        );
+        if let Some(what) = sizes_disagree(&replica.counters(), &is) {
+            history
+                .violations
+                .push(Violation::CountersDisagree { shard, what });
+        }
+        let full = capacity.command(&command.input, &answers, &was, &is);
+        history
+            .violations
+            .extend(full.into_iter().map(|what| Violation::Capacity {
+                shard,
+                at_us: us(now),
+                what,
+            }));
         let late_ok =
             timing.late_ok.contains(&position) || matches!(command.input, Input::Restart { .. });
         history.command(command, now, &answers, (&before, &after), late_ok);
         before = after;
+        sets_before = set_views;
     }
     tally.sets_expired = sets.expired;
+    tally.expiries = history.expired;
+    tally.disconnects = history.disconnected;
     let disagree = tally.disagreements(&replica.counters());
     if !disagree.is_empty() {
         history.violations.push(Violation::CountersDisagree {
@@ -193,6 +236,26 @@ pub fn check(
         });
     }
     history.violations
+}
+
+/// Rule 10's sizes, after every command: held locks, waiters, sets and
+/// members as `stats` reports them, against the shard's state.
+fn sizes_disagree(counters: &deadbolt_core::shard::Counters, state: &State<'_>) -> Option<String> {
+    let held: usize = state.locks.values().map(|v| v.holders.len()).sum();
+    let waiters: usize = state.locks.values().map(|v| v.waiters.len()).sum();
+    let members: u64 = state.sets.iter().map(|s| s.size).sum();
+    let pairs = [
+        ("held locks", held as u64, counters.locks.held),
+        ("waiters", waiters as u64, counters.locks.waiters),
+        ("sets", state.sets.len() as u64, counters.sets.count),
+        ("members", members, counters.sets.members),
+    ];
+    let wrong: Vec<String> = pairs
+        .into_iter()
+        .filter(|(_, there, counted)| there != counted)
+        .map(|(what, there, counted)| format!("{what}: {there} in the state, counted {counted}"))
+        .collect();
+    (!wrong.is_empty()).then(|| wrong.join(", "))
 }
 
 /// Rule 10: what a shard's answers say its counters must be.
@@ -208,6 +271,8 @@ struct Tally {
     sets_created: u64,
     sets_torn_down: u64,
     sets_expired: u64,
+    expiries: u64,
+    disconnects: u64,
 }
 
 impl Tally {
@@ -251,6 +316,12 @@ impl Tally {
             ("timeouts", self.timeouts, locks.timeouts),
             ("cancellations", self.cancellations, locks.cancellations),
             ("busy", self.busy, locks.busy),
+            ("leases run out", self.expiries, locks.expiries),
+            (
+                "ephemeral locks ended with their connection",
+                self.disconnects,
+                locks.disconnects,
+            ),
             ("sets created", self.sets_created, sets.created),
             ("sets torn down", self.sets_torn_down, sets.torn_down),
             ("sets expired", self.sets_expired, sets.expired),
@@ -411,10 +482,35 @@ impl ShardHistory {
             self.queued.entry(key).or_default().extend(asked);
         }
         self.cancels_answered(&step);
+        self.unheard_grant_undone(&step, after);
         self.holders(&step, before, after);
         self.not_in_a_lock_delay(&step, after);
         if step.enders.restart {
             self.restarted(after, now);
+        }
+    }
+
+    /// Rule 13: a grant whose answer nobody received ends with the
+    /// "requester gone" that names its request (unless a re-lock answered
+    /// its holder since, or a restart made its request's handle
+    /// meaningless): else the key stays held by a client that does not
+    /// know it holds it, for a whole lease.
+    fn unheard_grant_undone(&mut self, step: &Step<'_>, after: &BTreeMap<String, KeyView>) {
+        let Some(gone) = step.enders.gone else {
+            return;
+        };
+        let kept = self
+            .grants
+            .iter()
+            .filter(|(_, grant)| grant.handle == Some(gone))
+            .find(|(token, grant)| holds(after, &grant.key, **token));
+        if let Some((&token, grant)) = kept {
+            self.violations.push(Violation::UnheardGrantKept {
+                shard: self.shard,
+                key: grant.key.clone(),
+                token,
+                at_us: us(step.now),
+            });
         }
     }
 
@@ -528,6 +624,8 @@ impl ShardHistory {
                     };
                     if let Some(grant) = self.grants.get_mut(&granted.token) {
                         grant.expected = at.plus_millis(granted.ttl_ms);
+                        // The holder has heard of its grant now.
+                        grant.handle = None;
                     }
                     if let Some(admission) = step.admissions.get_mut(&request.key) {
                         admission.answered(answer.handle, at);
@@ -691,9 +789,16 @@ impl ShardHistory {
                 continue;
             };
             let held = holds(after, &grant.key, token);
-            let undone = (grant.handle.is_some() && step.enders.gone == grant.handle)
-                || (grant.ephemeral && step.enders.closed == Some(grant.conn))
-                || (grant.ephemeral && step.enders.restart);
+            let disconnected =
+                grant.ephemeral && (step.enders.closed == Some(grant.conn) || step.enders.restart);
+            let undone =
+                (grant.handle.is_some() && step.enders.gone == grant.handle) || disconnected;
+            if !held {
+                // Ran out, or ended with its connection, inside the command
+                // that made it.
+                self.expired += u64::from(grant.expected <= step.now);
+                self.disconnected += u64::from(disconnected && grant.expected > step.now);
+            }
             if !held && grant.expected > step.now && !undone {
                 self.violations.push(Violation::LeaseEndedEarly {
                     shard: self.shard,
@@ -760,6 +865,7 @@ impl ShardHistory {
     /// handed on in time; a lock delay starts), or something ended it.
     fn ended(&mut self, key: &str, holder: &HolderView, view: &KeyView, step: &Step<'_>) {
         if holder.deadline <= step.now {
+            self.expired += 1;
             if holder.lock_delay_ms > 0 {
                 let until = holder.deadline.plus_millis(holder.lock_delay_ms);
                 let windows = self.delays.entry(key.to_owned()).or_default();
@@ -783,9 +889,12 @@ impl ShardHistory {
         }
         let enders = &step.enders;
         let granted_by = self.grants.get(&holder.token).and_then(|g| g.handle);
+        let disconnected = holder.ephemeral
+            && (enders.closed == Some(holder.conn) || enders.restart)
+            && !enders.released.contains(&holder.token);
+        self.disconnected += u64::from(disconnected);
         let ended_by_command = enders.released.contains(&holder.token)
-            || (holder.ephemeral && enders.closed == Some(holder.conn))
-            || (holder.ephemeral && enders.restart)
+            || disconnected
             || (granted_by.is_some() && enders.gone == granted_by);
         if !ended_by_command {
             self.violations.push(Violation::LeaseEndedEarly {
@@ -1185,10 +1294,128 @@ mod tests {
             try_lock,
             set_up(2, 3, 10),
             at_ms(20, Input::Tick),
+            // A lease that runs out, and an ephemeral lock whose
+            // connection closes: an expiry and a disconnect.
+            at_ms(600, Input::Tick),
+            lock_ephemeral(601, 4, "e", 1_000),
+            at_ms(602, Input::ConnectionClosed { conn: 4 }),
         ];
         assert_eq!(kinds(&log), Vec::<&str>::new());
+        let mut counters = Shard::new(config());
+        for command in &log {
+            counters.apply(command.clone());
+        }
+        let counted = counters.counters().locks;
+        assert_eq!((counted.expiries, counted.disconnects), (1, 1));
         let _planted = planted::plant(Some(PlantedBug::BusyUncounted));
         assert_eq!(kinds(&log), vec!["server: counters disagree"]);
+    }
+
+    /// Inserts `key` into set "s" for client `n`, with request handle `n`.
+    fn insert(ms: u64, n: u64, key: &str) -> Command {
+        let caller = Caller {
+            client: Arc::from(format!("c{n}")),
+            conn: n,
+        };
+        let op = ShardOp::Set(SetOp::Insert {
+            set: "s".into(),
+            keys: deadbolt_core::proto::Keys::One(key.into()),
+        });
+        at_ms(
+            ms,
+            Input::Op {
+                handle: Handle(n),
+                caller,
+                op,
+            },
+        )
+    }
+
+    fn kinds_with(log: &[Command], limits: Limits) -> Vec<&'static str> {
+        let late_ok = BTreeSet::new();
+        let timing = Timing::for_sync_latency(Duration::ZERO, &late_ok);
+        let config = ShardConfig { limits, ..config() };
+        check(0, log, config, timing)
+            .iter()
+            .map(Violation::kind)
+            .collect()
+    }
+
+    #[test]
+    fn refusals_at_the_limits_keep_rule_12_and_an_overfilled_set_is_caught() {
+        let limits = Limits {
+            set_members_max: 2,
+            waiters_per_key_max: 1,
+            ..Limits::default()
+        };
+        let log = [
+            set_up(0, 1, 10_000),
+            insert(1, 2, "a"),
+            insert(2, 3, "b"),
+            // Refused: the set is full.
+            insert(3, 4, "c"),
+            lock(4, 5, 1_000),
+            lock(5, 6, 1_000),
+            // Refused: the one place in the queue is taken.
+            lock(6, 7, 1_000),
+        ];
+        assert_eq!(kinds_with(&log, limits), Vec::<&str>::new());
+        let _planted = planted::plant(Some(PlantedBug::SetOverfilled));
+        assert!(kinds_with(&log, limits).contains(&"server: capacity"));
+    }
+
+    #[test]
+    fn an_overloaded_answer_below_every_limit_is_caught() {
+        // A shard that refuses the second member of a set allowed two: one
+        // that runs with a lower limit than the one it was configured with.
+        let limits = |set_members_max| Limits {
+            set_members_max,
+            ..Limits::default()
+        };
+        let mut shard = Shard::new(ShardConfig {
+            limits: limits(1),
+            ..config()
+        });
+        let mut capacity = Capacity::new(limits(2));
+        let mut broken = Vec::new();
+        for command in [set_up(0, 1, 10_000), insert(1, 2, "a"), insert(2, 3, "b")] {
+            let (locks_before, sets_before) = (views_by_key(shard.lock_views()), shard.set_views());
+            shard.apply(command.clone());
+            let answers = shard.take_answers();
+            let (locks_after, sets_after) = (views_by_key(shard.lock_views()), shard.set_views());
+            let before = State {
+                locks: &locks_before,
+                sets: &sets_before,
+            };
+            let after = State {
+                locks: &locks_after,
+                sets: &sets_after,
+            };
+            broken.extend(capacity.command(&command.input, &answers, &before, &after));
+        }
+        assert_eq!(broken.len(), 1, "{broken:?}");
+        assert!(broken[0].contains("below every limit"), "{broken:?}");
+    }
+
+    #[test]
+    fn an_unheard_grant_ends_with_its_requester_gone_and_one_kept_is_caught() {
+        let log = [
+            lock(0, 1, 1_000),
+            lock(1, 2, 1_000),
+            // The holder unlocks: request 2 is granted token 2...
+            unlock(2, 3, 1),
+            // ...and nobody hears of it.
+            at_ms(
+                3,
+                Input::RequesterGone {
+                    handle: Handle(2),
+                    key: "k".into(),
+                },
+            ),
+        ];
+        assert_eq!(kinds(&log), Vec::<&str>::new());
+        let _planted = planted::plant(Some(PlantedBug::UnheardGrantKept));
+        assert!(kinds(&log).contains(&"server: unheard grant kept"));
     }
 
     #[test]

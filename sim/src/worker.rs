@@ -102,6 +102,10 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
     let record = |what| shared.history.record(Actor::Worker(me), what);
     record(What::Started);
     let client = connect(&shared, me, format!("worker-{me}"), 10).await;
+    // Once the set refused a key (a run with small limits), later result
+    // keys are left out: each refusal costs the client's few seconds of
+    // retries, and the limit has been reached and judged.
+    let mut set_full = false;
     loop {
         let at = shared.progress.lock().unwrap_or_else(|p| p.into_inner())[me];
         let Some(step) = shared.scenario.workers[me].steps.get(at) else {
@@ -121,7 +125,7 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                 keys,
                 work_ms,
                 retry,
-            } => {
+            } if !set_full => {
                 let set_ttl = ms(shared.scenario.set_ttl_ms);
                 let plan = DedupPlan {
                     keys,
@@ -129,8 +133,9 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                     retry: *retry,
                     set_ttl,
                 };
-                dedup(&client, &shared.history, me, plan).await
+                set_full = !dedup(&client, &shared.history, me, plan).await;
             }
+            Step::Dedup { .. } => {}
             Step::Abandon { key, ttl_ms } => {
                 abandon(&shared, me, at, LOCK_KEYS[*key], *ttl_ms).await;
             }
@@ -426,18 +431,20 @@ struct DedupPlan<'a> {
 
 /// One dedup step: insert the keys (retrying until the server answers),
 /// maybe insert them again (a retry whose first reply was lost), and
-/// process every key this worker owns.
-async fn dedup(client: &Client, history: &History, me: usize, plan: DedupPlan<'_>) {
+/// process every key this worker owns. Whether every key was inserted
+/// (none refused `overloaded`).
+async fn dedup(client: &Client, history: &History, me: usize, plan: DedupPlan<'_>) -> bool {
     let record = |what| history.record(Actor::Worker(me), what);
     let names: Vec<String> = plan.keys.iter().map(|&k| result_key(k)).collect();
     let results = insert(client, history, me, &names, plan.set_ttl).await;
-    if plan.retry {
+    let all_in = results.iter().all(Option::is_some);
+    if plan.retry && all_in {
         // The checker compares both answers: same index, and `first` only
         // ever to one worker.
         insert(client, history, me, &names, plan.set_ttl).await;
     }
     for (key, result) in names.iter().zip(&results) {
-        if result.first {
+        if result.is_some_and(|r| r.first) {
             // Processing takes time: a crash here leaves the key to the
             // restarted worker.
             tokio::time::sleep(ms(plan.work_ms)).await;
@@ -447,6 +454,7 @@ async fn dedup(client: &Client, history: &History, me: usize, plan: DedupPlan<'_
             });
         }
     }
+    all_in
 }
 
 /// A scratch set (see [`Step::Scratch`]), named for the worker and the
@@ -490,16 +498,64 @@ struct ScratchPlan {
 
 /// Sets the set up (restarting its time to live) and inserts `names`,
 /// retrying until the server answers; records and returns the answers.
+/// A batch refused `overloaded` (a set or the server at a limit, in a run
+/// with small limits) may have kept its keys before the refusal, unanswered:
+/// each key is then inserted on its own, until one is refused; the refused
+/// key and those after it are not inserted (`None`).
 async fn insert(
     client: &Client,
     history: &History,
     me: usize,
     names: &[String],
     set_ttl: Duration,
-) -> Vec<deadbolt_core::proto::Inserted> {
+) -> Vec<Option<deadbolt_core::proto::Inserted>> {
+    let results = match insert_with_retries(client, history, me, names, set_ttl).await {
+        Some(results) => results.into_iter().map(Some).collect(),
+        None => {
+            // The client retries `overloaded` for a while before it gives
+            // up: once a key is refused, the set (or the shard) is full and
+            // the rest of the batch is left out.
+            let mut results = Vec::new();
+            for name in names {
+                let one =
+                    insert_with_retries(client, history, me, std::slice::from_ref(name), set_ttl);
+                match one.await.and_then(|mut one| one.pop()) {
+                    Some(inserted) => results.push(Some(inserted)),
+                    None => break,
+                }
+            }
+            results.resize(names.len(), None);
+            results
+        }
+    };
+    for (key, result) in names.iter().zip(&results) {
+        if let Some(result) = result {
+            history.record(
+                Actor::Worker(me),
+                What::Inserted {
+                    set: SET.into(),
+                    key: key.clone(),
+                    index: result.index,
+                    first: result.first,
+                },
+            );
+        }
+    }
+    results
+}
+
+/// One batch, retried until the server answers; `None` if it answered
+/// `overloaded`.
+async fn insert_with_retries(
+    client: &Client,
+    history: &History,
+    me: usize,
+    names: &[String],
+    set_ttl: Duration,
+) -> Option<Vec<deadbolt_core::proto::Inserted>> {
     let record = |what| history.record(Actor::Worker(me), what);
     let set = client.set(SET);
-    let results = loop {
+    loop {
         record(What::InsertAsked {
             set: SET.into(),
             keys: names.to_vec(),
@@ -509,25 +565,19 @@ async fn insert(
             set.insert_many(names.to_vec()).await
         };
         match attempt.await {
-            Ok(results) => break results,
+            Ok(results) => return Some(results),
             Err(e) => {
                 record(What::InsertFailed {
                     set: SET.into(),
                     error: e.to_string(),
                 });
+                if e.code() == Some(deadbolt_core::proto::ErrorCode::Overloaded) {
+                    return None;
+                }
                 tokio::time::sleep(ms(100)).await;
             }
         }
-    };
-    for (key, result) in names.iter().zip(&results) {
-        record(What::Inserted {
-            set: SET.into(),
-            key: key.clone(),
-            index: result.index,
-            first: result.first,
-        });
     }
-    results
 }
 
 /// Takes an ephemeral lock on a connection of its own (a client id of

@@ -453,7 +453,14 @@ impl ServerControl {
             scenario.disk.snapshot_after_bytes,
         );
         let config = ServerConfig {
-            engine: engine_config(scenario.shards, seed, &trace),
+            engine: deadbolt_core::EngineConfig {
+                limits: scenario
+                    .room
+                    .map_or_else(deadbolt_core::Limits::default, |room| {
+                        room.limits(scenario.shards)
+                    }),
+                ..engine_config(scenario.shards, seed, &trace)
+            },
             ws: ws_config(),
             quic: QuicConfig {
                 retry_above: if scenario.quic_retry { 0 } else { usize::MAX },
@@ -473,8 +480,9 @@ impl ServerControl {
 }
 
 /// The server host: `deadbolt_server::run`, as `deadbolt serve` runs it, on
-/// simulated sockets and the simulated disk, until the run's end shuts it
-/// down gracefully.
+/// simulated sockets and the simulated disk, until the run's end (or a
+/// graceful shutdown of the schedule, after which it starts again when the
+/// driver says) shuts it down gracefully.
 ///
 /// The host's future is `run`'s: crashing the host drops it, which ends
 /// the server as a killed process ends (no goodbye to anyone, unsynced
@@ -493,13 +501,32 @@ fn add_server(
         let (cert, key) = (cert.clone(), key.clone());
         let control = control.clone();
         async move {
-            while !serve(&control, seed, &cert, &key).await? {
-                tokio::time::sleep(Duration::from_millis(START_RETRY_MS)).await;
+            loop {
+                while !serve(&control, seed, &cert, &key).await? {
+                    tokio::time::sleep(Duration::from_millis(START_RETRY_MS)).await;
+                }
+                control.stopped.store(true, Ordering::Release);
+                // A graceful shutdown of the schedule is followed by a
+                // start on the same disk; the one at the run's end is not.
+                let mut stop = control.stop.subscribe();
+                let _ = stop.wait_for(|stop| !*stop).await;
+                control.stopped.store(false, Ordering::Release);
             }
-            control.stopped.store(true, Ordering::Release);
-            Ok(())
         }
     });
+}
+
+impl ServerControl {
+    /// Shuts the server down gracefully, as a signal to `deadbolt serve`
+    /// does (a fault of the schedule).
+    pub(crate) fn shut_down(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Starts the server again after [`ServerControl::shut_down`].
+    pub(crate) fn start_again(&self) {
+        self.stop.send_replace(false);
+    }
 }
 
 /// Serves until the run's end shuts the server down (`true`), or until it

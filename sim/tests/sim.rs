@@ -379,7 +379,23 @@ fn a_lease_that_runs_out_without_its_lock_delay_is_caught() {
 }
 
 #[test]
+fn a_set_that_admits_one_member_past_its_limit_is_caught() {
+    caught_within(
+        Bug::Server(PlantedBug::SetOverfilled),
+        &["server: capacity"],
+    );
+}
+
+#[test]
+fn a_grant_nobody_heard_of_that_is_kept_is_caught() {
+    caught_within(
+        Bug::Server(PlantedBug::UnheardGrantKept),
+        &["server: unheard grant kept"],
+    );
+}
+
+#[test]
 fn every_planted_bug_has_a_test() {
     // The tests above, one per bug: a new bug needs its own.
-    assert_eq!(Bug::ALL.len(), 24);
+    assert_eq!(Bug::ALL.len(), 26);
 }

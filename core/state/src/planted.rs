@@ -58,11 +58,17 @@ pub enum PlantedBug {
     /// A lease that runs out starts no lock delay: the key passes on at
     /// once.
     LockDelayIgnored,
+    /// A distinct set admits one member more than `set_members_max`.
+    SetOverfilled,
+    /// A "requester gone" for a grant whose answer nobody received leaves
+    /// the grant held: the key stays taken by a client that does not know
+    /// it holds it.
+    UnheardGrantKept,
 }
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 14] = [
+    pub const ALL: [PlantedBug; 16] = [
         PlantedBug::GrantOutOfOrder,
         PlantedBug::LeaseFromRequest,
         PlantedBug::DeafWakeup,
@@ -77,6 +83,8 @@ impl PlantedBug {
         PlantedBug::SharedBesideExclusive,
         PlantedBug::SemaphoreOverLimit,
         PlantedBug::LockDelayIgnored,
+        PlantedBug::SetOverfilled,
+        PlantedBug::UnheardGrantKept,
     ];
 
     /// Its name on the simulation's command line.
@@ -96,6 +104,8 @@ impl PlantedBug {
             PlantedBug::SharedBesideExclusive => "shared-beside-exclusive",
             PlantedBug::SemaphoreOverLimit => "semaphore-over-limit",
             PlantedBug::LockDelayIgnored => "lock-delay-ignored",
+            PlantedBug::SetOverfilled => "set-overfilled",
+            PlantedBug::UnheardGrantKept => "unheard-grant-kept",
         }
     }
 }
@@ -165,6 +175,22 @@ pub(crate) fn active(bug: PlantedBug) -> bool {
 #[inline(always)]
 pub(crate) const fn active(_: PlantedBug) -> bool {
     false
+}
+
+/// A set's member limit: one more under [`PlantedBug::SetOverfilled`].
+/// (A function of its own, so that the rule files keep their mutants.)
+pub(crate) fn set_members_max(limit: usize) -> usize {
+    if active(PlantedBug::SetOverfilled) {
+        limit.saturating_add(1)
+    } else {
+        limit
+    }
+}
+
+/// The grant a "requester gone" undoes: none under
+/// [`PlantedBug::UnheardGrantKept`].
+pub(crate) fn unheard_grant(token: Option<u64>) -> Option<u64> {
+    token.filter(|_| !active(PlantedBug::UnheardGrantKept))
 }
 
 #[cfg(test)]

@@ -521,7 +521,7 @@ impl Room<'_> {
 
     fn check_room(&self, set: &DistinctSet, key: &str) -> Result<(), ServerError> {
         // Positions and offsets are 32-bit to keep members small.
-        let set_max = self.limits.set_members_max.min(u32::MAX as usize);
+        let set_max = planted::set_members_max(self.limits.set_members_max).min(u32::MAX as usize);
         if set.len() >= set_max {
             return Err(ServerError::overloaded(
                 "set is full (set_members_max reached)",

@@ -737,11 +737,13 @@ impl Locks {
             return;
         };
         let entry = occupied.get_mut();
-        let unheard = entry
-            .holders
-            .iter()
-            .find(|h| h.granted_by == Some(handle))
-            .map(|h| h.token);
+        let unheard = planted::unheard_grant(
+            entry
+                .holders
+                .iter()
+                .find(|h| h.granted_by == Some(handle))
+                .map(|h| h.token),
+        );
         if let Some(token) = unheard {
             books.counters.abandoned += 1;
             end_grant(entry, token, Ending::Dropped, hash, now, books);
