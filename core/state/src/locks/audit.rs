@@ -152,8 +152,7 @@ impl Locks {
     /// The entry whose key has `hash` (the first, in the unlikely case of
     /// two).
     fn entry_with_hash(&self, hash: u64) -> Option<&LockEntry> {
-        self.table
-            .find(hash, |e| self.hasher.hash_one(&*e.key) == hash)
+        self.table.find(hash, |e| e.has_hash(self.hasher, hash))
     }
 }
 

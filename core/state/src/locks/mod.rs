@@ -124,6 +124,15 @@ impl LockEntry {
         }
     }
 
+    /// Whether this entry's key has `hash`. A look-up by hash compares
+    /// only 7 of its bits before calling its match, so a match that names
+    /// no key, nor a token, waiter or timer number unique in the shard,
+    /// must check the rest: else it may take another key, and which one
+    /// depends on the seed.
+    fn has_hash(&self, hasher: KeyHasher, hash: u64) -> bool {
+        hasher.hash_one(&*self.key) == hash
+    }
+
     fn is_vacant(&self) -> bool {
         self.holders.is_empty() && self.queue.is_empty() && self.delay.is_none()
     }
@@ -815,8 +824,9 @@ impl Locks {
         for hash in self.books.conns.hashes_of(conn) {
             // Distinct keys may share a hash: take every involved one.
             let involved = self.table.iter_hash(hash).filter(|e| {
-                e.holders.iter().any(|h| h.ephemeral && h.conn == conn)
-                    || e.queue.iter().any(|w| w.conn == conn)
+                e.has_hash(self.hasher, hash)
+                    && (e.holders.iter().any(|h| h.ephemeral && h.conn == conn)
+                        || e.queue.iter().any(|w| w.conn == conn))
             });
             keys.extend(involved.map(|e| e.key.clone()));
         }
@@ -889,16 +899,19 @@ impl Locks {
     /// Hands the keys with these hashes on to their waiters, at `at`, in
     /// the order they were freed.
     fn hand_on(&mut self, freed: &mut Vec<u64>, at: Tick) {
+        let hasher = self.hasher;
         for hash in freed.drain(..) {
             let books = &mut self.books;
+            let of_key = |e: &LockEntry| e.has_hash(hasher, hash);
             // The waiters may all have timed out since at this tick,
             // leaving nothing of the key.
-            if let Ok(vacant) = self.table.find_entry(hash, LockEntry::is_vacant) {
+            if let Ok(vacant) = self.table.find_entry(hash, |e| of_key(e) && e.is_vacant()) {
                 books.key_bytes -= vacant.remove().0.key.len();
             }
-            // Another key that shares the hash (rarely) has nothing to
-            // hand on, which `grant_next` finds at once.
-            let Ok(mut occupied) = self.table.find_entry(hash, |e| !e.queue.is_empty()) else {
+            // Another key that shares the whole hash (rarely) has nothing
+            // to hand on, which `grant_next` finds at once.
+            let waited_on = |e: &LockEntry| of_key(e) && !e.queue.is_empty();
+            let Ok(mut occupied) = self.table.find_entry(hash, waited_on) else {
                 continue;
             };
             let entry = occupied.get_mut();
