@@ -36,8 +36,13 @@ pub struct SnapshotFile {
     pub images: Vec<ShardImage>,
 }
 
-/// The first of the two framed records of a snapshot written since the
-/// owners of client ids (SPEC section 10) are in the image.
+/// The first of the two framed records of a snapshot written since each
+/// set keeps the client that set it up (for quotas, SPEC section 10).
+const FORMAT_WITH_CREATORS: &[u8] = b"deadbolt-raft-snapshot/4";
+
+/// The first record of a snapshot written since the owners of client ids
+/// (SPEC section 10) are in the image, before set creators: its images in
+/// the [`v3`](deadbolt_core::shard::image::v3) shape.
 const FORMAT_WITH_CLAIMS: &[u8] = b"deadbolt-raft-snapshot/3";
 
 /// The first record of a snapshot written since shared locks, semaphores
@@ -46,6 +51,14 @@ const FORMAT_WITH_CLAIMS: &[u8] = b"deadbolt-raft-snapshot/3";
 /// from before is one record, its images in the
 /// [`v1`](deadbolt_core::shard::image::v1) shape.
 const FORMAT_WITH_MODES: &[u8] = b"deadbolt-raft-snapshot/2";
+
+/// [`SnapshotFile`] as it was before set creators.
+#[derive(Deserialize)]
+struct SnapshotFileV3 {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    applied_through: Tick,
+    images: Vec<deadbolt_core::shard::image::v3::ShardImage>,
+}
 
 /// [`SnapshotFile`] as it was before claims.
 #[derive(Deserialize)]
@@ -67,20 +80,29 @@ impl SnapshotFile {
     /// Its bytes: two framed records, the format and the contents.
     pub fn encode(&self) -> Result<Vec<u8>, String> {
         let payload = postcard::to_stdvec(self).map_err(|e| e.to_string())?;
-        let capacity = FORMAT_WITH_CLAIMS.len() + payload.len() + 2 * frame::HEADER_BYTES;
+        let capacity = FORMAT_WITH_CREATORS.len() + payload.len() + 2 * frame::HEADER_BYTES;
         let mut bytes = Vec::with_capacity(capacity);
-        frame::put(&mut bytes, FORMAT_WITH_CLAIMS);
+        frame::put(&mut bytes, FORMAT_WITH_CREATORS);
         frame::put(&mut bytes, &payload);
         Ok(bytes)
     }
 
     /// Reads [`SnapshotFile::encode`]'s bytes back, or those of a snapshot
-    /// written before claims or before SPEC section 7.
+    /// written before set creators, before claims or before SPEC section 7.
     pub fn decode(bytes: &[u8]) -> Result<SnapshotFile, String> {
         let (records, end) = frame::scan(bytes);
         match (&records[..], end) {
-            ([(_, format), (_, payload)], frame::End::Clean) if *format == FORMAT_WITH_CLAIMS => {
+            ([(_, format), (_, payload)], frame::End::Clean) if *format == FORMAT_WITH_CREATORS => {
                 postcard::from_bytes(payload).map_err(|e| e.to_string())
+            }
+            ([(_, format), (_, payload)], frame::End::Clean) if *format == FORMAT_WITH_CLAIMS => {
+                let old: SnapshotFileV3 =
+                    postcard::from_bytes(payload).map_err(|e| e.to_string())?;
+                Ok(SnapshotFile {
+                    meta: old.meta,
+                    applied_through: old.applied_through,
+                    images: old.images.into_iter().map(Into::into).collect(),
+                })
             }
             ([(_, format), (_, payload)], frame::End::Clean) if *format == FORMAT_WITH_MODES => {
                 let old: SnapshotFileV2 =
@@ -378,7 +400,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 #[cfg(test)]
 mod tests {
-    use deadbolt_core::shard::image::{v1, v2};
+    use deadbolt_core::shard::image::{v1, v2, v3};
 
     use super::*;
 
@@ -424,7 +446,7 @@ mod tests {
         let image = v2::ShardImage {
             now: current.now,
             locks: current.locks,
-            sets: current.sets,
+            sets: old_image().sets,
         };
         let old = Old {
             meta: SnapshotMeta::default(),
@@ -438,6 +460,53 @@ mod tests {
         let read = SnapshotFile::decode(&bytes).expect("a snapshot from before claims reads");
         assert_eq!(read.images, vec![image.into()]);
         assert!(read.images[0].claims.claims.is_empty());
+        let again = SnapshotFile::decode(&read.encode().expect("encodes")).expect("reads");
+        assert_eq!(again.images, read.images);
+    }
+
+    #[test]
+    fn a_snapshot_from_before_set_creators_still_reads() {
+        #[derive(Serialize)]
+        struct Old {
+            meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+            applied_through: Tick,
+            images: Vec<v3::ShardImage>,
+        }
+        let current = ShardImage::from(old_image());
+        let set = v3::SetImage {
+            name: "s".into(),
+            id: 0,
+            deadline: deadbolt_core::shard::image::Deadline {
+                at: Tick(60_000_000),
+                seq: 0,
+            },
+            clients: Vec::new(),
+            members: Vec::new(),
+        };
+        let image = v3::ShardImage {
+            now: current.now,
+            locks: current.locks,
+            sets: v3::SetsImage {
+                next_set: 1,
+                timers_pushed: 1,
+                counters: Default::default(),
+                sets: vec![set],
+            },
+            claims: current.claims,
+        };
+        let old = Old {
+            meta: SnapshotMeta::default(),
+            applied_through: Tick(5_000),
+            images: vec![image.clone()],
+        };
+        let payload = postcard::to_stdvec(&old).expect("encodes");
+        let mut bytes = Vec::new();
+        frame::put(&mut bytes, FORMAT_WITH_CLAIMS);
+        frame::put(&mut bytes, &payload);
+        let read = SnapshotFile::decode(&bytes).expect("a snapshot from before creators reads");
+        assert_eq!(read.images, vec![image.into()]);
+        assert_eq!(read.images[0].sets.sets[0].name, "s");
+        assert_eq!(read.images[0].sets.sets[0].creator, None);
         let again = SnapshotFile::decode(&read.encode().expect("encodes")).expect("reads");
         assert_eq!(again.images, read.images);
     }

@@ -5,14 +5,18 @@
 //! snapshot plus the records after it.
 
 use deadbolt_core::limits::Limits;
-use deadbolt_core::shard::image::{ShardImage, v1, v2};
+use deadbolt_core::shard::image::{ShardImage, v1, v2, v3};
 
 use crate::codec::{CodecError, Reader, put_limits, put_u64};
 use crate::frame;
 
-/// The format of snapshot files this code writes: 3 since the owners of
-/// client ids (SPEC section 10) are in the image.
-const VERSION: u64 = 3;
+/// The format of snapshot files this code writes: 4 since each set keeps
+/// the client that set it up (for quotas, SPEC section 10).
+const VERSION: u64 = 4;
+
+/// The format before it, which this code still reads (no set has a
+/// creator): since the owners of client ids are in the image.
+const VERSION_BEFORE_CREATORS: u64 = 3;
 
 /// The format before them, which this code still reads (no id owned):
 /// since shared locks, semaphores and lock delays (SPEC section 7).
@@ -87,10 +91,15 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, ShardImage), CodecError> 
     }
     let mut reader = Reader(payload);
     let version = reader.u64()?;
-    if ![VERSION, VERSION_BEFORE_CLAIMS, VERSION_BEFORE_MODES].contains(&version) {
+    let known = [
+        VERSION,
+        VERSION_BEFORE_CREATORS,
+        VERSION_BEFORE_CLAIMS,
+        VERSION_BEFORE_MODES,
+    ];
+    if !known.contains(&version) {
         return Err(CodecError(format!(
-            "snapshot format {version}, expected {VERSION}, {VERSION_BEFORE_CLAIMS} or \
-             {VERSION_BEFORE_MODES}"
+            "snapshot format {version}, expected one of {known:?}"
         )));
     }
     let small = |n: u64| u32::try_from(n).map_err(|_| CodecError("number too large".into()));
@@ -107,6 +116,9 @@ pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, ShardImage), CodecError> 
             .map_err(unreadable)?
             .into(),
         VERSION_BEFORE_CLAIMS => postcard::from_bytes::<v2::ShardImage>(reader.0)
+            .map_err(unreadable)?
+            .into(),
+        VERSION_BEFORE_CREATORS => postcard::from_bytes::<v3::ShardImage>(reader.0)
             .map_err(unreadable)?
             .into(),
         _ => postcard::from_bytes(reader.0).map_err(unreadable)?,
@@ -163,7 +175,12 @@ mod tests {
         let old = v2::ShardImage {
             now: Tick(5_000),
             locks: current.locks,
-            sets: current.sets,
+            sets: v3::SetsImage {
+                next_set: current.sets.next_set,
+                timers_pushed: current.sets.timers_pushed,
+                counters: current.sets.counters,
+                sets: Vec::new(),
+            },
         };
         let header = SnapshotHeader {
             shard: 0,
@@ -182,5 +199,80 @@ mod tests {
         assert!(image.claims.claims.is_empty());
         let again = encode(&header, &image).expect("encodes");
         assert_eq!(decode(&again).expect("reads").1, image);
+    }
+
+    /// A shard with an empty set `s` that client `c` set up, and the same
+    /// as an image from before set creators (v3).
+    fn a_shard_with_an_empty_set() -> (ShardImage, v3::ShardImage) {
+        use deadbolt_core::proto::SetOp;
+        use deadbolt_core::shard::{Caller, Command, Handle, Input, ShardOp};
+        let config = ShardConfig {
+            hash_seed: 1,
+            first_token: 0,
+            limits: Limits::default(),
+        };
+        let mut shard = Shard::new(config);
+        let set_up = SetOp::SetUp {
+            set: "s".into(),
+            ttl_ms: 60_000,
+        };
+        shard.apply(Command {
+            at: Tick(1_000),
+            input: Input::Op {
+                handle: Handle(1),
+                caller: Caller {
+                    client: "c".into(),
+                    conn: 1,
+                },
+                op: ShardOp::Set(set_up),
+            },
+        });
+        let image = shard.image();
+        let sets = image.sets.clone();
+        let old_sets = sets.sets.into_iter().map(|set| v3::SetImage {
+            name: set.name,
+            id: set.id,
+            deadline: set.deadline,
+            clients: set.clients,
+            members: set.members,
+        });
+        let old = v3::ShardImage {
+            now: image.now,
+            locks: image.locks.clone(),
+            sets: v3::SetsImage {
+                next_set: sets.next_set,
+                timers_pushed: sets.timers_pushed,
+                counters: sets.counters,
+                sets: old_sets.collect(),
+            },
+            claims: image.claims.clone(),
+        };
+        (image, old)
+    }
+
+    #[test]
+    fn a_snapshot_from_before_set_creators_reads_with_no_creator() {
+        let (current, old) = a_shard_with_an_empty_set();
+        assert_eq!(current.sets.sets[0].creator.as_deref(), Some("c"));
+        let header = SnapshotHeader {
+            shard: 0,
+            shards: 1,
+            covers_below: 7,
+            token_reserved: 100,
+            limits: Limits::default(),
+        };
+        let bytes = encode_as(VERSION_BEFORE_CREATORS, &header, |payload| {
+            postcard::to_extend(&old, payload)
+        })
+        .expect("encodes");
+        let (read, image) = decode(&bytes).expect("an old snapshot still reads");
+        assert_eq!(read, header);
+        assert_eq!(image.sets.sets[0].creator, None);
+        let mut expected = current.clone();
+        expected.sets.sets[0].creator = None;
+        assert_eq!(image, expected);
+        // The current format keeps the creator.
+        let again = encode(&header, &current).expect("encodes");
+        assert_eq!(decode(&again).expect("reads").1, current);
     }
 }

@@ -454,7 +454,8 @@ async fn a_client_id_stays_its_first_principals_across_a_sigkill() {
     stop(&mut child);
 }
 
-/// Workers with small quotas: two locks, one set, three members.
+/// Workers with small quotas: two locks, one set, three members; and
+/// tallies with one set.
 const SMALL_QUOTAS: &str = r#"
 [[principal]]
 name = "workers"
@@ -465,13 +466,22 @@ read = [""]
 locks_max = 2
 sets_max = 1
 members_max = 3
+
+[[principal]]
+name = "tallies"
+secret = "tallies-secret"
+locks = []
+sets = ["tallies/"]
+read = [""]
+sets_max = 1
 "#;
 
 /// What the principal held before a SIGKILL still counts against its
 /// quotas after the restart: the quota ledger starts from the recovered
 /// locks, sets and members (by the owners of their client ids), not from
 /// nothing. Its locks are two shared grants of one key, by two clients:
-/// each counts, before and after.
+/// each counts, before and after. A set counts against the principal that
+/// set it up even while it has no member (the shards keep its creator).
 #[tokio::test]
 async fn a_principals_quotas_count_what_it_held_before_a_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -499,6 +509,12 @@ async fn a_principals_quotas_count_what_it_held_before_a_sigkill() {
     let (mut third_worker, _) = hello(&url, "worker-3", "workers-secret").await;
     let over = third_worker.call(shared(2, "jobs/1")).await;
     assert_eq!(over["err"]["code"], "overloaded", "{over}");
+    let (mut tallies, reply) = hello(&url, "tally-1", "tallies-secret").await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    let empty = tallies.call(set_up(2, "tallies/empty")).await;
+    assert_eq!(empty["ok"]["created"], true, "{empty}");
+    let over = tallies.call(set_up(3, "tallies/other")).await;
+    assert_eq!(over["err"]["code"], "overloaded", "{over}");
 
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
@@ -525,5 +541,17 @@ async fn a_principals_quotas_count_what_it_held_before_a_sigkill() {
     assert!(granted["ok"]["token"].is_u64(), "{granted}");
     let over = workers.call(lock(7, "jobs/4")).await;
     assert_eq!(over["err"]["code"], "overloaded", "one place only: {over}");
+    // The empty set still counts against the principal that set it up,
+    // asked on a client id other than the one that did; torn down, it
+    // frees its place.
+    let (mut tallies, reply) = hello(&url, "tally-2", "tallies-secret").await;
+    assert!(reply["ok"].is_object(), "{reply}");
+    let over = tallies.call(set_up(2, "tallies/other")).await;
+    assert_eq!(over["err"]["code"], "overloaded", "a second set: {over}");
+    let tear_down = json!({"id": 3, "op": "tear_down", "set": "tallies/empty"});
+    let torn = tallies.call(tear_down).await;
+    assert!(torn["ok"].is_object(), "{torn}");
+    let created = tallies.call(set_up(4, "tallies/other")).await;
+    assert_eq!(created["ok"]["created"], true, "{created}");
     stop(&mut child);
 }

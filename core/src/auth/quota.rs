@@ -26,9 +26,12 @@
 //! counted against the principal that owns its client id:
 //! - every non-ephemeral grant of a held key (each of a key's shared or
 //!   semaphore holders), with the lease it has left;
-//! - every live set, against the principal of its first inserter (the
-//!   shards do not keep who set a set up, so a recovered set that has no
-//!   member yet counts against nobody), with the time to live it has left;
+//! - every live set, against the principal of the client that set it up
+//!   (the shards keep it, and log it with the `set_up`), with the time to
+//!   live it has left; a set restored from a snapshot written before the
+//!   shards kept it (snapshot format 3 and older) counts against the
+//!   principal of its first inserter, and, while it has no member, against
+//!   nobody;
 //! - every member, against the principal of the client that inserted it
 //!   first.
 //!
@@ -134,7 +137,8 @@ struct Held {
 #[derive(Debug)]
 struct SetEntry {
     /// Who created it, if this process saw it created (or, rebuilt from a
-    /// census, the principal of its first inserter).
+    /// census, the owner of the client the shard names as its creator, or
+    /// of its first inserter in a set from an old snapshot).
     creator: Option<Arc<str>>,
     ends: Instant,
     /// Members inserted first, per principal.
@@ -168,8 +172,10 @@ struct CensusGrant {
 struct CensusSet {
     /// Its time to live left, by the shard's own time.
     left_ms: u64,
-    /// The client that inserted its first member, if any.
-    first_client: Option<String>,
+    /// The client that counts for it: the one that set it up, or, for a
+    /// set restored from a snapshot taken before shards kept that, the one
+    /// that inserted its first member, if any.
+    counted_client: Option<String>,
     /// Members inserted first, per client.
     members: HashMap<String, u64>,
 }
@@ -206,7 +212,7 @@ impl Census {
             }
             let entry = CensusSet {
                 left_ms: left_ms(set.deadline.at, image.now),
-                first_client: set.clients.first().cloned(),
+                counted_client: set.creator.clone().or_else(|| set.clients.first().cloned()),
                 members,
             };
             self.sets.insert(set.name.clone(), entry);
@@ -503,7 +509,7 @@ impl Ledger {
                 members: HashMap::new(),
             });
             if entry.creator.is_none() {
-                entry.creator = set.first_client.as_deref().and_then(|c| census.owner(c));
+                entry.creator = set.counted_client.as_deref().and_then(|c| census.owner(c));
             }
             for (client, &members) in &set.members {
                 if let Some(principal) = census.owner(client) {
@@ -865,9 +871,17 @@ mod tests {
     }
 
     /// A shard that has `c1` (owned by `p`) holding `held`, an ephemeral
-    /// lock `eph`, `c1` and `c3` (owned by `p`) sharing `shared`, and a set `s` with two members (`c2`, owned by `q`,
-    /// inserted first) and one (`c1`): its census.
+    /// lock `eph`, `c1` and `c3` (owned by `p`) sharing `shared`, a set `s`
+    /// set up by `c2` (owned by `q`) with two members (`c2` inserted first)
+    /// and one (`c1`), and an empty set `empty` set up by `c1`: its census.
     fn census_of_a_shard() -> Census {
+        let mut census = Census::default();
+        census.add(&image_of_a_shard());
+        census
+    }
+
+    /// The image behind [`census_of_a_shard`].
+    fn image_of_a_shard() -> ShardImage {
         use crate::shard::{Caller, Command, Handle, Input, Shard, ShardConfig, ShardOp};
         use crate::time::Tick;
         let mut shard = Shard::new(ShardConfig {
@@ -919,6 +933,12 @@ mod tests {
             ttl_ms: 60_000,
         };
         apply("c2", ShardOp::Set(set_up));
+        // An empty set, set up by c1 (p): it counts against its creator.
+        let empty = SetOp::SetUp {
+            set: "empty".into(),
+            ttl_ms: 60_000,
+        };
+        apply("c1", ShardOp::Set(empty));
         let insert = |keys: Vec<&str>| SetOp::Insert {
             set: "s".into(),
             keys: Keys::Many(keys.into_iter().map(String::from).collect()),
@@ -926,9 +946,26 @@ mod tests {
         apply("c2", ShardOp::Set(insert(vec!["a", "b"])));
         apply("c1", ShardOp::Set(insert(vec!["a", "c"])));
         let _ = shard.take_answers();
+        shard.image()
+    }
+
+    /// Sets from a snapshot written before the shards kept their creators
+    /// count as before: against their first inserter, an empty one
+    /// against nobody.
+    #[tokio::test(start_paused = true)]
+    async fn a_set_with_no_creator_counts_against_its_first_inserter() {
+        let mut image = image_of_a_shard();
+        for set in &mut image.sets.sets {
+            set.creator = None;
+        }
         let mut census = Census::default();
-        census.add(&shard.image());
-        census
+        census.add(&image);
+        let ledger = Ledger::default();
+        let now = Instant::now();
+        ledger.forget();
+        ledger.rebuild(&census, now);
+        assert_eq!(ledger.usage("p", now).sets, 0);
+        assert_eq!(ledger.usage("q", now).sets, 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -951,11 +988,11 @@ mod tests {
             crate::proto::ErrorCode::Unavailable
         );
         ledger.rebuild(&census_of_a_shard(), now);
-        // p: the non-ephemeral lock, both shares, one member (c); q: the
-        // lock granted since, the set (its first inserter's) and two
-        // members (a, b).
+        // p: the non-ephemeral lock, both shares, the empty set it set up,
+        // one member (c); q: the lock granted since, the set it set up and
+        // two members (a, b).
         let p = ledger.usage("p", now);
-        assert_eq!((p.locks, p.sets, p.members), (3, 0, 1));
+        assert_eq!((p.locks, p.sets, p.members), (3, 1, 1));
         let q = ledger.usage("q", now);
         assert_eq!((q.locks, q.sets, q.members), (1, 1, 2));
         // Enforced: p is at a quota of three locks, and an unlock of one

@@ -20,12 +20,14 @@
 //! A corrupt image is an [`ImageError`], never a panic.
 //!
 //! Images written before SPEC section 7 (shared locks, semaphores, lock
-//! delay) have the shape kept in [`v1`], and those written before claims
-//! of client ids were logged the shape kept in [`v2`]; each converts to
-//! this one.
+//! delay) have the shape kept in [`v1`], those written before claims
+//! of client ids were logged the shape kept in [`v2`], and those written
+//! before each set kept the client that set it up the shape kept in
+//! [`v3`]; each converts to this one.
 
 pub mod v1;
 pub mod v2;
+pub mod v3;
 
 use std::sync::Arc;
 
@@ -173,6 +175,9 @@ pub struct SetImage {
     /// The clients that first inserted some member, each once, in order
     /// of their first insert.
     pub clients: Vec<String>,
+    /// The client that set it up; none in an image from before creators
+    /// were kept ([`v3`]).
+    pub creator: Option<String>,
     /// Its members in index order (`index` 1 first).
     pub members: Vec<MemberImage>,
 }

@@ -86,6 +86,9 @@ struct DistinctSet {
     owners: Vec<u32>,
     clients: Vec<ClientId>,
     client_slots: HashMap<ClientId, u32, KeyHasher>,
+    /// The client that set it up, if known (a set restored from an image
+    /// taken before creators were kept has none), for quotas.
+    creator: Option<ClientId>,
     /// Positions of the keys, hashed by key.
     positions: HashTable<u32>,
 }
@@ -111,6 +114,7 @@ impl DistinctSet {
             owners: Vec::new(),
             clients: Vec::new(),
             client_slots: HashMap::with_hasher(hasher),
+            creator: None,
             positions: HashTable::new(),
         }
     }
@@ -214,7 +218,7 @@ impl Sets {
     /// Carries out `op` for `client` at `now`.
     pub fn handle(&mut self, now: Tick, client: &ClientId, op: SetOp) -> Outcome {
         let outcome = match op {
-            SetOp::SetUp { set, ttl_ms } => self.set_up(now, set, ttl_ms),
+            SetOp::SetUp { set, ttl_ms } => self.set_up(now, client, set, ttl_ms),
             SetOp::Insert { set, keys } => self.insert(client, &set, keys),
             SetOp::Members { set, after, limit } => self.members(&set, after, limit),
             SetOp::Inspect { set } => self.inspect(now, &set),
@@ -224,7 +228,7 @@ impl Sets {
         outcome
     }
 
-    fn set_up(&mut self, now: Tick, name: String, ttl_ms: u64) -> Outcome {
+    fn set_up(&mut self, now: Tick, client: &ClientId, name: String, ttl_ms: u64) -> Outcome {
         let hash = self.hash(&name);
         let deadline = now.plus_millis(ttl_ms);
         if let Some(set) = self.table.find_mut(hash, |s| *s.name == *name) {
@@ -245,7 +249,8 @@ impl Sets {
         self.next_set += 1;
         let deadline = self.timers.push(deadline, SetDue { hash, set: id });
         self.events.set(&name, crate::events::SetChange::Created);
-        let set = DistinctSet::new(name.into_boxed_str(), id, deadline, self.hasher);
+        let mut set = DistinctSet::new(name.into_boxed_str(), id, deadline, self.hasher);
+        set.creator = Some(Arc::clone(client));
         let hasher = self.hasher;
         self.table
             .insert_unique(hash, set, |s| hasher.hash_one(&*s.name));

@@ -258,6 +258,7 @@ fn large_set_image(count: u64) -> ShardImage {
             seq: 0,
         },
         clients: vec!["alice".into()],
+        creator: Some("alice".into()),
         members,
     };
     let empty = Shard::new(config(1)).image();

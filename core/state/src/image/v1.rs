@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Deadline, SetsImage};
+use super::Deadline;
+use super::v3::SetsImage;
 use crate::time::Tick;
 use crate::{ConnId, Handle};
 use deadbolt_proto::LockCounters;
@@ -71,7 +72,7 @@ impl From<ShardImage> for super::ShardImage {
         super::ShardImage {
             now: old.now,
             locks: old.locks.into(),
-            sets: old.sets,
+            sets: old.sets.into(),
             claims: Default::default(),
         }
     }

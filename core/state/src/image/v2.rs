@@ -5,7 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{LocksImage, SetsImage};
+use super::LocksImage;
+use super::v3::SetsImage;
 use crate::time::Tick;
 
 /// [`super::ShardImage`] before claims.
@@ -22,7 +23,7 @@ impl From<ShardImage> for super::ShardImage {
         super::ShardImage {
             now: old.now,
             locks: old.locks,
-            sets: old.sets,
+            sets: old.sets.into(),
             claims: Default::default(),
         }
     }

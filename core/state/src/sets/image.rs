@@ -101,6 +101,7 @@ impl DistinctSet {
             id: self.id,
             deadline: self.deadline,
             clients: self.clients.iter().map(|c| c.to_string()).collect(),
+            creator: self.creator.as_ref().map(|c| c.to_string()),
             members: members.collect(),
         }
     }
@@ -119,6 +120,7 @@ impl DistinctSet {
             return Err(ImageError::SetTooLarge { set: name.into() });
         }
         let mut set = DistinctSet::new(name, image.id, image.deadline, hasher);
+        set.creator = image.creator.map(|c| clients.intern(c));
         set.packed.reserve_exact(bytes);
         set.ends.reserve_exact(image.members.len());
         set.owners.reserve_exact(image.members.len());
