@@ -295,6 +295,9 @@ pub enum Violation {
     },
     /// Cluster: no node ever said it leads.
     NoLeader,
+    /// A pushed event broke rule 14 ([`crate::events_checker`]): `kind`
+    /// names the part, `detail` the event.
+    Events { kind: &'static str, detail: String },
 }
 
 impl Violation {
@@ -338,6 +341,7 @@ impl Violation {
             Violation::GrantInLockDelay { .. } => "server: grant in lock delay",
             Violation::LeaseOutlived { .. } => "lease outlived its ttl",
             Violation::NoLeader => "no leader",
+            Violation::Events { kind, .. } => kind,
         }
     }
 }

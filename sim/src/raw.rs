@@ -14,13 +14,14 @@
 //! send-time view with nothing in it) with an optional re-lock, and skips
 //! the other steps.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::history::{Actor, What, now_us};
+use crate::history::{Actor, History, What, now_us};
 use crate::resource;
 use crate::scenario::{CounterStep, Guard, LOCK_KEYS, Step};
 use crate::worker::{Shared, WS_PORT};
@@ -35,13 +36,21 @@ type Socket = tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>;
 struct Connection {
     socket: Socket,
     next_id: u64,
+    /// Where the events it hears are recorded: the history and the worker.
+    heard_by: (History, usize),
+    /// The key of each `lock` with `notify` sent on it, by request id.
+    notified: BTreeMap<u64, String>,
 }
 
 impl Connection {
     /// Connects, upgrades and says `hello`, all within [`REPLY_TIMEOUT`]:
     /// an upgrade whose answer is lost to a partition must not hang the
     /// worker for good.
-    async fn open(client: &str, host: &str) -> Result<Connection, String> {
+    async fn open(
+        client: &str,
+        host: &str,
+        heard_by: (History, usize),
+    ) -> Result<Connection, String> {
         let connecting = async {
             let stream = turmoil::net::TcpStream::connect((host, WS_PORT))
                 .await
@@ -55,7 +64,12 @@ impl Connection {
         let socket = tokio::time::timeout(REPLY_TIMEOUT, connecting)
             .await
             .map_err(|_| "connect timed out".to_owned())??;
-        let mut connection = Connection { socket, next_id: 1 };
+        let mut connection = Connection {
+            socket,
+            next_id: 1,
+            heard_by,
+            notified: BTreeMap::new(),
+        };
         connection
             .call(json!({"op": "hello", "client": client}))
             .await?;
@@ -79,6 +93,10 @@ impl Connection {
                     continue;
                 };
                 let reply: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                if reply.get("event").is_some() {
+                    self.heard(&reply);
+                    continue;
+                }
                 if reply["id"] == json!(id) {
                     return Ok(reply);
                 }
@@ -86,6 +104,28 @@ impl Connection {
             Err("connection closed".to_owned())
         });
         reply.await.map_err(|_| "no reply".to_owned())?
+    }
+}
+
+impl Connection {
+    /// Records a pushed event about a grant of one of its `notify` locks
+    /// (an event is read whenever the worker next reads: late, never
+    /// early).
+    fn heard(&self, event: &Value) {
+        let id = event["id"].as_u64().unwrap_or(0);
+        let (history, me) = &self.heard_by;
+        let text = |field: &str| event[field].as_str().map(str::to_owned);
+        history.record(
+            Actor::Worker(*me),
+            What::Pushed {
+                key: self.notified.get(&id).cloned().unwrap_or_default(),
+                token: event["token"].as_u64().unwrap_or(0),
+                event: text("event").unwrap_or_default(),
+                reason: text("reason"),
+                remaining_ms: event["remaining_ms"].as_u64(),
+                watch: false,
+            },
+        );
     }
 }
 
@@ -112,12 +152,16 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
             hold_ms,
             relock,
             guard: Guard::Mutex,
+            notify,
             ..
         }) = step
         {
             let open = match connection.take() {
                 Some(open) => Ok(open),
-                None => Connection::open(&client, hosts[host % hosts.len()]).await,
+                None => {
+                    let heard_by = (shared.history.clone(), me);
+                    Connection::open(&client, hosts[host % hosts.len()], heard_by).await
+                }
             };
             match open {
                 Ok(mut open) => {
@@ -126,6 +170,7 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                         me,
                         key: LOCK_KEYS[*key],
                         ttl_ms: *ttl_ms,
+                        notify: *notify,
                     };
                     if counter.run(&mut open, *hold_ms, *relock).await {
                         connection = Some(open);
@@ -152,6 +197,8 @@ struct RawCounter<'a> {
     me: usize,
     key: &'static str,
     ttl_ms: u64,
+    /// Whether its first `lock` asks for pushed events.
+    notify: bool,
 }
 
 impl RawCounter<'_> {
@@ -161,9 +208,20 @@ impl RawCounter<'_> {
 
     /// `lock` with `wait_ms: 0`: the token and the end of the lease as
     /// the reply lets the worker know it, or why not.
-    async fn try_lock(&self, connection: &mut Connection) -> Result<Option<(u64, u64)>, String> {
+    /// With `notify`, the grant's events are recorded as they are heard.
+    async fn try_lock(
+        &self,
+        connection: &mut Connection,
+        notify: bool,
+    ) -> Result<Option<(u64, u64)>, String> {
         let sent_us = now_us();
-        let request = json!({"op": "lock", "key": self.key, "ttl_ms": self.ttl_ms, "wait_ms": 0});
+        let mut request =
+            json!({"op": "lock", "key": self.key, "ttl_ms": self.ttl_ms, "wait_ms": 0});
+        if notify {
+            request["notify"] = json!(true);
+            let id = connection.next_id;
+            connection.notified.insert(id, self.key.to_owned());
+        }
         self.tap(What::Sent {
             op: "lock",
             key: self.key.to_owned(),
@@ -196,7 +254,7 @@ impl RawCounter<'_> {
             wait_ms: Some(0),
             ephemeral: false,
         });
-        let (token, mut valid_until_us) = match self.try_lock(connection).await {
+        let (token, mut valid_until_us) = match self.try_lock(connection, self.notify).await {
             Ok(Some(granted)) => granted,
             Ok(None) => {
                 self.record(What::NotGranted { key });
@@ -216,7 +274,7 @@ impl RawCounter<'_> {
         let value = self.fenced_read(token, valid_until_us).await;
         let mut good = true;
         if relock {
-            match self.try_lock(connection).await {
+            match self.try_lock(connection, false).await {
                 Ok(Some((again, until))) if again == token => {
                     valid_until_us = until;
                     self.record(What::Extended {

@@ -275,6 +275,10 @@ fn judge(shared: &Shared, servers: &Servers, outcome: Result<(), String>) -> Rep
     };
     let heal_us = scenario.heal_at_ms() * 1000;
     let mut violations = checker::check(&events, heal_us, &finished);
+    violations.extend(crate::events_checker::check(
+        &events,
+        &scenario.raw_workers(),
+    ));
     if let Err(error) = outcome {
         violations.push(Violation::HostFailed { error });
     }
