@@ -108,6 +108,23 @@ impl Connection {
 }
 
 impl Connection {
+    /// Waits `span`, hearing (and recording) the events that come
+    /// meanwhile, so that each is recorded when it arrives.
+    async fn listen(&mut self, span: Duration) {
+        let until = tokio::time::Instant::now() + span;
+        while let Ok(Some(message)) = tokio::time::timeout_at(until, self.socket.next()).await {
+            let Ok(Message::Text(text)) = message else {
+                continue;
+            };
+            let event: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if event.get("event").is_some() {
+                self.heard(&event);
+            }
+        }
+        // A closed connection: the rest of the wait is a plain one.
+        tokio::time::sleep_until(until).await;
+    }
+
     /// Records a pushed event about a grant of one of its `notify` locks
     /// (an event is read whenever the worker next reads: late, never
     /// early).
@@ -291,7 +308,7 @@ impl RawCounter<'_> {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+        connection.listen(Duration::from_millis(hold_ms)).await;
         if let Some(value) = value.filter(|_| now_us() < valid_until_us) {
             self.fenced_write(token, value + 1).await;
         }

@@ -187,6 +187,12 @@ pub fn run(seed: u64, options: Options) -> Report {
         let error = "the replication's planted bugs need `--features planted-bugs`".to_owned();
         return failed(seed, scenario, &history, error);
     };
+    let Some(_planted_events) =
+        deadbolt_core::engine::planted::plant_events(options.bug.and_then(Bug::events))
+    else {
+        let error = "the pushed events' planted bugs need `--features planted-bugs`".to_owned();
+        return failed(seed, scenario, &history, error);
+    };
     let Ok((_, cert, key)) = Identity::self_signed() else {
         return failed(seed, scenario, &history, "no certificate".to_owned());
     };
