@@ -73,10 +73,9 @@ pub fn check(events: &[Event], raw: &BTreeSet<usize>) -> Vec<Violation> {
     let mut violations = Vec::new();
     guard_never_late(events, raw, &mut violations);
     for event in events {
-        let (Actor::Worker(worker), What::Pushed { .. }) = (event.actor, &event.what) else {
-            continue;
-        };
-        facts.judge_pushed(worker, event, &mut violations);
+        if matches!(event.what, What::Pushed { .. }) {
+            facts.judge_pushed(event, &mut violations);
+        }
     }
     watch_order(events, &mut violations);
     violations
@@ -154,7 +153,7 @@ impl Facts {
     }
 
     /// Rules 14b, 14c and 14e for one pushed event.
-    fn judge_pushed(&self, _worker: usize, event: &Event, violations: &mut Vec<Violation>) {
+    fn judge_pushed(&self, event: &Event, violations: &mut Vec<Violation>) {
         let What::Pushed {
             key,
             token,
@@ -171,11 +170,12 @@ impl Facts {
             (name.as_str(), reason.as_deref(), watch),
             ("lost", Some("expired"), false) | ("expired", _, true)
         );
-        if expiry && let Some(&end) = self.proven_end_us.get(&grant) {
-            if event.at_us < end {
-                let why = format!("heard {} us before the proven lease end", end - event.at_us);
-                violations.push(violation("events: expiry heard early", event, why));
-            }
+        if expiry
+            && let Some(&end) = self.proven_end_us.get(&grant)
+            && event.at_us < end
+        {
+            let why = format!("heard {} us before the proven lease end", end - event.at_us);
+            violations.push(violation("events: expiry heard early", event, why));
         }
         let ended_by_holder = self.unlocked.contains(&grant);
         if ended_by_holder && (expiry || name == "lost") {
@@ -333,5 +333,139 @@ fn watch_order(events: &[Event], violations: &mut Vec<Violation>) {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64, worker: usize, what: What) -> Event {
+        Event {
+            at_us: ms * 1000,
+            actor: Actor::Worker(worker),
+            what,
+        }
+    }
+
+    fn granted(ms: u64, worker: usize, token: u64, until_ms: u64) -> Event {
+        let what = What::Granted {
+            key: "k".into(),
+            token,
+            valid_until_us: until_ms * 1000,
+            shared: false,
+        };
+        at(ms, worker, what)
+    }
+
+    fn pushed(ms: u64, worker: usize, token: u64, event: &str, reason: Option<&str>) -> Event {
+        let what = What::Pushed {
+            key: "k".into(),
+            token,
+            event: event.into(),
+            reason: reason.map(str::to_owned),
+            remaining_ms: None,
+            watch: !matches!(event, "lost" | "expiring"),
+        };
+        at(ms, worker, what)
+    }
+
+    fn kinds(events: &[Event], raw: &[usize]) -> Vec<&'static str> {
+        let raw = raw.iter().copied().collect();
+        check(events, &raw).iter().map(Violation::kind).collect()
+    }
+
+    #[test]
+    fn an_expired_lost_is_judged_against_the_proven_lease_end() {
+        let lock = |ms| {
+            at(
+                ms,
+                0,
+                What::LockAsked {
+                    key: "k".into(),
+                    ttl_ms: 300,
+                    wait_ms: Some(0),
+                    ephemeral: false,
+                },
+            )
+        };
+        let on_time = [
+            lock(0),
+            granted(10, 0, 1, 300),
+            pushed(300, 0, 1, "lost", Some("expired")),
+        ];
+        assert!(kinds(&on_time, &[0]).is_empty());
+        let early = [
+            lock(0),
+            granted(10, 0, 1, 300),
+            pushed(210, 0, 1, "lost", Some("expired")),
+        ];
+        assert_eq!(kinds(&early, &[0]), ["events: expiry heard early"]);
+    }
+
+    #[test]
+    fn a_lost_after_an_unlock_answered_ok_counts_only_for_a_raw_holder() {
+        let unlocked = at(
+            100,
+            0,
+            What::Unlocked {
+                key: "k".into(),
+                token: 1,
+                ok: true,
+            },
+        );
+        let events = [
+            granted(10, 0, 1, 300),
+            unlocked,
+            pushed(101, 0, 1, "lost", Some("revoked")),
+        ];
+        assert_eq!(kinds(&events, &[0]), ["events: lost for own unlock"]);
+        // The Rust client's unlock also says ok after a retry hears `not_held`.
+        assert!(kinds(&events, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_guard_busy_past_its_lease_view_without_lost_is_late() {
+        let released = |ms| {
+            at(
+                ms,
+                0,
+                What::Released {
+                    key: "k".into(),
+                    token: 1,
+                },
+            )
+        };
+        let lost = at(
+            300,
+            0,
+            What::Lost {
+                key: "k".into(),
+                token: 1,
+            },
+        );
+        assert!(kinds(&[granted(0, 0, 1, 300), lost, released(400)], &[]).is_empty());
+        assert_eq!(
+            kinds(&[granted(0, 0, 1, 300), released(400)], &[]),
+            ["events: lost() later than the lease view"]
+        );
+    }
+
+    #[test]
+    fn a_watch_hears_grants_in_token_order_and_ends_after_grants() {
+        let watching = at(0, 1, What::Watching { key: "k".into() });
+        let in_order = [
+            watching.clone(),
+            pushed(1, 1, 1, "granted", None),
+            pushed(2, 1, 1, "released", None),
+            pushed(3, 1, 2, "granted", None),
+        ];
+        assert!(kinds(&in_order, &[]).is_empty());
+        let swapped = [
+            watching,
+            pushed(2, 1, 1, "released", None),
+            pushed(2, 1, 1, "granted", None),
+        ];
+        assert_eq!(kinds(&swapped, &[]), ["events: watch out of order"]);
     }
 }
