@@ -313,6 +313,9 @@ pub enum Violation {
     },
     /// Cluster: no node ever said it leads.
     NoLeader,
+    /// A pushed event broke rule 14 ([`crate::events_checker`]): `kind`
+    /// names the part, `detail` the event.
+    Events { kind: &'static str, detail: String },
 }
 
 impl Violation {
@@ -358,6 +361,7 @@ impl Violation {
             Violation::UnheardGrantKept { .. } => "server: unheard grant kept",
             Violation::LeaseOutlived { .. } => "lease outlived its ttl",
             Violation::NoLeader => "no leader",
+            Violation::Events { kind, .. } => kind,
         }
     }
 }

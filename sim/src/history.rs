@@ -53,6 +53,23 @@ pub enum What {
     NotGranted { key: String },
     /// The lock request failed (connection, server error).
     LockFailed { key: String, error: String },
+    /// A server-pushed event (SPEC section 7) a worker received: about its
+    /// own grant `token` of `key` (a raw worker's `lock` with `notify`:
+    /// `expiring` with `remaining_ms`, `lost` with `reason`), or, with
+    /// `watch`, one of its watch on `key` (`granted`, `released`,
+    /// `expired`). See [`crate::events_checker`].
+    Pushed {
+        key: String,
+        token: u64,
+        event: String,
+        reason: Option<String>,
+        remaining_ms: Option<u64>,
+        watch: bool,
+    },
+    /// A worker's `watch` on `key` was answered: its events follow.
+    Watching { key: String },
+    /// The worker dropped its watch on `key` (which cancels it).
+    Unwatched { key: String },
     /// An extend succeeded: the belief now lasts until `valid_until_us`.
     Extended {
         key: String,

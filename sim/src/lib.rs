@@ -50,6 +50,7 @@
 //! - [`resource`]: the protected resource;
 //! - [`history`]: the recorded history and its hash;
 //! - [`checker`]: the rules a history must keep;
+//! - [`events_checker`]: rule 14, the pushed events (`notify`, `watch`);
 //! - [`lease`]: the lease rule across changes of leader, in a cluster;
 //! - [`trace`]: the server's log as its store kept it, across restarts,
 //!   checked against the state the server ends in and every snapshot;
@@ -68,6 +69,7 @@ pub mod checker;
 pub mod cluster;
 pub mod disk;
 mod driver;
+pub mod events_checker;
 pub mod history;
 pub mod lease;
 pub mod net;

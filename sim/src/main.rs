@@ -37,7 +37,9 @@ struct Args {
     /// shared-beside-exclusive, semaphore-over-limit, lock-delay-ignored, set-overfilled, unheard-grant-kept; in the storage
     /// (the same feature) ack-before-sync, forget-last-batch,
     /// snapshot-covers-group; in a cluster's replication (the same feature,
-    /// with `--cluster`) follower-grants-locally, ack-before-commit.
+    /// with `--cluster`) follower-grants-locally, ack-before-commit; in the
+    /// pushed events (the same feature) lost-on-own-unlock,
+    /// lost-at-warning, watch-out-of-order.
     #[arg(long, value_parser = parse_bug)]
     bug: Option<Bug>,
     /// Run a cluster of three nodes instead of the single server.
@@ -57,11 +59,12 @@ fn parse_bug(name: &str) -> Result<Bug, String> {
         (Some(_), _, _) => deadbolt_core::shard::planted::COMPILED_IN,
         (_, Some(_), _) => deadbolt_storage::planted::COMPILED_IN,
         (_, _, Some(_)) => deadbolt_core::engine::planted::COMPILED_IN,
+        _ if bug.events().is_some() => deadbolt_core::engine::planted::COMPILED_IN,
         (None, None, None) => true,
     };
     if !compiled_in {
         return Err(format!(
-            "{name} is a bug of the state machine, the storage or the replication: \
+            "{name} is a bug of the state machine, the storage, the replication or the events: \
              run with `--features planted-bugs`"
         ));
     }

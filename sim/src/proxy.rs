@@ -16,7 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use deadbolt_core::engine::planted::ReplicaBug;
+use deadbolt_core::engine::planted::{EventBug, ReplicaBug};
 use deadbolt_core::shard::planted::PlantedBug;
 use deadbolt_storage::StorageBug;
 
@@ -43,12 +43,14 @@ pub enum Bug {
     Storage(StorageBug),
     /// A bug in a cluster's replicated engine (no proxy).
     Replica(ReplicaBug),
+    /// A bug in the engine's pushed events (no proxy).
+    Events(EventBug),
 }
 
 impl Bug {
     /// Every planted bug: the proxy's, then the state machine's, the
-    /// storage's and the replication's.
-    pub const ALL: [Bug; 26] = [
+    /// storage's, the replication's and the pushed events'.
+    pub const ALL: [Bug; 29] = [
         Bug::DoubleGrant,
         Bug::LowerToken,
         Bug::DoubleFirst,
@@ -75,6 +77,9 @@ impl Bug {
         Bug::Storage(StorageBug::ALL[2]),
         Bug::Replica(ReplicaBug::ALL[0]),
         Bug::Replica(ReplicaBug::ALL[1]),
+        Bug::Events(EventBug::ALL[0]),
+        Bug::Events(EventBug::ALL[1]),
+        Bug::Events(EventBug::ALL[2]),
     ];
 
     /// Its name on the command line.
@@ -88,6 +93,7 @@ impl Bug {
             Bug::Server(bug) => bug.name(),
             Bug::Storage(bug) => bug.name(),
             Bug::Replica(bug) => bug.name(),
+            Bug::Events(bug) => bug.name(),
         }
     }
 
@@ -120,9 +126,20 @@ impl Bug {
         }
     }
 
+    /// The pushed events' bug, if this is one.
+    pub fn events(self) -> Option<EventBug> {
+        match self {
+            Bug::Events(bug) => Some(bug),
+            _ => None,
+        }
+    }
+
     /// Whether it is compiled in only with the `planted-bugs` feature.
     pub fn needs_feature(self) -> bool {
-        self.planted().is_some() || self.storage().is_some() || self.replica().is_some()
+        self.planted().is_some()
+            || self.storage().is_some()
+            || self.replica().is_some()
+            || self.events().is_some()
     }
 
     /// Whether the proxy plants it (so WebSocket workers go through it).
@@ -149,7 +166,7 @@ impl Memory {
         match bug {
             Bug::DoubleGrant | Bug::DropInsert => self.chances.is_multiple_of(2),
             Bug::LowerToken | Bug::DoubleFirst | Bug::StretchLease => true,
-            Bug::Server(_) | Bug::Storage(_) | Bug::Replica(_) => false,
+            Bug::Server(_) | Bug::Storage(_) | Bug::Replica(_) | Bug::Events(_) => false,
         }
     }
 }

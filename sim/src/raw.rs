@@ -16,13 +16,14 @@
 //! brings a deserting waiter along: a second connection
 //! queued behind the grant that closes just as the grant is released.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::history::{Actor, What, now_us};
+use crate::history::{Actor, History, What, now_us};
 use crate::resource;
 use crate::scenario::{CounterStep, Guard, LOCK_KEYS, Step, Wait};
 use crate::worker::{Shared, WS_PORT};
@@ -37,13 +38,21 @@ type Socket = tokio_tungstenite::WebSocketStream<turmoil::net::TcpStream>;
 struct Connection {
     socket: Socket,
     next_id: u64,
+    /// Where the events it hears are recorded: the history and the worker.
+    heard_by: (History, usize),
+    /// The key of each `lock` with `notify` sent on it, by request id.
+    notified: BTreeMap<u64, String>,
 }
 
 impl Connection {
     /// Connects, upgrades and says `hello`, all within [`REPLY_TIMEOUT`]:
     /// an upgrade whose answer is lost to a partition must not hang the
     /// worker for good.
-    async fn open(client: &str, host: &str) -> Result<Connection, String> {
+    async fn open(
+        client: &str,
+        host: &str,
+        heard_by: (History, usize),
+    ) -> Result<Connection, String> {
         let connecting = async {
             let stream = turmoil::net::TcpStream::connect((host, WS_PORT))
                 .await
@@ -57,7 +66,12 @@ impl Connection {
         let socket = tokio::time::timeout(REPLY_TIMEOUT, connecting)
             .await
             .map_err(|_| "connect timed out".to_owned())??;
-        let mut connection = Connection { socket, next_id: 1 };
+        let mut connection = Connection {
+            socket,
+            next_id: 1,
+            heard_by,
+            notified: BTreeMap::new(),
+        };
         connection
             .call(json!({"op": "hello", "client": client}))
             .await?;
@@ -86,6 +100,10 @@ impl Connection {
                     continue;
                 };
                 let reply: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                if reply.get("event").is_some() {
+                    self.heard(&reply);
+                    continue;
+                }
                 if reply["id"] == json!(id) {
                     return Ok(reply);
                 }
@@ -99,6 +117,45 @@ impl Connection {
     async fn call(&mut self, request: Value) -> Result<Value, String> {
         let id = self.send(request).await?;
         self.reply(id).await
+    }
+}
+
+impl Connection {
+    /// Waits `span`, hearing (and recording) the events that come
+    /// meanwhile, so that each is recorded when it arrives.
+    async fn listen(&mut self, span: Duration) {
+        let until = tokio::time::Instant::now() + span;
+        while let Ok(Some(message)) = tokio::time::timeout_at(until, self.socket.next()).await {
+            let Ok(Message::Text(text)) = message else {
+                continue;
+            };
+            let event: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if event.get("event").is_some() {
+                self.heard(&event);
+            }
+        }
+        // A closed connection: the rest of the wait is a plain one.
+        tokio::time::sleep_until(until).await;
+    }
+
+    /// Records a pushed event about a grant of one of its `notify` locks
+    /// (an event is read whenever the worker next reads: late, never
+    /// early).
+    fn heard(&self, event: &Value) {
+        let id = event["id"].as_u64().unwrap_or(0);
+        let (history, me) = &self.heard_by;
+        let text = |field: &str| event[field].as_str().map(str::to_owned);
+        history.record(
+            Actor::Worker(*me),
+            What::Pushed {
+                key: self.notified.get(&id).cloned().unwrap_or_default(),
+                token: event["token"].as_u64().unwrap_or(0),
+                event: text("event").unwrap_or_default(),
+                reason: text("reason"),
+                remaining_ms: event["remaining_ms"].as_u64(),
+                watch: false,
+            },
+        );
     }
 }
 
@@ -126,13 +183,17 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                 hold_ms,
                 relock,
                 guard: Guard::Mutex,
+                notify,
                 ..
             },
         ) = step
         {
             let open = match connection.take() {
                 Some(open) => Ok(open),
-                None => Connection::open(&client, hosts[host % hosts.len()]).await,
+                None => {
+                    let heard_by = (shared.history.clone(), me);
+                    Connection::open(&client, hosts[host % hosts.len()], heard_by).await
+                }
             };
             match open {
                 Ok(mut open) => {
@@ -146,6 +207,7 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                         // waiter that leaves as the key is handed to it.
                         deserter: (plan.ephemeral || plan.wait != Wait::Try)
                             .then(|| hosts[host % hosts.len()]),
+                        notify: *notify,
                     };
                     if counter.run(&mut open, *hold_ms, *relock).await {
                         connection = Some(open);
@@ -175,6 +237,8 @@ struct RawCounter<'a> {
     /// The host a deserting waiter connects to, if the step has one
     /// ([`RawCounter::desert`]).
     deserter: Option<&'a str>,
+    /// Whether its first `lock` asks for pushed events.
+    notify: bool,
 }
 
 impl RawCounter<'_> {
@@ -184,9 +248,20 @@ impl RawCounter<'_> {
 
     /// `lock` with `wait_ms: 0`: the token and the end of the lease as
     /// the reply lets the worker know it, or why not.
-    async fn try_lock(&self, connection: &mut Connection) -> Result<Option<(u64, u64)>, String> {
+    /// With `notify`, the grant's events are recorded as they are heard.
+    async fn try_lock(
+        &self,
+        connection: &mut Connection,
+        notify: bool,
+    ) -> Result<Option<(u64, u64)>, String> {
         let sent_us = now_us();
-        let request = json!({"op": "lock", "key": self.key, "ttl_ms": self.ttl_ms, "wait_ms": 0});
+        let mut request =
+            json!({"op": "lock", "key": self.key, "ttl_ms": self.ttl_ms, "wait_ms": 0});
+        if notify {
+            request["notify"] = json!(true);
+            let id = connection.next_id;
+            connection.notified.insert(id, self.key.to_owned());
+        }
         self.tap(What::Sent {
             op: "lock",
             key: self.key.to_owned(),
@@ -219,7 +294,7 @@ impl RawCounter<'_> {
             wait_ms: Some(0),
             ephemeral: false,
         });
-        let (token, mut valid_until_us) = match self.try_lock(connection).await {
+        let (token, mut valid_until_us) = match self.try_lock(connection, self.notify).await {
             Ok(Some(granted)) => granted,
             Ok(None) => {
                 self.record(What::NotGranted { key });
@@ -239,7 +314,7 @@ impl RawCounter<'_> {
         let value = self.fenced_read(token, valid_until_us).await;
         let mut good = true;
         if relock {
-            match self.try_lock(connection).await {
+            match self.try_lock(connection, false).await {
                 Ok(Some((again, until))) if again == token => {
                     valid_until_us = until;
                     self.record(What::Extended {
@@ -256,7 +331,7 @@ impl RawCounter<'_> {
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+        connection.listen(Duration::from_millis(hold_ms)).await;
         if let Some(value) = value.filter(|_| now_us() < valid_until_us) {
             self.fenced_write(token, value + 1).await;
         }

@@ -128,6 +128,9 @@ pub struct CounterStep {
     /// The lock delay the grant asks for (SPEC section 7): after its lease
     /// runs out, nobody is granted the key for this long.
     pub lock_delay_ms: u64,
+    /// Whether the lock asks for pushed events (`notify`, SPEC section 7):
+    /// the Rust client's guard heeds them, a raw worker records them.
+    pub notify: bool,
 }
 
 /// What kind of lock a counter step takes (SPEC section 7).
@@ -201,6 +204,33 @@ pub enum Step {
         /// Whether the worker tears the set down at the end.
         tear_down: bool,
     },
+    /// A `watch` on a lock key (SPEC section 7) for a while, recording
+    /// every event it hears, then dropped (which cancels it).
+    Watch {
+        /// The key: an index into [`LOCK_KEYS`], or past them [`RW_KEY`]
+        /// and then [`POOL_KEY`] ([`watched_key`]).
+        key: usize,
+        /// How long it watches.
+        for_ms: u64,
+    },
+}
+
+impl Scenario {
+    /// The raw-protocol workers ([`crate::raw`]).
+    pub fn raw_workers(&self) -> std::collections::BTreeSet<usize> {
+        let workers = self.workers.iter().enumerate();
+        let raw = workers.filter(|(_, plan)| plan.transport == Transport::Raw);
+        raw.map(|(n, _)| n).collect()
+    }
+}
+
+/// The lock key a [`Step::Watch`] watches.
+pub fn watched_key(key: usize) -> &'static str {
+    match key.checked_sub(LOCK_KEYS.len()) {
+        None => LOCK_KEYS[key],
+        Some(0) => RW_KEY,
+        Some(_) => POOL_KEY,
+    }
 }
 
 /// One worker's plan.
@@ -518,7 +548,7 @@ fn step(lock_keys: usize) -> BoxedStrategy<Step> {
         prop::bool::weighted(0.2),
         prop::bool::weighted(0.25),
         cancel,
-        (guard, lock_delay_ms),
+        (guard, lock_delay_ms, prop::bool::weighted(0.4)),
     )
         .prop_map(
             |(
@@ -527,7 +557,7 @@ fn step(lock_keys: usize) -> BoxedStrategy<Step> {
                 ephemeral,
                 relock,
                 cancel_after_ms,
-                (guard, lock_delay_ms),
+                (guard, lock_delay_ms, notify),
             )| {
                 Step::Counter(CounterStep {
                     key,
@@ -547,6 +577,7 @@ fn step(lock_keys: usize) -> BoxedStrategy<Step> {
                     } else {
                         lock_delay_ms
                     },
+                    notify,
                 })
             },
         );
@@ -570,7 +601,16 @@ fn step(lock_keys: usize) -> BoxedStrategy<Step> {
                 tear_down,
             }
         });
-    prop_oneof![6 => counter, 4 => dedup, 1 => abandon, 1 => scratch].boxed()
+    // One of the run's mutex keys, or the shared key, or the pool.
+    let watch = (0..lock_keys + 2, 300u64..3000).prop_map(move |(key, for_ms)| {
+        let key = if key < lock_keys {
+            key
+        } else {
+            LOCK_KEYS.len() + key - lock_keys
+        };
+        Step::Watch { key, for_ms }
+    });
+    prop_oneof![6 => counter, 4 => dedup, 1 => abandon, 1 => scratch, 1 => watch].boxed()
 }
 
 fn fault_kind(transport: Transport) -> BoxedStrategy<FaultKind> {

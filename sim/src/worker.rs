@@ -24,7 +24,9 @@ use deadbolt_transport_ws::{WsClientConfig, WsConnector};
 use crate::history::{Actor, History, What, micros, now_us};
 use crate::net::{SimDialer, quic_client_config, quic_endpoint};
 use crate::resource;
-use crate::scenario::{CounterStep, Guard, LOCK_KEYS, SET, Scenario, Step, Transport, Wait};
+use crate::scenario::{
+    CounterStep, Guard, LOCK_KEYS, SET, Scenario, Step, Transport, Wait, watched_key,
+};
 use crate::tap::TapConnector;
 
 /// The WebSocket port of the server (and of the planted-bug proxy).
@@ -150,6 +152,9 @@ pub async fn run(shared: Shared, me: usize) -> turmoil::Result {
                     tear_down: *tear_down,
                 };
                 scratch(&client, me, at, plan).await;
+            }
+            Step::Watch { key, for_ms } => {
+                watch(&client, &shared.history, me, watched_key(*key), ms(*for_ms)).await;
             }
         }
         shared.progress.lock().unwrap_or_else(|p| p.into_inner())[me] = at + 1;
@@ -293,6 +298,7 @@ impl Counter<'_> {
             cancel_after_ms,
             guard: kind,
             lock_delay_ms,
+            notify,
         } = plan;
         let key = self.key.to_owned();
         let wait_ms = match wait {
@@ -308,7 +314,8 @@ impl Counter<'_> {
         });
         let mut options = LockOptions::new(ms(ttl_ms))
             .ephemeral(ephemeral)
-            .lock_delay(ms(lock_delay_ms));
+            .lock_delay(ms(lock_delay_ms))
+            .notify(notify);
         options.mode = plan.mode();
         if let Some(wait_ms) = wait_ms {
             options = options.wait(ms(wait_ms));
@@ -486,6 +493,48 @@ async fn scratch(client: &Client, me: usize, step: usize, plan: ScratchPlan) {
     }
     if tear_down {
         let _ = tokio::time::timeout(bound, set.tear_down()).await;
+    }
+}
+
+/// A [`Step::Watch`]: watches `key` for `span`, recording each event it
+/// hears, then drops the watch (a `cancel`). A watch that cannot be set up
+/// (a fault) is given up: the step is for the events checker, which judges
+/// only what was heard.
+async fn watch(client: &Client, history: &History, me: usize, key: &str, span: Duration) {
+    let record = |what| history.record(Actor::Worker(me), what);
+    let until = tokio::time::Instant::now() + span;
+    let Ok(Ok(mut watch)) = tokio::time::timeout_at(until, client.watch_key(key)).await else {
+        return;
+    };
+    record(What::Watching {
+        key: key.to_owned(),
+    });
+    while let Ok(Some(event)) = tokio::time::timeout_at(until, watch.next()).await {
+        record(What::Pushed {
+            key: key.to_owned(),
+            token: event.token.unwrap_or(0),
+            event: event_name(event.event).to_owned(),
+            reason: None,
+            remaining_ms: None,
+            watch: true,
+        });
+    }
+    record(What::Unwatched {
+        key: key.to_owned(),
+    });
+}
+
+/// The protocol's name of an event.
+pub fn event_name(name: deadbolt_core::proto::EventName) -> &'static str {
+    use deadbolt_core::proto::EventName;
+    match name {
+        EventName::Expiring => "expiring",
+        EventName::Lost => "lost",
+        EventName::Granted => "granted",
+        EventName::Released => "released",
+        EventName::Expired => "expired",
+        EventName::Created => "created",
+        EventName::TornDown => "torn_down",
     }
 }
 

@@ -187,6 +187,12 @@ pub fn run(seed: u64, options: Options) -> Report {
         let error = "the replication's planted bugs need `--features planted-bugs`".to_owned();
         return failed(seed, scenario, &history, error);
     };
+    let Some(_planted_events) =
+        deadbolt_core::engine::planted::plant_events(options.bug.and_then(Bug::events))
+    else {
+        let error = "the pushed events' planted bugs need `--features planted-bugs`".to_owned();
+        return failed(seed, scenario, &history, error);
+    };
     let Ok((_, cert, key)) = Identity::self_signed() else {
         return failed(seed, scenario, &history, "no certificate".to_owned());
     };
@@ -275,6 +281,10 @@ fn judge(shared: &Shared, servers: &Servers, outcome: Result<(), String>) -> Rep
     };
     let heal_us = scenario.heal_at_ms() * 1000;
     let mut violations = checker::check(&events, heal_us, &finished);
+    violations.extend(crate::events_checker::check(
+        &events,
+        &scenario.raw_workers(),
+    ));
     if let Err(error) = outcome {
         violations.push(Violation::HostFailed { error });
     }

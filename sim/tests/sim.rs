@@ -2,7 +2,7 @@
 //! server and on a cluster, a seed repeats exactly, and every planted bug
 //! is caught.
 
-use deadbolt_core::engine::planted::ReplicaBug;
+use deadbolt_core::engine::planted::{EventBug, ReplicaBug};
 use deadbolt_core::shard::planted::PlantedBug;
 use deadbolt_sim::summary::{Summary, replay_command};
 use deadbolt_sim::{Bug, Options, Report, run};
@@ -387,6 +387,14 @@ fn a_set_that_admits_one_member_past_its_limit_is_caught() {
 }
 
 #[test]
+fn a_lost_pushed_for_the_holders_own_unlock_is_caught() {
+    caught_within(
+        Bug::Events(EventBug::LostOnOwnUnlock),
+        &["events: lost for own unlock"],
+    );
+}
+
+#[test]
 fn a_grant_nobody_heard_of_that_is_kept_is_caught() {
     caught_within(
         Bug::Server(PlantedBug::UnheardGrantKept),
@@ -395,7 +403,23 @@ fn a_grant_nobody_heard_of_that_is_kept_is_caught() {
 }
 
 #[test]
+fn a_lost_pushed_while_the_lease_lasts_is_caught() {
+    caught_within(
+        Bug::Events(EventBug::LostAtWarning),
+        &["events: expiry heard early"],
+    );
+}
+
+#[test]
+fn watch_events_out_of_the_servers_order_are_caught() {
+    caught_within(
+        Bug::Events(EventBug::WatchOutOfOrder),
+        &["events: watch out of order"],
+    );
+}
+
+#[test]
 fn every_planted_bug_has_a_test() {
     // The tests above, one per bug: a new bug needs its own.
-    assert_eq!(Bug::ALL.len(), 26);
+    assert_eq!(Bug::ALL.len(), 29);
 }

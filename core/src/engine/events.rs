@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::planted::{self, EventBug};
 use crate::proto::{Event, EventName, LostReason, RequestId};
 use crate::shard::ConnId;
 use crate::shard::events::{Ending, Event as Change, GrantStatus, LockChange, SetChange};
@@ -336,10 +337,16 @@ impl Events {
         let warning = self.warnings.remove(&(at, id))?;
         self.warning_of.remove(&id);
         let left = warning.ends.saturating_duration_since(Instant::now());
-        let event = Event {
+        let mut event = Event {
             remaining_ms: Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)),
             ..Event::about_grant(id, EventName::Expiring, warning.token)
         };
+        if planted::event_active(EventBug::LostAtWarning) {
+            event = Event {
+                reason: Some(LostReason::Expired),
+                ..Event::about_grant(id, EventName::Lost, warning.token)
+            };
+        }
         // Made here, not sent: counted from now until written.
         let bytes = event_bytes(&event);
         self.shared.queued.fetch_add(bytes, Ordering::AcqRel);
@@ -406,6 +413,9 @@ pub(crate) struct Listeners {
     /// listener that arrives after its grant ended (see
     /// [`Listeners::follow_grant`]).
     recent_ends: std::collections::VecDeque<(String, u64, Ending)>,
+    /// Watch events kept back by the planted
+    /// [`EventBug::WatchOutOfOrder`] (empty without it).
+    held_back: HashMap<String, Vec<(Sink, Event)>>,
 }
 
 /// How many ended grants a shard remembers why they ended.
@@ -574,9 +584,24 @@ impl Listeners {
             LockChange::Ended(_) => Some(EventName::Released),
         };
         if let (Some(list), Some(name)) = (self.keys.get(&key), name) {
-            for l in list {
-                let event = Event::about_key(l.id, name, key.clone(), token);
-                l.sink.send(Note::Push(event));
+            if planted::event_active(EventBug::WatchOutOfOrder) {
+                let events = list
+                    .iter()
+                    .map(|l| {
+                        (
+                            l.sink.clone(),
+                            Event::about_key(l.id, name, key.clone(), token),
+                        )
+                    })
+                    .collect();
+                for (sink, event) in self.reorder(&key, name, events) {
+                    sink.send(Note::Push(event));
+                }
+            } else {
+                for l in list {
+                    let event = Event::about_key(l.id, name, key.clone(), token);
+                    l.sink.send(Note::Push(event));
+                }
             }
         }
         match change {
@@ -599,6 +624,23 @@ impl Listeners {
         }
     }
 
+    /// The planted [`EventBug::WatchOutOfOrder`]: a key's `granted` is
+    /// kept back and sent after the key's next event.
+    fn reorder(
+        &mut self,
+        key: &str,
+        name: EventName,
+        events: Vec<(Sink, Event)>,
+    ) -> Vec<(Sink, Event)> {
+        if name == EventName::Granted {
+            self.held_back.insert(key.to_owned(), events);
+            return Vec::new();
+        }
+        let mut events = events;
+        events.extend(self.held_back.remove(key).unwrap_or_default());
+        events
+    }
+
     /// A grant that `notify` listeners watch ended: each hears `lost`,
     /// unless its holder unlocked it, then that its events are over.
     fn grant_ended(&mut self, key: String, token: u64, ending: Ending) {
@@ -611,6 +653,11 @@ impl Listeners {
             return;
         };
         let reason = match ending {
+            Ending::Unlocked { by_holder: true }
+                if planted::event_active(EventBug::LostOnOwnUnlock) =>
+            {
+                Some(LostReason::Revoked)
+            }
             Ending::Unlocked { by_holder: true } => None,
             Ending::Expired => Some(LostReason::Expired),
             Ending::Unlocked { by_holder: false } | Ending::Dropped => Some(LostReason::Revoked),
