@@ -386,7 +386,9 @@ impl RawCounter<'_> {
     /// nobody ever believes it holds the key.
     async fn desert(&self, host: &str) -> Option<Connection> {
         let client = format!("raw-{}-deserter", self.me);
-        let mut waiter = Connection::open(&client, host).await.ok()?;
+        // It asks for no events, so nothing is ever heard by it.
+        let heard_by = (self.shared.history.clone(), self.me);
+        let mut waiter = Connection::open(&client, host, heard_by).await.ok()?;
         let lock = json!({"op": "lock", "key": self.key, "ttl_ms": self.ttl_ms,
             "wait_ms": 5_000, "ephemeral": true});
         waiter.send(lock).await.ok()?;
