@@ -408,70 +408,65 @@ mod tests {
         v1::ShardImage::sample_with_one_holder()
     }
 
-    #[test]
-    fn a_snapshot_from_before_lock_modes_still_reads() {
+    /// A snapshot file of an older format: its `tag` record (none before
+    /// the format had tags) and `images` of that format's shape, which
+    /// must read as `expected` and round-trip in the current format.
+    fn assert_old_snapshot_reads<I: Serialize>(
+        tag: Option<&[u8]>,
+        images: Vec<I>,
+        expected: Vec<ShardImage>,
+    ) -> SnapshotFile {
         #[derive(Serialize)]
-        struct Old {
+        struct Old<I> {
             meta: SnapshotMeta<NodeId, openraft::BasicNode>,
             applied_through: Tick,
-            images: Vec<v1::ShardImage>,
+            images: Vec<I>,
         }
         let old = Old {
             meta: SnapshotMeta::default(),
             applied_through: Tick(5_000),
-            images: vec![old_image()],
+            images,
         };
         let payload = postcard::to_stdvec(&old).expect("encodes");
         let mut bytes = Vec::new();
+        if let Some(tag) = tag {
+            frame::put(&mut bytes, tag);
+        }
         frame::put(&mut bytes, &payload);
         let read = SnapshotFile::decode(&bytes).expect("an old snapshot reads");
-        assert_eq!(read.images, vec![old_image().into()]);
-        assert_eq!(read.images[0].locks.keys[0].limit, 1);
+        assert_eq!(read.images, expected);
         let again = SnapshotFile::decode(&read.encode().expect("encodes")).expect("reads");
         assert_eq!(
             again.images, read.images,
             "and round-trips in the new format"
         );
+        read
+    }
+
+    #[test]
+    fn a_snapshot_from_before_lock_modes_still_reads() {
+        let read = assert_old_snapshot_reads(None, vec![old_image()], vec![old_image().into()]);
+        assert_eq!(read.images[0].locks.keys[0].limit, 1);
     }
 
     #[test]
     fn a_snapshot_from_before_claims_still_reads() {
-        #[derive(Serialize)]
-        struct Old {
-            meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-            applied_through: Tick,
-            images: Vec<v2::ShardImage>,
-        }
         let current = ShardImage::from(old_image());
         let image = v2::ShardImage {
             now: current.now,
             locks: current.locks,
             sets: old_image().sets,
         };
-        let old = Old {
-            meta: SnapshotMeta::default(),
-            applied_through: Tick(5_000),
-            images: vec![image.clone()],
-        };
-        let payload = postcard::to_stdvec(&old).expect("encodes");
-        let mut bytes = Vec::new();
-        frame::put(&mut bytes, FORMAT_WITH_MODES);
-        frame::put(&mut bytes, &payload);
-        let read = SnapshotFile::decode(&bytes).expect("a snapshot from before claims reads");
-        assert_eq!(read.images, vec![image.into()]);
+        let read = assert_old_snapshot_reads(
+            Some(FORMAT_WITH_MODES),
+            vec![image.clone()],
+            vec![image.into()],
+        );
         assert!(read.images[0].claims.claims.is_empty());
-        let again = SnapshotFile::decode(&read.encode().expect("encodes")).expect("reads");
-        assert_eq!(again.images, read.images);
     }
 
     #[test]
     fn a_snapshot_from_before_set_creators_still_reads() {
-        #[derive(Serialize)]
-        struct Old {
-            meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-            applied_through: Tick,
-            images: Vec<v3::ShardImage>,
-        }
         let current = ShardImage::from(old_image());
         let set = v3::SetImage {
             name: "s".into(),
@@ -494,20 +489,12 @@ mod tests {
             },
             claims: current.claims,
         };
-        let old = Old {
-            meta: SnapshotMeta::default(),
-            applied_through: Tick(5_000),
-            images: vec![image.clone()],
-        };
-        let payload = postcard::to_stdvec(&old).expect("encodes");
-        let mut bytes = Vec::new();
-        frame::put(&mut bytes, FORMAT_WITH_CLAIMS);
-        frame::put(&mut bytes, &payload);
-        let read = SnapshotFile::decode(&bytes).expect("a snapshot from before creators reads");
-        assert_eq!(read.images, vec![image.into()]);
+        let read = assert_old_snapshot_reads(
+            Some(FORMAT_WITH_CLAIMS),
+            vec![image.clone()],
+            vec![image.into()],
+        );
         assert_eq!(read.images[0].sets.sets[0].name, "s");
         assert_eq!(read.images[0].sets.sets[0].creator, None);
-        let again = SnapshotFile::decode(&read.encode().expect("encodes")).expect("reads");
-        assert_eq!(again.images, read.images);
     }
 }
