@@ -133,45 +133,57 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn a_snapshot_from_before_lock_modes_reads_as_mutexes() {
-        let old = v1::ShardImage::sample_with_one_holder();
-        let header = SnapshotHeader {
+    fn config() -> ShardConfig {
+        ShardConfig {
+            hash_seed: 1,
+            first_token: 0,
+            limits: Limits::default(),
+        }
+    }
+
+    fn header() -> SnapshotHeader {
+        SnapshotHeader {
             shard: 0,
             shards: 1,
             covers_below: 7,
             token_reserved: 100,
             limits: Limits::default(),
-        };
-        let bytes = encode_as(VERSION_BEFORE_MODES, &header, |payload| {
-            postcard::to_extend(&old, payload)
-        })
-        .expect("encodes");
+        }
+    }
+
+    /// Writes an image of an older shape (by `put_image`) as snapshot
+    /// `version`, reads it back, checks its header, and that the image read
+    /// round-trips in the current format: the image read.
+    fn read_as_version(
+        version: u64,
+        put_image: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, postcard::Error>,
+    ) -> ShardImage {
+        let header = header();
+        let bytes = encode_as(version, &header, put_image).expect("encodes");
         let (read, image) = decode(&bytes).expect("an old snapshot still reads");
         assert_eq!(read, header);
+        let again = encode(&header, &image).expect("encodes");
+        assert_eq!(decode(&again).expect("reads").1, image, "and round-trips");
+        image
+    }
+
+    #[test]
+    fn a_snapshot_from_before_lock_modes_reads_as_mutexes() {
+        let old = v1::ShardImage::sample_with_one_holder();
+        let image = read_as_version(VERSION_BEFORE_MODES, |payload| {
+            postcard::to_extend(&old, payload)
+        });
         assert_eq!(image, ShardImage::from(old));
         let key = &image.locks.keys[0];
         assert_eq!((key.limit, key.delay), (1, None));
         assert!(!key.holders[0].shared && key.holders[0].lock_delay_ms == 0);
-        let config = ShardConfig {
-            hash_seed: 1,
-            first_token: 0,
-            limits: Limits::default(),
-        };
-        let shard = Shard::from_image(config, image.clone()).expect("restores");
+        let shard = Shard::from_image(config(), image.clone()).expect("restores");
         assert_eq!(shard.image().locks.keys, image.locks.keys, "and restores");
-        let again = encode(&header, &image).expect("encodes");
-        assert_eq!(decode(&again).expect("reads").1, image);
     }
 
     #[test]
     fn a_snapshot_from_before_claims_reads_with_no_id_owned() {
-        let config = ShardConfig {
-            hash_seed: 1,
-            first_token: 0,
-            limits: Limits::default(),
-        };
-        let current = Shard::new(config).image();
+        let current = Shard::new(config()).image();
         let old = v2::ShardImage {
             now: Tick(5_000),
             locks: current.locks,
@@ -182,23 +194,11 @@ mod tests {
                 sets: Vec::new(),
             },
         };
-        let header = SnapshotHeader {
-            shard: 0,
-            shards: 1,
-            covers_below: 7,
-            token_reserved: 100,
-            limits: Limits::default(),
-        };
-        let bytes = encode_as(VERSION_BEFORE_CLAIMS, &header, |payload| {
+        let image = read_as_version(VERSION_BEFORE_CLAIMS, |payload| {
             postcard::to_extend(&old, payload)
-        })
-        .expect("encodes");
-        let (read, image) = decode(&bytes).expect("an old snapshot still reads");
-        assert_eq!(read, header);
+        });
         assert_eq!(image, ShardImage::from(old));
         assert!(image.claims.claims.is_empty());
-        let again = encode(&header, &image).expect("encodes");
-        assert_eq!(decode(&again).expect("reads").1, image);
     }
 
     /// A shard with an empty set `s` that client `c` set up, and the same
@@ -206,12 +206,7 @@ mod tests {
     fn a_shard_with_an_empty_set() -> (ShardImage, v3::ShardImage) {
         use deadbolt_core::proto::SetOp;
         use deadbolt_core::shard::{Caller, Command, Handle, Input, ShardOp};
-        let config = ShardConfig {
-            hash_seed: 1,
-            first_token: 0,
-            limits: Limits::default(),
-        };
-        let mut shard = Shard::new(config);
+        let mut shard = Shard::new(config());
         let set_up = SetOp::SetUp {
             set: "s".into(),
             ttl_ms: 60_000,
@@ -254,24 +249,15 @@ mod tests {
     fn a_snapshot_from_before_set_creators_reads_with_no_creator() {
         let (current, old) = a_shard_with_an_empty_set();
         assert_eq!(current.sets.sets[0].creator.as_deref(), Some("c"));
-        let header = SnapshotHeader {
-            shard: 0,
-            shards: 1,
-            covers_below: 7,
-            token_reserved: 100,
-            limits: Limits::default(),
-        };
-        let bytes = encode_as(VERSION_BEFORE_CREATORS, &header, |payload| {
+        let image = read_as_version(VERSION_BEFORE_CREATORS, |payload| {
             postcard::to_extend(&old, payload)
-        })
-        .expect("encodes");
-        let (read, image) = decode(&bytes).expect("an old snapshot still reads");
-        assert_eq!(read, header);
+        });
         assert_eq!(image.sets.sets[0].creator, None);
         let mut expected = current.clone();
         expected.sets.sets[0].creator = None;
         assert_eq!(image, expected);
         // The current format keeps the creator.
+        let header = header();
         let again = encode(&header, &current).expect("encodes");
         assert_eq!(decode(&again).expect("reads").1, current);
     }
