@@ -209,6 +209,51 @@ async fn an_expired_lease_passes_to_the_waiter_within_ten_milliseconds() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn once_the_clocks_stop_no_lease_set_or_wait_runs_out() {
+    let engine = engine(2);
+    let (holder, waiter) = (engine.session(), engine.session());
+    let held = token(&holder, "k", 100).await;
+    let set_up = Op::Set(SetOp::SetUp {
+        set: "s".into(),
+        ttl_ms: 100,
+    });
+    call(&holder, 2, set_up).await.expect("set up");
+    let insert = || {
+        Op::Set(SetOp::Insert {
+            set: "s".into(),
+            keys: Keys::One("x".into()),
+        })
+    };
+    call(&holder, 3, insert()).await.expect("inserted");
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move { call(&waiter, 4, lock_op("k", 100, Some(150), false)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // What a graceful shutdown does first: while the frontends drain, no
+    // client can renew what it holds, so nothing may run out.
+    engine.stop_clocks();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the wait neither timed out nor was granted"
+    );
+    let info = inspect(&holder, "k").await;
+    let still = info.holder.expect("still held");
+    assert_eq!((still.token, info.waiters), (held, 1));
+    assert_eq!(
+        call(&holder, 5, insert()).await,
+        Ok(Okay::Inserted(deadbolt_core::proto::Inserted {
+            index: 1,
+            first: true
+        })),
+        "the set and its member are still there"
+    );
+    let stats = engine.stats().await;
+    assert_eq!((stats.sets.count, stats.sets.members), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_bounded_wait_times_out_on_the_engine_clock() {
     let engine = engine(1);
     let (holder, waiter) = (engine.session(), engine.session());

@@ -42,7 +42,9 @@ pub enum Error {
 /// WebSocket on `listeners.ws`, with the [`Routes`] of the dashboard, the
 /// browser client and the metrics on the same port (a `GET` for any other
 /// path goes to `config.ws.routes`), and QUIC on `listeners.quic`, if
-/// any. On shutdown it stops both frontends (each answers its requests in
+/// any. On shutdown it stops the shards' clocks (nothing runs out while
+/// clients cannot renew it: [`Engine::stop_clocks`]), stops both
+/// frontends (each answers its requests in
 /// flight `shutting_down` and closes its connections, within its shutdown
 /// grace), and then shuts the engine down. If a frontend fails first, the
 /// server stops the same way and returns the failure.
@@ -126,6 +128,9 @@ pub async fn run_node<L: Listener, D: Dialer + Clone>(
     }
     let mut failure = serve_until(shutdown, &mut frontends).await;
     tracing::info!("shutting down");
+    // Before the frontends stop listening: nothing may run out while
+    // clients can no longer renew it.
+    engine.stop_clocks();
     // The frontends hold receivers until they return; if they are all
     // gone already, there is nobody left to tell.
     let _ = stop.send(true);

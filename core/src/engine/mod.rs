@@ -192,12 +192,19 @@ impl EngineConfig {
 
 /// The engine's monotonic clock: the time every command is stamped with.
 /// It reads `start_at` when the engine starts and runs with tokio's clock
-/// (so a paused test clock or a simulation's clock drives it).
+/// (so a paused test clock or a simulation's clock drives it), until it is
+/// stopped.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     epoch: Instant,
     start_at: Tick,
+    /// Set once the clock has stopped: it reads this from then on.
+    stopped_at: Option<Tick>,
 }
+
+/// How far away a stopped clock puts a time it will never reach: far
+/// enough that no timer armed for it fires while the process lives.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl Clock {
     /// A clock that reads `start_at` now.
@@ -205,17 +212,34 @@ impl Clock {
         Clock {
             epoch: Instant::now(),
             start_at,
+            stopped_at: None,
+        }
+    }
+
+    /// This clock, stopped at the time it reads now: it reads that time
+    /// from then on, and a later time never comes.
+    pub fn stopped(self) -> Clock {
+        Clock {
+            stopped_at: Some(self.now()),
+            ..self
         }
     }
 
     /// The time now.
     pub fn now(&self) -> Tick {
+        if let Some(stopped_at) = self.stopped_at {
+            return stopped_at;
+        }
         let elapsed = Tick::from_duration(self.epoch.elapsed());
         Tick(self.start_at.0.saturating_add(elapsed.0))
     }
 
-    /// The instant at which the clock reads `tick` (now, if it has).
+    /// The instant at which the clock reads `tick` (now, if it has; in a
+    /// century, if it is stopped before `tick`).
     pub fn instant_of(&self, tick: Tick) -> Instant {
+        if self.stopped_at.is_some_and(|stopped_at| tick > stopped_at) {
+            return Instant::now() + NEVER;
+        }
         self.epoch + Duration::from_micros(tick.0.saturating_sub(self.start_at.0))
     }
 }
@@ -601,6 +625,21 @@ impl Engine {
         let mut shut_down = self.inner.shut_down.subscribe();
         // The sender lives as long as the engine, so this cannot fail.
         let _ = shut_down.wait_for(|shut| *shut).await;
+    }
+
+    /// Stops the shards' clocks, as a graceful shutdown begins: from now
+    /// on every command is stamped with the time it was stopped at, and no
+    /// lease or set runs out. While the frontends drain, clients can no
+    /// longer renew what they hold, so letting it run out then would make a
+    /// graceful stop cost what a crash does not: after a restart, every
+    /// lease and set continues with the time it had left when the server
+    /// stopped listening (SPEC section 8). A replicated shard's time is the
+    /// cluster's and goes on with the other nodes: it ignores this.
+    pub fn stop_clocks(&self) {
+        for mailbox in self.mailboxes() {
+            // An actor that is already gone has no clock left to stop.
+            mailbox.notify(ShardMsg::StopClock);
+        }
     }
 
     /// Stops the engine: every waiting request is answered `shutting_down`,

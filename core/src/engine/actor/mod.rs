@@ -74,6 +74,8 @@ pub(crate) enum ShardMsg {
     },
     /// Report the shard's state digest.
     Digest { reply: oneshot::Sender<u64> },
+    /// Stop the shard's clock (see [`crate::engine::Engine::stop_clocks`]).
+    StopClock,
     /// Answer every waiter `shutting_down` and stop.
     Shutdown,
 }
@@ -402,6 +404,13 @@ impl Actor {
             }
             ShardMsg::Digest { reply } => {
                 let _ = reply.send(self.shard.digest());
+                return true;
+            }
+            ShardMsg::StopClock => {
+                // A replicated shard's time goes on with the cluster.
+                if self.replication.is_none() {
+                    self.clock = self.clock.stopped();
+                }
                 return true;
             }
             ShardMsg::Shutdown => return false,

@@ -213,7 +213,7 @@ impl Actor {
                 self.listeners.remove(conn, None);
                 true
             }
-            ShardMsg::Cancel { .. } | ShardMsg::Gone { .. } => true,
+            ShardMsg::Cancel { .. } | ShardMsg::Gone { .. } | ShardMsg::StopClock => true,
             ShardMsg::Shutdown => false,
         }
     }
