@@ -512,3 +512,50 @@ fn an_online_backup_says_why_it_cannot_be_made() {
     let both = deadbolt(&["backup", "--online", "somewhere"]);
     assert_eq!(both.status.code(), Some(2), "--online takes no directory");
 }
+
+#[test]
+fn a_graceful_stop_keeps_the_time_locks_and_sets_had_left_while_it_drained() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let (server, url) = serve(&data, &[]);
+    let run = |url: &str, args: &[&str]| deadbolt(&[&["--server", url], args].concat());
+    let token = stdout(&run(&url, &["try-lock", "report", "--ttl", "3s"]));
+    let mut distinct = Command::new(BIN)
+        .args(["--server", &url, "distinct", "results", "--ttl", "3s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("distinct");
+    writeln!(distinct.stdin.take().expect("stdin"), "x").expect("a key");
+    assert_eq!(
+        stdout(&distinct.wait_with_output().expect("distinct")),
+        "x\n"
+    );
+
+    // A client that connected and says nothing keeps the drain going for
+    // the whole shutdown grace (5 s): past the 3 s the lock and the set
+    // had to live, and nobody can renew them meanwhile.
+    let address = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .to_owned();
+    let silent = std::net::TcpStream::connect(&address).expect("connect");
+    let began = std::time::Instant::now();
+    stop(server);
+    let drained = began.elapsed();
+    drop(silent);
+    assert!(
+        drained > std::time::Duration::from_secs(3),
+        "the drain must outlast the lease for this test to mean anything: {drained:?}"
+    );
+
+    let (server, url) = serve(&data, &[]);
+    let inspected = stdout(&run(&url, &["inspect", "report"]));
+    assert!(inspected.contains(token.trim()), "{inspected}");
+    assert_eq!(
+        stdout(&run(&url, &["members", "results", "--index"])),
+        "1\tx\n"
+    );
+    stop(server);
+}
