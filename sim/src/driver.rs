@@ -328,12 +328,11 @@ impl<'a> Driver<'a> {
         let Some(server) = self.server else {
             return;
         };
-        // A fault waits for the end of a graceful shutdown still under way.
         while let Some(&fault) = self
             .scenario
             .server_faults
             .get(self.next_server)
-            .filter(|f| f.at_ms <= now_ms && !self.shutting_down())
+            .filter(|f| f.at_ms <= now_ms)
         {
             self.next_server += 1;
             match fault.kind {
@@ -381,24 +380,10 @@ impl<'a> Driver<'a> {
         *self.faults.entry(fault.kind.name()).or_insert(0) += 1;
     }
 
-    /// Whether a graceful shutdown of the schedule has not ended yet.
-    fn shutting_down(&self) -> bool {
-        self.server_active
-            .iter()
-            .any(|(_, fault)| fault.kind == ServerFaultKind::Shutdown)
-    }
-
     fn end_server_faults(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
-        // A shut-down server is started again only once it has stopped: its
-        // drain can outlast the fault, and recording a restart of a server
-        // still draining would tell the checkers of one that never was.
-        let stopped = self.server.is_some_and(|server| server.has_stopped());
-        let ends = |(end, fault): &(u64, ServerFault)| {
-            *end <= now_ms && (fault.kind != ServerFaultKind::Shutdown || stopped)
-        };
         let (ending, staying): (Vec<_>, Vec<_>) = std::mem::take(&mut self.server_active)
             .into_iter()
-            .partition(ends);
+            .partition(|(end, _)| *end <= now_ms);
         self.server_active = staying;
         for (_, fault) in ending {
             self.revert_server(sim, fault);

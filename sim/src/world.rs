@@ -533,14 +533,9 @@ impl ServerControl {
         self.stop.send_replace(true);
     }
 
-    /// Whether the server has stopped since [`ServerControl::shut_down`]
-    /// (a graceful shutdown drains its connections first, which can take
-    /// its whole shutdown grace).
-    pub(crate) fn has_stopped(&self) -> bool {
-        self.stopped.load(Ordering::Acquire)
-    }
-
-    /// Starts the server again after [`ServerControl::shut_down`].
+    /// Starts the server again after [`ServerControl::shut_down`]: at once
+    /// if it has stopped, else as soon as its drain ends (which can take
+    /// its whole shutdown grace, longer than the fault).
     pub(crate) fn start_again(&self) {
         self.stop.send_replace(false);
     }
