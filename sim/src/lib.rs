@@ -81,6 +81,7 @@ pub mod script;
 pub mod server_checker;
 pub mod summary;
 pub mod tap;
+mod top_lists;
 pub mod trace;
 pub mod worker;
 pub mod world;

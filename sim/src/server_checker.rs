@@ -34,7 +34,9 @@
 //!     its answers: grants, unlocks, timeouts, cancellations, `busy`, leases
 //!     run out, ephemeral locks ended with their connection, sets created,
 //!     torn down and expired; and after every command, the sizes it
-//!     reports (held locks, waiters, sets, members) are the state's.
+//!     reports (held locks, waiters, sets, members) are the state's, and
+//!     so are its lists (held locks, keys with waiters, largest sets:
+//!     [`crate::top_lists`]).
 //! 11. No grant of a key falls inside a lock delay (SPEC section 7): from
 //!     the end of a lease that ran out with `lock_delay_ms` D, for D ms.
 //!     (A waiter handed the key when a delay ends is granted at its end,
@@ -78,6 +80,7 @@ use deadbolt_core::time::Tick;
 use crate::admission::{Admission, NewGrant};
 use crate::capacity::{Capacity, State};
 use crate::checker::Violation;
+use crate::top_lists;
 
 /// The contract's bound on a hand-off after a lease's end (SPEC section
 /// 2), used for wait limits too.
@@ -207,6 +210,12 @@ pub fn check(
             },
         );
         if let Some(what) = sizes_disagree(&replica.counters(), &is) {
+            history
+                .violations
+                .push(Violation::CountersDisagree { shard, what });
+        }
+        let reported = replica.snapshot(top_lists::EVERYTHING);
+        if let Some(what) = top_lists::disagreement(&reported, &after, &set_views, now) {
             history
                 .violations
                 .push(Violation::CountersDisagree { shard, what });
