@@ -125,15 +125,16 @@ impl Mailbox {
     }
 
     /// As [`Mailbox::try_request`], giving a refused request back (its
-    /// answer then goes where the request said).
-    pub fn try_admit(&self, message: ShardMsg) -> Result<(), (Refused, ShardMsg)> {
+    /// answer then goes where the request said); boxed, as refusals are
+    /// rare and the message is large.
+    pub fn try_admit(&self, message: ShardMsg) -> Result<(), (Refused, Box<ShardMsg>)> {
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.capacity {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err((Refused::Full, message));
+            return Err((Refused::Full, Box::new(message)));
         }
         self.tx.send(message).map_err(|unsent| {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            (Refused::Closed, unsent.0)
+            (Refused::Closed, Box::new(unsent.0))
         })
     }
 

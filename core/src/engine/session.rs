@@ -930,7 +930,8 @@ impl Answers {
             reply: Respond::Queue(queued),
             notify: None,
         };
-        if let Err((refused, ShardMsg::Op { reply, .. })) = engine.mailbox(shard).try_admit(message)
+        if let Err((refused, refused_message)) = engine.mailbox(shard).try_admit(message)
+            && let ShardMsg::Op { reply, .. } = *refused_message
         {
             let error = match refused {
                 Refused::Full => ServerError::overloaded("shard mailbox full; retry later"),
