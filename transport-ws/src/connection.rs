@@ -235,10 +235,11 @@ where
             () = &mut ended => break End::Close(CloseCode::Restart, "leader changed"),
             done = in_flight.next_done(), if in_flight.len() > 0 => {
                 in_flight.finished(&done.reply);
-                if in_flight.len() > 0 {
-                    // Others are in flight: let the shards that have them
-                    // (already woken) answer first, so that their replies
-                    // go out with this one, in one write.
+                if in_flight.submitted > 0 {
+                    // Others are with their shards: let the shards (already
+                    // woken) answer first, so that their replies go out
+                    // with this one, in one write. (A waiting lock's future
+                    // may wait for long: it is no reason to yield.)
                     tokio::task::yield_now().await;
                 }
                 // A large reply (a page, a snapshot) takes a while to
