@@ -5,9 +5,11 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use deadbolt_core::engine::events::{Charge, Events, Pushed};
+use deadbolt_core::engine::session::Answers;
 use deadbolt_core::proto::{Reply, Request, RequestId, ServerError, decode_request, encode_reply};
 use deadbolt_core::{Limits, Session};
 use futures_util::stream::{FuturesUnordered, SplitSink};
@@ -56,9 +58,15 @@ impl Finished {
 /// The future of one request, boxed so that all of them share one type.
 type ExecuteFuture = Pin<Box<dyn Future<Output = Finished> + Send>>;
 
-/// The requests in flight on this connection.
+/// The requests in flight on this connection: those that run as a future
+/// of their own, and those submitted to their shard whose answers come
+/// through the connection's queue ([`Answers`]), which costs no future, no
+/// task wake-up and no channel per request.
 struct InFlight {
     futures: FuturesUnordered<ExecuteFuture>,
+    answers: Option<Answers>,
+    /// Requests submitted through `answers` and not yet answered.
+    submitted: usize,
     /// How many futures carry each id, to answer them all `shutting_down`
     /// at shutdown. (More than one only for a duplicate id, which the
     /// engine refuses at once.)
@@ -178,6 +186,8 @@ where
     let (mut sink, mut stream) = ws.split();
     let mut in_flight = InFlight {
         futures: FuturesUnordered::new(),
+        answers: session.take_answers(),
+        submitted: 0,
         ids: BTreeMap::new(),
         max: config.max_in_flight,
     };
@@ -223,8 +233,15 @@ where
             // ephemeral lock stopped leading: the lock is gone, and the
             // client learns it from the close, as after a restart.
             () = &mut ended => break End::Close(CloseCode::Restart, "leader changed"),
-            Some(done) = in_flight.futures.next(), if !in_flight.futures.is_empty() => {
+            done = in_flight.next_done(), if in_flight.len() > 0 => {
                 in_flight.finished(&done.reply);
+                if in_flight.submitted > 0 {
+                    // Others are with their shards: let the shards (already
+                    // woken) answer first, so that their replies go out
+                    // with this one, in one write. (A waiting lock's future
+                    // may wait for long: it is no reason to yield.)
+                    tokio::task::yield_now().await;
+                }
                 // A large reply (a page, a snapshot) takes a while to
                 // encode and write.
                 let large = done.reserved > 0;
@@ -242,31 +259,35 @@ where
             }
             frame = stream.next(), if reading => {
                 heard = Instant::now();
-                let step = match frame {
-                    Some(Ok(message)) => on_message(message, limits),
-                    Some(Err(error)) => Err(ending(error)),
-                    None => Err(End::Gone),
-                };
-                let reply = match step {
-                    Ok(Incoming::Request(request)) => {
-                        let bound = request.op.reply_bytes_bound(limits.message_bytes_max);
-                        let waiting = Parked { request, bound };
-                        if budget.fits(bound) {
-                            in_flight.start(&session, waiting, &mut budget)
-                        } else {
-                            parked = Some(waiting);
-                            None
+                // The frames already read (or readable now) are taken in
+                // this one turn, up to a bound: the loop's other checks,
+                // and the first poll of their requests, are then made once
+                // for all of them rather than once per frame.
+                let mut frame = frame;
+                let mut taken = 1;
+                let stop = loop {
+                    let reply = match on_frame(frame, limits, &session, &mut in_flight, &mut budget, &mut parked) {
+                        Ok(reply) => reply,
+                        Err(end) => break Some(end),
+                    };
+                    if let Some(reply) = reply {
+                        let sent = send_replies(&mut sink, reply, &mut in_flight, &mut budget, config);
+                        if sent.await.is_err() {
+                            break Some(End::Broken(CANNOT_WRITE.into()));
                         }
                     }
-                    Ok(Incoming::Answer(reply)) => Some(Finished::now(reply)),
-                    Ok(Incoming::Nothing) => None,
-                    Err(end) => break end,
-                };
-                if let Some(reply) = reply {
-                    let sent = send_replies(&mut sink, reply, &mut in_flight, &mut budget, config);
-                    if sent.await.is_err() {
-                        break End::Broken(CANNOT_WRITE.into());
+                    let room = parked.is_none() && budget.has_room();
+                    if !room || taken >= READ_BATCH_MAX {
+                        break None;
                     }
+                    match stream.next().now_or_never() {
+                        Some(next) => frame = next,
+                        None => break None,
+                    }
+                    taken += 1;
+                };
+                if let Some(end) = stop {
+                    break end;
                 }
             }
             pushed = next_event(&mut events), if events.is_some() => match pushed {
@@ -305,6 +326,42 @@ where
     let trouble = end.trouble();
     say_goodbye(&mut sink, end, &mut in_flight, config).await;
     trouble
+}
+
+/// Most frames taken in one turn of the connection's loop, before it
+/// looks at its replies, events, timers and shutdown again.
+const READ_BATCH_MAX: usize = 64;
+
+/// Takes one frame read from the peer: starts its request (or parks it,
+/// if the budget has no room for its reply yet). Returns a reply to send
+/// at once (a refusal), or how the connection ends.
+fn on_frame(
+    frame: Option<Result<Message, WsError>>,
+    limits: &Limits,
+    session: &Session,
+    in_flight: &mut InFlight,
+    budget: &mut ReplyBudget,
+    parked: &mut Option<Parked>,
+) -> Result<Option<Finished>, End> {
+    let step = match frame {
+        Some(Ok(message)) => on_message(message, limits)?,
+        Some(Err(error)) => return Err(ending(error)),
+        None => return Err(End::Gone),
+    };
+    Ok(match step {
+        Incoming::Request(request) => {
+            let bound = request.op.reply_bytes_bound(limits.message_bytes_max);
+            let waiting = Parked { request, bound };
+            if budget.fits(bound) {
+                in_flight.start(session, waiting, budget)
+            } else {
+                *parked = Some(waiting);
+                None
+            }
+        }
+        Incoming::Answer(reply) => Some(Finished::now(reply)),
+        Incoming::Nothing => None,
+    })
 }
 
 /// The next event of the connection's queue; never, without one.
@@ -393,7 +450,7 @@ impl InFlight {
         budget: &mut ReplyBudget,
     ) -> Option<Finished> {
         let Parked { request, bound } = waiting;
-        if self.futures.len() >= self.max {
+        if self.len() >= self.max {
             return Some(Finished::now(Reply {
                 id: Some(request.id),
                 outcome: Err(ServerError::overloaded(
@@ -402,6 +459,18 @@ impl InFlight {
             }));
         }
         *self.ids.entry(request.id).or_insert(0) += 1;
+        // A reply that reserves nothing may go through the queue; one
+        // that does must keep its reservation with it.
+        let request = match &self.answers {
+            Some(answers) if bound == 0 => match answers.submit(request) {
+                Ok(()) => {
+                    self.submitted += 1;
+                    return None;
+                }
+                Err(request) => request,
+            },
+            _ => request,
+        };
         budget.reserve(bound);
         let session = session.clone();
         self.futures.push(Box::pin(async move {
@@ -411,6 +480,33 @@ impl InFlight {
             }
         }));
         None
+    }
+
+    /// How many requests are in flight.
+    fn len(&self) -> usize {
+        self.futures.len() + self.submitted
+    }
+
+    /// The next request done: a submitted one's answer, or a future's.
+    /// Pending while there is none.
+    fn poll_done(&mut self, cx: &mut Context<'_>) -> Poll<Finished> {
+        if self.submitted > 0
+            && let Some(answers) = self.answers.as_mut()
+            && let Poll::Ready(Some(reply)) = answers.poll_next(cx)
+        {
+            self.submitted -= 1;
+            return Poll::Ready(Finished::now(reply));
+        }
+        match self.futures.poll_next_unpin(cx) {
+            Poll::Ready(Some(done)) => Poll::Ready(done),
+            // Empty: nothing to wait for until a request starts.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The next request done, once there is one.
+    async fn next_done(&mut self) -> Finished {
+        std::future::poll_fn(|cx| self.poll_done(cx)).await
     }
 
     /// Forgets one future with the id of a reply that is ready.
@@ -468,8 +564,8 @@ where
             budget.finished(done.reserved, message.len());
             batch_bytes += message.len();
             sink.feed(message).await?;
-            match in_flight.futures.next().now_or_never() {
-                Some(Some(next)) => {
+            match in_flight.next_done().now_or_never() {
+                Some(next) => {
                     in_flight.finished(&next.reply);
                     done = next;
                 }

@@ -253,6 +253,64 @@ async fn three_hundred_pipelined_requests_are_all_answered_by_id() {
 }
 
 #[tokio::test]
+async fn pipelined_replies_from_every_shard_each_answer_their_own_request() {
+    let server = TestServer::start().await;
+    let mut holder = server.raw().await;
+    holder.lock(1, "held", 60_000).await;
+    let mut raw = server.raw().await;
+    // Try-locks over many keys (every shard), each lease naming its id,
+    // between pings and a lock that waits: the replies come back in any
+    // order, through the connection's queue and through futures.
+    raw.send_json(
+        json!({"id": 1000, "op": "lock", "key": "held", "ttl_ms": 1000, "wait_ms": 60_000}),
+    )
+    .await;
+    for id in 1..=200u64 {
+        let request = if id % 5 == 0 {
+            json!({"id": id, "op": "ping"})
+        } else {
+            json!({"id": id, "op": "lock", "key": format!("k{id}"), "ttl_ms": 60_000 + id, "wait_ms": 0})
+        };
+        raw.ws
+            .feed(Message::Text(request.to_string().into()))
+            .await
+            .expect("feed");
+    }
+    raw.ws.flush().await.expect("flush");
+    let mut tokens = std::collections::BTreeMap::new();
+    for _ in 0..200 {
+        let reply = raw.recv().await;
+        let id = reply["id"].as_u64().expect("id");
+        if id % 5 == 0 {
+            assert_eq!(reply, json!({"id": id, "ok": {}}));
+            continue;
+        }
+        assert_eq!(reply["ok"]["ttl_ms"], 60_000 + id, "{reply}");
+        assert!(tokens.insert(id, reply["ok"]["token"].clone()).is_none());
+    }
+    assert_eq!(tokens.len(), 160);
+    // Every unlock names its grant's token: each is accepted only if the
+    // token came back under its own request's id.
+    for (id, token) in &tokens {
+        let unlock =
+            json!({"id": 10_000 + id, "op": "unlock", "key": format!("k{id}"), "token": token});
+        raw.ws
+            .feed(Message::Text(unlock.to_string().into()))
+            .await
+            .expect("feed");
+    }
+    raw.ws.flush().await.expect("flush");
+    for _ in 0..tokens.len() {
+        let reply = raw.recv().await;
+        assert!(reply.get("ok").is_some(), "{reply}");
+    }
+    let info = raw
+        .call(json!({"id": 1, "op": "inspect", "key": "k7"}))
+        .await;
+    assert_eq!(info["ok"]["holder"], serde_json::Value::Null);
+}
+
+#[tokio::test]
 async fn a_waiting_lock_does_not_hold_up_later_requests_on_its_connection() {
     let server = TestServer::start().await;
     let mut holder = server.raw().await;

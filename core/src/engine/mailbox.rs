@@ -121,13 +121,20 @@ pub(crate) fn mailbox(capacity: usize) -> (Mailbox, Inbox) {
 impl Mailbox {
     /// Sends a request, unless `capacity` requests wait already.
     pub fn try_request(&self, message: ShardMsg) -> Result<(), Refused> {
+        self.try_admit(message).map_err(|(refused, _)| refused)
+    }
+
+    /// As [`Mailbox::try_request`], giving a refused request back (its
+    /// answer then goes where the request said); boxed, as refusals are
+    /// rare and the message is large.
+    pub fn try_admit(&self, message: ShardMsg) -> Result<(), (Refused, Box<ShardMsg>)> {
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.capacity {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refused::Full);
+            return Err((Refused::Full, Box::new(message)));
         }
-        self.tx.send(message).map_err(|_| {
+        self.tx.send(message).map_err(|unsent| {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            Refused::Closed
+            (Refused::Closed, Box::new(unsent.0))
         })
     }
 

@@ -3,9 +3,9 @@
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use std::collections::{HashMap, HashSet};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-use super::actor::ShardMsg;
+use super::actor::{Respond, ShardMsg};
 use super::events::{self, Events, Listener, Note, Sink, Subscription};
 use super::mailbox::Refused;
 use super::replica::Forwarding;
@@ -58,6 +58,11 @@ struct SessionInner {
     /// The queue they are read from, until its transport takes it; a
     /// connection whose transport never does cannot subscribe.
     events: Mutex<Option<Events>>,
+    /// Where the shards put the answers to requests submitted through
+    /// [`Answers`].
+    answers: mpsc::UnboundedSender<Answered>,
+    /// The queue they are read from, until its transport takes it.
+    answers_queue: Mutex<Option<mpsc::UnboundedReceiver<Answered>>>,
 }
 
 #[derive(Debug)]
@@ -108,6 +113,7 @@ struct Waiting {
 impl Session {
     pub(super) fn new(engine: Engine, conn: ConnId, client: String, frontend: Frontend) -> Session {
         let (sink, events) = events::queue(conn, engine.limits().event_bytes_max);
+        let (answers, answers_queue) = mpsc::unbounded_channel();
         Session {
             inner: Arc::new(SessionInner {
                 engine,
@@ -127,6 +133,8 @@ impl Session {
                 durations: std::array::from_fn(|_| OnceLock::new()),
                 sink,
                 events: Mutex::new(Some(events)),
+                answers,
+                answers_queue: Mutex::new(Some(answers_queue)),
             }),
         }
     }
@@ -152,6 +160,22 @@ impl Session {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+    }
+
+    /// The connection's queue of answers, for its transport to submit
+    /// requests through (see [`Answers::submit`]); `None` after the first
+    /// call.
+    pub fn take_answers(&self) -> Option<Answers> {
+        let queue = self
+            .inner
+            .answers_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        Some(Answers {
+            session: self.clone(),
+            queue,
+        })
     }
 
     /// Whether a transport reads this connection's events.
@@ -241,7 +265,7 @@ impl Session {
             let outcome = Box::pin(self.forward_noting(forwarding, request, notify)).await;
             let mut outcome = self.prove(to_prove, outcome);
             if ephemeral && matches!(outcome, Ok(Okay::Granted(_))) {
-                self.pin_to_link().await;
+                Box::pin(self.pin_to_link()).await;
             }
             self.settle(&admitted, effect.as_ref(), &mut outcome);
             return Reply {
@@ -249,15 +273,18 @@ impl Session {
                 outcome,
             };
         }
+        // The rare ops' futures are boxed: every request's future is as
+        // large as its largest branch, and a transport allocates one per
+        // request (past 1 KiB, allocation leaves malloc's fast path).
         let outcome = match request.op {
-            Op::Hello { client, auth } => self.hello(id, client, auth).await,
+            Op::Hello { client, auth } => Box::pin(self.hello(id, client, auth)).await,
             Op::Ping => Ok(Okay::EMPTY),
             Op::Cancel { target } => self.cancel(target).await,
             Op::Stats { .. } if self.inner.engine.is_shutting_down() => {
                 Err(ServerError::shutting_down())
             }
             Op::Stats { top } => {
-                let snapshot = self.inner.engine.snapshot(top as usize).await;
+                let snapshot = Box::pin(self.inner.engine.snapshot(top as usize)).await;
                 Ok(Okay::Stats(Box::new(snapshot)))
             }
             // Boxed: a watch's future would make every request's larger.
@@ -831,7 +858,7 @@ impl Session {
             handle,
             caller,
             op,
-            reply,
+            reply: Respond::Once(reply),
             notify,
         };
         let outcome = match engine.mailbox(shard).try_request(message) {
@@ -846,6 +873,180 @@ impl Session {
             guard.done = true;
         }
         outcome
+    }
+}
+
+/// A connection's queue of answers to the requests it submitted (see
+/// [`Answers::submit`]). Those requests run without a future of their own:
+/// the shard puts each answer here, and many answers wake the connection
+/// once. Holds its session.
+#[derive(Debug)]
+pub struct Answers {
+    session: Session,
+    queue: mpsc::UnboundedReceiver<Answered>,
+}
+
+impl Answers {
+    /// Sends `request` to its shard and returns at once; its reply comes
+    /// out of [`Answers::poll_next`]. Only a request that needs nothing but
+    /// its shard goes this way: a `lock` that does not wait and has no
+    /// `notify`, `unlock`, `extend`, `inspect`, or a set op, on an engine
+    /// that neither forwards, authenticates nor signs grants. Any other
+    /// request is given back, for [`Session::execute`], as is one whose id
+    /// is in flight already or still has events coming (`execute` refuses
+    /// it). Either way the reply is the one `execute` would give: a full
+    /// mailbox answers `overloaded`, a stopped shard `shutting_down`.
+    pub fn submit(&self, request: Request) -> Result<(), Request> {
+        let session = &self.session;
+        let id = request.id;
+        if !session.alone_in_shard(&request.op) || !session.claim_id(id) {
+            return Err(request);
+        }
+        let kind = request.op.kind();
+        let op = match request.op {
+            Op::Lock(op) => ShardOp::Lock(op),
+            Op::Set(op) => ShardOp::Set(op),
+            op => {
+                session.state().in_flight.remove(&id);
+                return Err(Request { id, op });
+            }
+        };
+        let engine = &session.inner.engine;
+        let shard = engine.shard_of(op.routing_key());
+        let queued = Queued {
+            answers: session.inner.answers.clone(),
+            id,
+            kind,
+            started: tokio::time::Instant::now(),
+            sent: false,
+        };
+        let message = ShardMsg::Op {
+            handle: engine.new_handle(),
+            caller: Caller {
+                client: session.client(),
+                conn: session.inner.conn,
+            },
+            op,
+            reply: Respond::Queue(queued),
+            notify: None,
+        };
+        if let Err((refused, refused_message)) = engine.mailbox(shard).try_admit(message)
+            && let ShardMsg::Op { reply, .. } = *refused_message
+        {
+            let error = match refused {
+                Refused::Full => ServerError::overloaded("shard mailbox full; retry later"),
+                Refused::Closed => ServerError::shutting_down(),
+            };
+            // The queue is this one's: it is there to take the answer.
+            let _ = reply.send(Err(error));
+        }
+        Ok(())
+    }
+
+    /// The next answer of a submitted request, in the order the shards
+    /// gave them; its id is free again once it is taken. (Never `None`:
+    /// the session holds a sender.)
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Reply>> {
+        self.queue
+            .poll_recv(cx)
+            .map(|answered| Some(self.session.take_answer(answered?)))
+    }
+
+    /// The next answer of a submitted request, once there is one.
+    pub async fn next(&mut self) -> Option<Reply> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+}
+
+/// An answer on its way to its connection's [`Answers`].
+#[derive(Debug)]
+pub(crate) struct Answered {
+    id: RequestId,
+    kind: OpKind,
+    started: tokio::time::Instant,
+    outcome: Outcome,
+}
+
+/// Where the answer to a submitted request goes. Dropped unanswered (its
+/// shard stopped), it answers `shutting_down`, as `execute` answers a
+/// request whose shard dropped its reply.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    answers: mpsc::UnboundedSender<Answered>,
+    id: RequestId,
+    kind: OpKind,
+    started: tokio::time::Instant,
+    sent: bool,
+}
+
+impl Queued {
+    /// Puts the answer in the connection's queue; `Err` if the connection
+    /// is gone.
+    pub(crate) fn send(mut self, outcome: Outcome) -> Result<(), Outcome> {
+        self.sent = true;
+        self.answers
+            .send(self.answered(outcome))
+            .map_err(|unsent| unsent.0.outcome)
+    }
+
+    fn answered(&self, outcome: Outcome) -> Answered {
+        Answered {
+            id: self.id,
+            kind: self.kind,
+            started: self.started,
+            outcome,
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if !self.sent {
+            let _ = self
+                .answers
+                .send(self.answered(Err(ServerError::shutting_down())));
+        }
+    }
+}
+
+impl Session {
+    /// Whether carrying `op` out needs nothing but its shard (see
+    /// [`Answers::submit`]).
+    fn alone_in_shard(&self, op: &Op) -> bool {
+        let engine = &self.inner.engine;
+        let plain = engine.auth().is_none()
+            && engine.grant_signer().is_none()
+            && engine.inner.forwarding.is_none()
+            && !engine.is_shutting_down();
+        plain
+            && match op {
+                Op::Lock(LockOp::Acquire(a)) => a.wait == Wait::Never && !a.notify,
+                Op::Lock(_) | Op::Set(_) => true,
+                _ => false,
+            }
+    }
+
+    /// Marks request `id` in flight, as `execute` does; `false` (and
+    /// nothing changed) if it is already, or has events still coming.
+    fn claim_id(&self, id: RequestId) -> bool {
+        !self.inner.sink.subscriptions().contains(id) && self.state().in_flight.insert(id)
+    }
+
+    /// What `execute` does once a request is answered: its id is free,
+    /// and its duration recorded.
+    fn take_answer(&self, answered: Answered) -> Reply {
+        let Answered {
+            id,
+            kind,
+            started,
+            outcome,
+        } = answered;
+        self.state().in_flight.remove(&id);
+        self.duration(kind).record(started.elapsed().as_secs_f64());
+        Reply {
+            id: Some(id),
+            outcome,
+        }
     }
 }
 

@@ -20,6 +20,7 @@ mod replicated;
 use super::events::{Listener, Listeners};
 use super::mailbox::Inbox;
 use super::replica::ActorReplica;
+use super::session::Queued;
 use super::{Append, Clock, InvariantAlarm, Journal};
 use crate::proto::ServerError;
 use crate::proto::{Okay, Outcome, RequestId, Watched};
@@ -36,7 +37,7 @@ pub(crate) enum ShardMsg {
         handle: Handle,
         caller: Caller,
         op: ShardOp,
-        reply: oneshot::Sender<Outcome>,
+        reply: Respond,
         /// For a `lock` with `notify`: who hears of the grant's lease and
         /// end (see `events`). Boxed: every request's message carries the
         /// field, and few use it.
@@ -80,6 +81,28 @@ pub(crate) enum ShardMsg {
     Shutdown,
 }
 
+/// Where a request's answer goes.
+#[derive(Debug)]
+pub(crate) enum Respond {
+    /// To the request's own future, which waits for it
+    /// ([`Session::execute`](super::Session::execute)).
+    Once(oneshot::Sender<Outcome>),
+    /// Into its connection's queue of answers
+    /// ([`Answers::submit`](super::session::Answers::submit)).
+    Queue(Queued),
+}
+
+impl Respond {
+    /// Sends the answer; `Err` gives it back if nobody can receive it (the
+    /// request's future, or its connection, is gone).
+    pub(crate) fn send(self, outcome: Outcome) -> Result<(), Outcome> {
+        match self {
+            Respond::Once(reply) => reply.send(outcome),
+            Respond::Queue(queued) => queued.send(outcome),
+        }
+    }
+}
+
 /// Most messages taken as one batch before the answers go out and the
 /// clock is read again; bounds how late a deadline can be applied under a
 /// flood of messages (and, with a journal, the size of one log append).
@@ -103,7 +126,7 @@ pub(super) struct Pending {
     /// Taken when the request was answered before its batch was applied
     /// (a replicated shard gave up waiting for a commit): a grant to it is
     /// then undeliverable.
-    reply: Option<oneshot::Sender<Outcome>>,
+    reply: Option<Respond>,
     lock_key: Option<String>,
     /// A `lock` with `notify`: who listens to its grant.
     notify: Option<Box<Listener>>,
