@@ -14,8 +14,8 @@ pub struct QuicConfig {
     /// 1024).
     pub streams_per_connection: u32,
     /// Streams a connection is first allowed; the server raises the
-    /// allowance (doubling, up to `streams_per_connection`) as the client
-    /// uses it. quinn keeps an entry for every stream a peer may open, in
+    /// allowance to `streams_per_connection` once the client has half of
+    /// them in flight. quinn keeps an entry for every stream a peer may open, in
     /// the maps it looks up on every packet: allowing all 4096 at once
     /// made its stream bookkeeping a fifth of the server's CPU per
     /// request (docs/quic.md).

@@ -195,33 +195,38 @@ async fn connection(
 }
 
 /// The streams a connection's client may have open at once: a few at
-/// first, doubled whenever half of them are requests in flight, up to
-/// `streams_per_connection`. (quinn keeps an entry per stream the peer may
-/// open, in the maps it looks up for every packet; a connection that never
-/// has many requests in flight keeps them small.)
+/// first, and all of `streams_per_connection` once half of those are
+/// requests in flight. quinn keeps an entry per stream the peer may open,
+/// in the maps it looks up for every packet, so a connection that never
+/// has many requests in flight keeps them small. Raised in one step, not
+/// doubling: each step costs the client a round trip, and quinn wakes
+/// every request waiting for a stream at each (an expiry storm's
+/// thousands of waiting `lock`s on one connection).
 #[derive(Debug, Clone, Copy)]
 struct StreamAllowance {
-    now: u32,
+    first: u32,
     most: u32,
+    raised: bool,
 }
 
 impl StreamAllowance {
     fn new(config: &QuicConfig) -> StreamAllowance {
-        let now = config.first_streams();
+        let first = config.first_streams();
         StreamAllowance {
-            now,
-            most: config.streams_per_connection.max(now),
+            first,
+            most: config.streams_per_connection.max(first),
+            raised: false,
         }
     }
 
-    /// The raised allowance, when `in_flight` requests call for one.
+    /// The raised allowance, the first time `in_flight` requests call for it.
     fn raise(&mut self, in_flight: usize) -> Option<u32> {
-        let half = usize::try_from(self.now / 2).unwrap_or(usize::MAX);
-        if self.now >= self.most || in_flight < half {
+        let half = usize::try_from(self.first / 2).unwrap_or(usize::MAX);
+        if self.raised || self.first >= self.most || in_flight < half {
             return None;
         }
-        self.now = self.now.saturating_mul(2).min(self.most);
-        Some(self.now)
+        self.raised = true;
+        Some(self.most)
     }
 }
 
@@ -421,7 +426,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_stream_allowance_doubles_at_half_use_up_to_the_most() {
+    fn the_stream_allowance_is_raised_to_the_most_once_at_half_use() {
         let config = QuicConfig {
             streams_per_connection: 100,
             initial_streams: 16,
@@ -429,10 +434,8 @@ mod tests {
         };
         let mut allowance = StreamAllowance::new(&config);
         assert_eq!(allowance.raise(7), None, "under half of 16");
-        assert_eq!(allowance.raise(8), Some(32));
-        assert_eq!(allowance.raise(15), None, "under half of 32");
-        assert_eq!(allowance.raise(16), Some(64));
-        assert_eq!(allowance.raise(40), Some(100), "never past the most");
+        assert_eq!(allowance.raise(8), Some(100));
+        assert_eq!(allowance.raise(60), None, "raised once");
         assert_eq!(allowance.raise(100), None);
     }
 
