@@ -77,7 +77,8 @@ impl QuicConfig {
     /// The streams a client may open at first: `initial_streams`, within
     /// `streams_per_connection`.
     pub fn first_streams(&self) -> u32 {
-        self.initial_streams.clamp(1, self.streams_per_connection.max(1))
+        self.initial_streams
+            .clamp(1, self.streams_per_connection.max(1))
     }
 
     /// The transport parameters both ends use. The peer may open no

@@ -133,7 +133,11 @@ async fn a_connections_stream_allowance_grows_with_its_requests_up_to_the_limit(
     );
     let waiter = connect.await.expect("waiter");
     let lock = |i: usize, wait: Wait| {
-        Op::Lock(LockOp::Acquire(Acquire::mutex(format!("k/{i}"), 30_000, wait)))
+        Op::Lock(LockOp::Acquire(Acquire::mutex(
+            format!("k/{i}"),
+            30_000,
+            wait,
+        )))
     };
     let mut tokens = Vec::new();
     for i in 0..60 {
@@ -152,13 +156,20 @@ async fn a_connections_stream_allowance_grows_with_its_requests_up_to_the_limit(
     let queued = async || holder.stats(1).await.expect("stats").locks.waiters;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while queued().await < 48 {
-        assert!(tokio::time::Instant::now() < deadline, "{} waiting", queued().await);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} waiting",
+            queued().await
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(queued().await, 48, "one stream per request, 48 at most");
     for (i, token) in tokens.into_iter().enumerate() {
-        holder.unlock(&format!("k/{i}"), token).await.expect("unlock");
+        holder
+            .unlock(&format!("k/{i}"), token)
+            .await
+            .expect("unlock");
     }
     for waiting in waiting {
         let granted = waiting.await.expect("task").expect("granted");

@@ -58,7 +58,7 @@ pub struct Deadbolt {
     /// The harness's one QUIC endpoint (UDP socket) for all its
     /// connections to this server, as a process's QUIC connections share
     /// theirs: made at the first QUIC client.
-    quic: tokio::sync::OnceCell<QuicConnector>,
+    quic: Box<tokio::sync::OnceCell<QuicConnector>>,
     /// When the process was spawned, and when it said it listened: a
     /// restart's recovery lies between them.
     spawned_at: Instant,
@@ -144,7 +144,7 @@ impl Deadbolt {
                     ws_url,
                     quic_url,
                     ca,
-                    quic: tokio::sync::OnceCell::new(),
+                    quic: Box::default(),
                     spawned_at,
                     listening_at,
                 });
