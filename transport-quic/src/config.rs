@@ -13,6 +13,13 @@ pub struct QuicConfig {
     /// (the expiry storm's 3,125 waiters per connection, seconds late at
     /// 1024).
     pub streams_per_connection: u32,
+    /// Streams a connection is first allowed; the server raises the
+    /// allowance to `streams_per_connection` once the client has half of
+    /// them in flight. quinn keeps an entry for every stream a peer may open, in
+    /// the maps it looks up on every packet: allowing all 4096 at once
+    /// made its stream bookkeeping a fifth of the server's CPU per
+    /// request (docs/quic.md).
+    pub initial_streams: u32,
     /// A connection with no traffic for this long is closed (its waiters
     /// and ephemeral locks are then released).
     pub idle_timeout: Duration,
@@ -40,6 +47,7 @@ impl Default for QuicConfig {
     fn default() -> Self {
         QuicConfig {
             streams_per_connection: 4096,
+            initial_streams: 128,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(5),
             stream_receive_window: (1 << 20) + (64 << 10),
@@ -54,20 +62,33 @@ impl Default for QuicConfig {
 }
 
 impl QuicConfig {
-    /// Sets the server-side limits on `server`: transport parameters, the
+    /// Sets the server-side limits on `server`: transport parameters (the
+    /// client first allowed [`QuicConfig::first_streams`]), the
     /// incoming-connection queue, no migration.
     pub fn apply_to_server(&self, server: &mut quinn::ServerConfig) {
+        let mut transport = self.transport();
+        transport.max_concurrent_bidi_streams(self.first_streams().into());
         server
-            .transport_config(std::sync::Arc::new(self.transport()))
+            .transport_config(std::sync::Arc::new(transport))
             .max_incoming(self.max_incoming)
             .migration(false);
     }
 
-    /// The transport parameters both ends use.
+    /// The streams a client may open at first: `initial_streams`, within
+    /// `streams_per_connection`.
+    pub fn first_streams(&self) -> u32 {
+        self.initial_streams
+            .clamp(1, self.streams_per_connection.max(1))
+    }
+
+    /// The transport parameters both ends use. The peer may open no
+    /// stream: a server raises its clients' allowance in
+    /// [`QuicConfig::apply_to_server`], and a server never opens one to a
+    /// client.
     pub fn transport(&self) -> quinn::TransportConfig {
         let mut transport = quinn::TransportConfig::default();
         transport
-            .max_concurrent_bidi_streams(self.streams_per_connection.into())
+            .max_concurrent_bidi_streams(0u32.into())
             .max_concurrent_uni_streams(0u32.into())
             .stream_receive_window(self.stream_receive_window.into())
             .receive_window(self.receive_window.into())

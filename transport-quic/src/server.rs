@@ -66,7 +66,8 @@ pub async fn serve(
                 let Some(incoming) = incoming else { break };
                 if let Some(incoming) = admit(incoming, connections.len(), &config) {
                     let (engine, stopped) = (engine.clone(), stopped.clone());
-                    connections.spawn(connection(incoming, engine, stopped));
+                    let allowance = StreamAllowance::new(&config);
+                    connections.spawn(connection(incoming, engine, stopped, allowance));
                 }
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -110,7 +111,12 @@ fn admit(incoming: Incoming, open: usize, config: &QuicConfig) -> Option<Incomin
 /// before any shard runs, overflowing it into `overloaded`. Here a
 /// connection hands its shards at most a few dozen requests per turn, and
 /// the shards run between turns.
-async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Receiver<bool>) {
+async fn connection(
+    incoming: Incoming,
+    engine: Engine,
+    mut stopped: watch::Receiver<bool>,
+    mut allowance: StreamAllowance,
+) {
     let peer = incoming.remote_address();
     let conn = match incoming.await {
         Ok(conn) => conn,
@@ -159,6 +165,9 @@ async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Rece
                 Ok((send, recv)) => {
                     let stream = Stream { send, recv, routes: routes.clone() };
                     streams.push(request(stream, session.clone(), limits, for_requests.clone()));
+                    if let Some(raised) = allowance.raise(streams.len()) {
+                        conn.set_max_concurrent_bi_streams(raised.into());
+                    }
                     accepted += 1;
                     if accepted.is_multiple_of(ACCEPTS_PER_TURN) {
                         // quinn has thousands of streams ready in a burst,
@@ -183,6 +192,42 @@ async fn connection(incoming: Incoming, engine: Engine, mut stopped: watch::Rece
     // session itself goes at the end of this function.)
     drop(streams);
     tracing::debug!(%peer, "QUIC closed");
+}
+
+/// The streams a connection's client may have open at once: a few at
+/// first, and all of `streams_per_connection` once half of those are
+/// requests in flight. quinn keeps an entry per stream the peer may open,
+/// in the maps it looks up for every packet, so a connection that never
+/// has many requests in flight keeps them small. Raised in one step, not
+/// doubling: each step costs the client a round trip, and quinn wakes
+/// every request waiting for a stream at each (an expiry storm's
+/// thousands of waiting `lock`s on one connection).
+#[derive(Debug, Clone, Copy)]
+struct StreamAllowance {
+    first: u32,
+    most: u32,
+    raised: bool,
+}
+
+impl StreamAllowance {
+    fn new(config: &QuicConfig) -> StreamAllowance {
+        let first = config.first_streams();
+        StreamAllowance {
+            first,
+            most: config.streams_per_connection.max(first),
+            raised: false,
+        }
+    }
+
+    /// The raised allowance, the first time `in_flight` requests call for it.
+    fn raise(&mut self, in_flight: usize) -> Option<u32> {
+        let half = usize::try_from(self.first / 2).unwrap_or(usize::MAX);
+        if self.raised || self.first >= self.most || in_flight < half {
+            return None;
+        }
+        self.raised = true;
+        Some(self.most)
+    }
 }
 
 /// Logs how a connection ended: once, and at `info` if on an error.
@@ -373,5 +418,36 @@ async fn answer(send: &mut SendStream, reply: &Reply) {
     // The client may be gone; then there is nobody to answer.
     if send.write_all(encode_reply(reply).as_bytes()).await.is_ok() {
         let _ = send.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_allowance_is_raised_to_the_most_once_at_half_use() {
+        let config = QuicConfig {
+            streams_per_connection: 100,
+            initial_streams: 16,
+            ..QuicConfig::default()
+        };
+        let mut allowance = StreamAllowance::new(&config);
+        assert_eq!(allowance.raise(7), None, "under half of 16");
+        assert_eq!(allowance.raise(8), Some(100));
+        assert_eq!(allowance.raise(60), None, "raised once");
+        assert_eq!(allowance.raise(100), None);
+    }
+
+    #[test]
+    fn the_first_allowance_is_within_the_most() {
+        let config = QuicConfig {
+            streams_per_connection: 10,
+            initial_streams: 128,
+            ..QuicConfig::default()
+        };
+        let mut allowance = StreamAllowance::new(&config);
+        assert_eq!(config.first_streams(), 10);
+        assert_eq!(allowance.raise(10), None);
     }
 }

@@ -1,11 +1,13 @@
 //! The QUIC frontend's limits and connection lifecycle: address-validation
-//! retry, the connection limit, oversize messages, and a client that goes
-//! silent until its connection idles out.
+//! retry, the connection limit, the streams a connection may have open,
+//! oversize messages, and a client that goes silent until its connection
+//! idles out.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use deadbolt_core::client::{Client, ClientOptions, LockOptions};
+use deadbolt_core::proto::{Acquire, LockOp, Okay, Op, Wait};
 use deadbolt_core::{Engine, EngineConfig, Limits};
 use deadbolt_transport_quic::{LossyRelay, QuicConfig, QuicConnector, Trust};
 
@@ -110,6 +112,69 @@ async fn connections_past_the_limit_are_refused() {
     let refused = client(&server).await.expect_err("second is refused");
     assert!(refused.to_string().contains("cannot connect"), "{refused}");
     first.ping().await.expect("the first still works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_stream_allowance_grows_with_its_requests_up_to_the_limit() {
+    let config = QuicConfig {
+        streams_per_connection: 48,
+        initial_streams: 4,
+        ..QuicConfig::default()
+    };
+    let server = start(config, Limits::default()).await;
+    let holder = client(&server).await.expect("holder");
+    let no_copies = ClientOptions {
+        hedging: None,
+        ..ClientOptions::default()
+    };
+    let connect = Client::connect(
+        connector(&server, server.addr, &QuicConfig::default()),
+        no_copies,
+    );
+    let waiter = connect.await.expect("waiter");
+    let lock = |i: usize, wait: Wait| {
+        Op::Lock(LockOp::Acquire(Acquire::mutex(
+            format!("k/{i}"),
+            30_000,
+            wait,
+        )))
+    };
+    let mut tokens = Vec::new();
+    for i in 0..60 {
+        match holder.call(lock(i, Wait::Never)).await.expect("lock") {
+            Okay::Granted(granted) => tokens.push(granted.token),
+            other => panic!("not a grant: {other:?}"),
+        }
+    }
+    let waiting: Vec<_> = (0..60)
+        .map(|i| {
+            let (waiter, op) = (waiter.clone(), lock(i, Wait::Forever));
+            tokio::spawn(async move { waiter.call(op).await })
+        })
+        .collect();
+    // Far past the first 4 streams, and never past the 48 allowed.
+    let queued = async || holder.stats(1).await.expect("stats").locks.waiters;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while queued().await < 48 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} waiting",
+            queued().await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(queued().await, 48, "one stream per request, 48 at most");
+    for (i, token) in tokens.into_iter().enumerate() {
+        holder
+            .unlock(&format!("k/{i}"), token)
+            .await
+            .expect("unlock");
+    }
+    for waiting in waiting {
+        let granted = waiting.await.expect("task").expect("granted");
+        assert!(matches!(granted, Okay::Granted(_)), "{granted:?}");
+    }
 }
 
 #[tokio::test]

@@ -154,25 +154,31 @@ fn next_key(state: &mut u64, keyspace: u64) -> String {
     format!("bench/{}", (z ^ (z >> 31)) % keyspace)
 }
 
-/// A client, and the relay it goes through if any.
+/// A client, and the relay it goes through if any. Direct QUIC clients
+/// share `quic`'s endpoint (one UDP socket), as a process's QUIC
+/// connections share theirs.
 async fn connect(
     target: &Target,
     via: Via,
     seed: u64,
+    quic: Option<&QuicConnector>,
 ) -> anyhow::Result<(Client, Option<LossyRelay>)> {
     let options = ClientOptions::default();
-    match via {
-        Via::Ws => Ok((
+    match (via, quic) {
+        (Via::Ws, _) => Ok((
             Client::connect(WsConnector::new(&target.ws)?, options).await?,
             None,
         )),
-        Via::Quic => {
+        (Via::Quic, Some(connector)) => {
+            Ok((Client::connect(connector.clone(), options).await?, None))
+        }
+        (Via::Quic, None) => {
             let connector =
                 QuicConnector::from_url(&target.quic, &target.trust, &QuicConfig::default())
                     .await?;
             Ok((Client::connect(connector, options).await?, None))
         }
-        Via::LossyQuic(loss) => {
+        (Via::LossyQuic(loss), _) => {
             let server: SocketAddr = target
                 .quic
                 .trim_start_matches("quic://")
@@ -208,9 +214,15 @@ async fn one_cycle(client: &Client, key: String) -> anyhow::Result<()> {
 }
 
 async fn cycles(target: &Target, via: Via, connections: usize, args: &Args) -> anyhow::Result<Row> {
+    let quic = match via {
+        Via::Quic => Some(
+            QuicConnector::from_url(&target.quic, &target.trust, &QuicConfig::default()).await?,
+        ),
+        _ => None,
+    };
     let mut clients = Vec::with_capacity(connections);
     for i in 0..connections {
-        clients.push(connect(target, via, i as u64).await?);
+        clients.push(connect(target, via, i as u64, quic.as_ref()).await?);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();

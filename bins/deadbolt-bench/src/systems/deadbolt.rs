@@ -55,6 +55,10 @@ pub struct Deadbolt {
     ws_url: String,
     quic_url: String,
     ca: PathBuf,
+    /// The harness's one QUIC endpoint (UDP socket) for all its
+    /// connections to this server, as a process's QUIC connections share
+    /// theirs: made at the first QUIC client.
+    quic: Box<tokio::sync::OnceCell<QuicConnector>>,
     /// When the process was spawned, and when it said it listened: a
     /// restart's recovery lies between them.
     spawned_at: Instant,
@@ -140,6 +144,7 @@ impl Deadbolt {
                     ws_url,
                     quic_url,
                     ca,
+                    quic: Box::default(),
                     spawned_at,
                     listening_at,
                 });
@@ -164,10 +169,15 @@ impl Deadbolt {
         Ok(match self.frontend {
             Frontend::Ws => Client::connect(WsConnector::new(&self.ws_url)?, options).await?,
             Frontend::Quic => {
-                let trust = Trust::CaFile(self.ca.clone());
-                let connector =
-                    QuicConnector::from_url(&self.quic_url, &trust, &QuicConfig::default()).await?;
-                Client::connect(connector, options).await?
+                let connector = self
+                    .quic
+                    .get_or_try_init(|| async {
+                        let trust = Trust::CaFile(self.ca.clone());
+                        QuicConnector::from_url(&self.quic_url, &trust, &QuicConfig::default())
+                            .await
+                    })
+                    .await?;
+                Client::connect(connector.clone(), options).await?
             }
         })
     }
