@@ -100,8 +100,11 @@ struct Facts {
     proven_end_us: BTreeMap<Grant, u64>,
     /// The first such end (the first lease's).
     first_end_us: BTreeMap<Grant, u64>,
-    /// Each grant's `ttl_ms`, as its worker asked for it.
-    ttl_ms: BTreeMap<Grant, u64>,
+    /// Each grant's `ttl_ms` as its worker asked for it, with when it was
+    /// granted: a holder's re-lock in a later step can get the same token
+    /// with another `ttl_ms`, and a warning belongs to the lease in force
+    /// when it is heard.
+    ttl_ms: BTreeMap<Grant, Vec<(u64, u64)>>,
     /// Grants ended by their raw holder's own `unlock`, answered `ok`.
     unlocked: BTreeSet<Grant>,
 }
@@ -131,7 +134,8 @@ impl Facts {
                         first.or_insert(*valid_until_us);
                     }
                     if let Some(&ttl) = asked_ttl.get(&worker) {
-                        facts.ttl_ms.insert(grant, ttl);
+                        let ttls = facts.ttl_ms.entry(grant).or_default();
+                        ttls.push((event.at_us, ttl));
                     }
                 }
                 What::Extended {
@@ -203,7 +207,11 @@ impl Facts {
         remaining_ms: Option<u64>,
         violations: &mut Vec<Violation>,
     ) {
-        let Some(&ttl_ms) = self.ttl_ms.get(grant) else {
+        let in_force = self.ttl_ms.get(grant).and_then(|ttls| {
+            let granted = ttls.iter().take_while(|(at_us, _)| *at_us <= event.at_us);
+            granted.last().map(|&(_, ttl_ms)| ttl_ms)
+        });
+        let Some(ttl_ms) = in_force else {
             return;
         };
         if remaining_ms.is_none_or(|left| left > ttl_ms / 3 + 1) {

@@ -537,8 +537,13 @@ async fn a_follower_forwards_with_its_clients_secret_and_refuses_outside_the_gra
         auth: Some(deadbolt_core::proto::Secret::new("workers-secret")),
         ..ClientOptions::default()
     };
-    let connector = WsConnector::new(&follower.url).expect("url");
-    let client = Client::connect(connector, options).await.expect("hello");
+    // A follower claims the client id through the leader: `unavailable`
+    // while an election is under way (a loaded machine can start one).
+    let connect = || {
+        let connector = WsConnector::new(&follower.url).expect("url");
+        Client::connect(connector, options.clone())
+    };
+    let client = until_settled(connect).await.expect("hello");
     let guard = loop {
         match client.try_lock("jobs/1", TTL).await {
             Ok(Some(guard)) => break guard,
