@@ -541,6 +541,15 @@ fn a_graceful_stop_keeps_the_time_locks_and_sets_had_left_while_it_drained() {
         .trim_end_matches("/ws")
         .to_owned();
     let silent = std::net::TcpStream::connect(&address).expect("connect");
+    let asked = std::time::Instant::now();
+    while handshakes(&address) == 0 {
+        // Not accepted yet: a stop now would have nothing to drain.
+        assert!(
+            asked.elapsed().as_secs() < 10,
+            "the server never took the connection"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let began = std::time::Instant::now();
     stop(server);
     let drained = began.elapsed();
@@ -558,4 +567,21 @@ fn a_graceful_stop_keeps_the_time_locks_and_sets_had_left_while_it_drained() {
         "1\tx\n"
     );
     stop(server);
+}
+
+/// The server's `deadbolt_ws_handshakes` gauge: connections accepted whose
+/// request head has not come yet (this request's own is read by then).
+fn handshakes(address: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut http = std::net::TcpStream::connect(address).expect("connect");
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: deadbolt\r\nConnection: close\r\n\r\n")
+        .expect("ask for the metrics");
+    let mut answer = String::new();
+    http.read_to_string(&mut answer).expect("the metrics");
+    answer
+        .lines()
+        .find_map(|line| line.strip_prefix("deadbolt_ws_handshakes "))
+        .map_or(0, |value| {
+            value.trim().parse::<f64>().expect("a number") as u64
+        })
 }
