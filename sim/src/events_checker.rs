@@ -391,6 +391,48 @@ mod tests {
     }
 
     #[test]
+    fn an_expiring_is_judged_by_the_lease_in_force_when_it_was_heard() {
+        // Seed 636: a 900 ms lease warned with 290 ms left; the same
+        // holder's later re-lock got the same token with a 150 ms lease.
+        let lock = |ms, ttl_ms| {
+            let what = What::LockAsked {
+                key: "k".into(),
+                ttl_ms,
+                wait_ms: Some(0),
+                ephemeral: false,
+            };
+            at(ms, 0, what)
+        };
+        let expiring = |ms, remaining_ms| {
+            let mut event = pushed(ms, 0, 1, "expiring", None);
+            if let What::Pushed {
+                remaining_ms: r, ..
+            } = &mut event.what
+            {
+                *r = Some(remaining_ms);
+            }
+            event
+        };
+        let events = [
+            lock(0, 900),
+            granted(10, 0, 1, 910),
+            expiring(620, 290),
+            lock(2_000, 150),
+            granted(2_010, 0, 1, 2_160),
+            expiring(2_110, 50),
+        ];
+        assert!(
+            kinds(&events, &[0]).is_empty(),
+            "{:?}",
+            kinds(&events, &[0])
+        );
+        // A warning with more than a third of its own lease left is still
+        // out of place.
+        let early = [lock(0, 900), granted(10, 0, 1, 910), expiring(400, 500)];
+        assert!(kinds(&early, &[0]).contains(&"events: expiring out of place"));
+    }
+
+    #[test]
     fn an_expired_lost_is_judged_against_the_proven_lease_end() {
         let lock = |ms| {
             at(
