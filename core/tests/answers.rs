@@ -10,6 +10,7 @@ use deadbolt_core::proto::{
     Acquire, ErrorCode, Granted, LockOp, Mode, Okay, Op, Outcome, Reply, Request, Wait,
 };
 use deadbolt_core::{Engine, EngineConfig, Limits};
+use tokio::time::Instant;
 
 fn engine(shards: usize, mailbox_len: usize) -> Engine {
     Engine::start(EngineConfig {
@@ -35,7 +36,7 @@ fn try_lock(key: &str, ttl_ms: u64) -> Op {
 }
 
 fn submit(answers: &Answers, id: u64, op: Op) {
-    if let Err(request) = answers.submit(Request { id, op }) {
+    if let Err(request) = answers.submit(Request { id, op }, Instant::now()) {
         panic!("request {id} was given back: {request:?}");
     }
 }
@@ -137,7 +138,7 @@ async fn a_request_that_needs_more_than_its_shard_is_given_back() {
     }));
     for op in [waits, notifies, Op::Ping] {
         let request = Request { id: 1, op };
-        let given_back = answers.submit(request.clone());
+        let given_back = answers.submit(request.clone(), Instant::now());
         assert_eq!(given_back.map_err(|r| r.op), Err(request.op));
     }
     // An id in flight is given back, and `execute` refuses it as ever.
@@ -146,7 +147,9 @@ async fn a_request_that_needs_more_than_its_shard_is_given_back() {
         id: 3,
         op: try_lock("other", 1_000),
     };
-    let again = answers.submit(again).expect_err("id 3 is in flight");
+    let again = answers
+        .submit(again, Instant::now())
+        .expect_err("id 3 is in flight");
     let reply = session.execute(again).await;
     let code = reply.outcome.expect_err("a duplicate id").code;
     assert_eq!(code, ErrorCode::BadRequest);
@@ -156,7 +159,9 @@ async fn a_request_that_needs_more_than_its_shard_is_given_back() {
         id: 4,
         op: try_lock("late", 1_000),
     };
-    let late = answers.submit(late).expect_err("the engine stopped");
+    let late = answers
+        .submit(late, Instant::now())
+        .expect_err("the engine stopped");
     let code = session
         .execute(late)
         .await
@@ -176,4 +181,108 @@ fn acquire(key: &str) -> Acquire {
         lock_delay_ms: 0,
         notify: false,
     }
+}
+
+/// Every value recorded into any histogram, in order.
+#[derive(Debug, Default, Clone)]
+struct Recorded(std::sync::Arc<std::sync::Mutex<Vec<f64>>>);
+
+impl metrics::HistogramFn for Recorded {
+    fn record(&self, value: f64) {
+        self.0.lock().unwrap().push(value);
+    }
+}
+
+impl metrics::Recorder for Recorded {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::from_arc(std::sync::Arc::new(self.clone()))
+    }
+}
+
+/// A submitted request's duration runs from when it was read to when its
+/// answer is taken, for each batch of answers anew: the clock is read once
+/// per batch, and a later batch must not reuse an earlier one's time.
+#[test]
+fn a_duration_runs_from_the_read_to_the_answer_taken_in_each_batch() {
+    let recorded = Recorded::default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorded, || {
+        runtime.block_on(async {
+            let engine = engine(1, 1024);
+            let session = engine.session();
+            let mut answers = session.take_answers().expect("first take");
+            let read_at = Instant::now();
+            tokio::time::advance(std::time::Duration::from_millis(50)).await;
+            answers
+                .submit(
+                    Request {
+                        id: 1,
+                        op: try_lock("a", 1_000),
+                    },
+                    read_at,
+                )
+                .unwrap();
+            answers
+                .submit(
+                    Request {
+                        id: 2,
+                        op: try_lock("b", 1_000),
+                    },
+                    read_at,
+                )
+                .unwrap();
+            replies(&mut answers, 2).await;
+            let read_at = Instant::now();
+            tokio::time::advance(std::time::Duration::from_millis(30)).await;
+            answers
+                .submit(
+                    Request {
+                        id: 3,
+                        op: try_lock("c", 1_000),
+                    },
+                    read_at,
+                )
+                .unwrap();
+            replies(&mut answers, 1).await;
+        });
+    });
+    let durations = recorded.0.lock().unwrap().clone();
+    assert_eq!(durations.len(), 3, "{durations:?}");
+    assert!(durations[..2].iter().all(|&d| d >= 0.050), "{durations:?}");
+    assert!((0.030..0.050).contains(&durations[2]), "{durations:?}");
 }

@@ -153,6 +153,8 @@ impl Drop for ReplyBudget {
 struct Parked {
     request: Request,
     bound: usize,
+    /// When its frame was read (its duration counts from there).
+    received: Instant,
 }
 
 impl End {
@@ -266,7 +268,7 @@ where
                 let mut frame = frame;
                 let mut taken = 1;
                 let stop = loop {
-                    let reply = match on_frame(frame, limits, &session, &mut in_flight, &mut budget, &mut parked) {
+                    let reply = match on_frame(frame, heard, limits, &session, &mut in_flight, &mut budget, &mut parked) {
                         Ok(reply) => reply,
                         Err(end) => break Some(end),
                     };
@@ -337,6 +339,7 @@ const READ_BATCH_MAX: usize = 64;
 /// at once (a refusal), or how the connection ends.
 fn on_frame(
     frame: Option<Result<Message, WsError>>,
+    received: Instant,
     limits: &Limits,
     session: &Session,
     in_flight: &mut InFlight,
@@ -351,7 +354,11 @@ fn on_frame(
     Ok(match step {
         Incoming::Request(request) => {
             let bound = request.op.reply_bytes_bound(limits.message_bytes_max);
-            let waiting = Parked { request, bound };
+            let waiting = Parked {
+                request,
+                bound,
+                received,
+            };
             if budget.fits(bound) {
                 in_flight.start(session, waiting, budget)
             } else {
@@ -449,7 +456,11 @@ impl InFlight {
         waiting: Parked,
         budget: &mut ReplyBudget,
     ) -> Option<Finished> {
-        let Parked { request, bound } = waiting;
+        let Parked {
+            request,
+            bound,
+            received,
+        } = waiting;
         if self.len() >= self.max {
             return Some(Finished::now(Reply {
                 id: Some(request.id),
@@ -462,7 +473,7 @@ impl InFlight {
         // A reply that reserves nothing may go through the queue; one
         // that does must keep its reservation with it.
         let request = match &self.answers {
-            Some(answers) if bound == 0 => match answers.submit(request) {
+            Some(answers) if bound == 0 => match answers.submit(request, received) {
                 Ok(()) => {
                     self.submitted += 1;
                     return None;

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use std::collections::{HashMap, HashSet};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::actor::{Respond, ShardMsg};
 use super::events::{self, Events, Listener, Note, Sink, Subscription};
@@ -175,6 +176,7 @@ impl Session {
         Some(Answers {
             session: self.clone(),
             queue,
+            batch_time: None,
         })
     }
 
@@ -247,7 +249,7 @@ impl Session {
             .principal
             .as_ref()
             .and_then(|_| quota::Effect::of(&request.op));
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let kind = request.op.kind();
         let ephemeral = matches!(&request.op, Op::Lock(LockOp::Acquire(a)) if a.ephemeral);
         let to_prove = self.to_prove(&request.op);
@@ -579,7 +581,7 @@ impl Session {
         if !principal.allows(need) {
             return Err(unauthorized(refusal(&name, op, need)));
         }
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let client = self.client();
         let waiting = auth.usage().admit(&principal, &client, op, now)?;
         Ok(Admitted {
@@ -602,7 +604,7 @@ impl Session {
         else {
             return;
         };
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let ttl_ms_max = self.inner.engine.limits().ttl_ms_max;
         let client = self.client();
         auth.usage()
@@ -884,6 +886,9 @@ impl Session {
 pub struct Answers {
     session: Session,
     queue: mpsc::UnboundedReceiver<Answered>,
+    /// The time the answers taken since the queue was last empty are
+    /// counted done at: the clock is read once per batch of answers.
+    batch_time: Option<Instant>,
 }
 
 impl Answers {
@@ -896,7 +901,11 @@ impl Answers {
     /// is in flight already or still has events coming (`execute` refuses
     /// it). Either way the reply is the one `execute` would give: a full
     /// mailbox answers `overloaded`, a stopped shard `shutting_down`.
-    pub fn submit(&self, request: Request) -> Result<(), Request> {
+    ///
+    /// `received` is when the request was read: its duration is measured
+    /// from there. The caller passes the time it read a batch of requests
+    /// at, so that the clock is read once per batch, not per request.
+    pub fn submit(&self, request: Request, received: Instant) -> Result<(), Request> {
         let session = &self.session;
         let id = request.id;
         if !session.alone_in_shard(&request.op) || !session.claim_id(id) {
@@ -917,7 +926,7 @@ impl Answers {
             answers: session.inner.answers.clone(),
             id,
             kind,
-            started: tokio::time::Instant::now(),
+            started: received,
             sent: false,
         };
         let message = ShardMsg::Op {
@@ -947,9 +956,15 @@ impl Answers {
     /// gave them; its id is free again once it is taken. (Never `None`:
     /// the session holds a sender.)
     pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Reply>> {
-        self.queue
-            .poll_recv(cx)
-            .map(|answered| Some(self.session.take_answer(answered?)))
+        let Some(answered) = std::task::ready!(self.queue.poll_recv(cx)) else {
+            return std::task::Poll::Ready(None);
+        };
+        let done_at = *self.batch_time.get_or_insert_with(Instant::now);
+        if self.queue.is_empty() {
+            // The next answer is another batch's, taken later.
+            self.batch_time = None;
+        }
+        std::task::Poll::Ready(Some(self.session.take_answer(answered, done_at)))
     }
 
     /// The next answer of a submitted request, once there is one.
@@ -963,7 +978,7 @@ impl Answers {
 pub(crate) struct Answered {
     id: RequestId,
     kind: OpKind,
-    started: tokio::time::Instant,
+    started: Instant,
     outcome: Outcome,
 }
 
@@ -975,7 +990,7 @@ pub(crate) struct Queued {
     answers: mpsc::UnboundedSender<Answered>,
     id: RequestId,
     kind: OpKind,
-    started: tokio::time::Instant,
+    started: Instant,
     sent: bool,
 }
 
@@ -1034,7 +1049,7 @@ impl Session {
 
     /// What `execute` does once a request is answered: its id is free,
     /// and its duration recorded.
-    fn take_answer(&self, answered: Answered) -> Reply {
+    fn take_answer(&self, answered: Answered, done_at: Instant) -> Reply {
         let Answered {
             id,
             kind,
@@ -1042,7 +1057,8 @@ impl Session {
             outcome,
         } = answered;
         self.state().in_flight.remove(&id);
-        self.duration(kind).record(started.elapsed().as_secs_f64());
+        let duration = done_at.saturating_duration_since(started);
+        self.duration(kind).record(duration.as_secs_f64());
         Reply {
             id: Some(id),
             outcome,
