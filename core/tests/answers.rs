@@ -189,7 +189,7 @@ struct Recorded(std::sync::Arc<std::sync::Mutex<Vec<f64>>>);
 
 impl metrics::HistogramFn for Recorded {
     fn record(&self, value: f64) {
-        self.0.lock().unwrap().push(value);
+        self.0.lock().expect("not poisoned").push(value);
     }
 }
 
@@ -281,7 +281,7 @@ fn a_duration_runs_from_the_read_to_the_answer_taken_in_each_batch() {
             replies(&mut answers, 1).await;
         });
     });
-    let durations = recorded.0.lock().unwrap().clone();
+    let durations = recorded.0.lock().expect("not poisoned").clone();
     assert_eq!(durations.len(), 3, "{durations:?}");
     assert!(durations[..2].iter().all(|&d| d >= 0.050), "{durations:?}");
     assert!((0.030..0.050).contains(&durations[2]), "{durations:?}");
