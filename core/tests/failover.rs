@@ -2,7 +2,8 @@
 //! virtual time: a client given several servers skips one that cannot be
 //! reached, leaves one that answers `unavailable` for the next, and retries
 //! `unavailable` on a single server until it serves again or the retry
-//! budget runs out; lock renewal rides out a spell of `unavailable`.
+//! budget runs out; lock renewal rides out a spell of `unavailable`; and a
+//! `hello` answered `unavailable` is retried by `Client::connect` as well.
 //!
 //! The `unavailable` answers are the engine's own: its journal refuses
 //! batches (as a full disk does), and the engine answers their requests
@@ -13,11 +14,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use deadbolt_core::auth::quota::Quotas;
+use deadbolt_core::auth::{Auth, Policy, Principal};
 use deadbolt_core::client::{
     Client, ClientOptions, Connector, FailoverConnector, LocalConnector, LockOptions,
 };
 use deadbolt_core::engine::{Append, Journal};
-use deadbolt_core::proto::{ErrorCode, ServerError};
+use deadbolt_core::proto::{ErrorCode, Secret, ServerError};
 use deadbolt_core::shard::{Command, Input};
 use deadbolt_core::{Engine, EngineConfig};
 use tokio::time::Instant;
@@ -293,4 +296,80 @@ async fn renewal_refused_past_the_lease_view_reports_the_lock_lost_then_and_not_
         lost_at >= Duration::from_millis(2_960) && lost_at <= Duration::from_secs(3),
         "{lost_at:?}"
     );
+}
+
+/// An engine whose journal is `gate` and whose one principal, `worker`,
+/// says `hello` with the secret `s3cret`: its `hello` claims the client id
+/// through a shard, so a shut gate answers it `unavailable`, as a cluster
+/// node between leaders does.
+fn authenticating_engine_behind(gate: &Arc<Gate>) -> Engine {
+    let principal = Principal {
+        name: "worker".to_owned(),
+        secret: Secret::new("s3cret"),
+        locks: vec![String::new()],
+        sets: vec![String::new()],
+        read: vec![String::new()],
+        admin: false,
+        quotas: Quotas::default(),
+    };
+    let policy = Policy::new(vec![principal]).expect("a policy");
+    Engine::start(EngineConfig {
+        shards: 2,
+        journal: Some(Arc::clone(gate) as Arc<dyn Journal>),
+        auth: Some(Arc::new(Auth::new(policy))),
+        ..EngineConfig::new()
+    })
+}
+
+fn worker_options(retry_for: Duration) -> ClientOptions {
+    ClientOptions {
+        auth: Some(Secret::new("s3cret")),
+        ..options(retry_for)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hello_answered_unavailable_is_retried_until_the_server_serves() {
+    let gate = Arc::new(Gate::default());
+    let server = authenticating_engine_behind(&gate);
+    gate.shut();
+    gate.open_after(Duration::from_millis(700));
+    let started = Instant::now();
+    let client = Client::connect(
+        LocalConnector::new(server),
+        worker_options(Duration::from_secs(5)),
+    )
+    .await
+    .expect("connects once the server serves");
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert!(
+        gate.refused() >= 2,
+        "hello refused {} times",
+        gate.refused()
+    );
+    let guard = client
+        .lock("k", Duration::from_secs(10))
+        .await
+        .expect("lock");
+    assert!(guard.is_held());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hello_answered_unavailable_past_the_retry_budget_is_the_answer() {
+    let gate = Arc::new(Gate::default());
+    let server = authenticating_engine_behind(&gate);
+    gate.shut();
+    let started = Instant::now();
+    let refused = Client::connect(
+        LocalConnector::new(server),
+        worker_options(Duration::from_secs(2)),
+    )
+    .await;
+    assert_eq!(
+        refused.err().and_then(|e| e.code()),
+        Some(ErrorCode::Unavailable)
+    );
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(2), "gave up after {waited:?}");
+    assert!(waited < Duration::from_secs(4), "gave up after {waited:?}");
 }

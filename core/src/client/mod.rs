@@ -19,8 +19,9 @@
 //! `unavailable` (no quorum or no leader, a full disk) or `shutting_down`
 //! is left: the client drops that connection, asks its connector to [fail
 //! over](Connector::fail_over), backs off, and retries on a new connection,
-//! within the same budget and with the same client id. `overloaded` is
-//! retried on the same connection.
+//! within the same budget and with the same client id; so is a `hello`
+//! answered so, even the first one, in [`Client::connect`]. `overloaded`
+//! is retried on the same connection.
 
 pub mod events;
 pub mod failover;
@@ -286,8 +287,32 @@ impl Client {
                 hedger,
             }),
         };
-        client.connection().await?;
+        client.first_connection().await?;
         Ok(client)
+    }
+
+    /// Opens the first connection. A `hello` answered `unavailable` or
+    /// `shutting_down` (a cluster node between leaders, a full disk, a node
+    /// stopping) is retried, failing over, within `retry_for`, as any
+    /// request is; a server that cannot be reached at all is an error at
+    /// once, so that a wrong address does not hang.
+    async fn first_connection(&self) -> Result<(), Error> {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            match self.connection().await {
+                Ok(_) => return Ok(()),
+                Err(Error::Server(refused))
+                    if cannot_serve(&refused)
+                        && started.elapsed() < self.inner.options.retry_for =>
+                {
+                    tracing::debug!(error = %refused, attempt, "hello refused; retrying");
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// This client's id.
