@@ -69,6 +69,9 @@ pub struct Args {
     /// The hedging delay's quantile of recent round trips.
     #[arg(long, default_value_t = HedgeOptions::default().quantile)]
     hedge_quantile: f64,
+    /// The shortest hedging delay (`1ms`, `500us`).
+    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+    hedge_floor: std::time::Duration,
 }
 
 /// A transport to measure.
@@ -220,6 +223,7 @@ async fn measure(args: Args, tuning: QuicTuning) -> anyhow::Result<()> {
         tuning,
         hedge: args.hedge.then(|| HedgeOptions {
             quantile: args.hedge_quantile,
+            floor: args.hedge_floor,
             ..HedgeOptions::default()
         }),
     };
@@ -230,7 +234,11 @@ async fn measure(args: Args, tuning: QuicTuning) -> anyhow::Result<()> {
         humantime::format_duration(args.duration),
         args.quic_tuning,
         match &target.hedge {
-            Some(hedge) => format!("at the {} quantile", hedge.quantile),
+            Some(hedge) => format!(
+                "at the {} quantile (at least {})",
+                hedge.quantile,
+                humantime::format_duration(hedge.floor)
+            ),
             None => "off".to_owned(),
         },
         load_average(),
