@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::config::QuicConfig;
-use crate::stream::{Arrived, Execute, ReadEnd, Reading, Unwritten, Work, reply_now};
+use crate::stream::{Arrived, Execute, ReadEnd, Reading, Unwritten, Work, has_events, reply_now};
 use crate::tls::{self, Identity, TlsError};
 
 /// The QUIC error code of a connection closed by a shutting-down server.
@@ -167,7 +167,9 @@ async fn connection(
                     streams.push(work.run());
                 }
             }
-            pushed = next_event(&mut events), if events.is_some() => match pushed {
+            // Only a connection that asked for events can have any: one
+            // that never did does not look at its (empty) queue each turn.
+            pushed = next_event(&mut events), if events.is_some() && requests.asked_for_events => match pushed {
                 Some(Pushed::Overflow) => {
                     conn.close(CLOSE_EVENTS_NOT_READ.into(), b"events not read");
                     break false;
@@ -245,6 +247,9 @@ struct Requests {
     /// The server is shutting down: a request that arrives now is
     /// answered `shutting_down`.
     shutting_down: bool,
+    /// Whether a request of the connection asked for events (a `watch`,
+    /// a `lock` with `notify`): none come before one has.
+    asked_for_events: bool,
 }
 
 impl Requests {
@@ -257,6 +262,7 @@ impl Requests {
             stopped,
             routes: Routes::default(),
             shutting_down: false,
+            asked_for_events: false,
         }
     }
 
@@ -304,6 +310,7 @@ impl Requests {
         if self.shutting_down {
             return Some(Work::ShuttingDown { send, id });
         }
+        self.asked_for_events |= has_events(&request.op);
         let request = match &self.answers {
             Some(answers) => match answers.submit(request) {
                 Ok(()) => {

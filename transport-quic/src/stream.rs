@@ -280,7 +280,7 @@ impl Execute {
 
 /// Whether `op` asks for pushed events: a `watch`, or a `lock` with
 /// `notify`.
-fn has_events(op: &Op) -> bool {
+pub(crate) fn has_events(op: &Op) -> bool {
     match op {
         Op::Watch { .. } => true,
         Op::Lock(LockOp::Acquire(acquire)) => acquire.notify,
