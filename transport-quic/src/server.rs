@@ -7,7 +7,7 @@ use std::task::Poll;
 
 use deadbolt_core::engine::Frontend;
 use deadbolt_core::engine::events::{Events, Pushed};
-use deadbolt_core::engine::session::Answers;
+use deadbolt_core::engine::session::{Answers, Unheard};
 use deadbolt_core::proto::{Reply, Request, RequestId, ServerError, decode_request};
 use deadbolt_core::{Engine, Limits, Session};
 use futures_util::FutureExt;
@@ -17,7 +17,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::config::QuicConfig;
-use crate::stream::{Arrived, Execute, ReadEnd, Reading, Unwritten, Work, has_events, reply_now};
+use crate::stream::{
+    Arrived, Execute, Finished, ReadEnd, Reading, Unwritten, Work, Written, has_events, reply_now,
+};
 use crate::tls::{self, Identity, TlsError};
 
 /// The QUIC error code of a connection closed by a shutting-down server.
@@ -150,22 +152,11 @@ async fn connection(
                 conn.close(CLOSE_LEADER_CHANGED.into(), b"leader changed");
                 break false;
             }
-            reply = requests.next_answer(), if requests.submitted() > 0 => {
-                let mut reply = Some(reply);
-                let mut taken = 0;
-                // Every answer the shards have given, in this one turn.
-                while let Some(answer) = reply.take() {
-                    streams.extend(requests.answered(answer).map(|w| Work::Write(w).run()));
-                    taken += 1;
-                    if taken < ANSWERS_PER_TURN {
-                        reply = requests.next_answer().now_or_never();
-                    }
-                }
+            answer = requests.next_answer(), if requests.submitted() > 0 => {
+                streams.extend(requests.answered_all(answer).map(Work::run));
             }
-            Some(arrived) = streams.next(), if !streams.is_empty() => {
-                if let Some(work) = arrived.and_then(|arrived| requests.arrived(arrived)) {
-                    streams.push(work.run());
-                }
+            Some(finished) = streams.next(), if !streams.is_empty() => {
+                streams.extend(finished.and_then(|f| requests.finished(f)).map(Work::run));
             }
             // Only a connection that asked for events can have any: one
             // that never did does not look at its (empty) queue each turn.
@@ -179,9 +170,7 @@ async fn connection(
             },
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    if let Some(work) = requests.accepted(send, recv) {
-                        streams.push(work.run());
-                    }
+                    streams.extend(requests.accepted(send, recv).map(Work::run));
                     if let Some(raised) = allowance.raise(streams.len() + requests.submitted()) {
                         conn.set_max_concurrent_bi_streams(raised.into());
                     }
@@ -201,12 +190,19 @@ async fn connection(
         }
     };
     if shutting_down {
-        // Each request still in flight is answered `shutting_down`, and
-        // each still arriving once it has.
-        streams.extend(requests.shut_down().map(Work::run));
-        while let Some(arrived) = streams.next().await {
-            if let Some(work) = arrived.and_then(|arrived| requests.arrived(arrived)) {
-                streams.push(work.run());
+        // Each request still arriving is answered `shutting_down` once it
+        // has; one running as a future answers so itself; one submitted to
+        // its shard gets the shard's answer (prompt: a stopping shard
+        // answers `shutting_down`), so that no grant goes unheard.
+        requests.shutting_down = true;
+        while !streams.is_empty() || requests.submitted() > 0 {
+            tokio::select! {
+                answer = requests.next_answer(), if requests.submitted() > 0 => {
+                    streams.extend(requests.answered_all(answer).map(Work::run));
+                }
+                Some(finished) = streams.next(), if !streams.is_empty() => {
+                    streams.extend(finished.and_then(|f| requests.finished(f)).map(Work::run));
+                }
             }
         }
         conn.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
@@ -300,7 +296,10 @@ impl Requests {
             // Reset by the client, or the connection went away.
             Err(ReadEnd::Gone) => return None,
         };
-        reply_now(send, &refusal).map(Work::Write)
+        match reply_now(send, &refusal, None) {
+            Written::Later(unwritten) => Some(Work::Write(unwritten)),
+            Written::Done | Written::Refused(_) => None,
+        }
     }
 
     /// Starts `request`: through the queue of answers if its shard alone
@@ -332,35 +331,75 @@ impl Requests {
     }
 
     /// The next answer to a submitted request, once there is one.
-    async fn next_answer(&mut self) -> Reply {
+    async fn next_answer(&mut self) -> Answer {
         let Some(answers) = self.answers.as_mut() else {
             return std::future::pending().await;
         };
-        match answers.next().await {
-            Some(reply) => reply,
+        match std::future::poll_fn(|cx| answers.poll_answer(cx)).await {
+            Some(answer) => answer,
             // Never: the session holds a sender.
             None => std::future::pending().await,
         }
     }
 
-    /// Writes an answer on its stream; the work of writing the rest, if
-    /// quinn could not take it at once. An answer whose stream the client
-    /// stopped (it gave up, or its copy won) is dropped.
-    fn answered(&mut self, reply: Reply) -> Option<Unwritten> {
-        let send = self.awaiting.remove(&reply.id?)?;
-        reply_now(send, &reply)
+    /// Writes `first` and every other answer the shards have given, in
+    /// this one turn (up to a bound); the work of writing those quinn
+    /// could not take at once.
+    fn answered_all(&mut self, first: Answer) -> impl Iterator<Item = Work> + use<> {
+        let mut later = Vec::new();
+        let mut answer = Some(first);
+        let mut taken = 0;
+        while let Some((reply, unheard)) = answer.take() {
+            later.extend(self.answered(reply, unheard).map(Work::Write));
+            taken += 1;
+            if taken < ANSWERS_PER_TURN {
+                answer = self.next_answer().now_or_never();
+            }
+        }
+        later.into_iter()
     }
 
-    /// The server is shutting down: each submitted request is answered
-    /// `shutting_down` (as one running as a future is), and so is each
-    /// request that arrives from now on.
-    fn shut_down(&mut self) -> impl Iterator<Item = Work> + use<> {
-        self.shutting_down = true;
-        std::mem::take(&mut self.awaiting)
-            .into_iter()
-            .map(|(id, send)| Work::ShuttingDown { send, id })
+    /// Writes an answer on its stream; the work of writing the rest, if
+    /// quinn could not take it at once. An answer whose stream the client
+    /// stopped (it gave up, or its copy won) is dropped, and its grant
+    /// undone: nobody heard of it.
+    fn answered(&mut self, reply: Reply, unheard: Option<Unheard>) -> Option<Unwritten> {
+        let send = reply.id.and_then(|id| self.awaiting.remove(&id));
+        let written = match send {
+            Some(send) => reply_now(send, &reply, unheard),
+            None => {
+                debug_assert!(false, "an answer without its stream: {reply:?}");
+                return None;
+            }
+        };
+        match written {
+            Written::Done => None,
+            Written::Refused(unheard) => {
+                self.finished(Finished::Unheard(unheard?));
+                None
+            }
+            Written::Later(unwritten) => Some(unwritten),
+        }
+    }
+
+    /// What a stream's future handed back: its request, which starts; or
+    /// a grant nobody heard of, which is undone.
+    fn finished(&mut self, finished: Finished) -> Option<Work> {
+        match finished {
+            Finished::Arrived(arrived) => self.arrived(arrived),
+            Finished::Unheard(unheard) => {
+                if let Some(answers) = &self.answers {
+                    answers.unheard(unheard);
+                }
+                None
+            }
+        }
     }
 }
+
+/// An answer to a submitted request, and what undoes its grant if nobody
+/// hears of it.
+type Answer = (Reply, Option<Unheard>);
 
 /// The streams a connection's client may have open at once: a few at
 /// first, and all of `streams_per_connection` once half of those are

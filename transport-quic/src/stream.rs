@@ -11,6 +11,7 @@ use std::task::{Context, Poll, Waker, ready};
 use bytes::Bytes;
 use deadbolt_core::Session;
 use deadbolt_core::engine::events::Pushed;
+use deadbolt_core::engine::session::Unheard;
 use deadbolt_core::proto::{
     LockOp, Okay, Op, Reply, Request, RequestId, ServerError, encode_reply,
 };
@@ -126,6 +127,15 @@ impl Reading {
     }
 }
 
+/// What a stream's [`Work`] hands back to its connection.
+pub(crate) enum Finished {
+    /// Its request, read (or not).
+    Arrived(Arrived),
+    /// A grant whose answer could not be written: its client stopped the
+    /// stream, so the grant is to be undone.
+    Unheard(Unheard),
+}
+
 /// A stream's request, read (or not), and where its reply goes.
 pub(crate) struct Arrived {
     pub(crate) send: SendStream,
@@ -147,22 +157,19 @@ pub(crate) enum Work {
 }
 
 impl Work {
-    /// Does the work; a stream whose request has arrived is handed back
-    /// to the connection.
-    pub(crate) async fn run(self) -> Option<Arrived> {
+    /// Does the work; a stream whose request has arrived, or a grant
+    /// nobody heard of, is handed back to the connection.
+    pub(crate) async fn run(self) -> Option<Finished> {
         match self {
             Work::Read { mut reading, send } => {
                 let read = std::future::poll_fn(|cx| reading.poll_read(cx)).await;
-                Some(Arrived { send, read })
+                Some(Finished::Arrived(Arrived { send, read }))
             }
             Work::Execute(execute) => {
                 execute.run().await;
                 None
             }
-            Work::Write(unwritten) => {
-                unwritten.write().await;
-                None
-            }
+            Work::Write(unwritten) => unwritten.write().await.map(Finished::Unheard),
             Work::ShuttingDown { send, id } => {
                 shutting_down(send, id).await;
                 None
@@ -172,18 +179,35 @@ impl Work {
 }
 
 /// A reply that quinn could not take at once (its stream's or its
-/// connection's window is full): the stream, and the bytes left to write.
+/// connection's window is full): the stream, the bytes left to write, and
+/// what undoes the reply's grant if they cannot be written.
 pub(crate) struct Unwritten {
     send: SendStream,
     rest: Bytes,
+    unheard: Option<Unheard>,
 }
 
 impl Unwritten {
-    /// Writes the rest; the stream is finished when dropped.
-    async fn write(mut self) {
-        // The client may be gone; then there is nobody to answer.
-        let _ = self.send.write_chunk(self.rest).await;
+    /// Writes the rest; the stream is finished when dropped. If the
+    /// client stopped the stream (or is gone), nobody hears the reply:
+    /// its grant, if any, is given back to be undone.
+    async fn write(mut self) -> Option<Unheard> {
+        match self.send.write_chunk(self.rest).await {
+            Ok(()) => None,
+            Err(_) => self.unheard,
+        }
     }
+}
+
+/// How [`reply_now`] went.
+pub(crate) enum Written {
+    /// All of it, and the stream finished.
+    Done,
+    /// Nobody reads it: the client stopped the stream, or is gone. (With
+    /// what undoes its grant.)
+    Refused(Option<Unheard>),
+    /// Not all of it yet.
+    Later(Unwritten),
 }
 
 /// Answers `shutting_down`, and lets the client have the answer before
@@ -203,9 +227,9 @@ async fn shutting_down(mut send: SendStream, id: RequestId) {
 }
 
 /// Writes `reply` on `send` and finishes the stream, if quinn takes all
-/// of it now; else the work of writing the rest. A stream the client
-/// stopped takes nothing, and the reply is dropped: nobody reads it.
-pub(crate) fn reply_now(mut send: SendStream, reply: &Reply) -> Option<Unwritten> {
+/// of it now; else the work of writing the rest (`unheard` goes with it).
+/// A stream the client stopped takes nothing: nobody reads the reply.
+pub(crate) fn reply_now(mut send: SendStream, reply: &Reply, unheard: Option<Unheard>) -> Written {
     let mut bytes = Bytes::from(encode_reply(reply).into_bytes());
     let mut cx = Context::from_waker(Waker::noop());
     while !bytes.is_empty() {
@@ -213,13 +237,20 @@ pub(crate) fn reply_now(mut send: SendStream, reply: &Reply) -> Option<Unwritten
         let written = pin!(send.write_chunks(std::slice::from_mut(&mut bytes))).poll(&mut cx);
         match written {
             Poll::Ready(Ok(_)) => {}
-            Poll::Ready(Err(_)) => return None,
-            Poll::Pending => return Some(Unwritten { send, rest: bytes }),
+            Poll::Ready(Err(_)) => return Written::Refused(unheard),
+            Poll::Pending => {
+                let rest = bytes;
+                return Written::Later(Unwritten {
+                    send,
+                    rest,
+                    unheard,
+                });
+            }
         }
     }
     // Dropping a send stream finishes it: one look at the connection's
     // state fewer than `finish` and then the drop.
-    None
+    Written::Done
 }
 
 /// A request that runs as a future of its own (see [`Work::Execute`]).
@@ -260,7 +291,10 @@ impl Execute {
             .filter(|_| matches!(reply.outcome, Ok(ref ok) if subscribed(ok)));
         let Some(events) = events else {
             routes.close(id);
-            if let Some(unwritten) = reply_now(send, &reply) {
+            // Its answer came through its own future: a grant nobody
+            // hears of now is as it always was (the client gave up after
+            // the shard answered).
+            if let Written::Later(unwritten) = reply_now(send, &reply, None) {
                 unwritten.write().await;
             }
             return;

@@ -2,8 +2,9 @@
 //! it through the session's queue of answers, without a future of their
 //! own; the connection writes each answer on its request's stream. Every
 //! answer must reach its own stream, whatever the order the shards answer
-//! in, whether other streams were stopped, and beside requests that take
-//! the other path (a waiting `lock`, which a stopped stream cancels).
+//! in, whether other streams were stopped (a grant nobody heard of is
+//! undone), and beside requests that take the other path (a waiting
+//! `lock`, which a stopped stream cancels).
 
 use std::time::Duration;
 
@@ -123,7 +124,7 @@ async fn pipelined_requests_across_shards_on_many_streams_each_get_their_own_ans
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn an_answer_to_a_stopped_stream_is_dropped_and_every_other_is_answered() {
+async fn an_answer_to_a_stopped_stream_is_dropped_its_grant_undone_and_every_other_answered() {
     let server = start(2, 1024);
     let (_endpoint, conn) = connect(&server).await;
     // On one thread nothing runs between these: the server gets each
@@ -142,6 +143,20 @@ async fn an_answer_to_a_stopped_stream_is_dropped_and_every_other_is_answered() 
         let answer = reply(&mut recv).await;
         assert_eq!(answer["id"], id, "{answer}");
         assert_eq!(answer["ok"]["ttl_ms"], 10_000 + id, "{answer}");
+    }
+    // The stopped requests' grants, which nobody heard of, are undone:
+    // else each key would stay held for its lease by a client that does
+    // not know it holds it.
+    for id in (0..40u64).step_by(2) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let info = call(&conn, inspect(100 + id, &format!("k{id}"))).await;
+            if info["ok"]["holder"].is_null() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "k{id}: {info}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     // The stopped requests' ids are free again, and their answers did not
     // linger to be written on these streams.

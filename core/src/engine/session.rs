@@ -913,15 +913,25 @@ impl Answers {
         };
         let engine = &session.inner.engine;
         let shard = engine.shard_of(op.routing_key());
+        let handle = engine.new_handle();
+        let unheard = match &op {
+            ShardOp::Lock(LockOp::Acquire(acquire)) => Some(Unheard {
+                shard,
+                handle,
+                key: acquire.key.clone(),
+            }),
+            _ => None,
+        };
         let queued = Queued {
             answers: session.inner.answers.clone(),
             id,
             kind,
             started: tokio::time::Instant::now(),
+            unheard,
             sent: false,
         };
         let message = ShardMsg::Op {
-            handle: engine.new_handle(),
+            handle,
             caller: Caller {
                 client: session.client(),
                 conn: session.inner.conn,
@@ -947,9 +957,37 @@ impl Answers {
     /// gave them; its id is free again once it is taken. (Never `None`:
     /// the session holds a sender.)
     pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Reply>> {
-        self.queue
-            .poll_recv(cx)
-            .map(|answered| Some(self.session.take_answer(answered?)))
+        self.poll_answer(cx).map(|answer| Some(answer?.0))
+    }
+
+    /// As [`Answers::poll_next`], with what undoes the answer's grant if
+    /// it turns out that nobody hears it (see [`Answers::unheard`]): for a
+    /// transport whose client may give up on one request (a stopped QUIC
+    /// stream).
+    pub fn poll_answer(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<(Reply, Option<Unheard>)>> {
+        self.queue.poll_recv(cx).map(|answered| {
+            let mut answered = answered?;
+            let unheard = answered
+                .unheard
+                .take()
+                .filter(|_| matches!(answered.outcome, Ok(Okay::Granted(_))));
+            Some((self.session.take_answer(answered), unheard))
+        })
+    }
+
+    /// A grant whose answer nobody received (its requester gave up) is
+    /// undone, as one whose request's future was dropped is: else the key
+    /// would stay held, for a whole lease, by a client that does not know
+    /// it holds it (the shard's "requester gone"; a re-lock that answered
+    /// the same client since keeps it).
+    pub fn unheard(&self, unheard: Unheard) {
+        let Unheard { shard, handle, key } = unheard;
+        // A notice is never refused, even by a full mailbox.
+        let mailbox = self.session.inner.engine.mailbox(shard);
+        mailbox.notify(ShardMsg::Gone { handle, key });
     }
 
     /// The next answer of a submitted request, once there is one.
@@ -964,7 +1002,17 @@ pub(crate) struct Answered {
     id: RequestId,
     kind: OpKind,
     started: tokio::time::Instant,
+    unheard: Option<Unheard>,
     outcome: Outcome,
+}
+
+/// What undoes a grant made through [`Answers`] whose answer nobody
+/// received (see [`Answers::unheard`]).
+#[derive(Debug)]
+pub struct Unheard {
+    shard: usize,
+    handle: Handle,
+    key: String,
 }
 
 /// Where the answer to a submitted request goes. Dropped unanswered (its
@@ -976,6 +1024,8 @@ pub(crate) struct Queued {
     id: RequestId,
     kind: OpKind,
     started: tokio::time::Instant,
+    /// For a `lock`: what undoes its grant if nobody hears of it.
+    unheard: Option<Unheard>,
     sent: bool,
 }
 
@@ -984,16 +1034,18 @@ impl Queued {
     /// is gone.
     pub(crate) fn send(mut self, outcome: Outcome) -> Result<(), Outcome> {
         self.sent = true;
+        let answered = self.answered(outcome);
         self.answers
-            .send(self.answered(outcome))
+            .send(answered)
             .map_err(|unsent| unsent.0.outcome)
     }
 
-    fn answered(&self, outcome: Outcome) -> Answered {
+    fn answered(&mut self, outcome: Outcome) -> Answered {
         Answered {
             id: self.id,
             kind: self.kind,
             started: self.started,
+            unheard: self.unheard.take(),
             outcome,
         }
     }
@@ -1002,9 +1054,8 @@ impl Queued {
 impl Drop for Queued {
     fn drop(&mut self) {
         if !self.sent {
-            let _ = self
-                .answers
-                .send(self.answered(Err(ServerError::shutting_down())));
+            let answered = self.answered(Err(ServerError::shutting_down()));
+            let _ = self.answers.send(answered);
         }
     }
 }
@@ -1040,6 +1091,7 @@ impl Session {
             kind,
             started,
             outcome,
+            ..
         } = answered;
         self.state().in_flight.remove(&id);
         self.duration(kind).record(started.elapsed().as_secs_f64());
