@@ -396,9 +396,14 @@ fn a_lost_pushed_for_the_holders_own_unlock_is_caught() {
 
 #[test]
 fn a_grant_nobody_heard_of_that_is_kept_is_caught() {
-    caught_within(
+    // Its precondition is a race: a requester gone just as its grant is
+    // made. It was in 2 of the first 50 seeds; since a QUIC connection's
+    // shard-only requests run without a future of their own (issue 16)
+    // the traces differ, and the first seed that has it is 106 (4 of 200).
+    caught_within_seeds(
         Bug::Server(PlantedBug::UnheardGrantKept),
         &["server: unheard grant kept"],
+        128,
     );
 }
 

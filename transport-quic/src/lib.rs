@@ -14,7 +14,8 @@
 //! Layout:
 //! - [`config`]: the frontend's limits;
 //! - [`tls`]: the one crypto provider (ring), certificates, rustls configs;
-//! - [`server`]: the accept loop and the per-stream request handling;
+//! - [`server`]: the accept loop and each connection's requests;
+//! - `stream`: one request's stream: its request read, its reply written;
 //! - [`client`]: the client transport behind `deadbolt_core::client::Client`;
 //! - [`relay`]: a lossy UDP relay, to test and measure on a bad network.
 
@@ -22,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod relay;
 pub mod server;
+mod stream;
 pub mod tls;
 
 pub use client::{QuicConnector, client_config};

@@ -1,22 +1,25 @@
 //! The QUIC accept loop and per-stream request handling.
 
-use std::future::Future;
-
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use deadbolt_core::engine::Frontend;
 use deadbolt_core::engine::events::{Events, Pushed};
-use deadbolt_core::proto::{
-    LockOp, Okay, Op, Reply, RequestId, ServerError, decode_request, encode_reply,
-};
+use deadbolt_core::engine::session::{Answers, Unheard};
+use deadbolt_core::proto::{Reply, Request, RequestId, ServerError, decode_request};
 use deadbolt_core::{Engine, Limits, Session};
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use quinn::{Endpoint, Incoming, ReadToEndError, RecvStream, SendStream};
+use quinn::{Endpoint, Incoming, RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::config::QuicConfig;
+use crate::stream::{
+    Arrived, Execute, Finished, ReadEnd, Reading, Unwritten, Work, Written, has_events, reply_now,
+};
 use crate::tls::{self, Identity, TlsError};
 
 /// The QUIC error code of a connection closed by a shutting-down server.
@@ -30,8 +33,6 @@ const CLOSE_EVENTS_NOT_READ: u32 = 3;
 /// Streams a connection accepts before it lets other tasks run: as many
 /// requests as `FuturesUnordered` polls in one turn.
 const ACCEPTS_PER_TURN: u64 = 32;
-/// How long a `shutting_down` answer may take to be acknowledged.
-const SHUTDOWN_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The server configuration for `identity` and `config`: ALPN `deadbolt/1`,
 /// the stream, window, idle and incoming-queue limits.
@@ -110,7 +111,8 @@ fn admit(incoming: Incoming, open: usize, config: &QuicConfig) -> Option<Incomin
 /// thousands of tasks that each put their request into a shard's mailbox
 /// before any shard runs, overflowing it into `overloaded`. Here a
 /// connection hands its shards at most a few dozen requests per turn, and
-/// the shards run between turns.
+/// the shards run between turns. A request that needs nothing but its
+/// shard (see [`Requests`]) costs no future at all.
 async fn connection(
     incoming: Incoming,
     engine: Engine,
@@ -127,12 +129,11 @@ async fn connection(
     };
     tracing::debug!(%peer, "QUIC connected");
     let session = engine.session_on(Frontend::Quic);
-    let limits = *engine.limits();
-    let mut streams = FuturesUnordered::new();
-    let mut accepted = 0u64;
     // Each request's copy, to answer `shutting_down` itself; cloned from
     // this one, which has not seen a shutdown begun since.
-    let for_requests = stopped.clone();
+    let mut requests = Requests::new(&session, *engine.limits(), stopped.clone());
+    let mut streams = FuturesUnordered::new();
+    let mut accepted = 0u64;
     // Made once and polled on every turn: made anew on each turn they cost
     // a subscription and its registration per request.
     let shutdown = stopped.changed();
@@ -140,7 +141,6 @@ async fn connection(
     let ended = session.ended();
     tokio::pin!(ended);
     let mut events = session.take_events();
-    let routes = Routes::default();
     let shutting_down = loop {
         tokio::select! {
             biased;
@@ -152,20 +152,26 @@ async fn connection(
                 conn.close(CLOSE_LEADER_CHANGED.into(), b"leader changed");
                 break false;
             }
-            Some(()) = streams.next(), if !streams.is_empty() => {}
-            pushed = next_event(&mut events), if events.is_some() => match pushed {
+            answer = requests.next_answer(), if requests.submitted() > 0 => {
+                streams.extend(requests.answered_all(answer).map(Work::run));
+            }
+            Some(finished) = streams.next(), if !streams.is_empty() => {
+                streams.extend(finished.and_then(|f| requests.finished(f)).map(Work::run));
+            }
+            // Only a connection that asked for events can have any: one
+            // that never did does not look at its (empty) queue each turn.
+            pushed = next_event(&mut events), if events.is_some() && requests.asked_for_events => match pushed {
                 Some(Pushed::Overflow) => {
                     conn.close(CLOSE_EVENTS_NOT_READ.into(), b"events not read");
                     break false;
                 }
-                Some(pushed) => routes.route(pushed),
+                Some(pushed) => requests.routes.route(pushed),
                 None => events = None,
             },
             stream = conn.accept_bi() => match stream {
                 Ok((send, recv)) => {
-                    let stream = Stream { send, recv, routes: routes.clone() };
-                    streams.push(request(stream, session.clone(), limits, for_requests.clone()));
-                    if let Some(raised) = allowance.raise(streams.len()) {
+                    streams.extend(requests.accepted(send, recv).map(Work::run));
+                    if let Some(raised) = allowance.raise(streams.len() + requests.submitted()) {
                         conn.set_max_concurrent_bi_streams(raised.into());
                     }
                     accepted += 1;
@@ -184,8 +190,21 @@ async fn connection(
         }
     };
     if shutting_down {
-        // Each stream answers `shutting_down` on its own; let them.
-        while streams.next().await.is_some() {}
+        // Each request still arriving is answered `shutting_down` once it
+        // has; one running as a future answers so itself; one submitted to
+        // its shard gets the shard's answer (prompt: a stopping shard
+        // answers `shutting_down`), so that no grant goes unheard.
+        requests.shutting_down = true;
+        while !streams.is_empty() || requests.submitted() > 0 {
+            tokio::select! {
+                answer = requests.next_answer(), if requests.submitted() > 0 => {
+                    streams.extend(requests.answered_all(answer).map(Work::run));
+                }
+                Some(finished) = streams.next(), if !streams.is_empty() => {
+                    streams.extend(finished.and_then(|f| requests.finished(f)).map(Work::run));
+                }
+            }
+        }
         conn.close(CLOSE_SHUTDOWN.into(), b"server shutting down");
     }
     // Gone: dropping the requests cancels their waiting locks. (The
@@ -193,6 +212,196 @@ async fn connection(
     drop(streams);
     tracing::debug!(%peer, "QUIC closed");
 }
+
+/// Answers taken from a connection's queue in one turn, before it looks
+/// at its streams, events and shutdown again.
+const ANSWERS_PER_TURN: usize = 64;
+
+/// How a connection carries out its streams' requests.
+///
+/// A request that needs nothing but its shard (a `lock` that does not
+/// wait and has no `notify`, `unlock`, `extend`, `inspect`, a set op; see
+/// [`Answers::submit`]) is submitted to its shard through the session's
+/// queue of answers, and its stream's send half is kept here by request
+/// id (unique among the connection's requests in flight, which `submit`
+/// checks) until the answer comes: no future, no channel and no wake-up
+/// of its own, and many answers wake the connection once. Every other
+/// request runs as a future of its own ([`Work::Execute`]), which its
+/// stream's reset drops, cancelling a waiting `lock`.
+struct Requests {
+    session: Session,
+    limits: Limits,
+    /// The connection's queue of answers (`None` if it was taken before,
+    /// which no connection does: then every request runs as a future).
+    answers: Option<Answers>,
+    /// The send halves of the streams whose request went to `answers`.
+    awaiting: HashMap<RequestId, SendStream>,
+    /// Changes when the server begins to shut down, for each request's
+    /// future.
+    stopped: watch::Receiver<bool>,
+    routes: Routes,
+    /// The server is shutting down: a request that arrives now is
+    /// answered `shutting_down`.
+    shutting_down: bool,
+    /// Whether a request of the connection asked for events (a `watch`,
+    /// a `lock` with `notify`): none come before one has.
+    asked_for_events: bool,
+}
+
+impl Requests {
+    fn new(session: &Session, limits: Limits, stopped: watch::Receiver<bool>) -> Requests {
+        Requests {
+            session: session.clone(),
+            limits,
+            answers: session.take_answers(),
+            awaiting: HashMap::new(),
+            stopped,
+            routes: Routes::default(),
+            shutting_down: false,
+            asked_for_events: false,
+        }
+    }
+
+    /// Requests submitted to their shard and not yet answered.
+    fn submitted(&self) -> usize {
+        self.awaiting.len()
+    }
+
+    /// A stream the client opened: its request, read and started at once
+    /// if it has arrived whole; else the work of reading it.
+    fn accepted(&mut self, send: SendStream, recv: RecvStream) -> Option<Work> {
+        let mut reading = Reading::new(recv, self.limits.message_bytes_max);
+        match reading.now() {
+            Poll::Ready(read) => self.arrived(Arrived { send, read }),
+            Poll::Pending => Some(Work::Read { reading, send }),
+        }
+    }
+
+    /// A stream whose request has been read: it is refused (too large,
+    /// not a request), or started.
+    fn arrived(&mut self, arrived: Arrived) -> Option<Work> {
+        let Arrived { send, read } = arrived;
+        let refusal = match read {
+            Ok(body) => match decode_request(body.as_slice(), &self.limits) {
+                Ok(request) => return self.start(send, request),
+                Err(error) => error.into_reply(),
+            },
+            Err(ReadEnd::TooLong) => Reply {
+                id: None,
+                outcome: Err(ServerError::too_large(format!(
+                    "message over the limit of {} bytes",
+                    self.limits.message_bytes_max
+                ))),
+            },
+            // Reset by the client, or the connection went away.
+            Err(ReadEnd::Gone) => return None,
+        };
+        match reply_now(send, &refusal, None) {
+            Written::Later(unwritten) => Some(Work::Write(unwritten)),
+            Written::Done | Written::Refused(_) => None,
+        }
+    }
+
+    /// Starts `request`: through the queue of answers if its shard alone
+    /// can answer it, else as a future of its own.
+    fn start(&mut self, send: SendStream, request: Request) -> Option<Work> {
+        let id = request.id;
+        if self.shutting_down {
+            return Some(Work::ShuttingDown { send, id });
+        }
+        self.asked_for_events |= has_events(&request.op);
+        let request = match &self.answers {
+            // QUIC reads one stream per turn of the loop: one clock
+            // reading per request, as the future path takes.
+            Some(answers) => match answers.submit(request, tokio::time::Instant::now()) {
+                Ok(()) => {
+                    let replaced = self.awaiting.insert(id, send);
+                    debug_assert!(replaced.is_none(), "`submit` refuses an id in flight");
+                    return None;
+                }
+                Err(request) => request,
+            },
+            None => request,
+        };
+        Some(Work::Execute(Execute {
+            send,
+            request,
+            session: self.session.clone(),
+            stopped: self.stopped.clone(),
+            routes: self.routes.clone(),
+        }))
+    }
+
+    /// The next answer to a submitted request, once there is one.
+    async fn next_answer(&mut self) -> Answer {
+        let Some(answers) = self.answers.as_mut() else {
+            return std::future::pending().await;
+        };
+        match std::future::poll_fn(|cx| answers.poll_answer(cx)).await {
+            Some(answer) => answer,
+            // Never: the session holds a sender.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Writes `first` and every other answer the shards have given, in
+    /// this one turn (up to a bound); the work of writing those quinn
+    /// could not take at once.
+    fn answered_all(&mut self, first: Answer) -> impl Iterator<Item = Work> + use<> {
+        let mut later = Vec::new();
+        let mut answer = Some(first);
+        let mut taken = 0;
+        while let Some((reply, unheard)) = answer.take() {
+            later.extend(self.answered(reply, unheard).map(Work::Write));
+            taken += 1;
+            if taken < ANSWERS_PER_TURN {
+                answer = self.next_answer().now_or_never();
+            }
+        }
+        later.into_iter()
+    }
+
+    /// Writes an answer on its stream; the work of writing the rest, if
+    /// quinn could not take it at once. An answer whose stream the client
+    /// stopped (it gave up, or its copy won) is dropped, and its grant
+    /// undone: nobody heard of it.
+    fn answered(&mut self, reply: Reply, unheard: Option<Unheard>) -> Option<Unwritten> {
+        let send = reply.id.and_then(|id| self.awaiting.remove(&id));
+        let written = match send {
+            Some(send) => reply_now(send, &reply, unheard),
+            None => {
+                debug_assert!(false, "an answer without its stream: {reply:?}");
+                return None;
+            }
+        };
+        match written {
+            Written::Done => None,
+            Written::Refused(unheard) => {
+                self.finished(Finished::Unheard(unheard?));
+                None
+            }
+            Written::Later(unwritten) => Some(unwritten),
+        }
+    }
+
+    /// What a stream's future handed back: its request, which starts; or
+    /// a grant nobody heard of, which is undone.
+    fn finished(&mut self, finished: Finished) -> Option<Work> {
+        match finished {
+            Finished::Arrived(arrived) => self.arrived(arrived),
+            Finished::Unheard(unheard) => {
+                if let Some(answers) = &self.answers {
+                    answers.unheard(unheard);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// An answer to a submitted request, and what undoes its grant if nobody
+/// hears of it.
+type Answer = (Reply, Option<Unheard>);
 
 /// The streams a connection's client may have open at once: a few at
 /// first, and all of `streams_per_connection` once half of those are
@@ -251,7 +460,7 @@ async fn next_event(events: &mut Option<Events>) -> Option<Pushed> {
 /// channel, by request id. The streams run in the connection's task, so
 /// the lock is never contended.
 #[derive(Clone, Default)]
-struct Routes(Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<Pushed>>>>);
+pub(crate) struct Routes(Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<Pushed>>>>);
 
 impl Routes {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, mpsc::UnboundedSender<Pushed>>> {
@@ -272,152 +481,14 @@ impl Routes {
 
     /// Opens the route of request `id`: its events wait in the receiver
     /// until its reply is written.
-    fn open(&self, id: RequestId) -> mpsc::UnboundedReceiver<Pushed> {
+    pub(crate) fn open(&self, id: RequestId) -> mpsc::UnboundedReceiver<Pushed> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.lock().insert(id, tx);
         rx
     }
 
-    fn close(&self, id: RequestId) {
+    pub(crate) fn close(&self, id: RequestId) {
         self.lock().remove(&id);
-    }
-}
-
-/// One request's stream.
-struct Stream {
-    send: SendStream,
-    recv: RecvStream,
-    routes: Routes,
-}
-
-/// Whether `op` asks for pushed events: a `watch`, or a `lock` with
-/// `notify`.
-fn has_events(op: &Op) -> bool {
-    match op {
-        Op::Watch { .. } => true,
-        Op::Lock(LockOp::Acquire(acquire)) => acquire.notify,
-        _ => false,
-    }
-}
-
-/// One stream: read one request, answer it, finish; or, for a request
-/// with events that succeeded, keep the stream open and write each event
-/// as a line of its own until the request's events end (then finish) or
-/// the client stops the stream (then the events stop).
-async fn request(
-    stream: Stream,
-    session: Session,
-    limits: Limits,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let Stream {
-        mut send,
-        mut recv,
-        routes,
-    } = stream;
-    let bytes = match recv.read_to_end(limits.message_bytes_max).await {
-        Ok(bytes) => bytes,
-        Err(ReadToEndError::TooLong) => {
-            let too_large = ServerError::too_large(format!(
-                "message over the limit of {} bytes",
-                limits.message_bytes_max
-            ));
-            let _ = recv.stop(0u32.into());
-            answer(
-                &mut send,
-                &Reply {
-                    id: None,
-                    outcome: Err(too_large),
-                },
-            )
-            .await;
-            return;
-        }
-        // Reset by the client, or the connection went away.
-        Err(ReadToEndError::Read(_)) => return,
-    };
-    let request = match decode_request(&bytes, &limits) {
-        Ok(request) => request,
-        Err(error) => {
-            answer(&mut send, &error.into_reply()).await;
-            return;
-        }
-    };
-    let id = request.id;
-    let mut events = has_events(&request.op).then(|| routes.open(id));
-    let cancelled = send.stopped();
-    let reply = tokio::select! {
-        biased;
-        // The client stopped waiting: dropping `execute` cancels a queued lock.
-        _ = cancelled => return,
-        _ = stopped.changed() => {
-            let shutting_down = Reply { id: Some(id), outcome: Err(ServerError::shutting_down()) };
-            answer(&mut send, &shutting_down).await;
-            // Closing the connection discards unacknowledged stream data:
-            // wait (briefly) for the client to have this answer first.
-            let _ = tokio::time::timeout(SHUTDOWN_ANSWER_WAIT, send.stopped()).await;
-            return;
-        }
-        reply = session.execute(request) => reply,
-    };
-    let events = events
-        .take()
-        .filter(|_| matches!(reply.outcome, Ok(ref ok) if subscribed(ok)));
-    let Some(events) = events else {
-        routes.close(id);
-        answer(&mut send, &reply).await;
-        return;
-    };
-    let mut line = encode_reply(&reply);
-    line.push('\n');
-    if send.write_all(line.as_bytes()).await.is_ok() {
-        write_events(&mut send, events, &mut stopped).await;
-    }
-    routes.close(id);
-    if !session.stop_events(id) {
-        // Its events ended on their own: say so by finishing.
-        let _ = send.finish();
-    }
-}
-
-/// Whether a successful reply leaves events coming: a grant (of a `lock`
-/// with `notify`) or a watch in place.
-fn subscribed(ok: &Okay) -> bool {
-    matches!(ok, Okay::Granted(_) | Okay::Empty(_))
-}
-
-/// Writes each event as a line until the request's events are done, the
-/// client stops the stream, or the server shuts down.
-async fn write_events(
-    send: &mut SendStream,
-    mut events: mpsc::UnboundedReceiver<Pushed>,
-    stopped: &mut watch::Receiver<bool>,
-) {
-    loop {
-        let pushed = tokio::select! {
-            biased;
-            _ = send.stopped() => return,
-            _ = stopped.changed() => return,
-            pushed = events.recv() => pushed,
-        };
-        match pushed {
-            Some(Pushed::Event { text, charge, .. }) => {
-                let mut line = text;
-                line.push('\n');
-                if send.write_all(line.as_bytes()).await.is_err() {
-                    return;
-                }
-                drop(charge);
-            }
-            Some(Pushed::Done { .. } | Pushed::Overflow) | None => return,
-        }
-    }
-}
-
-async fn answer(send: &mut SendStream, reply: &Reply) {
-    // The client may be gone; then there is nobody to answer.
-    if send.write_all(encode_reply(reply).as_bytes()).await.is_ok() {
-        let _ = send.finish();
     }
 }
 

@@ -922,15 +922,25 @@ impl Answers {
         };
         let engine = &session.inner.engine;
         let shard = engine.shard_of(op.routing_key());
+        let handle = engine.new_handle();
+        let unheard = match &op {
+            ShardOp::Lock(LockOp::Acquire(acquire)) => Some(Unheard {
+                shard,
+                handle,
+                key: acquire.key.clone(),
+            }),
+            _ => None,
+        };
         let queued = Queued {
             answers: session.inner.answers.clone(),
             id,
             kind,
             started: received,
+            unheard,
             sent: false,
         };
         let message = ShardMsg::Op {
-            handle: engine.new_handle(),
+            handle,
             caller: Caller {
                 client: session.client(),
                 conn: session.inner.conn,
@@ -956,7 +966,18 @@ impl Answers {
     /// gave them; its id is free again once it is taken. (Never `None`:
     /// the session holds a sender.)
     pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Reply>> {
-        let Some(answered) = std::task::ready!(self.queue.poll_recv(cx)) else {
+        self.poll_answer(cx).map(|answer| Some(answer?.0))
+    }
+
+    /// As [`Answers::poll_next`], with what undoes the answer's grant if
+    /// it turns out that nobody hears it (see [`Answers::unheard`]): for a
+    /// transport whose client may give up on one request (a stopped QUIC
+    /// stream).
+    pub fn poll_answer(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<(Reply, Option<Unheard>)>> {
+        let Some(mut answered) = std::task::ready!(self.queue.poll_recv(cx)) else {
             return std::task::Poll::Ready(None);
         };
         let done_at = *self.batch_time.get_or_insert_with(Instant::now);
@@ -964,7 +985,24 @@ impl Answers {
             // The next answer is another batch's, taken later.
             self.batch_time = None;
         }
-        std::task::Poll::Ready(Some(self.session.take_answer(answered, done_at)))
+        let unheard = answered
+            .unheard
+            .take()
+            .filter(|_| matches!(answered.outcome, Ok(Okay::Granted(_))));
+        let reply = self.session.take_answer(answered, done_at);
+        std::task::Poll::Ready(Some((reply, unheard)))
+    }
+
+    /// A grant whose answer nobody received (its requester gave up) is
+    /// undone, as one whose request's future was dropped is: else the key
+    /// would stay held, for a whole lease, by a client that does not know
+    /// it holds it (the shard's "requester gone"; a re-lock that answered
+    /// the same client since keeps it).
+    pub fn unheard(&self, unheard: Unheard) {
+        let Unheard { shard, handle, key } = unheard;
+        // A notice is never refused, even by a full mailbox.
+        let mailbox = self.session.inner.engine.mailbox(shard);
+        mailbox.notify(ShardMsg::Gone { handle, key });
     }
 
     /// The next answer of a submitted request, once there is one.
@@ -979,7 +1017,17 @@ pub(crate) struct Answered {
     id: RequestId,
     kind: OpKind,
     started: Instant,
+    unheard: Option<Unheard>,
     outcome: Outcome,
+}
+
+/// What undoes a grant made through [`Answers`] whose answer nobody
+/// received (see [`Answers::unheard`]).
+#[derive(Debug)]
+pub struct Unheard {
+    shard: usize,
+    handle: Handle,
+    key: String,
 }
 
 /// Where the answer to a submitted request goes. Dropped unanswered (its
@@ -991,6 +1039,8 @@ pub(crate) struct Queued {
     id: RequestId,
     kind: OpKind,
     started: Instant,
+    /// For a `lock`: what undoes its grant if nobody hears of it.
+    unheard: Option<Unheard>,
     sent: bool,
 }
 
@@ -999,16 +1049,18 @@ impl Queued {
     /// is gone.
     pub(crate) fn send(mut self, outcome: Outcome) -> Result<(), Outcome> {
         self.sent = true;
+        let answered = self.answered(outcome);
         self.answers
-            .send(self.answered(outcome))
+            .send(answered)
             .map_err(|unsent| unsent.0.outcome)
     }
 
-    fn answered(&self, outcome: Outcome) -> Answered {
+    fn answered(&mut self, outcome: Outcome) -> Answered {
         Answered {
             id: self.id,
             kind: self.kind,
             started: self.started,
+            unheard: self.unheard.take(),
             outcome,
         }
     }
@@ -1017,9 +1069,8 @@ impl Queued {
 impl Drop for Queued {
     fn drop(&mut self) {
         if !self.sent {
-            let _ = self
-                .answers
-                .send(self.answered(Err(ServerError::shutting_down())));
+            let answered = self.answered(Err(ServerError::shutting_down()));
+            let _ = self.answers.send(answered);
         }
     }
 }
@@ -1055,6 +1106,7 @@ impl Session {
             kind,
             started,
             outcome,
+            ..
         } = answered;
         self.state().in_flight.remove(&id);
         let duration = done_at.saturating_duration_since(started);
