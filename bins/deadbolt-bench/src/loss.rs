@@ -69,8 +69,8 @@ pub struct Args {
     /// The hedging delay's quantile of recent round trips.
     #[arg(long, default_value_t = HedgeOptions::default().quantile)]
     hedge_quantile: f64,
-    /// The shortest hedging delay (`1ms`, `500us`).
-    #[arg(long, default_value = "1ms", value_parser = humantime::parse_duration)]
+    /// The shortest hedging delay (`500us`, `1ms`).
+    #[arg(long, default_value = "500us", value_parser = humantime::parse_duration)]
     hedge_floor: std::time::Duration,
 }
 

@@ -58,8 +58,14 @@ pub struct HedgeOptions {
 impl Default for HedgeOptions {
     fn default() -> HedgeOptions {
         HedgeOptions {
-            floor: Duration::from_millis(1),
-            quantile: 0.99,
+            // Measured on a quiet machine at 5 % packet loss, one
+            // connection (docs/quic.md): against the 0.99 quantile and
+            // 1 ms, p99 1.7 ms instead of 2.5 and 15 % more cycles. At
+            // that loss a tenth of the round trips are slow because of a
+            // loss, so a higher quantile sits among the losses it is
+            // there to catch.
+            floor: Duration::from_micros(500),
+            quantile: 0.9,
             budget: 0.25,
             burst: 32,
             max_in_flight: 64,
