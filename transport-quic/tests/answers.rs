@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use deadbolt_core::{Engine, EngineConfig, Limits};
-use deadbolt_transport_quic::{QuicConfig, Trust};
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use deadbolt_transport_quic::QuicConfig;
+use quinn::{Connection, RecvStream, SendStream};
 use serde_json::{Value, json};
 
 mod support;
@@ -27,23 +27,6 @@ fn start(shards: usize, mailbox_len: usize) -> Server {
         ..EngineConfig::new()
     });
     support::serve(engine, QuicConfig::default())
-}
-
-/// A bare QUIC connection to `server` (its endpoint must outlive it), so
-/// that a test chooses what each stream carries and when it is stopped.
-async fn connect(server: &Server) -> (Endpoint, Connection) {
-    let endpoint = Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let config = deadbolt_transport_quic::client_config(
-        &Trust::CaPem(server.ca.clone()),
-        &QuicConfig::default(),
-    )
-    .expect("config");
-    let conn = endpoint
-        .connect_with(config, server.addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    (endpoint, conn)
 }
 
 /// Sends `request` on a stream of its own, and finishes the stream's side
@@ -80,7 +63,7 @@ fn inspect(id: u64, key: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_across_shards_on_many_streams_each_get_their_own_answer() {
     let server = start(4, 1024);
-    let (_endpoint, conn) = connect(&server).await;
+    let (_endpoint, conn) = support::bare_connection(&server).await;
     // Every stream is open and its request sent before any answer is read.
     // Each lease length names its request; pings (which go the other way,
     // as a future of their own) are mixed in.
@@ -126,7 +109,7 @@ async fn pipelined_requests_across_shards_on_many_streams_each_get_their_own_ans
 #[tokio::test(flavor = "current_thread")]
 async fn an_answer_to_a_stopped_stream_is_dropped_its_grant_undone_and_every_other_answered() {
     let server = start(2, 1024);
-    let (_endpoint, conn) = connect(&server).await;
+    let (_endpoint, conn) = support::bare_connection(&server).await;
     // On one thread nothing runs between these: the server gets each
     // stopped stream's request together with its stop, and answers it to
     // nobody.
@@ -172,7 +155,7 @@ async fn an_answer_to_a_stopped_stream_is_dropped_its_grant_undone_and_every_oth
     // The connection, and the server, carry on.
     let pong = call(&conn, json!({"id": 99, "op": "ping"})).await;
     assert_eq!(pong, json!({"id": 99, "ok": {}}));
-    let (_endpoint, other) = connect(&server).await;
+    let (_endpoint, other) = support::bare_connection(&server).await;
     let pong = call(&other, json!({"id": 1, "op": "ping"})).await;
     assert_eq!(pong, json!({"id": 1, "ok": {}}));
 }
@@ -180,7 +163,7 @@ async fn an_answer_to_a_stopped_stream_is_dropped_its_grant_undone_and_every_oth
 #[tokio::test(flavor = "current_thread")]
 async fn a_full_mailbox_answers_overloaded_to_the_requests_past_its_bound() {
     let server = start(1, 2);
-    let (_endpoint, conn) = connect(&server).await;
+    let (_endpoint, conn) = support::bare_connection(&server).await;
     // On one thread the shard does not run while the server's connection
     // takes a burst of streams: 2 fit in its mailbox, the rest find it full.
     let mut streams = Vec::new();
@@ -212,8 +195,8 @@ async fn a_full_mailbox_answers_overloaded_to_the_requests_past_its_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_lock_is_cancelled_when_its_stream_is_stopped() {
     let server = start(2, 1024);
-    let (_holder_endpoint, holder) = connect(&server).await;
-    let (_waiter_endpoint, waiter) = connect(&server).await;
+    let (_holder_endpoint, holder) = support::bare_connection(&server).await;
+    let (_waiter_endpoint, waiter) = support::bare_connection(&server).await;
     let granted = call(&holder, try_lock(1, "w", 30_000)).await;
     let token = granted["ok"]["token"].clone();
     assert!(token.is_u64(), "{granted}");

@@ -184,17 +184,7 @@ async fn an_oversize_message_gets_too_large_and_the_connection_stays_usable() {
         ..Limits::default()
     };
     let server = start(QuicConfig::default(), limits).await;
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let config = deadbolt_transport_quic::client_config(
-        &Trust::CaPem(server.ca.clone()),
-        &QuicConfig::default(),
-    )
-    .expect("config");
-    let conn = endpoint
-        .connect_with(config, server.addr, "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let (_endpoint, conn) = support::bare_connection(&server).await;
     let exchange = async |text: String| {
         let (mut send, mut recv) = conn.open_bi().await.expect("stream");
         send.write_all(text.as_bytes()).await.expect("write");

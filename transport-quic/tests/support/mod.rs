@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 
 use deadbolt_core::Engine;
-use deadbolt_transport_quic::{Identity, QuicConfig};
+use deadbolt_transport_quic::{Identity, QuicConfig, Trust};
+use quinn::{Connection, Endpoint};
 
 /// A QUIC server on a loopback port, stopped when dropped.
 pub struct Server {
@@ -35,4 +36,23 @@ pub fn serve(engine: Engine, config: QuicConfig) -> Server {
         ca: cert_pem.into_bytes(),
         _stop: stop,
     }
+}
+
+/// A bare QUIC connection to `server` with the default settings (its
+/// endpoint must outlive it), for a test that chooses what each stream
+/// carries and when it is stopped.
+#[allow(dead_code, reason = "not every test file opens bare connections")]
+pub async fn bare_connection(server: &Server) -> (Endpoint, Connection) {
+    let endpoint = Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let config = deadbolt_transport_quic::client_config(
+        &Trust::CaPem(server.ca.clone()),
+        &QuicConfig::default(),
+    )
+    .expect("config");
+    let conn = endpoint
+        .connect_with(config, server.addr, "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (endpoint, conn)
 }
